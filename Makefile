@@ -1,0 +1,32 @@
+# danqing: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: 2.13.0 is the CPU build on this machine; any other spec pulls CUDA.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/danqing generate "a red circle left of a blue star, (flat colours:1.2), plain white background" \
+		--negative "blurry, noisy" --seed 42 --steps 20 --sampler "DPM++ 2M" --width 256 --height 256 --out outputs/demo
+	@echo "demo image(s) in outputs/demo/; metadata: $(BIN)/danqing info outputs/demo/<file>.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/txt2img_cpu.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,201 @@
+"""The ``danqing`` command line: a thin shell that builds requests and calls the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from danqing.errors import DanqingError, ImageError, InvalidRequest
+
+app = typer.Typer(
+    help="丹青 danqing: offline AI painting studio.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside); default $DANQING_HOME or the current folder."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...)."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+):
+    from danqing.settings import Settings
+
+    if dtype is not None and dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise InvalidRequest("dtype", f"must be one of auto, fp32, fp16, bf16, got {dtype!r}")
+    ctx.obj = Settings.from_env(home=home, models_dir=models_dir, device=device, dtype=dtype)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK."),
+    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (1-150) [default: 20]."),
+    sampler: Optional[str] = typer.Option(None, help="A1111 sampler name [default: DPM++ 2M]; see `danqing samplers`."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]: Karras, Exponential, ..."),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale (1-30) [default: 7]."),
+    seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
+    subseed: Optional[int] = typer.Option(None, help="Variation seed."),
+    subseed_strength: Optional[float] = typer.Option(None, help="Variation strength 0-1."),
+    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
+    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
+    batch_count: Optional[int] = typer.Option(None, help="Number of batches."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
+    vae: Optional[str] = typer.Option(None, help="VAE name or path overriding the checkpoint's."),
+    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip (1 = last layer, 2 = penultimate)."),
+    from_image: Optional[Path] = typer.Option(None, "--from", help="Re-create an image from its PNG metadata (options given here override)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder, or a .png file for a single image [default: outputs/txt2img-images/DATE/]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Generate images from a prompt (txt2img) and save them as PNGs with A1111 metadata."""
+    from danqing.request import GenerationRequest
+
+    fields = {
+        "prompt": prompt, "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg,
+        "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "width": width,
+        "height": height, "batch_size": batch_size, "batch_count": batch_count, "model": model, "vae": vae,
+        "clip_skip": clip_skip,
+    }
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if negative:
+        fields["negative_prompt"] = negative
+    if from_image is not None:
+        from danqing.outputs.metadata import request_from_infotext
+        from danqing.outputs.store import read_infotext
+
+        base = request_from_infotext(read_infotext(from_image))
+        request = base.replace(**fields)
+    else:
+        if prompt is None:
+            raise InvalidRequest("prompt", "give a prompt, or --from IMAGE to re-create an image")
+        request = GenerationRequest.create(**fields)
+    if out is not None and out.suffix.lower() == ".png":
+        if request.batch_size * request.batch_count != 1:
+            raise InvalidRequest("out", "a .png file name holds one image; give a folder for batches")
+        if out.exists():
+            raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    _run_generate(ctx.obj, request, out, quiet)
+
+
+def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from danqing.studio import Studio
+
+    console = Console(stderr=True)
+    studio = Studio(settings)
+    single_file = out is not None and out.suffix.lower() == ".png"
+    total = request.steps * request.batch_count
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("sampling", total=total)
+
+        def on_step(info):
+            progress.update(task, completed=info.batch_index * info.total + info.step)
+
+        result = studio.generate(request, on_step=on_step, save=not single_file, out_dir=None if single_file else out)
+    if single_file:
+        from danqing.outputs.store import save_png
+
+        result.paths.append(save_png(result.images[0], out, result.infotexts[0]))
+    if result.request.model == "danqing-tiny-random":
+        console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (the bundled trained model is not here yet): expect noise patterns, not pictures.")
+    for path, seed in zip(result.paths, result.seeds):
+        print(f"{path}  seed={seed}")
+    console.print(f"{len(result.images)} image(s) in {result.timings['total']:.2f}s (sampling {result.timings['sample']:.2f}s)")
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111.")):
+    """Print an image's generation parameters (A1111 infotext)."""
+    from danqing.outputs.store import read_infotext
+
+    print(read_infotext(image))
+
+
+@app.command()
+def models(ctx: typer.Context, kind: str = typer.Option("checkpoint", help="checkpoint, vae, lora, embedding or controlnet.")):
+    """List models found in the models folder with their family and A1111 short hash."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from danqing.models.registry import KINDS, Registry
+
+    if kind not in KINDS:
+        raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    registry = Registry(ctx.obj.models_dir)
+    table = Table(title=f"{kind} models in {registry.folder(kind)}")
+    for col in ("name", "family", "format", "hash", "path"):
+        table.add_column(col)
+    for entry in registry.scan(kind):
+        family = _family_of(entry) if kind == "checkpoint" else ""
+        table.add_row(entry.name, family, entry.format, registry.short_hash(entry), str(entry.path or "(built in)"))
+    Console().print(table)
+
+
+def _family_of(entry) -> str:
+    from danqing.models.loader import describe_checkpoint
+
+    try:
+        return describe_checkpoint(entry)
+    except DanqingError as exc:
+        return f"? ({exc})"
+
+
+@app.command()
+def samplers():
+    """List samplers and the schedule types each accepts."""
+    from danqing.sampling.samplers import samplers as table
+    from danqing.sampling.samplers import schedules_for
+
+    for name, spec in table().items():
+        print(f"{name:18s} {spec.class_name:34s} default schedule: {spec.default_schedule:12s} schedules: {', '.join(schedules_for(name))}")
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Checkpoint name, hash or path (any loadable format)."),
+    out: Path = typer.Argument(..., help="Output .safetensors file (original LDM single-file layout)."),
+):
+    """Export a model to a single .safetensors file in the original LDM layout (A1111/ComfyUI load it)."""
+    from danqing.models.loader import load_components
+    from danqing.models.registry import Registry
+    from danqing.models.single_file import save_single_file
+
+    if out.suffix != ".safetensors":
+        raise InvalidRequest("out", f"must end with .safetensors, got {out.name!r}")
+    if out.exists():
+        raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    comps = load_components(Registry(ctx.obj.models_dir).find("checkpoint", model))
+    save_single_file(comps, out)
+    print(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: offline first, then the Typer app; our errors become one line and exit 2."""
+    from danqing.settings import force_offline
+
+    force_offline()
+    try:
+        app(args=argv, standalone_mode=True)
+    except (DanqingError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

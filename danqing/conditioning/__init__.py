@@ -1,0 +1,1 @@
+"""Prompt parsing and text conditioning."""

@@ -1,0 +1,186 @@
+"""Text conditioning as A1111 does it: weighted tokens, 75-token chunks, clip skip, SDXL.
+
+A prompt is parsed into (text, weight) pieces (``prompt_parser.parse_attention``), tokenized, and
+packed into chunks of 75 tokens; each chunk becomes ``[BOS] + 75 tokens + [EOS]`` (77 ids, padding
+after the first EOS with the tokenizer's pad id), is encoded on its own, weighted, and the chunks
+are concatenated along the token axis: a 200-token prompt gives (B, 3*77, D). This follows
+A1111's ``FrozenCLIPEmbedderWithCustomWordsBase`` (``sd_hijack_clip.py``): chunk breaks move back
+to the last comma when it is at most 20 tokens back, ``BREAK`` starts a new chunk, and emphasis
+multiplies hidden states by their weights and then restores the chunk's original mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from danqing.conditioning.prompt_parser import parse_attention
+
+CHUNK = 75  # tokens per chunk, without BOS/EOS
+COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack"
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """77 token ids and their emphasis weights (BOS/EOS/padding weigh 1.0)."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass
+class TextCond:
+    """Encoded text for one prompt.
+
+    Attributes:
+        hidden: (1, 77 * n_chunks, D) -- D = 768 (SD1), 1024 (SD2), 2048 (SDXL).
+        pooled: SDXL only, (1, 1280): encoder 2's projected EOS embedding of the first chunk.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @property
+    def n_chunks(self) -> int:
+        return self.hidden.shape[1] // 77
+
+
+def chunk_tokens(pieces: list[tuple[list[int], float]], *, bos: int, eos: int, pad: int, comma: int) -> list[TokenChunk]:
+    """Pack weighted token runs into 77-id chunks (A1111 ``tokenize_line``).
+
+    Args:
+        pieces: (token ids without BOS/EOS, weight) per parsed piece; weight -1 with no ids marks BREAK.
+        bos, eos, pad, comma: special ids of the tokenizer (pad follows the first EOS).
+    """
+    chunks: list[TokenChunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        n_pad = CHUNK - len(ids)
+        full = [bos] + ids + [eos] + [pad] * n_pad
+        chunks.append(TokenChunk(tuple(full), tuple([1.0] + weights + [1.0] + [1.0] * n_pad)))
+        ids, weights, last_comma = [], [], -1
+
+    for tokens, weight in pieces:
+        if weight == -1 and not tokens:  # BREAK
+            close()
+            continue
+        for token in tokens:
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved_ids, moved_w = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close()
+                ids, weights = moved_ids, moved_w
+            if len(ids) == CHUNK:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[TokenChunk]:
+    """Parse emphasis/BREAK in ``text`` and pack it into chunks for ``tokenizer``."""
+    parsed = parse_attention(text)
+    pieces: list[tuple[list[int], float]] = []
+    for piece, weight in parsed:
+        if piece == "BREAK" and weight == -1:
+            pieces.append(([], -1))
+            continue
+        pieces.append((tokenizer(piece, add_special_tokens=False, truncation=False)["input_ids"], weight))
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    return chunk_tokens(pieces, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, comma=comma)
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis: z * w, then rescale so the mean is unchanged.
+
+    Args:
+        z: (1, 77, D) hidden states of one chunk.
+        weights: (77,) emphasis weights.
+    """
+    original_mean = z.mean()
+    z = z * weights.reshape(1, -1, 1).to(z)
+    return z * (original_mean / z.mean())
+
+
+def _hidden(encoder, ids: torch.Tensor, clip_skip: int, *, final_norm: bool) -> tuple[torch.Tensor, object]:
+    """Hidden states of layer -clip_skip (1 = last).
+
+    SD1/SD2 (``final_norm``): A1111/diffusers take ``hidden_states[-clip_skip]`` through the final
+    layer norm (the last layer's output already is normed). SDXL: ``hidden_states[-(clip_skip + 1)]``
+    without the norm (penultimate layer by default).
+    """
+    out = encoder(ids, output_hidden_states=True)
+    if final_norm:
+        if clip_skip == 1:
+            return out.last_hidden_state, out
+        return encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip]), out
+    return out.hidden_states[-(clip_skip + 1)], out
+
+
+class TextEncoder:
+    """Encodes prompts for one loaded model (SD1, SD2 or SDXL). Holds no per-request state.
+
+    Args:
+        components: ``danqing.models.components.Components``.
+        clip_skip: A1111 clip skip (1 = last layer).
+    """
+
+    def __init__(self, components, clip_skip: int = 1):
+        self.c = components
+        self.clip_skip = clip_skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.c.text_encoder.device
+
+    @torch.no_grad()
+    def encode(self, text: str, *, negative: bool = False) -> TextCond:
+        """Encode one prompt (already resolved for the current step of its schedule)."""
+        c = self.c
+        if c.family == "sdxl" and negative and text == "":
+            # SDXL's "force_zeros_for_empty_prompt": an empty negative prompt is all zeros.
+            dim = c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
+            pooled_dim = c.text_encoder_2.config.projection_dim
+            dtype = c.text_encoder_2.dtype
+            return TextCond(torch.zeros(1, 77, dim, device=self.device, dtype=dtype), torch.zeros(1, pooled_dim, device=self.device, dtype=dtype))
+        chunks = tokenize_prompt(c.tokenizer, text)
+        if c.family != "sdxl":
+            return TextCond(torch.cat([self._encode_chunk(ch) for ch in chunks], dim=1))
+        chunks_2 = tokenize_prompt(c.tokenizer_2, text)
+        parts, pooled = [], None
+        for ch1, ch2 in zip(chunks, chunks_2, strict=True):
+            h1, _ = _hidden(c.text_encoder, self._ids(ch1), self.clip_skip, final_norm=False)
+            h2, out2 = _hidden(c.text_encoder_2, self._ids(ch2), self.clip_skip, final_norm=False)
+            if pooled is None:
+                pooled = out2.text_embeds  # (1, 1280)
+            z = torch.cat([h1, h2], dim=-1)  # (1, 77, 768 + 1280)
+            parts.append(apply_emphasis(z, torch.tensor(ch1.weights)))
+        return TextCond(torch.cat(parts, dim=1), pooled)
+
+    def _ids(self, chunk: TokenChunk) -> torch.Tensor:
+        return torch.tensor([chunk.ids], device=self.device)
+
+    def _encode_chunk(self, chunk: TokenChunk) -> torch.Tensor:
+        z, _ = _hidden(self.c.text_encoder, self._ids(chunk), self.clip_skip, final_norm=True)
+        return apply_emphasis(z, torch.tensor(chunk.weights))  # (1, 77, D)
+
+    def empty_chunk(self, *, negative: bool = False) -> TextCond:
+        return self.encode("", negative=negative)
+
+
+def pad_to_chunks(cond: TextCond, n_chunks: int, empty: TextCond) -> TextCond:
+    """Extend ``cond`` to ``n_chunks`` by repeating the empty prompt's chunk (as A1111 pads uncond)."""
+    missing = n_chunks - cond.n_chunks
+    if missing <= 0:
+        return cond
+    return TextCond(torch.cat([cond.hidden, empty.hidden.repeat(1, missing, 1)], dim=1), cond.pooled)

@@ -1,0 +1,1 @@
+"""Model families, loading (folders and single files), the registry and the ModelManager."""

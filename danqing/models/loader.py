@@ -1,0 +1,187 @@
+"""Loading models from a ModelEntry: diffusers folders, single files (via ``single_file``) and
+the built-in random-weight model. Always local files only."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound
+from danqing.models.components import Components
+from danqing.models.registry import ModelEntry
+
+BUILTIN_CONFIG = "tiny-sd1"
+BUILTIN_SEED = 0
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_sha256() -> str:
+    """sha256 over the built-in model's tensors (name + raw bytes, sorted): stable across machines."""
+    comps = builtin_components()
+    h = hashlib.sha256()
+    for part, module in comps.modules().items():
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def builtin_components() -> Components:
+    """danqing's tiny SD1-architecture model with random weights (seeded): a stand-in until the
+    bundled trained model exists. Its images are noise-like patterns, not pictures."""
+    from danqing.models.families import build_components
+
+    comps = build_components(BUILTIN_CONFIG, seed=BUILTIN_SEED)
+    comps.metadata["source"] = "builtin"
+    return comps
+
+
+def family_of_folder(unet_cfg: dict, te_cfg: dict, has_te2: bool) -> str:
+    """SDXL if a second text encoder exists; SD2 if the text encoder is OpenCLIP (gelu); else SD1."""
+    if has_te2 or unet_cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if te_cfg.get("hidden_act") == "gelu" else "sd1"
+
+
+def load_diffusers_folder(path: Path) -> Components:
+    """A diffusers-format pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from danqing.conditioning.tokenizer import clip_tokenizer
+
+    path = Path(path)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (path / sub / "config.json").is_file():
+            raise CorruptModel(f"{path}: not a complete diffusers model folder (missing {sub}/config.json)")
+    has_te2 = (path / "text_encoder_2" / "config.json").is_file()
+    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
+    family = family_of_folder(unet_cfg, te_cfg, has_te2)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+
+    def tok(sub: str, pad: str):
+        if (path / sub / "vocab.json").is_file():
+            return CLIPTokenizer.from_pretrained(path / sub, local_files_only=True)
+        return clip_tokenizer(pad)
+
+    try:
+        kw = {"local_files_only": True}
+        comps = Components(
+            family=family,
+            prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
+            vae=AutoencoderKL.from_pretrained(path / "vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw),
+            tokenizer=tok("tokenizer", "!" if family == "sd2" else "<|endoftext|>"),
+            scheduler_config=scheduler_config,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw) if has_te2 else None,
+            tokenizer_2=tok("tokenizer_2", "!") if has_te2 else None,
+            metadata={"source": str(path)},
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptModel(f"{path}: cannot load diffusers folder ({str(exc).splitlines()[0]})") from None
+    return comps
+
+
+def load_components(entry: ModelEntry, *, prediction_type: str | None = None) -> Components:
+    """Load a checkpoint entry to CPU fp32 Components."""
+    if entry.is_builtin:
+        return builtin_components()
+    if not entry.path.exists():
+        raise ModelNotFound(f"{entry.path}: no such model file")
+    if entry.format == "diffusers":
+        return load_diffusers_folder(entry.path)
+    from danqing.models.single_file import load_single_file
+
+    return load_single_file(entry.path, prediction_type=prediction_type)
+
+
+def load_vae(entry: ModelEntry, family: str, like=None):
+    """A VAE overriding a checkpoint's: a diffusers AutoencoderKL folder or a single file."""
+    if entry.format == "diffusers":
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(entry.path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CorruptModel(f"{entry.path}: cannot load VAE folder ({str(exc).splitlines()[0]})") from None
+    else:
+        from danqing.models.single_file import load_vae_file
+
+        vae = load_vae_file(entry.path, family)
+    if like is not None and vae.config.latent_channels != like.config.latent_channels:
+        raise IncompatibleModel(
+            f"VAE {entry.name} has {vae.config.latent_channels} latent channels but the {family} model uses "
+            f"{like.config.latent_channels}; pick a VAE made for {family}"
+        )
+    return vae
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """State-dict keys of a single file without loading its tensors (safetensors header, or a
+    memory-mapped ``torch.load(weights_only=True)`` for pickles)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises its own error types
+            raise CorruptModel(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CorruptModel(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return list(sd) if isinstance(sd, dict) else []
+
+
+def describe_checkpoint(entry: ModelEntry) -> str:
+    """The family of a checkpoint entry ("sd1", "sd2", "sdxl") without loading it."""
+    if entry.is_builtin:
+        return "sd1 (tiny, random weights)"
+    if entry.format == "diffusers":
+        p = Path(entry.path)
+        unet_cfg = json.loads((p / "unet" / "config.json").read_text())
+        te_cfg = json.loads((p / "text_encoder" / "config.json").read_text())
+        return family_of_folder(unet_cfg, te_cfg, (p / "text_encoder_2").is_dir())
+    from danqing.models.single_file import detect_family
+
+    return detect_family(checkpoint_keys(entry.path))
+
+
+def save_diffusers_folder(comps: Components, path: Path) -> Path:
+    """Write Components as a diffusers pipeline folder (loadable by diffusers' ``from_pretrained``
+    and by ``load_diffusers_folder``). Refuses to write into an existing folder."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+    tmp = path.with_name(path.name + ".tmp")
+    pipeline = "StableDiffusionXLPipeline" if comps.family == "sdxl" else "StableDiffusionPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    for name, module in comps.modules().items():
+        module.save_pretrained(tmp / name, safe_serialization=True)
+        lib = "diffusers" if name in ("unet", "vae") else "transformers"
+        index[name] = [lib, type(module).__name__]
+    for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
+        if tok is not None:
+            tok.save_pretrained(tmp / name)
+            index[name] = ["transformers", "CLIPTokenizer"]
+    sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
+    sched["prediction_type"] = comps.prediction_type
+    (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    index["scheduler"] = ["diffusers", sched["_class_name"]]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    import os
+
+    os.replace(tmp, path)
+    return path

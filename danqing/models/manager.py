@@ -1,0 +1,117 @@
+"""The ModelManager: the one owner of devices, dtypes and the loaded-model cache.
+
+Only this class calls ``.to(device)``. Everything else asks it for a ``LoadedModel`` and treats
+the modules as read-only (ComfyUI's ``model_management`` idea, as an object instead of globals).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from danqing.models.components import Components
+from danqing.models.registry import ModelEntry, Registry
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """cuda > mps > cpu for "auto"; otherwise the named device."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """fp16 on CUDA/MPS (bf16 if asked), fp32 on CPU."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if preference != "auto":
+        return table[preference]
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint (and optional VAE override) placed on the manager's device."""
+
+    entry: ModelEntry
+    vae_entry: ModelEntry | None
+    components: Components
+    sha256: str
+    vae_sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+
+class ModelManager:
+    """Loads checkpoints through the registry, places them, keeps the last ``capacity`` loaded.
+
+    Args:
+        registry: the models-folder registry.
+        device: "auto" or a torch device string; dtype: "auto", "fp32", "fp16" or "bf16".
+        capacity: how many (checkpoint, VAE) pairs stay loaded.
+    """
+
+    def __init__(self, registry: Registry, device: str = "auto", dtype: str = "auto", capacity: int = 1):
+        self.registry = registry
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.capacity = capacity
+        self._cache: dict[tuple, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def load(self, model: str, vae: str | None = None) -> LoadedModel:
+        """The loaded model for a checkpoint name/hash/path and optional VAE name/path."""
+        from danqing.models.loader import load_components, load_vae
+
+        entry = self.registry.find("checkpoint", model)
+        vae_entry = self.registry.find("vae", vae) if vae else None
+        key = (entry.name, str(entry.path), str(vae_entry.path) if vae_entry else None)
+        with self._lock:
+            if key in self._cache:
+                loaded = self._cache.pop(key)
+                self._cache[key] = loaded  # most recently used last
+                return loaded
+            comps = load_components(entry)
+            if vae_entry is not None:
+                comps.vae = load_vae(vae_entry, comps.family, like=comps.vae)
+            self._place(comps)
+            loaded = LoadedModel(
+                entry=entry,
+                vae_entry=vae_entry,
+                components=comps,
+                sha256=self.registry.sha256(entry),
+                vae_sha256=self.registry.sha256(vae_entry) if vae_entry else None,
+            )
+            while len(self._cache) >= self.capacity:
+                self._evict(next(iter(self._cache)))
+            self._cache[key] = loaded
+            return loaded
+
+    def _place(self, comps: Components) -> None:
+        for module in comps.modules().values():
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=self.device, dtype=self.dtype)
+        if self.dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
+            comps.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16
+
+    def _evict(self, key) -> None:
+        self._cache.pop(key, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def unload_all(self) -> None:
+        with self._lock:
+            for key in list(self._cache):
+                self._evict(key)

@@ -1,0 +1,189 @@
+"""The models folder: what is there, its family, and A1111-style hashes.
+
+Layout (``settings.models_dir``)::
+
+    checkpoints/   *.safetensors, *.ckpt, *.pt, or diffusers folders (model_index.json)
+    vae/           *.safetensors, *.ckpt, *.pt, or diffusers AutoencoderKL folders
+    lora/ embeddings/ controlnet/
+
+Hashes are A1111's: sha256 of the file, "short hash" = first 10 hex chars. They are cached in
+``models_dir/.danqing-hashes.json`` keyed by path, size and mtime (hashing a 7 GB file is slow).
+A diffusers folder's hash is the sha256 of the sorted (relative path, file sha256) list of its
+weight and config files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from danqing.errors import ModelNotFound
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+KINDS = {
+    "checkpoint": "checkpoints",
+    "vae": "vae",
+    "lora": "lora",
+    "embedding": "embeddings",
+    "controlnet": "controlnet",
+}
+BUILTIN = "danqing-tiny-random"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model found in the models folder (or built in).
+
+    Attributes:
+        name: path relative to its kind's folder without suffix (A1111's model name).
+        path: the file or folder; None for the built-in random model.
+        kind: "checkpoint", "vae", "lora", "embedding" or "controlnet".
+        format: "safetensors", "ckpt" (pickle: loaded with weights_only=True), "diffusers" or "builtin".
+    """
+
+    name: str
+    path: Path | None
+    kind: str
+    format: str
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.format == "builtin"
+
+
+def _format_of(path: Path) -> str | None:
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "config.json").is_file():
+            return "diffusers"
+        return None
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return "ckpt"
+    return None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Registry:
+    """Scans ``models_dir`` on demand; thread-safe hash cache. Holds no per-request state."""
+
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+        self._lock = threading.Lock()
+        self._hash_cache: dict | None = None
+
+    # -- listing ------------------------------------------------------------------------------
+    def folder(self, kind: str) -> Path:
+        return self.models_dir / KINDS[kind]
+
+    def scan(self, kind: str = "checkpoint") -> list[ModelEntry]:
+        """Entries of one kind, sorted by name; checkpoints start with the built-in model."""
+        entries = [ModelEntry(BUILTIN, None, "checkpoint", "builtin")] if kind == "checkpoint" else []
+        root = self.folder(kind)
+        if not root.is_dir():
+            return entries
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            if _format_of(here) == "diffusers" and here != root:
+                found.append(ModelEntry(here.relative_to(root).as_posix(), here, kind, "diffusers"))
+                dirnames[:] = []
+                continue
+            dirnames.sort()
+            for fn in sorted(filenames):
+                p = here / fn
+                fmt = _format_of(p)
+                if fmt and not fn.startswith("."):
+                    found.append(ModelEntry(p.relative_to(root).with_suffix("").as_posix(), p, kind, fmt))
+        return entries + sorted(found, key=lambda e: e.name.casefold())
+
+    def find(self, kind: str, query: str) -> ModelEntry:
+        """Find by name, file name, short/full hash, A1111 title ("name [hash]") or a path.
+
+        A path must lie inside the models folder or be given explicitly by the caller (CLI);
+        names cannot escape their folder.
+        """
+        if kind == "checkpoint" and query == BUILTIN:
+            return ModelEntry(BUILTIN, None, "checkpoint", "builtin")
+        p = Path(query).expanduser()
+        if p.exists() and (p.is_file() or _format_of(p) == "diffusers"):
+            fmt = _format_of(p)
+            if fmt is None:
+                raise ModelNotFound(f"{query}: not a model file (.safetensors, .ckpt, .pt) or diffusers folder")
+            return ModelEntry(p.stem if p.is_file() else p.name, p.resolve(), kind, fmt)
+        title = query.rsplit(" [", 1)[0] if query.endswith("]") else query
+        entries = self.scan(kind)
+        for e in entries:
+            if title in (e.name, Path(e.name).name) or (e.path is not None and title == e.path.name):
+                return e
+        q = query.strip("[] ").lower()
+        if len(q) >= 8 and all(c in "0123456789abcdef" for c in q):
+            for e in entries:
+                if self.sha256(e).startswith(q):
+                    return e
+        names = ", ".join(e.name for e in entries) or "none"
+        raise ModelNotFound(f"{kind} {query!r} not found in {self.folder(kind)}; available: {names}")
+
+    # -- hashes -------------------------------------------------------------------------------
+    def _cache_path(self) -> Path:
+        return self.models_dir / ".danqing-hashes.json"
+
+    def _load_cache(self) -> dict:
+        if self._hash_cache is None:
+            try:
+                self._hash_cache = json.loads(self._cache_path().read_text())
+            except (OSError, ValueError):
+                self._hash_cache = {}
+        return self._hash_cache
+
+    def sha256(self, entry: ModelEntry) -> str:
+        """Full sha256 (hex) of a model, cached by path, size and mtime."""
+        if entry.is_builtin:
+            from danqing.models.loader import builtin_sha256
+
+            return builtin_sha256()
+        files = [entry.path] if entry.path.is_file() else sorted(
+            f for f in entry.path.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.suffix == ".json")
+        )
+        stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        key = str(entry.path)
+        with self._lock:
+            cache = self._load_cache()
+            hit = cache.get(key)
+            if hit and hit.get("stamp") == [list(s) for s in stamp]:
+                return hit["sha256"]
+        if entry.path.is_file():
+            digest = sha256_file(entry.path)
+        else:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.relative_to(entry.path).as_posix().encode() + b"\0" + sha256_file(f).encode())
+            digest = h.hexdigest()
+        with self._lock:
+            cache = self._load_cache()
+            cache[key] = {"stamp": [list(s) for s in stamp], "sha256": digest}
+            self._save_cache(cache)
+        return digest
+
+    def short_hash(self, entry: ModelEntry) -> str:
+        return self.sha256(entry)[:10]
+
+    def _save_cache(self, cache: dict) -> None:
+        path = self._cache_path()
+        if not path.parent.is_dir():
+            return  # nothing to cache into (no models folder); hashes are recomputed
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Sampler table (A1111 names -> diffusers schedulers) and our denoising loop."""

@@ -1,0 +1,159 @@
+"""Our denoising loop: CFG, prompt editing, per-step callbacks, interrupt.
+
+It follows diffusers' ``StableDiffusionPipeline.__call__`` / ``StableDiffusionXLPipeline.__call__``
+step for step (parity is a test), but owns the loop so that conditioning can change per step
+(A1111 prompt editing) and a callback can watch or stop it. ``denoise`` -- the model call plus
+CFG -- has no data-dependent Python control flow and static shapes, so it can be wrapped in
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class StepControl(enum.Enum):
+    """What an ``on_step`` callback may return: None/CONTINUE goes on, STOP interrupts cleanly."""
+
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+STOP = StepControl.STOP
+
+
+@dataclass
+class StepInfo:
+    """Handed to ``on_step`` after every sampler step.
+
+    Attributes:
+        step: 1-based sampler step just finished; total: steps in this pass.
+        latents: the current latents (read-only!), (B, 4, h, w).
+        batch_index, batch_count: which pass of a multi-pass request this is.
+    """
+
+    step: int
+    total: int
+    latents: torch.Tensor
+    family: str
+    batch_index: int = 0
+    batch_count: int = 1
+
+    def preview(self):
+        """A cheap RGB PIL preview of the first image (linear latent approximation, no VAE)."""
+        from danqing.decode import cheap_preview
+
+        return cheap_preview(self.latents, self.family)
+
+
+OnStep = Callable[[StepInfo], "StepControl | None | bool"]
+
+
+@dataclass
+class Conditioning:
+    """Everything the UNet is conditioned on at one step, already batched for CFG.
+
+    Attributes:
+        context: (2B, T, D) [uncond; cond] text hidden states, or (B, T, D) without CFG.
+        added: SDXL ``added_cond_kwargs`` {"text_embeds": (2B, 1280), "time_ids": (2B, 6)} or None.
+    """
+
+    context: torch.Tensor
+    added: dict | None = None
+
+
+@dataclass
+class ConditioningSchedule:
+    """Conditioning per sampler step: entry i is used up to and including 0-based step ``ends[i]``
+    (A1111 ``reconstruct_cond_batch``: the first entry with step <= end_at_step)."""
+
+    ends: list[int]
+    conds: list[Conditioning]
+
+    def at(self, step: int) -> Conditioning:
+        for end, cond in zip(self.ends, self.conds):
+            if step <= end:
+                return cond
+        return self.conds[-1]
+
+
+def denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float, use_cfg: bool) -> torch.Tensor:
+    """One model evaluation with classifier-free guidance (Ho & Salimans 2022).
+
+    eps = eps_u + s * (eps_c - eps_u), with the unconditional and conditional branches run as
+    one (2B, ...) batch. ``x`` is already scaled by the scheduler. Returns (B, 4, h, w).
+    """
+    x_in = torch.cat([x, x]) if use_cfg else x
+    out = unet(x_in, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added, return_dict=False)[0]
+    if not use_cfg:
+        return out
+    uncond, text = out.chunk(2)
+    return uncond + cfg_scale * (text - uncond)
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor
+    interrupted: bool = False
+    steps_done: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def sample(
+    unet,
+    scheduler,
+    noise: torch.Tensor,
+    schedule: ConditioningSchedule,
+    *,
+    steps: int,
+    cfg_scale: float,
+    generators: list[torch.Generator] | None = None,
+    on_step: OnStep | None = None,
+    family: str = "sd1",
+    batch_index: int = 0,
+    batch_count: int = 1,
+    denoise_fn=denoise,
+) -> SampleResult:
+    """Run the sampler from pure noise to clean latents.
+
+    Args:
+        unet: the diffusers UNet (eval mode, on its device).
+        scheduler: a fresh diffusers scheduler (never reused across requests).
+        noise: (B, 4, h, w) unit-variance noise on the UNet's device and dtype.
+        schedule: conditioning per step (prompt editing), see ``ConditioningSchedule``.
+        steps: number of sampler steps.
+        cfg_scale: guidance weight; 1 disables CFG (the uncond branch is not run).
+        generators: per-image generators for ancestral/stochastic samplers.
+        on_step: called after every sampler step; returning STOP (or False) interrupts.
+        denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here).
+    """
+    use_cfg = cfg_scale > 1.0
+    scheduler.set_timesteps(steps, device=noise.device)
+    timesteps = scheduler.timesteps
+    order = getattr(scheduler, "order", 1)
+    latents = noise * scheduler.init_noise_sigma  # x_T = sigma_max * eps (1 for DDPM-style)
+    step_kwargs = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
+    done = 0
+    for i, t in enumerate(timesteps):
+        cond = schedule.at(done)
+        x = scheduler.scale_model_input(latents, t)
+        eps = denoise_fn(unet, x, t, cond, cfg_scale, use_cfg)
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        # Multi-evaluation samplers (Heun, DPM2) report one step per `order` evaluations.
+        if i == len(timesteps) - 1 or (i + 1) % order == 0:
+            done += 1
+            if on_step is not None:
+                answer = on_step(StepInfo(done, steps, latents, family, batch_index, batch_count))
+                if answer is StepControl.STOP or answer is False:
+                    return SampleResult(latents, interrupted=True, steps_done=done)
+    return SampleResult(latents, interrupted=False, steps_done=done)
+
+
+def _takes_generator(scheduler) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters

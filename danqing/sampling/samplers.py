@@ -1,0 +1,157 @@
+"""A1111 sampler and schedule-type names mapped onto diffusers schedulers.
+
+The table itself is data (``data/samplers.json``). A scheduler is created fresh for every
+request with ``Scheduler.from_config`` because diffusers schedulers keep their step state on the
+object (``_step_index``, model-output history), which must never leak between requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+
+from danqing.errors import UnknownSampler
+
+AUTOMATIC = "Automatic"
+
+# The keys of a model's scheduler config that describe how it was *trained* (the noise
+# schedule); everything else about sampling comes from the sampler table.
+TRAINING_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "rescale_betas_zero_snr",
+)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One row of the sampler table."""
+
+    name: str
+    class_name: str
+    kwargs: dict = field(default_factory=dict)
+    default_schedule: str = "Uniform"
+    seeded: bool = False  # takes its noise seed in the config (torchsde Brownian tree)
+    note: str = ""
+
+    @functools.cached_property
+    def scheduler_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    @functools.cached_property
+    def init_params(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.scheduler_class.__init__).parameters)
+
+    @functools.cached_property
+    def step_takes_generator(self) -> bool:
+        return "generator" in inspect.signature(self.scheduler_class.step).parameters
+
+    def supports(self, schedule_kwargs: dict) -> bool:
+        return all(k in self.init_params for k in schedule_kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    text = resources.files("danqing").joinpath("data/samplers.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=1)
+def samplers() -> dict[str, SamplerSpec]:
+    """All samplers danqing provides, by A1111 name, in A1111's order."""
+    out = {}
+    for row in _table()["samplers"]:
+        out[row["name"]] = SamplerSpec(
+            name=row["name"],
+            class_name=row["class"],
+            kwargs=dict(row.get("kwargs", {})),
+            default_schedule=row.get("schedule", "Uniform"),
+            seeded=bool(row.get("seeded", False)),
+            note=row.get("note", ""),
+        )
+    return out
+
+
+def schedules() -> dict[str, dict]:
+    """Schedule types by A1111 name -> scheduler config overrides (without 'Automatic')."""
+    return dict(_table()["schedules"])
+
+
+def schedule_names() -> list[str]:
+    return [AUTOMATIC, *schedules()]
+
+
+def schedules_for(sampler: str) -> list[str]:
+    """The schedule types a sampler accepts (its scheduler has the needed config options)."""
+    spec = get_sampler(sampler)
+    return [AUTOMATIC] + [n for n, kw in schedules().items() if spec.supports(kw)]
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """Look a sampler up by its A1111 name (case-insensitive); raise a listing error if unknown."""
+    table = samplers()
+    if name in table:
+        return table[name]
+    folded = {k.casefold(): v for k, v in table.items()}
+    if name.casefold() in folded:
+        return folded[name.casefold()]
+    why = _table()["unavailable"].get(name)
+    head = f"sampler {name!r} is not available ({why})" if why else f"unknown sampler {name!r}"
+    raise UnknownSampler("sampler", f"{head}; choose one of: {', '.join(table)}")
+
+
+def resolve_schedule(sampler: str, schedule: str) -> str:
+    """The concrete schedule type used for (sampler, schedule); 'Automatic' -> the sampler's default."""
+    spec = get_sampler(sampler)
+    table = schedules()
+    if schedule == AUTOMATIC or schedule.casefold() == AUTOMATIC.casefold():
+        return spec.default_schedule
+    match = next((n for n in table if n.casefold() == schedule.casefold()), None)
+    if match is None:
+        why = _table()["schedules_unavailable"].get(schedule)
+        head = f"schedule type {schedule!r} is not available ({why})" if why else f"unknown schedule type {schedule!r}"
+        raise UnknownSampler("schedule", f"{head}; choose one of: {', '.join(schedule_names())}")
+    if not spec.supports(table[match]):
+        raise UnknownSampler(
+            "schedule",
+            f"schedule type {match!r} does not work with sampler {spec.name!r}; "
+            f"it takes: {', '.join(schedules_for(spec.name))}",
+        )
+    return match
+
+
+def scheduler_config(model_config: dict, sampler: str, schedule: str, *, seed: int | list[int] | None = None) -> tuple[str, dict]:
+    """The class name and config of the scheduler for one request.
+
+    Args:
+        model_config: the model's own scheduler config (its training noise schedule).
+        sampler: A1111 sampler name.
+        schedule: A1111 schedule type or 'Automatic'.
+        seed: noise seed(s) for samplers whose noise lives in the config (DPM++ SDE).
+    """
+    spec = get_sampler(sampler)
+    sched = resolve_schedule(spec.name, schedule)
+    config = {k: v for k, v in model_config.items() if k in TRAINING_KEYS}
+    config.update(spec.kwargs)
+    config.update(schedules()[sched])
+    if spec.seeded and seed is not None:
+        config["noise_sampler_seed"] = seed
+    return spec.class_name, config
+
+
+def make_scheduler(model_config: dict, sampler: str, schedule: str, *, seed: int | list[int] | None = None):
+    """A fresh diffusers scheduler for one request (see ``scheduler_config``)."""
+    spec = get_sampler(sampler)
+    _, config = scheduler_config(model_config, sampler, schedule, seed=seed)
+    return spec.scheduler_class.from_config(config)

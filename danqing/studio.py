@@ -1,0 +1,214 @@
+"""Studio.generate: request -> model -> conditioning -> sampling -> decode -> image + metadata.
+
+Written as numbered steps so the flow reads top to bottom, as diffusers'
+``StableDiffusionPipeline.__call__`` does.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from danqing.request import MAX_SEED, GenerationRequest
+from danqing.sampling.loop import OnStep, StepControl, StepInfo
+from danqing.settings import Settings
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced.
+
+    Attributes:
+        images: PIL images, batch after batch.
+        seeds, subseeds: the seed of each image (seed + i).
+        infotexts: A1111 ``parameters`` text of each image.
+        request: the request as run (random seeds resolved, model named).
+        paths: files written (empty when not saved).
+        timings: seconds per phase ("load", "condition", "sample", "decode", "save", "total").
+        interrupted: a callback stopped the run; the images show the state reached.
+        latents: the final latents of each batch, (batch_size, 4, h, w) each.
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    subseeds: list[int]
+    infotexts: list[str]
+    request: GenerationRequest
+    paths: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    latents: list[torch.Tensor] = field(default_factory=list)
+
+
+class Studio:
+    """The library's entry point. One per process; requests run one after another.
+
+    Args:
+        settings: paths and device policy (``Settings.from_env()`` in entry points).
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        from danqing.models.manager import ModelManager
+        from danqing.models.registry import Registry
+
+        self.settings = settings or Settings()
+        self.registry = Registry(self.settings.models_dir)
+        self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: OnStep | None = None,
+        *,
+        save: bool = False,
+        out_dir: Path | None = None,
+    ) -> GenerationResult:
+        """Run a txt2img request.
+
+        Args:
+            request: the validated request.
+            on_step: called after every sampler step with a ``StepInfo`` (step, total, preview());
+                return ``STOP`` to interrupt: the images reached so far are decoded and returned.
+            save: write PNGs with their infotext (atomically) under ``out_dir`` or
+                ``outputs_dir/txt2img-images/DATE/``.
+        """
+        from danqing.conditioning.text import TextEncoder
+        from danqing.decode import decode_latents, to_pil, vae_scale_factor
+        from danqing.outputs.metadata import request_infotext
+        from danqing.sampling.loop import sample
+        from danqing.sampling.noise import initial_noise, make_generators
+        from danqing.sampling.samplers import make_scheduler
+
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        # 1. validate: resolve what the request left open (random seeds, default model).
+        request = resolve_request(request, self.settings.default_model)
+
+        # 2. load: the manager owns device and dtype.
+        loaded = self.models.load(request.model, request.vae)
+        comps = loaded.components
+        device, dtype = self.models.device, self.models.dtype
+        timings["load"] = time.perf_counter() - t0
+
+        # 3. condition: every distinct prompt of the prompt-editing schedules, padded to one length.
+        t = time.perf_counter()
+        encoder = TextEncoder(comps, clip_skip=request.clip_skip)
+        cond_schedule = build_conditioning(encoder, request, batch=request.batch_size)
+        timings["condition"] = time.perf_counter() - t
+
+        # 4. sample: a fresh scheduler and per-image generators for each batch.
+        t = time.perf_counter()
+        factor = vae_scale_factor(comps.vae)
+        shape = (comps.unet.config.in_channels, request.height // factor, request.width // factor)
+        latents_out, seeds, subseeds, interrupted = [], [], [], False
+        noise_device = "cpu" if request.rng == "cpu" else device
+        for b in range(request.batch_count):
+            batch_seeds = [request.seed + b * request.batch_size + i for i in range(request.batch_size)]
+            batch_subseeds = [request.subseed + b * request.batch_size + i for i in range(request.batch_size)]
+            generators = make_generators(batch_seeds, noise_device)
+            noise = initial_noise(shape, generators, subseeds=batch_subseeds, subseed_strength=request.subseed_strength)
+            scheduler = make_scheduler(
+                comps.scheduler_config, request.sampler, request.schedule,
+                seed=batch_seeds if len(batch_seeds) > 1 else batch_seeds[0],
+            )
+            result = sample(
+                comps.unet, scheduler, noise.to(device=device, dtype=dtype), cond_schedule,
+                steps=request.steps, cfg_scale=request.cfg_scale, generators=generators,
+                on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
+            )
+            latents_out.append(result.latents)
+            seeds += batch_seeds
+            subseeds += batch_subseeds
+            if result.interrupted:
+                interrupted = True
+                break
+        timings["sample"] = time.perf_counter() - t
+
+        # 5. decode.
+        t = time.perf_counter()
+        images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
+        timings["decode"] = time.perf_counter() - t
+
+        # 6. metadata and save.
+        t = time.perf_counter()
+        infotexts = [
+            request_infotext(
+                request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
+                vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
+            )
+            for s, ss in zip(seeds, subseeds)
+        ]
+        paths = []
+        if save:
+            from danqing.outputs.store import next_output_path, save_png
+
+            folder = Path(out_dir) if out_dir else self.settings.outputs_dir / "txt2img-images" / date.today().isoformat()
+            for img, s, text in zip(images, seeds, infotexts):
+                paths.append(save_png(img, next_output_path(folder, s), text))
+        timings["save"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out)
+
+
+def resolve_request(request: GenerationRequest, default_model: str) -> GenerationRequest:
+    """Fill in the random seeds (-1) and the default model; the result reproduces exactly."""
+    changes = {}
+    if request.seed == -1:
+        changes["seed"] = random.randint(0, MAX_SEED - 1000)
+    if request.subseed == -1:
+        changes["subseed"] = random.randint(0, MAX_SEED - 1000)
+    if request.model is None:
+        changes["model"] = default_model
+    return request.replace(**changes) if changes else request
+
+
+def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
+    """The per-step conditioning for the whole request (prompt editing for both prompts).
+
+    Every scheduled text is encoded once; all are padded with the empty prompt's chunk to the
+    longest chunk count so the UNet sees one static shape for the whole run.
+    """
+    from danqing.conditioning.prompt_parser import prompt_schedule
+    from danqing.conditioning.text import pad_to_chunks
+    from danqing.sampling.loop import Conditioning, ConditioningSchedule
+
+    comps = encoder.c
+    use_cfg = request.cfg_scale > 1.0
+    pos = prompt_schedule(request.prompt, request.steps)
+    neg = prompt_schedule(request.negative_prompt, request.steps) if use_cfg else [(request.steps, "")]
+    cache: dict[tuple[str, bool], object] = {}
+
+    def enc(text: str, negative: bool):
+        key = (text, negative and comps.family == "sdxl")
+        if key not in cache:
+            cache[key] = encoder.encode(text, negative=negative)
+        return cache[key]
+
+    pos_c = [(end, enc(text, False)) for end, text in pos]
+    neg_c = [(end, enc(text, True)) for end, text in neg]
+    n_chunks = max(c.n_chunks for _, c in pos_c + neg_c)
+    pos_c = [(end, pad_to_chunks(c, n_chunks, enc("", False))) for end, c in pos_c]
+    neg_c = [(end, pad_to_chunks(c, n_chunks, enc("", True))) for end, c in neg_c]
+
+    # Merge both schedules: a new entry wherever either prompt changes. As in A1111's
+    # reconstruct_cond_batch, 0-based step s uses the first entry with s <= end_at_step.
+    ends = sorted({end for end, _ in pos_c} | {end for end, _ in neg_c})
+    conds = []
+    for end in ends:
+        p = next(c for e, c in pos_c if end <= e)
+        n = next(c for e, c in neg_c if end <= e)
+        context = torch.cat([n.hidden.expand(batch, -1, -1), p.hidden.expand(batch, -1, -1)]) if use_cfg else p.hidden.expand(batch, -1, -1)
+        added = None
+        if comps.family == "sdxl":
+            time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]], dtype=p.hidden.dtype, device=p.hidden.device)
+            pooled = torch.cat([n.pooled.expand(batch, -1), p.pooled.expand(batch, -1)]) if use_cfg else p.pooled.expand(batch, -1)
+            added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+        conds.append(Conditioning(context, added))
+    return ConditioningSchedule(ends, conds)

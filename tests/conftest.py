@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built from configs, saved into a temporary models folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from danqing.settings import OFFLINE_ENV
+
+os.environ.update(OFFLINE_ENV)  # tests never reach the network
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """name -> Components for tiny-sd1, tiny-sd2 (v-prediction) and tiny-sdxl (random, seeded)."""
+    from danqing.models.families import build_components
+
+    return {
+        "tiny-sd1": build_components("tiny-sd1", seed=1),
+        "tiny-sd2": build_components("tiny-sd2", seed=2, prediction_type="v_prediction"),
+        "tiny-sdxl": build_components("tiny-sdxl", seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, tiny_components):
+    """A models folder whose checkpoints/ holds the tiny models as diffusers folders."""
+    from danqing.models.loader import save_diffusers_folder
+
+    root = tmp_path_factory.mktemp("models")
+    for sub in ("checkpoints", "vae", "lora", "embeddings", "controlnet"):
+        (root / sub).mkdir()
+    for name, comps in tiny_components.items():
+        save_diffusers_folder(comps, root / "checkpoints" / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def studio(models_dir, tmp_path_factory):
+    from danqing import Settings, Studio
+
+    home = tmp_path_factory.mktemp("home")
+    return Studio(Settings(home=home, models_dir=models_dir, device="cpu", dtype="fp32"))
