@@ -95,7 +95,7 @@ def tokenize_prompt(tokenizer, text: str) -> list[TokenChunk]:
         if piece == "BREAK" and weight == -1:
             pieces.append(([], -1))
             continue
-        pieces.append((tokenizer(piece, add_special_tokens=False, truncation=False)["input_ids"], weight))
+        pieces.append((tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"], weight))
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     return chunk_tokens(pieces, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, comma=comma)
 
@@ -123,7 +123,9 @@ def _hidden(encoder, ids: torch.Tensor, clip_skip: int, *, final_norm: bool) -> 
     if final_norm:
         if clip_skip == 1:
             return out.last_hidden_state, out
-        return encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip]), out
+        # transformers 5: CLIPTextModel is the text transformer itself; WithProjection wraps it.
+        final_norm_layer = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_norm_layer(out.hidden_states[-clip_skip]), out
     return out.hidden_states[-(clip_skip + 1)], out
 
 

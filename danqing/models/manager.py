@@ -102,7 +102,9 @@ class ModelManager:
         for module in comps.modules().values():
             module.requires_grad_(False)
             module.eval()
-            module.to(device=self.device, dtype=self.dtype)
+            module.to(device=self.device)
+            if module.dtype != self.dtype:
+                module.to(dtype=self.dtype)
         if self.dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
             comps.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16
 

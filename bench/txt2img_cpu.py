@@ -1,0 +1,71 @@
+"""Benchmark: one 20-step txt2img on the CPU with the tiny built-in model.
+
+Prints wall time per phase and ratios against a baseline measured in the same run: the stock
+diffusers ``StableDiffusionPipeline`` on the same components, scheduler, seed and prompt. Not a
+test: numbers go to docs/benchmarks.md with the machine.
+
+    .venv/bin/python bench/txt2img_cpu.py [--repeats 5] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    from danqing import GenerationRequest, Settings, Studio
+    from danqing.sampling.samplers import make_scheduler
+    from danqing.settings import force_offline
+
+    force_offline()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
+    req = GenerationRequest(prompt="a red circle left of a blue star", negative_prompt="blurry", steps=args.steps,
+                            width=args.size, height=args.size, seed=1, sampler="DPM++ 2M")
+    studio.generate(req.replace(steps=2))  # warm-up + model load
+    comps = studio.models.load("danqing-tiny-random").components
+
+    from diffusers import StableDiffusionPipeline
+
+    def ours():
+        return studio.generate(req).timings
+
+    def reference():
+        pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                       unet=comps.unet, scheduler=make_scheduler(comps.scheduler_config, req.sampler, req.schedule),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        t = time.perf_counter()
+        with torch.no_grad():
+            pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps, height=req.height,
+                 width=req.width, generator=torch.Generator().manual_seed(1), output_type="pil")
+        return {"total": time.perf_counter() - t}
+
+    ours_t, ref_t = [], []
+    for _ in range(args.repeats):  # interleaved so drift hits both alike
+        ours_t.append(ours())
+        ref_t.append(reference())
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"model: danqing-tiny-random (tiny SD1 architecture), {args.size}x{args.size}, {args.steps} steps, DPM++ 2M, CFG 7")
+    print(f"danqing total   : {med(ours_t, 'total'):.3f} s (median of {args.repeats})")
+    for k in ("condition", "sample", "decode"):
+        print(f"  {k:14s}: {med(ours_t, k):.3f} s")
+    print(f"diffusers total : {med(ref_t, 'total'):.3f} s (baseline, same run)")
+    print(f"ratio danqing / diffusers: {med(ours_t, 'total') / med(ref_t, 'total'):.3f}")
+
+
+if __name__ == "__main__":
+    main()

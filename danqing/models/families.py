@@ -1,0 +1,76 @@
+"""Model families and their bundled configs (``data/families/<name>/*.json``).
+
+``sd1`` (SD1.5), ``sd2`` (SD2.x 768-v; 512-base differs only in prediction type) and ``sdxl``
+(SDXL base 1.0) are the full-size architectures single files are loaded into; ``tiny-*`` are
+toy-size configs of the same architectures for CPU tests and the built-in random model.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+
+from danqing.models.components import Components
+
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+
+
+def family_names() -> list[str]:
+    root = resources.files("danqing").joinpath("data/families")
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def base_family(name: str) -> str:
+    """"tiny-sd1" -> "sd1"."""
+    return name.removeprefix("tiny-")
+
+
+def load_family_config(name: str) -> dict[str, dict]:
+    """{part: config} for a bundled family; parts a family lacks are absent."""
+    root = resources.files("danqing").joinpath(f"data/families/{name}")
+    if not root.is_dir():
+        raise KeyError(f"unknown family config {name!r}; bundled: {', '.join(family_names())}")
+    out = {}
+    for part in PARTS:
+        f = root.joinpath(f"{part}.json")
+        if f.is_file():
+            out[part] = json.loads(f.read_text(encoding="utf-8"))
+    return out
+
+
+def components_from_configs(family: str, configs: dict[str, dict], *, prediction_type: str | None = None) -> Components:
+    """Random-init modules from configs (weights are loaded afterwards by the caller)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from danqing.conditioning.tokenizer import clip_tokenizer
+
+    sched = dict(configs["scheduler"])
+    if prediction_type:
+        sched["prediction_type"] = prediction_type
+    te2 = configs.get("text_encoder_2")
+    return Components(
+        family=family,
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        unet=UNet2DConditionModel.from_config(configs["unet"]),
+        vae=AutoencoderKL.from_config(configs["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=clip_tokenizer("!" if family == "sd2" else "<|endoftext|>"),
+        scheduler_config=sched,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)) if te2 else None,
+        tokenizer_2=clip_tokenizer("!") if te2 else None,
+    )
+
+
+def build_components(name: str, *, prediction_type: str | None = None, seed: int = 0) -> Components:
+    """Seeded random-weight Components of a bundled config (the global RNG is left untouched)."""
+    configs = load_family_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        comps = components_from_configs(base_family(name), configs, prediction_type=prediction_type)
+    for m in comps.modules().values():
+        m.eval()
+    comps.metadata["config"] = name
+    return comps
