@@ -36,7 +36,8 @@ def _reference(comps, request, output_type):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(
-            request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+            # diffusers zeroes SDXL's uncond only for negative_prompt=None; A1111 and danqing for "".
+            request.prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
             guidance_scale=request.cfg_scale, height=request.height, width=request.width,
             generator=[torch.Generator("cpu").manual_seed(request.seed)], output_type=output_type,
         )
