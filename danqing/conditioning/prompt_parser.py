@@ -62,7 +62,7 @@ class _Parser:
         self.i = 0
 
     def error(self, what: str, pos: int) -> PromptSyntaxError:
-        return PromptSyntaxError(f"{what} at position {pos}")
+        return PromptSyntaxError(what.format(pos=pos))
 
     def seq(self, context: str) -> tuple:
         """Nodes until the end of this context: ')' for 'paren'; ':' '|' ']' for 'bracket'."""
@@ -86,14 +86,14 @@ class _Parser:
                 self.i += 1
                 body = self.seq("paren")
                 if self.i >= len(s):
-                    raise self.error("unbalanced '(': it is never closed; close it with ')' or escape a literal bracket as \\(", start)
+                    raise self.error("unbalanced '(' at position {pos}: it is never closed; close it with ')' or escape a literal bracket as \\(", start)
                 self.i += 1
                 nodes.append(_Group("(", body, ")"))
             elif c == ")":
                 if context == "paren":
                     flush()
                     return tuple(nodes)
-                raise self.error("unbalanced ')': no '(' before it; escape a literal bracket as \\)", self.i)
+                raise self.error("unbalanced ')' at position {pos}: no '(' before it; escape a literal bracket as \\)", self.i)
             elif c == "[":
                 flush()
                 nodes.append(self.bracket())
@@ -101,7 +101,7 @@ class _Parser:
                 flush()
                 return tuple(nodes)
             elif c == "]":
-                raise self.error("unbalanced ']': no '[' before it; escape a literal bracket as \\]", self.i)
+                raise self.error("unbalanced ']' at position {pos}: no '[' before it; escape a literal bracket as \\]", self.i)
             else:
                 buf.append(c)
                 self.i += 1
@@ -115,7 +115,7 @@ class _Parser:
         parts, seps = [self.seq("bracket")], []
         while True:
             if self.i >= len(s):
-                raise self.error("unbalanced '[': it is never closed; close it with ']' or escape a literal bracket as \\[", start)
+                raise self.error("unbalanced '[' at position {pos}: it is never closed; close it with ']' or escape a literal bracket as \\[", start)
             c = s[self.i]
             self.i += 1
             if c == "]":
@@ -128,13 +128,13 @@ class _Parser:
             return _Alternate(tuple(parts))
         if "|" in seps or len(seps) > 2:
             raise self.error(
-                "a '[...]' mixes ':' and '|' or has more than two ':'; write [from:to:when], [to:when], [from::when] or [a|b]",
+                "the '[...]' at position {pos} mixes ':' and '|' or has more than two ':'; write [from:to:when], [to:when], [from::when] or [a|b]",
                 start,
             )
         when_text = "".join(p for p in parts[-1] if isinstance(p, str)).strip()
         if len(parts[-1]) != (1 if parts[-1] else 0) or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", when_text):
             raise self.error(
-                f"prompt editing needs a number for 'when' in [from:to:when], got {when_text!r}; "
+                f"prompt editing at position {{pos}} needs a number for 'when' in [from:to:when], got {when_text!r}; "
                 "escape literal brackets as \\[ \\]",
                 start,
             )
