@@ -126,21 +126,16 @@ def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by
 @app.command()
 def models(ctx: typer.Context, kind: str = typer.Option("checkpoint", help="checkpoint, vae, lora, embedding or controlnet.")):
     """List models found in the models folder with their family and A1111 short hash."""
-    from rich.console import Console
-    from rich.table import Table
-
     from danqing.models.registry import KINDS, Registry
 
     if kind not in KINDS:
         raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     registry = Registry(ctx.obj.models_dir)
-    table = Table(title=f"{kind} models in {registry.folder(kind)}")
-    for col in ("name", "family", "format", "hash", "path"):
-        table.add_column(col)
+    print(f"# {kind} models in {registry.folder(kind)}")
+    print(f"{'name':32s} {'family':28s} {'format':12s} {'hash':10s}  path")
     for entry in registry.scan(kind):
-        family = _family_of(entry) if kind == "checkpoint" else ""
-        table.add_row(entry.name, family, entry.format, registry.short_hash(entry), str(entry.path or "(built in)"))
-    Console().print(table)
+        family = _family_of(entry) if kind == "checkpoint" else "-"
+        print(f"{entry.name:32s} {family:28s} {entry.format:12s} {registry.short_hash(entry):10s}  {entry.path or '(built in)'}")
 
 
 def _family_of(entry) -> str:
@@ -184,10 +179,11 @@ def export(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: offline first, then the Typer app; our errors become one line and exit 2."""
-    from danqing.settings import force_offline
+    from danqing.settings import force_offline, quiet_libraries
 
     force_offline()
     try:
+        quiet_libraries()
         app(args=argv, standalone_mode=True)
     except (DanqingError, FileExistsError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -15,6 +15,9 @@ OFFLINE_ENV = {
     "DIFFUSERS_NO_ADVISORY_WARNINGS": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
     "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
 }
 
 
@@ -71,3 +74,15 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or advisory logs from transformers/diffusers on stderr (the CLI prints
+    one line per error and its own progress bar). Imports them: call from entry points only."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
