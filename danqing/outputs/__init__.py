@@ -1,0 +1,1 @@
+"""Image outputs: A1111 infotext, atomic saving."""
