@@ -2,79 +2,153 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from danqing.errors import ImageError
 
 USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes the infotext of JPEG/WebP files
-EXIF_IFD = 0x8769
+EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment belongs (piexif and A1111 put it there)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
+def _exists_message(path: Path) -> str:
+    return f"{path} already exists; danqing never overwrites, pick another name"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort; not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_png(image: Image.Image, path: Path, infotext: str, *, overwrite: bool = False) -> Path:
-    """Write ``image`` as PNG with a tEXt ``parameters`` chunk: temp file + fsync + rename.
+    """Write ``image`` as PNG with a ``parameters`` text chunk: temp file + fsync + rename.
 
-    Raises FileExistsError (and leaves the file alone) when ``path`` exists and not ``overwrite``.
+    Parent folders are created. Raises FileExistsError (and leaves the file alone) when ``path``
+    exists and not ``overwrite``; the final step is then a hard link, which fails instead of
+    replacing a file that appeared meanwhile. No temp file is left behind, whatever fails.
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+        raise FileExistsError(_exists_message(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    info.add_text("parameters", infotext)  # Pillow writes iTXt (UTF-8) when not Latin-1
+    tmp: Path | None = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
+            tmp = Path(f.name)
+            # NamedTemporaryFile makes the file private (0600); give it the mode a plain open() would
+            # (or keep the mode of the file being replaced).
+            mode = path.stat().st_mode & 0o7777 if overwrite and path.exists() else 0o666 & ~_UMASK
+            os.chmod(tmp, mode)
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
             os.fsync(f.fileno())
-        if not overwrite and path.exists():
-            raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and refuses to replace a file that appeared meanwhile
+            except FileExistsError:
+                raise FileExistsError(_exists_message(path)) from None
+            except OSError as exc:  # no hard links here (FAT, some network drives): check + rename
+                if exc.errno == errno.EEXIST or path.exists():
+                    raise FileExistsError(_exists_message(path)) from None
+                os.replace(tmp, path)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # after link: the extra name; after replace: already gone
+    _fsync_dir(path.parent)
     return path
 
 
+def _decode_utf16(body: bytes) -> str:
+    """UTF-16 of unknown byte order: a BOM decides, else where the zero bytes of ASCII text sit."""
+    if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+        return body.decode("utf-16", errors="replace")
+    even_zeros = body[0::2].count(0)
+    odd_zeros = body[1::2].count(0)
+    codec = "utf-16-le" if odd_zeros > even_zeros else "utf-16-be"  # A1111/piexif write big-endian
+    return body.decode(codec, errors="replace")
+
+
 def _decode_user_comment(raw: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte character-code prefix, then the text."""
     if isinstance(raw, str):
-        return raw
-    if raw.startswith(b"UNICODE\x00"):
-        body = raw[8:]
-        return body.decode("utf-16-be" if body[:1] == b"\x00" or len(body) < 2 else "utf-16-be", errors="replace")
-    if raw.startswith(b"ASCII\x00\x00\x00"):
-        raw = raw[8:]
-    return raw.decode("utf-8", errors="replace")
+        return raw.rstrip("\x00")
+    raw = bytes(raw)
+    prefix, body = raw[:8], raw[8:]
+    if prefix == b"UNICODE\x00":
+        text = _decode_utf16(body[: len(body) // 2 * 2])
+    elif prefix in (b"ASCII\x00\x00\x00", b"\x00" * 8):
+        text = body.decode("utf-8", errors="replace")
+    else:  # no (known) prefix: the whole value is the text
+        text = raw.decode("utf-8", errors="replace")
+    return text.rstrip("\x00")
+
+
+def _user_comment(img: Image.Image) -> bytes | str | None:
+    exif = img.getexif()
+    raw = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if raw is None:
+        raw = exif.get(USER_COMMENT)  # some writers put it in IFD0
+    return raw
 
 
 def read_infotext(path: Path) -> str:
-    """The generation parameters of an image: PNG ``parameters`` text or EXIF UserComment."""
+    """The generation parameters of an image: PNG ``parameters`` text or EXIF UserComment.
+
+    Raises ImageError when the file cannot be read as an image, or carries neither.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
+            img.load()  # PNG text chunks after the image data are read only now
             text = img.info.get("parameters")
-            if not text:
-                exif = img.getexif().get_ifd(EXIF_IFD)
-                raw = exif.get(USER_COMMENT) or img.getexif().get(USER_COMMENT)
-                text = _decode_user_comment(raw) if raw else None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read image {path}: {exc}") from None
-    if not text:
+            raw = None if text else _user_comment(img)
+    except Exception as exc:  # Pillow raises many kinds on damaged files
+        reason = str(exc) or type(exc).__name__
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+    if not text and raw:
+        text = _decode_user_comment(raw)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if not text or not text.strip():
         raise ImageError(f"{path} carries no generation parameters (no PNG 'parameters' text or EXIF UserComment)")
     return text
 
 
-_COUNTER = re.compile(r"^(\d{5})-")
+_COUNTER = re.compile(r"^(\d{5,})-")
 
 
 def next_output_path(folder: Path, seed: int, *, ext: str = "png") -> Path:
-    """A1111 naming: ``NNNNN-SEED.png`` with NNNNN one more than the highest counter present."""
+    """A1111 naming: ``NNNNN-SEED.png``, NNNNN one more than the highest counter in ``folder``.
+
+    A missing or empty folder starts at 00000; names without a leading counter are ignored.
+    """
     folder = Path(folder)
     highest = -1
     if folder.is_dir():
@@ -82,4 +156,4 @@ def next_output_path(folder: Path, seed: int, *, ext: str = "png") -> Path:
             m = _COUNTER.match(p.name)
             if m:
                 highest = max(highest, int(m.group(1)))
-    return folder / f"{highest + 1:05d}-{seed}.{ext}"
+    return folder / f"{highest + 1:05d}-{seed}.{ext.lstrip('.')}"
