@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 from importlib import resources
 
+import contextlib
+
 import torch
 
+from danqing.errors import UnknownFamily
 from danqing.models.components import Components
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def family_names() -> list[str]:
+    """Names of the bundled family configs ("sd1", ..., "tiny-sdxl")."""
     root = resources.files("danqing").joinpath("data/families")
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
@@ -28,10 +32,14 @@ def base_family(name: str) -> str:
 
 
 def load_family_config(name: str) -> dict[str, dict]:
-    """{part: config} for a bundled family; parts a family lacks are absent."""
+    """{part: config} of a bundled family, read from ``data/families/<name>/<part>.json``.
+
+    Parts: ``unet``/``vae`` (diffusers configs), ``text_encoder``/``text_encoder_2`` (kwargs of
+    ``transformers.CLIPTextConfig``; ``text_encoder_2`` for SDXL only) and ``scheduler``.
+    """
     root = resources.files("danqing").joinpath(f"data/families/{name}")
-    if not root.is_dir():
-        raise KeyError(f"unknown family config {name!r}; bundled: {', '.join(family_names())}")
+    if not name or "/" in name or not root.is_dir():
+        raise UnknownFamily(f"no bundled family config {name!r}; bundled: {', '.join(family_names())}")
     out = {}
     for part in PARTS:
         f = root.joinpath(f"{part}.json")
@@ -40,8 +48,13 @@ def load_family_config(name: str) -> dict[str, dict]:
     return out
 
 
-def components_from_configs(family: str, configs: dict[str, dict], *, prediction_type: str | None = None) -> Components:
-    """Random-init modules from configs (weights are loaded afterwards by the caller)."""
+def components_from_configs(
+    family: str, configs: dict[str, dict], *, prediction_type: str | None = None, empty: bool = False
+) -> Components:
+    """Modules built from configs: random-init, or with ``empty=True`` parameters on the meta
+    device (no memory, no init time; buffers stay real) for a caller that loads every weight
+    afterwards with ``load_state_dict(..., assign=True)``."""
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -51,15 +64,21 @@ def components_from_configs(family: str, configs: dict[str, dict], *, prediction
     if prediction_type:
         sched["prediction_type"] = prediction_type
     te2 = configs.get("text_encoder_2")
+    with init_empty_weights() if empty else contextlib.nullcontext():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2)) if te2 else None
     return Components(
         family=family,
         prediction_type=sched.get("prediction_type", "epsilon"),
-        unet=UNet2DConditionModel.from_config(configs["unet"]),
-        vae=AutoencoderKL.from_config(configs["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        # OpenAI CLIP pads with <|endoftext|>, OpenCLIP (SD2, SDXL's second encoder) with "!".
         tokenizer=clip_tokenizer("!" if family == "sd2" else "<|endoftext|>"),
         scheduler_config=sched,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)) if te2 else None,
+        text_encoder_2=text_encoder_2,
         tokenizer_2=clip_tokenizer("!") if te2 else None,
     )
 

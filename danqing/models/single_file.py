@@ -34,30 +34,51 @@ PREFIXES = {
     "sd2": {"openclip": "cond_stage_model.model."},
     "sdxl": {"clip": "conditioner.embedders.0.transformer.", "openclip": "conditioner.embedders.1.model."},
 }
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
 CONFIG_KEY = "danqing.configs"
+# Stability's ModelSpec architecture ids (https://github.com/Stability-AI/ModelSpec).
+ARCHITECTURE = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1",
+                ("sd2", "epsilon"): "stable-diffusion-v2-512", ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
+                ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base", ("sdxl", "v_prediction"): "stable-diffusion-xl-v1-base"}
+# OpenCLIP ViT-H as trained had 24 blocks; SD2 reads the penultimate one and diffusers keeps 23.
+SD2_OPENCLIP_BLOCKS = 24
 
 
 # ---------------------------------------------------------------------------------------------
 # Family detection
 # ---------------------------------------------------------------------------------------------
 def detect_family(keys) -> str:
-    """"sd1", "sd2" or "sdxl" from the state-dict keys of an LDM-layout checkpoint."""
+    """"sd1", "sd2" or "sdxl" from the state-dict keys of an LDM / sgm-layout checkpoint.
+
+    SD1: ``cond_stage_model.transformer.*`` (OpenAI CLIP); SD2: ``cond_stage_model.model.*``
+    (OpenCLIP); SDXL base: ``conditioner.embedders.1.model.*`` (OpenCLIP bigG beside CLIP ViT-L);
+    each with ``model.diffusion_model.*``. Raises UnknownFamily otherwise (SDXL refiners -- only
+    ``conditioner.embedders.0.model.*`` -- are named as such).
+    """
     keys = list(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if has("conditioner.embedders.1.model."):
+    if has(UNET) and has("conditioner.embedders.1.model."):
         return "sdxl"
-    if has("conditioner.embedders.0.model."):
-        raise UnknownFamily("this is an SDXL refiner checkpoint (OpenCLIP bigG only); refiners are not supported yet")
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        raise UnknownFamily("this is an SDXL refiner checkpoint (OpenCLIP bigG only); refiners are not supported yet, "
+                            "supported: SD1.x, SD2.x, SDXL base")
     if has(UNET) and has("cond_stage_model.model.transformer.resblocks."):
         return "sd2"
     if has(UNET) and has("cond_stage_model.transformer."):
         return "sd1"
-    tops = sorted({k.split(".")[0] for k in keys})[:6]
     raise UnknownFamily(
-        f"unknown model family: expected the LDM layout of SD1.x, SD2.x or SDXL base "
-        f"(model.diffusion_model.* with cond_stage_model.* or conditioner.*), found keys starting with {', '.join(tops) or 'nothing'}"
+        "unknown model family: expected the LDM layout of SD1.x, SD2.x or SDXL base "
+        "(model.diffusion_model.* with cond_stage_model.* or conditioner.*), "
+        f"found keys starting with {', '.join(_key_roots(keys)) or 'nothing'}"
     )
+
+
+def _key_roots(keys, limit: int = 6) -> list[str]:
+    """A few distinct key prefixes, two levels deep under the LDM roots ("model.diffusion_model")."""
+    roots = set()
+    for key in keys:
+        parts = key.split(".")
+        roots.add(".".join(parts[:2]) if parts[0] in ("model", "cond_stage_model", "conditioner") and len(parts) > 2 else parts[0])
+    return sorted(roots)[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +122,8 @@ def _unet_prefix_map(config: dict) -> list[tuple[str, str]]:
 
 
 def _map_key(key: str, pairs: list[tuple[str, str]]) -> str:
+    """One diffusers UNet key -> its openaimodel name (resnet layers renamed: ``norm1`` ->
+    ``in_layers.0``, ...; attention blocks keep diffusers' names, which SpatialTransformer shares)."""
     for src, dst in pairs:
         if key.startswith(src):
             rest = key[len(src):]
@@ -110,7 +133,7 @@ def _map_key(key: str, pairs: list[tuple[str, str]]) -> str:
                         rest = b + rest[len(a):]
                         break
             return dst + rest
-    raise KeyError(key)
+    raise KeyError(f"no LDM name for UNet key {key!r} (an architecture SD1/SD2/SDXL do not have)")
 
 
 def unet_to_ldm(state_dict: dict, config: dict) -> dict:
@@ -158,10 +181,12 @@ def clip_to_ldm(state_dict: dict, prefix: str) -> dict:
     return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in state_dict.items()}
 
 
-def openclip_to_ldm(state_dict: dict, prefix: str) -> dict:
+def openclip_to_ldm(state_dict: dict, prefix: str, *, n_blocks: int | None = None) -> dict:
     """transformers CLIP text model -> OpenCLIP layout (resblocks, fused q/k/v ``in_proj``).
 
-    ``text_projection`` (SDXL) is stored transposed, (hidden, proj), as OpenCLIP does.
+    ``attn.in_proj_weight`` is q, k, v stacked: (3*hidden, hidden). ``text_projection`` (SDXL) is
+    stored transposed, (hidden, proj), as OpenCLIP does. ``n_blocks`` larger than the model's
+    layer count appends all-zero blocks, each an exact identity (x + 0 + 0) of a residual block.
     """
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
@@ -178,20 +203,32 @@ def openclip_to_ldm(state_dict: dict, prefix: str) -> dict:
                 out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
         for p in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{p}"] for q in "qkv"])
+    last = f"{prefix}transformer.resblocks.{n_layers - 1}."
+    for i in range(n_layers, n_blocks or n_layers):
+        for key in [k for k in out if k.startswith(last)]:
+            out[f"{prefix}transformer.resblocks.{i}.{key[len(last):]}"] = torch.zeros_like(out[key])
     return out
 
 
 def export_ldm_state_dict(comps: Components, *, to_cpu: bool = True) -> dict:
-    """All of a model's weights in the single-file LDM layout of its family."""
+    """All of a model's weights in the single-file LDM / sgm layout of its family.
+
+    SD2: diffusers' text encoder keeps the first 23 of OpenCLIP ViT-H's 24 blocks (SD2 conditions
+    on the penultimate block's output, so the 24th never runs). A full-size SD2 is written with 24
+    blocks, the 24th all zeros -- an exact identity block -- so the file has the key set and shapes
+    of an original SD2 checkpoint (A1111, ComfyUI and model mergers find every key), and diffusers'
+    converter drops ``resblocks.23`` by name when loading, so the round trip is exact. Other layer
+    counts (toy configs) are written as they are: the converter would keep any extra block.
+    """
     out = unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))
     out.update(vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config)))
     prefixes = PREFIXES[comps.family]
     if "clip" in prefixes:
         out.update(clip_to_ldm(comps.text_encoder.state_dict(), prefixes["clip"]))
     if comps.family == "sd2":
-        # diffusers keeps OpenCLIP-H's first 23 layers (SD2 uses the penultimate layer); the
-        # 24th is not part of the model and is not written (A1111 loads non-strictly).
-        out.update(openclip_to_ldm(comps.text_encoder.state_dict(), prefixes["openclip"]))
+        n = comps.text_encoder.config.num_hidden_layers
+        blocks = SD2_OPENCLIP_BLOCKS if n == SD2_OPENCLIP_BLOCKS - 1 else n
+        out.update(openclip_to_ldm(comps.text_encoder.state_dict(), prefixes["openclip"], n_blocks=blocks))
     elif comps.family == "sdxl":
         out.update(openclip_to_ldm(comps.text_encoder_2.state_dict(), prefixes["openclip"]))
     return {k: v.detach().cpu().contiguous() for k, v in out.items()} if to_cpu else out
@@ -205,36 +242,75 @@ def _configs_of(comps: Components) -> dict:
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
+def _modelspec(comps: Components, path: Path) -> dict:
+    """Stability's ModelSpec header keys (what sd-scripts and ComfyUI write and read)."""
+    scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    side = comps.unet.config.sample_size * scale
+    return {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": ARCHITECTURE[comps.family, comps.prediction_type],
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.prediction_type": "v" if comps.prediction_type == "v_prediction" else "epsilon",
+            "modelspec.resolution": f"{side}x{side}",
+            "modelspec.title": path.stem}
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished ``tmp`` to ``path``; without ``overwrite`` never replace an existing file
+    (a hard link fails if ``path`` appeared meanwhile; where links are unsupported: check + rename)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name") from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name") from None
+        os.replace(tmp, path)
+
+
 def save_single_file(comps: Components, path: Path, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write a model as one ``.safetensors`` file in the LDM layout, atomically.
 
-    The header carries ModelSpec keys (``modelspec.architecture``, ``modelspec.prediction_type``)
-    and danqing's configs (so toy-size models load back exactly); other tools ignore them.
+    Written as ``<path>.tmp`` in the same folder, then moved into place. The header carries
+    ModelSpec keys (``modelspec.architecture``, ``modelspec.prediction_type``, ...) and danqing's
+    configs under ``danqing.configs`` (so toy-size models load back exactly); other tools ignore
+    them. ``metadata`` adds or overrides header entries (values are stored as strings).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
-    arch = ARCHITECTURE[comps.family] + ("-768-v" if comps.family == "sd2" and comps.prediction_type == "v_prediction" else "")
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
-            "modelspec.prediction_type": "v" if comps.prediction_type == "v_prediction" else "epsilon",
-            CONFIG_KEY: json.dumps(_configs_of(comps))}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(f".{path.name}.tmp")
+    meta = {**_modelspec(comps, path), CONFIG_KEY: json.dumps(_configs_of(comps))}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(export_ldm_state_dict(comps), str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # after a link: the extra name; after a rename: already gone
     return path
 
 
 # ---------------------------------------------------------------------------------------------
 # Load: LDM -> diffusers (diffusers' converters)
 # ---------------------------------------------------------------------------------------------
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def read_state_dict(path: Path) -> tuple[dict, dict]:
-    """(state dict, safetensors metadata) of a .safetensors / .ckpt / .pt file, on the CPU."""
+    """(state dict, safetensors metadata) of a .safetensors / .ckpt / .pt file, on the CPU.
+
+    Pickles are read only with ``torch.load(weights_only=True)`` (no pickled code runs); a
+    top-level ``"state_dict"`` entry (Lightning checkpoints) is unwrapped, non-tensors dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelNotFound(f"{path}: no such model file")
@@ -244,86 +320,145 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as exc:
-            raise CorruptModel(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+        except Exception as exc:  # safetensors raises its own error types
+            raise CorruptModel(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CorruptModel(f"{path}: not a readable checkpoint; pickles are loaded with weights_only=True ({str(exc).splitlines()[0][:200]})") from None
+        raise CorruptModel(f"{path}: not a readable checkpoint; pickles are loaded with weights_only=True ({_first_line(exc)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise CorruptModel(f"{path}: holds no state dict")
-    return sd, {}
+    return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, {}
 
 
-def _strict_load(module, state_dict: dict, what: str, path: Path) -> None:
+def _assign(module, state_dict: dict, what: str, path: Path, error=CorruptModel) -> None:
+    """Load every weight of ``module`` (built with meta parameters) from ``state_dict``, strictly.
+
+    Floating tensors become float32 (CPU fp32 is the loaded form; fp16 files are upcast).
+    ``position_ids`` (a fixed arange that transformers keeps as a non-persistent buffer; some
+    merged checkpoints carry a broken float copy) are dropped from the file's side.
+    """
+    sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items() if not k.endswith("position_ids")}
     try:
-        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatch
-        first = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), str(exc).splitlines()[0])
-        raise CorruptModel(f"{path}: {what} weights do not fit its config ({first[:200]})") from None
-    missing = [k for k in missing if not k.endswith("position_ids")]
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        raise error(f"{path}: {what} weights do not fit its config ({first[:200]})") from None
     if missing or unexpected:
-        raise CorruptModel(f"{path}: {what} weights incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise error(f"{path}: {what} weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _prediction_type(path: Path, family: str, meta: dict, unet, explicit: str | None) -> str:
+_V_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)[\"']?\s*(#.*)?$", re.M)
+
+
+def _sidecar_prediction_type(path: Path) -> str | None:
+    """A1111's convention: ``<stem>.yaml`` next to the checkpoint, ``parameterization: "v"``."""
+    sidecar = path.with_suffix(".yaml")
+    if not sidecar.is_file():
+        return None
+    m = _V_PARAMETERIZATION.search(sidecar.read_text(encoding="utf-8", errors="replace"))
+    if m is None:
+        return None
+    return "v_prediction" if m.group(1) == "v" else "epsilon"
+
+
+def probe_v_prediction(unet) -> bool:
+    """A1111's probe: at t=999 an eps model's output stays near x; a v model's is far below it.
+
+    x = 0.5 * ones(1, 4, 8, 8), context = 0.5 * ones(1, 2, cross_attention_dim); v if
+    mean(out - x) < -1. For UNets without added conditioning (SD1/SD2).
+    """
+    param = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=ctx).sample
+    return (out.float() - x.float()).mean().item() < -1
+
+
+def resolve_prediction_type(path: Path, family: str, meta: dict, unet, explicit: str | None = None) -> str:
+    """"epsilon" or "v_prediction", in order: ``explicit``; the header's ``modelspec.prediction_type``;
+    a sidecar ``<stem>.yaml``; for SD2 only, A1111's probe (SD1 and SDXL default to epsilon)."""
     if explicit:
         return explicit
-    spec = meta.get("modelspec.prediction_type")
+    spec = meta.get("modelspec.prediction_type", "").strip().lower()
     if spec:
-        return "v_prediction" if spec.lower() in ("v", "v_prediction") else "epsilon"
-    sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file() and re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", sidecar.read_text(errors="replace"), re.M):
-        return "v_prediction"
+        return "v_prediction" if spec in ("v", "v_prediction", "v-prediction") else "epsilon"
+    sidecar = _sidecar_prediction_type(path)
+    if sidecar:
+        return sidecar
     if family != "sd2":
         return "epsilon"
-    # A1111's probe: at t=999 an eps model predicts ~x; a v model is far below it.
-    with torch.no_grad():
-        x = torch.ones(1, 4, 8, 8) * 0.5
-        ctx = torch.ones(1, 2, unet.config.cross_attention_dim) * 0.5
-        out = unet(x, torch.tensor([999]), encoder_hidden_states=ctx).sample
-    return "v_prediction" if (out - x).mean().item() < -1 else "epsilon"
+    return "v_prediction" if probe_v_prediction(unet) else "epsilon"
+
+
+def _load_configs(family: str, meta: dict, path: Path) -> dict:
+    """danqing's configs from the header (our exporter writes them), else the bundled family's."""
+    from danqing.models.families import load_family_config
+
+    if CONFIG_KEY not in meta:
+        return load_family_config(family)
+    try:
+        return json.loads(meta[CONFIG_KEY])
+    except ValueError as exc:
+        raise CorruptModel(f"{path}: unreadable {CONFIG_KEY} header ({_first_line(exc)})") from None
+
+
+def _text_encoder_dicts(family: str, sd: dict, comps: Components) -> dict:
+    """{component: diffusers/transformers state dict} of the text encoders (diffusers' converters)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    prefixes = PREFIXES[family]
+    out = {}
+    if "clip" in prefixes:
+        clip = {k: v for k, v in sd.items() if k.startswith(prefixes["clip"])}
+        out["text_encoder"] = convert_ldm_clip_checkpoint(clip)
+    if family == "sd2":  # drops resblocks.23 and text_projection by name (see export_ldm_state_dict)
+        out["text_encoder"] = convert_open_clip_checkpoint(comps.text_encoder, sd, prefix=prefixes["openclip"])
+    elif family == "sdxl":
+        out["text_encoder_2"] = convert_open_clip_checkpoint(comps.text_encoder_2, sd, prefix=prefixes["openclip"])
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.``); WithProjection keeps it.
+    for name, tensors in out.items():
+        if not hasattr(getattr(comps, name), "text_model"):
+            out[name] = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    return out
 
 
 def load_single_file(path: Path, *, prediction_type: str | None = None, configs: dict | None = None) -> Components:
-    """Load an SD1/SD2/SDXL single-file checkpoint into Components (CPU, fp32).
+    """Load an SD1/SD2/SDXL single-file checkpoint (LDM / sgm layout) into Components (CPU, fp32).
 
     Args:
         path: .safetensors, or .ckpt/.pt (read with ``torch.load(weights_only=True)``).
-        prediction_type: force "epsilon" / "v_prediction" (else metadata, .yaml sidecar, probe).
+        prediction_type: force "epsilon" / "v_prediction" (else header, .yaml sidecar, probe).
         configs: {part: diffusers config} for a non-standard architecture; default: the configs
             stored by our exporter, else the bundled full-size family config.
-    """
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
 
-    from danqing.models.families import components_from_configs, load_family_config
+    Raises:
+        ModelNotFound, CorruptModel (unreadable, incomplete, or weights that do not fit the
+        configs), UnknownFamily (not SD1/SD2/SDXL base).
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from danqing.models.families import components_from_configs
 
     path = Path(path)
     sd, meta = read_state_dict(path)
     family = detect_family(sd.keys())
-    if configs is None:
-        configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else load_family_config(family)
+    configs = configs or _load_configs(family, meta, path)
     try:
-        comps = components_from_configs(family, configs)
-        unet_sd = convert_ldm_unet_checkpoint(sd, dict(comps.unet.config))
-        vae_sd = convert_ldm_vae_checkpoint(sd, dict(comps.vae.config))
-    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-        raise CorruptModel(f"{path}: cannot convert the {family} checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    _strict_load(comps.unet, unet_sd, "UNet", path)
-    _strict_load(comps.vae, vae_sd, "VAE", path)
-    prefixes = PREFIXES[family]
-    if "clip" in prefixes:
-        p = prefixes["clip"] + "text_model."
-        _strict_load(comps.text_encoder, {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}, "text encoder", path)
-    if family == "sd2":
-        te = convert_open_clip_checkpoint(comps.text_encoder, sd, prefix=prefixes["openclip"])
-        _strict_load(comps.text_encoder, {k.removeprefix("text_model."): v for k, v in te.items()}, "text encoder", path)
-    elif family == "sdxl":
-        te2 = convert_open_clip_checkpoint(comps.text_encoder_2, sd, prefix=prefixes["openclip"])
-        _strict_load(comps.text_encoder_2, te2, "text encoder 2", path)
-    comps.prediction_type = _prediction_type(path, family, meta, comps.unet, prediction_type)
+        comps = components_from_configs(family, configs, empty=True)
+        parts = {"unet": convert_ldm_unet_checkpoint(sd, dict(comps.unet.config)),
+                 "vae": convert_ldm_vae_checkpoint(sd, dict(comps.vae.config)),
+                 **_text_encoder_dicts(family, sd, comps)}
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
+        raise CorruptModel(f"{path}: cannot convert the {family} checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+    names = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+    for name, tensors in parts.items():
+        _assign(getattr(comps, name), tensors, names[name], path)
+    del sd, parts
+    comps.prediction_type = resolve_prediction_type(path, family, meta, comps.unet, prediction_type)
     comps.scheduler_config["prediction_type"] = comps.prediction_type
     comps.metadata.update({"source": str(path), "safetensors_metadata": meta})
     for m in comps.modules().values():
@@ -331,9 +466,18 @@ def load_single_file(path: Path, *, prediction_type: str | None = None, configs:
     return comps
 
 
+# ---------------------------------------------------------------------------------------------
+# Standalone VAE files
+# ---------------------------------------------------------------------------------------------
 def load_vae_file(path: Path, family: str):
-    """A standalone VAE file (bare ``encoder.*`` keys or ``first_stage_model.*``) for ``family``."""
-    from diffusers import AutoencoderKL
+    """A standalone VAE file for a ``family`` model, as shared online: LDM layout with bare keys
+    (``encoder.down.0.block.0...``, ``quant_conv.*``) or ``first_stage_model.*`` keys, or a
+    diffusers-layout ``AutoencoderKL`` state dict. Configs: from our header, else the family's.
+
+    Raises:
+        ModelNotFound, CorruptModel (unreadable file), IncompatibleModel (not a VAE, or not one
+        of this family's shape).
+    """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     from danqing.models.families import load_family_config
@@ -341,25 +485,48 @@ def load_vae_file(path: Path, family: str):
     path = Path(path)
     sd, meta = read_state_dict(path)
     sd = {k.removeprefix(VAE): v for k, v in sd.items() if not k.startswith(("model_ema.", "loss."))}
-    config = json.loads(meta[CONFIG_KEY])["vae"] if CONFIG_KEY in meta else load_family_config(family)["vae"]
     if not any(k.startswith("encoder.") for k in sd) or not any(k.startswith("decoder.") for k in sd):
-        raise IncompatibleModel(f"{path.name} is not a VAE (no encoder.*/decoder.* weights)")
-    vae = AutoencoderKL.from_config(config)
+        raise IncompatibleModel(f"VAE {path.name} is not a VAE (no encoder.*/decoder.* weights); pick a VAE made for {family}")
+    config = _load_configs(family, meta, path).get("vae") or load_family_config(family)["vae"]
+    vae = _empty_vae(config)
     try:
-        converted = convert_ldm_vae_checkpoint({VAE + k: v for k, v in sd.items()}, dict(vae.config))
-        missing, unexpected = vae.load_state_dict(converted, strict=False)
-    except (KeyError, IndexError, RuntimeError) as exc:
-        raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model ({type(exc).__name__}: {str(exc).splitlines()[0][:150]})") from None
-    if missing or unexpected:
-        raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        if any(".down_blocks." in k or ".up_blocks." in k for k in sd):  # already diffusers keys
+            converted = sd
+        else:
+            converted = convert_ldm_vae_checkpoint({VAE + k: v for k, v in sd.items()}, dict(vae.config))
+    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+        raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model ({type(exc).__name__}: {_first_line(exc, 150)})") from None
+    try:
+        _assign(vae, converted, "VAE", path, error=IncompatibleModel)
+    except IncompatibleModel as exc:
+        raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model: {str(exc).split(': ', 1)[-1]}") from None
     return vae.eval()
 
 
-def save_vae_file(vae, path: Path, *, prefixed: bool = False, config_in_metadata: bool = True) -> Path:
-    """Write a VAE alone in the LDM layout (bare keys as shared online, or ``first_stage_model.``)."""
+def _empty_vae(config: dict):
+    """An ``AutoencoderKL`` from ``config`` with meta parameters (every weight is assigned later)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    with init_empty_weights():
+        return AutoencoderKL.from_config(config)
+
+
+def save_vae_file(vae, path: Path, *, prefixed: bool = False, config_in_metadata: bool = True, overwrite: bool = False) -> Path:
+    """Write a VAE alone in the LDM layout: bare ``encoder.*`` keys as shared online, or
+    ``first_stage_model.*`` with ``prefixed``; its diffusers config in the header unless told not to."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
     sd = vae_to_ldm(vae.state_dict(), dict(vae.config), prefix=VAE if prefixed else "")
-    meta = {CONFIG_KEY: json.dumps({"vae": json.loads(json.dumps(dict(vae.config), default=list))})} if config_in_metadata else {}
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
-    return Path(path)
+    config = json.loads(json.dumps(dict(vae.config), default=list))
+    meta = {CONFIG_KEY: json.dumps({"vae": config})} if config_in_metadata else {}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+        _publish(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
