@@ -1,0 +1,186 @@
+"""Scenes of danqing's procedural shapes world: what is in a picture, as data.
+
+A :class:`Scene` is 1-3 coloured shapes with positions, a background and (for two objects) a
+relation. Scenes are sampled deterministically from a seed; the *held-out* split holds every
+scene that contains one of the held-out (colour, shape) pairs (``heldout_pairs`` in
+``data/synthetic.json``), which the training split never shows -- so a model scored on it is
+tested on composition, not memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+SPLITS = ("train", "heldout")
+
+
+@functools.lru_cache(maxsize=1)
+def vocab() -> dict:
+    """The vocabulary (colours, shapes, sizes, backgrounds, positions, relations, held-out pairs)."""
+    text = resources.files("danqing").joinpath("data/synthetic.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def colours() -> list[str]:
+    return list(vocab()["colours"])
+
+
+def shapes() -> list[str]:
+    return list(vocab()["shapes"])
+
+
+def heldout_pairs() -> set[tuple[str, str]]:
+    return {tuple(p) for p in vocab()["heldout_pairs"]}
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: shape, colour, size ("small"/"large") and centre (x, y) in 0..1 of the image."""
+
+    shape: str
+    colour: str
+    size: str = "large"
+    x: float = 0.5
+    y: float = 0.5
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a prompt asks for -- the part of a scene the evaluator checks.
+
+    Attributes:
+        objects: ((shape, colour), ...) in prompt order.
+        relation: (i, "left"|"right"|"above"|"below", j): object i is <relation> of object j.
+        position: for one object, "left"/"right"/"top"/"bottom"/"centre" when stated.
+        layout: for three objects, "row" (left to right) or "column" (top to bottom).
+    """
+
+    objects: tuple[tuple[str, str], ...]
+    relation: tuple[int, str, int] | None = None
+    position: str | None = None
+    layout: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"objects": [list(o) for o in self.objects], "relation": list(self.relation) if self.relation else None,
+                "position": self.position, "layout": self.layout}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Spec":
+        rel = d.get("relation")
+        return cls(tuple(tuple(o) for o in d["objects"]), tuple(rel) if rel else None, d.get("position"), d.get("layout"))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A full scene: objects with positions, background and the seed of its texture."""
+
+    objects: tuple[Obj, ...]
+    background: str = "white"
+    background_2: str = "light grey"
+    style: str = "plain"
+    relation: tuple[int, str, int] | None = None
+    position: str | None = None
+    layout: str | None = None
+    seed: int = 0
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def spec(self) -> Spec:
+        return Spec(tuple((o.shape, o.colour) for o in self.objects), self.relation, self.position, self.layout)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("meta")
+        d["objects"] = [asdict(o) for o in self.objects]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        d = dict(d)
+        d["objects"] = tuple(Obj(**o) for o in d["objects"])
+        if d.get("relation"):
+            d["relation"] = tuple(d["relation"])
+        return cls(**d)
+
+    def is_heldout(self) -> bool:
+        held = heldout_pairs()
+        return any((o.colour, o.shape) in held for o in self.objects)
+
+
+def _pairs(split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    held = heldout_pairs()
+    every = [(c, s) for c in colours() for s in shapes()]
+    return [p for p in every if p not in held], sorted(held)
+
+
+def sample_scene(rng: random.Random, split: str = "train", n_objects: int | None = None) -> Scene:
+    """A random scene. ``split="train"`` never uses a held-out (colour, shape) pair;
+    ``"heldout"`` always contains at least one.
+
+    Args:
+        rng: the source of randomness (``random.Random(seed)``): same seed, same scene.
+        split: "train" or "heldout".
+        n_objects: 1, 2 or 3; default: 1 (35%), 2 (45%), 3 (20%).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    v = vocab()
+    n = n_objects or rng.choices([1, 2, 3], weights=[0.35, 0.45, 0.2])[0]
+    if n not in (1, 2, 3):
+        raise ValueError(f"n_objects must be 1, 2 or 3, not {n}")
+    train_pairs, held = _pairs(split)
+    pairs: list[tuple[str, str]] = []
+    if split == "heldout":
+        pairs.append(rng.choice(held))
+    while len(pairs) < n:
+        p = rng.choice(train_pairs)
+        if p not in pairs:
+            pairs.append(p)
+    rng.shuffle(pairs)
+    j = lambda a: rng.uniform(-a, a)  # noqa: E731  position jitter
+    relation = position = layout = None
+    if n == 1:
+        position = rng.choice(list(v["positions"]))
+        x0, y0 = v["positions"][position]["xy"]
+        xy = [(x0 + j(0.05), y0 + j(0.05))]
+        sizes = [rng.choice(["small", "large"])]
+    elif n == 2:
+        rel = rng.choice(list(v["relations"]))
+        relation = (0, rel, 1)
+        c = 0.5 + j(0.08)
+        near, far = 0.27 + j(0.03), 0.73 + j(0.03)
+        a, b = (near, far) if rel in ("left", "above") else (far, near)
+        if rel in ("left", "right"):
+            xy = [(a, c + j(0.1)), (b, c + j(0.1))]
+        else:
+            xy = [(c + j(0.1), a), (c + j(0.1), b)]
+        sizes = [rng.choice(["small", "large"]) for _ in range(2)]
+    else:
+        layout = rng.choice(["row", "column"])
+        c = 0.5 + j(0.1)
+        xy = [((t, c + j(0.04)) if layout == "row" else (c + j(0.04), t)) for t in (0.2, 0.5, 0.8)]
+        sizes = ["small"] * 3
+    bgs = list(v["backgrounds"])
+    bg = rng.choice(bgs)
+    bg2 = rng.choice([b for b in bgs if b != bg])
+    style = rng.choices(list(v["background_styles"]), weights=[0.4, 0.15, 0.15, 0.15, 0.15])[0]
+    objects = tuple(Obj(s, c, size, round(x, 4), round(y, 4)) for (c, s), size, (x, y) in zip(pairs, sizes, xy))
+    return Scene(objects, bg, bg2, style, relation, position, layout, seed=rng.randrange(2**31))
+
+
+def scenes(seed: int, n: int, split: str = "train", n_objects: int | None = None) -> list[Scene]:
+    """``n`` scenes of a split, deterministic from ``seed``."""
+    rng = random.Random(f"{split}:{seed}")
+    return [sample_scene(rng, split, n_objects) for _ in range(n)]
+
+
+def eval_scenes(n: int = 200, seed: int = 0) -> list[Scene]:
+    """The held-out evaluation set: ``n`` scenes of one or two objects (alternating), each with a
+    held-out (colour, shape) pair. Three-object scenes are left out of the evaluation set: their
+    objects are small and the set measures attribute binding, not crowding."""
+    rng = random.Random(f"eval:{seed}")
+    return [sample_scene(rng, "heldout", 1 + i % 2) for i in range(n)]
