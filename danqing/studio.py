@@ -78,12 +78,8 @@ class Studio:
             save: write PNGs with their infotext (atomically) under ``out_dir`` or
                 ``outputs_dir/txt2img-images/DATE/``.
         """
-        from danqing.conditioning.text import TextEncoder
-        from danqing.decode import decode_latents, to_pil, vae_scale_factor
+        from danqing.decode import decode_latents, to_pil
         from danqing.outputs.metadata import request_infotext
-        from danqing.sampling.loop import sample
-        from danqing.sampling.noise import initial_noise, make_generators
-        from danqing.sampling.samplers import make_scheduler
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -97,38 +93,9 @@ class Studio:
         device, dtype = self.models.device, self.models.dtype
         timings["load"] = time.perf_counter() - t0
 
-        # 3. condition: every distinct prompt of the prompt-editing schedules, padded to one length.
+        # 3. condition and 4. sample (see ``run_sampling``).
         t = time.perf_counter()
-        encoder = TextEncoder(comps, clip_skip=request.clip_skip)
-        cond_schedule = build_conditioning(encoder, request, batch=request.batch_size)
-        timings["condition"] = time.perf_counter() - t
-
-        # 4. sample: a fresh scheduler and per-image generators for each batch.
-        t = time.perf_counter()
-        factor = vae_scale_factor(comps.vae)
-        shape = (comps.unet.config.in_channels, request.height // factor, request.width // factor)
-        latents_out, seeds, subseeds, interrupted = [], [], [], False
-        noise_device = "cpu" if request.rng == "cpu" else device
-        for b in range(request.batch_count):
-            batch_seeds = [request.seed + b * request.batch_size + i for i in range(request.batch_size)]
-            batch_subseeds = [request.subseed + b * request.batch_size + i for i in range(request.batch_size)]
-            generators = make_generators(batch_seeds, noise_device)
-            noise = initial_noise(shape, generators, subseeds=batch_subseeds, subseed_strength=request.subseed_strength)
-            scheduler = make_scheduler(
-                comps.scheduler_config, request.sampler, request.schedule,
-                seed=batch_seeds if len(batch_seeds) > 1 else batch_seeds[0],
-            )
-            result = sample(
-                comps.unet, scheduler, noise.to(device=device, dtype=dtype), cond_schedule,
-                steps=request.steps, cfg_scale=request.cfg_scale, generators=generators,
-                on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
-            )
-            latents_out.append(result.latents)
-            seeds += batch_seeds
-            subseeds += batch_subseeds
-            if result.interrupted:
-                interrupted = True
-                break
+        latents_out, seeds, subseeds, interrupted = run_sampling(comps, request, device=device, dtype=dtype, on_step=on_step)
         timings["sample"] = time.perf_counter() - t
 
         # 5. decode.
@@ -155,6 +122,51 @@ class Studio:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out)
+
+
+def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None):
+    """Steps 3 and 4 of a txt2img request on already-loaded Components: condition, then sample
+    every batch. Used by ``Studio.generate`` and by training (sample grids, evaluation).
+
+    Returns:
+        (latents per batch, seeds, subseeds, interrupted).
+    """
+    from danqing.conditioning.text import TextEncoder
+    from danqing.decode import vae_scale_factor
+    from danqing.sampling.loop import sample
+    from danqing.sampling.noise import initial_noise, make_generators
+    from danqing.sampling.samplers import make_scheduler
+
+    # 3. condition: every distinct prompt of the prompt-editing schedules, padded to one length.
+    encoder = TextEncoder(comps, clip_skip=request.clip_skip)
+    cond_schedule = build_conditioning(encoder, request, batch=request.batch_size)
+
+    # 4. sample: a fresh scheduler and per-image generators for each batch.
+    factor = vae_scale_factor(comps.vae)
+    shape = (comps.unet.config.in_channels, request.height // factor, request.width // factor)
+    latents_out, seeds, subseeds, interrupted = [], [], [], False
+    noise_device = "cpu" if request.rng == "cpu" else device
+    for b in range(request.batch_count):
+        batch_seeds = [request.seed + b * request.batch_size + i for i in range(request.batch_size)]
+        batch_subseeds = [request.subseed + b * request.batch_size + i for i in range(request.batch_size)]
+        generators = make_generators(batch_seeds, noise_device)
+        noise = initial_noise(shape, generators, subseeds=batch_subseeds, subseed_strength=request.subseed_strength)
+        scheduler = make_scheduler(
+            comps.scheduler_config, request.sampler, request.schedule,
+            seed=batch_seeds if len(batch_seeds) > 1 else batch_seeds[0],
+        )
+        result = sample(
+            comps.unet, scheduler, noise.to(device=device, dtype=dtype), cond_schedule,
+            steps=request.steps, cfg_scale=request.cfg_scale, generators=generators,
+            on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
+        )
+        latents_out.append(result.latents)
+        seeds += batch_seeds
+        subseeds += batch_subseeds
+        if result.interrupted:
+            interrupted = True
+            break
+    return latents_out, seeds, subseeds, interrupted
 
 
 def resolve_request(request: GenerationRequest, default_model: str) -> GenerationRequest:

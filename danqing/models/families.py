@@ -26,9 +26,13 @@ def family_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
+# Architectures of our own models, by the family they belong to.
+OWN_MODELS = {"danqing-tiny": "sd1"}
+
+
 def base_family(name: str) -> str:
-    """"tiny-sd1" -> "sd1"."""
-    return name.removeprefix("tiny-")
+    """"tiny-sd1" -> "sd1"; "danqing-tiny" (danqing's own trained model) -> "sd1"."""
+    return OWN_MODELS.get(name, name.removeprefix("tiny-"))
 
 
 def load_family_config(name: str) -> dict[str, dict]:

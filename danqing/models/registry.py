@@ -32,6 +32,18 @@ KINDS = {
     "controlnet": "controlnet",
 }
 BUILTIN = "danqing-tiny-random"
+BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package (data/models/)
+
+
+def bundled_entries() -> list["ModelEntry"]:
+    """Checkpoints shipped inside the package (``danqing/data/models/<name>/``, diffusers layout)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("danqing").joinpath("data/models")))
+    if not root.is_dir():
+        return []
+    return [ModelEntry(p.name, p, "checkpoint", "diffusers") for p in sorted(root.iterdir())
+            if (p / "model_index.json").is_file()]
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Registry:
 
     def scan(self, kind: str = "checkpoint") -> list[ModelEntry]:
         """Entries of one kind, sorted by name; checkpoints start with the built-in model."""
-        entries = [ModelEntry(BUILTIN, None, "checkpoint", "builtin")] if kind == "checkpoint" else []
+        entries = [ModelEntry(BUILTIN, None, "checkpoint", "builtin"), *bundled_entries()] if kind == "checkpoint" else []
         root = self.folder(kind)
         if not root.is_dir():
             return entries

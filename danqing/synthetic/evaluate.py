@@ -110,7 +110,7 @@ def detect(image: Image.Image) -> list[Detection]:
     # masks at 4x the working size: thresholding a smooth upsampling keeps sub-pixel outlines;
     # a light Gaussian (not a median, which eats a small star's points) calms pixel noise
     rgb = cv2.resize(rgb, (WORK * UP, WORK * UP), interpolation=cv2.INTER_CUBIC)
-    rgb = cv2.GaussianBlur(rgb, (0, 0), 0.6 * UP)
+    rgb = cv2.GaussianBlur(rgb, (0, 0), 0.3 * UP)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     sat = hsv[..., 1].astype(np.float32) / 255
     fg = ((sat > 0.3) & (hsv[..., 2] > 0.3 * 255)).astype(np.uint8)
@@ -195,3 +195,28 @@ def summarise(scores: list[Score]) -> dict[str, float | int | None]:
         vals = [getattr(s, key) for s in scores if getattr(s, key) is not None]
         out[key] = round(float(np.mean(vals)), 4) if vals else None
     return out
+
+
+def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = None, steps: int = 20,
+                    cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
+                    out_dir=None, on_image=None) -> tuple[dict, list[Score]]:
+    """Generate one image per scene (its canonical caption in ``lang``, seed + i) through
+    ``Studio.generate`` and score them. Returns (summary, per-image scores).
+
+    Args:
+        out_dir: also save the images there (with their infotext).
+        on_image: called with (i, image, score) after each image.
+    """
+    from danqing.request import GenerationRequest
+    from danqing.synthetic.captions import caption
+
+    scores = []
+    for i, sc in enumerate(scenes):
+        req = GenerationRequest(prompt=caption(sc, lang), model=model, steps=steps, cfg_scale=cfg_scale,
+                                seed=seed + i, subseed=0, width=size, height=size, sampler=sampler)
+        res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
+        s = score(res.images[0], sc.spec)
+        scores.append(s)
+        if on_image:
+            on_image(i, res.images[0], s)
+    return summarise(scores), scores

@@ -1,0 +1,1 @@
+"""Training: danqing's own base model from scratch (``base``); adapters arrive with their issues."""

@@ -1,0 +1,374 @@
+"""Training danqing's own Stable-Diffusion-architecture model from scratch.
+
+Two stages, both in this file and both driven by one TOML config (``danqing train base``):
+
+1. **VAE** (``AutoencoderKL``): reconstruction (L1 + MSE) + a small KL term, as in Rombach et
+   al. (2022) without the perceptual and GAN terms, which flat synthetic pictures do not need.
+   Then every training image is encoded once (the posterior's mean and std are cached) and the
+   latent scaling factor is set to 1/std of the latents, as SD's 0.18215 was.
+2. **Text encoder + UNet** (``CLIPTextModel`` with the real CLIP tokenizer, and
+   ``UNet2DConditionModel``) trained together from random init with the epsilon objective of
+   DDPM (Ho et al., 2020) on SD's noise schedule, caption dropout for classifier-free guidance
+   (Ho & Salimans, 2022), EMA weights, accelerate for devices and mixed precision, checkpoints
+   that resume to the same state, and every N steps a sample grid and the evaluator's score.
+
+Every random draw of step ``s`` comes from a generator seeded with (seed, s), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from danqing.training.config import BaseTrainConfig
+
+Log = Callable[[str], None]
+
+
+def _gen(seed: int, step: int, stage: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + (1 if stage == "unet" else 0)) % (2**63))
+
+
+def _write_json_line(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _atomic_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# ---------------------------------------------------------------------------------------------
+def _accelerator(cfg: BaseTrainConfig):
+    """A fresh Accelerator per stage, so a stage's checkpoints hold only that stage's state."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir: Path) -> list[float]:
+    """Train ``vae`` in place on uint8 images (N, 3, H, W). Returns the logged losses."""
+    c = cfg.vae
+    accelerator = _accelerator(cfg)
+    device = accelerator.device
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=c.lr)
+    vae, opt = accelerator.prepare(vae, opt)
+    losses, t0, n = [], time.perf_counter(), images.shape[0]
+    for step in range(c.steps):
+        g = _gen(cfg.run.seed, step, "vae")
+        idx = torch.randint(n, (c.batch_size,), generator=g)
+        x = (images[idx].float() / 127.5 - 1).to(device)         # (B, 3, H, W) in [-1, 1]
+        with accelerator.autocast():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
+            rec = vae.decode(z).sample
+            loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + c.kl_weight * post.kl().mean()
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == c.steps:
+            rate = (step + 1) / (time.perf_counter() - t0)
+            losses.append(float(loss))
+            log(f"vae step {step + 1}/{c.steps} loss {float(loss):.4f} {rate:.2f} it/s")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "vae", "step": step + 1, "loss": float(loss)})
+    vae = accelerator.unwrap_model(vae)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) of every image, (N, 4, h, w) each, on the CPU."""
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        x = (images[i:i + batch].float() / 127.5 - 1).to(device)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruction_score(vae, scaling: float, n: int = 64, size: int = 64) -> dict:
+    """The evaluator's score of VAE round trips of ``n`` held-out scenes (a VAE that loses shapes
+    or colours caps every model trained on it)."""
+    from PIL import Image
+
+    from danqing.synthetic.evaluate import score, summarise
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import eval_scenes
+
+    import numpy as np
+
+    scs = eval_scenes(n)
+    x = torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scs]).transpose(0, 3, 1, 2)).float() / 127.5 - 1
+    dev = next(vae.parameters()).device
+    rec = vae.decode(vae.encode(x.to(dev)).latent_dist.mean).sample.clamp(-1, 1)
+    imgs = [Image.fromarray(((r.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype("uint8")) for r in rec]
+    return summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and evaluation with the model being trained
+# ---------------------------------------------------------------------------------------------
+def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_scale: float, size: int,
+                    sampler: str = "DPM++ 2M", device="cpu") -> list:
+    """One image per prompt (seed + i) with our own loop, on Components as they are."""
+    from danqing.decode import decode_latents, to_pil
+    from danqing.request import GenerationRequest
+    from danqing.studio import run_sampling
+
+    out = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            req = GenerationRequest(prompt=p, seed=seed + i, subseed=0, steps=steps, cfg_scale=cfg_scale,
+                                    width=size, height=size, sampler=sampler, model="(training)")
+            lats, *_ = run_sampling(comps, req, device=torch.device(device), dtype=torch.float32)
+            out += to_pil(decode_latents(comps.vae, lats[0]))
+    return out
+
+
+def evaluate_comps(comps, n: int, *, lang: str = "en", steps: int = 20, cfg_scale: float = 7.0, size: int = 64,
+                   seed: int = 1000, device="cpu") -> dict:
+    """Evaluator summary over the first ``n`` held-out evaluation scenes."""
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.evaluate import score, summarise
+    from danqing.synthetic.scenes import eval_scenes
+
+    scs = eval_scenes(max(n, 1))[:n]
+    imgs = generate_images(comps, [caption(s, lang) for s in scs], seed=seed, steps=steps, cfg_scale=cfg_scale,
+                           size=size, device=device)
+    return summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
+
+
+def image_grid(images: list, cols: int = 8):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+SAMPLE_PROMPTS = [
+    "a red circle left of a blue square", "a yellow triangle", "a green ring above a pink star",
+    "a blue star on the right", "一个紫色的圆形", "橙色的十字在青色圆环的下方",
+    "a cyan square, a red cross and a yellow circle from left to right", "a pink triangle at the top",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: text encoder + UNet
+# ---------------------------------------------------------------------------------------------
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [p for p in ckpts if (p / "step.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, empty_ids: torch.Tensor,
+               cfg: BaseTrainConfig, log: Log, run_dir: Path, *, resume: bool, evaluate: bool) -> dict:
+    """Train text encoder + UNet of ``comps`` in place; at the end their weights are the EMA ones.
+
+    Args:
+        latents: cached posterior (mean, std), (N, 4, h, w) each, unscaled.
+        ids: (N, K, 77) caption token ids; empty_ids: (77,) ids of the empty prompt.
+        evaluate: log the evaluator's score (synthetic data only).
+    Returns:
+        {"step": last step, "loss": last logged loss, "eval": last evaluation or None}.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    c, r = cfg.unet, cfg.run
+    accelerator = _accelerator(cfg)
+    unet, te = comps.unet, comps.text_encoder
+    unet.train()
+    te.train()
+    params = [p for m in (unet, te) for p in m.parameters()]
+    ema = EMAModel(params, decay=c.ema_decay)
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    unet, te, opt, sched = accelerator.prepare(unet, te, opt, sched)
+    accelerator.register_for_checkpointing(ema)
+    noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
+    scaling = comps.vae.config.scaling_factor
+    mean, std = latents
+    n, k = ids.shape[:2]
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        accelerator.load_state(str(ckpt))
+        start = json.loads((ckpt / "step.json").read_text())["step"]
+        log(f"resumed from {ckpt} at step {start}")
+    dev = accelerator.device
+    t0, last = time.perf_counter(), {"step": start, "loss": None, "eval": None}
+    loss_avg = None
+    for step in range(start, c.steps):
+        g = _gen(r.seed, step, "unet")
+        idx = torch.randint(n, (c.batch_size,), generator=g)
+        cap = torch.randint(k, (c.batch_size,), generator=g)
+        tok = ids[idx, cap].long()                                             # (B, 77)
+        drop = torch.rand(c.batch_size, generator=g) < c.caption_dropout
+        tok[drop] = empty_ids.long()
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling   # (B, 4, h, w)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
+        x_t = noise_sched.add_noise(z, noise, t)                               # sqrt(a)z + sqrt(1-a)eps
+        with accelerator.autocast():
+            cond = te(tok.to(dev))[0]                                           # (B, 77, d)
+            pred = unet(x_t.to(dev), t.to(dev), cond).sample
+            loss = F.mse_loss(pred.float(), noise.to(dev))
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, c.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        loss_avg = float(loss) if loss_avg is None else 0.98 * loss_avg + 0.02 * float(loss)
+        done = step + 1
+        if done % r.log_every == 0 or done == c.steps:
+            rate = (done - start) / (time.perf_counter() - t0)
+            eta = (c.steps - done) / max(rate, 1e-9)
+            log(f"unet step {done}/{c.steps} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} it/s eta {eta / 60:.1f} min")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            last.update(step=done, loss=loss_avg)
+        if done % r.checkpoint_every == 0 or done == c.steps:
+            ckpt = run_dir / "checkpoints" / f"step-{done}"
+            accelerator.save_state(str(ckpt))
+            (ckpt / "step.json").write_text(json.dumps({"step": done}))
+        want_sample = done % r.sample_every == 0 or done == c.steps
+        want_eval = evaluate and r.eval_prompts and (done % r.eval_every == 0 or done == c.steps)
+        if want_sample or want_eval:
+            ema.store(params)
+            ema.copy_to(params)
+            unet.eval()
+            te.eval()
+            if want_sample:
+                imgs = generate_images(comps, SAMPLE_PROMPTS, seed=0, steps=r.eval_steps, cfg_scale=7.0,
+                                       size=cfg.data.size, device=dev)
+                (run_dir / "samples").mkdir(exist_ok=True)
+                image_grid(imgs).save(run_dir / "samples" / f"step-{done:06d}.png")
+            if want_eval:
+                res = evaluate_comps(comps, r.eval_prompts, steps=r.eval_steps, size=cfg.data.size, device=dev)
+                log(f"eval step {done}: {res}")
+                _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
+                last["eval"] = res
+            ema.restore(params)
+            unet.train()
+            te.train()
+    ema.copy_to(params)
+    comps.unet, comps.text_encoder = accelerator.unwrap_model(unet).eval(), accelerator.unwrap_model(te).eval()
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+def export_model(comps, out: Path, *, dtype: torch.dtype = torch.float32, name: str = "model",
+                 metadata: dict | None = None) -> tuple[Path, Path]:
+    """Write ``out/<name>/`` (diffusers folder) and ``out/<name>.safetensors`` (single file, LDM
+    layout with our configs in the header), in ``dtype``. Replaces an earlier export of the run."""
+    import copy
+
+    from danqing.models.loader import save_diffusers_folder
+    from danqing.models.single_file import save_single_file
+
+    c = copy.copy(comps)
+    for part in ("unet", "vae", "text_encoder"):
+        setattr(c, part, copy.deepcopy(getattr(comps, part)).to(dtype))
+    folder, single = out / name, out / f"{name}.safetensors"
+    for p in (folder, single):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    save_diffusers_folder(c, folder)
+    save_single_file(c, single, metadata=metadata or {})
+    return folder, single
+
+
+def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
+    """Run both stages of ``cfg``; returns a summary. Artifacts under ``cfg.run.output_dir``:
+    ``vae/`` (stage 1), ``checkpoints/step-N/`` (stage 2, resumable), ``samples/``, ``log.jsonl``,
+    ``model/`` + ``model.safetensors`` (the final EMA model, fp32)."""
+    from diffusers import AutoencoderKL
+
+    from danqing.models.families import build_components
+    from danqing.training.data import folder_dataset, synthetic_dataset, tokenize_captions
+
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    device = _accelerator(cfg).device
+    t_start = time.perf_counter()
+    synthetic = cfg.data.source == "synthetic"
+    t = time.perf_counter()
+    if synthetic:
+        data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image)
+    else:
+        data = folder_dataset(cfg.data.source, cfg.data.size)
+    log(f"data: {len(data)} images at {cfg.data.size}px ({time.perf_counter() - t:.1f} s)")
+    comps = build_components(cfg.model.family, seed=cfg.run.seed)
+    summary: dict = {"family": cfg.model.family, "images": len(data)}
+
+    # Stage 1: the VAE (skipped when a finished one is in the run folder).
+    vae_dir = run_dir / "vae"
+    if (vae_dir / "config.json").is_file() and resume:
+        comps.vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        log(f"vae: loaded {vae_dir}")
+    else:
+        t = time.perf_counter()
+        train_vae(comps.vae, data.images, cfg, log, run_dir)
+        comps.vae = comps.vae.to(device)
+        mean, _ = encode_all(comps.vae, data.images[:2048], device)
+        comps.vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
+        tmp = run_dir / "vae.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        comps.vae.save_pretrained(tmp)
+        _atomic_dir(tmp, vae_dir)
+        summary["vae_seconds"] = round(time.perf_counter() - t, 1)
+    comps.vae.to(device)
+    if synthetic:
+        summary["vae_reconstruction"] = reconstruction_score(comps.vae, comps.vae.config.scaling_factor, size=cfg.data.size)
+        log(f"vae reconstructions: {summary['vae_reconstruction']}")
+
+    # Stage 2: cache latents and captions, then train text encoder + UNet.
+    t = time.perf_counter()
+    latents = encode_all(comps.vae, data.images, device)
+    ids, empty = tokenize_captions(comps.tokenizer, data.captions)
+    log(f"cached {latents[0].shape[0]} latents {tuple(latents[0].shape[1:])} and {ids.shape[1]} captions each "
+        f"({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
+    comps.unet.to(device)
+    comps.text_encoder.to(device)
+    res = train_unet(comps, latents, ids, empty, cfg, log, run_dir, resume=resume, evaluate=synthetic)
+    summary.update(unet_seconds=round(time.perf_counter() - t, 1), **{f"final_{k}": v for k, v in res.items()})
+    comps.unet.to("cpu")
+    comps.text_encoder.to("cpu")
+    comps.vae.to("cpu")
+    meta = {"danqing.training": json.dumps({"config": cfg.model_dump(), "steps": res["step"], "images": len(data)})}
+    export_model(comps, run_dir, metadata=meta)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {run_dir / 'model'} and {run_dir / 'model.safetensors'}")
+    return summary

@@ -1,0 +1,90 @@
+"""Training configs: TOML files validated into frozen pydantic models (unknown keys refused)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from danqing.errors import InvalidRequest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: str = "synthetic"           # "synthetic", or a folder of images with .txt captions / metadata.jsonl
+    n_images: int = Field(20000, ge=1)  # synthetic scenes to render
+    size: int = Field(64, ge=16)        # training resolution (square, multiple of 8)
+    seed: int = 0
+    captions_per_image: int = Field(6, ge=1)  # synthetic: phrasings per scene, half English, half Chinese
+
+
+class ModelConfig(_Strict):
+    family: str = "danqing-tiny"        # bundled architecture configs (data/families/<family>/)
+
+
+class VAEConfig(_Strict):
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class UNetConfig(_Strict):
+    steps: int = Field(5000, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class RunConfig(_Strict):
+    output_dir: str = "runs/danqing-tiny"
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    eval_every: int = Field(1000, ge=1)
+    eval_prompts: int = Field(16, ge=0)
+    eval_steps: int = Field(20, ge=1)
+    num_threads: int = Field(0, ge=0)   # torch CPU threads; 0 = torch's default
+
+
+class BaseTrainConfig(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    vae: VAEConfig = VAEConfig()
+    unet: UNetConfig = UNetConfig()
+    run: RunConfig = RunConfig()
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BaseTrainConfig:
+    """Read and validate a TOML training config; ``overrides`` is {"section.key": value}.
+
+    Raises:
+        InvalidRequest: unreadable file, TOML syntax, unknown or out-of-range keys (one line).
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidRequest("config", f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest("config", f"{path}: not valid TOML ({exc})") from None
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    try:
+        return BaseTrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest("config", f"{path}: {where}: {err['msg']}") from None

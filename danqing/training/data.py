@@ -1,0 +1,109 @@
+"""Training data: the synthetic shapes set or a user folder of captioned images, as tensors.
+
+A :class:`CaptionedImages` holds every image as uint8 (N, 3, H, W) and several captions per
+image; it is small enough to live in memory at the sizes danqing trains from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from danqing.errors import InvalidRequest
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class CaptionedImages:
+    images: torch.Tensor              # (N, 3, H, W) uint8
+    captions: list[list[str]]         # N lists of captions
+    scenes: list | None = None        # synthetic: the Scene of each image
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6) -> CaptionedImages:
+    """``n`` training-split scenes rendered at ``size``, each with ``captions_per_image`` captions
+    (alternating English and Chinese phrasings). Deterministic from ``seed``."""
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import scenes
+
+    sc = scenes(seed, n, "train")
+    rng = random.Random(f"captions:{seed}")
+    images = np.stack([np.asarray(render(s, size)) for s in sc]).transpose(0, 3, 1, 2)
+    caps = [[caption(s, ("en", "zh")[k % 2], rng) for k in range(captions_per_image)] for s in sc]
+    return CaptionedImages(torch.from_numpy(np.ascontiguousarray(images)), caps, sc)
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """RGB, resized on the short side and centre-cropped to size x size."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def folder_dataset(folder: str | Path, size: int) -> CaptionedImages:
+    """Images of a folder with captions from ``metadata.jsonl`` ({"file_name", "text"} per line,
+    as diffusers' ImageFolder) or from a ``.txt`` beside each image.
+
+    Raises:
+        InvalidRequest: missing/empty folder, unreadable images, images without captions
+        (how many, and the first few names).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidRequest("data.source", f"{folder}: not a folder (use 'synthetic' or a folder of captioned images)")
+    meta = folder / "metadata.jsonl"
+    pairs: list[tuple[Path, str]] = []
+    if meta.is_file():
+        for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((folder / row["file_name"], str(row["text"])))
+            except (ValueError, KeyError, TypeError):
+                raise InvalidRequest("data.source", f"{meta}:{i}: need a JSON object with file_name and text") from None
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        missing = [p.name for p in files if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise InvalidRequest("data.source", f"{len(missing)} of {len(files)} images have no .txt caption "
+                                 f"(e.g. {', '.join(missing[:3])}); add captions or a metadata.jsonl")
+        pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in files]
+    if not pairs:
+        raise InvalidRequest("data.source", f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    images = []
+    for p, _ in pairs:
+        try:
+            images.append(_load_image(p, size))
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest("data.source", f"{p}: unreadable image ({exc})") from None
+    arr = np.stack(images).transpose(0, 3, 1, 2)
+    return CaptionedImages(torch.from_numpy(np.ascontiguousarray(arr)), [[c] for _, c in pairs])
+
+
+def tokenize_captions(tokenizer, captions: list[list[str]], *, empty: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (N, K, 77) int32, empty-prompt ids (77,)) -- every image padded to K captions by
+    repeating its own, so a random caption index is always valid."""
+    k = max(len(c) for c in captions)
+    flat = [c[i % len(c)] for c in captions for i in range(k)]
+    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    none = tokenizer([empty], padding="max_length", max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids[0]
+    return ids.view(len(captions), k, -1).to(torch.int32), none.to(torch.int32)
