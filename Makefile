@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/danqing generate "a red circle left of a blue star, (flat colours:1.2), plain white background" \
-		--negative "blurry, noisy" --seed 42 --steps 20 --sampler "DPM++ 2M" --width 256 --height 256 --out outputs/demo
-	@echo "demo image(s) in outputs/demo/; metadata: $(BIN)/danqing info outputs/demo/<file>.png"
+	$(BIN)/danqing generate "a red circle left of a blue square" --seed 42 --steps 20 --sampler "DPM++ 2M" \
+		--cfg 7 --width 64 --height 64 --out outputs/demo
+	$(BIN)/danqing eval shapes outputs/demo/*.png
+	@echo "demo image(s) in outputs/demo/ (64x64, danqing-tiny's native size); metadata: $(BIN)/danqing info outputs/demo/<file>.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,7 +4,8 @@ Prints wall time per phase and ratios against a baseline measured in the same ru
 diffusers ``StableDiffusionPipeline`` on the same components, scheduler, seed and prompt. Not a
 test: numbers go to docs/benchmarks.md with the machine.
 
-    .venv/bin/python bench/txt2img_cpu.py [--repeats 5] [--size 256]
+    .venv/bin/python bench/txt2img_cpu.py [--repeats 5] [--size 256] [--model danqing-tiny-random]
+    .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64   # the bundled model
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--model", default="danqing-tiny-random")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
     studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
     req = GenerationRequest(prompt="a red circle left of a blue star", negative_prompt="blurry", steps=args.steps,
-                            width=args.size, height=args.size, seed=1, sampler="DPM++ 2M")
+                            width=args.size, height=args.size, seed=1, sampler="DPM++ 2M", model=args.model)
     studio.generate(req.replace(steps=2))  # warm-up + model load
-    comps = studio.models.load("danqing-tiny-random").components
+    comps = studio.models.load(args.model).components
 
     from diffusers import StableDiffusionPipeline
 
@@ -59,7 +61,9 @@ def main() -> None:
         ref_t.append(reference())
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"model: danqing-tiny-random (tiny SD1 architecture), {args.size}x{args.size}, {args.steps} steps, DPM++ 2M, CFG 7")
+    n_params = sum(p.numel() for m in comps.modules().values() for p in m.parameters())
+    print(f"model: {args.model} (SD1 architecture, {n_params / 1e6:.1f} M parameters), {args.size}x{args.size}, "
+          f"{args.steps} steps, DPM++ 2M, CFG 7")
     print(f"danqing total   : {med(ours_t, 'total'):.3f} s (median of {args.repeats})")
     for k in ("condition", "sample", "decode"):
         print(f"  {k:14s}: {med(ours_t, k):.3f} s")

@@ -109,7 +109,7 @@ def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
 
         result.paths.append(save_png(result.images[0], out, result.infotexts[0]))
     if result.request.model == "danqing-tiny-random":
-        console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (the bundled trained model is not here yet): expect noise patterns, not pictures.")
+        console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (a test model): expect noise patterns, not pictures.")
     for path, seed in zip(result.paths, result.seeds):
         print(f"{path}  seed={seed}")
     console.print(f"{len(result.images)} image(s) in {result.timings['total']:.2f}s (sampling {result.timings['sample']:.2f}s)")

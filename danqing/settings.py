@@ -48,7 +48,7 @@ class Settings:
     outputs_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    default_model: str = "danqing-tiny-random"
+    default_model: str = "danqing-tiny"
 
     def __post_init__(self):
         home = Path(self.home).expanduser()
@@ -67,7 +67,7 @@ class Settings:
             "outputs_dir": env.get("DANQING_OUTPUTS"),
             "device": env.get("DANQING_DEVICE", "auto"),
             "dtype": env.get("DANQING_DTYPE", "auto"),
-            "default_model": env.get("DANQING_MODEL", "danqing-tiny-random"),
+            "default_model": env.get("DANQING_MODEL", "danqing-tiny"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -117,10 +117,12 @@ def test_sd2_and_sdxl_run(studio):
         assert r.images[0].size == (64, 64)
 
 
-def test_default_builtin_model(tmp_path):
+def test_default_model_is_the_bundled_one(tmp_path):
     from danqing import Settings, Studio
 
     studio = Studio(Settings(home=tmp_path, device="cpu"))
     r = studio.generate(GenerationRequest(prompt="a cat", steps=2, width=64, height=64, seed=1))
-    assert r.request.model == "danqing-tiny-random"
+    assert r.request.model == "danqing-tiny"
+    assert "Model: danqing-tiny," in r.infotexts[0]
+    r = studio.generate(GenerationRequest(prompt="a cat", steps=2, width=64, height=64, seed=1, model="danqing-tiny-random"))
     assert "Model: danqing-tiny-random" in r.infotexts[0]

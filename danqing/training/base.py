@@ -59,35 +59,64 @@ def _accelerator(cfg: BaseTrainConfig):
     return Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir: Path) -> list[float]:
-    """Train ``vae`` in place on uint8 images (N, 3, H, W). Returns the logged losses."""
+def _saturation(x: torch.Tensor) -> torch.Tensor:
+    """HSV saturation of images in [-1, 1], (B, 3, H, W) -> (B, 1, H, W)."""
+    rgb = (x + 1) / 2
+    mx, mn = rgb.amax(1, keepdim=True), rgb.amin(1, keepdim=True)
+    return (mx - mn) / mx.clamp_min(1e-3)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir: Path, *, phase: str = "full") -> list[float]:
+    """Train ``vae`` in place on uint8 images (N, 3, H, W). Returns the logged losses.
+
+    phase "full": whole images, L1 + MSE + KL. Phase "crop": random ``crop_size`` crops, with the
+    per-pixel loss weighted by ``1 + object_weight * saturation`` so the few object pixels (what
+    the pictures are about) count more than the background.
+    """
     c = cfg.vae
+    crop = phase == "crop"
+    steps, batch, lr = (c.crop_steps, c.crop_batch_size, c.crop_lr) if crop else (c.steps, c.batch_size, c.lr)
     accelerator = _accelerator(cfg)
     device = accelerator.device
     vae.train()
-    opt = torch.optim.Adam(vae.parameters(), lr=c.lr)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
     vae, opt = accelerator.prepare(vae, opt)
-    losses, t0, n = [], time.perf_counter(), images.shape[0]
-    for step in range(c.steps):
-        g = _gen(cfg.run.seed, step, "vae")
-        idx = torch.randint(n, (c.batch_size,), generator=g)
-        x = (images[idx].float() / 127.5 - 1).to(device)         # (B, 3, H, W) in [-1, 1]
+    losses, t0, (n, _, h, w) = [], time.perf_counter(), images.shape
+    for step in range(steps):
+        g = _gen(cfg.run.seed + (7 if crop else 0), step, "vae")
+        idx = torch.randint(n, (batch,), generator=g)
+        x = images[idx]
+        if crop:
+            top, left = (int(v) for v in torch.randint(0, h - c.crop_size + 1, (2,), generator=g))
+            x = x[:, :, top:top + c.crop_size, left:left + c.crop_size]
+        x = (x.float() / 127.5 - 1).to(device)                                # (B, 3, H, W) in [-1, 1]
         with accelerator.autocast():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
-            rec = vae.decode(z).sample
-            loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + c.kl_weight * post.kl().mean()
+            rec = vae.decode(z).sample.float()
+            weight = 1 + c.object_weight * _saturation(x) if crop else torch.ones_like(x[:, :1])
+            err = (rec - x).abs() + (rec - x) ** 2
+            loss = (err * weight).mean() / weight.mean() + c.kl_weight * post.kl().mean()
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == c.steps:
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
             rate = (step + 1) / (time.perf_counter() - t0)
-            losses.append(float(loss))
-            log(f"vae step {step + 1}/{c.steps} loss {float(loss):.4f} {rate:.2f} it/s")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "vae", "step": step + 1, "loss": float(loss)})
+            losses.append(float(loss.detach()))
+            log(f"vae ({phase}) step {step + 1}/{steps} loss {losses[-1]:.4f} {rate:.2f} it/s")
+            _write_json_line(run_dir / "log.jsonl", {"stage": f"vae-{phase}", "step": step + 1, "loss": losses[-1]})
     vae = accelerator.unwrap_model(vae)
     vae.eval()
     return losses
+
+
+def _save_vae(vae, run_dir: Path, name: str) -> Path:
+    tmp, final = run_dir / f"{name}.tmp", run_dir / name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.save_pretrained(tmp)
+    _atomic_dir(tmp, final)
+    return final
 
 
 @torch.no_grad()
@@ -330,23 +359,24 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     comps = build_components(cfg.model.family, seed=cfg.run.seed)
     summary: dict = {"family": cfg.model.family, "images": len(data)}
 
-    # Stage 1: the VAE (skipped when a finished one is in the run folder).
-    vae_dir = run_dir / "vae"
-    if (vae_dir / "config.json").is_file() and resume:
-        comps.vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-        log(f"vae: loaded {vae_dir}")
-    else:
-        t = time.perf_counter()
-        train_vae(comps.vae, data.images, cfg, log, run_dir)
-        comps.vae = comps.vae.to(device)
-        mean, _ = encode_all(comps.vae, data.images[:2048], device)
-        comps.vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
-        tmp = run_dir / "vae.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        comps.vae.save_pretrained(tmp)
-        _atomic_dir(tmp, vae_dir)
-        summary["vae_seconds"] = round(time.perf_counter() - t, 1)
+    # Stage 1: the VAE, in two phases; a finished phase in the run folder is not redone.
+    t = time.perf_counter()
+    for phase, steps, folder in (("full", cfg.vae.steps, "vae-full"), ("crop", cfg.vae.crop_steps, "vae")):
+        if phase == "full" and cfg.vae.crop_steps == 0:
+            folder = "vae"
+        done = run_dir / folder
+        if resume and (done / "config.json").is_file():
+            comps.vae = AutoencoderKL.from_pretrained(done).eval()
+            log(f"vae: loaded {done}")
+            continue
+        if steps:
+            train_vae(comps.vae, data.images, cfg, log, run_dir, phase=phase)
+        comps.vae.to(device)
+        if folder == "vae":
+            mean, _ = encode_all(comps.vae, data.images[:2048], device)
+            comps.vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
+        _save_vae(comps.vae, run_dir, folder)
+    summary["vae_seconds"] = round(time.perf_counter() - t, 1)
     comps.vae.to(device)
     if synthetic:
         summary["vae_reconstruction"] = reconstruction_score(comps.vae, comps.vae.config.scaling_factor, size=cfg.data.size)

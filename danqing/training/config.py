@@ -28,10 +28,15 @@ class ModelConfig(_Strict):
 
 
 class VAEConfig(_Strict):
-    steps: int = Field(1000, ge=0)
+    steps: int = Field(1000, ge=0)           # phase 1: whole images
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    crop_steps: int = Field(0, ge=0)         # phase 2: random crops (cheaper steps, more of them)
+    crop_size: int = Field(32, ge=16)
+    crop_batch_size: int = Field(64, ge=1)
+    crop_lr: float = Field(5e-4, gt=0)
+    object_weight: float = Field(0.0, ge=0)  # phase 2: extra loss weight on saturated (object) pixels
 
 
 class UNetConfig(_Strict):
