@@ -269,7 +269,8 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
         sched.step()
         opt.zero_grad(set_to_none=True)
         ema.step(params)
-        loss_avg = float(loss) if loss_avg is None else 0.98 * loss_avg + 0.02 * float(loss)
+        value = float(loss.detach())
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
         if done % r.log_every == 0 or done == c.steps:
             rate = (done - start) / (time.perf_counter() - t0)
