@@ -105,3 +105,6 @@ def test_cfg_one_skips_uncond_like_diffusers(studio):
     ours, comps = _ours(studio, "tiny-sd1", request)
     ref = _reference(comps, request, "latent")
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+

@@ -86,3 +86,17 @@ def test_encoding_shapes_and_clip_skip(tiny_components):
 
 def test_chunk_constant():
     assert CHUNK == 75
+
+
+def test_emphasis_of_zero_mean_states_is_not_nan():
+    import torch
+
+    from danqing.conditioning.text import apply_emphasis
+
+    z = torch.nn.functional.layer_norm(torch.randn(1, 77, 8), (8,))  # every token's mean ~0
+    z = z - z.mean()                                                  # the whole mean exactly 0
+    assert torch.equal(apply_emphasis(z, torch.ones(77)), z)
+    w = torch.ones(77)
+    w[3] = 1.5
+    out = apply_emphasis(z, w)
+    assert not torch.isnan(out).any()

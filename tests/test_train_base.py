@@ -118,3 +118,16 @@ def test_bad_configs_give_one_line(tmp_path):
     bad.write_text("[unet\n")
     with pytest.raises(InvalidRequest, match="not valid TOML"):
         load_config(bad)
+
+
+def test_training_continues_from_an_existing_model(smoke_run, tmp_path):
+    _, run, _ = smoke_run
+    cfg = _cfg(tmp_path, "more", **{"model.init_from": str(run / "model.safetensors"), "vae.steps": 0,
+                                     "vae.crop_steps": 0, "unet.steps": 4})
+    summary = train_base(cfg, log=lambda line: None)
+    assert summary["init_from"] == str(run / "model.safetensors") and summary["final_step"] == 4
+    before, after = load_file(run / "model.safetensors"), load_file(Path(cfg.run.output_dir) / "model.safetensors")
+    vae_keys = [k for k in before if k.startswith("first_stage_model.")]
+    unet_keys = [k for k in before if k.startswith("model.diffusion_model.")]
+    assert vae_keys and all(torch.equal(before[k], after[k]) for k in vae_keys)   # the VAE is kept
+    assert any(not torch.equal(before[k], after[k]) for k in unet_keys)           # the UNet moved on

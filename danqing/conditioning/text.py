@@ -107,9 +107,14 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         z: (1, 77, D) hidden states of one chunk.
         weights: (77,) emphasis weights.
     """
+    if bool((weights == 1).all()):
+        # exactly z; and the rescale below would be 0/0 = NaN when the mean is exactly zero
+        # (a final LayerNorm with zero bias makes every token's mean ~0)
+        return z
     original_mean = z.mean()
     z = z * weights.reshape(1, -1, 1).to(z)
-    return z * (original_mean / z.mean())
+    new_mean = z.mean()
+    return z if new_mean == 0 else z * (original_mean / new_mean)
 
 
 def _hidden(encoder, ids: torch.Tensor, clip_skip: int, *, final_norm: bool) -> tuple[torch.Tensor, object]:

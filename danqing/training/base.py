@@ -352,13 +352,31 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     t_start = time.perf_counter()
     synthetic = cfg.data.source == "synthetic"
     t = time.perf_counter()
-    if synthetic:
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    finished = (ckpt is not None and (run_dir / "vae" / "config.json").is_file()
+                and json.loads((ckpt / "step.json").read_text())["step"] >= cfg.unet.steps)
+    if finished:  # only the export is left: no data needed
+        data = None
+        log(f"{ckpt} reaches unet.steps={cfg.unet.steps}: exporting it")
+    elif synthetic:
         data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image)
     else:
         data = folder_dataset(cfg.data.source, cfg.data.size)
-    log(f"data: {len(data)} images at {cfg.data.size}px ({time.perf_counter() - t:.1f} s)")
-    comps = build_components(cfg.model.family, seed=cfg.run.seed)
-    summary: dict = {"family": cfg.model.family, "images": len(data)}
+    n_images = len(data) if data is not None else (cfg.data.n_images if synthetic else None)
+    if data is not None:
+        log(f"data: {len(data)} images at {cfg.data.size}px ({time.perf_counter() - t:.1f} s)")
+    if cfg.model.init_from:
+        from danqing.models.loader import load_components
+        from danqing.models.registry import Registry
+        from danqing.settings import Settings
+
+        comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.model.init_from))
+        for m in comps.modules().values():
+            m.float().requires_grad_(True)
+        log(f"model: continuing from {cfg.model.init_from}")
+    else:
+        comps = build_components(cfg.model.family, seed=cfg.run.seed)
+    summary: dict = {"family": cfg.model.family, "images": n_images, "init_from": cfg.model.init_from}
 
     # Stage 1: the VAE, in two phases; a finished phase in the run folder is not redone.
     t = time.perf_counter()
@@ -373,7 +391,7 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         if steps:
             train_vae(comps.vae, data.images, cfg, log, run_dir, phase=phase)
         comps.vae.to(device)
-        if folder == "vae":
+        if folder == "vae" and (cfg.vae.steps or cfg.vae.crop_steps):  # a kept VAE keeps its scale
             mean, _ = encode_all(comps.vae, data.images[:2048], device)
             comps.vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
         _save_vae(comps.vae, run_dir, folder)
@@ -385,8 +403,13 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
 
     # Stage 2: cache latents and captions, then train text encoder + UNet.
     t = time.perf_counter()
-    latents = encode_all(comps.vae, data.images, device)
-    ids, empty = tokenize_captions(comps.tokenizer, data.captions)
+    if finished:  # placeholders: the loop has no step left to run
+        h = cfg.data.size // (2 ** (len(comps.vae.config.block_out_channels) - 1))
+        latents = (torch.zeros(1, comps.vae.config.latent_channels, h, h),) * 2
+        ids, empty = tokenize_captions(comps.tokenizer, [[""]])
+    else:
+        latents = encode_all(comps.vae, data.images, device)
+        ids, empty = tokenize_captions(comps.tokenizer, data.captions)
     log(f"cached {latents[0].shape[0]} latents {tuple(latents[0].shape[1:])} and {ids.shape[1]} captions each "
         f"({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
@@ -397,7 +420,7 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     comps.unet.to("cpu")
     comps.text_encoder.to("cpu")
     comps.vae.to("cpu")
-    meta = {"danqing.training": json.dumps({"config": cfg.model_dump(), "steps": res["step"], "images": len(data)})}
+    meta = {"danqing.training": json.dumps({"config": cfg.model_dump(), "steps": res["step"], "images": n_images})}
     export_model(comps, run_dir, metadata=meta)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

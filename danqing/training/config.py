@@ -25,6 +25,9 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     family: str = "danqing-tiny"        # bundled architecture configs (data/families/<family>/)
+    # continue from an existing model (name, diffusers folder or single file) instead of random
+    # init; its VAE is kept as it is unless vae.steps / vae.crop_steps train it further
+    init_from: str | None = None
 
 
 class VAEConfig(_Strict):
