@@ -131,3 +131,15 @@ def test_training_continues_from_an_existing_model(smoke_run, tmp_path):
     unet_keys = [k for k in before if k.startswith("model.diffusion_model.")]
     assert vae_keys and all(torch.equal(before[k], after[k]) for k in vae_keys)   # the VAE is kept
     assert any(not torch.equal(before[k], after[k]) for k in unet_keys)           # the UNet moved on
+
+
+def test_a_saved_tokenizer_folder_is_read_and_matches_ours(smoke_run):
+    from danqing.conditioning.tokenizer import clip_tokenizer
+    from danqing.models.loader import load_diffusers_folder
+
+    _, run, _ = smoke_run
+    assert (run / "model" / "tokenizer" / "tokenizer.json").is_file()   # as transformers 5 saves it
+    tok = load_diffusers_folder(run / "model").tokenizer
+    texts = ["a red circle left of a blue star, (masterpiece:1.2)", "红色的圆形在蓝色星形的左边"]
+    assert tok(texts).input_ids == clip_tokenizer()(texts).input_ids
+    assert tok.model_max_length == 77

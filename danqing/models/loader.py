@@ -64,7 +64,8 @@ def load_diffusers_folder(path: Path) -> Components:
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
 
     def tok(sub: str, pad: str):
-        if (path / sub / "vocab.json").is_file():
+        # vocab.json + merges.txt (older savers) or tokenizer.json (transformers 5)
+        if (path / sub / "vocab.json").is_file() or (path / sub / "tokenizer.json").is_file():
             return CLIPTokenizer.from_pretrained(path / sub, local_files_only=True)
         return clip_tokenizer(pad)
 
