@@ -40,8 +40,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, hole=None) -> None:
-    """Draw one shape; ``hole`` is what shows through a ring's hole (the background image's colour
-    is handled by the caller via a mask, so here the hole is cut with ``hole`` as fill)."""
+    """Draw one shape; a ring's hole is filled with ``hole`` (render() draws into a mask too, so
+    the background shows through it)."""
     poly = shape_polygon(shape, cx, cy, r)
     if poly is not None:
         draw.polygon(poly, fill=fill)

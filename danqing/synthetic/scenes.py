@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 
 SPLITS = ("train", "heldout")
@@ -86,7 +86,6 @@ class Scene:
     position: str | None = None
     layout: str | None = None
     seed: int = 0
-    meta: dict = field(default_factory=dict, compare=False)
 
     @property
     def spec(self) -> Spec:
@@ -94,7 +93,6 @@ class Scene:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("meta")
         d["objects"] = [asdict(o) for o in self.objects]
         return d
 
@@ -111,7 +109,8 @@ class Scene:
         return any((o.colour, o.shape) in held for o in self.objects)
 
 
-def _pairs(split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _pairs() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(every pair the training split may use, the held-out pairs)."""
     held = heldout_pairs()
     every = [(c, s) for c in colours() for s in shapes()]
     return [p for p in every if p not in held], sorted(held)
@@ -132,7 +131,7 @@ def sample_scene(rng: random.Random, split: str = "train", n_objects: int | None
     n = n_objects or rng.choices([1, 2, 3], weights=[0.35, 0.45, 0.2])[0]
     if n not in (1, 2, 3):
         raise ValueError(f"n_objects must be 1, 2 or 3, not {n}")
-    train_pairs, held = _pairs(split)
+    train_pairs, held = _pairs()
     pairs: list[tuple[str, str]] = []
     if split == "heldout":
         pairs.append(rng.choice(held))

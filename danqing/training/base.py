@@ -132,22 +132,18 @@ def encode_all(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[tor
 
 
 @torch.no_grad()
-def reconstruction_score(vae, scaling: float, n: int = 64, size: int = 64) -> dict:
+def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
     """The evaluator's score of VAE round trips of ``n`` held-out scenes (a VAE that loses shapes
     or colours caps every model trained on it)."""
-    from PIL import Image
-
+    from danqing.decode import to_pil
     from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.render import render
     from danqing.synthetic.scenes import eval_scenes
-
-    import numpy as np
+    from danqing.training.data import render_batch
 
     scs = eval_scenes(n)
-    x = torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scs]).transpose(0, 3, 1, 2)).float() / 127.5 - 1
-    dev = next(vae.parameters()).device
-    rec = vae.decode(vae.encode(x.to(dev)).latent_dist.mean).sample.clamp(-1, 1)
-    imgs = [Image.fromarray(((r.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype("uint8")) for r in rec]
+    x = render_batch(scs, size).float() / 127.5 - 1                          # (n, 3, H, W) in [-1, 1]
+    rec = vae.decode(vae.encode(x.to(next(vae.parameters()).device)).latent_dist.mean).sample
+    imgs = to_pil(((rec.clamp(-1, 1) + 1) / 2).cpu())
     return summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
 
 
@@ -398,7 +394,7 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     summary["vae_seconds"] = round(time.perf_counter() - t, 1)
     comps.vae.to(device)
     if synthetic:
-        summary["vae_reconstruction"] = reconstruction_score(comps.vae, comps.vae.config.scaling_factor, size=cfg.data.size)
+        summary["vae_reconstruction"] = reconstruction_score(comps.vae, size=cfg.data.size)
         log(f"vae reconstructions: {summary['vae_reconstruction']}")
 
     # Stage 2: cache latents and captions, then train text encoder + UNet.

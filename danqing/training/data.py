@@ -30,18 +30,24 @@ class CaptionedImages:
         return self.images.shape[0]
 
 
+def render_batch(scenes, size: int) -> torch.Tensor:
+    """Scenes rendered to one uint8 tensor (N, 3, size, size)."""
+    from danqing.synthetic.render import render
+
+    arr = np.stack([np.asarray(render(s, size)) for s in scenes]).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
 def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6) -> CaptionedImages:
     """``n`` training-split scenes rendered at ``size``, each with ``captions_per_image`` captions
     (alternating English and Chinese phrasings). Deterministic from ``seed``."""
     from danqing.synthetic.captions import caption
-    from danqing.synthetic.render import render
     from danqing.synthetic.scenes import scenes
 
     sc = scenes(seed, n, "train")
     rng = random.Random(f"captions:{seed}")
-    images = np.stack([np.asarray(render(s, size)) for s in sc]).transpose(0, 3, 1, 2)
     caps = [[caption(s, ("en", "zh")[k % 2], rng) for k in range(captions_per_image)] for s in sc]
-    return CaptionedImages(torch.from_numpy(np.ascontiguousarray(images)), caps, sc)
+    return CaptionedImages(render_batch(sc, size), caps, sc)
 
 
 def _load_image(path: Path, size: int) -> np.ndarray:
