@@ -34,8 +34,8 @@ from danqing.training.config import BaseTrainConfig
 Log = Callable[[str], None]
 
 
-def _gen(seed: int, step: int, stage: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + (1 if stage == "unet" else 0)) % (2**63))
+def _gen(seed: int, step: int, stage: str, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 7_919 + (1 if stage == "unet" else 0)) % (2**63))
 
 
 def _write_json_line(path: Path, row: dict) -> None:
@@ -227,7 +227,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     unet.train()
     te.train()
     params = [p for m in (unet, te) for p in m.parameters()]
-    ema = EMAModel(params, decay=c.ema_decay)
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
     unet, te, opt, sched = accelerator.prepare(unet, te, opt, sched)
@@ -242,18 +242,23 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
         start = json.loads((ckpt / "step.json").read_text())["step"]
         log(f"resumed from {ckpt} at step {start}")
     dev = accelerator.device
+    # On a GPU the cached latents and token ids live there and each step's batch is drawn there
+    # (a CUDA generator per step): drawing it on the CPU was the bottleneck of a small model.
+    gdev = dev if dev.type == "cuda" else torch.device("cpu")
+    mean, std, ids, empty_ids = (x.to(gdev) for x in (mean, std, ids, empty_ids))
     t0, last = time.perf_counter(), {"step": start, "loss": None, "eval": None}
     loss_avg = None
+    deadline = t0 + r.max_minutes * 60 if r.max_minutes else None
     for step in range(start, c.steps):
-        g = _gen(r.seed, step, "unet")
-        idx = torch.randint(n, (c.batch_size,), generator=g)
-        cap = torch.randint(k, (c.batch_size,), generator=g)
+        g = _gen(r.seed, step, "unet", gdev)
+        idx = torch.randint(n, (c.batch_size,), generator=g, device=gdev)
+        cap = torch.randint(k, (c.batch_size,), generator=g, device=gdev)
         tok = ids[idx, cap].long()                                             # (B, 77)
-        drop = torch.rand(c.batch_size, generator=g) < c.caption_dropout
-        tok[drop] = empty_ids.long()
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling   # (B, 4, h, w)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
+        drop = torch.rand(c.batch_size, generator=g, device=gdev) < c.caption_dropout
+        tok = torch.where(drop[:, None], empty_ids.long()[None], tok)        # no mask indexing: no sync
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=gdev)) * scaling  # (B, 4, h, w)
+        noise = torch.randn(z.shape, generator=g, device=gdev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g, device=gdev)
         x_t = noise_sched.add_noise(z, noise, t)                               # sqrt(a)z + sqrt(1-a)eps
         with accelerator.autocast():
             cond = te(tok.to(dev))[0]                                           # (B, 77, d)
@@ -265,23 +270,32 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
         sched.step()
         opt.zero_grad(set_to_none=True)
         ema.step(params)
-        value = float(loss.detach())
+        value = loss.detach().float()          # stays on the device: no sync with the GPU per step
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
         if done % r.log_every == 0 or done == c.steps:
+            loss_avg = float(loss_avg)
             rate = (done - start) / (time.perf_counter() - t0)
             eta = (c.steps - done) / max(rate, 1e-9)
             log(f"unet step {done}/{c.steps} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
                 f"{rate:.2f} it/s eta {eta / 60:.1f} min")
             _write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
             last.update(step=done, loss=loss_avg)
-        if done % r.checkpoint_every == 0 or done == c.steps:
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        if out_of_time:
+            loss_avg = float(loss_avg)
+            log(f"unet: run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            last.update(step=done, loss=loss_avg)
+        if done % r.checkpoint_every == 0 or done == c.steps or out_of_time:
             ckpt = run_dir / "checkpoints" / f"step-{done}"
             accelerator.save_state(str(ckpt))
             (ckpt / "step.json").write_text(json.dumps({"step": done}))
-        want_sample = done % r.sample_every == 0 or done == c.steps
-        want_eval = evaluate and r.eval_prompts and (done % r.eval_every == 0 or done == c.steps)
-        if want_sample or want_eval:
+        final = done == c.steps or out_of_time
+        want_sample = done % r.sample_every == 0 or final
+        want_eval = evaluate and r.eval_prompts and (done % r.eval_every == 0 or final)
+        want_export = r.export_every and (done % r.export_every == 0 or final)
+        if want_sample or want_eval or want_export:
             ema.store(params)
             ema.copy_to(params)
             unet.eval()
@@ -296,12 +310,29 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
                 log(f"eval step {done}: {res}")
                 _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
                 last["eval"] = res
+            if want_export:
+                _export_latest(comps, run_dir, done)
             ema.restore(params)
             unet.train()
             te.train()
+        if out_of_time:
+            break
     ema.copy_to(params)
     comps.unet, comps.text_encoder = accelerator.unwrap_model(unet).eval(), accelerator.unwrap_model(te).eval()
     return last
+
+
+def _export_latest(comps, run_dir: Path, step: int) -> None:
+    """``latest.safetensors``: the model as it is now (EMA weights), fp16, single file, written
+    atomically -- small enough to copy off a machine that is lent for a limited time."""
+    import copy
+
+    from danqing.models.single_file import save_single_file
+
+    c = copy.copy(comps)
+    for part in ("unet", "vae", "text_encoder"):
+        setattr(c, part, copy.deepcopy(getattr(comps, part)).to("cpu", torch.float16))
+    save_single_file(c, run_dir / "latest.safetensors", metadata={"danqing.step": str(step)}, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------

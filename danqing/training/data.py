@@ -7,6 +7,7 @@ image; it is small enough to live in memory at the sizes danqing trains from scr
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,32 @@ class CaptionedImages:
         return self.images.shape[0]
 
 
-def render_batch(scenes, size: int) -> torch.Tensor:
-    """Scenes rendered to one uint8 tensor (N, 3, size, size)."""
+def _render_chunk(args) -> np.ndarray:
     from danqing.synthetic.render import render
 
-    arr = np.stack([np.asarray(render(s, size)) for s in scenes]).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    scenes, size = args
+    return np.stack([np.asarray(render(s, size)) for s in scenes])
+
+
+def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
+    """Scenes rendered to one uint8 tensor (N, 3, size, size).
+
+    Large sets are rendered by ``workers`` processes (default: one per CPU core); rendering is a
+    pure function of the scene, so the result does not depend on how the work is split.
+    """
+    scenes = list(scenes)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(scenes) < 4096:
+        arr = _render_chunk((scenes, size))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        step = -(-len(scenes) // (workers * 4))
+        chunks = [(scenes[i:i + step], size) for i in range(0, len(scenes), step)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            arr = np.concatenate(list(pool.map(_render_chunk, chunks)))
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
 
 def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6) -> CaptionedImages:
@@ -108,8 +129,11 @@ def tokenize_captions(tokenizer, captions: list[list[str]], *, empty: str = "") 
     repeating its own, so a random caption index is always valid."""
     k = max(len(c) for c in captions)
     flat = [c[i % len(c)] for c in captions for i in range(k)]
-    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    unique = list(dict.fromkeys(flat))          # synthetic captions repeat a lot: tokenize each once
+    rows = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+    where = {c: i for i, c in enumerate(unique)}
+    ids = rows[torch.tensor([where[c] for c in flat], dtype=torch.long)]
     none = tokenizer([empty], padding="max_length", max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids[0]
     return ids.view(len(captions), k, -1).to(torch.int32), none.to(torch.int32)
