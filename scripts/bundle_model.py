@@ -1,6 +1,10 @@
 """Copy a finished training run into the package as the bundled model, in fp16.
 
     .venv/bin/python scripts/bundle_model.py runs/danqing-tiny-cpu [--name danqing-tiny]
+    .venv/bin/python scripts/bundle_model.py runs/v2/call3.safetensors --summary runs/v2/summary.json
+
+RUN is a training run folder (its model/ and summary.json) or a single model file (for example
+the latest.safetensors that scripts/device_train.sh brings back from a GPU machine).
 
 Writes danqing/data/models/<name>/ (diffusers layout) and danqing/data/models/<name>.safetensors
 (single-file LDM layout with danqing's configs in the header), replacing the previous version
@@ -24,16 +28,27 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--name", default="danqing-tiny")
+    ap.add_argument("--summary", type=Path, help="training summary JSON for the header (default: RUN/summary.json)")
     args = ap.parse_args()
 
     from danqing.models.loader import load_diffusers_folder
     from danqing.training.base import export_model
 
-    comps = load_diffusers_folder(args.run / "model")
+    if args.run.is_file():
+        from danqing.models.loader import load_components
+        from danqing.models.registry import Registry
+        from danqing.settings import Settings
+
+        comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", str(args.run)))
+        for m in comps.modules().values():
+            m.float()
+    else:
+        comps = load_diffusers_folder(args.run / "model")
     # No tokenizer/ folder: danqing's loader uses its bundled CLIP tokenizer (the same files), and
     # the 3.6 MB tokenizer.json would be a fifth of the size budget.
     comps.tokenizer = None
-    summary = json.loads((args.run / "summary.json").read_text()) if (args.run / "summary.json").is_file() else {}
+    summary_file = args.summary or args.run / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     dest = Path(__file__).resolve().parent.parent / "danqing" / "data" / "models"
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / "models.staging"

@@ -8,7 +8,7 @@ import pytest
 
 from danqing import GenerationRequest, Settings, Studio
 from danqing.models.registry import BUNDLED, Registry, bundled_entries
-from danqing.synthetic.evaluate import evaluate_studio
+from danqing.synthetic.evaluate import evaluate_studio, score, summarise
 from danqing.synthetic.scenes import eval_scenes
 
 MODELS = Path(__file__).parent.parent / "danqing" / "data" / "models"
@@ -45,21 +45,34 @@ def test_single_file_and_folder_paint_the_same(studio):
     assert diff.max() <= 2, diff.max()
 
 
-@pytest.mark.xfail(reason="issue 3 is open: danqing-tiny v1 is under-trained (2-core CPU); docs/models.md has its figures",
-                   strict=False)
 def test_heldout_prompts_are_drawn(cfg7):
-    # 16 of the 200 held-out-combination prompts (docs/models.md has the full figure)
+    # 16 of the 200 held-out-combination prompts (docs/models.md has the full figure): each asks
+    # for a colour-shape pair that never appears in training
     assert cfg7["object"] >= 0.75, cfg7
 
 
-def test_guidance_follows_the_prompt(studio, cfg7):
-    # the text conditioning is real: with guidance off (CFG 1) the colours asked for come out
-    # clearly less often than with CFG 7
+def test_the_pictures_follow_their_own_prompts(studio, cfg7):
+    # the same pictures scored against another prompt's scene, and pictures of the empty prompt
+    # scored against these prompts, score low: what is drawn comes from the text
+    scs = eval_scenes(16)
+    imgs = []
+    evaluate_studio(studio, scs, lang="en", cfg_scale=7.0, on_image=lambda i, im, s: imgs.append(im))
+    shuffled = summarise([score(im, scs[(i + 5) % 16].spec) for i, im in enumerate(imgs)])
+    assert shuffled["object"] <= 0.25 and cfg7["object"] - shuffled["object"] >= 0.5, (shuffled, cfg7)
+    empty = [studio.generate(GenerationRequest(prompt="", seed=1000 + i, subseed=0, steps=20, width=64,
+                                               height=64)).images[0] for i in range(8)]
+    assert summarise([score(im, s.spec) for im, s in zip(empty, scs)])["object"] <= 0.3
+
+
+def test_guidance_helps(studio, cfg7):
+    # classifier-free guidance (trained with 10% caption dropout) draws the asked-for shapes more
+    # often than the conditional model alone (CFG 1)
     cfg1 = evaluate_studio(studio, eval_scenes(16), lang="en", cfg_scale=1.0)[0]
-    assert cfg1["colour"] <= cfg7["colour"] - 0.2, (cfg1, cfg7)
-    assert cfg1["object"] <= cfg7["object"] - 0.2, (cfg1, cfg7)
+    assert cfg1["object"] <= cfg7["object"] - 0.1, (cfg1, cfg7)
 
 
 def test_chinese_prompts_are_followed_like_english_ones(studio, cfg7):
     zh = evaluate_studio(studio, eval_scenes(16), lang="zh", cfg_scale=7.0)[0]
-    assert zh["colour"] >= cfg7["colour"] - 0.15, (zh, cfg7)
+    # 200 prompts: within 0.05 (docs/models.md); on 16, allow two pictures' difference
+    assert zh["object"] >= cfg7["object"] - 0.125, (zh, cfg7)
+    assert zh["colour"] >= cfg7["colour"] - 0.125, (zh, cfg7)
