@@ -55,15 +55,29 @@ def generate(
     from_image: Optional[Path] = typer.Option(None, "--from", help="Re-create an image from its PNG metadata (options given here override)."),
     out: Optional[Path] = typer.Option(None, help="Output folder, or a .png file for a single image [default: outputs/txt2img-images/DATE/]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    hires: Optional[bool] = typer.Option(None, "--hires/--no-hires", help="Hires fix: a second pass at a larger size."),
+    hr_scale: Optional[float] = typer.Option(None, help="Hires fix: upscale factor (1-8) [default: 2]."),
+    hr_resize_x: Optional[int] = typer.Option(None, help="Hires fix: target width instead of --hr-scale."),
+    hr_resize_y: Optional[int] = typer.Option(None, help="Hires fix: target height instead of --hr-scale."),
+    hr_upscaler: Optional[str] = typer.Option(None, help="Hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest [default: Latent]."),
+    hr_steps: Optional[int] = typer.Option(None, help="Hires fix: second-pass steps (0 = --steps)."),
+    hr_sampler: Optional[str] = typer.Option(None, help="Hires fix: second-pass sampler [default: --sampler]."),
+    hr_prompt: Optional[str] = typer.Option(None, help="Hires fix: second-pass prompt [default: the prompt]."),
+    hr_negative: Optional[str] = typer.Option(None, help="Hires fix: second-pass negative prompt."),
+    denoise: Optional[float] = typer.Option(None, help="Hires fix: second-pass denoising strength 0-1 [default: 0.75]."),
 ):
-    """Generate images from a prompt (txt2img) and save them as PNGs with A1111 metadata."""
+    """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
+    with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
     from danqing.request import GenerationRequest
 
     fields = {
         "prompt": prompt, "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg,
         "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "width": width,
         "height": height, "batch_size": batch_size, "batch_count": batch_count, "model": model, "vae": vae,
-        "clip_skip": clip_skip,
+        "clip_skip": clip_skip, "enable_hr": hires, "hr_scale": hr_scale, "hr_resize_x": hr_resize_x,
+        "hr_resize_y": hr_resize_y, "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps,
+        "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
+        "denoising_strength": denoise,
     }
     fields = {k: v for k, v in fields.items() if v is not None}
     if negative:
@@ -108,6 +122,8 @@ def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
         from danqing.outputs.store import save_png
 
         result.paths.append(save_png(result.images[0], out, result.infotexts[0]))
+    for line in result.warnings:
+        console.print(f"[yellow]warning:[/] {line}")
     if result.request.model == "danqing-tiny-random":
         console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (a test model): expect noise patterns, not pictures.")
     for path, seed in zip(result.paths, result.seeds):
@@ -175,6 +191,185 @@ def export(
     comps = load_components(Registry(ctx.obj.models_dir).find("checkpoint", model))
     save_single_file(comps, out)
     print(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing: img2img, inpaint, outpaint, upscale (docs/editing.md)
+# ---------------------------------------------------------------------------------------------
+def _edit_request(prompt, negative, init: Path, *, width, height, steps, sampler, cfg, seed, strength, model,
+                  batch_size, extra: dict):
+    """A request for an editing command; width/height default to the init image's size (rounded
+    down to a multiple of 8)."""
+    from danqing.editing.images import load_image
+    from danqing.request import GenerationRequest
+
+    img = load_image(init, "init_image")
+    fields = {
+        "prompt": prompt, "negative_prompt": negative or "", "init_image": str(init.resolve()),
+        "width": width or max(64, img.width // 8 * 8), "height": height or max(64, img.height // 8 * 8),
+        "steps": steps, "sampler": sampler, "cfg_scale": cfg, "seed": seed, "denoising_strength": strength,
+        "model": model, "batch_size": batch_size, **extra,
+    }
+    return GenerationRequest.create(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _images_in(path: Path) -> list[Path]:
+    from danqing.editing.images import load_image  # noqa: F401  (errors on unreadable files come later)
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise InvalidRequest("init_image", f"{path}: no images (.png, .jpg, .jpeg, .webp, .bmp) in the folder")
+        return files
+    return [path]
+
+
+_PROMPT = typer.Argument(..., help="Prompt in A1111 syntax.")
+_NEG = typer.Option("", "--negative", "-n", help="Negative prompt.")
+_W = typer.Option(None, help="Width, multiple of 8 [default: the init image's].")
+_H = typer.Option(None, help="Height, multiple of 8 [default: the init image's].")
+_STEPS = typer.Option(None, help="Sampling steps [default: 20].")
+_SAMPLER = typer.Option(None, help="A1111 sampler name [default: DPM++ 2M].")
+_CFG = typer.Option(None, help="CFG scale [default: 7].")
+_SEED = typer.Option(None, help="Seed; -1 = random.")
+_MODEL = typer.Option(None, help="Checkpoint [default: the settings' default model].")
+_BATCH = typer.Option(None, help="Images per init image.")
+_OUT = typer.Option(None, help="Output folder [default: outputs/img2img-images/DATE/].")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+@app.command()
+def img2img(
+    ctx: typer.Context,
+    init: Path = typer.Argument(..., help="Init image, or a folder of images (each is processed)."),
+    prompt: str = _PROMPT, negative: str = _NEG,
+    strength: Optional[float] = typer.Option(None, "--strength", "--denoise", help="Denoising strength 0-1 [default: 0.75]."),
+    resize_mode: Optional[str] = typer.Option(None, help="just resize, crop and resize, resize and fill, latent upscale."),
+    width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
+    sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
+    model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH, out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+):
+    """Repaint a picture (or every picture of a folder) following a prompt: the picture is noised
+    to --strength and denoised again."""
+    for path in _images_in(init):
+        req = _edit_request(prompt, negative, path, width=width, height=height, steps=steps, sampler=sampler, cfg=cfg,
+                            seed=seed, strength=strength, model=model, batch_size=batch_size,
+                            extra={"resize_mode": resize_mode})
+        _run_generate(ctx.obj, req, out, quiet)
+
+
+@app.command()
+def inpaint(
+    ctx: typer.Context,
+    init: Path = typer.Argument(..., help="Init image."),
+    mask: Path = typer.Argument(..., help="Mask image of the same size: white = repaint (or transparent pixels)."),
+    prompt: str = _PROMPT, negative: str = _NEG,
+    strength: Optional[float] = typer.Option(None, "--strength", "--denoise", help="Denoising strength 0-1 [default: 0.75]."),
+    mask_blur: Optional[int] = typer.Option(None, help="Feathering of the mask's edge in pixels, inside the mask [default: 4]."),
+    fill: Optional[str] = typer.Option(None, help="Masked content: original, fill, latent noise, latent nothing [default: original]."),
+    only_masked: bool = typer.Option(False, "--only-masked", help="Inpaint a crop around the mask at full resolution."),
+    padding: Optional[int] = typer.Option(None, help="Only masked: pixels of context around the mask [default: 32]."),
+    invert: bool = typer.Option(False, "--invert", help="Repaint the black part of the mask instead."),
+    width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
+    sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
+    model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH, out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+):
+    """Repaint the masked part of a picture; everything outside the mask is kept as it was."""
+    from danqing.editing.images import load_mask
+
+    load_mask(mask)
+    req = _edit_request(prompt, negative, init, width=width, height=height, steps=steps, sampler=sampler, cfg=cfg,
+                        seed=seed, strength=strength, model=model, batch_size=batch_size,
+                        extra={"mask": str(mask.resolve()), "mask_blur": mask_blur, "inpainting_fill": fill,
+                               "inpaint_full_res": only_masked, "inpaint_full_res_padding": padding,
+                               "inpainting_mask_invert": invert})
+    _run_generate(ctx.obj, req, out, quiet)
+
+
+@app.command()
+def outpaint(
+    ctx: typer.Context,
+    init: Path = typer.Argument(..., help="Picture to extend."),
+    prompt: str = _PROMPT, negative: str = _NEG,
+    left: int = typer.Option(0, help="Pixels to add on the left."), right: int = typer.Option(0, help="... on the right."),
+    up: int = typer.Option(0, help="... at the top."), down: int = typer.Option(0, help="... at the bottom."),
+    feather: int = typer.Option(8, help="Pixels of the old picture, along the seam, that are repainted softly."),
+    strength: float = typer.Option(1.0, "--strength", "--denoise", help="Denoising strength of the new area."),
+    steps: Optional[int] = _STEPS, sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG,
+    seed: Optional[int] = _SEED, model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH,
+    out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+):
+    """Extend the canvas by N pixels on any side and paint the new area to fit. The prepared
+    canvas and mask are saved beside the output, so `danqing generate --from` re-creates it."""
+    from danqing.editing.images import load_image, outpaint_canvas
+    from danqing.outputs.store import atomic_save_image
+
+    if min(left, right, up, down) < 0 or not (left or right or up or down):
+        raise InvalidRequest("left/right/up/down", "give at least one of --left --right --up --down, in pixels (>= 0)")
+    if not 0 <= feather <= 256:
+        raise InvalidRequest("feather", f"must be between 0 and 256 pixels, got {feather}")
+    img = load_image(init, "init_image")
+    # round every side up so the canvas is a multiple of 8
+    pad_w, pad_h = (-(img.width + left + right)) % 8, (-(img.height + up + down)) % 8
+    right, down = right + pad_w, down + pad_h
+    canvas, mask = outpaint_canvas(img, left, right, up, down, feather)
+    folder = out or (ctx.obj.outputs_dir / "img2img-images" / __import__("datetime").date.today().isoformat())
+    stem = f"outpaint-{init.stem}-{left}-{right}-{up}-{down}"
+    # deterministic from the picture and the sides: written again (same content) on a re-run
+    canvas_path = atomic_save_image(canvas, folder / f"{stem}-canvas.png", overwrite=True)
+    mask_path = atomic_save_image(mask, folder / f"{stem}-mask.png", overwrite=True)
+    req = _edit_request(prompt, negative, canvas_path, width=canvas.width, height=canvas.height, steps=steps,
+                        sampler=sampler, cfg=cfg, seed=seed, strength=strength, model=model, batch_size=batch_size,
+                        extra={"mask": str(mask_path.resolve()), "mask_blur": 0, "inpainting_fill": "fill"})
+    _run_generate(ctx.obj, req, out, quiet)
+
+
+@app.command()
+def upscale(
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="Picture to upscale."),
+    scale: float = typer.Option(2.0, help="Factor (1-16)."),
+    upscaler: str = typer.Option("Lanczos", help="Lanczos or Nearest."),
+    sd: bool = typer.Option(False, "--sd", help="SD upscale: then img2img every tile with --prompt at --strength."),
+    prompt: str = typer.Option("", help="SD upscale: prompt for the tiles [default: the picture's own prompt, if any]."),
+    tile: int = typer.Option(512, help="SD upscale: tile size in pixels (multiple of 8)."),
+    overlap: int = typer.Option(64, help="SD upscale: overlap between tiles in pixels."),
+    strength: float = typer.Option(0.3, "--strength", "--denoise", help="SD upscale: denoising strength of the tiles."),
+    steps: int = typer.Option(20, help="SD upscale: sampling steps."),
+    seed: int = typer.Option(0, help="SD upscale: seed of the first tile (tile i uses seed + i)."),
+    model: Optional[str] = _MODEL,
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: outputs/extras-images/DATE/NAME-xSCALE.png]."),
+):
+    """Upscale a picture with Lanczos or nearest, optionally adding detail tile by tile (SD upscale)."""
+    from danqing.editing.images import load_image
+    from danqing.editing.upscale import sd_upscale, upscale_image
+    from danqing.outputs.store import atomic_save_image
+
+    if not 1 <= scale <= 16:
+        raise InvalidRequest("scale", f"must be between 1 and 16, got {scale:g}")
+    img = load_image(image, "image")
+    out = out or ctx.obj.outputs_dir / "extras-images" / __import__("datetime").date.today().isoformat() / f"{image.stem}-x{scale:g}.png"
+    if out.exists():
+        raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    if sd:
+        from danqing.request import GenerationRequest
+        from danqing.studio import Studio
+
+        if not prompt:
+            try:
+                from danqing.outputs.infotext import parse_infotext
+                from danqing.outputs.store import read_infotext
+
+                prompt = parse_infotext(read_infotext(image))[0]
+            except DanqingError:
+                prompt = ""
+        req = GenerationRequest.create(prompt=prompt, steps=steps, seed=seed, denoising_strength=strength,
+                                       model=model, width=tile, height=tile)
+        result = sd_upscale(Studio(ctx.obj), img, req, scale=scale, tile=tile, overlap=overlap, upscaler=upscaler,
+                            on_tile=lambda i, n: typer.echo(f"tile {i}/{n}", err=True))
+    else:
+        result = upscale_image(img, int(img.width * scale), int(img.height * scale), upscaler)
+    print(atomic_save_image(result, out))
 
 
 train_app = typer.Typer(help="Train models: `danqing train base --config FILE`.", no_args_is_help=True)

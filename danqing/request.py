@@ -35,6 +35,24 @@ class GenerationRequest(BaseModel):
         batch_size: images per forward pass; batch_count: passes (A1111 n_iter).
         clip_skip: 1 = last CLIP layer, 2 = penultimate (A1111 semantics).
         rng: where initial noise is drawn: "cpu" (same on every device, the default) or "gpu".
+
+    img2img / inpaint (A1111's img2img fields; docs/editing.md):
+        init_image: path of the picture to start from; None = txt2img.
+        mask: path of the inpaint mask (white = repaint; transparency counts as white).
+        denoising_strength: 0-1, how far the picture is noised before denoising (img2img,
+            inpaint, and hires fix's second pass); 0 returns the init image.
+        resize_mode: how the init image is fitted to width x height.
+        mask_blur: pixels of feathering at the mask's edge (inside the mask).
+        inpainting_fill: what the masked area starts from: "original", "fill" (painted from its
+            surroundings), "latent noise", "latent nothing".
+        inpaint_full_res: "only masked": inpaint a crop around the mask at full width x height.
+        inpaint_full_res_padding: pixels of context around the mask's box for "only masked".
+        inpainting_mask_invert: repaint the black part of the mask instead.
+
+    hires fix (txt2img only): enable_hr, hr_scale or hr_resize_x/y (target size), hr_upscaler
+        ("Latent", "Latent (nearest)", ..., "Lanczos", "Nearest" or an installed upscaler),
+        hr_second_pass_steps (0 = steps), hr_sampler_name, hr_prompt, hr_negative_prompt
+        (None = the first pass's).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -56,6 +74,26 @@ class GenerationRequest(BaseModel):
     batch_count: int = 1
     clip_skip: int = 1
     rng: Literal["cpu", "gpu"] = "cpu"
+    # img2img / inpaint
+    init_image: str | None = None
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    resize_mode: Literal["just resize", "crop and resize", "resize and fill", "latent upscale"] = "just resize"
+    mask_blur: int = 4
+    inpainting_fill: Literal["fill", "original", "latent noise", "latent nothing"] = "original"
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    # hires fix
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
 
     # -- validation: one clear line per field ---------------------------------------------
     @field_validator("steps")
@@ -114,6 +152,76 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be between 1 and 12, got {v}")
         return v
 
+    @field_validator("denoising_strength")
+    @classmethod
+    def _denoise(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be between 0 and 1, got {v:g}")
+        return v
+
+    @field_validator("mask_blur")
+    @classmethod
+    def _blur(cls, v: int) -> int:
+        if not 0 <= v <= 64:
+            raise ValueError(f"must be between 0 and 64 pixels, got {v}")
+        return v
+
+    @field_validator("inpaint_full_res_padding")
+    @classmethod
+    def _padding(cls, v: int) -> int:
+        if not 0 <= v <= 1024:
+            raise ValueError(f"must be between 0 and 1024 pixels, got {v}")
+        return v
+
+    @field_validator("hr_scale")
+    @classmethod
+    def _hr_scale(cls, v: float) -> float:
+        if not 1.0 <= v <= 8.0:
+            raise ValueError(f"must be between 1 and 8, got {v:g}")
+        return v
+
+    @field_validator("hr_second_pass_steps")
+    @classmethod
+    def _hr_steps(cls, v: int) -> int:
+        if not 0 <= v <= 150:
+            raise ValueError(f"must be between 0 (same as steps) and 150, got {v}")
+        return v
+
+    @field_validator("hr_resize_x", "hr_resize_y")
+    @classmethod
+    def _hr_size(cls, v: int) -> int:
+        if v and (v % 8 or not SIZE_MIN <= v <= SIZE_MAX):
+            raise ValueError(f"must be 0 (use hr_scale) or a multiple of 8 between {SIZE_MIN} and {SIZE_MAX}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _editing(self) -> "GenerationRequest":
+        if self.mask is not None and self.init_image is None:
+            raise InvalidRequest("mask", "a mask needs an init_image to inpaint")
+        if self.enable_hr and self.init_image is not None:
+            raise InvalidRequest("enable_hr", "hires fix is a txt2img option; for img2img set width/height to the size you want")
+        if self.hr_sampler_name is not None:
+            from danqing.sampling.samplers import get_sampler
+
+            try:
+                get_sampler(self.hr_sampler_name)
+            except InvalidRequest as exc:
+                raise InvalidRequest("hr_sampler_name", str(exc).split(": ", 1)[-1]) from None
+        return self
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        """(width, height) of hires fix's second pass: hr_resize_x/y, else size * hr_scale
+        rounded down to a multiple of 8 (one of the two given: the other keeps the ratio)."""
+        x, y = self.hr_resize_x, self.hr_resize_y
+        if x and y:
+            return x, y
+        if x:
+            return x, max(8, int(x * self.height / self.width) // 8 * 8)
+        if y:
+            return max(8, int(y * self.width / self.height) // 8 * 8), y
+        return int(self.width * self.hr_scale) // 8 * 8, int(self.height * self.hr_scale) // 8 * 8
+
     @model_validator(mode="after")
     def _names(self) -> "GenerationRequest":
         from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
@@ -121,8 +229,10 @@ class GenerationRequest(BaseModel):
 
         get_sampler(self.sampler)
         resolve_schedule(self.sampler, self.schedule)
-        for field_name in ("prompt", "negative_prompt"):
+        for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             text = getattr(self, field_name)
+            if text is None:
+                continue
             try:
                 for _, part in prompt_schedule(text, self.steps):
                     parse_attention(part)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from danqing.errors import InvalidRequest
 from danqing.request import MAX_SEED, GenerationRequest
 from danqing.sampling.loop import OnStep, StepControl, StepInfo
 from danqing.settings import Settings
@@ -33,6 +34,7 @@ class GenerationResult:
         timings: seconds per phase ("load", "condition", "sample", "decode", "save", "total").
         interrupted: a callback stopped the run; the images show the state reached.
         latents: the final latents of each batch, (batch_size, 4, h, w) each.
+        warnings: things the run decided on its own (an empty mask, strength 0, ...), one line each.
     """
 
     images: list[Image.Image]
@@ -44,6 +46,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     latents: list[torch.Tensor] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Studio:
@@ -68,16 +71,21 @@ class Studio:
         *,
         save: bool = False,
         out_dir: Path | None = None,
+        init_image: Image.Image | None = None,
+        mask_image: Image.Image | None = None,
     ) -> GenerationResult:
-        """Run a txt2img request.
+        """Run a txt2img, img2img or inpaint request (hires fix included).
 
         Args:
             request: the validated request.
             on_step: called after every sampler step with a ``StepInfo`` (step, total, preview());
                 return ``STOP`` to interrupt: the images reached so far are decoded and returned.
             save: write PNGs with their infotext (atomically) under ``out_dir`` or
-                ``outputs_dir/txt2img-images/DATE/``.
+                ``outputs_dir/txt2img-images/DATE/`` (``img2img-images`` for img2img and inpaint).
+            init_image, mask_image: in-memory pictures instead of the request's ``init_image``
+                and ``mask`` paths.
         """
+        from danqing.editing.images import load_image, load_mask
         from danqing.decode import decode_latents, to_pil
         from danqing.outputs.metadata import request_infotext
 
@@ -93,14 +101,34 @@ class Studio:
         device, dtype = self.models.device, self.models.dtype
         timings["load"] = time.perf_counter() - t0
 
-        # 3. condition and 4. sample (see ``run_sampling``).
+        # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
+        # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
         t = time.perf_counter()
-        latents_out, seeds, subseeds, interrupted = run_sampling(comps, request, device=device, dtype=dtype, on_step=on_step)
-        timings["sample"] = time.perf_counter() - t
+        warnings: list[str] = []
+        edit = init_image is not None or request.init_image is not None
+        if edit:
+            from danqing.editing.img2img import run_img2img
 
-        # 5. decode.
-        t = time.perf_counter()
-        images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
+            init = init_image if init_image is not None else load_image(request.init_image, "init_image")
+            mask = mask_image if mask_image is not None else (load_mask(request.mask) if request.mask else None)
+            if mask is not None and mask.size != init.size:
+                raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
+                                     f"{init.width}x{init.height}; they must be the same size")
+            out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step)
+            images, latents_out, seeds, subseeds = out.images, out.latents, out.seeds, out.subseeds
+            interrupted, warnings = out.interrupted, out.warnings
+            timings["sample"] = time.perf_counter() - t  # decoding included
+            t = time.perf_counter()
+        else:
+            latents_out, seeds, subseeds, interrupted = run_sampling(comps, request, device=device, dtype=dtype, on_step=on_step)
+            if request.enable_hr and not interrupted:
+                from danqing.editing.hires import run_hires
+
+                latents_out, interrupted = run_hires(comps, request, latents_out, device=device, dtype=dtype,
+                                                     on_step=on_step)
+            timings["sample"] = time.perf_counter() - t
+            t = time.perf_counter()
+            images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
         timings["decode"] = time.perf_counter() - t
 
         # 6. metadata and save.
@@ -116,12 +144,14 @@ class Studio:
         if save:
             from danqing.outputs.store import next_output_path, save_png
 
-            folder = Path(out_dir) if out_dir else self.settings.outputs_dir / "txt2img-images" / date.today().isoformat()
+            kind = "img2img-images" if edit else "txt2img-images"
+            folder = Path(out_dir) if out_dir else self.settings.outputs_dir / kind / date.today().isoformat()
             for img, s, text in zip(images, seeds, infotexts):
                 paths.append(save_png(img, next_output_path(folder, s), text))
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
-        return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out)
+        return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
+                                warnings)
 
 
 def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None):

@@ -38,9 +38,78 @@ def request_infotext(
         "Variation seed strength": request.subseed_strength if variation else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "RNG": "CPU" if request.rng == "cpu" else None,
-        "Version": VERSION,
     }
+    params.update(editing_params(request))
+    params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def editing_params(request: GenerationRequest) -> dict:
+    """img2img / inpaint / hires fix parameters, as A1111 names them (danqing adds "Init image",
+    "Mask" and "Resize mode", which A1111's readers ignore)."""
+    p: dict = {}
+    if request.init_image is not None or request.enable_hr:
+        p["Denoising strength"] = request.denoising_strength
+    if request.init_image is not None:
+        p["Init image"] = request.init_image
+        if request.resize_mode != "just resize":
+            p["Resize mode"] = request.resize_mode
+    if request.mask is not None:
+        p.update({
+            "Mask": request.mask, "Mask blur": request.mask_blur, "Masked content": request.inpainting_fill,
+            "Inpaint area": "Only masked" if request.inpaint_full_res else "Whole picture",
+            "Masked area padding": request.inpaint_full_res_padding if request.inpaint_full_res else None,
+            "Mask mode": "Inpaint not masked" if request.inpainting_mask_invert else None,
+        })
+    if request.enable_hr:
+        w, h = request.hr_size
+        p.update({
+            "Hires upscale": request.hr_scale if not (request.hr_resize_x or request.hr_resize_y) else None,
+            "Hires resize": f"{w}x{h}" if (request.hr_resize_x or request.hr_resize_y) else None,
+            "Hires steps": request.hr_second_pass_steps or None,
+            "Hires upscaler": request.hr_upscaler,
+            "Hires sampler": request.hr_sampler_name,
+            "Hires prompt": request.hr_prompt,
+            "Hires negative prompt": request.hr_negative_prompt,
+        })
+    return p
+
+
+def _editing_fields(params: dict) -> dict:
+    """The inverse of ``editing_params``."""
+    f: dict = {}
+    if "Denoising strength" in params:
+        f["denoising_strength"] = float(params["Denoising strength"])
+    if "Init image" in params:
+        f["init_image"] = params["Init image"]
+    if "Resize mode" in params:
+        f["resize_mode"] = params["Resize mode"]
+    if "Mask" in params:
+        f["mask"] = params["Mask"]
+    if "Mask blur" in params:
+        f["mask_blur"] = int(params["Mask blur"])
+    if "Masked content" in params:
+        f["inpainting_fill"] = params["Masked content"]
+    if params.get("Inpaint area") == "Only masked":
+        f["inpaint_full_res"] = True
+    if "Masked area padding" in params:
+        f["inpaint_full_res_padding"] = int(params["Masked area padding"])
+    if params.get("Mask mode") == "Inpaint not masked":
+        f["inpainting_mask_invert"] = True
+    if "Hires upscaler" in params or "Hires upscale" in params or "Hires resize" in params:
+        f["enable_hr"] = True
+        if "Hires upscale" in params:
+            f["hr_scale"] = float(params["Hires upscale"])
+        if "Hires resize" in params:
+            x, y = params["Hires resize"].lower().split("x")
+            f["hr_resize_x"], f["hr_resize_y"] = int(x), int(y)
+        if "Hires steps" in params:
+            f["hr_second_pass_steps"] = int(params["Hires steps"])
+        for key, name in (("Hires upscaler", "hr_upscaler"), ("Hires sampler", "hr_sampler_name"),
+                          ("Hires prompt", "hr_prompt"), ("Hires negative prompt", "hr_negative_prompt")):
+            if key in params:
+                f[name] = params[key]
+    return f
 
 
 def request_from_infotext(text: str) -> GenerationRequest:
@@ -73,6 +142,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
             fields["subseed_strength"] = float(params.get("Variation seed strength", 0))
         if "Clip skip" in params:
             fields["clip_skip"] = int(params["Clip skip"])
+        fields.update(_editing_fields(params))
     except ValueError as exc:
         raise ImageError(f"the infotext has a malformed value ({exc})") from None
     fields["model"] = params.get("Model") or params.get("Model hash")

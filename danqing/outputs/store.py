@@ -157,3 +157,8 @@ def next_output_path(folder: Path, seed: int, *, ext: str = "png") -> Path:
             if m:
                 highest = max(highest, int(m.group(1)))
     return folder / f"{highest + 1:05d}-{seed}.{ext.lstrip('.')}"
+
+
+def atomic_save_image(image: Image.Image, path: Path, *, overwrite: bool = False) -> Path:
+    """A PNG without generation parameters (canvases, masks, upscales), written as ``save_png``."""
+    return save_png(image, path, "", overwrite=overwrite)

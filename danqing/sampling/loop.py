@@ -117,8 +117,13 @@ def sample(
     batch_index: int = 0,
     batch_count: int = 1,
     denoise_fn=denoise,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    masked_image_latents: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Run the sampler from pure noise to clean latents.
+    """Run the sampler from pure noise (txt2img) or from a noised picture (img2img, inpaint) to
+    clean latents.
 
     Args:
         unet: the diffusers UNet (eval mode, on its device).
@@ -130,24 +135,51 @@ def sample(
         generators: per-image generators for ancestral/stochastic samplers.
         on_step: called after every sampler step; returning STOP (or False) interrupts.
         denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here).
+        init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
+        strength: img2img denoising strength in (0, 1]: as diffusers' img2img pipelines, the
+            last ``int(steps * strength)`` of ``steps`` steps run, from the picture noised to
+            the first of them. 1 starts from pure noise.
+        mask: (B, 1, h, w) latent mask, 1 = repaint. With a 4-channel UNet the area outside it
+            is replaced after every step by the init latents noised to the next step's level
+            (diffusers' inpaint pipeline, A1111's latent blending).
+        masked_image_latents: (B, 4, h, w) latents of the picture with the masked area
+            blanked; given, the UNet is an inpainting UNet (9 input channels: latents, mask,
+            masked picture).
     """
     use_cfg = cfg_scale > 1.0
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
     order = getattr(scheduler, "order", 1)
-    latents = noise * scheduler.init_noise_sigma  # x_T = sigma_max * eps (1 for DDPM-style)
+    total = steps
+    if init_latents is not None and strength < 1.0:
+        t_start = steps - min(int(steps * strength), steps)
+        timesteps = timesteps[t_start * order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * order)
+        total = steps - t_start
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+    else:
+        latents = noise * scheduler.init_noise_sigma  # x_T = sigma_max * eps (1 for DDPM-style)
+    blend = mask is not None and masked_image_latents is None
     step_kwargs = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
     done = 0
     for i, t in enumerate(timesteps):
         cond = schedule.at(done)
         x = scheduler.scale_model_input(latents, t)
+        if masked_image_latents is not None:
+            x = torch.cat([x, mask, masked_image_latents], dim=1)
         eps = denoise_fn(unet, x, t, cond, cfg_scale, use_cfg)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if blend:
+            proper = init_latents
+            if i < len(timesteps) - 1:
+                proper = scheduler.add_noise(init_latents, noise, timesteps[i + 1:i + 2])
+            latents = (1 - mask) * proper + mask * latents
         # Multi-evaluation samplers (Heun, DPM2) report one step per `order` evaluations.
         if i == len(timesteps) - 1 or (i + 1) % order == 0:
             done += 1
             if on_step is not None:
-                answer = on_step(StepInfo(done, steps, latents, family, batch_index, batch_count))
+                answer = on_step(StepInfo(done, total, latents, family, batch_index, batch_count))
                 if answer is StepControl.STOP or answer is False:
                     return SampleResult(latents, interrupted=True, steps_done=done)
     return SampleResult(latents, interrupted=False, steps_done=done)

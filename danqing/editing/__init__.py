@@ -1,0 +1,1 @@
+"""Image editing: img2img, inpaint, outpaint, hires fix, upscaling."""

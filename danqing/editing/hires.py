@@ -1,0 +1,89 @@
+"""Hires fix (A1111): a first pass at width x height, the result upscaled (in latent space, or
+as a picture through an upscaler and encoded again), then a second img2img pass at
+``denoising_strength`` that adds the detail the first pass had no room for."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from danqing.errors import InvalidRequest
+
+# A1111's latent upscale modes: name -> (torch interpolation mode, antialias)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+def hires_upscalers() -> list[str]:
+    from danqing.editing.upscale import upscaler_names
+
+    return list(LATENT_UPSCALERS) + upscaler_names()
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size) with one of A1111's latent modes."""
+    mode, aa = LATENT_UPSCALERS[name]
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(latents.float(), size=size, mode=mode, antialias=aa, **kwargs).to(latents.dtype)
+
+
+def second_pass_request(request):
+    """The request of the second pass: hires size, its own steps, sampler and prompts."""
+    w, h = request.hr_size
+    return request.replace(
+        width=w, height=h, enable_hr=False,
+        steps=request.hr_second_pass_steps or request.steps,
+        sampler=request.hr_sampler_name or request.sampler,
+        prompt=request.prompt if request.hr_prompt is None else request.hr_prompt,
+        negative_prompt=request.negative_prompt if request.hr_negative_prompt is None else request.hr_negative_prompt,
+    )
+
+
+def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None):
+    """The second pass over the first pass's latents (one tensor per batch).
+    Returns (latents per batch, interrupted)."""
+    from danqing.conditioning.text import TextEncoder
+    from danqing.decode import decode_latents, to_pil, vae_scale_factor
+    from danqing.editing.img2img import encode, to_tensor
+    from danqing.editing.upscale import upscale_image
+    from danqing.sampling.loop import sample
+    from danqing.sampling.noise import initial_noise, make_generators
+    from danqing.sampling.samplers import make_scheduler
+    from danqing.studio import build_conditioning
+
+    if request.hr_upscaler not in hires_upscalers():
+        raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; installed: {', '.join(hires_upscalers())}")
+    req2 = second_pass_request(request)
+    B = request.batch_size
+    f = vae_scale_factor(comps.vae)
+    size = (req2.height // f, req2.width // f)
+    cond = build_conditioning(TextEncoder(comps, clip_skip=request.clip_skip), req2, batch=B)
+    noise_device = "cpu" if request.rng == "cpu" else device
+    out, interrupted = [], False
+    for b, lat in enumerate(first):
+        seeds = [request.seed + b * B + i for i in range(B)]
+        gens = make_generators(seeds, noise_device)          # the same seeds as the first pass
+        if request.hr_upscaler in LATENT_UPSCALERS:
+            z = upscale_latents(lat, size, request.hr_upscaler)
+        else:
+            pics = [upscale_image(im, req2.width, req2.height, request.hr_upscaler)
+                    for im in to_pil(decode_latents(comps.vae, lat))]
+            z = encode(comps.vae, torch.cat([to_tensor(p) for p in pics]), gens)
+        z = z.to(device=device, dtype=dtype)
+        noise = initial_noise((lat.shape[1], *size), gens, subseeds=[request.subseed + b * B + i for i in range(B)],
+                              subseed_strength=request.subseed_strength).to(device=device, dtype=dtype)
+        scheduler = make_scheduler(comps.scheduler_config, req2.sampler, req2.schedule, seed=seeds if B > 1 else seeds[0])
+        res = sample(comps.unet, scheduler, noise, cond, steps=req2.steps, cfg_scale=req2.cfg_scale, generators=gens,
+                     on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
+                     init_latents=z, strength=request.denoising_strength)
+        out.append(res.latents)
+        if res.interrupted:
+            interrupted = True
+            break
+    return out, interrupted
