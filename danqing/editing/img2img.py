@@ -147,8 +147,12 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
         bseeds = [request.seed + b * B + i for i in range(B)]
         bsub = [request.subseed + b * B + i for i in range(B)]
         gens = make_generators(bseeds, noise_device)
-        # as diffusers: the init picture's posterior samples first, then the noise
-        init_lat = encode(comps.vae, pixels.expand(B, -1, -1, -1), gens).to(device=device, dtype=dtype)
+        # as diffusers: the init picture's posterior samples first, then the noise (an inpainting
+        # UNet at full strength never looks at the init latents, and diffusers does not draw them)
+        if inpainting_unet and m is not None and request.denoising_strength == 1.0:
+            init_lat = torch.zeros((B, *shape), device=device, dtype=dtype)
+        else:
+            init_lat = encode(comps.vae, pixels.expand(B, -1, -1, -1), gens).to(device=device, dtype=dtype)
         if upscale_latents:
             init_lat = F.interpolate(init_lat.float(), size=shape[1:], mode="bilinear").to(dtype)
         noise = initial_noise(shape, gens, subseeds=bsub, subseed_strength=request.subseed_strength)
