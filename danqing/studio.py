@@ -95,6 +95,15 @@ class Studio:
         # 1. validate: resolve what the request left open (random seeds, default model).
         request = resolve_request(request, self.settings.default_model)
 
+        # 1b. the pictures of img2img / inpaint, checked before any model is loaded.
+        edit = init_image is not None or request.init_image is not None
+        if edit:
+            init = init_image if init_image is not None else load_image(request.init_image, "init_image")
+            mask = mask_image if mask_image is not None else (load_mask(request.mask) if request.mask else None)
+            if mask is not None and mask.size != init.size:
+                raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
+                                     f"{init.width}x{init.height}; they must be the same size")
+
         # 2. load: the manager owns device and dtype.
         loaded = self.models.load(request.model, request.vae)
         comps = loaded.components
@@ -105,15 +114,9 @@ class Studio:
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
         t = time.perf_counter()
         warnings: list[str] = []
-        edit = init_image is not None or request.init_image is not None
         if edit:
             from danqing.editing.img2img import run_img2img
 
-            init = init_image if init_image is not None else load_image(request.init_image, "init_image")
-            mask = mask_image if mask_image is not None else (load_mask(request.mask) if request.mask else None)
-            if mask is not None and mask.size != init.size:
-                raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
-                                     f"{init.width}x{init.height}; they must be the same size")
             out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step)
             images, latents_out, seeds, subseeds = out.images, out.latents, out.seeds, out.subseeds
             interrupted, warnings = out.interrupted, out.warnings
