@@ -214,8 +214,6 @@ def _edit_request(prompt, negative, init: Path, *, width, height, steps, sampler
 
 
 def _images_in(path: Path) -> list[Path]:
-    from danqing.editing.images import load_image  # noqa: F401  (errors on unreadable files come later)
-
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
         if not files:

@@ -104,6 +104,13 @@ class Studio:
                 raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
                                      f"{init.width}x{init.height}; they must be the same size")
 
+        if request.enable_hr:
+            from danqing.editing.hires import hires_upscalers
+
+            if request.hr_upscaler not in hires_upscalers():
+                raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
+                                     f"installed: {', '.join(hires_upscalers())}")
+
         # 2. load: the manager owns device and dtype.
         loaded = self.models.load(request.model, request.vae)
         comps = loaded.components

@@ -57,7 +57,7 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
     from danqing.sampling.samplers import make_scheduler
     from danqing.studio import build_conditioning
 
-    if request.hr_upscaler not in hires_upscalers():
+    if request.hr_upscaler not in hires_upscalers():  # Studio.generate checks this before loading
         raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; installed: {', '.join(hires_upscalers())}")
     req2 = second_pass_request(request)
     B = request.batch_size
