@@ -24,14 +24,13 @@ def load_image(path: str | Path, field: str) -> Image.Image:
         raise InvalidRequest(field, f"{p}: no such file")
     try:
         with Image.open(p) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InvalidRequest(field, f"{p}: {im.width}x{im.height} is more than {MAX_PIXELS} pixels")
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGBA").convert("RGB") if im.mode in ("P", "LA") else im.convert("RGB")
+            size = im.size
+            if size[0] * size[1] <= MAX_PIXELS:
+                im = ImageOps.exif_transpose(im)
+                return im.convert("RGBA").convert("RGB") if im.mode in ("P", "LA") else im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, InvalidRequest):
-            raise
         raise InvalidRequest(field, f"{p}: unreadable image ({exc})") from None
+    raise InvalidRequest(field, f"{p}: {size[0]}x{size[1]} is more than {MAX_PIXELS} pixels")
 
 
 def load_mask(path: str | Path, field: str = "mask") -> Image.Image:
