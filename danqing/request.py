@@ -53,6 +53,23 @@ class GenerationRequest(BaseModel):
         ("Latent", "Latent (nearest)", ..., "Lanczos", "Nearest" or an installed upscaler),
         hr_second_pass_steps (0 = steps), hr_sampler_name, hr_prompt, hr_negative_prompt
         (None = the first pass's).
+
+    Prompt-to-Prompt (Hertz et al. 2022; docs/editing.md):
+        p2p_source: the prompt being edited; set, ``prompt`` is its edit and the image is the
+            picture of ``p2p_source`` at this seed with its attention maps kept (a word swapped,
+            words added, or ``p2p_reweight``). With ``init_image`` the picture is a real image:
+            it is null-text inverted with ``p2p_source`` as its caption (DDIM only), then edited.
+        p2p_cross: (start, end) fractions of the steps in which the edited prompt's
+            cross-attention maps are taken from the source's.
+        p2p_self: (start, end) fractions of the steps in which self-attention maps are taken
+            from the source's (only at 16x16 or fewer tokens, as in the paper).
+        p2p_reweight: (word, factor) pairs: scale the attention paid to a word of ``prompt``.
+        p2p_local_blend: confine the edit to where the edited words attend (the paper's local
+            blending); elsewhere the picture follows the source.
+        p2p_features: fraction of the first steps in which the edit's finest-resolution UNet
+            features (the first ResNet's output) are the source's: keeps the layout where the
+            model's attention maps do not (small models); 0 = attention only, as the paper.
+        null_text_iterations: optimisation steps per sampler step of null-text inversion.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -94,6 +111,14 @@ class GenerationRequest(BaseModel):
     hr_sampler_name: str | None = None
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
+    # Prompt-to-Prompt and null-text inversion
+    p2p_source: str | None = None
+    p2p_cross: tuple[float, float] = (0.0, 0.8)
+    p2p_self: tuple[float, float] = (0.0, 0.4)
+    p2p_reweight: tuple[tuple[str, float], ...] = ()
+    p2p_local_blend: bool = False
+    p2p_features: float = 0.0
+    null_text_iterations: int = 10
 
     # -- validation: one clear line per field ---------------------------------------------
     @field_validator("steps")
@@ -194,6 +219,57 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be 0 (use hr_scale) or a multiple of 8 between {SIZE_MIN} and {SIZE_MAX}, got {v}")
         return v
 
+    @field_validator("p2p_cross", "p2p_self")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"must be (start, end) fractions of the steps with 0 <= start <= end <= 1, got {v}")
+        return v
+
+    @field_validator("p2p_features")
+    @classmethod
+    def _features(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a fraction of the steps between 0 and 1, got {v:g}")
+        return v
+
+    @field_validator("p2p_reweight")
+    @classmethod
+    def _reweight(cls, v: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        for word, factor in v:
+            if not word.strip():
+                raise ValueError("a reweighted word must not be empty")
+            if not -10.0 <= factor <= 10.0:
+                raise ValueError(f"the factor of {word!r} must be between -10 and 10, got {factor:g}")
+        return v
+
+    @field_validator("null_text_iterations")
+    @classmethod
+    def _null_iters(cls, v: int) -> int:
+        if not 0 <= v <= 100:
+            raise ValueError(f"must be between 0 (plain DDIM inversion) and 100, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _p2p(self) -> "GenerationRequest":
+        if self.p2p_source is None:
+            if self.p2p_reweight:
+                raise InvalidRequest("p2p_reweight", "reweighting is a Prompt-to-Prompt edit; set p2p_source "
+                                     "(the same prompt to reweight words of one picture)")
+            return self
+        for name, bad in (("mask", self.mask is not None), ("enable_hr", self.enable_hr),
+                          ("subseed_strength", self.subseed_strength > 0)):
+            if bad:
+                raise InvalidRequest(name, "is not available with Prompt-to-Prompt (p2p_source)")
+        if self.init_image is not None:
+            if self.sampler != "DDIM":
+                raise InvalidRequest("sampler", f"editing a real image (init_image with p2p_source) runs null-text "
+                                     f"inversion, which needs the DDIM sampler; got {self.sampler!r}")
+            if self.batch_size != 1 or self.batch_count != 1:
+                raise InvalidRequest("batch_size", "editing a real image makes one picture; use batch_size and "
+                                     "batch_count 1")
+        return self
+
     @model_validator(mode="after")
     def _editing(self) -> "GenerationRequest":
         if self.mask is not None and self.init_image is None:
@@ -229,7 +305,7 @@ class GenerationRequest(BaseModel):
 
         get_sampler(self.sampler)
         resolve_schedule(self.sampler, self.schedule)
-        for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+        for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt", "p2p_source"):
             text = getattr(self, field_name)
             if text is None:
                 continue

@@ -35,6 +35,8 @@ class GenerationResult:
         interrupted: a callback stopped the run; the images show the state reached.
         latents: the final latents of each batch, (batch_size, 4, h, w) each.
         warnings: things the run decided on its own (an empty mask, strength 0, ...), one line each.
+        sources: Prompt-to-Prompt only: the unedited picture of each image (generated from
+            ``p2p_source``, or a real picture's null-text reconstruction).
     """
 
     images: list[Image.Image]
@@ -47,6 +49,7 @@ class GenerationResult:
     interrupted: bool = False
     latents: list[torch.Tensor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sources: list[Image.Image] = field(default_factory=list)
 
 
 class Studio:
@@ -121,7 +124,16 @@ class Studio:
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
         t = time.perf_counter()
         warnings: list[str] = []
-        if edit:
+        sources: list[Image.Image] = []
+        if request.p2p_source is not None:
+            from danqing.editing.p2p import run_p2p
+
+            out = run_p2p(comps, request, device=device, dtype=dtype, on_step=on_step, init=init if edit else None)
+            images, latents_out, seeds, subseeds = out.images, out.latents, out.seeds, out.subseeds
+            interrupted, sources = out.interrupted, out.sources
+            timings["sample"] = time.perf_counter() - t  # inversion and decoding included
+            t = time.perf_counter()
+        elif edit:
             from danqing.editing.img2img import run_img2img
 
             out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step)
@@ -161,7 +173,7 @@ class Studio:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
-                                warnings)
+                                warnings, sources)
 
 
 def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None):

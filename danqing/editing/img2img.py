@@ -34,6 +34,8 @@ class EditOutput:
     subseeds: list[int]
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
+    sources: list[Image.Image] = field(default_factory=list)  # Prompt-to-Prompt: the unedited pictures
+    inversion: object | None = None  # Prompt-to-Prompt on a real picture: its NullTextInversion
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -121,6 +121,7 @@ def sample(
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
     masked_image_latents: torch.Tensor | None = None,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Run the sampler from pure noise (txt2img) or from a noised picture (img2img, inpaint) to
     clean latents.
@@ -145,6 +146,8 @@ def sample(
         masked_image_latents: (B, 4, h, w) latents of the picture with the masked area
             blanked; given, the UNet is an inpainting UNet (9 input channels: latents, mask,
             masked picture).
+        after_step: ``f(i, latents) -> latents`` after every scheduler step i (0-based model
+            evaluation); Prompt-to-Prompt's local blending uses it.
     """
     use_cfg = cfg_scale > 1.0
     scheduler.set_timesteps(steps, device=noise.device)
@@ -175,6 +178,8 @@ def sample(
             if i < len(timesteps) - 1:
                 proper = scheduler.add_noise(init_latents, noise, timesteps[i + 1:i + 2])
             latents = (1 - mask) * proper + mask * latents
+        if after_step is not None:
+            latents = after_step(i, latents)
         # Multi-evaluation samplers (Heun, DPM2) report one step per `order` evaluations.
         if i == len(timesteps) - 1 or (i + 1) % order == 0:
             done += 1

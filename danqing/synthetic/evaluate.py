@@ -220,3 +220,29 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
         if on_image:
             on_image(i, res.images[0], s)
     return summarise(scores), scores
+
+
+def layout_kept(source: Image.Image, edited: Image.Image, expected: list[tuple[str, str]],
+                tolerance: float = 3.0) -> tuple[bool, float | None]:
+    """Did an edit keep the source's layout and give each object the asked-for colour?
+
+    Args:
+        expected: (shape, colour) of every object the edited picture should show; each shape is
+            found in both pictures (the largest of that shape).
+        tolerance: the largest centroid shift allowed, in pixels of a 64x64 picture.
+
+    Returns:
+        (ok, the largest centroid shift in 64x64 pixels, None when an object is missing).
+    """
+    src, out = detect(source), detect(edited)
+    shifts = []
+    ok = True
+    for shape, colour in expected:
+        a = next((d for d in src if d.shape == shape), None)
+        b = next((d for d in out if d.shape == shape), None)
+        if a is None or b is None:
+            return False, None
+        shift = 64 * float(np.hypot(a.x - b.x, a.y - b.y))
+        shifts.append(shift)
+        ok = ok and shift < tolerance and b.colour == colour
+    return ok, max(shifts)
