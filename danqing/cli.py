@@ -370,6 +370,84 @@ def upscale(
     print(atomic_save_image(result, out))
 
 
+edit_app = typer.Typer(help="Edit pictures by editing prompts: `danqing edit p2p` (Prompt-to-Prompt, real "
+                        "pictures through null-text inversion).", no_args_is_help=True)
+app.add_typer(edit_app, name="edit")
+
+
+def _pairs(items: list[str], option: str, convert=str) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise InvalidRequest(option, f"expected WORD=VALUE, got {item!r}")
+        word, value = item.rsplit("=", 1)
+        try:
+            out.append((word.strip(), convert(value)))
+        except ValueError:
+            raise InvalidRequest(option, f"{value!r} in {item!r} is not a valid value") from None
+    return out
+
+
+def _window_option(text: str, option: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise InvalidRequest(option, f"expected START,END fractions of the steps (e.g. 0,0.8), got {text!r}") from None
+    return a, b
+
+
+@edit_app.command("p2p")
+def edit_p2p(
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., help="The source prompt: what the picture shows (a real picture's caption)."),
+    swap: list[str] = typer.Option([], "--swap", help="WORD=NEW: swap a word of the prompt (repeatable)."),
+    to: Optional[str] = typer.Option(None, "--to", help="The edited prompt, written out (words added = refinement)."),
+    reweight: list[str] = typer.Option([], "--reweight", help="WORD=FACTOR: scale the attention to a word (repeatable)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A real picture to edit: null-text inverted first (DDIM)."),
+    cross: str = typer.Option("0,0.8", help="Steps (START,END fractions) where cross-attention maps are the source's."),
+    self_steps: str = typer.Option("0,0.4", "--self", help="Steps where self-attention maps are the source's."),
+    features: float = typer.Option(0.0, help="Fraction of first steps with the source's finest UNet features "
+                                   "(keeps the layout on small models; 0.5 for danqing-tiny)."),
+    blend: bool = typer.Option(False, "--blend", help="Local blending: confine the edit to the edited words' area."),
+    null_iterations: int = typer.Option(10, "--null-iterations", help="Null-text optimisation steps per sampler step."),
+    negative: str = _NEG,
+    width: Optional[int] = typer.Option(None, help="Width [default: the image's, or 512; 64 for danqing-tiny]."),
+    height: Optional[int] = typer.Option(None, help="Height."),
+    steps: int = typer.Option(20, help="Sampling steps."),
+    sampler: str = typer.Option("DDIM", help="A1111 sampler name (a real picture needs DDIM)."),
+    cfg: float = typer.Option(7.0, help="CFG scale."), seed: int = typer.Option(-1, help="Seed; -1 = random."),
+    model: Optional[str] = _MODEL, batch_size: int = typer.Option(1, help="Edits (seeds) per run."),
+    out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+):
+    """Prompt-to-Prompt: the picture of PROMPT, edited by --swap / --to / --reweight with its layout
+    kept. The unedited picture is saved beside each edit as NAME-source.png."""
+    from danqing.editing.p2p import swap_words
+    from danqing.request import GenerationRequest
+
+    if to is not None and swap:
+        raise InvalidRequest("swap", "give either --swap or --to, not both")
+    target = to if to is not None else (swap_words(prompt, dict(_pairs(swap, "swap"))) if swap else prompt)
+    if target == prompt and not reweight:
+        raise InvalidRequest("swap", "nothing to edit: give --swap WORD=NEW, --to PROMPT or --reweight WORD=FACTOR")
+    fields = {
+        "prompt": target, "p2p_source": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
+        "cfg_scale": cfg, "seed": seed, "model": model, "batch_size": batch_size,
+        "p2p_cross": _window_option(cross, "cross"), "p2p_self": _window_option(self_steps, "self"),
+        "p2p_reweight": tuple(_pairs(reweight, "reweight", float)), "p2p_local_blend": blend,
+        "p2p_features": features, "null_text_iterations": null_iterations,
+    }
+    if image is not None:
+        from danqing.editing.images import load_image
+
+        img = load_image(image, "init_image")
+        fields.update(init_image=str(image.resolve()), width=width or max(64, img.width // 8 * 8),
+                      height=height or max(64, img.height // 8 * 8))
+    else:
+        fields.update(width=width or 512, height=height or 512)
+    req = GenerationRequest.create(**{k: v for k, v in fields.items() if v is not None})
+    _run_generate(ctx.obj, req, out, quiet)
+
+
 train_app = typer.Typer(help="Train models: `danqing train base --config FILE`.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")

@@ -170,6 +170,15 @@ class Studio:
             folder = Path(out_dir) if out_dir else self.settings.outputs_dir / kind / date.today().isoformat()
             for img, s, text in zip(images, seeds, infotexts):
                 paths.append(save_png(img, next_output_path(folder, s), text))
+            if sources:
+                # the unedited picture beside each edit; its request is the identity edit
+                source_request = request.replace(prompt=request.p2p_source, p2p_reweight=())
+                for img, path, s, ss in zip(sources, paths, seeds, subseeds):
+                    text = request_infotext(source_request, seed=s, subseed=ss, model_name=loaded.name,
+                                            model_hash=loaded.sha256,
+                                            vae_name=loaded.vae_entry.name if loaded.vae_entry else None,
+                                            vae_hash=loaded.vae_sha256)
+                    save_png(img, path.with_name(path.stem + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,

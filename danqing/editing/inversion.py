@@ -115,7 +115,7 @@ def null_text_inversion(comps, picture: Image.Image, cond: torch.Tensor, uncond:
             eps_c = _eps(unet, x, t, cond, dtype)
         loss_value = 0.0
         if use_cfg and iterations:
-            u = u.detach().requires_grad_(True)
+            u = u.detach().clone().requires_grad_(True)  # a copy: Adam updates in place
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / (2 * len(timesteps))))
             target = trajectory[i + 1]
             for _ in range(iterations):
@@ -125,7 +125,7 @@ def null_text_inversion(comps, picture: Image.Image, cond: torch.Tensor, uncond:
                 opt.zero_grad(set_to_none=True)
                 loss.backward(inputs=[u])
                 opt.step()
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 if loss_value < tolerance + i * 2 * tolerance:
                     break
             u = u.detach()

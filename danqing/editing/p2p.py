@@ -48,14 +48,15 @@ def prompt_ids(tokenizer, text: str, field_name: str) -> list[int]:
     return list(chunks[0].ids)
 
 
-def changed_tokens(src: list[int], tgt: list[int]) -> tuple[list[int], list[int]]:
+def changed_tokens(src: list[int], tgt: list[int], ignore: set[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Positions of the source tokens replaced or removed, and of the target tokens that replace
-    them or are added: the edited words, which local blending confines the edit to."""
+    them or are added: the edited words, which local blending confines the edit to. Tokens in
+    ``ignore`` (EOS/padding, shifted when a word is added) are left out."""
     s_pos, t_pos = [], []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=src, b=tgt, autojunk=False).get_opcodes():
         if op != "equal":
-            s_pos += list(range(i1, i2))
-            t_pos += list(range(j1, j2))
+            s_pos += [i for i in range(i1, i2) if src[i] not in ignore]
+            t_pos += [j for j in range(j1, j2) if tgt[j] not in ignore]
     return s_pos, t_pos
 
 
@@ -327,7 +328,7 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
     weights = reweight_vector(tok, tgt_ids, request.p2p_reweight)
     blend_src, blend_tgt = [], []
     if request.p2p_local_blend:
-        blend_src, blend_tgt = changed_tokens(src_ids, tgt_ids)
+        blend_src, blend_tgt = changed_tokens(src_ids, tgt_ids, {tok.eos_token_id, tok.pad_token_id})
         if not blend_src and not blend_tgt:  # a reweight of one prompt: blend around its words
             blend_tgt = [i for i, w in enumerate(weights.tolist()) if w != 1.0]
             blend_src = list(blend_tgt) if src_ids == tgt_ids else []

@@ -72,12 +72,40 @@ def editing_params(request: GenerationRequest) -> dict:
             "Hires prompt": request.hr_prompt,
             "Hires negative prompt": request.hr_negative_prompt,
         })
+    if request.p2p_source is not None:
+        p.update({
+            "P2P source": request.p2p_source,
+            "P2P cross": f"{request.p2p_cross[0]:g}-{request.p2p_cross[1]:g}",
+            "P2P self": f"{request.p2p_self[0]:g}-{request.p2p_self[1]:g}",
+            "P2P reweight": " ".join(f"{w}={f:g}" for w, f in request.p2p_reweight) or None,
+            "P2P local blend": True if request.p2p_local_blend else None,
+            "P2P features": request.p2p_features or None,
+            "Null-text iterations": request.null_text_iterations if request.init_image is not None else None,
+        })
     return p
+
+
+def _window(text: str) -> tuple[float, float]:
+    a, b = text.split("-")
+    return float(a), float(b)
 
 
 def _editing_fields(params: dict) -> dict:
     """The inverse of ``editing_params``."""
     f: dict = {}
+    if "P2P source" in params:
+        f["p2p_source"] = params["P2P source"]
+        if "P2P cross" in params:
+            f["p2p_cross"] = _window(params["P2P cross"])
+        if "P2P self" in params:
+            f["p2p_self"] = _window(params["P2P self"])
+        if params.get("P2P reweight"):
+            f["p2p_reweight"] = tuple((w, float(x)) for w, x in (item.rsplit("=", 1) for item in params["P2P reweight"].split()))
+        f["p2p_local_blend"] = params.get("P2P local blend", "").lower() == "true"
+        if "P2P features" in params:
+            f["p2p_features"] = float(params["P2P features"])
+        if "Null-text iterations" in params:
+            f["null_text_iterations"] = int(params["Null-text iterations"])
     if "Denoising strength" in params:
         f["denoising_strength"] = float(params["Denoising strength"])
     if "Init image" in params:
