@@ -48,6 +48,8 @@ class GenerationRequest(BaseModel):
         inpaint_full_res: "only masked": inpaint a crop around the mask at full width x height.
         inpaint_full_res_padding: pixels of context around the mask's box for "only masked".
         inpainting_mask_invert: repaint the black part of the mask instead.
+        image_cfg_scale: instruct-pix2pix models only: how closely the edit follows the init
+            picture (A1111's "Image CFG Scale"; ``cfg_scale`` then weighs the instruction).
 
     hires fix (txt2img only): enable_hr, hr_scale or hr_resize_x/y (target size), hr_upscaler
         ("Latent", "Latent (nearest)", ..., "Lanczos", "Nearest" or an installed upscaler),
@@ -101,6 +103,7 @@ class GenerationRequest(BaseModel):
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    image_cfg_scale: float = 1.5
     # hires fix
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -182,6 +185,13 @@ class GenerationRequest(BaseModel):
     def _denoise(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"must be between 0 and 1, got {v:g}")
+        return v
+
+    @field_validator("image_cfg_scale")
+    @classmethod
+    def _image_cfg(cls, v: float) -> float:
+        if not 0.0 <= v <= 30.0:
+            raise ValueError(f"must be between 0 and 30, got {v:g}")
         return v
 
     @field_validator("mask_blur")

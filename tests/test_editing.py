@@ -300,3 +300,32 @@ def test_cli_editing_bad_input(tmp_path):
         res = runner.invoke(app, ["--home", str(tmp_path), *args])
         assert res.exit_code != 0 and expect in str(res.exception or res.output), (args, res.output, res.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "broken.png", "m.png"]
+
+
+@pytest.mark.parametrize("cfg,image_cfg", [(7.0, 1.5), (4.0, 0.5), (1.0, 1.5)])
+def test_instruct_pix2pix_matches_diffusers(tiny_components, cfg, image_cfg):
+    """An 8-channel UNet makes img2img an instruct-pix2pix edit: three-branch guidance (text and
+    picture), the picture's unscaled VAE mode as extra channels, from pure noise."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    comps = dataclasses.replace(tiny_components["tiny-sd1"])
+    torch.manual_seed(0)
+    comps.unet = UNet2DConditionModel.from_config({**comps.unet.config, "in_channels": 8}).eval()
+    req = GenerationRequest(prompt="make the circle green", negative_prompt="blurry", sampler="Euler a", steps=6,
+                            seed=4, subseed=0, width=SIZE, height=SIZE, denoising_strength=1.0, init_image="x",
+                            cfg_scale=cfg, image_cfg_scale=image_cfg)
+    init = _gradient(SIZE, SIZE)
+    ours = run_img2img(comps, req, init, None, device=torch.device("cpu"), dtype=torch.float32).latents[0]
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=make_scheduler(comps.scheduler_config, req.sampler, req.schedule, seed=req.seed),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(req.prompt, image=init, num_inference_steps=req.steps, guidance_scale=cfg,
+                   image_guidance_scale=image_cfg, negative_prompt=req.negative_prompt,
+                   generator=[torch.Generator("cpu").manual_seed(req.seed)], output_type="latent").images
+    assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-4
+    with pytest.raises(InvalidRequest, match="takes no mask"):
+        run_img2img(comps, req.replace(mask="m"), init, Image.new("L", (SIZE, SIZE), 255),
+                    device=torch.device("cpu"), dtype=torch.float32)

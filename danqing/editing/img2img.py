@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from danqing.errors import InvalidRequest
 from danqing.editing.images import (
     composite,
     crop_region,
@@ -113,7 +114,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     """Encode, noise, denoise and decode ``base`` (already W x H) with the pixel mask ``m``."""
     from danqing.conditioning.text import TextEncoder
     from danqing.decode import decode_latents, to_pil, vae_scale_factor
-    from danqing.sampling.loop import sample
+    from danqing.sampling.loop import denoise, sample
     from danqing.sampling.noise import initial_noise, make_generators
     from danqing.sampling.samplers import make_scheduler
     from danqing.studio import build_conditioning
@@ -126,6 +127,12 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
                           [request.subseed + i for i in range(n)], warnings=warnings)
 
     inpainting_unet = comps.unet.config.in_channels == 9
+    from danqing.editing.instruct import is_instruct_unet
+
+    instruct = is_instruct_unet(comps.unet)
+    if instruct and m is not None:
+        raise InvalidRequest("mask", "an instruct-pix2pix model edits the whole picture from its instruction; "
+                             "it takes no mask")
     if m is not None and request.inpainting_fill == "fill":
         base = fill_masked(base, m)
     pixels = to_tensor(base)
@@ -141,6 +148,17 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     factor = vae_scale_factor(comps.vae)
     shape = (comps.vae.config.latent_channels, request.height // factor, request.width // factor)
     noise_device = "cpu" if request.rng == "cpu" else device
+    denoise_fn = denoise
+    if instruct:
+        from danqing.editing.instruct import instruct_denoise, instruct_schedule, picture_latents, three_branches
+
+        three = three_branches(request.cfg_scale, request.image_cfg_scale)
+        if request.cfg_scale > 1.0 and not three:  # as diffusers: no guidance at all then
+            cond = instruct_schedule(cond, False)
+        elif three:
+            cond = instruct_schedule(cond, True)
+        image_lat = picture_latents(comps.vae, pixels).to(device=device, dtype=dtype).expand(B, -1, -1, -1)
+        denoise_fn = instruct_denoise(image_lat, request.image_cfg_scale, three)
     lmask = latent_mask(m, shape[1:]).to(device=device, dtype=dtype).expand(B, -1, -1, -1) if m is not None else None
     masked_pixels = pixels * torch.from_numpy(m < 0.5)[None, None] if (m is not None and inpainting_unet) else None
 
@@ -151,7 +169,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
         gens = make_generators(bseeds, noise_device)
         # as diffusers: the init picture's posterior samples first, then the noise (an inpainting
         # UNet at full strength never looks at the init latents, and diffusers does not draw them)
-        if inpainting_unet and m is not None and request.denoising_strength == 1.0:
+        if (inpainting_unet and m is not None or instruct) and request.denoising_strength == 1.0:
             init_lat = torch.zeros((B, *shape), device=device, dtype=dtype)
         else:
             init_lat = encode(comps.vae, pixels.expand(B, -1, -1, -1), gens).to(device=device, dtype=dtype)
@@ -168,10 +186,11 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
             init_lat = init_lat * (1 - lmask) + fill * lmask
         scheduler = make_scheduler(comps.scheduler_config, request.sampler, request.schedule,
                                    seed=bseeds if B > 1 else bseeds[0])
-        res = sample(comps.unet, scheduler, noise, cond, steps=request.steps, cfg_scale=request.cfg_scale,
+        cfg_scale = request.cfg_scale if not instruct or three else 1.0
+        res = sample(comps.unet, scheduler, noise, cond, steps=request.steps, cfg_scale=cfg_scale,
                      generators=gens, on_step=on_step, family=comps.family, batch_index=b,
                      batch_count=request.batch_count, init_latents=init_lat, strength=request.denoising_strength,
-                     mask=lmask, masked_image_latents=masked_lat)
+                     mask=lmask, masked_image_latents=masked_lat, denoise_fn=denoise_fn)
         latents_out.append(res.latents)
         images += to_pil(decode_latents(comps.vae, res.latents))
         seeds += bseeds

@@ -54,6 +54,8 @@ def editing_params(request: GenerationRequest) -> dict:
         p["Init image"] = request.init_image
         if request.resize_mode != "just resize":
             p["Resize mode"] = request.resize_mode
+        if request.image_cfg_scale != 1.5:
+            p["Image CFG scale"] = request.image_cfg_scale
     if request.mask is not None:
         p.update({
             "Mask": request.mask, "Mask blur": request.mask_blur, "Masked content": request.inpainting_fill,
@@ -110,6 +112,8 @@ def _editing_fields(params: dict) -> dict:
         f["denoising_strength"] = float(params["Denoising strength"])
     if "Init image" in params:
         f["init_image"] = params["Init image"]
+    if "Image CFG scale" in params:
+        f["image_cfg_scale"] = float(params["Image CFG scale"])
     if "Resize mode" in params:
         f["resize_mode"] = params["Resize mode"]
     if "Mask" in params:
