@@ -243,16 +243,17 @@ def img2img(
     prompt: str = _PROMPT, negative: str = _NEG,
     strength: Optional[float] = typer.Option(None, "--strength", "--denoise", help="Denoising strength 0-1 [default: 0.75]."),
     resize_mode: Optional[str] = typer.Option(None, help="just resize, crop and resize, resize and fill, latent upscale."),
+    image_cfg: Optional[float] = typer.Option(None, "--image-cfg", help="instruct-pix2pix models: Image CFG scale [default: 1.5]."),
     width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
     sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
     model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH, out: Optional[Path] = _OUT, quiet: bool = _QUIET,
 ):
     """Repaint a picture (or every picture of a folder) following a prompt: the picture is noised
-    to --strength and denoised again."""
+    to --strength and denoised again. With an instruct-pix2pix model the prompt is an instruction."""
     for path in _images_in(init):
         req = _edit_request(prompt, negative, path, width=width, height=height, steps=steps, sampler=sampler, cfg=cfg,
                             seed=seed, strength=strength, model=model, batch_size=batch_size,
-                            extra={"resize_mode": resize_mode})
+                            extra={"resize_mode": resize_mode, "image_cfg_scale": image_cfg})
         _run_generate(ctx.obj, req, out, quiet)
 
 
