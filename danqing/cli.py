@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -486,6 +487,21 @@ def train_base_cmd(
     cfg = load_config(config, _parse_sets(set_))
     summary = train_base(cfg, resume=not fresh, log=lambda line: typer.echo(line))
     typer.echo(f"summary: {summary}")
+
+
+@train_app.command("instruct")
+def train_instruct_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-instruct.toml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+):
+    """Train an instruct-pix2pix model from a text-to-image model on synthetic edit pairs
+    ("make the circle blue", "add a yellow star", "remove the square")."""
+    from danqing.training.config import InstructTrainConfig, load_config
+    from danqing.training.instruct import train_instruct
+
+    cfg = load_config(config, _parse_sets(set_), model=InstructTrainConfig)
+    summary = train_instruct(cfg, log=lambda line: typer.echo(line))
+    typer.echo(f"summary: {json.dumps(summary['eval'])}")
 
 
 @eval_app.command("shapes")

@@ -79,7 +79,29 @@ class BaseTrainConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> BaseTrainConfig:
+class EditDataConfig(_Strict):
+    n_pairs: int = Field(20000, ge=1)   # synthetic edit pairs (danqing.synthetic.edits)
+    seed: int = 0
+    langs: tuple[Literal["en", "zh"], ...] = ("en", "zh")
+    size: int = Field(64, ge=16)
+
+
+class InstructConfig(_Strict):
+    init_from: str = "danqing-tiny"     # the text-to-image model whose UNet gets 4 more input channels
+    drop_text: float = Field(0.05, ge=0, le=1)   # the paper: 5% no instruction,
+    drop_image: float = Field(0.05, ge=0, le=1)  # 5% no picture,
+    drop_both: float = Field(0.05, ge=0, le=1)   # 5% neither (for three-branch guidance)
+    eval_pairs: int = Field(32, ge=0)    # held-out edits judged at every run.eval_every
+
+
+class InstructTrainConfig(_Strict):
+    data: EditDataConfig = EditDataConfig()
+    instruct: InstructConfig = InstructConfig()
+    unet: UNetConfig = UNetConfig()
+    run: RunConfig = RunConfig()
+
+
+def load_config(path: str | Path, overrides: dict | None = None, model=BaseTrainConfig):
     """Read and validate a TOML training config; ``overrides`` is {"section.key": value}.
 
     Raises:
@@ -96,7 +118,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> BaseTrainCon
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
     try:
-        return BaseTrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])

@@ -1,0 +1,185 @@
+"""Train an instruct-pix2pix model (Brooks et al. 2023) from a text-to-image model, on synthetic
+edit pairs (``danqing.synthetic.edits``).
+
+The UNet gets 4 more input channels for the picture being edited (its VAE mode, not scaled, as
+diffusers and A1111 feed it); their weights start at zero, so at step 0 the model is exactly
+the text-to-image model. The text encoder and VAE stay frozen: instructions are encoded once.
+Conditioning dropout (5% no instruction, 5% no picture, 5% neither) teaches the unconditional
+branches that three-branch guidance needs.
+
+    danqing train instruct --config configs/train/danqing-tiny-instruct.toml
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from danqing.training.config import InstructTrainConfig
+
+Log = Callable[[str], None]
+
+
+def widen_conv_in(unet, channels: int = 8):
+    """A copy of ``unet`` taking ``channels`` input channels; the new ones start at zero."""
+    from diffusers import UNet2DConditionModel
+
+    wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": channels})
+    state = unet.state_dict()
+    w = state["conv_in.weight"]
+    extra = torch.zeros(w.shape[0], channels - w.shape[1], *w.shape[2:], dtype=w.dtype)
+    state["conv_in.weight"] = torch.cat([w, extra], dim=1)
+    wide.load_state_dict(state)
+    return wide.to(dtype=unet.dtype)
+
+
+@torch.no_grad()
+def encode_texts(comps, texts: list[str]) -> torch.Tensor:
+    """(N, 77, D) hidden states of short texts (one chunk each) with the frozen text encoder."""
+    from danqing.conditioning.text import TextEncoder
+
+    enc = TextEncoder(comps)
+    return torch.cat([enc.encode(t).hidden.float().cpu() for t in texts])
+
+
+def judge_model(comps, pairs, *, steps: int = 20, cfg_scale: float = 7.0, image_cfg_scale: float = 1.5,
+                seed: int = 0, device="cpu") -> dict:
+    """Run each held-out edit on its rendered ``before`` picture and judge it."""
+    from danqing.editing.img2img import run_img2img
+    from danqing.request import GenerationRequest
+    from danqing.synthetic.edits import judge_edit
+    from danqing.synthetic.render import render
+
+    results = []
+    for i, pair in enumerate(pairs):
+        before = render(pair.before)
+        req = GenerationRequest(prompt=pair.instruction, init_image="synthetic", denoising_strength=1.0,
+                                steps=steps, cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, seed=seed + i,
+                                subseed=0, width=before.width, height=before.height, sampler="DPM++ 2M")
+        out = run_img2img(comps, req, before, None, device=torch.device(device), dtype=comps.unet.dtype)
+        results.append({"kind": pair.kind, **judge_edit(pair, before, out.images[0])})
+    summary = {key: round(sum(r[key] for r in results) / max(1, len(results)), 4) for key in ("ok", "done", "kept")}
+    for kind in ("recolour", "add", "remove"):
+        rows = [r for r in results if r["kind"] == kind]
+        if rows:
+            summary[f"ok_{kind}"] = round(sum(r["ok"] for r in rows) / len(rows), 4)
+    summary["n"] = len(results)
+    return summary
+
+
+def train_instruct(cfg: InstructTrainConfig, *, log: Log = print) -> dict:
+    """Train and export ``run.output_dir/model`` (diffusers folder) and ``summary.json``."""
+    import dataclasses
+
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from danqing.models.loader import load_components
+    from danqing.models.registry import Registry
+    from danqing.settings import Settings
+    from danqing.synthetic.edits import edit_pairs, heldout_edits
+    from danqing.training.base import _gen, _write_json_line, encode_all, export_model
+    from danqing.training.data import render_batch
+
+    c, r, d = cfg.unet, cfg.run, cfg.data
+    if r.num_threads:
+        torch.set_num_threads(r.num_threads)
+    run_dir = Path(r.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. the model to start from, in float32
+    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.instruct.init_from))
+    for m in comps.modules().values():
+        m.float().eval()
+    unet = widen_conv_in(comps.unet)
+
+    # 2. data: render, encode, and encode every distinct instruction once
+    pairs = edit_pairs(d.seed, d.n_pairs, tuple(d.langs))
+    t = time.perf_counter()
+    before_px = render_batch([p.before for p in pairs], d.size)
+    after_px = render_batch([p.after for p in pairs], d.size)
+    before_mode, _ = encode_all(comps.vae, before_px, "cpu")
+    after_mean, after_std = encode_all(comps.vae, after_px, "cpu")
+    del before_px, after_px
+    texts = sorted({p.instruction for p in pairs})
+    index = {text: i for i, text in enumerate(texts)}
+    hidden = encode_texts(comps, texts + [""])
+    empty = hidden[-1]
+    text_idx = torch.tensor([index[p.instruction] for p in pairs])
+    log(f"data: {len(pairs)} edit pairs rendered and encoded, {len(texts)} distinct instructions "
+        f"({time.perf_counter() - t:.0f} s)")
+
+    # 3. train
+    unet.train()
+    params = list(unet.parameters())
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
+    scaling = comps.vae.config.scaling_factor
+    heldout = heldout_edits(cfg.instruct.eval_pairs) if cfg.instruct.eval_pairs else []
+    n = len(pairs)
+    p_text, p_image, p_both = cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both
+    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
+    t0, loss_avg, last = time.perf_counter(), None, {"step": 0, "loss": None, "eval": None}
+    for step in range(c.steps):
+        g = _gen(r.seed, step, "instruct")
+        idx = torch.randint(n, (c.batch_size,), generator=g)
+        z = (after_mean[idx] + after_std[idx] * torch.randn(after_mean[idx].shape, generator=g)) * scaling
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
+        x_t = noise_sched.add_noise(z, noise, t)
+        u = torch.rand(c.batch_size, generator=g)
+        no_text = (u < p_text) | ((u >= p_text + p_image) & (u < p_text + p_image + p_both))
+        no_image = (u >= p_text) & (u < p_text + p_image + p_both)
+        context = torch.where(no_text[:, None, None], empty[None], hidden[text_idx[idx]])
+        picture = before_mode[idx] * (~no_image).float()[:, None, None, None]
+        pred = unet(torch.cat([x_t, picture], dim=1), t, context).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        value = float(loss.detach())
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        done = step + 1
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        final = done == c.steps or out_of_time
+        if done % r.log_every == 0 or final:
+            rate = done / (time.perf_counter() - t0)
+            log(f"instruct step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
+                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "instruct", "step": done, "loss": loss_avg})
+            last.update(step=done, loss=round(loss_avg, 5))
+        if heldout and (done % r.eval_every == 0 or final):
+            ema.store(params)
+            ema.copy_to(params)
+            unet.eval()
+            res = judge_model(dataclasses.replace(comps, unet=unet), heldout, steps=r.eval_steps)
+            log(f"eval step {done}: {res}")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
+            last["eval"] = res
+            ema.restore(params)
+            unet.train()
+        if out_of_time:
+            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+            break
+
+    # 4. export the EMA weights
+    ema.copy_to(params)
+    comps = dataclasses.replace(comps, unet=unet.eval())
+    summary = {"kind": "instruct-pix2pix", "init_from": cfg.instruct.init_from, "pairs": n,
+               "instructions": len(texts), "steps": last["step"], "batch_size": c.batch_size, "loss": last["loss"],
+               "eval": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
+               "config": json.loads(cfg.model_dump_json())}
+    export_model(comps, run_dir, name="model")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
