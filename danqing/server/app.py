@@ -267,7 +267,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
         raise InvalidRequest("listen", "listening on other interfaces needs --api-auth user:password")
     studio = studio or Studio(settings)
     store = JobStore(settings.db_path)
-    worker = Worker(store, studio, preview_interval=preview_interval)
+    worker = Worker(store, studio, settings.outputs_dir, preview_interval=preview_interval)
     state = ServerState(settings=settings, server=server, store=store, worker=worker)
 
     @asynccontextmanager
@@ -307,18 +307,20 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.include_router(build_router(state))
     app.include_router(job_router(state))
 
-    if server.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+    # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
+    # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
+    from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials=bool(creds))
+    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=bool(creds))
     if server.ui:
         import gradio as gr
 
         from danqing.server.ui import build_ui
 
         app = gr.mount_gradio_app(app, build_ui(state), path="/", max_file_size=server.max_upload_bytes,
-                                  ssr_mode=False, footer_links=[])
+                                  ssr_mode=False, footer_links=[],
+                                  allowed_paths=[str(settings.outputs_dir)])
     app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
     if creds is not None:
         app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])

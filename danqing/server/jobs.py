@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from danqing.request import GenerationRequest
 
@@ -311,12 +311,14 @@ class Worker:
     Args:
         store: the job store.
         studio: the Studio (its ModelManager owns the device); only this thread calls generate.
+        outputs_dir: where saved images go (``txt2img-images/DATE/``, ``img2img-images/DATE/``).
         preview_interval: seconds between live previews (the last step always gets one).
     """
 
-    def __init__(self, store: JobStore, studio, *, preview_interval: float = 0.25):
+    def __init__(self, store: JobStore, studio, outputs_dir: Path, *, preview_interval: float = 0.25):
         self.store = store
         self.studio = studio
+        self.outputs_dir = Path(outputs_dir)
         self.preview_interval = preview_interval
         self._cond = threading.Condition()
         self._progress = Progress()
@@ -476,7 +478,7 @@ class Worker:
         paths: list[Path | None] = [None] * len(result.images)
         if job.save:
             kind = "img2img-images" if job.kind == "img2img" else "txt2img-images"
-            folder = self.studio.settings.outputs_dir / kind / date.today().isoformat()
+            folder = self.outputs_dir / kind / date.today().isoformat()
             paths = planned_paths(folder, result.seeds)
             self.store.set_planned(job.id, paths)
             for img, path, text in zip(result.images, paths, result.infotexts):
@@ -511,5 +513,3 @@ def resolve_for_queue(request: GenerationRequest, default_model: str) -> Generat
         changes["model"] = default_model
     return request.replace(**changes) if changes else request
 
-
-Callback = Callable[[Job], None]
