@@ -99,7 +99,7 @@ def _job_view(state: ServerState, job, request_url: str = "") -> dict:
     if job.status == RUNNING:
         p = state.worker.progress()
         if p["job_id"] == job.id:
-            d["progress"] = {k: v for k, v in p.items() if k != "preview_png"}
+            d["progress"] = {k: v for k, v in p.items() if k not in ("preview_png", "log_len")}
     if job.result:
         d["result"] = {**job.result, "images": [
             {**img, "url": f"/api/v1/jobs/{job.id}/images/{i}" if img.get("path") else None}
@@ -165,27 +165,31 @@ def job_router(state: ServerState) -> APIRouter:
         get_job(job_id)
 
         async def stream():
-            last_step, last_preview, last_status = None, None, None
+            cursor, last_preview, last_status = 0, None, None
             while True:
                 job = state.store.get(job_id)
-                p = state.worker.progress()
                 if job.status == QUEUED and last_status != QUEUED:
                     yield _sse("queued", {"id": job_id, "status": job.status, "position": state.store.position(job)})
-                if job.status == RUNNING and p["job_id"] == job_id and (p["step"], p["batch_index"]) != last_step:
-                    last_step = (p["step"], p["batch_index"])
-                    data = {k: v for k, v in p.items() if k != "preview_png"}
-                    data["status"] = RUNNING
-                    if p["preview_png"] is not None and p["preview_step"] != last_preview:
-                        last_preview = p["preview_step"]
-                        data["preview"] = base64.b64encode(p["preview_png"]).decode()
-                    yield _sse("progress", data)
+                if job.status == RUNNING:
+                    steps = state.worker.steps_since(job_id, cursor)
+                    p = state.worker.progress()
+                    for n, (batch_index, step, total) in enumerate(steps):
+                        data = {"status": RUNNING, "batch_index": batch_index, "batch_count": p["batch_count"],
+                                "step": step, "total": total}
+                        if n == len(steps) - 1 and p["job_id"] == job_id:
+                            data.update(fraction=p["fraction"], eta=p["eta"])
+                            if p["preview_png"] is not None and p["preview_step"] != last_preview:
+                                last_preview = p["preview_step"]
+                                data["preview"] = base64.b64encode(p["preview_png"]).decode()
+                        yield _sse("progress", data)
+                    cursor += len(steps)
                 last_status = job.status
                 if job.status in TERMINAL:
                     yield _sse("done", _job_view(state, job))
                     return
                 if await request.is_disconnected():
                     return
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

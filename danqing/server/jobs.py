@@ -256,6 +256,7 @@ class Progress:
     preview_step: int = 0
     interrupted: bool = False
     skipped: bool = False
+    log: list = field(default_factory=list)  # one (batch_index, step, total) per step, for SSE
 
     @property
     def fraction(self) -> float:
@@ -277,7 +278,7 @@ class Progress:
             "job_id": self.job_id, "step": self.step, "total": self.total, "batch_index": self.batch_index,
             "batch_count": self.batch_count, "fraction": round(self.fraction, 4), "eta": round(self.eta, 3),
             "preview_png": self.preview_png, "preview_step": self.preview_step,
-            "interrupted": self.interrupted, "skipped": self.skipped,
+            "interrupted": self.interrupted, "skipped": self.skipped, "log_len": len(self.log),
         }
 
 
@@ -401,6 +402,14 @@ class Worker:
         with self._cond:
             return self._progress.snapshot()
 
+    def steps_since(self, job_id: str, start: int) -> list[tuple[int, int, int]]:
+        """The (batch_index, step, total) of every step of the running job from index ``start``
+        (SSE replays all of them, however fast the steps are)."""
+        with self._cond:
+            if self._progress.job_id != job_id:
+                return []
+            return list(self._progress.log[start:])
+
     def take_images(self, job_id: str) -> list[bytes] | None:
         """The PNG bytes of a finished job (A1111 routes), once; None if not kept."""
         with self._cond:
@@ -459,6 +468,7 @@ class Worker:
         with self._cond:
             p = self._progress
             p.step, p.total, p.batch_index, p.batch_count = info.step, info.total, info.batch_index, info.batch_count
+            p.log.append((info.batch_index, info.step, info.total))
             abort = self._abort
             due = info.step == info.total or now - getattr(self, "_last_preview", 0.0) >= self.preview_interval
         if due:
