@@ -69,3 +69,26 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class FakeStudio:
+    """A Studio stand-in that answers instantly (blank 8x8 pictures): for fuzzing the HTTP layer,
+    where thousands of valid requests would otherwise each run a real generation."""
+
+    def __init__(self, studio):
+        self.settings, self.registry, self.models = studio.settings, studio.registry, studio.models
+        self.calls = 0
+
+    def generate(self, request, on_step=None, *, save=False, out_dir=None, init_image=None, mask_image=None):
+        from PIL import Image
+
+        from danqing.outputs.infotext import format_infotext
+        from danqing.studio import GenerationResult
+
+        self.calls += 1
+        n = request.batch_size * request.batch_count
+        seeds = [request.seed + i for i in range(n)]
+        texts = [format_infotext(request.prompt, request.negative_prompt, {"Seed": s, "Model": request.model})
+                 for s in seeds]
+        return GenerationResult([Image.new("RGB", (8, 8)) for _ in seeds], seeds, [request.subseed + i for i in range(n)],
+                                texts, request, timings={"total": 0.0})

@@ -121,7 +121,10 @@ def job_router(state: ServerState) -> APIRouter:
         init = decode_image(body.init_image, "init_image", state.limits) if body.init_image else None
         mask = decode_image(body.mask, "mask", state.limits) if body.mask else None
         fields = body.request.model_dump(exclude_unset=True)
-        request = state.prepare_request(fields, init_image=init, mask=mask)
+        try:
+            request = state.prepare_request(fields, init_image=init, mask=mask)
+        except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
+            raise InvalidRequest(f"request.{exc.field}", str(exc).split(": ", 1)[-1]) from None
         job = state.worker.submit(request, source="api", save=body.save)
         return _job_view(state, job)
 
@@ -236,7 +239,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     field = ".".join(loc) or "request"
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, InvalidRequest):
-        return ctx_error.field, str(ctx_error)
+        prefix = loc[:-1] if loc and loc[-1] == ctx_error.field else loc
+        field = ".".join([*prefix, ctx_error.field])
+        return field, f"{field}: {str(ctx_error).split(': ', 1)[-1]}"
     msg = err.get("msg", "invalid")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
