@@ -88,7 +88,7 @@ def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):
     for name, value in (("steps", 4), ("width", 64), ("height", 64), ("batch_count", 1), ("seed", 7)):
         _set_number(page, f"txt2img_{name}", value)
     page.click("#txt2img_generate")
-    _textarea_contains(page, "txt2img_infotext", "Seed: 7")
+    _textarea_contains(page, "txt2img_infotext", "Seed: 7,")
     infotext = page.locator("#txt2img_infotext textarea").input_value()
     assert infotext.startswith(prompt + "\nSteps: 4,") and "Size: 64x64" in infotext
     page.wait_for_function("() => document.querySelector('#txt2img_status').innerText.startsWith('done')")
@@ -103,7 +103,7 @@ def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):
     page.click("#history_search")
     page.wait_for_selector("#history_gallery img")
     page.locator("#history_gallery img").first.click()
-    _textarea_contains(page, "history_infotext", "Seed: 7")
+    _textarea_contains(page, "history_infotext", "Seed: 7,")
     assert page.locator("#history_infotext textarea").input_value() == infotext
     _save_screenshot(page, tmp_path, "ui-history.png")
 
@@ -119,7 +119,7 @@ def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):
             for (const type of ['dragenter', 'dragover', 'drop'])
                 zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
         }""", base64.b64encode(png.content).decode())
-    _textarea_contains(page, "pnginfo_text", "Seed: 7")
+    _textarea_contains(page, "pnginfo_text", "Seed: 7,")
     assert page.locator("#pnginfo_text textarea").input_value() == infotext
 
     # Send to img2img, and run it there.
@@ -131,5 +131,5 @@ def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):
         _set_number(page, f"img2img_{name}", value)
     page.click("#img2img_generate")
     _textarea_contains(page, "img2img_infotext", "Denoising strength: 0.75")
-    assert "Seed: 3" in page.locator("#img2img_infotext textarea").input_value()
+    assert "Seed: 3," in page.locator("#img2img_infotext textarea").input_value()
     _save_screenshot(page, tmp_path, "ui-img2img.png")

@@ -173,7 +173,7 @@ def job_router(state: ServerState) -> APIRouter:
                 job = state.store.get(job_id)
                 if job.status == QUEUED and last_status != QUEUED:
                     yield _sse("queued", {"id": job_id, "status": job.status, "position": state.store.position(job)})
-                if job.status == RUNNING:
+                if job.status in (RUNNING, *TERMINAL):  # terminal: the steps not sent yet, then "done"
                     steps = state.worker.steps_since(job_id, cursor)
                     p = state.worker.progress()
                     for n, (batch_index, step, total) in enumerate(steps):

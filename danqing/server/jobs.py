@@ -327,6 +327,7 @@ class Worker:
         self._abort: str | None = None  # "cancel", "interrupt" or "skip" for the running job
         self._thread: threading.Thread | None = None
         self._handed: dict[str, tuple[float, list[bytes]]] = {}
+        self._recent_logs: dict[str, list] = {}  # step logs of the last finished jobs (late SSE readers)
         self.ready = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -406,9 +407,9 @@ class Worker:
         """The (batch_index, step, total) of every step of the running job from index ``start``
         (SSE replays all of them, however fast the steps are)."""
         with self._cond:
-            if self._progress.job_id != job_id:
-                return []
-            return list(self._progress.log[start:])
+            if self._progress.job_id == job_id:
+                return list(self._progress.log[start:])
+            return list(self._recent_logs.get(job_id, [])[start:])  # finished meanwhile
 
     def take_images(self, job_id: str) -> list[bytes] | None:
         """The PNG bytes of a finished job (A1111 routes), once; None if not kept."""
@@ -455,6 +456,9 @@ class Worker:
                 self.store.finish(job.id, DONE, result=result)
         finally:
             with self._cond:
+                self._recent_logs[job.id] = self._progress.log
+                while len(self._recent_logs) > 32:
+                    del self._recent_logs[next(iter(self._recent_logs))]
                 self._progress = Progress()
                 self._abort = None
                 now = time.monotonic()
