@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from danqing.errors import InvalidRequest

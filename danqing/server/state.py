@@ -12,7 +12,7 @@ from typing import Any
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest
 from danqing.server.jobs import JobStore, Worker, resolve_for_queue
-from danqing.server.security import UploadLimits, check_name, resolve_model
+from danqing.server.security import UploadLimits, resolve_model
 from danqing.settings import ServerSettings, Settings
 
 # Server options (A1111 /sdapi/v1/options names) -> default; stored in the database.
@@ -138,7 +138,7 @@ class ServerState:
         if fields.get("vae") is not None:
             if not isinstance(fields["vae"], str):
                 raise InvalidRequest("vae", "must be a VAE name (see /sdapi/v1/sd-vae)")
-            fields["vae"] = None if fields["vae"] in VAE_NONE else resolve_model(self.registry, "vae", check_name(fields["vae"], "vae"), "vae")
+            fields["vae"] = None if fields["vae"] in VAE_NONE else resolve_model(self.registry, "vae", fields["vae"], "vae")
         elif opts["sd_vae"] not in VAE_NONE:
             fields["vae"] = opts["sd_vae"]
         if "clip_skip" not in fields or (overrides and "CLIP_stop_at_last_layers" in overrides):
