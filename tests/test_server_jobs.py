@@ -216,3 +216,29 @@ def test_planned_paths_follow_a1111_numbering(tmp_path):
     (tmp_path / "00007-5.png").write_bytes(b"")
     assert [p.name for p in planned_paths(tmp_path, [3, 4])] == ["00008-3.png", "00009-4.png"]
     assert [p.name for p in planned_paths(tmp_path / "new", [1])] == ["00000-1.png"]
+
+
+def test_recover_cleans_up_and_requeues(tmp_path):
+    """What a killed server leaves behind: a running job with its planned image half-written (and
+    save_png's temp file), a queued job, and an A1111 job whose client is gone."""
+    from danqing.request import GenerationRequest
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    req = GenerationRequest.create(prompt="a circle", seed=1, model="danqing-tiny", **TINY)
+    running, queued = store.add(req, source="api", save=True), store.add(req, source="ui", save=True)
+    ephemeral = store.add(req, source="a1111", save=False)
+    assert store.claim_next().id == running.id
+    planned = planned_paths(tmp_path / "out", [1])
+    store.set_planned(running.id, planned)
+    planned[0].parent.mkdir()
+    planned[0].write_bytes(b"\x89PNG half")
+    (planned[0].parent / f".{planned[0].name}.abc123.tmp").write_bytes(b"partial")
+    store.close()
+
+    store = JobStore(tmp_path / "jobs.sqlite3")  # the next start
+    out = store.recover()
+    assert out["requeued"] == [running.id] and out["failed"] == [ephemeral.id] and len(out["removed"]) == 2
+    assert not any((tmp_path / "out").iterdir())
+    assert [store.get(j.id).status for j in (running, queued, ephemeral)] == ["queued", "queued", "failed"]
+    assert store.claim_next().id == running.id  # keeps its place at the head of the queue
+    assert store.recover()["requeued"] == [running.id]  # and again after a second crash

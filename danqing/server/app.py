@@ -268,8 +268,10 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
         studio: an existing Studio (tests share one); default a new ``Studio(settings)``.
     """
     from danqing.server.a1111 import build_router
+    from danqing.settings import force_offline
     from danqing.studio import Studio
 
+    force_offline()  # also when an ASGI host calls the factory directly (Gradio reads it at mount)
     server = server or ServerSettings()
     creds = server.credentials()
     if not server.is_local and creds is None:
