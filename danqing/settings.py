@@ -41,6 +41,8 @@ class Settings:
         device: "auto" (cuda > mps > cpu) or an explicit torch device string.
         dtype: "auto" (fp16 on CUDA, fp32 elsewhere), "fp32", "fp16" or "bf16".
         default_model: model name used when a request names none.
+        db_path: the server's SQLite database of jobs, history and options
+            (default ``home/danqing.sqlite3``).
     """
 
     home: Path = field(default_factory=lambda: Path.cwd())
@@ -49,17 +51,19 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     default_model: str = "danqing-tiny"
+    db_path: Path | None = None
 
     def __post_init__(self):
         home = Path(self.home).expanduser()
         object.__setattr__(self, "home", home)
         object.__setattr__(self, "models_dir", Path(self.models_dir or home / "models").expanduser())
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir or home / "outputs").expanduser())
+        object.__setattr__(self, "db_path", Path(self.db_path or home / "danqing.sqlite3").expanduser())
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         """Settings from ``DANQING_HOME``, ``DANQING_MODELS``, ``DANQING_OUTPUTS``, ``DANQING_DEVICE``,
-        ``DANQING_DTYPE``, ``DANQING_MODEL``; keyword overrides win when not None."""
+        ``DANQING_DTYPE``, ``DANQING_MODEL``, ``DANQING_DB``; keyword overrides win when not None."""
         env = os.environ
         values = {
             "home": env.get("DANQING_HOME") or Path.cwd(),
@@ -68,12 +72,53 @@ class Settings:
             "device": env.get("DANQING_DEVICE", "auto"),
             "dtype": env.get("DANQING_DTYPE", "auto"),
             "default_model": env.get("DANQING_MODEL", "danqing-tiny"),
+            "db_path": env.get("DANQING_DB"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How ``danqing serve`` listens and what it accepts (docs/api.md).
+
+    Attributes:
+        host, port: where to listen; anything but localhost needs ``api_auth``.
+        api_auth: "user:pass" for HTTP Basic on the API and the UI; None = no auth (localhost only).
+        cors_origins: origins allowed by CORS; empty = no CORS headers at all.
+        max_upload_bytes: largest decoded upload (init image, mask, PNG info) in bytes.
+        max_upload_pixels: largest upload in pixels (width x height), checked before decoding.
+        max_body_bytes: largest HTTP request body.
+        sync_timeout_s: how long an A1111 route waits for its job.
+        ui: mount the Gradio web UI at ``/``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_auth: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_upload_pixels: int = 4096 * 4096
+    max_body_bytes: int = 64 * 1024 * 1024
+    sync_timeout_s: float = 3600.0
+    ui: bool = True
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    def credentials(self) -> tuple[str, str] | None:
+        if not self.api_auth:
+            return None
+        user, sep, password = self.api_auth.partition(":")
+        if not sep or not user or not password:
+            from danqing.errors import InvalidRequest
+
+            raise InvalidRequest("api_auth", "must be user:password with both parts non-empty")
+        return user, password
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,338 @@
+"""``create_app``: one FastAPI app with the A1111 API (``/sdapi/v1``), the async job API
+(``/api/v1``) and the Gradio web UI (``/``). Nothing happens at import; ``danqing serve`` builds
+the settings and calls the factory (docs/api.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import APIRouter, FastAPI, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from danqing.errors import DanqingError, InvalidRequest, ModelError
+from danqing.request import GenerationRequest
+from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
+from danqing.server.security import BasicAuthMiddleware, BodyLimitMiddleware, decode_image
+from danqing.server.state import ServerState
+from danqing.settings import ServerSettings, Settings
+
+JOB_ID = PathParam(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")
+
+
+class JobFailed(Exception):
+    def __init__(self, status: int, detail: str, job_id: str):
+        self.status, self.detail, self.job_id = status, detail, job_id
+
+
+def job_error(job) -> JobFailed:
+    """The HTTP answer for a job that did not finish: 422 for a request the engine refused,
+    409 cancelled, 504 still waiting, 500 for an internal error."""
+    if job.status == "cancelled":
+        return JobFailed(409, f"job {job.id} was cancelled", job.id)
+    if job.status not in TERMINAL:
+        return JobFailed(504, f"job {job.id} is still {job.status}; follow it at /api/v1/jobs/{job.id}", job.id)
+    if (job.error or "").startswith("internal error"):
+        return JobFailed(500, job.error, job.id)
+    return JobFailed(422, job.error or "failed", job.id)
+
+
+def infotext_of_image(img) -> str:
+    """The A1111 parameters of an in-memory picture: PNG text chunk or EXIF UserComment."""
+    from danqing.outputs.store import _decode_user_comment, _user_comment
+
+    text = img.info.get("parameters")
+    if not text:
+        raw = _user_comment(img)
+        text = _decode_user_comment(raw) if raw else ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return text or ""
+
+
+def memory_report(state: ServerState) -> dict:
+    """A1111 /memory: RAM of the machine and this process; CUDA when the worker's device is CUDA."""
+    import resource
+
+    page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
+    avail = os.sysconf("SC_AVPHYS_PAGES")
+    total, free = page * pages, page * avail
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total, "process_peak_rss": rss}}
+    device = state.worker.studio.models.device
+    if device.type == "cuda":
+        import torch
+
+        free_c, total_c = torch.cuda.mem_get_info(device)
+        out["cuda"] = {"system": {"free": free_c, "used": total_c - free_c, "total": total_c},
+                       "active": {"current": torch.cuda.memory_allocated(device), "peak": torch.cuda.max_memory_allocated(device)}}
+    else:
+        out["cuda"] = {"error": f"the worker runs on {device.type}, not CUDA"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The job API
+# ---------------------------------------------------------------------------------------------
+class JobSubmit(BaseModel):
+    """A job: the library's GenerationRequest, plus the pictures of img2img / inpaint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: GenerationRequest
+    init_image: Optional[str] = None
+    mask: Optional[str] = None
+    save: bool = True
+
+
+def _job_view(state: ServerState, job, request_url: str = "") -> dict:
+    d = job.to_dict()
+    if job.status == QUEUED:
+        d["position"] = state.store.position(job)
+    if job.status == RUNNING:
+        p = state.worker.progress()
+        if p["job_id"] == job.id:
+            d["progress"] = {k: v for k, v in p.items() if k not in ("preview_png", "log_len")}
+    if job.result:
+        d["result"] = {**job.result, "images": [
+            {**img, "url": f"/api/v1/jobs/{job.id}/images/{i}" if img.get("path") else None}
+            for i, img in enumerate(job.result["images"])]}
+    return d
+
+
+def job_router(state: ServerState) -> APIRouter:
+    r = APIRouter(prefix="/api/v1", tags=["jobs"])
+
+    def get_job(job_id: str):
+        job = state.store.get(job_id)
+        if job is None:
+            raise JobFailed(404, f"no job {job_id}", job_id)
+        return job
+
+    @r.post("/jobs", status_code=202, summary="Submit a job (GenerationRequest + optional base64 pictures)")
+    def submit(body: JobSubmit) -> dict:
+        init = decode_image(body.init_image, "init_image", state.limits) if body.init_image else None
+        mask = decode_image(body.mask, "mask", state.limits) if body.mask else None
+        fields = body.request.model_dump(exclude_unset=True)
+        try:
+            request = state.prepare_request(fields, init_image=init, mask=mask)
+        except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
+            raise InvalidRequest(f"request.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+        job = state.worker.submit(request, source="api", save=body.save)
+        return _job_view(state, job)
+
+    @r.get("/jobs/{job_id}", summary="Status of a job (position when queued, progress when running)")
+    def status(job_id: str = JOB_ID) -> dict:
+        return _job_view(state, get_job(job_id))
+
+    @r.get("/jobs/{job_id}/wait", summary="Wait (up to timeout seconds) until the job has finished")
+    def wait(job_id: str = JOB_ID, timeout: float = Query(30.0, ge=0, le=600)) -> dict:
+        get_job(job_id)
+        return _job_view(state, state.worker.wait(job_id, timeout))
+
+    @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued job or stop a running one")
+    def cancel(job_id: str = JOB_ID) -> dict:
+        job = get_job(job_id)
+        if job.status in TERMINAL:
+            raise JobFailed(409, f"job {job_id} has already {'finished' if job.status == 'done' else job.status}", job_id)
+        state.worker.cancel(job_id)
+        return _job_view(state, state.worker.wait(job_id, timeout=30))
+
+    @r.get("/jobs/{job_id}/result", summary="The images (URLs, seeds, infotexts) of a finished job")
+    def result(job_id: str = JOB_ID) -> dict:
+        job = get_job(job_id)
+        if job.status != "done":
+            raise job_error(job) if job.status in TERMINAL else JobFailed(409, f"job {job_id} is {job.status}", job_id)
+        return _job_view(state, job)["result"]
+
+    @r.get("/jobs/{job_id}/images/{index}", response_class=FileResponse, summary="One image of a finished job (PNG)")
+    def image(job_id: str = JOB_ID, index: int = PathParam(ge=0, le=10_000)):
+        job = get_job(job_id)
+        images = (job.result or {}).get("images", [])
+        if index >= len(images) or not images[index].get("path"):
+            raise JobFailed(404, f"job {job_id} has no saved image {index}", job_id)
+        path = images[index]["path"]
+        if not os.path.isfile(path):
+            raise JobFailed(404, f"image {index} of job {job_id} is no longer on disk", job_id)
+        return FileResponse(path, media_type="image/png")
+
+    @r.get("/jobs/{job_id}/events", summary="Server-sent events: queue position, per-step progress with previews, the end")
+    async def events(request: Request, job_id: str = JOB_ID):
+        get_job(job_id)
+
+        async def stream():
+            cursor, last_preview, last_status = 0, None, None
+            while True:
+                job = state.store.get(job_id)
+                if job.status == QUEUED and last_status != QUEUED:
+                    yield _sse("queued", {"id": job_id, "status": job.status, "position": state.store.position(job)})
+                if job.status in (RUNNING, *TERMINAL):  # terminal: the steps not sent yet, then "done"
+                    steps = state.worker.steps_since(job_id, cursor)
+                    p = state.worker.progress()
+                    for n, (batch_index, step, total) in enumerate(steps):
+                        data = {"status": RUNNING, "batch_index": batch_index, "batch_count": p["batch_count"],
+                                "step": step, "total": total}
+                        if n == len(steps) - 1 and p["job_id"] == job_id:
+                            data.update(fraction=p["fraction"], eta=p["eta"])
+                            if p["preview_png"] is not None and p["preview_step"] != last_preview:
+                                last_preview = p["preview_step"]
+                                data["preview"] = base64.b64encode(p["preview_png"]).decode()
+                        yield _sse("progress", data)
+                    cursor += len(steps)
+                last_status = job.status
+                if job.status in TERMINAL:
+                    yield _sse("done", _job_view(state, job))
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @r.get("/jobs/{job_id}/preview", summary="The running job's latest preview (PNG); 204 when none")
+    def preview(job_id: str = JOB_ID):
+        get_job(job_id)
+        p = state.worker.progress()
+        if p["job_id"] != job_id or p["preview_png"] is None:
+            return Response(status_code=204)
+        return Response(p["preview_png"], media_type="image/png")
+
+    @r.get("/history", summary="Jobs, newest first; q searches the prompt")
+    def history(q: str = Query("", max_length=1000), status: Optional[str] = Query(None),
+                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10_000_000)) -> dict:
+        if status is not None and status not in STATUSES:
+            raise InvalidRequest("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+        jobs = state.store.history(query=q, status=status, limit=limit, offset=offset)
+        return {"jobs": [_job_view(state, j) for j in jobs], "limit": limit, "offset": offset}
+
+    @r.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "worker": state.worker.alive, "queued": state.store.count(QUEUED),
+                "running": state.store.count(RUNNING)}
+
+    return r
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------------------------
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    """FastAPI's error list -> (field, one line), the first problem, our wording."""
+    from danqing.request import GenerationRequest
+
+    errors = exc.errors()
+    if not errors:
+        return "request", "invalid request"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    field = ".".join(loc) or "request"
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, InvalidRequest):
+        prefix = loc[:-1] if loc and loc[-1] == ctx_error.field else loc
+        field = ".".join([*prefix, ctx_error.field])
+        return field, f"{field}: {str(ctx_error).split(': ', 1)[-1]}"
+    msg = err.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+        if loc and loc[0] == "request":
+            msg += f"; allowed fields: {', '.join(GenerationRequest.model_fields)}"
+    elif err.get("type") == "json_invalid":
+        msg = f"not valid JSON ({(err.get('ctx') or {}).get('error', 'parse error')})"
+        field = "body"
+    elif err.get("type") == "missing":
+        msg = "required"
+    return field, f"{field}: {msg}"
+
+
+def create_app(settings: Settings, server: ServerSettings | None = None, *, studio=None,
+               preview_interval: float = 0.25) -> FastAPI:
+    """The whole server as one ASGI app. The worker starts (and interrupted jobs are recovered)
+    in the app's lifespan, i.e. when uvicorn or a TestClient starts it.
+
+    Args:
+        settings: paths (models, outputs, database) and device policy.
+        server: listening, auth and limits; default ``ServerSettings()``.
+        studio: an existing Studio (tests share one); default a new ``Studio(settings)``.
+    """
+    from danqing.server.a1111 import build_router
+    from danqing.settings import force_offline
+    from danqing.studio import Studio
+
+    force_offline()  # also when an ASGI host calls the factory directly (Gradio reads it at mount)
+    server = server or ServerSettings()
+    creds = server.credentials()
+    if not server.is_local and creds is None:
+        raise InvalidRequest("listen", "listening on other interfaces needs --api-auth user:password")
+    studio = studio or Studio(settings)
+    store = JobStore(settings.db_path)
+    worker = Worker(store, studio, settings.outputs_dir, preview_interval=preview_interval)
+    state = ServerState(settings=settings, server=server, store=store, worker=worker)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.recovered = store.recover()
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="danqing", version="0.1.0", lifespan=lifespan,
+                  description="丹青 danqing studio server: A1111-compatible API, async job API, web UI (docs/api.md)")
+    app.state.danqing = state
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest):
+        return JSONResponse({"error": type(exc).__name__, "field": exc.field, "detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        field, msg = _validation_message(exc)
+        return JSONResponse({"error": "InvalidRequest", "field": field, "detail": msg}, status_code=422)
+
+    @app.exception_handler(ModelError)
+    async def _model(request: Request, exc: ModelError):
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(DanqingError)
+    async def _danqing(request: Request, exc: DanqingError):
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(JobFailed)
+    async def _job(request: Request, exc: JobFailed):
+        return JSONResponse({"error": "JobFailed", "detail": exc.detail, "job_id": exc.job_id}, status_code=exc.status)
+
+    app.include_router(build_router(state))
+    app.include_router(job_router(state))
+
+    # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
+    # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=bool(creds))
+    if server.ui:
+        import gradio as gr
+
+        from danqing.server.ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(state), path="/", max_file_size=server.max_upload_bytes,
+                                  ssr_mode=False, footer_links=[],
+                                  allowed_paths=[str(settings.outputs_dir)])
+    app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
+    if creds is not None:
+        app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
+    return app

@@ -1,0 +1,529 @@
+"""The job queue: a SQLite store of jobs, history and options, and the one worker thread that
+owns the Studio (and with it the device).
+
+Every way in -- the async job API, the A1111 routes, the web UI -- adds a job here and, if it
+wants to, waits for it. HTTP handlers never touch tensors: the worker turns previews and results
+into PNG bytes before anyone else sees them.
+
+Durability: a job's row is committed before its id is returned; images are written atomically
+(``save_png``: temp file + fsync + rename) and their planned names recorded before writing, so a
+server killed mid-job leaves no half-written file. On start, ``recover`` deletes what an
+interrupted run may have left, puts 'running' jobs back in the queue (same place: the queue is
+ordered by ``seq``), and fails the jobs whose only consumer was an HTTP client that is gone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from danqing.request import GenerationRequest
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+TERMINAL = (DONE, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    save INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    planned TEXT,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds") if t else None
+
+
+@dataclass
+class Job:
+    """One row of the jobs table.
+
+    Attributes:
+        seq: queue order (submission order); id: 32 hex chars.
+        status: queued, running, done, failed or cancelled.
+        kind: "txt2img" or "img2img"; source: "api", "a1111" or "ui".
+        save: write the images to the outputs folder (else they are handed to the waiting client).
+        request: the request as it will run (random seeds already drawn, model named).
+        result: {"images": [{"path", "seed", "subseed", "infotext"}], "interrupted", "warnings", ...}.
+    """
+
+    seq: int
+    id: str
+    status: str
+    kind: str
+    source: str
+    save: bool
+    prompt: str
+    request: GenerationRequest
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    planned: list[str] = field(default_factory=list)
+    result: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "seq": self.seq, "status": self.status, "kind": self.kind, "source": self.source,
+            "save": self.save, "prompt": self.prompt, "created": _iso(self.created), "started": _iso(self.started),
+            "finished": _iso(self.finished), "error": self.error, "request": self.request.model_dump(),
+            "result": self.result,
+        }
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        seq=row["seq"], id=row["id"], status=row["status"], kind=row["kind"], source=row["source"],
+        save=bool(row["save"]), prompt=row["prompt"], request=GenerationRequest.model_validate_json(row["request"]),
+        created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
+        planned=json.loads(row["planned"]) if row["planned"] else [],
+        result=json.loads(row["result"]) if row["result"] else None,
+    )
+
+
+class JobStore:
+    """Jobs, history and options in one SQLite file. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _one(self, sql: str, args: tuple = ()) -> Job | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return _row_to_job(row) if row else None
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest, *, source: str, save: bool) -> Job:
+        job_id = new_job_id()
+        kind = "img2img" if request.init_image is not None else "txt2img"
+        self._exec(
+            "INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) VALUES (?,?,?,?,?,?,?,?)",
+            (job_id, QUEUED, kind, source, int(save), request.prompt, request.to_json(), time.time()),
+        )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def claim_next(self) -> Job | None:
+        """The oldest queued job, now marked running (None when the queue is empty)."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ? AND status = ?",
+                             (RUNNING, time.time(), row["id"], QUEUED))
+        return self.get(row["id"])
+
+    def set_planned(self, job_id: str, paths: list[Path]) -> None:
+        self._exec("UPDATE jobs SET planned = ? WHERE id = ?", (json.dumps([str(p) for p in paths]), job_id))
+
+    def finish(self, job_id: str, status: str, *, result: dict | None = None, error: str | None = None) -> None:
+        self._exec("UPDATE jobs SET status = ?, finished = ?, result = ?, error = ?, planned = NULL WHERE id = ?",
+                   (status, time.time(), json.dumps(result) if result is not None else None, error, job_id))
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job that has not started; False when it is no longer queued."""
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
+                                   (CANCELLED, time.time(), job_id, QUEUED))
+        return cur.rowcount == 1
+
+    def position(self, job: Job) -> int:
+        """Jobs ahead of a queued job (0 = next)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?) AND seq < ?",
+                                   (QUEUED, RUNNING, job.seq)).fetchone()
+        return int(row[0])
+
+    def count(self, *statuses: str) -> int:
+        marks = ",".join("?" * len(statuses))
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0])
+
+    def history(self, *, query: str = "", status: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
+        """Newest first; ``query`` matches the prompt (case-insensitive substring)."""
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if query:
+            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql += " AND prompt LIKE ? ESCAPE '\\'"
+            args.append(f"%{escaped}%")
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._lock:
+            rows = self._db.execute(sql, tuple(args)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def recover(self) -> dict[str, list[str]]:
+        """After a restart: clean up and re-queue interrupted jobs (see the module docstring).
+
+        Returns:
+            {"requeued": [...ids], "failed": [...ids], "removed": [...paths]}.
+        """
+        out: dict[str, list[str]] = {"requeued": [], "failed": [], "removed": []}
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq", (QUEUED, RUNNING)).fetchall()
+        for job in map(_row_to_job, rows):
+            for planned in map(Path, job.planned):
+                for leftover in [planned, *planned.parent.glob(f".{planned.name}.*.tmp")]:
+                    if leftover.exists():
+                        leftover.unlink()
+                        out["removed"].append(str(leftover))
+            if not job.save:
+                self.finish(job.id, FAILED, error="the server restarted before this job finished; its client "
+                                                  "(an A1111 request that does not save images) is gone")
+                out["failed"].append(job.id)
+            elif job.status == RUNNING:
+                self._exec("UPDATE jobs SET status = ?, started = NULL, planned = NULL WHERE id = ?", (QUEUED, job.id))
+                out["requeued"].append(job.id)
+        return out
+
+    # -- options ------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM options").fetchall()
+        return {r["key"]: json.loads(r["value"]) for r in rows}
+
+    def set_options(self, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            for k, v in values.items():
+                self._db.execute("INSERT OR REPLACE INTO options (key, value) VALUES (?, ?)", (k, json.dumps(v)))
+            self._db.execute("COMMIT")
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """What the running job has reached; a snapshot is handed to HTTP handlers."""
+
+    job_id: str | None = None
+    step: int = 0
+    total: int = 0
+    batch_index: int = 0
+    batch_count: int = 1
+    passes_done: int = 0
+    started: float = 0.0
+    preview_png: bytes | None = None
+    preview_step: int = 0
+    interrupted: bool = False
+    skipped: bool = False
+    log: list = field(default_factory=list)  # one (batch_index, step, total) per step, for SSE
+
+    @property
+    def fraction(self) -> float:
+        if not self.job_id or not self.total:
+            return 0.0
+        done = self.batch_index * self.total + self.step
+        return min(1.0, done / (self.batch_count * self.total))
+
+    @property
+    def eta(self) -> float:
+        f = self.fraction
+        if f <= 0:
+            return 0.0
+        elapsed = time.monotonic() - self.started
+        return max(0.0, elapsed / f - elapsed)
+
+    def snapshot(self) -> dict:
+        return {
+            "job_id": self.job_id, "step": self.step, "total": self.total, "batch_index": self.batch_index,
+            "batch_count": self.batch_count, "fraction": round(self.fraction, 4), "eta": round(self.eta, 3),
+            "preview_png": self.preview_png, "preview_step": self.preview_step,
+            "interrupted": self.interrupted, "skipped": self.skipped, "log_len": len(self.log),
+        }
+
+
+def png_bytes(image, infotext: str | None = None) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = None
+    if infotext:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def planned_paths(folder: Path, seeds: list[int]) -> list[Path]:
+    """A1111 names ``NNNNN-SEED.png`` for a run's images: consecutive counters after the folder's
+    highest (``next_output_path`` for each, as if the previous ones existed)."""
+    from danqing.outputs.store import next_output_path
+
+    first = next_output_path(folder, seeds[0]) if seeds else None
+    if first is None:
+        return []
+    start = int(first.name.split("-", 1)[0])
+    return [folder / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
+
+
+class Worker:
+    """The single thread that runs jobs in submission order with the one Studio.
+
+    Args:
+        store: the job store.
+        studio: the Studio (its ModelManager owns the device); only this thread calls generate.
+        outputs_dir: where saved images go (``txt2img-images/DATE/``, ``img2img-images/DATE/``).
+        preview_interval: seconds between live previews (the last step always gets one).
+    """
+
+    def __init__(self, store: JobStore, studio, outputs_dir: Path, *, preview_interval: float = 0.25):
+        self.store = store
+        self.studio = studio
+        self.outputs_dir = Path(outputs_dir)
+        self.preview_interval = preview_interval
+        self._cond = threading.Condition()
+        self._progress = Progress()
+        self._stop = threading.Event()
+        self._abort: str | None = None  # "cancel", "interrupt" or "skip" for the running job
+        self._thread: threading.Thread | None = None
+        self._handed: dict[str, tuple[float, list[bytes]]] = {}
+        self._recent_logs: dict[str, list] = {}  # step logs of the last finished jobs (late SSE readers)
+        self.ready = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="danqing-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish: the running job is interrupted and stays 'running' in the store only if the
+        thread does not end in time (then ``recover`` re-queues it on the next start)."""
+        self._stop.set()
+        with self._cond:
+            if self._progress.job_id:
+                self._abort = "shutdown"
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- what handlers call -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, *, source: str, save: bool) -> Job:
+        job = self.store.add(request, source=source, save=save)
+        with self._cond:
+            self._cond.notify_all()
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job is done, failed or cancelled (or ``timeout``); returns its row."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.store.get(job_id)
+            if job is None or job.status in TERMINAL:
+                return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return job
+            with self._cond:
+                self._cond.wait(0.5 if left is None else min(0.5, left))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job, or stop the running one (its images are not kept)."""
+        if self.store.cancel_queued(job_id):
+            self._notify()
+            return self.store.get(job_id)
+        with self._cond:
+            if self._progress.job_id == job_id:
+                self._abort = "cancel"
+        return self.store.get(job_id)
+
+    def interrupt(self) -> str | None:
+        """A1111 interrupt: stop the running job and keep what it has reached."""
+        with self._cond:
+            if self._progress.job_id:
+                self._abort = "interrupt"
+                self._progress.interrupted = True
+            return self._progress.job_id
+
+    def skip(self) -> str | None:
+        """A1111 skip; the engine cannot skip one batch of a run yet, so it stops the job as
+        interrupt does (the images reached are kept)."""
+        with self._cond:
+            if self._progress.job_id:
+                self._abort = "skip"
+                self._progress.skipped = True
+            return self._progress.job_id
+
+    def progress(self) -> dict:
+        with self._cond:
+            return self._progress.snapshot()
+
+    def steps_since(self, job_id: str, start: int) -> list[tuple[int, int, int]]:
+        """The (batch_index, step, total) of every step of the running job from index ``start``
+        (SSE replays all of them, however fast the steps are)."""
+        with self._cond:
+            if self._progress.job_id == job_id:
+                return list(self._progress.log[start:])
+            return list(self._recent_logs.get(job_id, [])[start:])  # finished meanwhile
+
+    def take_images(self, job_id: str) -> list[bytes] | None:
+        """The PNG bytes of a finished job (A1111 routes), once; None if not kept."""
+        with self._cond:
+            entry = self._handed.pop(job_id, None)
+        return entry[1] if entry else None
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        self.ready.set()
+        while not self._stop.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                with self._cond:
+                    self._cond.wait(0.5)
+                continue
+            self._run_job(job)
+            self._notify()
+
+    def _run_job(self, job: Job) -> None:
+        from danqing.errors import DanqingError
+
+        with self._cond:
+            self._abort = None
+            self._progress = Progress(job_id=job.id, batch_count=job.request.batch_count, total=job.request.steps,
+                                      started=time.monotonic())
+        try:
+            result = self._generate(job)
+        except (DanqingError, FileExistsError) as exc:
+            self.store.finish(job.id, FAILED, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 -- a failing job must never stop the worker
+            self.store.finish(job.id, FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            if result is None:
+                if self._abort == "shutdown":
+                    pass  # left 'running': recover() re-queues it on the next start
+                else:
+                    self.store.finish(job.id, CANCELLED, error="cancelled while running")
+            else:
+                self.store.finish(job.id, DONE, result=result)
+        finally:
+            with self._cond:
+                self._recent_logs[job.id] = self._progress.log
+                while len(self._recent_logs) > 32:
+                    del self._recent_logs[next(iter(self._recent_logs))]
+                self._progress = Progress()
+                self._abort = None
+                now = time.monotonic()
+                for k in [k for k, (t, _) in self._handed.items() if now - t > 600]:
+                    del self._handed[k]  # nobody came for them
+
+    def _on_step(self, info):
+        from danqing.sampling.loop import STOP
+
+        now = time.monotonic()
+        with self._cond:
+            p = self._progress
+            p.step, p.total, p.batch_index, p.batch_count = info.step, info.total, info.batch_index, info.batch_count
+            p.log.append((info.batch_index, info.step, info.total))
+            abort = self._abort
+            due = info.step == info.total or now - getattr(self, "_last_preview", 0.0) >= self.preview_interval
+        if due:
+            self._last_preview = now
+            preview = png_bytes(info.preview())
+            with self._cond:
+                self._progress.preview_png = preview
+                self._progress.preview_step = info.batch_index * info.total + info.step
+        return STOP if abort else None
+
+    def _generate(self, job: Job) -> dict | None:
+        from danqing.outputs.store import save_png
+
+        result = self.studio.generate(job.request, on_step=self._on_step, save=False)
+        if self._abort in ("cancel", "shutdown"):
+            return None
+        paths: list[Path | None] = [None] * len(result.images)
+        if job.save:
+            kind = "img2img-images" if job.kind == "img2img" else "txt2img-images"
+            folder = self.outputs_dir / kind / date.today().isoformat()
+            paths = planned_paths(folder, result.seeds)
+            self.store.set_planned(job.id, paths)
+            for img, path, text in zip(result.images, paths, result.infotexts):
+                save_png(img, path, text)
+        else:
+            pngs = [png_bytes(img, text) for img, text in zip(result.images, result.infotexts)]
+            with self._cond:
+                self._handed[job.id] = (time.monotonic(), pngs)
+        return {
+            "images": [{"path": str(p) if p else None, "seed": s, "subseed": ss, "infotext": t}
+                       for p, s, ss, t in zip(paths, result.seeds, result.subseeds, result.infotexts)],
+            "interrupted": result.interrupted,
+            "warnings": result.warnings,
+            "timings": {k: round(v, 4) for k, v in result.timings.items()},
+            "request": result.request.model_dump(),
+        }
+
+
+def resolve_for_queue(request: GenerationRequest, default_model: str) -> GenerationRequest:
+    """Draw random seeds and name the model at submission, so a job re-run after a restart
+    makes the very same images."""
+    import random
+
+    from danqing.request import MAX_SEED
+
+    changes: dict[str, Any] = {}
+    if request.seed == -1:
+        changes["seed"] = random.randint(0, MAX_SEED - 1000)
+    if request.subseed == -1:
+        changes["subseed"] = random.randint(0, MAX_SEED - 1000)
+    if request.model is None:
+        changes["model"] = default_model
+    return request.replace(**changes) if changes else request
+

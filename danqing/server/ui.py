@@ -1,0 +1,345 @@
+"""The web UI: Gradio Blocks mounted in the server's FastAPI app.
+
+A thin shell like the others: every button builds GenerationRequest fields, goes through
+``ServerState.prepare_request`` and the job queue, and shows what the worker reports (progress,
+preview PNG bytes, saved files). Tabs: txt2img, img2img, history, PNG info, settings.
+"""
+
+import io
+from typing import Any
+
+from danqing.errors import DanqingError
+from danqing.server.jobs import TERMINAL
+
+# (request field, label) of the txt2img controls, in the order the handler receives them.
+TXT2IMG_FIELDS = [
+    "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width", "height", "seed",
+    "subseed", "subseed_strength", "batch_size", "batch_count", "clip_skip", "rng",
+    "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_resize_x",
+    "hr_resize_y", "hr_sampler_name", "hr_prompt", "hr_negative_prompt",
+]
+IMG2IMG_FIELDS = [
+    "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width", "height", "seed",
+    "batch_size", "batch_count", "denoising_strength", "resize_mode", "mask_blur", "inpainting_fill",
+    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+]
+
+
+def _pil(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
+
+
+def _status_line(state, job) -> str:
+    if job.status == "queued":
+        return f"queued ({state.store.position(job)} ahead)"
+    p = state.worker.progress()
+    if job.status == "running" and p["job_id"] == job.id:
+        return (f"step {p['step']}/{p['total']}, batch {p['batch_index'] + 1}/{p['batch_count']} "
+                f"({p['fraction'] * 100:.0f}%, ETA {p['eta']:.1f}s)")
+    return job.status
+
+
+def run_job(state, fields: dict[str, Any], *, init_image=None, mask=None):
+    """Submit through the queue and yield (gallery, infotext, status) until the job ends."""
+    import gradio as gr
+
+    try:
+        request = state.prepare_request(fields, init_image=init_image, mask=mask)
+    except DanqingError as exc:
+        raise gr.Error(str(exc)) from None
+    job = state.worker.submit(request, source="ui", save=True)
+    shown = None
+    while True:
+        job = state.worker.wait(job.id, timeout=0.25)
+        if job.status in TERMINAL:
+            break
+        p = state.worker.progress()
+        preview = p["preview_png"] if p["job_id"] == job.id else None
+        gallery = [_pil(preview)] if preview is not None and p["preview_step"] != shown else gr.skip()
+        shown = p["preview_step"] if preview is not None else shown
+        yield gallery, gr.skip(), _status_line(state, job)
+    if job.status != "done":
+        raise gr.Error(job.error or f"job {job.status}")
+    images = job.result["images"]
+    gallery = [(i["path"], f"seed {i['seed']}") for i in images]
+    secs = job.result["timings"].get("total", 0)
+    note = " (interrupted)" if job.result.get("interrupted") else ""
+    yield gallery, images[0]["infotext"] if images else "", f"done{note}: {len(images)} image(s) in {secs:.2f}s"
+
+
+def build_ui(state):
+    """The Blocks of the web UI for one ServerState."""
+    import gradio as gr
+
+    from danqing.editing.hires import hires_upscalers
+    from danqing.sampling.samplers import samplers, schedule_names
+
+    reg = state.registry
+    sampler_names = list(samplers())
+    schedules = schedule_names()
+
+    def checkpoints():
+        return [e.name for e in reg.scan("checkpoint")]
+
+    def vaes():
+        return ["Automatic"] + [e.name for e in reg.scan("vae")]
+
+    def loras():
+        return [e.name for e in reg.scan("lora")]
+
+    opts = state.options()
+    with gr.Blocks(title="丹青 danqing", analytics_enabled=False) as demo:
+        gr.Markdown("## 丹青 danqing studio")
+        with gr.Row():
+            model = gr.Dropdown(checkpoints(), value=opts["sd_model_checkpoint"], label="Checkpoint", elem_id="model")
+            vae = gr.Dropdown(vaes(), value=opts["sd_vae"], label="VAE", elem_id="vae")
+            lora = gr.Dropdown(loras(), value=None, label="LoRA (found in models/lora; applied once the engine supports LoRA)",
+                               interactive=False, elem_id="lora")
+            refresh = gr.Button("Refresh models", scale=0)
+
+        def do_refresh():
+            return gr.update(choices=checkpoints()), gr.update(choices=vaes()), gr.update(choices=loras())
+
+        refresh.click(do_refresh, outputs=[model, vae, lora])
+
+        with gr.Tabs() as tabs:
+            # -- txt2img ------------------------------------------------------------------------
+            with gr.Tab("txt2img", id="txt2img"):
+                t = _common_controls(gr, "txt2img", sampler_names, schedules)
+                with gr.Row():
+                    t["subseed"] = gr.Number(-1, label="Variation seed", precision=0, elem_id="txt2img_subseed")
+                    t["subseed_strength"] = gr.Slider(0, 1, 0, step=0.01, label="Variation strength")
+                    t["clip_skip"] = gr.Slider(1, 12, opts["CLIP_stop_at_last_layers"], step=1, label="Clip skip")
+                    t["rng"] = gr.Radio(["cpu", "gpu"], value="cpu", label="RNG")
+                with gr.Accordion("Hires fix", open=False):
+                    with gr.Row():
+                        t["enable_hr"] = gr.Checkbox(False, label="Enable hires fix")
+                        t["hr_scale"] = gr.Slider(1, 4, 2, step=0.05, label="Upscale by")
+                        t["hr_upscaler"] = gr.Dropdown(hires_upscalers(), value="Latent", label="Upscaler")
+                        t["hr_second_pass_steps"] = gr.Slider(0, 150, 0, step=1, label="Hires steps (0 = same)")
+                        t["denoising_strength"] = gr.Slider(0, 1, 0.7, step=0.01, label="Denoising strength")
+                    with gr.Row():
+                        t["hr_resize_x"] = gr.Slider(0, 4096, 0, step=8, label="Resize width to")
+                        t["hr_resize_y"] = gr.Slider(0, 4096, 0, step=8, label="Resize height to")
+                        t["hr_sampler_name"] = gr.Dropdown(["Use same sampler"] + sampler_names, value="Use same sampler",
+                                                           label="Hires sampler")
+                    t["hr_prompt"] = gr.Textbox(label="Hires prompt (empty = same)", lines=1)
+                    t["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt (empty = same)", lines=1)
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+                    stop = gr.Button("Interrupt", elem_id="txt2img_interrupt")
+                status = gr.Markdown("", elem_id="txt2img_status")
+                gallery = gr.Gallery(label="Output", columns=4, height=360, object_fit="contain", elem_id="txt2img_gallery")
+                infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                      elem_id="txt2img_infotext", buttons=["copy"])
+                send = gr.Button("Send to img2img", elem_id="txt2img_send_to_img2img")
+                selected = gr.State(None)
+
+            # -- img2img ------------------------------------------------------------------------
+            with gr.Tab("img2img", id="img2img"):
+                with gr.Row():
+                    init = gr.Image(type="pil", label="Init image", sources=["upload", "clipboard"], elem_id="img2img_init",
+                                    image_mode="RGB")
+                    mask_in = gr.Image(type="pil", label="Inpaint mask (optional, white = repaint)",
+                                       sources=["upload", "clipboard"], elem_id="img2img_mask", image_mode="L")
+                i = _common_controls(gr, "img2img", sampler_names, schedules)
+                with gr.Row():
+                    i["denoising_strength"] = gr.Slider(0, 1, 0.75, step=0.01, label="Denoising strength")
+                    i["resize_mode"] = gr.Dropdown(["just resize", "crop and resize", "resize and fill", "latent upscale"],
+                                                   value="just resize", label="Resize mode")
+                with gr.Accordion("Inpaint", open=False):
+                    with gr.Row():
+                        i["mask_blur"] = gr.Slider(0, 64, 4, step=1, label="Mask blur")
+                        i["inpainting_fill"] = gr.Dropdown(["fill", "original", "latent noise", "latent nothing"],
+                                                           value="original", label="Masked content")
+                        i["inpaint_full_res"] = gr.Checkbox(False, label="Only masked")
+                        i["inpaint_full_res_padding"] = gr.Slider(0, 256, 32, step=4, label="Only masked padding")
+                        i["inpainting_mask_invert"] = gr.Checkbox(False, label="Inpaint not masked")
+                with gr.Row():
+                    go2 = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
+                    stop2 = gr.Button("Interrupt")
+                status2 = gr.Markdown("", elem_id="img2img_status")
+                gallery2 = gr.Gallery(label="Output", columns=4, height=360, object_fit="contain", elem_id="img2img_gallery")
+                infotext2 = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="img2img_infotext")
+
+            # -- history ------------------------------------------------------------------------
+            with gr.Tab("History", id="history"):
+                with gr.Row():
+                    query = gr.Textbox(label="Search prompts", elem_id="history_query", scale=4)
+                    search = gr.Button("Search", elem_id="history_search", scale=0)
+                hist_gallery = gr.Gallery(label="History", columns=6, height="auto", elem_id="history_gallery")
+                hist_info = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="history_infotext")
+                hist_texts = gr.State([])
+
+            # -- PNG info -----------------------------------------------------------------------
+            with gr.Tab("PNG Info", id="pnginfo"):
+                png = gr.File(label="Drop a PNG/JPEG/WebP here", file_types=["image"], elem_id="pnginfo_file")
+                png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+
+            # -- settings -----------------------------------------------------------------------
+            with gr.Tab("Settings", id="settings"):
+                set_clip = gr.Slider(1, 12, opts["CLIP_stop_at_last_layers"], step=1, label="Default clip skip")
+                save_settings = gr.Button("Apply settings (checkpoint, VAE, clip skip)", elem_id="settings_apply")
+                settings_note = gr.Markdown(_settings_md(state))
+
+        # -- handlers ---------------------------------------------------------------------------
+        def txt2img(*values):
+            fields = dict(zip(TXT2IMG_FIELDS, values[:-2]))
+            fields["model"], fields["vae"] = values[-2], values[-1]
+            fields = _clean(fields)
+            yield from run_job(state, fields)
+
+        go.click(txt2img, inputs=[t[k] for k in TXT2IMG_FIELDS] + [model, vae], outputs=[gallery, infotext, status],
+                 concurrency_limit=None)
+        stop.click(lambda: state.worker.interrupt() and None, queue=False)
+        stop2.click(lambda: state.worker.interrupt() and None, queue=False)
+
+        def img2img(init_img, mask_img, *values):
+            import gradio as gr
+
+            if init_img is None:
+                raise gr.Error("init_image: drop a picture into Init image first")
+            fields = dict(zip(IMG2IMG_FIELDS, values[:-2]))
+            fields["model"], fields["vae"] = values[-2], values[-1]
+            yield from run_job(state, _clean(fields), init_image=init_img, mask=mask_img)
+
+        go2.click(img2img, inputs=[init, mask_in] + [i[k] for k in IMG2IMG_FIELDS] + [model, vae],
+                  outputs=[gallery2, infotext2, status2], concurrency_limit=None)
+
+        def on_select(evt: gr.SelectData, value):
+            item = value[evt.index] if value and isinstance(evt.index, int) and evt.index < len(value) else None
+            path = _item_path(item)
+            text = ""
+            if path:
+                try:
+                    from danqing.outputs.store import read_infotext
+
+                    text = read_infotext(path)
+                except DanqingError:
+                    pass
+            return path, text
+
+        gallery.select(on_select, inputs=[gallery], outputs=[selected, infotext])
+
+        def send_to_img2img(path, prompt, negative, infotext_value):
+            import gradio as gr
+
+            if not path:
+                raise gr.Error("select an image in the gallery first")
+            return path, prompt, negative, gr.Tabs(selected="img2img")
+
+        send.click(send_to_img2img, inputs=[selected, t["prompt"], t["negative_prompt"], infotext],
+                   outputs=[init, i["prompt"], i["negative_prompt"], tabs])
+        # After a run the first image is the selected one (so "send" works without a click).
+        gallery.change(lambda v: _item_path(v[0]) if v else None, inputs=[gallery], outputs=[selected])
+
+        def do_search(q):
+            items, texts = [], []
+            for job in state.store.history(query=q or "", status="done", limit=200):
+                for img in job.result["images"]:
+                    if img.get("path"):
+                        items.append((img["path"], job.prompt[:80]))
+                        texts.append(img["infotext"])
+            return items, texts, ""
+
+        search.click(do_search, inputs=[query], outputs=[hist_gallery, hist_texts, hist_info])
+        query.submit(do_search, inputs=[query], outputs=[hist_gallery, hist_texts, hist_info])
+        demo.load(do_search, inputs=[query], outputs=[hist_gallery, hist_texts, hist_info])
+        def hist_select(evt: gr.SelectData, texts):
+            return texts[evt.index] if isinstance(evt.index, int) and evt.index < len(texts) else ""
+
+        hist_gallery.select(hist_select, inputs=[hist_texts], outputs=[hist_info])
+
+        def png_info(file):
+            import gradio as gr
+
+            from danqing.server.app import infotext_of_image
+            from danqing.server.security import open_image
+
+            if file is None:
+                return ""
+            path = file if isinstance(file, str) else file.name
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(state.server.max_upload_bytes + 1)
+                if len(raw) > state.server.max_upload_bytes:
+                    raise gr.Error(f"image: more than the limit of {state.server.max_upload_bytes} bytes")
+                text = infotext_of_image(open_image(raw, "image", state.limits))
+            except DanqingError as exc:
+                raise gr.Error(str(exc)) from None
+            return text or "(no generation parameters in this picture)"
+
+        png.change(png_info, inputs=[png], outputs=[png_text])
+
+        def apply_settings(model_name, vae_name, clip):
+            import gradio as gr
+
+            try:
+                state.set_options({"sd_model_checkpoint": model_name, "sd_vae": vae_name,
+                                   "CLIP_stop_at_last_layers": int(clip)})
+            except DanqingError as exc:
+                raise gr.Error(str(exc)) from None
+            return _settings_md(state)
+
+        save_settings.click(apply_settings, inputs=[model, vae, set_clip], outputs=[settings_note])
+    return demo
+
+
+def _item_path(item) -> str | None:
+    """A gallery item as Gradio hands it to a function: (path, caption), a dict or a path."""
+    if item is None:
+        return None
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):
+        item = (item.get("image") or {}).get("path") or item.get("path")
+    return str(item) if item else None
+
+
+def _settings_md(state) -> str:
+    o = state.options()
+    return (f"Current defaults: checkpoint **{o['sd_model_checkpoint']}**, VAE **{o['sd_vae']}**, "
+            f"clip skip **{o['CLIP_stop_at_last_layers']}**. Outputs: `{state.settings.outputs_dir}`; "
+            f"database: `{state.settings.db_path}`.")
+
+
+def _common_controls(gr, prefix: str, sampler_names: list[str], schedules: list[str]) -> dict:
+    c: dict = {}
+    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{prefix}_prompt",
+                             placeholder="A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_negative_prompt")
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(sampler_names, value="DPM++ 2M", label="Sampling method", elem_id=f"{prefix}_sampler")
+        c["schedule"] = gr.Dropdown(schedules, value="Automatic", label="Schedule type", elem_id=f"{prefix}_schedule")
+        c["steps"] = gr.Slider(1, 150, 20, step=1, label="Sampling steps", elem_id=f"{prefix}_steps")
+        c["cfg_scale"] = gr.Slider(1, 30, 7, step=0.5, label="CFG scale", elem_id=f"{prefix}_cfg_scale")
+    with gr.Row():
+        c["width"] = gr.Slider(64, 2048, 512, step=8, label="Width", elem_id=f"{prefix}_width")
+        c["height"] = gr.Slider(64, 2048, 512, step=8, label="Height", elem_id=f"{prefix}_height")
+        c["batch_size"] = gr.Slider(1, 8, 1, step=1, label="Batch size", elem_id=f"{prefix}_batch_size")
+        c["batch_count"] = gr.Slider(1, 100, 1, step=1, label="Batch count", elem_id=f"{prefix}_batch_count")
+        c["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id=f"{prefix}_seed")
+    return c
+
+
+def _clean(fields: dict) -> dict:
+    """UI values -> request fields: ints where the request wants ints, "same as" choices -> None."""
+    out = dict(fields)
+    for k in ("steps", "width", "height", "seed", "subseed", "batch_size", "batch_count", "clip_skip", "mask_blur",
+              "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "inpaint_full_res_padding"):
+        if k in out and out[k] is not None:
+            out[k] = int(out[k])
+    if out.get("hr_sampler_name") in ("Use same sampler", ""):
+        out["hr_sampler_name"] = None
+    for k in ("hr_prompt", "hr_negative_prompt"):
+        if k in out and not out[k]:
+            out[k] = None
+    if out.get("vae") in ("Automatic", None):
+        out.pop("vae", None)
+    if not out.get("enable_hr", False):
+        for k in [k for k in out if k.startswith("hr_")] + (["denoising_strength"] if "enable_hr" in out else []):
+            out.pop(k)
+        out.pop("enable_hr", None)
+    return out
