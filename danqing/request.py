@@ -56,6 +56,10 @@ class GenerationRequest(BaseModel):
         hr_second_pass_steps (0 = steps), hr_sampler_name, hr_prompt, hr_negative_prompt
         (None = the first pass's).
 
+    refiner (txt2img): refiner_checkpoint (a checkpoint of the same latent space, usually an SDXL
+        refiner) takes the base model's latents when refiner_switch_at (0-1) of the schedule is
+        done and denoises the rest.
+
     Prompt-to-Prompt (Hertz et al. 2022; docs/editing.md):
         p2p_source: the prompt being edited; set, ``prompt`` is its edit and the image is the
             picture of ``p2p_source`` at this seed with its attention maps kept (a word swapped,
@@ -114,6 +118,9 @@ class GenerationRequest(BaseModel):
     hr_sampler_name: str | None = None
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
+    # SDXL refiner hand-off (A1111's names)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = 0.8
     # Prompt-to-Prompt and null-text inversion
     p2p_source: str | None = None
     p2p_cross: tuple[float, float] = (0.0, 0.8)
@@ -236,6 +243,13 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be (start, end) fractions of the steps with 0 <= start <= end <= 1, got {v}")
         return v
 
+    @field_validator("refiner_switch_at")
+    @classmethod
+    def _switch(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"must be a fraction of the schedule strictly between 0 and 1, got {v:g}")
+        return v
+
     @field_validator("p2p_features")
     @classmethod
     def _features(cls, v: float) -> float:
@@ -278,6 +292,17 @@ class GenerationRequest(BaseModel):
             if self.batch_size != 1 or self.batch_count != 1:
                 raise InvalidRequest("batch_size", "editing a real image makes one picture; use batch_size and "
                                      "batch_count 1")
+        return self
+
+    @model_validator(mode="after")
+    def _refiner(self) -> "GenerationRequest":
+        if self.refiner_checkpoint is None:
+            return self
+        for name, bad in (("init_image", self.init_image is not None), ("enable_hr", self.enable_hr),
+                          ("p2p_source", self.p2p_source is not None)):
+            if bad:
+                raise InvalidRequest(name, "the refiner runs after txt2img only (not with img2img, hires fix or "
+                                     "Prompt-to-Prompt yet); unset refiner_checkpoint or this field")
         return self
 
     @model_validator(mode="after")

@@ -124,6 +124,7 @@ class Studio:
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
         t = time.perf_counter()
         warnings: list[str] = []
+        extra_info: dict = {}
         sources: list[Image.Image] = []
         if request.p2p_source is not None:
             from danqing.editing.p2p import run_p2p
@@ -142,7 +143,18 @@ class Studio:
             timings["sample"] = time.perf_counter() - t  # decoding included
             t = time.perf_counter()
         else:
-            latents_out, seeds, subseeds, interrupted = run_sampling(comps, request, device=device, dtype=dtype, on_step=on_step)
+            refine = request.refiner_checkpoint is not None
+            if refine:  # checked before the base model samples
+                refiner = self.models.load(request.refiner_checkpoint, None)
+                check_refiner(comps.family, refiner.components.family, request.refiner_checkpoint)
+            latents_out, seeds, subseeds, interrupted = run_sampling(
+                comps, request, device=device, dtype=dtype, on_step=on_step,
+                denoising_end=request.refiner_switch_at if refine else None)
+            if refine and not interrupted:
+                latents_out, interrupted = run_refiner(refiner.components, request, latents_out, device=device,
+                                                       dtype=dtype, on_step=on_step)
+                comps = refiner.components  # its VAE decodes
+                extra_info["refiner"] = (refiner.name, refiner.sha256)
             if request.enable_hr and not interrupted:
                 from danqing.editing.hires import run_hires
 
@@ -159,6 +171,7 @@ class Studio:
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
+                refiner=extra_info.get("refiner"),
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -185,7 +198,47 @@ class Studio:
                                 warnings, sources)
 
 
-def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None):
+def check_refiner(base_family: str, refiner_family: str, name: str) -> None:
+    """A refiner must share the base model's latent space (SDXL with SDXL, SD1/SD2 together)."""
+    space = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sdxl-refiner": "sdxl"}
+    if space.get(base_family) != space.get(refiner_family):
+        raise InvalidRequest("refiner_checkpoint", f"{name!r} is a {refiner_family} model; a {base_family} model's "
+                             f"latents can only be refined by a model of the same latent space "
+                             f"({', '.join(f for f, s in space.items() if s == space.get(base_family))})")
+
+
+def run_refiner(comps, request: GenerationRequest, latents: list[torch.Tensor], *, device, dtype,
+                on_step: OnStep | None = None):
+    """The refiner's side of the hand-off: each batch's latents, left at ``refiner_switch_at``
+    by the base model, denoised to the end by ``comps`` (diffusers' XL img2img pipeline with
+    ``denoising_start``), with its own conditioning and fresh per-image generators."""
+    from danqing.conditioning.text import TextEncoder
+    from danqing.sampling.loop import sample
+    from danqing.sampling.noise import make_generators
+    from danqing.sampling.samplers import make_scheduler
+
+    encoder = TextEncoder(comps, clip_skip=request.clip_skip)
+    cond = build_conditioning(encoder, request, batch=request.batch_size)
+    out, interrupted = [], False
+    noise_device = "cpu" if request.rng == "cpu" else device
+    for b, lat in enumerate(latents):
+        seeds = [request.seed + b * request.batch_size + i for i in range(request.batch_size)]
+        gens = make_generators(seeds, noise_device)
+        scheduler = make_scheduler(comps.scheduler_config, request.sampler, request.schedule,
+                                   seed=seeds if len(seeds) > 1 else seeds[0])
+        res = sample(comps.unet, scheduler, lat.to(device=device, dtype=dtype), cond, steps=request.steps,
+                     cfg_scale=request.cfg_scale, generators=gens, on_step=on_step, family=comps.family,
+                     batch_index=b, batch_count=len(latents), init_latents=lat.to(device=device, dtype=dtype),
+                     denoising_start=request.refiner_switch_at)
+        out.append(res.latents)
+        if res.interrupted:
+            interrupted = True
+            break
+    return out, interrupted
+
+
+def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None,
+                 denoising_end: float | None = None):
     """Steps 3 and 4 of a txt2img request on already-loaded Components: condition, then sample
     every batch. Used by ``Studio.generate`` and by training (sample grids, evaluation).
 
@@ -220,6 +273,7 @@ def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: O
             comps.unet, scheduler, noise.to(device=device, dtype=dtype), cond_schedule,
             steps=request.steps, cfg_scale=request.cfg_scale, generators=generators,
             on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
+            denoising_end=denoising_end,
         )
         latents_out.append(result.latents)
         seeds += batch_seeds
@@ -259,7 +313,7 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     cache: dict[tuple[str, bool], object] = {}
 
     def enc(text: str, negative: bool):
-        key = (text, negative and comps.family == "sdxl")
+        key = (text, negative and comps.family == "sdxl")  # SDXL's empty negative is zeros
         if key not in cache:
             cache[key] = encoder.encode(text, negative=negative)
         return cache[key]
@@ -279,9 +333,27 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
         n = next(c for e, c in neg_c if end <= e)
         context = torch.cat([n.hidden.expand(batch, -1, -1), p.hidden.expand(batch, -1, -1)]) if use_cfg else p.hidden.expand(batch, -1, -1)
         added = None
-        if comps.family == "sdxl":
-            time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]], dtype=p.hidden.dtype, device=p.hidden.device)
+        if comps.family in ("sdxl", "sdxl-refiner"):
             pooled = torch.cat([n.pooled.expand(batch, -1), p.pooled.expand(batch, -1)]) if use_cfg else p.pooled.expand(batch, -1)
-            added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(comps.family, request, batch, use_cfg, p.hidden)}
         conds.append(Conditioning(context, added))
     return ConditioningSchedule(ends, conds)
+
+
+# SDXL refiner's aesthetic-score conditioning (diffusers' and A1111's defaults)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+def sdxl_time_ids(family: str, request: GenerationRequest, batch: int, use_cfg: bool, like: torch.Tensor) -> torch.Tensor:
+    """SDXL's micro-conditioning, (2B or B, 6) for the base: original size, crop (0, 0), target
+    size; (2B or B, 5) for the refiner: original size, crop, aesthetic score (2.5 for the
+    unconditional branch, 6 for the conditional one)."""
+    h, w = request.height, request.width
+    if family == "sdxl":
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=like.dtype, device=like.device)
+        return ids.expand(2 * batch if use_cfg else batch, -1)
+    pos = torch.tensor([[h, w, 0, 0, AESTHETIC_SCORE]], dtype=like.dtype, device=like.device).expand(batch, -1)
+    if not use_cfg:
+        return pos
+    neg = torch.tensor([[h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE]], dtype=like.dtype, device=like.device).expand(batch, -1)
+    return torch.cat([neg, pos])

@@ -9,6 +9,7 @@ the latest.safetensors that scripts/device_train.sh brings back from a GPU machi
 Writes danqing/data/models/<name>/ (diffusers layout) and danqing/data/models/<name>.safetensors
 (single-file LDM layout with danqing's configs in the header), replacing the previous version
 (which stays in git history), and prints their sizes. Refuses when they exceed 20 MB together.
+``--folder-only`` writes the folder alone (the instruct-pix2pix model ships so).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--name", default="danqing-tiny")
     ap.add_argument("--summary", type=Path, help="training summary JSON for the header (default: RUN/summary.json)")
+    ap.add_argument("--folder-only", action="store_true", help="only the diffusers folder (no single file)")
     args = ap.parse_args()
 
     from danqing.models.loader import load_diffusers_folder
@@ -57,8 +59,10 @@ def main() -> int:
     staging.mkdir()
     meta = {"danqing.training": json.dumps(summary), "modelspec.title": args.name}
     folder, single = export_model(comps, staging, dtype=torch.float16, name=args.name, metadata=meta)
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + single.stat().st_size
-    print(f"{folder.name}/ + {single.name}: {size / 1e6:.2f} MB")
+    if args.folder_only:
+        single.unlink()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + (0 if args.folder_only else single.stat().st_size)
+    print(f"{folder.name}/{'' if args.folder_only else ' + ' + single.name}: {size / 1e6:.2f} MB")
     if size > LIMIT:
         shutil.rmtree(staging)
         print(f"refused: more than {LIMIT / 1e6:.0f} MB", file=sys.stderr)
@@ -69,7 +73,8 @@ def main() -> int:
         elif p.exists():
             p.unlink()
     folder.rename(dest / args.name)
-    single.rename(dest / f"{args.name}.safetensors")
+    if not args.folder_only:
+        single.rename(dest / f"{args.name}.safetensors")
     shutil.rmtree(staging)
     return 0
 

@@ -48,6 +48,12 @@ def test_a1111_defaults_map_onto_request():
     assert (f["inpainting_fill"], f["resize_mode"], f["inpaint_full_res"], f["mask_blur"]) == (
         "original", "resize and fill", False, 7)
     GenerationRequest.create(**f)  # a valid request
+    f = request_fields(Txt2ImgBody(refiner_checkpoint="sd_xl_refiner_1.0 [7440042bbd]", refiner_switch_at=0.7),
+                       img2img=False)
+    assert (f["refiner_checkpoint"], f["refiner_switch_at"]) == ("sd_xl_refiner_1.0", 0.7)
+    f = request_fields(Img2ImgBody(image_cfg_scale=1.2), img2img=True)
+    assert f["image_cfg_scale"] == 1.2
+    assert "refiner_checkpoint" not in request_fields(Txt2ImgBody(refiner_checkpoint="None"), img2img=False)
 
 
 @pytest.mark.parametrize("body, field", [
@@ -56,7 +62,6 @@ def test_a1111_defaults_map_onto_request():
     (Txt2ImgBody(s_churn=0.5), "s_churn"),
     (Txt2ImgBody(script_name="x/y/z plot"), "script_name"),
     (Txt2ImgBody(alwayson_scripts={"ControlNet": {"args": [{"enabled": True}]}}), "alwayson_scripts"),
-    (Txt2ImgBody(refiner_checkpoint="sdxl-refiner"), "refiner_checkpoint"),
     (Txt2ImgBody(eta=0.3, sampler_name="Euler a"), "eta"),
     (Img2ImgBody(resize_mode=7), "resize_mode"),
     (Img2ImgBody(mask_blur_x=2, mask_blur_y=9), "mask_blur_x"),

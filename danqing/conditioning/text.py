@@ -148,7 +148,8 @@ class TextEncoder:
 
     @property
     def device(self) -> torch.device:
-        return self.c.text_encoder.device
+        te = self.c.text_encoder if self.c.text_encoder is not None else self.c.text_encoder_2
+        return te.device
 
     @torch.no_grad()
     def encode(self, text: str, *, negative: bool = False) -> TextCond:
@@ -160,6 +161,15 @@ class TextEncoder:
             pooled_dim = c.text_encoder_2.config.projection_dim
             dtype = c.text_encoder_2.dtype
             return TextCond(torch.zeros(1, 77, dim, device=self.device, dtype=dtype), torch.zeros(1, pooled_dim, device=self.device, dtype=dtype))
+        if c.family == "sdxl-refiner":
+            # the refiner has OpenCLIP bigG only (diffusers' XL img2img pipeline with text_encoder=None)
+            parts, pooled = [], None
+            for ch in tokenize_prompt(c.tokenizer_2, text):
+                h2, out2 = _hidden(c.text_encoder_2, self._ids(ch), self.clip_skip, final_norm=False)
+                if pooled is None:
+                    pooled = out2.text_embeds
+                parts.append(apply_emphasis(h2, torch.tensor(ch.weights)))
+            return TextCond(torch.cat(parts, dim=1), pooled)
         chunks = tokenize_prompt(c.tokenizer, text)
         if c.family != "sdxl":
             return TextCond(torch.cat([self._encode_chunk(ch) for ch in chunks], dim=1))

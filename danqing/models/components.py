@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -14,7 +14,8 @@ class Components:
     """diffusers/transformers modules of one checkpoint, read-only during sampling.
 
     Attributes:
-        family: "sd1", "sd2" or "sdxl".
+        family: "sd1", "sd2", "sdxl" or "sdxl-refiner" (SDXL's refiner: OpenCLIP bigG only, so
+            ``text_encoder``/``tokenizer`` are None, and aesthetic-score time ids).
         prediction_type: "epsilon" or "v_prediction" (SD2-768-v).
         unet: ``diffusers.UNet2DConditionModel``.
         vae: ``diffusers.AutoencoderKL``.

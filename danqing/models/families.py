@@ -39,7 +39,8 @@ def load_family_config(name: str) -> dict[str, dict]:
     """{part: config} of a bundled family, read from ``data/families/<name>/<part>.json``.
 
     Parts: ``unet``/``vae`` (diffusers configs), ``text_encoder``/``text_encoder_2`` (kwargs of
-    ``transformers.CLIPTextConfig``; ``text_encoder_2`` for SDXL only) and ``scheduler``.
+    ``transformers.CLIPTextConfig``; ``text_encoder_2`` for SDXL only, and only it for the SDXL
+    refiner) and ``scheduler``.
     """
     root = resources.files("danqing").joinpath(f"data/families/{name}")
     if not name or "/" in name or not root.is_dir():
@@ -71,7 +72,8 @@ def components_from_configs(
     with init_empty_weights() if empty else contextlib.nullcontext():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        te1 = configs.get("text_encoder")
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te1)) if te1 else None
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2)) if te2 else None
     return Components(
         family=family,
@@ -80,7 +82,7 @@ def components_from_configs(
         vae=vae,
         text_encoder=text_encoder,
         # OpenAI CLIP pads with <|endoftext|>, OpenCLIP (SD2, SDXL's second encoder) with "!".
-        tokenizer=clip_tokenizer("!" if family == "sd2" else "<|endoftext|>"),
+        tokenizer=clip_tokenizer("!" if family == "sd2" else "<|endoftext|>") if text_encoder is not None else None,
         scheduler_config=sched,
         text_encoder_2=text_encoder_2,
         tokenizer_2=clip_tokenizer("!") if te2 else None,

@@ -38,8 +38,11 @@ def builtin_components() -> Components:
     return comps
 
 
-def family_of_folder(unet_cfg: dict, te_cfg: dict, has_te2: bool) -> str:
-    """SDXL if a second text encoder exists; SD2 if the text encoder is OpenCLIP (gelu); else SD1."""
+def family_of_folder(unet_cfg: dict, te_cfg: dict | None, has_te2: bool) -> str:
+    """SDXL if a second text encoder exists (the refiner if it is the only one); SD2 if the text
+    encoder is OpenCLIP (gelu); else SD1."""
+    if te_cfg is None and has_te2:
+        return "sdxl-refiner"
     if has_te2 or unet_cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "sd2" if te_cfg.get("hidden_act") == "gelu" else "sd1"
@@ -53,12 +56,13 @@ def load_diffusers_folder(path: Path) -> Components:
     from danqing.conditioning.tokenizer import clip_tokenizer
 
     path = Path(path)
-    for sub in ("unet", "vae", "text_encoder"):
+    has_te1 = (path / "text_encoder" / "config.json").is_file()
+    has_te2 = (path / "text_encoder_2" / "config.json").is_file()
+    for sub in ("unet", "vae") + (() if has_te2 else ("text_encoder",)):
         if not (path / sub / "config.json").is_file():
             raise CorruptModel(f"{path}: not a complete diffusers model folder (missing {sub}/config.json)")
-    has_te2 = (path / "text_encoder_2" / "config.json").is_file()
     unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
+    te_cfg = json.loads((path / "text_encoder" / "config.json").read_text()) if has_te1 else None
     family = family_of_folder(unet_cfg, te_cfg, has_te2)
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
@@ -76,8 +80,8 @@ def load_diffusers_folder(path: Path) -> Components:
             prediction_type=scheduler_config.get("prediction_type", "epsilon"),
             unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
             vae=AutoencoderKL.from_pretrained(path / "vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw),
-            tokenizer=tok("tokenizer", "!" if family == "sd2" else "<|endoftext|>"),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw) if has_te1 else None,
+            tokenizer=tok("tokenizer", "!" if family == "sd2" else "<|endoftext|>") if has_te1 else None,
             scheduler_config=scheduler_config,
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw) if has_te2 else None,
             tokenizer_2=tok("tokenizer_2", "!") if has_te2 else None,
@@ -152,7 +156,8 @@ def describe_checkpoint(entry: ModelEntry) -> str:
     if entry.format == "diffusers":
         p = Path(entry.path)
         unet_cfg = json.loads((p / "unet" / "config.json").read_text())
-        te_cfg = json.loads((p / "text_encoder" / "config.json").read_text())
+        te_file = p / "text_encoder" / "config.json"
+        te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None
         return family_of_folder(unet_cfg, te_cfg, (p / "text_encoder_2").is_dir())
     from danqing.models.single_file import detect_family
 
@@ -166,8 +171,11 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
     if path.exists():
         raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
     tmp = path.with_name(path.name + ".tmp")
-    pipeline = "StableDiffusionXLPipeline" if comps.family == "sdxl" else "StableDiffusionPipeline"
+    pipeline = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}.get(
+        comps.family, "StableDiffusionPipeline")
     index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    if comps.family == "sdxl-refiner":
+        index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     for name, module in comps.modules().items():
         module.save_pretrained(tmp / name, safe_serialization=True)
         lib = "diffusers" if name in ("unet", "vae") else "transformers"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from danqing.errors import ImageError, InvalidRequest
 from danqing.outputs.infotext import format_infotext, parse_infotext, split_legacy_sampler
 from danqing.request import GenerationRequest
@@ -18,6 +20,7 @@ def request_infotext(
     model_hash: str,
     vae_name: str | None = None,
     vae_hash: str | None = None,
+    refiner: tuple[str, str] | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch)."""
     from danqing.sampling.samplers import resolve_schedule
@@ -39,6 +42,10 @@ def request_infotext(
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "RNG": "CPU" if request.rng == "cpu" else None,
     }
+    if request.refiner_checkpoint is not None:
+        name, digest = refiner if refiner else (request.refiner_checkpoint, "")
+        params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
+        params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request))
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
@@ -175,6 +182,10 @@ def request_from_infotext(text: str) -> GenerationRequest:
         if "Clip skip" in params:
             fields["clip_skip"] = int(params["Clip skip"])
         fields.update(_editing_fields(params))
+        if params.get("Refiner"):
+            fields["refiner_checkpoint"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", params["Refiner"])
+            if "Refiner switch at" in params:
+                fields["refiner_switch_at"] = float(params["Refiner switch at"])
     except ValueError as exc:
         raise ImageError(f"the infotext has a malformed value ({exc})") from None
     fields["model"] = params.get("Model") or params.get("Model hash")

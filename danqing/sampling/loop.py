@@ -122,6 +122,8 @@ def sample(
     mask: torch.Tensor | None = None,
     masked_image_latents: torch.Tensor | None = None,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> SampleResult:
     """Run the sampler from pure noise (txt2img) or from a noised picture (img2img, inpaint) to
     clean latents.
@@ -148,13 +150,28 @@ def sample(
             masked picture).
         after_step: ``f(i, latents) -> latents`` after every scheduler step i (0-based model
             evaluation); Prompt-to-Prompt's local blending uses it.
+        denoising_end: stop where the schedule passes this fraction of the training timesteps
+            (diffusers' ``denoising_end``: the SDXL base hands its latents to the refiner there).
+        denoising_start: continue ``init_latents`` -- already noisy latents -- from this fraction
+            of the training timesteps on, without adding noise (the refiner's side).
     """
     use_cfg = cfg_scale > 1.0
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
     order = getattr(scheduler, "order", 1)
     total = steps
-    if init_latents is not None and strength < 1.0:
+    n_train = scheduler.config.num_train_timesteps
+    if denoising_start is not None:
+        cutoff = int(round(n_train - denoising_start * n_train))
+        n = int((timesteps < cutoff).sum())
+        if order == 2 and n % 2 == 0:
+            n += 1
+        t_start = len(timesteps) - n
+        timesteps = timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        latents = init_latents
+    elif init_latents is not None and strength < 1.0:
         t_start = steps - min(int(steps * strength), steps)
         timesteps = timesteps[t_start * order:]
         if hasattr(scheduler, "set_begin_index"):
@@ -163,6 +180,11 @@ def sample(
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
     else:
         latents = noise * scheduler.init_noise_sigma  # x_T = sigma_max * eps (1 for DDPM-style)
+    if denoising_end is not None:
+        cutoff = int(round(n_train - denoising_end * n_train))
+        timesteps = timesteps[:int((timesteps >= cutoff).sum())]
+    if denoising_start is not None or denoising_end is not None:
+        total = len(timesteps) // order + (1 if len(timesteps) % order else 0)
     blend = mask is not None and masked_image_latents is None
     step_kwargs = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
     done = 0

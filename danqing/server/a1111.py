@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Any, Optional
 
@@ -37,6 +38,8 @@ TO_REQUEST = {
     "resize_mode": "resize_mode", "mask_blur": "mask_blur", "inpainting_fill": "inpainting_fill",
     "inpaint_full_res": "inpaint_full_res", "inpaint_full_res_padding": "inpaint_full_res_padding",
     "inpainting_mask_invert": "inpainting_mask_invert",
+    "image_cfg_scale": "image_cfg_scale",  # instruct-pix2pix models
+    "refiner_checkpoint": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
 }
 # Fields the server handles itself.
 SHELL = {
@@ -49,13 +52,11 @@ NEUTRAL: dict[str, tuple] = {
     "restore_faces": (None, False), "tiling": (None, False), "styles": (None, []),
     "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
-    "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None, 0, 1),
     "disable_extra_networks": (None, False), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_scheduler": (None, "", "Use same scheduler"),
     "hr_additional_modules": (None, [], ["Use same choices"]),
     "script_name": (None, ""), "script_args": (None, []), "alwayson_scripts": (None, {}), "comments": (None, {}),
     "force_task_id": (None, ""), "infotext": (None, ""),
-    "image_cfg_scale": "any",  # instruct-pix2pix only: no effect on the models danqing runs
     "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "mask_round": (None, True),
 }
 
@@ -180,10 +181,19 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
         if data["eta"] != (0.0 if ddim else 1.0):
             raise InvalidRequest("eta", f"only the default eta ({0 if ddim else 1}) is supported for "
                                         f"{fields['sampler']!r}; leave it unset")
+    if fields.get("refiner_checkpoint") in (None, "", "None"):
+        fields.pop("refiner_checkpoint", None)
+        fields.pop("refiner_switch_at", None)
+    else:
+        fields["refiner_checkpoint"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", fields["refiner_checkpoint"])
+        if fields.get("refiner_switch_at") is None:
+            fields["refiner_switch_at"] = 0.8
     if img2img:
         fields.pop("enable_hr", None)
         if fields.get("denoising_strength") is None:
             fields["denoising_strength"] = 0.75
+        if fields.get("image_cfg_scale") is None:
+            fields.pop("image_cfg_scale", None)
         for name, table in (("resize_mode", RESIZE_MODES), ("inpainting_fill", INPAINTING_FILL)):
             v = fields[name]
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(table):
