@@ -66,6 +66,8 @@ def generate(
     hr_prompt: Optional[str] = typer.Option(None, help="Hires fix: second-pass prompt [default: the prompt]."),
     hr_negative: Optional[str] = typer.Option(None, help="Hires fix: second-pass negative prompt."),
     denoise: Optional[float] = typer.Option(None, help="Hires fix: second-pass denoising strength 0-1 [default: 0.75]."),
+    refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint (an SDXL refiner) that finishes the picture."),
+    refiner_switch_at: Optional[float] = typer.Option(None, help="Refiner: fraction of the schedule done by the base model [default: 0.8]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -78,7 +80,7 @@ def generate(
         "clip_skip": clip_skip, "enable_hr": hires, "hr_scale": hr_scale, "hr_resize_x": hr_resize_x,
         "hr_resize_y": hr_resize_y, "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps,
         "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
-        "denoising_strength": denoise,
+        "denoising_strength": denoise, "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at,
     }
     fields = {k: v for k, v in fields.items() if v is not None}
     if negative:
