@@ -85,16 +85,18 @@ def test_ui_live_progress_and_interrupt(page):
 def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):
     prompt = "a red circle left of a blue square"
     page.fill("#txt2img_prompt textarea", prompt)
-    for name, value in (("steps", 4), ("width", 64), ("height", 64), ("batch_count", 1), ("seed", 7)):
+    for name, value in (("steps", 20), ("width", 64), ("height", 64), ("batch_count", 1), ("seed", 7)):
         _set_number(page, f"txt2img_{name}", value)
     page.click("#txt2img_generate")
     _textarea_contains(page, "txt2img_infotext", "Seed: 7,")
     infotext = page.locator("#txt2img_infotext textarea").input_value()
-    assert infotext.startswith(prompt + "\nSteps: 4,") and "Size: 64x64" in infotext
+    assert infotext.startswith(prompt + "\nSteps: 20,") and "Size: 64x64" in infotext
     page.wait_for_function("() => document.querySelector('#txt2img_status').innerText.startsWith('done')")
     src = page.locator("#txt2img_gallery img").first.get_attribute("src")
     png = httpx.get(src if src.startswith("http") else live.url + src, auth=AUTH)
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    page.wait_for_function("() => [...document.querySelectorAll('#txt2img_gallery img')].every("
+                           "i => i.complete && i.naturalWidth > 0 && !i.src.startsWith('data:'))")
     _save_screenshot(page, tmp_path, "ui-txt2img.png")
 
     # History: search by prompt, click the image, read its infotext.

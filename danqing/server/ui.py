@@ -131,7 +131,7 @@ def build_ui(state):
                     go = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
                     stop = gr.Button("Interrupt", elem_id="txt2img_interrupt")
                 status = gr.Markdown("", elem_id="txt2img_status")
-                gallery = gr.Gallery(label="Output", columns=4, height=360, object_fit="contain", elem_id="txt2img_gallery")
+                gallery = gr.Gallery(label="Output", columns=4, rows=1, height="auto", object_fit="contain", preview=False, elem_id="txt2img_gallery")
                 infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                       elem_id="txt2img_infotext", buttons=["copy"])
                 send = gr.Button("Send to img2img", elem_id="txt2img_send_to_img2img")
@@ -161,7 +161,7 @@ def build_ui(state):
                     go2 = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
                     stop2 = gr.Button("Interrupt")
                 status2 = gr.Markdown("", elem_id="img2img_status")
-                gallery2 = gr.Gallery(label="Output", columns=4, height=360, object_fit="contain", elem_id="img2img_gallery")
+                gallery2 = gr.Gallery(label="Output", columns=4, rows=1, height="auto", object_fit="contain", preview=False, elem_id="img2img_gallery")
                 infotext2 = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="img2img_infotext")
 
             # -- history ------------------------------------------------------------------------
