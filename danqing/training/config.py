@@ -87,7 +87,7 @@ class EditDataConfig(_Strict):
 
 
 class InstructConfig(_Strict):
-    init_from: str = "danqing-tiny"     # the text-to-image model whose UNet gets 4 more input channels
+    init_from: str = "danqing-tiny"     # the text-to-image model whose UNet gets 4 more input channels (or an instruct model to continue)
     drop_text: float = Field(0.05, ge=0, le=1)   # the paper: 5% no instruction,
     drop_image: float = Field(0.05, ge=0, le=1)  # 5% no picture,
     drop_both: float = Field(0.05, ge=0, le=1)   # 5% neither (for three-branch guidance)

@@ -97,7 +97,8 @@ def train_instruct(cfg: InstructTrainConfig, *, log: Log = print) -> dict:
     comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.instruct.init_from))
     for m in comps.modules().values():
         m.float().eval()
-    unet = widen_conv_in(comps.unet)
+    # an instruct model already (a run continued from an earlier one's export) is trained as it is
+    unet = comps.unet if comps.unet.config.in_channels == 8 else widen_conv_in(comps.unet)
 
     # 2. data: render, encode, and encode every distinct instruction once
     pairs = edit_pairs(d.seed, d.n_pairs, tuple(d.langs))
