@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Studio", "Settings", "GenerationRequest", "GenerationResult", "StepInfo", "STOP", "StepControl"]
+__all__ = ["Studio", "Settings", "GenerationRequest", "GenerationResult", "StepInfo", "STOP", "SKIP", "StepControl"]
 
 
 def __getattr__(name: str):
@@ -30,7 +30,7 @@ def __getattr__(name: str):
         from danqing.request import GenerationRequest
 
         return GenerationRequest
-    if name in ("StepInfo", "STOP", "StepControl"):
+    if name in ("StepInfo", "STOP", "SKIP", "StepControl"):
         from danqing.sampling import loop
 
         return getattr(loop, name)

@@ -159,3 +159,25 @@ def test_webuiapi_interrupt_returns_what_was_reached(api):
     r = out["r"]
     assert r.info["interrupted"] is True and len(r.images) == 1  # the first of four batches, stopped
     assert api.get_progress()["state"]["job"] == ""  # nothing running any more
+
+
+def test_webuiapi_skip_ends_one_batch_and_goes_on(api):
+    """A1111 skip: the running batch ends where it is, the next batches run in full."""
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a red square", seed=5, steps=60, n_iter=3,
+                                                                     **TINY)))
+    th.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 3 and p["state"]["job"]:
+            break
+        time.sleep(0.05)
+    api.skip()
+    th.join(120)
+    r = out["r"]
+    assert r.info["interrupted"] is False and len(r.images) == 3  # all three batches came back
+    full = shared_studio().generate(GenerationRequest.create(
+        prompt="a red square", seed=5, steps=60, batch_count=3, sampler="Euler a", model="danqing-tiny", **TINY))
+    same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(r.images, full.images)]
+    assert same == [False, True, True], same  # the first was cut short, the others are whole

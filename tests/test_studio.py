@@ -80,6 +80,24 @@ def test_stop_interrupts_cleanly(studio):
     assert not fresh.interrupted and torch.equal(fresh.latents[0], again.latents[0])
 
 
+def test_skip_ends_one_batch_and_goes_on(studio):
+    from danqing import SKIP
+
+    calls = []
+
+    def on_step(info):
+        calls.append((info.batch_index, info.step))
+        return SKIP if (info.batch_index, info.step) == (0, 2) else None
+
+    req = GenerationRequest(**BASE, seed=1, batch_count=3)
+    r = studio.generate(req, on_step=on_step)
+    full = studio.generate(req)
+    assert not r.interrupted and len(r.images) == 3
+    assert calls[:3] == [(0, 1), (0, 2), (1, 1)] and len(calls) == 2 + 2 * BASE["steps"]
+    assert not torch.equal(r.latents[0], full.latents[0])  # cut short
+    assert torch.equal(r.latents[1], full.latents[1]) and torch.equal(r.latents[2], full.latents[2])
+
+
 def test_prompt_editing_changes_conditioning_midway(studio):
     steps = dict(BASE, steps=6, sampler="Euler", seed=3)
     a = studio.generate(GenerationRequest(**{**steps, "prompt": "a red circle"}))

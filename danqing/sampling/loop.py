@@ -17,13 +17,17 @@ import torch
 
 
 class StepControl(enum.Enum):
-    """What an ``on_step`` callback may return: None/CONTINUE goes on, STOP interrupts cleanly."""
+    """What an ``on_step`` callback may return: None/CONTINUE goes on, STOP interrupts cleanly,
+    SKIP ends the current batch where it is (A1111's "skip": its pictures are kept as they are)
+    and goes on with the next one."""
 
     CONTINUE = "continue"
     STOP = "stop"
+    SKIP = "skip"
 
 
 STOP = StepControl.STOP
+SKIP = StepControl.SKIP
 
 
 @dataclass
@@ -100,6 +104,7 @@ class SampleResult:
     latents: torch.Tensor
     interrupted: bool = False
     steps_done: int = 0
+    skipped: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -136,7 +141,8 @@ def sample(
         steps: number of sampler steps.
         cfg_scale: guidance weight; 1 disables CFG (the uncond branch is not run).
         generators: per-image generators for ancestral/stochastic samplers.
-        on_step: called after every sampler step; returning STOP (or False) interrupts.
+        on_step: called after every sampler step; returning STOP (or False) interrupts, SKIP
+            ends this batch early (``skipped``; not ``interrupted``, so callers go on).
         denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here).
         init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
         strength: img2img denoising strength in (0, 1]: as diffusers' img2img pipelines, the
@@ -207,6 +213,8 @@ def sample(
             done += 1
             if on_step is not None:
                 answer = on_step(StepInfo(done, total, latents, family, batch_index, batch_count))
+                if answer is StepControl.SKIP:
+                    return SampleResult(latents, interrupted=False, steps_done=done, skipped=True)
                 if answer is StepControl.STOP or answer is False:
                     return SampleResult(latents, interrupted=True, steps_done=done)
     return SampleResult(latents, interrupted=False, steps_done=done)

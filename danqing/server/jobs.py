@@ -391,8 +391,8 @@ class Worker:
             return self._progress.job_id
 
     def skip(self) -> str | None:
-        """A1111 skip; the engine cannot skip one batch of a run yet, so it stops the job as
-        interrupt does (the images reached are kept)."""
+        """A1111 skip: end the running batch where it is (its pictures are kept as reached) and
+        go on with the job's next batch."""
         with self._cond:
             if self._progress.job_id:
                 self._abort = "skip"
@@ -466,7 +466,7 @@ class Worker:
                     del self._handed[k]  # nobody came for them
 
     def _on_step(self, info):
-        from danqing.sampling.loop import STOP
+        from danqing.sampling.loop import SKIP, STOP
 
         now = time.monotonic()
         with self._cond:
@@ -481,6 +481,11 @@ class Worker:
             with self._cond:
                 self._progress.preview_png = preview
                 self._progress.preview_step = info.batch_index * info.total + info.step
+        if abort == "skip":
+            with self._cond:
+                if self._abort == "skip":
+                    self._abort = None  # one batch only
+            return SKIP
         return STOP if abort else None
 
     def _generate(self, job: Job) -> dict | None:
