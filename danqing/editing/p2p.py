@@ -154,7 +154,7 @@ class P2PController:
     latent_hw: tuple[int, int] = (0, 0)
     feature_end: int = 0
     evaluation: int = 0
-    edits: dict = field(default_factory=lambda: {"cross": 0, "self": 0})
+    edits: dict = field(default_factory=lambda: {"cross": 0, "self": 0})  # maps replaced (diagnostics)
     maps: torch.Tensor | None = None  # (2, n, h, w) summed maps of the edited words: source, target
 
     def _store(self, src: torch.Tensor, tgt: torch.Tensor) -> None:
