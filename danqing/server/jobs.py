@@ -518,17 +518,7 @@ class Worker:
 
 def resolve_for_queue(request: GenerationRequest, default_model: str) -> GenerationRequest:
     """Draw random seeds and name the model at submission, so a job re-run after a restart
-    makes the very same images."""
-    import random
+    makes the very same images (``Studio.generate``'s own resolution, done earlier)."""
+    from danqing.studio import resolve_request
 
-    from danqing.request import MAX_SEED
-
-    changes: dict[str, Any] = {}
-    if request.seed == -1:
-        changes["seed"] = random.randint(0, MAX_SEED - 1000)
-    if request.subseed == -1:
-        changes["subseed"] = random.randint(0, MAX_SEED - 1000)
-    if request.model is None:
-        changes["model"] = default_model
-    return request.replace(**changes) if changes else request
-
+    return resolve_request(request, default_model)
