@@ -9,13 +9,11 @@ null-text reconstruction and the edit.
 
 from __future__ import annotations
 
-import random
-
 from PIL import Image
 
 from danqing import GenerationRequest, Settings, Studio
 from danqing.synthetic.render import render
-from danqing.synthetic.scenes import Obj, Scene
+from danqing.synthetic.scenes import red_circle_left_of_blue_square
 
 SOURCE = "a red circle left of a blue square"
 TARGET = "a green circle left of a blue square"
@@ -27,12 +25,8 @@ def main() -> None:
     edit = studio.generate(GenerationRequest.create(prompt=TARGET, p2p_source=SOURCE, p2p_features=0.5, seed=1000,
                                                     batch_size=6, **BASE))
     plain = studio.generate(GenerationRequest.create(prompt=TARGET, seed=1000, batch_size=6, **BASE))
-    rng = random.Random(0)
     real = []
-    for k in range(3):
-        scene = Scene((Obj("circle", "red", "large", rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)),
-                       Obj("square", "blue", "large", rng.uniform(0.6, 0.8), rng.uniform(0.3, 0.7))),
-                      relation=(0, "left", 1), seed=k)
+    for scene in red_circle_left_of_blue_square(3):
         picture = render(scene)
         r = studio.generate(GenerationRequest.create(prompt=TARGET, p2p_source=SOURCE, p2p_features=0.5, seed=0,
                                                      **BASE), init_image=picture)

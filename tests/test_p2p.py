@@ -194,16 +194,10 @@ def test_null_text_inversion_reconstructs_rendered_scenes(bundled):
 def test_real_picture_edit_changes_the_colour_in_place(bundled):
     """Null-text inversion + word swap on a rendered (real) picture."""
     from danqing.synthetic.render import render
-    from danqing.synthetic.scenes import Obj, Scene
+    from danqing.synthetic.scenes import red_circle_left_of_blue_square
 
-    import random
-
-    rng = random.Random(0)
     kept = []
-    for k in range(8):
-        scene = Scene((Obj("circle", "red", "large", rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)),
-                       Obj("square", "blue", "large", rng.uniform(0.6, 0.8), rng.uniform(0.3, 0.7))),
-                      relation=(0, "left", 1), seed=k)
+    for scene in red_circle_left_of_blue_square(8):
         picture = render(scene)
         r = bundled.generate(GenerationRequest.create(prompt=TARGET, p2p_source=SOURCE, p2p_features=0.5, seed=0,
                                                       **BASE), init_image=picture)

@@ -183,3 +183,12 @@ def eval_scenes(n: int = 200, seed: int = 0) -> list[Scene]:
     objects are small and the set measures attribute binding, not crowding."""
     rng = random.Random(f"eval:{seed}")
     return [sample_scene(rng, "heldout", 1 + i % 2) for i in range(n)]
+
+
+def red_circle_left_of_blue_square(n: int, seed: int = 0) -> list[Scene]:
+    """``n`` "a red circle left of a blue square" scenes at random places (circle in the left
+    band, square in the right one): real pictures for the Prompt-to-Prompt checks and figure."""
+    rng = random.Random(seed)
+    return [Scene((Obj("circle", "red", "large", rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)),
+                   Obj("square", "blue", "large", rng.uniform(0.6, 0.8), rng.uniform(0.3, 0.7))),
+                  relation=(0, "left", 1), seed=k) for k in range(n)]
