@@ -66,6 +66,9 @@ class Studio:
         self.settings = settings or Settings()
         self.registry = Registry(self.settings.models_dir)
         self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype)
+        from danqing.customise.lora import NetworkCache
+
+        self.networks = NetworkCache()
 
     def generate(
         self,
@@ -89,8 +92,6 @@ class Studio:
                 and ``mask`` paths.
         """
         from danqing.editing.images import load_image, load_mask
-        from danqing.decode import decode_latents, to_pil
-        from danqing.outputs.metadata import request_infotext
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -100,6 +101,7 @@ class Studio:
 
         # 1b. the pictures of img2img / inpaint, checked before any model is loaded.
         edit = init_image is not None or request.init_image is not None
+        init = mask = None
         if edit:
             init = init_image if init_image is not None else load_image(request.init_image, "init_image")
             mask = mask_image if mask_image is not None else (load_mask(request.mask) if request.mask else None)
@@ -114,11 +116,28 @@ class Studio:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
                                      f"installed: {', '.join(hires_upscalers())}")
 
-        # 2. load: the manager owns device and dtype.
+        # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
+        # patched into the weights for this request only (restored when it ends, even on error).
+        from danqing.customise.lora import activate, patched, request_tags
+
+        tags = request_tags(request)
         loaded = self.models.load(request.model, request.vae)
         comps = loaded.components
         device, dtype = self.models.device, self.models.dtype
+        networks = activate(tags, comps, registry=self.registry, model_name=loaded.name, cache=self.networks)
         timings["load"] = time.perf_counter() - t0
+        with patched(comps, networks):
+            return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
+                             init=init, mask=mask, t0=t0, timings=timings)
+
+    def _run(self, request, loaded, networks, on_step, *, save, out_dir, init, mask, t0, timings) -> GenerationResult:
+        """Steps 3 to 6 of ``generate`` on the loaded (and patched) model."""
+        from danqing.decode import decode_latents, to_pil
+        from danqing.outputs.metadata import request_infotext
+
+        comps = loaded.components
+        device, dtype = self.models.device, self.models.dtype
+        edit = init is not None
 
         # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
@@ -167,11 +186,12 @@ class Studio:
 
         # 6. metadata and save.
         t = time.perf_counter()
+        lora_hashes = [(a.network.name, a.network.short_hash) for a in networks]
         infotexts = [
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
-                refiner=extra_info.get("refiner"),
+                refiner=extra_info.get("refiner"), lora_hashes=lora_hashes,
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -190,7 +210,7 @@ class Studio:
                     text = request_infotext(source_request, seed=s, subseed=ss, model_name=loaded.name,
                                             model_hash=loaded.sha256,
                                             vae_name=loaded.vae_entry.name if loaded.vae_entry else None,
-                                            vae_hash=loaded.vae_sha256)
+                                            vae_hash=loaded.vae_sha256, lora_hashes=lora_hashes)
                     save_png(img, path.with_name(path.stem + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -302,13 +322,14 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     Every scheduled text is encoded once; all are padded with the empty prompt's chunk to the
     longest chunk count so the UNet sees one static shape for the whole run.
     """
-    from danqing.conditioning.prompt_parser import prompt_schedule
+    from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
     from danqing.conditioning.text import pad_to_chunks
     from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
     comps = encoder.c
     use_cfg = request.cfg_scale > 1.0
-    pos = prompt_schedule(request.prompt, request.steps)
+    # <lora:...> tags are applied to the weights (Studio.generate), not encoded as text
+    pos = prompt_schedule(strip_extra_networks(request.prompt)[0], request.steps)
     neg = prompt_schedule(request.negative_prompt, request.steps) if use_cfg else [(request.steps, "")]
     cache: dict[tuple[str, bool], object] = {}
 

@@ -21,6 +21,7 @@ def request_infotext(
     vae_name: str | None = None,
     vae_hash: str | None = None,
     refiner: tuple[str, str] | None = None,
+    lora_hashes: list[tuple[str, str]] | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch)."""
     from danqing.sampling.samplers import resolve_schedule
@@ -47,6 +48,8 @@ def request_infotext(
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
         params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request))
+    if lora_hashes:  # A1111: Lora hashes: "name: 12-hex sha256 prefix, ..."
+        params["Lora hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, digest in lora_hashes)
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 

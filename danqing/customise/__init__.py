@@ -1,0 +1,1 @@
+"""Customisation: LoRA / LyCORIS networks, embeddings, merging."""
