@@ -57,7 +57,7 @@ def main() -> None:
         shutil.copy(args.embedding, root / "embeddings" / args.embedding.name)
         word = args.word or args.embedding.stem
     if args.checkpoint:
-        (root / "checkpoints" / args.checkpoint.name).symlink_to(args.checkpoint.resolve())
+        shutil.copytree(args.checkpoint, root / "checkpoints" / args.checkpoint.name)
     studio = Studio(Settings(home=root / "home", models_dir=root, device="cpu", dtype="fp32"))
 
     def run(scenes, model_name: str, suffix: str, replace_word: bool) -> dict:
