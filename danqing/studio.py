@@ -66,8 +66,21 @@ class Studio:
         self.settings = settings or Settings()
         self.registry = Registry(self.settings.models_dir)
         self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype)
+        from danqing.customise.embeddings import EmbeddingLibrary
 
-    def generate(
+        self.embeddings = EmbeddingLibrary(self.registry)
+
+    def generate(self, request: GenerationRequest, on_step: OnStep | None = None, **options) -> GenerationResult:
+        """Run a txt2img, img2img or inpaint request (hires fix included); see ``_generate``
+        for the options. Per-request customisation (textual-inversion embeddings, IP-Adapter
+        processors) lives in a scope that is closed, and the shared models restored, however
+        the request ends."""
+        import contextlib
+
+        with contextlib.ExitStack() as scope:
+            return self._generate(request, on_step, scope=scope, **options)
+
+    def _generate(
         self,
         request: GenerationRequest,
         on_step: OnStep | None = None,
@@ -76,6 +89,7 @@ class Studio:
         out_dir: Path | None = None,
         init_image: Image.Image | None = None,
         mask_image: Image.Image | None = None,
+        scope=None,
     ) -> GenerationResult:
         """Run a txt2img, img2img or inpaint request (hires fix included).
 
@@ -119,6 +133,14 @@ class Studio:
         comps = loaded.components
         device, dtype = self.models.device, self.models.dtype
         timings["load"] = time.perf_counter() - t0
+
+        # 2b. customise: the textual-inversion embeddings the prompts call, checked against the
+        # model and active until the request ends (the text encoder is never changed).
+        from danqing.customise.embeddings import ti_hashes, use_embeddings
+
+        embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
+        if scope is not None:
+            scope.enter_context(use_embeddings(embeddings))
 
         # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
@@ -171,7 +193,7 @@ class Studio:
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
-                refiner=extra_info.get("refiner"),
+                refiner=extra_info.get("refiner"), ti_hashes=ti_hashes(embeddings),
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -190,7 +212,7 @@ class Studio:
                     text = request_infotext(source_request, seed=s, subseed=ss, model_name=loaded.name,
                                             model_hash=loaded.sha256,
                                             vae_name=loaded.vae_entry.name if loaded.vae_entry else None,
-                                            vae_hash=loaded.vae_sha256)
+                                            vae_hash=loaded.vae_sha256, ti_hashes=ti_hashes(embeddings))
                     save_png(img, path.with_name(path.stem + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -294,6 +316,19 @@ def resolve_request(request: GenerationRequest, default_model: str) -> Generatio
     if request.model is None:
         changes["model"] = default_model
     return request.replace(**changes) if changes else request
+
+
+def prompt_texts(request: GenerationRequest) -> list[str]:
+    """Every text a request's prompts take at some step (prompt editing resolved): where
+    textual-inversion embeddings are looked for."""
+    from danqing.conditioning.prompt_parser import prompt_schedule
+
+    texts = []
+    for text in (request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt,
+                 request.p2p_source):
+        if text:
+            texts += [t for _, t in prompt_schedule(text, request.steps)]
+    return texts
 
 
 def build_conditioning(encoder, request: GenerationRequest, *, batch: int):

@@ -21,8 +21,12 @@ def request_infotext(
     vae_name: str | None = None,
     vae_hash: str | None = None,
     refiner: tuple[str, str] | None = None,
+    ti_hashes: str | None = None,
 ) -> str:
-    """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch)."""
+    """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
+
+    ``ti_hashes``: A1111's ``TI hashes`` value (``"name: hash12, ..."``) of the textual-inversion
+    embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``)."""
     from danqing.sampling.samplers import resolve_schedule
 
     variation = request.subseed_strength > 0
@@ -47,6 +51,7 @@ def request_infotext(
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
         params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request))
+    params["TI hashes"] = ti_hashes
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 

@@ -441,9 +441,12 @@ def build_router(state) -> APIRouter:
 
     @r.get("/embeddings")
     def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                                   "shape": None, "vectors": None}
-                                          for e in state.registry.scan("embedding")}}
+        # A1111's shape: readable files under "loaded" (shape = vector width, summed over SDXL's
+        # two encoders), unreadable ones under "skipped" with the reason (danqing's "error").
+        listing = state.worker.studio.embeddings.listing()
+        return {"loaded": {n: v for n, v in listing.items() if "error" not in v},
+                "skipped": {n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                "vectors": None, **v} for n, v in listing.items() if "error" in v}}
 
     @r.get("/prompt-styles")
     def prompt_styles() -> list[dict]:

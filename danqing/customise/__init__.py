@@ -1,0 +1,1 @@
+"""Customisation: textual-inversion embeddings, IP-Adapter image prompts, model merging."""
