@@ -196,6 +196,37 @@ def export(
     print(out)
 
 
+@app.command()
+def merge(
+    ctx: typer.Context,
+    models: list[str] = typer.Argument(..., help="A B (weighted-sum, extract-lora: base tuned) or A B C (add-difference): checkpoint names, hashes or paths."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file; a bare name goes to models/checkpoints/ (models/lora/ for extract-lora)."),
+    method: str = typer.Option("weighted-sum", help="weighted-sum: (1-a)A + aB; add-difference: A + a(B-C); extract-lora: a LoRA of B - A."),
+    alpha: float = typer.Option(0.5, help="The multiplier a."),
+    half: bool = typer.Option(False, "--half", help="Store fp16 (default fp32: a=0 gives A bit for bit)."),
+    rank: int = typer.Option(32, help="extract-lora: rank of Linear/1x1 layers."),
+    conv_rank: Optional[int] = typer.Option(None, help="extract-lora: rank of 3x3 convolutions (default --rank; 0 = none)."),
+):
+    """Merge checkpoints (A1111's checkpoint merger) or extract a LoRA from two; the recipe
+    (inputs with their hashes, method, alpha) is stored in the file's header."""
+    from danqing.customise.merge import extract_lora, merge_checkpoints
+    from danqing.models.registry import Registry
+
+    registry = Registry(ctx.obj.models_dir)
+    if out.parent == Path("."):
+        out = registry.folder("lora" if method == "extract-lora" else "checkpoint") / out.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if method == "extract-lora":
+        if len(models) != 2:
+            raise InvalidRequest("models", f"extract-lora takes 2 models (base tuned), got {len(models)}")
+        path, notes = extract_lora(registry, models[0], models[1], out, rank=rank, conv_rank=conv_rank)
+        for line in notes:
+            print(f"note: {line}", file=sys.stderr)
+    else:
+        path = merge_checkpoints(registry, models, out, method=method, alpha=alpha, half=half)
+    print(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Editing: img2img, inpaint, outpaint, upscale (docs/editing.md)
 # ---------------------------------------------------------------------------------------------
