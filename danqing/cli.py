@@ -68,6 +68,9 @@ def generate(
     denoise: Optional[float] = typer.Option(None, help="Hires fix: second-pass denoising strength 0-1 [default: 0.75]."),
     refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint (an SDXL refiner) that finishes the picture."),
     refiner_switch_at: Optional[float] = typer.Option(None, help="Refiner: fraction of the schedule done by the base model [default: 0.8]."),
+    ip_adapter: Optional[list[str]] = typer.Option(None, "--ip-adapter", help="Image prompt: IMAGE[:WEIGHT] (weight 0-2, default 1); repeat for several pictures."),
+    ip_adapter_model: Optional[str] = typer.Option(None, help="IP-Adapter file in models/ipadapter/ [default: the only one]."),
+    ip_adapter_encoder: Optional[str] = typer.Option(None, help="CLIP vision encoder folder in models/clip_vision/ [default: the only one]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -82,6 +85,9 @@ def generate(
         "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
         "denoising_strength": denoise, "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at,
     }
+    if ip_adapter:
+        fields.update(parse_ip_adapter_option(ip_adapter))
+    fields.update(ip_adapter=ip_adapter_model, ip_adapter_encoder=ip_adapter_encoder)
     fields = {k: v for k, v in fields.items() if v is not None}
     if negative:
         fields["negative_prompt"] = negative
@@ -101,6 +107,28 @@ def generate(
         if out.exists():
             raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
     _run_generate(ctx.obj, request, out, quiet)
+
+
+def parse_ip_adapter_option(values: list[str]) -> dict:
+    """``--ip-adapter IMAGE[:WEIGHT]`` (repeated) -> request fields; one weight for all pictures."""
+    images, weights = [], set()
+    for value in values:
+        path, sep, weight = value.rpartition(":")
+        if sep and path and weight:
+            try:
+                weights.add(float(weight))
+            except ValueError:  # a ':' of the path itself
+                path = value
+        else:
+            path = value
+        images.append(path)
+    if len(weights) > 1:
+        raise InvalidRequest("ip_adapter_weight", f"the pictures of one IP-Adapter share one weight; got "
+                             f"{', '.join(f'{w:g}' for w in sorted(weights))}")
+    fields: dict = {"ip_adapter_image": tuple(images)}
+    if weights:
+        fields["ip_adapter_weight"] = weights.pop()
+    return fields
 
 
 def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:

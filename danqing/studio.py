@@ -69,6 +69,9 @@ class Studio:
         from danqing.customise.embeddings import EmbeddingLibrary
 
         self.embeddings = EmbeddingLibrary(self.registry)
+        from danqing.customise.ip_adapter import IPAdapterLibrary
+
+        self.ip_adapters = IPAdapterLibrary(self.registry, self.models)
 
     def generate(self, request: GenerationRequest, on_step: OnStep | None = None, **options) -> GenerationResult:
         """Run a txt2img, img2img or inpaint request (hires fix included); see ``_generate``
@@ -141,6 +144,11 @@ class Studio:
         embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
         if scope is not None:
             scope.enter_context(use_embeddings(embeddings))
+        # IP-Adapter: the pictures encoded, diffusers' processors on the UNet until the request
+        # ends (the original processors come back in the scope's finally).
+        adapter_hash = None
+        if request.ip_adapter_image:
+            request, adapter_hash = self._image_prompt(request, comps, scope)
 
         # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
@@ -193,7 +201,7 @@ class Studio:
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
-                refiner=extra_info.get("refiner"), ti_hashes=ti_hashes(embeddings),
+                refiner=extra_info.get("refiner"), ti_hashes=ti_hashes(embeddings), ip_adapter_hash=adapter_hash,
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -218,6 +226,37 @@ class Studio:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
                                 warnings, sources)
+
+
+    def _image_prompt(self, request: GenerationRequest, comps, scope):
+        """Step 2b for an IP-Adapter request: find the files, check they fit, encode the
+        pictures, install the adapter on the UNet inside ``scope``.
+
+        Returns:
+            (the request with the adapter and encoder named, the adapter file's sha256).
+        """
+        from danqing.customise import ip_adapter as ipa
+        from danqing.editing.images import load_image
+        from danqing.editing.instruct import is_instruct_unet
+        from danqing.models.registry import sha256_file
+
+        if scope is None:
+            raise InvalidRequest("ip_adapter_image", "an image prompt needs Studio.generate's request scope")
+        if is_instruct_unet(comps.unet):
+            raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) is not available with "
+                                 "instruct-pix2pix models")
+        images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
+        adapter = self.ip_adapters.adapter_path(request.ip_adapter)
+        folder = self.ip_adapters.encoder_path(request.ip_adapter_encoder)
+        state = self.ip_adapters.state(adapter)
+        encoder, processor = self.ip_adapters.encoder(folder)
+        ipa.check_fits(state, comps.unet, encoder, adapter.name)
+        prompt = ipa.encode_images(encoder, processor, images, plus=ipa.is_plus(state))
+        scope.enter_context(ipa.install(comps.unet, state, request.ip_adapter_weight))
+        scope.enter_context(ipa.use_image_prompt(prompt))
+        named = request.replace(ip_adapter=request.ip_adapter or adapter.stem,
+                                ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
+        return named, sha256_file(adapter)
 
 
 def check_refiner(base_family: str, refiner_family: str, name: str) -> None:
@@ -341,7 +380,10 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     from danqing.conditioning.text import pad_to_chunks
     from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
+    from danqing.customise.ip_adapter import active_image_prompt
+
     comps = encoder.c
+    image_prompt = active_image_prompt() if comps.family != "sdxl-refiner" else None
     use_cfg = request.cfg_scale > 1.0
     pos = prompt_schedule(request.prompt, request.steps)
     neg = prompt_schedule(request.negative_prompt, request.steps) if use_cfg else [(request.steps, "")]
@@ -371,6 +413,8 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
         if comps.family in ("sdxl", "sdxl-refiner"):
             pooled = torch.cat([n.pooled.expand(batch, -1), p.pooled.expand(batch, -1)]) if use_cfg else p.pooled.expand(batch, -1)
             added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(comps.family, request, batch, use_cfg, p.hidden)}
+        if image_prompt is not None:  # IP-Adapter: diffusers' UNet reads added_cond_kwargs["image_embeds"]
+            added = {**(added or {}), "image_embeds": [e.to(context) for e in image_prompt.batch(batch, use_cfg)]}
         conds.append(Conditioning(context, added))
     return ConditioningSchedule(ends, conds)
 

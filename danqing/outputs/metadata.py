@@ -22,6 +22,7 @@ def request_infotext(
     vae_hash: str | None = None,
     refiner: tuple[str, str] | None = None,
     ti_hashes: str | None = None,
+    ip_adapter_hash: str | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
 
@@ -52,6 +53,9 @@ def request_infotext(
         params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request))
     params["TI hashes"] = ti_hashes
+    from danqing.customise.ip_adapter import ip_adapter_params
+
+    params.update(ip_adapter_params(request, ip_adapter_hash))
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 
@@ -187,6 +191,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
         if "Clip skip" in params:
             fields["clip_skip"] = int(params["Clip skip"])
         fields.update(_editing_fields(params))
+        from danqing.customise.ip_adapter import ip_adapter_fields
+
+        fields.update(ip_adapter_fields(params))
         if params.get("Refiner"):
             fields["refiner_checkpoint"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", params["Refiner"])
             if "Refiner switch at" in params:
