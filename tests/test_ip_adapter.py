@@ -133,6 +133,54 @@ def test_matches_diffusers_and_restores_the_unet(setup, adapter, weight_name):
     assert again.images[0].tobytes() == plain.images[0].tobytes()
 
 
+def test_sdxl_matches_diffusers(setup, models_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from danqing.customise.ip_adapter import image_processor
+    from danqing.sampling.samplers import make_scheduler
+
+    _, models, picture = setup
+    xl_models = tmp_path / "models"
+    (xl_models / "checkpoints").mkdir(parents=True)
+    shutil.copytree(models_dir / "checkpoints" / "tiny-sdxl", xl_models / "checkpoints" / "tiny-sdxl")
+    shutil.copytree(models / "clip_vision", xl_models / "clip_vision")
+    studio = Studio(Settings(home=tmp_path, models_dir=xl_models, device="cpu", dtype="fp32"))
+    c = studio.models.load("tiny-sdxl").components
+    (xl_models / "ipadapter").mkdir()
+    _save_safetensors(_adapter_state(c.unet, plus=False, seed=4), xl_models / "ipadapter" / "ip-adapter_xl.safetensors")
+    request = GenerationRequest(model="tiny-sdxl", ip_adapter_image=(str(picture),), ip_adapter_weight=0.8, **SMALL)
+    ours = studio.generate(request).latents[0]
+
+    unet = type(c.unet).from_config(c.unet.config)
+    unet.load_state_dict(c.unet.state_dict())
+    pipe = StableDiffusionXLPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2, unet=unet.eval(),
+        scheduler=make_scheduler(c.scheduler_config, request.sampler, request.schedule, seed=request.seed),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(xl_models / "clip_vision" / "tiny-encoder"),
+        feature_extractor=image_processor(None, ENCODER["image_size"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(xl_models / "ipadapter"), subfolder="", weight_name="ip-adapter_xl.safetensors",
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.8)
+    with torch.no_grad():
+        ref = pipe(request.prompt, negative_prompt=request.negative_prompt, ip_adapter_image=Image.open(picture).convert("RGB"),
+                   num_inference_steps=request.steps, guidance_scale=request.cfg_scale, height=64, width=64,
+                   generator=[torch.Generator("cpu").manual_seed(request.seed)], output_type="latent").images
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_hires_and_img2img_take_the_image_prompt(setup):
+    studio, models, picture = setup
+    base = GenerationRequest(model="tiny-sd1", ip_adapter="ip-adapter_tiny", ip_adapter_image=(str(picture),), **SMALL)
+    for req in (base.replace(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5),
+                base.replace(init_image=str(picture), denoising_strength=0.6, batch_size=2)):
+        with_ip = studio.generate(req).images
+        without = studio.generate(req.replace(ip_adapter=None, ip_adapter_image=())).images
+        assert len(with_ip) == len(without) and with_ip[0].tobytes() != without[0].tobytes()
+
+
 def test_weight_zero_is_no_adapter_and_infotext_round_trips(setup, tmp_path):
     from danqing.outputs.metadata import request_from_infotext
     from danqing.outputs.store import read_infotext

@@ -34,6 +34,7 @@ def folder(tmp_path_factory, models_dir):
     for name in ("tiny-sd1", "tiny-sdxl"):
         shutil.copytree(models_dir / "checkpoints" / name, root / "checkpoints" / name)
     save_single_file(build_components("tiny-sd1", seed=5), root / "checkpoints" / "B.safetensors")
+    save_single_file(build_components("tiny-sdxl", seed=6), root / "checkpoints" / "BXL.safetensors")
     return root
 
 
@@ -102,22 +103,29 @@ def test_full_rank_lora_reproduces_b(folder, tmp_path):
     assert read_recipe(out)["method"] == "extract-lora"
 
 
-def test_kohya_lora_loads_in_diffusers(folder, tmp_path):
-    """diffusers' kohya converter finds every layer of a rank-4 extraction (names are kohya's)."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("base,tuned", [("tiny-sd1", "B"), ("tiny-sdxl", "BXL")])
+def test_kohya_lora_loads_in_diffusers(folder, tmp_path, base, tuned):
+    """diffusers' kohya converter finds every layer of a rank-4 extraction (names are kohya's:
+    diffusers module names for SD1, Stability block names and lora_te1/lora_te2 for SDXL)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     reg = Registry(folder)
-    out, _ = extract_lora(reg, "tiny-sd1", "B", tmp_path / "r4.safetensors", rank=4)
+    out, _ = extract_lora(reg, base, tuned, tmp_path / "r4.safetensors", rank=4)
     lora = load_file(str(out))
-    a = load_components(reg.find("checkpoint", "tiny-sd1"))
+    a = load_components(reg.find("checkpoint", base))
     expected = {}
     for name, (part, path, layer) in kohya_lora_layers(a).items():
         down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
         expected[(part, path)] = layer.weight + (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
-    pipe = StableDiffusionPipeline(vae=a.vae, text_encoder=a.text_encoder, tokenizer=a.tokenizer, unet=a.unet,
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if a.family == "sdxl":
+        assert any(k.startswith("lora_unet_input_blocks_") for k in lora) and any(k.startswith("lora_te2_") for k in lora)
+        pipe = StableDiffusionXLPipeline(vae=a.vae, text_encoder=a.text_encoder, text_encoder_2=a.text_encoder_2,
+                                         tokenizer=a.tokenizer, tokenizer_2=a.tokenizer_2, unet=a.unet, scheduler=None)
+    else:
+        pipe = StableDiffusionPipeline(vae=a.vae, text_encoder=a.text_encoder, tokenizer=a.tokenizer, unet=a.unet,
+                                       scheduler=None, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.load_lora_weights(str(out))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
