@@ -238,7 +238,7 @@ class Studio:
         from danqing.customise import ip_adapter as ipa
         from danqing.editing.images import load_image
         from danqing.editing.instruct import is_instruct_unet
-        from danqing.models.registry import sha256_file
+        from danqing.models.registry import ModelEntry
 
         if scope is None:
             raise InvalidRequest("ip_adapter_image", "an image prompt needs Studio.generate's request scope")
@@ -256,7 +256,8 @@ class Studio:
         scope.enter_context(ipa.use_image_prompt(prompt))
         named = request.replace(ip_adapter=request.ip_adapter or adapter.stem,
                                 ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
-        return named, sha256_file(adapter)
+        entry = ModelEntry(adapter.stem, adapter, "ipadapter", adapter.suffix.lstrip(".").lower())
+        return named, self.registry.sha256(entry)  # cached by path, size and mtime
 
 
 def check_refiner(base_family: str, refiner_family: str, name: str) -> None:

@@ -232,8 +232,10 @@ def test_api_lists_real_embeddings(studio_with, tmp_path):
     studio, folder = studio_with
     save_embedding_a1111(folder / f"{NAME}.safetensors", NAME, {"emb_params": _vectors(3, 32)}, {"step": 42})
     (folder / "broken.pt").write_bytes(b"garbage")
+    save_embedding_a1111(folder / "cat.pt", "cat", {"emb_params": _vectors(1, 32)})
     with TestClient(make_app(tmp_path / "home", studio=studio)) as client:
         body = client.get("/sdapi/v1/embeddings").json()
     assert body["loaded"][NAME] == {"step": 42, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                     "shape": 32, "vectors": 3}
     assert "cannot be read" in body["skipped"]["broken"]["error"]
+    assert "the word 'cat'" in body["skipped"]["cat"]["error"]

@@ -207,8 +207,7 @@ def save_embedding_a1111(path: str | os.PathLike, name: str, vectors: Mapping[st
         raise InvalidRequest("path", f"an A1111 embedding is written as .safetensors or .pt, got {suffix or '(none)'!r}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
-    vecs = parse_embedding_dict(dict(vectors) if set(vectors) & {SINGLE, *SDXL_KEYS} or len(vectors) != 1
-                                else {SINGLE: next(iter(vectors.values()))}, name)
+    vecs = parse_embedding_dict(dict(vectors), name)  # a lone {key: tensor} reads as emb_params
     vecs = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vecs.items()}
     meta = dict(meta or {})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,10 +433,14 @@ class EmbeddingLibrary:
     def listing(self) -> dict[str, dict]:
         """name -> {shape, vectors, step, sd_checkpoint, sd_checkpoint_name, error} of every
         file (A1111's ``/sdapi/v1/embeddings`` fields)."""
+        from danqing.conditioning.tokenizer import clip_tokenizer
+
+        tokenizer = clip_tokenizer()  # every SD family shares CLIP's vocabulary
         out = {}
         for name, path in self.entries().items():
             try:
                 emb = self.load(path)
+                check_name(emb, tokenizer)
             except EmbeddingError as exc:
                 out[name] = {"error": str(exc)}
                 continue
