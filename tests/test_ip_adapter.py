@@ -234,3 +234,34 @@ def test_cli_option():
     assert parse_ip_adapter_option(["C:/pics/a.png"]) == {"ip_adapter_image": ("C:/pics/a.png",)}
     with pytest.raises(InvalidRequest, match="share one weight"):
         parse_ip_adapter_option(["a.png:0.5", "b.png:1"])
+
+
+def test_a1111_controlnet_ip_adapter_unit(setup, tmp_path):
+    """A1111 clients send IP-Adapter as a ControlNet-extension unit in alwayson_scripts."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from server_helpers import make_app
+
+    from danqing.server.a1111 import Txt2ImgBody, request_fields
+
+    studio, models, picture = setup
+    buf = io.BytesIO()
+    Image.open(picture).save(buf, format="PNG")
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny [0123abcd]", "weight": 0.8,
+            "image": base64.b64encode(buf.getvalue()).decode()}
+    body = {"prompt": SMALL["prompt"], "negative_prompt": SMALL["negative_prompt"], "seed": SMALL["seed"],
+            "steps": SMALL["steps"], "cfg_scale": SMALL["cfg_scale"], "width": 64, "height": 64,
+            "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "tiny-sd1"},
+            "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": False, "module": "canny"}]}}}
+    with TestClient(make_app(tmp_path / "home", studio=studio)) as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        info = answer.json()["info"]
+        assert "IP-Adapter: ip-adapter_tiny [" in info and "IP-Adapter weight: 0.8" in info
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+            {**unit, "module": "canny"}]}}})
+        assert bad.status_code == 422 and "module 'canny' is not supported" in bad.text
+    f = request_fields(Txt2ImgBody(alwayson_scripts={"controlnet": {"args": [unit]}}), img2img=False)
+    assert (f["ip_adapter"], f["ip_adapter_weight"]) == ("ip-adapter_tiny", 0.8)
