@@ -361,13 +361,13 @@ def resolve_request(request: GenerationRequest, default_model: str) -> Generatio
 def prompt_texts(request: GenerationRequest) -> list[str]:
     """Every text a request's prompts take at some step (prompt editing resolved): where
     textual-inversion embeddings are looked for."""
-    from danqing.conditioning.prompt_parser import prompt_schedule
+    from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
 
     texts = []
     for text in (request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt,
                  request.p2p_source):
-        if text:
-            texts += [t for _, t in prompt_schedule(text, request.steps)]
+        if text:  # <lora:...> tags are not text the encoder sees
+            texts += [strip_extra_networks(t)[0] for _, t in prompt_schedule(text, request.steps)]
     return texts
 
 

@@ -182,3 +182,17 @@ def test_cli_merge(folder, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["--models-dir", str(folder), "merge", "tiny-sd1", "tiny-sdxl", "--out", "bad.safetensors"])
     assert exit_.value.code == 2
+
+
+def test_fp16_and_fp32_inputs_mix(folder, tmp_path):
+    """The bundled danqing-tiny's text encoder loads in fp16, its single-file export as fp32: they merge,
+    and a = 0 is A's values exactly (fp16 -> fp32 is exact)."""
+    from danqing.models.single_file import save_single_file
+
+    reg = Registry(folder)
+    a = load_components(reg.find("checkpoint", "danqing-tiny"))
+    assert a.text_encoder.dtype == torch.float16  # transformers keeps the stored dtype
+    save_single_file(a, tmp_path / "copy.safetensors")
+    out = merge_checkpoints(reg, ["danqing-tiny", str(tmp_path / "copy.safetensors")], tmp_path / "m.safetensors", alpha=0.0)
+    merged, ta = _tensors(load_components(reg.find("checkpoint", str(out)))), _tensors(a)
+    assert merged.keys() == ta.keys() and all(torch.equal(merged[k], ta[k].to(merged[k].dtype)) for k in ta)

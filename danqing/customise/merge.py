@@ -57,15 +57,16 @@ def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: flo
 
 
 def merge_state_dicts(a: dict, b: dict, c: dict | None, method: str, alpha: float) -> dict:
-    """Merge state dicts of one architecture tensor by tensor; non-float tensors (ids) are A's."""
+    """Merge state dicts of one architecture tensor by tensor, in float32 (inputs stored in fp16
+    and fp32 mix; an fp16 value is exact in fp32); non-float tensors (ids) are A's."""
     out = {}
     for key, ta in a.items():
         if not ta.is_floating_point():
             out[key] = ta
         elif method == "weighted-sum":
-            out[key] = weighted_sum(ta, b[key], alpha)
+            out[key] = weighted_sum(ta.float(), b[key].float(), alpha)
         else:
-            out[key] = add_difference(ta, b[key], c[key], alpha)
+            out[key] = add_difference(ta.float(), b[key].float(), c[key].float(), alpha)
     return out
 
 
@@ -235,6 +236,7 @@ def merge_checkpoints(registry, models: list[str], out: Path, *, method: str = "
     for part, module in comps.modules().items():
         sds = [i.components.modules()[part].state_dict() for i in inputs]
         merged = merge_state_dicts(sds[0], sds[1], sds[2] if len(sds) > 2 else None, method, alpha)
+        module.to(torch.float32)  # a loaded diffusers folder keeps its stored dtype
         module.load_state_dict(merged, strict=True)
     if half:
         for module in comps.modules().values():
@@ -304,7 +306,7 @@ def extract_lora(registry, base: str, tuned: str, out: Path, *, rank: int = 32, 
     layers_b = kohya_lora_layers(cb)
     for key, (part, path, la) in kohya_lora_layers(ca).items():
         covered.add(f"{part}.{path}.weight")
-        diff = layers_b[key][2].weight.detach() - la.weight.detach()
+        diff = layers_b[key][2].weight.detach().float() - la.weight.detach().float()
         r = conv_rank if isinstance(la, torch.nn.Conv2d) and la.kernel_size != (1, 1) else rank
         if r == 0 or not bool(diff.any()):
             continue
