@@ -602,6 +602,53 @@ def train_instruct_cmd(
     typer.echo(f"summary: {json.dumps(summary['eval'])}")
 
 
+def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str]) -> None:
+    from danqing.training import config as C
+    from danqing.training import finetune
+
+    model, run = {"lora": (C.LoraTrainConfig, "train_lora"),
+                  "dreambooth": (C.DreamBoothTrainConfig, "train_dreambooth"),
+                  "textual-inversion": (C.TextualInversionTrainConfig, "train_textual_inversion")}[kind]
+    run = getattr(finetune, run)
+    cfg = C.load_config(config, _parse_sets(sets), model=model)
+    summary = run(cfg, resume=not fresh, log=lambda line: typer.echo(line))
+    typer.echo(f"summary: {json.dumps(summary)}")
+
+
+_CONFIG_HELP = "TOML config, e.g. configs/train/{}.toml."
+_SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400."
+
+
+@train_app.command("lora")
+def train_lora_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("lora-heart")),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train a LoRA (UNet, optionally text encoder) on captioned images; writes kohya and diffusers files."""
+    _finetune_cmd("lora", config, fresh, set_)
+
+
+@train_app.command("dreambooth")
+def train_dreambooth_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("dreambooth-heart")),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Fine-tune the whole UNet (DreamBooth) with prior preservation; writes a checkpoint."""
+    _finetune_cmd("dreambooth", config, fresh, set_)
+
+
+@train_app.command("textual-inversion")
+def train_ti_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("ti-heart")),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Learn a new word's embedding (textual inversion); writes an A1111 embedding."""
+    _finetune_cmd("textual-inversion", config, fresh, set_)
+
+
 @eval_app.command("shapes")
 def eval_shapes(
     ctx: typer.Context,

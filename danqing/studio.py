@@ -6,6 +6,7 @@ Written as numbered steps so the flow reads top to bottom, as diffusers'
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -66,24 +67,16 @@ class Studio:
         self.settings = settings or Settings()
         self.registry = Registry(self.settings.models_dir)
         self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype)
-        from danqing.customise.embeddings import EmbeddingLibrary
+        from danqing.customise.lora import NetworkCache
 
-        self.embeddings = EmbeddingLibrary(self.registry)
+        self.networks = NetworkCache()
+        from danqing.customise.embeddings import EmbeddingLibrary
         from danqing.customise.ip_adapter import IPAdapterLibrary
 
+        self.embeddings = EmbeddingLibrary(self.registry)
         self.ip_adapters = IPAdapterLibrary(self.registry, self.models)
 
-    def generate(self, request: GenerationRequest, on_step: OnStep | None = None, **options) -> GenerationResult:
-        """Run a txt2img, img2img or inpaint request (hires fix included); see ``_generate``
-        for the options. Per-request customisation (textual-inversion embeddings, IP-Adapter
-        processors) lives in a scope that is closed, and the shared models restored, however
-        the request ends."""
-        import contextlib
-
-        with contextlib.ExitStack() as scope:
-            return self._generate(request, on_step, scope=scope, **options)
-
-    def _generate(
+    def generate(
         self,
         request: GenerationRequest,
         on_step: OnStep | None = None,
@@ -92,7 +85,6 @@ class Studio:
         out_dir: Path | None = None,
         init_image: Image.Image | None = None,
         mask_image: Image.Image | None = None,
-        scope=None,
     ) -> GenerationResult:
         """Run a txt2img, img2img or inpaint request (hires fix included).
 
@@ -106,8 +98,6 @@ class Studio:
                 and ``mask`` paths.
         """
         from danqing.editing.images import load_image, load_mask
-        from danqing.decode import decode_latents, to_pil
-        from danqing.outputs.metadata import request_infotext
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -117,6 +107,7 @@ class Studio:
 
         # 1b. the pictures of img2img / inpaint, checked before any model is loaded.
         edit = init_image is not None or request.init_image is not None
+        init = mask = None
         if edit:
             init = init_image if init_image is not None else load_image(request.init_image, "init_image")
             mask = mask_image if mask_image is not None else (load_mask(request.mask) if request.mask else None)
@@ -131,24 +122,43 @@ class Studio:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
                                      f"installed: {', '.join(hires_upscalers())}")
 
-        # 2. load: the manager owns device and dtype.
+        # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
+        # patched into the weights for this request only (restored when it ends, even on error).
+        from danqing.customise.lora import activate, patched, request_tags
+
+        tags = request_tags(request)
         loaded = self.models.load(request.model, request.vae)
         comps = loaded.components
         device, dtype = self.models.device, self.models.dtype
+        networks = activate(tags, comps, registry=self.registry, model_name=loaded.name, cache=self.networks)
         timings["load"] = time.perf_counter() - t0
+        with patched(comps, networks), contextlib.ExitStack() as scope:
+            # 2b. customise: the textual-inversion embeddings the prompts call, checked against
+            # the model and active until the request ends (the text encoder is never changed);
+            # IP-Adapter: the pictures encoded, diffusers' processors on the UNet until the
+            # request ends (the original processors come back when the scope closes).
+            from danqing.customise.embeddings import ti_hashes, use_embeddings
 
-        # 2b. customise: the textual-inversion embeddings the prompts call, checked against the
-        # model and active until the request ends (the text encoder is never changed).
-        from danqing.customise.embeddings import ti_hashes, use_embeddings
-
-        embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
-        if scope is not None:
+            embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
             scope.enter_context(use_embeddings(embeddings))
-        # IP-Adapter: the pictures encoded, diffusers' processors on the UNet until the request
-        # ends (the original processors come back in the scope's finally).
-        adapter_hash = None
-        if request.ip_adapter_image:
-            request, adapter_hash = self._image_prompt(request, comps, scope)
+            custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None}
+            if request.ip_adapter_image:
+                request, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope)
+            return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
+                             init=init, mask=mask, t0=t0, timings=timings, custom=custom)
+
+    def _run(self, request, loaded, networks, on_step, *, save, out_dir, init, mask, t0, timings,
+             custom: dict | None = None) -> GenerationResult:
+        """Steps 3 to 6 of ``generate`` on the loaded (and patched, customised) model.
+
+        ``custom``: infotext entries of step 2b (``ti_hashes``, ``ip_adapter_hash``)."""
+        from danqing.decode import decode_latents, to_pil
+        from danqing.outputs.metadata import request_infotext
+
+        comps = loaded.components
+        device, dtype = self.models.device, self.models.dtype
+        edit = init is not None
+        custom = custom or {}
 
         # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
@@ -197,11 +207,12 @@ class Studio:
 
         # 6. metadata and save.
         t = time.perf_counter()
+        lora_hashes = [(a.network.name, a.network.short_hash) for a in networks]
         infotexts = [
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
-                refiner=extra_info.get("refiner"), ti_hashes=ti_hashes(embeddings), ip_adapter_hash=adapter_hash,
+                refiner=extra_info.get("refiner"), lora_hashes=lora_hashes, **custom,
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -220,13 +231,12 @@ class Studio:
                     text = request_infotext(source_request, seed=s, subseed=ss, model_name=loaded.name,
                                             model_hash=loaded.sha256,
                                             vae_name=loaded.vae_entry.name if loaded.vae_entry else None,
-                                            vae_hash=loaded.vae_sha256, ti_hashes=ti_hashes(embeddings))
+                                            vae_hash=loaded.vae_sha256, lora_hashes=lora_hashes, **custom)
                     save_png(img, path.with_name(path.stem + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
                                 warnings, sources)
-
 
     def _image_prompt(self, request: GenerationRequest, comps, scope):
         """Step 2b for an IP-Adapter request: find the files, check they fit, encode the
@@ -240,8 +250,6 @@ class Studio:
         from danqing.editing.instruct import is_instruct_unet
         from danqing.models.registry import ModelEntry
 
-        if scope is None:
-            raise InvalidRequest("ip_adapter_image", "an image prompt needs Studio.generate's request scope")
         if is_instruct_unet(comps.unet):
             raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) is not available with "
                                  "instruct-pix2pix models")
@@ -377,7 +385,7 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     Every scheduled text is encoded once; all are padded with the empty prompt's chunk to the
     longest chunk count so the UNet sees one static shape for the whole run.
     """
-    from danqing.conditioning.prompt_parser import prompt_schedule
+    from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
     from danqing.conditioning.text import pad_to_chunks
     from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
@@ -386,7 +394,8 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     comps = encoder.c
     image_prompt = active_image_prompt() if comps.family != "sdxl-refiner" else None
     use_cfg = request.cfg_scale > 1.0
-    pos = prompt_schedule(request.prompt, request.steps)
+    # <lora:...> tags are applied to the weights (Studio.generate), not encoded as text
+    pos = prompt_schedule(strip_extra_networks(request.prompt)[0], request.steps)
     neg = prompt_schedule(request.negative_prompt, request.steps) if use_cfg else [(request.steps, "")]
     cache: dict[tuple[str, bool], object] = {}
 

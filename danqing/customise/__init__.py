@@ -1,1 +1,2 @@
-"""Customisation: textual-inversion embeddings, IP-Adapter image prompts, model merging."""
+"""Customisation: LoRA / LyCORIS networks, textual-inversion embeddings, IP-Adapter image prompts,
+model merging."""

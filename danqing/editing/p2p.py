@@ -319,11 +319,15 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
     from danqing.sampling.noise import initial_noise, make_generators
     from danqing.sampling.samplers import make_scheduler
 
+    from danqing.conditioning.prompt_parser import strip_extra_networks
+
     n = request.batch_size
     use_cfg = request.cfg_scale > 1.0
     tok = comps.tokenizer
-    src_ids = prompt_ids(tok, request.p2p_source, "p2p_source")
-    tgt_ids = prompt_ids(tok, request.prompt, "prompt")
+    source_text = strip_extra_networks(request.p2p_source)[0]  # <lora:> tags act on the weights
+    target_text = strip_extra_networks(request.prompt)[0]
+    src_ids = prompt_ids(tok, source_text, "p2p_source")
+    tgt_ids = prompt_ids(tok, target_text, "prompt")
     mapper, alpha = align_tokens(src_ids, tgt_ids)
     weights = reweight_vector(tok, tgt_ids, request.p2p_reweight)
     blend_src, blend_tgt = [], []
@@ -334,8 +338,8 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
             blend_src = list(blend_tgt) if src_ids == tgt_ids else []
 
     encoder = TextEncoder(comps, clip_skip=request.clip_skip)
-    src = encoder.encode(request.p2p_source)
-    tgt = encoder.encode(request.prompt)
+    src = encoder.encode(source_text)
+    tgt = encoder.encode(target_text)
     neg = pad_to_chunks(encoder.encode(request.negative_prompt, negative=True), 1, encoder.empty_chunk(negative=True))
     if neg.n_chunks > 1:
         raise InvalidRequest("negative_prompt", "Prompt-to-Prompt needs a negative prompt of at most 75 tokens")

@@ -21,6 +21,7 @@ def request_infotext(
     vae_name: str | None = None,
     vae_hash: str | None = None,
     refiner: tuple[str, str] | None = None,
+    lora_hashes: list[tuple[str, str]] | None = None,
     ti_hashes: str | None = None,
     ip_adapter_hash: str | None = None,
 ) -> str:
@@ -52,6 +53,8 @@ def request_infotext(
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
         params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request))
+    if lora_hashes:  # A1111: Lora hashes: "name: 12-hex sha256 prefix, ..."
+        params["Lora hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, digest in lora_hashes)
     params["TI hashes"] = ti_hashes
     from danqing.customise.ip_adapter import ip_adapter_params
 

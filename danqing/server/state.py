@@ -112,7 +112,8 @@ class ServerState:
             init_image, mask: decoded PIL pictures (stored under ``inputs_dir``).
             overrides: A1111 ``override_settings`` (validated as options, applied to this request only).
         """
-        from danqing.conditioning.prompt_parser import strip_extra_networks
+        from danqing.customise.lora import request_tags
+        from danqing.errors import ModelNotFound
 
         fields = dict(fields)
         opts = self.options()
@@ -153,12 +154,14 @@ class ServerState:
         if "clip_skip" not in fields or (overrides and "CLIP_stop_at_last_layers" in overrides):
             fields["clip_skip"] = opts["CLIP_stop_at_last_layers"]
         request = GenerationRequest.create(**fields)
-        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
-            text = getattr(request, name)
-            if text and strip_extra_networks(text)[1]:
-                kinds = sorted({k for k, _ in strip_extra_networks(text)[1]})
-                raise InvalidRequest(name, f"extra-network tags ({', '.join(f'<{k}:...>' for k in kinds)}) are not "
-                                           "applied by the engine yet; remove them")
+        # <lora:...> tags: their syntax and their files are checked here, so a bad tag is a 422
+        # at submission and not a failed job (whether a LoRA fits the model is known at load).
+        for tag in request_tags(request):
+            try:
+                self.registry.find("lora", tag.name)
+            except ModelNotFound:
+                names = ", ".join(e.name for e in self.registry.scan("lora")) or "none"
+                raise InvalidRequest("prompt", f"LoRA {tag.name!r} not found; installed: {names}") from None
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 

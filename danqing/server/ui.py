@@ -95,8 +95,8 @@ def build_ui(state):
         with gr.Row():
             model = gr.Dropdown(checkpoints(), value=opts["sd_model_checkpoint"], label="Checkpoint", elem_id="model")
             vae = gr.Dropdown(vaes(), value=opts["sd_vae"], label="VAE", elem_id="vae")
-            lora = gr.Dropdown(loras(), value=None, label="LoRA (found in models/lora; applied once the engine supports LoRA)",
-                               interactive=False, elem_id="lora")
+            lora = gr.Dropdown(loras(), value=None, label="LoRA (adds <lora:name:1> to the txt2img prompt)",
+                               interactive=True, elem_id="lora")
             refresh = gr.Button("Refresh models", scale=0)
 
         def do_refresh():
@@ -108,6 +108,15 @@ def build_ui(state):
             # -- txt2img ------------------------------------------------------------------------
             with gr.Tab("txt2img", id="txt2img"):
                 t = _common_controls(gr, "txt2img", sampler_names, schedules)
+
+                def add_lora(name, prompt):
+                    """A1111's extra-network card: picking a LoRA appends its tag to the prompt."""
+                    if not name:
+                        return gr.update(), gr.update()
+                    tag = f"<lora:{name}:1>"
+                    return (prompt if f"<lora:{name}:" in prompt else f"{prompt} {tag}".strip()), gr.update(value=None)
+
+                lora.change(add_lora, [lora, t["prompt"]], [t["prompt"], lora])
                 with gr.Row():
                     t["subseed"] = gr.Number(-1, label="Variation seed", precision=0, elem_id="txt2img_subseed")
                     t["subseed_strength"] = gr.Slider(0, 1, 0, step=0.01, label="Variation strength")

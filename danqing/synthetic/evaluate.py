@@ -62,12 +62,12 @@ class Score:
         return d
 
 
-@functools.lru_cache(maxsize=1)
-def _templates() -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _templates(names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     from danqing.synthetic.render import shape_mask
 
     out = {}
-    for s in shapes():
+    for s in names or shapes():
         m = shape_mask(s, 96)
         ys, xs = np.nonzero(m)
         out[s] = _normalise(m[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
@@ -90,20 +90,22 @@ def _palette_lab() -> tuple[list[str], np.ndarray]:
     return names, cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[0].astype(np.float32)
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """(shape, IoU) of a component mask (bool, any size) against the shape templates."""
+def classify_shape(mask: np.ndarray, names: tuple[str, ...] | None = None) -> tuple[str, float]:
+    """(shape, IoU) of a component mask (bool, any size) against the shape templates (the
+    trained shapes, or ``names``)."""
     ys, xs = np.nonzero(mask)
     crop = _normalise(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
     best, best_iou = "unknown", 0.0
-    for name, t in _templates().items():
+    for name, t in _templates(names).items():
         iou = float((crop & t).sum() / max((crop | t).sum(), 1))
         if iou > best_iou:
             best, best_iou = name, iou
     return best, best_iou
 
 
-def detect(image: Image.Image) -> list[Detection]:
-    """The objects in an image, largest first."""
+def detect(image: Image.Image, shape_names: tuple[str, ...] | None = None) -> list[Detection]:
+    """The objects in an image, largest first; shapes classified among the trained shapes, or
+    among ``shape_names`` (``score`` adds a novel shape when the prompt asks for one)."""
     import cv2
 
     rgb = np.asarray(image.convert("RGB").resize((WORK, WORK), Image.BOX))
@@ -133,7 +135,7 @@ def detect(image: Image.Image) -> list[Detection]:
             continue
         # a ring's hole is background: fill nothing, the template keeps the hole
         colour = names[int(np.argmin(((pal - np.median(lab[mask], axis=0)) ** 2).sum(1)))]
-        shape, iou = classify_shape(mask)
+        shape, iou = classify_shape(mask, shape_names)
         out.append(Detection(shape, colour, float(cents[k][0] / (WORK * UP)), float(cents[k][1] / (WORK * UP)),
                              float(area / (WORK * UP) ** 2), iou))
     return sorted(out, key=lambda d: -d.area)
@@ -159,8 +161,9 @@ def score(image: Image.Image, spec: Spec) -> Score:
     """Score one image against what its prompt asked for (see the module docstring)."""
     from scipy.optimize import linear_sum_assignment
 
-    dets = detect(image)
     want = spec.objects
+    extra = tuple(dict.fromkeys(s for s, _ in want if s not in shapes()))
+    dets = detect(image, (*shapes(), *extra) if extra else None)
     match: dict[int, Detection] = {}
     if dets:
         cost = np.zeros((len(want), len(dets)))

@@ -31,6 +31,15 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
             a = -math.pi / 2 + k * math.pi / 5
             pts.append((cx + rad * math.cos(a), cy + 0.05 * r + rad * math.sin(a)))
         return pts
+    if shape == "heart":
+        # the classic heart curve x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t (point down)
+        pts = []
+        for k in range(64):
+            a = 2 * math.pi * k / 64
+            x = 16 * math.sin(a) ** 3
+            y = 13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)
+            pts.append((cx + r * x / 16.5, cy - r * (y + 2.5) / 15.5))
+        return pts
     if shape == "cross":
         w = 0.36 * r
         return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),

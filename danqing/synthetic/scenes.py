@@ -33,6 +33,17 @@ def shapes() -> list[str]:
     return list(vocab()["shapes"])
 
 
+def novel_shapes() -> list[str]:
+    """Shapes no bundled model was trained on (concepts for LoRA / DreamBooth / textual inversion)."""
+    return [k for k in vocab()["novel_shapes"] if not k.startswith("_")]
+
+
+def shape_zh(shape: str) -> str:
+    """The Chinese word of a trained or novel shape."""
+    v = vocab()
+    return (v["shapes"].get(shape) or v["novel_shapes"][shape])["zh"]
+
+
 def heldout_pairs() -> set[tuple[str, str]]:
     return {tuple(p) for p in vocab()["heldout_pairs"]}
 

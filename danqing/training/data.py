@@ -137,3 +137,134 @@ def tokenize_captions(tokenizer, captions: list[list[str]], *, empty: str = "") 
     none = tokenizer([empty], padding="max_length", max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids[0]
     return ids.view(len(captions), k, -1).to(torch.int32), none.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning data (LoRA, DreamBooth, textual inversion): captioned folders, buckets, captions
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CaptionedItem:
+    """One training image with its caption(s) and how often an epoch repeats it."""
+
+    image: Image.Image
+    captions: list[str]
+    repeats: int = 1
+    name: str = ""
+
+
+def _read_caption(path: Path, ext: str) -> str | None:
+    cap = path.with_suffix(ext)
+    return cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest("data.source", f"{path}: unreadable image ({type(exc).__name__})") from None
+
+
+def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: int = 1) -> list[CaptionedItem]:
+    """The images of a folder with their captions, in one of three layouts:
+
+    * ``metadata.jsonl`` ({"file_name", "text"} per line, diffusers' ImageFolder);
+    * kohya: sub-folders ``N_concept/`` whose images repeat N times per epoch;
+    * plain: a caption file (``caption_ext``) beside each image.
+
+    Raises:
+        InvalidRequest: missing or empty folder, unreadable images, images without captions
+            (how many and which), a malformed metadata line.
+    """
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidRequest("data.source", f"{folder}: not a folder (a folder of captioned images, or concept:<shape>)")
+    meta = folder / "metadata.jsonl"
+    items: list[CaptionedItem] = []
+    if meta.is_file():
+        for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                path, text = folder / row["file_name"], str(row["text"])
+            except (ValueError, KeyError, TypeError):
+                raise InvalidRequest("data.source", f"{meta}:{i}: need a JSON object with file_name and text") from None
+            items.append(CaptionedItem(_open_rgb(path), [text], repeats, path.name))
+    else:
+        kohya = [d for d in sorted(folder.iterdir()) if d.is_dir() and re.fullmatch(r"\d+_.+", d.name)]
+        groups = [(d, int(d.name.split("_", 1)[0])) for d in kohya] if kohya else [(folder, repeats)]
+        files = [(p, n) for d, n in groups for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        missing = [p for p, _ in files if _read_caption(p, caption_ext) is None]
+        if missing:
+            names = ", ".join(p.relative_to(folder).as_posix() for p in missing[:5])
+            raise InvalidRequest("data.source", f"{len(missing)} of {len(files)} images have no {caption_ext} caption "
+                                 f"({names}{', ...' if len(missing) > 5 else ''}); add captions or a metadata.jsonl")
+        for p, n in files:
+            if n < 1:
+                raise InvalidRequest("data.source", f"{p.parent.name}: a kohya folder repeats its images N >= 1 times")
+            items.append(CaptionedItem(_open_rgb(p), [_read_caption(p, caption_ext)], n, p.name))
+    if not items:
+        raise InvalidRequest("data.source", f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return items
+
+
+def concept_items(shape: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
+    """Rendered training scenes of a novel synthetic shape, each with English phrasings."""
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.concepts import concept_scenes
+    from danqing.synthetic.render import render
+
+    rng = random.Random(f"concept-captions:{seed}")
+    out = []
+    for i, s in enumerate(concept_scenes(n, shape=shape, seed=seed)):
+        caps = [caption(s, "en")] + [caption(s, "en", rng) for _ in range(captions_per_image - 1)]
+        out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{shape}-{i:03d}"))
+    return out
+
+
+def bucket_sizes(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) buckets of at most ``resolution``^2 pixels, sides multiples of ``step``,
+    aspect ratios up to ``max_ratio`` (kohya's / NovelAI's aspect-ratio bucketing)."""
+    area = resolution * resolution
+    out = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+        w += step
+    return sorted(out)
+
+
+def fit_bucket(image: Image.Image, buckets: list[tuple[int, int]] | None, resolution: int) -> Image.Image:
+    """The image resized to cover the bucket nearest its aspect ratio and centre-cropped to it
+    (``buckets`` None: a resolution x resolution centre crop)."""
+    import math
+
+    w, h = image.size
+    if buckets:
+        bw, bh = min(buckets, key=lambda b: (abs(math.log((b[0] / b[1]) / (w / h))), -b[0] * b[1]))
+    else:
+        bw = bh = resolution
+    s = max(bw / w, bh / h)
+    im = image.resize((max(bw, round(w * s)), max(bh, round(h * s))), Image.LANCZOS)
+    left, top = (im.width - bw) // 2, (im.height - bh) // 2
+    return im.crop((left, top, left + bw, top + bh))
+
+
+def process_caption(text: str, rng: random.Random, *, dropout: float = 0.0, shuffle: bool = False,
+                    keep: int = 0) -> str:
+    """One training caption: dropped to "" with probability ``dropout`` (for classifier-free
+    guidance), else its comma-separated tags shuffled, the first ``keep`` staying in place
+    (kohya's ``shuffle_caption`` / ``keep_tokens``)."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return text
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)

@@ -1,0 +1,274 @@
+"""Fine-tuning: datasets, LoRA / DreamBooth / textual-inversion training, file round trips, resume.
+
+The heavy measurements (the concept taught to danqing-tiny, scores before and after) are in
+``scripts/eval_concept.py`` and docs/training.md; here a short LoRA run on danqing-tiny must
+already move the concept score, and the tiny random models check the mechanics.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from danqing.errors import InvalidRequest
+from danqing.training import config as C
+from danqing.training.data import bucket_sizes, caption_folder, fit_bucket, process_caption
+
+
+def _img(path: Path, size=(40, 24), colour=(200, 30, 30)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def test_caption_folder_layouts(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):
+        _img(plain / f"{i}.png").with_suffix(".txt").write_text(f"caption {i}")
+    items = caption_folder(plain, repeats=2)
+    assert [it.captions for it in items] == [["caption 0"], ["caption 1"], ["caption 2"]]
+    assert {it.repeats for it in items} == {2}
+
+    kohya = tmp_path / "kohya"
+    for folder, n in (("10_heart", 2), ("1_class", 1)):
+        (kohya / folder).mkdir(parents=True)
+        for i in range(n):
+            _img(kohya / folder / f"{i}.jpg").with_suffix(".txt").write_text(folder)
+    items = caption_folder(kohya)
+    assert sorted((it.captions[0], it.repeats) for it in items) == [("10_heart", 10), ("10_heart", 10), ("1_class", 1)]
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    _img(meta / "a.png")
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a red heart"}) + "\n")
+    assert caption_folder(meta)[0].captions == ["a red heart"]
+
+
+def test_caption_folder_errors_say_which(tmp_path):
+    with pytest.raises(InvalidRequest, match="not a folder"):
+        caption_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidRequest, match="no images"):
+        caption_folder(tmp_path / "empty")
+    d = tmp_path / "some"
+    d.mkdir()
+    _img(d / "a.png").with_suffix(".txt").write_text("ok")
+    _img(d / "b.png")
+    _img(d / "c.png")
+    with pytest.raises(InvalidRequest, match=r"2 of 3 images have no \.txt caption \(b\.png, c\.png\)"):
+        caption_folder(d)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    (bad / "x.txt").write_text("x")
+    with pytest.raises(InvalidRequest, match="x.png: unreadable image"):
+        caption_folder(bad)
+
+
+def test_buckets_and_captions():
+    b = bucket_sizes(128, 32)
+    assert (128, 128) in b and all(w % 32 == 0 and h % 32 == 0 and w * h <= 128 * 128 for w, h in b)
+    assert bucket_sizes(64, 32) == [(64, 64)]  # danqing-tiny: too small for other shapes
+    wide = fit_bucket(Image.new("RGB", (300, 100)), b, 128)
+    assert wide.width > wide.height and wide.size in b
+    assert fit_bucket(Image.new("RGB", (300, 100)), None, 64).size == (64, 64)
+    rng = random.Random(0)
+    outs = {process_caption("sks, red, heart, left", rng, shuffle=True, keep=1) for _ in range(50)}
+    assert len(outs) > 1 and all(o.startswith("sks, ") and sorted(o.split(", ")) == sorted("sks, red, heart, left".split(", "))
+                                 for o in outs)
+    dropped = sum(process_caption("x", rng, dropout=0.3) == "" for _ in range(1000))
+    assert 230 < dropped < 370
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on tiny random models
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def settings(models_dir, tmp_path):
+    from danqing import Settings
+
+    return Settings(home=tmp_path / "home", models_dir=models_dir, device="cpu", dtype="fp32")
+
+
+def _lora_cfg(base: str, out: Path, **sections):
+    raw = {"model": {"base": base}, "data": {"source": "concept:heart", "n_images": 6, "resolution": 64},
+           "network": {"rank": 4, "alpha": 2, "train_text_encoder": True},
+           "train": {"steps": 4, "batch_size": 2, "lr": 1e-2, "lr_scheduler": "constant"},
+           "output": {"output_dir": str(out), "name": "t", "checkpoint_every": 2, "sample_every": 1000, "log_every": 1,
+                      "sample_prompts": ["a red heart"], "sample_steps": 2}}
+    for k, v in sections.items():
+        raw[k].update(v)
+    return C.LoraTrainConfig.model_validate(raw)
+
+
+def test_lora_kohya_and_diffusers_files_give_the_same_image(settings, tmp_path):
+    """Must-show 4: the LoRA saved in kohya format and in diffusers format make the same image."""
+    from danqing import GenerationRequest, Studio
+    from danqing.training.finetune import train_lora
+
+    summary = train_lora(_lora_cfg("tiny-sd1", tmp_path / "run"), resume=False, log=lambda s: None, settings=settings)
+    kohya, diffusers = map(Path, summary["files"])
+    assert kohya.name == "t.safetensors" and diffusers.name == "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(kohya), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_num_train_images"] == "6"
+    assert meta["ss_max_train_steps"] == "4" and meta["ss_sd_model_name"] == "tiny-sd1"
+    assert meta["ss_new_sd_model_hash"] == Studio(settings).registry.sha256(Studio(settings).registry.find("checkpoint", "tiny-sd1"))
+
+    lora_dir = settings.models_dir / "lora"
+    (lora_dir / "t-kohya.safetensors").write_bytes(kohya.read_bytes())
+    (lora_dir / "t-diffusers.safetensors").write_bytes(diffusers.read_bytes())
+    try:
+        studio = Studio(settings)
+        imgs = {}
+        for name in ("", " <lora:t-kohya:1>", " <lora:t-diffusers:1>"):
+            req = GenerationRequest.create(prompt="a red heart" + name, model="tiny-sd1", width=64, height=64, steps=4, seed=5)
+            imgs[name] = np.asarray(studio.generate(req).images[0], dtype=np.int16)
+        assert np.abs(imgs[" <lora:t-kohya:1>"] - imgs[""]).mean() > 0.5  # the LoRA does something
+        assert np.abs(imgs[" <lora:t-kohya:1>"] - imgs[" <lora:t-diffusers:1>"]).max() <= 1
+    finally:
+        for p in lora_dir.glob("t-*.safetensors"):
+            p.unlink()
+
+
+def test_resumed_run_equals_uninterrupted_run(settings, tmp_path):
+    from safetensors.torch import load_file
+
+    from danqing.training.finetune import train_lora
+
+    straight = train_lora(_lora_cfg("tiny-sd1", tmp_path / "a", train={"steps": 4}), resume=False, log=lambda s: None,
+                          settings=settings)
+    train_lora(_lora_cfg("tiny-sd1", tmp_path / "b", train={"steps": 2}), resume=False, log=lambda s: None, settings=settings)
+    lines = []
+    resumed = train_lora(_lora_cfg("tiny-sd1", tmp_path / "b", train={"steps": 4}), resume=True, log=lines.append,
+                         settings=settings)
+    assert any("resumed from" in s and "step 2" in s for s in lines)
+    a, b = load_file(straight["files"][0]), load_file(resumed["files"][0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("base", ["tiny-sd2", "tiny-sdxl"])
+def test_lora_trains_v_prediction_and_sdxl(settings, tmp_path, base):
+    """SD2 (v-prediction, with min-SNR and noise offset) and SDXL (two text encoders): the run
+    finishes with a finite loss and its file fits the model."""
+    from danqing.customise.lora import read_network, resolve
+    from danqing.models.loader import load_components
+    from danqing.training.finetune import train_lora
+
+    cfg = _lora_cfg(base, tmp_path / base, train={"min_snr_gamma": 5.0, "noise_offset": 0.05})
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    assert np.isfinite(summary["loss"])
+    comps = load_components(Studio_registry(settings).find("checkpoint", base))
+    modules, _ = read_network(Path(summary["files"][0]))
+    net = resolve("t", "0" * 64, modules, comps, base)
+    parts = {t[0] for t in net.targets}
+    assert "unet" in parts and "text_encoder" in parts and (base != "tiny-sdxl" or "text_encoder_2" in parts)
+
+
+def Studio_registry(settings):
+    from danqing.models.registry import Registry
+
+    return Registry(settings.models_dir)
+
+
+def test_training_errors(settings, tmp_path):
+    from danqing.training.finetune import train_lora
+
+    with pytest.raises(InvalidRequest, match="network.rank: rank 500 is larger than the smallest targeted layer"):
+        train_lora(_lora_cfg("tiny-sd1", tmp_path / "r", network={"rank": 500}), log=lambda s: None, settings=settings)
+    with pytest.raises(InvalidRequest, match="unknown concept 'unicorn'"):
+        train_lora(_lora_cfg("tiny-sd1", tmp_path / "r", data={"source": "concept:unicorn"}), log=lambda s: None,
+                   settings=settings)
+    with pytest.raises(InvalidRequest, match="config: .*train.steps"):
+        path = tmp_path / "bad.toml"
+        path.write_text("[train]\nsteps = 0\n")
+        C.load_config(path, model=C.LoraTrainConfig)
+    assert not (tmp_path / "r" / "t.safetensors").exists()  # nothing written half
+
+
+def test_dreambooth_with_prior_preservation_runs(settings, tmp_path):
+    from danqing.models.loader import load_diffusers_folder
+    from danqing.training.finetune import train_dreambooth
+
+    cfg = C.DreamBoothTrainConfig.model_validate({
+        "model": {"base": "tiny-sd1"}, "data": {"source": "concept:heart", "n_images": 4},
+        "prior": {"n_class_images": 3, "sample_steps": 2},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3},
+        "output": {"output_dir": str(tmp_path / "db"), "name": "db", "sample_every": 1000, "checkpoint_every": 1000}})
+    lines = []
+    summary = train_dreambooth(cfg, resume=False, log=lines.append, settings=settings)
+    assert any("generating 3 class images" in s for s in lines)
+    assert len(list((tmp_path / "db" / "class_images").glob("*.png"))) == 3
+    assert len(list((tmp_path / "db" / "class_images").glob("*.txt"))) == 3
+    comps = load_diffusers_folder(Path(summary["files"][0]))
+    base = load_diffusers_folder(settings.models_dir / "checkpoints" / "tiny-sd1")
+    changed = [n for (n, p), (_, q) in zip(comps.unet.named_parameters(), base.unet.named_parameters())
+               if not torch.equal(p, q)]
+    assert len(changed) > 10  # the whole UNet trains
+
+
+def test_textual_inversion_trains_only_the_new_word(settings, tmp_path):
+    from safetensors.torch import load_file
+
+    from danqing.training.finetune import train_textual_inversion
+
+    cfg = C.TextualInversionTrainConfig.model_validate({
+        "model": {"base": "tiny-sd1"}, "data": {"source": "concept:heart", "n_images": 4},
+        "embedding": {"name": "dq-heart", "init_word": "shape", "n_vectors": 2},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-2},
+        "output": {"output_dir": str(tmp_path / "ti"), "sample_every": 1000, "checkpoint_every": 1000}})
+    summary = train_textual_inversion(cfg, resume=False, log=lambda s: None, settings=settings)
+    sd = load_file(summary["files"][0])
+    assert list(sd) == ["emb_params"] and sd["emb_params"].shape == (2, 32)
+    from danqing.customise.embeddings import load_embedding  # what generation reads from embeddings/
+
+    emb = load_embedding(summary["files"][0])
+    assert emb.name == "dq-heart" and torch.equal(emb.vectors["emb_params"], sd["emb_params"])
+    bad = cfg.model_copy(update={"embedding": C.EmbeddingConfig(name="heart")})
+    with pytest.raises(InvalidRequest, match="'heart' is a word of the tokenizer's vocabulary"):
+        train_textual_inversion(bad, resume=False, log=lambda s: None, settings=settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The concept on danqing-tiny (must-show 1, a short version of the documented run)
+# ---------------------------------------------------------------------------------------------
+def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
+    from danqing import GenerationRequest, Settings, Studio
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.concepts import concept_scenes
+    from danqing.synthetic.evaluate import score
+    from danqing.training.config import load_config
+    from danqing.training.finetune import train_lora
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/train/lora-heart.toml", {"train.steps": 250, "output.output_dir": str(tmp_path / "run"),
+                                                               "output.sample_every": 10_000}, model=C.LoraTrainConfig)
+    settings = Settings(home=tmp_path / "home", models_dir=tmp_path / "models", device="cpu", dtype="fp32")
+    (settings.models_dir / "lora").mkdir(parents=True)
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    Path(summary["files"][0]).rename(settings.models_dir / "lora" / "heart.safetensors")
+    studio = Studio(settings)
+    scenes = concept_scenes(12, split="eval")
+
+    def rate(suffix: str) -> float:
+        ok = 0.0
+        for i, s in enumerate(scenes):
+            req = GenerationRequest.create(prompt=caption(s) + suffix, model="danqing-tiny", steps=20, seed=1000 + i,
+                                           width=64, height=64)
+            ok += score(studio.generate(req).images[0], s.spec).object
+        return ok / len(scenes)
+
+    before, after = rate(""), rate(" <lora:heart:1>")
+    assert before <= 0.1 and after >= 0.5, (before, after)
