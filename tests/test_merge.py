@@ -196,3 +196,30 @@ def test_fp16_and_fp32_inputs_mix(folder, tmp_path):
     out = merge_checkpoints(reg, ["danqing-tiny", str(tmp_path / "copy.safetensors")], tmp_path / "m.safetensors", alpha=0.0)
     merged, ta = _tensors(load_components(reg.find("checkpoint", str(out)))), _tensors(a)
     assert merged.keys() == ta.keys() and all(torch.equal(merged[k], ta[k].to(merged[k].dtype)) for k in ta)
+
+
+def test_extracted_lora_through_a_lora_tag_gives_the_tuned_model(folder, tmp_path):
+    """B = A with every LoRA-patchable layer changed; the full-rank LoRA of B - A, used as
+    ``<lora:name:1>`` on A (danqing.customise.lora), draws B's picture."""
+    import shutil
+
+    from danqing.models.single_file import save_single_file
+
+    reg = Registry(folder)
+    tuned = load_components(reg.find("checkpoint", "tiny-sd1"))
+    g = torch.Generator().manual_seed(9)
+    for _, _, layer in kohya_lora_layers(tuned).values():
+        layer.weight.data += 0.05 * torch.randn(layer.weight.shape, generator=g)
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "lora").mkdir()
+    shutil.copytree(folder / "checkpoints" / "tiny-sd1", root / "checkpoints" / "tiny-sd1")
+    save_single_file(tuned, root / "checkpoints" / "tuned.safetensors")
+    local = Registry(root)
+    extract_lora(local, "tiny-sd1", "tuned", root / "lora" / "tuned-diff.safetensors", rank=10_000)
+    studio = Studio(Settings(home=tmp_path, models_dir=root, device="cpu", dtype="fp32"))
+    ref = studio.generate(GenerationRequest(model="tuned", **SMALL)).latents[0]
+    via_lora = studio.generate(GenerationRequest(model="tiny-sd1", **{**SMALL, "prompt": SMALL["prompt"] + " <lora:tuned-diff:1>"}))
+    assert "Lora hashes: " in via_lora.infotexts[0]
+    plain = studio.generate(GenerationRequest(model="tiny-sd1", **SMALL)).latents[0]
+    assert (via_lora.latents[0] - ref).abs().max().item() < 1e-3 < (plain - ref).abs().max().item()
