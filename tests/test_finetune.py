@@ -89,6 +89,44 @@ def test_buckets_and_captions():
     assert 230 < dropped < 370
 
 
+def test_masked_loss_weights_the_masked_pixels(tmp_path):
+    """kohya's masked loss: an alpha channel (or a rendered scene's objects) becomes the mask,
+    and the loss is the weighted mean of the per-pixel errors."""
+    from diffusers import DDPMScheduler
+
+    from danqing.training.data import concept_items
+    from danqing.training.finetune import diffusion_loss
+
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    rgba.paste((200, 0, 0, 255), (0, 0, 4, 8))
+    d = tmp_path / "alpha"
+    d.mkdir()
+    rgba.save(d / "a.png")
+    (d / "a.txt").write_text("left half")
+    item = caption_folder(d)[0]
+    assert item.mask is not None and np.asarray(item.mask)[:, :4].min() == 255 and np.asarray(item.mask)[:, 4:].max() == 0
+    heart = concept_items("heart", 1, size=64)[0]
+    m = np.asarray(heart.mask) > 127
+    rgb = np.asarray(heart.image).astype(int)
+    assert 0.01 < m.mean() < 0.2 and rgb[m].std(0).max() < 30  # the mask covers the one coloured object
+
+    class Echo(torch.nn.Module):  # predicts 0, so the error map is the target's square
+        def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
+            return type("O", (), {"sample": torch.zeros_like(x)})()
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    z = torch.zeros(2, 4, 4, 4)
+    plain = diffusion_loss(Echo(), sched, z, None, None, torch.Generator().manual_seed(0), v_prediction=False)
+    ones = diffusion_loss(Echo(), sched, z, None, None, torch.Generator().manual_seed(0), v_prediction=False,
+                          weight_map=torch.ones(2, 1, 4, 4))
+    assert torch.allclose(plain, ones)
+    w = torch.zeros(2, 1, 4, 4)
+    w[:, :, :2] = 1
+    half = diffusion_loss(Echo(), sched, z, None, None, torch.Generator().manual_seed(0), v_prediction=False, weight_map=w)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(half, (noise[:, :, :2] ** 2).mean(dim=(1, 2, 3)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training on tiny random models
 # ---------------------------------------------------------------------------------------------

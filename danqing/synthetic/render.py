@@ -114,6 +114,18 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return bg.resize((size, size), Image.LANCZOS)
 
 
+def render_mask(scene: Scene, size: int = 64) -> Image.Image:
+    """The scene's objects as an "L" mask (255 inside an object, anti-aliased edges; a ring's
+    hole is background): what a masked training loss weights."""
+    s = size * SUPERSAMPLE
+    mask = Image.new("L", (s, s), 0)
+    dm = ImageDraw.Draw(mask)
+    for o in scene.objects:
+        r = vocab()["sizes"][o.size]["radius"] * s
+        draw_shape(dm, o.shape, o.x * s, o.y * s, r, 255, hole=0)
+    return mask.resize((size, size), Image.BOX)
+
+
 def degrade(image: Image.Image, rng: random.Random, blur: float = 0.8, noise: float = 8.0) -> Image.Image:
     """The image with Gaussian blur (radius up to ``blur`` px) and Gaussian pixel noise (std up to
     ``noise`` levels of 255): the evaluator must still read it."""

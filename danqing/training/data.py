@@ -150,6 +150,7 @@ class CaptionedItem:
     captions: list[str]
     repeats: int = 1
     name: str = ""
+    mask: Image.Image | None = None  # "L": where a masked loss weights more (alpha channel, rendered objects)
 
 
 def _read_caption(path: Path, ext: str) -> str | None:
@@ -157,10 +158,12 @@ def _read_caption(path: Path, ext: str) -> str | None:
     return cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def _open_rgb(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB picture, its alpha channel as a mask or None)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            alpha = im.getchannel("A") if "A" in im.getbands() else None
+            return im.convert("RGB"), alpha
     except (OSError, ValueError) as exc:
         raise InvalidRequest("data.source", f"{path}: unreadable image ({type(exc).__name__})") from None
 
@@ -192,7 +195,8 @@ def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: in
                 path, text = folder / row["file_name"], str(row["text"])
             except (ValueError, KeyError, TypeError):
                 raise InvalidRequest("data.source", f"{meta}:{i}: need a JSON object with file_name and text") from None
-            items.append(CaptionedItem(_open_rgb(path), [text], repeats, path.name))
+            rgb, alpha = _open_rgb(path)
+            items.append(CaptionedItem(rgb, [text], repeats, path.name, alpha))
     else:
         kohya = [d for d in sorted(folder.iterdir()) if d.is_dir() and re.fullmatch(r"\d+_.+", d.name)]
         groups = [(d, int(d.name.split("_", 1)[0])) for d in kohya] if kohya else [(folder, repeats)]
@@ -205,7 +209,8 @@ def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: in
         for p, n in files:
             if n < 1:
                 raise InvalidRequest("data.source", f"{p.parent.name}: a kohya folder repeats its images N >= 1 times")
-            items.append(CaptionedItem(_open_rgb(p), [_read_caption(p, caption_ext)], n, p.name))
+            rgb, alpha = _open_rgb(p)
+            items.append(CaptionedItem(rgb, [_read_caption(p, caption_ext)], n, p.name, alpha))
     if not items:
         raise InvalidRequest("data.source", f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return items
@@ -215,13 +220,14 @@ def concept_items(shape: str, n: int, *, size: int, captions_per_image: int = 4,
     """Rendered training scenes of a novel synthetic shape, each with English phrasings."""
     from danqing.synthetic.captions import caption
     from danqing.synthetic.concepts import concept_scenes
-    from danqing.synthetic.render import render
+    from danqing.synthetic.render import render, render_mask
 
     rng = random.Random(f"concept-captions:{seed}")
     out = []
     for i, s in enumerate(concept_scenes(n, shape=shape, seed=seed)):
         caps = [caption(s, "en")] + [caption(s, "en", rng) for _ in range(captions_per_image - 1)]
-        out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{shape}-{i:03d}"))
+        out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{shape}-{i:03d}",
+                                 render_mask(s, size)))
     return out
 
 
@@ -239,13 +245,17 @@ def bucket_sizes(resolution: int, step: int, max_ratio: float = 2.0) -> list[tup
     return sorted(out)
 
 
-def fit_bucket(image: Image.Image, buckets: list[tuple[int, int]] | None, resolution: int) -> Image.Image:
+def fit_bucket(image: Image.Image, buckets: list[tuple[int, int]] | None, resolution: int,
+               size: tuple[int, int] | None = None) -> Image.Image:
     """The image resized to cover the bucket nearest its aspect ratio and centre-cropped to it
-    (``buckets`` None: a resolution x resolution centre crop)."""
+    (``buckets`` None: a resolution x resolution centre crop; ``size``: that bucket, for a mask
+    that must follow its picture)."""
     import math
 
     w, h = image.size
-    if buckets:
+    if size is not None:
+        bw, bh = size
+    elif buckets:
         bw, bh = min(buckets, key=lambda b: (abs(math.log((b[0] / b[1]) / (w / h))), -b[0] * b[1]))
     else:
         bw = bh = resolution

@@ -60,6 +60,7 @@ class LatentBucket:
     captions: list[list[str]]
     repeats: list[int]
     flipped: bool = False
+    masks: torch.Tensor | None = None  # (N, 1, h, w) in [0, 1] at latent size: the masked loss's objects
 
 
 @dataclass
@@ -110,24 +111,29 @@ def cache_latents(items, comps, *, resolution: int, buckets: bool, flip: bool, d
     groups: dict[tuple[int, int], list] = {}
     for it in items:
         im = fit_bucket(it.image, sizes, resolution)
-        groups.setdefault(im.size, []).append((im, it))
+        mask = fit_bucket(it.mask, None, resolution, size=im.size) if it.mask is not None else Image.new("L", im.size, 0)
+        groups.setdefault(im.size, []).append((im, mask, it))
     vae = comps.vae
     out = []
     for size, members in sorted(groups.items()):
-        pics = []
-        for im, _ in members:
+        pics, masks = [], []
+        for im, mask, _ in members:
             pics.append(im)
+            masks.append(mask)
             if flip:
                 pics.append(im.transpose(Image.FLIP_LEFT_RIGHT))
+                masks.append(mask.transpose(Image.FLIP_LEFT_RIGHT))
         x = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in pics])).permute(0, 3, 1, 2) / 127.5 - 1
         means, stds = [], []
         for i in range(0, len(x), 32):
             dist = vae.encode(x[i:i + 32].to(device=device, dtype=vae.dtype)).latent_dist
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
-        caps = [it.captions for _, it in members for _ in range(2 if flip else 1)]
-        reps = [it.repeats for _, it in members for _ in range(2 if flip else 1)]
-        out.append(LatentBucket(size, torch.cat(means), torch.cat(stds), caps, reps, flip))
+        caps = [it.captions for _, _, it in members for _ in range(2 if flip else 1)]
+        reps = [it.repeats for _, _, it in members for _ in range(2 if flip else 1)]
+        m = torch.from_numpy(np.stack([np.asarray(k, np.float32) / 255 for k in masks]))[:, None]  # (N, 1, H, W)
+        m = F.adaptive_avg_pool2d(m, means[0].shape[-2:])  # the share of each latent pixel inside the mask
+        out.append(LatentBucket(size, torch.cat(means), torch.cat(stds), caps, reps, flip, m))
     return TrainData(out, len(items))
 
 
@@ -168,8 +174,10 @@ def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_p
 
 
 def diffusion_loss(unet, noise_sched, z: torch.Tensor, ctx, added, g: torch.Generator, *, v_prediction: bool,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """Per-sample denoising loss (B,) of scaled latents ``z`` (DDPM, Ho et al. 2020)."""
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                   weight_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample denoising loss (B,) of scaled latents ``z`` (DDPM, Ho et al. 2020);
+    ``weight_map`` (B, 1, h, w) makes it a weighted mean over latent pixels (masked loss)."""
     dev = z.device
     noise = torch.randn(z.shape, generator=g).to(dev)
     if noise_offset:
@@ -178,7 +186,12 @@ def diffusion_loss(unet, noise_sched, z: torch.Tensor, ctx, added, g: torch.Gene
     x_t = noise_sched.add_noise(z, noise, t)  # sqrt(a) z + sqrt(1 - a) eps
     target = noise_sched.get_velocity(z, noise, t) if v_prediction else noise
     pred = unet(x_t, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+    if weight_map is not None:
+        w = weight_map.to(err)
+        loss = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
+    else:
+        loss = err.mean(dim=(1, 2, 3))
     if min_snr_gamma:
         loss = loss * snr_weights(noise_sched.alphas_cumprod, t, min_snr_gamma, v_prediction)
     return loss
@@ -451,8 +464,11 @@ def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, s
                                    keep=caption_cfg.keep_tokens)
         texts.append(text)
     ctx, added = text_conditioning(comps, texts, bucket.size, dev)
+    weight_map = None
+    if caption_cfg is not None and caption_cfg.object_weight and bucket.masks is not None:
+        weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx]).to(dev)
     return diffusion_loss(comps.unet, noise_sched, z, ctx, added, g, v_prediction=v_prediction,
-                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma).mean()
+                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map).mean()
 
 
 def _write_json_line(path: Path, row: dict) -> None:
@@ -579,19 +595,25 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
                          device="cpu")
     log(f"{data.n_images} images in {len(data.buckets)} bucket(s) {[b.size for b in data.buckets]}; "
         f"base {entry.name} [{sha[:10]}] ({comps.family})")
+    prior = None
+    if cfg.prior.enabled:  # generated by the base model, before any adapter is added
+        prior = cache_latents(class_items(comps, cfg, run_dir, log), comps, resolution=cfg.data.resolution,
+                              buckets=cfg.data.buckets, flip=cfg.data.flip, device="cpu")
+        log(f"{prior.n_images} regularisation images ({cfg.prior.class_source}), weight {cfg.prior.prior_loss_weight}")
     torch.manual_seed(cfg.train.seed)  # the adapters' Gaussian init
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
-                     log=log, resume=resume, caption_cfg=cfg.data,
+                     log=log, resume=resume, caption_cfg=cfg.data, prior=prior,
+                     prior_weight=cfg.prior.prior_loss_weight,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output,
                                         cfg.data.resolution, run_dir))
     meta = _kohya_metadata(method="lora", base_name=entry.name, base_sha=sha, comps=comps, data=data, cfg=cfg.train,
                            extra={"ss_network_module": "networks.lora", "ss_network_dim": cfg.network.rank,
                                   "ss_network_alpha": cfg.network.alpha,
                                   "ss_network_train_text_encoder": cfg.network.train_text_encoder,
-                                  "ss_steps": state.step})
+                                  "ss_reg_images": prior.n_images if prior else 0, "ss_steps": state.step})
     files = save_lora(comps, cfg.network, run_dir, cfg.output.name, cfg.output.formats, meta)
     for f in files:
         log(f"wrote {f}")
@@ -610,17 +632,24 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
     from danqing.training.data import caption_folder
 
     p = cfg.prior
-    if p.class_source != "concept-class":
+    if p.class_source not in ("concept-class", "synthetic"):
         return caption_folder(p.class_source)
-    if not cfg.data.source.startswith("concept:"):
-        raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape>; give a folder "
-                             "of class images (or generate them) for your own data")
     from danqing.synthetic.captions import caption
-    from danqing.synthetic.concepts import class_scenes, concept_scenes
 
+    if p.class_source == "synthetic":
+        from danqing.synthetic.scenes import scenes
+
+        prompts = [caption(s) for s in scenes(cfg.data.seed + 1, p.n_class_images, "train")]
+    else:
+        if not cfg.data.source.startswith("concept:"):
+            raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape>; use "
+                                 "'synthetic' or a folder of class images for your own data")
+        from danqing.synthetic.concepts import class_scenes, concept_scenes
+
+        shape = cfg.data.source.split(":", 1)[1]
+        prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, shape=shape,
+                                                                   seed=cfg.data.seed + 1), seed=cfg.data.seed)]
     folder = run_dir / "class_images"
-    prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, shape=cfg.data.source.split(":", 1)[1],
-                                                               seed=cfg.data.seed + 1), seed=cfg.data.seed)]
     done = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(done) < len(prompts):
         log(f"generating {len(prompts)} class images with the base model")
