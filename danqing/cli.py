@@ -91,11 +91,13 @@ def generate(
     fields = {k: v for k, v in fields.items() if v is not None}
     if negative:
         fields["negative_prompt"] = negative
+    source_infotext = None
     if from_image is not None:
         from danqing.outputs.metadata import request_from_infotext
         from danqing.outputs.store import read_infotext
 
-        base = request_from_infotext(read_infotext(from_image))
+        source_infotext = read_infotext(from_image)
+        base = request_from_infotext(source_infotext)
         request = base.replace(**fields)
     else:
         if prompt is None:
@@ -106,7 +108,7 @@ def generate(
             raise InvalidRequest("out", "a .png file name holds one image; give a folder for batches")
         if out.exists():
             raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
-    _run_generate(ctx.obj, request, out, quiet)
+    _run_generate(ctx.obj, request, out, quiet, source_infotext=source_infotext)
 
 
 def parse_ip_adapter_option(values: list[str]) -> dict:
@@ -131,7 +133,7 @@ def parse_ip_adapter_option(values: list[str]) -> dict:
     return fields
 
 
-def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
+def _run_generate(settings, request, out: Path | None, quiet: bool, source_infotext: str | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -153,7 +155,14 @@ def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
         from danqing.outputs.store import save_png
 
         result.paths.append(save_png(result.images[0], out, result.infotexts[0]))
-    for line in result.warnings:
+    warnings = list(result.warnings)
+    if source_infotext is not None:  # --from: the embeddings the original used, as they are now
+        from danqing.customise.embeddings import ti_hash_changes
+        from danqing.outputs.infotext import parse_infotext
+
+        warnings += ti_hash_changes(parse_infotext(source_infotext)[2].get("TI hashes"),
+                                    parse_infotext(result.infotexts[0])[2].get("TI hashes"))
+    for line in warnings:
         console.print(f"[yellow]warning:[/] {line}")
     if result.request.model == "danqing-tiny-random":
         console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (a test model): expect noise patterns, not pictures.")

@@ -255,3 +255,29 @@ def test_prompt_to_prompt_aligns_embedding_positions(tiny_components):
     mapper, alpha = align_tokens(src, tgt)
     assert all(mapper[i, i] == 1 and alpha[i] == 1 for i in (3, 4, 5))  # the embedding keeps its own maps
     assert min(prompt_ids(tok, f"a red {NAME} circle", "prompt")) >= 0  # outside a request: plain words
+
+
+def test_cli_from_warns_when_an_embedding_changed(studio_with, tmp_path, capsys):
+    from danqing.cli import main
+
+    studio, folder = studio_with
+    models = folder.parent
+    save_embedding_a1111(folder / f"{NAME}.pt", NAME, {"emb_params": _vectors(1, 32, 1)})
+    args = ["--home", str(tmp_path), "--models-dir", str(models), "--device", "cpu"]
+    first = tmp_path / "first.png"
+
+    def run(*more):
+        with pytest.raises(SystemExit) as exc:
+            main(args + list(more))
+        assert exc.value.code in (0, None)
+        return " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+    run("generate", f"a {NAME}", "--model", "tiny-sd1", "--steps", "2", "--width", "64", "--height", "64",
+        "--seed", "1", "-q", "--out", str(first))
+    assert "warning" not in run("generate", "--from", str(first), "-q", "--out", str(tmp_path / "same.png"))
+    save_embedding_a1111(folder / f"{NAME}.pt", NAME, {"emb_params": _vectors(1, 32, 2)}, overwrite=True)
+    err = run("generate", "--from", str(first), "-q", "--out", str(tmp_path / "changed.png"))
+    assert f"embedding {NAME!r} has changed since the original image" in err
+    (folder / f"{NAME}.pt").unlink()
+    err = run("generate", "--from", str(first), "-q", "--out", str(tmp_path / "gone.png"))
+    assert "is not in the embeddings folder now" in err

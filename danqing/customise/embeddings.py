@@ -477,3 +477,18 @@ def parse_ti_hashes(value: str) -> dict[str, str]:
         if sep and name.strip():
             out[name.strip()] = digest.strip()
     return out
+
+
+def ti_hash_changes(before: str | None, after: str | None) -> list[str]:
+    """Why a re-created picture may differ: the embeddings whose ``TI hashes`` entry of the
+    original infotext (``before``) is missing from or different in the new one (``after``),
+    one line each."""
+    old, new = parse_ti_hashes(before or ""), parse_ti_hashes(after or "")
+    lines = []
+    for name, digest in old.items():
+        if name not in new:
+            lines.append(f"embedding {name!r} was used for the original image but is not in the embeddings folder now")
+        elif new[name] != digest:
+            lines.append(f"embedding {name!r} has changed since the original image ({digest} then, {new[name]} now); "
+                         "the picture will differ")
+    return lines
