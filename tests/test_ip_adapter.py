@@ -265,3 +265,28 @@ def test_a1111_controlnet_ip_adapter_unit(setup, tmp_path):
         assert bad.status_code == 422 and "module 'canny' is not supported" in bad.text
     f = request_fields(Txt2ImgBody(alwayson_scripts={"controlnet": {"args": [unit]}}), img2img=False)
     assert (f["ip_adapter"], f["ip_adapter_weight"]) == ("ip-adapter_tiny", 0.8)
+
+
+def test_job_api_takes_base64_pictures(setup, tmp_path):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from server_helpers import make_app
+
+    studio, models, picture = setup
+    buf = io.BytesIO()
+    Image.open(picture).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    request = {**SMALL, "model": "tiny-sd1", "ip_adapter": "ip-adapter_tiny", "ip_adapter_weight": 0.6}
+    with TestClient(make_app(tmp_path / "home", studio=studio)) as client:
+        job = client.post("/api/v1/jobs", json={"request": request, "ip_adapter_images": [b64], "save": False})
+        assert job.status_code == 202, job.text
+        done = client.get(f"/api/v1/jobs/{job.json()['id']}/wait", params={"timeout": 120}).json()
+        assert done["status"] == "done", done
+        assert "IP-Adapter: ip-adapter_tiny [" in done["result"]["images"][0]["infotext"]
+        both = client.post("/api/v1/jobs", json={"request": {**request, "ip_adapter_image": ["/etc/passwd"]},
+                                                 "ip_adapter_images": [b64]})
+        assert both.status_code == 422 and "not both" in both.text
+        path = client.post("/api/v1/jobs", json={"request": {**request, "ip_adapter_image": ["/etc/hostname"]}})
+        assert path.status_code == 422 and "paths are not accepted over HTTP" in path.text
