@@ -115,6 +115,9 @@ class Studio:
                 raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
                                      f"{init.width}x{init.height}; they must be the same size")
 
+        # ... and the IP-Adapter's pictures
+        ip_images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
+
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 
@@ -143,7 +146,7 @@ class Studio:
             scope.enter_context(use_embeddings(embeddings))
             custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None}
             if request.ip_adapter_image:
-                request, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope)
+                request, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope, ip_images)
             return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
                              init=init, mask=mask, t0=t0, timings=timings, custom=custom)
 
@@ -238,7 +241,7 @@ class Studio:
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
                                 warnings, sources)
 
-    def _image_prompt(self, request: GenerationRequest, comps, scope):
+    def _image_prompt(self, request: GenerationRequest, comps, scope, images: list[Image.Image]):
         """Step 2b for an IP-Adapter request: find the files, check they fit, encode the
         pictures, install the adapter on the UNet inside ``scope``.
 
@@ -246,14 +249,12 @@ class Studio:
             (the request with the adapter and encoder named, the adapter file's sha256).
         """
         from danqing.customise import ip_adapter as ipa
-        from danqing.editing.images import load_image
         from danqing.editing.instruct import is_instruct_unet
         from danqing.models.registry import ModelEntry
 
         if is_instruct_unet(comps.unet):
             raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) is not available with "
                                  "instruct-pix2pix models")
-        images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
         adapter = self.ip_adapters.adapter_path(request.ip_adapter)
         folder = self.ip_adapters.encoder_path(request.ip_adapter_encoder)
         state = self.ip_adapters.state(adapter)
