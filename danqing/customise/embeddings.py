@@ -119,6 +119,10 @@ def _read(path: Path) -> tuple[dict, dict]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # pickled objects beyond tensors and plain types
+            raise EmbeddingError(f"{path.name}: cannot be read as a weights-only torch file: it holds pickled Python "
+                                 "objects (e.g. an old A1111 ParameterDict), which danqing never unpickles; re-save "
+                                 f"it as .safetensors with a tool you trust; allowed: {FORMATS}") from None
         raise EmbeddingError(f"{path.name}: cannot be read as a weights-only torch file "
                              f"({str(exc).splitlines()[0][:200]}); allowed: {FORMATS}") from None
     if not isinstance(data, dict):
