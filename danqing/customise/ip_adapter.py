@@ -69,7 +69,9 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CorruptModel(f"{path}: cannot be read as a weights-only torch file ({str(exc).splitlines()[0][:200]})") from None
+            why = ("it holds pickled Python objects, which danqing never unpickles; use the .safetensors release"
+                   if "Weights only load failed" in str(exc) else str(exc).splitlines()[0][:200])
+            raise CorruptModel(f"{path}: cannot be read as a weights-only torch file ({why})") from None
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
         raise CorruptModel(f"{path}: not an IP-Adapter (expected image_proj.* and ip_adapter.* weights)")
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
