@@ -68,6 +68,9 @@ def generate(
     denoise: Optional[float] = typer.Option(None, help="Hires fix: second-pass denoising strength 0-1 [default: 0.75]."),
     refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint (an SDXL refiner) that finishes the picture."),
     refiner_switch_at: Optional[float] = typer.Option(None, help="Refiner: fraction of the schedule done by the base model [default: 0.8]."),
+    ip_adapter: Optional[list[str]] = typer.Option(None, "--ip-adapter", help="Image prompt: IMAGE[:WEIGHT] (weight 0-2, default 1); repeat for several pictures."),
+    ip_adapter_model: Optional[str] = typer.Option(None, help="IP-Adapter file in models/ipadapter/ [default: the only one]."),
+    ip_adapter_encoder: Optional[str] = typer.Option(None, help="CLIP vision encoder folder in models/clip_vision/ [default: the only one]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -82,14 +85,19 @@ def generate(
         "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
         "denoising_strength": denoise, "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at,
     }
+    if ip_adapter:
+        fields.update(parse_ip_adapter_option(ip_adapter))
+    fields.update(ip_adapter=ip_adapter_model, ip_adapter_encoder=ip_adapter_encoder)
     fields = {k: v for k, v in fields.items() if v is not None}
     if negative:
         fields["negative_prompt"] = negative
+    source_infotext = None
     if from_image is not None:
         from danqing.outputs.metadata import request_from_infotext
         from danqing.outputs.store import read_infotext
 
-        base = request_from_infotext(read_infotext(from_image))
+        source_infotext = read_infotext(from_image)
+        base = request_from_infotext(source_infotext)
         request = base.replace(**fields)
     else:
         if prompt is None:
@@ -100,10 +108,32 @@ def generate(
             raise InvalidRequest("out", "a .png file name holds one image; give a folder for batches")
         if out.exists():
             raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
-    _run_generate(ctx.obj, request, out, quiet)
+    _run_generate(ctx.obj, request, out, quiet, source_infotext=source_infotext)
 
 
-def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
+def parse_ip_adapter_option(values: list[str]) -> dict:
+    """``--ip-adapter IMAGE[:WEIGHT]`` (repeated) -> request fields; one weight for all pictures."""
+    images, weights = [], set()
+    for value in values:
+        path, sep, weight = value.rpartition(":")
+        if sep and path and weight:
+            try:
+                weights.add(float(weight))
+            except ValueError:  # a ':' of the path itself
+                path = value
+        else:
+            path = value
+        images.append(path)
+    if len(weights) > 1:
+        raise InvalidRequest("ip_adapter_weight", f"the pictures of one IP-Adapter share one weight; got "
+                             f"{', '.join(f'{w:g}' for w in sorted(weights))}")
+    fields: dict = {"ip_adapter_image": tuple(images)}
+    if weights:
+        fields["ip_adapter_weight"] = weights.pop()
+    return fields
+
+
+def _run_generate(settings, request, out: Path | None, quiet: bool, source_infotext: str | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -125,7 +155,14 @@ def _run_generate(settings, request, out: Path | None, quiet: bool) -> None:
         from danqing.outputs.store import save_png
 
         result.paths.append(save_png(result.images[0], out, result.infotexts[0]))
-    for line in result.warnings:
+    warnings = list(result.warnings)
+    if source_infotext is not None:  # --from: the embeddings the original used, as they are now
+        from danqing.customise.embeddings import ti_hash_changes
+        from danqing.outputs.infotext import parse_infotext
+
+        warnings += ti_hash_changes(parse_infotext(source_infotext)[2].get("TI hashes"),
+                                    parse_infotext(result.infotexts[0])[2].get("TI hashes"))
+    for line in warnings:
         console.print(f"[yellow]warning:[/] {line}")
     if result.request.model == "danqing-tiny-random":
         console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (a test model): expect noise patterns, not pictures.")
@@ -194,6 +231,37 @@ def export(
     comps = load_components(Registry(ctx.obj.models_dir).find("checkpoint", model))
     save_single_file(comps, out)
     print(out)
+
+
+@app.command()
+def merge(
+    ctx: typer.Context,
+    models: list[str] = typer.Argument(..., help="A B (weighted-sum, extract-lora: base tuned) or A B C (add-difference): checkpoint names, hashes or paths."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file; a bare name goes to models/checkpoints/ (models/lora/ for extract-lora)."),
+    method: str = typer.Option("weighted-sum", help="weighted-sum: (1-a)A + aB; add-difference: A + a(B-C); extract-lora: a LoRA of B - A."),
+    alpha: float = typer.Option(0.5, help="The multiplier a."),
+    half: bool = typer.Option(False, "--half", help="Store fp16 (default fp32: a=0 gives A bit for bit)."),
+    rank: int = typer.Option(32, help="extract-lora: rank of Linear/1x1 layers."),
+    conv_rank: Optional[int] = typer.Option(None, help="extract-lora: rank of 3x3 convolutions (default --rank; 0 = none)."),
+):
+    """Merge checkpoints (A1111's checkpoint merger) or extract a LoRA from two; the recipe
+    (inputs with their hashes, method, alpha) is stored in the file's header."""
+    from danqing.customise.merge import extract_lora, merge_checkpoints
+    from danqing.models.registry import Registry
+
+    registry = Registry(ctx.obj.models_dir)
+    if out.parent == Path("."):
+        out = registry.folder("lora" if method == "extract-lora" else "checkpoint") / out.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if method == "extract-lora":
+        if len(models) != 2:
+            raise InvalidRequest("models", f"extract-lora takes 2 models (base tuned), got {len(models)}")
+        path, notes = extract_lora(registry, models[0], models[1], out, rank=rank, conv_rank=conv_rank)
+        for line in notes:
+            print(f"note: {line}", file=sys.stderr)
+    else:
+        path = merge_checkpoints(registry, models, out, method=method, alpha=alpha, half=half)
+    print(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,13 @@ class GenerationRequest(BaseModel):
             features (the first ResNet's output) are the source's: keeps the layout where the
             model's attention maps do not (small models); 0 = attention only, as the paper.
         null_text_iterations: optimisation steps per sampler step of null-text inversion.
+
+    IP-Adapter image prompt (Ye et al. 2023; docs/customise.md):
+        ip_adapter_image: paths of the pictures that condition the image beside the prompt.
+        ip_adapter: the adapter file in ``models/ipadapter/`` (None = the only one installed).
+        ip_adapter_weight: its scale, 0 (no effect) to 2.
+        ip_adapter_encoder: the CLIP vision encoder folder in ``models/clip_vision/`` (None =
+            the only one installed).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -129,6 +136,11 @@ class GenerationRequest(BaseModel):
     p2p_local_blend: bool = False
     p2p_features: float = 0.0
     null_text_iterations: int = 10
+    # IP-Adapter image prompt (docs/customise.md)
+    ip_adapter: str | None = None
+    ip_adapter_image: tuple[str, ...] = ()
+    ip_adapter_weight: float = 1.0
+    ip_adapter_encoder: str | None = None
 
     # -- validation: one clear line per field ---------------------------------------------
     @field_validator("steps")
@@ -303,6 +315,26 @@ class GenerationRequest(BaseModel):
             if bad:
                 raise InvalidRequest(name, "the refiner runs after txt2img only (not with img2img, hires fix or "
                                      "Prompt-to-Prompt yet); unset refiner_checkpoint or this field")
+        return self
+
+    @field_validator("ip_adapter_weight")
+    @classmethod
+    def _ip_weight(cls, v: float) -> float:
+        if not 0.0 <= v <= 2.0:
+            raise ValueError(f"must be between 0 (no effect) and 2, got {v:g}")
+        return v
+
+    @model_validator(mode="after")
+    def _ip_adapter(self) -> "GenerationRequest":
+        if not self.ip_adapter_image:
+            if self.ip_adapter is not None:
+                raise InvalidRequest("ip_adapter_image", "an IP-Adapter needs at least one picture (ip_adapter_image)")
+            return self
+        if self.p2p_source is not None:
+            raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) cannot be combined with "
+                                 "Prompt-to-Prompt (p2p_source) yet; both install attention processors")
+        if any(not p.strip() for p in self.ip_adapter_image):
+            raise InvalidRequest("ip_adapter_image", "a picture path must not be empty")
         return self
 
     @model_validator(mode="after")

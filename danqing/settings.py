@@ -27,7 +27,7 @@ def force_offline() -> None:
         os.environ[key] = value
 
 
-MODEL_SUBDIRS = ("checkpoints", "vae", "lora", "embeddings", "controlnet")
+MODEL_SUBDIRS = ("checkpoints", "vae", "lora", "embeddings", "controlnet", "ipadapter", "clip_vision")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Written as numbered steps so the flow reads top to bottom, as diffusers'
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,11 @@ class Studio:
         from danqing.customise.lora import NetworkCache
 
         self.networks = NetworkCache()
+        from danqing.customise.embeddings import EmbeddingLibrary
+        from danqing.customise.ip_adapter import IPAdapterLibrary
+
+        self.embeddings = EmbeddingLibrary(self.registry)
+        self.ip_adapters = IPAdapterLibrary(self.registry, self.models)
 
     def generate(
         self,
@@ -109,6 +115,9 @@ class Studio:
                 raise InvalidRequest("mask", f"the mask is {mask.width}x{mask.height} but the init image is "
                                      f"{init.width}x{init.height}; they must be the same size")
 
+        # ... and the IP-Adapter's pictures
+        ip_images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
+
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 
@@ -126,18 +135,33 @@ class Studio:
         device, dtype = self.models.device, self.models.dtype
         networks = activate(tags, comps, registry=self.registry, model_name=loaded.name, cache=self.networks)
         timings["load"] = time.perf_counter() - t0
-        with patched(comps, networks):
-            return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
-                             init=init, mask=mask, t0=t0, timings=timings)
+        with patched(comps, networks), contextlib.ExitStack() as scope:
+            # 2b. customise: the textual-inversion embeddings the prompts call, checked against
+            # the model and active until the request ends (the text encoder is never changed);
+            # IP-Adapter: the pictures encoded, diffusers' processors on the UNet until the
+            # request ends (the original processors come back when the scope closes).
+            from danqing.customise.embeddings import ti_hashes, use_embeddings
 
-    def _run(self, request, loaded, networks, on_step, *, save, out_dir, init, mask, t0, timings) -> GenerationResult:
-        """Steps 3 to 6 of ``generate`` on the loaded (and patched) model."""
+            embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
+            scope.enter_context(use_embeddings(embeddings))
+            custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None}
+            if request.ip_adapter_image:
+                request, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope, ip_images)
+            return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
+                             init=init, mask=mask, t0=t0, timings=timings, custom=custom)
+
+    def _run(self, request, loaded, networks, on_step, *, save, out_dir, init, mask, t0, timings,
+             custom: dict | None = None) -> GenerationResult:
+        """Steps 3 to 6 of ``generate`` on the loaded (and patched, customised) model.
+
+        ``custom``: infotext entries of step 2b (``ti_hashes``, ``ip_adapter_hash``)."""
         from danqing.decode import decode_latents, to_pil
         from danqing.outputs.metadata import request_infotext
 
         comps = loaded.components
         device, dtype = self.models.device, self.models.dtype
         edit = init is not None
+        custom = custom or {}
 
         # 3. condition, 4. sample and 5. decode: txt2img (``run_sampling``), hires fix
         # (``danqing.editing.hires``) or img2img / inpaint (``danqing.editing.img2img``).
@@ -191,7 +215,7 @@ class Studio:
             request_infotext(
                 request, seed=s, subseed=ss, model_name=loaded.name, model_hash=loaded.sha256,
                 vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
-                refiner=extra_info.get("refiner"), lora_hashes=lora_hashes,
+                refiner=extra_info.get("refiner"), lora_hashes=lora_hashes, **custom,
             )
             for s, ss in zip(seeds, subseeds)
         ]
@@ -210,12 +234,39 @@ class Studio:
                     text = request_infotext(source_request, seed=s, subseed=ss, model_name=loaded.name,
                                             model_hash=loaded.sha256,
                                             vae_name=loaded.vae_entry.name if loaded.vae_entry else None,
-                                            vae_hash=loaded.vae_sha256, lora_hashes=lora_hashes)
+                                            vae_hash=loaded.vae_sha256, lora_hashes=lora_hashes, **custom)
                     save_png(img, path.with_name(path.stem + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, seeds, subseeds, infotexts, request, paths, timings, interrupted, latents_out,
                                 warnings, sources)
+
+    def _image_prompt(self, request: GenerationRequest, comps, scope, images: list[Image.Image]):
+        """Step 2b for an IP-Adapter request: find the files, check they fit, encode the
+        pictures, install the adapter on the UNet inside ``scope``.
+
+        Returns:
+            (the request with the adapter and encoder named, the adapter file's sha256).
+        """
+        from danqing.customise import ip_adapter as ipa
+        from danqing.editing.instruct import is_instruct_unet
+        from danqing.models.registry import ModelEntry
+
+        if is_instruct_unet(comps.unet):
+            raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) is not available with "
+                                 "instruct-pix2pix models")
+        adapter = self.ip_adapters.adapter_path(request.ip_adapter)
+        folder = self.ip_adapters.encoder_path(request.ip_adapter_encoder)
+        state = self.ip_adapters.state(adapter)
+        encoder, processor = self.ip_adapters.encoder(folder)
+        ipa.check_fits(state, comps.unet, encoder, adapter.name)
+        prompt = ipa.encode_images(encoder, processor, images, plus=ipa.is_plus(state))
+        scope.enter_context(ipa.install(comps.unet, state, request.ip_adapter_weight))
+        scope.enter_context(ipa.use_image_prompt(prompt))
+        named = request.replace(ip_adapter=request.ip_adapter or adapter.stem,
+                                ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
+        entry = ModelEntry(adapter.stem, adapter, "ipadapter", adapter.suffix.lstrip(".").lower())
+        return named, self.registry.sha256(entry)  # cached by path, size and mtime
 
 
 def check_refiner(base_family: str, refiner_family: str, name: str) -> None:
@@ -316,6 +367,19 @@ def resolve_request(request: GenerationRequest, default_model: str) -> Generatio
     return request.replace(**changes) if changes else request
 
 
+def prompt_texts(request: GenerationRequest) -> list[str]:
+    """Every text a request's prompts take at some step (prompt editing resolved): where
+    textual-inversion embeddings are looked for."""
+    from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
+
+    texts = []
+    for text in (request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt,
+                 request.p2p_source):
+        if text:  # <lora:...> tags are not text the encoder sees
+            texts += [strip_extra_networks(t)[0] for _, t in prompt_schedule(text, request.steps)]
+    return texts
+
+
 def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     """The per-step conditioning for the whole request (prompt editing for both prompts).
 
@@ -326,7 +390,10 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
     from danqing.conditioning.text import pad_to_chunks
     from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
+    from danqing.customise.ip_adapter import active_image_prompt
+
     comps = encoder.c
+    image_prompt = active_image_prompt() if comps.family != "sdxl-refiner" else None
     use_cfg = request.cfg_scale > 1.0
     # <lora:...> tags are applied to the weights (Studio.generate), not encoded as text
     pos = prompt_schedule(strip_extra_networks(request.prompt)[0], request.steps)
@@ -357,6 +424,8 @@ def build_conditioning(encoder, request: GenerationRequest, *, batch: int):
         if comps.family in ("sdxl", "sdxl-refiner"):
             pooled = torch.cat([n.pooled.expand(batch, -1), p.pooled.expand(batch, -1)]) if use_cfg else p.pooled.expand(batch, -1)
             added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(comps.family, request, batch, use_cfg, p.hidden)}
+        if image_prompt is not None:  # IP-Adapter: diffusers' UNet reads added_cond_kwargs["image_embeds"]
+            added = {**(added or {}), "image_embeds": [e.to(context) for e in image_prompt.batch(batch, use_cfg)]}
         conds.append(Conditioning(context, added))
     return ConditioningSchedule(ends, conds)
 

@@ -270,6 +270,10 @@ def test_textual_inversion_trains_only_the_new_word(settings, tmp_path):
     summary = train_textual_inversion(cfg, resume=False, log=lambda s: None, settings=settings)
     sd = load_file(summary["files"][0])
     assert list(sd) == ["emb_params"] and sd["emb_params"].shape == (2, 32)
+    from danqing.customise.embeddings import load_embedding  # what generation reads from embeddings/
+
+    emb = load_embedding(summary["files"][0])
+    assert emb.name == "dq-heart" and torch.equal(emb.vectors["emb_params"], sd["emb_params"])
     bad = cfg.model_copy(update={"embedding": C.EmbeddingConfig(name="heart")})
     with pytest.raises(InvalidRequest, match="'heart' is a word of the tokenizer's vocabulary"):
         train_textual_inversion(bad, resume=False, log=lambda s: None, settings=settings)

@@ -7,6 +7,10 @@ are concatenated along the token axis: a 200-token prompt gives (B, 3*77, D). Th
 A1111's ``FrozenCLIPEmbedderWithCustomWordsBase`` (``sd_hijack_clip.py``): chunk breaks move back
 to the last comma when it is at most 20 tokens back, ``BREAK`` starts a new chunk, and emphasis
 multiplies hidden states by their weights and then restores the chunk's original mean.
+
+Textual-inversion embeddings (``danqing.customise.embeddings``) called by name in the prompt
+take ``n`` positions of a chunk (never split across two: A1111 moves the whole embedding to the
+next chunk) and their vectors replace the token embeddings there during the encoder call.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack"
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """77 token ids and their emphasis weights (BOS/EOS/padding weigh 1.0)."""
+    """77 token ids and their emphasis weights (BOS/EOS/padding weigh 1.0).
+
+    ``fixes``: (position in the 77 ids, embedding name) where a textual-inversion embedding's
+    vectors replace the placeholder ids (A1111's ``PromptChunkFix``).
+    """
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -46,38 +55,54 @@ class TextCond:
         return self.hidden.shape[1] // 77
 
 
-def chunk_tokens(pieces: list[tuple[list[int], float]], *, bos: int, eos: int, pad: int, comma: int) -> list[TokenChunk]:
+def chunk_tokens(pieces: list[tuple[list, float]], *, bos: int, eos: int, pad: int, comma: int) -> list[TokenChunk]:
     """Pack weighted token runs into 77-id chunks (A1111 ``tokenize_line``).
 
     Args:
         pieces: (token ids without BOS/EOS, weight) per parsed piece; weight -1 with no ids marks BREAK.
+            An item may be an ``EmbeddingUse`` (textual inversion): it takes ``n`` positions of
+            one chunk, starting a new chunk when it does not fit in this one.
         bos, eos, pad, comma: special ids of the tokenizer (pad follows the first EOS).
     """
+    from danqing.customise.embeddings import PLACEHOLDER_ID, EmbeddingUse
+
     chunks: list[TokenChunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []  # (index in ids, name)
     last_comma = -1
 
     def close() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, fixes, last_comma
         n_pad = CHUNK - len(ids)
         full = [bos] + ids + [eos] + [pad] * n_pad
-        chunks.append(TokenChunk(tuple(full), tuple([1.0] + weights + [1.0] + [1.0] * n_pad)))
-        ids, weights, last_comma = [], [], -1
+        chunks.append(TokenChunk(tuple(full), tuple([1.0] + weights + [1.0] + [1.0] * n_pad),
+                                 tuple((i + 1, name) for i, name in fixes)))  # +1: BOS
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for tokens, weight in pieces:
         if weight == -1 and not tokens:  # BREAK
             close()
             continue
         for token in tokens:
+            if isinstance(token, EmbeddingUse):
+                if token.n > CHUNK:
+                    raise ValueError(f"embedding {token.name!r} has {token.n} vectors; at most {CHUNK} fit in a chunk")
+                if len(ids) + token.n > CHUNK:
+                    close()
+                fixes.append((len(ids), token.name))
+                ids += [PLACEHOLDER_ID] * token.n
+                weights += [weight] * token.n
+                continue
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
                 moved_ids, moved_w = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+                moved_fixes = [(i - cut, name) for i, name in fixes if i >= cut]
+                ids, weights, fixes = ids[:cut], weights[:cut], [(i, n) for i, n in fixes if i < cut]
                 close()
-                ids, weights = moved_ids, moved_w
+                ids, weights, fixes = moved_ids, moved_w, moved_fixes
             if len(ids) == CHUNK:
                 close()
             ids.append(token)
@@ -87,15 +112,24 @@ def chunk_tokens(pieces: list[tuple[list[int], float]], *, bos: int, eos: int, p
     return chunks
 
 
-def tokenize_prompt(tokenizer, text: str) -> list[TokenChunk]:
-    """Parse emphasis/BREAK in ``text`` and pack it into chunks for ``tokenizer``."""
+def tokenize_prompt(tokenizer, text: str, embeddings=()) -> list[TokenChunk]:
+    """Parse emphasis/BREAK in ``text`` and pack it into chunks for ``tokenizer``.
+
+    Args:
+        embeddings: textual-inversion ``Embedding``s whose names, where they occur, become
+            their vectors (``TokenChunk.fixes``).
+    """
+    from danqing.customise.embeddings import build_lookup, find_embeddings
+
+    lookup = build_lookup(tokenizer, embeddings) if embeddings else {}
     parsed = parse_attention(text)
-    pieces: list[tuple[list[int], float]] = []
+    pieces: list[tuple[list, float]] = []
     for piece, weight in parsed:
         if piece == "BREAK" and weight == -1:
             pieces.append(([], -1))
             continue
-        pieces.append((tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"], weight))
+        ids = tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        pieces.append((find_embeddings(ids, lookup) if lookup else ids, weight))
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     return chunk_tokens(pieces, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, comma=comma)
 
@@ -142,9 +176,13 @@ class TextEncoder:
         clip_skip: A1111 clip skip (1 = last layer).
     """
 
-    def __init__(self, components, clip_skip: int = 1):
+    def __init__(self, components, clip_skip: int = 1, embeddings=None):
+        from danqing.customise.embeddings import active_embeddings
+
         self.c = components
         self.clip_skip = clip_skip
+        # textual inversion: given, or the running request's (``use_embeddings``)
+        self.embeddings = {e.name: e for e in (active_embeddings() if embeddings is None else embeddings)}
 
     @property
     def device(self) -> torch.device:
@@ -164,20 +202,20 @@ class TextEncoder:
         if c.family == "sdxl-refiner":
             # the refiner has OpenCLIP bigG only (diffusers' XL img2img pipeline with text_encoder=None)
             parts, pooled = [], None
-            for ch in tokenize_prompt(c.tokenizer_2, text):
-                h2, out2 = _hidden(c.text_encoder_2, self._ids(ch), self.clip_skip, final_norm=False)
+            for ch in tokenize_prompt(c.tokenizer_2, text, self._embs()):
+                h2, out2 = self._run(c.text_encoder_2, ch, "clip_g", final_norm=False)
                 if pooled is None:
                     pooled = out2.text_embeds
                 parts.append(apply_emphasis(h2, torch.tensor(ch.weights)))
             return TextCond(torch.cat(parts, dim=1), pooled)
-        chunks = tokenize_prompt(c.tokenizer, text)
+        chunks = tokenize_prompt(c.tokenizer, text, self._embs())
         if c.family != "sdxl":
             return TextCond(torch.cat([self._encode_chunk(ch) for ch in chunks], dim=1))
-        chunks_2 = tokenize_prompt(c.tokenizer_2, text)
+        chunks_2 = tokenize_prompt(c.tokenizer_2, text, self._embs())
         parts, pooled = [], None
         for ch1, ch2 in zip(chunks, chunks_2, strict=True):
-            h1, _ = _hidden(c.text_encoder, self._ids(ch1), self.clip_skip, final_norm=False)
-            h2, out2 = _hidden(c.text_encoder_2, self._ids(ch2), self.clip_skip, final_norm=False)
+            h1, _ = self._run(c.text_encoder, ch1, "clip_l", final_norm=False)
+            h2, out2 = self._run(c.text_encoder_2, ch2, "clip_g", final_norm=False)
             if pooled is None:
                 pooled = out2.text_embeds  # (1, 1280)
             z = torch.cat([h1, h2], dim=-1)  # (1, 77, 768 + 1280)
@@ -187,8 +225,22 @@ class TextEncoder:
     def _ids(self, chunk: TokenChunk) -> torch.Tensor:
         return torch.tensor([chunk.ids], device=self.device)
 
+    def _embs(self):
+        return tuple(self.embeddings.values())
+
+    def _run(self, encoder, chunk: TokenChunk, key: str, *, final_norm: bool):
+        """``_hidden`` of one chunk, with its embeddings' vectors (``key``: which encoder's)
+        in place of the placeholder ids."""
+        if not chunk.fixes:
+            return _hidden(encoder, self._ids(chunk), self.clip_skip, final_norm=final_norm)
+        from danqing.customise.embeddings import inject_vectors
+
+        fixes = [(pos, self.embeddings[name].vectors[key]) for pos, name in chunk.fixes]
+        with inject_vectors(encoder, fixes):
+            return _hidden(encoder, self._ids(chunk), self.clip_skip, final_norm=final_norm)
+
     def _encode_chunk(self, chunk: TokenChunk) -> torch.Tensor:
-        z, _ = _hidden(self.c.text_encoder, self._ids(chunk), self.clip_skip, final_norm=True)
+        z, _ = self._run(self.c.text_encoder, chunk, "emb_params", final_norm=True)
         return apply_emphasis(z, torch.tensor(chunk.weights))  # (1, 77, D)
 
     def empty_chunk(self, *, negative: bool = False) -> TextCond:

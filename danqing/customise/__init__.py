@@ -1,1 +1,2 @@
-"""Customisation: LoRA / LyCORIS networks, embeddings, merging."""
+"""Customisation: LoRA / LyCORIS networks, textual-inversion embeddings, IP-Adapter image prompts,
+model merging."""

@@ -309,6 +309,10 @@ def name_table(comps) -> dict[str, tuple[str, str]]:
                 continue
             for p in prefixes:
                 table[p + name.replace(".", "_")] = (comp, name)
+                if not name.startswith("text_model."):
+                    # kohya names CLIP modules from CLIPTextModel's text_model level
+                    # (lora_te_text_model_encoder_layers_0_...); transformers 5 flattened it away
+                    table[p + "text_model_" + name.replace(".", "_")] = (comp, name)
             table[f"{comp}.{name}"] = (comp, name)
     return table
 

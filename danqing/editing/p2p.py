@@ -41,11 +41,21 @@ def prompt_ids(tokenizer, text: str, field_name: str) -> list[int]:
     if len(prompt_schedule(text, 1000)) > 1:
         raise InvalidRequest(field_name, "prompt editing and alternation ([a:b:n], [a|b]) cannot be combined "
                              "with Prompt-to-Prompt; write the prompt plainly")
-    chunks = tokenize_prompt(tokenizer, text)
+    from danqing.customise.embeddings import active_embeddings
+
+    embeddings = {e.name: e for e in active_embeddings()}  # textual inversion, as the encoder sees it
+    chunks = tokenize_prompt(tokenizer, text, tuple(embeddings.values()))
     if len(chunks) > 1:
         raise InvalidRequest(field_name, f"Prompt-to-Prompt needs a prompt of at most 75 tokens (one chunk); "
                              f"this one takes {len(chunks)} chunks")
-    return list(chunks[0].ids)
+    ids = list(chunks[0].ids)
+    # an embedding's positions get ids of their own (negative: never a vocabulary id), so the
+    # alignment matches an embedding with itself and sees a different one as a swap
+    names = sorted(embeddings)
+    for pos, name in chunks[0].fixes:
+        for k in range(embeddings[name].n_vectors):
+            ids[pos + k] = -(1 + k + 1000 * names.index(name))
+    return ids
 
 
 def changed_tokens(src: list[int], tgt: list[int], ignore: set[int] = frozenset()) -> tuple[list[int], list[int]]:

@@ -108,6 +108,13 @@ class ModelManager:
         if self.dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
             comps.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16
 
+    def place_module(self, module) -> None:
+        """Put an auxiliary module (an IP-Adapter image encoder, ...) on the manager's device
+        and dtype, read-only, as the checkpoint's own modules are."""
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=self.device, dtype=self.dtype)
+
     def _evict(self, key) -> None:
         self._cache.pop(key, None)
         if self.device.type == "cuda":

@@ -4,7 +4,7 @@ Layout (``settings.models_dir``)::
 
     checkpoints/   *.safetensors, *.ckpt, *.pt, or diffusers folders (model_index.json)
     vae/           *.safetensors, *.ckpt, *.pt, or diffusers AutoencoderKL folders
-    lora/ embeddings/ controlnet/
+    lora/ embeddings/ controlnet/ ipadapter/ clip_vision/
 
 Hashes are A1111's: sha256 of the file, "short hash" = first 10 hex chars. They are cached in
 ``models_dir/.danqing-hashes.json`` keyed by path, size and mtime (hashing a 7 GB file is slow).
@@ -30,6 +30,8 @@ KINDS = {
     "lora": "lora",
     "embedding": "embeddings",
     "controlnet": "controlnet",
+    "ipadapter": "ipadapter",
+    "clip_vision": "clip_vision",
 }
 BUILTIN = "danqing-tiny-random"
 BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package (data/models/)

@@ -22,8 +22,13 @@ def request_infotext(
     vae_hash: str | None = None,
     refiner: tuple[str, str] | None = None,
     lora_hashes: list[tuple[str, str]] | None = None,
+    ti_hashes: str | None = None,
+    ip_adapter_hash: str | None = None,
 ) -> str:
-    """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch)."""
+    """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
+
+    ``ti_hashes``: A1111's ``TI hashes`` value (``"name: hash12, ..."``) of the textual-inversion
+    embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``)."""
     from danqing.sampling.samplers import resolve_schedule
 
     variation = request.subseed_strength > 0
@@ -50,6 +55,10 @@ def request_infotext(
     params.update(editing_params(request))
     if lora_hashes:  # A1111: Lora hashes: "name: 12-hex sha256 prefix, ..."
         params["Lora hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, digest in lora_hashes)
+    params["TI hashes"] = ti_hashes
+    from danqing.customise.ip_adapter import ip_adapter_params
+
+    params.update(ip_adapter_params(request, ip_adapter_hash))
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 
@@ -185,6 +194,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
         if "Clip skip" in params:
             fields["clip_skip"] = int(params["Clip skip"])
         fields.update(_editing_fields(params))
+        from danqing.customise.ip_adapter import ip_adapter_fields
+
+        fields.update(ip_adapter_fields(params))
         if params.get("Refiner"):
             fields["refiner_checkpoint"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", params["Refiner"])
             if "Refiner switch at" in params:

@@ -45,7 +45,7 @@ TO_REQUEST = {
 SHELL = {
     "send_images", "save_images", "override_settings", "override_settings_restore_afterwards", "sampler_index",
     "init_images", "mask", "include_init_images", "do_not_save_samples", "do_not_save_grid", "mask_blur_x",
-    "mask_blur_y", "eta",
+    "mask_blur_y", "eta", "alwayson_scripts",
 }
 # Accepted only at these values (A1111's defaults, or what common clients send as "off").
 NEUTRAL: dict[str, tuple] = {
@@ -55,7 +55,7 @@ NEUTRAL: dict[str, tuple] = {
     "disable_extra_networks": (None, False), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_scheduler": (None, "", "Use same scheduler"),
     "hr_additional_modules": (None, [], ["Use same choices"]),
-    "script_name": (None, ""), "script_args": (None, []), "alwayson_scripts": (None, {}), "comments": (None, {}),
+    "script_name": (None, ""), "script_args": (None, []), "comments": (None, {}),
     "force_task_id": (None, ""), "infotext": (None, ""),
     "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "mask_round": (None, True),
 }
@@ -156,6 +156,66 @@ def _neutral_ok(value: Any, allowed) -> bool:
     return allowed == "any" or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
 
 
+# sd-webui-controlnet unit fields accepted at these values only (the extension's defaults)
+_UNIT_NEUTRAL = {"guidance_start": (0, 0.0), "guidance_end": (1, 1.0), "mask": (None,), "effective_region_mask": (None,),
+                 "advanced_weighting": (None,), "ipadapter_input": (None,)}
+
+
+def ip_adapter_unit(alwayson: dict) -> tuple[dict[str, Any], list[str]]:
+    """IP-Adapter as A1111 clients send it: a unit of the ControlNet extension
+    (``alwayson_scripts={"controlnet": {"args": [{"enabled": true, "module": "ip-adapter_clip_sd15",
+    "model": "ip-adapter_sd15 [hash]", "weight": 0.8, "image": <base64>}]}}``; sd-webui-controlnet
+    ``internal_controlnet/args.py`` ``ControlNetUnit``).
+
+    Returns:
+        (GenerationRequest fields, base64 pictures). Anything else in ``alwayson_scripts`` --
+        other scripts, ControlNet units that are not IP-Adapters, more than one enabled unit --
+        is refused naming it.
+    """
+    if not alwayson:
+        return {}, []
+    if not isinstance(alwayson, dict) or set(k.casefold() for k in alwayson) != {"controlnet"}:
+        names = ", ".join(map(str, alwayson)) if isinstance(alwayson, dict) else type(alwayson).__name__
+        raise InvalidRequest("alwayson_scripts", f"danqing runs no A1111 scripts ({names}); only the ControlNet "
+                                                 "extension's IP-Adapter units are understood")
+    script = next(iter(alwayson.values()))
+    units = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise InvalidRequest("alwayson_scripts", "controlnet must be {\"args\": [unit, ...]} with units as objects")
+    units = [u for u in units if u.get("enabled", True)]
+    if not units:
+        return {}, []
+    if len(units) > 1:
+        raise InvalidRequest("alwayson_scripts", f"danqing takes one IP-Adapter unit per request, got {len(units)} enabled units")
+    unit = units[0]
+    module = str(unit.get("module", "none"))
+    if not module.startswith("ip-adapter") or "face_id" in module:
+        raise InvalidRequest("alwayson_scripts", f"ControlNet unit module {module!r} is not supported; danqing takes "
+                                                 "IP-Adapter units (module ip-adapter_clip_sd15, ip-adapter_clip_sdxl, "
+                                                 "ip-adapter-auto)")
+    for name, allowed in _UNIT_NEUTRAL.items():
+        if name in unit and unit[name] not in allowed:
+            raise InvalidRequest("alwayson_scripts", f"IP-Adapter unit field {name!r} is not supported by danqing yet; "
+                                                     f"leave it unset")
+    image = unit.get("image", unit.get("input_image"))
+    if isinstance(image, dict):
+        image = [image]
+    if isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and image and all(isinstance(i, dict) and isinstance(i.get("image"), str) for i in image):
+        images = [i["image"] for i in image]
+    else:
+        raise InvalidRequest("alwayson_scripts", "the IP-Adapter unit needs \"image\": a base64 picture (or a list "
+                                                 "of {\"image\": base64})")
+    fields: dict[str, Any] = {}
+    model = unit.get("model")
+    if isinstance(model, str) and model not in ("", "None"):
+        fields["ip_adapter"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", model)
+    if "weight" in unit:
+        fields["ip_adapter_weight"] = unit["weight"]
+    return fields, images
+
+
 def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
     """The GenerationRequest fields of an A1111 body (pure: no files, no models).
 
@@ -171,6 +231,7 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
     for a1111, ours in TO_REQUEST.items():
         if a1111 in data:
             fields[ours] = data[a1111]
+    fields.update(ip_adapter_unit(data.get("alwayson_scripts") or {})[0])  # the pictures: build_router's run
     fields["sampler"] = data.get("sampler_name") or data.get("sampler_index") or "Euler"
     if fields.get("schedule") in (None, ""):
         fields["schedule"] = "Automatic"
@@ -285,6 +346,10 @@ def build_router(state) -> APIRouter:
 
     def run(body: _Body, img2img: bool) -> dict:
         fields = request_fields(body, img2img=img2img)
+        _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})  # checked by request_fields
+        if ip_images:
+            fields["ip_adapter_image"] = tuple(
+                state.save_upload(decode_image(b, "alwayson_scripts", state.limits), "ipadapter") for b in ip_images)
         init = mask = None
         if img2img:
             if not body.init_images:
@@ -441,9 +506,12 @@ def build_router(state) -> APIRouter:
 
     @r.get("/embeddings")
     def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                                   "shape": None, "vectors": None}
-                                          for e in state.registry.scan("embedding")}}
+        # A1111's shape: readable files under "loaded" (shape = vector width, summed over SDXL's
+        # two encoders), unreadable ones under "skipped" with the reason (danqing's "error").
+        listing = state.worker.studio.embeddings.listing()
+        return {"loaded": {n: v for n, v in listing.items() if "error" not in v},
+                "skipped": {n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                "vectors": None, **v} for n, v in listing.items() if "error" in v}}
 
     @r.get("/prompt-styles")
     def prompt_styles() -> list[dict]:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from fastapi import APIRouter, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
@@ -81,6 +81,9 @@ def memory_report(state: ServerState) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The job API
 # ---------------------------------------------------------------------------------------------
+MAX_IP_IMAGES = 8  # IP-Adapter pictures per job
+
+
 class JobSubmit(BaseModel):
     """A job: the library's GenerationRequest, plus the pictures of img2img / inpaint."""
 
@@ -89,7 +92,24 @@ class JobSubmit(BaseModel):
     request: GenerationRequest
     init_image: Optional[str] = None
     mask: Optional[str] = None
+    ip_adapter_images: Optional[list[str]] = None
     save: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ip_uploads(cls, data: Any) -> Any:
+        """Base64 IP-Adapter pictures stand in for ``request.ip_adapter_image`` (which must then
+        be left out): the request is validated with as many places as pictures, filled in by
+        ``submit`` with the stored uploads."""
+        if isinstance(data, dict) and data.get("ip_adapter_images") and isinstance(data.get("request"), dict):
+            images = data["ip_adapter_images"]
+            if not isinstance(images, list) or not 1 <= len(images) <= MAX_IP_IMAGES:
+                raise ValueError(f"ip_adapter_images must be a list of 1 to {MAX_IP_IMAGES} base64 pictures")
+            if data["request"].get("ip_adapter_image"):
+                raise ValueError("give the IP-Adapter pictures as ip_adapter_images (base64) or as "
+                                 "request.ip_adapter_image (paths from this server), not both")
+            data = {**data, "request": {**data["request"], "ip_adapter_image": ["(upload)"] * len(images)}}
+        return data
 
 
 def _job_view(state: ServerState, job, request_url: str = "") -> dict:
@@ -121,6 +141,10 @@ def job_router(state: ServerState) -> APIRouter:
         init = decode_image(body.init_image, "init_image", state.limits) if body.init_image else None
         mask = decode_image(body.mask, "mask", state.limits) if body.mask else None
         fields = body.request.model_dump(exclude_unset=True)
+        if body.ip_adapter_images:
+            fields["ip_adapter_image"] = tuple(
+                state.save_upload(decode_image(b, "ip_adapter_images", state.limits), "ipadapter")
+                for b in body.ip_adapter_images)
         try:
             request = state.prepare_request(fields, init_image=init, mask=mask)
         except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do

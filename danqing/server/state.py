@@ -124,6 +124,15 @@ class ServerState:
                 if not isinstance(fields[name], str):
                     raise InvalidRequest(name, "must be a path string returned by this server")
                 fields[name] = self._inside_inputs(fields[name], name)
+        for name in ("ip_adapter", "ip_adapter_encoder"):  # names in the models folder, never paths
+            value = fields.get(name)
+            if value is not None and (not isinstance(value, str) or "/" in value or "\\" in value or value.startswith(".")):
+                raise InvalidRequest(name, "must be a name from the models folder (models/ipadapter, models/clip_vision), not a path")
+        if fields.get("ip_adapter_image"):  # IP-Adapter pictures: files this server was given, as init_image
+            images = fields["ip_adapter_image"]
+            if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images):
+                raise InvalidRequest("ip_adapter_image", "must be a list of path strings returned by this server")
+            fields["ip_adapter_image"] = tuple(self._inside_inputs(p, "ip_adapter_image") for p in images)
         if init_image is not None:
             fields["init_image"] = self.save_upload(init_image, "init")
         if mask is not None:
