@@ -236,13 +236,14 @@ def export(
 @app.command()
 def merge(
     ctx: typer.Context,
-    models: list[str] = typer.Argument(..., help="A B (weighted-sum, extract-lora: base tuned) or A B C (add-difference): checkpoint names, hashes or paths."),
+    models: list[str] = typer.Argument(..., help="A B (weighted-sum, extract-lora: base tuned), A B C (add-difference) or A (merge-lora): checkpoint names, hashes or paths."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file; a bare name goes to models/checkpoints/ (models/lora/ for extract-lora)."),
-    method: str = typer.Option("weighted-sum", help="weighted-sum: (1-a)A + aB; add-difference: A + a(B-C); extract-lora: a LoRA of B - A."),
+    method: str = typer.Option("weighted-sum", help="weighted-sum: (1-a)A + aB; add-difference: A + a(B-C); extract-lora: a LoRA of B - A; merge-lora: A with --lora networks baked in."),
     alpha: float = typer.Option(0.5, help="The multiplier a."),
     half: bool = typer.Option(False, "--half", help="Store fp16 (default fp32: a=0 gives A bit for bit)."),
     rank: int = typer.Option(32, help="extract-lora: rank of Linear/1x1 layers."),
     conv_rank: Optional[int] = typer.Option(None, help="extract-lora: rank of 3x3 convolutions (default --rank; 0 = none)."),
+    lora: list[str] = typer.Option([], "--lora", help="merge-lora: NAME[:WEIGHT] from models/lora (repeatable; weight 1 by default)."),
 ):
     """Merge checkpoints (A1111's checkpoint merger) or extract a LoRA from two; the recipe
     (inputs with their hashes, method, alpha) is stored in the file's header."""
@@ -253,6 +254,20 @@ def merge(
     if out.parent == Path("."):
         out = registry.folder("lora" if method == "extract-lora" else "checkpoint") / out.name
         out.parent.mkdir(parents=True, exist_ok=True)
+    if method == "merge-lora":
+        from danqing.customise.merge import merge_loras
+
+        if len(models) != 1:
+            raise InvalidRequest("models", f"merge-lora takes 1 model (the base), got {len(models)}")
+        pairs = []
+        for item in lora:
+            name, _, w = item.rpartition(":") if ":" in item else (item, "", "1")
+            try:
+                pairs.append((name, float(w)))
+            except ValueError:
+                raise InvalidRequest("lora", f"{item!r}: expected NAME[:WEIGHT], e.g. heart:0.8") from None
+        print(merge_loras(registry, models[0], pairs, out, half=half))
+        return
     if method == "extract-lora":
         if len(models) != 2:
             raise InvalidRequest("models", f"extract-lora takes 2 models (base tuned), got {len(models)}")

@@ -326,3 +326,25 @@ def test_sdxl_file_with_two_text_encoders_matches_lycoris(tiny_components, tmp_p
         ctx, out = run(xl.text_encoder, xl.text_encoder_2, xl.unet)
     assert (ref - base).abs().max() > 0.01
     assert (out - ref).abs().max() < 1e-4 and (ctx - ref_ctx).abs().max() < 1e-4
+
+
+def test_lora_merged_into_a_checkpoint_draws_what_the_tag_draws(lora_studio, tmp_path):
+    """Must-show 4: ``danqing merge --method merge-lora`` at weight w == ``<lora:name:w>``."""
+    import numpy as np
+
+    from danqing import Settings, Studio
+    from danqing.customise.merge import merge_loras, read_recipe
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    out = merge_loras(lora_studio.registry, "tiny-sd1", [("style-loha", 0.7), ("style-lora", 0.4)],
+                      root / "checkpoints" / "merged.safetensors")
+    recipe = read_recipe(out)
+    assert recipe["method"] == "merge-lora" and [i["name"] for i in recipe["inputs"]] == ["tiny-sd1", "style-loha", "style-lora"]
+    merged = Studio(Settings(home=tmp_path / "home", models_dir=root, device="cpu", dtype="fp32"))
+    tagged = lora_studio.generate(_req("a red circle <lora:style-loha:0.7> <lora:style-lora:0.4>"))
+    baked = merged.generate(_req("a red circle").replace(model="merged"))
+    plain = lora_studio.generate(_req("a red circle"))
+    a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (tagged, baked))
+    assert np.abs(a - np.asarray(plain.images[0], dtype=np.int16)).mean() > 1
+    assert np.abs(a - b).max() <= 1

@@ -225,7 +225,7 @@ def merge_checkpoints(registry, models: list[str], out: Path, *, method: str = "
     from danqing.models.single_file import save_single_file
 
     if method not in METHODS:
-        raise InvalidRequest("method", f"unknown merge method {method!r}; use one of {', '.join(METHODS)} (or extract-lora)")
+        raise InvalidRequest("method", f"unknown merge method {method!r}; use one of {', '.join(METHODS)} (or extract-lora, merge-lora)")
     want = 2 if method == "weighted-sum" else 3
     if len(models) != want:
         raise InvalidRequest("models", f"{method} takes {want} models ({'A B' if want == 2 else 'A B C'}), got {len(models)}")
@@ -257,6 +257,48 @@ def merge_metadata(inputs: list[Input], method: str, alpha: float, half: bool, o
              "multiplier": alpha, "save_as_half": half, "custom_name": out.stem}
     models = {i.sha256: {"name": i.name, "legacy_hash": None, "sd_merge_recipe": None} for i in inputs}
     return {RECIPE_KEY: json.dumps(recipe), "sd_merge_recipe": json.dumps(a1111), "sd_merge_models": json.dumps(models)}
+
+
+def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path, *, half: bool = False,
+                overwrite: bool = False) -> Path:
+    """Bake LoRA / LyCORIS networks into a checkpoint: ``W + w * dW`` for each ``(name, w)``,
+    the arithmetic of ``<lora:name:w>`` at generation time (``danqing.customise.lora``), so the
+    merged model draws what the base model draws with those tags.
+
+    Returns:
+        ``out`` (one ``.safetensors``; recipe: method "merge-lora", the model and every LoRA with
+        its sha256 and weight).
+    """
+    from danqing.customise.lora import Activation, NetworkCache, merge_into, resolve
+    from danqing.errors import ModelNotFound
+    from danqing.models.single_file import save_single_file
+
+    if not loras:
+        raise InvalidRequest("lora", "merge-lora needs at least one --lora NAME:WEIGHT")
+    out = _check_out(out, overwrite)
+    (base,) = load_inputs(registry, [model])
+    comps, cache, acts, used = base.components, NetworkCache(), [], []
+    for name, weight in loras:
+        try:
+            entry = registry.find("lora", name)
+        except ModelNotFound:
+            names = ", ".join(e.name for e in registry.scan("lora")) or "none"
+            raise InvalidRequest("lora", f"LoRA {name!r} not found in {registry.folder('lora')}; installed: {names}") from None
+        digest = registry.sha256(entry)
+        net = resolve(entry.name, digest, cache.get(entry.path, digest), comps, base.name)
+        acts.append(Activation(net, weight, weight))
+        used.append({"role": "lora", "name": entry.name, "sha256": digest, "weight": weight})
+    for module in comps.modules().values():
+        module.to(torch.float32)
+    merge_into(comps, acts)
+    if half:
+        for module in comps.modules().values():
+            module.to(torch.float16)
+    from danqing.outputs.metadata import VERSION
+
+    recipe = {"method": "merge-lora", "save_as_half": half, "version": VERSION,
+              "inputs": [{"role": "A", "name": base.name, "sha256": base.sha256}, *used]}
+    return save_single_file(comps, out, metadata={RECIPE_KEY: json.dumps(recipe)}, overwrite=overwrite)
 
 
 def read_recipe(path: Path) -> dict:

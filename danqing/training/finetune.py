@@ -777,8 +777,6 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
 def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
     """``danqing train textual-inversion``: writes ``<output_dir>/<embedding.name>.safetensors``
     (A1111 format: ``emb_params``, SDXL ``clip_l`` / ``clip_g``)."""
-    from safetensors.torch import save_file
-
     if cfg.output.num_threads:
         torch.set_num_threads(cfg.output.num_threads)
     comps, entry, sha = load_base(cfg.model, settings)
@@ -810,14 +808,17 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
                      on_sample=_sampler(comps, prompts, cfg.output, cfg.data.resolution, run_dir))
     vectors = {te_name: getattr(comps, te_name).get_input_embeddings().weight[ids].detach().float().cpu().contiguous()
                for te_name, ids in ids_by.items()}
+    from danqing.customise.embeddings import save_embedding_a1111
+
     if comps.family == "sdxl":
         sd = {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}
     else:
         sd = {"emb_params": vectors["text_encoder"]}
     meta = _kohya_metadata(method="textual_inversion", base_name=entry.name, base_sha=sha, comps=comps, data=data,
-                           cfg=cfg.train, extra={"name": name, "step": state.step, "init_word": cfg.embedding.init_word,
+                           cfg=cfg.train, extra={"init_word": cfg.embedding.init_word,
                                                  "vectors": cfg.embedding.n_vectors})
-    path = _atomic_file(lambda p: save_file(sd, str(p), metadata=meta), run_dir / f"{name}.safetensors")
+    meta.update(step=state.step, sd_checkpoint=sha[:10], sd_checkpoint_name=entry.name)  # A1111's own fields
+    path = save_embedding_a1111(run_dir / f"{name}.safetensors", name, sd, meta, overwrite=True)
     log(f"wrote {path}")
     return {"files": [str(path)], "steps": state.step, "loss": state.loss, "seconds": state.seconds,
             "steps_per_s": state.steps_per_s}
