@@ -348,3 +348,19 @@ def test_lora_merged_into_a_checkpoint_draws_what_the_tag_draws(lora_studio, tmp
     a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (tagged, baked))
     assert np.abs(a - np.asarray(plain.images[0], dtype=np.int16)).mean() > 1
     assert np.abs(a - b).max() <= 1
+
+
+def test_text_encoder_names_from_before_transformers_5_reach_the_same_modules(tiny_components):
+    """kohya and older diffusers files name CLIP modules from CLIPTextModel's ``text_model``
+    level (``lora_te_text_model_encoder_...``, ``text_encoder.text_model.encoder...``)."""
+    from danqing.customise.lora import name_table
+
+    comps = tiny_components["tiny-sd1"]
+    table = name_table(comps)
+    te = [(k, v) for k, v in table.items() if v[0] == "text_encoder" and k.startswith("lora_te_")
+          and not k.startswith("lora_te_text_model_")]
+    assert te
+    for key, target in te:
+        rest = key[len("lora_te_"):]
+        assert table["lora_te_text_model_" + rest] == target
+        assert table["text_encoder.text_model." + target[1]] == target

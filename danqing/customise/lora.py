@@ -314,6 +314,8 @@ def name_table(comps) -> dict[str, tuple[str, str]]:
                     # (lora_te_text_model_encoder_layers_0_...); transformers 5 flattened it away
                     table[p + "text_model_" + name.replace(".", "_")] = (comp, name)
             table[f"{comp}.{name}"] = (comp, name)
+            if not name.startswith("text_model."):  # files written before transformers 5
+                table[f"{comp}.text_model.{name}"] = (comp, name)
     return table
 
 
