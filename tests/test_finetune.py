@@ -161,6 +161,8 @@ def test_lora_kohya_and_diffusers_files_give_the_same_image(settings, tmp_path):
     with safe_open(str(kohya), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    # kohya / A1111 / ComfyUI name the text encoder's layers lora_te_text_model_encoder_layers_...
+    assert all(k.startswith("lora_te_text_model_") for k in keys if k.startswith("lora_te_"))
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_num_train_images"] == "6"
     assert meta["ss_max_train_steps"] == "4" and meta["ss_sd_model_name"] == "tiny-sd1"
     assert meta["ss_new_sd_model_hash"] == Studio(settings).registry.sha256(Studio(settings).registry.find("checkpoint", "tiny-sd1"))

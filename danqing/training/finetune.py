@@ -288,6 +288,8 @@ def kohya_state_dict(sds: dict[str, dict[str, torch.Tensor]], alpha: float, fami
     for comp, sd in sds.items():
         for key, value in sd.items():
             mod, _, part = key.rpartition(".lora_")
+            if comp != "unet" and not mod.startswith("text_model."):
+                mod = "text_model." + mod  # kohya's CLIP names keep CLIPTextModel's text_model level
             name = prefixes[comp] + mod.replace(".", "_")
             suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
             out[f"{name}.{suffix}"] = value
