@@ -71,6 +71,8 @@ def generate(
     ip_adapter: Optional[list[str]] = typer.Option(None, "--ip-adapter", help="Image prompt: IMAGE[:WEIGHT] (weight 0-2, default 1); repeat for several pictures."),
     ip_adapter_model: Optional[str] = typer.Option(None, help="IP-Adapter file in models/ipadapter/ [default: the only one]."),
     ip_adapter_encoder: Optional[str] = typer.Option(None, help="CLIP vision encoder folder in models/clip_vision/ [default: the only one]."),
+    control: list[str] = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name; IMAGE a control map."),
+    control_preprocess: bool = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first (IMAGE is then a photo)."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -92,6 +94,8 @@ def generate(
     if negative:
         fields["negative_prompt"] = negative
     source_infotext = None
+    if control:
+        fields["controlnet"] = _control_units(control, control_preprocess)
     if from_image is not None:
         from danqing.outputs.metadata import request_from_infotext
         from danqing.outputs.store import read_infotext
@@ -131,6 +135,12 @@ def parse_ip_adapter_option(values: list[str]) -> dict:
     if weights:
         fields["ip_adapter_weight"] = weights.pop()
     return fields
+
+
+def _control_units(specs: list[str], preprocess: bool) -> tuple:
+    from danqing.conditioning.control import parse_control_spec
+
+    return tuple(parse_control_spec(s, preprocess=preprocess) for s in specs)
 
 
 def _run_generate(settings, request, out: Path | None, quiet: bool, source_infotext: str | None = None) -> None:
@@ -190,8 +200,22 @@ def models(ctx: typer.Context, kind: str = typer.Option("checkpoint", help="chec
     print(f"# {kind} models in {registry.folder(kind)}")
     print(f"{'name':32s} {'family':28s} {'format':12s} {'hash':10s}  path")
     for entry in registry.scan(kind):
-        family = _family_of(entry) if kind == "checkpoint" else "-"
+        family = _family_of(entry) if kind == "checkpoint" else _control_family_of(entry) if kind == "controlnet" else "-"
         print(f"{entry.name:32s} {family:28s} {entry.format:12s} {registry.short_hash(entry):10s}  {entry.path or '(built in)'}")
+
+
+def _control_family_of(entry) -> str:
+    """A ControlNet / adapter folder's family from its config.json ("?" for single files: their
+    family shows when loaded)."""
+    import json
+
+    from danqing.conditioning.control import control_family
+
+    cfg = entry.path / "config.json" if entry.path is not None and entry.path.is_dir() else None
+    if cfg is None or not cfg.is_file():
+        return "?"
+    data = json.loads(cfg.read_text())
+    return f"{control_family(data)} {'T2I-Adapter' if 'adapter_type' in data else 'ControlNet'}"
 
 
 def _family_of(entry) -> str:
@@ -320,6 +344,8 @@ _MODEL = typer.Option(None, help="Checkpoint [default: the settings' default mod
 _BATCH = typer.Option(None, help="Images per init image.")
 _OUT = typer.Option(None, help="Output folder [default: outputs/img2img-images/DATE/].")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+_CONTROL = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name.")
+_CONTROL_PRE = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first.")
 
 
 @app.command()
@@ -333,13 +359,15 @@ def img2img(
     width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
     sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
     model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH, out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+    control: list[str] = _CONTROL, control_preprocess: bool = _CONTROL_PRE,
 ):
     """Repaint a picture (or every picture of a folder) following a prompt: the picture is noised
     to --strength and denoised again. With an instruct-pix2pix model the prompt is an instruction."""
     for path in _images_in(init):
         req = _edit_request(prompt, negative, path, width=width, height=height, steps=steps, sampler=sampler, cfg=cfg,
                             seed=seed, strength=strength, model=model, batch_size=batch_size,
-                            extra={"resize_mode": resize_mode, "image_cfg_scale": image_cfg})
+                            extra={"resize_mode": resize_mode, "image_cfg_scale": image_cfg,
+                                   "controlnet": _control_units(control, control_preprocess) or None})
         _run_generate(ctx.obj, req, out, quiet)
 
 
@@ -358,6 +386,7 @@ def inpaint(
     width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
     sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
     model: Optional[str] = _MODEL, batch_size: Optional[int] = _BATCH, out: Optional[Path] = _OUT, quiet: bool = _QUIET,
+    control: list[str] = _CONTROL, control_preprocess: bool = _CONTROL_PRE,
 ):
     """Repaint the masked part of a picture; everything outside the mask is kept as it was."""
     from danqing.editing.images import load_mask
@@ -367,7 +396,8 @@ def inpaint(
                         seed=seed, strength=strength, model=model, batch_size=batch_size,
                         extra={"mask": str(mask.resolve()), "mask_blur": mask_blur, "inpainting_fill": fill,
                                "inpaint_full_res": only_masked, "inpaint_full_res_padding": padding,
-                               "inpainting_mask_invert": invert})
+                               "inpainting_mask_invert": invert,
+                               "controlnet": _control_units(control, control_preprocess) or None})
     _run_generate(ctx.obj, req, out, quiet)
 
 
@@ -572,7 +602,153 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
 
-train_app = typer.Typer(help="Train models: `danqing train base --config FILE`.", no_args_is_help=True)
+@app.command()
+def preprocess(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., metavar="TYPE", help="Preprocessor: canny, lineart, lineart_anime, scribble, softedge, mlsd, tile, blur, shuffle, segmentation, invert, depth, normal, openpose, none."),
+    image: Path = typer.Argument(..., help="Picture (openpose: an OpenPose JSON file)."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: IMAGE-TYPE.png beside the picture]."),
+    res: int = typer.Option(512, help="Processor resolution: the short side the map is made at."),
+    a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold)."),
+    b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold)."),
+):
+    """Turn a picture into a control map for ControlNet (`danqing preprocess canny photo.jpg`)."""
+    from danqing.editing.images import load_image
+    from danqing.outputs.store import save_png
+    from danqing.preprocess import get_preprocessor, run_preprocessor
+
+    p = get_preprocessor(kind)
+    out = out or image.with_name(f"{image.stem}-{kind}.png")
+    if out.exists():
+        raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    if kind == "openpose" and image.suffix.lower() == ".json":
+        from danqing.preprocess.models import render_pose_json
+
+        result = render_pose_json(image)
+    else:
+        picture = load_image(image, "image")
+        result = run_preprocessor(kind, picture, resolution=res, a=a, b=b, models_dir=ctx.obj.models_dir)
+    a_val = p.a_default if a is None else a
+    b_val = p.b_default if b is None else b
+    save_png(result, out, f"Preprocessor: {kind}, Resolution: {res}, A: {a_val}, B: {b_val}")
+    print(f"{out}  {result.width}x{result.height}")
+
+
+app_app = typer.Typer(help="The course's projects: `danqing app colorize|qr|text|restyle` (docs/control.md).",
+                      no_args_is_help=True)
+app.add_typer(app_app, name="app")
+
+
+def _app_out(out: Optional[Path], default_name: str) -> Path:
+    out = out or Path(default_name)
+    if out.exists():
+        raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    return out
+
+
+def _studio(settings):
+    from danqing.studio import Studio
+
+    return Studio(settings)
+
+
+@app_app.command("colorize")
+def app_colorize(
+    ctx: typer.Context,
+    drawing: Path = typer.Argument(..., help="Line drawing (black lines on white, or white on black)."),
+    prompt: str = typer.Argument(..., help="What to paint, colours included: 'a red circle and a blue square'."),
+    hints: Optional[Path] = typer.Option(None, help="Colour hints: a rough colour sketch of the same framing."),
+    seed: int = typer.Option(0), model: Optional[str] = typer.Option(None, help="Line-art ControlNet [default: danqing-tiny-lineart]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
+    size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: colorized-SEED.png]."),
+):
+    """Line-art colourisation: a drawing + a prompt -> a coloured picture that keeps the lines."""
+    from danqing.apps.control_projects import colorize
+    from danqing.editing.images import load_image
+    from danqing.outputs.store import save_png
+
+    path = _app_out(out, f"colorized-{seed}.png")
+    r = colorize(_studio(ctx.obj), load_image(drawing, "drawing"), prompt, seed=seed, model=model, size=size,
+                 hints=load_image(hints, "hints") if hints else None, checkpoint=checkpoint)
+    print(save_png(r.image, path, r.result.infotexts[0]))
+
+
+@app_app.command("qr")
+def app_qr(
+    ctx: typer.Context,
+    text: str = typer.Argument(..., help="Payload: a URL or any text."),
+    prompt: str = typer.Argument(..., help="What the picture shows."),
+    error: Optional[str] = typer.Option(None, help="QR error correction L, M, Q or H [default: H]."),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 128]."),
+    model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: qr-SEED.png]."),
+):
+    """QR-code art: a picture that still scans. Retries strengths/seeds until OpenCV reads it back."""
+    from danqing.apps.control_projects import qr_art
+    from danqing.outputs.store import save_png
+
+    path = _app_out(out, f"qr-{seed}.png")
+    r = qr_art(_studio(ctx.obj), text, prompt, error=error, seed=seed, size=size, model=model, checkpoint=checkpoint)
+    for a in r.attempts:
+        typer.echo(f"attempt strength {a['strength']:g} weight {a['weight']:g} seed {a['seed']}: "
+                   f"{'decoded ' + repr(a['decoded']) if a['decoded'] else 'does not scan'}", err=True)
+    print(save_png(r.image, path, f"QR: {text}"))
+    if not r.ok:
+        raise InvalidRequest("text", f"no attempt scanned after {len(r.attempts)} tries; the last picture is at {path}")
+    print(f"decoded: {r.decoded}")
+
+
+@app_app.command("text")
+def app_text(
+    ctx: typer.Context,
+    word: str = typer.Argument(..., help="The word (any script the font covers)."),
+    prompt: str = typer.Argument(..., help="What the word is made of."),
+    font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc); for Chinese a CJK font [default: DejaVuSans-Bold]."),
+    fill: Optional[str] = typer.Option(None, help="Starting colour of the letters [default: red]."),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: text-SEED.png]."),
+):
+    """Creative text: a picture shaped like a word."""
+    from danqing.apps.control_projects import creative_text
+    from danqing.outputs.store import save_png
+
+    path = _app_out(out, f"text-{seed}.png")
+    r = creative_text(_studio(ctx.obj), word, prompt, font=font, fill=fill, seed=seed, size=size, model=model,
+                      checkpoint=checkpoint)
+    print(save_png(r.image, path, f"Word: {word}"))
+    print(f"shape IoU with the word: {r.iou:.2f}")
+
+
+@app_app.command("restyle")
+def app_restyle(
+    ctx: typer.Context,
+    photo: Path = typer.Argument(..., help="The photo."),
+    prompt: str = typer.Argument(..., help="The style / content to paint."),
+    strength: Optional[float] = typer.Option(None, help="Denoising strength [default: 0.75]."),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
+    module: Optional[str] = typer.Option(None, help="Preprocessor [default: canny; depth with a depth ControlNet]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: restyled-SEED.png; -img2img.png beside it]."),
+):
+    """Photo restyling through ControlNet, compared with plain img2img at the same strength."""
+    from danqing.apps.control_projects import restyle
+    from danqing.editing.images import load_image
+    from danqing.outputs.store import save_png
+
+    path = _app_out(out, f"restyled-{seed}.png")
+    r = restyle(_studio(ctx.obj), load_image(photo, "photo"), prompt, seed=seed, size=size, model=model, module=module,
+                checkpoint=checkpoint, strength=strength)
+    print(save_png(r.controlled, path, f"Restyle: {prompt}"))
+    print(save_png(r.plain, path.with_name(path.stem + "-img2img.png"), f"img2img: {prompt}"))
+    print(f"edge F1 with the photo: ControlNet {r.f1_controlled:.3f}, plain img2img {r.f1_plain:.3f}")
+
+
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|controlnet --config FILE`.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -671,6 +847,19 @@ def train_ti_cmd(
 ):
     """Learn a new word's embedding (textual inversion); writes an A1111 embedding."""
     _finetune_cmd("textual-inversion", config, fresh, set_)
+@train_app.command("controlnet")
+def train_controlnet_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+):
+    """Train a ControlNet for a base model on (picture, condition map, caption) triples: the
+    synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop)."""
+    from danqing.training.config import ControlTrainConfig, load_config
+    from danqing.training.controlnet import train_controlnet
+
+    cfg = load_config(config, _parse_sets(set_), model=ControlTrainConfig)
+    summary = train_controlnet(cfg, log=lambda line: typer.echo(line))
+    typer.echo(f"summary: {json.dumps(summary['eval_f1'])}")
 
 
 @eval_app.command("shapes")

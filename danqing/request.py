@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from danqing.conditioning.control import ControlUnit
 from danqing.errors import InvalidRequest
 
 MAX_SEED = 2**32 - 1
@@ -83,6 +84,10 @@ class GenerationRequest(BaseModel):
         ip_adapter_weight: its scale, 0 (no effect) to 2.
         ip_adapter_encoder: the CLIP vision encoder folder in ``models/clip_vision/`` (None =
             the only one installed).
+    ControlNet (Zhang et al. 2023) and T2I-Adapter (docs/control.md):
+        controlnet: units (``danqing.conditioning.control.ControlUnit``: model, image,
+            preprocessor, weight, guidance start/end, control mode, resize mode, pixel perfect,
+            guess mode), applied together with txt2img, img2img and inpaint.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -141,6 +146,8 @@ class GenerationRequest(BaseModel):
     ip_adapter_image: tuple[str, ...] = ()
     ip_adapter_weight: float = 1.0
     ip_adapter_encoder: str | None = None
+    # ControlNet / T2I-Adapter units (danqing/conditioning/control.py, docs/control.md)
+    controlnet: tuple[ControlUnit, ...] = ()
 
     # -- validation: one clear line per field ---------------------------------------------
     @field_validator("steps")
@@ -335,6 +342,17 @@ class GenerationRequest(BaseModel):
                                  "Prompt-to-Prompt (p2p_source) yet; both install attention processors")
         if any(not p.strip() for p in self.ip_adapter_image):
             raise InvalidRequest("ip_adapter_image", "a picture path must not be empty")
+        return self
+
+    @model_validator(mode="after")
+    def _control(self) -> "GenerationRequest":
+        if not self.controlnet:
+            return self
+        if len(self.controlnet) > 8:
+            raise InvalidRequest("controlnet", f"at most 8 units, got {len(self.controlnet)}")
+        if self.p2p_source is not None:
+            raise InvalidRequest("p2p_source", "is not available with ControlNet yet (txt2img, hires fix, img2img and "
+                                 "inpaint are); unset it or the controlnet units")
         return self
 
     @model_validator(mode="after")

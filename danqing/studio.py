@@ -134,6 +134,9 @@ class Studio:
         comps = loaded.components
         device, dtype = self.models.device, self.models.dtype
         networks = activate(tags, comps, registry=self.registry, model_name=loaded.name, cache=self.networks)
+        control = None
+        if request.controlnet:  # ControlNets / T2I-Adapters, checked against the checkpoint
+            control = self._control(request, loaded, mask if edit else None)
         timings["load"] = time.perf_counter() - t0
         with patched(comps, networks), contextlib.ExitStack() as scope:
             # 2b. customise: the textual-inversion embeddings the prompts call, checked against
@@ -144,17 +147,19 @@ class Studio:
 
             embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
             scope.enter_context(use_embeddings(embeddings))
-            custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None}
+            custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None,
+                      "control_hashes": control.hashes if control is not None else None}
             if request.ip_adapter_image:
                 request, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope, ip_images)
             return self._run(request, loaded, networks, on_step, save=save, out_dir=out_dir,
-                             init=init, mask=mask, t0=t0, timings=timings, custom=custom)
+                             init=init, mask=mask, t0=t0, timings=timings, custom=custom, control=control)
 
     def _run(self, request, loaded, networks, on_step, *, save, out_dir, init, mask, t0, timings,
-             custom: dict | None = None) -> GenerationResult:
+             custom: dict | None = None, control=None) -> GenerationResult:
         """Steps 3 to 6 of ``generate`` on the loaded (and patched, customised) model.
 
-        ``custom``: infotext entries of step 2b (``ti_hashes``, ``ip_adapter_hash``)."""
+        ``custom``: infotext entries of step 2 (``ti_hashes``, ``ip_adapter_hash``, ``control_hashes``);
+        ``control``: the request's ControlNet / T2I-Adapter units (``ControlDenoise``) or None."""
         from danqing.decode import decode_latents, to_pil
         from danqing.outputs.metadata import request_infotext
 
@@ -180,7 +185,7 @@ class Studio:
         elif edit:
             from danqing.editing.img2img import run_img2img
 
-            out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step)
+            out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step, control=control)
             images, latents_out, seeds, subseeds = out.images, out.latents, out.seeds, out.subseeds
             interrupted, warnings = out.interrupted, out.warnings
             timings["sample"] = time.perf_counter() - t  # decoding included
@@ -192,7 +197,7 @@ class Studio:
                 check_refiner(comps.family, refiner.components.family, request.refiner_checkpoint)
             latents_out, seeds, subseeds, interrupted = run_sampling(
                 comps, request, device=device, dtype=dtype, on_step=on_step,
-                denoising_end=request.refiner_switch_at if refine else None)
+                denoising_end=request.refiner_switch_at if refine else None, control=control)
             if refine and not interrupted:
                 latents_out, interrupted = run_refiner(refiner.components, request, latents_out, device=device,
                                                        dtype=dtype, on_step=on_step)
@@ -201,8 +206,11 @@ class Studio:
             if request.enable_hr and not interrupted:
                 from danqing.editing.hires import run_hires
 
+                control_hr = None
+                if request.controlnet:  # the units again, their maps at the second pass's size
+                    control_hr = self._control(request, loaded, None, size=request.hr_size)
                 latents_out, interrupted = run_hires(comps, request, latents_out, device=device, dtype=dtype,
-                                                     on_step=on_step)
+                                                     on_step=on_step, control=control_hr)
             timings["sample"] = time.perf_counter() - t
             t = time.perf_counter()
             images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
@@ -267,6 +275,20 @@ class Studio:
                                 ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
         entry = ModelEntry(adapter.stem, adapter, "ipadapter", adapter.suffix.lstrip(".").lower())
         return named, self.registry.sha256(entry)  # cached by path, size and mtime
+    def _control(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None):
+        """Load every unit's model (checked against the checkpoint) and prepare its picture at
+        ``size`` (width, height; default the request's)."""
+        from danqing.conditioning.control import ControlDenoise, check_compatible, prepare_units
+
+        controls = []
+        for unit in request.controlnet:
+            c = self.models.load_control(unit.model)
+            check_compatible(dict(c.model.config), dict(loaded.components.unet.config), control_name=c.name,
+                             model_name=loaded.name, family=loaded.components.family)
+            controls.append((c.model, c.kind))
+        width, height = size or (request.width, request.height)
+        units = prepare_units(request, controls, width, height, mask=mask, models_dir=self.settings.models_dir)
+        return ControlDenoise(units, hashes=[self.models.load_control(u.model).sha256 for u in request.controlnet])
 
 
 def check_refiner(base_family: str, refiner_family: str, name: str) -> None:
@@ -309,9 +331,12 @@ def run_refiner(comps, request: GenerationRequest, latents: list[torch.Tensor], 
 
 
 def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: OnStep | None = None,
-                 denoising_end: float | None = None):
+                 denoising_end: float | None = None, control=None):
     """Steps 3 and 4 of a txt2img request on already-loaded Components: condition, then sample
     every batch. Used by ``Studio.generate`` and by training (sample grids, evaluation).
+
+    Args:
+        control: a ``conditioning.control.ControlDenoise`` (ControlNet / T2I-Adapter units) or None.
 
     Returns:
         (latents per batch, seeds, subseeds, interrupted).
@@ -344,7 +369,7 @@ def run_sampling(comps, request: GenerationRequest, *, device, dtype, on_step: O
             comps.unet, scheduler, noise.to(device=device, dtype=dtype), cond_schedule,
             steps=request.steps, cfg_scale=request.cfg_scale, generators=generators,
             on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
-            denoising_end=denoising_end,
+            denoising_end=denoising_end, **({"denoise_fn": control} if control is not None else {}),
         )
         latents_out.append(result.latents)
         seeds += batch_seeds

@@ -45,9 +45,10 @@ def second_pass_request(request):
     )
 
 
-def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None):
-    """The second pass over the first pass's latents (one tensor per batch).
-    Returns (latents per batch, interrupted)."""
+def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None, control=None):
+    """The second pass over the first pass's latents (one tensor per batch); ``control``: a
+    ``ControlDenoise`` with the units' maps at the second pass's size (sd-webui-controlnet's
+    "Both" hires option), or None. Returns (latents per batch, interrupted)."""
     from danqing.conditioning.text import TextEncoder
     from danqing.decode import decode_latents, to_pil, vae_scale_factor
     from danqing.editing.img2img import encode, to_tensor
@@ -81,7 +82,8 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
         scheduler = make_scheduler(comps.scheduler_config, req2.sampler, req2.schedule, seed=seeds if B > 1 else seeds[0])
         res = sample(comps.unet, scheduler, noise, cond, steps=req2.steps, cfg_scale=req2.cfg_scale, generators=gens,
                      on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
-                     init_latents=z, strength=request.denoising_strength)
+                     init_latents=z, strength=request.denoising_strength,
+                     **({"denoise_fn": control} if control is not None else {}))
         out.append(res.latents)
         if res.interrupted:
             interrupted = True

@@ -64,13 +64,17 @@ def latent_mask(mask: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None, *, device, dtype,
-                on_step=None) -> EditOutput:
-    """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says."""
+                on_step=None, control=None) -> EditOutput:
+    """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says; ``control`` is a
+    ``conditioning.control.ControlDenoise`` (ControlNet units at width x height) or None."""
     warnings: list[str] = []
+    if control is not None and mask_img is not None and request.inpaint_full_res:
+        raise InvalidRequest("inpaint_full_res", "\"only masked\" inpainting with ControlNet is not available yet; "
+                             "use the whole picture (inpaint_full_res false)")
     W, H = request.width, request.height
     if mask_img is None:
         return _run(comps, request, resize_image(init, W, H, request.resize_mode), None, device=device,
-                    dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init)
+                    dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init, control=control)
 
     mask_full = mask_array(mask_img if mask_img.size == init.size else mask_img.resize(init.size, Image.LANCZOS),
                            invert=request.inpainting_mask_invert)
@@ -89,7 +93,8 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
         base = resize_image(init, W, H, request.resize_mode)
         m = mask_array(resize_image(Image.fromarray(np.round(mask_full * 255).astype(np.uint8)), W, H,
                                     request.resize_mode))
-        out = _run(comps, request, base, m, device=device, dtype=dtype, on_step=on_step, warnings=warnings)
+        out = _run(comps, request, base, m, device=device, dtype=dtype, on_step=on_step, warnings=warnings,
+                   control=control)
         weight = feather_inward(m, request.mask_blur)
         out.images = [composite(base, im, weight) for im in out.images]
         return out
@@ -110,7 +115,7 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
 
 
 def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dtype, on_step, warnings,
-         latent_upscale_from: Image.Image | None = None) -> EditOutput:
+         latent_upscale_from: Image.Image | None = None, control=None) -> EditOutput:
     """Encode, noise, denoise and decode ``base`` (already W x H) with the pixel mask ``m``."""
     from danqing.conditioning.text import TextEncoder
     from danqing.decode import decode_latents, to_pil, vae_scale_factor
@@ -130,6 +135,8 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     from danqing.editing.instruct import is_instruct_unet
 
     instruct = is_instruct_unet(comps.unet)
+    if instruct and control is not None:
+        raise InvalidRequest("controlnet", "an instruct-pix2pix model does not take ControlNet units yet")
     if instruct and m is not None:
         raise InvalidRequest("mask", "an instruct-pix2pix model edits the whole picture from its instruction; "
                              "it takes no mask")
@@ -148,7 +155,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     factor = vae_scale_factor(comps.vae)
     shape = (comps.vae.config.latent_channels, request.height // factor, request.width // factor)
     noise_device = "cpu" if request.rng == "cpu" else device
-    denoise_fn = denoise
+    denoise_fn = control if control is not None else denoise
     if instruct:
         from danqing.editing.instruct import instruct_denoise, instruct_schedule, picture_latents, three_branches
 

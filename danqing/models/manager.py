@@ -53,6 +53,20 @@ class LoadedModel:
         return self.sha256[:10]
 
 
+@dataclass
+class LoadedControl:
+    """A ControlNet or T2I-Adapter placed on the manager's device (kind "controlnet" or "t2i")."""
+
+    entry: ModelEntry
+    model: object
+    kind: str
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
 class ModelManager:
     """Loads checkpoints through the registry, places them, keeps the last ``capacity`` loaded.
 
@@ -68,6 +82,8 @@ class ModelManager:
         self.dtype = pick_dtype(self.device, dtype)
         self.capacity = capacity
         self._cache: dict[tuple, LoadedModel] = {}
+        self._controls: dict[str, LoadedControl] = {}
+        self.control_capacity = 4
         self._lock = threading.Lock()
 
     def load(self, model: str, vae: str | None = None) -> LoadedModel:
@@ -98,6 +114,28 @@ class ModelManager:
             self._cache[key] = loaded
             return loaded
 
+    def load_control(self, name: str) -> LoadedControl:
+        """A ControlNet / T2I-Adapter by name, hash or path (``models/controlnet/``), placed on
+        the device in the manager's dtype; the last ``control_capacity`` stay loaded."""
+        from danqing.conditioning.control import load_control_model
+
+        entry = self.registry.find("controlnet", name)
+        key = str(entry.path)
+        with self._lock:
+            if key in self._controls:
+                loaded = self._controls.pop(key)
+                self._controls[key] = loaded
+                return loaded
+            model, kind = load_control_model(entry)
+            model.requires_grad_(False)
+            model.eval()
+            model.to(device=self.device, dtype=self.dtype)
+            loaded = LoadedControl(entry, model, kind, self.registry.sha256(entry))
+            while len(self._controls) >= self.control_capacity:
+                self._controls.pop(next(iter(self._controls)))
+            self._controls[key] = loaded
+            return loaded
+
     def _place(self, comps: Components) -> None:
         for module in comps.modules().values():
             module.requires_grad_(False)
@@ -124,3 +162,4 @@ class ModelManager:
         with self._lock:
             for key in list(self._cache):
                 self._evict(key)
+            self._controls.clear()

@@ -48,6 +48,22 @@ def bundled_entries() -> list["ModelEntry"]:
             if (p / "model_index.json").is_file()]
 
 
+def bundled_control_entries() -> list["ModelEntry"]:
+    """ControlNets / T2I-Adapters shipped in the package (``danqing/data/models/<name>/``, a
+    diffusers ``config.json`` of a ``ControlNetModel`` or ``T2IAdapter``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("danqing").joinpath("data/models")))
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        cfg = p / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") in ("ControlNetModel", "T2IAdapter"):
+            out.append(ModelEntry(p.name, p, "controlnet", "diffusers"))
+    return out
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model found in the models folder (or built in).
@@ -104,7 +120,8 @@ class Registry:
 
     def scan(self, kind: str = "checkpoint") -> list[ModelEntry]:
         """Entries of one kind, sorted by name; checkpoints start with the built-in model."""
-        entries = [ModelEntry(BUILTIN, None, "checkpoint", "builtin"), *bundled_entries()] if kind == "checkpoint" else []
+        entries = ([ModelEntry(BUILTIN, None, "checkpoint", "builtin"), *bundled_entries()] if kind == "checkpoint"
+                   else bundled_control_entries() if kind == "controlnet" else [])
         root = self.folder(kind)
         if not root.is_dir():
             return entries

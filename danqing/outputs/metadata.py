@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from danqing.errors import ImageError, InvalidRequest
@@ -24,6 +25,7 @@ def request_infotext(
     lora_hashes: list[tuple[str, str]] | None = None,
     ti_hashes: str | None = None,
     ip_adapter_hash: str | None = None,
+    control_hashes: list[str] | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
 
@@ -52,7 +54,7 @@ def request_infotext(
         name, digest = refiner if refiner else (request.refiner_checkpoint, "")
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
         params["Refiner switch at"] = request.refiner_switch_at
-    params.update(editing_params(request))
+    params.update(editing_params(request, control_hashes))
     if lora_hashes:  # A1111: Lora hashes: "name: 12-hex sha256 prefix, ..."
         params["Lora hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, digest in lora_hashes)
     params["TI hashes"] = ti_hashes
@@ -63,7 +65,7 @@ def request_infotext(
     return format_infotext(request.prompt, request.negative_prompt, params)
 
 
-def editing_params(request: GenerationRequest) -> dict:
+def editing_params(request: GenerationRequest, control_hashes: list[str] | None = None) -> dict:
     """img2img / inpaint / hires fix parameters, as A1111 names them (danqing adds "Init image",
     "Mask" and "Resize mode", which A1111's readers ignore)."""
     p: dict = {}
@@ -103,7 +105,62 @@ def editing_params(request: GenerationRequest) -> dict:
             "P2P features": request.p2p_features or None,
             "Null-text iterations": request.null_text_iterations if request.init_image is not None else None,
         })
+    for i, unit in enumerate(request.controlnet):
+        p[f"ControlNet {i}"] = control_unit_text(unit, control_hashes[i] if control_hashes else None)
     return p
+
+
+# sd-webui-controlnet's infotext keys ("ControlNet 0: \"Module: canny, Model: ..., ...\""); danqing
+# adds "Image" (the control picture's path) and "Guess Mode", which its reader ignores.
+_UNIT_KEYS = (("Module", "module"), ("Model", "model"), ("Image", "image"), ("Weight", "weight"),
+              ("Resize Mode", "resize_mode"), ("Processor Res", "processor_res"), ("Threshold A", "threshold_a"),
+              ("Threshold B", "threshold_b"), ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"),
+              ("Pixel Perfect", "pixel_perfect"), ("Control Mode", "control_mode"), ("Guess Mode", "guess_mode"))
+
+
+def _unit_value(v) -> str:
+    text = f"{v:g}" if isinstance(v, float) else str(v)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"') else text
+
+
+def control_unit_text(unit, model_hash: str | None = None) -> str:
+    """One unit as sd-webui-controlnet writes it: "Key: value, ..." (values with , : or " quoted);
+    the model as its title "name [first 8 hex of sha256]" when the hash is known."""
+    parts = []
+    for key, name in _UNIT_KEYS:
+        v = getattr(unit, name)
+        if name == "model" and model_hash:
+            v = f"{v} [{model_hash[:8]}]"
+        if v is None or (name == "guess_mode" and not v):
+            continue
+        parts.append(f"{key}: {_unit_value(v)}")
+    return ", ".join(parts)
+
+
+_UNIT_ITEM = re.compile(r'\s*([A-Za-z ]+):\s*("(?:\\.|[^"\\])*"|[^,]*)\s*(?:,|$)')
+
+
+def control_unit_fields(text: str) -> dict:
+    """The inverse of ``control_unit_text`` (also reads sd-webui-controlnet's own units; a model
+    title "name [hash]" gives the name)."""
+    names = dict(_UNIT_KEYS)
+    f: dict = {}
+    for key, raw in _UNIT_ITEM.findall(text):
+        key = key.strip()
+        if key not in names:
+            continue
+        value = json.loads(raw) if raw.startswith('"') else raw.strip()
+        name = names[key]
+        if name in ("weight", "guidance_start", "guidance_end", "threshold_a", "threshold_b"):
+            value = float(value)
+        elif name == "processor_res":
+            value = int(float(value))
+        elif name in ("pixel_perfect", "guess_mode"):
+            value = value.lower() == "true"
+        elif name == "model":
+            value = re.sub(r" \[[0-9a-fA-F]+\]$", "", value)
+        f[name] = value
+    return f
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -127,6 +184,9 @@ def _editing_fields(params: dict) -> dict:
             f["p2p_features"] = float(params["P2P features"])
         if "Null-text iterations" in params:
             f["null_text_iterations"] = int(params["Null-text iterations"])
+    units = sorted((int(k.split()[1]), v) for k, v in params.items() if re.fullmatch(r"ControlNet \d+", k))
+    if units:
+        f["controlnet"] = tuple(control_unit_fields(v) for _, v in units)
     if "Denoising strength" in params:
         f["denoising_strength"] = float(params["Denoising strength"])
     if "Init image" in params:

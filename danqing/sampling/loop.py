@@ -143,7 +143,9 @@ def sample(
         generators: per-image generators for ancestral/stochastic samplers.
         on_step: called after every sampler step; returning STOP (or False) interrupts, SKIP
             ends this batch early (``skipped``; not ``interrupted``, so callers go on).
-        denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here).
+        denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here). One with a
+            ``begin(n)`` method is told the number of model evaluations of this pass first
+            (ControlNet's guidance start/end, ``conditioning.control.ControlDenoise``).
         init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
         strength: img2img denoising strength in (0, 1]: as diffusers' img2img pipelines, the
             last ``int(steps * strength)`` of ``steps`` steps run, from the picture noised to
@@ -192,6 +194,8 @@ def sample(
     if denoising_start is not None or denoising_end is not None:
         total = len(timesteps) // order + (1 if len(timesteps) % order else 0)
     blend = mask is not None and masked_image_latents is None
+    if hasattr(denoise_fn, "begin"):  # a per-request denoise that needs the pass length (ControlNet)
+        denoise_fn.begin(len(timesteps))
     step_kwargs = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
     done = 0
     for i, t in enumerate(timesteps):

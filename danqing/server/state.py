@@ -139,6 +139,16 @@ class ServerState:
             if fields.get("init_image") is None:
                 raise InvalidRequest("mask", "a mask needs an init image to inpaint")
             fields["mask"] = self.save_upload(mask, "mask")
+        if fields.get("controlnet"):
+            units = []
+            for i, unit in enumerate(fields["controlnet"]):
+                if not isinstance(unit, dict) or not isinstance(unit.get("model"), str):
+                    raise InvalidRequest(f"controlnet.{i}", "must be a unit object with a ControlNet model name")
+                unit = dict(unit)
+                unit["model"] = resolve_model(self.registry, "controlnet", unit["model"], f"controlnet.{i}.model")
+                unit["image"] = self._inside_inputs(str(unit.get("image")), f"controlnet.{i}.image")
+                units.append(unit)
+            fields["controlnet"] = units
         if fields.get("model") is not None:
             if not isinstance(fields["model"], str):
                 raise InvalidRequest("model", "must be a checkpoint name (see /sdapi/v1/sd-models)")

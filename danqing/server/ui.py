@@ -73,6 +73,9 @@ def build_ui(state):
     """The Blocks of the web UI for one ServerState."""
     import gradio as gr
 
+    from danqing.conditioning.control import CONTROL_MODES
+    from danqing.preprocess import preprocessor_names
+
     from danqing.editing.hires import hires_upscalers
     from danqing.sampling.samplers import samplers, schedule_names
 
@@ -136,6 +139,18 @@ def build_ui(state):
                                                            label="Hires sampler")
                     t["hr_prompt"] = gr.Textbox(label="Hires prompt (empty = same)", lines=1)
                     t["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt (empty = same)", lines=1)
+                with gr.Accordion("ControlNet", open=False):
+                    with gr.Row():
+                        cn_image = gr.Image(type="pil", label="Control image (a map, or a picture + preprocessor)",
+                                            sources=["upload", "clipboard"], elem_id="txt2img_controlnet_image",
+                                            image_mode="RGB")
+                        with gr.Column():
+                            cn_model = gr.Dropdown([e.name for e in state.registry.scan("controlnet")], value=None,
+                                                   label="ControlNet model", elem_id="txt2img_controlnet_model")
+                            cn_module = gr.Dropdown(preprocessor_names(), value="none", label="Preprocessor",
+                                                    elem_id="txt2img_controlnet_module")
+                            cn_weight = gr.Slider(0, 2, 1, step=0.05, label="Control weight")
+                            cn_mode = gr.Dropdown(list(CONTROL_MODES), value="Balanced", label="Control mode")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
                     stop = gr.Button("Interrupt", elem_id="txt2img_interrupt")
@@ -173,6 +188,39 @@ def build_ui(state):
                 gallery2 = gr.Gallery(label="Output", columns=4, rows=1, height="auto", object_fit="contain", preview=False, elem_id="img2img_gallery")
                 infotext2 = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="img2img_infotext")
 
+            # -- the control projects (danqing/apps/control_projects.py) -----------------------
+            with gr.Tab("Control projects", id="control_apps"):
+                with gr.Tab("Line-art colourisation"):
+                    with gr.Row():
+                        col_draw = gr.Image(type="pil", label="Line drawing", image_mode="RGB", elem_id="colorize_drawing")
+                        col_hints = gr.Image(type="pil", label="Colour hints (optional)", image_mode="RGB")
+                    col_prompt = gr.Textbox(label="Prompt (with colours)", elem_id="colorize_prompt")
+                    col_go = gr.Button("Colourise", variant="primary", elem_id="colorize_go")
+                    col_out = gr.Image(label="Result", elem_id="colorize_result")
+                with gr.Tab("QR-code art"):
+                    qr_text = gr.Textbox(label="Text / URL", elem_id="qr_text")
+                    qr_prompt = gr.Textbox(label="Prompt", elem_id="qr_prompt")
+                    qr_error = gr.Radio(["L", "M", "Q", "H"], value="H", label="Error correction")
+                    qr_go = gr.Button("Make QR art", variant="primary", elem_id="qr_go")
+                    with gr.Row():
+                        qr_out = gr.Image(label="Picture", elem_id="qr_result")
+                        qr_code = gr.Image(label="Code")
+                    qr_status = gr.Markdown("", elem_id="qr_status")
+                with gr.Tab("Creative text"):
+                    tx_word = gr.Textbox(label="Word", elem_id="text_word")
+                    tx_prompt = gr.Textbox(label="Prompt", elem_id="text_prompt")
+                    tx_font = gr.Textbox(label="Font file (empty = DejaVu Sans Bold; a CJK font for Chinese)")
+                    tx_go = gr.Button("Make", variant="primary", elem_id="text_go")
+                    tx_out = gr.Image(label="Result", elem_id="text_result")
+                with gr.Tab("Photo restyling"):
+                    rs_photo = gr.Image(type="pil", label="Photo", image_mode="RGB", elem_id="restyle_photo")
+                    rs_prompt = gr.Textbox(label="Style prompt", elem_id="restyle_prompt")
+                    rs_go = gr.Button("Restyle", variant="primary", elem_id="restyle_go")
+                    with gr.Row():
+                        rs_out = gr.Image(label="With ControlNet", elem_id="restyle_result")
+                        rs_plain = gr.Image(label="Plain img2img")
+                    rs_status = gr.Markdown("")
+
             # -- history ------------------------------------------------------------------------
             with gr.Tab("History", id="history"):
                 with gr.Row():
@@ -194,14 +242,68 @@ def build_ui(state):
                 settings_note = gr.Markdown(_settings_md(state))
 
         # -- handlers ---------------------------------------------------------------------------
+        from danqing.apps import QueuedStudio
+
+        def _app(fn):
+            """Run an app through the job queue; our errors become a Gradio error line."""
+            def wrapped(*args):
+                import gradio as gr
+
+                try:
+                    return fn(QueuedStudio(state), *args)
+                except DanqingError as exc:
+                    raise gr.Error(str(exc)) from None
+            return wrapped
+
+        def do_colorize(st, drawing, hints, prompt):
+            from danqing.apps.control_projects import colorize
+
+            if drawing is None:
+                raise DanqingError("drawing: drop a line drawing first")
+            return colorize(st, drawing, prompt, hints=hints).image
+
+        def do_qr(st, text, prompt, error):
+            from danqing.apps.control_projects import qr_art
+
+            r = qr_art(st, text, prompt, error=error)
+            note = f"decoded by OpenCV: {r.decoded!r}" if r.ok else "no attempt scanned; showing the last one"
+            return r.image, r.code, f"{note} ({len(r.attempts)} attempt(s))"
+
+        def do_text(st, word, prompt, font):
+            from danqing.apps.control_projects import creative_text
+
+            return creative_text(st, word, prompt, font=font or None).image
+
+        def do_restyle(st, photo, prompt):
+            from danqing.apps.control_projects import restyle
+
+            if photo is None:
+                raise DanqingError("photo: drop a photo first")
+            r = restyle(st, photo, prompt)
+            return r.controlled, r.plain, f"edge F1 with the photo: ControlNet {r.f1_controlled:.3f}, img2img {r.f1_plain:.3f}"
+
+        col_go.click(_app(do_colorize), inputs=[col_draw, col_hints, col_prompt], outputs=[col_out])
+        qr_go.click(_app(do_qr), inputs=[qr_text, qr_prompt, qr_error], outputs=[qr_out, qr_code, qr_status])
+        tx_go.click(_app(do_text), inputs=[tx_word, tx_prompt, tx_font], outputs=[tx_out])
+        rs_go.click(_app(do_restyle), inputs=[rs_photo, rs_prompt], outputs=[rs_out, rs_plain, rs_status])
         def txt2img(*values):
+            import gradio as gr
+
+            values, (c_image, c_model, c_module, c_weight, c_mode) = values[:-5], values[-5:]
             fields = dict(zip(TXT2IMG_FIELDS, values[:-2]))
             fields["model"], fields["vae"] = values[-2], values[-1]
             fields = _clean(fields)
+            if c_image is not None:
+                if not c_model:
+                    raise gr.Error("controlnet: choose a ControlNet model for the control image")
+                fields["controlnet"] = [{"model": c_model, "image": state.save_upload(c_image, "control"),
+                                         "module": c_module or "none", "weight": float(c_weight),
+                                         "control_mode": c_mode}]
             yield from run_job(state, fields)
 
-        go.click(txt2img, inputs=[t[k] for k in TXT2IMG_FIELDS] + [model, vae], outputs=[gallery, infotext, status],
-                 concurrency_limit=None)
+        go.click(txt2img, inputs=[t[k] for k in TXT2IMG_FIELDS] + [model, vae, cn_image, cn_model, cn_module, cn_weight,
+                                                                    cn_mode],
+                 outputs=[gallery, infotext, status], concurrency_limit=None)
         stop.click(lambda: state.worker.interrupt() and None, queue=False)
         stop2.click(lambda: state.worker.interrupt() and None, queue=False)
 

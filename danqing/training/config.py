@@ -101,6 +101,29 @@ class InstructTrainConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+class ControlDataConfig(_Strict):
+    n_images: int = Field(8000, ge=1)   # synthetic training scenes (danqing.synthetic)
+    size: int = Field(64, ge=16)
+    seed: int = 0
+    captions_per_image: int = Field(2, ge=1)
+    condition: Literal["canny", "lineart"] = "canny"  # the preprocessor that makes each map
+    degrade: bool = True                # also train on slightly blurred/noisy renders (robustness)
+
+
+class ControlNetConfig(_Strict):
+    init_from: str = "danqing-tiny"     # the base model whose UNet encoder the ControlNet copies
+    drop_prompt: float = Field(0.5, ge=0, le=1)  # the paper: 50% of prompts replaced by ""
+    init_controlnet: str | None = None  # continue from a ControlNet folder (an earlier run's export) instead of from_unet
+    eval_maps: int = Field(32, ge=0)    # held-out maps scored (edge F1) at every run.eval_every
+
+
+class ControlTrainConfig(_Strict):
+    data: ControlDataConfig = ControlDataConfig()
+    controlnet: ControlNetConfig = ControlNetConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the ControlNet
+    run: RunConfig = RunConfig()
+
+
 def load_config(path: str | Path, overrides: dict | None = None, model=BaseTrainConfig):
     """Read and validate a TOML training config; ``overrides`` is {"section.key": value}.
 

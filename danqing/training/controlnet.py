@@ -1,0 +1,252 @@
+"""Train a ControlNet (Zhang, Rao & Agrawala 2023) for a base model on (picture, condition,
+caption) triples -- by default danqing's synthetic shapes, with Canny or line-art maps.
+
+The ControlNet is diffusers' ``ControlNetModel.from_unet``: a trainable copy of the base UNet's
+encoder and middle block, its 12+1 outputs joined to the frozen UNet through zero-initialised
+1x1 convolutions ("zero convolutions"), so at step 0 the model is exactly the base model. The
+condition enters through a small conv encoder (the hint block) down to the latent size. As in
+the paper, 50% of the captions are replaced by the empty prompt so the ControlNet learns to read
+the map on its own. The base model (UNet, VAE, text encoder) stays frozen; latents and caption
+embeddings are computed once. accelerate places the model and optimiser (and mixed precision).
+
+    danqing train controlnet --config configs/train/danqing-tiny-canny.toml
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from danqing.training.config import ControlTrainConfig
+
+Log = Callable[[str], None]
+
+
+def hint_channels(vae) -> tuple[int, ...]:
+    """Channels of the hint encoder for a VAE of downscale factor 2**k: k + 1 levels (k stride-2
+    convolutions), 16, 32, 64, ... (SD's VAE, k = 3: diffusers' (16, 32, 96, 256) is the default)."""
+    k = len(vae.config.block_out_channels) - 1
+    return tuple(16 * 2 ** i for i in range(k + 1))
+
+
+def make_condition(kind: str, image):
+    """The control map of a rendered picture: "canny" (OpenCV 100/200) or "lineart" (XDoG), RGB."""
+    from danqing.preprocess import run_preprocessor
+
+    return run_preprocessor(kind, image, resolution=min(image.size))
+
+
+def structure_map(kind: str, image) -> np.ndarray:
+    """The (H, W) uint8 structure a condition of ``kind`` asks for, read off any picture: its
+    Canny edges, or its thresholded line art."""
+    return np.asarray(make_condition(kind, image))[..., 0]
+
+
+@torch.no_grad()
+def encode_texts(comps, texts: list[str]) -> torch.Tensor:
+    """(N, 77, D) hidden states of each text's first 77-token chunk (frozen text encoder)."""
+    from danqing.conditioning.text import TextEncoder
+
+    enc = TextEncoder(comps)
+    return torch.cat([enc.encode(t).hidden[:, :77].float().cpu() for t in texts])
+
+
+def new_controlnet(unet, vae):
+    """The paper's initialisation: the UNet's encoder copied, zero convolutions at zero."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels(vae))
+
+
+@torch.no_grad()
+def generate_controlled(comps, controlnet, prompts: list[str], maps: list, weight: float, *, steps: int = 20,
+                        cfg_scale: float = 7.0, seed: int = 0, size: int = 64, sampler: str = "DPM++ 2M",
+                        mode: str = "Balanced", device="cpu"):
+    """One picture per (prompt, map) through our loop with one ControlNet unit at ``weight``."""
+    from danqing.conditioning.control import ControlDenoise, PreparedControl, image_tensor
+    from danqing.decode import decode_latents, to_pil
+    from danqing.request import GenerationRequest
+    from danqing.studio import run_sampling
+
+    images = []
+    for i, (prompt, cmap) in enumerate(zip(prompts, maps)):
+        req = GenerationRequest(prompt=prompt, steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
+                                width=size, height=size, sampler=sampler)
+        unit = PreparedControl(controlnet, "controlnet", image_tensor(cmap.resize((size, size))), weight, mode=mode)
+        lat, _, _, _ = run_sampling(comps, req, device=torch.device(device), dtype=comps.unet.dtype,
+                                    control=ControlDenoise([unit]) if weight > 0 else None)
+        images += to_pil(decode_latents(comps.vae, lat[0]))
+    return images
+
+
+def control_scores(comps, controlnet, scenes, *, kind: str, weights=(0.0, 1.0), steps: int = 20,
+                   cfg_scale: float = 7.0, seed: int = 0, size: int = 64, lang: str = "en") -> dict:
+    """Mean edge F1 (``preprocess.metrics.edge_f1``, 1-pixel tolerance) between each held-out
+    scene's control map and the same structure read off the picture generated from it, per
+    ControlNet weight. Weight 0 is the base model alone (same seeds and prompts)."""
+    from danqing.preprocess.metrics import edge_f1
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.render import render
+
+    pictures = [render(s, size) for s in scenes]
+    maps = [make_condition(kind, p) for p in pictures]
+    targets = [np.asarray(m)[..., 0] for m in maps]
+    prompts = [caption(s, lang) for s in scenes]
+    out = {}
+    for w in weights:
+        images = generate_controlled(comps, controlnet, prompts, maps, w, steps=steps, cfg_scale=cfg_scale,
+                                     seed=seed, size=size)
+        f1 = [edge_f1(structure_map(kind, im), t)["f1"] for im, t in zip(images, targets)]
+        out[f"{w:g}"] = round(float(np.mean(f1)), 4)
+    return out
+
+
+def export_controlnet(controlnet, out: Path, *, dtype=torch.float16) -> Path:
+    """``out`` as a diffusers ControlNet folder (config.json + safetensors) in ``dtype``."""
+    import copy
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    copy.deepcopy(controlnet).to(dtype).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
+    """Train and export ``run.output_dir/controlnet`` (diffusers folder, fp16) and ``summary.json``."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from danqing.conditioning.control import image_tensor
+    from danqing.models.loader import load_components
+    from danqing.models.registry import Registry
+    from danqing.settings import Settings
+    from danqing.synthetic.render import degrade
+    from danqing.synthetic.scenes import eval_scenes
+    from danqing.training.base import _gen, _write_json_line, encode_all
+    from danqing.training.data import synthetic_dataset
+
+    c, r, d = cfg.unet, cfg.run, cfg.data
+    if r.num_threads:
+        torch.set_num_threads(r.num_threads)
+    run_dir = Path(r.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. the frozen base model, float32
+    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.controlnet.init_from))
+    for m in comps.modules().values():
+        m.float().eval().requires_grad_(False)
+    torch.manual_seed(r.seed)
+    if cfg.controlnet.init_controlnet:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet.init_controlnet, local_files_only=True).float()
+    else:
+        controlnet = new_controlnet(comps.unet, comps.vae)
+
+    # 2. data: pictures -> latents, maps, caption embeddings (each distinct caption once)
+    t = time.perf_counter()
+    data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
+    from PIL import Image
+    import random
+
+    rng = random.Random(f"controlnet:{d.seed}")
+    maps = []
+    for i in range(len(data)):
+        pic = Image.fromarray(data.images[i].permute(1, 2, 0).numpy())
+        if d.degrade and i % 2:  # half the maps from a slightly blurred/noisy copy: generated pictures are not crisp
+            pic = degrade(pic, rng)
+        maps.append(image_tensor(make_condition(d.condition, pic))[0].to(torch.float16))
+    maps = torch.stack(maps)
+    mean, std = encode_all(comps.vae, data.images, "cpu")
+    texts = sorted({t for caps in data.captions for t in caps})
+    index = {text: i for i, text in enumerate(texts)}
+    hidden = encode_texts(comps, texts + [""])  # (N, 77, D): the first 77-token chunk
+    empty = hidden[-1]
+    cap_idx = [[index[t] for t in caps] for caps in data.captions]
+    log(f"data: {len(data)} pictures with {d.condition} maps, {len(texts)} distinct captions "
+        f"({time.perf_counter() - t:.0f} s)")
+
+    # 3. train the ControlNet through the frozen UNet
+    acc = Accelerator(mixed_precision=r.mixed_precision, cpu=not torch.cuda.is_available())
+    controlnet.train()
+    params = [p for p in controlnet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    controlnet, opt = acc.prepare(controlnet, opt)
+    unet = comps.unet.to(acc.device)
+    ema = EMAModel(acc.unwrap_model(controlnet).parameters(), decay=c.ema_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
+    scaling = comps.vae.config.scaling_factor
+    heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps else []
+    n = len(data)
+    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
+    t0, loss_avg, last = time.perf_counter(), None, {"step": 0, "loss": None, "eval": None}
+    for step in range(c.steps):
+        g = _gen(r.seed, step, "controlnet")
+        idx = torch.randint(n, (c.batch_size,), generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
+        x_t = noise_sched.add_noise(z, noise, t)
+        pick = torch.randint(d.captions_per_image, (c.batch_size,), generator=g)
+        drop = torch.rand(c.batch_size, generator=g) < cfg.controlnet.drop_prompt
+        ctx = torch.stack([empty if drop[k] else hidden[cap_idx[int(i)][int(pick[k])]] for k, i in enumerate(idx)])
+        hint = maps[idx].float()
+        x_t, t, ctx, hint, noise = (v.to(acc.device) for v in (x_t, t, ctx, hint, noise))
+        with acc.autocast():
+            down, mid = controlnet(x_t, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+            pred = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+            loss = F.mse_loss(pred.float(), noise)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, c.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(acc.unwrap_model(controlnet).parameters())
+        value = float(loss.detach())
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        done = step + 1
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        final = done == c.steps or out_of_time
+        if done % r.log_every == 0 or final:
+            rate = done / (time.perf_counter() - t0)
+            log(f"controlnet step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
+                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "controlnet", "step": done, "loss": loss_avg})
+            last.update(step=done, loss=round(loss_avg, 5))
+        if heldout and (done % r.eval_every == 0 or final):
+            model = acc.unwrap_model(controlnet)
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            model.eval()
+            res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
+            log(f"eval step {done}: edge F1 by weight {res}")
+            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, "f1": res})
+            last["eval"] = res
+            ema.restore(model.parameters())
+            model.train()
+        if out_of_time:
+            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+            break
+
+    # 4. export the EMA weights
+    model = acc.unwrap_model(controlnet)
+    ema.copy_to(model.parameters())
+    model.eval()
+    export_controlnet(model, run_dir / "controlnet")
+    summary = {"kind": "controlnet", "condition": d.condition, "init_from": cfg.controlnet.init_from,
+               "images": n, "steps": last["step"], "batch_size": c.batch_size, "loss": last["loss"],
+               "eval_f1": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
+               "config": json.loads(cfg.model_dump_json())}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
