@@ -262,7 +262,8 @@ def test_a1111_controlnet_ip_adapter_unit(setup, tmp_path):
         assert "IP-Adapter: ip-adapter_tiny [" in info and "IP-Adapter weight: 0.8" in info
         bad = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
             {**unit, "module": "canny"}]}}})
-        assert bad.status_code == 422 and "module 'canny' is not supported" in bad.text
+        # a canny unit is a ControlNet unit: its model must be a ControlNet
+        assert bad.status_code == 422 and "unknown controlnet 'ip-adapter_tiny'" in bad.text
     f = request_fields(Txt2ImgBody(alwayson_scripts={"controlnet": {"args": [unit]}}), img2img=False)
     assert (f["ip_adapter"], f["ip_adapter_weight"]) == ("ip-adapter_tiny", 0.8)
 
