@@ -37,7 +37,7 @@ def _components(name: str, device):
         comps = load_components(Registry(Settings().models_dir).find("checkpoint", name))
     for m in comps.modules().values():
         m.requires_grad_(False)
-        m.to(device)
+        m.to(device=device, dtype=torch.float32)  # a diffusers folder keeps its stored dtype
     return comps
 
 

@@ -48,3 +48,7 @@ class IncompatibleModel(ModelError):
 
 class ImageError(DanqingError, ValueError):
     """An image file that cannot be read or carries no usable metadata."""
+
+
+class OutOfMemory(DanqingError, MemoryError):
+    """A training or generation step did not fit in the device's memory."""

@@ -314,3 +314,25 @@ def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
     before, after = rate(""), rate(" <lora:heart:1>")
     # 300 steps measured 0.0 -> 0.33 here; the documented 1,500-step run reaches 0.84 on 50 prompts
     assert before <= 0.1 and after >= 0.25, (before, after)
+
+
+def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, monkeypatch):
+    from danqing.errors import OutOfMemory
+    from danqing.training import finetune
+
+    calls = {"n": 0}
+    real = finetune.diffusion_loss
+
+    def tight(*a, **kw):  # the third step does not fit
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(finetune, "diffusion_loss", tight)
+    cfg = _lora_cfg("tiny-sd1", tmp_path / "oom", train={"steps": 4}, output={"checkpoint_every": 2})
+    with pytest.raises(OutOfMemory, match=r"out of memory at step 3 \(train.batch_size = 2\); lower train.batch_size.*"
+                                          r"step-2\) is kept"):
+        finetune.train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    assert not list((tmp_path / "oom").glob("*.safetensors")) and not (tmp_path / "oom" / "t-diffusers").exists()
+    assert (tmp_path / "oom" / "checkpoints" / "step-2" / "step.json").is_file()

@@ -341,6 +341,25 @@ def _scheduler(opt, cfg):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory(step: int, cfg, run_dir: Path):
+    """The one-line error for a step that did not fit (the run's files stay as they were: outputs
+    are written only at the end, a checkpoint only once complete)."""
+    from danqing.errors import OutOfMemory
+
+    ckpt = latest_checkpoint(run_dir)
+    where = f"the newest checkpoint ({ckpt.name}) is kept and the same command resumes from it" if ckpt else \
+        "no checkpoint was written yet"
+    return OutOfMemory(f"out of memory at step {step} (train.batch_size = {cfg.batch_size}); lower train.batch_size "
+                       "(raise train.grad_accum to keep the effective batch), set train.gradient_checkpointing = true "
+                       f"or train.mixed_precision = \"bf16\" / \"fp16\" on a GPU; nothing was written half, {where}")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "step.json").is_file()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
@@ -411,18 +430,24 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
     for step in range(state.step, cfg.steps):
         rng = random.Random(f"{cfg.seed}:{step}")
         g = _gen(cfg.seed, step)
-        with accelerator.accumulate(*wrapped):
-            loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                               process_caption)
-            if prior is not None:
-                loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched, scaling,
-                                                         v_prediction, dev, process_caption)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        try:
+            with accelerator.accumulate(*wrapped):
+                loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
+                                   process_caption)
+                if prior is not None:
+                    loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched,
+                                                             scaling, v_prediction, dev, process_caption)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            progress.close()
+            raise out_of_memory(step + 1, cfg, run_dir) from None
         if after_step is not None:
             after_step()
         value = float(loss.detach())
