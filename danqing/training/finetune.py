@@ -554,6 +554,18 @@ def load_base(model_cfg, settings=None):
     return comps, entry, registry.sha256(entry)
 
 
+def _begin(cfg, settings, resume: bool):
+    """A run's start: CPU threads, the base model (comps, entry, sha256), its folder (checkpoints
+    cleared unless resuming)."""
+    if cfg.output.num_threads:
+        torch.set_num_threads(cfg.output.num_threads)
+    comps, entry, sha = load_base(cfg.model, settings)
+    run_dir = Path(cfg.output.output_dir)
+    if not resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return comps, entry, sha, run_dir
+
+
 def _is_v(comps, model_cfg) -> bool:
     return comps.prediction_type == "v_prediction" if model_cfg.v_prediction is None else model_cfg.v_prediction
 
@@ -612,11 +624,8 @@ def _kohya_metadata(*, method: str, base_name: str, base_sha: str, comps, data: 
 
 def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
     """``danqing train lora``: returns {"files": [...], "steps", "loss", "seconds", "steps_per_s"}."""
-    if cfg.output.num_threads:
-        torch.set_num_threads(cfg.output.num_threads)
-    comps, entry, sha = load_base(cfg.model, settings)
+    comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
-    run_dir = Path(cfg.output.output_dir)
     items = load_items(cfg.data, size=cfg.data.resolution)
     data = cache_latents(items, comps, resolution=cfg.data.resolution, buckets=cfg.data.buckets, flip=cfg.data.flip,
                          device="cpu")
@@ -629,8 +638,6 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
         log(f"{prior.n_images} regularisation images ({cfg.prior.class_source}), weight {cfg.prior.prior_loss_weight}")
     torch.manual_seed(cfg.train.seed)  # the adapters' Gaussian init
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
                      log=log, resume=resume, caption_cfg=cfg.data, prior=prior,
                      prior_weight=cfg.prior.prior_loss_weight,
@@ -698,12 +705,7 @@ def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=Non
     with prior preservation; writes ``<output_dir>/<name>/`` (diffusers) and ``<name>.safetensors``."""
     from danqing.training.base import export_model
 
-    if cfg.output.num_threads:
-        torch.set_num_threads(cfg.output.num_threads)
-    comps, entry, sha = load_base(cfg.model, settings)
-    run_dir = Path(cfg.output.output_dir)
-    if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     res = cfg.data.resolution
     data = cache_latents(load_items(cfg.data, size=res), comps, resolution=res, buckets=cfg.data.buckets,
                          flip=cfg.data.flip, device="cpu")
@@ -804,12 +806,7 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
 def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
     """``danqing train textual-inversion``: writes ``<output_dir>/<embedding.name>.safetensors``
     (A1111 format: ``emb_params``, SDXL ``clip_l`` / ``clip_g``)."""
-    if cfg.output.num_threads:
-        torch.set_num_threads(cfg.output.num_threads)
-    comps, entry, sha = load_base(cfg.model, settings)
-    run_dir = Path(cfg.output.output_dir)
-    if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     name = cfg.embedding.name
     for m in comps.modules().values():
         m.requires_grad_(False)
