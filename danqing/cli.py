@@ -847,6 +847,8 @@ def train_ti_cmd(
 ):
     """Learn a new word's embedding (textual inversion); writes an A1111 embedding."""
     _finetune_cmd("textual-inversion", config, fresh, set_)
+
+
 @train_app.command("controlnet")
 def train_controlnet_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),

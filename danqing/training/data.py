@@ -71,57 +71,18 @@ def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image:
     return CaptionedImages(render_batch(sc, size), caps, sc)
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """RGB, resized on the short side and centre-cropped to size x size."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
-
-
 def folder_dataset(folder: str | Path, size: int) -> CaptionedImages:
-    """Images of a folder with captions from ``metadata.jsonl`` ({"file_name", "text"} per line,
-    as diffusers' ImageFolder) or from a ``.txt`` beside each image.
+    """Images of a folder (``caption_folder``'s layouts: ``metadata.jsonl``, kohya
+    ``N_concept/`` sub-folders, or a ``.txt`` beside each image), each resized on the short side
+    and centre-cropped to size x size; one caption per image (kohya repeats are not used here).
 
     Raises:
-        InvalidRequest: missing/empty folder, unreadable images, images without captions
-        (how many, and the first few names).
+        InvalidRequest: as ``caption_folder`` (missing or empty folder, unreadable images, images
+            without captions: how many and which).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InvalidRequest("data.source", f"{folder}: not a folder (use 'synthetic' or a folder of captioned images)")
-    meta = folder / "metadata.jsonl"
-    pairs: list[tuple[Path, str]] = []
-    if meta.is_file():
-        for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pairs.append((folder / row["file_name"], str(row["text"])))
-            except (ValueError, KeyError, TypeError):
-                raise InvalidRequest("data.source", f"{meta}:{i}: need a JSON object with file_name and text") from None
-    else:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        missing = [p.name for p in files if not p.with_suffix(".txt").is_file()]
-        if missing:
-            raise InvalidRequest("data.source", f"{len(missing)} of {len(files)} images have no .txt caption "
-                                 f"(e.g. {', '.join(missing[:3])}); add captions or a metadata.jsonl")
-        pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in files]
-    if not pairs:
-        raise InvalidRequest("data.source", f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    images = []
-    for p, _ in pairs:
-        try:
-            images.append(_load_image(p, size))
-        except (OSError, ValueError) as exc:
-            raise InvalidRequest("data.source", f"{p}: unreadable image ({exc})") from None
-    arr = np.stack(images).transpose(0, 3, 1, 2)
-    return CaptionedImages(torch.from_numpy(np.ascontiguousarray(arr)), [[c] for _, c in pairs])
+    items = caption_folder(folder)
+    arr = np.stack([np.asarray(fit_bucket(it.image, None, size)) for it in items]).transpose(0, 3, 1, 2)
+    return CaptionedImages(torch.from_numpy(np.ascontiguousarray(arr)), [list(it.captions) for it in items])
 
 
 def tokenize_captions(tokenizer, captions: list[list[str]], *, empty: str = "") -> tuple[torch.Tensor, torch.Tensor]:
