@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from danqing.errors import InvalidRequest
+from danqing.training.base import _write_json_line, latest_checkpoint  # same log and checkpoints/step-N layout
 
 Log = Callable[[str], None]
 
@@ -360,11 +361,6 @@ def out_of_memory(step: int, cfg, run_dir: Path):
                        f"or train.mixed_precision = \"bf16\" / \"fp16\" on a GPU; nothing was written half, {where}")
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "step.json").is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
-
-
 @dataclass
 class RunState:
     step: int = 0
@@ -496,12 +492,6 @@ def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, s
         weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx]).to(dev)
     return diffusion_loss(comps.unet, noise_sched, z, ctx, added, g, v_prediction=v_prediction,
                           noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map).mean()
-
-
-def _write_json_line(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 class _Progress:
