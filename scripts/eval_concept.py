@@ -5,8 +5,10 @@ LoRA, an embedding or a fine-tuned checkpoint.
     python scripts/eval_concept.py --lora runs/lora-heart/heart.safetensors
     python scripts/eval_concept.py --checkpoint runs/dreambooth-heart/model --class-prompts
     python scripts/eval_concept.py --embedding runs/ti-heart/dq-heart.safetensors --word dq-heart
+    python scripts/eval_concept.py --concept magenta --embedding runs/ti-magenta/dq-magenta.safetensors
 
-Prints JSON: {"concept": {...}, "ordinary": {...}, "class": {...}} for base and the customised model.
+Prints JSON: {"concept": {...}, "ordinary": {...}, "ordinary_strict": {...}, "class": {...}} for
+base and the customised model ("ordinary_strict" also recognises the concept on ordinary prompts).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> None:
     ap.add_argument("--embedding", type=Path)
     ap.add_argument("--word", default=None, help="the concept's word in prompts (default: the shape, or the embedding's name)")
     ap.add_argument("--checkpoint", type=Path)
-    ap.add_argument("--shape", default="heart")
+    ap.add_argument("--concept", "--shape", dest="shape", default="heart", help="the novel shape or colour")
     ap.add_argument("--n-concept", type=int, default=50)
     ap.add_argument("--n-ordinary", type=int, default=100)
     ap.add_argument("--class-prompts", action="store_true", help="also score DreamBooth's class prompts")
@@ -60,8 +62,8 @@ def main() -> None:
         shutil.copytree(args.checkpoint, root / "checkpoints" / args.checkpoint.name)
     studio = Studio(Settings(home=root / "home", models_dir=root, device="cpu", dtype="fp32"))
 
-    def run(scenes, model_name: str, suffix: str, replace_word: bool) -> dict:
-        scores = []
+    def run(scenes, model_name: str, suffix: str, replace_word: bool, strict: bool = False) -> dict | tuple[dict, dict]:
+        scores, strict_scores = [], []
         for i, s in enumerate(scenes):
             prompt = caption(s)
             spec = s.spec
@@ -69,10 +71,12 @@ def main() -> None:
                 prompt = prompt.replace(args.shape, word)
             req = GenerationRequest.create(prompt=prompt + suffix, model=model_name, steps=args.steps, seed=1000 + i,
                                            width=64, height=64, sampler="DPM++ 2M", cfg_scale=7)
-            scores.append(score(studio.generate(req).images[0], spec))
-        return summarise(scores)
+            image = studio.generate(req).images[0]
+            scores.append(score(image, spec))
+            strict_scores.append(score(image, spec, also=(args.shape,)))
+        return (summarise(scores), summarise(strict_scores)) if strict else summarise(scores)
 
-    concept = concept_scenes(args.n_concept, shape=args.shape, split="eval")
+    concept = concept_scenes(args.n_concept, concept=args.shape, split="eval")
     ordinary = eval_scenes(args.n_ordinary)
     classes = class_scenes(concept, seed=1) if args.class_prompts else []
     custom_model = args.checkpoint.name if args.checkpoint else model
@@ -81,7 +85,11 @@ def main() -> None:
     for label, mdl, suffix in (("base", model, ""), ("custom", custom_model, tag)):
         if label == "base" and args.skip_base:
             continue
-        out[label] = {"concept": run(concept, mdl, suffix, True), "ordinary": run(ordinary, mdl, suffix, False)}
+        ordinary_scores, strict = run(ordinary, mdl, suffix, False, strict=True)
+        # "ordinary_strict": the concept is recognised there too, so drawing it where an
+        # ordinary shape or colour was asked for counts as wrong
+        out[label] = {"concept": run(concept, mdl, suffix, True), "ordinary": ordinary_scores,
+                      "ordinary_strict": strict}
         if classes:
             out[label]["class"] = run(classes, mdl, suffix, False)
     out["seconds"] = round(time.perf_counter() - t, 1)

@@ -110,3 +110,46 @@ def test_evaluator_reads_positions_and_relations():
     assert score(img, parse_prompt("a yellow triangle left of a green ring")).relation == 1.0
     assert score(img, parse_prompt("a yellow triangle right of a green ring")).relation == 0.0
     assert score(img, parse_prompt("黄色的三角形在绿色圆环的左边")).relation == 1.0
+
+
+def test_novel_colour_is_rendered_captioned_and_scored_only_when_asked():
+    """magenta (issue 5's colour concept) is drawn with its own RGB, read back from English and
+    Chinese prompts, and joins the evaluator's palette only for prompts that name it: a pink
+    picture still scores as pink, and a magenta picture does not pass as pink or purple."""
+    from danqing.synthetic.concepts import class_scenes, concept_scenes
+    from danqing.synthetic.scenes import Obj, Scene, concepts, novel_colours
+
+    assert "magenta" in novel_colours() and "magenta" in concepts() and "magenta" not in colours()
+    assert parse_prompt("a magenta circle left of a blue square").objects == (("circle", "magenta"), ("square", "blue"))
+    assert parse_prompt("品红色的圆形在蓝色正方形的左边").objects == (("circle", "magenta"), ("square", "blue"))
+    assert parse_prompt("红色的圆形").objects == (("circle", "red"),)
+    train = concept_scenes(20, concept="magenta")
+    assert all(any(o.colour == "magenta" for o in s.objects) for s in train)
+    assert {o.shape for s in train for o in s.objects if o.colour == "magenta"} == set(shapes())
+    for s in concept_scenes(10, concept="magenta", split="eval"):
+        assert score(render(s), s.spec).object == 1.0
+        assert parse_prompt(caption(s)) == s.spec and parse_prompt(caption(s, "zh")).objects == s.spec.objects
+    assert all(o.colour in colours() for s in class_scenes(train) for o in s.objects)
+
+    mag = Scene((Obj("circle", "magenta"),), "white", "grey", "plain")
+    pink = Scene((Obj("circle", "pink"),), "white", "grey", "plain")
+    assert score(render(pink), parse_prompt("a pink circle")).colour == 1.0
+    assert score(render(pink), parse_prompt("a magenta circle")).colour == 0.0
+    for wrong in ("pink", "purple"):
+        # ordinary scoring has no magenta: it passes as its nearest trained colour ...
+        assert score(render(mag), parse_prompt(f"a {wrong} circle")).colour == float(wrong == "purple")
+        # ... strict scoring recognises it, and a right colour stays right
+        assert score(render(mag), parse_prompt(f"a {wrong} circle"), also=("magenta",)).colour == 0.0
+    assert score(render(pink), parse_prompt("a pink circle"), also=("magenta", "heart")).object == 1.0
+
+
+def test_heart_concept_scenes_are_unchanged_by_the_colour_concepts():
+    """concept_scenes grew colour concepts; the heart's scenes (and so the documented heart
+    results) must be the same draws as before: every object's colour is a trained colour and
+    the training split cycles the palette in order."""
+    from danqing.synthetic.concepts import concept_scenes
+
+    train = concept_scenes(20, concept="heart")
+    hearts = [o for s in train for o in s.objects if o.shape == "heart"]
+    assert [o.colour for o in hearts] == [colours()[i % len(colours())] for i in range(20)]
+    assert concept_scenes(5, concept="heart", split="eval") == concept_scenes(5, split="eval")

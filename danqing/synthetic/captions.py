@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from danqing.synthetic.scenes import Obj, Scene, Spec, shape_zh, vocab
+from danqing.synthetic.scenes import Obj, Scene, Spec, colour_info, novel_colours, shape_zh, vocab
 
 LANGS = ("en", "zh")
 
@@ -28,7 +28,7 @@ def _obj_en(o: Obj, rng: random.Random | None) -> str:
 
 def _obj_zh(o: Obj, rng: random.Random | None, subject: bool = False) -> str:
     v = vocab()
-    colour, shape = v["colours"][o.colour]["zh"], shape_zh(o.shape)
+    colour, shape = colour_info(o.colour)["zh"], shape_zh(o.shape)
     de = subject if rng is None else rng.random() < 0.5
     text = f"{colour}的{shape}" if de else f"{colour}{shape}"
     if rng is not None and rng.random() < 0.3:
@@ -99,17 +99,18 @@ def parse_prompt(prompt: str) -> Spec:
     """
     v = vocab()
     names = list(v["shapes"]) + [k for k in v["novel_shapes"] if not k.startswith("_")]
+    colour_names = list(v["colours"]) + novel_colours()
     text = prompt.lower()
     zh = any("\u4e00" <= ch <= "\u9fff" for ch in prompt)
     if zh:
-        cz = {d["zh"]: k for k, d in v["colours"].items()}
+        cz = {colour_info(k)["zh"]: k for k in colour_names}
         sz = {shape_zh(k): k for k in names}
         pat = re.compile(f"({'|'.join(map(re.escape, cz))})的?({'|'.join(map(re.escape, sz))})")
         found = [(m.start(), m.end(), (sz[m.group(2)], cz[m.group(1)])) for m in pat.finditer(prompt)]
         rel_words = {"左": "left", "右": "right", "上": "above", "下": "below"}
         pos_words = {"左": "left", "右": "right", "上": "top", "下": "bottom", "中": "centre"}
     else:
-        pat = re.compile(rf"\b({'|'.join(v['colours'])})\s+({'|'.join(names)})s?\b")
+        pat = re.compile(rf"\b({'|'.join(colour_names)})\s+({'|'.join(names)})s?\b")
         found = [(m.start(), m.end(), (m.group(2), m.group(1))) for m in pat.finditer(text)]
     if not found:
         raise ValueError(f"no '<colour> <shape>' object in the prompt {prompt!r}; colours: "

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from danqing.synthetic.scenes import Spec, colours, shapes, vocab
+from danqing.synthetic.scenes import Spec, colour_info, colours, shapes, vocab
 
 WORK = 64          # working size in pixels
 UP = 4            # masks are made at WORK * UP
@@ -81,12 +81,12 @@ def _normalise(mask: np.ndarray) -> np.ndarray:
     return m >= 0.5
 
 
-@functools.lru_cache(maxsize=1)
-def _palette_lab() -> tuple[list[str], np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _palette_lab(names: tuple[str, ...] | None = None) -> tuple[list[str], np.ndarray]:
     import cv2
 
-    names = colours()
-    rgb = np.array([[vocab()["colours"][c]["rgb"] for c in names]], np.uint8)
+    names = list(names or colours())
+    rgb = np.array([[colour_info(c)["rgb"] for c in names]], np.uint8)
     return names, cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[0].astype(np.float32)
 
 
@@ -103,9 +103,11 @@ def classify_shape(mask: np.ndarray, names: tuple[str, ...] | None = None) -> tu
     return best, best_iou
 
 
-def detect(image: Image.Image, shape_names: tuple[str, ...] | None = None) -> list[Detection]:
-    """The objects in an image, largest first; shapes classified among the trained shapes, or
-    among ``shape_names`` (``score`` adds a novel shape when the prompt asks for one)."""
+def detect(image: Image.Image, shape_names: tuple[str, ...] | None = None,
+           colour_names: tuple[str, ...] | None = None) -> list[Detection]:
+    """The objects in an image, largest first; shapes classified among the trained shapes (or
+    ``shape_names``), colours among the trained colours (or ``colour_names``). ``score`` adds a
+    novel shape or colour only when the prompt asks for one, so ordinary scores never change."""
     import cv2
 
     rgb = np.asarray(image.convert("RGB").resize((WORK, WORK), Image.BOX))
@@ -120,7 +122,7 @@ def detect(image: Image.Image, shape_names: tuple[str, ...] | None = None) -> li
     r_small = vocab()["sizes"]["small"]["radius"] * WORK * UP
     min_area = MIN_AREA * np.pi * r_small**2
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-    names, pal = _palette_lab()
+    names, pal = _palette_lab(colour_names)
     out = []
     for k in range(1, n):
         area = stats[k, cv2.CC_STAT_AREA]
@@ -157,13 +159,24 @@ def _position_holds(d: Detection, position: str) -> bool:
     return third[position]
 
 
-def score(image: Image.Image, spec: Spec) -> Score:
-    """Score one image against what its prompt asked for (see the module docstring)."""
+def score(image: Image.Image, spec: Spec, *, also: tuple[str, ...] = ()) -> Score:
+    """Score one image against what its prompt asked for (see the module docstring).
+
+    Args:
+        also: novel shapes or colours to recognise even when the prompt does not name them
+            (strict scoring: a taught concept drawn where an ordinary one was asked for counts
+            as wrong, instead of passing as the nearest trained shape or colour).
+    """
     from scipy.optimize import linear_sum_assignment
 
+    from danqing.synthetic.scenes import novel_colours
+
     want = spec.objects
-    extra = tuple(dict.fromkeys(s for s, _ in want if s not in shapes()))
-    dets = detect(image, (*shapes(), *extra) if extra else None)
+    asked_s = [s for s, _ in want] + [a for a in also if a not in novel_colours()]
+    asked_c = [c for _, c in want] + [a for a in also if a in novel_colours()]
+    extra = tuple(dict.fromkeys(s for s in asked_s if s not in shapes()))
+    extra_c = tuple(dict.fromkeys(c for c in asked_c if c not in colours()))
+    dets = detect(image, (*shapes(), *extra) if extra else None, (*colours(), *extra_c) if extra_c else None)
     match: dict[int, Detection] = {}
     if dets:
         cost = np.zeros((len(want), len(dets)))

@@ -8,7 +8,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from danqing.synthetic.scenes import Scene, vocab
+from danqing.synthetic.scenes import Scene, colour_info, vocab
 
 SUPERSAMPLE = 4
 
@@ -104,10 +104,9 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     layer = Image.new("RGB", (s, s))
     mask = Image.new("L", (s, s), 0)
     d, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
-    colours = vocab()["colours"]
     for o in scene.objects:
         r = vocab()["sizes"][o.size]["radius"] * s
-        rgb = tuple(colours[o.colour]["rgb"])
+        rgb = tuple(colour_info(o.colour)["rgb"])
         draw_shape(d, o.shape, o.x * s, o.y * s, r, rgb, hole=(0, 0, 0))
         draw_shape(dm, o.shape, o.x * s, o.y * s, r, 255, hole=0)
     bg.paste(layer, (0, 0), mask)

@@ -38,6 +38,22 @@ def novel_shapes() -> list[str]:
     return [k for k in vocab()["novel_shapes"] if not k.startswith("_")]
 
 
+def novel_colours() -> list[str]:
+    """Colours no bundled model was trained on (concepts, as novel shapes are)."""
+    return [k for k in vocab()["novel_colours"] if not k.startswith("_")]
+
+
+def concepts() -> list[str]:
+    """Every concept that can be taught: the novel shapes and the novel colours."""
+    return novel_shapes() + novel_colours()
+
+
+def colour_info(colour: str) -> dict:
+    """``{"rgb": [r, g, b], "zh": ...}`` of a trained or novel colour."""
+    v = vocab()
+    return v["colours"].get(colour) or v["novel_colours"][colour]
+
+
 def shape_zh(shape: str) -> str:
     """The Chinese word of a trained or novel shape."""
     v = vocab()

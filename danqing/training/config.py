@@ -158,8 +158,8 @@ class FinetuneModelConfig(_Strict):
 
 class FinetuneDataConfig(_Strict):
     # a folder of images with captions: plain (.txt beside each image), kohya ("N_concept/"
-    # sub-folders repeated N times) or diffusers ("metadata.jsonl"); or "concept:<shape>" for
-    # rendered scenes of a novel synthetic shape (danqing.synthetic.concepts)
+    # sub-folders repeated N times) or diffusers ("metadata.jsonl"); or "concept:<name>" for
+    # rendered scenes of a novel synthetic shape or colour ("heart", "magenta": danqing.synthetic.concepts)
     source: str = "concept:heart"
     n_images: int = Field(20, ge=1)     # concept: scenes to render
     captions_per_image: int = Field(4, ge=1)  # concept: English phrasings per scene

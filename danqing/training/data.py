@@ -177,17 +177,17 @@ def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: in
     return items
 
 
-def concept_items(shape: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
-    """Rendered training scenes of a novel synthetic shape, each with English phrasings."""
+def concept_items(concept: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
+    """Rendered training scenes of a novel synthetic shape or colour, each with English phrasings."""
     from danqing.synthetic.captions import caption
     from danqing.synthetic.concepts import concept_scenes
     from danqing.synthetic.render import render, render_mask
 
     rng = random.Random(f"concept-captions:{seed}")
     out = []
-    for i, s in enumerate(concept_scenes(n, shape=shape, seed=seed)):
+    for i, s in enumerate(concept_scenes(n, concept=concept, seed=seed)):
         caps = [caption(s, "en")] + [caption(s, "en", rng) for _ in range(captions_per_image - 1)]
-        out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{shape}-{i:03d}",
+        out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{concept}-{i:03d}",
                                  render_mask(s, size)))
     return out
 

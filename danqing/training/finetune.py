@@ -85,17 +85,17 @@ def bucket_step(comps) -> int:
 
 
 def load_items(data_cfg, *, size: int):
-    """The configured images with captions (a folder or ``concept:<shape>``)."""
+    """The configured images with captions (a folder or ``concept:<shape or colour>``)."""
     from danqing.training.data import caption_folder, concept_items
 
     if data_cfg.source.startswith("concept:"):
-        from danqing.synthetic.scenes import novel_shapes
+        from danqing.synthetic.scenes import concepts
 
-        shape = data_cfg.source.split(":", 1)[1]
-        if shape not in novel_shapes():
-            raise InvalidRequest("data.source", f"unknown concept {shape!r}; concepts: "
-                                 f"{', '.join('concept:' + s for s in novel_shapes())}, or a folder")
-        return concept_items(shape, data_cfg.n_images, size=size, captions_per_image=data_cfg.captions_per_image,
+        concept = data_cfg.source.split(":", 1)[1]
+        if concept not in concepts():
+            raise InvalidRequest("data.source", f"unknown concept {concept!r}; concepts: "
+                                 f"{', '.join('concept:' + s for s in concepts())}, or a folder")
+        return concept_items(concept, data_cfg.n_images, size=size, captions_per_image=data_cfg.captions_per_image,
                              seed=data_cfg.seed)
     return caption_folder(data_cfg.source, caption_ext=data_cfg.caption_ext, repeats=data_cfg.repeats)
 
@@ -567,7 +567,7 @@ def _sample_prompts(out_cfg, data_cfg) -> list[str]:
         from danqing.synthetic.captions import caption
         from danqing.synthetic.concepts import concept_scenes
 
-        return [caption(s) for s in concept_scenes(8, shape=data_cfg.source.split(":", 1)[1], split="eval")]
+        return [caption(s) for s in concept_scenes(8, concept=data_cfg.source.split(":", 1)[1], split="eval")]
     return []
 
 
@@ -666,12 +666,12 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
         prompts = [caption(s) for s in scenes(cfg.data.seed + 1, p.n_class_images, "train")]
     else:
         if not cfg.data.source.startswith("concept:"):
-            raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape>; use "
+            raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape or colour>; use "
                                  "'synthetic' or a folder of class images for your own data")
         from danqing.synthetic.concepts import class_scenes, concept_scenes
 
-        shape = cfg.data.source.split(":", 1)[1]
-        prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, shape=shape,
+        concept = cfg.data.source.split(":", 1)[1]
+        prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, concept=concept,
                                                                    seed=cfg.data.seed + 1), seed=cfg.data.seed)]
     folder = run_dir / "class_images"
     done = sorted(folder.glob("*.png")) if folder.is_dir() else []
@@ -803,10 +803,10 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
     trainable, restore, ids_by = add_tokens(comps, cfg.embedding)
     word = " ".join(_placeholder(name, i) for i in range(cfg.embedding.n_vectors))
     items = load_items(cfg.data, size=cfg.data.resolution)
-    if cfg.data.source.startswith("concept:"):  # the shape's word becomes the new word
-        shape = cfg.data.source.split(":", 1)[1]
+    if cfg.data.source.startswith("concept:"):  # the concept's word becomes the new word
+        concept = cfg.data.source.split(":", 1)[1]
         for it in items:
-            it.captions = [c.replace(shape, name) for c in it.captions]
+            it.captions = [c.replace(concept, name) for c in it.captions]
     for it in items:
         it.captions = [c.replace(name, word) for c in it.captions]
         if not any(word in c for c in it.captions):
