@@ -52,11 +52,24 @@ def _atomic_dir(tmp: Path, final: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ---------------------------------------------------------------------------------------------
+def new_accelerator(mixed_precision: str, **kwargs):
+    """An Accelerator for one training run (or stage), on the GPU when there is one.
+
+    accelerate keeps the mixed precision in a process-wide singleton (``AcceleratorState``) and
+    refuses a second Accelerator with another precision in the same process: the server's job
+    worker or a test session running two trainings would fail. The singleton is cleared first;
+    ``PartialState`` (the process group under ``accelerate launch``) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+
+
 def _accelerator(cfg: BaseTrainConfig):
     """A fresh Accelerator per stage, so a stage's checkpoints hold only that stage's state."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=not torch.cuda.is_available())
+    return new_accelerator(cfg.run.mixed_precision)
 
 
 def _saturation(x: torch.Tensor) -> torch.Tensor:

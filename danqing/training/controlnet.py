@@ -120,7 +120,6 @@ def export_controlnet(controlnet, out: Path, *, dtype=torch.float16) -> Path:
 
 def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
     """Train and export ``run.output_dir/controlnet`` (diffusers folder, fp16) and ``summary.json``."""
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -130,7 +129,7 @@ def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
     from danqing.settings import Settings
     from danqing.synthetic.render import degrade
     from danqing.synthetic.scenes import eval_scenes
-    from danqing.training.base import _gen, _write_json_line, encode_all
+    from danqing.training.base import _gen, _write_json_line, encode_all, new_accelerator
     from danqing.training.data import synthetic_dataset
 
     c, r, d = cfg.unet, cfg.run, cfg.data
@@ -176,7 +175,7 @@ def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
         f"({time.perf_counter() - t:.0f} s)")
 
     # 3. train the ControlNet through the frozen UNet
-    acc = Accelerator(mixed_precision=r.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = new_accelerator(r.mixed_precision)
     controlnet.train()
     params = [p for p in controlnet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)

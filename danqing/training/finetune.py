@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from danqing.errors import InvalidRequest
-from danqing.training.base import _write_json_line, latest_checkpoint  # same log and checkpoints/step-N layout
+from danqing.training.base import _write_json_line, latest_checkpoint, new_accelerator  # same log, checkpoints/step-N
 
 Log = Callable[[str], None]
 
@@ -381,13 +381,11 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         after_step: called after each optimiser step (textual inversion restores frozen rows).
         on_sample: called with the step number every ``out_cfg.sample_every`` steps and at the end.
     """
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     from danqing.training.data import process_caption
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    accelerator = new_accelerator(cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     dev = accelerator.device
     for m in comps.modules().values():
         m.to(dev)
