@@ -711,7 +711,7 @@ def app_text(
     ctx: typer.Context,
     word: str = typer.Argument(..., help="The word (any script the font covers)."),
     prompt: str = typer.Argument(..., help="What the word is made of."),
-    font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc); for Chinese a CJK font [default: DejaVuSans-Bold]."),
+    font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc path or a file name under the system font folders) [default: DejaVuSans-Bold, or an installed CJK font when the word needs one]."),
     fill: Optional[str] = typer.Option(None, help="Starting colour of the letters [default: red]."),
     seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
