@@ -446,3 +446,22 @@ def test_only_masked_inpaint_with_control_is_a_controlled_inpaint_of_the_crop(st
     # a box smaller than the output (resized 2x) and the default mask blur: still only the mask changes
     blurred = studio.generate(req.replace(inpaint_full_res_padding=6, mask_blur=4), save=False).images[0]
     assert np.abs(np.asarray(blurred, np.int16) - init)[~inside].max() <= 1
+
+
+def test_openpose_unit_detects_the_pose_of_a_picture(tmp_path, tiny_vitpose):
+    """A unit with module "openpose" and a picture runs the ViTPose folder of models/preprocessors/
+    at the processor resolution, then fits the drawn skeleton to the output like any map."""
+    from skimage import data
+
+    from danqing.conditioning.control import control_map
+    from danqing.editing.images import resize_image
+    from danqing.preprocess import run_preprocessor
+
+    tiny_vitpose(tmp_path / "preprocessors" / "openpose")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    unit = ControlUnit(model="x", image=str(photo), module="openpose", processor_res=128, threshold_a=0.0)
+    got = control_map(unit, 96, 64, models_dir=tmp_path)
+    ref = resize_image(run_preprocessor("openpose", Image.open(photo).convert("RGB"), resolution=128, a=0.0,
+                                        models_dir=tmp_path), 96, 64, "crop and resize")
+    assert got.size == (96, 64) and np.array_equal(np.asarray(got), np.asarray(ref)) and np.asarray(got).max() > 0
