@@ -248,6 +248,22 @@ def test_depth_and_normal_from_a_local_depth_model(photos, tmp_path):
     assert n.shape == (128, 192, 3) and n[..., 2].min() >= 127  # normals face the viewer
 
 
+def test_wholebody_keypoints_give_face_and_hands():
+    """COCO-WholeBody's 133 points: 17 body, 6 feet, 68 face (OpenPose's first 68 face points),
+    21 left hand, 21 right hand, in that order."""
+    from danqing.preprocess.models import _wholebody_parts
+
+    kp = np.array([[float(i), float(i) + 0.5] for i in range(133)])
+    sc = np.full(133, 0.9)
+    sc[91] = 0.1  # the left hand's wrist point, unsure
+    parts = _wholebody_parts(kp, sc, 0.3)
+    face, left, right = (np.array(parts[k]).reshape(-1, 3) for k in
+                         ("face_keypoints_2d", "hand_left_keypoints_2d", "hand_right_keypoints_2d"))
+    assert face.shape == (68, 3) and left.shape == (21, 3) and right.shape == (21, 3)
+    assert face[0].tolist() == [23.0, 23.5, 0.9] and right[20].tolist() == [132.0, 132.5, 0.9]
+    assert left[0].tolist() == [0.0, 0.0, 0.0] and left[1].tolist() == [92.0, 92.5, 0.9]
+
+
 def _tiny_person_detector(folder, box_cxcywh, labels=("N/A", "person", "bicycle")):
     """A tiny DETR whose one query always finds class 1 at ``box_cxcywh`` (fractions of the
     picture): the heads' weights zeroed and their biases set."""
