@@ -283,8 +283,8 @@ def choose_font(text: str, font: str | None = None) -> str:
         if not missing_glyphs(path, text):
             return path
     if not candidates:
-        raise InvalidRequest("font", f"no font found (neither {d['font']} nor a CJK font) in "
-                                     f"{', '.join(str(r) for r in font_roots() if r.is_dir()) or 'the system font folders'}; "
+        roots = ", ".join(str(r) for r in font_roots() if r.is_dir()) or "the system font folders"
+        raise InvalidRequest("font", f"no font found (neither {d['font']} nor a CJK font) in {roots}; "
                                      f"{d['cjk_install']}")
     missing = [ch for ch in dict.fromkeys(text) if all(ch in missing_glyphs(c, ch) for c in candidates)]
     raise InvalidRequest("font", f"no installed font has a glyph for {''.join(missing) or text!r} (tried "

@@ -183,7 +183,8 @@ POSE_FILES = "config.json, model.safetensors and preprocessor_config.json"
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
-# OpenPose-18 (Cao et al. 2019, "BODY_18"/COCO model output order; what ControlNet's annotator draws):
+# OpenPose-18 (Cao et al. 2019, the order of OpenPose's 18-keypoint COCO body model; what ControlNet's
+# annotator draws, and what LIMBS / COLOURS above index):
 OPENPOSE_KEYPOINTS = ("nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
                       "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
                       "right_eye", "left_eye", "right_ear", "left_ear")
@@ -196,9 +197,9 @@ def coco_to_openpose(keypoints, scores, threshold: float = 0.3) -> list[float]:
     l/r hip, l/r knee, l/r ankle. OpenPose order (``OPENPOSE_KEYPOINTS``): nose, neck, r-shoulder,
     r-elbow, r-wrist, l-shoulder, l-elbow, l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee,
     l-ankle, r-eye, l-eye, r-ear, l-ear. The neck, which COCO lacks, is the midpoint of the two
-    shoulders when both are confident, with the lower of their two scores (as controlnet_aux's
-    DWPose does). A keypoint under ``threshold`` is dropped: written as (0, 0, 0), which the
-    renderer skips.
+    shoulders when both are confident (the rule DWPose uses in controlnet_aux); its confidence is
+    the lower of the two (our choice). A keypoint under ``threshold`` is dropped: written as
+    (0, 0, 0), which the renderer skips.
 
     Args:
         keypoints: (17, 2) pixel coordinates (x, y) in COCO order.
@@ -239,7 +240,8 @@ def _wholebody_parts(keypoints, scores, threshold: float) -> dict:
 
 
 def _missing_pose(models_dir) -> ModelNotFound:
-    where = Path(models_dir) / PREPROCESSOR_DIR / POSE_FOLDER if models_dir else f"<models>/{PREPROCESSOR_DIR}/{POSE_FOLDER}"
+    where = (Path(models_dir) / PREPROCESSOR_DIR / POSE_FOLDER if models_dir
+             else f"<models>/{PREPROCESSOR_DIR}/{POSE_FOLDER}")
     return ModelNotFound(f"openpose keypoint detection needs a transformers ViTPose model folder in {where}/ "
                          f"({POSE_FILES}, e.g. usyd-community/vitpose-base-simple saved with save_pretrained; "
                          f"local files only); or give the pose as an OpenPose JSON file instead of a picture")
@@ -329,7 +331,8 @@ def detect_openpose(img: Image.Image, models_dir, threshold: float = 0.3, person
         raise _missing_pose(models_dir)
     img = img.convert("RGB")
     detector = model_folder(PERSON_FOLDER, models_dir)
-    boxes = detect_people(img, detector, person_threshold) if detector else [[0.0, 0.0, float(img.width), float(img.height)]]
+    whole = [[0.0, 0.0, float(img.width), float(img.height)]]  # no detector: the picture is one person's box
+    boxes = detect_people(img, detector, person_threshold) if detector else whole
     model, processor = load_pose_model(folder)
     people = []
     for kp, sc in estimate_poses(img, model, processor, boxes):
