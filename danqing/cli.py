@@ -606,21 +606,23 @@ def serve(
 def preprocess(
     ctx: typer.Context,
     kind: str = typer.Argument(..., metavar="TYPE", help="Preprocessor: canny, lineart, lineart_anime, scribble, softedge, mlsd, tile, blur, shuffle, segmentation, invert, depth, normal, openpose, none."),
-    image: Path = typer.Argument(..., help="Picture (openpose: an OpenPose JSON file)."),
-    out: Optional[Path] = typer.Option(None, help="Output .png [default: IMAGE-TYPE.png beside the picture]."),
+    image: Path = typer.Argument(..., help="Picture (openpose: a picture, with a ViTPose model in models/preprocessors/openpose/, or an OpenPose JSON file)."),
+    out: Optional[Path] = typer.Option(None, help="Output .png [default: IMAGE-TYPE.png beside the picture]; openpose on a picture also writes the detected pose as OUT.json."),
     res: int = typer.Option(512, help="Processor resolution: the short side the map is made at."),
     a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold)."),
     b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold)."),
 ):
     """Turn a picture into a control map for ControlNet (`danqing preprocess canny photo.jpg`)."""
     from danqing.editing.images import load_image
-    from danqing.outputs.store import save_png
+    from danqing.outputs.store import save_png, save_text
     from danqing.preprocess import get_preprocessor, run_preprocessor
 
     p = get_preprocessor(kind)
     out = out or image.with_name(f"{image.stem}-{kind}.png")
-    if out.exists():
-        raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
+    pose_out = out.with_suffix(".json") if kind == "openpose" and image.suffix.lower() != ".json" else None
+    for path in (out, pose_out):
+        if path is not None and path.exists():
+            raise InvalidRequest("out", f"{path} already exists; danqing never overwrites, pick another name")
     if kind == "openpose" and image.suffix.lower() == ".json":
         from danqing.preprocess.models import render_pose_json
 
@@ -630,8 +632,12 @@ def preprocess(
         result = run_preprocessor(kind, picture, resolution=res, a=a, b=b, models_dir=ctx.obj.models_dir)
     a_val = p.a_default if a is None else a
     b_val = p.b_default if b is None else b
+    pose = result.info.get("openpose") if pose_out is not None else None
     save_png(result, out, f"Preprocessor: {kind}, Resolution: {res}, A: {a_val}, B: {b_val}")
     print(f"{out}  {result.width}x{result.height}")
+    if pose is not None:  # the detected keypoints, in the format `preprocess openpose FILE.json` renders
+        save_text(pose, pose_out)
+        print(f"{pose_out}  {len(json.loads(pose)['people'])} people")
 
 
 app_app = typer.Typer(help="The course's projects: `danqing app colorize|qr|text|restyle` (docs/control.md).",
@@ -705,7 +711,7 @@ def app_text(
     ctx: typer.Context,
     word: str = typer.Argument(..., help="The word (any script the font covers)."),
     prompt: str = typer.Argument(..., help="What the word is made of."),
-    font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc); for Chinese a CJK font [default: DejaVuSans-Bold]."),
+    font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc path or a file name under the system font folders) [default: DejaVuSans-Bold, or an installed CJK font when the word needs one]."),
     fill: Optional[str] = typer.Option(None, help="Starting colour of the letters [default: red]."),
     seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),

@@ -136,7 +136,13 @@ class Studio:
         networks = activate(tags, comps, registry=self.registry, model_name=loaded.name, cache=self.networks)
         control = None
         if request.controlnet:  # ControlNets / T2I-Adapters, checked against the checkpoint
-            control = self._control(request, loaded, mask if edit else None)
+            crop = None
+            if edit and mask is not None and request.inpaint_full_res:  # "only masked": maps cut as the picture is
+                from danqing.editing.img2img import only_masked_box
+
+                box = only_masked_box(init, mask, request)
+                crop = ((init.width, init.height), box) if box is not None else None
+            control = self._control(request, loaded, mask if edit else None, crop=crop)
         timings["load"] = time.perf_counter() - t0
         with patched(comps, networks), contextlib.ExitStack() as scope:
             # 2b. customise: the textual-inversion embeddings the prompts call, checked against
@@ -275,9 +281,10 @@ class Studio:
                                 ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
         entry = ModelEntry(adapter.stem, adapter, "ipadapter", adapter.suffix.lstrip(".").lower())
         return named, self.registry.sha256(entry)  # cached by path, size and mtime
-    def _control(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None):
+    def _control(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None, crop=None):
         """Load every unit's model (checked against the checkpoint) and prepare its picture at
-        ``size`` (width, height; default the request's)."""
+        ``size`` (width, height; default the request's); ``crop``: "only masked" inpainting's
+        ``((full_width, full_height), box)`` (``conditioning.control.control_map``)."""
         from danqing.conditioning.control import ControlDenoise, check_compatible, prepare_units
 
         controls = []
@@ -287,7 +294,8 @@ class Studio:
                              model_name=loaded.name, family=loaded.components.family)
             controls.append((c.model, c.kind))
         width, height = size or (request.width, request.height)
-        units = prepare_units(request, controls, width, height, mask=mask, models_dir=self.settings.models_dir)
+        units = prepare_units(request, controls, width, height, mask=mask, models_dir=self.settings.models_dir,
+                              crop=crop)
         return ControlDenoise(units, hashes=[self.models.load_control(u.model).sha256 for u in request.controlnet])
 
 

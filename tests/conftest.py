@@ -42,3 +42,23 @@ def studio(models_dir, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("home")
     return Studio(Settings(home=home, models_dir=models_dir, device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vitpose():
+    """A function that saves a tiny random ViTPose (17 COCO keypoints, 64x48 input) and its image
+    processor into a folder."""
+
+    def build(folder):
+        import torch
+        from transformers import (VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation,
+                                  VitPoseImageProcessorPil)
+
+        torch.manual_seed(0)
+        backbone = VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, out_indices=[2])
+        VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17)).save_pretrained(folder)
+        VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(folder)
+        return folder
+
+    return build

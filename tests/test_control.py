@@ -371,3 +371,97 @@ def test_hires_fix_keeps_the_control_in_its_second_pass(studio, control_setup, m
     assert seen["size"] == (96, 96)  # the map was made again at the second pass's size
     diff = (both.latents[0] - first_only.latents[0]).abs().max().item()
     assert diff > 1e-2, diff  # the second pass's control changes its result
+
+
+def test_only_masked_inpaint_with_control_is_a_controlled_inpaint_of_the_crop(studio, control_setup, tmp_path):
+    """"Only masked" with a ControlNet (sd-webui-controlnet's way): the control picture is cut
+    with the same box as the init picture. Checked against doing it by hand: crop picture, mask
+    and control picture with ``only_masked_box``, run a whole-picture inpaint with the control on
+    the crop, paste it back. The mask (20x20 at (60, 70)) with padding 22 gives a 64x64 box, the
+    output size, so no resizing blurs the comparison and the two must agree exactly (mask blur 0:
+    outside the mask both keep the init picture, inside both are the same generation).
+    Cropping matters: the whole control picture squeezed to 64x64 gives another picture; and
+    pixels outside the mask are the init picture's."""
+    from danqing.conditioning.control import control_map, image_tensor
+    from danqing.editing.images import composite, resize_image
+    from danqing.editing.img2img import only_masked_box
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:128, 0:128]
+    init = np.stack([xx * 2, yy * 2, 255 - xx - yy // 2], axis=2).astype(np.uint8)
+    init[40:100, 30:60] = (200, 40, 40)
+    Image.fromarray(init).save(tmp_path / "init.png")
+    m = np.zeros((128, 128), np.uint8)
+    m[70:90, 60:80] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    hint = np.zeros((128, 128, 3), np.uint8)
+    hint[50:110, 45:95] = 255
+    hint[rng.random((128, 128)) < 0.05] = 128
+    Image.fromarray(hint).save(tmp_path / "hint.png")
+    unit = ControlUnit(model="tiny-cn-a", image=str(tmp_path / "hint.png"), resize_mode="Just Resize")
+    common = dict(denoising_strength=0.8, mask_blur=0)
+    req = _req([unit], init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"),
+               inpaint_full_res=True, inpaint_full_res_padding=22, **common)
+    box = only_masked_box(Image.fromarray(init), Image.fromarray(m), req)
+    assert box == (38, 48, 102, 112)
+    got = np.asarray(studio.generate(req, save=False).images[0], np.int16)
+    assert got.shape == (128, 128, 3)
+
+    x1, y1, x2, y2 = box
+
+    def by_hand(control_crop):
+        """Inpaint of the crop (whole picture, with the control), pasted back into the init picture."""
+        for name, a in (("c-init", init[y1:y2, x1:x2]), ("c-mask", m[y1:y2, x1:x2]), ("c-hint", control_crop)):
+            Image.fromarray(np.ascontiguousarray(a)).save(tmp_path / f"{name}.png")
+        out = studio.generate(_req([ControlUnit(model="tiny-cn-a", image=str(tmp_path / "c-hint.png"))],
+                                   init_image=str(tmp_path / "c-init.png"), mask=str(tmp_path / "c-mask.png"),
+                                   **common), save=False).images[0]
+        canvas = Image.fromarray(init)
+        canvas.paste(out, (x1, y1))
+        return np.asarray(composite(Image.fromarray(init), canvas, m.astype(np.float32) / 255), np.int16)
+
+    expect = by_hand(hint[y1:y2, x1:x2])
+    assert np.array_equal(got, expect), np.abs(got - expect).max()
+    inside = m > 0
+    assert np.abs(got - init.astype(np.int16))[~inside].max() <= 1  # outside the mask: unchanged
+    squeezed = by_hand(np.asarray(Image.fromarray(hint).resize((64, 64), Image.LANCZOS)))
+    assert np.abs(got - squeezed)[inside].max() > 2  # the control picture is cropped, not squeezed
+    plain = np.asarray(studio.generate(req.replace(controlnet=()), save=False).images[0], np.int16)
+    assert np.abs(got - plain)[inside].max() > 2  # and it acts
+    # a control picture of another size and shape: fitted to the full picture first (its resize
+    # mode), then cut and resized as the init picture is
+    wide = Image.fromarray(np.repeat(hint, 2, axis=1)[:100])
+    wide.save(tmp_path / "wide.png")
+    for mode in ("Just Resize", "Crop and Resize", "Resize and Fill"):
+        u = ControlUnit(model="x", image=str(tmp_path / "wide.png"), resize_mode=mode)
+        small = (40, 60, 72, 92)  # a 32x32 box, resized to 64x64
+        out = control_map(u, 64, 64, crop=((128, 128), small))
+        ref = resize_image(wide, 128, 128, mode.lower()).crop(small).resize((64, 64), Image.LANCZOS)
+        assert np.array_equal(np.asarray(out), np.asarray(ref)), mode
+    # the inpaint module marks the cropped mask (-1), cut from the full-size picture and mask
+    cond = image_tensor(control_map(ControlUnit(model="x", image=str(tmp_path / "init.png"), module="inpaint",
+                                                resize_mode="Just Resize"), 64, 64, mask=Image.fromarray(m),
+                                    crop=((128, 128), box)))
+    assert (cond[..., 22:42, 22:42] == -1).all() and int((cond == -1).sum()) == 3 * 20 * 20
+    # a box smaller than the output (resized 2x) and the default mask blur: still only the mask changes
+    blurred = studio.generate(req.replace(inpaint_full_res_padding=6, mask_blur=4), save=False).images[0]
+    assert np.abs(np.asarray(blurred, np.int16) - init)[~inside].max() <= 1
+
+
+def test_openpose_unit_detects_the_pose_of_a_picture(tmp_path, tiny_vitpose):
+    """A unit with module "openpose" and a picture runs the ViTPose folder of models/preprocessors/
+    at the processor resolution, then fits the drawn skeleton to the output like any map."""
+    from skimage import data
+
+    from danqing.conditioning.control import control_map
+    from danqing.editing.images import resize_image
+    from danqing.preprocess import run_preprocessor
+
+    tiny_vitpose(tmp_path / "preprocessors" / "openpose")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    unit = ControlUnit(model="x", image=str(photo), module="openpose", processor_res=128, threshold_a=0.0)
+    got = control_map(unit, 96, 64, models_dir=tmp_path)
+    ref = resize_image(run_preprocessor("openpose", Image.open(photo).convert("RGB"), resolution=128, a=0.0,
+                                        models_dir=tmp_path), 96, 64, "crop and resize")
+    assert got.size == (96, 64) and np.array_equal(np.asarray(got), np.asarray(ref)) and np.asarray(got).max() > 0

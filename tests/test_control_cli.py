@@ -62,3 +62,27 @@ def test_bad_control_input_is_one_line(capsys, tmp_path, args, message):
         if args[0] == "generate" else run(capsys, "--home", str(tmp_path), "--device", "cpu", *args)
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_preprocess_openpose_with_a_model_writes_map_and_json(capsys, tmp_path, tiny_vitpose):
+    """`danqing preprocess openpose PHOTO` with a ViTPose folder in models/preprocessors/openpose/
+    writes the map and the detected pose (OpenPose JSON), which renders back to the same map."""
+    import json
+
+    from skimage import data
+
+    home = ["--home", str(tmp_path), "--device", "cpu"]
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    code, out, err = run(capsys, *home, "preprocess", "openpose", str(photo), "--res", "64")
+    assert code == 2 and "preprocessors/openpose/" in err and len(err.strip().splitlines()) == 1, err
+    tiny_vitpose(tmp_path / "models" / "preprocessors" / "openpose")
+    code, out, err = run(capsys, *home, "preprocess", "openpose", str(photo), "--res", "64", "--a", "0")
+    assert code in (0, None), err
+    pose = json.loads((tmp_path / "astronaut-openpose.json").read_text())
+    assert len(pose["people"]) == 1 and len(pose["people"][0]["pose_keypoints_2d"]) == 54
+    code, out, err = run(capsys, *home, "preprocess", "openpose", str(tmp_path / "astronaut-openpose.json"),
+                         "--out", str(tmp_path / "again.png"))
+    assert code in (0, None), err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "astronaut-openpose.png")),
+                          np.asarray(Image.open(tmp_path / "again.png")))

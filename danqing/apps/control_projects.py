@@ -195,12 +195,30 @@ def qr_art(studio, text: str, prompt: str, *, negative: str = "", error: str | N
 
 
 # -- creative text --------------------------------------------------------------------------------
-def _has_glyph(font: ImageFont.FreeTypeFont, ch: str) -> bool:
-    """True unless ``ch`` renders exactly like a code point no font has (the .notdef box)."""
-    if ch.isspace():
-        return True
-    missing = np.asarray(font.getmask("\U0010fffd"))
-    return not np.array_equal(np.asarray(font.getmask(ch)), missing)
+NOTDEF_PROBE = "\U0010fffd"  # a code point (plane 16, private use) no font maps: it draws the .notdef box
+
+
+def font_roots() -> list[Path]:
+    """The usual system and user font folders (Linux, macOS, Windows)."""
+    return [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts",
+            Path.home() / ".local/share/fonts", Path("/System/Library/Fonts"), Path("/Library/Fonts"),
+            Path("C:/Windows/Fonts")]
+
+
+def missing_glyphs(path: str, text: str) -> list[str]:
+    """The characters of ``text`` (whitespace aside, each once) that the font file ``path`` has no
+    glyph for: those that draw no ink, or draw exactly the .notdef box (Pillow draws .notdef for an
+    unmapped code point, so it is compared with the drawing of ``NOTDEF_PROBE``)."""
+    font = ImageFont.truetype(path, 64)
+    notdef = np.asarray(font.getmask(NOTDEF_PROBE))
+    out = []
+    for ch in dict.fromkeys(text):
+        if ch.isspace():
+            continue
+        mask = font.getmask(ch)
+        if mask.getbbox() is None or np.array_equal(np.asarray(mask), notdef):
+            out.append(ch)
+    return out
 
 
 def find_font(name: str) -> str:
@@ -208,27 +226,78 @@ def find_font(name: str) -> str:
     p = Path(name).expanduser()
     if p.is_file():
         return str(p)
-    for root in (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts",
-                 Path("/System/Library/Fonts"), Path("C:/Windows/Fonts")):
+    for root in font_roots():
         if root.is_dir():
             hit = next(iter(sorted(root.rglob(Path(name).name))), None)
             if hit:
                 return str(hit)
     raise InvalidRequest("font", f"{name}: no such font file (give a .ttf/.otf/.ttc path; for Chinese, a CJK font "
-                                 f"such as NotoSansCJK or SourceHanSans)")
+                                 f"such as NotoSansCJK or WenQuanYi Micro Hei)")
 
 
-def word_mask(word: str, size: int, font: str = "DejaVuSans-Bold.ttf", margin: float = 0.08) -> Image.Image:
-    """``word`` rendered white on black, as large as fits size x size with a margin ("L")."""
+def cjk_fonts() -> list[str]:
+    """CJK-capable font files on this machine, best first: fontconfig's ``fc-list :lang=zh``
+    (when fontconfig is installed), then the known file names of ``data/apps/control.json``
+    (``text.cjk_fonts``: Noto Sans CJK, Source Han Sans, WenQuanYi, ...) under ``font_roots()``."""
+    import shutil
+    import subprocess
+
+    found: list[str] = []
+    if shutil.which("fc-list"):
+        try:
+            listed = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            listed = ""
+        found += sorted(line.split(":")[0].strip() for line in listed.splitlines() if line.strip())
+    names = app_defaults("text")["cjk_fonts"]
+    rank = {n.lower(): i for i, n in enumerate(names)}
+    known = []
+    for root in font_roots():
+        if root.is_dir():
+            known += [p for p in root.rglob("*") if p.name.lower() in rank and p.is_file()]
+    found += [str(p) for p in sorted(known, key=lambda p: (rank[p.name.lower()], str(p)))]
+    return list(dict.fromkeys(found))
+
+
+def choose_font(text: str, font: str | None = None) -> str:
+    """The font file that draws ``text``: ``font`` when given (a path, or a file name under the
+    system font folders); else the default (``data/apps/control.json``'s ``text.font``, DejaVu Sans
+    Bold) when it covers the text, else the first CJK-capable font found (``cjk_fonts``) that does.
+    A font that lacks characters is refused, naming them and the font to install."""
+    d = app_defaults("text")
+    if font:
+        path = find_font(font)
+        missing = missing_glyphs(path, text)
+        if missing:
+            better = next((c for c in cjk_fonts() if not missing_glyphs(c, text)), None)
+            hint = f"e.g. {better}" if better else d["cjk_install"]
+            raise InvalidRequest("font", f"{Path(path).name} has no glyph for {''.join(missing)!r}; give a font that "
+                                         f"covers the word ({hint})")
+        return path
+    try:
+        default = find_font(d["font"])
+    except InvalidRequest:
+        default = None
+    candidates = ([default] if default else []) + cjk_fonts()
+    for path in candidates:
+        if not missing_glyphs(path, text):
+            return path
+    if not candidates:
+        roots = ", ".join(str(r) for r in font_roots() if r.is_dir()) or "the system font folders"
+        raise InvalidRequest("font", f"no font found (neither {d['font']} nor a CJK font) in {roots}; "
+                                     f"{d['cjk_install']}")
+    missing = [ch for ch in dict.fromkeys(text) if all(ch in missing_glyphs(c, ch) for c in candidates)]
+    raise InvalidRequest("font", f"no installed font has a glyph for {''.join(missing) or text!r} (tried "
+                                 f"{', '.join(Path(c).name for c in candidates)}); {d['cjk_install']}")
+
+
+def word_mask(word: str, size: int, font: str | None = None, margin: float = 0.08) -> Image.Image:
+    """``word`` rendered white on black, as large as fits size x size with a margin ("L"), in
+    ``font`` or the font ``choose_font`` finds for it."""
     if not word.strip():
         raise InvalidRequest("text", "the word must not be empty")
-    path = find_font(font)
+    path = choose_font(word, font)
     lo, hi = 4, size * 2
-    probe = ImageFont.truetype(path, 64)
-    missing = [ch for ch in word if not _has_glyph(probe, ch)]
-    if missing:
-        raise InvalidRequest("font", f"{Path(path).name} has no glyph for {''.join(missing)!r}; give a font that "
-                                     f"covers the word (for Chinese: a CJK font such as NotoSansCJK)")
     room = size * (1 - 2 * margin)
     while lo < hi:  # the largest font size whose box fits
         mid = (lo + hi + 1) // 2
@@ -265,14 +334,15 @@ def creative_text(studio, word: str, prompt: str, *, font: str | None = None, fi
                   negative: str = "", seed: int = 0, size: int | None = None, model: str | None = None,
                   checkpoint: str | None = None, strength: float | None = None,
                   steps: int | None = None, control: bool = True) -> TextArtResult:
-    """A picture shaped like ``word``: its mask (in ``font``) filled with colour ``fill`` on white
-    is the img2img start, and a canny ControlNet holds the letters' outline (``control=False``:
-    the same img2img without it, for comparison)."""
+    """A picture shaped like ``word``: its mask (in ``font``; when none is given the default font,
+    or a CJK font found on the machine if the default lacks the word's characters: ``choose_font``)
+    filled with colour ``fill`` on white is the img2img start, and a canny ControlNet holds the
+    letters' outline (``control=False``: the same img2img without it, for comparison)."""
     from PIL import ImageColor
 
     d = app_defaults("text")
     size = size or d["size"]
-    mask = word_mask(word, size, font or d["font"])
+    mask = word_mask(word, size, font)
     try:
         colour = ImageColor.getrgb(fill or d["fill"])
     except ValueError:

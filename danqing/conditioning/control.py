@@ -383,13 +383,41 @@ class PreparedControl:
     guess: bool = False
 
 
-def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models_dir=None):
+def crop_to(picture, box: tuple[int, int, int, int], width: int, height: int):
+    """"Only masked": a picture at the init picture's size cut to ``box`` (x1, y1, x2, y2) and
+    resized to width x height exactly as the init picture's crop is (LANCZOS), so map and
+    picture stay pixel-aligned (sd-webui-controlnet crops its control image the same way)."""
+    from PIL import Image
+
+    return picture.crop(box).resize((width, height), Image.LANCZOS)
+
+
+def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models_dir=None, crop=None):
     """The unit's picture, preprocessed and fitted to width x height: an RGB PIL image, or for
     the "inpaint" module a (H, W, 3) float array with -1 under ``mask``. An OpenPose unit may
-    give a pose JSON file instead of a picture."""
+    give a pose JSON file instead of a picture.
+
+    Args:
+        crop: "only masked" inpainting: ``((full_width, full_height), box)``: the map is made and
+            fitted (its resize mode) to the full init picture's size, then cut to ``box`` and
+            resized to width x height (``crop_to``), as the init picture is; ``mask`` is then at
+            the full size.
+    """
     from danqing.editing.images import load_image, resize_image
     from danqing.preprocess import run_preprocessor
 
+    if crop is not None:
+        (full_w, full_h), box = crop
+        if unit.module == "inpaint":  # crop picture and mask, then mark the mask (no -1 smeared by resizing)
+            import numpy as np
+
+            from danqing.preprocess import inpaint_condition
+
+            pic = crop_to(resize_image(load_image(unit.image, "controlnet.image"), full_w, full_h,
+                                       request_resize_mode(unit.resize_mode)), box, width, height)
+            m = None if mask is None else np.asarray(crop_to(mask.convert("L"), box, width, height), np.float32) / 255
+            return inpaint_condition(pic, m)
+        return crop_to(control_map(unit, full_w, full_h, mask=mask, models_dir=models_dir), box, width, height)
     mode = request_resize_mode(unit.resize_mode)
     if unit.module == "openpose" and str(unit.image).lower().endswith(".json"):
         from danqing.preprocess.models import render_pose_json
@@ -505,16 +533,17 @@ class ControlDenoise:
 
 
 def prepare_units(request, loaded_controls, width: int, height: int, *, mask=None,
-                  models_dir=None) -> list[PreparedControl]:
+                  models_dir=None, crop=None) -> list[PreparedControl]:
     """``request.controlnet`` with its loaded models -> ``PreparedControl``s at width x height.
 
     Args:
         loaded_controls: one ``(model, kind)`` per unit, in order (``ModelManager.load_control``).
         mask: the inpaint mask (PIL "L"), for the "inpaint" module.
+        crop: "only masked" inpainting: ``((full_width, full_height), box)`` (``control_map``).
     """
     out = []
     for unit, (model, kind) in zip(request.controlnet, loaded_controls):
-        pic = control_map(unit, width, height, mask=mask, models_dir=models_dir)
+        pic = control_map(unit, width, height, mask=mask, models_dir=models_dir, crop=crop)
         out.append(PreparedControl(model, kind, image_tensor(pic), unit.weight, unit.guidance_start,
                                    unit.guidance_end, unit.control_mode, unit.guess_mode))
     return out

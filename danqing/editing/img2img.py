@@ -63,21 +63,37 @@ def latent_mask(mask: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(torch.from_numpy(mask)[None, None].float(), size=shape)
 
 
+def full_mask(init: Image.Image, mask_img: Image.Image, request) -> np.ndarray:
+    """The inpaint mask at the init picture's size, (H, W) float32 in [0, 1], 1 = repaint
+    (inverted when ``request.inpainting_mask_invert``)."""
+    return mask_array(mask_img if mask_img.size == init.size else mask_img.resize(init.size, Image.LANCZOS),
+                      invert=request.inpainting_mask_invert)
+
+
+def only_masked_box(init: Image.Image, mask_img: Image.Image | None, request) -> tuple[int, int, int, int] | None:
+    """"Only masked" (A1111's ``inpaint_full_res``): the box (x1, y1, x2, y2) of ``init`` that is
+    inpainted at width x height (the mask's box + padding, grown to W:H: ``crop_region``); None
+    when the request is not an only-masked inpaint or its mask is empty."""
+    if mask_img is None or not request.inpaint_full_res:
+        return None
+    m = full_mask(init, mask_img, request)
+    if m.max() <= 0:
+        return None
+    return crop_region(m, request.inpaint_full_res_padding, request.width, request.height)
+
+
 def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None, *, device, dtype,
                 on_step=None, control=None) -> EditOutput:
     """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says; ``control`` is a
-    ``conditioning.control.ControlDenoise`` (ControlNet units at width x height) or None."""
+    ``conditioning.control.ControlDenoise`` (ControlNet units at width x height; for "only
+    masked", their maps already cropped to ``only_masked_box`` as the init picture is) or None."""
     warnings: list[str] = []
-    if control is not None and mask_img is not None and request.inpaint_full_res:
-        raise InvalidRequest("inpaint_full_res", "\"only masked\" inpainting with ControlNet is not available yet; "
-                             "use the whole picture (inpaint_full_res false)")
     W, H = request.width, request.height
     if mask_img is None:
         return _run(comps, request, resize_image(init, W, H, request.resize_mode), None, device=device,
                     dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init, control=control)
 
-    mask_full = mask_array(mask_img if mask_img.size == init.size else mask_img.resize(init.size, Image.LANCZOS),
-                           invert=request.inpainting_mask_invert)
+    mask_full = full_mask(init, mask_img, request)
     if mask_full.max() <= 0:
         warnings.append("mask: it masks no pixel; nothing to inpaint, the init image is returned unchanged")
         n = request.batch_size * request.batch_count
@@ -100,10 +116,11 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
         return out
 
     # "only masked": the mask's box (+ padding, grown to W:H) inpainted at W x H, pasted back.
-    x1, y1, x2, y2 = crop_region(mask_full, request.inpaint_full_res_padding, W, H)
+    x1, y1, x2, y2 = only_masked_box(init, mask_img, request)
     crop = init.crop((x1, y1, x2, y2)).resize((W, H), Image.LANCZOS)
     m_crop = mask_array(Image.fromarray(np.round(mask_full[y1:y2, x1:x2] * 255).astype(np.uint8)).resize((W, H), Image.LANCZOS))
-    out = _run(comps, request, crop, m_crop, device=device, dtype=dtype, on_step=on_step, warnings=warnings)
+    out = _run(comps, request, crop, m_crop, device=device, dtype=dtype, on_step=on_step, warnings=warnings,
+               control=control)
     weight = feather_inward(mask_full, request.mask_blur)
     pasted = []
     for im in out.images:

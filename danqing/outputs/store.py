@@ -50,12 +50,23 @@ def save_png(image: Image.Image, path: Path, infotext: str, *, overwrite: bool =
     exists and not ``overwrite``; the final step is then a hard link, which fails instead of
     replacing a file that appeared meanwhile. No temp file is left behind, whatever fails.
     """
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)  # Pillow writes iTXt (UTF-8) when not Latin-1
+    return _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def save_text(text: str, path: Path, *, overwrite: bool = False) -> Path:
+    """Write ``text`` (UTF-8) as ``save_png`` writes a picture: temp file + fsync + link/rename,
+    never over an existing file unless ``overwrite``."""
+    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
+
+
+def _write_atomic(path: Path, write, *, overwrite: bool) -> Path:
+    """``write(binary file)`` into a temp file beside ``path``, then link (or replace) it there."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(_exists_message(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)  # Pillow writes iTXt (UTF-8) when not Latin-1
     tmp: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
@@ -64,7 +75,7 @@ def save_png(image: Image.Image, path: Path, infotext: str, *, overwrite: bool =
             # (or keep the mode of the file being replaced).
             mode = path.stat().st_mode & 0o7777 if overwrite and path.exists() else 0o666 & ~_UMASK
             os.chmod(tmp, mode)
-            image.save(f, format="PNG", pnginfo=info)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if overwrite:

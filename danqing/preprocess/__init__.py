@@ -9,6 +9,7 @@ to its function and the meaning of its two parameters (threshold_a / threshold_b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from danqing.errors import InvalidRequest
@@ -49,7 +50,8 @@ def _table() -> dict[str, Preprocessor]:
         P("inpaint", c.passthrough, "inpaint: the picture with the mask's area marked -1 (needs a mask)"),
         P("depth", m.depth, "depth map from a depth-estimation model folder (transformers) or a depth map given as the picture"),
         P("normal", m.normal, "normal map from a depth model (or a depth map given as the picture)", "background threshold", 0.1, None, None),
-        P("openpose", m.openpose, "18-keypoint skeleton from a pose JSON file (OpenPose format), or detected by a pose model"),
+        P("openpose", m.openpose, "18-keypoint skeleton from a pose JSON file (OpenPose format), or detected by a ViTPose model",
+          "keypoint threshold", 0.3, "person threshold", 0.5),
     ]
     return {r.name: r for r in rows}
 
@@ -81,7 +83,7 @@ def run_preprocessor(name: str, image, *, resolution: int = 512, a: float | None
     p = get_preprocessor(name)
     a = p.a_default if a is None else a
     b = p.b_default if b is None else b
-    if name not in ("none", "inpaint", "segmentation", "openpose"):
+    if name not in ("none", "inpaint", "segmentation") and not isinstance(image, (str, Path)):
         from danqing.preprocess.classical import fit_short_side
 
         image = fit_short_side(image, resolution)

@@ -209,7 +209,7 @@ def build_ui(state):
                 with gr.Tab("Creative text"):
                     tx_word = gr.Textbox(label="Word", elem_id="text_word")
                     tx_prompt = gr.Textbox(label="Prompt", elem_id="text_prompt")
-                    tx_font = gr.Textbox(label="Font file (empty = DejaVu Sans Bold; a CJK font for Chinese)")
+                    tx_font = gr.Textbox(label="Font file (empty = DejaVu Sans Bold, or an installed CJK font when the word needs one)")
                     tx_go = gr.Button("Make", variant="primary", elem_id="text_go")
                     tx_out = gr.Image(label="Result", elem_id="text_result")
                 with gr.Tab("Photo restyling"):
