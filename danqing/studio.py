@@ -75,6 +75,9 @@ class Studio:
 
         self.embeddings = EmbeddingLibrary(self.registry)
         self.ip_adapters = IPAdapterLibrary(self.registry, self.models)
+        from danqing.editing.upscalers import UpscalerLibrary
+
+        self.upscalers = UpscalerLibrary(self.settings.models_dir, self.models)
 
     def generate(
         self,
@@ -121,9 +124,9 @@ class Studio:
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 
-            if request.hr_upscaler not in hires_upscalers():
+            if request.hr_upscaler not in hires_upscalers(self.upscalers):
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                     f"installed: {', '.join(hires_upscalers())}")
+                                     f"installed: {', '.join(hires_upscalers(self.upscalers))}")
 
         # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
         # patched into the weights for this request only (restored when it ends, even on error).
@@ -210,7 +213,7 @@ class Studio:
                 if request.controlnet:  # the units again, their maps at the second pass's size
                     control_hr = self._control(request, loaded, None, size=request.hr_size)
                 latents_out, interrupted = run_hires(comps, request, latents_out, device=device, dtype=dtype,
-                                                     on_step=on_step, control=control_hr)
+                                                     on_step=on_step, control=control_hr, upscalers=self.upscalers)
             timings["sample"] = time.perf_counter() - t
             t = time.perf_counter()
             images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]

@@ -581,10 +581,13 @@ def build_router(state) -> APIRouter:
 
     @r.get("/upscalers")
     def upscalers() -> list[dict]:
-        from danqing.editing.upscale import upscaler_names
+        from danqing.editing.upscale import BUILTIN
+        from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
 
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                for n in upscaler_names()]
+        files = find_files(state.settings.models_dir, UPSCALER_FOLDERS)
+        return [{"name": n, "model_name": None if n in BUILTIN else n,
+                 "model_path": None if n in BUILTIN else str(files[n]), "model_url": None, "scale": 4.0}
+                for n in state.worker.studio.upscalers.names()]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
