@@ -128,6 +128,9 @@ class Studio:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
                                      f"installed: {', '.join(hires_upscalers(self.upscalers))}")
 
+        if request.restore_faces:  # the face model named (the first installed if none), checked before loading
+            request = request.replace(face_restoration_model=self.upscalers.face_model_name(request.face_restoration_model))
+
         # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
         # patched into the weights for this request only (restored when it ends, even on error).
         from danqing.customise.lora import activate, patched, request_tags
@@ -217,6 +220,13 @@ class Studio:
             timings["sample"] = time.perf_counter() - t
             t = time.perf_counter()
             images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
+        if request.restore_faces:  # 5b. face restoration, picture by picture (A1111's restore_faces)
+            from danqing.editing.faces import restore_faces
+
+            face_model = self.upscalers.face_model(request.face_restoration_model)
+            restored = [restore_faces(img, face_model) for img in images]
+            images = [img for img, _ in restored]
+            warnings = warnings + sorted({w for _, ws in restored for w in ws})
         timings["decode"] = time.perf_counter() - t
 
         # 6. metadata and save.

@@ -252,5 +252,45 @@ def test_face_restoration_changes_the_face_only(gfpgan_dir, tmp_path):
     assert np.array_equal(np.asarray(same), np.asarray(img))
     flat, warnings = restore_faces(Image.new("RGB", (128, 128), (90, 120, 150)), desc)
     assert warnings == ["restore faces: no face found; the picture is unchanged"]
-    with pytest.raises(InvalidRequest, match="face_restorer: .*'tiny-esrgan'.*installed: tiny-gfpgan"):
+    with pytest.raises(InvalidRequest, match="face_restoration_model: .*'tiny-esrgan'.*installed: tiny-gfpgan"):
         st.upscalers.face_model("tiny-esrgan")
+
+
+def test_restore_faces_request_field(gfpgan_dir, tmp_path):
+    """A1111's restore_faces: the first installed face model is named in the request and the
+    infotext ("Face restoration: NAME"), which reads back; a picture without faces says so."""
+    from danqing.outputs.metadata import request_from_infotext
+
+    st = Studio(Settings(home=tmp_path, models_dir=gfpgan_dir, device="cpu", dtype="fp32"))
+    req = GenerationRequest(prompt="a red circle", seed=1, steps=2, width=64, height=64, restore_faces=True,
+                            model="danqing-tiny-random")
+    res = st.generate(req)
+    plain = st.generate(req.replace(restore_faces=False))
+    assert res.request.face_restoration_model == "tiny-gfpgan"
+    assert "Face restoration: tiny-gfpgan" in res.infotexts[0]
+    assert res.warnings == ["restore faces: no face found; the picture is unchanged"]
+    assert np.array_equal(np.asarray(res.images[0]), np.asarray(plain.images[0]))
+    back = request_from_infotext(res.infotexts[0])
+    assert back.restore_faces and back.face_restoration_model == "tiny-gfpgan"
+    with pytest.raises(InvalidRequest, match="face_restoration_model: unknown face-restoration model 'nope'; installed: "
+                                             "tiny-gfpgan"):
+        st.generate(req.replace(face_restoration_model="nope"))
+    empty = Studio(Settings(home=tmp_path / "e", device="cpu", dtype="fp32"))
+    with pytest.raises(InvalidRequest, match="restore_faces: no face-restoration model is installed"):
+        empty.generate(req)
+
+
+def test_api_lists_and_takes_installed_upscalers(studio, tmp_path):
+    """/sdapi/v1/upscalers lists the installed models; hr_upscaler accepts them; an unknown one
+    is a 422 naming them."""
+    from fastapi.testclient import TestClient
+
+    from server_helpers import make_app
+
+    with TestClient(make_app(tmp_path, studio=studio)) as client:
+        listed = client.get("/sdapi/v1/upscalers").json()
+        assert [u["name"] for u in listed] == studio.upscalers.names()
+        assert listed[2]["model_path"].endswith("upscalers/tiny-esrgan.pth")
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "hr_upscaler": "nope",
+                                                   "width": 64, "height": 64})
+        assert r.status_code == 422 and "tiny-esrgan" in r.text

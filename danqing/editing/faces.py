@@ -60,7 +60,7 @@ def face_fn(desc):
     its StyleGAN noise is the fixed buffers (``randomize_noise=False``), so runs repeat."""
     arch = desc.architecture.id
     if arch != "GFPGAN":
-        raise InvalidRequest("face_restorer", f"a {desc.architecture.name} model; face restoration supports "
+        raise InvalidRequest("face_restoration_model", f"a {desc.architecture.name} model; face restoration supports "
                              f"GFPGAN files only")
 
     def run(x: torch.Tensor) -> torch.Tensor:

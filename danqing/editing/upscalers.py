@@ -214,7 +214,7 @@ class UpscalerLibrary:
         files = find_files(self.models_dir, FACE_FOLDERS if faces else UPSCALER_FOLDERS)
         if name not in files:
             if faces:
-                raise InvalidRequest("face_restorer", f"unknown face-restoration model {name!r}; installed: "
+                raise InvalidRequest("face_restoration_model", f"unknown face-restoration model {name!r}; installed: "
                                      f"{', '.join(self.face_names()) or 'none'} (put GFPGAN files in "
                                      f"{self.models_dir / 'face_restore'})")
             raise InvalidRequest("upscaler", f"unknown upscaler {name!r}; installed: {', '.join(self.names())}")
@@ -227,11 +227,22 @@ class UpscalerLibrary:
         if name not in BUILTIN:
             self.file(name)
 
+    def face_model_name(self, name: str | None) -> str:
+        """``name`` checked, or the first installed face-restoration model when None."""
+        if name is not None:
+            self.file(name, faces=True)
+            return name
+        names = self.face_names()
+        if not names:
+            raise InvalidRequest("restore_faces", f"no face-restoration model is installed; put a GFPGAN file "
+                                 f"(.pth or .safetensors) in {self.models_dir / 'face_restore'}")
+        return names[0]
+
     def face_model(self, name: str):
         """The loaded face-restoration model ``name`` (a spandrel descriptor, purpose "FaceSR")."""
         desc = self.manager.load_upscaler(self.file(name, faces=True))
         if desc.purpose != "FaceSR":
-            raise InvalidRequest("face_restorer", f"{name!r} is a {desc.architecture.name} model ({desc.purpose}), "
+            raise InvalidRequest("face_restoration_model", f"{name!r} is a {desc.architecture.name} model ({desc.purpose}), "
                                  f"not a face-restoration model")
         return desc
 

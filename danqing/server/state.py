@@ -179,4 +179,7 @@ class ServerState:
             if request.hr_upscaler not in names:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
                                                     f"installed: {', '.join(names)}")
+        if request.restore_faces:  # a face model must be installed (the first one, unless named)
+            request = request.replace(face_restoration_model=self.worker.studio.upscalers.face_model_name(
+                request.face_restoration_model))
         return resolve_for_queue(request, self.settings.default_model)
