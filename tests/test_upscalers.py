@@ -294,3 +294,26 @@ def test_api_lists_and_takes_installed_upscalers(studio, tmp_path):
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "hr_upscaler": "nope",
                                                    "width": 64, "height": 64})
         assert r.status_code == 422 and "tiny-esrgan" in r.text
+
+
+def test_codeformer_when_spandrel_extra_arches_is_installed(tmp_path):
+    """CodeFormer lives in spandrel_extra_arches (a separate package, not installed by default):
+    a small random one restores the astronaut's face through the same path."""
+    pytest.importorskip("spandrel_extra_arches")
+    from skimage.data import astronaut
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    from danqing.editing.faces import restore_faces
+
+    torch.manual_seed(0)
+    net = CodeFormer(dim_embd=64, n_head=8, n_layers=1, codebook_size=32, latent_size=256,
+                     connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
+    _save(net, tmp_path / "models" / "Codeformer" / "tiny-codeformer.pth")
+    st = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
+    desc = st.upscalers.face_model("tiny-codeformer")
+    assert desc.architecture.id == "CodeFormer"
+    img = Image.fromarray(astronaut())
+    out, warnings = restore_faces(img, desc)
+    assert warnings == [] and out.size == img.size
+    assert not np.array_equal(np.asarray(out), np.asarray(img))
+    assert np.array_equal(np.asarray(out)[400:], np.asarray(img)[400:])  # far below the face

@@ -18,6 +18,7 @@ from danqing.errors import InvalidRequest, ModelError
 
 FACE_MARGIN = 0.5  # the square crop is the face box grown by this fraction on each side
 FEATHER = 0.125    # the pasted square fades out over this fraction of its side
+CODEFORMER_WEIGHT = 0.5  # A1111's code_former_weight default: 0 = the most restoration, 1 = the least
 
 
 MIN_FACE = 32      # smaller faces (and 1/16 of the short side) are not looked for: fewer false finds
@@ -55,17 +56,21 @@ def face_square(box: tuple[int, int, int, int], width: int, height: int,
 def face_fn(desc):
     """(1, 3, 512, 512) in [0, 1] -> restored, same shape, for a placed spandrel face model.
 
-    GFPGAN works in [-1, 1] (GFPGAN's ``GFPGANer.enhance`` normalises with mean 0.5, std 0.5),
-    so the module is called directly, not through the descriptor (which clamps to [0, 1]);
-    its StyleGAN noise is the fixed buffers (``randomize_noise=False``), so runs repeat."""
+    GFPGAN and CodeFormer work in [-1, 1] (GFPGAN's ``GFPGANer.enhance`` and A1111's CodeFormer
+    code normalise with mean 0.5, std 0.5), so the module is called directly, not through the
+    descriptor (which clamps to [0, 1]). GFPGAN's StyleGAN noise is its fixed buffers
+    (``randomize_noise=False``), so runs repeat; CodeFormer runs at ``CODEFORMER_WEIGHT``."""
     arch = desc.architecture.id
-    if arch != "GFPGAN":
-        raise InvalidRequest("face_restoration_model", f"a {desc.architecture.name} model; face restoration supports "
-                             f"GFPGAN files only")
+    if arch == "GFPGAN":
+        net = lambda x: desc.model(x, return_rgb=False, randomize_noise=False)[0]  # noqa: E731
+    elif arch == "CodeFormer":
+        net = lambda x: desc.model(x, weight=CODEFORMER_WEIGHT)[0]  # noqa: E731
+    else:
+        raise InvalidRequest("face_restoration_model", f"a {desc.architecture.name} model; face restoration "
+                             f"supports GFPGAN and CodeFormer files")
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = desc.model(x * 2 - 1, return_rgb=False, randomize_noise=False)[0]
-        return ((out + 1) / 2).clamp(0, 1)
+        return ((net(x * 2 - 1) + 1) / 2).clamp(0, 1)
 
     return run
 

@@ -110,7 +110,7 @@ def load_descriptor(path: Path):
     code)."""
     spandrel = _import_spandrel()
     path = Path(path)
-    loader = spandrel.ModelLoader(device="cpu")
+    loader = spandrel.ModelLoader(device="cpu", registry=_registry(spandrel))
     try:
         if path.suffix.lower() == ".pt":
             state = spandrel.canonicalize_state_dict(loader._load_pth(path))
@@ -118,9 +118,9 @@ def load_descriptor(path: Path):
             state = loader.load_state_dict_from_file(path)
         desc = loader.load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
+        extra = "" if _extra_arches() else ", which is not installed"
         raise ModelError(f"{path.name}: not an upscaler or face-restoration model that spandrel knows "
-                         f"(CodeFormer files need the separate spandrel_extra_arches package, which danqing "
-                         f"does not use)") from None
+                         f"(CodeFormer files need the separate spandrel_extra_arches package{extra})") from None
     except ModelError:
         raise
     except Exception as e:  # a corrupt or foreign file: one line, the file named
@@ -130,6 +130,31 @@ def load_descriptor(path: Path):
         raise ModelError(f"{path.name}: a {desc.architecture.name} model ({desc.purpose}), not an upscaler "
                          f"or a face-restoration model")
     return desc.float().eval()
+
+
+def _extra_arches():
+    """spandrel_extra_arches (CodeFormer, ...), a separate package whose CodeFormer weights come
+    under a non-commercial licence: used when the user installed it (``pip install --no-deps
+    spandrel-extra-arches==0.2.0``; it declares torchvision too), else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("spandrel_extra_arches") is None:
+        return None
+    import spandrel_extra_arches
+
+    return spandrel_extra_arches
+
+
+def _registry(spandrel):
+    """spandrel's main registry, plus spandrel_extra_arches' when installed (a new registry: the
+    library's global one is left as it is)."""
+    extra = _extra_arches()
+    if extra is None:
+        return spandrel.MAIN_REGISTRY
+    reg = spandrel.ArchRegistry()
+    reg.add(*spandrel.MAIN_REGISTRY)
+    reg.add(*extra.EXTRA_REGISTRY, ignore_duplicates=True)
+    return reg
 
 
 # -- running a model -----------------------------------------------------------------------------
