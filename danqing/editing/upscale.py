@@ -67,7 +67,7 @@ def sd_upscale(studio, image: Image.Image, request, *, scale: float, tile: int, 
         raise InvalidRequest("tile", f"must be a multiple of 8, at least 64, got {tile}")
     if not 0 <= overlap < tile // 2:
         raise InvalidRequest("overlap", f"must be between 0 and {tile // 2 - 1} pixels, got {overlap}")
-    big = upscale_image(image, W, H, upscaler, getattr(studio, "upscalers", None))
+    big = upscale_image(image, W, H, upscaler, studio.upscalers)
     acc = np.zeros((H, W, 3), np.float64)
     wsum = np.zeros((H, W, 1), np.float64)
     boxes = tile_boxes(W, H, tile, overlap)
