@@ -283,7 +283,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(CorruptModel, match="weights_only"):
         load_single_file(tmp_path / "junk.ckpt")
     save_file({"foo.bar": torch.zeros(1), "lora_unet_down.alpha": torch.ones(1)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(UnknownFamily, match=r"SD1\.x, SD2\.x or SDXL.*foo, lora_unet_down") as err:
+    with pytest.raises(UnknownFamily, match=r"SD1\.x, SD2\.x, SDXL base or SDXL refiner.*foo, lora_unet_down") as err:
         load_single_file(tmp_path / "odd.safetensors")
     assert "\n" not in str(err.value)
 
