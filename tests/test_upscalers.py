@@ -317,3 +317,25 @@ def test_codeformer_when_spandrel_extra_arches_is_installed(tmp_path):
     assert warnings == [] and out.size == img.size
     assert not np.array_equal(np.asarray(out), np.asarray(img))
     assert np.array_equal(np.asarray(out)[400:], np.asarray(img)[400:])  # far below the face
+
+
+def test_cli_restore_faces(gfpgan_dir, tmp_path, capsys):
+    from skimage.data import astronaut
+
+    from danqing.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(["--home", str(tmp_path), "--models-dir", str(gfpgan_dir), "--device", "cpu", "upscale", *args])
+        return exc.value.code, capsys.readouterr()
+
+    Image.fromarray(astronaut()).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(tmp_path / "flat.png")
+    code, out = run(str(tmp_path / "a.png"), "--scale", "1", "--restore-faces", "tiny-gfpgan", "--face-visibility",
+                    "0.5", "--out", str(tmp_path / "o.png"))
+    assert code in (0, None), out.err
+    assert Image.open(tmp_path / "o.png").size == (512, 512)
+    code, out = run(str(tmp_path / "flat.png"), "--restore-faces", "tiny-gfpgan", "--out", str(tmp_path / "f.png"))
+    assert code in (0, None) and "warning: restore faces: no face found" in out.err
+    code, out = run(str(tmp_path / "a.png"), "--restore-faces", "nope")
+    assert code == 2 and "installed: tiny-gfpgan" in out.err
