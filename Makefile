@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build on this machine; any other spec pulls CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# spandrel (model upscalers, face restoration) declares torchvision, whose PyPI builds pull a CUDA
+	# torch and do not work with ours: install it without dependencies (its real ones, einops,
+	# safetensors, numpy, typing_extensions, are in pyproject). danqing imports it without
+	# torchvision (danqing/editing/upscalers.py::_import_spandrel).
+	$(BIN)/pip install --quiet --no-deps spandrel==0.4.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -60,7 +60,7 @@ def generate(
     hr_scale: Optional[float] = typer.Option(None, help="Hires fix: upscale factor (1-8) [default: 2]."),
     hr_resize_x: Optional[int] = typer.Option(None, help="Hires fix: target width instead of --hr-scale."),
     hr_resize_y: Optional[int] = typer.Option(None, help="Hires fix: target height instead of --hr-scale."),
-    hr_upscaler: Optional[str] = typer.Option(None, help="Hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest [default: Latent]."),
+    hr_upscaler: Optional[str] = typer.Option(None, help="Hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or an installed model upscaler [default: Latent]."),
     hr_steps: Optional[int] = typer.Option(None, help="Hires fix: second-pass steps (0 = --steps)."),
     hr_sampler: Optional[str] = typer.Option(None, help="Hires fix: second-pass sampler [default: --sampler]."),
     hr_prompt: Optional[str] = typer.Option(None, help="Hires fix: second-pass prompt [default: the prompt]."),
@@ -444,7 +444,13 @@ def upscale(
     ctx: typer.Context,
     image: Path = typer.Argument(..., help="Picture to upscale."),
     scale: float = typer.Option(2.0, help="Factor (1-16)."),
-    upscaler: str = typer.Option("Lanczos", help="Lanczos or Nearest."),
+    upscaler: str = typer.Option("Lanczos", help="Lanczos, Nearest, or an installed model (models/upscalers/, "
+                                 "models/ESRGAN/, ...; an unknown name lists them)."),
+    upscaler_tile: int = typer.Option(256, help="Model upscalers: tile size in input pixels (0 = no tiling)."),
+    upscaler_overlap: int = typer.Option(32, help="Model upscalers: overlap between tiles in input pixels."),
+    restore_faces: Optional[str] = typer.Option(None, help="Restore faces with this installed model "
+                                                "(models/face_restore/, models/GFPGAN/), after upscaling."),
+    face_visibility: float = typer.Option(1.0, help="Face restoration: 0 keeps the picture, 1 the restored faces."),
     sd: bool = typer.Option(False, "--sd", help="SD upscale: then img2img every tile with --prompt at --strength."),
     prompt: str = typer.Option("", help="SD upscale: prompt for the tiles [default: the picture's own prompt, if any]."),
     tile: int = typer.Option(512, help="SD upscale: tile size in pixels (multiple of 8)."),
@@ -455,20 +461,27 @@ def upscale(
     model: Optional[str] = _MODEL,
     out: Optional[Path] = typer.Option(None, help="Output .png [default: outputs/extras-images/DATE/NAME-xSCALE.png]."),
 ):
-    """Upscale a picture with Lanczos or nearest, optionally adding detail tile by tile (SD upscale)."""
+    """Upscale a picture (Lanczos, nearest or a model upscaler), optionally adding detail tile by
+    tile (SD upscale) and restoring faces."""
     from danqing.editing.images import load_image
     from danqing.editing.upscale import sd_upscale, upscale_image
     from danqing.outputs.store import atomic_save_image
+    from danqing.studio import Studio
 
     if not 1 <= scale <= 16:
         raise InvalidRequest("scale", f"must be between 1 and 16, got {scale:g}")
+    if not 0 <= face_visibility <= 1:
+        raise InvalidRequest("face_visibility", f"must be between 0 and 1, got {face_visibility:g}")
+    studio = Studio(ctx.obj)
+    studio.upscalers.check(upscaler)  # before any work: an unknown name lists the installed ones
+    if restore_faces is not None:
+        studio.upscalers.file(restore_faces, faces=True)
     img = load_image(image, "image")
     out = out or ctx.obj.outputs_dir / "extras-images" / __import__("datetime").date.today().isoformat() / f"{image.stem}-x{scale:g}.png"
     if out.exists():
         raise InvalidRequest("out", f"{out} already exists; danqing never overwrites, pick another name")
     if sd:
         from danqing.request import GenerationRequest
-        from danqing.studio import Studio
 
         if not prompt:
             try:
@@ -480,10 +493,17 @@ def upscale(
                 prompt = ""
         req = GenerationRequest.create(prompt=prompt, steps=steps, seed=seed, denoising_strength=strength,
                                        model=model, width=tile, height=tile)
-        result = sd_upscale(Studio(ctx.obj), img, req, scale=scale, tile=tile, overlap=overlap, upscaler=upscaler,
+        result = sd_upscale(studio, img, req, scale=scale, tile=tile, overlap=overlap, upscaler=upscaler,
                             on_tile=lambda i, n: typer.echo(f"tile {i}/{n}", err=True))
     else:
-        result = upscale_image(img, int(img.width * scale), int(img.height * scale), upscaler)
+        result = upscale_image(img, int(img.width * scale), int(img.height * scale), upscaler, studio.upscalers,
+                               tile=upscaler_tile, overlap=upscaler_overlap)
+    if restore_faces is not None:
+        from danqing.editing.faces import restore_faces as restore
+
+        result, warnings = restore(result, studio.upscalers.face_model(restore_faces), visibility=face_visibility)
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
     print(atomic_save_image(result, out))
 
 

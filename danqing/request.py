@@ -57,6 +57,10 @@ class GenerationRequest(BaseModel):
         hr_second_pass_steps (0 = steps), hr_sampler_name, hr_prompt, hr_negative_prompt
         (None = the first pass's).
 
+    face restoration (A1111's "Restore faces"): restore_faces runs a face-restoration model
+        (GFPGAN) over every face of every image; face_restoration_model names an installed one
+        (models/face_restore/, models/GFPGAN/; None = the first installed, by name).
+
     refiner (txt2img): refiner_checkpoint (a checkpoint of the same latent space, usually an SDXL
         refiner) takes the base model's latents when refiner_switch_at (0-1) of the schedule is
         done and denoises the rest.
@@ -130,6 +134,9 @@ class GenerationRequest(BaseModel):
     hr_sampler_name: str | None = None
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
+    # face restoration (A1111's restore_faces and face_restoration_model)
+    restore_faces: bool = False
+    face_restoration_model: str | None = None
     # SDXL refiner hand-off (A1111's names)
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = 0.8

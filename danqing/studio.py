@@ -75,6 +75,9 @@ class Studio:
 
         self.embeddings = EmbeddingLibrary(self.registry)
         self.ip_adapters = IPAdapterLibrary(self.registry, self.models)
+        from danqing.editing.upscalers import UpscalerLibrary
+
+        self.upscalers = UpscalerLibrary(self.settings.models_dir, self.models)
 
     def generate(
         self,
@@ -121,9 +124,12 @@ class Studio:
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 
-            if request.hr_upscaler not in hires_upscalers():
+            if request.hr_upscaler not in hires_upscalers(self.upscalers):
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                     f"installed: {', '.join(hires_upscalers())}")
+                                     f"installed: {', '.join(hires_upscalers(self.upscalers))}")
+
+        if request.restore_faces:  # the face model named (the first installed if none), checked before loading
+            request = request.replace(face_restoration_model=self.upscalers.face_model_name(request.face_restoration_model))
 
         # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
         # patched into the weights for this request only (restored when it ends, even on error).
@@ -216,10 +222,17 @@ class Studio:
                 if request.controlnet:  # the units again, their maps at the second pass's size
                     control_hr = self._control(request, loaded, None, size=request.hr_size)
                 latents_out, interrupted = run_hires(comps, request, latents_out, device=device, dtype=dtype,
-                                                     on_step=on_step, control=control_hr)
+                                                     on_step=on_step, control=control_hr, upscalers=self.upscalers)
             timings["sample"] = time.perf_counter() - t
             t = time.perf_counter()
             images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
+        if request.restore_faces:  # 5b. face restoration, picture by picture (A1111's restore_faces)
+            from danqing.editing.faces import restore_faces
+
+            face_model = self.upscalers.face_model(request.face_restoration_model)
+            restored = [restore_faces(img, face_model) for img in images]
+            images = [img for img, _ in restored]
+            warnings = warnings + sorted({w for _, ws in restored for w in ws})
         timings["decode"] = time.perf_counter() - t
 
         # 6. metadata and save.

@@ -77,7 +77,7 @@ class FakeStudio:
 
     def __init__(self, studio):
         self.settings, self.registry, self.models = studio.settings, studio.registry, studio.models
-        self.embeddings = studio.embeddings
+        self.embeddings, self.upscalers = studio.embeddings, studio.upscalers
         self.calls = 0
 
     def generate(self, request, on_step=None, *, save=False, out_dir=None, init_image=None, mask_image=None):

@@ -54,10 +54,11 @@ def test_a1111_defaults_map_onto_request():
     f = request_fields(Img2ImgBody(image_cfg_scale=1.2), img2img=True)
     assert f["image_cfg_scale"] == 1.2
     assert "refiner_checkpoint" not in request_fields(Txt2ImgBody(refiner_checkpoint="None"), img2img=False)
+    assert request_fields(Txt2ImgBody(restore_faces=True), img2img=False)["restore_faces"] is True
+    assert "restore_faces" not in request_fields(Txt2ImgBody(), img2img=False)
 
 
 @pytest.mark.parametrize("body, field", [
-    (Txt2ImgBody(restore_faces=True), "restore_faces"),
     (Txt2ImgBody(tiling=True), "tiling"),
     (Txt2ImgBody(s_churn=0.5), "s_churn"),
     (Txt2ImgBody(script_name="x/y/z plot"), "script_name"),

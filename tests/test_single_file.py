@@ -192,6 +192,18 @@ ORIGINAL_KEYS = {
         "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
         "conditioner.embedders.1.model.text_projection": (1280, 1280),
     },
+    "sdxl-refiner": {  # sd_xl_refiner_1.0: model_channels 384, channel_mult (1, 2, 4, 4), depth 4, adm 2560
+        "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight": (768, 1280),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.3.attn2.to_k.weight": (1536, 1280),
+        "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1536, 1536, 3, 3),
+        "model.diffusion_model.middle_block.1.transformer_blocks.3.ff.net.2.weight": (1536, 6144),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1536, 1536, 3, 3),
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (384, 768, 1, 1),
+        "conditioner.embedders.0.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.0.model.text_projection": (1280, 1280),
+    },
 }
 
 
@@ -199,7 +211,8 @@ def _shapes(sd, strip=""):
     return {k.removeprefix(strip): tuple(v.shape) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("family, diffusers_type", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base")])
+@pytest.mark.parametrize("family, diffusers_type", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base"),
+                                                    ("sdxl-refiner", "xl_refiner")])
 def test_full_size_layout_agrees_with_diffusers(family, diffusers_type):
     """The bundled full-size configs, built on the meta device and exported (keys and shapes only;
     every diffusers converter op used here -- renames, slicing, transposes -- works on meta
@@ -230,8 +243,9 @@ def test_full_size_layout_agrees_with_diffusers(family, diffusers_type):
         assert {k.split(".")[4] for k in sd if ".resblocks." in k} == {str(i) for i in range(24)}
         te = convert_open_clip_checkpoint(comps.text_encoder, sd, prefix="cond_stage_model.model.")
         assert _shapes(te, "text_model.") == _shapes(comps.text_encoder.state_dict())
-    if family == "sdxl":
-        te2 = convert_open_clip_checkpoint(comps.text_encoder_2, sd, prefix="conditioner.embedders.1.model.")
+    if family in ("sdxl", "sdxl-refiner"):
+        prefix = "conditioner.embedders.1.model." if family == "sdxl" else "conditioner.embedders.0.model."
+        te2 = convert_open_clip_checkpoint(comps.text_encoder_2, sd, prefix=prefix)
         assert _shapes(te2) == _shapes(comps.text_encoder_2.state_dict())
     # Nothing beyond the four parts is written.
     roots = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
@@ -269,7 +283,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(CorruptModel, match="weights_only"):
         load_single_file(tmp_path / "junk.ckpt")
     save_file({"foo.bar": torch.zeros(1), "lora_unet_down.alpha": torch.ones(1)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(UnknownFamily, match=r"SD1\.x, SD2\.x or SDXL.*foo, lora_unet_down") as err:
+    with pytest.raises(UnknownFamily, match=r"SD1\.x, SD2\.x, SDXL base or SDXL refiner.*foo, lora_unet_down") as err:
         load_single_file(tmp_path / "odd.safetensors")
     assert "\n" not in str(err.value)
 
@@ -300,8 +314,7 @@ def test_detect_family():
           "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight"]
     refiner = ["model.diffusion_model.out.2.weight", "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight"]
     assert [detect_family(k) for k in (sd1, sd2, xl)] == ["sd1", "sd2", "sdxl"]
-    with pytest.raises(UnknownFamily, match="refiner.*not supported yet"):
-        detect_family(refiner)
+    assert detect_family(refiner) == "sdxl-refiner"
     with pytest.raises(UnknownFamily, match="found keys starting with cond_stage_model.transformer$"):
         detect_family(["cond_stage_model.transformer.text_model.final_layer_norm.weight"])  # a text encoder alone
     with pytest.raises(UnknownFamily, match="starting with first_stage_model, model.diffusion_model$"):

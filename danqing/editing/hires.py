@@ -20,10 +20,12 @@ LATENT_UPSCALERS = {
 }
 
 
-def hires_upscalers() -> list[str]:
+def hires_upscalers(library=None) -> list[str]:
+    """A1111's latent modes, the built-in picture upscalers and, with ``library`` (an
+    ``UpscalerLibrary``), the installed model upscalers."""
     from danqing.editing.upscale import upscaler_names
 
-    return list(LATENT_UPSCALERS) + upscaler_names()
+    return list(LATENT_UPSCALERS) + upscaler_names(library)
 
 
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
@@ -45,10 +47,12 @@ def second_pass_request(request):
     )
 
 
-def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None, control=None):
+def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None, control=None,
+              upscalers=None):
     """The second pass over the first pass's latents (one tensor per batch); ``control``: a
     ``ControlDenoise`` with the units' maps at the second pass's size (sd-webui-controlnet's
-    "Both" hires option), or None. Returns (latents per batch, interrupted)."""
+    "Both" hires option), or None; ``upscalers``: the ``UpscalerLibrary`` whose models
+    ``hr_upscaler`` may name. Returns (latents per batch, interrupted)."""
     from danqing.conditioning.text import TextEncoder
     from danqing.decode import decode_latents, to_pil, vae_scale_factor
     from danqing.editing.img2img import encode, to_tensor
@@ -58,8 +62,9 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
     from danqing.sampling.samplers import make_scheduler
     from danqing.studio import build_conditioning
 
-    if request.hr_upscaler not in hires_upscalers():  # Studio.generate checks this before loading
-        raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; installed: {', '.join(hires_upscalers())}")
+    if request.hr_upscaler not in hires_upscalers(upscalers):  # Studio.generate checks this before loading
+        raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
+                             f"installed: {', '.join(hires_upscalers(upscalers))}")
     req2 = second_pass_request(request)
     B = request.batch_size
     f = vae_scale_factor(comps.vae)
@@ -73,7 +78,7 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
         if request.hr_upscaler in LATENT_UPSCALERS:
             z = upscale_latents(lat, size, request.hr_upscaler)
         else:
-            pics = [upscale_image(im, req2.width, req2.height, request.hr_upscaler)
+            pics = [upscale_image(im, req2.width, req2.height, request.hr_upscaler, upscalers)
                     for im in to_pil(decode_latents(comps.vae, lat))]
             z = encode(comps.vae, torch.cat([to_tensor(p) for p in pics]), gens)
         z = z.to(device=device, dtype=dtype)

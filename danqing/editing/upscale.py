@@ -1,10 +1,7 @@
-"""Picture upscalers: Lanczos and nearest built in, and tiled "SD upscale" (A1111's script):
-upscale, then img2img every overlapping tile at a low strength, so detail is added at a memory
-cost that depends on the tile, not on the picture.
-
-Model upscalers (ESRGAN, Real-ESRGAN, SwinIR, GFPGAN, CodeFormer) need an architecture library;
-the one that fits (spandrel) imports torchvision, which does not work with the pinned CPU torch
-build (../shared/DESIGN.md), so they are not offered yet.
+"""Picture upscalers: Lanczos and nearest built in, model upscalers (ESRGAN, Real-ESRGAN,
+SwinIR, ... from the models folder, ``danqing.editing.upscalers``), and tiled "SD upscale"
+(A1111's script): upscale, then img2img every overlapping tile at a low strength, so detail is
+added at a memory cost that depends on the tile, not on the picture.
 """
 
 from __future__ import annotations
@@ -17,14 +14,25 @@ from danqing.errors import InvalidRequest
 BUILTIN = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 
 
-def upscaler_names() -> list[str]:
-    return list(BUILTIN)
+def upscaler_names(library=None) -> list[str]:
+    """The built-in upscalers, and the installed model upscalers of ``library`` (an
+    ``UpscalerLibrary``, e.g. ``studio.upscalers``) when given."""
+    return library.names() if library is not None else list(BUILTIN)
 
 
-def upscale_image(img: Image.Image, width: int, height: int, name: str = "Lanczos") -> Image.Image:
-    if name not in BUILTIN:
+def upscale_image(img: Image.Image, width: int, height: int, name: str = "Lanczos", library=None, *,
+                  tile: int | None = None, overlap: int | None = None) -> Image.Image:
+    """``img`` resized to width x height by a built-in upscaler or, with ``library``, an installed
+    model (run tiled: ``tile`` x ``tile`` input pixels overlapping by ``overlap``; None = the
+    defaults of ``danqing.editing.upscalers``, ``tile`` 0 = untiled)."""
+    if name in BUILTIN:
+        return img.resize((width, height), BUILTIN[name])
+    if library is None:
         raise InvalidRequest("upscaler", f"unknown upscaler {name!r}; installed: {', '.join(upscaler_names())}")
-    return img.resize((width, height), BUILTIN[name])
+    from danqing.editing.upscalers import DEFAULT_OVERLAP, DEFAULT_TILE
+
+    return library.upscale(img, width, height, name, tile=DEFAULT_TILE if tile is None else tile,
+                           overlap=DEFAULT_OVERLAP if overlap is None else overlap)
 
 
 def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -59,7 +67,7 @@ def sd_upscale(studio, image: Image.Image, request, *, scale: float, tile: int, 
         raise InvalidRequest("tile", f"must be a multiple of 8, at least 64, got {tile}")
     if not 0 <= overlap < tile // 2:
         raise InvalidRequest("overlap", f"must be between 0 and {tile // 2 - 1} pixels, got {overlap}")
-    big = upscale_image(image, W, H, upscaler)
+    big = upscale_image(image, W, H, upscaler, studio.upscalers)
     acc = np.zeros((H, W, 3), np.float64)
     wsum = np.zeros((H, W, 1), np.float64)
     boxes = tile_boxes(W, H, tile, overlap)

@@ -1,7 +1,8 @@
 """Model families and their bundled configs (``data/families/<name>/*.json``).
 
-``sd1`` (SD1.5), ``sd2`` (SD2.x 768-v; 512-base differs only in prediction type) and ``sdxl``
-(SDXL base 1.0) are the full-size architectures single files are loaded into; ``tiny-*`` are
+``sd1`` (SD1.5), ``sd2`` (SD2.x 768-v; 512-base differs only in prediction type), ``sdxl``
+(SDXL base 1.0) and ``sdxl-refiner`` (SDXL refiner 1.0: OpenCLIP bigG only, a 384-channel UNet
+with 2560 added-embedding inputs) are the full-size architectures single files are loaded into; ``tiny-*`` are
 toy-size configs of the same architectures for CPU tests and the built-in random model.
 """
 

@@ -84,6 +84,8 @@ class ModelManager:
         self._cache: dict[tuple, LoadedModel] = {}
         self._controls: dict[str, LoadedControl] = {}
         self.control_capacity = 4
+        self._upscalers: dict[tuple, object] = {}
+        self.upscaler_capacity = 2
         self._lock = threading.Lock()
 
     def load(self, model: str, vae: str | None = None) -> LoadedModel:
@@ -136,6 +138,31 @@ class ModelManager:
             self._controls[key] = loaded
             return loaded
 
+    def load_upscaler(self, path):
+        """A spandrel model (upscaler or face restorer) from a weight file, placed on the device
+        (fp16 on CUDA only when the architecture supports it, else fp32); the last
+        ``upscaler_capacity`` stay loaded, keyed by path, size and mtime."""
+        from danqing.editing.upscalers import load_descriptor
+
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._upscalers:
+                desc = self._upscalers.pop(key)
+                self._upscalers[key] = desc
+                return desc
+            desc = load_descriptor(path)
+            dtype = self.dtype
+            if (dtype == torch.float16 and not desc.supports_half) or (dtype == torch.bfloat16 and not desc.supports_bfloat16):
+                dtype = torch.float32
+            desc.model.requires_grad_(False)
+            desc.to(device=self.device, dtype=dtype)
+            desc.eval()
+            while len(self._upscalers) >= self.upscaler_capacity:
+                self._upscalers.pop(next(iter(self._upscalers)))
+            self._upscalers[key] = desc
+            return desc
+
     def _place(self, comps: Components) -> None:
         for module in comps.modules().values():
             module.requires_grad_(False)
@@ -163,3 +190,4 @@ class ModelManager:
             for key in list(self._cache):
                 self._evict(key)
             self._controls.clear()
+            self._upscalers.clear()

@@ -8,6 +8,7 @@ Layout (Stability's ``ldm`` and ``sgm`` repositories, what A1111 and ComfyUI loa
     cond_stage_model.model.*                           SD2: OpenCLIP ViT-H (resblocks, fused in_proj)
     conditioner.embedders.0.transformer.text_model.*   SDXL: CLIP ViT-L
     conditioner.embedders.1.model.*                    SDXL: OpenCLIP ViT-bigG (+ text_projection)
+    conditioner.embedders.0.model.*                    SDXL refiner: OpenCLIP ViT-bigG only
 
 Loading converts to diffusers with diffusers' own converters (``single_file_utils``) and builds
 the modules from danqing's bundled configs (or from the configs our exporter stores in the
@@ -33,12 +34,15 @@ PREFIXES = {
     "sd1": {"clip": "cond_stage_model.transformer."},
     "sd2": {"openclip": "cond_stage_model.model."},
     "sdxl": {"clip": "conditioner.embedders.0.transformer.", "openclip": "conditioner.embedders.1.model."},
+    "sdxl-refiner": {"openclip": "conditioner.embedders.0.model."},
 }
 CONFIG_KEY = "danqing.configs"
 # Stability's ModelSpec architecture ids (https://github.com/Stability-AI/ModelSpec).
 ARCHITECTURE = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1",
                 ("sd2", "epsilon"): "stable-diffusion-v2-512", ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
-                ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base", ("sdxl", "v_prediction"): "stable-diffusion-xl-v1-base"}
+                ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base", ("sdxl", "v_prediction"): "stable-diffusion-xl-v1-base",
+                ("sdxl-refiner", "epsilon"): "stable-diffusion-xl-v1-refiner",
+                ("sdxl-refiner", "v_prediction"): "stable-diffusion-xl-v1-refiner"}
 # OpenCLIP ViT-H as trained had 24 blocks; SD2 reads the penultimate one and diffusers keeps 23.
 SD2_OPENCLIP_BLOCKS = 24
 
@@ -47,26 +51,26 @@ SD2_OPENCLIP_BLOCKS = 24
 # Family detection
 # ---------------------------------------------------------------------------------------------
 def detect_family(keys) -> str:
-    """"sd1", "sd2" or "sdxl" from the state-dict keys of an LDM / sgm-layout checkpoint.
+    """"sd1", "sd2", "sdxl" or "sdxl-refiner" from the state-dict keys of an LDM / sgm-layout
+    checkpoint.
 
     SD1: ``cond_stage_model.transformer.*`` (OpenAI CLIP); SD2: ``cond_stage_model.model.*``
     (OpenCLIP); SDXL base: ``conditioner.embedders.1.model.*`` (OpenCLIP bigG beside CLIP ViT-L);
-    each with ``model.diffusion_model.*``. Raises UnknownFamily otherwise (SDXL refiners -- only
-    ``conditioner.embedders.0.model.*`` -- are named as such).
+    SDXL refiner: ``conditioner.embedders.0.model.*`` alone (OpenCLIP bigG only); each with
+    ``model.diffusion_model.*``. Raises UnknownFamily otherwise.
     """
     keys = list(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has(UNET) and has("conditioner.embedders.1.model."):
         return "sdxl"
-    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
-        raise UnknownFamily("this is an SDXL refiner checkpoint (OpenCLIP bigG only); refiners are not supported yet, "
-                            "supported: SD1.x, SD2.x, SDXL base")
+    if has(UNET) and has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        return "sdxl-refiner"
     if has(UNET) and has("cond_stage_model.model.transformer.resblocks."):
         return "sd2"
     if has(UNET) and has("cond_stage_model.transformer."):
         return "sd1"
     raise UnknownFamily(
-        "unknown model family: expected the LDM layout of SD1.x, SD2.x or SDXL base "
+        "unknown model family: expected the LDM layout of SD1.x, SD2.x, SDXL base or SDXL refiner "
         "(model.diffusion_model.* with cond_stage_model.* or conditioner.*), "
         f"found keys starting with {', '.join(_key_roots(keys)) or 'nothing'}"
     )
@@ -229,14 +233,15 @@ def export_ldm_state_dict(comps: Components, *, to_cpu: bool = True) -> dict:
         n = comps.text_encoder.config.num_hidden_layers
         blocks = SD2_OPENCLIP_BLOCKS if n == SD2_OPENCLIP_BLOCKS - 1 else n
         out.update(openclip_to_ldm(comps.text_encoder.state_dict(), prefixes["openclip"], n_blocks=blocks))
-    elif comps.family == "sdxl":
+    elif comps.family in ("sdxl", "sdxl-refiner"):
         out.update(openclip_to_ldm(comps.text_encoder_2.state_dict(), prefixes["openclip"]))
     return {k: v.detach().cpu().contiguous() for k, v in out.items()} if to_cpu else out
 
 
 def _configs_of(comps: Components) -> dict:
-    cfg = {"unet": dict(comps.unet.config), "vae": dict(comps.vae.config), "text_encoder": comps.text_encoder.config.to_diff_dict(),
-           "scheduler": dict(comps.scheduler_config)}
+    cfg = {"unet": dict(comps.unet.config), "vae": dict(comps.vae.config), "scheduler": dict(comps.scheduler_config)}
+    if comps.text_encoder is not None:  # the SDXL refiner has only the second encoder
+        cfg["text_encoder"] = comps.text_encoder.config.to_diff_dict()
     if comps.text_encoder_2 is not None:
         cfg["text_encoder_2"] = comps.text_encoder_2.config.to_diff_dict()
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
@@ -417,7 +422,7 @@ def _text_encoder_dicts(family: str, sd: dict, comps: Components) -> dict:
         out["text_encoder"] = convert_ldm_clip_checkpoint(clip)
     if family == "sd2":  # drops resblocks.23 and text_projection by name (see export_ldm_state_dict)
         out["text_encoder"] = convert_open_clip_checkpoint(comps.text_encoder, sd, prefix=prefixes["openclip"])
-    elif family == "sdxl":
+    elif family in ("sdxl", "sdxl-refiner"):
         out["text_encoder_2"] = convert_open_clip_checkpoint(comps.text_encoder_2, sd, prefix=prefixes["openclip"])
     # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.``); WithProjection keeps it.
     for name, tensors in out.items():
@@ -427,7 +432,8 @@ def _text_encoder_dicts(family: str, sd: dict, comps: Components) -> dict:
 
 
 def load_single_file(path: Path, *, prediction_type: str | None = None, configs: dict | None = None) -> Components:
-    """Load an SD1/SD2/SDXL single-file checkpoint (LDM / sgm layout) into Components (CPU, fp32).
+    """Load an SD1/SD2/SDXL/SDXL-refiner single-file checkpoint (LDM / sgm layout) into
+    Components (CPU, fp32).
 
     Args:
         path: .safetensors, or .ckpt/.pt (read with ``torch.load(weights_only=True)``).
@@ -437,7 +443,7 @@ def load_single_file(path: Path, *, prediction_type: str | None = None, configs:
 
     Raises:
         ModelNotFound, CorruptModel (unreadable, incomplete, or weights that do not fit the
-        configs), UnknownFamily (not SD1/SD2/SDXL base).
+        configs), UnknownFamily (not SD1/SD2/SDXL base/SDXL refiner).
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 

@@ -55,6 +55,8 @@ def request_infotext(
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
         params["Refiner switch at"] = request.refiner_switch_at
     params.update(editing_params(request, control_hashes))
+    if request.restore_faces:  # A1111: "Face restoration: GFPGAN" (the model's name)
+        params["Face restoration"] = request.face_restoration_model or "GFPGAN"
     if lora_hashes:  # A1111: Lora hashes: "name: 12-hex sha256 prefix, ..."
         params["Lora hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, digest in lora_hashes)
     params["TI hashes"] = ti_hashes
@@ -257,6 +259,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
         from danqing.customise.ip_adapter import ip_adapter_fields
 
         fields.update(ip_adapter_fields(params))
+        if params.get("Face restoration"):
+            fields["restore_faces"] = True
+            fields["face_restoration_model"] = params["Face restoration"]
         if params.get("Refiner"):
             fields["refiner_checkpoint"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", params["Refiner"])
             if "Refiner switch at" in params:

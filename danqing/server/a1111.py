@@ -40,6 +40,7 @@ TO_REQUEST = {
     "inpainting_mask_invert": "inpainting_mask_invert",
     "image_cfg_scale": "image_cfg_scale",  # instruct-pix2pix models
     "refiner_checkpoint": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+    "restore_faces": "restore_faces",  # with the first installed face-restoration model
 }
 # Fields the server handles itself.
 SHELL = {
@@ -67,7 +68,7 @@ CONTROL_RESIZE = ["Just Resize", "Crop and Resize", "Resize and Fill"]  # index 
 CONTROL_RESIZE_ALIASES = {"Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
 # Accepted only at these values (A1111's defaults, or what common clients send as "off").
 NEUTRAL: dict[str, tuple] = {
-    "restore_faces": (None, False), "tiling": (None, False), "styles": (None, []),
+    "tiling": (None, False), "styles": (None, []),
     "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "disable_extra_networks": (None, False), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
@@ -266,6 +267,8 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
         if data["eta"] != (0.0 if ddim else 1.0):
             raise InvalidRequest("eta", f"only the default eta ({0 if ddim else 1}) is supported for "
                                         f"{fields['sampler']!r}; leave it unset")
+    if fields.get("restore_faces") is None:
+        fields.pop("restore_faces", None)
     if fields.get("refiner_checkpoint") in (None, "", "None"):
         fields.pop("refiner_checkpoint", None)
         fields.pop("refiner_switch_at", None)
@@ -413,7 +416,7 @@ def a1111_info(job, body: dict) -> dict:
         "all_negative_prompts": [req.negative_prompt] * n, "seed": req.seed, "all_seeds": [i["seed"] for i in images],
         "subseed": req.subseed, "all_subseeds": [i["subseed"] for i in images], "subseed_strength": req.subseed_strength,
         "width": req.width, "height": req.height, "sampler_name": req.sampler, "scheduler": req.schedule,
-        "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": False,
+        "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": req.restore_faces,
         "face_restoration_model": None, "sd_model_name": params.get("Model", req.model),
         "sd_model_hash": params.get("Model hash"), "sd_vae_name": params.get("VAE"), "sd_vae_hash": params.get("VAE hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -581,10 +584,13 @@ def build_router(state) -> APIRouter:
 
     @r.get("/upscalers")
     def upscalers() -> list[dict]:
-        from danqing.editing.upscale import upscaler_names
+        from danqing.editing.upscale import BUILTIN
+        from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
 
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                for n in upscaler_names()]
+        files = find_files(state.settings.models_dir, UPSCALER_FOLDERS)
+        return [{"name": n, "model_name": None if n in BUILTIN else n,
+                 "model_path": None if n in BUILTIN else str(files[n]), "model_url": None, "scale": 4.0}
+                for n in state.worker.studio.upscalers.names()]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:

@@ -175,7 +175,11 @@ class ServerState:
         if request.enable_hr:
             from danqing.editing.hires import hires_upscalers
 
-            if request.hr_upscaler not in hires_upscalers():
+            names = hires_upscalers(self.worker.studio.upscalers)
+            if request.hr_upscaler not in names:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                                    f"installed: {', '.join(hires_upscalers())}")
+                                                    f"installed: {', '.join(names)}")
+        if request.restore_faces:  # a face model must be installed (the first one, unless named)
+            request = request.replace(face_restoration_model=self.worker.studio.upscalers.face_model_name(
+                request.face_restoration_model))
         return resolve_for_queue(request, self.settings.default_model)

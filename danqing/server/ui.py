@@ -129,7 +129,7 @@ def build_ui(state):
                     with gr.Row():
                         t["enable_hr"] = gr.Checkbox(False, label="Enable hires fix")
                         t["hr_scale"] = gr.Slider(1, 4, 2, step=0.05, label="Upscale by")
-                        t["hr_upscaler"] = gr.Dropdown(hires_upscalers(), value="Latent", label="Upscaler")
+                        t["hr_upscaler"] = gr.Dropdown(hires_upscalers(state.worker.studio.upscalers), value="Latent", label="Upscaler")
                         t["hr_second_pass_steps"] = gr.Slider(0, 150, 0, step=1, label="Hires steps (0 = same)")
                         t["denoising_strength"] = gr.Slider(0, 1, 0.7, step=0.01, label="Denoising strength")
                     with gr.Row():
