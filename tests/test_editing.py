@@ -164,6 +164,15 @@ def test_img2img_strength_is_monotone_and_zero_returns_the_input(tiny, picture):
     assert all(b > a for a, b in zip(changes, changes[1:])), changes
 
 
+def test_a_strength_below_one_step_still_runs_one_step(tiny, picture):
+    """int(steps * strength) == 0 (2 steps at 0.3): one step at the smallest noise level, as A1111
+    does (diffusers refuses), instead of decoding an empty batch. Barely changes the picture."""
+    req = GenerationRequest(prompt=PROMPT, seed=1, steps=2, width=SIZE, height=SIZE, denoising_strength=0.3)
+    out = np.asarray(tiny.generate(req, init_image=picture).images[0], float)
+    change = np.abs(out - np.asarray(picture, float)).mean()
+    assert out.shape == np.asarray(picture).shape and 0 < change < 20, change
+
+
 def _half_scenes(n: int):
     """Held-out scenes of two objects side by side: (scene, scene without its right object)."""
     from danqing.synthetic.scenes import eval_scenes

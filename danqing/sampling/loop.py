@@ -180,7 +180,9 @@ def sample(
             scheduler.set_begin_index(t_start)
         latents = init_latents
     elif init_latents is not None and strength < 1.0:
-        t_start = steps - min(int(steps * strength), steps)
+        # at least one step: diffusers refuses int(steps * strength) == 0, A1111 runs the last
+        # (smallest-sigma) step; so do we (a 0-step pass would decode an empty batch)
+        t_start = steps - min(max(int(steps * strength), 1), steps)
         timesteps = timesteps[t_start * order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * order)
