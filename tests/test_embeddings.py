@@ -281,3 +281,15 @@ def test_cli_from_warns_when_an_embedding_changed(studio_with, tmp_path, capsys)
     (folder / f"{NAME}.pt").unlink()
     err = run("generate", "--from", str(first), "-q", "--out", str(tmp_path / "gone.png"))
     assert "is not in the embeddings folder now" in err
+
+
+def test_ui_pickers_append_the_tag_or_the_name_once():
+    """The web UI's LoRA and embedding pickers (A1111's extra-network cards) append to the prompt."""
+    from danqing.server.ui import add_network
+
+    assert add_network("a red circle", "lora", "heart") == "a red circle <lora:heart:1>"
+    assert add_network("a red circle <lora:heart:0.5>", "lora", "heart") == "a red circle <lora:heart:0.5>"
+    assert add_network("a red circle", "embedding", "dq-magenta") == "a red circle, dq-magenta"
+    assert add_network("a dq-magenta circle", "embedding", "dq-magenta") == "a dq-magenta circle"
+    assert add_network("a dq-magenta-2 circle", "embedding", "dq-magenta") == "a dq-magenta-2 circle, dq-magenta"
+    assert add_network("", "embedding", "dq-magenta") == "dq-magenta"

@@ -25,6 +25,20 @@ IMG2IMG_FIELDS = [
 ]
 
 
+def add_network(prompt: str, kind: str, name: str) -> str:
+    """The prompt with a picked extra network appended, as A1111's cards do: a LoRA as
+    ``<lora:name:1>``, an embedding as its name; unchanged when the prompt already uses it."""
+    import re
+
+    if kind == "lora":
+        if f"<lora:{name}:" in prompt:
+            return prompt
+        return f"{prompt} <lora:{name}:1>".strip()
+    if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", prompt):
+        return prompt
+    return f"{prompt}, {name}" if prompt.strip() else name
+
+
 def _pil(png: bytes):
     from PIL import Image
 
@@ -92,6 +106,9 @@ def build_ui(state):
     def loras():
         return [e.name for e in reg.scan("lora")]
 
+    def embeddings():
+        return [e.name for e in reg.scan("embedding")]
+
     opts = state.options()
     with gr.Blocks(title="丹青 danqing", analytics_enabled=False) as demo:
         gr.Markdown("## 丹青 danqing studio")
@@ -100,12 +117,15 @@ def build_ui(state):
             vae = gr.Dropdown(vaes(), value=opts["sd_vae"], label="VAE", elem_id="vae")
             lora = gr.Dropdown(loras(), value=None, label="LoRA (adds <lora:name:1> to the txt2img prompt)",
                                interactive=True, elem_id="lora")
+            embedding = gr.Dropdown(embeddings(), value=None, label="Embedding (adds its name to the txt2img prompt)",
+                                    interactive=True, elem_id="embedding")
             refresh = gr.Button("Refresh models", scale=0)
 
         def do_refresh():
-            return gr.update(choices=checkpoints()), gr.update(choices=vaes()), gr.update(choices=loras())
+            return (gr.update(choices=checkpoints()), gr.update(choices=vaes()), gr.update(choices=loras()),
+                    gr.update(choices=embeddings()))
 
-        refresh.click(do_refresh, outputs=[model, vae, lora])
+        refresh.click(do_refresh, outputs=[model, vae, lora, embedding])
 
         with gr.Tabs() as tabs:
             # -- txt2img ------------------------------------------------------------------------
@@ -116,10 +136,16 @@ def build_ui(state):
                     """A1111's extra-network card: picking a LoRA appends its tag to the prompt."""
                     if not name:
                         return gr.update(), gr.update()
-                    tag = f"<lora:{name}:1>"
-                    return (prompt if f"<lora:{name}:" in prompt else f"{prompt} {tag}".strip()), gr.update(value=None)
+                    return add_network(prompt, "lora", name), gr.update(value=None)
+
+                def add_embedding(name, prompt):
+                    """A1111's textual-inversion card: picking an embedding appends its name."""
+                    if not name:
+                        return gr.update(), gr.update()
+                    return add_network(prompt, "embedding", name), gr.update(value=None)
 
                 lora.change(add_lora, [lora, t["prompt"]], [t["prompt"], lora])
+                embedding.change(add_embedding, [embedding, t["prompt"]], [t["prompt"], embedding])
                 with gr.Row():
                     t["subseed"] = gr.Number(-1, label="Variation seed", precision=0, elem_id="txt2img_subseed")
                     t["subseed_strength"] = gr.Slider(0, 1, 0, step=0.01, label="Variation strength")
