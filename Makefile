@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# safetensors, numpy, typing_extensions, are in pyproject). danqing imports it without
 	# torchvision (danqing/editing/upscalers.py::_import_spandrel).
 	$(BIN)/pip install --quiet --no-deps spandrel==0.4.2
+	# spandrel-extra-arches holds CodeFormer (non-commercial S-Lab licence): installed for its test
+	# only, danqing never needs it; users who want CodeFormer install it themselves.
+	$(BIN)/pip install --quiet --no-deps spandrel-extra-arches==0.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)
