@@ -197,7 +197,8 @@ class Studio:
         elif edit:
             from danqing.editing.img2img import run_img2img
 
-            out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step, control=control)
+            out = run_img2img(comps, request, init, mask, device=device, dtype=dtype, on_step=on_step, control=control,
+                              post=self._face_restorer(request))
             images, latents_out, seeds, subseeds = out.images, out.latents, out.seeds, out.subseeds
             interrupted, warnings = out.interrupted, out.warnings
             timings["sample"] = time.perf_counter() - t  # decoding included
@@ -226,11 +227,8 @@ class Studio:
             timings["sample"] = time.perf_counter() - t
             t = time.perf_counter()
             images = [img for lat in latents_out for img in to_pil(decode_latents(comps.vae, lat))]
-        if request.restore_faces:  # 5b. face restoration, picture by picture (A1111's restore_faces)
-            from danqing.editing.faces import restore_faces
-
-            face_model = self.upscalers.face_model(request.face_restoration_model)
-            restored = [restore_faces(img, face_model) for img in images]
+        if request.restore_faces and not edit:  # 5b. face restoration (img2img / inpaint: inside run_img2img)
+            restored = [self._face_restorer(request)(img) for img in images]
             images = [img for img, _ in restored]
             warnings = warnings + sorted({w for _, ws in restored for w in ws})
         timings["decode"] = time.perf_counter() - t
@@ -294,6 +292,16 @@ class Studio:
                                 ip_adapter_encoder=request.ip_adapter_encoder or folder.name)
         entry = ModelEntry(adapter.stem, adapter, "ipadapter", adapter.suffix.lstrip(".").lower())
         return named, self.registry.sha256(entry)  # cached by path, size and mtime
+    def _face_restorer(self, request: GenerationRequest):
+        """``picture -> (picture, warnings)`` restoring faces with the request's face model
+        (A1111's restore_faces), or None when the request does not ask for it."""
+        if not request.restore_faces:
+            return None
+        from danqing.editing.faces import restore_faces
+
+        face_model = self.upscalers.face_model(request.face_restoration_model)
+        return lambda img: restore_faces(img, face_model)
+
     def _control(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None, crop=None):
         """Load every unit's model (checked against the checkpoint) and prepare its picture at
         ``size`` (width, height; default the request's); ``crop``: "only masked" inpainting's

@@ -280,6 +280,24 @@ def test_restore_faces_request_field(gfpgan_dir, tmp_path):
         empty.generate(req)
 
 
+def test_inpaint_with_restore_faces_keeps_the_pixels_outside_the_mask(gfpgan_dir, tmp_path):
+    """Faces are restored before the inpaint is pasted back (A1111's order), so every pixel
+    outside the mask is still the init picture's, while the face inside the mask is restored."""
+    from skimage.data import astronaut
+
+    st = Studio(Settings(home=tmp_path, models_dir=gfpgan_dir, device="cpu", dtype="fp32"))
+    init = Image.fromarray(astronaut()).resize((256, 256))
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:, 64:192] = 255  # the face and around it
+    req = GenerationRequest(prompt="a red circle", seed=1, steps=4, width=256, height=256, denoising_strength=0.1,
+                            restore_faces=True, mask_blur=0, model="danqing-tiny")
+    res = st.generate(req, init_image=init, mask_image=Image.fromarray(mask))
+    plain = st.generate(req.replace(restore_faces=False), init_image=init, mask_image=Image.fromarray(mask))
+    out, ref = np.asarray(res.images[0]), np.asarray(init)
+    assert np.array_equal(out[:, :64], ref[:, :64]) and np.array_equal(out[:, 192:], ref[:, 192:])
+    assert res.warnings == [] and not np.array_equal(out[:, 64:192], np.asarray(plain.images[0])[:, 64:192])
+
+
 def test_api_lists_and_takes_installed_upscalers(studio, tmp_path):
     """/sdapi/v1/upscalers lists the installed models; hr_upscaler accepts them; an unknown one
     is a 422 naming them."""

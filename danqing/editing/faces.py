@@ -19,8 +19,6 @@ from danqing.errors import InvalidRequest, ModelError
 FACE_MARGIN = 0.5  # the square crop is the face box grown by this fraction on each side
 FEATHER = 0.125    # the pasted square fades out over this fraction of its side
 CODEFORMER_WEIGHT = 0.5  # A1111's code_former_weight default: 0 = the most restoration, 1 = the least
-
-
 MIN_FACE = 32      # smaller faces (and 1/16 of the short side) are not looked for: fewer false finds
 
 

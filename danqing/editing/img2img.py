@@ -83,15 +83,27 @@ def only_masked_box(init: Image.Image, mask_img: Image.Image | None, request) ->
 
 
 def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None, *, device, dtype,
-                on_step=None, control=None) -> EditOutput:
+                on_step=None, control=None, post=None) -> EditOutput:
     """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says; ``control`` is a
     ``conditioning.control.ControlDenoise`` (ControlNet units at width x height; for "only
-    masked", their maps already cropped to ``only_masked_box`` as the init picture is) or None."""
+    masked", their maps already cropped to ``only_masked_box`` as the init picture is) or None.
+    ``post``: ``picture -> (picture, warnings)`` applied to each generated picture before an
+    inpaint is pasted back (face restoration: A1111 restores faces before its overlay, so the
+    pixels outside the mask stay the init picture's)."""
+    def finish(im: Image.Image) -> Image.Image:
+        if post is None:
+            return im
+        im, notes = post(im)
+        warnings.extend(n for n in notes if n not in warnings)
+        return im
+
     warnings: list[str] = []
     W, H = request.width, request.height
     if mask_img is None:
-        return _run(comps, request, resize_image(init, W, H, request.resize_mode), None, device=device,
-                    dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init, control=control)
+        out = _run(comps, request, resize_image(init, W, H, request.resize_mode), None, device=device,
+                   dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init, control=control)
+        out.images = [finish(im) for im in out.images]
+        return out
 
     mask_full = full_mask(init, mask_img, request)
     if mask_full.max() <= 0:
@@ -112,7 +124,7 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
         out = _run(comps, request, base, m, device=device, dtype=dtype, on_step=on_step, warnings=warnings,
                    control=control)
         weight = feather_inward(m, request.mask_blur)
-        out.images = [composite(base, im, weight) for im in out.images]
+        out.images = [composite(base, finish(im), weight) for im in out.images]
         return out
 
     # "only masked": the mask's box (+ padding, grown to W:H) inpainted at W x H, pasted back.
@@ -125,7 +137,7 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
     pasted = []
     for im in out.images:
         canvas = init.copy()
-        canvas.paste(im.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        canvas.paste(finish(im).resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
         pasted.append(composite(init, canvas, weight))
     out.images = pasted
     return out
