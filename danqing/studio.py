@@ -158,7 +158,8 @@ class Studio:
             from danqing.customise.embeddings import ti_hashes, use_embeddings
 
             embeddings = self.embeddings.for_prompts(prompt_texts(request), comps)
-            scope.enter_context(use_embeddings(embeddings))
+            bundled = [e for act in networks for e in act.network.embeddings]  # in the LoRA files (bundle_emb)
+            scope.enter_context(use_embeddings([*bundled, *embeddings]))
             custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None,
                       "control_hashes": control.hashes if control is not None else None}
             if request.ip_adapter_image:

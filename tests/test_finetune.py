@@ -183,6 +183,47 @@ def test_lora_kohya_and_diffusers_files_give_the_same_image(settings, tmp_path):
             p.unlink()
 
 
+def test_pivotal_tuning_bundles_the_word_and_merges_like_the_tag(settings, tmp_path):
+    """network.train_words: the word's input embedding trains with the LoRA and goes into the
+    kohya file as A1111's bundle_emb.<word>.string_to_param.*; using the LoRA uses the word's new
+    vector (the picture differs from the same file without it), and merge-lora bakes it into the
+    token table, so the merged checkpoint draws what the tag draws."""
+    from safetensors.torch import load_file, save_file
+
+    from danqing import GenerationRequest, Studio
+    from danqing.customise.merge import merge_loras
+    from danqing.models.loader import load_diffusers_folder
+    from danqing.training.finetune import train_lora
+
+    cfg = _lora_cfg("tiny-sd1", tmp_path / "run", network={"train_words": ["heart"], "word_lr": 0.05})
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    sd = load_file(summary["files"][0])
+    vec = sd["bundle_emb.heart.string_to_param.*"]
+    comps = load_diffusers_folder(settings.models_dir / "checkpoints" / "tiny-sd1")
+    row = comps.text_encoder.get_input_embeddings().weight[comps.tokenizer("heart", add_special_tokens=False).input_ids]
+    assert vec.shape == row.shape == (1, 32) and not torch.allclose(vec, row)
+    assert not any(k.startswith("bundle_emb") for k in load_file(summary["files"][1]))  # diffusers: no place for it
+
+    lora_dir = settings.models_dir / "lora"
+    (lora_dir / "piv.safetensors").write_bytes(Path(summary["files"][0]).read_bytes())
+    save_file({k: v for k, v in sd.items() if not k.startswith("bundle_emb")}, str(lora_dir / "piv-nowords.safetensors"))
+    merged = settings.models_dir / "checkpoints" / "tiny-sd1-piv.safetensors"
+    try:
+        studio = Studio(settings)
+        merge_loras(studio.registry, "tiny-sd1", [("piv", 1.0)], merged)
+
+        def draw(prompt: str, model: str = "tiny-sd1"):
+            req = GenerationRequest.create(prompt=prompt, model=model, width=64, height=64, steps=4, seed=5)
+            return np.asarray(Studio(settings).generate(req).images[0], dtype=np.int16)
+
+        tag, no_words = draw("a red heart <lora:piv:1>"), draw("a red heart <lora:piv-nowords:1>")
+        assert np.abs(tag - no_words).mean() > 0.5  # the bundled vector is used
+        assert np.abs(tag - draw("a red heart", "tiny-sd1-piv")).max() <= 1
+    finally:
+        for p in (*lora_dir.glob("piv*.safetensors"), merged):
+            p.unlink(missing_ok=True)
+
+
 def test_resumed_run_equals_uninterrupted_run(settings, tmp_path):
     from safetensors.torch import load_file
 

@@ -364,3 +364,22 @@ def test_text_encoder_names_from_before_transformers_5_reach_the_same_modules(ti
         rest = key[len("lora_te_"):]
         assert table["lora_te_text_model_" + rest] == target
         assert table["text_encoder.text_model." + target[1]] == target
+
+
+def test_bundled_embeddings_are_read_in_a1111s_layouts():
+    """A1111 reads textual-inversion vectors bundled in LoRA files (pivotal tuning) under
+    bundle_emb.<name>.string_to_param.* (one text encoder) or .clip_l / .clip_g (SDXL); the
+    LoRA modules beside them are unaffected, and an unknown bundle key is a clear error."""
+    from danqing.customise.lora import parse_bundled, parse_state_dict
+    from danqing.errors import CorruptModel
+
+    sd = {"bundle_emb.sks.string_to_param.*": torch.ones(2, 768), "bundle_emb.zq.clip_l": torch.ones(768),
+          "bundle_emb.zq.clip_g": torch.ones(1, 1280),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 320),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 4)}
+    out = parse_bundled(sd)
+    assert set(out) == {"sks", "zq"} and out["sks"]["emb_params"].shape == (2, 768)
+    assert out["zq"]["clip_l"].shape == (1, 768) and out["zq"]["clip_g"].shape == (1, 1280)
+    assert list(parse_state_dict(sd)) == ["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    with pytest.raises(CorruptModel, match="bundle_emb.sks.weird"):
+        parse_bundled({"bundle_emb.sks.weird": torch.ones(1, 768)})

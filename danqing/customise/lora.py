@@ -237,6 +237,36 @@ def parse_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = 
     return modules
 
 
+def parse_bundled(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Textual-inversion vectors bundled in a LoRA file (A1111's ``bundle_emb.<name>.<key>``,
+    from pivotal-tuning trainers) -> {name: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}.
+    ``string_to_param.*`` and ``emb_params`` are the one-encoder vectors."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if not key.startswith("bundle_emb."):
+            continue
+        name, _, rest = key[len("bundle_emb."):].partition(".")
+        kind = "emb_params" if rest.startswith(("string_to_param", "emb_params")) else rest
+        if not name or kind not in ("emb_params", "clip_l", "clip_g"):
+            raise CorruptModel(f"bundled embedding key {key!r}: expected bundle_emb.<name>.string_to_param.*, "
+                               ".emb_params, .clip_l or .clip_g")
+        v = value.float()
+        out.setdefault(name, {})[kind] = v[None] if v.ndim == 1 else v
+    return out
+
+
+def read_bundled(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The bundled embeddings of a LoRA file (``parse_bundled``); ``{}`` when it has none."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return parse_bundled(sd if isinstance(sd, dict) else {})
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return parse_bundled({k: f.get_tensor(k) for k in f.keys() if k.startswith("bundle_emb.")})
+
+
 def read_network(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str]]:
     """A LoRA/LyCORIS file (``.safetensors``, or a pickle read with ``weights_only=True``) ->
     (modules, safetensors metadata)."""
@@ -349,6 +379,8 @@ class ResolvedNetwork:
     name: str
     sha256: str
     targets: dict[tuple[str, str], NetworkModule] = field(default_factory=dict)
+    # (Embedding, ...): textual-inversion vectors bundled in the file (``bundle_emb.*``), used by name while active
+    embeddings: tuple = ()
 
     @property
     def short_hash(self) -> str:
@@ -561,21 +593,28 @@ class NetworkCache:
         import threading
 
         self.capacity = capacity
-        self._items: dict[tuple[str, str], dict[str, NetworkModule]] = {}
+        self._items: dict[tuple[str, str], tuple[dict[str, NetworkModule], dict]] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path, sha256: str) -> dict[str, NetworkModule]:
+    def _entry(self, path: Path, sha256: str) -> tuple[dict[str, NetworkModule], dict]:
         key = (str(path), sha256)
         with self._lock:
             if key in self._items:
                 self._items[key] = self._items.pop(key)
                 return self._items[key]
-        modules, _ = read_network(path)
+        item = (read_network(path)[0], read_bundled(path))
         with self._lock:
-            self._items[key] = modules
+            self._items[key] = item
             while len(self._items) > self.capacity:
                 self._items.pop(next(iter(self._items)))
-        return modules
+        return item
+
+    def get(self, path: Path, sha256: str) -> dict[str, NetworkModule]:
+        return self._entry(path, sha256)[0]
+
+    def bundled(self, path: Path, sha256: str) -> dict[str, dict[str, torch.Tensor]]:
+        """The file's bundled embeddings (``read_bundled``)."""
+        return self._entry(path, sha256)[1]
 
 
 def activate(tags: list[LoraTag], comps, *, registry, model_name: str, cache: NetworkCache) -> list[Activation]:
@@ -592,5 +631,41 @@ def activate(tags: list[LoraTag], comps, *, registry, model_name: str, cache: Ne
                                  f"installed: {names}") from None
         digest = registry.sha256(entry)
         net = resolve(tag.name, digest, cache.get(entry.path, digest), comps, model_name)
+        net.embeddings = bundled_embeddings(cache.bundled(entry.path, digest), tag.name, digest, comps)
         acts.append(Activation(net, tag.unet, tag.te))
     return acts
+
+
+def bake_embeddings(comps, embeddings) -> None:
+    """Write bundled embeddings into the text encoders' token tables for good (merge-lora): the
+    rows of the name's tokens become its vectors -- what using it by name does at generation.
+    A name whose token count differs from its vector count cannot be baked (a clear error)."""
+    from danqing.customise.embeddings import encoder_keys, name_ids
+
+    for emb in embeddings:
+        for key, tok, te in zip(encoder_keys(comps.family), (comps.tokenizer, comps.tokenizer_2),
+                                (comps.text_encoder, comps.text_encoder_2)):
+            if key is None or te is None:
+                continue
+            ids, vec = name_ids(tok, emb.name), emb.vectors[key]
+            if len(ids) != vec.shape[0]:
+                raise IncompatibleModel(f"bundled embedding {emb.name!r} has {vec.shape[0]} vector(s) but its name is "
+                                        f"{len(ids)} token(s): it cannot be merged into the checkpoint; use the LoRA "
+                                        "by its tag instead")
+            table = te.get_input_embeddings().weight
+            with torch.no_grad():
+                table[ids] = vec.to(table.dtype)
+
+
+def bundled_embeddings(bundled: dict[str, dict[str, torch.Tensor]], lora_name: str, sha256: str, comps) -> tuple:
+    """A LoRA's bundled vectors as ``Embedding``s, checked against ``comps``. As in A1111 they
+    are used by name while the LoRA is active; unlike a standalone embedding, the name may be
+    a vocabulary word (pivotal tuning re-learns a word the base model barely knew)."""
+    from danqing.customise.embeddings import Embedding, check_fits
+
+    out = []
+    for name, vectors in bundled.items():
+        emb = Embedding(name, vectors, hash=sha256, meta={"bundled_in": lora_name})
+        check_fits(emb, comps)
+        out.append(emb)
+    return tuple(out)

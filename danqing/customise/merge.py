@@ -269,7 +269,7 @@ def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path,
         ``out`` (one ``.safetensors``; recipe: method "merge-lora", the model and every LoRA with
         its sha256 and weight).
     """
-    from danqing.customise.lora import Activation, NetworkCache, merge_into, resolve
+    from danqing.customise.lora import Activation, NetworkCache, bake_embeddings, bundled_embeddings, merge_into, resolve
     from danqing.errors import ModelNotFound
     from danqing.models.single_file import save_single_file
 
@@ -286,11 +286,13 @@ def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path,
             raise InvalidRequest("lora", f"LoRA {name!r} not found in {registry.folder('lora')}; installed: {names}") from None
         digest = registry.sha256(entry)
         net = resolve(entry.name, digest, cache.get(entry.path, digest), comps, base.name)
+        net.embeddings = bundled_embeddings(cache.bundled(entry.path, digest), entry.name, digest, comps)
         acts.append(Activation(net, weight, weight))
         used.append({"role": "lora", "name": entry.name, "sha256": digest, "weight": weight})
     for module in comps.modules().values():
         module.to(torch.float32)
     merge_into(comps, acts)
+    bake_embeddings(comps, [e for a in acts for e in a.network.embeddings])  # pivotal-tuning words
     if half:
         for module in comps.modules().values():
             module.to(torch.float16)

@@ -184,6 +184,10 @@ class NetworkConfig(_Strict):
     train_text_encoder: bool = False
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     text_encoder_lr: float | None = None  # None: the UNet's lr
+    # pivotal tuning: these words' input embeddings train too (a word the base model never
+    # learnt has only its initial vector); written into the kohya file as A1111's bundle_emb.*
+    train_words: tuple[str, ...] = ()
+    word_lr: float = Field(1e-2, gt=0)
 
 
 class OptimConfig(_Strict):

@@ -239,6 +239,46 @@ def add_lora(comps, net_cfg, lr: float) -> Trainable:
     return Trainable(groups, mods)
 
 
+def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
+    """Pivotal tuning: the input-embedding rows of ``words`` in every text encoder train (the
+    rest of each table is put back after every step, as textual inversion does).
+
+    Returns (parameter groups, a restore-the-other-rows function, a function that returns the
+    words' current vectors ``{word: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}``).
+    """
+    from danqing.customise.embeddings import encoder_keys
+
+    keys = encoder_keys(comps.family)
+    tables = []
+    for key, tok, te in zip(keys, (comps.tokenizer, comps.tokenizer_2), (comps.text_encoder, comps.text_encoder_2)):
+        if key is None or tok is None or te is None:
+            continue
+        ids = {}
+        for word in words:
+            ids[word] = tok(word, add_special_tokens=False).input_ids
+            if not ids[word]:
+                raise InvalidRequest("network.train_words", f"{word!r} has no tokens")
+        emb = te.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        keep = torch.tensor(sorted({i for v in ids.values() for i in v}))
+        tables.append((key, emb, emb.detach().clone(), keep, ids))
+    if not tables:
+        raise InvalidRequest("network.train_words", "the model has no text encoder to train words in")
+    groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for _, emb, orig, keep, _ in tables:
+                mask = torch.ones(emb.shape[0], dtype=torch.bool)
+                mask[keep] = False
+                emb[mask] = orig[mask].to(emb.dtype)
+
+    def vectors() -> dict[str, dict[str, torch.Tensor]]:
+        return {w: {key: emb.detach()[ids[w]].float().cpu().clone() for key, emb, _, _, ids in tables} for w in words}
+
+    return groups, restore, vectors
+
+
 def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
     """A LoRA rank larger than the smallest targeted layer is refused (it adds nothing)."""
     smallest = None
@@ -298,15 +338,22 @@ def kohya_state_dict(sds: dict[str, dict[str, torch.Tensor]], alpha: float, fami
     return out
 
 
-def save_lora(comps, net_cfg, out_dir: Path, name: str, formats, metadata: dict[str, str]) -> list[Path]:
+def save_lora(comps, net_cfg, out_dir: Path, name: str, formats, metadata: dict[str, str],
+              bundled: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Path]:
     """Write the trained LoRA as ``<name>.safetensors`` (kohya) and/or ``<name>-diffusers/``
-    (``pytorch_lora_weights.safetensors`` with peft's config in its header), atomically."""
+    (``pytorch_lora_weights.safetensors`` with peft's config in its header), atomically.
+    ``bundled``: trained word embeddings, written into the kohya file as A1111's
+    ``bundle_emb.<word>.string_to_param.*`` (one text encoder) or ``bundle_emb.<word>.clip_l`` /
+    ``.clip_g`` (SDXL)."""
     from safetensors.torch import save_file
 
     sds = lora_state_dicts(comps)
     paths = []
     if "kohya" in formats:
         sd = kohya_state_dict(sds, net_cfg.alpha, comps.family)
+        for word, vecs in (bundled or {}).items():
+            for key, v in vecs.items():
+                sd[f"bundle_emb.{word}.{'string_to_param.*' if key == 'emb_params' else key}"] = v.contiguous()
         paths.append(_atomic_file(lambda p: save_file(sd, str(p), metadata=metadata), out_dir / f"{name}.safetensors"))
     if "diffusers" in formats:
         flat = {f"{comp}.{k}": v for comp, sd in sds.items() for k, v in sd.items()}
@@ -626,8 +673,14 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
         log(f"{prior.n_images} regularisation images ({cfg.prior.class_source}), weight {cfg.prior.prior_loss_weight}")
     torch.manual_seed(cfg.train.seed)  # the adapters' Gaussian init
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
+    restore_rows = word_vectors = None
+    if cfg.network.train_words:
+        groups, restore_rows, word_vectors = add_word_embeddings(comps, cfg.network.train_words, cfg.network.word_lr)
+        trainable.groups.extend(groups)
+        log(f"pivotal tuning: the embeddings of {', '.join(map(repr, cfg.network.train_words))} train too "
+            f"(lr {cfg.network.word_lr:g}); the kohya file bundles them")
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
-                     log=log, resume=resume, caption_cfg=cfg.data, prior=prior,
+                     log=log, resume=resume, caption_cfg=cfg.data, prior=prior, after_step=restore_rows,
                      prior_weight=cfg.prior.prior_loss_weight,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output,
                                         cfg.data.resolution, run_dir))
@@ -636,9 +689,13 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
                                   "ss_network_alpha": cfg.network.alpha,
                                   "ss_network_train_text_encoder": cfg.network.train_text_encoder,
                                   "ss_reg_images": prior.n_images if prior else 0, "ss_steps": state.step})
-    files = save_lora(comps, cfg.network, run_dir, cfg.output.name, cfg.output.formats, meta)
+    bundled = word_vectors() if word_vectors else {}
+    files = save_lora(comps, cfg.network, run_dir, cfg.output.name, cfg.output.formats, meta, bundled=bundled)
     for f in files:
         log(f"wrote {f}")
+    if bundled and "diffusers" in cfg.output.formats:
+        log("note: the diffusers-format file holds no word embeddings (diffusers' LoRA format has no place for "
+            "them); the kohya file bundles them")
     return {"files": [str(f) for f in files], "steps": state.step, "loss": state.loss, "seconds": state.seconds,
             "steps_per_s": state.steps_per_s}
 
