@@ -348,11 +348,24 @@ def test_textual_inversion_trains_only_the_new_word(settings, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The concept on danqing-tiny (must-show 1, a short version of the documented run)
 # ---------------------------------------------------------------------------------------------
-def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
-    from danqing import GenerationRequest, Settings, Studio
+def _concept_score(studio, scenes, prompt) -> float:
+    """The evaluator's mean object score of danqing-tiny on ``scenes``, each drawn from
+    ``prompt(canonical caption)`` at the documented settings' seeds (1000 + i), 20 steps, 64 px."""
+    from danqing import GenerationRequest
     from danqing.synthetic.captions import caption
-    from danqing.synthetic.concepts import concept_scenes
     from danqing.synthetic.evaluate import score
+
+    ok = 0.0
+    for i, s in enumerate(scenes):
+        req = GenerationRequest.create(prompt=prompt(caption(s)), model="danqing-tiny", steps=20, seed=1000 + i,
+                                       width=64, height=64)
+        ok += score(studio.generate(req).images[0], s.spec).object
+    return ok / len(scenes)
+
+
+def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
+    from danqing import Settings, Studio
+    from danqing.synthetic.concepts import concept_scenes
     from danqing.training.config import load_config
     from danqing.training.finetune import train_lora
 
@@ -368,12 +381,7 @@ def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
     scenes = concept_scenes(12, split="eval")
 
     def rate(suffix: str) -> float:
-        ok = 0.0
-        for i, s in enumerate(scenes):
-            req = GenerationRequest.create(prompt=caption(s) + suffix, model="danqing-tiny", steps=20, seed=1000 + i,
-                                           width=64, height=64)
-            ok += score(studio.generate(req).images[0], s.spec).object
-        return ok / len(scenes)
+        return _concept_score(studio, scenes, lambda text: text + suffix)
 
     before, after = rate(""), rate(" <lora:heart:1>")
     # 300 steps measured 0.0 -> 0.33 here; the documented 1,500-step run reaches 0.84 on 50 prompts
@@ -383,10 +391,8 @@ def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
 def test_a_short_pivotal_lora_run_teaches_danqing_tiny_magenta(tmp_path):
     """Must-show 1 for LoRA on the colour concept, short: configs/train/lora-magenta.toml (a light
     attention LoRA + the word's embedding, bundled) for 300 steps with 24 regularisation images."""
-    from danqing import GenerationRequest, Settings, Studio
-    from danqing.synthetic.captions import caption
+    from danqing import Settings, Studio
     from danqing.synthetic.concepts import concept_scenes
-    from danqing.synthetic.evaluate import score
     from danqing.training.config import load_config
     from danqing.training.finetune import train_lora
 
@@ -402,12 +408,7 @@ def test_a_short_pivotal_lora_run_teaches_danqing_tiny_magenta(tmp_path):
     scenes = concept_scenes(12, concept="magenta", split="eval")
 
     def rate(suffix: str) -> float:
-        ok = 0.0
-        for i, s in enumerate(scenes):
-            req = GenerationRequest.create(prompt=caption(s) + suffix, model="danqing-tiny", steps=20, seed=1000 + i,
-                                           width=64, height=64)
-            ok += score(studio.generate(req).images[0], s.spec).object
-        return ok / len(scenes)
+        return _concept_score(studio, scenes, lambda text: text + suffix)
 
     before, after = rate(""), rate(" <lora:magenta:1>")
     # the documented 800-step run reaches 0.92 on 50 prompts (base 0.08; 0.33 on these 12)
@@ -418,10 +419,8 @@ def test_a_short_textual_inversion_run_teaches_danqing_tiny_magenta(tmp_path):
     """Must-show 1 for textual inversion, short: a new colour word learnt from 20 rendered
     pictures of magenta shapes (a colour danqing-tiny never saw). The frozen model can reach it
     (its purple-to-pink range), so the word alone carries it; ordinary prompts cannot change."""
-    from danqing import GenerationRequest, Settings, Studio
-    from danqing.synthetic.captions import caption
+    from danqing import Settings, Studio
     from danqing.synthetic.concepts import concept_scenes
-    from danqing.synthetic.evaluate import score
     from danqing.training.config import load_config
     from danqing.training.finetune import train_textual_inversion
 
@@ -437,12 +436,7 @@ def test_a_short_textual_inversion_run_teaches_danqing_tiny_magenta(tmp_path):
     scenes = concept_scenes(12, concept="magenta", split="eval")
 
     def rate(word: str) -> float:
-        ok = 0.0
-        for i, s in enumerate(scenes):
-            req = GenerationRequest.create(prompt=caption(s).replace("magenta", word), model="danqing-tiny", steps=20,
-                                           seed=1000 + i, width=64, height=64)
-            ok += score(studio.generate(req).images[0], s.spec).object
-        return ok / len(scenes)
+        return _concept_score(studio, scenes, lambda text: text.replace("magenta", word))
 
     before, pink, after = rate("magenta"), rate("pink"), rate("dq-magenta")
     # measured here: 0.33 (the untrained word "magenta" sometimes lands between pink and purple;
