@@ -239,6 +239,19 @@ def add_lora(comps, net_cfg, lr: float) -> Trainable:
     return Trainable(groups, mods)
 
 
+def _row_restorer(tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """For (embedding table, its original copy, row ids that train): a function that puts back
+    every other row after an optimiser step (AdamW's decay and momentum touch the whole table)."""
+    def restore() -> None:
+        with torch.no_grad():
+            for emb, orig, keep in tables:
+                mask = torch.ones(emb.shape[0], dtype=torch.bool)
+                mask[keep] = False
+                emb[mask] = orig[mask].to(emb.dtype)
+
+    return restore
+
+
 def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
     """Pivotal tuning: the input-embedding rows of ``words`` in every text encoder train (the
     rest of each table is put back after every step, as textual inversion does).
@@ -265,13 +278,7 @@ def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
     if not tables:
         raise InvalidRequest("network.train_words", "the model has no text encoder to train words in")
     groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for _, emb, orig, keep, _ in tables:
-                mask = torch.ones(emb.shape[0], dtype=torch.bool)
-                mask[keep] = False
-                emb[mask] = orig[mask].to(emb.dtype)
+    restore = _row_restorer([(emb, orig, keep) for _, emb, orig, keep, _ in tables])
 
     def vectors() -> dict[str, dict[str, torch.Tensor]]:
         return {w: {key: emb.detach()[ids[w]].float().cpu().clone() for key, emb, _, _, ids in tables} for w in words}
@@ -838,14 +845,7 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
         mods.append(te)
         ids_by[te_name] = new_ids
 
-    def restore() -> None:
-        with torch.no_grad():
-            for emb, orig, keep in frozen:
-                mask = torch.ones(emb.shape[0], dtype=torch.bool)
-                mask[keep] = False
-                emb[mask] = orig[mask].to(emb.dtype)
-
-    return Trainable(groups, mods), restore, ids_by
+    return Trainable(groups, mods), _row_restorer(frozen), ids_by
 
 
 def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
