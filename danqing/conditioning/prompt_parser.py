@@ -1,15 +1,21 @@
 """A1111 prompt syntax, as pure functions (no torch).
 
-Two stages, as in AUTOMATIC1111's ``modules/prompt_parser.py``:
+Two stages, as in AUTOMATIC1111's ``modules/prompt_parser.py`` (stable-diffusion-webui >= 1.6):
 
 1. ``prompt_schedule`` resolves prompt editing ``[from:to:when]``, ``[to:when]``, ``[from::when]``
    and alternation ``[a|b]`` into the text used at each sampler step.
 2. ``parse_attention`` turns one such text into (piece, weight) pairs: ``(x)`` x1.1, ``((x))``
-   x1.21, ``(x:1.3)``, ``[x]`` /1.1, escapes ``\\( \\) \\[ \\] \\\\``, and ``BREAK``.
+   x1.21, ``(x:1.3)`` (negative weights too), ``[x]`` /1.1, and ``BREAK``.
+
+A backslash escapes the next character: ``\\( \\) \\[ \\] \\: \\|`` are literal, ``\\\\`` is one
+backslash, and any other backslash is dropped, so a backslash never reaches the tokenizer unless
+it was escaped. A ``[...]`` holding ``:`` whose last part is not a number (``[note: text]``) is
+not an edit: it stays text, as in A1111, and stage 2 reads its brackets as ``[x]``.
 
 Where A1111 silently repairs a broken prompt (an unclosed bracket weighs the rest of the
 prompt; an unparsable schedule turns into plain text), danqing refuses it with a
-``PromptSyntaxError`` that names the position and how to write it.
+``PromptSyntaxError`` that names the position and how to write it. docs/prompts.md lists every
+such difference beside A1111's behaviour. Brackets nest at most ``MAX_NESTING`` deep.
 
 ``when`` follows A1111 >= 1.6: a number with a decimal point is a fraction of the steps
 (``0.5`` = half way), an integer is a step number; ``[a:b:10]`` uses ``a`` up to and including
@@ -18,6 +24,7 @@ step 10 and ``b`` after.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -25,6 +32,8 @@ from danqing.errors import PromptSyntaxError
 
 ROUND = 1.1  # A1111 "(x)" multiplier
 SQUARE = 1 / 1.1  # A1111 "[x]" multiplier
+MAX_NESTING = 100  # ( and [ levels; deeper prompts are refused (the parser recurses once a level)
+_WHEN = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")  # A1111's SIGNED_NUMBER (lark common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,9 +69,17 @@ class _Parser:
     def __init__(self, text: str):
         self.s = text
         self.i = 0
+        self.depth = 0  # brackets open around self.i
 
     def error(self, what: str, pos: int) -> PromptSyntaxError:
         return PromptSyntaxError(what.format(pos=pos))
+
+    def enter(self, pos: int) -> None:
+        """One more bracket level; refused past MAX_NESTING so that recursion stays shallow."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"brackets nest more than {MAX_NESTING} deep at position {{pos}}; "
+                             f"at most {MAX_NESTING} nested '(' and '[' are allowed", pos)
 
     def seq(self, context: str) -> tuple:
         """Nodes until the end of this context: ')' for 'paren'; ':' '|' ']' for 'bracket'."""
@@ -83,11 +100,13 @@ class _Parser:
             elif c == "(":
                 flush()
                 start = self.i
+                self.enter(start)
                 self.i += 1
                 body = self.seq("paren")
                 if self.i >= len(s):
                     raise self.error("unbalanced '(' at position {pos}: it is never closed; close it with ')' or escape a literal bracket as \\(", start)
                 self.i += 1
+                self.depth -= 1
                 nodes.append(_Group("(", body, ")"))
             elif c == ")":
                 if context == "paren":
@@ -111,6 +130,7 @@ class _Parser:
     def bracket(self):
         s = self.s
         start = self.i
+        self.enter(start)
         self.i += 1
         parts, seps = [self.seq("bracket")], []
         while True:
@@ -122,24 +142,28 @@ class _Parser:
                 break
             seps.append(c)
             parts.append(self.seq("bracket"))
+        self.depth -= 1
         if not seps:
             return _Group("[", parts[0], "]")
         if all(sep == "|" for sep in seps):
             return _Alternate(tuple(parts))
+        when_text = "".join(p for p in parts[-1] if isinstance(p, str)).strip()
+        if len(parts[-1]) != 1 or not _WHEN.fullmatch(when_text):
+            # Not an edit ("[note: text]"): the brackets and separators stay text, as in A1111.
+            body = list(parts[0])
+            for sep, part in zip(seps, parts[1:]):
+                body += [sep, *part]
+            return _Group("[", tuple(body), "]")
         if "|" in seps or len(seps) > 2:
             raise self.error(
                 "the '[...]' at position {pos} mixes ':' and '|' or has more than two ':'; write [from:to:when], [to:when], [from::when] or [a|b]",
                 start,
             )
-        when_text = "".join(p for p in parts[-1] if isinstance(p, str)).strip()
-        if len(parts[-1]) != (1 if parts[-1] else 0) or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", when_text):
-            raise self.error(
-                f"prompt editing at position {{pos}} needs a number for 'when' in [from:to:when], got {when_text!r}; "
-                "escape literal brackets as \\[ \\]",
-                start,
-            )
+        when = float(when_text)
+        if not math.isfinite(when):
+            raise self.error(f"prompt editing at position {{pos}}: 'when' {when_text!r} is too large; write a step number or a fraction", start)
         before, after = (parts[0], parts[1]) if len(seps) == 2 else ((), parts[0])
-        return _Edit(before, after, float(when_text), when_text)
+        return _Edit(before, after, when, when_text)
 
 
 def _when_step(edit: _Edit, steps: int) -> int:
@@ -211,7 +235,8 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------------------------------------
 _ATTENTION = re.compile(
     r"""
-    \\\( | \\\) | \\\[ | \\\] | \\\\ | \\   # escapes (and a lone backslash)
+    \\[()\[\]\\:]                          # an escaped bracket, backslash or colon: literal
+    | \\                                   # any other backslash is dropped (A1111)
     | \( | \[                              # openers
     | :\s*([+-]?[.\d]+)\s*\)               # ":1.3)" closes a weighted group
     | \) | \]                              # closers
@@ -226,12 +251,14 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """(piece, weight) pairs of one prompt text (A1111 ``parse_prompt_attention``).
 
-    ``(x)`` multiplies by 1.1, ``[x]`` divides by 1.1, ``(x:w)`` multiplies by w; nested groups
-    multiply. ``BREAK`` yields ("BREAK", -1.0). Neighbouring pieces of equal weight are merged.
+    ``(x)`` multiplies by 1.1, ``[x]`` divides by 1.1, ``(x:w)`` multiplies by w (w may be
+    negative); nested groups multiply. ``BREAK`` yields ("BREAK", -1.0). Neighbouring pieces of
+    equal weight are merged (never into a BREAK). ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\:`` ``\\\\``
+    are literal characters; any other backslash is dropped.
     Example: ``parse_attention("an (important) word") ==
     [("an ", 1.0), ("important", 1.1), (" word", 1.0)]``.
     """
-    res: list[list] = []
+    res: list[list] = []  # [piece, weight, is_break]
     round_open: list[tuple[int, int]] = []  # (index in res, position in text)
     square_open: list[tuple[int, int]] = []
 
@@ -243,7 +270,8 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         tok, weight = m.group(0), m.group(1)
         pos = m.start()
         if tok.startswith("\\"):
-            res.append([tok[1:] if len(tok) == 2 else "\\", 1.0])
+            if len(tok) == 2:
+                res.append([tok[1], 1.0, False])
         elif tok == "(":
             round_open.append((len(res), pos))
         elif tok == "[":
@@ -255,8 +283,6 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
                 w = float(weight)
             except ValueError:
                 raise PromptSyntaxError(f"weight {weight!r} at position {pos + 1} is not a number; write (word:1.2)") from None
-            if w < 0:
-                raise PromptSyntaxError(f"negative weight {weight} at position {pos + 1}; weights must be >= 0")
             multiply(round_open.pop()[0], w)
         elif tok == ")":
             if not round_open:
@@ -270,24 +296,24 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             parts = _BREAK.split(tok)
             for k, part in enumerate(parts):
                 if k > 0:
-                    res.append(["BREAK", -1.0])
-                res.append([part, 1.0])
+                    res.append(["BREAK", -1.0, True])
+                res.append([part, 1.0, False])
     for opened, what in ((round_open, "("), (square_open, "[")):
         if opened:
             close = ")" if what == "(" else "]"
             raise PromptSyntaxError(
                 f"unbalanced '{what}' at position {opened[-1][1]}: it is never closed; close it with '{close}' or escape a literal bracket as \\{what}"
             )
-    res = [r for r in res if r[0] != "" or r[1] == -1.0]
+    res = [r for r in res if r[0] != "" or r[2]]
     if not res:
         return [("", 1.0)]
     merged = [res[0]]
-    for piece, w in res[1:]:
-        if w == merged[-1][1] and w != -1.0:
+    for piece, w, is_break in res[1:]:
+        if w == merged[-1][1] and not is_break and not merged[-1][2]:
             merged[-1][0] += piece
         else:
-            merged.append([piece, w])
-    return [(p, w) for p, w in merged]
+            merged.append([piece, w, is_break])
+    return [(p, w) for p, w, _ in merged]
 
 
 # ---------------------------------------------------------------------------------------------

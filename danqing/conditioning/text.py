@@ -129,6 +129,8 @@ def tokenize_prompt(tokenizer, text: str, embeddings=()) -> list[TokenChunk]:
             pieces.append(([], -1))
             continue
         ids = tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        if not ids:  # whitespace: nothing to encode (and weight -1 with no ids would read as BREAK)
+            continue
         pieces.append((find_embeddings(ids, lookup) if lookup else ids, weight))
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     return chunk_tokens(pieces, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, comma=comma)

@@ -423,7 +423,7 @@ class EmbeddingLibrary:
         tokenizer = comps.tokenizer if comps.tokenizer is not None else comps.tokenizer_2
         names = {name: name_ids(tokenizer, name) for name in files}
         used: list[Embedding] = []
-        pieces = [piece for text in texts for piece, w in parse_attention(text) if w != -1]
+        pieces = [piece for text in texts for piece, w in parse_attention(text) if (piece, w) != ("BREAK", -1.0)]
         token_runs = [name_ids(tokenizer, p) for p in pieces if p]
         for name, ids in names.items():
             if not ids or not any(_contains(run, ids) for run in token_runs):
