@@ -239,5 +239,5 @@ def test_deep_nesting_in_a_request_is_an_invalid_request():
     from danqing.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest) as exc:
-        GenerationRequest(prompt="[a:" * 3000, model="tiny-sd1")
+        GenerationRequest.create(prompt="[a:" * 3000, model="tiny-sd1")
     assert exc.value.field == "prompt" and f"at most {MAX_NESTING} nested" in str(exc.value)
