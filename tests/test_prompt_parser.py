@@ -66,6 +66,8 @@ def test_editing_with_alternation():
     assert prompt_schedule("[[a|b]:c:2]", 3) == [(1, "a"), (2, "b"), (3, "c")]
 
 
+# danqing refuses these where A1111 quietly repairs them or reads them as text; docs/prompts.md
+# lists A1111's result beside each.
 @pytest.mark.parametrize(
     "prompt, needle",
     [
