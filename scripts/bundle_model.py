@@ -1,10 +1,10 @@
 """Copy a finished training run into the package as the bundled model, in fp16.
 
     .venv/bin/python scripts/bundle_model.py runs/danqing-tiny-cpu [--name danqing-tiny]
-    .venv/bin/python scripts/bundle_model.py runs/v2/call3.safetensors --summary runs/v2/summary.json
+    .venv/bin/python scripts/bundle_model.py runs/v2/run3/out/latest.safetensors --summary runs/v2/run3/out/summary.json
 
 RUN is a training run folder (its model/ and summary.json) or a single model file (for example
-the latest.safetensors that scripts/device_train.sh brings back from a GPU machine).
+the latest.safetensors that scripts/train_gpu.sh copies out of a GPU run).
 
 Writes danqing/data/models/<name>/ (diffusers layout) and danqing/data/models/<name>.safetensors
 (single-file LDM layout with danqing's configs in the header), replacing the previous version

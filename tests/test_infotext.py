@@ -13,7 +13,7 @@ from danqing.errors import ImageError
 from danqing.outputs.infotext import format_infotext, parse_infotext, short_hash, split_legacy_sampler
 from danqing.outputs.store import next_output_path, read_infotext, save_png
 
-# Built by hand from the format in A1111.md: prompt, "Negative prompt: ...", one "Key: value, ..." line.
+# Built by hand from the format in docs/a1111.md: prompt, "Negative prompt: ...", one "Key: value, ..." line.
 A1111_EXAMPLE = (
     "a cat\n"
     "Negative prompt: blurry\n"

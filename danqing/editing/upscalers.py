@@ -42,7 +42,7 @@ def _import_spandrel():
     """Import spandrel without torchvision.
 
     spandrel 0.4.2 declares and imports torchvision, but PyPI has no torchvision that works with
-    the CPU torch build danqing pins (../shared/DESIGN.md). Only two of its architectures use
+    the CPU torch build danqing pins (docs/design.md). Only two of its architectures use
     it (LaMa: ``InterpolationMode``, ``rotate``; RestoreFormer: ``normalize``), yet
     ``import spandrel`` imports every architecture. So, only when torchvision is truly absent,
     stand-in modules are put into ``sys.modules`` for the import and removed right after it

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111-compatible web API under ``/sdapi/v1/`` (../shared/A1111.md, docs/api.md).
+"""AUTOMATIC1111-compatible web API under ``/sdapi/v1/`` (docs/a1111.md, docs/api.md).
 
 The field mapping is data: every A1111 request field is in exactly one table --
 ``TO_REQUEST`` (becomes a GenerationRequest field), ``SHELL`` (handled here: images, saving,

@@ -337,7 +337,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
 
 def _export_latest(comps, run_dir: Path, step: int) -> None:
     """``latest.safetensors``: the model as it is now (EMA weights), fp16, single file, written
-    atomically -- small enough to copy off a machine that is lent for a limited time."""
+    atomically -- small enough to copy out while a run of fixed length is still going."""
     import copy
 
     from danqing.models.single_file import save_single_file

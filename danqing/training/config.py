@@ -65,7 +65,7 @@ class RunConfig(_Strict):
     eval_steps: int = Field(20, ge=1)
     num_threads: int = Field(0, ge=0)   # torch CPU threads; 0 = torch's default
     # stop the UNet stage after this many minutes of it (checkpoint + export as at the last step);
-    # 0 = run all unet.steps. For runs on a machine lent for a fixed time.
+    # 0 = run all unet.steps. For runs of a fixed wall time.
     max_minutes: float = Field(0, ge=0)
     # every N steps also write latest.safetensors: the EMA model, fp16, single file; 0 = never
     export_every: int = Field(0, ge=0)
