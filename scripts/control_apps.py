@@ -1,4 +1,4 @@
-"""Must-shows 3 and 4 of the Control issue, and the restyle / creative-text comparisons, on the
+"""Line-art colourisation and QR art, and the restyle / creative-text comparisons, on the
 bundled model and its ControlNets. Results go to docs/control.md.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/control_apps.py --colorize 50 --qr 20

@@ -1,4 +1,4 @@
-"""Must-show 1 of the Control issue: does the bundled canny ControlNet pin down the edges?
+"""Does the bundled canny ControlNet pin down the edges?
 
 For N held-out shapes scenes (danqing.synthetic eval_scenes: compositions the base model never
 saw), the control map is the Canny map of the rendered scene; each scene's caption is generated

@@ -1,4 +1,4 @@
-"""Measure a taught concept (issue 5, must-show 1 and 2): the evaluator's score on held-out
+"""Measure a taught concept (docs/training.md): the evaluator's score on held-out
 prompts with the concept, and on the ordinary held-out prompts, for the base model and with a
 LoRA, an embedding or a fine-tuned checkpoint.
 

@@ -1,4 +1,4 @@
-"""Judge an instruct-pix2pix model on the held-out edits (issue 4, requirement 5).
+"""Judge an instruct-pix2pix model on the held-out edits (docs/models.md, danqing-tiny-instruct).
 
     .venv/bin/python scripts/eval_instruct.py runs/danqing-tiny-instruct/model [--n 100] [--cfg 3 --image-cfg 3]
 

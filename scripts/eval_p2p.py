@@ -1,5 +1,5 @@
 """Prompt-to-Prompt word swap on the bundled model: layout kept and colour changed, against plain
-regeneration of the edited prompt at the same seed (issue 4, requirement 3).
+regeneration of the edited prompt at the same seed (docs/editing.md).
 
     .venv/bin/python scripts/eval_p2p.py [--n 50] [--features 0.5]
 """

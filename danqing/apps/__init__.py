@@ -1,5 +1,6 @@
-"""The course's practical projects as workflows over ``Studio.generate`` (thin: they make control
-maps and requests, the engine paints). Defaults live in ``data/apps/*.json``."""
+"""The practical projects of the course 《AI绘画核心技术与实战》 (2023) as workflows over
+``Studio.generate`` (thin: they make control maps and requests, the engine paints). Defaults live
+in ``data/apps/*.json``."""
 
 from __future__ import annotations
 

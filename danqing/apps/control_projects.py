@@ -1,4 +1,4 @@
-"""The control projects of the course (practical project 4, "用ControlNet给你的创意上色"):
+"""The control projects of the course 《AI绘画核心技术与实战》 (2023) (practical project 4, "用ControlNet给你的创意上色"):
 
 - ``colorize``: a line drawing + a prompt (+ optional colour hints) -> a coloured picture that
   keeps the lines (line-art ControlNet; hints are the img2img start picture);
