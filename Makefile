@@ -12,7 +12,8 @@ export GRADIO_ANALYTICS_ENABLED := False
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: 2.13.0 is the CPU build on this machine; any other spec pulls CUDA.
+	# torch first and pinned, so that no other package pulls another torch (for the CPU-only build,
+	# point pip at PyTorch's CPU wheel index: PyPI's Linux wheel is a CUDA build).
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	# spandrel (model upscalers, face restoration) declares torchvision, whose PyPI builds pull a CUDA

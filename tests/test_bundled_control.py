@@ -1,6 +1,6 @@
 """The bundled ControlNets on the bundled model (danqing-tiny): control works and fades with its
-weight (must-show 1, a smaller version of scripts/control_edge_f1.py), and the control projects
-do what they promise (must-shows 3 and 4, smaller versions of scripts/control_apps.py)."""
+weight (a smaller version of scripts/control_edge_f1.py), and the control projects do what
+they promise (smaller versions of scripts/control_apps.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""danqing-tiny-instruct, the bundled instruct-pix2pix model (issue 4, requirement 5): it carries
+"""danqing-tiny-instruct, the bundled instruct-pix2pix model (docs/models.md): it carries
 out at least 70% of 100 held-out instructions while leaving untouched objects in place."""
 
 from __future__ import annotations

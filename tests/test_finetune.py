@@ -149,7 +149,7 @@ def _lora_cfg(base: str, out: Path, **sections):
 
 
 def test_lora_kohya_and_diffusers_files_give_the_same_image(settings, tmp_path):
-    """Must-show 4: the LoRA saved in kohya format and in diffusers format make the same image."""
+    """The LoRA saved in kohya format and in diffusers format make the same image."""
     from danqing import GenerationRequest, Studio
     from danqing.training.finetune import train_lora
 
@@ -346,7 +346,7 @@ def test_textual_inversion_trains_only_the_new_word(settings, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The concept on danqing-tiny (must-show 1, a short version of the documented run)
+# The concept on danqing-tiny (a short version of the run in docs/training.md)
 # ---------------------------------------------------------------------------------------------
 def _concept_score(studio, scenes, prompt) -> float:
     """The evaluator's mean object score of danqing-tiny on ``scenes``, each drawn from
@@ -389,7 +389,7 @@ def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
 
 
 def test_a_short_pivotal_lora_run_teaches_danqing_tiny_magenta(tmp_path):
-    """Must-show 1 for LoRA on the colour concept, short: configs/train/lora-magenta.toml (a light
+    """LoRA on the colour concept, short: configs/train/lora-magenta.toml (a light
     attention LoRA + the word's embedding, bundled) for 300 steps with 24 regularisation images."""
     from danqing import Settings, Studio
     from danqing.synthetic.concepts import concept_scenes
@@ -416,7 +416,7 @@ def test_a_short_pivotal_lora_run_teaches_danqing_tiny_magenta(tmp_path):
 
 
 def test_a_short_textual_inversion_run_teaches_danqing_tiny_magenta(tmp_path):
-    """Must-show 1 for textual inversion, short: a new colour word learnt from 20 rendered
+    """Textual inversion, short: a new colour word learnt from 20 rendered
     pictures of magenta shapes (a colour danqing-tiny never saw). The frozen model can reach it
     (its purple-to-pink range), so the word alone carries it; ordinary prompts cannot change."""
     from danqing import Settings, Studio

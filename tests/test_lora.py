@@ -4,7 +4,7 @@ no trace on the base model, infotext hashes, and the errors.
 Parity references:
 * ``lycoris-lora`` (KohakuBlueleaf/LyCORIS): its kohya wrapper writes LoCon / LoHa / LoKr files
   for a model and applies them itself; our weight patch must give the same UNet and text-encoder
-  outputs (issue 5, must-show 3: within 1e-4).
+  outputs (within 1e-4).
 * diffusers' ``load_lora_weights`` for peft-format files (written by ``save_lora_weights``) and
   for kohya files.
 """
@@ -329,7 +329,7 @@ def test_sdxl_file_with_two_text_encoders_matches_lycoris(tiny_components, tmp_p
 
 
 def test_lora_merged_into_a_checkpoint_draws_what_the_tag_draws(lora_studio, tmp_path):
-    """Must-show 4: ``danqing merge --method merge-lora`` at weight w == ``<lora:name:w>``."""
+    """``danqing merge --method merge-lora`` at weight w == ``<lora:name:w>``."""
     import numpy as np
 
     from danqing import Settings, Studio

@@ -1,7 +1,7 @@
 """Prompt-to-Prompt and null-text inversion.
 
 Token alignment and the attention edit are checked as pure functions; the edits themselves on the
-bundled model, judged by the shapes evaluator (issue 4, requirements 3 and 4).
+bundled model, judged by the shapes evaluator (docs/editing.md).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _swap_rates(studio, n: int, **p2p) -> tuple[float, float]:
 
 
 def test_word_swap_keeps_the_layout_and_changes_the_colour(bundled):
-    """Requirement 3: 50 seeds; positions kept (< 3 px) and the circle green in >= 80%."""
+    """50 seeds; positions kept (< 3 px) and the circle green in >= 80%."""
     ok, plain = _swap_rates(bundled, 50, p2p_features=0.5)
     assert ok >= 0.8, ok
     assert plain <= ok - 0.4, (ok, plain)  # regenerating the edited prompt keeps far fewer layouts
@@ -164,7 +164,7 @@ def test_bad_edits_name_the_problem(bundled):
 
 
 def test_null_text_inversion_reconstructs_rendered_scenes(bundled):
-    """Requirement 4: 20 rendered scenes (not generated) come back at >= 28 dB on average, each
+    """20 rendered scenes (not generated) come back at >= 28 dB on average, each
     within 1 dB of what the VAE alone gives back; plain DDIM inversion with guidance does not."""
     from danqing.decode import decode_latents, to_pil
     from danqing.editing.inversion import encode_mean

@@ -113,7 +113,7 @@ def test_evaluator_reads_positions_and_relations():
 
 
 def test_novel_colour_is_rendered_captioned_and_scored_only_when_asked():
-    """magenta (issue 5's colour concept) is drawn with its own RGB, read back from English and
+    """magenta (the colour concept of docs/training.md) is drawn with its own RGB, read back from English and
     Chinese prompts, and joins the evaluator's palette only for prompts that name it: a pink
     picture still scores as pink, and a magenta picture does not pass as pink or purple."""
     from danqing.synthetic.concepts import class_scenes, concept_scenes

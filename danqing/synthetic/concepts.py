@@ -1,7 +1,7 @@
 """New concepts for the customisation experiments: scenes of a shape or a colour no bundled
 model has seen.
 
-Issue 5 asks to teach the bundled model something it has never seen and measure it with the
+The experiments teach the bundled model something it has never seen and measure it with the
 evaluator. A concept is a novel shape ("heart") or a novel colour ("magenta") from
 ``synthetic.json``: ~20 rendered training scenes, held-out evaluation scenes with other seeds,
 and, for DreamBooth's prior preservation, "class" scenes: the same layouts with an ordinary
