@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny models built from configs, saved into a temporary models folder."""
+"""Shared fixtures: tiny models built from configs, saved into a temporary models folder; and
+``need``/``need_module``, the one way a test says it needs something outside the venv."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -9,6 +11,40 @@ import pytest
 from danqing.settings import OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)  # tests never reach the network
+
+# Under CI (CI=true, as .ci/run sets it) every dependency is installed, so a missing one is an
+# error in the set-up, not a reason to pass quietly.
+def in_ci(environ=os.environ) -> bool:
+    """Whether the tests run under CI: ``CI`` set to true/1/yes (GitHub Actions and .ci/run set it)."""
+    return environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+IN_CI = in_ci()
+
+
+def need(available: bool, what: str, install: str) -> None:
+    """Skip the calling test (or, at module level, the module) when ``what`` is missing; under
+    CI fail it instead.
+
+    Args:
+        available: whether the dependency is there.
+        what: what is missing, for the message ("chromium at /usr/bin/chromium").
+        install: how to install it ("apt-get install chromium").
+    """
+    if available:
+        return
+    message = f"needs {what}, which is missing (install: {install})"
+    if IN_CI:
+        pytest.fail(f"{message}; under CI=true a missing dependency is a failure, not a skip", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def need_module(name: str, install: str):
+    """``need`` for a Python module: the imported module, or a skip (a failure under CI)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        need(False, f"the Python module {name!r}", install)
 
 
 @pytest.fixture(scope="session")

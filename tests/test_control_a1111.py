@@ -4,9 +4,10 @@ built with the real A1111 client's ``ControlNetUnit``."""
 from __future__ import annotations
 
 import pytest
+from conftest import need_module
 from PIL import Image
 
-webuiapi = pytest.importorskip("webuiapi")
+webuiapi = need_module("webuiapi", "pip install -e '.[test]'")
 
 from danqing.conditioning.control import ControlUnit  # noqa: E402
 from danqing.errors import InvalidRequest  # noqa: E402

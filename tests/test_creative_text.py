@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need
 
 from danqing.apps import control_projects as cp
 from danqing.errors import InvalidRequest
@@ -12,8 +13,7 @@ from danqing.errors import InvalidRequest
 
 def _cjk_font():
     fonts = [f for f in cp.cjk_fonts() if not cp.missing_glyphs(f, "丹青")]
-    if not fonts:
-        pytest.skip("no CJK font installed (Debian: apt-get install fonts-wqy-microhei; .ci/run installs it as root)")
+    need(bool(fonts), "a CJK font", "Debian: apt-get install fonts-wqy-microhei; .ci/run installs it")
     return fonts[0]
 
 

@@ -7,6 +7,7 @@ import stat
 import sys
 
 import pytest
+from conftest import need
 from PIL import Image, features
 
 from danqing.errors import ImageError
@@ -253,8 +254,8 @@ def test_jpeg_exif_user_comment_ascii_and_little_endian(tmp_path):
         assert read_infotext(tmp_path / name) == text, name
 
 
-@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
 def test_webp_exif_user_comment(tmp_path):
+    need(features.check("webp"), "Pillow with WebP support", "PyPI's Pillow wheels have it")
     text = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler, Seed: 1"
     exif = Image.Exif()
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")

@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import need_module
 from server_helpers import TINY, LiveServer, make_app, shared_studio
 
-webuiapi = pytest.importorskip("webuiapi")
+webuiapi = need_module("webuiapi", "pip install -e '.[test]'")
 
 from danqing.errors import InvalidRequest  # noqa: E402
 from danqing.request import GenerationRequest  # noqa: E402

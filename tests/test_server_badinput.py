@@ -11,6 +11,7 @@ import pickle
 
 import httpx
 import pytest
+from conftest import need_module
 from fastapi.testclient import TestClient
 from PIL import Image
 from server_helpers import TINY, FakeStudio, LiveServer, make_app, shared_studio
@@ -151,7 +152,7 @@ def test_no_cors_unless_configured(tmp_path):
 
 
 # -- schemathesis ---------------------------------------------------------------------------------
-schemathesis = pytest.importorskip("schemathesis")
+schemathesis = need_module("schemathesis", "pip install -e '.[test]'")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 

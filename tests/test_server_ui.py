@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import need, need_module
 from server_helpers import LiveServer, make_app
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium at /usr/bin/chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
-sync_api = pytest.importorskip("playwright.sync_api")
+need(CHROMIUM is not None, "chromium at /usr/bin/chromium", "Debian: apt-get install -y chromium; .ci/run installs it")
+sync_api = need_module("playwright.sync_api", "pip install -e '.[test]'")
 AUTH = ("painter", "brush-and-ink")
 T = 60_000  # ms
 
@@ -77,9 +79,19 @@ def test_ui_live_progress_and_interrupt(page):
         _set_number(page, f"txt2img_{name}", value)
     page.click("#txt2img_generate")
     page.wait_for_function("() => document.querySelector('#txt2img_status').innerText.includes('step ')")
-    page.wait_for_selector("#txt2img_gallery img")  # the live preview
+    page.wait_for_selector("#txt2img_gallery img")  # the live preview, drawn after a step
+    assert page.locator("#txt2img_gallery img").count() >= 1
+    running = re.search(r"step (\d+)/(\d+), batch (\d+)/(\d+)", page.locator("#txt2img_status").inner_text())
+    assert running, page.locator("#txt2img_status").inner_text()
+    step, total, batch, batches = map(int, running.groups())
+    assert (total, batches) == (150, 4) and 1 <= step < total and batch == 1
     page.click("#txt2img_interrupt")
     page.wait_for_function("() => document.querySelector('#txt2img_status').innerText.includes('interrupted')")
+    # The job ends early: "done (interrupted): N image(s) in Xs" with fewer images than the 4 batches.
+    ended = re.fullmatch(r"done \(interrupted\): (\d+) image\(s\) in [\d.]+s",
+                         page.locator("#txt2img_status").inner_text().strip())
+    assert ended, page.locator("#txt2img_status").inner_text()
+    assert int(ended.group(1)) < batches
 
 
 def test_ui_generate_history_pnginfo_img2img(page, live, tmp_path):

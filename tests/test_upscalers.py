@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import need_module
 from PIL import Image
 
 from danqing import GenerationRequest, Settings, Studio
@@ -317,7 +318,7 @@ def test_api_lists_and_takes_installed_upscalers(studio, tmp_path):
 def test_codeformer_when_spandrel_extra_arches_is_installed(tmp_path):
     """CodeFormer lives in spandrel_extra_arches (a separate package, not installed by default):
     a small random one restores the astronaut's face through the same path."""
-    pytest.importorskip("spandrel_extra_arches")
+    need_module("spandrel_extra_arches", "make installs it: pip install --no-deps spandrel-extra-arches==0.2.0")
     from skimage.data import astronaut
     from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
