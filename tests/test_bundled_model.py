@@ -24,11 +24,14 @@ def cfg7(studio):
     return evaluate_studio(studio, eval_scenes(16), lang="en", cfg_scale=7.0)[0]
 
 
-def test_bundled_model_is_listed_and_is_the_default(tmp_path):
+def test_bundled_model_is_listed_and_is_the_default(tmp_path, monkeypatch):
     assert BUNDLED in [e.name for e in bundled_entries()]
     assert BUNDLED in [e.name for e in Registry(tmp_path).scan("checkpoint")]
     assert Settings(home=tmp_path).default_model == BUNDLED
-    assert Settings.from_env(home=tmp_path).default_model == BUNDLED or "DANQING_MODEL" in __import__("os").environ
+    monkeypatch.delenv("DANQING_MODEL", raising=False)  # the default, whatever the caller's shell sets
+    assert Settings.from_env(home=tmp_path).default_model == BUNDLED
+    monkeypatch.setenv("DANQING_MODEL", "my-model")
+    assert Settings.from_env(home=tmp_path).default_model == "my-model"
 
 
 def test_bundled_files_stay_small():
