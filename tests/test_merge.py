@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from parity import assert_close_scaled, scaled_diff
 
 from danqing import GenerationRequest, Settings, Studio
 from danqing.customise.merge import (
@@ -57,7 +58,7 @@ def test_weighted_sum_end_points_are_the_inputs(folder, tmp_path):
     assert _same(load_components(reg.find("checkpoint", "m1")), b)
     tm, ta, tb = _tensors(load_components(reg.find("checkpoint", str(mid)))), _tensors(a), _tensors(b)
     key = "unet.conv_in.weight"
-    assert torch.allclose(tm[key], 0.7 * ta[key] + 0.3 * tb[key], atol=1e-6)
+    assert_close_scaled(tm[key], 0.7 * ta[key] + 0.3 * tb[key], rtol=1e-6)
     studio = Studio(Settings(home=tmp_path, models_dir=folder, device="cpu", dtype="fp32"))
     image = lambda model: studio.generate(GenerationRequest(model=model, **SMALL)).images[0].tobytes()  # noqa: E731
     assert image("m0") == image("tiny-sd1")
@@ -95,8 +96,8 @@ def test_full_rank_lora_reproduces_b(folder, tmp_path):
         down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
         scale = lora[f"{name}.alpha"].item() / down.shape[0]
         delta = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape) * scale
-        worst = max(worst, (layer.weight + delta - layers_b[name][2].weight).abs().max().item())
-    assert worst < 1e-5
+        worst = max(worst, scaled_diff(layer.weight + delta, layers_b[name][2].weight))
+    assert worst < 1e-4  # relative to each layer's weights (tests/parity.py)
     assert any(n.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k") for n in lora)
     assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in lora)
     assert any("unet:" in n for n in notes)  # biases/norms are named, not silently dropped
@@ -130,9 +131,8 @@ def test_kohya_lora_loads_in_diffusers(folder, tmp_path, base, tuned):
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     fused = kohya_lora_layers(a)
-    worst = max((fused_layer.weight - expected[(part, path)]).abs().max().item()
-                for part, path, fused_layer in fused.values())
-    assert worst < 1e-5
+    worst = max(scaled_diff(fused_layer.weight, expected[(part, path)]) for part, path, fused_layer in fused.values())
+    assert worst < 1e-4  # relative to each layer's weights (tests/parity.py)
 
 
 def test_bad_inputs(folder, tmp_path):
@@ -222,4 +222,5 @@ def test_extracted_lora_through_a_lora_tag_gives_the_tuned_model(folder, tmp_pat
     via_lora = studio.generate(GenerationRequest(model="tiny-sd1", **{**SMALL, "prompt": SMALL["prompt"] + " <lora:tuned-diff:1>"}))
     assert "Lora hashes: " in via_lora.infotexts[0]
     plain = studio.generate(GenerationRequest(model="tiny-sd1", **SMALL)).latents[0]
-    assert (via_lora.latents[0] - ref).abs().max().item() < 1e-3 < (plain - ref).abs().max().item()
+    # an fp32 SVD of each weight difference, then a whole sampling loop: 1e-3 of the latents' scale
+    assert scaled_diff(via_lora.latents[0], ref) < 1e-3 < scaled_diff(plain, ref)
