@@ -8,7 +8,7 @@ from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 
-from danqing.conditioning.control import ControlUnit  # noqa: E402
+from danqing.request import ControlUnit  # noqa: E402
 from danqing.errors import InvalidRequest  # noqa: E402
 from danqing.server.a1111 import controlnet_units  # noqa: E402
 
