@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# spandrel (model upscalers, face restoration) declares torchvision, whose PyPI builds pull a CUDA
 	# torch and do not work with ours: install it without dependencies (its real ones, einops,
 	# safetensors, numpy, typing_extensions, are in pyproject). danqing imports it without
-	# torchvision (danqing/editing/upscalers.py::_import_spandrel).
+	# torchvision (danqing/models/upscalers.py::import_spandrel).
 	$(BIN)/pip install --quiet --no-deps spandrel==0.4.2
 	# spandrel-extra-arches holds CodeFormer (non-commercial S-Lab licence): installed for its test
 	# only, danqing never needs it; users who want CodeFormer install it themselves.

@@ -84,7 +84,7 @@ def main() -> None:
     reg = Registry(Settings.from_env().models_dir)
     comps = load_components(reg.find("checkpoint", "danqing-tiny"))
     try:
-        from danqing.conditioning.control import load_control_model
+        from danqing.models.control import load_control_model
 
         cn, _ = load_control_model(reg.find("controlnet", "danqing-tiny-canny"))
         which = "danqing-tiny-canny"

@@ -64,12 +64,12 @@ def model_child(case: str, tile: int, overlap: int) -> None:
 
     from danqing import Settings, Studio
     from danqing.editing.upscale import tile_boxes
-    from danqing.editing.upscalers import _import_spandrel
+    from danqing.models.upscalers import import_spandrel
     from danqing.settings import force_offline
 
     force_offline()
     torch.set_num_threads(2)
-    _import_spandrel()
+    import_spandrel()
     from spandrel.architectures.ESRGAN import ESRGAN
 
     home = Path(tempfile.mkdtemp())

@@ -11,11 +11,90 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from danqing.conditioning.control import ControlUnit
+from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
 from danqing.errors import InvalidRequest
+from danqing.preprocess import preprocessor_names
+from danqing.sampling.samplers import get_sampler, resolve_schedule
 
 MAX_SEED = 2**32 - 1
 SIZE_MIN, SIZE_MAX = 64, 4096
+
+
+class ControlUnit(BaseModel):
+    """One ControlNet / T2I-Adapter unit (sd-webui-controlnet's field names where it has one).
+
+    Args:
+        model: ControlNet or T2I-Adapter name in ``models/controlnet/`` (a diffusers folder, or a
+            ControlNet 1.0/1.1 ``.safetensors``/``.pth`` single file), a short hash or a path.
+        image: path of the control picture (a photo to preprocess, or an already made map).
+        module: preprocessor run on ``image`` first ("none" = the picture is the map;
+            ``danqing.preprocess.preprocessors()`` lists them).
+        weight: 0-2, multiplies the residuals (A1111 "Control Weight").
+        guidance_start, guidance_end: fractions of the steps between which the unit acts.
+        control_mode: "Balanced", "My prompt is more important" (residuals fade towards the
+            high-resolution blocks, 0.825 ** (12 - k)), "ControlNet is more important" (the same
+            fading, and the control only on CFG's conditional half).
+        resize_mode: how the control picture is fitted to the output size (A1111's labels).
+        pixel_perfect: choose the preprocessor resolution from the output size (ignores
+            ``processor_res``).
+        processor_res: the short side the preprocessor works at.
+        threshold_a, threshold_b: the preprocessor's two parameters (canny: low/high threshold);
+            None = its default.
+        guess_mode: diffusers' guess mode: conditional half only, residuals scaled by
+            ``logspace(-1, 0)`` from the first block to the mid block.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    image: str
+    module: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: Literal["Balanced", "My prompt is more important", "ControlNet is more important"] = "Balanced"
+    resize_mode: Literal["Just Resize", "Crop and Resize", "Resize and Fill"] = "Crop and Resize"
+    pixel_perfect: bool = False
+    processor_res: int = 512
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    guess_mode: bool = False
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not 0.0 <= v <= 2.0:
+            raise ValueError(f"must be between 0 and 2, got {v:g}")
+        return v
+
+    @field_validator("guidance_start", "guidance_end")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a fraction of the steps between 0 and 1, got {v:g}")
+        return v
+
+    @field_validator("processor_res")
+    @classmethod
+    def _res(cls, v: int) -> int:
+        if not 64 <= v <= 4096:
+            raise ValueError(f"must be between 64 and 4096 pixels, got {v}")
+        return v
+
+    @field_validator("module")
+    @classmethod
+    def _module(cls, v: str) -> str:
+        if v not in preprocessor_names():
+            raise ValueError(f"unknown preprocessor {v!r}; available: {', '.join(preprocessor_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> "ControlUnit":
+        if self.guidance_start > self.guidance_end:
+            raise InvalidRequest("controlnet.guidance_start", f"must not be after guidance_end "
+                                 f"({self.guidance_start:g} > {self.guidance_end:g})")
+        return self
+
 
 
 class GenerationRequest(BaseModel):
@@ -89,7 +168,7 @@ class GenerationRequest(BaseModel):
         ip_adapter_encoder: the CLIP vision encoder folder in ``models/clip_vision/`` (None =
             the only one installed).
     ControlNet (Zhang et al. 2023) and T2I-Adapter (docs/control.md):
-        controlnet: units (``danqing.conditioning.control.ControlUnit``: model, image,
+        controlnet: units (``ControlUnit``: model, image,
             preprocessor, weight, guidance start/end, control mode, resize mode, pixel perfect,
             guess mode), applied together with txt2img, img2img and inpaint.
     """
@@ -153,7 +232,7 @@ class GenerationRequest(BaseModel):
     ip_adapter_image: tuple[str, ...] = ()
     ip_adapter_weight: float = 1.0
     ip_adapter_encoder: str | None = None
-    # ControlNet / T2I-Adapter units (danqing/conditioning/control.py, docs/control.md)
+    # ControlNet / T2I-Adapter units (run by danqing/conditioning/control.py; docs/control.md)
     controlnet: tuple[ControlUnit, ...] = ()
 
     # -- validation: one clear line per field ---------------------------------------------
@@ -369,8 +448,6 @@ class GenerationRequest(BaseModel):
         if self.enable_hr and self.init_image is not None:
             raise InvalidRequest("enable_hr", "hires fix is a txt2img option; for img2img set width/height to the size you want")
         if self.hr_sampler_name is not None:
-            from danqing.sampling.samplers import get_sampler
-
             try:
                 get_sampler(self.hr_sampler_name)
             except InvalidRequest as exc:
@@ -392,9 +469,6 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> "GenerationRequest":
-        from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
-        from danqing.sampling.samplers import get_sampler, resolve_schedule
-
         get_sampler(self.sampler)
         resolve_schedule(self.sampler, self.schedule)
         for field_name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt", "p2p_source"):

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from danqing.errors import InvalidRequest
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -115,8 +117,6 @@ class ServerSettings:
             return None
         user, sep, password = self.api_auth.partition(":")
         if not sep or not user or not password:
-            from danqing.errors import InvalidRequest
-
             raise InvalidRequest("api_auth", "must be user:password with both parts non-empty")
         return user, password
 

@@ -24,7 +24,7 @@ def main() -> None:
 
     from danqing.models.loader import load_components
     from danqing.models.registry import Registry
-    from danqing.conditioning.control import load_control_model
+    from danqing.models.control import load_control_model
     from danqing.settings import Settings
     from danqing.synthetic.scenes import eval_scenes
     from danqing.training.controlnet import control_scores

@@ -13,8 +13,9 @@ from PIL import Image
 from parity import assert_close_scaled
 
 from danqing import GenerationRequest
-from danqing.conditioning.control import ControlUnit, block_scales, control_keep, pixel_perfect_resolution
+from danqing.conditioning.control import block_scales, control_keep, pixel_perfect_resolution
 from danqing.errors import IncompatibleModel, InvalidRequest
+from danqing.request import ControlUnit
 from danqing.sampling.samplers import make_scheduler
 
 SIZE = 64
@@ -177,8 +178,8 @@ def test_img2img_and_inpaint_take_control(studio, control_setup, tmp_path):
 def test_single_file_controlnet_loads_like_its_folder(studio, control_setup, models_dir):
     from safetensors.torch import save_file
 
+    from danqing.models.control import load_control_model
     from danqing.models.registry import Registry
-    from danqing.conditioning.control import load_control_model
 
     folder = models_dir / "controlnet" / "tiny-cn-a"
     net = studio.models.load_control("tiny-cn-a").model
@@ -279,7 +280,7 @@ def test_original_layout_single_file_loads_like_its_folder(tiny_components, tmp_
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
-    from danqing.conditioning.control import controlnet_to_ldm, load_control_model
+    from danqing.models.control import controlnet_to_ldm, load_control_model
     from danqing.models.registry import ModelEntry
 
     torch.manual_seed(7)

@@ -9,7 +9,7 @@ from PIL import Image
 
 webuiapi = need_module("webuiapi", "pip install -e '.[test]'")
 
-from danqing.conditioning.control import ControlUnit  # noqa: E402
+from danqing.request import ControlUnit  # noqa: E402
 from danqing.errors import InvalidRequest  # noqa: E402
 from danqing.server.a1111 import controlnet_units  # noqa: E402
 

@@ -94,7 +94,7 @@ def _diffusers(studio, models, picture, request, weight_name):
 
     c = studio.models.load("tiny-sd1").components
     encoder = CLIPVisionModelWithProjection.from_pretrained(models / "clip_vision" / "tiny-encoder")
-    from danqing.customise.ip_adapter import image_processor
+    from danqing.models.ip_adapter import image_processor
 
     unet = type(c.unet).from_config(c.unet.config)
     unet.load_state_dict(c.unet.state_dict())  # a copy: load_ip_adapter changes the UNet it is given
@@ -138,7 +138,7 @@ def test_sdxl_matches_diffusers(setup, models_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from danqing.customise.ip_adapter import image_processor
+    from danqing.models.ip_adapter import image_processor
     from danqing.sampling.samplers import make_scheduler
 
     _, models, picture = setup

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from danqing.conditioning.text import CHUNK, TextEncoder, apply_emphasis, chunk_tokens, tokenize_prompt
-from danqing.conditioning.tokenizer import clip_tokenizer
+from danqing.models.tokenizer import clip_tokenizer
 
 BOS, EOS, COMMA = 49406, 49407, 267
 

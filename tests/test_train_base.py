@@ -135,7 +135,7 @@ def test_training_continues_from_an_existing_model(smoke_run, tmp_path):
 
 
 def test_a_saved_tokenizer_folder_is_read_and_matches_ours(smoke_run):
-    from danqing.conditioning.tokenizer import clip_tokenizer
+    from danqing.models.tokenizer import clip_tokenizer
     from danqing.models.loader import load_diffusers_folder
 
     _, run, _ = smoke_run

@@ -15,7 +15,8 @@ from conftest import need_module
 from PIL import Image
 
 from danqing import GenerationRequest, Settings, Studio
-from danqing.editing.upscalers import _import_spandrel, to_image, to_tensor, upscale_tensor
+from danqing.editing.upscalers import to_image, to_tensor, upscale_tensor
+from danqing.models.upscalers import import_spandrel
 from danqing.errors import InvalidRequest, ModelError
 
 
@@ -56,7 +57,7 @@ def _picture(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-_import_spandrel()
+import_spandrel()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_a_file_that_is_not_an_upscaler_is_one_clear_line(tmp_path):
     """(d)"""
     from safetensors.torch import save_file
 
-    from danqing.editing.upscalers import load_descriptor
+    from danqing.models.upscalers import load_descriptor
 
     save_file({"foo.weight": torch.zeros(3, 3)}, tmp_path / "lora.safetensors")
     (tmp_path / "notes.pth").write_text("not a weight file")
@@ -160,9 +161,9 @@ def test_a_file_that_is_not_an_upscaler_is_one_clear_line(tmp_path):
 def test_torchvision_stand_ins_are_gone_after_import():
     """(e) in a fresh interpreter: spandrel imports, transformers/diffusers never see torchvision."""
     code = ("import importlib.util, sys\n"
-            "from danqing.editing.upscalers import _import_spandrel\n"
+            "from danqing.models.upscalers import import_spandrel\n"
             "assert importlib.util.find_spec('torchvision') is None\n"
-            "sp = _import_spandrel()\n"
+            "sp = import_spandrel()\n"
             "assert 'spandrel' in sys.modules and 'GFPGAN' in [a.architecture.id for a in sp.MAIN_REGISTRY]\n"
             "assert not [m for m in sys.modules if m.startswith('torchvision')], 'stand-ins left'\n"
             "assert importlib.util.find_spec('torchvision') is None\n"

@@ -7,7 +7,8 @@ latents, its 12+1 residuals are weighted, summed over units (diffusers' ``MultiC
 sums them the same way) and handed to the UNet as ``down_block_additional_residuals`` /
 ``mid_block_additional_residual``; T2I-Adapter features go in as
 ``down_intrablock_additional_residuals``. The models are diffusers' ``ControlNetModel`` and
-``T2IAdapter``; only the weighting is ours.
+``T2IAdapter``, loaded by ``danqing.models.control``; only the weighting is ours. The units
+are ``danqing.request.ControlUnit``.
 
 Weighting, per unit, at model evaluation i of n (diffusers' ``controlnet_keep``):
 
@@ -24,16 +25,21 @@ guess mode), so CFG pushes towards the control.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+import numpy as np
+import torch
+from PIL import Image
 
 from danqing.errors import IncompatibleModel, InvalidRequest
-
-if TYPE_CHECKING:
-    import torch
+from danqing.models.control import CROSS_ATTENTION_FAMILY
+from danqing.pictures import load_image, resize_image
+from danqing.preprocess import inpaint_condition, preprocessor_names, run_preprocessor
+from danqing.preprocess.models import render_pose_json
+from danqing.request import ControlUnit
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
@@ -41,100 +47,14 @@ SOFT_BASE = 0.825  # sd-webui-controlnet hook.py: control_scales = [w * 0.825 **
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)  # sd-webui-controlnet's soft weights for the 4 T2I-Adapter levels
 
 
-class ControlUnit(BaseModel):
-    """One ControlNet / T2I-Adapter unit (sd-webui-controlnet's field names where it has one).
-
-    Args:
-        model: ControlNet or T2I-Adapter name in ``models/controlnet/`` (a diffusers folder, or a
-            ControlNet 1.0/1.1 ``.safetensors``/``.pth`` single file), a short hash or a path.
-        image: path of the control picture (a photo to preprocess, or an already made map).
-        module: preprocessor run on ``image`` first ("none" = the picture is the map;
-            ``danqing.preprocess.preprocessors()`` lists them).
-        weight: 0-2, multiplies the residuals (A1111 "Control Weight").
-        guidance_start, guidance_end: fractions of the steps between which the unit acts.
-        control_mode: "Balanced", "My prompt is more important" (residuals fade towards the
-            high-resolution blocks, 0.825 ** (12 - k)), "ControlNet is more important" (the same
-            fading, and the control only on CFG's conditional half).
-        resize_mode: how the control picture is fitted to the output size (A1111's labels).
-        pixel_perfect: choose the preprocessor resolution from the output size (ignores
-            ``processor_res``).
-        processor_res: the short side the preprocessor works at.
-        threshold_a, threshold_b: the preprocessor's two parameters (canny: low/high threshold);
-            None = its default.
-        guess_mode: diffusers' guess mode: conditional half only, residuals scaled by
-            ``logspace(-1, 0)`` from the first block to the mid block.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    image: str
-    module: str = "none"
-    weight: float = 1.0
-    guidance_start: float = 0.0
-    guidance_end: float = 1.0
-    control_mode: Literal["Balanced", "My prompt is more important", "ControlNet is more important"] = "Balanced"
-    resize_mode: Literal["Just Resize", "Crop and Resize", "Resize and Fill"] = "Crop and Resize"
-    pixel_perfect: bool = False
-    processor_res: int = 512
-    threshold_a: float | None = None
-    threshold_b: float | None = None
-    guess_mode: bool = False
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not 0.0 <= v <= 2.0:
-            raise ValueError(f"must be between 0 and 2, got {v:g}")
-        return v
-
-    @field_validator("guidance_start", "guidance_end")
-    @classmethod
-    def _frac(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be a fraction of the steps between 0 and 1, got {v:g}")
-        return v
-
-    @field_validator("processor_res")
-    @classmethod
-    def _res(cls, v: int) -> int:
-        if not 64 <= v <= 4096:
-            raise ValueError(f"must be between 64 and 4096 pixels, got {v}")
-        return v
-
-    @field_validator("module")
-    @classmethod
-    def _module(cls, v: str) -> str:
-        from danqing.preprocess import preprocessor_names
-
-        if v not in preprocessor_names():
-            raise ValueError(f"unknown preprocessor {v!r}; available: {', '.join(preprocessor_names())}")
-        return v
-
-    @model_validator(mode="after")
-    def _window(self) -> "ControlUnit":
-        if self.guidance_start > self.guidance_end:
-            raise InvalidRequest("controlnet.guidance_start", f"must not be after guidance_end "
-                                 f"({self.guidance_start:g} > {self.guidance_end:g})")
-        return self
-
-
 def control_types() -> dict:
     """``data/control.json``: control type -> {"module": preprocessor, "model": ControlNet name}."""
-    import json
-    from importlib import resources
-
     return json.loads(resources.files("danqing").joinpath("data/control.json").read_text(encoding="utf-8"))["types"]
 
 
 def a1111_module(name: str, field: str = "module") -> str:
     """An sd-webui-controlnet module name ("canny", "lineart_realistic", "depth_midas", ...) ->
     danqing's preprocessor (``data/control.json``'s ``a1111_modules``; our own names pass)."""
-    import json
-    from importlib import resources
-
-    from danqing.preprocess import preprocessor_names
-
     if name in preprocessor_names():
         return name
     table = json.loads(resources.files("danqing").joinpath("data/control.json").read_text(encoding="utf-8"))["a1111_modules"]
@@ -202,9 +122,6 @@ def request_resize_mode(mode: str) -> str:
 
 
 # -- families -------------------------------------------------------------------------------------
-_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-
-
 def control_family(config) -> str:
     """The base family a ControlNet / adapter config belongs to, from its cross-attention width
     (768 SD1, 1024 SD2, 2048 SDXL) or, for T2I-Adapters, the adapter type."""
@@ -213,12 +130,12 @@ def control_family(config) -> str:
     dim = config.get("cross_attention_dim")
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    return _DIM_FAMILY.get(dim, f"custom (cross-attention {dim})")
+    return CROSS_ATTENTION_FAMILY.get(dim, f"custom (cross-attention {dim})")
 
 
 def unet_family(unet_config, family: str) -> str:
     dim = unet_config.get("cross_attention_dim")
-    return family if _DIM_FAMILY.get(dim) == family or family == "sdxl" and dim == 2048 else f"custom (cross-attention {dim})"
+    return family if CROSS_ATTENTION_FAMILY.get(dim) == family or family == "sdxl" and dim == 2048 else f"custom (cross-attention {dim})"
 
 
 def check_compatible(model_config, unet_config, *, control_name: str, model_name: str, family: str) -> None:
@@ -236,135 +153,6 @@ def check_compatible(model_config, unet_config, *, control_name: str, model_name
     if not ok:
         raise IncompatibleModel(f"ControlNet {control_name!r} is a {mine} model but the checkpoint {model_name!r} is "
                                 f"{base}; use a ControlNet made for {base}")
-
-
-# -- loading --------------------------------------------------------------------------------------
-def is_adapter_folder(path: Path) -> bool:
-    import json
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") in ("T2IAdapter", "MultiAdapter")
-
-
-LDM_HINT_KEYS = ("input_hint_block.0.weight", "control_model.input_hint_block.0.weight")
-
-
-def load_control_model(entry):
-    """A ControlNet or T2I-Adapter from a registry entry, on the CPU in float32.
-
-    Folders: diffusers ``ControlNetModel`` / ``T2IAdapter`` (local files only). Single files:
-    ControlNet 1.0 (``control_model.`` prefix) and 1.1 (no prefix) ``.pth``/``.safetensors``
-    in the original layout, converted with diffusers' ``convert_controlnet_checkpoint`` into a
-    config of the family its weights show; or a file in diffusers' key layout with a
-    ``<stem>.json`` config beside it (how danqing ships its own). Pickles are read with
-    ``weights_only=True``.
-
-    Returns:
-        (model, kind) with kind "controlnet" or "t2i".
-    """
-    import json
-
-    from danqing.errors import CorruptModel
-
-    path = Path(entry.path)
-    if path.is_dir():
-        if is_adapter_folder(path):
-            from diffusers import T2IAdapter
-
-            return T2IAdapter.from_pretrained(path, local_files_only=True).float().eval(), "t2i"
-        from diffusers import ControlNetModel
-
-        try:
-            return ControlNetModel.from_pretrained(path, local_files_only=True).float().eval(), "controlnet"
-        except (OSError, ValueError) as exc:
-            raise CorruptModel(f"{path}: not a diffusers ControlNet folder ({str(exc).splitlines()[0][:200]})") from None
-
-    from diffusers import ControlNetModel
-
-    from danqing.models.single_file import _assign, read_state_dict
-
-    sd, meta = read_state_dict(path)
-    sidecar = path.with_suffix(".json")
-    if "config" in meta:
-        config = json.loads(meta["config"])
-    elif sidecar.is_file():
-        config = json.loads(sidecar.read_text())
-    else:
-        config = ldm_controlnet_config(sd, path)
-    if config.get("_class_name") == "T2IAdapter":
-        from diffusers import T2IAdapter
-
-        model = T2IAdapter.from_config(config)
-        model.load_state_dict({k: v.float() for k, v in sd.items()})
-        return model.eval(), "t2i"
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-    sd = convert_controlnet_checkpoint(sd, config)
-    import accelerate
-
-    with accelerate.init_empty_weights():
-        model = ControlNetModel.from_config(config)
-    _assign(model, sd, "ControlNet", path)
-    return model.float().eval(), "controlnet"
-
-
-def ldm_controlnet_config(sd: dict, path: Path) -> dict:
-    """The diffusers ControlNet config of an original-layout ControlNet file, from the bundled
-    UNet config of the family its weights show (cross-attention width; SDXL's label embedding)."""
-    from danqing.errors import CorruptModel
-    from danqing.models.families import load_family_config
-
-    prefix = "control_model." if any(k.startswith("control_model.") for k in sd) else ""
-    if f"{prefix}input_hint_block.0.weight" not in sd:
-        raise CorruptModel(f"{path}: not a ControlNet (no input_hint_block weights) and no {path.stem}.json config beside it")
-    k = next((k for k in sd if k.startswith(f"{prefix}input_blocks") and k.endswith("attn2.to_k.weight")), None)
-    dim = sd[k].shape[1] if k else None
-    family = "sdxl" if f"{prefix}label_emb.0.0.weight" in sd else _DIM_FAMILY.get(dim)
-    if family is None:
-        raise CorruptModel(f"{path}: a ControlNet of cross-attention width {dim}, which no bundled family has "
-                           f"(768 SD1, 1024 SD2, 2048 SDXL); put its diffusers config as {path.stem}.json beside it")
-    unet = load_family_config(family)["unet"]
-    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
-            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block",
-            "flip_sin_to_cos", "freq_shift", "norm_num_groups", "norm_eps", "upcast_attention")
-    config = {k: unet[k] for k in keys if k in unet}
-    config["conditioning_channels"] = int(sd[f"{prefix}input_hint_block.0.weight"].shape[1])
-    if family == "sdxl" and f"{prefix}input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight" not in sd:
-        config["down_block_types"] = ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
-    return config
-
-
-def controlnet_to_ldm(state_dict: dict, config: dict, prefix: str = "") -> dict:
-    """diffusers ControlNetModel -> the original ControlNet layout (lllyasviel's ``cldm``):
-    the UNet encoder in openaimodel names, ``input_hint_block.{0,2,...}``, ``zero_convs.i.0``,
-    ``middle_block_out.0``; ``prefix`` "control_model." gives ControlNet 1.0's files. The inverse
-    of diffusers' ``convert_controlnet_checkpoint`` (a test round-trips through it)."""
-    from danqing.models.single_file import _map_key, _unet_prefix_map
-
-    up = [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]
-    pairs = _unet_prefix_map({**config, "up_block_types": up})
-    n_hint = len({k.split(".")[2] for k in state_dict if k.startswith("controlnet_cond_embedding.blocks.")})
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("controlnet_cond_embedding."):
-            rest = k[len("controlnet_cond_embedding."):]
-            if rest.startswith("conv_in."):
-                name = "input_hint_block.0." + rest[len("conv_in."):]
-            elif rest.startswith("conv_out."):
-                name = f"input_hint_block.{2 * (n_hint + 1)}." + rest[len("conv_out."):]
-            else:
-                _, j, tail = rest.split(".", 2)
-                name = f"input_hint_block.{2 * (int(j) + 1)}.{tail}"
-        elif k.startswith("controlnet_down_blocks."):
-            _, i, tail = k.split(".", 2)
-            name = f"zero_convs.{i}.0.{tail}"
-        elif k.startswith("controlnet_mid_block."):
-            name = "middle_block_out.0." + k[len("controlnet_mid_block."):]
-        else:
-            name = _map_key(k, pairs)
-        out[prefix + name] = v
-    return out
 
 
 # -- preparing units ------------------------------------------------------------------------------
@@ -387,8 +175,6 @@ def crop_to(picture, box: tuple[int, int, int, int], width: int, height: int):
     """"Only masked": a picture at the init picture's size cut to ``box`` (x1, y1, x2, y2) and
     resized to width x height exactly as the init picture's crop is (LANCZOS), so map and
     picture stay pixel-aligned (sd-webui-controlnet crops its control image the same way)."""
-    from PIL import Image
-
     return picture.crop(box).resize((width, height), Image.LANCZOS)
 
 
@@ -403,16 +189,9 @@ def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models
             resized to width x height (``crop_to``), as the init picture is; ``mask`` is then at
             the full size.
     """
-    from danqing.editing.images import load_image, resize_image
-    from danqing.preprocess import run_preprocessor
-
     if crop is not None:
         (full_w, full_h), box = crop
         if unit.module == "inpaint":  # crop picture and mask, then mark the mask (no -1 smeared by resizing)
-            import numpy as np
-
-            from danqing.preprocess import inpaint_condition
-
             pic = crop_to(resize_image(load_image(unit.image, "controlnet.image"), full_w, full_h,
                                        request_resize_mode(unit.resize_mode)), box, width, height)
             m = None if mask is None else np.asarray(crop_to(mask.convert("L"), box, width, height), np.float32) / 255
@@ -420,17 +199,11 @@ def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models
         return crop_to(control_map(unit, full_w, full_h, mask=mask, models_dir=models_dir), box, width, height)
     mode = request_resize_mode(unit.resize_mode)
     if unit.module == "openpose" and str(unit.image).lower().endswith(".json"):
-        from danqing.preprocess.models import render_pose_json
-
         return resize_image(render_pose_json(unit.image), width, height, mode)
     img = load_image(unit.image, "controlnet.image")
     res = (pixel_perfect_resolution(img.width, img.height, width, height, unit.resize_mode)
            if unit.pixel_perfect else unit.processor_res)
     if unit.module == "inpaint":
-        import numpy as np
-
-        from danqing.preprocess import inpaint_condition
-
         fitted = resize_image(img, width, height, mode)
         m = None if mask is None else np.asarray(resize_image(mask.convert("L"), width, height, mode), np.float32) / 255
         return inpaint_condition(fitted, m)
@@ -442,9 +215,6 @@ def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models
 def image_tensor(picture) -> "torch.Tensor":
     """RGB PIL (or float array) -> (1, 3, H, W) float32 in [0, 1] (diffusers' control image
     processor: ``do_normalize=False``)."""
-    import numpy as np
-    import torch
-
     a = picture if isinstance(picture, np.ndarray) else np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
 
@@ -470,8 +240,6 @@ class ControlDenoise:
     def residuals(self, x, x_in, t, cond, use_cfg: bool):
         """Summed (down residuals, mid residual, adapter features) at this evaluation, each
         already batched like ``x_in``; None where no unit of that kind acts."""
-        import torch
-
         B = x.shape[0]
         down_sum, mid_sum, adapter_sum = None, None, None
         for u in self.units:
@@ -517,8 +285,6 @@ class ControlDenoise:
         return self._adapter_cache[key]
 
     def __call__(self, unet, x, t, cond, cfg_scale: float, use_cfg: bool):
-        import torch
-
         x_in = torch.cat([x, x]) if use_cfg else x
         down, mid, adapter = self.residuals(x, x_in, t, cond, use_cfg)
         self.i += 1

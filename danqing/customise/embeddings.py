@@ -437,7 +437,7 @@ class EmbeddingLibrary:
     def listing(self) -> dict[str, dict]:
         """name -> {shape, vectors, step, sd_checkpoint, sd_checkpoint_name, error} of every
         file (A1111's ``/sdapi/v1/embeddings`` fields)."""
-        from danqing.conditioning.tokenizer import clip_tokenizer
+        from danqing.models.tokenizer import clip_tokenizer
 
         tokenizer = clip_tokenizer()  # every SD family shares CLIP's vocabulary
         out = {}

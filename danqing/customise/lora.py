@@ -311,10 +311,10 @@ def name_table(comps) -> dict[str, tuple[str, str]]:
     (``input_blocks_4_1_...``) and peft/diffusers dotted names; text-encoder modules by
     ``lora_te_``/``lora_te1_``/``lora_te2_`` names and dotted names.
     """
-    from danqing.models.single_file import _map_key, _unet_prefix_map
+    from danqing.models.single_file import map_key, unet_prefix_map
 
     table: dict[str, tuple[str, str]] = {}
-    pairs = _unet_prefix_map(dict(comps.unet.config))
+    pairs = unet_prefix_map(dict(comps.unet.config))
     for name, mod in comps.unet.named_modules():
         if not _patchable(mod):
             continue
@@ -324,7 +324,7 @@ def name_table(comps) -> dict[str, tuple[str, str]]:
         table["base_model.model." + name] = target
         table[name] = target  # old diffusers attn-processor files name UNet modules bare
         try:
-            ldm = _map_key(name + ".weight", pairs)[: -len(".weight")]
+            ldm = map_key(name + ".weight", pairs)[: -len(".weight")]
             table["lora_unet_" + ldm.replace(".", "_")] = target
         except KeyError:
             pass

@@ -124,9 +124,9 @@ def kohya_unet_name(path: str, family: str, unet_config: dict) -> str:
     ``original_unet`` keeps them), the Stability (LDM) names for SDXL (``sdxl_original_unet``:
     ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``)."""
     if family == "sdxl":
-        from danqing.models.single_file import _map_key, _unet_prefix_map
+        from danqing.models.single_file import map_key, unet_prefix_map
 
-        path = _map_key(path + ".weight", _unet_prefix_map(unet_config)).removesuffix(".weight")
+        path = map_key(path + ".weight", unet_prefix_map(unet_config)).removesuffix(".weight")
     return "lora_unet_" + path.replace(".", "_")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from danqing.editing.upscalers import tile_weight, to_image, to_tensor
 from danqing.errors import InvalidRequest, ModelError
 
 FACE_MARGIN = 0.5  # the square crop is the face box grown by this fraction on each side
@@ -25,7 +26,7 @@ MIN_FACE = 32      # smaller faces (and 1/16 of the short side) are not looked f
 def detect_faces(img: Image.Image) -> list[tuple[int, int, int, int]]:
     """Frontal faces of ``img`` as (x, y, w, h) boxes, largest first; faces smaller than
     ``MIN_FACE`` pixels or 1/16 of the picture's short side are not looked for."""
-    try:
+    try:  # optional: scikit-image is only needed for face restoration
         from skimage.data import lbp_frontal_face_cascade_filename
         from skimage.feature import Cascade
     except ImportError:
@@ -84,9 +85,6 @@ def restore_faces(img: Image.Image, desc, *, visibility: float = 1.0) -> tuple[I
     Returns:
         (the picture, warnings): "no face found" when there is none (the picture unchanged).
     """
-    from danqing.editing.upscale import tile_weight
-    from danqing.editing.upscalers import to_image, to_tensor
-
     if not 0 <= visibility <= 1:
         raise InvalidRequest("face_visibility", f"must be between 0 and 1, got {visibility:g}")
     img = img.convert("RGB")

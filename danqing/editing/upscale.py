@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from danqing.editing.upscalers import BUILTIN, DEFAULT_OVERLAP, DEFAULT_TILE, tile_boxes, tile_weight
 from danqing.errors import InvalidRequest
-
-BUILTIN = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 
 
 def upscaler_names(library=None) -> list[str]:
@@ -29,32 +28,8 @@ def upscale_image(img: Image.Image, width: int, height: int, name: str = "Lanczo
         return img.resize((width, height), BUILTIN[name])
     if library is None:
         raise InvalidRequest("upscaler", f"unknown upscaler {name!r}; installed: {', '.join(upscaler_names())}")
-    from danqing.editing.upscalers import DEFAULT_OVERLAP, DEFAULT_TILE
-
     return library.upscale(img, width, height, name, tile=DEFAULT_TILE if tile is None else tile,
                            overlap=DEFAULT_OVERLAP if overlap is None else overlap)
-
-
-def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Tiles of tile x tile covering width x height, each overlapping its neighbours by at least
-    ``overlap`` pixels; the last row/column is moved in to end at the edge."""
-    def starts(total: int) -> list[int]:
-        if total <= tile:
-            return [0]
-        step = tile - overlap
-        n = -(-(total - overlap) // step)
-        return [min(i * step, total - tile) for i in range(n)]
-
-    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
-
-
-def tile_weight(w: int, h: int, overlap: int) -> np.ndarray:
-    """A tile's blend weight: 1 inside, ramping linearly to ~0 over ``overlap`` pixels at the edges."""
-    if overlap <= 0:
-        return np.ones((h, w), np.float32)
-    rx = np.minimum(np.arange(w) + 1, np.arange(w)[::-1] + 1) / (overlap + 1)
-    ry = np.minimum(np.arange(h) + 1, np.arange(h)[::-1] + 1) / (overlap + 1)
-    return np.clip(np.outer(ry, rx), 0, 1).astype(np.float32)
 
 
 def sd_upscale(studio, image: Image.Image, request, *, scale: float, tile: int, overlap: int,

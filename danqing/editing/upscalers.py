@@ -1,25 +1,15 @@
-"""Model upscalers and face restorers from user-provided weight files, through spandrel.
-
-Files (``.pth``, ``.pt``, ``.safetensors``) are looked for in these folders of the models
-folder; the name is the file's stem (the first folder in this order wins a clash):
-
-    upscalers/  ESRGAN/  RealESRGAN/  SwinIR/  DAT/  HAT/     super-resolution models
-    face_restore/  GFPGAN/  Codeformer/                       face restoration models
-
-spandrel (https://github.com/chaiNNer-org/spandrel) reads the architecture and its
-hyper-parameters from the state dict (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, GFPGAN, ...), so
-no network is written by hand here. Pickle files are read by spandrel's restricted unpickler
-(tensors and plain containers only; the same guarantee as ``torch.load(weights_only=True)``).
+"""Running model upscalers and face restorers (spandrel descriptors), tiled, and the library of
+installed ones. Finding and loading the files is ``danqing.models.upscalers``'; placing and
+caching the models is the ModelManager's (``load_upscaler``).
 
 Tiling (``upscale_tensor``): the picture is cut into ``tile`` x ``tile`` pieces overlapping by
-``overlap`` pixels (``upscale.tile_boxes``), each is run through the model and the outputs are
-blended with linear ramps over the overlap (``upscale.tile_weight``), so memory depends on the
-tile, not on the picture.
+``overlap`` pixels (``tile_boxes``), each is run through the model and the outputs are blended
+with linear ramps over the overlap (``tile_weight``), so memory depends on the tile, not on the
+picture. SD upscale (``danqing.editing.upscale``) tiles the same way.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,134 +17,34 @@ import numpy as np
 import torch
 from PIL import Image
 
-from danqing.errors import InvalidRequest, ModelError
+from danqing.errors import InvalidRequest
+from danqing.models.upscalers import FACE_FOLDERS, UPSCALER_FOLDERS, find_files, import_spandrel
 
-UPSCALER_FOLDERS = ("upscalers", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
-FACE_FOLDERS = ("face_restore", "GFPGAN", "Codeformer")
-SUFFIXES = (".pth", ".pt", ".safetensors")
+BUILTIN = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}  # the upscalers without a model file
 DEFAULT_TILE, DEFAULT_OVERLAP = 256, 32  # input pixels; A1111's ESRGAN_tile is 192, overlap 8
 MAX_PASSES = 3  # as A1111: a x4 model runs twice for x8, and Lanczos takes it to the exact size
 
-_STANDINS = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Tiles of tile x tile covering width x height, each overlapping its neighbours by at least
+    ``overlap`` pixels; the last row/column is moved in to end at the edge."""
+    def starts(total: int) -> list[int]:
+        if total <= tile:
+            return [0]
+        step = tile - overlap
+        n = -(-(total - overlap) // step)
+        return [min(i * step, total - tile) for i in range(n)]
+
+    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
 
 
-def _import_spandrel():
-    """Import spandrel without torchvision.
-
-    spandrel 0.4.2 declares and imports torchvision, but PyPI has no torchvision that works with
-    the CPU torch build danqing pins (docs/design.md). Only two of its architectures use
-    it (LaMa: ``InterpolationMode``, ``rotate``; RestoreFormer: ``normalize``), yet
-    ``import spandrel`` imports every architecture. So, only when torchvision is truly absent,
-    stand-in modules are put into ``sys.modules`` for the import and removed right after it
-    (``finally``): transformers and diffusers probe ``importlib.util.find_spec("torchvision")``
-    and must never see them. The stand-ins' functions raise a clear error, so LaMa and
-    RestoreFormer files fail loudly when run; every other architecture works.
-    """
-    import enum
-    import importlib.util
-    import sys
-    import types
-
-    if "spandrel" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        import spandrel
-
-        return spandrel
-
-    def needs_torchvision(*args, **kwargs):
-        raise ModelError("the LaMa/RestoreFormer architecture needs torchvision, which has no build for "
-                         "the CPU torch danqing pins")
-
-    class InterpolationMode(enum.Enum):  # torchvision's members, for LaMa's module-level uses
-        NEAREST = "nearest"
-        NEAREST_EXACT = "nearest-exact"
-        BILINEAR = "bilinear"
-        BICUBIC = "bicubic"
-        BOX = "box"
-        HAMMING = "hamming"
-        LANCZOS = "lanczos"
-
-    tv, tr, fn = (types.ModuleType(name) for name in _STANDINS)
-    tv.transforms, tr.functional = tr, fn
-    fn.InterpolationMode, fn.rotate, fn.normalize = InterpolationMode, needs_torchvision, needs_torchvision
-    sys.modules.update(zip(_STANDINS, (tv, tr, fn)))
-    try:
-        import spandrel
-    finally:
-        for name in _STANDINS:
-            sys.modules.pop(name, None)
-    return spandrel
-
-
-def find_files(models_dir: Path, folders: tuple[str, ...]) -> dict[str, Path]:
-    """name (file stem) -> file, for the weight files under ``models_dir/<folder>`` (recursive),
-    in folder order; the first file of a name wins."""
-    out: dict[str, Path] = {}
-    for folder in folders:
-        root = Path(models_dir) / folder
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                p = Path(dirpath) / fn
-                if p.suffix.lower() in SUFFIXES and not fn.startswith("."):
-                    out.setdefault(p.stem, p)
-    return out
-
-
-def load_descriptor(path: Path):
-    """A spandrel ``ImageModelDescriptor`` for a weight file, on the CPU in fp32.
-
-    spandrel's ``ModelLoader`` reads ``.pth`` with a restricted unpickler and ``.safetensors``
-    with safetensors; ``.pt`` files are read as state dicts only (never TorchScript, which runs
-    code)."""
-    spandrel = _import_spandrel()
-    path = Path(path)
-    loader = spandrel.ModelLoader(device="cpu", registry=_registry(spandrel))
-    try:
-        if path.suffix.lower() == ".pt":
-            state = spandrel.canonicalize_state_dict(loader._load_pth(path))
-        else:
-            state = loader.load_state_dict_from_file(path)
-        desc = loader.load_from_state_dict(state)
-    except spandrel.UnsupportedModelError:
-        extra = "" if _extra_arches() else ", which is not installed"
-        raise ModelError(f"{path.name}: not an upscaler or face-restoration model that spandrel knows "
-                         f"(CodeFormer files need the separate spandrel_extra_arches package{extra})") from None
-    except ModelError:
-        raise
-    except Exception as e:  # a corrupt or foreign file: one line, the file named
-        raise ModelError(f"{path.name}: cannot be read as an upscaler ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
-    if not isinstance(desc, spandrel.ImageModelDescriptor):
-        raise ModelError(f"{path.name}: a {desc.architecture.name} model ({desc.purpose}), not an upscaler "
-                         f"or a face-restoration model")
-    return desc.float().eval()
-
-
-def _extra_arches():
-    """spandrel_extra_arches (CodeFormer, ...), a separate package whose CodeFormer weights come
-    under a non-commercial licence: used when the user installed it (``pip install --no-deps
-    spandrel-extra-arches==0.2.0``; it declares torchvision too), else None."""
-    import importlib.util
-
-    if importlib.util.find_spec("spandrel_extra_arches") is None:
-        return None
-    import spandrel_extra_arches
-
-    return spandrel_extra_arches
-
-
-def _registry(spandrel):
-    """spandrel's main registry, plus spandrel_extra_arches' when installed (a new registry: the
-    library's global one is left as it is)."""
-    extra = _extra_arches()
-    if extra is None:
-        return spandrel.MAIN_REGISTRY
-    reg = spandrel.ArchRegistry()
-    reg.add(*spandrel.MAIN_REGISTRY)
-    reg.add(*extra.EXTRA_REGISTRY, ignore_duplicates=True)
-    return reg
+def tile_weight(w: int, h: int, overlap: int) -> np.ndarray:
+    """A tile's blend weight: 1 inside, ramping linearly to ~0 over ``overlap`` pixels at the edges."""
+    if overlap <= 0:
+        return np.ones((h, w), np.float32)
+    rx = np.minimum(np.arange(w) + 1, np.arange(w)[::-1] + 1) / (overlap + 1)
+    ry = np.minimum(np.arange(h) + 1, np.arange(h)[::-1] + 1) / (overlap + 1)
+    return np.clip(np.outer(ry, rx), 0, 1).astype(np.float32)
 
 
 # -- running a model -----------------------------------------------------------------------------
@@ -177,8 +67,6 @@ def upscale_tensor(fn, x: torch.Tensor, scale: int, tile: int = DEFAULT_TILE,
     with linear ramps over the overlap (scaled by ``scale``). ``tile`` 0, or a picture that fits
     one tile, runs in one piece. Returns (1, C, H * scale, W * scale) on ``x``'s device.
     """
-    from danqing.editing.upscale import tile_boxes, tile_weight
-
     _, c, H, W = x.shape
     if tile <= 0 or (H <= tile and W <= tile):
         return fn(x)
@@ -198,7 +86,7 @@ def upscale_tensor(fn, x: torch.Tensor, scale: int, tile: int = DEFAULT_TILE,
 def run_model(desc, img: Image.Image, *, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
     """One pass of a placed spandrel descriptor over a picture (tiled unless the model
     says tiling is not supported); the output is ``desc.scale`` times the input."""
-    spandrel = _import_spandrel()
+    spandrel = import_spandrel()
     if getattr(desc, "tiling", None) == spandrel.ModelTiling.INTERNAL:
         tile = 0
     x = to_tensor(img).to(device=desc.device, dtype=desc.dtype)
@@ -228,8 +116,6 @@ class UpscalerLibrary:
 
     def names(self) -> list[str]:
         """Built-in upscalers, then the installed model upscalers."""
-        from danqing.editing.upscale import BUILTIN
-
         return list(BUILTIN) + sorted(find_files(self.models_dir, UPSCALER_FOLDERS), key=str.casefold)
 
     def face_names(self) -> list[str]:
@@ -247,8 +133,6 @@ class UpscalerLibrary:
 
     def check(self, name: str) -> None:
         """Raise InvalidRequest unless ``name`` is a built-in or installed upscaler."""
-        from danqing.editing.upscale import BUILTIN
-
         if name not in BUILTIN:
             self.file(name)
 

@@ -8,17 +8,21 @@ toy-size configs of the same architectures for CPU tests and the built-in random
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 from importlib import resources
-
-import contextlib
 
 import torch
 
 from danqing.errors import UnknownFamily
 from danqing.models.components import Components
+from danqing.models.tokenizer import clip_tokenizer
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+BUILTIN_CONFIG = "tiny-sd1"  # the built-in random-weight model: this config, seeded
+BUILTIN_SEED = 0
 
 
 def family_names() -> list[str]:
@@ -64,8 +68,6 @@ def components_from_configs(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from danqing.conditioning.tokenizer import clip_tokenizer
-
     sched = dict(configs["scheduler"])
     if prediction_type:
         sched["prediction_type"] = prediction_type
@@ -100,3 +102,23 @@ def build_components(name: str, *, prediction_type: str | None = None, seed: int
         m.eval()
     comps.metadata["config"] = name
     return comps
+
+
+def builtin_components() -> Components:
+    """danqing's tiny SD1-architecture model with random weights (seeded): a stand-in until the
+    bundled trained model exists. Its images are noise-like patterns, not pictures."""
+    comps = build_components(BUILTIN_CONFIG, seed=BUILTIN_SEED)
+    comps.metadata["source"] = "builtin"
+    return comps
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_sha256() -> str:
+    """sha256 over the built-in model's tensors (name + raw bytes, sorted): stable across machines."""
+    comps = builtin_components()
+    h = hashlib.sha256()
+    for part, module in comps.modules().items():
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

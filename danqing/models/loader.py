@@ -3,39 +3,18 @@ the built-in random-weight model. Always local files only."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
+import os
 from pathlib import Path
+
+import torch
 
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound
 from danqing.models.components import Components
+from danqing.models.families import builtin_components
 from danqing.models.registry import ModelEntry
-
-BUILTIN_CONFIG = "tiny-sd1"
-BUILTIN_SEED = 0
-
-
-@functools.lru_cache(maxsize=1)
-def builtin_sha256() -> str:
-    """sha256 over the built-in model's tensors (name + raw bytes, sorted): stable across machines."""
-    comps = builtin_components()
-    h = hashlib.sha256()
-    for part, module in comps.modules().items():
-        for name, tensor in sorted(module.state_dict().items()):
-            h.update(f"{part}.{name}".encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def builtin_components() -> Components:
-    """danqing's tiny SD1-architecture model with random weights (seeded): a stand-in until the
-    bundled trained model exists. Its images are noise-like patterns, not pictures."""
-    from danqing.models.families import build_components
-
-    comps = build_components(BUILTIN_CONFIG, seed=BUILTIN_SEED)
-    comps.metadata["source"] = "builtin"
-    return comps
+from danqing.models.single_file import detect_family, load_single_file, load_vae_file
+from danqing.models.tokenizer import clip_tokenizer
 
 
 def family_of_folder(unet_cfg: dict, te_cfg: dict | None, has_te2: bool) -> str:
@@ -52,8 +31,6 @@ def load_diffusers_folder(path: Path) -> Components:
     """A diffusers-format pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from danqing.conditioning.tokenizer import clip_tokenizer
 
     path = Path(path)
     has_te1 = (path / "text_encoder" / "config.json").is_file()
@@ -100,8 +77,6 @@ def load_components(entry: ModelEntry, *, prediction_type: str | None = None) ->
         raise ModelNotFound(f"{entry.path}: no such model file")
     if entry.format == "diffusers":
         return load_diffusers_folder(entry.path)
-    from danqing.models.single_file import load_single_file
-
     return load_single_file(entry.path, prediction_type=prediction_type)
 
 
@@ -115,8 +90,6 @@ def load_vae(entry: ModelEntry, family: str, like=None):
         except (OSError, ValueError) as exc:
             raise CorruptModel(f"{entry.path}: cannot load VAE folder ({str(exc).splitlines()[0]})") from None
     else:
-        from danqing.models.single_file import load_vae_file
-
         vae = load_vae_file(entry.path, family)
     if like is not None and vae.config.latent_channels != like.config.latent_channels:
         raise IncompatibleModel(
@@ -138,8 +111,6 @@ def checkpoint_keys(path: Path) -> list[str]:
                 return list(f.keys())
         except Exception as exc:  # safetensors raises its own error types
             raise CorruptModel(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    import torch
-
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -159,8 +130,6 @@ def describe_checkpoint(entry: ModelEntry) -> str:
         te_file = p / "text_encoder" / "config.json"
         te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None
         return family_of_folder(unet_cfg, te_cfg, (p / "text_encoder_2").is_dir())
-    from danqing.models.single_file import detect_family
-
     return detect_family(checkpoint_keys(entry.path))
 
 
@@ -190,7 +159,5 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     index["scheduler"] = ["diffusers", sched["_class_name"]]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    import os
-
     os.replace(tmp, path)
     return path

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from danqing.models.components import Components
+from danqing.models.control import load_control_model
+from danqing.models.loader import load_components, load_vae
 from danqing.models.registry import ModelEntry, Registry
+from danqing.models.upscalers import load_descriptor
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -90,8 +93,6 @@ class ModelManager:
 
     def load(self, model: str, vae: str | None = None) -> LoadedModel:
         """The loaded model for a checkpoint name/hash/path and optional VAE name/path."""
-        from danqing.models.loader import load_components, load_vae
-
         entry = self.registry.find("checkpoint", model)
         vae_entry = self.registry.find("vae", vae) if vae else None
         key = (entry.name, str(entry.path), str(vae_entry.path) if vae_entry else None)
@@ -119,8 +120,6 @@ class ModelManager:
     def load_control(self, name: str) -> LoadedControl:
         """A ControlNet / T2I-Adapter by name, hash or path (``models/controlnet/``), placed on
         the device in the manager's dtype; the last ``control_capacity`` stay loaded."""
-        from danqing.conditioning.control import load_control_model
-
         entry = self.registry.find("controlnet", name)
         key = str(entry.path)
         with self._lock:
@@ -142,8 +141,6 @@ class ModelManager:
         """A spandrel model (upscaler or face restorer) from a weight file, placed on the device
         (fp16 on CUDA only when the architecture supports it, else fp32); the last
         ``upscaler_capacity`` stay loaded, keyed by path, size and mtime."""
-        from danqing.editing.upscalers import load_descriptor
-
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         with self._lock:

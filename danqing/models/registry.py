@@ -19,9 +19,11 @@ import json
 import os
 import threading
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from danqing.errors import ModelNotFound
+from danqing.models.families import builtin_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 KINDS = {
@@ -39,8 +41,6 @@ BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package 
 
 def bundled_entries() -> list["ModelEntry"]:
     """Checkpoints shipped inside the package (``danqing/data/models/<name>/``, diffusers layout)."""
-    from importlib import resources
-
     root = Path(str(resources.files("danqing").joinpath("data/models")))
     if not root.is_dir():
         return []
@@ -51,8 +51,6 @@ def bundled_entries() -> list["ModelEntry"]:
 def bundled_control_entries() -> list["ModelEntry"]:
     """ControlNets / T2I-Adapters shipped in the package (``danqing/data/models/<name>/``, a
     diffusers ``config.json`` of a ``ControlNetModel`` or ``T2IAdapter``)."""
-    from importlib import resources
-
     root = Path(str(resources.files("danqing").joinpath("data/models")))
     if not root.is_dir():
         return []
@@ -182,8 +180,6 @@ class Registry:
     def sha256(self, entry: ModelEntry) -> str:
         """Full sha256 (hex) of a model, cached by path, size and mtime."""
         if entry.is_builtin:
-            from danqing.models.loader import builtin_sha256
-
             return builtin_sha256()
         files = [entry.path] if entry.path.is_file() else sorted(
             f for f in entry.path.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.suffix == ".json")

@@ -27,6 +27,7 @@ import torch
 
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound, UnknownFamily
 from danqing.models.components import Components
+from danqing.models.families import components_from_configs, load_family_config
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -92,7 +93,7 @@ _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj",
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 
 
-def _unet_prefix_map(config: dict) -> list[tuple[str, str]]:
+def unet_prefix_map(config: dict) -> list[tuple[str, str]]:
     """(diffusers prefix, LDM prefix) pairs for every UNet block, from its config."""
     n = len(config["block_out_channels"])
     layers = config["layers_per_block"]
@@ -125,7 +126,7 @@ def _unet_prefix_map(config: dict) -> list[tuple[str, str]]:
     return pairs
 
 
-def _map_key(key: str, pairs: list[tuple[str, str]]) -> str:
+def map_key(key: str, pairs: list[tuple[str, str]]) -> str:
     """One diffusers UNet key -> its openaimodel name (resnet layers renamed: ``norm1`` ->
     ``in_layers.0``, ...; attention blocks keep diffusers' names, which SpatialTransformer shares)."""
     for src, dst in pairs:
@@ -142,8 +143,8 @@ def _map_key(key: str, pairs: list[tuple[str, str]]) -> str:
 
 def unet_to_ldm(state_dict: dict, config: dict) -> dict:
     """diffusers UNet2DConditionModel -> ``model.diffusion_model.*`` (openaimodel names)."""
-    pairs = _unet_prefix_map(config)
-    return {UNET + _map_key(k, pairs): v for k, v in state_dict.items()}
+    pairs = unet_prefix_map(config)
+    return {UNET + map_key(k, pairs): v for k, v in state_dict.items()}
 
 
 def vae_to_ldm(state_dict: dict, config: dict, prefix: str = VAE) -> dict:
@@ -338,7 +339,7 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
     return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, {}
 
 
-def _assign(module, state_dict: dict, what: str, path: Path, error=CorruptModel) -> None:
+def assign_weights(module, state_dict: dict, what: str, path: Path, error=CorruptModel) -> None:
     """Load every weight of ``module`` (built with meta parameters) from ``state_dict``, strictly.
 
     Floating tensors become float32 (CPU fp32 is the loaded form; fp16 files are upcast).
@@ -401,8 +402,6 @@ def resolve_prediction_type(path: Path, family: str, meta: dict, unet, explicit:
 
 def _load_configs(family: str, meta: dict, path: Path) -> dict:
     """danqing's configs from the header (our exporter writes them), else the bundled family's."""
-    from danqing.models.families import load_family_config
-
     if CONFIG_KEY not in meta:
         return load_family_config(family)
     try:
@@ -447,8 +446,6 @@ def load_single_file(path: Path, *, prediction_type: str | None = None, configs:
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from danqing.models.families import components_from_configs
-
     path = Path(path)
     sd, meta = read_state_dict(path)
     family = detect_family(sd.keys())
@@ -462,7 +459,7 @@ def load_single_file(path: Path, *, prediction_type: str | None = None, configs:
         raise CorruptModel(f"{path}: cannot convert the {family} checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
     names = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
     for name, tensors in parts.items():
-        _assign(getattr(comps, name), tensors, names[name], path)
+        assign_weights(getattr(comps, name), tensors, names[name], path)
     del sd, parts
     comps.prediction_type = resolve_prediction_type(path, family, meta, comps.unet, prediction_type)
     comps.scheduler_config["prediction_type"] = comps.prediction_type
@@ -486,8 +483,6 @@ def load_vae_file(path: Path, family: str):
     """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from danqing.models.families import load_family_config
-
     path = Path(path)
     sd, meta = read_state_dict(path)
     sd = {k.removeprefix(VAE): v for k, v in sd.items() if not k.startswith(("model_ema.", "loss."))}
@@ -503,7 +498,7 @@ def load_vae_file(path: Path, family: str):
     except (KeyError, IndexError, RuntimeError, ValueError) as exc:
         raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model ({type(exc).__name__}: {_first_line(exc, 150)})") from None
     try:
-        _assign(vae, converted, "VAE", path, error=IncompatibleModel)
+        assign_weights(vae, converted, "VAE", path, error=IncompatibleModel)
     except IncompatibleModel as exc:
         raise IncompatibleModel(f"VAE {path.name} does not fit a {family} model: {str(exc).split(': ', 1)[-1]}") from None
     return vae.eval()

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from danqing.errors import InvalidRequest
+from danqing.preprocess import classical, models
+from danqing.preprocess.classical import fit_short_side
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,7 @@ class Preprocessor:
 
 
 def _table() -> dict[str, Preprocessor]:
-    from danqing.preprocess import classical as c
-    from danqing.preprocess import models as m
-
-    P = Preprocessor
+    P, c, m = Preprocessor, classical, models  # short names for the table
     rows = [
         P("none", c.passthrough, "the picture is already a control map"),
         P("invert", c.invert, "white lines on black from black lines on white"),
@@ -84,8 +83,6 @@ def run_preprocessor(name: str, image, *, resolution: int = 512, a: float | None
     a = p.a_default if a is None else a
     b = p.b_default if b is None else b
     if name not in ("none", "inpaint", "segmentation") and not isinstance(image, (str, Path)):
-        from danqing.preprocess.classical import fit_short_side
-
         image = fit_short_side(image, resolution)
     return p.fn(image, a=a, b=b, **kwargs)
 

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from danqing.decode import cheap_preview
+
 
 class StepControl(enum.Enum):
     """What an ``on_step`` callback may return: None/CONTINUE goes on, STOP interrupts cleanly,
@@ -49,8 +51,6 @@ class StepInfo:
 
     def preview(self):
         """A cheap RGB PIL preview of the first image (linear latent approximation, no VAE)."""
-        from danqing.decode import cheap_preview
-
         return cheap_preview(self.latents, self.family)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from danqing.synthetic.evaluate import detect
 from danqing.synthetic.scenes import Obj, Scene, _pairs, sample_scene, vocab
 
 KINDS = ("recolour", "add", "remove")
@@ -117,8 +118,6 @@ def judge_edit(pair: EditPair, before: Image.Image, result: Image.Image, toleran
         {"done": the edit happened, "kept": every untouched object is still there (same shape
         and colour, centroid within ``tolerance`` px of a 64x64 picture), "ok": both}.
     """
-    from danqing.synthetic.evaluate import detect
-
     src, out = detect(before), detect(result)
     shape, colour = pair.target
 

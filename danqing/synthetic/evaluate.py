@@ -24,7 +24,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from danqing.synthetic.scenes import Spec, colour_info, colours, shapes, vocab
+from danqing.request import GenerationRequest
+from danqing.synthetic.captions import caption
+from danqing.synthetic.render import shape_mask
+from danqing.synthetic.scenes import Spec, colour_info, colours, novel_colours, shapes, vocab
 
 WORK = 64          # working size in pixels
 UP = 4            # masks are made at WORK * UP
@@ -64,8 +67,6 @@ class Score:
 
 @functools.lru_cache(maxsize=4)
 def _templates(names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    from danqing.synthetic.render import shape_mask
-
     out = {}
     for s in names or shapes():
         m = shape_mask(s, 96)
@@ -169,8 +170,6 @@ def score(image: Image.Image, spec: Spec, *, also: tuple[str, ...] = ()) -> Scor
     """
     from scipy.optimize import linear_sum_assignment
 
-    from danqing.synthetic.scenes import novel_colours
-
     want = spec.objects
     asked_s = [s for s, _ in want] + [a for a in also if a not in novel_colours()]
     asked_c = [c for _, c in want] + [a for a in also if a in novel_colours()]
@@ -223,9 +222,6 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
         out_dir: also save the images there (with their infotext).
         on_image: called with (i, image, score) after each image.
     """
-    from danqing.request import GenerationRequest
-    from danqing.synthetic.captions import caption
-
     scores = []
     for i, sc in enumerate(scenes):
         req = GenerationRequest(prompt=caption(sc, lang), model=model, steps=steps, cfg_scale=cfg_scale,
