@@ -95,7 +95,7 @@ def test_masked_loss_weights_the_masked_pixels(tmp_path):
     from diffusers import DDPMScheduler
 
     from danqing.training.data import concept_items
-    from danqing.training.finetune import diffusion_loss
+    from danqing.training.loop import diffusion_loss
 
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     rgba.paste((200, 0, 0, 255), (0, 0, 4, 8))
@@ -446,10 +446,10 @@ def test_a_short_textual_inversion_run_teaches_danqing_tiny_magenta(tmp_path):
 
 def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, monkeypatch):
     from danqing.errors import OutOfMemory
-    from danqing.training import finetune
+    from danqing.training import finetune, loop
 
     calls = {"n": 0}
-    real = finetune.diffusion_loss
+    real = loop.diffusion_loss
 
     def tight(*a, **kw):  # the third step does not fit
         calls["n"] += 1
@@ -457,7 +457,7 @@ def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **kw)
 
-    monkeypatch.setattr(finetune, "diffusion_loss", tight)
+    monkeypatch.setattr(loop, "diffusion_loss", tight)
     cfg = _lora_cfg("tiny-sd1", tmp_path / "oom", train={"steps": 4}, output={"checkpoint_every": 2})
     with pytest.raises(OutOfMemory, match=r"out of memory at step 3 \(train.batch_size = 2\); lower train.batch_size.*"
                                           r"step-2\) is kept"):
