@@ -47,6 +47,7 @@ from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import class_scenes, concept_scenes
 from danqing.synthetic.scenes import scenes
 from danqing.training.base import export_model, generate_images, image_grid
+from danqing.training.checkpoints import clear_checkpoints
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
 from danqing.training.loop import Trainable, run_loop
@@ -79,7 +80,7 @@ def _begin(cfg, settings, resume: bool):
     comps, entry, sha = load_base(cfg.model, settings)
     run_dir = Path(cfg.output.output_dir)
     if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        clear_checkpoints(run_dir)
     return comps, entry, sha, run_dir
 
 

@@ -9,7 +9,6 @@ continues as the uninterrupted one would have.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import sys
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from danqing.errors import OutOfMemory
 from danqing.training.base import _write_json_line, latest_checkpoint, new_accelerator  # same log, checkpoints/step-N
+from danqing.training.checkpoints import resume_step, save_checkpoint
 from danqing.training.conditioning import text_conditioning
 from danqing.training.data import process_caption
 from danqing.training.latents import TrainData
@@ -165,14 +165,14 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
     state = RunState()
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+    def load_trainable(ckpt: Path) -> None:  # the trained tensors (adapters, embedding rows) themselves
         saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             for p, v in zip(trainable.params, saved):
                 p.copy_(v)
-        accelerator.load_state(str(ckpt))
-        state.step = json.loads((ckpt / "step.json").read_text())["step"]
-        log(f"resumed from {ckpt} at step {state.step}")
+
+    if resume:
+        state.step = resume_step(accelerator, run_dir, log, before_load=load_trainable)
     for m in trainable.modules:
         m.train()
     progress = _Progress(cfg.steps, state.step, log, out_cfg.log_every)
@@ -206,10 +206,9 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         state.step, state.loss = done, avg
         progress.update(done, avg)
         if done % out_cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt = run_dir / "checkpoints" / f"step-{done}"
-            accelerator.save_state(str(ckpt))
-            torch.save([p.detach().cpu() for p in trainable.params], ckpt / "trainable.pt")
-            (ckpt / "step.json").write_text(json.dumps({"step": done}))
+            save_checkpoint(accelerator, run_dir, done,
+                            extra=lambda ckpt: torch.save([p.detach().cpu() for p in trainable.params],
+                                                          ckpt / "trainable.pt"))
             _write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
         if on_sample is not None and (done % out_cfg.sample_every == 0 or done == cfg.steps):
             for m in trainable.modules:
