@@ -29,7 +29,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from danqing.decode import decode_latents, to_pil
+from danqing.models.families import build_components
+from danqing.models.loader import load_components, save_diffusers_folder
+from danqing.models.registry import Registry
+from danqing.models.single_file import save_single_file
+from danqing.request import GenerationRequest
+from danqing.settings import Settings
+from danqing.studio import run_sampling
+from danqing.synthetic.captions import caption
+from danqing.synthetic.evaluate import score, summarise
+from danqing.synthetic.scenes import eval_scenes
 from danqing.training.config import BaseTrainConfig
+from danqing.training.data import folder_dataset, render_batch, synthetic_dataset, tokenize_captions
 
 Log = Callable[[str], None]
 
@@ -148,11 +160,6 @@ def encode_all(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[tor
 def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
     """The evaluator's score of VAE round trips of ``n`` held-out scenes (a VAE that loses shapes
     or colours caps every model trained on it)."""
-    from danqing.decode import to_pil
-    from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.scenes import eval_scenes
-    from danqing.training.data import render_batch
-
     scs = eval_scenes(n)
     x = render_batch(scs, size).float() / 127.5 - 1                          # (n, 3, H, W) in [-1, 1]
     rec = vae.decode(vae.encode(x.to(next(vae.parameters()).device)).latent_dist.mean).sample
@@ -166,10 +173,6 @@ def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
 def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_scale: float, size: int,
                     sampler: str = "DPM++ 2M", device="cpu") -> list:
     """One image per prompt (seed + i) with our own loop, on Components as they are."""
-    from danqing.decode import decode_latents, to_pil
-    from danqing.request import GenerationRequest
-    from danqing.studio import run_sampling
-
     out = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
@@ -183,10 +186,6 @@ def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_sca
 def evaluate_comps(comps, n: int, *, lang: str = "en", steps: int = 20, cfg_scale: float = 7.0, size: int = 64,
                    seed: int = 1000, device="cpu") -> dict:
     """Evaluator summary over the first ``n`` held-out evaluation scenes."""
-    from danqing.synthetic.captions import caption
-    from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.scenes import eval_scenes
-
     scs = eval_scenes(max(n, 1))[:n]
     imgs = generate_images(comps, [caption(s, lang) for s in scs], seed=seed, steps=steps, cfg_scale=cfg_scale,
                            size=size, device=device)
@@ -357,9 +356,6 @@ def export_model(comps, out: Path, *, dtype: torch.dtype = torch.float32, name: 
     layout with our configs in the header), in ``dtype``. Replaces an earlier export of the run."""
     import copy
 
-    from danqing.models.loader import save_diffusers_folder
-    from danqing.models.single_file import save_single_file
-
     c = copy.copy(comps)
     for part in ("unet", "vae", "text_encoder"):
         setattr(c, part, copy.deepcopy(getattr(comps, part)).to(dtype))
@@ -379,9 +375,6 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     ``vae/`` (stage 1), ``checkpoints/step-N/`` (stage 2, resumable), ``samples/``, ``log.jsonl``,
     ``model/`` + ``model.safetensors`` (the final EMA model, fp32)."""
     from diffusers import AutoencoderKL
-
-    from danqing.models.families import build_components
-    from danqing.training.data import folder_dataset, synthetic_dataset, tokenize_captions
 
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -406,10 +399,6 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     if data is not None:
         log(f"data: {len(data)} images at {cfg.data.size}px ({time.perf_counter() - t:.1f} s)")
     if cfg.model.init_from:
-        from danqing.models.loader import load_components
-        from danqing.models.registry import Registry
-        from danqing.settings import Settings
-
         comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.model.init_from))
         for m in comps.modules().values():
             m.float().requires_grad_(True)
