@@ -38,11 +38,11 @@ from danqing.studio import run_sampling
 from danqing.synthetic.captions import caption
 from danqing.synthetic.render import degrade, render
 from danqing.synthetic.scenes import eval_scenes
-from danqing.training.base import _gen, _write_json_line, encode_all, new_accelerator
-from danqing.training.checkpoints import clear_checkpoints, resume_step, save_checkpoint
+from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import ControlTrainConfig
 from danqing.training.data import synthetic_dataset
+from danqing.training.runs import StepLog, clear_checkpoints, ema_weights, optimiser_step, resume_step, save_checkpoint
 
 Log = Callable[[str], None]
 
@@ -212,60 +212,42 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
     controlnet, opt, sched = acc.prepare(controlnet, opt, sched)
     unet = comps.unet.to(acc.device)
-    ema = EMAModel(acc.unwrap_model(controlnet).parameters(), decay=c.ema_decay, foreach=True)
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)  # every ControlNet parameter trains
     acc.register_for_checkpointing(ema)
     start = resume_step(acc, run_dir, log) if resume else 0
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
     heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps else []
     deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    t0, loss_avg, last = time.perf_counter(), None, {"step": start, "loss": None, "eval": None}
+    steps = StepLog("controlnet", c.steps, start, log, run_dir, r.log_every)
+    model = acc.unwrap_model(controlnet)
     for step in range(start, c.steps):
         g = _gen(r.seed, step, "controlnet")
         loss = control_loss(controlnet, unet, data, g, c.batch_size, d.captions_per_image, cfg.controlnet.drop_prompt,
                             noise_sched, scaling, acc)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, c.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(acc.unwrap_model(controlnet).parameters())
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
         done = step + 1
         out_of_time = deadline is not None and time.perf_counter() > deadline
         final = done == c.steps or out_of_time
-        if done % r.log_every == 0 or final:
-            rate = (done - start) / (time.perf_counter() - t0)
-            log(f"controlnet step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
-                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "controlnet", "step": done, "loss": loss_avg})
-            last.update(step=done, loss=round(loss_avg, 5))
+        steps.add(done, float(loss.detach()), final)
         if done % r.checkpoint_every == 0 or final:
             save_checkpoint(acc, run_dir, done)
         if heldout and (done % r.eval_every == 0 or final):
-            model = acc.unwrap_model(controlnet)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
+            with ema_weights(ema, params, model):
+                res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
             log(f"eval step {done}: edge F1 by weight {res}")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, "f1": res})
-            last["eval"] = res
-            ema.restore(model.parameters())
-            model.train()
+            steps.evaluated(done, res, {"f1": res})
         if out_of_time:
             log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
             break
 
     # 4. export the EMA weights
-    model = acc.unwrap_model(controlnet)
-    ema.copy_to(model.parameters())
+    ema.copy_to(params)
     model.eval()
     export_controlnet(model, run_dir / "controlnet")
     summary = {"kind": "controlnet", "condition": d.condition, "init_from": cfg.controlnet.init_from,
-               "images": len(data.cap_idx), "steps": last["step"], "batch_size": c.batch_size, "loss": last["loss"],
-               "eval_f1": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
-               "config": json.loads(cfg.model_dump_json())}
+               "images": len(data.cap_idx), "steps": steps.last["step"], "batch_size": c.batch_size,
+               "loss": steps.last["loss"], "eval_f1": steps.last["eval"],
+               "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

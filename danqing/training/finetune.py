@@ -47,7 +47,7 @@ from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import class_scenes, concept_scenes
 from danqing.synthetic.scenes import scenes
 from danqing.training.base import export_model, generate_images, image_grid
-from danqing.training.checkpoints import clear_checkpoints
+from danqing.training.runs import clear_checkpoints
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
 from danqing.training.loop import Trainable, run_loop

@@ -29,11 +29,11 @@ from danqing.request import GenerationRequest
 from danqing.settings import Settings
 from danqing.synthetic.edits import edit_pairs, heldout_edits, judge_edit
 from danqing.synthetic.render import render
-from danqing.training.base import _gen, _write_json_line, encode_all, export_model, new_accelerator
-from danqing.training.checkpoints import clear_checkpoints, resume_step, save_checkpoint
+from danqing.training.base import _gen, encode_all, export_model, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import InstructTrainConfig
 from danqing.training.data import render_batch
+from danqing.training.runs import StepLog, clear_checkpoints, ema_weights, optimiser_step, resume_step, save_checkpoint
 
 Log = Callable[[str], None]
 
@@ -165,41 +165,24 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
     heldout = heldout_edits(cfg.instruct.eval_pairs) if cfg.instruct.eval_pairs else []
     drops = (cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both)
     deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    t0, loss_avg, last = time.perf_counter(), None, {"step": start, "loss": None, "eval": None}
+    steps = StepLog("instruct", c.steps, start, log, run_dir, r.log_every)
     for step in range(start, c.steps):
         g = _gen(r.seed, step, "instruct")
         with acc.autocast():
             loss = edit_loss(unet, data, g, c.batch_size, noise_sched, scaling, drops, acc.device)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, c.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(params)
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
         done = step + 1
         out_of_time = deadline is not None and time.perf_counter() > deadline
         final = done == c.steps or out_of_time
-        if done % r.log_every == 0 or final:
-            rate = (done - start) / (time.perf_counter() - t0)
-            log(f"instruct step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
-                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "instruct", "step": done, "loss": loss_avg})
-            last.update(step=done, loss=round(loss_avg, 5))
+        steps.add(done, float(loss.detach()), final)
         if done % r.checkpoint_every == 0 or final:
             save_checkpoint(acc, run_dir, done)
         if heldout and (done % r.eval_every == 0 or final):
-            ema.store(params)
-            ema.copy_to(params)
-            unet.eval()
-            res = judge_model(dataclasses.replace(comps, unet=acc.unwrap_model(unet)), heldout, steps=r.eval_steps,
-                              device=acc.device)
+            with ema_weights(ema, params, unet):
+                res = judge_model(dataclasses.replace(comps, unet=acc.unwrap_model(unet)), heldout,
+                                  steps=r.eval_steps, device=acc.device)
             log(f"eval step {done}: {res}")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
-            last["eval"] = res
-            ema.restore(params)
-            unet.train()
+            steps.evaluated(done, res, res)
         if out_of_time:
             log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
             break
@@ -208,9 +191,9 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
     ema.copy_to(params)
     comps = dataclasses.replace(comps, unet=acc.unwrap_model(unet).eval().to("cpu"))
     summary = {"kind": "instruct-pix2pix", "init_from": cfg.instruct.init_from, "pairs": len(data.text_idx),
-               "instructions": data.hidden.shape[0] - 1, "steps": last["step"], "batch_size": c.batch_size,
-               "loss": last["loss"], "eval": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
-               "config": json.loads(cfg.model_dump_json())}
+               "instructions": data.hidden.shape[0] - 1, "steps": steps.last["step"], "batch_size": c.batch_size,
+               "loss": steps.last["loss"], "eval": steps.last["eval"],
+               "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     export_model(comps, run_dir, name="model")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

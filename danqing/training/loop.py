@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from danqing.errors import OutOfMemory
-from danqing.training.base import _write_json_line, latest_checkpoint, new_accelerator  # same log, checkpoints/step-N
-from danqing.training.checkpoints import resume_step, save_checkpoint
+from danqing.training.base import new_accelerator
+from danqing.training.runs import latest_checkpoint, resume_step, save_checkpoint, write_json_line
 from danqing.training.conditioning import text_conditioning
 from danqing.training.data import process_caption
 from danqing.training.latents import TrainData
@@ -209,7 +209,7 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             save_checkpoint(accelerator, run_dir, done,
                             extra=lambda ckpt: torch.save([p.detach().cpu() for p in trainable.params],
                                                           ckpt / "trainable.pt"))
-            _write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
+            write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
         if on_sample is not None and (done % out_cfg.sample_every == 0 or done == cfg.steps):
             for m in trainable.modules:
                 m.eval()
