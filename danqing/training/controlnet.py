@@ -28,12 +28,9 @@ from PIL import Image
 
 from danqing.conditioning.control import ControlDenoise, PreparedControl, image_tensor
 from danqing.decode import decode_latents, to_pil
-from danqing.models.loader import load_components
-from danqing.models.registry import Registry
 from danqing.preprocess import run_preprocessor
 from danqing.preprocess.metrics import edge_f1
 from danqing.request import GenerationRequest
-from danqing.settings import Settings
 from danqing.studio import run_sampling
 from danqing.synthetic.captions import caption
 from danqing.synthetic.render import degrade, render
@@ -42,7 +39,7 @@ from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import ControlTrainConfig
 from danqing.training.data import synthetic_dataset
-from danqing.training.runs import StepLog, clear_checkpoints, ema_weights, optimiser_step, resume_step, save_checkpoint
+from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 
@@ -183,18 +180,11 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
     from diffusers.training_utils import EMAModel
 
     c, r, d = cfg.unet, cfg.run, cfg.data
-    if r.num_threads:
-        torch.set_num_threads(r.num_threads)
-    run_dir = Path(r.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        clear_checkpoints(run_dir)
+    run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
     t_start = time.perf_counter()
 
     # 1. the frozen base model, float32
-    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.controlnet.init_from))
-    for m in comps.modules().values():
-        m.float().eval().requires_grad_(False)
+    comps, _, _ = load_float32(cfg.controlnet.init_from)
     torch.manual_seed(r.seed)
     if cfg.controlnet.init_controlnet:
         controlnet = ControlNetModel.from_pretrained(cfg.controlnet.init_controlnet, local_files_only=True).float()
@@ -218,27 +208,20 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
     heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps else []
-    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    steps = StepLog("controlnet", c.steps, start, log, run_dir, r.log_every)
+    steps = StepLog("controlnet", c.steps, start, log, run_dir, r, acc)
     model = acc.unwrap_model(controlnet)
     for step in range(start, c.steps):
         g = _gen(r.seed, step, "controlnet")
         loss = control_loss(controlnet, unet, data, g, c.batch_size, d.captions_per_image, cfg.controlnet.drop_prompt,
                             noise_sched, scaling, acc)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
-        done = step + 1
-        out_of_time = deadline is not None and time.perf_counter() > deadline
-        final = done == c.steps or out_of_time
-        steps.add(done, float(loss.detach()), final)
-        if done % r.checkpoint_every == 0 or final:
-            save_checkpoint(acc, run_dir, done)
-        if heldout and (done % r.eval_every == 0 or final):
+        final = steps.done(step + 1, float(loss.detach()))
+        if heldout and ((step + 1) % r.eval_every == 0 or final):
             with ema_weights(ema, params, model):
                 res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
-            log(f"eval step {done}: edge F1 by weight {res}")
-            steps.evaluated(done, res, {"f1": res})
-        if out_of_time:
-            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+            log(f"eval step {step + 1}: edge F1 by weight {res}")
+            steps.evaluated(step + 1, res, {"f1": res})
+        if steps.stopping():
             break
 
     # 4. export the EMA weights

@@ -40,18 +40,15 @@ import torch
 
 from danqing.customise.embeddings import save_embedding_a1111
 from danqing.errors import InvalidRequest
-from danqing.models.loader import load_components
-from danqing.models.registry import Registry
-from danqing.settings import Settings
 from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import class_scenes, concept_scenes
 from danqing.synthetic.scenes import scenes
 from danqing.training.base import export_model, generate_images, image_grid
-from danqing.training.runs import clear_checkpoints
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
 from danqing.training.loop import Trainable, run_loop
 from danqing.training.networks import add_lora, add_word_embeddings, check_rank, row_restorer, save_lora
+from danqing.training.runs import load_float32, start_run
 
 Log = Callable[[str], None]
 
@@ -61,26 +58,15 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------------------------------
 def load_base(model_cfg, settings=None):
     """(Components on the CPU in fp32, their registry entry, sha256) of the base model."""
-    settings = settings or Settings.from_env()
-    registry = Registry(settings.models_dir)
-    entry = registry.find("checkpoint", model_cfg.base)
-    comps = load_components(entry)
-    for m in comps.modules().values():
-        m.to(torch.float32)
-        m.requires_grad_(False)
-        m.eval()
+    comps, entry, registry = load_float32(model_cfg.base, settings)
     return comps, entry, registry.sha256(entry)
 
 
 def _begin(cfg, settings, resume: bool):
     """A run's start: CPU threads, the base model (comps, entry, sha256), its folder (checkpoints
     cleared unless resuming)."""
-    if cfg.output.num_threads:
-        torch.set_num_threads(cfg.output.num_threads)
+    run_dir = start_run(cfg.output.output_dir, resume=resume, num_threads=cfg.output.num_threads, create=False)
     comps, entry, sha = load_base(cfg.model, settings)
-    run_dir = Path(cfg.output.output_dir)
-    if not resume:
-        clear_checkpoints(run_dir)
     return comps, entry, sha, run_dir
 
 

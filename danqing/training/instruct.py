@@ -16,24 +16,20 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from danqing.editing.img2img import run_img2img
-from danqing.models.loader import load_components
-from danqing.models.registry import Registry
 from danqing.request import GenerationRequest
-from danqing.settings import Settings
 from danqing.synthetic.edits import edit_pairs, heldout_edits, judge_edit
 from danqing.synthetic.render import render
 from danqing.training.base import _gen, encode_all, export_model, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import InstructTrainConfig
 from danqing.training.data import render_batch
-from danqing.training.runs import StepLog, clear_checkpoints, ema_weights, optimiser_step, resume_step, save_checkpoint
+from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 
@@ -132,18 +128,11 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
     from diffusers.training_utils import EMAModel
 
     c, r = cfg.unet, cfg.run
-    if r.num_threads:
-        torch.set_num_threads(r.num_threads)
-    run_dir = Path(r.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        clear_checkpoints(run_dir)
+    run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
     t_start = time.perf_counter()
 
     # 1. the model to start from, in float32
-    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.instruct.init_from))
-    for m in comps.modules().values():
-        m.float().eval()
+    comps, _, _ = load_float32(cfg.instruct.init_from, frozen=False)
     # an instruct model already (a run continued from an earlier one's export) is trained as it is
     unet = comps.unet if comps.unet.config.in_channels == 8 else widen_conv_in(comps.unet)
 
@@ -164,27 +153,20 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
     scaling = comps.vae.config.scaling_factor
     heldout = heldout_edits(cfg.instruct.eval_pairs) if cfg.instruct.eval_pairs else []
     drops = (cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both)
-    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    steps = StepLog("instruct", c.steps, start, log, run_dir, r.log_every)
+    steps = StepLog("instruct", c.steps, start, log, run_dir, r, acc)
     for step in range(start, c.steps):
         g = _gen(r.seed, step, "instruct")
         with acc.autocast():
             loss = edit_loss(unet, data, g, c.batch_size, noise_sched, scaling, drops, acc.device)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
-        done = step + 1
-        out_of_time = deadline is not None and time.perf_counter() > deadline
-        final = done == c.steps or out_of_time
-        steps.add(done, float(loss.detach()), final)
-        if done % r.checkpoint_every == 0 or final:
-            save_checkpoint(acc, run_dir, done)
-        if heldout and (done % r.eval_every == 0 or final):
+        final = steps.done(step + 1, float(loss.detach()))
+        if heldout and ((step + 1) % r.eval_every == 0 or final):
             with ema_weights(ema, params, unet):
                 res = judge_model(dataclasses.replace(comps, unet=acc.unwrap_model(unet)), heldout,
                                   steps=r.eval_steps, device=acc.device)
-            log(f"eval step {done}: {res}")
-            steps.evaluated(done, res, res)
-        if out_of_time:
-            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+            log(f"eval step {step + 1}: {res}")
+            steps.evaluated(step + 1, res, res)
+        if steps.stopping():
             break
 
     # 4. export the EMA weights

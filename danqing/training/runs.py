@@ -19,7 +19,41 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from danqing.models.loader import load_components
+from danqing.models.registry import Registry
+from danqing.settings import Settings
+
 Log = Callable[[str], None]
+
+
+def start_run(output_dir: str | Path, *, resume: bool, num_threads: int = 0, create: bool = True) -> Path:
+    """A run's folder (created when ``create``); its checkpoints removed unless ``resume`` (a
+    fresh start must not later resume from an older run's). ``num_threads``: torch's CPU
+    threads (0 = its default)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    run_dir = Path(output_dir)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        clear_checkpoints(run_dir)
+    return run_dir
+
+
+def load_float32(name: str, settings=None, *, frozen: bool = True):
+    """(Components on the CPU in float32 and eval mode, registry entry, Registry) of checkpoint
+    ``name`` in the models folder of ``settings`` (default: from the environment); ``frozen``:
+    no parameter requires gradients."""
+    registry = Registry((settings or Settings.from_env()).models_dir)
+    entry = registry.find("checkpoint", name)
+    comps = load_components(entry)
+    for m in comps.modules().values():
+        m.to(torch.float32).eval()
+        if frozen:
+            m.requires_grad_(False)
+    return comps, entry, registry
 
 
 def write_json_line(path: Path, row: dict) -> None:
@@ -63,29 +97,45 @@ def ema_weights(ema, params, *modules):
 
 
 class StepLog:
-    """The running mean of the loss; every ``every`` steps (and at the last) a log line with
-    it/s and the time left, and a ``log.jsonl`` row. ``last``: the newest logged step and loss,
-    and the newest evaluation."""
+    """The bookkeeping after each step of a trainer whose state lives in one Accelerator: the
+    running mean of the loss; every ``run_cfg.log_every`` steps (and at the last) a log line
+    with it/s and the time left and a ``log.jsonl`` row; a checkpoint every
+    ``run_cfg.checkpoint_every`` steps and at the last; the ``run_cfg.max_minutes`` time cap.
+    ``last``: the newest logged step and loss, and the newest evaluation."""
 
-    def __init__(self, stage: str, total: int, start: int, log: Log, run_dir: Path, every: int):
-        self.stage, self.total, self.start, self.log, self.every = stage, total, start, log, every
-        self.path = Path(run_dir) / "log.jsonl"
-        self.t0, self.avg = time.perf_counter(), None
+    def __init__(self, stage: str, total: int, start: int, log: Log, run_dir: Path, run_cfg, accelerator):
+        self.stage, self.total, self.start, self.log = stage, total, start, log
+        self.run_dir, self.cfg, self.accelerator = Path(run_dir), run_cfg, accelerator
+        self.path = self.run_dir / "log.jsonl"
+        self.t0, self.avg, self.out_of_time = time.perf_counter(), None, False
+        self.deadline = self.t0 + run_cfg.max_minutes * 60 if run_cfg.max_minutes else None
         self.last: dict = {"step": start, "loss": None, "eval": None}
 
-    def add(self, done: int, value: float, final: bool) -> None:
+    def done(self, done: int, value: float) -> bool:
+        """Record step ``done`` (1-based) with loss ``value``; True when it is the last one."""
+        self.out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
+        final = done == self.total or self.out_of_time
         self.avg = value if self.avg is None else 0.98 * self.avg + 0.02 * value
-        if done % self.every == 0 or final:
+        if done % self.cfg.log_every == 0 or final:
             rate = (done - self.start) / (time.perf_counter() - self.t0)
             self.log(f"{self.stage} step {done}/{self.total} loss {self.avg:.4f} {rate:.2f} it/s "
                      f"eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min")
             write_json_line(self.path, {"stage": self.stage, "step": done, "loss": self.avg})
             self.last.update(step=done, loss=round(self.avg, 5))
+        if done % self.cfg.checkpoint_every == 0 or final:
+            save_checkpoint(self.accelerator, self.run_dir, done)
+        return final
 
     def evaluated(self, done: int, result: dict, row: dict) -> None:
         """Record an evaluation (``row``: its ``log.jsonl`` fields)."""
         write_json_line(self.path, {"stage": "eval", "step": done, **row})
         self.last["eval"] = result
+
+    def stopping(self) -> bool:
+        """Whether the time cap ended the run at the last recorded step (said in the log)."""
+        if self.out_of_time:
+            self.log(f"run.max_minutes={self.cfg.max_minutes} reached at step {self.last['step']}; stopping there")
+        return self.out_of_time
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, extra: Callable[[Path], None] | None = None) -> Path:
