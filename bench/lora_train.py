@@ -45,7 +45,7 @@ def bench(comps, *, cached: bool, batch: int, size: int, steps: int, device, dty
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from danqing.training.finetune import tokenize
+    from danqing.training.conditioning import tokenize
 
     unet = comps.unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",

@@ -816,15 +816,17 @@ def train_base_cmd(
 @train_app.command("instruct")
 def train_instruct_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-instruct.toml."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
 ):
     """Train an instruct-pix2pix model from a text-to-image model on synthetic edit pairs
-    ("make the circle blue", "add a yellow star", "remove the square")."""
+    ("make the circle blue", "add a yellow star", "remove the square"); resumes from the newest
+    checkpoint of its output folder."""
     from danqing.training.config import InstructTrainConfig, load_config
     from danqing.training.instruct import train_instruct
 
     cfg = load_config(config, _parse_sets(set_), model=InstructTrainConfig)
-    summary = train_instruct(cfg, log=lambda line: typer.echo(line))
+    summary = train_instruct(cfg, resume=not fresh, log=lambda line: typer.echo(line))
     typer.echo(f"summary: {json.dumps(summary['eval'])}")
 
 
@@ -878,15 +880,17 @@ def train_ti_cmd(
 @train_app.command("controlnet")
 def train_controlnet_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
 ):
     """Train a ControlNet for a base model on (picture, condition map, caption) triples: the
-    synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop)."""
+    synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop);
+    resumes from the newest checkpoint of its output folder."""
     from danqing.training.config import ControlTrainConfig, load_config
     from danqing.training.controlnet import train_controlnet
 
     cfg = load_config(config, _parse_sets(set_), model=ControlTrainConfig)
-    summary = train_controlnet(cfg, log=lambda line: typer.echo(line))
+    summary = train_controlnet(cfg, resume=not fresh, log=lambda line: typer.echo(line))
     typer.echo(f"summary: {json.dumps(summary['eval_f1'])}")
 
 

@@ -465,3 +465,36 @@ def test_openpose_unit_detects_the_pose_of_a_picture(tmp_path, tiny_vitpose):
     ref = resize_image(run_preprocessor("openpose", Image.open(photo).convert("RGB"), resolution=128, a=0.0,
                                         models_dir=tmp_path), 96, 64, "crop and resize")
     assert got.size == (96, 64) and np.array_equal(np.asarray(got), np.asarray(ref)) and np.asarray(got).max() > 0
+
+
+def test_resumed_controlnet_training_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """The ControlNet trainer resumes like the base trainer: a run stopped at a checkpoint and
+    resumed ends with exactly the weights (trained and EMA) of a run that never stopped."""
+    from safetensors.torch import load_file
+
+    from danqing.training.config import ControlTrainConfig
+    from danqing.training.controlnet import train_controlnet
+
+    def cfg(out, steps):
+        return ControlTrainConfig.model_validate({
+            "data": {"n_images": 8, "captions_per_image": 1}, "controlnet": {"eval_maps": 0},
+            "unet": {"steps": steps, "batch_size": 2, "warmup_steps": 1, "lr": 1e-3},
+            "run": {"output_dir": str(out), "log_every": 1, "checkpoint_every": 2}})
+
+    def weights(run):
+        trained = load_file(run / "checkpoints" / "step-4" / "model.safetensors")
+        return trained, load_file(run / "controlnet" / "diffusion_pytorch_model.safetensors")  # EMA, fp16
+
+    train_controlnet(cfg(tmp_path / "straight", 4), log=lambda s: None)
+    train_controlnet(cfg(tmp_path / "part", 2), log=lambda s: None)
+    halfway = load_file(tmp_path / "part" / "checkpoints" / "step-2" / "model.safetensors")
+    lines: list[str] = []
+    summary = train_controlnet(cfg(tmp_path / "part", 4), resume=True, log=lines.append)
+    assert summary["steps"] == 4 and any("resumed from" in s and "at step 2" in s for s in lines)
+    for a, b in zip(weights(tmp_path / "straight"), weights(tmp_path / "part")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = weights(tmp_path / "part")[0]
+    assert not all(torch.equal(halfway[k], trained[k]) for k in trained)  # the resumed steps did train
+    ema = [torch.load(tmp_path / run / "checkpoints" / "step-4" / "custom_checkpoint_0.pkl", weights_only=False)
+           for run in ("straight", "part")]
+    assert all(torch.equal(x, y) for x, y in zip(ema[0]["shadow_params"], ema[1]["shadow_params"]))

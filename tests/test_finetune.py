@@ -7,6 +7,7 @@ already move the concept score, and the tiny random models check the mechanics.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_masked_loss_weights_the_masked_pixels(tmp_path):
     from diffusers import DDPMScheduler
 
     from danqing.training.data import concept_items
-    from danqing.training.finetune import diffusion_loss
+    from danqing.training.loop import diffusion_loss
 
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     rgba.paste((200, 0, 0, 255), (0, 0, 4, 8))
@@ -222,6 +223,87 @@ def test_pivotal_tuning_bundles_the_word_and_merges_like_the_tag(settings, tmp_p
     finally:
         for p in (*lora_dir.glob("piv*.safetensors"), merged):
             p.unlink(missing_ok=True)
+
+
+def _xl_pipeline(comps):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=copy.deepcopy(comps.text_encoder),
+                                     text_encoder_2=copy.deepcopy(comps.text_encoder_2), tokenizer=comps.tokenizer,
+                                     tokenizer_2=comps.tokenizer_2, unet=copy.deepcopy(comps.unet),
+                                     scheduler=DDIMScheduler.from_config(comps.scheduler_config))
+
+
+def _xl_forward(te1, te2, unet, seed=0):
+    """(context, UNet output) of tiny SDXL encoders and UNet on fixed random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x, ids = torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 1000, (1, 77), generator=g)
+    with torch.no_grad():
+        h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
+        o2 = te2(ids, output_hidden_states=True)
+        ctx = torch.cat([h1, o2.hidden_states[-2]], dim=-1)
+        added = {"text_embeds": o2.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        return ctx, unet(x, torch.tensor([300]), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+
+
+def test_trained_sdxl_lora_has_a1111_names_and_the_tag_draws_what_merge_lora_bakes(settings, tmp_path):
+    """A LoRA trained on tiny SDXL is written with the names kohya's sd-scripts and A1111 use for
+    SDXL (the UNet's original LDM module names, ``lora_te1_`` / ``lora_te2_``); ``<lora:name:1>``
+    at generation and the same file baked in by merge-lora give the same image, and diffusers'
+    kohya loader reads the file to the same weights as ours."""
+    from safetensors.torch import load_file
+
+    from danqing import GenerationRequest, Studio
+    from danqing.customise.lora import Activation, patched, read_network, resolve
+    from danqing.customise.merge import merge_loras
+    from danqing.decode import decode_latents
+    from danqing.models.loader import load_components
+    from danqing.training.finetune import train_lora
+
+    cfg = _lora_cfg("tiny-sdxl", tmp_path / "run", output={"formats": ["kohya"]})
+    (path,) = map(Path, train_lora(cfg, resume=False, log=lambda s: None, settings=settings)["files"])
+    keys = set(load_file(path))
+    # tiny SDXL: input_blocks.3 is down_blocks.1's first layer, output_blocks.0/1 are up_blocks.0's
+    for key in ("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_up.weight",
+                "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.alpha",
+                "lora_unet_output_blocks_1_1_transformer_blocks_1_attn1_to_out_0.lora_down.weight",
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight"):
+        assert key in keys, (key, sorted(keys)[:8])
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")) for k in keys)
+
+    lora_dir, merged = settings.models_dir / "lora", settings.models_dir / "checkpoints" / "tiny-sdxl-xl.safetensors"
+    (lora_dir / "xl-trained.safetensors").write_bytes(path.read_bytes())
+    try:
+        merge_loras(Studio(settings).registry, "tiny-sdxl", [("xl-trained", 1.0)], merged)
+
+        def draw(prompt: str, model: str):
+            req = GenerationRequest.create(prompt=prompt, model=model, width=64, height=64, steps=4, seed=5)
+            return Studio(settings).generate(req)
+
+        plain, tag = draw("a red heart", "tiny-sdxl"), draw("a red heart <lora:xl-trained:1>", "tiny-sdxl")
+        baked = draw("a red heart", "tiny-sdxl-xl")
+    finally:
+        for p in (*lora_dir.glob("xl-trained.safetensors"), merged):
+            p.unlink(missing_ok=True)
+    comps = load_components(Studio_registry(settings).find("checkpoint", "tiny-sdxl"))
+    # the images in [0, 1] before 8-bit rounding: one VAE decodes the three runs' latents
+    px = {k: decode_latents(comps.vae, r.latents[0]) for k, r in (("plain", plain), ("tag", tag), ("baked", baked))}
+    assert (px["tag"] - px["plain"]).abs().max() > 1e-2  # the LoRA does something
+    assert (px["tag"] - px["baked"]).abs().max() < 1e-4
+    # the latents of this random tiny model reach |z| ~ 30: the same up to float rounding at that scale
+    scale = tag.latents[0].abs().max()
+    assert (tag.latents[0] - baked.latents[0]).abs().max() <= 1e-5 * scale < (tag.latents[0] - plain.latents[0]).abs().max()
+    modules, _ = read_network(path)
+    act = Activation(resolve("xl", "0" * 64, modules, comps, "tiny-sdxl"), 1.0, 1.0)
+    assert len(act.network.targets) == len(modules)
+    pipe = _xl_pipeline(comps)
+    pipe.load_lora_weights(str(path))
+    ref_ctx, ref = _xl_forward(pipe.text_encoder, pipe.text_encoder_2, pipe.unet)
+    with patched(comps, [act]):
+        ctx, out = _xl_forward(comps.text_encoder, comps.text_encoder_2, comps.unet)
+    assert (out - ref).abs().max() < 1e-4 and (ctx - ref_ctx).abs().max() < 1e-4
 
 
 def test_resumed_run_equals_uninterrupted_run(settings, tmp_path):
@@ -446,10 +528,10 @@ def test_a_short_textual_inversion_run_teaches_danqing_tiny_magenta(tmp_path):
 
 def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, monkeypatch):
     from danqing.errors import OutOfMemory
-    from danqing.training import finetune
+    from danqing.training import finetune, loop
 
     calls = {"n": 0}
-    real = finetune.diffusion_loss
+    real = loop.diffusion_loss
 
     def tight(*a, **kw):  # the third step does not fit
         calls["n"] += 1
@@ -457,7 +539,7 @@ def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **kw)
 
-    monkeypatch.setattr(finetune, "diffusion_loss", tight)
+    monkeypatch.setattr(loop, "diffusion_loss", tight)
     cfg = _lora_cfg("tiny-sd1", tmp_path / "oom", train={"steps": 4}, output={"checkpoint_every": 2})
     with pytest.raises(OutOfMemory, match=r"out of memory at step 3 \(train.batch_size = 2\); lower train.batch_size.*"
                                           r"step-2\) is kept"):

@@ -24,28 +24,21 @@ bit-identical to the model before it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from danqing.errors import CorruptModel, IncompatibleModel
+from danqing.conditioning.prompt_parser import strip_extra_networks
+from danqing.customise.embeddings import Embedding, check_fits, encoder_keys, name_ids
+from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, name_table, parse_bundled
+from danqing.errors import CorruptModel, IncompatibleModel, InvalidRequest, ModelNotFound
 
-# suffixes of one kohya/LyCORIS module, longest first so that "lora_down.weight" wins over "weight"
-_KOHYA_SUFFIXES = (
-    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "on_input", "w_norm", "b_norm",
-)
 _PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_A|lora\.down|lora_down)\.weight$|"
                    r"^(?P<mod2>.+?)\.(?:lora_B|lora\.up|lora_up)\.weight$|^(?P<mod3>.+?)\.alpha$")
-# kohya prefixes -> component
-_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-             ("lora_te_", "text_encoder"))
-_DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2"),
-                       ("base_model.model.", "unet"))
 ALGOS = ("lora", "locon", "loha", "lokr", "full")
 
 
@@ -176,8 +169,6 @@ def _peft_alpha(meta: dict[str, str], key: str, rank: int | None) -> float | Non
     """The alpha of a diffusers/peft module from the file's ``lora_adapter_metadata`` header
     (diffusers >= 0.34 writes each component's ``LoraConfig`` there as ``"unet.lora_alpha"``,
     ``"unet.alpha_pattern"``, ...); None when the header has none (scale 1)."""
-    import json
-
     raw = meta.get("lora_adapter_metadata")
     if not raw:
         return None
@@ -219,7 +210,7 @@ def parse_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = 
             for old, new in ((".to_q_lora", ".to_q"), (".to_k_lora", ".to_k"), (".to_v_lora", ".to_v"),
                              (".to_out_lora", ".to_out.0")):
                 mod = mod.replace(old, new)
-        if suffix not in _KOHYA_SUFFIXES:
+        if suffix not in SUFFIXES:
             continue
         groups.setdefault(mod, {})[suffix] = value
     modules = {}
@@ -237,24 +228,6 @@ def parse_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = 
     return modules
 
 
-def parse_bundled(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Textual-inversion vectors bundled in a LoRA file (A1111's ``bundle_emb.<name>.<key>``,
-    from pivotal-tuning trainers) -> {name: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}.
-    ``string_to_param.*`` and ``emb_params`` are the one-encoder vectors."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if not key.startswith("bundle_emb."):
-            continue
-        name, _, rest = key[len("bundle_emb."):].partition(".")
-        kind = "emb_params" if rest.startswith(("string_to_param", "emb_params")) else rest
-        if not name or kind not in ("emb_params", "clip_l", "clip_g"):
-            raise CorruptModel(f"bundled embedding key {key!r}: expected bundle_emb.<name>.string_to_param.*, "
-                               ".emb_params, .clip_l or .clip_g")
-        v = value.float()
-        out.setdefault(name, {})[kind] = v[None] if v.ndim == 1 else v
-    return out
-
-
 def read_bundled(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The bundled embeddings of a LoRA file (``parse_bundled``); ``{}`` when it has none."""
     path = Path(path)
@@ -264,7 +237,7 @@ def read_bundled(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return parse_bundled({k: f.get_tensor(k) for k in f.keys() if k.startswith("bundle_emb.")})
+        return parse_bundled({k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE_PREFIX)})
 
 
 def read_network(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str]]:
@@ -298,57 +271,8 @@ def read_network(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Names: the file's module keys -> (component, module) of the loaded model
+# Matching: the file's module keys -> (component, module) of the loaded model (kohya.name_table)
 # ---------------------------------------------------------------------------------------------
-def _patchable(module) -> bool:
-    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))
-
-
-def name_table(comps) -> dict[str, tuple[str, str]]:
-    """Every name a file may use for a patchable module -> (component, diffusers module name).
-
-    UNet modules are reachable by kohya diffusers-style names, kohya LDM-style names
-    (``input_blocks_4_1_...``) and peft/diffusers dotted names; text-encoder modules by
-    ``lora_te_``/``lora_te1_``/``lora_te2_`` names and dotted names.
-    """
-    from danqing.models.single_file import map_key, unet_prefix_map
-
-    table: dict[str, tuple[str, str]] = {}
-    pairs = unet_prefix_map(dict(comps.unet.config))
-    for name, mod in comps.unet.named_modules():
-        if not _patchable(mod):
-            continue
-        target = ("unet", name)
-        table["lora_unet_" + name.replace(".", "_")] = target
-        table["unet." + name] = target
-        table["base_model.model." + name] = target
-        table[name] = target  # old diffusers attn-processor files name UNet modules bare
-        try:
-            ldm = map_key(name + ".weight", pairs)[: -len(".weight")]
-            table["lora_unet_" + ldm.replace(".", "_")] = target
-        except KeyError:
-            pass
-    two = comps.text_encoder_2 is not None
-    for comp, prefixes in (("text_encoder", ("lora_te1_",) if two else ("lora_te_", "lora_te1_")),
-                           ("text_encoder_2", ("lora_te2_",))):
-        model = getattr(comps, comp)
-        if model is None:
-            continue
-        for name, mod in model.named_modules():
-            if not _patchable(mod):
-                continue
-            for p in prefixes:
-                table[p + name.replace(".", "_")] = (comp, name)
-                if not name.startswith("text_model."):
-                    # kohya names CLIP modules from CLIPTextModel's text_model level
-                    # (lora_te_text_model_encoder_layers_0_...); transformers 5 flattened it away
-                    table[p + "text_model_" + name.replace(".", "_")] = (comp, name)
-            table[f"{comp}.{name}"] = (comp, name)
-            if not name.startswith("text_model."):  # files written before transformers 5
-                table[f"{comp}.text_model.{name}"] = (comp, name)
-    return table
-
-
 def context_width(modules: dict[str, NetworkModule]) -> int | None:
     """The cross-attention input width a LoRA was made for (768 SD1, 1024 SD2, 2048 SDXL),
     read from an ``attn2.to_k`` module's factors; None when the file has none."""
@@ -547,8 +471,6 @@ def parse_lora_args(args: list[str]) -> LoraTag:
 
 def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     """(the prompt without its ``<lora:...>`` tags, the tags); other extra-network kinds are refused."""
-    from danqing.conditioning.prompt_parser import strip_extra_networks
-
     text, found = strip_extra_networks(prompt)
     tags = []
     for kind, args in found:
@@ -562,8 +484,6 @@ def request_tags(request) -> list[LoraTag]:
     """The ``<lora:...>`` tags of a request, from its prompt (A1111 reads extra networks from the
     positive prompt). Tags in the negative prompt are refused; a hires prompt, when it has tags,
     must name the same networks as the prompt (one set of weights per request)."""
-    from danqing.errors import InvalidRequest
-
     try:
         _, tags = lora_tags(request.prompt)
         for name in ("negative_prompt", "hr_negative_prompt"):
@@ -590,8 +510,6 @@ class NetworkCache:
     """Parsed network files by (path, sha256), a few at a time (read-only data; no request state)."""
 
     def __init__(self, capacity: int = 8):
-        import threading
-
         self.capacity = capacity
         self._items: dict[tuple[str, str], tuple[dict[str, NetworkModule], dict]] = {}
         self._lock = threading.Lock()
@@ -619,8 +537,6 @@ class NetworkCache:
 
 def activate(tags: list[LoraTag], comps, *, registry, model_name: str, cache: NetworkCache) -> list[Activation]:
     """Find, read and match every tagged network (errors name the LoRA and what is installed)."""
-    from danqing.errors import InvalidRequest, ModelNotFound
-
     acts = []
     for tag in tags:
         try:
@@ -640,8 +556,6 @@ def bake_embeddings(comps, embeddings) -> None:
     """Write bundled embeddings into the text encoders' token tables for good (merge-lora): the
     rows of the name's tokens become its vectors -- what using it by name does at generation.
     A name whose token count differs from its vector count cannot be baked (a clear error)."""
-    from danqing.customise.embeddings import encoder_keys, name_ids
-
     for emb in embeddings:
         for key, tok, te in zip(encoder_keys(comps.family), (comps.tokenizer, comps.tokenizer_2),
                                 (comps.text_encoder, comps.text_encoder_2)):
@@ -661,8 +575,6 @@ def bundled_embeddings(bundled: dict[str, dict[str, torch.Tensor]], lora_name: s
     """A LoRA's bundled vectors as ``Embedding``s, checked against ``comps``. As in A1111 they
     are used by name while the LoRA is active; unlike a standalone embedding, the name may be
     a vocabulary word (pivotal tuning re-learns a word the base model barely knew)."""
-    from danqing.customise.embeddings import Embedding, check_fits
-
     out = []
     for name, vectors in bundled.items():
         emb = Embedding(name, vectors, hash=sha256, meta={"bundled_in": lora_name})

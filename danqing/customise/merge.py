@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from danqing.errors import IncompatibleModel, InvalidRequest
+from safetensors import safe_open
+
+from danqing.customise import kohya
+from danqing.customise.lora import Activation, NetworkCache, bake_embeddings, bundled_embeddings, merge_into, resolve
+from danqing.errors import IncompatibleModel, InvalidRequest, ModelNotFound
+from danqing.models.loader import describe_checkpoint, load_components
+from danqing.models.single_file import _publish, save_single_file
+from danqing.outputs.metadata import VERSION
 
 METHODS = ("weighted-sum", "add-difference")
 RECIPE_KEY = "danqing.merge_recipe"
@@ -95,7 +102,7 @@ def lora_factors(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# kohya names
+# The layers a kohya LoRA patches (their names: danqing.customise.kohya)
 # ---------------------------------------------------------------------------------------------
 def lora_layers(module: torch.nn.Module, targets: tuple[str, ...], conv_targets: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
     """{dotted path: layer} of the Linear / Conv2d layers kohya's LoRANetwork patches: children
@@ -119,25 +126,6 @@ def lora_layers(module: torch.nn.Module, targets: tuple[str, ...], conv_targets:
     return found
 
 
-def kohya_unet_name(path: str, family: str, unet_config: dict) -> str:
-    """``lora_unet_<module path with _>``: diffusers module names for SD1/SD2 (sd-scripts'
-    ``original_unet`` keeps them), the Stability (LDM) names for SDXL (``sdxl_original_unet``:
-    ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``)."""
-    if family == "sdxl":
-        from danqing.models.single_file import map_key, unet_prefix_map
-
-        path = map_key(path + ".weight", unet_prefix_map(unet_config)).removesuffix(".weight")
-    return "lora_unet_" + path.replace(".", "_")
-
-
-def kohya_text_name(path: str, prefix: str) -> str:
-    """``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (``lora_te1_``/``lora_te2_`` for
-    SDXL); transformers 5's CLIPTextModel has no ``text_model.`` level, kohya's names do."""
-    if not path.startswith("text_model."):
-        path = "text_model." + path
-    return f"{prefix}_" + path.replace(".", "_")
-
-
 def kohya_lora_layers(comps) -> dict[str, tuple[str, str, torch.nn.Module]]:
     """{kohya LoRA name: (component, module path, layer)} of every layer of ``comps`` a kohya
     LoRA (with ``conv_dim``) patches: UNet transformer blocks and ResNet/sampling convolutions,
@@ -145,13 +133,12 @@ def kohya_lora_layers(comps) -> dict[str, tuple[str, str, torch.nn.Module]]:
     out = {}
     unet_cfg = dict(comps.unet.config)
     for path, layer in lora_layers(comps.unet, UNET_TARGETS, UNET_CONV_TARGETS).items():
-        out[kohya_unet_name(path, comps.family, unet_cfg)] = ("unet", path, layer)
-    sdxl = comps.family in ("sdxl", "sdxl-refiner")
-    for part, prefix in (("text_encoder", "lora_te1" if sdxl else "lora_te"), ("text_encoder_2", "lora_te2")):
+        out[kohya.module_key("unet", path, comps.family, unet_cfg)] = ("unet", path, layer)
+    for part in ("text_encoder", "text_encoder_2"):
         module = getattr(comps, part)
         if module is not None:
             for path, layer in lora_layers(module, TEXT_TARGETS).items():
-                out[kohya_text_name(path, prefix)] = (part, path, layer)
+                out[kohya.module_key(part, path, comps.family)] = (part, path, layer)
     return out
 
 
@@ -161,8 +148,6 @@ def kohya_lora_layers(comps) -> dict[str, tuple[str, str, torch.nn.Module]]:
 def load_inputs(registry, models: list[str]) -> list[Input]:
     """Find and load the checkpoints (A, B[, C]); refuse mixed families or architectures,
     naming both models."""
-    from danqing.models.loader import describe_checkpoint, load_components
-
     entries = [registry.find("checkpoint", m) for m in models]
     roles = "ABC"
     families = [describe_checkpoint(e).split(" ")[0] for e in entries]
@@ -222,8 +207,6 @@ def merge_checkpoints(registry, models: list[str], out: Path, *, method: str = "
         ``out``. Its header holds the recipe: ``danqing.merge_recipe`` (method, alpha, every input
         with its sha256) and A1111's ``sd_merge_recipe`` / ``sd_merge_models``.
     """
-    from danqing.models.single_file import save_single_file
-
     if method not in METHODS:
         raise InvalidRequest("method", f"unknown merge method {method!r}; use one of {', '.join(METHODS)} (or extract-lora, merge-lora)")
     want = 2 if method == "weighted-sum" else 3
@@ -247,8 +230,6 @@ def merge_checkpoints(registry, models: list[str], out: Path, *, method: str = "
 def merge_metadata(inputs: list[Input], method: str, alpha: float, half: bool, out: Path) -> dict[str, str]:
     """The recipe, as danqing's ``danqing.merge_recipe`` and A1111's ``sd_merge_recipe`` /
     ``sd_merge_models`` header entries (A1111 ``extras.run_modelmerger``)."""
-    from danqing.outputs.metadata import VERSION
-
     recipe = {"method": method, "alpha": alpha, "save_as_half": half, "version": VERSION,
               "inputs": [{"role": i.role, "name": i.name, "sha256": i.sha256} for i in inputs]}
     a1111 = {"type": "webui", "primary_model_hash": inputs[0].sha256, "secondary_model_hash": inputs[1].sha256,
@@ -269,10 +250,6 @@ def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path,
         ``out`` (one ``.safetensors``; recipe: method "merge-lora", the model and every LoRA with
         its sha256 and weight).
     """
-    from danqing.customise.lora import Activation, NetworkCache, bake_embeddings, bundled_embeddings, merge_into, resolve
-    from danqing.errors import ModelNotFound
-    from danqing.models.single_file import save_single_file
-
     if not loras:
         raise InvalidRequest("lora", "merge-lora needs at least one --lora NAME:WEIGHT")
     out = _check_out(out, overwrite)
@@ -296,8 +273,6 @@ def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path,
     if half:
         for module in comps.modules().values():
             module.to(torch.float16)
-    from danqing.outputs.metadata import VERSION
-
     recipe = {"method": "merge-lora", "save_as_half": half, "version": VERSION,
               "inputs": [{"role": "A", "name": base.name, "sha256": base.sha256}, *used]}
     return save_single_file(comps, out, metadata={RECIPE_KEY: json.dumps(recipe)}, overwrite=overwrite)
@@ -305,8 +280,6 @@ def merge_loras(registry, model: str, loras: list[tuple[str, float]], out: Path,
 
 def read_recipe(path: Path) -> dict:
     """The ``danqing.merge_recipe`` of a merged or extracted file (``{}`` when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta[RECIPE_KEY]) if RECIPE_KEY in meta else {}
@@ -332,9 +305,7 @@ def extract_lora(registry, base: str, tuned: str, out: Path, *, rank: int = 32, 
         (``out``, notes): notes name what a LoRA cannot carry (norms, biases, embeddings that
         differ), one line each.
     """
-    from safetensors.torch import save_file
-
-    from danqing.models.single_file import _publish
+    from safetensors.torch import save_file  # looked up at call time: tests replace it to simulate a full disk
 
     if rank < 1:
         raise InvalidRequest("rank", f"must be at least 1, got {rank}")

@@ -29,18 +29,26 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from danqing.decode import decode_latents, to_pil
+from danqing.models.families import build_components
+from danqing.models.loader import load_components, save_diffusers_folder
+from danqing.models.registry import Registry
+from danqing.models.single_file import save_single_file
+from danqing.request import GenerationRequest
+from danqing.settings import Settings
+from danqing.studio import run_sampling
+from danqing.synthetic.captions import caption
+from danqing.synthetic.evaluate import score, summarise
+from danqing.synthetic.scenes import eval_scenes
 from danqing.training.config import BaseTrainConfig
+from danqing.training.data import folder_dataset, render_batch, synthetic_dataset, tokenize_captions
+from danqing.training.runs import latest_checkpoint, optimiser_step, resume_step, save_checkpoint, write_json_line
 
 Log = Callable[[str], None]
 
 
 def _gen(seed: int, step: int, stage: str, device: str | torch.device = "cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 7_919 + (1 if stage == "unet" else 0)) % (2**63))
-
-
-def _write_json_line(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _atomic_dir(tmp: Path, final: Path) -> None:
@@ -117,7 +125,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir
             rate = (step + 1) / (time.perf_counter() - t0)
             losses.append(float(loss.detach()))
             log(f"vae ({phase}) step {step + 1}/{steps} loss {losses[-1]:.4f} {rate:.2f} it/s")
-            _write_json_line(run_dir / "log.jsonl", {"stage": f"vae-{phase}", "step": step + 1, "loss": losses[-1]})
+            write_json_line(run_dir / "log.jsonl", {"stage": f"vae-{phase}", "step": step + 1, "loss": losses[-1]})
     vae = accelerator.unwrap_model(vae)
     vae.eval()
     return losses
@@ -148,11 +156,6 @@ def encode_all(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[tor
 def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
     """The evaluator's score of VAE round trips of ``n`` held-out scenes (a VAE that loses shapes
     or colours caps every model trained on it)."""
-    from danqing.decode import to_pil
-    from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.scenes import eval_scenes
-    from danqing.training.data import render_batch
-
     scs = eval_scenes(n)
     x = render_batch(scs, size).float() / 127.5 - 1                          # (n, 3, H, W) in [-1, 1]
     rec = vae.decode(vae.encode(x.to(next(vae.parameters()).device)).latent_dist.mean).sample
@@ -166,10 +169,6 @@ def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
 def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_scale: float, size: int,
                     sampler: str = "DPM++ 2M", device="cpu") -> list:
     """One image per prompt (seed + i) with our own loop, on Components as they are."""
-    from danqing.decode import decode_latents, to_pil
-    from danqing.request import GenerationRequest
-    from danqing.studio import run_sampling
-
     out = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
@@ -183,10 +182,6 @@ def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_sca
 def evaluate_comps(comps, n: int, *, lang: str = "en", steps: int = 20, cfg_scale: float = 7.0, size: int = 64,
                    seed: int = 1000, device="cpu") -> dict:
     """Evaluator summary over the first ``n`` held-out evaluation scenes."""
-    from danqing.synthetic.captions import caption
-    from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.scenes import eval_scenes
-
     scs = eval_scenes(max(n, 1))[:n]
     imgs = generate_images(comps, [caption(s, lang) for s in scs], seed=seed, steps=steps, cfg_scale=cfg_scale,
                            size=size, device=device)
@@ -214,12 +209,6 @@ SAMPLE_PROMPTS = [
 # ---------------------------------------------------------------------------------------------
 # Stage 2: text encoder + UNet
 # ---------------------------------------------------------------------------------------------
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [p for p in ckpts if (p / "step.json").is_file()]
-    return ckpts[-1] if ckpts else None
-
-
 def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, empty_ids: torch.Tensor,
                cfg: BaseTrainConfig, log: Log, run_dir: Path, *, resume: bool, evaluate: bool) -> dict:
     """Train text encoder + UNet of ``comps`` in place; at the end their weights are the EMA ones.
@@ -249,11 +238,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     scaling = comps.vae.config.scaling_factor
     mean, std = latents
     n, k = ids.shape[:2]
-    start = 0
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        accelerator.load_state(str(ckpt))
-        start = json.loads((ckpt / "step.json").read_text())["step"]
-        log(f"resumed from {ckpt} at step {start}")
+    start = resume_step(accelerator, run_dir, log) if resume else 0
     dev = accelerator.device
     # On a GPU the cached latents and token ids live there and each step's batch is drawn there
     # (a CUDA generator per step): drawing it on the CPU was the bottleneck of a small model.
@@ -277,12 +262,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
             cond = te(tok.to(dev))[0]                                           # (B, 77, d)
             pred = unet(x_t.to(dev), t.to(dev), cond).sample
             loss = F.mse_loss(pred.float(), noise.to(dev))
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, c.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(params)
+        optimiser_step(accelerator, loss, params, opt, sched, c.max_grad_norm, ema)
         value = loss.detach().float()          # stays on the device: no sync with the GPU per step
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
@@ -292,18 +272,16 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
             eta = (c.steps - done) / max(rate, 1e-9)
             log(f"unet step {done}/{c.steps} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
                 f"{rate:.2f} it/s eta {eta / 60:.1f} min")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
             last.update(step=done, loss=loss_avg)
         out_of_time = deadline is not None and time.perf_counter() > deadline
         if out_of_time:
             loss_avg = float(loss_avg)
             log(f"unet: run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
             last.update(step=done, loss=loss_avg)
         if done % r.checkpoint_every == 0 or done == c.steps or out_of_time:
-            ckpt = run_dir / "checkpoints" / f"step-{done}"
-            accelerator.save_state(str(ckpt))
-            (ckpt / "step.json").write_text(json.dumps({"step": done}))
+            save_checkpoint(accelerator, run_dir, done)
         final = done == c.steps or out_of_time
         want_sample = done % r.sample_every == 0 or final
         want_eval = evaluate and r.eval_prompts and (done % r.eval_every == 0 or final)
@@ -321,7 +299,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
             if want_eval:
                 res = evaluate_comps(comps, r.eval_prompts, steps=r.eval_steps, size=cfg.data.size, device=dev)
                 log(f"eval step {done}: {res}")
-                _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
+                write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
                 last["eval"] = res
             if want_export:
                 _export_latest(comps, run_dir, done)
@@ -357,9 +335,6 @@ def export_model(comps, out: Path, *, dtype: torch.dtype = torch.float32, name: 
     layout with our configs in the header), in ``dtype``. Replaces an earlier export of the run."""
     import copy
 
-    from danqing.models.loader import save_diffusers_folder
-    from danqing.models.single_file import save_single_file
-
     c = copy.copy(comps)
     for part in ("unet", "vae", "text_encoder"):
         setattr(c, part, copy.deepcopy(getattr(comps, part)).to(dtype))
@@ -379,9 +354,6 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     ``vae/`` (stage 1), ``checkpoints/step-N/`` (stage 2, resumable), ``samples/``, ``log.jsonl``,
     ``model/`` + ``model.safetensors`` (the final EMA model, fp32)."""
     from diffusers import AutoencoderKL
-
-    from danqing.models.families import build_components
-    from danqing.training.data import folder_dataset, synthetic_dataset, tokenize_captions
 
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -406,10 +378,6 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     if data is not None:
         log(f"data: {len(data)} images at {cfg.data.size}px ({time.perf_counter() - t:.1f} s)")
     if cfg.model.init_from:
-        from danqing.models.loader import load_components
-        from danqing.models.registry import Registry
-        from danqing.settings import Settings
-
         comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.model.init_from))
         for m in comps.modules().values():
             m.float().requires_grad_(True)

@@ -15,15 +15,31 @@ embeddings are computed once. accelerate places the model and optimiser (and mix
 from __future__ import annotations
 
 import json
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from danqing.conditioning.control import ControlDenoise, PreparedControl, image_tensor
+from danqing.decode import decode_latents, to_pil
+from danqing.preprocess import run_preprocessor
+from danqing.preprocess.metrics import edge_f1
+from danqing.request import GenerationRequest
+from danqing.studio import run_sampling
+from danqing.synthetic.captions import caption
+from danqing.synthetic.render import degrade, render
+from danqing.synthetic.scenes import eval_scenes
+from danqing.training.base import _gen, encode_all, new_accelerator
+from danqing.training.conditioning import encode_texts
 from danqing.training.config import ControlTrainConfig
+from danqing.training.data import synthetic_dataset
+from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 
@@ -37,8 +53,6 @@ def hint_channels(vae) -> tuple[int, ...]:
 
 def make_condition(kind: str, image):
     """The control map of a rendered picture: "canny" (OpenCV 100/200) or "lineart" (XDoG), RGB."""
-    from danqing.preprocess import run_preprocessor
-
     return run_preprocessor(kind, image, resolution=min(image.size))
 
 
@@ -46,15 +60,6 @@ def structure_map(kind: str, image) -> np.ndarray:
     """The (H, W) uint8 structure a condition of ``kind`` asks for, read off any picture: its
     Canny edges, or its thresholded line art."""
     return np.asarray(make_condition(kind, image))[..., 0]
-
-
-@torch.no_grad()
-def encode_texts(comps, texts: list[str]) -> torch.Tensor:
-    """(N, 77, D) hidden states of each text's first 77-token chunk (frozen text encoder)."""
-    from danqing.conditioning.text import TextEncoder
-
-    enc = TextEncoder(comps)
-    return torch.cat([enc.encode(t).hidden[:, :77].float().cpu() for t in texts])
 
 
 def new_controlnet(unet, vae):
@@ -69,11 +74,6 @@ def generate_controlled(comps, controlnet, prompts: list[str], maps: list, weigh
                         cfg_scale: float = 7.0, seed: int = 0, size: int = 64, sampler: str = "DPM++ 2M",
                         mode: str = "Balanced", device="cpu"):
     """One picture per (prompt, map) through our loop with one ControlNet unit at ``weight``."""
-    from danqing.conditioning.control import ControlDenoise, PreparedControl, image_tensor
-    from danqing.decode import decode_latents, to_pil
-    from danqing.request import GenerationRequest
-    from danqing.studio import run_sampling
-
     images = []
     for i, (prompt, cmap) in enumerate(zip(prompts, maps)):
         req = GenerationRequest(prompt=prompt, steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
@@ -90,10 +90,6 @@ def control_scores(comps, controlnet, scenes, *, kind: str, weights=(0.0, 1.0), 
     """Mean edge F1 (``preprocess.metrics.edge_f1``, 1-pixel tolerance) between each held-out
     scene's control map and the same structure read off the picture generated from it, per
     ControlNet weight. Weight 0 is the base model alone (same seeds and prompts)."""
-    from danqing.preprocess.metrics import edge_f1
-    from danqing.synthetic.captions import caption
-    from danqing.synthetic.render import render
-
     pictures = [render(s, size) for s in scenes]
     maps = [make_condition(kind, p) for p in pictures]
     targets = [np.asarray(m)[..., 0] for m in maps]
@@ -118,45 +114,23 @@ def export_controlnet(controlnet, out: Path, *, dtype=torch.float16) -> Path:
     return out
 
 
-def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
-    """Train and export ``run.output_dir/controlnet`` (diffusers folder, fp16) and ``summary.json``."""
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
+@dataclass
+class ControlData:
+    """The training triples, encoded once: latents (posterior mean, std), condition maps and
+    caption hidden states (the last row is the empty prompt)."""
 
-    from danqing.conditioning.control import image_tensor
-    from danqing.models.loader import load_components
-    from danqing.models.registry import Registry
-    from danqing.settings import Settings
-    from danqing.synthetic.render import degrade
-    from danqing.synthetic.scenes import eval_scenes
-    from danqing.training.base import _gen, _write_json_line, encode_all, new_accelerator
-    from danqing.training.data import synthetic_dataset
+    mean: torch.Tensor  # (N, 4, h, w)
+    std: torch.Tensor  # (N, 4, h, w)
+    maps: torch.Tensor  # (N, 3, H, W) in [0, 1], fp16
+    hidden: torch.Tensor  # (T + 1, 77, D)
+    cap_idx: list[list[int]]  # each picture's captions as rows of ``hidden``
 
-    c, r, d = cfg.unet, cfg.run, cfg.data
-    if r.num_threads:
-        torch.set_num_threads(r.num_threads)
-    run_dir = Path(r.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
 
-    # 1. the frozen base model, float32
-    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.controlnet.init_from))
-    for m in comps.modules().values():
-        m.float().eval().requires_grad_(False)
-    torch.manual_seed(r.seed)
-    if cfg.controlnet.init_controlnet:
-        from diffusers import ControlNetModel
-
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet.init_controlnet, local_files_only=True).float()
-    else:
-        controlnet = new_controlnet(comps.unet, comps.vae)
-
-    # 2. data: pictures -> latents, maps, caption embeddings (each distinct caption once)
+def control_data(comps, d, log: Log) -> ControlData:
+    """Render ``d.n_images`` synthetic scenes, make their ``d.condition`` maps (half of them from
+    a slightly degraded copy when ``d.degrade``) and encode pictures and captions."""
     t = time.perf_counter()
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
-    from PIL import Image
-    import random
-
     rng = random.Random(f"controlnet:{d.seed}")
     maps = []
     for i in range(len(data)):
@@ -164,88 +138,99 @@ def train_controlnet(cfg: ControlTrainConfig, *, log: Log = print) -> dict:
         if d.degrade and i % 2:  # half the maps from a slightly blurred/noisy copy: generated pictures are not crisp
             pic = degrade(pic, rng)
         maps.append(image_tensor(make_condition(d.condition, pic))[0].to(torch.float16))
-    maps = torch.stack(maps)
     mean, std = encode_all(comps.vae, data.images, "cpu")
     texts = sorted({t for caps in data.captions for t in caps})
     index = {text: i for i, text in enumerate(texts)}
     hidden = encode_texts(comps, texts + [""])  # (N, 77, D): the first 77-token chunk
-    empty = hidden[-1]
-    cap_idx = [[index[t] for t in caps] for caps in data.captions]
     log(f"data: {len(data)} pictures with {d.condition} maps, {len(texts)} distinct captions "
         f"({time.perf_counter() - t:.0f} s)")
+    return ControlData(mean, std, torch.stack(maps), hidden, [[index[t] for t in caps] for caps in data.captions])
+
+
+def control_loss(controlnet, unet, data: ControlData, g: torch.Generator, batch_size: int, captions_per_image: int,
+                 drop_prompt: float, noise_sched, scaling: float, acc) -> torch.Tensor:
+    """The denoising loss of one batch through the ControlNet and the frozen UNet (a share
+    ``drop_prompt`` of the captions replaced by the empty prompt); all draws from ``g``."""
+    idx = torch.randint(len(data.cap_idx), (batch_size,), generator=g)
+    z = (data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=g)) * scaling
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+    x_t = noise_sched.add_noise(z, noise, t)
+    pick = torch.randint(captions_per_image, (batch_size,), generator=g)
+    drop = torch.rand(batch_size, generator=g) < drop_prompt
+    empty = data.hidden[-1]
+    ctx = torch.stack([empty if drop[k] else data.hidden[data.cap_idx[int(i)][int(pick[k])]] for k, i in enumerate(idx)])
+    hint = data.maps[idx].float()
+    x_t, t, ctx, hint, noise = (v.to(acc.device) for v in (x_t, t, ctx, hint, noise))
+    with acc.autocast():
+        down, mid = controlnet(x_t, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+        pred = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+        return F.mse_loss(pred.float(), noise)
+
+
+def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
+    """Train and export ``run.output_dir/controlnet`` (diffusers folder, fp16) and ``summary.json``.
+
+    ``resume``: continue from the newest checkpoint under ``run.output_dir/checkpoints``
+    (written every ``run.checkpoint_every`` steps and at the end); the result is bit-identical
+    to an uninterrupted run. Without it, earlier checkpoints of the folder are removed.
+    """
+    from diffusers import ControlNetModel, DDPMScheduler  # diffusers' training parts load only when a run starts
+    from diffusers.training_utils import EMAModel
+
+    c, r, d = cfg.unet, cfg.run, cfg.data
+    run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
+    t_start = time.perf_counter()
+
+    # 1. the frozen base model, float32
+    comps, _, _ = load_float32(cfg.controlnet.init_from)
+    torch.manual_seed(r.seed)
+    if cfg.controlnet.init_controlnet:
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet.init_controlnet, local_files_only=True).float()
+    else:
+        controlnet = new_controlnet(comps.unet, comps.vae)
+
+    # 2. data: pictures -> latents, maps, caption embeddings (each distinct caption once)
+    data = control_data(comps, d, log)
 
     # 3. train the ControlNet through the frozen UNet
     acc = new_accelerator(r.mixed_precision)
     controlnet.train()
     params = [p for p in controlnet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    controlnet, opt = acc.prepare(controlnet, opt)
-    unet = comps.unet.to(acc.device)
-    ema = EMAModel(acc.unwrap_model(controlnet).parameters(), decay=c.ema_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    controlnet, opt, sched = acc.prepare(controlnet, opt, sched)
+    unet = comps.unet.to(acc.device)
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)  # every ControlNet parameter trains
+    acc.register_for_checkpointing(ema)
+    start = resume_step(acc, run_dir, log) if resume else 0
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
     heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps else []
-    n = len(data)
-    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    t0, loss_avg, last = time.perf_counter(), None, {"step": 0, "loss": None, "eval": None}
-    for step in range(c.steps):
+    steps = StepLog("controlnet", c.steps, start, log, run_dir, r, acc)
+    model = acc.unwrap_model(controlnet)
+    for step in range(start, c.steps):
         g = _gen(r.seed, step, "controlnet")
-        idx = torch.randint(n, (c.batch_size,), generator=g)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
-        x_t = noise_sched.add_noise(z, noise, t)
-        pick = torch.randint(d.captions_per_image, (c.batch_size,), generator=g)
-        drop = torch.rand(c.batch_size, generator=g) < cfg.controlnet.drop_prompt
-        ctx = torch.stack([empty if drop[k] else hidden[cap_idx[int(i)][int(pick[k])]] for k, i in enumerate(idx)])
-        hint = maps[idx].float()
-        x_t, t, ctx, hint, noise = (v.to(acc.device) for v in (x_t, t, ctx, hint, noise))
-        with acc.autocast():
-            down, mid = controlnet(x_t, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
-            pred = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample
-            loss = F.mse_loss(pred.float(), noise)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, c.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(acc.unwrap_model(controlnet).parameters())
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
-        done = step + 1
-        out_of_time = deadline is not None and time.perf_counter() > deadline
-        final = done == c.steps or out_of_time
-        if done % r.log_every == 0 or final:
-            rate = done / (time.perf_counter() - t0)
-            log(f"controlnet step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
-                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "controlnet", "step": done, "loss": loss_avg})
-            last.update(step=done, loss=round(loss_avg, 5))
-        if heldout and (done % r.eval_every == 0 or final):
-            model = acc.unwrap_model(controlnet)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
-            log(f"eval step {done}: edge F1 by weight {res}")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, "f1": res})
-            last["eval"] = res
-            ema.restore(model.parameters())
-            model.train()
-        if out_of_time:
-            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+        loss = control_loss(controlnet, unet, data, g, c.batch_size, d.captions_per_image, cfg.controlnet.drop_prompt,
+                            noise_sched, scaling, acc)
+        optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
+        final = steps.done(step + 1, float(loss.detach()))
+        if heldout and ((step + 1) % r.eval_every == 0 or final):
+            with ema_weights(ema, params, model):
+                res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
+            log(f"eval step {step + 1}: edge F1 by weight {res}")
+            steps.evaluated(step + 1, res, {"f1": res})
+        if steps.stopping():
             break
 
     # 4. export the EMA weights
-    model = acc.unwrap_model(controlnet)
-    ema.copy_to(model.parameters())
+    ema.copy_to(params)
     model.eval()
     export_controlnet(model, run_dir / "controlnet")
     summary = {"kind": "controlnet", "condition": d.condition, "init_from": cfg.controlnet.init_from,
-               "images": n, "steps": last["step"], "batch_size": c.batch_size, "loss": last["loss"],
-               "eval_f1": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
-               "config": json.loads(cfg.model_dump_json())}
+               "images": len(data.cap_idx), "steps": steps.last["step"], "batch_size": c.batch_size,
+               "loss": steps.last["loss"], "eval_f1": steps.last["eval"],
+               "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

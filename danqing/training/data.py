@@ -17,6 +17,10 @@ import torch
 from PIL import Image
 
 from danqing.errors import InvalidRequest
+from danqing.synthetic.captions import caption
+from danqing.synthetic.concepts import concept_scenes
+from danqing.synthetic.render import render, render_mask
+from danqing.synthetic.scenes import scenes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -32,8 +36,6 @@ class CaptionedImages:
 
 
 def _render_chunk(args) -> np.ndarray:
-    from danqing.synthetic.render import render
-
     scenes, size = args
     return np.stack([np.asarray(render(s, size)) for s in scenes])
 
@@ -62,9 +64,6 @@ def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
 def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6) -> CaptionedImages:
     """``n`` training-split scenes rendered at ``size``, each with ``captions_per_image`` captions
     (alternating English and Chinese phrasings). Deterministic from ``seed``."""
-    from danqing.synthetic.captions import caption
-    from danqing.synthetic.scenes import scenes
-
     sc = scenes(seed, n, "train")
     rng = random.Random(f"captions:{seed}")
     caps = [[caption(s, ("en", "zh")[k % 2], rng) for k in range(captions_per_image)] for s in sc]
@@ -179,10 +178,6 @@ def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: in
 
 def concept_items(concept: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
     """Rendered training scenes of a novel synthetic shape or colour, each with English phrasings."""
-    from danqing.synthetic.captions import caption
-    from danqing.synthetic.concepts import concept_scenes
-    from danqing.synthetic.render import render, render_mask
-
     rng = random.Random(f"concept-captions:{seed}")
     out = []
     for i, s in enumerate(concept_scenes(n, concept=concept, seed=seed)):

@@ -19,561 +19,38 @@ cached once; epsilon or v-prediction targets; noise offset; min-SNR-gamma weight
 ``accelerate launch``); sample images every N steps with fixed seeds; checkpoints that resume.
 Every random draw of step ``s`` comes from a generator seeded with (seed, s), so a resumed run
 continues as the uninterrupted one would have.
+
+The parts: ``latents`` (images -> buckets -> cached posteriors), ``conditioning`` (text with
+gradients), ``loop`` (the objective and the optimiser loop), ``networks`` (LoRA adapters,
+pivotal-tuning words, the kohya and diffusers files); this module runs the three methods.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
-import random
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from danqing.customise.embeddings import save_embedding_a1111
 from danqing.errors import InvalidRequest
-from danqing.training.base import _write_json_line, latest_checkpoint, new_accelerator  # same log, checkpoints/step-N
+from danqing.synthetic.captions import caption
+from danqing.synthetic.concepts import class_scenes, concept_scenes
+from danqing.synthetic.scenes import scenes
+from danqing.training.base import export_model, generate_images, image_grid
+from danqing.training.data import caption_folder
+from danqing.training.latents import TrainData, cache_latents, load_items
+from danqing.training.loop import Trainable, run_loop
+from danqing.training.networks import add_lora, add_word_embeddings, check_rank, row_restorer, save_lora
+from danqing.training.runs import load_float32, start_run
 
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: images -> buckets -> cached latents
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class LatentBucket:
-    """Cached VAE posteriors of the images of one (width, height) bucket.
-
-    Attributes:
-        mean, std: (N, 4, h, w) each, unscaled; flipped copies follow their originals when
-            ``flip`` is on (index 2i / 2i+1).
-        captions: N caption lists; repeats: N weights (kohya repeats).
-    """
-
-    size: tuple[int, int]
-    mean: torch.Tensor
-    std: torch.Tensor
-    captions: list[list[str]]
-    repeats: list[int]
-    flipped: bool = False
-    masks: torch.Tensor | None = None  # (N, 1, h, w) in [0, 1] at latent size: the masked loss's objects
-
-
-@dataclass
-class TrainData:
-    buckets: list[LatentBucket]
-    n_images: int
-
-    def draw(self, rng: random.Random, batch: int) -> tuple[LatentBucket, list[int]]:
-        """A bucket (by its share of repeated images) and ``batch`` indices in it (by repeats)."""
-        weights = [sum(b.repeats) for b in self.buckets]
-        b = rng.choices(self.buckets, weights=weights)[0]
-        idx = rng.choices(range(len(b.captions)), weights=b.repeats, k=batch)
-        return b, idx
-
-
-def bucket_step(comps) -> int:
-    """Pixel multiple every bucket side must be: the VAE factor times the UNet's downsamplings."""
-    from danqing.decode import vae_scale_factor
-
-    return vae_scale_factor(comps.vae) * 2 ** (len(comps.unet.config.block_out_channels) - 1)
-
-
-def load_items(data_cfg, *, size: int):
-    """The configured images with captions (a folder or ``concept:<shape or colour>``)."""
-    from danqing.training.data import caption_folder, concept_items
-
-    if data_cfg.source.startswith("concept:"):
-        from danqing.synthetic.scenes import concepts
-
-        concept = data_cfg.source.split(":", 1)[1]
-        if concept not in concepts():
-            raise InvalidRequest("data.source", f"unknown concept {concept!r}; concepts: "
-                                 f"{', '.join('concept:' + s for s in concepts())}, or a folder")
-        return concept_items(concept, data_cfg.n_images, size=size, captions_per_image=data_cfg.captions_per_image,
-                             seed=data_cfg.seed)
-    return caption_folder(data_cfg.source, caption_ext=data_cfg.caption_ext, repeats=data_cfg.repeats)
-
-
-@torch.no_grad()
-def cache_latents(items, comps, *, resolution: int, buckets: bool, flip: bool, device) -> TrainData:
-    """Encode every image once (and its mirror image when ``flip``), grouped by bucket."""
-    import numpy as np
-    from PIL import Image
-
-    from danqing.training.data import bucket_sizes, fit_bucket
-
-    sizes = bucket_sizes(resolution, bucket_step(comps)) if buckets else None
-    groups: dict[tuple[int, int], list] = {}
-    for it in items:
-        im = fit_bucket(it.image, sizes, resolution)
-        mask = fit_bucket(it.mask, None, resolution, size=im.size) if it.mask is not None else Image.new("L", im.size, 0)
-        groups.setdefault(im.size, []).append((im, mask, it))
-    vae = comps.vae
-    out = []
-    for size, members in sorted(groups.items()):
-        pics, masks = [], []
-        for im, mask, _ in members:
-            pics.append(im)
-            masks.append(mask)
-            if flip:
-                pics.append(im.transpose(Image.FLIP_LEFT_RIGHT))
-                masks.append(mask.transpose(Image.FLIP_LEFT_RIGHT))
-        x = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in pics])).permute(0, 3, 1, 2) / 127.5 - 1
-        means, stds = [], []
-        for i in range(0, len(x), 32):
-            dist = vae.encode(x[i:i + 32].to(device=device, dtype=vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-        caps = [it.captions for _, _, it in members for _ in range(2 if flip else 1)]
-        reps = [it.repeats for _, _, it in members for _ in range(2 if flip else 1)]
-        m = torch.from_numpy(np.stack([np.asarray(k, np.float32) / 255 for k in masks]))[:, None]  # (N, 1, H, W)
-        m = F.adaptive_avg_pool2d(m, means[0].shape[-2:])  # the share of each latent pixel inside the mask
-        out.append(LatentBucket(size, torch.cat(means), torch.cat(stds), caps, reps, flip, m))
-    return TrainData(out, len(items))
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditioning with gradients (the training-side twin of danqing.conditioning.text)
-# ---------------------------------------------------------------------------------------------
-def tokenize(tokenizer, texts: list[str], device) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-
-
-def text_conditioning(comps, texts: list[str], size: tuple[int, int], device) -> tuple[torch.Tensor, dict | None]:
-    """(context (B, 77, D), SDXL added_cond_kwargs or None) as our sampler conditions the UNet
-    at clip skip 1: SD1/SD2 the last hidden state, SDXL the penultimate layers of both
-    encoders, the pooled OpenCLIP embedding and size/crop time ids."""
-    if comps.family in ("sd1", "sd2"):
-        return comps.text_encoder(tokenize(comps.tokenizer, texts, device))[0], None
-    if comps.family != "sdxl":
-        raise InvalidRequest("model.base", f"fine-tuning a {comps.family} model is not supported; sd1, sd2 and sdxl are")
-    h1 = comps.text_encoder(tokenize(comps.tokenizer, texts, device), output_hidden_states=True).hidden_states[-2]
-    o2 = comps.text_encoder_2(tokenize(comps.tokenizer_2, texts, device), output_hidden_states=True)
-    ctx = torch.cat([h1, o2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
-    w, h = size
-    ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ctx.dtype, device=device).expand(len(texts), -1)
-    return ctx, {"text_embeds": o2.text_embeds, "time_ids": ids}
-
-
-# ---------------------------------------------------------------------------------------------
-# The objective
-# ---------------------------------------------------------------------------------------------
-def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon
-    targets, min(SNR, gamma) / (SNR + 1) for v targets; SNR = a / (1 - a)."""
-    a = alphas_cumprod.to(t.device)[t].float()
-    snr = a / (1 - a)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if v_prediction else clipped / snr
-
-
-def diffusion_loss(unet, noise_sched, z: torch.Tensor, ctx, added, g: torch.Generator, *, v_prediction: bool,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   weight_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample denoising loss (B,) of scaled latents ``z`` (DDPM, Ho et al. 2020);
-    ``weight_map`` (B, 1, h, w) makes it a weighted mean over latent pixels (masked loss)."""
-    dev = z.device
-    noise = torch.randn(z.shape, generator=g).to(dev)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g).to(dev)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=g).to(dev)
-    x_t = noise_sched.add_noise(z, noise, t)  # sqrt(a) z + sqrt(1 - a) eps
-    target = noise_sched.get_velocity(z, noise, t) if v_prediction else noise
-    pred = unet(x_t, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-    err = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
-    if weight_map is not None:
-        w = weight_map.to(err)
-        loss = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
-    else:
-        loss = err.mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        loss = loss * snr_weights(noise_sched.alphas_cumprod, t, min_snr_gamma, v_prediction)
-    return loss
-
-
-# ---------------------------------------------------------------------------------------------
-# What trains
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Trainable:
-    """The parameter groups of one method and the modules in train mode."""
-
-    groups: list[dict]
-    modules: list[torch.nn.Module] = field(default_factory=list)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.groups for p in g["params"]]
-
-
-def add_lora(comps, net_cfg, lr: float) -> Trainable:
-    """peft LoRA adapters (Hu et al. 2021) on the UNet (and text encoder(s)); only they train."""
-    from peft import LoraConfig
-
-    for m in comps.modules().values():
-        m.requires_grad_(False)
-    comps.unet.add_adapter(LoraConfig(r=net_cfg.rank, lora_alpha=net_cfg.alpha, init_lora_weights="gaussian",
-                                      target_modules=list(net_cfg.unet_targets)))
-    groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": lr}]
-    mods = [comps.unet]
-    if net_cfg.train_text_encoder:
-        for te in (comps.text_encoder, comps.text_encoder_2):
-            if te is None:
-                continue
-            te.add_adapter(LoraConfig(r=net_cfg.rank, lora_alpha=net_cfg.alpha, init_lora_weights="gaussian",
-                                      target_modules=list(net_cfg.text_encoder_targets)))
-            groups.append({"params": [p for p in te.parameters() if p.requires_grad],
-                           "lr": net_cfg.text_encoder_lr or lr})
-            mods.append(te)
-    for g in groups:
-        if not g["params"]:
-            raise InvalidRequest("network.unet_targets", "no module of the model matches the targets "
-                                 f"{list(net_cfg.unet_targets)}")
-    return Trainable(groups, mods)
-
-
-def _row_restorer(tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
-    """For (embedding table, its original copy, row ids that train): a function that puts back
-    every other row after an optimiser step (AdamW's decay and momentum touch the whole table)."""
-    def restore() -> None:
-        with torch.no_grad():
-            for emb, orig, keep in tables:
-                mask = torch.ones(emb.shape[0], dtype=torch.bool)
-                mask[keep] = False
-                emb[mask] = orig[mask].to(emb.dtype)
-
-    return restore
-
-
-def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
-    """Pivotal tuning: the input-embedding rows of ``words`` in every text encoder train (the
-    rest of each table is put back after every step, as textual inversion does).
-
-    Returns (parameter groups, a restore-the-other-rows function, a function that returns the
-    words' current vectors ``{word: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}``).
-    """
-    from danqing.customise.embeddings import encoder_keys
-
-    keys = encoder_keys(comps.family)
-    tables = []
-    for key, tok, te in zip(keys, (comps.tokenizer, comps.tokenizer_2), (comps.text_encoder, comps.text_encoder_2)):
-        if key is None or tok is None or te is None:
-            continue
-        ids = {}
-        for word in words:
-            ids[word] = tok(word, add_special_tokens=False).input_ids
-            if not ids[word]:
-                raise InvalidRequest("network.train_words", f"{word!r} has no tokens")
-        emb = te.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        keep = torch.tensor(sorted({i for v in ids.values() for i in v}))
-        tables.append((key, emb, emb.detach().clone(), keep, ids))
-    if not tables:
-        raise InvalidRequest("network.train_words", "the model has no text encoder to train words in")
-    groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
-    restore = _row_restorer([(emb, orig, keep) for _, emb, orig, keep, _ in tables])
-
-    def vectors() -> dict[str, dict[str, torch.Tensor]]:
-        return {w: {key: emb.detach()[ids[w]].float().cpu().clone() for key, emb, _, _, ids in tables} for w in words}
-
-    return groups, restore, vectors
-
-
-def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
-    """A LoRA rank larger than the smallest targeted layer is refused (it adds nothing)."""
-    smallest = None
-    for name, m in comps.unet.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name.endswith(t) for t in targets):
-            w = m.weight
-            dim = min(w.shape[0], w[0].numel())
-            smallest = dim if smallest is None else min(smallest, dim)
-    if smallest is not None and rank > smallest:
-        raise InvalidRequest("network.rank", f"rank {rank} is larger than the smallest targeted layer ({smallest}); "
-                             f"use a rank of at most {smallest}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving LoRA files
-# ---------------------------------------------------------------------------------------------
-def _atomic_file(write: Callable[[Path], None], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def lora_state_dicts(comps) -> dict[str, dict[str, torch.Tensor]]:
-    """{component: peft LoRA state dict} of the adapters ``add_lora`` put on ``comps``."""
-    from peft.utils import get_peft_model_state_dict
-
-    out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
-        m = getattr(comps, comp, None)
-        if m is not None and getattr(m, "peft_config", None):
-            out[comp] = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(m).items()}
-    return out
-
-
-def kohya_state_dict(sds: dict[str, dict[str, torch.Tensor]], alpha: float, family: str) -> dict[str, torch.Tensor]:
-    """peft LoRA state dicts -> kohya keys: ``lora_unet_<module_path>`` / ``lora_te_`` (SDXL:
-    ``lora_te1_``, ``lora_te2_``) + ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B)
-    and ``.alpha``."""
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if family == "sdxl" else "lora_te_",
-                "text_encoder_2": "lora_te2_"}
-    out: dict[str, torch.Tensor] = {}
-    for comp, sd in sds.items():
-        for key, value in sd.items():
-            mod, _, part = key.rpartition(".lora_")
-            if comp != "unet" and not mod.startswith("text_model."):
-                mod = "text_model." + mod  # kohya's CLIP names keep CLIPTextModel's text_model level
-            name = prefixes[comp] + mod.replace(".", "_")
-            suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
-            out[f"{name}.{suffix}"] = value
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-def save_lora(comps, net_cfg, out_dir: Path, name: str, formats, metadata: dict[str, str],
-              bundled: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Path]:
-    """Write the trained LoRA as ``<name>.safetensors`` (kohya) and/or ``<name>-diffusers/``
-    (``pytorch_lora_weights.safetensors`` with peft's config in its header), atomically.
-    ``bundled``: trained word embeddings, written into the kohya file as A1111's
-    ``bundle_emb.<word>.string_to_param.*`` (one text encoder) or ``bundle_emb.<word>.clip_l`` /
-    ``.clip_g`` (SDXL)."""
-    from safetensors.torch import save_file
-
-    sds = lora_state_dicts(comps)
-    paths = []
-    if "kohya" in formats:
-        sd = kohya_state_dict(sds, net_cfg.alpha, comps.family)
-        for word, vecs in (bundled or {}).items():
-            for key, v in vecs.items():
-                sd[f"bundle_emb.{word}.{'string_to_param.*' if key == 'emb_params' else key}"] = v.contiguous()
-        paths.append(_atomic_file(lambda p: save_file(sd, str(p), metadata=metadata), out_dir / f"{name}.safetensors"))
-    if "diffusers" in formats:
-        flat = {f"{comp}.{k}": v for comp, sd in sds.items() for k, v in sd.items()}
-        header = {comp + "." + k: v for comp in sds
-                  for k, v in getattr(comps, comp).peft_config["default"].to_dict().items()}
-        meta = dict(metadata, lora_adapter_metadata=json.dumps(header, default=list, sort_keys=True), format="pt")
-        folder = out_dir / f"{name}-diffusers"
-        paths.append(_atomic_file(lambda p: save_file(flat, str(p), metadata=meta),
-                                  folder / "pytorch_lora_weights.safetensors"))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-def _gen(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63))
-
-
-def _scheduler(opt, cfg):
-    warm = max(1, cfg.warmup_steps)
-
-    def factor(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return (s + 1) / warm
-        frac = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * frac))
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1 - frac)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's."""
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def out_of_memory(step: int, cfg, run_dir: Path):
-    """The one-line error for a step that did not fit (the run's files stay as they were: outputs
-    are written only at the end, a checkpoint only once complete)."""
-    from danqing.errors import OutOfMemory
-
-    ckpt = latest_checkpoint(run_dir)
-    where = f"the newest checkpoint ({ckpt.name}) is kept and the same command resumes from it" if ckpt else \
-        "no checkpoint was written yet"
-    return OutOfMemory(f"out of memory at step {step} (train.batch_size = {cfg.batch_size}); lower train.batch_size "
-                       "(raise train.grad_accum to keep the effective batch), set train.gradient_checkpointing = true "
-                       f"or train.mixed_precision = \"bf16\" / \"fp16\" on a GPU; nothing was written half, {where}")
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    loss: float | None = None
-    seconds: float = 0.0
-    steps_per_s: float = 0.0
-
-
-def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir: Path, *, v_prediction: bool,
-             log: Log, resume: bool, prior: TrainData | None = None, prior_weight: float = 1.0,
-             caption_cfg=None, after_step: Callable[[], None] | None = None,
-             on_sample: Callable[[int], None] | None = None) -> RunState:
-    """Optimise ``trainable`` on ``data`` (and the prior-preservation ``prior``) for ``cfg.steps``.
-
-    Args:
-        cfg: an ``OptimConfig``; out_cfg: an ``OutputConfig``; caption_cfg: the data config
-            (caption dropout, tag shuffling).
-        after_step: called after each optimiser step (textual inversion restores frozen rows).
-        on_sample: called with the step number every ``out_cfg.sample_every`` steps and at the end.
-    """
-    from diffusers import DDPMScheduler
-
-    from danqing.training.data import process_caption
-
-    accelerator = new_accelerator(cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
-    dev = accelerator.device
-    for m in comps.modules().values():
-        m.to(dev)
-    if cfg.gradient_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(trainable.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = _scheduler(opt, cfg)
-    # the modules that train go through accelerate (DDP under `accelerate launch`); the loss
-    # runs on a shallow copy of comps that holds the prepared ones
-    import copy
-
-    prepared = accelerator.prepare(*trainable.modules, opt, sched)
-    if not isinstance(prepared, (list, tuple)):
-        prepared = [prepared]
-    *wrapped, opt, sched = prepared
-    train_comps = copy.copy(comps)
-    for name, m in comps.modules().items():
-        for orig, w in zip(trainable.modules, wrapped):
-            if m is orig:
-                setattr(train_comps, name, w)
-    noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
-    scaling = comps.vae.config.scaling_factor
-    state = RunState()
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for p, v in zip(trainable.params, saved):
-                p.copy_(v)
-        accelerator.load_state(str(ckpt))
-        state.step = json.loads((ckpt / "step.json").read_text())["step"]
-        log(f"resumed from {ckpt} at step {state.step}")
-    for m in trainable.modules:
-        m.train()
-    progress = _Progress(cfg.steps, state.step, log, out_cfg.log_every)
-    t0, avg = time.perf_counter(), None
-    for step in range(state.step, cfg.steps):
-        rng = random.Random(f"{cfg.seed}:{step}")
-        g = _gen(cfg.seed, step)
-        try:
-            with accelerator.accumulate(*wrapped):
-                loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                                   process_caption)
-                if prior is not None:
-                    loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched,
-                                                             scaling, v_prediction, dev, process_caption)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            progress.close()
-            raise out_of_memory(step + 1, cfg, run_dir) from None
-        if after_step is not None:
-            after_step()
-        value = float(loss.detach())
-        avg = value if avg is None else 0.95 * avg + 0.05 * value
-        done = step + 1
-        state.step, state.loss = done, avg
-        progress.update(done, avg)
-        if done % out_cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt = run_dir / "checkpoints" / f"step-{done}"
-            accelerator.save_state(str(ckpt))
-            torch.save([p.detach().cpu() for p in trainable.params], ckpt / "trainable.pt")
-            (ckpt / "step.json").write_text(json.dumps({"step": done}))
-            _write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
-        if on_sample is not None and (done % out_cfg.sample_every == 0 or done == cfg.steps):
-            for m in trainable.modules:
-                m.eval()
-            on_sample(done)
-            for m in trainable.modules:
-                m.train()
-    progress.close()
-    for m in trainable.modules:
-        m.eval()
-    if cfg.gradient_checkpointing:
-        comps.unet.disable_gradient_checkpointing()
-    state.seconds = time.perf_counter() - t0
-    ran = state.step - progress.start
-    state.steps_per_s = ran / state.seconds if state.seconds > 0 and ran else 0.0
-    return state
-
-
-def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                process_caption) -> torch.Tensor:
-    bucket, idx = data.draw(rng, cfg.batch_size)
-    mean, std = bucket.mean[idx], bucket.std[idx]
-    z = (mean + std * torch.randn(mean.shape, generator=g)).to(dev) * scaling  # a posterior sample, (B, 4, h, w)
-    texts = []
-    for i in idx:
-        text = rng.choice(bucket.captions[i])
-        if caption_cfg is not None:
-            text = process_caption(text, rng, dropout=caption_cfg.caption_dropout, shuffle=caption_cfg.shuffle_tags,
-                                   keep=caption_cfg.keep_tokens)
-        texts.append(text)
-    ctx, added = text_conditioning(comps, texts, bucket.size, dev)
-    weight_map = None
-    if caption_cfg is not None and caption_cfg.object_weight and bucket.masks is not None:
-        weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx]).to(dev)
-    return diffusion_loss(comps.unet, noise_sched, z, ctx, added, g, v_prediction=v_prediction,
-                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map).mean()
-
-
-class _Progress:
-    """A rich progress bar with loss and it/s on a terminal; a log line every N steps otherwise."""
-
-    def __init__(self, total: int, start: int, log: Log, every: int):
-        import sys
-
-        self.total, self.start, self.log, self.every = total, start, log, every
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
-                                TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", rate="-")
-            self.bar.start()
-
-    def update(self, done: int, loss: float) -> None:
-        rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
-        elif done % self.every == 0 or done == self.total:
-            self.log(f"step {done}/{self.total} loss {loss:.4f} {rate:.2f} it/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,30 +58,15 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 def load_base(model_cfg, settings=None):
     """(Components on the CPU in fp32, their registry entry, sha256) of the base model."""
-    from danqing.models.loader import load_components
-    from danqing.models.registry import Registry
-    from danqing.settings import Settings
-
-    settings = settings or Settings.from_env()
-    registry = Registry(settings.models_dir)
-    entry = registry.find("checkpoint", model_cfg.base)
-    comps = load_components(entry)
-    for m in comps.modules().values():
-        m.to(torch.float32)
-        m.requires_grad_(False)
-        m.eval()
+    comps, entry, registry = load_float32(model_cfg.base, settings)
     return comps, entry, registry.sha256(entry)
 
 
 def _begin(cfg, settings, resume: bool):
     """A run's start: CPU threads, the base model (comps, entry, sha256), its folder (checkpoints
     cleared unless resuming)."""
-    if cfg.output.num_threads:
-        torch.set_num_threads(cfg.output.num_threads)
+    run_dir = start_run(cfg.output.output_dir, resume=resume, num_threads=cfg.output.num_threads, create=False)
     comps, entry, sha = load_base(cfg.model, settings)
-    run_dir = Path(cfg.output.output_dir)
-    if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return comps, entry, sha, run_dir
 
 
@@ -616,17 +78,12 @@ def _sample_prompts(out_cfg, data_cfg) -> list[str]:
     if out_cfg.sample_prompts:
         return list(out_cfg.sample_prompts)
     if data_cfg.source.startswith("concept:"):
-        from danqing.synthetic.captions import caption
-        from danqing.synthetic.concepts import concept_scenes
-
         return [caption(s) for s in concept_scenes(8, concept=data_cfg.source.split(":", 1)[1], split="eval")]
     return []
 
 
 def _sampler(comps, prompts: list[str], out_cfg, size: int, run_dir: Path):
     """A ``on_sample`` callback: a grid of the sample prompts at fixed seeds under samples/."""
-    from danqing.training.base import generate_images, image_grid
-
     def sample(step: int) -> None:
         if not prompts:
             return
@@ -714,24 +171,15 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
     """Prior-preservation images: generated by the base model itself from the class prompts
     (kept under ``run_dir/class_images`` with their captions, so a resumed run reuses them), or
     read from a folder of captioned class images."""
-    from danqing.training.base import generate_images
-    from danqing.training.data import caption_folder
-
     p = cfg.prior
     if p.class_source not in ("concept-class", "synthetic"):
         return caption_folder(p.class_source)
-    from danqing.synthetic.captions import caption
-
     if p.class_source == "synthetic":
-        from danqing.synthetic.scenes import scenes
-
         prompts = [caption(s) for s in scenes(cfg.data.seed + 1, p.n_class_images, "train")]
     else:
         if not cfg.data.source.startswith("concept:"):
             raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape or colour>; use "
                                  "'synthetic' or a folder of class images for your own data")
-        from danqing.synthetic.concepts import class_scenes, concept_scenes
-
         concept = cfg.data.source.split(":", 1)[1]
         prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, concept=concept,
                                                                    seed=cfg.data.seed + 1), seed=cfg.data.seed)]
@@ -755,8 +203,6 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
 def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
     """``danqing train dreambooth``: the whole UNet (and optionally the text encoder) fine-tuned,
     with prior preservation; writes ``<output_dir>/<name>/`` (diffusers) and ``<name>.safetensors``."""
-    from danqing.training.base import export_model
-
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     res = cfg.data.resolution
     data = cache_latents(load_items(cfg.data, size=res), comps, resolution=res, buckets=cfg.data.buckets,
@@ -802,8 +248,6 @@ def _placeholder(name: str, i: int) -> str:
 
 def check_embedding_name(tokenizer, name: str) -> None:
     """An embedding name must not be a word the tokenizer already has (A1111 would shadow it)."""
-    import re
-
     if not re.fullmatch(r"[\w\-]+", name):
         raise InvalidRequest("embedding.name", f"{name!r}: use letters, digits, '-' and '_' only")
     vocab = tokenizer.get_vocab()
@@ -826,8 +270,6 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
         init = tok(emb_cfg.init_word, add_special_tokens=False).input_ids
         if not init:
             raise InvalidRequest("embedding.init_word", f"{emb_cfg.init_word!r} has no tokens")
-        import copy
-
         tok = copy.deepcopy(tok)
         added = [_placeholder(emb_cfg.name, i) for i in range(emb_cfg.n_vectors)]
         tok.add_tokens(added)
@@ -845,7 +287,7 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
         mods.append(te)
         ids_by[te_name] = new_ids
 
-    return Trainable(groups, mods), _row_restorer(frozen), ids_by
+    return Trainable(groups, mods), row_restorer(frozen), ids_by
 
 
 def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
@@ -877,8 +319,6 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
                      on_sample=_sampler(comps, prompts, cfg.output, cfg.data.resolution, run_dir))
     vectors = {te_name: getattr(comps, te_name).get_input_embeddings().weight[ids].detach().float().cpu().contiguous()
                for te_name, ids in ids_by.items()}
-    from danqing.customise.embeddings import save_embedding_a1111
-
     if comps.family == "sdxl":
         sd = {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}
     else:

@@ -12,15 +12,24 @@ branches that three-branch guidance needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from danqing.editing.img2img import run_img2img
+from danqing.request import GenerationRequest
+from danqing.synthetic.edits import edit_pairs, heldout_edits, judge_edit
+from danqing.synthetic.render import render
+from danqing.training.base import _gen, encode_all, export_model, new_accelerator
+from danqing.training.conditioning import encode_texts
 from danqing.training.config import InstructTrainConfig
+from danqing.training.data import render_batch
+from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 
@@ -38,23 +47,9 @@ def widen_conv_in(unet, channels: int = 8):
     return wide.to(dtype=unet.dtype)
 
 
-@torch.no_grad()
-def encode_texts(comps, texts: list[str]) -> torch.Tensor:
-    """(N, 77, D) hidden states of short texts (one chunk each) with the frozen text encoder."""
-    from danqing.conditioning.text import TextEncoder
-
-    enc = TextEncoder(comps)
-    return torch.cat([enc.encode(t).hidden.float().cpu() for t in texts])
-
-
 def judge_model(comps, pairs, *, steps: int = 20, cfg_scale: float = 7.0, image_cfg_scale: float = 1.5,
                 seed: int = 0, device="cpu") -> dict:
     """Run each held-out edit on its rendered ``before`` picture and judge it."""
-    from danqing.editing.img2img import run_img2img
-    from danqing.request import GenerationRequest
-    from danqing.synthetic.edits import judge_edit
-    from danqing.synthetic.render import render
-
     results = []
     for i, pair in enumerate(pairs):
         before = render(pair.before)
@@ -72,115 +67,115 @@ def judge_model(comps, pairs, *, steps: int = 20, cfg_scale: float = 7.0, image_
     return summary
 
 
-def train_instruct(cfg: InstructTrainConfig, *, log: Log = print) -> dict:
-    """Train and export ``run.output_dir/model`` (diffusers folder) and ``summary.json``."""
-    import dataclasses
+@dataclass
+class EditData:
+    """The edit pairs, encoded once: ``before`` as its VAE mode (unscaled, as diffusers and A1111
+    feed the picture being edited), ``after`` as posterior mean and std, instructions as hidden
+    states (the last row is the empty instruction)."""
 
-    from diffusers import DDPMScheduler
+    before_mode: torch.Tensor  # (N, 4, h, w)
+    after_mean: torch.Tensor  # (N, 4, h, w)
+    after_std: torch.Tensor  # (N, 4, h, w)
+    hidden: torch.Tensor  # (T + 1, 77, D)
+    text_idx: torch.Tensor  # (N,) row of each pair's instruction in ``hidden``
+
+
+def edit_data(comps, data_cfg, log: Log) -> EditData:
+    """Render and encode ``data_cfg.n_pairs`` synthetic edit pairs and their instructions."""
+    t = time.perf_counter()
+    pairs = edit_pairs(data_cfg.seed, data_cfg.n_pairs, tuple(data_cfg.langs))
+    before_px = render_batch([p.before for p in pairs], data_cfg.size)
+    after_px = render_batch([p.after for p in pairs], data_cfg.size)
+    before_mode, _ = encode_all(comps.vae, before_px, "cpu")
+    after_mean, after_std = encode_all(comps.vae, after_px, "cpu")
+    texts = sorted({p.instruction for p in pairs})
+    index = {text: i for i, text in enumerate(texts)}
+    hidden = encode_texts(comps, texts + [""])
+    text_idx = torch.tensor([index[p.instruction] for p in pairs])
+    log(f"data: {len(pairs)} edit pairs rendered and encoded, {len(texts)} distinct instructions "
+        f"({time.perf_counter() - t:.0f} s)")
+    return EditData(before_mode, after_mean, after_std, hidden, text_idx)
+
+
+def edit_loss(unet, data: EditData, g: torch.Generator, batch_size: int, noise_sched, scaling: float, drops,
+              device) -> torch.Tensor:
+    """The denoising loss of one batch of edits, with conditioning dropout: ``drops`` =
+    (no instruction, no picture, neither) probabilities; all draws from ``g``."""
+    p_text, p_image, p_both = drops
+    idx = torch.randint(len(data.text_idx), (batch_size,), generator=g)
+    z = (data.after_mean[idx] + data.after_std[idx] * torch.randn(data.after_mean[idx].shape, generator=g)) * scaling
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+    x_t = noise_sched.add_noise(z, noise, t)
+    u = torch.rand(batch_size, generator=g)
+    no_text = (u < p_text) | ((u >= p_text + p_image) & (u < p_text + p_image + p_both))
+    no_image = (u >= p_text) & (u < p_text + p_image + p_both)
+    context = torch.where(no_text[:, None, None], data.hidden[-1][None], data.hidden[data.text_idx[idx]])
+    picture = data.before_mode[idx] * (~no_image).float()[:, None, None, None]
+    x_in, t, context, noise = (v.to(device) for v in (torch.cat([x_t, picture], dim=1), t, context, noise))
+    pred = unet(x_in, t, context).sample
+    return F.mse_loss(pred.float(), noise)
+
+
+def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
+    """Train and export ``run.output_dir/model`` (diffusers folder) and ``summary.json``.
+
+    ``resume``: continue from the newest checkpoint under ``run.output_dir/checkpoints``
+    (written every ``run.checkpoint_every`` steps and at the end); the result is bit-identical
+    to an uninterrupted run. Without it, earlier checkpoints of the folder are removed.
+    """
+    from diffusers import DDPMScheduler  # diffusers' training parts load only when a run starts
     from diffusers.training_utils import EMAModel
 
-    from danqing.models.loader import load_components
-    from danqing.models.registry import Registry
-    from danqing.settings import Settings
-    from danqing.synthetic.edits import edit_pairs, heldout_edits
-    from danqing.training.base import _gen, _write_json_line, encode_all, export_model
-    from danqing.training.data import render_batch
-
-    c, r, d = cfg.unet, cfg.run, cfg.data
-    if r.num_threads:
-        torch.set_num_threads(r.num_threads)
-    run_dir = Path(r.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    c, r = cfg.unet, cfg.run
+    run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
     t_start = time.perf_counter()
 
     # 1. the model to start from, in float32
-    comps = load_components(Registry(Settings.from_env().models_dir).find("checkpoint", cfg.instruct.init_from))
-    for m in comps.modules().values():
-        m.float().eval()
+    comps, _, _ = load_float32(cfg.instruct.init_from, frozen=False)
     # an instruct model already (a run continued from an earlier one's export) is trained as it is
     unet = comps.unet if comps.unet.config.in_channels == 8 else widen_conv_in(comps.unet)
 
     # 2. data: render, encode, and encode every distinct instruction once
-    pairs = edit_pairs(d.seed, d.n_pairs, tuple(d.langs))
-    t = time.perf_counter()
-    before_px = render_batch([p.before for p in pairs], d.size)
-    after_px = render_batch([p.after for p in pairs], d.size)
-    before_mode, _ = encode_all(comps.vae, before_px, "cpu")
-    after_mean, after_std = encode_all(comps.vae, after_px, "cpu")
-    del before_px, after_px
-    texts = sorted({p.instruction for p in pairs})
-    index = {text: i for i, text in enumerate(texts)}
-    hidden = encode_texts(comps, texts + [""])
-    empty = hidden[-1]
-    text_idx = torch.tensor([index[p.instruction] for p in pairs])
-    log(f"data: {len(pairs)} edit pairs rendered and encoded, {len(texts)} distinct instructions "
-        f"({time.perf_counter() - t:.0f} s)")
+    data = edit_data(comps, cfg.data, log)
 
     # 3. train
+    acc = new_accelerator(r.mixed_precision)
     unet.train()
     params = list(unet.parameters())
-    ema = EMAModel(params, decay=c.ema_decay, foreach=True)
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    unet, opt, sched = acc.prepare(unet, opt, sched)
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)
+    acc.register_for_checkpointing(ema)
+    start = resume_step(acc, run_dir, log) if resume else 0
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
     heldout = heldout_edits(cfg.instruct.eval_pairs) if cfg.instruct.eval_pairs else []
-    n = len(pairs)
-    p_text, p_image, p_both = cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both
-    deadline = time.perf_counter() + r.max_minutes * 60 if r.max_minutes else None
-    t0, loss_avg, last = time.perf_counter(), None, {"step": 0, "loss": None, "eval": None}
-    for step in range(c.steps):
+    drops = (cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both)
+    steps = StepLog("instruct", c.steps, start, log, run_dir, r, acc)
+    for step in range(start, c.steps):
         g = _gen(r.seed, step, "instruct")
-        idx = torch.randint(n, (c.batch_size,), generator=g)
-        z = (after_mean[idx] + after_std[idx] * torch.randn(after_mean[idx].shape, generator=g)) * scaling
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
-        x_t = noise_sched.add_noise(z, noise, t)
-        u = torch.rand(c.batch_size, generator=g)
-        no_text = (u < p_text) | ((u >= p_text + p_image) & (u < p_text + p_image + p_both))
-        no_image = (u >= p_text) & (u < p_text + p_image + p_both)
-        context = torch.where(no_text[:, None, None], empty[None], hidden[text_idx[idx]])
-        picture = before_mode[idx] * (~no_image).float()[:, None, None, None]
-        pred = unet(torch.cat([x_t, picture], dim=1), t, context).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(params)
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
-        done = step + 1
-        out_of_time = deadline is not None and time.perf_counter() > deadline
-        final = done == c.steps or out_of_time
-        if done % r.log_every == 0 or final:
-            rate = done / (time.perf_counter() - t0)
-            log(f"instruct step {done}/{c.steps} loss {loss_avg:.4f} {rate:.2f} it/s "
-                f"eta {(c.steps - done) / max(rate, 1e-9) / 60:.1f} min")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "instruct", "step": done, "loss": loss_avg})
-            last.update(step=done, loss=round(loss_avg, 5))
-        if heldout and (done % r.eval_every == 0 or final):
-            ema.store(params)
-            ema.copy_to(params)
-            unet.eval()
-            res = judge_model(dataclasses.replace(comps, unet=unet), heldout, steps=r.eval_steps)
-            log(f"eval step {done}: {res}")
-            _write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
-            last["eval"] = res
-            ema.restore(params)
-            unet.train()
-        if out_of_time:
-            log(f"run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+        with acc.autocast():
+            loss = edit_loss(unet, data, g, c.batch_size, noise_sched, scaling, drops, acc.device)
+        optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
+        final = steps.done(step + 1, float(loss.detach()))
+        if heldout and ((step + 1) % r.eval_every == 0 or final):
+            with ema_weights(ema, params, unet):
+                res = judge_model(dataclasses.replace(comps, unet=acc.unwrap_model(unet)), heldout,
+                                  steps=r.eval_steps, device=acc.device)
+            log(f"eval step {step + 1}: {res}")
+            steps.evaluated(step + 1, res, res)
+        if steps.stopping():
             break
 
     # 4. export the EMA weights
     ema.copy_to(params)
-    comps = dataclasses.replace(comps, unet=unet.eval())
-    summary = {"kind": "instruct-pix2pix", "init_from": cfg.instruct.init_from, "pairs": n,
-               "instructions": len(texts), "steps": last["step"], "batch_size": c.batch_size, "loss": last["loss"],
-               "eval": last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
-               "config": json.loads(cfg.model_dump_json())}
+    comps = dataclasses.replace(comps, unet=acc.unwrap_model(unet).eval().to("cpu"))
+    summary = {"kind": "instruct-pix2pix", "init_from": cfg.instruct.init_from, "pairs": len(data.text_idx),
+               "instructions": data.hidden.shape[0] - 1, "steps": steps.last["step"], "batch_size": c.batch_size,
+               "loss": steps.last["loss"], "eval": steps.last["eval"],
+               "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     export_model(comps, run_dir, name="model")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

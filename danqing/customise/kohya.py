@@ -1,0 +1,150 @@
+"""kohya / A1111 LoRA key names: the one place where module paths become file keys and back.
+
+A kohya LoRA file names each patched layer ``<prefix><module path with . -> _>`` followed by
+``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (LyCORIS adds its own suffixes):
+
+* ``lora_unet_``: the UNet. sd-scripts trains SD1/SD2 on a UNet with diffusers' module names
+  (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``) and SDXL on the
+  original Stability (LDM) UNet (``sdxl_original_unet``:
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); A1111 and diffusers'
+  ``_convert_non_diffusers_lora_to_diffusers`` read both.
+* ``lora_te_`` (SD1/SD2) or ``lora_te1_`` / ``lora_te2_`` (SDXL's two encoders): CLIP modules
+  named from CLIPTextModel's ``text_model`` level (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``).
+* ``bundle_emb.<word>.string_to_param.*`` (one text encoder) or ``.clip_l`` / ``.clip_g``
+  (SDXL): textual-inversion vectors bundled in the file (A1111, pivotal tuning).
+
+Writers (``training`` for trained LoRAs, ``customise.merge`` for extracted ones) call
+``module_key``; the reader (``customise.lora``) matches files through ``name_table``, built from
+the same functions, so every name a writer makes is one the reader finds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from danqing.errors import CorruptModel
+from danqing.models.single_file import map_key, unet_prefix_map
+
+UNET_PREFIX = "lora_unet_"
+# suffixes of one kohya/LyCORIS module, longest first so that "lora_down.weight" wins over "weight"
+SUFFIXES = (
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "diff", "diff_b", "on_input", "w_norm", "b_norm",
+)
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def text_prefix(component: str, family: str) -> str:
+    """The prefix of a text encoder's modules: ``lora_te_`` (SD1/SD2), ``lora_te1_`` /
+    ``lora_te2_`` (SDXL's CLIP-L and OpenCLIP-G)."""
+    if component == "text_encoder_2":
+        return "lora_te2_"
+    return "lora_te1_" if family in ("sdxl", "sdxl-refiner") else "lora_te_"
+
+
+def ldm_path(path: str, unet_config: dict) -> str:
+    """A diffusers UNet module path -> the original (LDM) one:
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (layout from the UNet's config).
+
+    Raises:
+        KeyError: the module has no LDM name (an architecture SD1/SD2/SDXL do not have).
+    """
+    return map_key(path + ".weight", unet_prefix_map(unet_config)).removesuffix(".weight")
+
+
+def unet_key(path: str, family: str, unet_config: dict) -> str:
+    """``lora_unet_<module path with _>`` as sd-scripts writes it: diffusers module names for
+    SD1/SD2, the LDM names for SDXL (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``)."""
+    if family == "sdxl":
+        path = ldm_path(path, unet_config)
+    return UNET_PREFIX + path.replace(".", "_")
+
+
+def text_key(path: str, prefix: str) -> str:
+    """``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (``prefix`` from ``text_prefix``);
+    transformers 5's CLIPTextModel has no ``text_model.`` level, kohya's names do."""
+    if not path.startswith("text_model."):
+        path = "text_model." + path
+    return prefix + path.replace(".", "_")
+
+
+def module_key(component: str, path: str, family: str, unet_config: dict | None = None) -> str:
+    """The kohya name of module ``path`` of ``component`` ("unet", "text_encoder",
+    "text_encoder_2") of a model of ``family``; ``unet_config`` is needed for the UNet."""
+    if component == "unet":
+        return unet_key(path, family, unet_config or {})
+    return text_key(path, text_prefix(component, family))
+
+
+def bundle_key(word: str, encoder_key: str) -> str:
+    """The key of a bundled embedding: ``bundle_emb.<word>.string_to_param.*`` for one text
+    encoder's vectors (``emb_params``), ``bundle_emb.<word>.clip_l`` / ``.clip_g`` for SDXL's."""
+    return f"{BUNDLE_PREFIX}{word}.{'string_to_param.*' if encoder_key == 'emb_params' else encoder_key}"
+
+
+def parse_bundled(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Textual-inversion vectors bundled in a LoRA file (A1111's ``bundle_emb.<name>.<key>``,
+    from pivotal-tuning trainers) -> {name: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}.
+    ``string_to_param.*`` and ``emb_params`` are the one-encoder vectors."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, rest = key[len(BUNDLE_PREFIX):].partition(".")
+        kind = "emb_params" if rest.startswith(("string_to_param", "emb_params")) else rest
+        if not name or kind not in ("emb_params", "clip_l", "clip_g"):
+            raise CorruptModel(f"bundled embedding key {key!r}: expected bundle_emb.<name>.string_to_param.*, "
+                               ".emb_params, .clip_l or .clip_g")
+        v = value.float()
+        out.setdefault(name, {})[kind] = v[None] if v.ndim == 1 else v
+    return out
+
+
+def _patchable(module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))
+
+
+def name_table(comps) -> dict[str, tuple[str, str]]:
+    """Every name a file may use for a patchable module -> (component, diffusers module name).
+
+    UNet modules are reachable by kohya diffusers-style names, kohya LDM-style names
+    (``input_blocks_4_1_...``, what ``unet_key`` writes for SDXL) and peft/diffusers dotted
+    names; text-encoder modules by ``lora_te_``/``lora_te1_``/``lora_te2_`` names and dotted names.
+    """
+    table: dict[str, tuple[str, str]] = {}
+    pairs = unet_prefix_map(dict(comps.unet.config))
+    for name, mod in comps.unet.named_modules():
+        if not _patchable(mod):
+            continue
+        target = ("unet", name)
+        table[UNET_PREFIX + name.replace(".", "_")] = target
+        table["unet." + name] = target
+        table["base_model.model." + name] = target
+        table[name] = target  # old diffusers attn-processor files name UNet modules bare
+        try:
+            ldm = map_key(name + ".weight", pairs)[: -len(".weight")]
+            table[UNET_PREFIX + ldm.replace(".", "_")] = target
+        except KeyError:
+            pass
+    two = comps.text_encoder_2 is not None
+    for comp, prefixes in (("text_encoder", ("lora_te1_",) if two else ("lora_te_", "lora_te1_")),
+                           ("text_encoder_2", ("lora_te2_",))):
+        model = getattr(comps, comp)
+        if model is None:
+            continue
+        for name, mod in model.named_modules():
+            if not _patchable(mod):
+                continue
+            for p in prefixes:
+                table[p + name.replace(".", "_")] = (comp, name)
+                if not name.startswith("text_model."):
+                    # kohya names CLIP modules from CLIPTextModel's text_model level
+                    # (lora_te_text_model_encoder_layers_0_...); transformers 5 flattened it away
+                    table[text_key(name, p)] = (comp, name)
+            table[f"{comp}.{name}"] = (comp, name)
+            if not name.startswith("text_model."):  # files written before transformers 5
+                table[f"{comp}.text_model.{name}"] = (comp, name)
+    return table
