@@ -15,8 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "danqing"
 
 # Layers from the bottom up (docs/architecture.md, "Layers"): a module may import modules of its
-# own layer or of a layer below, never one above. The key is the module or package right under
-# ``danqing`` ("danqing" itself is the package's __init__: the public API).
+# own layer or of a layer below, never one above. An entry is a module or package under
+# ``danqing`` (dotted below it, e.g. "models.loader"; the most specific entry wins); "danqing"
+# itself is the package's __init__, the public API.
 LAYERS = (
     ("base", {"errors", "settings", "pictures", "preprocess"}),
     ("models", {"models"}),
@@ -131,7 +132,15 @@ def top(module: str) -> str:
 
 
 def layer_of(module: str) -> int | None:
-    return next((i for i, (_, names) in enumerate(LAYERS) if top(module) in names), None)
+    """The layer of the longest entry of ``LAYERS`` that names the module or a package above it
+    ("outputs.files" would place one module apart from its package "outputs")."""
+    parts = module.split(".")[1:] or ["danqing"]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        for i, (_, names) in enumerate(LAYERS):
+            if key in names:
+                return i
+    return None
 
 
 def test_graph_reader_sees_every_kind_of_import(tmp_path):
@@ -198,6 +207,7 @@ def test_layer_checks_catch_an_upward_import():
                                      "danqing.outputs.y:7 imports danqing.training.z (engine -> workflows)"]
     assert lower_importing_upper(graph) == ["danqing.models.x:3 imports danqing.studio",
                                             "danqing.outputs.y:7 imports danqing.training.z"]
+    assert [layer_of(m) for m in ("danqing", "danqing.cli", "danqing.models.x", "danqing.nowhere")] == [6, 6, 1, None]
 
 
 def test_imports_point_down_the_layers():
