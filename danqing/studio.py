@@ -127,11 +127,13 @@ class Studio:
         # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
         # patched into the weights for this request only (restored when it ends, even on error),
         # and the ControlNet / T2I-Adapter units, checked against the checkpoint.
+        tags = request_tags(request)
         loaded = self.models.load(request.model, request.vae)
-        networks = activate(request_tags(request), loaded.components, registry=self.registry,
-                            model_name=loaded.name, cache=self.networks)
-        control = self._control(request, loaded, mask, crop=control_crop(request, init, mask)) \
-            if request.controlnet else None
+        networks = activate(tags, loaded.components, registry=self.registry, model_name=loaded.name,
+                            cache=self.networks)
+        control = None
+        if request.controlnet:  # "only masked" inpainting: the maps cut as the picture is
+            control = self._control(request, loaded, mask, crop=control_crop(request, init, mask))
         timings["load"] = time.perf_counter() - t0
         with patched(loaded.components, networks), contextlib.ExitStack() as scope:
             # 2b. customise: the request's embeddings and image prompt, handed to the passes.
