@@ -242,19 +242,18 @@ def test_api_lists_real_embeddings(studio_with, tmp_path):
 
 
 def test_prompt_to_prompt_aligns_embedding_positions(tiny_components):
-    from danqing.customise.embeddings import Embedding, use_embeddings
+    from danqing.customise.embeddings import Embedding
     from danqing.editing.p2p import align_tokens, prompt_ids
 
     tok = tiny_components["tiny-sd1"].tokenizer
     a, b = Embedding(NAME, {"emb_params": _vectors(3, 32)}), Embedding("qqother", {"emb_params": _vectors(2, 32)})
-    with use_embeddings([a, b]):
-        src = prompt_ids(tok, f"a red {NAME} circle", "p2p_source")
-        tgt = prompt_ids(tok, f"a green {NAME} circle", "prompt")
-        swapped = prompt_ids(tok, "a red qqother circle", "prompt")
+    src = prompt_ids(tok, f"a red {NAME} circle", "p2p_source", [a, b])
+    tgt = prompt_ids(tok, f"a green {NAME} circle", "prompt", [a, b])
+    swapped = prompt_ids(tok, "a red qqother circle", "prompt", [a, b])
     assert src[3:6] == tgt[3:6] == [-1001, -1002, -1003] and swapped[3:5] == [-1, -2]  # sorted names: qqother, zqx...
     mapper, alpha = align_tokens(src, tgt)
     assert all(mapper[i, i] == 1 and alpha[i] == 1 for i in (3, 4, 5))  # the embedding keeps its own maps
-    assert min(prompt_ids(tok, f"a red {NAME} circle", "prompt")) >= 0  # outside a request: plain words
+    assert min(prompt_ids(tok, f"a red {NAME} circle", "prompt")) >= 0  # without the embeddings: plain words
 
 
 def test_cli_from_warns_when_an_embedding_changed(studio_with, tmp_path, capsys):

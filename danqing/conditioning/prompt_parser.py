@@ -166,48 +166,56 @@ class _Parser:
         return _Edit(before, after, when, when_text)
 
 
-def _when_step(edit: _Edit, steps: int) -> int:
-    """A1111 >= 1.6: "0.5" (has a '.') is a fraction of steps; "10" is step 10; capped at steps."""
-    v = edit.when * steps if "." in edit.when_text else edit.when
+def _when_step(edit: _Edit, steps: int, offset: int = 0) -> int:
+    """A1111 >= 1.6: "0.5" (has a '.') is a fraction of steps; "10" is step 10; capped at steps.
+
+    ``offset``: a hires pass's first-pass steps (A1111's ``int_offset``): the timeline goes on
+    from the first pass, so "25" after a 20-step first pass is hires step 5 and "1.5" is half
+    way through the hires pass (fractions are shifted by 1 in the same way)."""
+    v = (edit.when - (1.0 if offset else 0.0)) * steps if "." in edit.when_text else edit.when - offset
     return min(steps, int(v))
 
 
-def _collect_steps(nodes: tuple, steps: int, out: set[int]) -> None:
+def _collect_steps(nodes: tuple, steps: int, out: set[int], offset: int = 0) -> None:
     for n in nodes:
         if isinstance(n, _Group):
-            _collect_steps(n.body, steps, out)
+            _collect_steps(n.body, steps, out, offset)
         elif isinstance(n, _Edit):
-            w = _when_step(n, steps)
+            w = _when_step(n, steps, offset)
             if w >= 1:
                 out.add(w)
-            _collect_steps(n.before, steps, out)
-            _collect_steps(n.after, steps, out)
+            _collect_steps(n.before, steps, out, offset)
+            _collect_steps(n.after, steps, out, offset)
         elif isinstance(n, _Alternate):
             out.update(range(1, steps + 1))
             for o in n.options:
-                _collect_steps(o, steps, out)
+                _collect_steps(o, steps, out, offset)
 
 
-def _render(nodes: tuple, step: int, steps: int) -> str:
+def _render(nodes: tuple, step: int, steps: int, offset: int = 0) -> str:
     out = []
     for n in nodes:
         if isinstance(n, str):
             out.append(n)
         elif isinstance(n, _Group):
-            out.append(n.open + _render(n.body, step, steps) + n.close)
+            out.append(n.open + _render(n.body, step, steps, offset) + n.close)
         elif isinstance(n, _Edit):
-            out.append(_render(n.before if step <= _when_step(n, steps) else n.after, step, steps))
+            out.append(_render(n.before if step <= _when_step(n, steps, offset) else n.after, step, steps, offset))
         else:
-            out.append(_render(n.options[(step - 1) % len(n.options)], step, steps))
+            out.append(_render(n.options[(step - 1) % len(n.options)], step, steps, offset))
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
     """The text of ``prompt`` at each sampler step (A1111 ``get_learned_conditioning_prompt_schedules``).
 
     Args:
         prompt: A1111 prompt text.
-        steps: number of sampler steps (>= 1).
+        steps: number of sampler steps (>= 1); with ``hires_steps``, the first pass's.
+        hires_steps: the schedule of a hires fix's second pass of this many steps, on one
+            timeline with the first pass (A1111 >= 1.6): an integer ``when`` counts from the
+            start of the first pass, a fraction between 1 and 2 falls inside the hires pass,
+            one of at most 1 (or a step within the first pass) is over before it starts.
 
     Returns:
         [(end_at_step, text), ...]: ``text`` applies up to and including 1-based step
@@ -216,13 +224,18 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    offset = 0
+    if hires_steps is not None:
+        if hires_steps < 1:
+            raise ValueError(f"hires_steps must be >= 1, got {hires_steps}")
+        offset, steps = steps, hires_steps
     parser = _Parser(prompt)
     nodes = parser.seq("top")
     points: set[int] = {steps}
-    _collect_steps(nodes, steps, points)
+    _collect_steps(nodes, steps, points, offset)
     schedule: list[tuple[int, str]] = []
     for t in sorted(points):
-        text = _render(nodes, t, steps)
+        text = _render(nodes, t, steps, offset)
         if schedule and schedule[-1][1] == text:
             schedule[-1] = (t, text)
         else:

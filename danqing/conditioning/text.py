@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from danqing.conditioning.prompt_parser import parse_attention
+from danqing.customise.embeddings import PLACEHOLDER_ID, EmbeddingUse, build_lookup, find_embeddings, inject_vectors
 
 CHUNK = 75  # tokens per chunk, without BOS/EOS
 COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack"
@@ -64,8 +65,6 @@ def chunk_tokens(pieces: list[tuple[list, float]], *, bos: int, eos: int, pad: i
             one chunk, starting a new chunk when it does not fit in this one.
         bos, eos, pad, comma: special ids of the tokenizer (pad follows the first EOS).
     """
-    from danqing.customise.embeddings import PLACEHOLDER_ID, EmbeddingUse
-
     chunks: list[TokenChunk] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -119,8 +118,6 @@ def tokenize_prompt(tokenizer, text: str, embeddings=()) -> list[TokenChunk]:
         embeddings: textual-inversion ``Embedding``s whose names, where they occur, become
             their vectors (``TokenChunk.fixes``).
     """
-    from danqing.customise.embeddings import build_lookup, find_embeddings
-
     lookup = build_lookup(tokenizer, embeddings) if embeddings else {}
     parsed = parse_attention(text)
     pieces: list[tuple[list, float]] = []
@@ -171,20 +168,19 @@ def _hidden(encoder, ids: torch.Tensor, clip_skip: int, *, final_norm: bool) -> 
 
 
 class TextEncoder:
-    """Encodes prompts for one loaded model (SD1, SD2 or SDXL). Holds no per-request state.
+    """Encodes prompts for one loaded model (SD1, SD2 or SDXL) and one request.
 
     Args:
         components: ``danqing.models.components.Components``.
         clip_skip: A1111 clip skip (1 = last layer).
+        embeddings: the request's textual-inversion ``Embedding``s (``ConditioningContext``);
+            their names in a prompt become their vectors. None are known otherwise.
     """
 
-    def __init__(self, components, clip_skip: int = 1, embeddings=None):
-        from danqing.customise.embeddings import active_embeddings
-
+    def __init__(self, components, clip_skip: int = 1, embeddings=()):
         self.c = components
         self.clip_skip = clip_skip
-        # textual inversion: given, or the running request's (``use_embeddings``)
-        self.embeddings = {e.name: e for e in (active_embeddings() if embeddings is None else embeddings)}
+        self.embeddings = {e.name: e for e in embeddings}  # textual inversion: the request's, by name
 
     @property
     def device(self) -> torch.device:
@@ -235,8 +231,6 @@ class TextEncoder:
         in place of the placeholder ids."""
         if not chunk.fixes:
             return _hidden(encoder, self._ids(chunk), self.clip_skip, final_norm=final_norm)
-        from danqing.customise.embeddings import inject_vectors
-
         fixes = [(pos, self.embeddings[name].vectors[key]) for pos, name in chunk.fixes]
         with inject_vectors(encoder, fixes):
             return _hidden(encoder, self._ids(chunk), self.clip_skip, final_norm=final_norm)

@@ -17,16 +17,16 @@ File formats read (``load_embedding``), all without unpickling arbitrary objects
 SD2), ``{"clip_l": ..., "clip_g": ...}`` for SDXL. ``save_embedding_a1111`` writes them back in
 the A1111 format (what the trainer uses).
 
-At use, a request holds its embeddings in a ``ContextVar`` (``use_embeddings``) for its
-duration; the text encoder reads it and replaces the token embeddings at the embedding's
-positions through a forward hook on ``token_embedding`` that is removed right after each
-encoder call. Nothing stays on the shared tokenizer or text encoder.
+At use, ``Studio.generate`` finds a request's embeddings (``EmbeddingLibrary.for_prompts``) and
+passes them on in its ``ConditioningContext`` (``conditioning/schedule.py``) to the
+``TextEncoder``, which replaces the token embeddings at the embedding's positions through a
+forward hook on ``token_embedding`` that is removed right after each encoder call. Nothing
+stays on the shared tokenizer or text encoder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import os
 import tempfile
@@ -352,28 +352,6 @@ def inject_vectors(encoder, fixes: list[tuple[int, torch.Tensor]]) -> Iterator[N
         yield
     finally:
         handle.remove()
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-request scope
-# ---------------------------------------------------------------------------------------------
-_ACTIVE: contextvars.ContextVar[tuple[Embedding, ...]] = contextvars.ContextVar("danqing_embeddings", default=())
-
-
-def active_embeddings() -> tuple[Embedding, ...]:
-    """The embeddings of the request being run (empty outside ``use_embeddings``)."""
-    return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def use_embeddings(embeddings: Iterable[Embedding]) -> Iterator[None]:
-    """Make ``embeddings`` the ones prompts may call for the duration of the block (this
-    thread/task only)."""
-    token = _ACTIVE.set(tuple(embeddings))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 class EmbeddingLibrary:

@@ -12,8 +12,9 @@ processors and the ``encoder_hid_proj`` image projection (``ImageProjection``, o
 ``IPAdapterPlusImageProjection`` for the "plus" adapters), and the UNet takes the image
 embeddings as ``added_cond_kwargs["image_embeds"]``. danqing installs them on the shared UNet
 for the duration of one request (``install``) and puts back the UNet's original processors,
-projection and config in ``finally``; the image embeddings travel in the request's
-``Conditioning.added`` (``build_conditioning``), so our own loop runs unchanged.
+projection and config in ``finally``; the encoded pictures reach ``build_conditioning``
+in the request's ``ConditioningContext`` and travel in ``Conditioning.added``, so our own loop
+runs unchanged.
 
 The files (``models/ipadapter/``, ``models/clip_vision/``) are found and read by
 ``danqing.models.ip_adapter``.
@@ -22,7 +23,7 @@ The files (``models/ipadapter/``, ``models/clip_vision/``) are found and read by
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -76,23 +77,6 @@ def encode_images(encoder, processor, images, *, plus: bool) -> ImagePrompt:
         pos = encoder(pixels).image_embeds  # (n, D)
         neg = torch.zeros_like(pos)
     return ImagePrompt(pos[None], neg[None])
-
-
-_ACTIVE: contextvars.ContextVar[ImagePrompt | None] = contextvars.ContextVar("danqing_image_prompt", default=None)
-
-
-def active_image_prompt() -> ImagePrompt | None:
-    """The running request's image prompt (None outside ``use_image_prompt``)."""
-    return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def use_image_prompt(prompt: ImagePrompt | None) -> Iterator[None]:
-    token = _ACTIVE.set(prompt)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------

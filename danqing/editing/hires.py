@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from danqing.conditioning.schedule import ConditioningContext, build_conditioning
+from danqing.decode import decode_latents, to_pil, vae_scale_factor
+from danqing.editing.img2img import encode, to_tensor
+from danqing.editing.upscale import upscale_image, upscaler_names
 from danqing.errors import InvalidRequest
+from danqing.passes.batches import Batches, PassResult
+from danqing.sampling.noise import initial_noise
 
 # A1111's latent upscale modes: name -> (torch interpolation mode, antialias)
 LATENT_UPSCALERS = {
@@ -23,8 +29,6 @@ LATENT_UPSCALERS = {
 def hires_upscalers(library=None) -> list[str]:
     """A1111's latent modes, the built-in picture upscalers and, with ``library`` (an
     ``UpscalerLibrary``), the installed model upscalers."""
-    from danqing.editing.upscale import upscaler_names
-
     return list(LATENT_UPSCALERS) + upscaler_names(library)
 
 
@@ -48,33 +52,32 @@ def second_pass_request(request):
 
 
 def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_step=None, control=None,
-              upscalers=None):
-    """The second pass over the first pass's latents (one tensor per batch); ``control``: a
-    ``ControlDenoise`` with the units' maps at the second pass's size (sd-webui-controlnet's
-    "Both" hires option), or None; ``upscalers``: the ``UpscalerLibrary`` whose models
-    ``hr_upscaler`` may name. Returns (latents per batch, interrupted)."""
-    from danqing.conditioning.text import TextEncoder
-    from danqing.decode import decode_latents, to_pil, vae_scale_factor
-    from danqing.editing.img2img import encode, to_tensor
-    from danqing.editing.upscale import upscale_image
-    from danqing.sampling.loop import sample
-    from danqing.sampling.noise import initial_noise, make_generators
-    from danqing.sampling.samplers import make_scheduler
-    from danqing.studio import build_conditioning
+              upscalers=None, context: ConditioningContext | None = None) -> PassResult:
+    """The second pass over the first pass's latents (one tensor per batch); its prompts
+    continue the first pass's prompt-editing timeline (A1111 >= 1.6: ``[a:b:25]`` after 20
+    first-pass steps switches at hires step 5, ``[a:b:1.5]`` half way through the hires pass).
 
+    Args:
+        control: a ``ControlDenoise`` with the units' maps at the second pass's size
+            (sd-webui-controlnet's "Both" hires option), or None.
+        upscalers: the ``UpscalerLibrary`` whose models ``hr_upscaler`` may name.
+        context: the request's embeddings and image prompt.
+
+    Returns:
+        ``PassResult`` with the latents of each batch (not decoded).
+    """
     if request.hr_upscaler not in hires_upscalers(upscalers):  # Studio.generate checks this before loading
         raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
                              f"installed: {', '.join(hires_upscalers(upscalers))}")
+    context = context or ConditioningContext()
     req2 = second_pass_request(request)
-    B = request.batch_size
     f = vae_scale_factor(comps.vae)
     size = (req2.height // f, req2.width // f)
-    cond = build_conditioning(TextEncoder(comps, clip_skip=request.clip_skip), req2, batch=B)
-    noise_device = "cpu" if request.rng == "cpu" else device
-    out, interrupted = [], False
-    for b, lat in enumerate(first):
-        seeds = [request.seed + b * B + i for i in range(B)]
-        gens = make_generators(seeds, noise_device)          # the same seeds as the first pass
+    cond = build_conditioning(context.text_encoder(comps, request.clip_skip), req2, batch=request.batch_size,
+                              image_prompt=context.image_prompt, first_pass_steps=request.steps)
+    batches = Batches(request, device, count=len(first))
+    for batch, lat in zip(batches, first):
+        gens = batch.generators  # the same seeds as the first pass
         if request.hr_upscaler in LATENT_UPSCALERS:
             z = upscale_latents(lat, size, request.hr_upscaler)
         else:
@@ -82,15 +85,11 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
                     for im in to_pil(decode_latents(comps.vae, lat))]
             z = encode(comps.vae, torch.cat([to_tensor(p) for p in pics]), gens)
         z = z.to(device=device, dtype=dtype)
-        noise = initial_noise((lat.shape[1], *size), gens, subseeds=[request.subseed + b * B + i for i in range(B)],
+        noise = initial_noise((lat.shape[1], *size), gens, subseeds=batch.subseeds,
                               subseed_strength=request.subseed_strength).to(device=device, dtype=dtype)
-        scheduler = make_scheduler(comps.scheduler_config, req2.sampler, req2.schedule, seed=seeds if B > 1 else seeds[0])
-        res = sample(comps.unet, scheduler, noise, cond, steps=req2.steps, cfg_scale=req2.cfg_scale, generators=gens,
-                     on_step=on_step, family=comps.family, batch_index=b, batch_count=request.batch_count,
-                     init_latents=z, strength=request.denoising_strength,
-                     **({"denoise_fn": control} if control is not None else {}))
-        out.append(res.latents)
-        if res.interrupted:
-            interrupted = True
-            break
-    return out, interrupted
+        sampled = batch.sample(comps, noise, cond, sampler=req2.sampler, schedule=req2.schedule, steps=req2.steps,
+                               cfg_scale=req2.cfg_scale, on_step=on_step, init_latents=z,
+                               strength=request.denoising_strength,
+                               **({"denoise_fn": control} if control is not None else {}))
+        batches.record(batch, sampled)
+    return batches.result

@@ -9,14 +9,13 @@ and blending the result back into the original picture, so pixels outside the ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from danqing.errors import InvalidRequest
+from danqing.conditioning.schedule import ConditioningContext, build_conditioning
+from danqing.decode import vae_scale_factor
 from danqing.editing.images import (
     composite,
     crop_region,
@@ -25,18 +24,17 @@ from danqing.editing.images import (
     mask_array,
     resize_image,
 )
-
-
-@dataclass
-class EditOutput:
-    images: list[Image.Image]
-    latents: list[torch.Tensor]
-    seeds: list[int]
-    subseeds: list[int]
-    interrupted: bool = False
-    warnings: list[str] = field(default_factory=list)
-    sources: list[Image.Image] = field(default_factory=list)  # Prompt-to-Prompt: the unedited pictures
-    inversion: object | None = None  # Prompt-to-Prompt on a real picture: its NullTextInversion
+from danqing.editing.instruct import (
+    instruct_denoise,
+    instruct_schedule,
+    is_instruct_unet,
+    picture_latents,
+    three_branches,
+)
+from danqing.errors import InvalidRequest
+from danqing.passes.batches import Batches, Finish, PassResult, decode_pictures, finish_pictures
+from danqing.sampling.loop import denoise
+from danqing.sampling.noise import initial_noise
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -83,36 +81,34 @@ def only_masked_box(init: Image.Image, mask_img: Image.Image | None, request) ->
 
 
 def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None, *, device, dtype,
-                on_step=None, control=None, post=None) -> EditOutput:
-    """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says; ``control`` is a
-    ``conditioning.control.ControlDenoise`` (ControlNet units at width x height; for "only
-    masked", their maps already cropped to ``only_masked_box`` as the init picture is) or None.
-    ``post``: ``picture -> (picture, warnings)`` applied to each generated picture before an
-    inpaint is pasted back (face restoration: A1111 restores faces before its overlay, so the
-    pixels outside the mask stay the init picture's)."""
-    def finish(im: Image.Image) -> Image.Image:
-        if post is None:
-            return im
-        im, notes = post(im)
-        warnings.extend(n for n in notes if n not in warnings)
-        return im
+                on_step=None, control=None, post: Finish | None = None,
+                context: ConditioningContext | None = None) -> PassResult:
+    """img2img (``mask_img`` None) or inpaint of ``init`` as ``request`` says.
 
+    Args:
+        control: a ``conditioning.control.ControlDenoise`` (ControlNet units at width x height;
+            for "only masked", their maps already cropped to ``only_masked_box`` as the init
+            picture is) or None.
+        post: ``picture -> (picture, warnings)`` applied to each generated picture before an
+            inpaint is pasted back (face restoration: A1111 restores faces before its overlay,
+            so the pixels outside the mask stay the init picture's).
+        context: the request's embeddings and image prompt.
+    """
     warnings: list[str] = []
     W, H = request.width, request.height
+    run = dict(device=device, dtype=dtype, on_step=on_step, warnings=warnings, control=control, post=post,
+               context=context or ConditioningContext())
     if mask_img is None:
-        out = _run(comps, request, resize_image(init, W, H, request.resize_mode), None, device=device,
-                   dtype=dtype, on_step=on_step, warnings=warnings, latent_upscale_from=init, control=control)
-        out.images = [finish(im) for im in out.images]
-        return out
+        return _run(comps, request, resize_image(init, W, H, request.resize_mode), None, latent_upscale_from=init,
+                    **run)
 
     mask_full = full_mask(init, mask_img, request)
     if mask_full.max() <= 0:
         warnings.append("mask: it masks no pixel; nothing to inpaint, the init image is returned unchanged")
         n = request.batch_size * request.batch_count
         img = init if request.inpaint_full_res else resize_image(init, W, H, request.resize_mode)
-        seeds = [request.seed + i for i in range(n)]
-        return EditOutput([img.copy() for _ in range(n)], [], seeds, [request.subseed + i for i in range(n)],
-                          warnings=warnings)
+        return PassResult([], [request.seed + i for i in range(n)], [request.subseed + i for i in range(n)],
+                          images=[img.copy() for _ in range(n)], warnings=warnings)
     if mask_full.min() >= 1:
         warnings.append("mask: it masks every pixel; the whole picture is repainted (img2img with the "
                         "masked content and strength asked for)")
@@ -121,48 +117,40 @@ def run_img2img(comps, request, init: Image.Image, mask_img: Image.Image | None,
         base = resize_image(init, W, H, request.resize_mode)
         m = mask_array(resize_image(Image.fromarray(np.round(mask_full * 255).astype(np.uint8)), W, H,
                                     request.resize_mode))
-        out = _run(comps, request, base, m, device=device, dtype=dtype, on_step=on_step, warnings=warnings,
-                   control=control)
+        out = _run(comps, request, base, m, **run)
         weight = feather_inward(m, request.mask_blur)
-        out.images = [composite(base, finish(im), weight) for im in out.images]
+        out.images = [composite(base, im, weight) for im in out.images]
         return out
 
     # "only masked": the mask's box (+ padding, grown to W:H) inpainted at W x H, pasted back.
     x1, y1, x2, y2 = only_masked_box(init, mask_img, request)
     crop = init.crop((x1, y1, x2, y2)).resize((W, H), Image.LANCZOS)
     m_crop = mask_array(Image.fromarray(np.round(mask_full[y1:y2, x1:x2] * 255).astype(np.uint8)).resize((W, H), Image.LANCZOS))
-    out = _run(comps, request, crop, m_crop, device=device, dtype=dtype, on_step=on_step, warnings=warnings,
-               control=control)
+    out = _run(comps, request, crop, m_crop, **run)
     weight = feather_inward(mask_full, request.mask_blur)
     pasted = []
     for im in out.images:
         canvas = init.copy()
-        canvas.paste(finish(im).resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        canvas.paste(im.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
         pasted.append(composite(init, canvas, weight))
     out.images = pasted
     return out
 
 
 def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dtype, on_step, warnings,
-         latent_upscale_from: Image.Image | None = None, control=None) -> EditOutput:
-    """Encode, noise, denoise and decode ``base`` (already W x H) with the pixel mask ``m``."""
-    from danqing.conditioning.text import TextEncoder
-    from danqing.decode import decode_latents, to_pil, vae_scale_factor
-    from danqing.sampling.loop import denoise, sample
-    from danqing.sampling.noise import initial_noise, make_generators
-    from danqing.sampling.samplers import make_scheduler
-    from danqing.studio import build_conditioning
-
+         latent_upscale_from: Image.Image | None = None, control=None, post: Finish | None = None,
+         context: ConditioningContext) -> PassResult:
+    """Encode, noise, denoise and decode ``base`` (already W x H) with the pixel mask ``m``;
+    the decoded pictures finished by ``post``."""
     B = request.batch_size
     if request.denoising_strength == 0:
         warnings.append("denoising_strength: 0 changes nothing; the init image is returned")
         n = B * request.batch_count
-        return EditOutput([base.copy() for _ in range(n)], [], [request.seed + i for i in range(n)],
-                          [request.subseed + i for i in range(n)], warnings=warnings)
+        images = finish_pictures([base.copy() for _ in range(n)], post, warnings)
+        return PassResult([], [request.seed + i for i in range(n)], [request.subseed + i for i in range(n)],
+                          images=images, warnings=warnings)
 
     inpainting_unet = comps.unet.config.in_channels == 9
-    from danqing.editing.instruct import is_instruct_unet
-
     instruct = is_instruct_unet(comps.unet)
     if instruct and control is not None:
         raise InvalidRequest("controlnet", "an instruct-pix2pix model does not take ControlNet units yet")
@@ -179,15 +167,12 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
         src = src.resize((max(f, src.width // f * f), max(f, src.height // f * f)), Image.LANCZOS)
         pixels = to_tensor(src)
 
-    encoder = TextEncoder(comps, clip_skip=request.clip_skip)
-    cond = build_conditioning(encoder, request, batch=B)
+    encoder = context.text_encoder(comps, request.clip_skip)
+    cond = build_conditioning(encoder, request, batch=B, image_prompt=context.image_prompt)
     factor = vae_scale_factor(comps.vae)
     shape = (comps.vae.config.latent_channels, request.height // factor, request.width // factor)
-    noise_device = "cpu" if request.rng == "cpu" else device
     denoise_fn = control if control is not None else denoise
     if instruct:
-        from danqing.editing.instruct import instruct_denoise, instruct_schedule, picture_latents, three_branches
-
         three = three_branches(request.cfg_scale, request.image_cfg_scale)
         if request.cfg_scale > 1.0 and not three:  # as diffusers: no guidance at all then
             cond = instruct_schedule(cond, False)
@@ -198,11 +183,9 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     lmask = latent_mask(m, shape[1:]).to(device=device, dtype=dtype).expand(B, -1, -1, -1) if m is not None else None
     masked_pixels = pixels * torch.from_numpy(m < 0.5)[None, None] if (m is not None and inpainting_unet) else None
 
-    latents_out, images, seeds, subseeds, interrupted = [], [], [], [], False
-    for b in range(request.batch_count):
-        bseeds = [request.seed + b * B + i for i in range(B)]
-        bsub = [request.subseed + b * B + i for i in range(B)]
-        gens = make_generators(bseeds, noise_device)
+    batches = Batches(request, device)
+    for batch in batches:
+        gens = batch.generators
         # as diffusers: the init picture's posterior samples first, then the noise (an inpainting
         # UNet at full strength never looks at the init latents, and diffusers does not draw them)
         if (inpainting_unet and m is not None or instruct) and request.denoising_strength == 1.0:
@@ -211,7 +194,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
             init_lat = encode(comps.vae, pixels.expand(B, -1, -1, -1), gens).to(device=device, dtype=dtype)
         if upscale_latents:
             init_lat = F.interpolate(init_lat.float(), size=shape[1:], mode="bilinear").to(dtype)
-        noise = initial_noise(shape, gens, subseeds=bsub, subseed_strength=request.subseed_strength)
+        noise = initial_noise(shape, gens, subseeds=batch.subseeds, subseed_strength=request.subseed_strength)
         noise = noise.to(device=device, dtype=dtype)
         masked_lat = None
         if masked_pixels is not None:
@@ -220,18 +203,11 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
             fill = (torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens]).to(device, dtype)
                     if request.inpainting_fill == "latent noise" else torch.zeros_like(init_lat))
             init_lat = init_lat * (1 - lmask) + fill * lmask
-        scheduler = make_scheduler(comps.scheduler_config, request.sampler, request.schedule,
-                                   seed=bseeds if B > 1 else bseeds[0])
         cfg_scale = request.cfg_scale if not instruct or three else 1.0
-        res = sample(comps.unet, scheduler, noise, cond, steps=request.steps, cfg_scale=cfg_scale,
-                     generators=gens, on_step=on_step, family=comps.family, batch_index=b,
-                     batch_count=request.batch_count, init_latents=init_lat, strength=request.denoising_strength,
-                     mask=lmask, masked_image_latents=masked_lat, denoise_fn=denoise_fn)
-        latents_out.append(res.latents)
-        images += to_pil(decode_latents(comps.vae, res.latents))
-        seeds += bseeds
-        subseeds += bsub
-        if res.interrupted:
-            interrupted = True
-            break
-    return EditOutput(images, latents_out, seeds, subseeds, interrupted, warnings)
+        sampled = batch.sample(comps, noise, cond, sampler=request.sampler, schedule=request.schedule,
+                               steps=request.steps, cfg_scale=cfg_scale, on_step=on_step, init_latents=init_lat,
+                               strength=request.denoising_strength, mask=lmask, masked_image_latents=masked_lat,
+                               denoise_fn=denoise_fn)
+        batches.record(batch, sampled, images=decode_pictures(comps.vae, sampled.latents, post, warnings))
+    batches.result.warnings = warnings
+    return batches.result

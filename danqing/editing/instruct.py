@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from danqing.sampling.loop import Conditioning, ConditioningSchedule
+
 INSTRUCT_CHANNELS = 8
 
 
@@ -35,8 +37,6 @@ def picture_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 def instruct_schedule(schedule, three: bool):
     """Our [uncond; cond] conditioning -> [cond, uncond, uncond] (three branches) or [cond]."""
-    from danqing.sampling.loop import Conditioning, ConditioningSchedule
-
     conds = []
     for c in schedule.conds:
         b = c.context.shape[0] // 2

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from danqing.editing.img2img import to_tensor
+from danqing.sampling.samplers import make_scheduler
+
 
 @dataclass
 class NullTextInversion:
@@ -61,8 +64,6 @@ def ddim_alphas(scheduler, steps: int) -> tuple[torch.Tensor, list[tuple[torch.T
 @torch.no_grad()
 def encode_mean(vae, picture: Image.Image) -> torch.Tensor:
     """A picture's latents (the posterior mean, scaled): inversion wants no sampling noise."""
-    from danqing.editing.img2img import to_tensor
-
     z = vae.encode(to_tensor(picture).to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
     if getattr(vae.config, "shift_factor", None):
         z = z - vae.config.shift_factor
@@ -85,8 +86,6 @@ def null_text_inversion(comps, picture: Image.Image, cond: torch.Tensor, uncond:
         lr, tolerance: the paper's learning rate (decayed linearly to half over the run) and
             early-stop loss (tolerance + step * 2 * tolerance).
     """
-    from danqing.sampling.samplers import make_scheduler
-
     unet = comps.unet
     sched = make_scheduler(comps.scheduler_config, "DDIM", "Automatic")
     timesteps, alphas = ddim_alphas(sched, steps)

@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
+from danqing.conditioning.schedule import ConditioningContext, sdxl_time_ids
+from danqing.conditioning.text import pad_to_chunks, tokenize_prompt
+from danqing.decode import decode_latents, to_pil, vae_scale_factor
+from danqing.editing.images import resize_image
+from danqing.editing.inversion import null_text_inversion
 from danqing.errors import InvalidRequest
+from danqing.passes.batches import Batches, Finish, PassResult, finish_pictures
+from danqing.sampling.loop import Conditioning, ConditioningSchedule, denoise
+from danqing.sampling.noise import initial_noise
 
 SELF_MAX_TOKENS = 16 * 16  # the paper replaces self-attention only at 16x16 or coarser
 BLEND_THRESHOLD = 0.3  # local blending: the edited words' maps above 0.3 of their maximum
@@ -33,17 +44,16 @@ BLEND_START = 0.2  # ... from 20% of the steps on (the paper's LocalBlend defaul
 # -- token alignment: small pure functions --------------------------------------------------
 
 
-def prompt_ids(tokenizer, text: str, field_name: str) -> list[int]:
-    """The 77 token ids of a one-chunk prompt (BOS, tokens, EOS, padding)."""
-    from danqing.conditioning.prompt_parser import prompt_schedule
-    from danqing.conditioning.text import tokenize_prompt
+def prompt_ids(tokenizer, text: str, field_name: str, embeddings=()) -> list[int]:
+    """The 77 token ids of a one-chunk prompt (BOS, tokens, EOS, padding).
 
+    Args:
+        embeddings: the request's textual-inversion ``Embedding``s, as the encoder sees them.
+    """
     if len(prompt_schedule(text, 1000)) > 1:
         raise InvalidRequest(field_name, "prompt editing and alternation ([a:b:n], [a|b]) cannot be combined "
                              "with Prompt-to-Prompt; write the prompt plainly")
-    from danqing.customise.embeddings import active_embeddings
-
-    embeddings = {e.name: e for e in active_embeddings()}  # textual inversion, as the encoder sees it
+    embeddings = {e.name: e for e in embeddings}
     chunks = tokenize_prompt(tokenizer, text, tuple(embeddings.values()))
     if len(chunks) > 1:
         raise InvalidRequest(field_name, f"Prompt-to-Prompt needs a prompt of at most 75 tokens (one chunk); "
@@ -73,8 +83,6 @@ def changed_tokens(src: list[int], tgt: list[int], ignore: set[int] = frozenset(
 def blend_mask(maps: torch.Tensor, threshold: float = BLEND_THRESHOLD) -> torch.Tensor:
     """(n, h, w) summed attention of the edited words -> (n, 1, h, w) 0/1 mask: dilated by one
     latent pixel (3x3 max-pool), normalised by each map's maximum, thresholded."""
-    import torch.nn.functional as F
-
     m = F.max_pool2d(maps[:, None], kernel_size=3, stride=1, padding=1)
     m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
     return (m > threshold).to(maps.dtype)
@@ -124,8 +132,6 @@ def reweight_vector(tokenizer, ids: list[int], reweight) -> torch.Tensor:
 
 def swap_words(prompt: str, swaps: dict[str, str]) -> str:
     """``prompt`` with whole words replaced (``{"red": "green"}``); a word not in it is an error."""
-    import re
-
     out = prompt
     for old, new in swaps.items():
         pattern = re.compile(rf"(?<!\w){re.escape(old)}(?!\w)")
@@ -169,8 +175,6 @@ class P2PController:
 
     def _store(self, src: torch.Tensor, tgt: torch.Tensor) -> None:
         """Add the edited words' maps (averaged over heads, resized to the latents) to ``maps``."""
-        import torch.nn.functional as F
-
         h, w = self.latent_hw
         q = src.shape[2]
         hq = max(1, round((q * h / w) ** 0.5))
@@ -312,32 +316,27 @@ def counting_denoise(controller: P2PController, inner):
 # -- running an edit -------------------------------------------------------------------------
 
 
-def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
+def run_p2p(comps, request, *, device, dtype, on_step=None, init=None, post: Finish | None = None,
+            context: ConditioningContext | None = None) -> PassResult:
     """Generate ``request.p2p_source`` and its edit ``request.prompt`` side by side.
 
     Args:
         init: a real picture (PIL) to edit: null-text inverted first (``danqing.editing.inversion``).
+        post: ``picture -> (picture, warnings)`` applied to each edited picture (face restoration).
+        context: the request's embeddings (Prompt-to-Prompt takes no image prompt).
 
     Returns:
-        ``EditOutput`` with the edited pictures, plus ``sources`` (the source pictures: generated,
+        ``PassResult`` with the edited pictures, plus ``sources`` (the source pictures: generated,
         or the inversion's reconstruction of ``init``) and ``inversion`` when there was one.
     """
-    from danqing.conditioning.text import TextEncoder, pad_to_chunks
-    from danqing.decode import decode_latents, to_pil, vae_scale_factor
-    from danqing.editing.img2img import EditOutput
-    from danqing.sampling.loop import Conditioning, ConditioningSchedule, denoise, sample
-    from danqing.sampling.noise import initial_noise, make_generators
-    from danqing.sampling.samplers import make_scheduler
-
-    from danqing.conditioning.prompt_parser import strip_extra_networks
-
+    context = context or ConditioningContext()
     n = request.batch_size
     use_cfg = request.cfg_scale > 1.0
     tok = comps.tokenizer
     source_text = strip_extra_networks(request.p2p_source)[0]  # <lora:> tags act on the weights
     target_text = strip_extra_networks(request.prompt)[0]
-    src_ids = prompt_ids(tok, source_text, "p2p_source")
-    tgt_ids = prompt_ids(tok, target_text, "prompt")
+    src_ids = prompt_ids(tok, source_text, "p2p_source", context.embeddings)
+    tgt_ids = prompt_ids(tok, target_text, "prompt", context.embeddings)
     mapper, alpha = align_tokens(src_ids, tgt_ids)
     weights = reweight_vector(tok, tgt_ids, request.p2p_reweight)
     blend_src, blend_tgt = [], []
@@ -347,7 +346,7 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
             blend_tgt = [i for i, w in enumerate(weights.tolist()) if w != 1.0]
             blend_src = list(blend_tgt) if src_ids == tgt_ids else []
 
-    encoder = TextEncoder(comps, clip_skip=request.clip_skip)
+    encoder = context.text_encoder(comps, request.clip_skip)
     src = encoder.encode(source_text)
     tgt = encoder.encode(target_text)
     neg = pad_to_chunks(encoder.encode(request.negative_prompt, negative=True), 1, encoder.empty_chunk(negative=True))
@@ -362,18 +361,15 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
             pooled = torch.cat([src.pooled.expand(n, -1), tgt.pooled.expand(n, -1)])
             if use_cfg:
                 pooled = torch.cat([neg.pooled.expand(2 * n, -1), pooled])
-            time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]],
-                                    dtype=pooled.dtype, device=pooled.device)
-            added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+            added = {"text_embeds": pooled,
+                     "time_ids": sdxl_time_ids("sdxl", request.height, request.width, pooled.shape[0], use_cfg=False,
+                                               dtype=pooled.dtype, device=pooled.device)}
         return Conditioning(context, added)
 
     factor = vae_scale_factor(comps.vae)
     shape = (comps.unet.config.in_channels, request.height // factor, request.width // factor)
     inversion = None
     if init is not None:
-        from danqing.editing.images import resize_image
-        from danqing.editing.inversion import null_text_inversion
-
         picture = resize_image(init, request.width, request.height, request.resize_mode)
         inversion = null_text_inversion(comps, picture, src.hidden, neg.hidden, steps=request.steps,
                                         cfg_scale=request.cfg_scale, iterations=request.null_text_iterations,
@@ -382,18 +378,15 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
     else:
         schedule = ConditioningSchedule([request.steps], [conditioning(neg.hidden)])
 
-    latents_out, sources, edited, seeds, subseeds, interrupted = [], [], [], [], [], False
-    for b in range(request.batch_count):
-        bseeds = [request.seed + b * n + i for i in range(n)]
-        bsub = [request.subseed + b * n + i for i in range(n)]
-        scheduler = make_scheduler(comps.scheduler_config, request.sampler, request.schedule,
-                                   seed=bseeds + bseeds)
+    warnings: list[str] = []
+    batches = Batches(request, device, repeat=2)  # the same noise for a source and its edit
+    for batch in batches:
+        scheduler = batch.scheduler(comps.scheduler_config, request.sampler, request.schedule)
         if inversion is not None:
             noise = inversion.latents.to(device=device, dtype=dtype).expand(2 * n, -1, -1, -1).clone()
             gens = None
         else:
-            # the same noise for a source and its edit: each seed's generator twice
-            gens = make_generators(bseeds + bseeds, "cpu" if request.rng == "cpu" else device)
+            gens = batch.generators
             noise = initial_noise(shape, gens).to(device=device, dtype=dtype)
         scheduler.set_timesteps(request.steps, device=device)
         evaluations = len(scheduler.timesteps)
@@ -404,17 +397,13 @@ def run_p2p(comps, request, *, device, dtype, on_step=None, init=None):
                                    blend_start=int(BLEND_START * evaluations), latent_hw=shape[1:],
                                    feature_end=int(request.p2p_features * evaluations))
         with attention_processors(comps.unet, P2PAttnProcessor(controller)), feature_injection(comps.unet, controller):
-            result = sample(comps.unet, scheduler, noise, schedule, steps=request.steps,
-                            cfg_scale=request.cfg_scale, generators=gens, on_step=on_step, family=comps.family,
-                            batch_index=b, batch_count=request.batch_count,
-                            denoise_fn=counting_denoise(controller, denoise), after_step=controller.blend)
-        pictures = to_pil(decode_latents(comps.vae, result.latents))
-        sources += pictures[:n]
-        edited += pictures[n:]
-        latents_out.append(result.latents[n:])
-        seeds += bseeds
-        subseeds += bsub
-        if result.interrupted:
-            interrupted = True
-            break
-    return EditOutput(edited, latents_out, seeds, subseeds, interrupted, sources=sources, inversion=inversion)
+            sampled = batch.sample(comps, noise, schedule, sampler=request.sampler, schedule=request.schedule,
+                                   steps=request.steps, cfg_scale=request.cfg_scale, on_step=on_step,
+                                   scheduler=scheduler, generators=gens,
+                                   denoise_fn=counting_denoise(controller, denoise), after_step=controller.blend)
+        pictures = to_pil(decode_latents(comps.vae, sampled.latents))
+        batches.result.sources += pictures[:n]
+        batches.record(batch, sampled, latents=sampled.latents[n:],
+                       images=finish_pictures(pictures[n:], post, warnings))
+    batches.result.inversion, batches.result.warnings = inversion, warnings
+    return batches.result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -16,13 +16,19 @@ USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes the infotext of JP
 EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment belongs (piexif and A1111 put it there)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+def _open_temp(folder: Path, name: str) -> tuple[Path, object]:
+    """A new temp file ``.NAME.RANDOM.tmp`` in ``folder``, opened for binary writing. It is
+    created with mode 0666 and the kernel applies the umask, so it gets the mode a plain open()
+    would give (``tempfile`` makes private 0600 files, and the umask can only be read by
+    setting it, which would race with other threads)."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, "wb")
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
 def _exists_message(path: Path) -> str:
@@ -69,12 +75,10 @@ def _write_atomic(path: Path, write, *, overwrite: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp: Path | None = None
     try:
-        with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
-            tmp = Path(f.name)
-            # NamedTemporaryFile makes the file private (0600); give it the mode a plain open() would
-            # (or keep the mode of the file being replaced).
-            mode = path.stat().st_mode & 0o7777 if overwrite and path.exists() else 0o666 & ~_UMASK
-            os.chmod(tmp, mode)
+        tmp, f = _open_temp(path.parent, path.name)
+        with f:
+            if overwrite and path.exists():  # keep the mode of the file being replaced
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
             write(f)
             f.flush()
             os.fsync(f.fileno())

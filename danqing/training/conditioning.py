@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from danqing.conditioning.schedule import sdxl_time_ids
 from danqing.conditioning.text import TextEncoder
 from danqing.errors import InvalidRequest
 
@@ -28,7 +29,7 @@ def text_conditioning(comps, texts: list[str], size: tuple[int, int], device) ->
     o2 = comps.text_encoder_2(tokenize(comps.tokenizer_2, texts, device), output_hidden_states=True)
     ctx = torch.cat([h1, o2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
     w, h = size
-    ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ctx.dtype, device=device).expand(len(texts), -1)
+    ids = sdxl_time_ids("sdxl", h, w, len(texts), use_cfg=False, dtype=ctx.dtype, device=device)
     return ctx, {"text_embeds": o2.text_embeds, "time_ids": ids}
 
 
