@@ -22,7 +22,7 @@ LAYERS = (
     ("base", {"errors", "settings", "pictures", "preprocess"}),
     ("models", {"models"}),
     ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs"}),
-    ("editing", {"editing"}),
+    ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
     ("workflows", {"apps", "training", "synthetic"}),
     ("shells", {"server", "cli", "danqing"}),
