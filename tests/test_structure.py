@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1] / "danqing"
 # ``danqing`` (dotted below it, e.g. "models.loader"; the most specific entry wins); "danqing"
 # itself is the package's __init__, the public API.
 LAYERS = (
-    ("base", {"errors", "settings", "pictures", "preprocess"}),
+    ("base", {"errors", "pictures", "preprocess"}),
     ("models", {"models"}),
-    ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs"}),
+    ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs", "settings"}),
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
     ("workflows", {"apps", "training", "synthetic"}),

@@ -1,5 +1,14 @@
-"""Running model upscalers and face restorers (spandrel descriptors), tiled, and the library of
-installed ones. Finding and loading the files is ``danqing.models.upscalers``'; placing and
+"""Model upscalers and face restorers from user-provided weight files, through spandrel.
+
+Files (``.pth``, ``.pt``, ``.safetensors``) are looked for in these folders of the models
+folder; the name is the file's stem (the first folder in this order wins a clash):
+
+    upscalers/  ESRGAN/  RealESRGAN/  SwinIR/  DAT/  HAT/     super-resolution models
+    face_restore/  GFPGAN/  Codeformer/                       face restoration models
+
+spandrel (https://github.com/chaiNNer-org/spandrel) reads the architecture and its
+hyper-parameters from the state dict (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, GFPGAN, ...), so
+no network is written by hand. Loading a file is ``danqing.models.upscalers``'; placing and
 caching the models is the ModelManager's (``load_upscaler``).
 
 Tiling (``upscale_tensor``): the picture is cut into ``tile`` x ``tile`` pieces overlapping by
@@ -10,6 +19,7 @@ picture. SD upscale (``danqing.editing.upscale``) tiles the same way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +28,31 @@ import torch
 from PIL import Image
 
 from danqing.errors import InvalidRequest
-from danqing.models.upscalers import FACE_FOLDERS, UPSCALER_FOLDERS, find_files, import_spandrel
+from danqing.models.upscalers import import_spandrel
 
 BUILTIN = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}  # the upscalers without a model file
+UPSCALER_FOLDERS = ("upscalers", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
+FACE_FOLDERS = ("face_restore", "GFPGAN", "Codeformer")
+SUFFIXES = (".pth", ".pt", ".safetensors")
 DEFAULT_TILE, DEFAULT_OVERLAP = 256, 32  # input pixels; A1111's ESRGAN_tile is 192, overlap 8
 MAX_PASSES = 3  # as A1111: a x4 model runs twice for x8, and Lanczos takes it to the exact size
+
+
+def find_files(models_dir: Path, folders: tuple[str, ...]) -> dict[str, Path]:
+    """name (file stem) -> file, for the weight files under ``models_dir/<folder>`` (recursive),
+    in folder order; the first file of a name wins."""
+    out: dict[str, Path] = {}
+    for folder in folders:
+        root = Path(models_dir) / folder
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                if p.suffix.lower() in SUFFIXES and not fn.startswith("."):
+                    out.setdefault(p.stem, p)
+    return out
 
 
 def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:

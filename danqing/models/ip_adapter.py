@@ -1,4 +1,4 @@
-"""Loading IP-Adapters (Ye et al. 2023) and their CLIP vision encoders from the models folder.
+"""Reading IP-Adapter files (Ye et al. 2023) and loading their CLIP vision image encoders.
 
 Files (user-provided, local only):
 
@@ -8,19 +8,18 @@ Files (user-provided, local only):
 - ``models/clip_vision/<folder>/``: a transformers ``CLIPVisionModelWithProjection`` folder
   (``config.json`` + weights; the ``image_encoder`` folder of the IP-Adapter release).
 
-Installing an adapter on the UNet for one request and encoding the pictures is
-``danqing.customise.ip_adapter``'s.
+Finding them in the models folder, encoding the pictures and installing an adapter on the UNet
+for one request is ``danqing.customise.ip_adapter``'s.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from danqing.errors import CorruptModel, InvalidRequest, ModelNotFound
+from danqing.errors import CorruptModel, ModelNotFound
 
 ADAPTER_KIND = "ipadapter"
 ENCODER_KIND = "clip_vision"
@@ -86,94 +85,3 @@ def image_processor(folder: Path | None, size: int):
     if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
         return Processor.from_pretrained(folder, local_files_only=True)
     return Processor(size=size, crop_size=size)
-
-
-class IPAdapterLibrary:
-    """Finds IP-Adapter files and CLIP vision encoders in the models folder; caches what it
-    read (adapter state dicts by path and mtime, encoders by folder -- immutable inputs, not
-    request state). Encoders are placed by the ModelManager.
-
-    Args:
-        registry: the models-folder ``Registry``; manager: the ``ModelManager``.
-    """
-
-    def __init__(self, registry, manager):
-        self.registry = registry
-        self.manager = manager
-        self._lock = threading.Lock()
-        self._states: dict[str, tuple[tuple, dict]] = {}
-        self._encoders: dict[str, tuple] = {}
-
-    def adapters(self) -> list:
-        root = self.registry.models_dir / ADAPTER_KIND
-        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES) if root.is_dir() else []
-
-    def encoders(self) -> list:
-        root = self.registry.models_dir / ENCODER_KIND
-        return sorted(p.parent for p in root.rglob("config.json")) if root.is_dir() else []
-
-    def adapter_path(self, name: str | None) -> Path:
-        """The adapter file called ``name`` (file name, stem or path); None = the only one."""
-        found = self.adapters()
-        where = self.registry.models_dir / ADAPTER_KIND
-        if name is None:
-            if len(found) == 1:
-                return found[0]
-            if not found:
-                raise ModelNotFound(f"no IP-Adapter in {where}; put the weight file there (e.g. "
-                                    "ip-adapter_sd15.safetensors, or the .bin with image_proj and ip_adapter)")
-            raise InvalidRequest("ip_adapter", f"several IP-Adapters are installed; name one of "
-                                 f"{', '.join(p.stem for p in found)}")
-        p = Path(name).expanduser()
-        if p.is_file():
-            return p
-        for f in found:
-            if name in (f.name, f.stem, f.relative_to(where).with_suffix("").as_posix()):
-                return f
-        raise ModelNotFound(f"IP-Adapter {name!r} not found in {where}; put the weight file (.safetensors or .bin) "
-                            f"there; installed: {', '.join(f.stem for f in found) or 'none'}")
-
-    def encoder_path(self, name: str | None) -> Path:
-        """The CLIP vision encoder folder called ``name``; None = the only one."""
-        found = self.encoders()
-        where = self.registry.models_dir / ENCODER_KIND
-        hint = (f"put the CLIP vision encoder folder (CLIPVisionModelWithProjection: config.json + "
-                f"model.safetensors, the IP-Adapter release's image_encoder/) in {where}/")
-        if name is None:
-            if len(found) == 1:
-                return found[0]
-            if not found:
-                raise ModelNotFound(f"IP-Adapter needs an image encoder and {where} has none; {hint}")
-            raise InvalidRequest("ip_adapter_encoder", f"several image encoders are installed; name one of "
-                                 f"{', '.join(p.name for p in found)}")
-        p = Path(name).expanduser()
-        if p.is_dir():
-            return p
-        for f in found:
-            if name in (f.name, f.relative_to(where).as_posix()):
-                return f
-        raise ModelNotFound(f"image encoder {name!r} not found; {hint} (installed: "
-                            f"{', '.join(f.name for f in found) or 'none'})")
-
-    def state(self, path: Path) -> dict:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            hit = self._states.get(str(path))
-            if hit and hit[0] == stamp:
-                return hit[1]
-        state = read_ip_adapter(path)
-        with self._lock:
-            self._states = {str(path): (stamp, state)}  # keep one
-        return state
-
-    def encoder(self, folder: Path):
-        with self._lock:
-            hit = self._encoders.get(str(folder))
-        if hit is not None:
-            return hit
-        encoder, processor = load_image_encoder(folder)
-        self.manager.place_module(encoder)
-        with self._lock:
-            self._encoders = {str(folder): (encoder, processor)}  # keep one
-        return encoder, processor

@@ -1,33 +1,24 @@
-"""Loading model upscalers and face restorers from user-provided weight files, through spandrel.
-
-Files (``.pth``, ``.pt``, ``.safetensors``) are looked for in these folders of the models
-folder; the name is the file's stem (the first folder in this order wins a clash):
-
-    upscalers/  ESRGAN/  RealESRGAN/  SwinIR/  DAT/  HAT/     super-resolution models
-    face_restore/  GFPGAN/  Codeformer/                       face restoration models
+"""Loading model upscalers and face restorers (``.pth``, ``.pt``, ``.safetensors`` files the
+user provides) through spandrel.
 
 spandrel (https://github.com/chaiNNer-org/spandrel) reads the architecture and its
 hyper-parameters from the state dict (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, GFPGAN, ...), so
 no network is written by hand here. Pickle files are read by spandrel's restricted unpickler
 (tensors and plain containers only; the same guarantee as ``torch.load(weights_only=True)``).
-Placing and caching the models is the ModelManager's (``load_upscaler``); running them, tiled,
-is ``danqing.editing.upscalers``'.
+Placing and caching the models is the ModelManager's (``load_upscaler``); finding the files in
+the models folder and running the models, tiled, is ``danqing.editing.upscalers``'.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
 
 from danqing.errors import ModelError
 
-UPSCALER_FOLDERS = ("upscalers", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
-FACE_FOLDERS = ("face_restore", "GFPGAN", "Codeformer")
-SUFFIXES = (".pth", ".pt", ".safetensors")
 _STANDINS = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
 
 
@@ -71,23 +62,6 @@ def import_spandrel():
         for name in _STANDINS:
             sys.modules.pop(name, None)
     return spandrel
-
-
-def find_files(models_dir: Path, folders: tuple[str, ...]) -> dict[str, Path]:
-    """name (file stem) -> file, for the weight files under ``models_dir/<folder>`` (recursive),
-    in folder order; the first file of a name wins."""
-    out: dict[str, Path] = {}
-    for folder in folders:
-        root = Path(models_dir) / folder
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                p = Path(dirpath) / fn
-                if p.suffix.lower() in SUFFIXES and not fn.startswith("."):
-                    out.setdefault(p.stem, p)
-    return out
 
 
 def load_descriptor(path: Path):
