@@ -29,7 +29,6 @@ import contextlib
 import contextvars
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -37,6 +36,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelError
+from danqing.outputs.files import atomic_save, exists_message
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 FORMATS = ("A1111 .pt (string_to_param), .safetensors (emb_params, or clip_l + clip_g for SDXL), "
@@ -210,15 +210,12 @@ def save_embedding_a1111(path: str | os.PathLike, name: str, vectors: Mapping[st
     if suffix not in (".safetensors", ".pt"):
         raise InvalidRequest("path", f"an A1111 embedding is written as .safetensors or .pt, got {suffix or '(none)'!r}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+        raise FileExistsError(exists_message(path))
     vecs = parse_embedding_dict(dict(vectors), name)  # a lone {key: tensor} reads as emb_params
     vecs = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vecs.items()}
     meta = dict(meta or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -233,10 +230,8 @@ def save_embedding_a1111(path: str | os.PathLike, name: str, vectors: Mapping[st
                 data.update(vecs)
             data.update({k: v for k, v in meta.items() if k not in data and isinstance(v, (str, int, float))})
             torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_save(path, write, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from danqing.errors import IncompatibleModel, InvalidRequest
+from danqing.outputs.files import atomic_save
 
 METHODS = ("weighted-sum", "add-difference")
 RECIPE_KEY = "danqing.merge_recipe"
@@ -334,7 +335,6 @@ def extract_lora(registry, base: str, tuned: str, out: Path, *, rank: int = 32, 
     """
     from safetensors.torch import save_file
 
-    from danqing.models.single_file import _publish
 
     if rank < 1:
         raise InvalidRequest("rank", f"must be at least 1, got {rank}")
@@ -369,12 +369,8 @@ def extract_lora(registry, base: str, tuned: str, out: Path, *, rank: int = 32, 
             "ss_network_alpha": str(rank), "ss_base_model_version": base_version,
             "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)}) if conv_rank else "{}",
             "modelspec.architecture": _architecture(family) + "/lora", "modelspec.title": out.stem}
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        _publish(tmp, out, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_save(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)
     return out, notes
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound
 from danqing.models.components import Components
 from danqing.models.registry import ModelEntry
+from danqing.outputs.files import atomic_save_dir, exists_message
 
 BUILTIN_CONFIG = "tiny-sd1"
 BUILTIN_SEED = 0
@@ -169,28 +170,27 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
     and by ``load_diffusers_folder``). Refuses to write into an existing folder."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
-    tmp = path.with_name(path.name + ".tmp")
+        raise FileExistsError(exists_message(path))
     pipeline = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}.get(
         comps.family, "StableDiffusionPipeline")
-    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
-    if comps.family == "sdxl-refiner":
-        index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
-    for name, module in comps.modules().items():
-        module.save_pretrained(tmp / name, safe_serialization=True)
-        lib = "diffusers" if name in ("unet", "vae") else "transformers"
-        index[name] = [lib, type(module).__name__]
-    for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
-        if tok is not None:
-            tok.save_pretrained(tmp / name)
-            index[name] = ["transformers", "CLIPTokenizer"]
-    sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
-    sched["prediction_type"] = comps.prediction_type
-    (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index["scheduler"] = ["diffusers", sched["_class_name"]]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    import os
 
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+        if comps.family == "sdxl-refiner":
+            index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        for name, module in comps.modules().items():
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            lib = "diffusers" if name in ("unet", "vae") else "transformers"
+            index[name] = [lib, type(module).__name__]
+        for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
+            if tok is not None:
+                tok.save_pretrained(tmp / name)
+                index[name] = ["transformers", "CLIPTokenizer"]
+        sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
+        sched["prediction_type"] = comps.prediction_type
+        (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        index["scheduler"] = ["diffusers", sched["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    return atomic_save_dir(path, write)

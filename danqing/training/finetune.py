@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from danqing.errors import InvalidRequest
+from danqing.outputs.files import atomic_save, atomic_save_dir
 from danqing.training.base import _write_json_line, latest_checkpoint, new_accelerator  # same log, checkpoints/step-N
 
 Log = Callable[[str], None]
@@ -302,18 +302,6 @@ def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving LoRA files
 # ---------------------------------------------------------------------------------------------
-def _atomic_file(write: Callable[[Path], None], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def lora_state_dicts(comps) -> dict[str, dict[str, torch.Tensor]]:
     """{component: peft LoRA state dict} of the adapters ``add_lora`` put on ``comps``."""
     from peft.utils import get_peft_model_state_dict
@@ -361,15 +349,16 @@ def save_lora(comps, net_cfg, out_dir: Path, name: str, formats, metadata: dict[
         for word, vecs in (bundled or {}).items():
             for key, v in vecs.items():
                 sd[f"bundle_emb.{word}.{'string_to_param.*' if key == 'emb_params' else key}"] = v.contiguous()
-        paths.append(_atomic_file(lambda p: save_file(sd, str(p), metadata=metadata), out_dir / f"{name}.safetensors"))
+        paths.append(atomic_save(out_dir / f"{name}.safetensors", lambda p: save_file(sd, str(p), metadata=metadata),
+                                 overwrite=True))
     if "diffusers" in formats:
         flat = {f"{comp}.{k}": v for comp, sd in sds.items() for k, v in sd.items()}
         header = {comp + "." + k: v for comp in sds
                   for k, v in getattr(comps, comp).peft_config["default"].to_dict().items()}
         meta = dict(metadata, lora_adapter_metadata=json.dumps(header, default=list, sort_keys=True), format="pt")
         folder = out_dir / f"{name}-diffusers"
-        paths.append(_atomic_file(lambda p: save_file(flat, str(p), metadata=meta),
-                                  folder / "pytorch_lora_weights.safetensors"))
+        paths.append(atomic_save(folder / "pytorch_lora_weights.safetensors",
+                                 lambda p: save_file(flat, str(p), metadata=meta), overwrite=True))
     return paths
 
 
@@ -741,14 +730,13 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
         log(f"generating {len(prompts)} class images with the base model")
         imgs = generate_images(comps, prompts, seed=10_000, steps=p.sample_steps, cfg_scale=7.0,
                                size=cfg.data.resolution)
-        tmp = folder.with_name("class_images.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, (im, text) in enumerate(zip(imgs, prompts)):
-            im.save(tmp / f"{i:04d}.png")
-            (tmp / f"{i:04d}.txt").write_text(text, encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+        def write(tmp: Path) -> None:
+            for i, (im, text) in enumerate(zip(imgs, prompts)):
+                im.save(tmp / f"{i:04d}.png")
+                (tmp / f"{i:04d}.txt").write_text(text, encoding="utf-8")
+
+        atomic_save_dir(folder, write, overwrite=True)
     return caption_folder(folder)
 
 
