@@ -122,11 +122,9 @@ class Studio:
         ip_images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
 
         if request.enable_hr:
-            from danqing.editing.hires import hires_upscalers
+            from danqing.editing.hires import check_hires_upscaler
 
-            if request.hr_upscaler not in hires_upscalers(self.upscalers):
-                raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                     f"installed: {', '.join(hires_upscalers(self.upscalers))}")
+            check_hires_upscaler(request.hr_upscaler, self.upscalers)
 
         if request.restore_faces:  # the face model named (the first installed if none), checked before loading
             request = request.replace(face_restoration_model=self.upscalers.face_model_name(request.face_restoration_model))

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from danqing.cache import LRUCache, file_key
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelError
 from danqing.outputs.files import atomic_save, exists_message
 
@@ -381,11 +382,8 @@ class EmbeddingLibrary:
     """
 
     def __init__(self, registry):
-        import threading
-
         self.registry = registry
-        self._cache: dict[str, tuple[tuple, Embedding]] = {}
-        self._lock = threading.Lock()
+        self._cache: LRUCache[Embedding] = LRUCache(256)
 
     def entries(self) -> dict[str, Path]:
         """name -> file of every embedding file in the folder (first one wins on a clash)."""
@@ -396,16 +394,7 @@ class EmbeddingLibrary:
         return out
 
     def load(self, path: Path) -> Embedding:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            hit = self._cache.get(str(path))
-            if hit and hit[0] == stamp:
-                return hit[1]
-        emb = load_embedding(path)
-        with self._lock:
-            self._cache[str(path)] = (stamp, emb)
-        return emb
+        return self._cache.get_or_load(file_key(path), lambda: load_embedding(path))
 
     def for_prompts(self, texts: Iterable[str], comps) -> list[Embedding]:
         """The embeddings whose names occur in ``texts`` (token match, as A1111), loaded and
