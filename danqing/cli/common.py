@@ -88,11 +88,11 @@ class OutTarget:
         """The folder where side files (an outpaint canvas and mask) go."""
         return self.folder if self.folder is not None else self.file.parent
 
-    def check_free(self, count: int, variants: tuple[str, ...] = ("",)) -> None:
-        """Refuse (one line) before any work when one of ``count`` planned files exists (with
-        ``variants``: also NAME-source.png and the like beside each)."""
+    def check_free(self, count: int, variants: tuple[str, ...] = ("",), start: int = 0) -> None:
+        """Refuse (one line) before any work when one of the ``count`` planned files from picture
+        ``start`` on exists (with ``variants``: also NAME-source.png and the like beside each)."""
         if self.file is not None:
-            refuse_existing(*(p.with_name(p.stem + v + p.suffix) for p in self.files(count) for v in variants))
+            refuse_existing(*(p.with_name(p.stem + v + p.suffix) for p in self.files(count, start) for v in variants))
 
 
 def refuse_existing(*paths: Path) -> None:
@@ -165,7 +165,7 @@ def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *,
     studio = studio or make_studio(settings)
     single_file = target.file is not None
     if single_file:
-        target.check_free(start + pictures_of(request))
+        target.check_free(pictures_of(request), start=start)
     total = request.steps * request.batch_count
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
