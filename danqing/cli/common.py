@@ -1,8 +1,9 @@
 """What every command shares: the Typer app and its global options, ``main``, where ``--out``
 writes (``out_target``) and the run of one generation request with a progress bar.
 
-Library modules that import torch (the studio, requests, editing) are imported inside the
-command bodies, so that ``danqing --help`` answers without loading them.
+Library modules that import torch, numpy or Pillow (the studio, requests, editing, picture
+files) are imported inside the command bodies, so that ``danqing --help`` answers in well under
+a second without loading them; every command module follows this rule.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import typer
 
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.outputs.files import exists_message
-from danqing.settings import Settings, force_offline
+from danqing.outputs.infotext import format_infotext, parse_infotext
+from danqing.settings import Settings, force_offline, quiet_libraries
 
 app = typer.Typer(
     help="丹青 danqing: offline AI painting studio.",
@@ -42,8 +44,6 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: offline first, then the Typer app; our errors become one line and exit 2."""
-    from danqing.settings import quiet_libraries
-
     args = sys.argv[1:] if argv is None else list(argv)
     force_offline()
     try:
@@ -179,8 +179,7 @@ def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *,
         _save_files(result, target.files(len(result.images), start))
     warnings = list(result.warnings)
     if source_infotext is not None:  # --from: the embeddings the original used, as they are now
-        from danqing.customise.embeddings import ti_hash_changes
-        from danqing.outputs.infotext import parse_infotext
+        from danqing.customise.embeddings import ti_hash_changes  # lazy: imports torch
 
         warnings += ti_hash_changes(parse_infotext(source_infotext)[2].get("TI hashes"),
                                     parse_infotext(result.infotexts[0])[2].get("TI hashes"))
@@ -196,8 +195,7 @@ def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *,
 def _save_files(result, paths: list[Path]) -> None:
     """The pictures of ``result`` under the given names; Prompt-to-Prompt's unedited pictures as
     NAME-source.png beside them, as ``Studio.generate`` writes them into a folder."""
-    from danqing.outputs.infotext import format_infotext, parse_infotext
-    from danqing.outputs.store import save_png
+    from danqing.outputs.store import save_png  # lazy: Pillow
 
     for img, path, text in zip(result.images, paths, result.infotexts):
         result.paths.append(save_png(img, path, text))
