@@ -87,6 +87,15 @@ def publish(tmp: Path, path: Path, overwrite: bool = False) -> None:
         os.replace(tmp, path)
 
 
+def _target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` checked (refused when it exists and not ``overwrite``), its folder created."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(exists_message(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Write a file with ``writer(temporary path)``, then move it to ``path`` atomically.
 
@@ -102,10 +111,7 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None], *, over
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false (nothing is written).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(exists_message(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _target(path, overwrite)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -143,10 +149,7 @@ def atomic_save_dir(path: str | os.PathLike, writer: Callable[[Path], None], *, 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false (nothing is written).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(exists_message(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _target(path, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
