@@ -153,10 +153,7 @@ class Studio:
         """Step 1: the hires upscaler and the face-restoration model exist (the face model named:
         the first installed when the request names none)."""
         if request.enable_hr:
-            names = hires.hires_upscalers(self.upscalers)
-            if request.hr_upscaler not in names:
-                raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                     f"installed: {', '.join(names)}")
+            hires.check_hires_upscaler(request.hr_upscaler, self.upscalers)
         if request.restore_faces:
             request = request.replace(face_restoration_model=self.upscalers.face_model_name(request.face_restoration_model))
         return request

@@ -29,14 +29,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from danqing.cache import LRUCache, file_key
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelError
+from danqing.outputs.files import atomic_save, exists_message
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 FORMATS = ("A1111 .pt (string_to_param), .safetensors (emb_params, or clip_l + clip_g for SDXL), "
@@ -210,15 +211,12 @@ def save_embedding_a1111(path: str | os.PathLike, name: str, vectors: Mapping[st
     if suffix not in (".safetensors", ".pt"):
         raise InvalidRequest("path", f"an A1111 embedding is written as .safetensors or .pt, got {suffix or '(none)'!r}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+        raise FileExistsError(exists_message(path))
     vecs = parse_embedding_dict(dict(vectors), name)  # a lone {key: tensor} reads as emb_params
     vecs = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vecs.items()}
     meta = dict(meta or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -233,10 +231,8 @@ def save_embedding_a1111(path: str | os.PathLike, name: str, vectors: Mapping[st
                 data.update(vecs)
             data.update({k: v for k, v in meta.items() if k not in data and isinstance(v, (str, int, float))})
             torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_save(path, write, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +360,8 @@ class EmbeddingLibrary:
     """
 
     def __init__(self, registry):
-        import threading
-
         self.registry = registry
-        self._cache: dict[str, tuple[tuple, Embedding]] = {}
-        self._lock = threading.Lock()
+        self._cache: LRUCache[Embedding] = LRUCache(256)
 
     def entries(self) -> dict[str, Path]:
         """name -> file of every embedding file in the folder (first one wins on a clash)."""
@@ -379,16 +372,7 @@ class EmbeddingLibrary:
         return out
 
     def load(self, path: Path) -> Embedding:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            hit = self._cache.get(str(path))
-            if hit and hit[0] == stamp:
-                return hit[1]
-        emb = load_embedding(path)
-        with self._lock:
-            self._cache[str(path)] = (stamp, emb)
-        return emb
+        return self._cache.get_or_load(file_key(path), lambda: load_embedding(path))
 
     def for_prompts(self, texts: Iterable[str], comps) -> list[Embedding]:
         """The embeddings whose names occur in ``texts`` (token match, as A1111), loaded and

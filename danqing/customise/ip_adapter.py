@@ -28,13 +28,13 @@ Files (user-provided, local only):
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from danqing.cache import LRUCache, file_key
 from danqing.errors import InvalidRequest, ModelNotFound
 from danqing.models.ip_adapter import ADAPTER_KIND, ENCODER_KIND, SUFFIXES, load_image_encoder, read_ip_adapter
 
@@ -135,9 +135,8 @@ class IPAdapterLibrary:
     def __init__(self, registry, manager):
         self.registry = registry
         self.manager = manager
-        self._lock = threading.Lock()
-        self._states: dict[str, tuple[tuple, dict]] = {}
-        self._encoders: dict[str, tuple] = {}
+        self._states: LRUCache[dict] = LRUCache(1)
+        self._encoders: LRUCache[tuple] = LRUCache(1)
 
     def adapters(self) -> list:
         root = self.registry.models_dir / ADAPTER_KIND
@@ -191,26 +190,14 @@ class IPAdapterLibrary:
                             f"{', '.join(f.name for f in found) or 'none'})")
 
     def state(self, path: Path) -> dict:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            hit = self._states.get(str(path))
-            if hit and hit[0] == stamp:
-                return hit[1]
-        state = read_ip_adapter(path)
-        with self._lock:
-            self._states = {str(path): (stamp, state)}  # keep one
-        return state
+        return self._states.get_or_load(file_key(path), lambda: read_ip_adapter(path))
 
     def encoder(self, folder: Path):
-        with self._lock:
-            hit = self._encoders.get(str(folder))
-        if hit is not None:
-            return hit
+        return self._encoders.get_or_load(str(folder), lambda: self._load_encoder(folder))
+
+    def _load_encoder(self, folder: Path) -> tuple:
         encoder, processor = load_image_encoder(folder)
         self.manager.place_module(encoder)
-        with self._lock:
-            self._encoders = {str(folder): (encoder, processor)}  # keep one
         return encoder, processor
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from danqing.cache import LRUCache
 from danqing.conditioning.prompt_parser import strip_extra_networks
 from danqing.customise.embeddings import Embedding, check_fits, encoder_keys, name_ids
 from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, name_table, parse_bundled
@@ -510,22 +510,10 @@ class NetworkCache:
     """Parsed network files by (path, sha256), a few at a time (read-only data; no request state)."""
 
     def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._items: dict[tuple[str, str], tuple[dict[str, NetworkModule], dict]] = {}
-        self._lock = threading.Lock()
+        self._items: LRUCache[tuple[dict[str, NetworkModule], dict]] = LRUCache(capacity)
 
     def _entry(self, path: Path, sha256: str) -> tuple[dict[str, NetworkModule], dict]:
-        key = (str(path), sha256)
-        with self._lock:
-            if key in self._items:
-                self._items[key] = self._items.pop(key)
-                return self._items[key]
-        item = (read_network(path)[0], read_bundled(path))
-        with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.capacity:
-                self._items.pop(next(iter(self._items)))
-        return item
+        return self._items.get_or_load((str(path), sha256), lambda: (read_network(path)[0], read_bundled(path)))
 
     def get(self, path: Path, sha256: str) -> dict[str, NetworkModule]:
         return self._entry(path, sha256)[0]

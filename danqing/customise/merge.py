@@ -29,7 +29,8 @@ from danqing.customise import kohya
 from danqing.customise.lora import Activation, NetworkCache, bake_embeddings, bundled_embeddings, merge_into, resolve
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelNotFound
 from danqing.models.loader import describe_checkpoint, load_components
-from danqing.models.single_file import _publish, save_single_file
+from danqing.models.single_file import save_single_file
+from danqing.outputs.files import atomic_save
 from danqing.outputs.metadata import VERSION
 
 METHODS = ("weighted-sum", "add-difference")
@@ -340,12 +341,8 @@ def extract_lora(registry, base: str, tuned: str, out: Path, *, rank: int = 32, 
             "ss_network_alpha": str(rank), "ss_base_model_version": base_version,
             "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)}) if conv_rank else "{}",
             "modelspec.architecture": _architecture(family) + "/lora", "modelspec.title": out.stem}
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        _publish(tmp, out, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_save(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)
     return out, notes
 
 

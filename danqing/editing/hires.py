@@ -32,6 +32,14 @@ def hires_upscalers(library=None) -> list[str]:
     return list(LATENT_UPSCALERS) + upscaler_names(library)
 
 
+def check_hires_upscaler(name: str, library=None) -> None:
+    """Raise InvalidRequest unless ``name`` is one of ``hires_upscalers(library)``: the one
+    check of ``hr_upscaler`` (the CLI, ``Studio.generate`` and the server call it)."""
+    names = hires_upscalers(library)
+    if name not in names:
+        raise InvalidRequest("hr_upscaler", f"unknown upscaler {name!r}; installed: {', '.join(names)}")
+
+
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, *size) with one of A1111's latent modes."""
     mode, aa = LATENT_UPSCALERS[name]
@@ -66,9 +74,7 @@ def run_hires(comps, request, first: list[torch.Tensor], *, device, dtype, on_st
     Returns:
         ``PassResult`` with the latents of each batch (not decoded).
     """
-    if request.hr_upscaler not in hires_upscalers(upscalers):  # Studio.generate checks this before loading
-        raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                             f"installed: {', '.join(hires_upscalers(upscalers))}")
+    check_hires_upscaler(request.hr_upscaler, upscalers)  # Studio.generate checks it before loading too
     context = context or ConditioningContext()
     req2 = second_pass_request(request)
     f = vae_scale_factor(comps.vae)

@@ -4,7 +4,6 @@ the built-in random-weight model. Always local files only."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from danqing.models.families import builtin_components
 from danqing.models.registry import ModelEntry
 from danqing.models.single_file import detect_family, load_single_file, load_vae_file
 from danqing.models.tokenizer import clip_tokenizer
+from danqing.outputs.files import atomic_save_dir, exists_message
 
 
 def family_of_folder(unet_cfg: dict, te_cfg: dict | None, has_te2: bool) -> str:
@@ -138,26 +138,27 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
     and by ``load_diffusers_folder``). Refuses to write into an existing folder."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
-    tmp = path.with_name(path.name + ".tmp")
+        raise FileExistsError(exists_message(path))
     pipeline = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}.get(
         comps.family, "StableDiffusionPipeline")
-    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
-    if comps.family == "sdxl-refiner":
-        index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
-    for name, module in comps.modules().items():
-        module.save_pretrained(tmp / name, safe_serialization=True)
-        lib = "diffusers" if name in ("unet", "vae") else "transformers"
-        index[name] = [lib, type(module).__name__]
-    for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
-        if tok is not None:
-            tok.save_pretrained(tmp / name)
-            index[name] = ["transformers", "CLIPTokenizer"]
-    sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
-    sched["prediction_type"] = comps.prediction_type
-    (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index["scheduler"] = ["diffusers", sched["_class_name"]]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+        if comps.family == "sdxl-refiner":
+            index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        for name, module in comps.modules().items():
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            lib = "diffusers" if name in ("unet", "vae") else "transformers"
+            index[name] = [lib, type(module).__name__]
+        for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
+            if tok is not None:
+                tok.save_pretrained(tmp / name)
+                index[name] = ["transformers", "CLIPTokenizer"]
+        sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
+        sched["prediction_type"] = comps.prediction_type
+        (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        index["scheduler"] = ["diffusers", sched["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    return atomic_save_dir(path, write)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from danqing.cache import LRUCache, file_key
 from danqing.models.components import Components
 from danqing.models.control import load_control_model
 from danqing.models.loader import load_components, load_vae
@@ -84,11 +85,9 @@ class ModelManager:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.capacity = capacity
-        self._cache: dict[tuple, LoadedModel] = {}
-        self._controls: dict[str, LoadedControl] = {}
-        self.control_capacity = 4
-        self._upscalers: dict[tuple, object] = {}
-        self.upscaler_capacity = 2
+        self._cache: LRUCache[LoadedModel] = LRUCache(capacity, on_evict=self._evicted)
+        self._controls: LRUCache[LoadedControl] = LRUCache(4)
+        self._upscalers: LRUCache[object] = LRUCache(2)
         self._lock = threading.Lock()
 
     def load(self, model: str, vae: str | None = None) -> LoadedModel:
@@ -97,10 +96,9 @@ class ModelManager:
         vae_entry = self.registry.find("vae", vae) if vae else None
         key = (entry.name, str(entry.path), str(vae_entry.path) if vae_entry else None)
         with self._lock:
-            if key in self._cache:
-                loaded = self._cache.pop(key)
-                self._cache[key] = loaded  # most recently used last
-                return loaded
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
             comps = load_components(entry)
             if vae_entry is not None:
                 comps.vae = load_vae(vae_entry, comps.family, like=comps.vae)
@@ -112,42 +110,33 @@ class ModelManager:
                 sha256=self.registry.sha256(entry),
                 vae_sha256=self.registry.sha256(vae_entry) if vae_entry else None,
             )
-            while len(self._cache) >= self.capacity:
-                self._evict(next(iter(self._cache)))
-            self._cache[key] = loaded
-            return loaded
+            return self._cache.put(key, loaded)
 
     def load_control(self, name: str) -> LoadedControl:
         """A ControlNet / T2I-Adapter by name, hash or path (``models/controlnet/``), placed on
-        the device in the manager's dtype; the last ``control_capacity`` stay loaded."""
+        the device in the manager's dtype; the last 4 stay loaded."""
         entry = self.registry.find("controlnet", name)
         key = str(entry.path)
         with self._lock:
-            if key in self._controls:
-                loaded = self._controls.pop(key)
-                self._controls[key] = loaded
-                return loaded
+            hit = self._controls.get(key)
+            if hit is not None:
+                return hit
             model, kind = load_control_model(entry)
             model.requires_grad_(False)
             model.eval()
             model.to(device=self.device, dtype=self.dtype)
             loaded = LoadedControl(entry, model, kind, self.registry.sha256(entry))
-            while len(self._controls) >= self.control_capacity:
-                self._controls.pop(next(iter(self._controls)))
-            self._controls[key] = loaded
-            return loaded
+            return self._controls.put(key, loaded)
 
     def load_upscaler(self, path):
         """A spandrel model (upscaler or face restorer) from a weight file, placed on the device
         (fp16 on CUDA only when the architecture supports it, else fp32); the last
-        ``upscaler_capacity`` stay loaded, keyed by path, size and mtime."""
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        2 stay loaded, keyed by path, size and mtime."""
+        key = file_key(path)
         with self._lock:
-            if key in self._upscalers:
-                desc = self._upscalers.pop(key)
-                self._upscalers[key] = desc
-                return desc
+            hit = self._upscalers.get(key)
+            if hit is not None:
+                return hit
             desc = load_descriptor(path)
             dtype = self.dtype
             if (dtype == torch.float16 and not desc.supports_half) or (dtype == torch.bfloat16 and not desc.supports_bfloat16):
@@ -155,10 +144,7 @@ class ModelManager:
             desc.model.requires_grad_(False)
             desc.to(device=self.device, dtype=dtype)
             desc.eval()
-            while len(self._upscalers) >= self.upscaler_capacity:
-                self._upscalers.pop(next(iter(self._upscalers)))
-            self._upscalers[key] = desc
-            return desc
+            return self._upscalers.put(key, desc)
 
     def _place(self, comps: Components) -> None:
         for module in comps.modules().values():
@@ -177,14 +163,12 @@ class ModelManager:
         module.eval()
         module.to(device=self.device, dtype=self.dtype)
 
-    def _evict(self, key) -> None:
-        self._cache.pop(key, None)
+    def _evicted(self, key, loaded) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def unload_all(self) -> None:
         with self._lock:
-            for key in list(self._cache):
-                self._evict(key)
+            self._cache.clear()
             self._controls.clear()
             self._upscalers.clear()

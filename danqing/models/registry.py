@@ -24,6 +24,7 @@ from pathlib import Path
 
 from danqing.errors import ModelNotFound
 from danqing.models.families import builtin_sha256
+from danqing.outputs.files import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 KINDS = {
@@ -211,6 +212,4 @@ class Registry:
         path = self._cache_path()
         if not path.parent.is_dir():
             return  # nothing to cache into (no models folder); hashes are recomputed
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cache, indent=1), overwrite=True)

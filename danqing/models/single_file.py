@@ -19,7 +19,6 @@ converter is a test. Pickles (.ckpt/.pt) are read only with ``torch.load(weights
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound, UnknownFamily
 from danqing.models.components import Components
 from danqing.models.families import components_from_configs, load_family_config
+from danqing.outputs.files import atomic_save, exists_message, publish
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -260,26 +260,13 @@ def _modelspec(comps: Components, path: Path) -> dict:
             "modelspec.title": path.stem}
 
 
-def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move a finished ``tmp`` to ``path``; without ``overwrite`` never replace an existing file
-    (a hard link fails if ``path`` appeared meanwhile; where links are unsupported: check + rename)."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name") from None
-    except OSError:
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name") from None
-        os.replace(tmp, path)
+_publish = publish  # the final step of every atomic write (danqing.outputs.files)
 
 
 def save_single_file(comps: Components, path: Path, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write a model as one ``.safetensors`` file in the LDM layout, atomically.
 
-    Written as ``<path>.tmp`` in the same folder, then moved into place. The header carries
+    Written to a temporary file in the same folder, then moved into place. The header carries
     ModelSpec keys (``modelspec.architecture``, ``modelspec.prediction_type``, ...) and danqing's
     configs under ``danqing.configs`` (so toy-size models load back exactly); other tools ignore
     them. ``metadata`` adds or overrides header entries (values are stored as strings).
@@ -291,16 +278,11 @@ def save_single_file(comps: Components, path: Path, *, metadata: dict | None = N
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+        raise FileExistsError(exists_message(path))
     meta = {**_modelspec(comps, path), CONFIG_KEY: json.dumps(_configs_of(comps))}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(export_ldm_state_dict(comps), str(tmp), metadata=meta)
-        _publish(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a link: the extra name; after a rename: already gone
-    return path
+    return atomic_save(path, lambda tmp: save_file(export_ldm_state_dict(comps), str(tmp), metadata=meta),
+                       overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +502,9 @@ def save_vae_file(vae, path: Path, *, prefixed: bool = False, config_in_metadata
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; danqing never overwrites, pick another name")
+        raise FileExistsError(exists_message(path))
     sd = vae_to_ldm(vae.state_dict(), dict(vae.config), prefix=VAE if prefixed else "")
     config = json.loads(json.dumps(dict(vae.config), default=list))
     meta = {CONFIG_KEY: json.dumps({"vae": config})} if config_in_metadata else {}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-        _publish(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    return atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)

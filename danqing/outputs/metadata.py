@@ -67,46 +67,90 @@ def request_infotext(
     return format_infotext(request.prompt, request.negative_prompt, params)
 
 
+def _window_text(window: tuple[float, float]) -> str:
+    return f"{window[0]:g}-{window[1]:g}"
+
+
+def _window(text: str) -> tuple[float, float]:
+    a, b = text.split("-")
+    return float(a), float(b)
+
+
+def _hires_resize(r: GenerationRequest) -> str | None:
+    if not (r.hr_resize_x or r.hr_resize_y):
+        return None
+    w, h = r.hr_size
+    return f"{w}x{h}"
+
+
+def _size(text: str) -> tuple[int, int]:
+    x, y = text.lower().split("x")
+    return int(x), int(y)
+
+
+def _reweight(text: str) -> tuple[tuple[str, float], ...] | None:
+    return tuple((w, float(x)) for w, x in (item.rsplit("=", 1) for item in text.split())) or None
+
+
+# When each group of editing fields is written (from the request) and read (from the infotext's
+# parameters); reading a group also sets these request fields.
+_GROUPS = {
+    "denoise": (lambda r: r.init_image is not None or r.enable_hr, lambda p: True, {}),
+    "init": (lambda r: r.init_image is not None, lambda p: True, {}),
+    "mask": (lambda r: r.mask is not None, lambda p: True, {}),
+    "hires": (lambda r: r.enable_hr, lambda p: any(k in p for k in ("Hires upscaler", "Hires upscale", "Hires resize")),
+              {"enable_hr": True}),
+    "p2p": (lambda r: r.p2p_source is not None, lambda p: "P2P source" in p, {}),
+}
+
+# The img2img / inpaint / hires fix / Prompt-to-Prompt parameters, as A1111 names them (danqing
+# adds "Init image", "Mask", "Resize mode" and the P2P keys, which A1111's readers ignore), in
+# the order they are written. One row: (infotext key, request field(s), group, write, read):
+# ``write(request)`` gives the value (None: not written; a field name: the field as it is),
+# ``read(text)`` the field's value (None: left at its default; a tuple for several fields).
+EDITING_FIELDS: tuple[tuple[str, str | tuple[str, ...], str, object, object], ...] = (
+    ("Denoising strength", "denoising_strength", "denoise", None, float),
+    ("Init image", "init_image", "init", None, str),
+    ("Resize mode", "resize_mode", "init", lambda r: r.resize_mode if r.resize_mode != "just resize" else None, str),
+    ("Image CFG scale", "image_cfg_scale", "init", lambda r: r.image_cfg_scale if r.image_cfg_scale != 1.5 else None,
+     float),
+    ("Mask", "mask", "mask", None, str),
+    ("Mask blur", "mask_blur", "mask", None, int),
+    ("Masked content", "inpainting_fill", "mask", None, str),
+    ("Inpaint area", "inpaint_full_res", "mask", lambda r: "Only masked" if r.inpaint_full_res else "Whole picture",
+     lambda v: True if v == "Only masked" else None),
+    ("Masked area padding", "inpaint_full_res_padding", "mask",
+     lambda r: r.inpaint_full_res_padding if r.inpaint_full_res else None, int),
+    ("Mask mode", "inpainting_mask_invert", "mask", lambda r: "Inpaint not masked" if r.inpainting_mask_invert else None,
+     lambda v: True if v == "Inpaint not masked" else None),
+    ("Hires upscale", "hr_scale", "hires", lambda r: r.hr_scale if not (r.hr_resize_x or r.hr_resize_y) else None,
+     float),
+    ("Hires resize", ("hr_resize_x", "hr_resize_y"), "hires", _hires_resize, _size),
+    ("Hires steps", "hr_second_pass_steps", "hires", lambda r: r.hr_second_pass_steps or None, int),
+    ("Hires upscaler", "hr_upscaler", "hires", None, str),
+    ("Hires sampler", "hr_sampler_name", "hires", None, str),
+    ("Hires prompt", "hr_prompt", "hires", None, str),
+    ("Hires negative prompt", "hr_negative_prompt", "hires", None, str),
+    ("P2P source", "p2p_source", "p2p", None, str),
+    ("P2P cross", "p2p_cross", "p2p", lambda r: _window_text(r.p2p_cross), _window),
+    ("P2P self", "p2p_self", "p2p", lambda r: _window_text(r.p2p_self), _window),
+    ("P2P reweight", "p2p_reweight", "p2p", lambda r: " ".join(f"{w}={f:g}" for w, f in r.p2p_reweight) or None,
+     _reweight),
+    ("P2P local blend", "p2p_local_blend", "p2p", lambda r: True if r.p2p_local_blend else None,
+     lambda v: v.lower() == "true"),
+    ("P2P features", "p2p_features", "p2p", lambda r: r.p2p_features or None, float),
+    ("Null-text iterations", "null_text_iterations", "p2p",
+     lambda r: r.null_text_iterations if r.init_image is not None else None, int),
+)
+
+
 def editing_params(request: GenerationRequest, control_hashes: list[str] | None = None) -> dict:
-    """img2img / inpaint / hires fix parameters, as A1111 names them (danqing adds "Init image",
-    "Mask" and "Resize mode", which A1111's readers ignore)."""
+    """img2img / inpaint / hires fix / Prompt-to-Prompt parameters (``EDITING_FIELDS``), then the
+    ControlNet units."""
     p: dict = {}
-    if request.init_image is not None or request.enable_hr:
-        p["Denoising strength"] = request.denoising_strength
-    if request.init_image is not None:
-        p["Init image"] = request.init_image
-        if request.resize_mode != "just resize":
-            p["Resize mode"] = request.resize_mode
-        if request.image_cfg_scale != 1.5:
-            p["Image CFG scale"] = request.image_cfg_scale
-    if request.mask is not None:
-        p.update({
-            "Mask": request.mask, "Mask blur": request.mask_blur, "Masked content": request.inpainting_fill,
-            "Inpaint area": "Only masked" if request.inpaint_full_res else "Whole picture",
-            "Masked area padding": request.inpaint_full_res_padding if request.inpaint_full_res else None,
-            "Mask mode": "Inpaint not masked" if request.inpainting_mask_invert else None,
-        })
-    if request.enable_hr:
-        w, h = request.hr_size
-        p.update({
-            "Hires upscale": request.hr_scale if not (request.hr_resize_x or request.hr_resize_y) else None,
-            "Hires resize": f"{w}x{h}" if (request.hr_resize_x or request.hr_resize_y) else None,
-            "Hires steps": request.hr_second_pass_steps or None,
-            "Hires upscaler": request.hr_upscaler,
-            "Hires sampler": request.hr_sampler_name,
-            "Hires prompt": request.hr_prompt,
-            "Hires negative prompt": request.hr_negative_prompt,
-        })
-    if request.p2p_source is not None:
-        p.update({
-            "P2P source": request.p2p_source,
-            "P2P cross": f"{request.p2p_cross[0]:g}-{request.p2p_cross[1]:g}",
-            "P2P self": f"{request.p2p_self[0]:g}-{request.p2p_self[1]:g}",
-            "P2P reweight": " ".join(f"{w}={f:g}" for w, f in request.p2p_reweight) or None,
-            "P2P local blend": True if request.p2p_local_blend else None,
-            "P2P features": request.p2p_features or None,
-            "Null-text iterations": request.null_text_iterations if request.init_image is not None else None,
-        })
+    for key, name, group, write, _ in EDITING_FIELDS:
+        if _GROUPS[group][0](request):
+            p[key] = getattr(request, name) if write is None else write(request)
     for i, unit in enumerate(request.controlnet):
         p[f"ControlNet {i}"] = control_unit_text(unit, control_hashes[i] if control_hashes else None)
     return p
@@ -165,63 +209,25 @@ def control_unit_fields(text: str) -> dict:
     return f
 
 
-def _window(text: str) -> tuple[float, float]:
-    a, b = text.split("-")
-    return float(a), float(b)
-
-
 def _editing_fields(params: dict) -> dict:
     """The inverse of ``editing_params``."""
     f: dict = {}
-    if "P2P source" in params:
-        f["p2p_source"] = params["P2P source"]
-        if "P2P cross" in params:
-            f["p2p_cross"] = _window(params["P2P cross"])
-        if "P2P self" in params:
-            f["p2p_self"] = _window(params["P2P self"])
-        if params.get("P2P reweight"):
-            f["p2p_reweight"] = tuple((w, float(x)) for w, x in (item.rsplit("=", 1) for item in params["P2P reweight"].split()))
-        f["p2p_local_blend"] = params.get("P2P local blend", "").lower() == "true"
-        if "P2P features" in params:
-            f["p2p_features"] = float(params["P2P features"])
-        if "Null-text iterations" in params:
-            f["null_text_iterations"] = int(params["Null-text iterations"])
+    for group, (_, present, implied) in _GROUPS.items():
+        if present(params):
+            f.update(implied)
+    for key, name, group, _, read in EDITING_FIELDS:
+        if key not in params or not _GROUPS[group][1](params):
+            continue
+        value = read(params[key])
+        if value is None:
+            continue
+        if isinstance(name, tuple):
+            f.update(zip(name, value))
+        else:
+            f[name] = value
     units = sorted((int(k.split()[1]), v) for k, v in params.items() if re.fullmatch(r"ControlNet \d+", k))
     if units:
         f["controlnet"] = tuple(control_unit_fields(v) for _, v in units)
-    if "Denoising strength" in params:
-        f["denoising_strength"] = float(params["Denoising strength"])
-    if "Init image" in params:
-        f["init_image"] = params["Init image"]
-    if "Image CFG scale" in params:
-        f["image_cfg_scale"] = float(params["Image CFG scale"])
-    if "Resize mode" in params:
-        f["resize_mode"] = params["Resize mode"]
-    if "Mask" in params:
-        f["mask"] = params["Mask"]
-    if "Mask blur" in params:
-        f["mask_blur"] = int(params["Mask blur"])
-    if "Masked content" in params:
-        f["inpainting_fill"] = params["Masked content"]
-    if params.get("Inpaint area") == "Only masked":
-        f["inpaint_full_res"] = True
-    if "Masked area padding" in params:
-        f["inpaint_full_res_padding"] = int(params["Masked area padding"])
-    if params.get("Mask mode") == "Inpaint not masked":
-        f["inpainting_mask_invert"] = True
-    if "Hires upscaler" in params or "Hires upscale" in params or "Hires resize" in params:
-        f["enable_hr"] = True
-        if "Hires upscale" in params:
-            f["hr_scale"] = float(params["Hires upscale"])
-        if "Hires resize" in params:
-            x, y = params["Hires resize"].lower().split("x")
-            f["hr_resize_x"], f["hr_resize_y"] = int(x), int(y)
-        if "Hires steps" in params:
-            f["hr_second_pass_steps"] = int(params["Hires steps"])
-        for key, name in (("Hires upscaler", "hr_upscaler"), ("Hires sampler", "hr_sampler_name"),
-                          ("Hires prompt", "hr_prompt"), ("Hires negative prompt", "hr_negative_prompt")):
-            if key in params:
-                f[name] = params[key]
     return f
 
 

@@ -2,51 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import secrets
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from danqing.errors import ImageError
+from danqing.outputs.files import atomic_save, atomic_write_text
 
 USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes the infotext of JPEG/WebP files
 EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment belongs (piexif and A1111 put it there)
-
-
-def _open_temp(folder: Path, name: str) -> tuple[Path, object]:
-    """A new temp file ``.NAME.RANDOM.tmp`` in ``folder``, opened for binary writing. It is
-    created with mode 0666 and the kernel applies the umask, so it gets the mode a plain open()
-    would give (``tempfile`` makes private 0600 files, and the umask can only be read by
-    setting it, which would race with other threads)."""
-    for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        return tmp, os.fdopen(fd, "wb")
-    raise FileExistsError(f"cannot create a temporary file in {folder}")
-
-
-def _exists_message(path: Path) -> str:
-    return f"{path} already exists; danqing never overwrites, pick another name"
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (best effort; not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_png(image: Image.Image, path: Path, infotext: str, *, overwrite: bool = False) -> Path:
@@ -58,46 +23,13 @@ def save_png(image: Image.Image, path: Path, infotext: str, *, overwrite: bool =
     """
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)  # Pillow writes iTXt (UTF-8) when not Latin-1
-    return _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+    return atomic_save(path, lambda p: image.save(p, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
 def save_text(text: str, path: Path, *, overwrite: bool = False) -> Path:
     """Write ``text`` (UTF-8) as ``save_png`` writes a picture: temp file + fsync + link/rename,
     never over an existing file unless ``overwrite``."""
-    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
-
-
-def _write_atomic(path: Path, write, *, overwrite: bool) -> Path:
-    """``write(binary file)`` into a temp file beside ``path``, then link (or replace) it there."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(_exists_message(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp: Path | None = None
-    try:
-        tmp, f = _open_temp(path.parent, path.name)
-        with f:
-            if overwrite and path.exists():  # keep the mode of the file being replaced
-                os.chmod(tmp, path.stat().st_mode & 0o7777)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and refuses to replace a file that appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(_exists_message(path)) from None
-            except OSError as exc:  # no hard links here (FAT, some network drives): check + rename
-                if exc.errno == errno.EEXIST or path.exists():
-                    raise FileExistsError(_exists_message(path)) from None
-                os.replace(tmp, path)
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)  # after link: the extra name; after replace: already gone
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write_text(path, text, overwrite=overwrite)
 
 
 def _decode_utf16(body: bytes) -> str:

@@ -173,12 +173,9 @@ class ServerState:
                 names = ", ".join(e.name for e in self.registry.scan("lora")) or "none"
                 raise InvalidRequest("prompt", f"LoRA {tag.name!r} not found; installed: {names}") from None
         if request.enable_hr:
-            from danqing.editing.hires import hires_upscalers
+            from danqing.editing.hires import check_hires_upscaler
 
-            names = hires_upscalers(self.worker.studio.upscalers)
-            if request.hr_upscaler not in names:
-                raise InvalidRequest("hr_upscaler", f"unknown upscaler {request.hr_upscaler!r}; "
-                                                    f"installed: {', '.join(names)}")
+            check_hires_upscaler(request.hr_upscaler, self.worker.studio.upscalers)
         if request.restore_faces:  # a face model must be installed (the first one, unless named)
             request = request.replace(face_restoration_model=self.worker.studio.upscalers.face_model_name(
                 request.face_restoration_model))

@@ -24,8 +24,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from danqing.errors import ImageError, InvalidRequest
+from danqing.outputs.infotext import parse_infotext
+from danqing.outputs.store import read_infotext, save_png
 from danqing.request import GenerationRequest
-from danqing.synthetic.captions import caption
+from danqing.synthetic.captions import caption, parse_prompt
 from danqing.synthetic.render import shape_mask
 from danqing.synthetic.scenes import Spec, colour_info, colours, novel_colours, shapes, vocab
 
@@ -212,14 +215,52 @@ def summarise(scores: list[Score]) -> dict[str, float | int | None]:
     return out
 
 
+def score_files(paths, prompt: str | None = None, on_score=None) -> list[Score]:
+    """Score pictures on disk against ``prompt``, or each against the prompt in its own metadata.
+
+    Args:
+        on_score: called with (path, score) after each picture.
+
+    Raises:
+        ImageError: a file that is not a readable picture, or carries no prompt when ``prompt`` is None.
+        InvalidRequest: a prompt that names no object of the shapes world.
+    """
+    scores = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as exc:  # Pillow raises many kinds on damaged files
+            raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
+        text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
+        try:
+            spec = parse_prompt(text)
+        except ValueError as exc:
+            raise InvalidRequest("prompt", str(exc)) from None
+        s = score(img, spec)
+        scores.append(s)
+        if on_score:
+            on_score(path, s)
+    return scores
+
+
+def check_held_out(n: int, lang: str) -> None:
+    """The held-out set has 1-1000 prompts, in English or Chinese."""
+    if not 1 <= n <= 1000:
+        raise InvalidRequest("n", f"must be 1-1000, got {n}")
+    if lang not in ("en", "zh"):
+        raise InvalidRequest("lang", f"must be en or zh, got {lang!r}")
+
+
 def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = None, steps: int = 20,
                     cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
-                    out_dir=None, on_image=None) -> tuple[dict, list[Score]]:
+                    out_dir=None, out_files=None, on_image=None) -> tuple[dict, list[Score]]:
     """Generate one image per scene (its canonical caption in ``lang``, seed + i) through
     ``Studio.generate`` and score them. Returns (summary, per-image scores).
 
     Args:
         out_dir: also save the images there (with their infotext).
+        out_files: or save image i as ``out_files[i]`` (with its infotext).
         on_image: called with (i, image, score) after each image.
     """
     scores = []
@@ -227,6 +268,8 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
         req = GenerationRequest(prompt=caption(sc, lang), model=model, steps=steps, cfg_scale=cfg_scale,
                                 seed=seed + i, subseed=0, width=size, height=size, sampler=sampler)
         res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
+        if out_files is not None:
+            save_png(res.images[0], out_files[i], res.infotexts[0])
         s = score(res.images[0], sc.spec)
         scores.append(s)
         if on_image:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from danqing.outputs.files import atomic_save_dir
 from danqing.decode import decode_latents, to_pil
 from danqing.models.families import build_components
 from danqing.models.loader import load_components, save_diffusers_folder
@@ -49,12 +49,6 @@ Log = Callable[[str], None]
 
 def _gen(seed: int, step: int, stage: str, device: str | torch.device = "cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 7_919 + (1 if stage == "unet" else 0)) % (2**63))
-
-
-def _atomic_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,12 +126,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir
 
 
 def _save_vae(vae, run_dir: Path, name: str) -> Path:
-    tmp, final = run_dir / f"{name}.tmp", run_dir / name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vae.save_pretrained(tmp)
-    _atomic_dir(tmp, final)
-    return final
+    return atomic_save_dir(run_dir / name, vae.save_pretrained, overwrite=True)
 
 
 @torch.no_grad()

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from danqing.outputs.files import atomic_save_dir
 from danqing.customise.embeddings import save_embedding_a1111
 from danqing.errors import InvalidRequest
 from danqing.synthetic.captions import caption
@@ -189,14 +188,13 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
         log(f"generating {len(prompts)} class images with the base model")
         imgs = generate_images(comps, prompts, seed=10_000, steps=p.sample_steps, cfg_scale=7.0,
                                size=cfg.data.resolution)
-        tmp = folder.with_name("class_images.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, (im, text) in enumerate(zip(imgs, prompts)):
-            im.save(tmp / f"{i:04d}.png")
-            (tmp / f"{i:04d}.txt").write_text(text, encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+        def write(tmp: Path) -> None:
+            for i, (im, text) in enumerate(zip(imgs, prompts)):
+                im.save(tmp / f"{i:04d}.png")
+                (tmp / f"{i:04d}.txt").write_text(text, encoding="utf-8")
+
+        atomic_save_dir(folder, write, overwrite=True)
     return caption_folder(folder)
 
 

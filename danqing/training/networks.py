@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from danqing.outputs.files import atomic_save
 from danqing.customise import kohya
 from danqing.customise.embeddings import encoder_keys
 from danqing.errors import InvalidRequest
@@ -110,18 +110,6 @@ def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving LoRA files
 # ---------------------------------------------------------------------------------------------
-def _atomic_file(write: Callable[[Path], None], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def lora_state_dicts(comps) -> dict[str, dict[str, torch.Tensor]]:
     """{component: peft LoRA state dict} of the adapters ``add_lora`` put on ``comps``."""
     from peft.utils import get_peft_model_state_dict
@@ -166,14 +154,15 @@ def save_lora(comps, net_cfg, out_dir: Path, name: str, formats, metadata: dict[
         for word, vecs in (bundled or {}).items():
             for key, v in vecs.items():
                 sd[kohya.bundle_key(word, key)] = v.contiguous()
-        paths.append(_atomic_file(lambda p: save_file(sd, str(p), metadata=metadata), out_dir / f"{name}.safetensors"))
+        paths.append(atomic_save(out_dir / f"{name}.safetensors", lambda p: save_file(sd, str(p), metadata=metadata),
+                                 overwrite=True))
     if "diffusers" in formats:
         flat = {f"{comp}.{k}": v for comp, sd in sds.items() for k, v in sd.items()}
         header = {comp + "." + k: v for comp in sds
                   for k, v in getattr(comps, comp).peft_config["default"].to_dict().items()}
         meta = dict(metadata, lora_adapter_metadata=json.dumps(header, default=list, sort_keys=True), format="pt")
         folder = out_dir / f"{name}-diffusers"
-        paths.append(_atomic_file(lambda p: save_file(flat, str(p), metadata=meta),
-                                  folder / "pytorch_lora_weights.safetensors"))
+        paths.append(atomic_save(folder / "pytorch_lora_weights.safetensors",
+                                 lambda p: save_file(flat, str(p), metadata=meta), overwrite=True))
     return paths
 

@@ -1,0 +1,6 @@
+"""``python -m danqing.cli``."""
+
+from danqing.cli import main
+
+if __name__ == "__main__":
+    main()

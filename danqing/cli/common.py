@@ -1,0 +1,207 @@
+"""What every command shares: the Typer app and its global options, ``main``, where ``--out``
+writes (``out_target``) and the run of one generation request with a progress bar.
+
+Library modules that import torch, numpy or Pillow (the studio, requests, editing, picture
+files) are imported inside the command bodies, so that ``danqing --help`` answers in well under
+a second without loading them; every command module follows this rule.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from danqing.errors import DanqingError, InvalidRequest
+from danqing.outputs.files import exists_message
+from danqing.outputs.infotext import format_infotext, parse_infotext
+from danqing.settings import Settings, force_offline, quiet_libraries
+
+app = typer.Typer(
+    help="丹青 danqing: offline AI painting studio.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside); default $DANQING_HOME or the current folder."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...)."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+):
+    if dtype is not None and dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise InvalidRequest("dtype", f"must be one of auto, fp32, fp16, bf16, got {dtype!r}")
+    ctx.obj = Settings.from_env(home=home, models_dir=models_dir, device=device, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: offline first, then the Typer app; our errors become one line and exit 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    force_offline()
+    try:
+        if "--help" not in args:  # quieting imports diffusers and transformers; help needs neither
+            quiet_libraries()
+        app(args=args, standalone_mode=True)
+    except (DanqingError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# --out: one rule for every command that writes pictures
+# ---------------------------------------------------------------------------------------------
+OUT_RULE = ("NAME.png writes that file (several pictures: NAME.png, NAME-1.png, NAME-2.png, ...); "
+            "a folder (a name ending with /, an existing folder, or a name without an extension) "
+            "gets danqing's own file names")
+
+
+@dataclass(frozen=True)
+class OutTarget:
+    """Where a command writes its pictures: a folder (file names chosen by danqing) or a file
+    name (with ``-1``, ``-2``, ... for the pictures after the first)."""
+
+    folder: Optional[Path] = None
+    file: Optional[Path] = None
+
+    def files(self, count: int, start: int = 0) -> list[Path]:
+        """The names of pictures ``start`` .. ``start + count - 1`` of a file target:
+        NAME.png, NAME-1.png, NAME-2.png, ..."""
+        f = self.file
+        return [f if i == 0 else f.with_name(f"{f.stem}-{i}{f.suffix}") for i in range(start, start + count)]
+
+    def path(self, default_name: str) -> Path:
+        """The one file of a single-picture command: the file name, or ``default_name`` in the folder."""
+        return self.file if self.file is not None else self.folder / default_name
+
+    def beside(self) -> Path:
+        """The folder where side files (an outpaint canvas and mask) go."""
+        return self.folder if self.folder is not None else self.file.parent
+
+    def check_free(self, count: int, variants: tuple[str, ...] = ("",), start: int = 0) -> None:
+        """Refuse (one line) before any work when one of the ``count`` planned files from picture
+        ``start`` on exists (with ``variants``: also NAME-source.png and the like beside each)."""
+        if self.file is not None:
+            refuse_existing(*(p.with_name(p.stem + v + p.suffix) for p in self.files(count, start) for v in variants))
+
+
+def refuse_existing(*paths: Path) -> None:
+    """One line naming the first of ``paths`` that exists: danqing never overwrites."""
+    for p in paths:
+        if p.exists():
+            raise InvalidRequest("out", exists_message(p))
+
+
+def out_target(out: Optional[str], default: Path) -> OutTarget:
+    """``--out`` as a target (``OUT_RULE``); ``default`` (a folder, or a ``.png`` file) when None.
+
+    Raises:
+        InvalidRequest: a file name whose extension is not ``.png``.
+    """
+    if out is None:
+        return OutTarget(file=default) if default.suffix.lower() == ".png" else OutTarget(folder=default)
+    text = str(out)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return OutTarget(folder=path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return OutTarget(file=path)
+    if not suffix:
+        return OutTarget(folder=path)
+    raise InvalidRequest("out", f"{text!r}: pictures are written as PNG; give NAME.png for a file, or a folder "
+                                f"(end the name with /)")
+
+
+OUT_HELP = ("Output: NAME.png, or a folder (a name ending with /, an existing folder, or a name without an "
+            "extension); default: {}. Several pictures into NAME.png are NAME.png, NAME-1.png, ...")
+
+
+def dated(settings: Settings, kind: str) -> Path:
+    """``outputs/KIND/YYYY-MM-DD``, where A1111 puts its pictures."""
+    import datetime
+
+    return settings.outputs_dir / kind / datetime.date.today().isoformat()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running requests
+# ---------------------------------------------------------------------------------------------
+def make_studio(settings: Settings):
+    from danqing.studio import Studio  # lazy: imports torch
+
+    return Studio(settings)
+
+
+def control_units(specs: list[str], preprocess: bool) -> tuple:
+    """``--control TYPE:IMAGE[:WEIGHT]`` options -> ControlUnits."""
+    from danqing.conditioning.control import parse_control_spec  # lazy: imports torch
+
+    return tuple(parse_control_spec(s, preprocess=preprocess) for s in specs)
+
+
+def pictures_of(request) -> int:
+    return request.batch_size * request.batch_count
+
+
+def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *, source_infotext: str | None = None,
+                 start: int = 0, studio=None) -> None:
+    """Run one request with a progress bar and write its pictures to ``target`` (a file target:
+    pictures ``start`` ... of its names); print each path with its seed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    studio = studio or make_studio(settings)
+    single_file = target.file is not None
+    if single_file:
+        target.check_free(pictures_of(request), start=start)
+    total = request.steps * request.batch_count
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("sampling", total=total)
+
+        def on_step(info):
+            progress.update(task, completed=info.batch_index * info.total + info.step)
+
+        result = studio.generate(request, on_step=on_step, save=not single_file, out_dir=target.folder)
+    if single_file:
+        _save_files(result, target.files(len(result.images), start))
+    warnings = list(result.warnings)
+    if source_infotext is not None:  # --from: the embeddings the original used, as they are now
+        from danqing.customise.embeddings import ti_hash_changes  # lazy: imports torch
+
+        warnings += ti_hash_changes(parse_infotext(source_infotext)[2].get("TI hashes"),
+                                    parse_infotext(result.infotexts[0])[2].get("TI hashes"))
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {line}")
+    if result.request.model == "danqing-tiny-random":
+        console.print("[yellow]note:[/] model 'danqing-tiny-random' has random weights (a test model): expect noise patterns, not pictures.")
+    for path, seed in zip(result.paths, result.seeds):
+        print(f"{path}  seed={seed}")
+    console.print(f"{len(result.images)} image(s) in {result.timings['total']:.2f}s (sampling {result.timings['sample']:.2f}s)")
+
+
+def _save_files(result, paths: list[Path]) -> None:
+    """The pictures of ``result`` under the given names; Prompt-to-Prompt's unedited pictures as
+    NAME-source.png beside them, as ``Studio.generate`` writes them into a folder."""
+    from danqing.outputs.store import save_png  # lazy: Pillow
+
+    for img, path, text in zip(result.images, paths, result.infotexts):
+        result.paths.append(save_png(img, path, text))
+    for img, path, text in zip(result.sources or [], paths, result.infotexts):
+        # the source's request is the identity edit: the source prompt, no reweighting
+        _, negative, params = parse_infotext(text)
+        params.pop("P2P reweight", None)
+        save_png(img, path.with_name(path.stem + "-source.png"),
+                 format_infotext(result.request.p2p_source, negative, params))

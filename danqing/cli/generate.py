@@ -1,0 +1,119 @@
+"""``danqing generate`` (txt2img, hires fix, refiner, IP-Adapter, ControlNet, ``--from``) and
+``danqing info``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from danqing.cli.common import OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate
+from danqing.errors import InvalidRequest
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK."),
+    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (1-150) [default: 20]."),
+    sampler: Optional[str] = typer.Option(None, help="A1111 sampler name [default: DPM++ 2M]; see `danqing samplers`."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]: Karras, Exponential, ..."),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale (1-30) [default: 7]."),
+    seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
+    subseed: Optional[int] = typer.Option(None, help="Variation seed."),
+    subseed_strength: Optional[float] = typer.Option(None, help="Variation strength 0-1."),
+    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
+    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
+    batch_count: Optional[int] = typer.Option(None, help="Number of batches."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
+    vae: Optional[str] = typer.Option(None, help="VAE name or path overriding the checkpoint's."),
+    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip (1 = last layer, 2 = penultimate)."),
+    from_image: Optional[Path] = typer.Option(None, "--from", help="Re-create an image from its PNG metadata (options given here override)."),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/txt2img-images/DATE/")),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    hires: Optional[bool] = typer.Option(None, "--hires/--no-hires", help="Hires fix: a second pass at a larger size."),
+    hr_scale: Optional[float] = typer.Option(None, help="Hires fix: upscale factor (1-8) [default: 2]."),
+    hr_resize_x: Optional[int] = typer.Option(None, help="Hires fix: target width instead of --hr-scale."),
+    hr_resize_y: Optional[int] = typer.Option(None, help="Hires fix: target height instead of --hr-scale."),
+    hr_upscaler: Optional[str] = typer.Option(None, help="Hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or an installed model upscaler [default: Latent]."),
+    hr_steps: Optional[int] = typer.Option(None, help="Hires fix: second-pass steps (0 = --steps)."),
+    hr_sampler: Optional[str] = typer.Option(None, help="Hires fix: second-pass sampler [default: --sampler]."),
+    hr_prompt: Optional[str] = typer.Option(None, help="Hires fix: second-pass prompt [default: the prompt]."),
+    hr_negative: Optional[str] = typer.Option(None, help="Hires fix: second-pass negative prompt."),
+    denoise: Optional[float] = typer.Option(None, help="Hires fix: second-pass denoising strength 0-1 [default: 0.75]."),
+    refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint (an SDXL refiner) that finishes the picture."),
+    refiner_switch_at: Optional[float] = typer.Option(None, help="Refiner: fraction of the schedule done by the base model [default: 0.8]."),
+    ip_adapter: Optional[list[str]] = typer.Option(None, "--ip-adapter", help="Image prompt: IMAGE[:WEIGHT] (weight 0-2, default 1); repeat for several pictures."),
+    ip_adapter_model: Optional[str] = typer.Option(None, help="IP-Adapter file in models/ipadapter/ [default: the only one]."),
+    ip_adapter_encoder: Optional[str] = typer.Option(None, help="CLIP vision encoder folder in models/clip_vision/ [default: the only one]."),
+    control: list[str] = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name; IMAGE a control map."),
+    control_preprocess: bool = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first (IMAGE is then a photo)."),
+):
+    """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
+    with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
+    from danqing.request import GenerationRequest  # lazy: imports torch
+
+    fields = {
+        "prompt": prompt, "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg,
+        "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "width": width,
+        "height": height, "batch_size": batch_size, "batch_count": batch_count, "model": model, "vae": vae,
+        "clip_skip": clip_skip, "enable_hr": hires, "hr_scale": hr_scale, "hr_resize_x": hr_resize_x,
+        "hr_resize_y": hr_resize_y, "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps,
+        "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
+        "denoising_strength": denoise, "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at,
+    }
+    if ip_adapter:
+        fields.update(parse_ip_adapter_option(ip_adapter))
+    fields.update(ip_adapter=ip_adapter_model, ip_adapter_encoder=ip_adapter_encoder)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if negative:
+        fields["negative_prompt"] = negative
+    source_infotext = None
+    if control:
+        fields["controlnet"] = control_units(control, control_preprocess)
+    if from_image is not None:
+        from danqing.outputs.metadata import request_from_infotext
+        from danqing.outputs.store import read_infotext
+
+        source_infotext = read_infotext(from_image)
+        request = request_from_infotext(source_infotext).replace(**fields)
+    else:
+        if prompt is None:
+            raise InvalidRequest("prompt", "give a prompt, or --from IMAGE to re-create an image")
+        request = GenerationRequest.create(**fields)
+    target = out_target(out, dated(ctx.obj, "txt2img-images"))
+    target.check_free(pictures_of(request))
+    run_generate(ctx.obj, request, target, quiet, source_infotext=source_infotext)
+
+
+def parse_ip_adapter_option(values: list[str]) -> dict:
+    """``--ip-adapter IMAGE[:WEIGHT]`` (repeated) -> request fields; one weight for all pictures."""
+    images, weights = [], set()
+    for value in values:
+        path, sep, weight = value.rpartition(":")
+        if sep and path and weight:
+            try:
+                weights.add(float(weight))
+            except ValueError:  # a ':' of the path itself
+                path = value
+        else:
+            path = value
+        images.append(path)
+    if len(weights) > 1:
+        raise InvalidRequest("ip_adapter_weight", f"the pictures of one IP-Adapter share one weight; got "
+                             f"{', '.join(f'{w:g}' for w in sorted(weights))}")
+    fields: dict = {"ip_adapter_image": tuple(images)}
+    if weights:
+        fields["ip_adapter_weight"] = weights.pop()
+    return fields
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111.")):
+    """Print an image's generation parameters (A1111 infotext)."""
+    from danqing.outputs.store import read_infotext
+
+    print(read_infotext(image))

@@ -1,0 +1,48 @@
+"""``danqing serve``: the A1111-compatible API, the job API and the web UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from danqing.cli.common import app
+from danqing.errors import InvalidRequest
+from danqing.settings import ServerSettings
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, help="Interface to bind (default 127.0.0.1; with --listen 0.0.0.0)."),
+    port: int = typer.Option(7860, help="Port."),
+    listen: bool = typer.Option(False, "--listen", help="Listen on all interfaces (needs --api-auth)."),
+    api_auth: Optional[str] = typer.Option(None, "--api-auth", envvar="DANQING_API_AUTH",
+                                           help="user:password for HTTP Basic on the API and the UI."),
+    cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable. Default: none."),
+    db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history (default HOME/danqing.sqlite3)."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="API only, no web UI."),
+    max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB (default 16)."),
+    max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels (default 16.78 = 4096x4096)."),
+):
+    """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
+    import uvicorn  # lazy: the server's dependencies (FastAPI, Gradio, torch) load only to serve
+
+    from danqing.server.app import create_app
+
+    if host is None:
+        host = "0.0.0.0" if listen else "127.0.0.1"
+    limits = {}
+    if max_upload_mb is not None:
+        limits["max_upload_bytes"] = int(max_upload_mb * 1024 * 1024)
+    if max_upload_megapixels is not None:
+        limits["max_upload_pixels"] = int(max_upload_megapixels * 1e6)
+    server = ServerSettings(host=host, port=port, api_auth=api_auth, cors_origins=tuple(cors), ui=not no_ui, **limits)
+    if not server.is_local and not api_auth:
+        raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
+    settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)
+    application = create_app(settings, server)
+    typer.echo(f"danqing serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ "
+               f"(API: /sdapi/v1, /api/v1; docs: /docs)", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
