@@ -1,4 +1,4 @@
-"""The shared mechanisms: atomic writes (danqing/outputs/files.py), the LRU cache
+"""The shared mechanisms: atomic writes (danqing/danqing/files.py), the LRU cache
 (danqing/cache.py) and the table of editing infotext fields (outputs/metadata.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from danqing.cache import LRUCache, file_key
-from danqing.outputs.files import atomic_save, atomic_save_dir, atomic_write_bytes, atomic_write_text
+from danqing.files import atomic_save, atomic_save_dir, atomic_write_bytes, atomic_write_text
 from danqing.outputs.metadata import EDITING_FIELDS, request_from_infotext, request_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import resolve_schedule

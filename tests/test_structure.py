@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1] / "danqing"
 # ``danqing`` (dotted below it, e.g. "models.loader"; the most specific entry wins); "danqing"
 # itself is the package's __init__, the public API.
 LAYERS = (
-    ("base", {"errors", "pictures", "preprocess"}),
+    ("base", {"errors", "files", "cache", "pictures", "preprocess"}),
     ("models", {"models"}),
     ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs", "settings"}),
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
     ("workflows", {"apps", "training", "synthetic"}),
-    ("shells", {"server", "cli", "danqing"}),
+    ("shells", {"server", "cli", "__main__", "danqing"}),
 )
 # The lower layers never import these, whatever the table above says (docs/architecture.md).
 LOWER = ("models", "sampling", "conditioning", "outputs")
@@ -133,7 +133,7 @@ def top(module: str) -> str:
 
 def layer_of(module: str) -> int | None:
     """The layer of the longest entry of ``LAYERS`` that names the module or a package above it
-    ("outputs.files" would place one module apart from its package "outputs")."""
+    ("files" would place one module apart from its package "outputs")."""
     parts = module.split(".")[1:] or ["danqing"]
     for n in range(len(parts), 0, -1):
         key = ".".join(parts[:n])

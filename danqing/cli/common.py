@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from danqing.errors import DanqingError, InvalidRequest
-from danqing.outputs.files import exists_message
+from danqing.files import exists_message
 from danqing.outputs.infotext import format_infotext, parse_infotext
 from danqing.settings import Settings, force_offline, quiet_libraries
 

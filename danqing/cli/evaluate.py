@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from danqing.cli.common import OUT_HELP, app, make_studio, out_target, refuse_existing
-from danqing.outputs.files import atomic_write_text
+from danqing.files import atomic_write_text
 
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")

@@ -11,7 +11,7 @@ import typer
 
 from danqing.cli.common import app
 from danqing.errors import DanqingError, InvalidRequest
-from danqing.outputs.files import exists_message
+from danqing.files import exists_message
 
 
 @app.command()

@@ -37,7 +37,7 @@ import torch
 
 from danqing.cache import LRUCache, file_key
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelError
-from danqing.outputs.files import atomic_save, exists_message
+from danqing.files import atomic_save, exists_message
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 FORMATS = ("A1111 .pt (string_to_param), .safetensors (emb_params, or clip_l + clip_g for SDXL), "

@@ -30,7 +30,7 @@ from danqing.customise.lora import Activation, NetworkCache, bake_embeddings, bu
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelNotFound
 from danqing.models.loader import describe_checkpoint, load_components
 from danqing.models.single_file import save_single_file
-from danqing.outputs.files import atomic_save
+from danqing.files import atomic_save
 from danqing.outputs.metadata import VERSION
 
 METHODS = ("weighted-sum", "add-difference")

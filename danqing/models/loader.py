@@ -14,7 +14,7 @@ from danqing.models.families import builtin_components
 from danqing.models.registry import ModelEntry
 from danqing.models.single_file import detect_family, load_single_file, load_vae_file
 from danqing.models.tokenizer import clip_tokenizer
-from danqing.outputs.files import atomic_save_dir, exists_message
+from danqing.files import atomic_save_dir, exists_message
 
 
 def family_of_folder(unet_cfg: dict, te_cfg: dict | None, has_te2: bool) -> str:

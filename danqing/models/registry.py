@@ -24,7 +24,7 @@ from pathlib import Path
 
 from danqing.errors import ModelNotFound
 from danqing.models.families import builtin_sha256
-from danqing.outputs.files import atomic_write_text
+from danqing.files import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 KINDS = {

@@ -27,7 +27,7 @@ import torch
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound, UnknownFamily
 from danqing.models.components import Components
 from danqing.models.families import components_from_configs, load_family_config
-from danqing.outputs.files import atomic_save, exists_message, publish
+from danqing.files import atomic_save, exists_message, publish
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -260,7 +260,7 @@ def _modelspec(comps: Components, path: Path) -> dict:
             "modelspec.title": path.stem}
 
 
-_publish = publish  # the final step of every atomic write (danqing.outputs.files)
+_publish = publish  # the final step of every atomic write (danqing.files)
 
 
 def save_single_file(comps: Components, path: Path, *, metadata: dict | None = None, overwrite: bool = False) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from danqing.errors import ImageError
-from danqing.outputs.files import atomic_save, atomic_write_text
+from danqing.files import atomic_save, atomic_write_text
 
 USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes the infotext of JPEG/WebP files
 EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment belongs (piexif and A1111 put it there)

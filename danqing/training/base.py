@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from danqing.outputs.files import atomic_save_dir
+from danqing.files import atomic_save_dir
 from danqing.decode import decode_latents, to_pil
 from danqing.models.families import build_components
 from danqing.models.loader import load_components, save_diffusers_folder

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from danqing.outputs.files import atomic_save_dir
+from danqing.files import atomic_save_dir
 from danqing.customise.embeddings import save_embedding_a1111
 from danqing.errors import InvalidRequest
 from danqing.synthetic.captions import caption

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from danqing.outputs.files import atomic_save
+from danqing.files import atomic_save
 from danqing.customise import kohya
 from danqing.customise.embeddings import encoder_keys
 from danqing.errors import InvalidRequest
