@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from danqing.conditioning.control import ControlUnit
+from danqing.conditioning.prompt_limits import check_prompt
 from danqing.errors import InvalidRequest
 
 MAX_SEED = 2**32 - 1
@@ -401,6 +402,7 @@ class GenerationRequest(BaseModel):
             text = getattr(self, field_name)
             if text is None:
                 continue
+            check_prompt(text, field_name)  # bracket depth: the recursive parser's bound
             try:
                 for _, part in prompt_schedule(text, self.steps):
                     parse_attention(part)

@@ -12,7 +12,7 @@ import base64
 import json
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,7 +81,8 @@ NEUTRAL: dict[str, tuple] = {
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: booleans are true/false only, integers are not 1.0 or "1" (floats take integers)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -157,16 +158,16 @@ class Img2ImgBody(_Body):
     mask_blur: Optional[int] = None
     mask_round: bool = True
     inpainting_fill: int = 0
-    inpaint_full_res: int = 1  # A1111 declares bool and sends 0/1; "only masked"
+    inpaint_full_res: Union[bool, int] = 1  # A1111 declares bool, clients send 0/1 or true/false; "only masked"
     inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpainting_mask_invert: Union[bool, int] = 0  # A1111 declares int 0/1; clients send true/false too
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: bool = False
 
 
 class PngInfoBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     image: str = ""
 
 

@@ -12,15 +12,24 @@ import os
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
-from fastapi import APIRouter, FastAPI, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
+from starlette.exceptions import HTTPException
 
 from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
 from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
-from danqing.server.security import BasicAuthMiddleware, BodyLimitMiddleware, decode_image
+from danqing.server.security import (
+    BasicAuthMiddleware,
+    BodyLimitMiddleware,
+    HostOriginMiddleware,
+    decode_image,
+    error_body,
+    guard_body,
+    strict_scalars,
+)
 from danqing.server.state import ServerState
 from danqing.settings import ServerSettings, Settings
 
@@ -97,6 +106,15 @@ class JobSubmit(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _strict(cls, data: Any) -> Any:
+        """Booleans and numbers as strict as the A1111 bodies: no 0/1 for false/true, no 1.0 for 1."""
+        if isinstance(data, dict):
+            strict_scalars(data, cls)
+            strict_scalars(data.get("request"), GenerationRequest, "request.")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _ip_uploads(cls, data: Any) -> Any:
         """Base64 IP-Adapter pictures stand in for ``request.ip_adapter_image`` (which must then
         be left out): the request is validated with as many places as pictures, filled in by
@@ -110,6 +128,39 @@ class JobSubmit(BaseModel):
                                  "request.ip_adapter_image (paths from this server), not both")
             data = {**data, "request": {**data["request"], "ip_adapter_image": ["(upload)"] * len(images)}}
         return data
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx, and the 5xx that should never happen): what failed, the request
+    field it is about (a JSON path such as ``request.steps``; null when none), one line saying
+    what was wrong and what is allowed; ``job_id`` for an answer about a job."""
+
+    error: str
+    field: Optional[str] = None
+    detail: str
+    job_id: Optional[str] = None
+
+
+def _err(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+# What every API route may answer besides its success (docs/api.md, docs/security.md).
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: _err("Undecodable body (not UTF-8, JSON nested too deeply) or a Host that is not this server's"),
+    401: _err("Missing or wrong credentials (servers started with --api-auth)"),
+    403: _err("A state-changing request from a foreign Origin"),
+    404: _err("No such route, job or image"),
+    405: _err("Method not allowed on this route"),
+    413: _err("Body over the size limit (--max-body-bytes), with or without Content-Length"),
+    422: _err("A field is invalid or over a limit: `field` names it, `detail` says what is allowed"),
+}
+# Routes that wait for a job: it may be cancelled (409), time out (504) or fail inside (500).
+JOB_RESPONSES: dict[int | str, dict] = {
+    409: _err("The job was cancelled, or is not in a state for this"),
+    500: _err("The job failed with an internal error"),
+    504: _err("The job is still waiting or running"),
+}
 
 
 def _job_view(state: ServerState, job, request_url: str = "") -> dict:
@@ -161,7 +212,7 @@ def job_router(state: ServerState) -> APIRouter:
         get_job(job_id)
         return _job_view(state, state.worker.wait(job_id, timeout))
 
-    @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued job or stop a running one")
+    @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued job or stop a running one", responses=JOB_RESPONSES)
     def cancel(job_id: str = JOB_ID) -> dict:
         job = get_job(job_id)
         if job.status in TERMINAL:
@@ -169,7 +220,7 @@ def job_router(state: ServerState) -> APIRouter:
         state.worker.cancel(job_id)
         return _job_view(state, state.worker.wait(job_id, timeout=30))
 
-    @r.get("/jobs/{job_id}/result", summary="The images (URLs, seeds, infotexts) of a finished job")
+    @r.get("/jobs/{job_id}/result", summary="The images (URLs, seeds, infotexts) of a finished job", responses=JOB_RESPONSES)
     def result(job_id: str = JOB_ID) -> dict:
         job = get_job(job_id)
         if job.status != "done":
@@ -318,29 +369,10 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
                   description="丹青 danqing studio server: A1111-compatible API, async job API, web UI (docs/api.md)")
     app.state.danqing = state
 
-    @app.exception_handler(InvalidRequest)
-    async def _invalid(request: Request, exc: InvalidRequest):
-        return JSONResponse({"error": type(exc).__name__, "field": exc.field, "detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        field, msg = _validation_message(exc)
-        return JSONResponse({"error": "InvalidRequest", "field": field, "detail": msg}, status_code=422)
-
-    @app.exception_handler(ModelError)
-    async def _model(request: Request, exc: ModelError):
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(DanqingError)
-    async def _danqing(request: Request, exc: DanqingError):
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(JobFailed)
-    async def _job(request: Request, exc: JobFailed):
-        return JSONResponse({"error": "JobFailed", "detail": exc.detail, "job_id": exc.job_id}, status_code=exc.status)
-
-    app.include_router(build_router(state))
-    app.include_router(job_router(state))
+    _error_handlers(app)
+    guard = [Depends(guard_body)]
+    app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
 
     # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
     # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
@@ -359,4 +391,67 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
     if creds is not None:
         app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
+    # outermost: a foreign Host or Origin is refused before credentials or the body are read
+    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
     return app
+
+
+def _body_error(exc: HTTPException) -> tuple[str, str]:
+    """FastAPI's "There was an error parsing the body" (400) -> (error, detail) naming why."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return "UndecodableBody", f"body: not UTF-8 text ({cause.reason} at byte {cause.start}); send JSON in UTF-8"
+    if isinstance(cause, RecursionError):
+        return "UndecodableBody", "body: JSON nested too deeply to read; flatten it"
+    return "UndecodableBody", f"body: cannot be read ({type(cause).__name__ if cause else exc.detail})"
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error (``ErrorBody``): ours, FastAPI's and Starlette's."""
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest):
+        return JSONResponse(error_body(type(exc).__name__, str(exc), exc.field), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        field, msg = _validation_message(exc)
+        return JSONResponse(error_body("InvalidRequest", msg, field), status_code=422)
+
+    @app.exception_handler(ModelError)
+    async def _model(request: Request, exc: ModelError):
+        return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=422)
+
+    @app.exception_handler(DanqingError)
+    async def _danqing(request: Request, exc: DanqingError):
+        return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=400)
+
+    @app.exception_handler(JobFailed)
+    async def _job(request: Request, exc: JobFailed):
+        return JSONResponse(error_body("JobFailed", exc.detail, job_id=exc.job_id), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        status, headers = exc.status_code, dict(exc.headers or {})
+        if status == 400 and exc.detail == "There was an error parsing the body":
+            error, detail = _body_error(exc)
+            return JSONResponse(error_body(error, detail, "body"), status_code=400)
+        if status == 413:
+            return JSONResponse(error_body("RequestTooLarge", str(exc.detail), "body"), status_code=413)
+        if status == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}; allowed: {headers.get('allow', '')}"
+        elif status == 404:
+            detail = f"no route {request.url.path}" if exc.detail == "Not Found" else str(exc.detail)
+        else:
+            detail = str(exc.detail)
+        return JSONResponse(error_body(type(exc).__name__ if status >= 500 else _REASONS.get(status, "HTTPError"),
+                                       detail), status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # last resort: still JSON, still one line
+        return JSONResponse(error_body("InternalError", f"internal error: {type(exc).__name__}; the server log "
+                                                        "has the details"), status_code=500)
+
+
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
+            409: "Conflict", 413: "RequestTooLarge", 415: "UnsupportedMediaType", 422: "InvalidRequest"}
