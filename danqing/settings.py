@@ -87,7 +87,7 @@ class Settings:
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # ServerSettings' work limits (docs/security.md); each is also DANQING_<NAME> and --limit NAME=N.
 LIMITS = ("max_pixels", "max_prompt_chars", "max_prompt_chunks", "max_prompt_depth", "max_batch_images",
-          "max_steps", "max_frames")
+          "max_steps", "max_frames", "max_body_bytes")
 
 
 def limits_from(pairs: list[str] = (), env: dict[str, str] | None = None) -> dict[str, int]:

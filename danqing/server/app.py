@@ -152,7 +152,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     403: _err("A state-changing request from a foreign Origin"),
     404: _err("No such route, job or image"),
     405: _err("Method not allowed on this route"),
-    413: _err("Body over the size limit (--max-body-bytes), with or without Content-Length"),
+    413: _err("Body over the size limit (max_body_bytes), with or without Content-Length"),
     422: _err("A field is invalid or over a limit: `field` names it, `detail` says what is allowed"),
 }
 # Routes that wait for a job: it may be cancelled (409), time out (504) or fail inside (500).
@@ -302,6 +302,9 @@ def _sse(event: str, data: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The factory
 # ---------------------------------------------------------------------------------------------
+_UNION_TAGS = ("bool", "int", "float", "str")  # pydantic names the member of a union (``x.bool``)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     """FastAPI's error list -> (field, one line), the first problem, our wording."""
     from danqing.request import GenerationRequest
@@ -310,7 +313,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     if not errors:
         return "request", "invalid request"
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", *_UNION_TAGS)]
     field = ".".join(loc) or "request"
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, InvalidRequest):

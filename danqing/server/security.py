@@ -92,7 +92,7 @@ class BodyLimitMiddleware:
                 if size > self.limit:
                     return await _send_json(send, 413, error_body(
                         "RequestTooLarge", f"body: {size} bytes is more than the limit of {self.limit} bytes "
-                                           "(--max-body-bytes)", "body"))
+                                           "(max_body_bytes)", "body"))
         received = 0
         started = False
 
@@ -123,7 +123,7 @@ class TooLarge(HTTPException):
     HTTPException, so that FastAPI's body reader passes it on (as 413) instead of a 400."""
 
     def __init__(self, limit: int):
-        super().__init__(413, f"body: more than the limit of {limit} bytes (--max-body-bytes)")
+        super().__init__(413, f"body: more than the limit of {limit} bytes (max_body_bytes)")
 
 
 LOCAL_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # methods that change nothing
