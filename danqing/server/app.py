@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 from contextlib import asynccontextmanager
@@ -376,6 +377,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     guard = [Depends(guard_body)]
     app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    _api_fallback(app)
 
     # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
     # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
@@ -397,6 +399,27 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     # outermost: a foreign Host or Origin is refused before credentials or the body are read
     app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
     return app
+
+
+def _api_fallback(app: FastAPI) -> None:
+    """Unknown paths and wrong methods under the API prefixes answer 404 / 405 in our JSON shape,
+    also when the web UI is mounted at ``/`` (which would otherwise take every path)."""
+    from starlette.routing import compile_path
+
+    @functools.lru_cache(maxsize=1)
+    def operations() -> list[tuple[Any, set[str]]]:  # (path regex, methods) of the schema's operations
+        return [(compile_path(path)[0], {m.upper() for m in ops}) for path, ops in app.openapi()["paths"].items()]
+
+    async def fallback(request: Request, rest: str):
+        path = request.scope["path"]
+        allowed = sorted({m for regex, methods in operations() if regex.match(path) for m in methods})
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+        raise HTTPException(404)
+
+    for prefix in ("/sdapi", "/api"):
+        app.add_api_route(prefix + "/{rest:path}", fallback, include_in_schema=False,
+                          methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 
 
 def _body_error(exc: HTTPException) -> tuple[str, str]:
@@ -442,7 +465,8 @@ def _error_handlers(app: FastAPI) -> None:
         if status == 413:
             return JSONResponse(error_body("RequestTooLarge", str(exc.detail), "body"), status_code=413)
         if status == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}; allowed: {headers.get('allow', '')}"
+            allow = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+            detail = f"method {request.method} is not allowed on {request.url.path}; allowed: {allow}"
         elif status == 404:
             detail = f"no route {request.url.path}" if exc.detail == "Not Found" else str(exc.detail)
         else:
