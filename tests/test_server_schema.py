@@ -15,7 +15,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-EXAMPLES = int(os.environ.get("DANQING_SCHEMA_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("DANQING_SCHEMA_EXAMPLES", "20"))
 # Tight work limits keep the tiny model's generations short; what they refuse is a 422.
 LIMITS = {"max_pixels": 128 * 128, "max_steps": 3, "max_batch_images": 2, "max_body_bytes": 2_000_000,
           "max_upload_bytes": 200_000, "max_upload_pixels": 256 * 256, "sync_timeout_s": 60}
