@@ -301,3 +301,15 @@ def test_foreign_origin_cannot_change_state(tmp_path):
         assert c.post("/sdapi/v1/interrupt", headers={"origin": "http://ok.example"}).status_code == 200
     with TestClient(make_app(tmp_path / "b", api_auth="u:p"), base_url="http://localhost:7860") as c:
         refused(c.post("/sdapi/v1/skip", headers=evil, auth=("u", "p")), 403, "origin")  # cached credentials too
+
+
+def test_api_paths_keep_their_answers_with_the_web_ui_mounted(tmp_path):
+    """The UI is mounted at ``/`` and would take every path: API misses stay 404/405 JSON."""
+    with TestClient(make_app(tmp_path, ui=True)) as c:
+        for method, path in (("TRACE", "/"), ("DELETE", T2I), ("PUT", JOBS), ("GET", "/sdapi/v1/interrupt")):
+            r = c.request(method, path)
+            refused(r, 405, None, method)
+        assert c.delete(T2I).headers["allow"] == "POST"
+        refused(c.get("/sdapi/v1/nothing-here"), 404, None, "no route")
+        refused(c.get("/", headers={"host": "attacker.example"}), 400, "host")  # the UI is behind the Host check too
+        assert c.get("/").status_code == 200

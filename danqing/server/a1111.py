@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest
-from danqing.server.security import decode_image
+from danqing.server.security import JOB_RESPONSES, decode_image
 
 RESIZE_MODES = ["just resize", "crop and resize", "resize and fill", "latent upscale"]  # A1111 index order
 INPAINTING_FILL = ["fill", "original", "latent noise", "latent nothing"]  # A1111 index order
@@ -478,11 +478,11 @@ def build_router(state) -> APIRouter:
             echo["init_images"], echo["mask"] = None, None
         return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
 
-    @r.post("/txt2img", summary="txt2img (A1111 fields)")
+    @r.post("/txt2img", summary="txt2img (A1111 fields)", responses=JOB_RESPONSES)
     def txt2img(body: Txt2ImgBody) -> dict:
         return run(body, img2img=False)
 
-    @r.post("/img2img", summary="img2img and inpaint (A1111 fields)")
+    @r.post("/img2img", summary="img2img and inpaint (A1111 fields)", responses=JOB_RESPONSES)
     def img2img(body: Img2ImgBody) -> dict:
         return run(body, img2img=True)
 

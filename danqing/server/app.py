@@ -24,6 +24,8 @@ from danqing.request import GenerationRequest
 from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
 from danqing.server.security import (
     BasicAuthMiddleware,
+    ERROR_RESPONSES,
+    JOB_RESPONSES,
     BodyLimitMiddleware,
     HostOriginMiddleware,
     decode_image,
@@ -129,39 +131,6 @@ class JobSubmit(BaseModel):
                                  "request.ip_adapter_image (paths from this server), not both")
             data = {**data, "request": {**data["request"], "ip_adapter_image": ["(upload)"] * len(images)}}
         return data
-
-
-class ErrorBody(BaseModel):
-    """Every error answer (4xx, and the 5xx that should never happen): what failed, the request
-    field it is about (a JSON path such as ``request.steps``; null when none), one line saying
-    what was wrong and what is allowed; ``job_id`` for an answer about a job."""
-
-    error: str
-    field: Optional[str] = None
-    detail: str
-    job_id: Optional[str] = None
-
-
-def _err(description: str) -> dict:
-    return {"model": ErrorBody, "description": description}
-
-
-# What every API route may answer besides its success (docs/api.md, docs/security.md).
-ERROR_RESPONSES: dict[int | str, dict] = {
-    400: _err("Undecodable body (not UTF-8, JSON nested too deeply) or a Host that is not this server's"),
-    401: _err("Missing or wrong credentials (servers started with --api-auth)"),
-    403: _err("A state-changing request from a foreign Origin"),
-    404: _err("No such route, job or image"),
-    405: _err("Method not allowed on this route"),
-    413: _err("Body over the size limit (max_body_bytes), with or without Content-Length"),
-    422: _err("A field is invalid or over a limit: `field` names it, `detail` says what is allowed"),
-}
-# Routes that wait for a job: it may be cancelled (409), time out (504) or fail inside (500).
-JOB_RESPONSES: dict[int | str, dict] = {
-    409: _err("The job was cancelled, or is not in a state for this"),
-    500: _err("The job failed with an internal error"),
-    504: _err("The job is still waiting or running"),
-}
 
 
 def _job_view(state: ServerState, job, request_url: str = "") -> dict:

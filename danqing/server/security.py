@@ -15,10 +15,12 @@ import io
 import json
 import re
 import secrets
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -30,6 +32,42 @@ from danqing.settings import ServerSettings
 # sub-folders, never absolute, never "..", optionally an A1111 title "name [hash]".
 _NAME = re.compile(r"^[\w][\w .+\-()/]*( \[[0-9a-fA-F]{8,64}\])?$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+
+
+# ---------------------------------------------------------------------------------------------
+# The error answer
+# ---------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    """Every error answer (4xx, and the 5xx that should never happen): what failed, the request
+    field it is about (a JSON path such as ``request.steps``; null when none), one line saying
+    what was wrong and what is allowed; ``job_id`` for an answer about a job."""
+
+    error: str
+    field: Optional[str] = None
+    detail: str
+    job_id: Optional[str] = None
+
+
+def _err(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+# What every API route may answer besides its success (docs/api.md, docs/security.md); in the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: _err("Undecodable body (not UTF-8, JSON nested too deeply) or a Host that is not this server's"),
+    401: _err("Missing or wrong credentials (servers started with --api-auth)"),
+    403: _err("A state-changing request from a foreign Origin"),
+    404: _err("No such route, job or image"),
+    405: _err("Method not allowed on this route"),
+    413: _err("Body over the size limit (max_body_bytes), with or without Content-Length"),
+    422: _err("A field is invalid or over a limit: `field` names it, `detail` says what is allowed"),
+}
+# Routes that wait for a job: it may be cancelled (409), time out (504) or fail inside (500).
+JOB_RESPONSES: dict[int | str, dict] = {
+    409: _err("The job was cancelled, or is not in a state for this"),
+    500: _err("The job failed with an internal error"),
+    504: _err("The job is still waiting or running"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +173,8 @@ class HostOriginMiddleware:
     * ``Host`` must be one of ``host_names`` (the localhost names, the listening host, the
       ``allowed_hosts`` setting), else 400: a page of ``attacker.example`` whose name was
       re-pointed at 127.0.0.1 sends ``Host: attacker.example``.
-    * A state-changing request (POST, PUT, DELETE, PATCH) whose ``Origin`` is neither this
-      server's own origin nor one of ``cors_origins`` is refused with 403: a foreign page can
+    * A state-changing request (POST, PUT, DELETE, PATCH, or a websocket) whose ``Origin`` is
+      neither this server's own origin nor one of ``cors_origins`` is refused with 403: a foreign page can
       make the browser send such a request (a form, ``fetch`` with ``no-cors``) even though CORS
       keeps it from reading the answer. Requests without ``Origin`` (scripts, curl) pass.
     * TRACE and CONNECT are answered 405 on every path.
@@ -164,8 +202,10 @@ class HostOriginMiddleware:
             return await _send_json(send, 405, error_body("MethodNotAllowed", f"method {method} is not allowed"),
                                     [(b"allow", b"GET, HEAD, POST")])
         origin = headers.get("origin")
-        if (origin is not None and method not in LOCAL_METHODS and scope["type"] == "http"
-                and not self._same_origin(origin, host, scope.get("scheme", "http"))):
+        changes = scope["type"] == "websocket" or method not in LOCAL_METHODS  # a websocket can do anything
+        if origin is not None and changes and not self._same_origin(origin, host, scope.get("scheme", "http")):
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
             return await _send_json(send, 403, error_body(
                 "ForeignOrigin", f"Origin: {origin!r} may not change this server's state (POST/PUT/DELETE); "
                                  "allow it with --cors-allow-origin", "origin"))
@@ -218,9 +258,8 @@ def check_json_text(data: Any) -> None:
                 raise InvalidRequest(path or "body", f"character {bad} is a lone UTF-16 surrogate "
                                                      f"(U+{ord(value[bad]):04X}); text must be valid Unicode")
         elif isinstance(value, dict):
-            for k, v in value.items():
-                key = str(k) if lone_surrogate(str(k)) < 0 else "body"
-                if key == "body":
+            for key, v in value.items():
+                if lone_surrogate(key) >= 0:
                     raise InvalidRequest(path or "body", "a key holds a lone UTF-16 surrogate; text must be valid Unicode")
                 stack.append((f"{path}.{key}" if path else key, v))
         elif isinstance(value, list):
@@ -254,6 +293,9 @@ async def guard_body(request: Request) -> None:
     check_body_prompts(data, request.app.state.danqing.server)
 
 
+_TOKENIZER_LOCK = threading.Lock()  # a Rust-backed tokenizer must not be called from two threads at once
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
     from danqing.conditioning.tokenizer import clip_tokenizer
@@ -269,7 +311,8 @@ def prompt_chunks(text: str, steps: int) -> int:
     from danqing.conditioning.text import tokenize_prompt  # imports torch: only when counting
 
     longest = max((t for _, t in prompt_schedule(text, steps)), key=len, default="")
-    return len(tokenize_prompt(_tokenizer(), longest))
+    with _TOKENIZER_LOCK:
+        return len(tokenize_prompt(_tokenizer(), longest))
 
 
 def check_work(request, limits: ServerSettings):
