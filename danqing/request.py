@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from danqing.conditioning.prompt_limits import check_prompt
 from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
 from danqing.errors import InvalidRequest
 from danqing.preprocess import preprocessor_names
@@ -475,6 +476,7 @@ class GenerationRequest(BaseModel):
             text = getattr(self, field_name)
             if text is None:
                 continue
+            check_prompt(text, field_name)  # bracket depth: the recursive parser's bound
             try:
                 for _, part in prompt_schedule(text, self.steps):
                     parse_attention(part)

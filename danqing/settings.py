@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from danqing.conditioning.prompt_limits import PARSER_MAX_DEPTH
 from danqing.errors import InvalidRequest
 
 OFFLINE_ENV = {
@@ -83,6 +84,31 @@ class Settings:
         return replace(self, **changes)
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# ServerSettings' work limits (docs/security.md); each is also DANQING_<NAME> and --limit NAME=N.
+LIMITS = ("max_pixels", "max_prompt_chars", "max_prompt_chunks", "max_prompt_depth", "max_batch_images",
+          "max_steps", "max_frames", "max_body_bytes")
+
+
+def limits_from(pairs: list[str] = (), env: dict[str, str] | None = None) -> dict[str, int]:
+    """Work limits from the environment (``DANQING_MAX_PIXELS=...``) and ``NAME=N`` pairs (the
+    ``--limit`` option of ``danqing serve``; they win). Raises InvalidRequest naming a bad one."""
+    env = os.environ if env is None else env
+    raw = {name: env[f"DANQING_{name.upper()}"] for name in LIMITS if env.get(f"DANQING_{name.upper()}")}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name.strip() not in LIMITS:
+            raise InvalidRequest("limit", f"{pair!r} is not NAME=N with NAME one of {', '.join(LIMITS)}")
+        raw[name.strip()] = value
+    out = {}
+    for name, value in raw.items():
+        try:
+            out[name] = int(str(value).replace("_", ""))
+        except ValueError:
+            raise InvalidRequest(name, f"must be a whole number, got {value!r}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How ``danqing serve`` listens and what it accepts (docs/api.md).
@@ -96,6 +122,15 @@ class ServerSettings:
         max_body_bytes: largest HTTP request body.
         sync_timeout_s: how long an A1111 route waits for its job.
         ui: mount the Gradio web UI at ``/``.
+        allowed_hosts: names accepted in the ``Host`` header besides the localhost names and
+            ``host`` (DNS-rebinding defence; docs/security.md).
+        max_pixels: largest final picture (width x height after hires fix / upscaling).
+        max_prompt_chars: longest prompt (each prompt field) in characters.
+        max_prompt_chunks: most 77-token chunks of a prompt (75 tokens each, CLIP tokenizer).
+        max_prompt_depth: deepest bracket nesting of a prompt (at most 100).
+        max_batch_images: most pictures per request (batch_size x batch_count).
+        max_steps: most sampling steps per pass (steps, hires fix's second pass).
+        max_frames: most frames of a video request.
     """
 
     host: str = "127.0.0.1"
@@ -107,10 +142,35 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     sync_timeout_s: float = 3600.0
     ui: bool = True
+    allowed_hosts: tuple[str, ...] = ()
+    max_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 10_000
+    max_prompt_chunks: int = 32
+    max_prompt_depth: int = 32
+    max_batch_images: int = 100
+    max_steps: int = 150
+    max_frames: int = 64
+
+    def __post_init__(self):
+        for name in LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(name, f"must be a whole number >= 1, got {value!r}")
+        if self.max_prompt_depth > PARSER_MAX_DEPTH:
+            raise InvalidRequest("max_prompt_depth", f"must be at most {PARSER_MAX_DEPTH} (the prompt parser's "
+                                                     f"bound), got {self.max_prompt_depth}")
 
     @property
     def is_local(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1")
+        return self.host in LOCAL_HOSTS
+
+    def host_names(self) -> frozenset[str] | None:
+        """Names a request's ``Host`` header may carry (lower case, no port); None = any, when
+        the server listens on every interface (0.0.0.0, ::) and no ``allowed_hosts`` are given."""
+        names = {h.lower().strip("[]") for h in self.allowed_hosts}
+        if self.host in ("0.0.0.0", "::", "") and not names:
+            return None
+        return frozenset({*LOCAL_HOSTS, self.host.lower().strip("[]"), *names})
 
     def credentials(self) -> tuple[str, str] | None:
         if not self.api_auth:

@@ -42,6 +42,7 @@ def make_app(home, *, studio=None, **server_kwargs):
     studio = studio or shared_studio()
     settings = Settings(home=home, models_dir=studio.settings.models_dir, device="cpu", dtype="fp32")
     server_kwargs.setdefault("ui", False)
+    server_kwargs.setdefault("allowed_hosts", ("testserver",))  # the Host of Starlette's TestClient
     return create_app(settings, ServerSettings(**server_kwargs), studio=studio, preview_interval=0.0)
 
 

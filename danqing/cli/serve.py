@@ -9,7 +9,7 @@ import typer
 
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
-from danqing.settings import ServerSettings
+from danqing.settings import ServerSettings, limits_from
 
 
 @app.command()
@@ -25,6 +25,8 @@ def serve(
     no_ui: bool = typer.Option(False, "--no-ui", help="API only, no web UI."),
     max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB (default 16)."),
     max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels (default 16.78 = 4096x4096)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable."),
+    limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME>."),
 ):
     """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
     import uvicorn  # lazy: the server's dependencies (FastAPI, Gradio, torch) load only to serve
@@ -38,7 +40,9 @@ def serve(
         limits["max_upload_bytes"] = int(max_upload_mb * 1024 * 1024)
     if max_upload_megapixels is not None:
         limits["max_upload_pixels"] = int(max_upload_megapixels * 1e6)
-    server = ServerSettings(host=host, port=port, api_auth=api_auth, cors_origins=tuple(cors), ui=not no_ui, **limits)
+    limits.update(limits_from(limit))
+    server = ServerSettings(host=host, port=port, api_auth=api_auth, cors_origins=tuple(cors), ui=not no_ui,
+                            allowed_hosts=tuple(allowed_host), **limits)
     if not server.is_local and not api_auth:
         raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)

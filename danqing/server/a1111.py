@@ -12,14 +12,14 @@ import base64
 import json
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest
-from danqing.server.security import decode_image
+from danqing.server.security import JOB_RESPONSES, decode_image
 
 RESIZE_MODES = ["just resize", "crop and resize", "resize and fill", "latent upscale"]  # A1111 index order
 INPAINTING_FILL = ["fill", "original", "latent noise", "latent nothing"]  # A1111 index order
@@ -81,7 +81,8 @@ NEUTRAL: dict[str, tuple] = {
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: booleans are true/false only, integers are not 1.0 or "1" (floats take integers)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -157,16 +158,16 @@ class Img2ImgBody(_Body):
     mask_blur: Optional[int] = None
     mask_round: bool = True
     inpainting_fill: int = 0
-    inpaint_full_res: int = 1  # A1111 declares bool and sends 0/1; "only masked"
+    inpaint_full_res: Union[bool, int] = 1  # A1111 declares bool, clients send 0/1 or true/false; "only masked"
     inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpainting_mask_invert: Union[bool, int] = 0  # A1111 declares int 0/1; clients send true/false too
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: bool = False
 
 
 class PngInfoBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     image: str = ""
 
 
@@ -477,11 +478,11 @@ def build_router(state) -> APIRouter:
             echo["init_images"], echo["mask"] = None, None
         return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
 
-    @r.post("/txt2img", summary="txt2img (A1111 fields)")
+    @r.post("/txt2img", summary="txt2img (A1111 fields)", responses=JOB_RESPONSES)
     def txt2img(body: Txt2ImgBody) -> dict:
         return run(body, img2img=False)
 
-    @r.post("/img2img", summary="img2img and inpaint (A1111 fields)")
+    @r.post("/img2img", summary="img2img and inpaint (A1111 fields)", responses=JOB_RESPONSES)
     def img2img(body: Img2ImgBody) -> dict:
         return run(body, img2img=True)
 

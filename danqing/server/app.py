@@ -7,20 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
-from fastapi import APIRouter, FastAPI, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
+from starlette.exceptions import HTTPException
 
 from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
 from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
-from danqing.server.security import BasicAuthMiddleware, BodyLimitMiddleware, decode_image
+from danqing.server.security import (
+    BasicAuthMiddleware,
+    ERROR_RESPONSES,
+    JOB_RESPONSES,
+    BodyLimitMiddleware,
+    HostOriginMiddleware,
+    decode_image,
+    error_body,
+    guard_body,
+    strict_scalars,
+)
 from danqing.server.state import ServerState
 from danqing.settings import ServerSettings, Settings
 
@@ -97,6 +109,15 @@ class JobSubmit(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _strict(cls, data: Any) -> Any:
+        """Booleans and numbers as strict as the A1111 bodies: no 0/1 for false/true, no 1.0 for 1."""
+        if isinstance(data, dict):
+            strict_scalars(data, cls)
+            strict_scalars(data.get("request"), GenerationRequest, "request.")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _ip_uploads(cls, data: Any) -> Any:
         """Base64 IP-Adapter pictures stand in for ``request.ip_adapter_image`` (which must then
         be left out): the request is validated with as many places as pictures, filled in by
@@ -161,7 +182,7 @@ def job_router(state: ServerState) -> APIRouter:
         get_job(job_id)
         return _job_view(state, state.worker.wait(job_id, timeout))
 
-    @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued job or stop a running one")
+    @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued job or stop a running one", responses=JOB_RESPONSES)
     def cancel(job_id: str = JOB_ID) -> dict:
         job = get_job(job_id)
         if job.status in TERMINAL:
@@ -169,7 +190,7 @@ def job_router(state: ServerState) -> APIRouter:
         state.worker.cancel(job_id)
         return _job_view(state, state.worker.wait(job_id, timeout=30))
 
-    @r.get("/jobs/{job_id}/result", summary="The images (URLs, seeds, infotexts) of a finished job")
+    @r.get("/jobs/{job_id}/result", summary="The images (URLs, seeds, infotexts) of a finished job", responses=JOB_RESPONSES)
     def result(job_id: str = JOB_ID) -> dict:
         job = get_job(job_id)
         if job.status != "done":
@@ -251,6 +272,9 @@ def _sse(event: str, data: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The factory
 # ---------------------------------------------------------------------------------------------
+_UNION_TAGS = ("bool", "int", "float", "str")  # pydantic names the member of a union (``x.bool``)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     """FastAPI's error list -> (field, one line), the first problem, our wording."""
     from danqing.request import GenerationRequest
@@ -259,7 +283,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     if not errors:
         return "request", "invalid request"
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", *_UNION_TAGS)]
     field = ".".join(loc) or "request"
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, InvalidRequest):
@@ -318,29 +342,11 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
                   description="丹青 danqing studio server: A1111-compatible API, async job API, web UI (docs/api.md)")
     app.state.danqing = state
 
-    @app.exception_handler(InvalidRequest)
-    async def _invalid(request: Request, exc: InvalidRequest):
-        return JSONResponse({"error": type(exc).__name__, "field": exc.field, "detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        field, msg = _validation_message(exc)
-        return JSONResponse({"error": "InvalidRequest", "field": field, "detail": msg}, status_code=422)
-
-    @app.exception_handler(ModelError)
-    async def _model(request: Request, exc: ModelError):
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(DanqingError)
-    async def _danqing(request: Request, exc: DanqingError):
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(JobFailed)
-    async def _job(request: Request, exc: JobFailed):
-        return JSONResponse({"error": "JobFailed", "detail": exc.detail, "job_id": exc.job_id}, status_code=exc.status)
-
-    app.include_router(build_router(state))
-    app.include_router(job_router(state))
+    _error_handlers(app)
+    guard = [Depends(guard_body)]
+    app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    _api_fallback(app)
 
     # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
     # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
@@ -359,4 +365,89 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
     if creds is not None:
         app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
+    # outermost: a foreign Host or Origin is refused before credentials or the body are read
+    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
     return app
+
+
+def _api_fallback(app: FastAPI) -> None:
+    """Unknown paths and wrong methods under the API prefixes answer 404 / 405 in our JSON shape,
+    also when the web UI is mounted at ``/`` (which would otherwise take every path)."""
+    from starlette.routing import compile_path
+
+    @functools.lru_cache(maxsize=1)
+    def operations() -> list[tuple[Any, set[str]]]:  # (path regex, methods) of the schema's operations
+        return [(compile_path(path)[0], {m.upper() for m in ops}) for path, ops in app.openapi()["paths"].items()]
+
+    async def fallback(request: Request, rest: str):
+        path = request.scope["path"]
+        allowed = sorted({m for regex, methods in operations() if regex.match(path) for m in methods})
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+        raise HTTPException(404)
+
+    for prefix in ("/sdapi", "/api"):
+        app.add_api_route(prefix + "/{rest:path}", fallback, include_in_schema=False,
+                          methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+
+
+def _body_error(exc: HTTPException) -> tuple[str, str]:
+    """FastAPI's "There was an error parsing the body" (400) -> (error, detail) naming why."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return "UndecodableBody", f"body: not UTF-8 text ({cause.reason} at byte {cause.start}); send JSON in UTF-8"
+    if isinstance(cause, RecursionError):
+        return "UndecodableBody", "body: JSON nested too deeply to read; flatten it"
+    return "UndecodableBody", f"body: cannot be read ({type(cause).__name__ if cause else exc.detail})"
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error (``ErrorBody``): ours, FastAPI's and Starlette's."""
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest):
+        return JSONResponse(error_body(type(exc).__name__, str(exc), exc.field), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        field, msg = _validation_message(exc)
+        return JSONResponse(error_body("InvalidRequest", msg, field), status_code=422)
+
+    @app.exception_handler(ModelError)
+    async def _model(request: Request, exc: ModelError):
+        return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=422)
+
+    @app.exception_handler(DanqingError)
+    async def _danqing(request: Request, exc: DanqingError):
+        return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=400)
+
+    @app.exception_handler(JobFailed)
+    async def _job(request: Request, exc: JobFailed):
+        return JSONResponse(error_body("JobFailed", exc.detail, job_id=exc.job_id), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        status, headers = exc.status_code, dict(exc.headers or {})
+        if status == 400 and exc.detail == "There was an error parsing the body":
+            error, detail = _body_error(exc)
+            return JSONResponse(error_body(error, detail, "body"), status_code=400)
+        if status == 413:
+            return JSONResponse(error_body("RequestTooLarge", str(exc.detail), "body"), status_code=413)
+        if status == 405:
+            allow = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+            detail = f"method {request.method} is not allowed on {request.url.path}; allowed: {allow}"
+        elif status == 404:
+            detail = f"no route {request.url.path}" if exc.detail == "Not Found" else str(exc.detail)
+        else:
+            detail = str(exc.detail)
+        return JSONResponse(error_body(type(exc).__name__ if status >= 500 else _REASONS.get(status, "HTTPError"),
+                                       detail), status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # last resort: still JSON, still one line
+        return JSONResponse(error_body("InternalError", f"internal error: {type(exc).__name__}; the server log "
+                                                        "has the details"), status_code=500)
+
+
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
+            409: "Conflict", 413: "RequestTooLarge", 415: "UnsupportedMediaType", 422: "InvalidRequest"}

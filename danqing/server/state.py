@@ -12,7 +12,7 @@ from typing import Any
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest
 from danqing.server.jobs import JobStore, Worker, resolve_for_queue
-from danqing.server.security import UploadLimits, resolve_model
+from danqing.server.security import UploadLimits, check_work, resolve_model
 from danqing.settings import ServerSettings, Settings
 
 # Server options (A1111 /sdapi/v1/options names) -> default; stored in the database.
@@ -179,4 +179,5 @@ class ServerState:
         if request.restore_faces:  # a face model must be installed (the first one, unless named)
             request = request.replace(face_restoration_model=self.worker.studio.upscalers.face_model_name(
                 request.face_restoration_model))
+        check_work(request, self.server)  # the server's work limits (docs/security.md)
         return resolve_for_queue(request, self.settings.default_model)
