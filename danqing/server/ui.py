@@ -7,8 +7,8 @@ settings; one function builds each. Files reach it only as uploads or as danqing
 (``server/ui_files.py``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Gradio reads the handlers' annotations
+# (``gr.SelectData``) at run time to pass them the event.
 import io
 import re
 from typing import Any
