@@ -37,7 +37,7 @@ KINDS = {
 # kind -> (what a request calls it, the field a library lookup reports) for names-only lookups
 LABELS = {
     "checkpoint": ("checkpoint", "model"), "vae": ("VAE", "vae"), "lora": ("LoRA", "prompt"),
-    "embedding": ("embedding", "prompt"), "controlnet": ("ControlNet", "controlnet"),
+    "embedding": ("embedding", "prompt"), "controlnet": ("controlnet", "controlnet"),
     "ipadapter": ("IP-Adapter", "ip_adapter"), "clip_vision": ("image encoder", "ip_adapter_encoder"),
 }
 BUILTIN = "danqing-tiny-random"
