@@ -25,9 +25,7 @@ from danqing.errors import InvalidRequest
 from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
-from danqing.server.a1111_units import (  # noqa: F401 -- the ControlNet-extension tables, re-exported
-    CONTROL_MODES, CONTROL_RESIZE, CONTROL_RESIZE_ALIASES, CONTROLNET_NEUTRAL, CONTROLNET_SHELL, CONTROLNET_TO_UNIT,
-    controlnet_units, ip_adapter_unit, is_ip_adapter_unit, neutral_ok)
+from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok
 from danqing.server.common import infotext_of_image, job_error, memory_report
 from danqing.server.security import decode_image
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
 from danqing.server.a1111 import build_router
-from danqing.server.common import JobFailed, infotext_of_image, job_error, memory_report  # noqa: F401 -- re-exported
+from danqing.server.common import JobFailed, job_error
 from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
 from danqing.server.security import BasicAuthMiddleware, BodyLimitMiddleware, decode_image
 from danqing.server.state import ServerState
