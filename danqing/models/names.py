@@ -95,10 +95,10 @@ def resolve(name: object, candidates: Iterable[Named], *, field: str, what: str,
     """
     candidates = list(candidates)
     if isinstance(name, str) and 0 < len(name) <= 1024:
-        title = strip_title(name)
-        for c in candidates:
-            if title == c.name or title in c.aliases:
-                return c
+        for wanted in dict.fromkeys((name, strip_title(name))):  # "x [fp16]" may be a file's own name
+            for c in candidates:
+                if wanted == c.name or wanted in c.aliases:
+                    return c
         q = name.strip("[] ").lower()
         if sha256 is not None and 8 <= len(q) <= 64 and all(ch in "0123456789abcdef" for ch in q):
             for c in candidates:
