@@ -37,6 +37,7 @@ import torch
 from danqing.cache import LRUCache, file_key
 from danqing.errors import InvalidRequest, ModelNotFound
 from danqing.models.ip_adapter import ADAPTER_KIND, ENCODER_KIND, SUFFIXES, load_image_encoder, read_ip_adapter
+from danqing.models.names import Named, resolve, within
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +141,13 @@ class IPAdapterLibrary:
 
     def adapters(self) -> list:
         root = self.registry.models_dir / ADAPTER_KIND
-        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES) if root.is_dir() else []
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES) if root.is_dir() else []
+        return within(found, root) if self.registry.names_only else found
 
     def encoders(self) -> list:
         root = self.registry.models_dir / ENCODER_KIND
-        return sorted(p.parent for p in root.rglob("config.json")) if root.is_dir() else []
+        found = sorted(p.parent for p in root.rglob("config.json")) if root.is_dir() else []
+        return within(found, root) if self.registry.names_only else found
 
     def adapter_path(self, name: str | None) -> Path:
         """The adapter file called ``name`` (file name, stem or path); None = the only one."""
@@ -158,6 +161,9 @@ class IPAdapterLibrary:
                                     "ip-adapter_sd15.safetensors, or the .bin with image_proj and ip_adapter)")
             raise InvalidRequest("ip_adapter", f"several IP-Adapters are installed; name one of "
                                  f"{', '.join(p.stem for p in found)}")
+        if self.registry.names_only:  # the server: names of the listing only, never paths
+            named = [Named(f.relative_to(where).with_suffix("").as_posix(), f, (f.name, f.stem)) for f in found]
+            return resolve(name, named, field="ip_adapter", what="IP-Adapter", folder=ADAPTER_KIND).path
         p = Path(name).expanduser()
         if p.is_file():
             return p
@@ -180,6 +186,9 @@ class IPAdapterLibrary:
                 raise ModelNotFound(f"IP-Adapter needs an image encoder and {where} has none; {hint}")
             raise InvalidRequest("ip_adapter_encoder", f"several image encoders are installed; name one of "
                                  f"{', '.join(p.name for p in found)}")
+        if self.registry.names_only:
+            named = [Named(f.relative_to(where).as_posix(), f, (f.name,)) for f in found]
+            return resolve(name, named, field="ip_adapter_encoder", what="image encoder", folder=ENCODER_KIND).path
         p = Path(name).expanduser()
         if p.is_dir():
             return p

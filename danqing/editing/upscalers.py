@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from danqing.errors import InvalidRequest
+from danqing.models.names import inside
 from danqing.models.upscalers import import_spandrel
 
 BUILTIN = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}  # the upscalers without a model file
@@ -38,9 +39,10 @@ DEFAULT_TILE, DEFAULT_OVERLAP = 256, 32  # input pixels; A1111's ESRGAN_tile is 
 MAX_PASSES = 3  # as A1111: a x4 model runs twice for x8, and Lanczos takes it to the exact size
 
 
-def find_files(models_dir: Path, folders: tuple[str, ...]) -> dict[str, Path]:
+def find_files(models_dir: Path, folders: tuple[str, ...], *, names_only: bool = False) -> dict[str, Path]:
     """name (file stem) -> file, for the weight files under ``models_dir/<folder>`` (recursive),
-    in folder order; the first file of a name wins."""
+    in folder order; the first file of a name wins. ``names_only`` (the server) leaves out
+    symlinks that lead out of their folder (``danqing.models.names``)."""
     out: dict[str, Path] = {}
     for folder in folders:
         root = Path(models_dir) / folder
@@ -50,7 +52,7 @@ def find_files(models_dir: Path, folders: tuple[str, ...]) -> dict[str, Path]:
             dirnames.sort()
             for fn in sorted(filenames):
                 p = Path(dirpath) / fn
-                if p.suffix.lower() in SUFFIXES and not fn.startswith("."):
+                if p.suffix.lower() in SUFFIXES and not fn.startswith(".") and (not names_only or inside(p, root)):
                     out.setdefault(p.stem, p)
     return out
 
@@ -144,15 +146,21 @@ class UpscalerLibrary:
         self.models_dir = Path(models_dir)
         self.manager = manager
 
+    @property
+    def names_only(self) -> bool:
+        """The server's names-only mode, as the manager's registry has it."""
+        return bool(getattr(getattr(self.manager, "registry", None), "names_only", False))
+
     def names(self) -> list[str]:
         """Built-in upscalers, then the installed model upscalers."""
-        return list(BUILTIN) + sorted(find_files(self.models_dir, UPSCALER_FOLDERS), key=str.casefold)
+        return list(BUILTIN) + sorted(find_files(self.models_dir, UPSCALER_FOLDERS, names_only=self.names_only),
+                                      key=str.casefold)
 
     def face_names(self) -> list[str]:
-        return sorted(find_files(self.models_dir, FACE_FOLDERS), key=str.casefold)
+        return sorted(find_files(self.models_dir, FACE_FOLDERS, names_only=self.names_only), key=str.casefold)
 
     def file(self, name: str, *, faces: bool = False) -> Path:
-        files = find_files(self.models_dir, FACE_FOLDERS if faces else UPSCALER_FOLDERS)
+        files = find_files(self.models_dir, FACE_FOLDERS if faces else UPSCALER_FOLDERS, names_only=self.names_only)
         if name not in files:
             if faces:
                 raise InvalidRequest("face_restoration_model", f"unknown face-restoration model {name!r}; installed: "

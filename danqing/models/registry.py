@@ -23,8 +23,9 @@ from importlib import resources
 from pathlib import Path
 
 from danqing.errors import ModelNotFound
-from danqing.models.families import builtin_sha256
 from danqing.files import atomic_write_text
+from danqing.models.families import builtin_sha256
+from danqing.models.names import Named, inside, resolve
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 KINDS = {
@@ -35,6 +36,12 @@ KINDS = {
     "controlnet": "controlnet",
     "ipadapter": "ipadapter",
     "clip_vision": "clip_vision",
+}
+# kind -> (what a request calls it, the field a library lookup reports) for names-only lookups
+LABELS = {
+    "checkpoint": ("checkpoint", "model"), "vae": ("VAE", "vae"), "lora": ("LoRA", "prompt"),
+    "embedding": ("embedding", "prompt"), "controlnet": ("controlnet", "controlnet"),
+    "ipadapter": ("IP-Adapter", "ip_adapter"), "clip_vision": ("image encoder", "ip_adapter_encoder"),
 }
 BUILTIN = "danqing-tiny-random"
 BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package (data/models/)
@@ -106,10 +113,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class Registry:
-    """Scans ``models_dir`` on demand; thread-safe hash cache. Holds no per-request state."""
+    """Scans ``models_dir`` on demand; thread-safe hash cache. Holds no per-request state.
 
-    def __init__(self, models_dir: Path):
+    Args:
+        models_dir: the models folder.
+        names_only: the server's mode: ``find`` takes names only (``danqing.models.names``) and
+            ``scan`` leaves out symlinks that lead out of their kind's folder. Off for the CLI,
+            whose user may name any file.
+    """
+
+    def __init__(self, models_dir: Path, *, names_only: bool = False):
         self.models_dir = Path(models_dir)
+        self.names_only = names_only
         self._lock = threading.Lock()
         self._hash_cache: dict | None = None
 
@@ -135,18 +150,20 @@ class Registry:
             for fn in sorted(filenames):
                 p = here / fn
                 fmt = _format_of(p)
-                if fmt and not fn.startswith("."):
+                if fmt and not fn.startswith(".") and (not self.names_only or inside(p, root)):
                     found.append(ModelEntry(p.relative_to(root).with_suffix("").as_posix(), p, kind, fmt))
         return entries + sorted(found, key=lambda e: e.name.casefold())
 
     def find(self, kind: str, query: str) -> ModelEntry:
         """Find by name, file name, short/full hash, A1111 title ("name [hash]") or a path.
 
-        A path must lie inside the models folder or be given explicitly by the caller (CLI);
-        names cannot escape their folder.
+        A path is taken only outside names-only mode (the CLI, whose user names the file); in
+        names-only mode (the server) this is ``resolve``: names of the listing only.
         """
         if kind == "checkpoint" and query == BUILTIN:
             return ModelEntry(BUILTIN, None, "checkpoint", "builtin")
+        if self.names_only:
+            return self.resolve(kind, query, LABELS[kind][1])
         p = Path(query).expanduser()
         if p.exists() and (p.is_file() or _format_of(p) == "diffusers"):
             fmt = _format_of(p)
@@ -165,6 +182,19 @@ class Registry:
                     return e
         names = ", ".join(e.name for e in entries) or "none"
         raise ModelNotFound(f"{kind} {query!r} not found in {self.folder(kind)}; available: {names}")
+
+    def resolve(self, kind: str, name: object, field: str) -> ModelEntry:
+        """The entry a client's name selects (``danqing.models.names.resolve``): a name, file
+        name, A1111 title or hash of a model listed in its folder, never a path; anything else
+        is an ``InvalidRequest`` for ``field`` with one message whether or not a file exists."""
+        entries: dict[str, ModelEntry] = {}
+        for e in self.scan(kind):
+            entries.setdefault(e.name, e)  # the first of a name wins, as in ``find``
+        named = [Named(e.name, e.path, (Path(e.name).name,) + ((e.path.name,) if e.path is not None else ()))
+                 for e in entries.values()]
+        found = resolve(name, named, field=field, what=LABELS[kind][0], folder=KINDS[kind],
+                        sha256=lambda n: self.sha256(entries[n.name]))
+        return entries[found.name]
 
     # -- hashes -------------------------------------------------------------------------------
     def _cache_path(self) -> Path:

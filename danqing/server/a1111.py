@@ -3,7 +3,8 @@
 The field mapping is data: every A1111 request field is in exactly one table --
 ``TO_REQUEST`` (becomes a GenerationRequest field), ``SHELL`` (handled here: images, saving,
 settings), or ``NEUTRAL`` (accepted only at values that change nothing; anything else is a 422
-naming the field, never silently ignored). The sync routes go through the job queue and wait.
+naming the field, never silently ignored). The ControlNet extension's units are mapped in
+``server/a1111_units.py``. The sync routes go through the job queue and wait.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from typing import Any, Optional, Union
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from danqing.editing.hires import LATENT_UPSCALERS
+from danqing.editing.upscalers import BUILTIN
+from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
 from danqing.errors import InvalidRequest
+from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
+from danqing.sampling.samplers import samplers as sampler_table, schedule_names
+from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok
+from danqing.server.common import infotext_of_image, job_error, memory_report
 from danqing.server.security import JOB_RESPONSES, decode_image
 
 RESIZE_MODES = ["just resize", "crop and resize", "resize and fill", "latent upscale"]  # A1111 index order
@@ -49,24 +57,6 @@ SHELL = {
     "mask_blur_y", "eta", "alwayson_scripts",  # alwayson_scripts: "controlnet" units (CONTROLNET_* below; an IP-Adapter unit is an image prompt)
 }
 
-# sd-webui-controlnet: alwayson_scripts.controlnet.args[i] (its ControlNetUnit field names) -> ControlUnit.
-CONTROLNET_TO_UNIT = {
-    "module": "module", "model": "model", "weight": "weight", "resize_mode": "resize_mode",
-    "processor_res": "processor_res", "threshold_a": "threshold_a", "threshold_b": "threshold_b",
-    "guidance_start": "guidance_start", "guidance_end": "guidance_end", "pixel_perfect": "pixel_perfect",
-    "control_mode": "control_mode", "guessmode": "guess_mode",
-}
-CONTROLNET_SHELL = {"image", "input_image", "enabled"}
-CONTROLNET_NEUTRAL: dict[str, tuple] = {
-    "low_vram": (None, False), "lowvram": (None, False), "save_detected_map": "any", "is_ui": "any",
-    "hr_option": (None, "Both", "Low res only", "High res only"), "mask": (None, ""), "mask_image": (None, ""),
-    "loopback": (None, False), "processor_res_default": "any",
-}
-CONTROL_MODES = ["Balanced", "My prompt is more important", "ControlNet is more important"]  # index order
-CONTROL_RESIZE = ["Just Resize", "Crop and Resize", "Resize and Fill"]  # index order
-# sd-webui-controlnet's older resize labels
-CONTROL_RESIZE_ALIASES = {"Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
-# Accepted only at these values (A1111's defaults, or what common clients send as "off").
 NEUTRAL: dict[str, tuple] = {
     "tiling": (None, False), "styles": (None, []),
     "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
@@ -171,76 +161,6 @@ class PngInfoBody(BaseModel):
     image: str = ""
 
 
-def _neutral_ok(value: Any, allowed) -> bool:
-    """``value`` is one of ``allowed`` (True is not 1 here, False is not 0)."""
-    return allowed == "any" or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
-
-
-# sd-webui-controlnet unit fields accepted at these values only (the extension's defaults)
-_UNIT_NEUTRAL = {"guidance_start": (0, 0.0), "guidance_end": (1, 1.0), "mask": (None,), "effective_region_mask": (None,),
-                 "advanced_weighting": (None,), "ipadapter_input": (None,)}
-
-
-def is_ip_adapter_unit(unit: dict) -> bool:
-    """A ControlNet-extension unit that is an image prompt (its module is an ``ip-adapter`` one)."""
-    return str(unit.get("module", "none")).startswith("ip-adapter")
-
-
-def ip_adapter_unit(alwayson: dict) -> tuple[dict[str, Any], list[str]]:
-    """IP-Adapter as A1111 clients send it: a unit of the ControlNet extension
-    (``alwayson_scripts={"controlnet": {"args": [{"enabled": true, "module": "ip-adapter_clip_sd15",
-    "model": "ip-adapter_sd15 [hash]", "weight": 0.8, "image": <base64>}]}}``; sd-webui-controlnet
-    ``internal_controlnet/args.py`` ``ControlNetUnit``).
-
-    Returns:
-        (GenerationRequest fields, base64 pictures). Anything else in ``alwayson_scripts`` --
-        other scripts, ControlNet units that are not IP-Adapters, more than one enabled unit --
-        is refused naming it.
-    """
-    if not alwayson:
-        return {}, []
-    if not isinstance(alwayson, dict) or set(k.casefold() for k in alwayson) != {"controlnet"}:
-        names = ", ".join(map(str, alwayson)) if isinstance(alwayson, dict) else type(alwayson).__name__
-        raise InvalidRequest("alwayson_scripts", f"danqing runs no A1111 scripts ({names}); only the ControlNet "
-                                                 "extension's IP-Adapter units are understood")
-    script = next(iter(alwayson.values()))
-    units = script.get("args") if isinstance(script, dict) else script
-    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
-        raise InvalidRequest("alwayson_scripts", "controlnet must be {\"args\": [unit, ...]} with units as objects")
-    units = [u for u in units if u.get("enabled", True) and is_ip_adapter_unit(u)]  # the others: controlnet_units
-    if not units:
-        return {}, []
-    if len(units) > 1:
-        raise InvalidRequest("alwayson_scripts", f"danqing takes one IP-Adapter unit per request, got {len(units)} enabled units")
-    unit = units[0]
-    module = str(unit.get("module", "none"))
-    if "face_id" in module:
-        raise InvalidRequest("alwayson_scripts", f"ControlNet unit module {module!r} is not supported; danqing takes "
-                                                 "IP-Adapter units (module ip-adapter_clip_sd15, ip-adapter_clip_sdxl, "
-                                                 "ip-adapter-auto)")
-    for name, allowed in _UNIT_NEUTRAL.items():
-        if name in unit and unit[name] not in allowed:
-            raise InvalidRequest("alwayson_scripts", f"IP-Adapter unit field {name!r} is not supported by danqing yet; "
-                                                     f"leave it unset")
-    image = unit.get("image", unit.get("input_image"))
-    if isinstance(image, dict):
-        image = [image]
-    if isinstance(image, str):
-        images = [image]
-    elif isinstance(image, list) and image and all(isinstance(i, dict) and isinstance(i.get("image"), str) for i in image):
-        images = [i["image"] for i in image]
-    else:
-        raise InvalidRequest("alwayson_scripts", "the IP-Adapter unit needs \"image\": a base64 picture (or a list "
-                                                 "of {\"image\": base64})")
-    fields: dict[str, Any] = {}
-    model = unit.get("model")
-    if isinstance(model, str) and model not in ("", "None"):
-        fields["ip_adapter"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", model)
-    if "weight" in unit:
-        fields["ip_adapter_weight"] = unit["weight"]
-    return fields, images
-
-
 def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
     """The GenerationRequest fields of an A1111 body (pure: no files, no models).
 
@@ -248,7 +168,7 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
     """
     data = body.model_dump()
     for name, value in data.items():
-        if name in NEUTRAL and not _neutral_ok(value, NEUTRAL[name]):
+        if name in NEUTRAL and not neutral_ok(value, NEUTRAL[name]):
             shown = [a for a in NEUTRAL[name] if a is not None]
             raise InvalidRequest(name, f"not supported by danqing yet; leave it unset"
                                        f"{' or ' + ' / '.join(json.dumps(a) for a in shown) if shown else ''}")
@@ -315,69 +235,6 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
     return fields
 
 
-def controlnet_units(alwayson: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
-    """(ControlUnit fields without ``image``, the unit's image as sent) for every enabled unit of
-    ``alwayson_scripts`` (pure). Other always-on scripts, unknown unit fields and values danqing
-    cannot honour are refused naming the field; A1111 module names map through
-    ``data/control.json``'s ``a1111_modules``."""
-    from danqing.conditioning.control import a1111_module
-
-    unknown = [k for k in alwayson if k.casefold() != "controlnet"]
-    if unknown:
-        raise InvalidRequest("alwayson_scripts", f"{unknown[0]!r} is not available in danqing; only 'controlnet' is")
-    if not alwayson:
-        return []
-    script = next(iter(alwayson.values()))
-    args = script.get("args") if isinstance(script, dict) else None
-    if not isinstance(args, list):
-        raise InvalidRequest("alwayson_scripts.controlnet", "must be {\"args\": [unit, ...]}")
-    out = []
-    for i, unit in enumerate(args):
-        where = f"alwayson_scripts.controlnet.args.{i}"
-        if not isinstance(unit, dict):
-            raise InvalidRequest(where, "must be an object of sd-webui-controlnet unit fields")
-        if unit.get("enabled", True) is False or is_ip_adapter_unit(unit):  # IP-Adapter: ip_adapter_unit
-            continue
-        fields: dict[str, Any] = {}
-        for name, value in unit.items():
-            if name in CONTROLNET_TO_UNIT:
-                fields[CONTROLNET_TO_UNIT[name]] = value
-            elif name in CONTROLNET_NEUTRAL:
-                if not _neutral_ok(value, CONTROLNET_NEUTRAL[name]):
-                    raise InvalidRequest(f"{where}.{name}", "not supported by danqing yet; leave it unset")
-            elif name not in CONTROLNET_SHELL:
-                allowed = sorted(set(CONTROLNET_TO_UNIT) | CONTROLNET_SHELL | set(CONTROLNET_NEUTRAL))
-                raise InvalidRequest(f"{where}.{name}", f"unknown ControlNet unit field; allowed: {', '.join(allowed)}")
-        image = unit.get("image") if unit.get("image") is not None else unit.get("input_image")
-        if isinstance(image, dict):  # {"image": b64, "mask": b64}
-            if image.get("mask"):
-                raise InvalidRequest(f"{where}.image.mask", "unit masks are not supported yet; send the image alone")
-            image = image.get("image")
-        if not image:
-            raise InvalidRequest(f"{where}.image", "each enabled unit needs an image (base64)")
-        if fields.get("model") in (None, "", "None"):
-            raise InvalidRequest(f"{where}.model", "each enabled unit needs a ControlNet model (see /controlnet/model_list)")
-        fields["model"] = re.sub(r" \[[0-9a-fA-F]+\]$", "", fields["model"])
-        fields["module"] = a1111_module(fields.get("module") or "none", f"{where}.module")
-        for name, table in (("control_mode", CONTROL_MODES), ("resize_mode", CONTROL_RESIZE)):
-            v = fields.get(name)
-            if v is None:
-                fields.pop(name, None)
-            elif isinstance(v, int) and not isinstance(v, bool):
-                if not 0 <= v < len(table):
-                    raise InvalidRequest(f"{where}.{name}", f"must be 0-{len(table) - 1} or one of {', '.join(table)}, got {v}")
-                fields[name] = table[v]
-            elif name == "resize_mode":
-                fields[name] = CONTROL_RESIZE_ALIASES.get(v, v)
-        for name in ("threshold_a", "threshold_b"):
-            if fields.get(name) is not None and fields[name] == -1:
-                fields[name] = None  # sd-webui-controlnet: -1 = the module's default
-        if fields.get("processor_res") in (-1, None):
-            fields.pop("processor_res", None)
-        out.append((fields, image))
-    return out
-
-
 FROM_REQUEST = {ours: a1111 for a1111, ours in TO_REQUEST.items()}
 
 
@@ -392,8 +249,6 @@ def a1111_error(exc: InvalidRequest) -> InvalidRequest:
 
 def schedule_label(name: str) -> str:
     """A1111 scheduler id ("karras", "sgm_uniform") or label ("SGM Uniform") -> our label."""
-    from danqing.sampling.samplers import schedule_names
-
     for label in schedule_names():
         if name.casefold() in (label.casefold(), scheduler_id(label)):
             return label
@@ -406,8 +261,6 @@ def scheduler_id(label: str) -> str:
 
 def a1111_info(job, body: dict) -> dict:
     """A1111's ``info`` object for a finished job."""
-    from danqing.outputs.infotext import parse_infotext
-
     req = GenerationRequest.model_validate(job.result["request"])
     images = job.result["images"]
     params = parse_infotext(images[0]["infotext"])[2] if images else {}
@@ -431,21 +284,28 @@ def a1111_info(job, body: dict) -> dict:
 
 
 def build_router(state) -> APIRouter:
-    from danqing.server.app import job_error
-
+    """The ``/sdapi/v1`` routes over one ServerState: generation, options, listings."""
     r = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
+    _generation_routes(r, state)
+    _option_routes(r, state)
+    _listing_routes(r, state)
+    return r
+
+
+def _generation_routes(r: APIRouter, state) -> None:
+    """txt2img, img2img (through the job queue, waiting), png-info, progress, interrupt, skip."""
 
     def run(body: _Body, img2img: bool) -> dict:
         fields = request_fields(body, img2img=img2img)
+        # every picture is decoded (and bounded) here; the server stores them only once the
+        # request is accepted (ServerState.submit)
         _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})  # checked by request_fields
         if ip_images:
-            fields["ip_adapter_image"] = tuple(
-                state.save_upload(decode_image(b, "alwayson_scripts", state.limits), "ipadapter") for b in ip_images)
+            fields["ip_adapter_image"] = tuple(decode_image(b, "alwayson_scripts", state.limits) for b in ip_images)
         units = controlnet_units(body.alwayson_scripts or {})
         if units:
             fields["controlnet"] = [
-                {**u, "image": state.save_upload(decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image",
-                                                              state.limits), "control")}
+                {**u, "image": decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image", state.limits)}
                 for i, (u, img) in enumerate(units)]
         init = mask = None
         if img2img:
@@ -456,12 +316,12 @@ def build_router(state) -> APIRouter:
             init = decode_image(body.init_images[0], "init_images", state.limits)
             if body.mask:
                 mask = decode_image(body.mask, "mask", state.limits)
+        save = body.save_images and not body.do_not_save_samples
         try:
-            request = state.prepare_request(fields, init_image=init, mask=mask, overrides=body.override_settings or None)
+            job = state.submit(fields, source="a1111", save=save, init_image=init, mask=mask,
+                               overrides=body.override_settings or None)
         except InvalidRequest as exc:
             raise a1111_error(exc) from None
-        save = body.save_images and not body.do_not_save_samples
-        job = state.worker.submit(request, source="a1111", save=save)
         job = state.worker.wait(job.id, timeout=state.server.sync_timeout_s)
         if job.status != "done":
             raise job_error(job)
@@ -488,9 +348,6 @@ def build_router(state) -> APIRouter:
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody) -> dict:
-        from danqing.outputs.infotext import parse_infotext
-        from danqing.server.app import infotext_of_image
-
         img = decode_image(body.image, "image", state.limits)
         text = infotext_of_image(img)
         if not text:
@@ -522,6 +379,10 @@ def build_router(state) -> APIRouter:
     def skip() -> dict:
         return {"skipped": state.worker.skip()}
 
+
+
+def _option_routes(r: APIRouter, state) -> None:
+    """The server options (A1111 names) and command-line flags."""
     @r.get("/options")
     def get_options() -> dict:
         opts = state.options()
@@ -555,6 +416,10 @@ def build_router(state) -> APIRouter:
         return {"listen": not state.server.is_local, "port": state.server.port, "api_auth": None,
                 "ckpt_dir": str(state.registry.folder("checkpoint"))}
 
+
+
+def _listing_routes(r: APIRouter, state) -> None:
+    """What is installed (models, VAEs, samplers, upscalers, LoRAs, embeddings) and memory."""
     @r.get("/sd-models")
     def sd_models() -> list[dict]:
         out = []
@@ -571,32 +436,23 @@ def build_router(state) -> APIRouter:
 
     @r.get("/samplers")
     def samplers() -> list[dict]:
-        from danqing.sampling.samplers import samplers as table
-
         return [{"name": n, "aliases": [], "options": {"scheduler": scheduler_id(s.default_schedule)}}
-                for n, s in table().items()]
+                for n, s in sampler_table().items()]
 
     @r.get("/schedulers")
     def schedulers() -> list[dict]:
-        from danqing.sampling.samplers import schedule_names
-
-        return [{"name": scheduler_id(n), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            return [{"name": scheduler_id(n), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for n in schedule_names()]
 
     @r.get("/upscalers")
     def upscalers() -> list[dict]:
-        from danqing.editing.upscale import BUILTIN
-        from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
-
-        files = find_files(state.settings.models_dir, UPSCALER_FOLDERS)
+        files = find_files(state.settings.models_dir, UPSCALER_FOLDERS, names_only=True)
         return [{"name": n, "model_name": None if n in BUILTIN else n,
                  "model_path": None if n in BUILTIN else str(files[n]), "model_url": None, "scale": 4.0}
                 for n in state.worker.studio.upscalers.names()]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
-        from danqing.editing.hires import LATENT_UPSCALERS
-
         return [{"name": n} for n in LATENT_UPSCALERS]
 
     @r.get("/loras")
@@ -631,8 +487,4 @@ def build_router(state) -> APIRouter:
 
     @r.get("/memory")
     def memory() -> dict:
-        from danqing.server.app import memory_report
-
         return memory_report(state)
-
-    return r

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException
 
 from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
+from danqing.server.a1111 import build_router
+from danqing.server.common import JobFailed, job_error
 from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
 from danqing.server.security import (
     BasicAuthMiddleware,
@@ -34,60 +36,11 @@ from danqing.server.security import (
     strict_scalars,
 )
 from danqing.server.state import ServerState
-from danqing.settings import ServerSettings, Settings
+from danqing.server.ui import mount_ui
+from danqing.settings import ServerSettings, Settings, force_offline
+from danqing.studio import Studio
 
 JOB_ID = PathParam(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")
-
-
-class JobFailed(Exception):
-    def __init__(self, status: int, detail: str, job_id: str):
-        self.status, self.detail, self.job_id = status, detail, job_id
-
-
-def job_error(job) -> JobFailed:
-    """The HTTP answer for a job that did not finish: 422 for a request the engine refused,
-    409 cancelled, 504 still waiting, 500 for an internal error."""
-    if job.status == "cancelled":
-        return JobFailed(409, f"job {job.id} was cancelled", job.id)
-    if job.status not in TERMINAL:
-        return JobFailed(504, f"job {job.id} is still {job.status}; follow it at /api/v1/jobs/{job.id}", job.id)
-    if (job.error or "").startswith("internal error"):
-        return JobFailed(500, job.error, job.id)
-    return JobFailed(422, job.error or "failed", job.id)
-
-
-def infotext_of_image(img) -> str:
-    """The A1111 parameters of an in-memory picture: PNG text chunk or EXIF UserComment."""
-    from danqing.outputs.store import _decode_user_comment, _user_comment
-
-    text = img.info.get("parameters")
-    if not text:
-        raw = _user_comment(img)
-        text = _decode_user_comment(raw) if raw else ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    return text or ""
-
-
-def memory_report(state: ServerState) -> dict:
-    """A1111 /memory: RAM of the machine and this process; CUDA when the worker's device is CUDA."""
-    import resource
-
-    page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
-    avail = os.sysconf("SC_AVPHYS_PAGES")
-    total, free = page * pages, page * avail
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total, "process_peak_rss": rss}}
-    device = state.worker.studio.models.device
-    if device.type == "cuda":
-        import torch
-
-        free_c, total_c = torch.cuda.mem_get_info(device)
-        out["cuda"] = {"system": {"free": free_c, "used": total_c - free_c, "total": total_c},
-                       "active": {"current": torch.cuda.memory_allocated(device), "peak": torch.cuda.max_memory_allocated(device)}}
-    else:
-        out["cuda"] = {"error": f"the worker runs on {device.type}, not CUDA"}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,15 +115,13 @@ def job_router(state: ServerState) -> APIRouter:
         init = decode_image(body.init_image, "init_image", state.limits) if body.init_image else None
         mask = decode_image(body.mask, "mask", state.limits) if body.mask else None
         fields = body.request.model_dump(exclude_unset=True)
-        if body.ip_adapter_images:
-            fields["ip_adapter_image"] = tuple(
-                state.save_upload(decode_image(b, "ip_adapter_images", state.limits), "ipadapter")
-                for b in body.ip_adapter_images)
+        if body.ip_adapter_images:  # decoded now, stored only once the request is accepted
+            fields["ip_adapter_image"] = tuple(decode_image(b, "ip_adapter_images", state.limits)
+                                               for b in body.ip_adapter_images)
         try:
-            request = state.prepare_request(fields, init_image=init, mask=mask)
+            job = state.submit(fields, source="api", save=body.save, init_image=init, mask=mask)
         except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
             raise InvalidRequest(f"request.{exc.field}", str(exc).split(": ", 1)[-1]) from None
-        job = state.worker.submit(request, source="api", save=body.save)
         return _job_view(state, job)
 
     @r.get("/jobs/{job_id}", summary="Status of a job (position when queued, progress when running)")
@@ -315,16 +266,13 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
         server: listening, auth and limits; default ``ServerSettings()``.
         studio: an existing Studio (tests share one); default a new ``Studio(settings)``.
     """
-    from danqing.server.a1111 import build_router
-    from danqing.settings import force_offline
-    from danqing.studio import Studio
-
     force_offline()  # also when an ASGI host calls the factory directly (Gradio reads it at mount)
     server = server or ServerSettings()
     creds = server.credentials()
     if not server.is_local and creds is None:
         raise InvalidRequest("listen", "listening on other interfaces needs --api-auth user:password")
     studio = studio or Studio(settings)
+    studio.registry.names_only = True  # the server names models, never paths (danqing.models.names)
     store = JobStore(settings.db_path)
     worker = Worker(store, studio, settings.outputs_dir, preview_interval=preview_interval)
     state = ServerState(settings=settings, server=server, store=store, worker=worker)
@@ -355,13 +303,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
                        allow_headers=["*"], allow_credentials=bool(creds))
     if server.ui:
-        import gradio as gr
-
-        from danqing.server.ui import build_ui
-
-        app = gr.mount_gradio_app(app, build_ui(state), path="/", max_file_size=server.max_upload_bytes,
-                                  ssr_mode=False, footer_links=[],
-                                  allowed_paths=[str(settings.outputs_dir)])
+        app = mount_ui(app, state)
     app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
     if creds is not None:
         app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])

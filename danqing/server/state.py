@@ -1,18 +1,29 @@
 """What the three shells (A1111 routes, job API, web UI) share: the store, the worker, the
 registry, the server options, and ``prepare_request`` -- the one place a request from the
-network becomes a GenerationRequest ready for the queue."""
+network becomes a GenerationRequest ready for the queue.
+
+Every model a request names goes through ``danqing.models.names`` (names of the listing only,
+one message per field whether or not a file exists elsewhere); the worker's Studio runs with its
+registry in names-only mode, so the library's own lookups are held to the same rule. Uploaded
+pictures are stored under ``inputs_dir`` only once every check has passed, and removed again if
+the job cannot be queued."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from danqing.customise.lora import request_tags
+from danqing.editing.hires import hires_upscalers
 from danqing.errors import InvalidRequest
+from danqing.models.names import Named, inside, resolve
+from danqing.outputs.store import atomic_save_image
 from danqing.request import GenerationRequest
-from danqing.server.jobs import JobStore, Worker, resolve_for_queue
-from danqing.server.security import UploadLimits, check_work, resolve_model
+from danqing.server.jobs import Job, JobStore, Worker, resolve_for_queue
+from danqing.server.security import UploadLimits, check_work
 from danqing.settings import ServerSettings, Settings
 
 # Server options (A1111 /sdapi/v1/options names) -> default; stored in the database.
@@ -44,6 +55,24 @@ class ServerState:
         """Uploaded init images and masks (A1111's ``outputs/init-images``)."""
         return self.settings.outputs_dir / "init-images"
 
+    # -- names --------------------------------------------------------------------------------
+    def model_name(self, kind: str, value: object, field: str) -> str:
+        """A client's model name -> the registry's name of a model installed in its folder."""
+        return self.registry.resolve(kind, value, field).name
+
+    def upscaler_name(self, value: object, field: str = "hr_upscaler") -> str:
+        """A hires-fix upscaler: a latent mode, a built-in or an installed model, by name."""
+        names = hires_upscalers(self.worker.studio.upscalers)
+        return resolve(value, [Named(n) for n in names], field=field, what="upscaler", folder="upscalers").name
+
+    def face_model_name(self, value: object) -> str:
+        """A face-restoration model by name; None = the first one installed."""
+        upscalers = self.worker.studio.upscalers
+        if value is None:
+            return upscalers.face_model_name(None)  # refuses when none is installed
+        return resolve(value, [Named(n) for n in upscalers.face_names()], field="face_restoration_model",
+                       what="face-restoration model", folder="face_restore").name
+
     # -- options ------------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         values = {**OPTION_DEFAULTS, **{k: v for k, v in self.store.options().items() if k in OPTION_DEFAULTS}}
@@ -56,16 +85,9 @@ class ServerState:
         out = {}
         for key, value in values.items():
             if key == "sd_model_checkpoint":
-                if not isinstance(value, str):
-                    raise InvalidRequest(key, "must be a checkpoint name (see /sdapi/v1/sd-models)")
-                out[key] = resolve_model(self.registry, "checkpoint", value, key)
+                out[key] = self.model_name("checkpoint", value, key)
             elif key == "sd_vae":
-                if value in VAE_NONE:
-                    out[key] = "Automatic"
-                elif not isinstance(value, str):
-                    raise InvalidRequest(key, "must be Automatic, None or a VAE name (see /sdapi/v1/sd-vae)")
-                else:
-                    out[key] = resolve_model(self.registry, "vae", value, key)
+                out[key] = "Automatic" if value in VAE_NONE else self.model_name("vae", value, key)
             elif key == "CLIP_stop_at_last_layers":
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
                     raise InvalidRequest(key, f"must be an integer between 1 and 12, got {value!r}")
@@ -79,105 +101,155 @@ class ServerState:
         self.store.set_options(checked)
         return self.options()
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- pictures -----------------------------------------------------------------------------
     def save_upload(self, image, kind: str) -> str:
         """An uploaded picture, written atomically under ``inputs_dir``; returns its path."""
-        import uuid
-
-        from danqing.outputs.store import atomic_save_image
-
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
         path = self.inputs_dir / date.today().isoformat() / f"{uuid.uuid4().hex}-{kind}.png"
         return str(atomic_save_image(image, path))
 
-    def _inside_inputs(self, value: str, field: str) -> str:
+    def _inside_inputs(self, value: object, field: str) -> str:
         """Paths in a request may only name files the server itself stored under ``inputs_dir``."""
-        root = self.inputs_dir.resolve()
-        try:
-            p = Path(value).resolve()
-        except (OSError, RuntimeError, ValueError):
-            p = None
-        if p is None or not p.is_relative_to(root) or not p.is_file():
+        p = Path(value) if isinstance(value, str) and value and "\0" not in value else None
+        if p is None or not inside(p, self.inputs_dir) or not p.resolve().is_file():
             raise InvalidRequest(field, "paths are not accepted over HTTP; send the picture itself (base64), "
                                         "or a path returned by this server under its init-images folder")
-        return str(p)
+        return str(p.resolve())
 
+    def _picture(self, value: object, field: str, kind: str):
+        """A picture of the request: a decoded upload (a PIL image, stored only once the request
+        is accepted) or a path this server returned."""
+        if hasattr(value, "getbands"):
+            return _Upload(value, kind)
+        return self._inside_inputs(value, field)
+
+    # -- requests -----------------------------------------------------------------------------
     def prepare_request(self, fields: dict[str, Any], *, init_image=None, mask=None,
                         overrides: dict[str, Any] | None = None) -> GenerationRequest:
         """Network fields (GenerationRequest names) + uploaded pictures -> a queued-ready request.
 
         Args:
-            fields: GenerationRequest fields; ``model``/``vae`` must be names from the models folder.
-            init_image, mask: decoded PIL pictures (stored under ``inputs_dir``).
+            fields: GenerationRequest fields; every model is a name of its models folder
+                (``danqing.models.names``). Pictures (``ip_adapter_image`` items, ControlNet
+                units' ``image``) are decoded uploads (PIL images) or paths this server returned.
+            init_image, mask: decoded PIL pictures.
             overrides: A1111 ``override_settings`` (validated as options, applied to this request only).
-        """
-        from danqing.customise.lora import request_tags
-        from danqing.errors import ModelNotFound
 
+        Uploads are stored under ``inputs_dir`` only after every check has passed.
+        """
+        return self._prepare(fields, init_image, mask, overrides)[0]
+
+    def submit(self, fields: dict[str, Any], *, source: str, save: bool, init_image=None, mask=None,
+               overrides: dict[str, Any] | None = None) -> Job:
+        """``prepare_request`` and add the job to the queue; its uploads are removed if that fails."""
+        request, stored = self._prepare(fields, init_image, mask, overrides)
+        try:
+            return self.worker.submit(request, source=source, save=save)
+        except BaseException:
+            _remove(stored)
+            raise
+
+    def _prepare(self, fields, init_image, mask, overrides) -> tuple[GenerationRequest, list[str]]:
+        """(the request, the uploads it stored)."""
         fields = dict(fields)
         opts = self.options()
         if overrides:
             opts.update(self.check_options(overrides))
+        # 1. names, and pictures given by path: all checked before anything is stored
         for name in ("init_image", "mask"):
             if fields.get(name) is not None:
-                if not isinstance(fields[name], str):
-                    raise InvalidRequest(name, "must be a path string returned by this server")
                 fields[name] = self._inside_inputs(fields[name], name)
-        for name in ("ip_adapter", "ip_adapter_encoder"):  # names in the models folder, never paths
-            value = fields.get(name)
-            if value is not None and (not isinstance(value, str) or "/" in value or "\\" in value or value.startswith(".")):
-                raise InvalidRequest(name, "must be a name from the models folder (models/ipadapter, models/clip_vision), not a path")
-        if fields.get("ip_adapter_image"):  # IP-Adapter pictures: files this server was given, as init_image
-            images = fields["ip_adapter_image"]
-            if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images):
-                raise InvalidRequest("ip_adapter_image", "must be a list of path strings returned by this server")
-            fields["ip_adapter_image"] = tuple(self._inside_inputs(p, "ip_adapter_image") for p in images)
         if init_image is not None:
-            fields["init_image"] = self.save_upload(init_image, "init")
+            fields["init_image"] = _Upload(init_image, "init")
         if mask is not None:
             if fields.get("init_image") is None:
                 raise InvalidRequest("mask", "a mask needs an init image to inpaint")
-            fields["mask"] = self.save_upload(mask, "mask")
+            fields["mask"] = _Upload(mask, "mask")
+        if fields.get("ip_adapter_image"):
+            images = fields["ip_adapter_image"]
+            if not isinstance(images, (list, tuple)):
+                raise InvalidRequest("ip_adapter_image", "must be a list of pictures (paths returned by this server)")
+            fields["ip_adapter_image"] = tuple(self._picture(p, "ip_adapter_image", "ipadapter") for p in images)
+        for name, kind in (("ip_adapter", "ipadapter"), ("ip_adapter_encoder", "clip_vision")):
+            if fields.get(name) is not None:
+                fields[name] = self.model_name(kind, fields[name], name)
         if fields.get("controlnet"):
             units = []
             for i, unit in enumerate(fields["controlnet"]):
-                if not isinstance(unit, dict) or not isinstance(unit.get("model"), str):
+                if not isinstance(unit, dict):
                     raise InvalidRequest(f"controlnet.{i}", "must be a unit object with a ControlNet model name")
-                unit = dict(unit)
-                unit["model"] = resolve_model(self.registry, "controlnet", unit["model"], f"controlnet.{i}.model")
-                unit["image"] = self._inside_inputs(str(unit.get("image")), f"controlnet.{i}.image")
-                units.append(unit)
+                units.append({**unit, "model": self.model_name("controlnet", unit.get("model"), f"controlnet.{i}.model"),
+                              "image": self._picture(unit.get("image"), f"controlnet.{i}.image", "control")})
             fields["controlnet"] = units
         if fields.get("model") is not None:
-            if not isinstance(fields["model"], str):
-                raise InvalidRequest("model", "must be a checkpoint name (see /sdapi/v1/sd-models)")
-            fields["model"] = resolve_model(self.registry, "checkpoint", fields["model"], "model")
+            fields["model"] = self.model_name("checkpoint", fields["model"], "model")
         else:
             fields["model"] = opts["sd_model_checkpoint"]
         if fields.get("vae") is not None:
-            if not isinstance(fields["vae"], str):
-                raise InvalidRequest("vae", "must be a VAE name (see /sdapi/v1/sd-vae)")
-            fields["vae"] = None if fields["vae"] in VAE_NONE else resolve_model(self.registry, "vae", fields["vae"], "vae")
+            fields["vae"] = None if fields["vae"] in VAE_NONE else self.model_name("vae", fields["vae"], "vae")
         elif opts["sd_vae"] not in VAE_NONE:
             fields["vae"] = opts["sd_vae"]
+        if fields.get("refiner_checkpoint") is not None:
+            fields["refiner_checkpoint"] = self.model_name("checkpoint", fields["refiner_checkpoint"], "refiner_checkpoint")
         if "clip_skip" not in fields or (overrides and "CLIP_stop_at_last_layers" in overrides):
             fields["clip_skip"] = opts["CLIP_stop_at_last_layers"]
-        request = GenerationRequest.create(**fields)
-        # <lora:...> tags: their syntax and their files are checked here, so a bad tag is a 422
-        # at submission and not a failed job (whether a LoRA fits the model is known at load).
-        for tag in request_tags(request):
-            try:
-                self.registry.find("lora", tag.name)
-            except ModelNotFound:
-                names = ", ".join(e.name for e in self.registry.scan("lora")) or "none"
-                raise InvalidRequest("prompt", f"LoRA {tag.name!r} not found; installed: {names}") from None
-        if request.enable_hr:
-            from danqing.editing.hires import check_hires_upscaler
+        # 2. the request itself, validated with stand-ins for the pictures not stored yet
+        checked = GenerationRequest.create(**_with_stand_ins(fields))
+        for tag in request_tags(checked):  # <lora:...> tags: names of models/lora, as every other name
+            self.model_name("lora", tag.name, "prompt")
+        if checked.enable_hr:
+            self.upscaler_name(checked.hr_upscaler)
+        if checked.restore_faces:  # a face model must be installed (the first one, unless named)
+            fields["face_restoration_model"] = self.face_model_name(checked.face_restoration_model)
+        check_work(checked, self.server)  # the server's work limits (docs/security.md)
+        # 3. accepted: the uploads are stored, and the request names them
+        stored: list[str] = []
+        try:
+            for name in ("init_image", "mask"):
+                if name in fields:
+                    fields[name] = self._store(fields[name], stored)
+            if fields.get("ip_adapter_image"):
+                fields["ip_adapter_image"] = tuple(self._store(p, stored) for p in fields["ip_adapter_image"])
+            if fields.get("controlnet"):
+                fields["controlnet"] = [{**u, "image": self._store(u["image"], stored)} for u in fields["controlnet"]]
+            request = resolve_for_queue(GenerationRequest.create(**fields), self.settings.default_model)
+        except BaseException:
+            _remove(stored)
+            raise
+        return request, stored
 
-            check_hires_upscaler(request.hr_upscaler, self.worker.studio.upscalers)
-        if request.restore_faces:  # a face model must be installed (the first one, unless named)
-            request = request.replace(face_restoration_model=self.worker.studio.upscalers.face_model_name(
-                request.face_restoration_model))
-        check_work(request, self.server)  # the server's work limits (docs/security.md)
-        return resolve_for_queue(request, self.settings.default_model)
+    def _store(self, value, stored: list[str]):
+        if isinstance(value, _Upload):
+            value = self.save_upload(value.image, value.kind)
+            stored.append(value)
+        return value
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A decoded picture waiting to be stored (``ServerState._store``)."""
+
+    image: Any
+    kind: str
+
+
+STAND_IN = "(upload)"
+
+
+def _with_stand_ins(fields: dict) -> dict:
+    """The fields with a placeholder path for every picture not stored yet (validation only)."""
+    def stand_in(v):
+        return STAND_IN if isinstance(v, _Upload) else v
+
+    out = {k: stand_in(v) for k, v in fields.items()}
+    if out.get("ip_adapter_image"):
+        out["ip_adapter_image"] = tuple(stand_in(p) for p in out["ip_adapter_image"])
+    if out.get("controlnet"):
+        out["controlnet"] = [{**u, "image": stand_in(u["image"])} for u in out["controlnet"]]
+    return out
+
+
+def _remove(paths: list[str]) -> None:
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
