@@ -1,4 +1,4 @@
-"""Names at the edge (docs/security-names.md): every field and tag of a server request that names a
+"""Names at the edge (docs/security.md): every field and tag of a server request that names a
 model -- checkpoint, VAE, refiner, LoRA tag, ControlNet, IP-Adapter and its image encoder, hires
 upscaler, face-restoration model, the options -- is looked up among the models installed in its
 own folder. An absolute path, a ``../`` path, a symlink that leads out of the folder and a name

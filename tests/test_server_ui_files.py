@@ -1,4 +1,4 @@
-"""The web UI's files (docs/security-names.md): Gradio mounted in FastAPI skips its own path
+"""The web UI's files (docs/security.md): Gradio mounted in FastAPI skips its own path
 checks, so danqing refuses every file object of the UI's API that is not an upload Gradio stored
 or one of danqing's outputs -- the same answer whether or not the file exists -- and Gradio serves
 (``/gradio_api/file=``) nothing outside those two places. No browser needed: the requests are

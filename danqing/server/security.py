@@ -1,6 +1,6 @@
 """What stands between the network and the library: the Host/Origin check, HTTP Basic auth,
-request-size limits, undecodable bodies, bounded image uploads, the work limits of a request and
-model names that cannot leave their folder (docs/security.md).
+request-size limits, undecodable bodies, bounded image uploads and the work limits of a request
+(docs/security.md). Model names are resolved inside their folder by ``danqing.models.names``.
 
 Every refusal is a typed ``InvalidRequest`` (-> 422 with the field and what is allowed) or a
 JSON answer of the same shape (``error``, ``field``, ``detail``) with its own status.
@@ -30,7 +30,6 @@ from danqing.settings import ServerSettings
 
 # Names a client may use for a model: letters, digits and a few separators, optionally in
 # sub-folders, never absolute, never "..", optionally an A1111 title "name [hash]".
-_NAME = re.compile(r"^[\w][\w .+\-()/]*( \[[0-9a-fA-F]{8,64}\])?$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
 
@@ -445,35 +444,3 @@ def open_image(raw: bytes, field: str, limits: UploadLimits):
 
 def decode_image(data: str, field: str, limits: UploadLimits):
     return open_image(decode_base64(data, field, limits), field, limits)
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-# ---------------------------------------------------------------------------------------------
-def check_name(name: str, field: str) -> str:
-    """A model / file name as a client may give it: no absolute path, no '..', no odd bytes."""
-    if not isinstance(name, str) or not name or len(name) > 255:
-        raise InvalidRequest(field, "must be a model name of 1-255 characters")
-    parts = name.split(" [")[0].split("/")
-    if not _NAME.match(name) or any(p in ("", ".", "..") for p in parts) or "\\" in name:
-        raise InvalidRequest(field, f"{name!r} is not a model name (names are relative to the models folder: "
-                                    "letters, digits, ' ._-+()', sub-folders with '/', no '..')")
-    return name
-
-
-def resolve_model(registry, kind: str, name: str, field: str) -> str:
-    """A client's model name (name, file name, A1111 title "name [hash]" or short hash) -> the
-    registry's name of a model that exists in its folder. Never a path outside the folder."""
-    check_name(name, field)
-    title = name.rsplit(" [", 1)[0] if name.endswith("]") else name
-    entries = registry.scan(kind)
-    for e in entries:
-        if title == e.name or (e.path is not None and title == e.path.name):
-            return e.name
-    q = name.strip("[] ").lower()
-    if len(q) >= 8 and all(c in "0123456789abcdef" for c in q):
-        for e in entries:
-            if not e.is_builtin and registry.sha256(e).startswith(q):
-                return e.name
-    available = ", ".join(e.name for e in entries) or "none"
-    raise InvalidRequest(field, f"unknown {kind} {name!r}; available: {available}")
