@@ -193,7 +193,7 @@ def test_escaped_colon_is_literal_even_before_a_number():
 def test_negative_weight_pieces_are_not_breaks():
     # A weight of exactly -1 is an ordinary weight; only BREAK starts a new chunk.
     from danqing.conditioning.text import tokenize_prompt
-    from danqing.conditioning.tokenizer import clip_tokenizer
+    from danqing.models.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     (chunk,) = tokenize_prompt(tok, "a (cat:-1) ( :-1) dog")
@@ -242,4 +242,5 @@ def test_deep_nesting_in_a_request_is_an_invalid_request():
 
     with pytest.raises(InvalidRequest) as exc:
         GenerationRequest.create(prompt="[a:" * 3000, model="tiny-sd1")
-    assert exc.value.field == "prompt" and f"at most {MAX_NESTING} nested" in str(exc.value)
+    # refused by the pre-scan before the parser (conditioning/prompt_limits.py), with the same bound
+    assert exc.value.field == "prompt" and f"limit of {MAX_NESTING}" in str(exc.value) and "nested" in str(exc.value)

@@ -31,7 +31,7 @@ def test_frozen():
         ({"sampler": "Nope"}, "sampler", "choose one of"),
         ({"schedule": "Nope"}, "schedule", "choose one of"),
         ({"prompt": "a (b"}, "prompt", "'('"),
-        ({"negative_prompt": "[x:y:z]"}, "negative_prompt", ""),
+        ({"negative_prompt": "[x:y:0.5"}, "negative_prompt", ""),  # unbalanced ("[x:y:z]" is text, as in A1111)
         ({"colour": 1}, "colour", "unknown field; allowed fields: prompt,"),
         ({"rng": "tpu"}, "rng", "must be 'cpu' or 'gpu'"),
         ({"seed": -5}, "seed", "-1 (random)"),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 
+from danqing.conditioning.prompt_parser import MAX_NESTING
 from danqing.errors import InvalidRequest
 
-# Deepest bracket nesting any prompt may have: far below what the recursive parser can take
-# (it needs about two frames per level of Python's 1000), far above what a prompt needs
-# (A1111 users rarely nest more than three or four levels).
-PARSER_MAX_DEPTH = 100
+# Deepest bracket nesting any prompt may have: the parser's own bound (far below what its
+# recursion can take, far above what a prompt needs: A1111 users rarely nest more than three or
+# four levels).
+PARSER_MAX_DEPTH = MAX_NESTING
 OPENERS, CLOSERS = "([", ")]"
 _BRACKETS = re.compile(r"\\.|[()\[\]]", re.S)  # an escape pair, or one bracket
 

@@ -297,7 +297,7 @@ _TOKENIZER_LOCK = threading.Lock()  # a Rust-backed tokenizer must not be called
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from danqing.conditioning.tokenizer import clip_tokenizer
+    from danqing.models.tokenizer import clip_tokenizer
 
     return clip_tokenizer()
 
