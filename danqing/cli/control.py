@@ -49,7 +49,7 @@ def preprocess(
         print(f"{pose_out}  {len(json.loads(pose)['people'])} people")
 
 
-app_app = typer.Typer(help="The course's projects: `danqing app colorize|qr|text|restyle` (docs/control.md).",
+app_app = typer.Typer(help="The projects of the course 《AI绘画核心技术与实战》 (2023): `danqing app colorize|qr|text|restyle` (docs/control.md).",
                       no_args_is_help=True)
 app.add_typer(app_app, name="app")
 
