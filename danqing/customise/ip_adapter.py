@@ -16,13 +16,8 @@ projection and config in ``finally``; the encoded pictures reach ``build_conditi
 in the request's ``ConditioningContext`` and travel in ``Conditioning.added``, so our own loop
 runs unchanged.
 
-Files (user-provided, local only):
-
-- ``models/ipadapter/<name>.safetensors`` (keys ``image_proj.*`` and ``ip_adapter.*``) or
-  ``.bin`` (``{"image_proj": {...}, "ip_adapter": {...}}``, read with ``weights_only=True``),
-  e.g. ``ip-adapter_sd15.safetensors``, ``ip-adapter-plus_sd15.safetensors``;
-- ``models/clip_vision/<folder>/``: a transformers ``CLIPVisionModelWithProjection`` folder
-  (``config.json`` + weights; the ``image_encoder`` folder of the IP-Adapter release).
+The files (``models/ipadapter/``, ``models/clip_vision/``) are found and read by
+``danqing.models.ip_adapter``.
 """
 
 from __future__ import annotations
