@@ -21,11 +21,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from danqing.apps import app_defaults, save_map, work_dir
 from danqing.errors import InvalidRequest
+from danqing.preprocess import run_preprocessor
+from danqing.preprocess.metrics import canny_map, edge_f1
+from danqing.request import GenerationRequest
 
 
 def _request(**fields):
-    from danqing.request import GenerationRequest
-
     return GenerationRequest.create(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -45,7 +46,6 @@ def drawing_to_map(drawing: Image.Image, module: str = "invert") -> Image.Image:
     """A line drawing (dark lines on light paper, or already light-on-dark) -> the map the
     line-art ControlNet reads (white lines on black): ``invert`` for a clean drawing (A1111's
     "invert (from white bg & black line)"), ``lineart`` (XDoG) for a sketch or a photo."""
-    from danqing.preprocess import run_preprocessor
 
     grey = drawing.convert("L")
     if np.asarray(grey).mean() < 127:  # light lines on dark: make it a drawing first
@@ -376,7 +376,6 @@ def restyle(studio, photo: Image.Image, prompt: str, *, negative: str = "", seed
     """Restyle a photo as the prompt says, with a canny (or, given a depth ControlNet and
     module "depth", depth) ControlNet holding its structure; plain img2img at the same strength
     and seed beside it, and how much of the photo's edges each kept."""
-    from danqing.preprocess.metrics import canny_map, edge_f1
 
     d = app_defaults("restyle")
     size = size or d["size"]

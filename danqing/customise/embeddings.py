@@ -38,6 +38,8 @@ import torch
 from danqing.cache import LRUCache, file_key
 from danqing.errors import IncompatibleModel, InvalidRequest, ModelError
 from danqing.files import atomic_save, exists_message
+from danqing.conditioning.prompt_parser import parse_attention
+from danqing.models.tokenizer import clip_tokenizer
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 FORMATS = ("A1111 .pt (string_to_param), .safetensors (emb_params, or clip_l + clip_g for SDXL), "
@@ -377,7 +379,6 @@ class EmbeddingLibrary:
     def for_prompts(self, texts: Iterable[str], comps) -> list[Embedding]:
         """The embeddings whose names occur in ``texts`` (token match, as A1111), loaded and
         checked against ``comps`` (vector width, name not a vocabulary word)."""
-        from danqing.conditioning.prompt_parser import parse_attention
 
         files = self.entries()
         if not files:
@@ -399,7 +400,6 @@ class EmbeddingLibrary:
     def listing(self) -> dict[str, dict]:
         """name -> {shape, vectors, step, sd_checkpoint, sd_checkpoint_name, error} of every
         file (A1111's ``/sdapi/v1/embeddings`` fields)."""
-        from danqing.models.tokenizer import clip_tokenizer
 
         tokenizer = clip_tokenizer()  # every SD family shares CLIP's vocabulary
         out = {}

@@ -8,6 +8,7 @@ import re
 from danqing.errors import ImageError, InvalidRequest
 from danqing.outputs.infotext import format_infotext, parse_infotext, split_legacy_sampler
 from danqing.request import GenerationRequest
+from danqing.sampling.samplers import resolve_schedule, samplers, schedule_names
 
 VERSION = "danqing 0.1.0"
 
@@ -31,7 +32,6 @@ def request_infotext(
 
     ``ti_hashes``: A1111's ``TI hashes`` value (``"name: hash12, ..."``) of the textual-inversion
     embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``)."""
-    from danqing.sampling.samplers import resolve_schedule
 
     variation = request.subseed_strength > 0
     params = {
@@ -237,7 +237,6 @@ def request_from_infotext(text: str) -> GenerationRequest:
     Reads A1111's own images too: pre-1.9 "DPM++ 2M Karras" sampler names are split, and a
     missing "RNG: CPU" means A1111's default GPU noise.
     """
-    from danqing.sampling.samplers import samplers, schedule_names
 
     prompt, negative, params = parse_infotext(text)
     if "Steps" not in params:

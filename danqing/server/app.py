@@ -228,7 +228,6 @@ _UNION_TAGS = ("bool", "int", "float", "str")  # pydantic names the member of a 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     """FastAPI's error list -> (field, one line), the first problem, our wording."""
-    from danqing.request import GenerationRequest
 
     errors = exc.errors()
     if not errors:

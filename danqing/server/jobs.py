@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from danqing.request import GenerationRequest
+from danqing.errors import DanqingError
+from danqing.outputs.store import next_output_path, save_png
+from danqing.sampling.loop import SKIP, STOP
+from danqing.studio import resolve_request
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
@@ -297,7 +301,6 @@ def png_bytes(image, infotext: str | None = None) -> bytes:
 def planned_paths(folder: Path, seeds: list[int]) -> list[Path]:
     """A1111 names ``NNNNN-SEED.png`` for a run's images: consecutive counters after the folder's
     highest (``next_output_path`` for each, as if the previous ones existed)."""
-    from danqing.outputs.store import next_output_path
 
     first = next_output_path(folder, seeds[0]) if seeds else None
     if first is None:
@@ -434,8 +437,6 @@ class Worker:
             self._notify()
 
     def _run_job(self, job: Job) -> None:
-        from danqing.errors import DanqingError
-
         with self._cond:
             self._abort = None
             self._progress = Progress(job_id=job.id, batch_count=job.request.batch_count, total=job.request.steps,
@@ -466,8 +467,6 @@ class Worker:
                     del self._handed[k]  # nobody came for them
 
     def _on_step(self, info):
-        from danqing.sampling.loop import SKIP, STOP
-
         now = time.monotonic()
         with self._cond:
             p = self._progress
@@ -489,8 +488,6 @@ class Worker:
         return STOP if abort else None
 
     def _generate(self, job: Job) -> dict | None:
-        from danqing.outputs.store import save_png
-
         result = self.studio.generate(job.request, on_step=self._on_step, save=False)
         if self._abort in ("cancel", "shutdown"):
             return None
@@ -519,6 +516,5 @@ class Worker:
 def resolve_for_queue(request: GenerationRequest, default_model: str) -> GenerationRequest:
     """Draw random seeds and name the model at submission, so a job re-run after a restart
     makes the very same images (``Studio.generate``'s own resolution, done earlier)."""
-    from danqing.studio import resolve_request
 
     return resolve_request(request, default_model)

@@ -27,6 +27,8 @@ from starlette.requests import Request
 from danqing.conditioning.prompt_limits import check_prompt, lone_surrogate
 from danqing.errors import InvalidRequest
 from danqing.settings import ServerSettings
+from danqing.conditioning.prompt_parser import prompt_schedule
+from danqing.models.tokenizer import clip_tokenizer
 
 # Names a client may use for a model: letters, digits and a few separators, optionally in
 # sub-folders, never absolute, never "..", optionally an A1111 title "name [hash]".
@@ -297,8 +299,6 @@ _TOKENIZER_LOCK = threading.Lock()  # a Rust-backed tokenizer must not be called
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from danqing.models.tokenizer import clip_tokenizer
-
     return clip_tokenizer()
 
 
@@ -306,7 +306,6 @@ def prompt_chunks(text: str, steps: int) -> int:
     """How many 77-token chunks (75 tokens each, as the text encoder packs them) the longest
     text of the prompt's schedule takes, with the bundled CLIP tokenizer (textual-inversion
     names count as their words)."""
-    from danqing.conditioning.prompt_parser import prompt_schedule
     from danqing.conditioning.text import tokenize_prompt  # imports torch: only when counting
 
     longest = max((t for _, t in prompt_schedule(text, steps)), key=len, default="")

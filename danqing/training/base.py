@@ -307,7 +307,6 @@ def _export_latest(comps, run_dir: Path, step: int) -> None:
     atomically -- small enough to copy out while a run of fixed length is still going."""
     import copy
 
-    from danqing.models.single_file import save_single_file
 
     c = copy.copy(comps)
     for part in ("unet", "vae", "text_encoder"):
