@@ -19,10 +19,9 @@ fails.
 from __future__ import annotations
 
 import errno
-import functools
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,18 +33,35 @@ def exists_message(path: Path) -> str:
     return f"{path} already exists; danqing never overwrites, pick another name"
 
 
-@functools.cache
-def _umask() -> int:
-    """The process umask, read once on first use (never at import time)."""
-    try:  # Linux: readable without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere it can only be read by setting it
-    os.umask(mask)
-    return mask
+def _temp_name(folder: Path, name: str) -> Path:
+    return folder / f".{name}.{secrets.token_hex(4)}.tmp"
+
+
+def _new_temp_file(folder: Path, name: str) -> Path:
+    """A new, empty hidden file beside the target. It is created with mode 0666 and the kernel
+    applies the process umask, so it gets the mode a plain ``open()`` would give (``tempfile``
+    makes private 0600 files, and the umask can only be read by setting it, which would race
+    with other threads)."""
+    for _ in range(100):
+        tmp = _temp_name(folder, name)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
+def _new_temp_dir(folder: Path, name: str) -> Path:
+    """A new hidden folder beside the target (mode 0777 less the umask, as ``mkdir`` gives)."""
+    for _ in range(100):
+        tmp = _temp_name(folder, name)
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary folder in {folder}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -112,14 +128,10 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None], *, over
         FileExistsError: ``path`` exists and ``overwrite`` is false (nothing is written).
     """
     path = _target(path, overwrite)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temp_file(path.parent, path.name)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would (or keep
-        # the mode of the file being replaced).
-        mode = path.stat().st_mode & 0o7777 if overwrite and path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
+        if overwrite and path.exists():  # keep the mode of the file being replaced
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         writer(tmp)
         _fsync_file(tmp)
         publish(tmp, path, overwrite)
@@ -150,9 +162,8 @@ def atomic_save_dir(path: str | os.PathLike, writer: Callable[[Path], None], *, 
         FileExistsError: ``path`` exists and ``overwrite`` is false (nothing is written).
     """
     path = _target(path, overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _new_temp_dir(path.parent, path.name)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         writer(tmp)
         if path.exists():
             if not overwrite:
