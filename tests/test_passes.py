@@ -3,7 +3,6 @@ request state passed as arguments, nothing done at import time, and the queued S
 
 from __future__ import annotations
 
-import ast
 import io
 import os
 import stat
@@ -21,6 +20,7 @@ from danqing.conditioning.prompt_parser import prompt_schedule
 from danqing.errors import InvalidRequest
 from danqing.passes.batches import Batches, finish_pictures
 from danqing.sampling.loop import SampleResult
+from test_structure import import_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "danqing"
@@ -95,26 +95,8 @@ def test_finish_pictures_notes_each_warning_once():
 # ---------------------------------------------------------------------------------------------
 # structure: no import circle through the passes, no ambient request state
 # ---------------------------------------------------------------------------------------------
-def _imports(path: Path) -> set[str]:
-    """Every danqing module ``path`` imports (top level and inside functions)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("danqing"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("danqing"))
-    return out
-
-
-def _graph() -> dict[str, set[str]]:
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in PACKAGE.rglob("*.py")}
-    return {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
-
-
 def test_no_import_circle_through_the_passes():
-    graph = _graph()
+    graph = import_graph()  # the reader of tests/test_structure.py (top-level and function-level imports)
     rooms = {"danqing.studio", "danqing.passes.batches", "danqing.passes.txt2img", "danqing.passes.refiner",
              "danqing.editing.img2img", "danqing.editing.hires", "danqing.editing.p2p", "danqing.editing.inversion",
              "danqing.editing.instruct", "danqing.conditioning.text", "danqing.conditioning.schedule",
