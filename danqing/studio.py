@@ -102,6 +102,7 @@ class Studio:
         out_dir: Path | None = None,
         init_image: Image.Image | None = None,
         mask_image: Image.Image | None = None,
+        extra_params: dict[str, object] | None = None,
     ) -> GenerationResult:
         """Run a txt2img, img2img, inpaint or Prompt-to-Prompt request (refiner and hires fix included).
 
@@ -113,6 +114,8 @@ class Studio:
                 ``outputs_dir/txt2img-images/DATE/`` (``img2img-images`` for img2img and inpaint).
             init_image, mask_image: in-memory pictures instead of the request's ``init_image``
                 and ``mask`` paths.
+            extra_params: more infotext ``key: value`` pairs that the request does not hold
+                (``request_infotext``), e.g. the ``Template`` a dynamic prompt was drawn from.
         """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -139,6 +142,7 @@ class Studio:
             # 2b. customise: the request's embeddings and image prompt, handed to the passes.
             request, context, custom = self._customise(request, loaded, networks, scope, ip_images)
             custom["control_hashes"] = control.hashes if control is not None else None
+            custom["extra_params"] = extra_params
 
             # 3. condition, 4. sample, 5. decode: the passes the request asks for.
             out, refiner = self._passes(request, loaded, context, control, init, mask, on_step, timings)

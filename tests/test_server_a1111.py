@@ -62,7 +62,7 @@ def test_a1111_defaults_map_onto_request():
 @pytest.mark.parametrize("body, field", [
     (Txt2ImgBody(tiling=True), "tiling"),
     (Txt2ImgBody(s_churn=0.5), "s_churn"),
-    (Txt2ImgBody(script_name="x/y/z plot"), "script_name"),
+    (Txt2ImgBody(script_name="loopback"), "script_name"),
     (Txt2ImgBody(alwayson_scripts={"ADetailer": {"args": [{"ad_model": "face_yolov8n.pt"}]}}), "alwayson_scripts"),
     (Txt2ImgBody(alwayson_scripts={"ControlNet": {"args": [{"enabled": True}]}}), "alwayson_scripts.controlnet.args.0.image"),
     (Txt2ImgBody(eta=0.3, sampler_name="Euler a"), "eta"),

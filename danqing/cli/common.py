@@ -155,9 +155,10 @@ def pictures_of(request) -> int:
 
 
 def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *, source_infotext: str | None = None,
-                 start: int = 0, studio=None) -> None:
+                 start: int = 0, studio=None, extra_params: dict | None = None) -> None:
     """Run one request with a progress bar and write its pictures to ``target`` (a file target:
-    pictures ``start`` ... of its names); print each path with its seed."""
+    pictures ``start`` ... of its names); print each path with its seed. ``extra_params``: more
+    infotext pairs (``Studio.generate``)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -174,7 +175,8 @@ def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *,
         def on_step(info):
             progress.update(task, completed=info.batch_index * info.total + info.step)
 
-        result = studio.generate(request, on_step=on_step, save=not single_file, out_dir=target.folder)
+        result = studio.generate(request, on_step=on_step, save=not single_file, out_dir=target.folder,
+                                 extra_params=extra_params)
     if single_file:
         _save_files(result, target.files(len(result.images), start))
     warnings = list(result.warnings)

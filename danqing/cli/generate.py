@@ -51,6 +51,8 @@ def generate(
     ip_adapter_encoder: Optional[str] = typer.Option(None, help="CLIP vision encoder folder in models/clip_vision/ [default: the only one]."),
     control: list[str] = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name; IMAGE a control map."),
     control_preprocess: bool = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first (IMAGE is then a photo)."),
+    style: list[str] = typer.Option([], "--style", help="A style of HOME/styles.csv (A1111's format), applied to the prompts; repeatable (see `danqing styles`)."),
+    dynamic: bool = typer.Option(True, "--dynamic/--no-dynamic", help="Draw wildcards (__name__ from HOME/wildcards/) and {a|b} variants from the seed [default: on]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -84,9 +86,15 @@ def generate(
         if prompt is None:
             raise InvalidRequest("prompt", "give a prompt, or --from IMAGE to re-create an image")
         request = GenerationRequest.create(**fields)
+    extra = None
+    if style or (dynamic and from_image is None):  # --from: the file's prompt is already drawn
+        from danqing.apps.prompting import Prompting, expand_request
+
+        request, extra = expand_request(request, Prompting.at(ctx.obj.home), style,
+                                        dynamic=dynamic and from_image is None)
     target = out_target(out, dated(ctx.obj, "txt2img-images"))
     target.check_free(pictures_of(request))
-    run_generate(ctx.obj, request, target, quiet, source_infotext=source_infotext)
+    run_generate(ctx.obj, request, target, quiet, source_infotext=source_infotext, extra_params=extra or None)
 
 
 def parse_ip_adapter_option(values: list[str]) -> dict:

@@ -27,11 +27,14 @@ def request_infotext(
     ti_hashes: str | None = None,
     ip_adapter_hash: str | None = None,
     control_hashes: list[str] | None = None,
+    extra_params: dict[str, object] | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
 
     ``ti_hashes``: A1111's ``TI hashes`` value (``"name: hash12, ..."``) of the textual-inversion
-    embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``)."""
+    embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``). ``extra_params``:
+    more ``key: value`` pairs written before ``Version`` and ignored when read back (the
+    ``Template`` of a dynamic prompt, an X/Y/Z plot's axes)."""
 
     variation = request.subseed_strength > 0
     params = {
@@ -63,6 +66,7 @@ def request_infotext(
     from danqing.customise.ip_adapter import ip_adapter_params
 
     params.update(ip_adapter_params(request, ip_adapter_hash))
+    params.update(extra_params or {})
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 

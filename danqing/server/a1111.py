@@ -25,6 +25,7 @@ from danqing.errors import InvalidRequest
 from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
+from danqing.server.a1111_scripts import SCRIPTS, run_script, script_key, style_listing, styled
 from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok
 from danqing.server.common import infotext_of_image, job_error, memory_report
 from danqing.server.security import JOB_RESPONSES, decode_image
@@ -55,16 +56,17 @@ SHELL = {
     "send_images", "save_images", "override_settings", "override_settings_restore_afterwards", "sampler_index",
     "init_images", "mask", "include_init_images", "do_not_save_samples", "do_not_save_grid", "mask_blur_x",
     "mask_blur_y", "eta", "alwayson_scripts",  # alwayson_scripts: "controlnet" units (CONTROLNET_* below; an IP-Adapter unit is an image prompt)
+    "styles", "script_name", "script_args",  # styles.csv; the X/Y/Z plot and prompts from file (server/a1111_scripts.py)
 }
 
 NEUTRAL: dict[str, tuple] = {
-    "tiling": (None, False), "styles": (None, []),
+    "tiling": (None, False),
     "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "disable_extra_networks": (None, False), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_scheduler": (None, "", "Use same scheduler"),
     "hr_additional_modules": (None, [], ["Use same choices"]),
-    "script_name": (None, ""), "script_args": (None, []), "comments": (None, {}),
+    "comments": (None, {}),
     "force_task_id": (None, ""), "infotext": (None, ""),
     "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "mask_round": (None, True),
 }
@@ -173,6 +175,7 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
             raise InvalidRequest(name, f"not supported by danqing yet; leave it unset"
                                        f"{' or ' + ' / '.join(json.dumps(a) for a in shown) if shown else ''}")
     controlnet_units(data.get("alwayson_scripts") or {})  # refuses other scripts and bad units here, by name
+    script_key(data.get("script_name"))  # refuses scripts other than the X/Y/Z plot and prompts from file
     fields: dict[str, Any] = {}
     for a1111, ours in TO_REQUEST.items():
         if a1111 in data:
@@ -297,6 +300,10 @@ def _generation_routes(r: APIRouter, state) -> None:
 
     def run(body: _Body, img2img: bool) -> dict:
         fields = request_fields(body, img2img=img2img)
+        script = script_key(body.script_name)
+        if script is None and body.script_args:
+            raise InvalidRequest("script_args", "given without a script_name; leave it unset or []")
+        fields = styled(fields, body.styles, state.settings.home)
         # every picture is decoded (and bounded) here; the server stores them only once the
         # request is accepted (ServerState.submit)
         _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})  # checked by request_fields
@@ -316,6 +323,11 @@ def _generation_routes(r: APIRouter, state) -> None:
             init = decode_image(body.init_images[0], "init_images", state.limits)
             if body.mask:
                 mask = decode_image(body.mask, "mask", state.limits)
+        if script is not None:
+            try:
+                return run_script(state, script, body, fields, img2img=img2img, init=init, mask=mask)
+            except InvalidRequest as exc:
+                raise a1111_error(exc) from None
         save = body.save_images and not body.do_not_save_samples
         try:
             job = state.submit(fields, source="a1111", save=save, init_image=init, mask=mask,
@@ -471,11 +483,11 @@ def _listing_routes(r: APIRouter, state) -> None:
 
     @r.get("/prompt-styles")
     def prompt_styles() -> list[dict]:
-        return []
+        return style_listing(state.settings.home)
 
     @r.get("/scripts")
     def scripts() -> dict:
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": list(SCRIPTS), "img2img": list(SCRIPTS)}
 
     @r.post("/refresh-checkpoints")
     def refresh_checkpoints() -> None:
