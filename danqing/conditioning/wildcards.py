@@ -31,7 +31,7 @@ from danqing.models.names import within
 
 WILDCARDS_DIR = "wildcards"
 MAX_DEPTH = 20  # nested wildcards/variants: a wildcard file that names itself stops here
-WILDCARD = re.compile(r"__([\w\-/]+?)__")
+WILDCARD = re.compile(r"__([\w\-/.]+?)__")
 _COUNT = re.compile(r"\s*(\d+)?\s*(?:-\s*(\d+)?\s*)?\$\$")
 _OPEN, _CLOSE = "([", ")]"
 
