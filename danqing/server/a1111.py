@@ -279,7 +279,7 @@ def a1111_info(job, body: dict) -> dict:
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": req.denoising_strength if (req.init_image or req.enable_hr) else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": [i["infotext"] for i in images],
-        "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created)),
+        "styles": list(body.get("styles") or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created)),
         "clip_skip": req.clip_skip, "is_using_inpainting_conditioning": False,
         "version": params.get("Version"), "interrupted": job.result.get("interrupted", False),
         "warnings": job.result.get("warnings", []), "job_id": job.id,

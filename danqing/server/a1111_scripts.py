@@ -115,11 +115,18 @@ def run_script(state, key: str, body, fields: dict, *, img2img: bool, init=None,
     if key == PROMPTS and len(raw) == 3 and raw[2] not in ("start", "end"):
         raw = [raw[0], raw[1], "start", raw[2]]  # before 1.7 there was no prompt_position
     args = script_arguments(table, raw, key)
+    axes = None
+    if key == XYZ:  # read before the request stores its uploads
+        csv_mode = _flag(args, "csv_mode")
+        axes = [_axis(args[f"{n}_type"], args[f"{n}_values"], args[f"{n}_values_dropdown"], img2img, csv_mode, n)
+                for n in "xyz"]
+        if args["margin_size"] not in (0, 0.0):
+            raise InvalidRequest("script_args", "margin_size: grid margins are not supported by danqing; use 0")
     base = state.prepare_request(fields, init_image=init, mask=mask, overrides=body.override_settings or None)
     home = state.settings.home
     save = body.save_images and not body.do_not_save_samples
     if key == XYZ:
-        return _xyz(state, body, base, args, img2img, home, save)
+        return _xyz(state, base, axes, args, img2img, home, save, body)
     return _prompts(state, body, base, args, home, save, random_seed=fields.get("seed", -1) == -1)
 
 
@@ -128,12 +135,7 @@ def _checked(state, request: GenerationRequest) -> GenerationRequest:
     return state.prepare_request(request.model_dump())
 
 
-def _xyz(state, body, base: GenerationRequest, args: dict, img2img: bool, home, save: bool) -> dict:
-    csv_mode = _flag(args, "csv_mode")
-    axes = [_axis(args[f"{n}_type"], args[f"{n}_values"], args[f"{n}_values_dropdown"], img2img, csv_mode, n)
-            for n in "xyz"]
-    if args["margin_size"] not in (0, 0.0):
-        raise InvalidRequest("script_args", "margin_size: grid margins are not supported by danqing; use 0")
+def _xyz(state, base: GenerationRequest, axes: list, args: dict, img2img: bool, home, save: bool, body) -> dict:
     fixed = not _flag(args, "no_fixed_seeds")
     if not fixed:
         base = base.replace(seed=-1)
