@@ -323,6 +323,9 @@ def test_a1111_prompts_from_file_script_and_styles(a1111):
         ({"script_name": "x/y/z plot", "script_args": [4, "1-200", [], 6, "1-30"]}, "xyz", "= 6000 cells"),
         ({"script_name": "x/y/z plot", "script_args": [13, "0,1"]}, "axis", "'Sigma Churn' is not available"),
         ({"script_args": [1]}, "script_args", "without a script_name"),
+        # a cell names models as any request does: names of the listing, never paths
+        ({"script_name": "x/y/z plot", "script_args": [11, "", ["tiny-sd1", "../../checkpoints/tiny-sd2"]]},
+         "model", "unknown checkpoint '../../checkpoints/tiny-sd2'"),
     ]:
         resp = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "p", **body}, timeout=60)
         assert resp.status_code == 422 and field in resp.text and message in resp.text, resp.text
