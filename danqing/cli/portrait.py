@@ -1,0 +1,142 @@
+"""``danqing app portrait ...``: the portrait studio on real photos (docs/apps.md, "Portrait
+studio"): ``add`` a person from photos, list ``people`` and ``styles``, ``rank`` pictures of a
+person (with optional face fusion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from danqing.cli.common import refuse_existing
+from danqing.cli.control import app_app
+from danqing.errors import InvalidRequest
+
+portrait_app = typer.Typer(help="Portrait studio: a person from photos, style templates, ranking by identity "
+                                "(docs/apps.md).", no_args_is_help=True)
+app_app.add_typer(portrait_app, name="portrait")
+
+BACKEND_HELP = "Face backend: dlib (models of the face-recognition-models package) or opencv (YuNet/SFace ONNX files in models/faces/)."
+
+
+def _backend(settings, name: str, detector: str):
+    from danqing.faces import load_backend  # lazy: dlib / OpenCV
+
+    if name != "dlib" and detector != "hog":
+        raise InvalidRequest("detector", "--detector chooses dlib's detector (hog or cnn); the opencv backend has YuNet")
+    return load_backend(name, models_dir=settings.models_dir, **({"detector": detector} if name == "dlib" else {}))
+
+
+@portrait_app.command("add")
+def portrait_add(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The person's name (letters, digits, - and _): people/NAME/ under the home."),
+    photos: List[Path] = typer.Argument(..., help="Photos of the person, or folders of them (5-20 clear photos is best)."),
+    trigger: Optional[str] = typer.Option(None, help="The person's trigger word in captions and prompts; default dq_NAME."),
+    size: int = typer.Option(512, help="Side of the training crops (face and head-and-shoulders)."),
+    min_photos: int = typer.Option(3, "--min-photos", help="Accepted photos needed at least."),
+    backend: str = typer.Option("dlib", help=BACKEND_HELP),
+    detector: str = typer.Option("hog", help="dlib's face detector: hog (fast, frontal) or cnn (slower, turned faces too)."),
+    captioner: Optional[Path] = typer.Option(None, help="A local transformers image-to-text model folder (BLIP, GIT) whose captions are added (appearance words removed); default: template captions."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing person of that name."),
+):
+    """Add a person: check each photo (one clear face, sharp, frontal, no duplicates), print why
+    a photo is rejected, write aligned crops with captions into people/NAME/ and a contact sheet."""
+    from rich.console import Console
+
+    from danqing.apps.portrait import IngestPolicy, ingest, verdict_table
+    from danqing.apps.portrait_people import TransformersCaptioner, prepare_person
+    from danqing.models.names import check_new_name
+
+    settings = ctx.obj
+    check_new_name(name, "name", "person")
+    folder = settings.home / "people" / name
+    if folder.exists() and not replace:
+        raise InvalidRequest("name", f"person {name!r} exists ({folder}); choose another name or pass --replace")
+    if min_photos < 1:
+        raise InvalidRequest("min-photos", f"{min_photos}: at least 1")
+    faces = _backend(settings, backend, detector)
+    text = TransformersCaptioner(captioner) if captioner is not None else None
+    report = ingest(list(photos), faces, IngestPolicy(min_photos=min_photos))
+    Console(width=120).print(verdict_table(report))
+    out = prepare_person(settings.home, name, report, trigger=trigger, size=size, captioner=text, overwrite=replace)
+    print(f"{out}  {len(report.accepted)} photos -> {2 * len(report.accepted)} crops in {out / 'train'}")
+    print(f"{out / 'contact-sheet.png'}")
+
+
+@portrait_app.command("people")
+def portrait_people(ctx: typer.Context):
+    """List the people added (people/ under the home)."""
+    import json
+
+    from danqing.apps.portrait_people import PEOPLE, people
+
+    for name in people(ctx.obj.home):
+        info = json.loads((ctx.obj.home / PEOPLE / name / "person.json").read_text(encoding="utf-8"))
+        print(f"{name}  trigger={info['trigger']}  photos={len(info['accepted'])}  size={info['size']}")
+
+
+@portrait_app.command("styles")
+def portrait_styles(ctx: typer.Context):
+    """List the style templates (danqing's, and yours in styles/portrait/ under the home)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from danqing.apps.portrait_styles import load_styles
+
+    table = Table(title="portrait styles (add yours as styles/portrait/NAME.toml)")
+    for col in ("name", "title", "size", "sampler", "steps", "cfg", "person LoRA", "style LoRA", "from"):
+        table.add_column(col)
+    for s in load_styles(ctx.obj.home).values():
+        table.add_row(s.name, s.title, f"{s.width}x{s.height}", f"{s.sampler} {s.schedule}", str(s.steps), f"{s.cfg:g}",
+                      f"{s.person_lora_weight:g}", f"{s.style_lora}:{s.style_lora_weight:g}" if s.style_lora else "-",
+                      s.source)
+    Console(width=160).print(table)
+
+
+@portrait_app.command("rank")
+def portrait_rank(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A person added with `portrait add`."),
+    pictures: List[Path] = typer.Argument(..., help="Pictures of the person (e.g. generated portraits)."),
+    keep: int = typer.Option(4, help="How many of the best to keep."),
+    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture first, at this strength (0-1)."),
+    fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
+    out: Path = typer.Option(Path("ranked"), help="Folder for the kept pictures (RANK-SCORE-NAME.png)."),
+    backend: str = typer.Option("dlib", help=BACKEND_HELP),
+):
+    """Score pictures by how much their face looks like the person (cosine similarity to the
+    person's mean face embedding), optionally fuse the person's face in, keep the best."""
+    import numpy as np
+
+    from danqing.apps.portrait_people import fuse_and_rank, load_person
+    from danqing.outputs.store import save_png
+    from danqing.pictures import load_image
+
+    person = load_person(ctx.obj.home, name)
+    if keep < 1:
+        raise InvalidRequest("keep", f"{keep}: at least 1")
+    images = [np.asarray(load_image(p, "pictures")) for p in pictures]
+    faces = _backend(ctx.obj, backend, "hog")
+    ranked = fuse_and_rank(images, person, faces, keep=keep, fuse=fuse, method=fuse_method)
+    names = [out / f"{r + 1:02d}-{item.score if item.score is not None else 0:.3f}-{pictures[item.index].stem}.png"
+             for r, item in enumerate(ranked)]
+    refuse_existing(*names)
+    from PIL import Image
+
+    from danqing.outputs.infotext import format_infotext, parse_infotext
+
+    for r, (item, path) in enumerate(zip(ranked, names), 1):
+        fields = item.metadata(r, len(pictures), faces)
+        if item.fused:
+            fields["Face fusion"] = f"{fuse:g} {fuse_method}"
+        with Image.open(pictures[item.index]) as im:  # the picture's own infotext, with the ranking added
+            before = im.info.get("parameters")
+        if before:
+            prompt, negative, params = parse_infotext(before)
+            text = format_infotext(prompt, negative, {**params, **fields})
+        else:
+            text = ", ".join(f"{k}: {v}" for k, v in fields.items())
+        save_png(Image.fromarray(item.image), path, text)
+        print(f"{path}  score={'-' if item.score is None else f'{item.score:.4f}'}{'  fused' if item.fused else ''}")
