@@ -41,16 +41,19 @@ def caption_table() -> dict:
 
 
 def clean_caption(text: str, table: dict | None = None) -> str:
-    """A captioner's text without the person's looks: clauses (split at commas, "and", "with")
-    naming an appearance word are dropped, words for "a person" removed; the rest is kept."""
+    """A captioner's text without the person's looks. The text is cut into clauses (at commas,
+    "and", "with"); in each, everything up to its last appearance word goes ("long blonde hair
+    wearing a scarf" -> "wearing a scarf"), then words for "a person" ("a woman") are removed.
+    What is left (clothes, pose, place, light) is kept."""
     table = table or caption_table()
     appearance, person = set(table["appearance"]), table["person"]
     who = re.compile(r"\b(?:(?:a|an|the)\s+)?(?:" + "|".join(map(re.escape, person)) + r")\b")
     kept = []
     for clause in re.split(r",|\bwith\b|\band\b", text.lower()):
-        if any(w in appearance for w in re.findall(r"[a-z]+", clause)):
-            continue
-        clause = re.sub(r"\s+", " ", who.sub("", clause)).strip(" .")
+        words = clause.split()
+        last = max((i for i, w in enumerate(words) if re.sub(r"[^a-z]", "", w) in appearance), default=-1)
+        clause = re.sub(r"\s+", " ", who.sub("", " ".join(words[last + 1:]))).strip(" .")
+        clause = re.sub(r"(^|\s+)(of|a|an|the)$", "", clause)  # "a close up of [a woman]" -> "a close up"
         if clause:
             kept.append(clause)
     return ", ".join(kept)

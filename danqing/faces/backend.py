@@ -1,19 +1,15 @@
 """The face backend interface: detect faces (boxes, five landmarks, a score) and embed one face
 as a vector, with the name and version that go into metadata.
 
-A backend is chosen by name (``load_backend("dlib")``); the table ``BACKENDS`` maps names to
-loaders. Pictures are RGB ``uint8`` arrays of shape (H, W, 3).
+A backend is chosen by name (``danqing.faces.load_backend("dlib")``). Pictures are RGB
+``uint8`` arrays of shape (H, W, 3).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
-from danqing.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -98,37 +94,3 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two vectors (1 = the same direction)."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
-
-def _dlib(models_dir: Path | None, **options):
-    from danqing.faces.dlib_backend import DlibBackend
-
-    return DlibBackend(**options)
-
-
-def _opencv(models_dir: Path | None, **options):
-    from danqing.faces.opencv_backend import OpenCVBackend
-
-    return OpenCVBackend.from_folder(Path(models_dir or "models") / "faces", **options)
-
-
-# name -> loader(models_dir, **options); what each needs is in docs/apps.md ("Face models")
-BACKENDS: dict[str, Callable[..., FaceBackend]] = {"dlib": _dlib, "opencv": _opencv}
-
-
-def load_backend(name: str = "dlib", *, models_dir: str | Path | None = None, **options) -> FaceBackend:
-    """The face backend called ``name``, its models loaded.
-
-    Args:
-        name: a key of ``BACKENDS``: "dlib" (models from the face-recognition-models package)
-            or "opencv" (the user's YuNet / SFace ONNX files in ``models_dir/faces/``).
-        models_dir: danqing's models folder (the OpenCV backend's files are in its ``faces/``).
-        options: passed to the backend (dlib: ``detector="hog"`` or ``"cnn"``).
-
-    Raises:
-        InvalidRequest: an unknown name (the known ones are listed).
-        ModelNotFound: the backend's model files are missing (the message says which and where).
-    """
-    if name not in BACKENDS:
-        raise InvalidRequest("face_backend", f"unknown face backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    return BACKENDS[name](Path(models_dir) if models_dir is not None else None, **options)

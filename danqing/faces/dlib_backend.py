@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from danqing.errors import ModelNotFound
+from danqing.errors import InvalidRequest, ModelNotFound
 from danqing.faces.backend import Face, FaceBackend
 
 DETECT_SIDE = 1280  # pictures are searched at this long side at most (larger ones are scaled down)
@@ -58,8 +58,6 @@ class DlibBackend(FaceBackend):
 
     def __init__(self, detector: str = "hog"):
         if detector not in ("hog", "cnn"):
-            from danqing.errors import InvalidRequest
-
             raise InvalidRequest("detector", f"unknown dlib detector {detector!r}; choose hog or cnn")
         dlib = _import_dlib()
         folder = model_folder()
