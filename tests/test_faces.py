@@ -140,9 +140,23 @@ def test_ingest_accepts_and_rejects_with_reasons(faces, photo_folder):
     assert reasons["11-huge.png"] == "900x900 is over the limit of 640000 pixels"
     exif = next(v for v in report.verdicts if v.path.name == "04-exif.jpg")
     assert exif.image.shape == (512, 512, 3) and abs(exif.yaw) < 0.2  # upright: the EXIF turn was applied
+    two = next(v for v in report.verdicts if v.code == "several-faces")
+    assert two.image.shape == (256, 512, 3)  # a rejected photo stays as a thumbnail for the contact sheet
     sharp = [v.sharpness for v in report.accepted]
     blurred = next(v for v in report.verdicts if v.code == "blurred").sharpness
     assert min(sharp) > 4 * IngestPolicy().min_sharpness > 4 * blurred
+
+
+def test_large_photos_are_kept_small(faces, photo_folder):
+    """An accepted photo is kept scaled down to the detail its crops need, its face with it."""
+    from danqing.apps.portrait import IngestPolicy, check_photo
+    from danqing.faces.fusion import main_face
+    from danqing.faces.geometry import aligned_crop, eye_angle, face_span
+
+    v = check_photo(photo_folder / "01-original.jpg", faces, IngestPolicy(keep_span=30))
+    assert v.accepted and v.image.shape[0] < 400 and abs(face_span(v.face) - 30) < 1
+    again = main_face(faces.detect(aligned_crop(v.image, v.face, 256)))
+    assert abs(eye_angle(again)) < 3
 
 
 def test_yaw_from_landmarks():

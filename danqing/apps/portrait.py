@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from danqing.errors import InvalidRequest
 from danqing.faces.backend import Face, FaceBackend
 from danqing.faces.fusion import main_face
-from danqing.faces.geometry import sharpness, yaw
+from danqing.faces.geometry import face_span, sharpness, yaw
 from danqing.pictures import MAX_PIXELS
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -52,6 +52,9 @@ class IngestPolicy:
         max_pixels: larger photos are refused before they are decoded.
         duplicate_distance: None = the backend's own (dlib: 0.1).
         min_photos: how many accepted photos a person needs.
+        keep_span: an accepted photo is kept in memory scaled down until its face span (eye
+            distance) is at most this many pixels (face crops up to 4x this side stay at full
+            detail); a rejected one is kept as a 512 px thumbnail for the contact sheet.
     """
 
     min_face: int = 80
@@ -61,6 +64,7 @@ class IngestPolicy:
     max_pixels: int = MAX_PIXELS
     duplicate_distance: float | None = None
     min_photos: int = 3
+    keep_span: int = 384
 
 
 @dataclass
@@ -178,7 +182,20 @@ def check_photo(path: Path, backend: FaceBackend, policy: IngestPolicy) -> Photo
         v.embedding = backend.embed(image, face)
     if not v.accepted:
         v.reason = _reason(v, policy)
+    _shrink(v, 1.0 if face is None or not v.accepted else policy.keep_span / face_span(face),
+            512 / max(image.shape[:2]) if not v.accepted else 1.0)
     return v
+
+
+def _shrink(v: PhotoVerdict, *scales: float) -> None:
+    """Keep ``v.image`` (and its face) scaled down by the smallest of ``scales`` when under 1,
+    so that 20 phone photos do not each hold 24 million pixels."""
+    import cv2
+
+    s = min(scales)
+    if s < 1.0 and v.image is not None:
+        v.image = cv2.resize(v.image, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        v.face = v.face.scaled(s) if v.face is not None else None
 
 
 def ingest(items: list[str | Path], backend: FaceBackend, policy: IngestPolicy = IngestPolicy()) -> IngestReport:

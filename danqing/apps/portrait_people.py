@@ -24,7 +24,7 @@ from PIL import Image
 from danqing.apps.portrait import IngestReport, contact_sheet
 from danqing.errors import InvalidRequest, ModelNotFound
 from danqing.faces.backend import FaceBackend, cosine
-from danqing.faces.fusion import fuse_face, identity_scores, main_face, mean_embedding, top_k
+from danqing.faces.fusion import METHODS, fuse_face, identity_scores, main_face, mean_embedding, top_k
 from danqing.faces.geometry import FACE, HEAD_AND_SHOULDERS, aligned_crop
 from danqing.files import atomic_save_dir
 from danqing.models.names import check_new_name, within
@@ -244,6 +244,10 @@ def fuse_and_rank(pictures: list[np.ndarray], person: Person, backend: FaceBacke
     Raises:
         ModelNotFound: ``fuse`` is asked and no face is found in the person's best-face.png.
     """
+    if fuse is not None and not 0.0 <= fuse <= 1.0:
+        raise InvalidRequest("fuse", f"strength must be between 0 and 1, got {fuse}")
+    if method not in METHODS:
+        raise InvalidRequest("fuse_method", f"unknown fusion method {method!r}; choose one of: {', '.join(METHODS)}")
     out = [np.asarray(p)[..., :3] for p in pictures]
     fused = [False] * len(out)
     if fuse is not None and fuse > 0:

@@ -41,8 +41,10 @@ def portrait_add(
     captioner: Optional[Path] = typer.Option(None, help="A local transformers image-to-text model folder (BLIP, GIT) whose captions are added (appearance words removed); default: template captions."),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing person of that name."),
 ):
-    """Add a person: check each photo (one clear face, sharp, frontal, no duplicates), print why
-    a photo is rejected, write aligned crops with captions into people/NAME/ and a contact sheet."""
+    """Add a person from photos: verdicts with reasons, aligned crops and captions in people/NAME/.
+
+    Each photo needs one clear, sharp, frontal face and must not repeat another; the table says
+    why a photo is rejected, and people/NAME/contact-sheet.png shows it."""
     from rich.console import Console
 
     from danqing.apps.portrait import IngestPolicy, ingest, verdict_table
@@ -106,8 +108,9 @@ def portrait_rank(
     out: Path = typer.Option(Path("ranked"), help="Folder for the kept pictures (RANK-SCORE-NAME.png)."),
     backend: str = typer.Option("dlib", help=BACKEND_HELP),
 ):
-    """Score pictures by how much their face looks like the person (cosine similarity to the
-    person's mean face embedding), optionally fuse the person's face in, keep the best."""
+    """Rank pictures by face similarity to a person, optionally fusing their face in; keep the best.
+
+    The score is the cosine similarity of the picture's face embedding to the person's mean."""
     import numpy as np
 
     from danqing.apps.portrait_people import fuse_and_rank, load_person
