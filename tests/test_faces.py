@@ -430,3 +430,69 @@ def test_user_styles_and_bad_templates(tmp_path, capsys):
         code, _, err = run(capsys, "--home", str(tmp_path), "app", "portrait", "styles")
         assert code == 2 and f"{name}.toml" in err and err.count("\n") == 1
         (folder / f"{name}.toml").unlink()
+
+
+@pytest.fixture(scope="module")
+def anna(faces, photo_folder, tmp_path_factory):
+    """A person made from two photos of the astronaut."""
+    from danqing.apps.portrait import IngestPolicy, ingest
+    from danqing.apps.portrait_people import load_person, prepare_person
+
+    home = tmp_path_factory.mktemp("home")
+    report = ingest([photo_folder / "01-original.jpg", photo_folder / "02-flip-bright.png"], faces,
+                    IngestPolicy(min_photos=2))
+    prepare_person(home, "anna", report, size=128)
+    return load_person(home, "anna")
+
+
+class PhotoStudio:
+    """Stands in for ``Studio.generate``: each request's "picture" is the astronaut turned by
+    (seed - 10) * 4 degrees, blurred for seed 12, so that ranking and fusion have faces to work on."""
+
+    def __init__(self, base):
+        self.base, self.requests = base, []
+
+    def generate(self, request):
+        from danqing.studio import GenerationResult
+
+        self.requests.append(request)
+        pic = self.base.rotate((request.seed - 10) * 4, resample=Image.BICUBIC)
+        if request.seed == 12:
+            pic = pic.filter(ImageFilter.GaussianBlur(3))
+        text = f"{request.prompt}\nSteps: {request.steps}, Seed: {request.seed}, Size: 512x512"
+        return GenerationResult(images=[pic], seeds=[request.seed], subseeds=[0], infotexts=[text], request=request)
+
+
+def test_make_portraits_fuses_ranks_and_records(faces, anna, astronaut):
+    from danqing.apps.portrait_make import make_portraits
+    from danqing.apps.portrait_styles import get_style
+
+    studio = PhotoStudio(astronaut)
+    made = make_portraits(studio, anna, get_style("ink-sketch"), faces, n=4, keep=3, person_lora="anna-lora",
+                          seed=10, steps=5, fuse=0.5)
+    assert [r.seed for r in studio.requests] == [10, 11, 12, 13] and all(r.steps == 5 for r in studio.requests)
+    assert studio.requests[0].prompt.startswith("portrait of dq_anna, chinese ink") and "<lora:anna-lora:0.9>" in studio.requests[0].prompt
+    scores = [p.ranked.score for p in made]
+    assert len(made) == 3 and scores == sorted(scores, reverse=True) and all(p.ranked.fused for p in made)
+    assert 12 not in [p.seed for p in made]  # the blurred one scores lowest and is dropped
+    text = made[0].infotext
+    assert f"Seed: {made[0].seed}" in text and "Portrait style: ink-sketch, Portrait person: anna, Portrait rank: 1/4" in text
+    assert f"Portrait score: {scores[0]:.4f}" in text and "Face fusion: 0.5 seamless" in text
+
+
+def test_portrait_make_with_the_studio(studio, anna, faces, tmp_path, capsys):
+    """The real studio (tiny-sd1: random weights, no faces): every picture is kept, unscored."""
+    from danqing.apps.portrait_make import make_portraits
+    from danqing.apps.portrait_styles import PortraitStyle
+
+    style = PortraitStyle(name="tiny", prompt="a red circle, {trigger}", width=64, height=64, steps=3, sampler="Euler")
+    made = make_portraits(studio, anna, style, faces, n=2, model="tiny-sd1", seed=5, steps=2, fuse=0.5)
+    assert [p.seed for p in made] == [5, 6] and all(p.ranked.score is None and not p.ranked.fused for p in made)
+    assert made[0].infotext.startswith("a red circle, dq_anna\n") and "Portrait rank: 1/2" in made[0].infotext
+    home = ["--home", str(anna.folder.parent.parent)]
+    code, _, err = run(capsys, *home, "app", "portrait", "make", "anna", "--style", "nope")
+    assert code == 2 and "unknown style 'nope'; styles: anime" in err
+    code, _, err = run(capsys, *home, "app", "portrait", "make", "anna", "-n", "2", "--keep", "3")
+    assert code == 2 and "keep: 3: between 1 and the number of pictures (2)" in err
+    code, _, err = run(capsys, *home, "app", "portrait", "make", "zed")
+    assert code == 2 and "unknown person 'zed'" in err

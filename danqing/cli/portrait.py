@@ -112,7 +112,9 @@ def portrait_rank(
 
     The score is the cosine similarity of the picture's face embedding to the person's mean."""
     import numpy as np
+    from PIL import Image
 
+    from danqing.apps.portrait_make import with_fields
     from danqing.apps.portrait_people import fuse_and_rank, load_person
     from danqing.outputs.store import save_png
     from danqing.pictures import load_image
@@ -123,23 +125,62 @@ def portrait_rank(
     images = [np.asarray(load_image(p, "pictures")) for p in pictures]
     faces = _backend(ctx.obj, backend, "hog")
     ranked = fuse_and_rank(images, person, faces, keep=keep, fuse=fuse, method=fuse_method)
-    names = [out / f"{r + 1:02d}-{item.score if item.score is not None else 0:.3f}-{pictures[item.index].stem}.png"
+    names = [out / f"{r + 1:02d}-{item.score or 0:.3f}-{pictures[item.index].stem}.png"
              for r, item in enumerate(ranked)]
     refuse_existing(*names)
-    from PIL import Image
-
-    from danqing.outputs.infotext import format_infotext, parse_infotext
-
     for r, (item, path) in enumerate(zip(ranked, names), 1):
         fields = item.metadata(r, len(pictures), faces)
         if item.fused:
             fields["Face fusion"] = f"{fuse:g} {fuse_method}"
         with Image.open(pictures[item.index]) as im:  # the picture's own infotext, with the ranking added
-            before = im.info.get("parameters")
-        if before:
-            prompt, negative, params = parse_infotext(before)
-            text = format_infotext(prompt, negative, {**params, **fields})
-        else:
-            text = ", ".join(f"{k}: {v}" for k, v in fields.items())
-        save_png(Image.fromarray(item.image), path, text)
-        print(f"{path}  score={'-' if item.score is None else f'{item.score:.4f}'}{'  fused' if item.fused else ''}")
+            before = im.info.get("parameters") or ""
+        save_png(Image.fromarray(item.image), path, with_fields(before, fields))
+        print(f"{path}  score={_score(item.score)}{'  fused' if item.fused else ''}")
+
+
+def _score(score: float | None) -> str:
+    return "-" if score is None else f"{score:.4f}"
+
+
+@portrait_app.command("make")
+def portrait_make(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A person added with `portrait add`."),
+    style: str = typer.Option("ink-sketch", help="A style template (`danqing app portrait styles`)."),
+    n: int = typer.Option(4, "-n", help="Pictures to generate."),
+    keep: Optional[int] = typer.Option(None, help="How many of the best to keep (default: all, ranked)."),
+    lora: Optional[str] = typer.Option(None, help="The person's LoRA in models/lora/, by name (e.g. trained with `danqing train lora` on people/NAME/train); none: the style's prompt alone."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint name or path (default: the settings' model)."),
+    seed: int = typer.Option(-1, help="First seed (-1: random)."),
+    steps: Optional[int] = typer.Option(None, help="Override the style's steps."),
+    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture at this strength (0-1)."),
+    fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures; default outputs/portrait-images/NAME/DATE."),
+    backend: str = typer.Option("dlib", help=BACKEND_HELP),
+):
+    """Generate N portraits of a person in a style, fuse their face in (optional), keep the best.
+
+    Each kept picture is RANK-SCORE-SEED.png with its infotext plus the rank and identity score."""
+    import datetime
+
+    from PIL import Image
+
+    from danqing.apps.portrait_make import make_portraits
+    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_styles import get_style
+    from danqing.cli.common import make_studio
+    from danqing.outputs.store import save_png
+
+    settings = ctx.obj
+    person = load_person(settings.home, name)
+    template = get_style(style, settings.home)
+    faces = _backend(settings, backend, "hog")
+    folder = out or settings.outputs_dir / "portrait-images" / name / datetime.date.today().isoformat()
+    made = make_portraits(make_studio(settings), person, template, faces, n=n, keep=keep, person_lora=lora,
+                          model=model, seed=seed, steps=steps, fuse=fuse, method=fuse_method,
+                          on_picture=lambda i, total: typer.echo(f"picture {i}/{total}", err=True))
+    paths = [folder / f"{r:02d}-{p.ranked.score or 0:.3f}-{p.seed}.png" for r, p in enumerate(made, 1)]
+    refuse_existing(*paths)
+    for p, path in zip(made, paths):
+        save_png(Image.fromarray(p.ranked.image), path, p.infotext)
+        print(f"{path}  seed={p.seed}  score={_score(p.ranked.score)}{'  fused' if p.ranked.fused else ''}")
