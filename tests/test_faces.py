@@ -333,6 +333,29 @@ def test_bad_input_is_one_line(faces, tmp_path, capsys, monkeypatch, args, messa
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_opencv_backend_reads_yunet_rows():
+    """YuNet's rows (x, y, w, h, 5 points, score) found on a scaled-down copy become faces in
+    the photo's pixels, eyes in picture order (run with a stand-in for cv2.FaceDetectorYN)."""
+    from danqing.faces.opencv_backend import OpenCVBackend
+
+    class YuNet:
+        def setInputSize(self, size):
+            self.size = size
+
+        def detect(self, bgr):
+            assert bgr.shape[1::-1] == self.size
+            row = [100, 50, 80, 90, 120, 80, 160, 82, 140, 100, 125, 120, 155, 121, 0.95]
+            return 1, np.array([[v / 2 for v in row[:14]] + [0.7], row], np.float32)
+
+    backend = object.__new__(OpenCVBackend)
+    backend._detector = YuNet()
+    found = backend.detect(np.zeros((2560, 1280, 3), np.uint8))  # searched at half size
+    assert backend._detector.size == (640, 1280) and [f.score for f in found] == pytest.approx([0.95, 0.7])
+    face = found[0]
+    assert face.box == (200, 100, 360, 280) and face.left_eye == (240, 160) and face.right_eye == (320, 164)
+    assert face.nose == (280, 200) and face.points.shape == (5, 2)
+
+
 def test_opencv_backend_needs_the_users_files(tmp_path):
     from danqing.faces import load_backend
 
@@ -363,6 +386,40 @@ def test_captions_drop_appearance_keep_the_rest(tmp_path):
         TransformersCaptioner(tmp_path / "none")
     with pytest.raises(ModelNotFound, match="not a transformers image-to-text model"):
         TransformersCaptioner(tmp_path)
+
+
+def tiny_blip(folder, favourite: str):
+    """A tiny random BLIP captioner whose language head always prefers the word ``favourite``."""
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
+                              BlipProcessor)
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "woman", "blonde", "hair", "smiling", "scarf"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]", model_max_length=32)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = BlipConfig(text_config=dict(vocab_size=len(words), max_position_embeddings=64, bos_token_id=5, pad_token_id=0,
+                                      sep_token_id=3, eos_token_id=3, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=32)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias.zero_()[words.index(favourite)] = 50.0
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_captioner_adds_cleaned_words(tmp_path, faces, photo_folder):
+    from danqing.apps.portrait import IngestPolicy, ingest
+    from danqing.apps.portrait_people import TransformersCaptioner, prepare_person
+
+    captioner = TransformersCaptioner(tiny_blip(tmp_path / "blip", "smiling"), max_new_tokens=2)
+    assert captioner.caption(Image.new("RGB", (64, 64))) == "smiling smiling" and captioner.name == "transformers:blip"
+    report = ingest([photo_folder / "01-original.jpg", photo_folder / "02-flip-bright.png"], faces,
+                    IngestPolicy(min_photos=2))
+    prepare_person(tmp_path, "anna", report, size=64, captioner=captioner)
+    assert (tmp_path / "people/anna/train/001-face.txt").read_text() == "a close-up photo of dq_anna, face, smiling smiling\n"
+    assert json.loads((tmp_path / "people/anna/person.json").read_text())["captioner"] == "transformers:blip"
 
 
 def test_new_names():
