@@ -321,6 +321,7 @@ def _info(text):
     (["add", "../x", "."], "'../x' is not a usable person name"),
     (["add", "a b", "."], "'a b' is not a usable person name"),
     (["add", "anna", "no-such-folder"], "photos: no-such-folder: no such file or folder"),
+    (["add", "anna", "."], "photos: no photos (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff) in ."),
     (["add", "anna", ".", "--backend", "mediapipe"], "unknown face backend 'mediapipe'; choose one of: dlib, opencv"),
     (["add", "anna", ".", "--detector", "haar"], "unknown dlib detector 'haar'; choose hog or cnn"),
     (["add", "anna", ".", "--backend", "opencv"], "needs a detector file *yunet*.onnx"),

@@ -111,7 +111,7 @@ def photo_files(items: list[str | Path]) -> list[Path]:
     unreadable).
 
     Raises:
-        InvalidRequest: a path that does not exist, or nothing given.
+        InvalidRequest: a path that does not exist, or no photo at all.
     """
     out: list[Path] = []
     for item in items:
@@ -122,8 +122,9 @@ def photo_files(items: list[str | Path]) -> list[Path]:
             out.append(p)
         else:
             raise InvalidRequest("photos", f"{p}: no such file or folder")
-    if not items:
-        raise InvalidRequest("photos", "give photos or folders of photos of one person")
+    if not out:
+        raise InvalidRequest("photos", f"no photos ({', '.join(PHOTO_SUFFIXES)}) in "
+                                       f"{', '.join(str(i) for i in items) or 'nothing given'}")
     return list(dict.fromkeys(out))
 
 
@@ -137,9 +138,11 @@ def read_photo(path: Path, max_pixels: int) -> tuple[np.ndarray | None, str, str
             im = ImageOps.exif_transpose(im)
             rgb = im.convert("RGBA").convert("RGB") if im.mode in ("P", "LA", "PA") else im.convert("RGB")
             return np.asarray(rgb), "", ""
+    except Image.DecompressionBombError:  # Pillow's own limit, at twice its 89 megapixels
+        return None, "too-large", "the image"
     except UnidentifiedImageError:
         return None, "corrupt", "not an image format Pillow reads, or a damaged file"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         detail = str(exc).replace(str(path), "").strip(" :'") or type(exc).__name__
         return None, "corrupt", detail.splitlines()[0][:120]
 

@@ -84,13 +84,16 @@ class DlibBackend(FaceBackend):
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces at the picture's scale, most confident first. The search runs on a copy of at
         most ``DETECT_SIDE`` pixels (long side), without upsampling (the HOG window is 80 px),
-        and once more upsampled x2 when nothing was found (faces down to 40 px)."""
+        and once more upsampled x2 when nothing was found (faces down to 40 px; the CNN detector only
+        on pictures up to 640 px)."""
         import cv2
 
         image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
         s = min(1.0, DETECT_SIDE / max(image.shape[:2]))
         small = image if s == 1.0 else cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-        found = self._run(small, 0) or self._run(small, 1)
+        found = self._run(small, 0)
+        if not found and (self.detector_kind == "hog" or max(small.shape[:2]) <= 640):  # the CNN x2 is slow
+            found = self._run(small, 1)
         faces = []
         for rect, score in sorted(found, key=lambda f: -f[1]):
             r = self._dlib.rectangle(int(round(rect.left() / s)), int(round(rect.top() / s)),
