@@ -91,7 +91,8 @@ def portrait_styles(ctx: typer.Context):
     for col in ("name", "title", "size", "sampler", "steps", "cfg", "person LoRA", "style LoRA", "from"):
         table.add_column(col)
     for s in load_styles(ctx.obj.home).values():
-        table.add_row(s.name, s.title, f"{s.width}x{s.height}", f"{s.sampler} {s.schedule}", str(s.steps), f"{s.cfg:g}",
+        sampler = s.sampler if s.schedule == "Automatic" else f"{s.sampler} {s.schedule}"
+        table.add_row(s.name, s.title, f"{s.width}x{s.height}", sampler, str(s.steps), f"{s.cfg:g}",
                       f"{s.person_lora_weight:g}", f"{s.style_lora}:{s.style_lora_weight:g}" if s.style_lora else "-",
                       s.source)
     Console(width=160).print(table)
