@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -349,7 +350,7 @@ def test_opencv_backend_reads_yunet_rows():
             return 1, np.array([[v / 2 for v in row[:14]] + [0.7], row], np.float32)
 
     backend = object.__new__(OpenCVBackend)
-    backend._detector = YuNet()
+    backend._detector, backend._lock = YuNet(), threading.Lock()
     found = backend.detect(np.zeros((2560, 1280, 3), np.uint8))  # searched at half size
     assert backend._detector.size == (640, 1280) and [f.score for f in found] == pytest.approx([0.95, 0.7])
     face = found[0]

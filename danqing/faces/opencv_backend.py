@@ -5,6 +5,7 @@ wheel): the YuNet detector (``cv2.FaceDetectorYN``) and the SFace recogniser
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class OpenCVBackend(FaceBackend):
             raise ModelNotFound(f"cannot load {detector.name} / {recogniser.name}: "
                                 f"{str(exc).strip().splitlines()[-1]}") from None
         self.version = f"OpenCV {cv2.__version__}; {detector.name}, {recogniser.name}"
+        self._lock = threading.Lock()  # YuNet keeps its input size on the object: one call at a time
 
     @classmethod
     def from_folder(cls, folder: Path, **options) -> "OpenCVBackend":
@@ -68,8 +70,9 @@ class OpenCVBackend(FaceBackend):
         bgr = np.ascontiguousarray(image[..., 2::-1])
         s = min(1.0, DETECT_SIDE / max(bgr.shape[:2]))
         small = bgr if s == 1.0 else cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-        self._detector.setInputSize((small.shape[1], small.shape[0]))
-        _, rows = self._detector.detect(small)  # (N, 15): x, y, w, h, 5 points, score
+        with self._lock:
+            self._detector.setInputSize((small.shape[1], small.shape[0]))
+            _, rows = self._detector.detect(small)  # (N, 15): x, y, w, h, 5 points, score
         faces = []
         for row in sorted(rows if rows is not None else [], key=lambda r: -r[14]):
             x, y, w, h = (float(v) / s for v in row[:4])
