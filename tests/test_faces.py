@@ -143,6 +143,7 @@ def test_ingest_accepts_and_rejects_with_reasons(faces, photo_folder):
     assert exif.image.shape == (512, 512, 3) and abs(exif.yaw) < 0.2  # upright: the EXIF turn was applied
     two = next(v for v in report.verdicts if v.code == "several-faces")
     assert two.image.shape == (256, 512, 3)  # a rejected photo stays as a thumbnail for the contact sheet
+    assert len(two.others) == 1 and two.others[0].box[0] > 256 > two.face.box[2]  # the other face, on the right
     sharp = [v.sharpness for v in report.accepted]
     blurred = next(v for v in report.verdicts if v.code == "blurred").sharpness
     assert min(sharp) > 4 * IngestPolicy().min_sharpness > 4 * blurred
@@ -188,7 +189,7 @@ def test_contact_sheet_and_table(faces, photo_folder):
 
     report = ingest([photo_folder / "01-original.jpg", photo_folder / "06-no-face.png"], faces, IngestPolicy())
     sheet = np.asarray(contact_sheet(report, thumb=128, columns=2)).astype(int)
-    assert sheet.shape == (128 + 44, 256, 3)
+    assert sheet.shape == (128 + 58, 256, 3)
     # the frame says the verdict: green around the accepted photo, red around the rejected one
     assert tuple(sheet[1, 1]) == (30, 150, 60) and tuple(sheet[1, 129]) == (200, 40, 40)
     console = Console(width=160, record=True)

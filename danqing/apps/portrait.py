@@ -84,6 +84,7 @@ class PhotoVerdict:
     sharpness: float | None = None
     yaw: float | None = None
     duplicate_of: Path | None = None
+    others: list[Face] = field(default_factory=list, repr=False)  # the other faces that count
 
     @property
     def accepted(self) -> bool:
@@ -168,7 +169,8 @@ def check_photo(path: Path, backend: FaceBackend, policy: IngestPolicy) -> Photo
     face = main_face(faces)
     v.face = face
     confident = [f for f in faces if f.score >= backend.confident_score]
-    v.faces = max(1, sum(f.side >= policy.several_ratio * face.side for f in confident)) if face else 0
+    v.others = [f for f in confident if f is not face and f.side >= policy.several_ratio * face.side] if face else []
+    v.faces = 1 + len(v.others) if face else 0
     if face is not None:
         v.sharpness, v.yaw = sharpness(image, face), yaw(face)
     if face is None:
@@ -199,6 +201,7 @@ def _shrink(v: PhotoVerdict, *scales: float) -> None:
     if s < 1.0 and v.image is not None:
         v.image = cv2.resize(v.image, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
         v.face = v.face.scaled(s) if v.face is not None else None
+        v.others = [f.scaled(s) for f in v.others]
 
 
 def ingest(items: list[str | Path], backend: FaceBackend, policy: IngestPolicy = IngestPolicy()) -> IngestReport:
@@ -244,7 +247,7 @@ def contact_sheet(report: IngestReport, *, thumb: int = 192, columns: int = 5) -
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=12)
-    label_h = 44
+    label_h = 58  # the name and three lines of the verdict
     rows = max(1, math.ceil(len(report.verdicts) / columns))
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label_h)), (245, 245, 245))
     draw = ImageDraw.Draw(sheet)
@@ -257,12 +260,13 @@ def contact_sheet(report: IngestReport, *, thumb: int = 192, columns: int = 5) -
             small = pic.resize((max(1, round(pic.width * s)), max(1, round(pic.height * s))), Image.LANCZOS)
             ox, oy = x + (thumb - small.width) // 2, y + (thumb - small.height) // 2
             sheet.paste(small, (ox, oy))
-            if v.face is not None:
-                x0, y0, x1, y1 = v.face.box
+            for face in ([v.face] if v.face is not None else []) + v.others:
+                x0, y0, x1, y1 = face.box
                 draw.rectangle([ox + x0 * s, oy + y0 * s, ox + x1 * s, oy + y1 * s], outline=colour, width=2)
         draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=colour, width=3)
         text = "accepted" if v.accepted else v.reason
-        lines = [v.path.name[:30]] + _wrap(text, 30)[:2]
+        chars = max(8, thumb // 7)  # the default font at 12 px: about 7 px a character
+        lines = [v.path.name[:chars]] + _wrap(text, chars)[:3]
         draw.multiline_text((x + 4, y + thumb + 2), "\n".join(lines), fill=colour if not v.accepted else (0, 0, 0),
                             font=font, spacing=1)
     return sheet
