@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "danqing"
 # itself is the package's __init__, the public API.
 LAYERS = (
     ("base", {"errors", "files", "cache", "pictures", "preprocess"}),
-    ("models", {"models"}),
+    ("models", {"models", "faces"}),
     ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs", "settings"}),
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),

@@ -17,6 +17,7 @@ whole ``models/checkpoints`` folder). The CLI, run by the user, may still take p
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from danqing.errors import InvalidRequest
 
 MAX_SHOWN = 120  # characters of a refused name echoed back
+NEW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,14 @@ def resolve(name: object, candidates: Iterable[Named], *, field: str, what: str,
                 if c.path is not None and sha256(c).startswith(q):
                     return c
     raise refusal(field, what, folder, name, [c.name for c in candidates])
+
+
+def check_new_name(name: object, field: str, what: str) -> str:
+    """A name for something danqing creates (a person of the portrait studio, ...): 1-64
+    letters, digits, ``-`` and ``_``, starting with a letter or digit, so that it is one file
+    name inside its folder. Returns the name; raises ``InvalidRequest`` otherwise."""
+    if isinstance(name, str) and NEW_NAME.fullmatch(name):
+        return name
+    shown = str(name)[:MAX_SHOWN]
+    raise InvalidRequest(field, f"{shown!r} is not a usable {what} name: use 1-64 letters, digits, '-' or '_', "
+                                f"starting with a letter or digit")
