@@ -289,3 +289,9 @@ def test_a1111_api_takes_regional_prompters_args(tmp_path):
             assert r.status_code == 422 and f"Regional Prompter.args.{i}" in r.text and says in r.text, r.text
         r = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a BREAK b BREAK c"})
         assert r.status_code == 422 and "has 3 parts" in r.text, r.text
+        # the job API takes danqing's own field; a mask path must be one this server stored
+        outside = tmp_path / "m.png"
+        Image.new("L", (64, 64), 255).save(outside)
+        regions = {"mode": "Mask", "masks": [str(outside), str(outside)]}
+        r = client.post("/api/v1/jobs", json={"request": {**TINY, "prompt": "a BREAK b", "regions": regions}})
+        assert r.status_code == 422 and "regions.masks.0" in r.text and "paths are not accepted" in r.text, r.text
