@@ -31,6 +31,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
@@ -193,8 +194,6 @@ def cell_masks(cells: list[Cell], height: int, width: int) -> torch.Tensor:
 def load_masks(paths: tuple[str, ...], width: int, height: int) -> torch.Tensor:
     """The Mask mode's pictures as (R, height, width) values in 0..1 (each resized to the
     picture's size, as Regional Prompter's "just resize")."""
-    from PIL import Image
-
     out = []
     for i, path in enumerate(paths):
         m = load_mask(path, f"regions.masks.{i}")
