@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from danqing.conditioning.prompt_limits import check_prompt
 from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
+from danqing.conditioning.regions import Regions, check_request
 from danqing.errors import InvalidRequest
 from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import get_sampler, resolve_schedule
@@ -172,6 +173,9 @@ class GenerationRequest(BaseModel):
         controlnet: units (``ControlUnit``: model, image,
             preprocessor, weight, guidance start/end, control mode, resize mode, pixel perfect,
             guess mode), applied together with txt2img, img2img and inpaint.
+    Regional prompting (Regional Prompter's Attention mode; docs/prompts.md):
+        regions: ``Regions`` (Columns / Rows by ratios, or Mask pictures; base and common
+            prompts); the prompt's ``BREAK`` parts are then the regions' prompts.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -235,6 +239,8 @@ class GenerationRequest(BaseModel):
     ip_adapter_encoder: str | None = None
     # ControlNet / T2I-Adapter units (run by danqing/conditioning/control.py; docs/control.md)
     controlnet: tuple[ControlUnit, ...] = ()
+    # regional prompting (Regional Prompter's settings; conditioning/regions.py, docs/prompts.md)
+    regions: Regions | None = None
 
     # -- validation: one clear line per field ---------------------------------------------
     @field_validator("steps")
@@ -440,6 +446,21 @@ class GenerationRequest(BaseModel):
         if self.p2p_source is not None:
             raise InvalidRequest("p2p_source", "is not available with ControlNet yet (txt2img, hires fix, img2img and "
                                  "inpaint are); unset it or the controlnet units")
+        return self
+
+    @model_validator(mode="after")
+    def _regions(self) -> "GenerationRequest":
+        if self.regions is None:
+            return self
+        for name, bad in (("p2p_source", self.p2p_source is not None), ("ip_adapter_image", bool(self.ip_adapter_image)),
+                          ("refiner_checkpoint", self.refiner_checkpoint is not None)):
+            if bad:
+                raise InvalidRequest(name, "is not available with regional prompting (regions) yet")
+        check_request(self.prompt, self.negative_prompt, self.regions)
+        if self.hr_prompt is not None or self.hr_negative_prompt is not None:
+            check_request(self.prompt if self.hr_prompt is None else self.hr_prompt,
+                          self.negative_prompt if self.hr_negative_prompt is None else self.hr_negative_prompt,
+                          self.regions, "hr_prompt")
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from danqing.conditioning.control import ControlDenoise, check_compatible, prepare_units
+from danqing.conditioning.regions import region_plan
 from danqing.conditioning.schedule import ConditioningContext, prompt_texts
 from danqing.customise import ip_adapter as ipa
 from danqing.customise.embeddings import EmbeddingLibrary, ti_hashes
@@ -39,6 +40,7 @@ from danqing.passes.refiner import check_refiner, refine, run_refiner
 from danqing.passes.txt2img import run_sampling, run_txt2img
 from danqing.request import MAX_SEED, GenerationRequest
 from danqing.sampling.loop import OnStep, StepControl, StepInfo
+from danqing.sampling.regional import regional_attention
 from danqing.settings import Settings
 
 # kept importable from here: training and the refiner's parity test call them by these names
@@ -125,6 +127,7 @@ class Studio:
         request = resolve_request(request, self.settings.default_model)
         init, mask = request_pictures(request, init_image, mask_image)
         ip_images = [load_image(p, "ip_adapter_image") for p in request.ip_adapter_image]
+        regions = region_plan(request) if request.regions is not None else None  # its mask pictures read
         request = self._check_names(request)
 
         # 2. load: the manager owns device and dtype; then the prompt's <lora:...> networks,
@@ -143,6 +146,8 @@ class Studio:
             request, context, custom = self._customise(request, loaded, networks, scope, ip_images)
             custom["control_hashes"] = control.hashes if control is not None else None
             custom["extra_params"] = extra_params
+            if regions is not None:  # the regions' prompts, each in its part of every cross-attention layer
+                scope.enter_context(regional_attention(loaded.components.unet, regions))
 
             # 3. condition, 4. sample, 5. decode: the passes the request asks for.
             out, refiner = self._passes(request, loaded, context, control, init, mask, on_step, timings)

@@ -53,6 +53,10 @@ def generate(
     control_preprocess: bool = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first (IMAGE is then a photo)."),
     style: list[str] = typer.Option([], "--style", help="A style of HOME/styles.csv (A1111's format), applied to the prompts; repeatable (see `danqing styles`)."),
     dynamic: bool = typer.Option(True, "--dynamic/--no-dynamic", help="Draw wildcards (__name__ from HOME/wildcards/) and {a|b} variants from the seed [default: on]."),
+    regions: Optional[str] = typer.Option(None, "--regions", metavar="RATIOS", help="Regional prompting: Regional Prompter's Divide Ratio (1,1 = two columns; 1,2,1;2,1,1 = rows of columns); the prompt's BREAK parts are the regions' prompts (ADDBASE / ADDCOMM for a base / common prompt)."),
+    region_mode: Optional[str] = typer.Option(None, help="Regional prompting: Columns, Rows or Mask [default: Columns]."),
+    region_mask: Optional[list[str]] = typer.Option(None, "--region-mask", help="Regional prompting, Mask mode: one mask picture per region, white = the region (repeat)."),
+    base_ratio: Optional[str] = typer.Option(None, help="Regional prompting: the base prompt's share in each region, 0-1 (one, or one per region) [default: 0.2]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -76,15 +80,23 @@ def generate(
     source_infotext = None
     if control:
         fields["controlnet"] = control_units(control, control_preprocess)
+    region_options = {"ratios": regions, "mode": region_mode or ("Mask" if region_mask else None),
+                      "masks": tuple(region_mask) if region_mask else None, "base_ratios": base_ratio}
+    region_options = {k: v for k, v in region_options.items() if v is not None}
     if from_image is not None:
         from danqing.outputs.metadata import request_from_infotext
         from danqing.outputs.store import read_infotext
 
         source_infotext = read_infotext(from_image)
-        request = request_from_infotext(source_infotext).replace(**fields)
+        request = request_from_infotext(source_infotext)
+        if region_options:  # the image's regions, with these options changed
+            fields["regions"] = {**(request.regions.model_dump() if request.regions else {}), **region_options}
+        request = request.replace(**fields)
     else:
         if prompt is None:
             raise InvalidRequest("prompt", "give a prompt, or --from IMAGE to re-create an image")
+        if region_options:
+            fields["regions"] = region_options
         request = GenerationRequest.create(**fields)
     extra = None
     if style or (dynamic and from_image is None):  # --from: the file's prompt is already drawn

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
+from danqing.conditioning.regions import regional_conditioning
 from danqing.conditioning.text import TextEncoder, pad_to_chunks
 from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
@@ -106,8 +107,7 @@ def build_conditioning(encoder: TextEncoder, request, *, batch: int, image_promp
         image_prompt = None
     use_cfg = request.cfg_scale > 1.0
     # <lora:...> tags are applied to the weights (Studio.generate), not encoded as text
-    pos = request_schedule(strip_extra_networks(request.prompt)[0], request, first_pass_steps)
-    neg = request_schedule(request.negative_prompt, request, first_pass_steps) if use_cfg else [(request.steps, "")]
+    prompt = strip_extra_networks(request.prompt)[0]
     cache: dict[tuple[str, bool], object] = {}
 
     def enc(text: str, negative: bool):
@@ -116,8 +116,14 @@ def build_conditioning(encoder: TextEncoder, request, *, batch: int, image_promp
             cache[key] = encoder.encode(text, negative=negative)
         return cache[key]
 
-    pos_c = [(end, enc(text, False)) for end, text in pos]
-    neg_c = [(end, enc(text, True)) for end, text in neg]
+    if getattr(request, "regions", None) is not None:  # a slice of the context per region (conditioning/regions.py)
+        pos_c, neg_c = regional_conditioning(prompt, request.negative_prompt, request.regions, use_cfg=use_cfg, encode=enc,
+                                             schedule=lambda text: request_schedule(text, request, first_pass_steps))
+    else:
+        pos = request_schedule(prompt, request, first_pass_steps)
+        neg = request_schedule(request.negative_prompt, request, first_pass_steps) if use_cfg else [(request.steps, "")]
+        pos_c = [(end, enc(text, False)) for end, text in pos]
+        neg_c = [(end, enc(text, True)) for end, text in neg]
     n_chunks = max(c.n_chunks for _, c in pos_c + neg_c)
     pos_c = [(end, pad_to_chunks(c, n_chunks, enc("", False))) for end, c in pos_c]
     neg_c = [(end, pad_to_chunks(c, n_chunks, enc("", True))) for end, c in neg_c]

@@ -7,6 +7,7 @@ import re
 
 from danqing.errors import ImageError, InvalidRequest
 from danqing.outputs.infotext import format_infotext, parse_infotext, split_legacy_sampler
+from danqing.conditioning.regions import region_fields, region_params
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import resolve_schedule, samplers, schedule_names
 
@@ -67,6 +68,7 @@ def request_infotext(
 
     params.update(ip_adapter_params(request, ip_adapter_hash))
     params.update(extra_params or {})
+    params.update(region_params(request.regions))
     params["Version"] = VERSION
     return format_infotext(request.prompt, request.negative_prompt, params)
 
@@ -268,6 +270,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
         from danqing.customise.ip_adapter import ip_adapter_fields
 
         fields.update(ip_adapter_fields(params))
+        fields.update(region_fields(params))
         if params.get("Face restoration"):
             fields["restore_faces"] = True
             fields["face_restoration_model"] = params["Face restoration"]

@@ -26,7 +26,7 @@ from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
 from danqing.server.a1111_scripts import SCRIPTS, run_script, script_key, style_listing, styled
-from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok
+from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok, regional_prompter
 from danqing.server.common import infotext_of_image, job_error, memory_report
 from danqing.server.security import JOB_RESPONSES, decode_image
 
@@ -181,6 +181,9 @@ def request_fields(body: _Body, *, img2img: bool) -> dict[str, Any]:
         if a1111 in data:
             fields[ours] = data[a1111]
     fields.update(ip_adapter_unit(data.get("alwayson_scripts") or {})[0])  # the pictures: build_router's run
+    regions = regional_prompter(data.get("alwayson_scripts") or {})
+    if regions is not None:
+        fields["regions"] = regions
     fields["sampler"] = data.get("sampler_name") or data.get("sampler_index") or "Euler"
     if fields.get("schedule") in (None, ""):
         fields["schedule"] = "Automatic"

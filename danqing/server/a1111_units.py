@@ -40,6 +40,57 @@ _UNIT_NEUTRAL = {"guidance_start": (0, 0.0), "guidance_end": (1, 1.0), "mask": (
                  "advanced_weighting": (None,), "ipadapter_input": (None,)}
 
 
+# Regional Prompter (hako-mikan/sd-webui-regional-prompter): alwayson_scripts["Regional Prompter"]
+# ["args"] is its ``ui()`` list: active, debug, tab, Matrix submode, Mask submode, Prompt submode,
+# ratios, base ratios, use base, use common, use common negative, calc mode, options, LoRA neg TE
+# ratios, LoRA neg U ratios, threshold, mask, LoRA stop step, LoRA hires stop step, flip.
+REGIONAL_PROMPTER = "regional prompter"
+_RP_ARGS = ("active", "debug", "tab", "matrix", "mask_mode", "prompt_mode", "ratios", "base_ratios", "use_base",
+            "use_common", "use_common_negative", "calc", "options", "lnter", "lnur", "threshold", "mask", "lstop",
+            "lstop_hr", "flip")
+
+
+def without_regional_prompter(alwayson: Any) -> Any:
+    """``alwayson_scripts`` less Regional Prompter's entry (``regional_prompter`` reads it)."""
+    if not isinstance(alwayson, dict):
+        return alwayson
+    return {k: v for k, v in alwayson.items() if str(k).casefold() != REGIONAL_PROMPTER}
+
+
+def regional_prompter(alwayson: Any) -> dict | None:
+    """Regional Prompter's args -> ``GenerationRequest.regions`` fields, None when it is absent or
+    not active. Its Attention mode's Matrix tab (Columns, Rows) is understood; the Mask tab (a
+    coloured mask picture), Prompt mode, Latent mode, Random and its options are refused by name."""
+    if not isinstance(alwayson, dict):
+        return None
+    script = next((v for k, v in alwayson.items() if str(k).casefold() == REGIONAL_PROMPTER), None)
+    if script is None:
+        return None
+    args = script.get("args") if isinstance(script, dict) else None
+    where = "alwayson_scripts.Regional Prompter.args"
+    if not isinstance(args, list) or not args:
+        raise InvalidRequest(where, "must be Regional Prompter's list of settings (active, debug, tab, ...)")
+    a = dict(zip(_RP_ARGS, args))
+    if a["active"] is not True:
+        return None
+    tab, sub, calc = a.get("tab", "Matrix"), a.get("matrix", "Columns"), a.get("calc", "Attention")
+    sub = {"Horizontal": "Columns", "Vertical": "Rows"}.get(sub, sub)
+    for name, bad, allowed in (
+            ("tab", tab not in ("Matrix", "Nope"), "Matrix (Columns, Rows); the Mask and Prompt tabs are not available"),
+            ("matrix", sub not in ("Columns", "Rows"), "Columns or Rows"),
+            ("calc", calc != "Attention", "Attention (the Latent mode is not available)"),
+            ("options", bool(a.get("options")), "no options ([] or false)")):
+        if bad:
+            raise InvalidRequest(f"{where}.{_RP_ARGS.index(name)}", f"{a.get(name)!r} is not supported by danqing; "
+                                 f"use {allowed}")
+    ratios = str(a.get("ratios", "1,1"))
+    if a.get("flip") is True:  # Regional Prompter's "flip , and ;"
+        ratios = ratios.replace(",", "\0").replace(";", ",").replace("\0", ";")
+    return {"mode": sub, "ratios": ratios, "base_ratios": str(a.get("base_ratios", "0.2")),
+            "use_base": a.get("use_base") is True, "use_common": a.get("use_common") is True,
+            "use_common_negative": a.get("use_common_negative") is True}
+
+
 def is_ip_adapter_unit(unit: dict) -> bool:
     """A ControlNet-extension unit that is an image prompt (its module is an ``ip-adapter`` one)."""
     return str(unit.get("module", "none")).startswith("ip-adapter")
@@ -56,6 +107,7 @@ def ip_adapter_unit(alwayson: dict) -> tuple[dict[str, Any], list[str]]:
         other scripts, ControlNet units that are not IP-Adapters, more than one enabled unit --
         is refused naming it.
     """
+    alwayson = without_regional_prompter(alwayson)  # regional_prompter reads it
     if not alwayson:
         return {}, []
     if not isinstance(alwayson, dict) or set(k.casefold() for k in alwayson) != {"controlnet"}:
@@ -105,9 +157,11 @@ def controlnet_units(alwayson: dict[str, Any]) -> list[tuple[dict[str, Any], Any
     ``alwayson_scripts`` (pure). Other always-on scripts, unknown unit fields and values danqing
     cannot honour are refused naming the field; A1111 module names map through
     ``data/control.json``'s ``a1111_modules``."""
+    alwayson = without_regional_prompter(alwayson)  # regional_prompter reads it
     unknown = [k for k in alwayson if k.casefold() != "controlnet"]
     if unknown:
-        raise InvalidRequest("alwayson_scripts", f"{unknown[0]!r} is not available in danqing; only 'controlnet' is")
+        raise InvalidRequest("alwayson_scripts", f"{unknown[0]!r} is not available in danqing; only 'controlnet' "
+                             "and 'Regional Prompter' are")
     if not alwayson:
         return []
     script = next(iter(alwayson.values()))

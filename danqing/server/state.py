@@ -182,6 +182,10 @@ class ServerState:
                 units.append({**unit, "model": self.model_name("controlnet", unit.get("model"), f"controlnet.{i}.model"),
                               "image": self._picture(unit.get("image"), f"controlnet.{i}.image", "control")})
             fields["controlnet"] = units
+        regions = fields.get("regions")
+        if isinstance(regions, dict) and isinstance(regions.get("masks"), (list, tuple)):  # paths this server returned
+            fields["regions"] = {**regions, "masks": tuple(self._inside_inputs(p, f"regions.masks.{i}")
+                                                          for i, p in enumerate(regions["masks"]))}
         if fields.get("model") is not None:
             fields["model"] = self.model_name("checkpoint", fields["model"], "model")
         else:
