@@ -44,10 +44,10 @@ GLASSES_R, GLASSES_W = 0.085, 0.026
 MOUTH_Y = 0.585
 CAP_CY, FOREHEAD = 0.40, 0.34  # hair cap: an ellipse around the head, cut at the forehead line
 NECK = (0.075, 0.55, 0.84)     # half width, top, bottom
-PAPER = 248
+PAPER, PENCIL_LINE, PENCIL_DARK = 248, 45, 20   # pencil: paper, line and dark-feature greys
 INK = (18, 18, 18)
 DARK = (15, 15, 15)            # glasses frames and pupils in every style
-MOUTH_RGB = (85, 15, 30)
+MOUTH_RGB = (125, 5, 45)
 
 # labels of the label map (outlines are drawn where the label changes)
 BG, CLOTHES, HAIR_BACK, NECK_L, FACE, HAIR, SCLERA_L, IRIS_L, PUPIL_L, GLASSES_L, MOUTH_L = range(11)
@@ -281,8 +281,8 @@ def _hair(c: _Canvas, p: Portrait, hair) -> None:
         c.ellipse(cx, cap_top(p.person.head, 0) - 0.005, 0.075, 0.07, hair, HAIR)
     elif style == "spiky":
         for dx in np.linspace(-0.2, 0.2, 7):
-            tip = (cx + 1.1 * dx, cap_top(p.person.head, dx) - 0.085)
-            lo, hi = dx - 0.05, dx + 0.05
+            tip = (cx + 1.1 * dx, cap_top(p.person.head, dx) - 0.1)
+            lo, hi = dx - 0.06, dx + 0.06
             c.polygon([(cx + lo, cap_top(p.person.head, lo) + 0.03), tip, (cx + hi, cap_top(p.person.head, hi) + 0.03)],
                       hair, HAIR)
     cap = Image.new("L", (c.s, c.s), 0)
@@ -310,11 +310,11 @@ def _face(c: _Canvas, p: Portrait) -> None:
             c.img.paste(Image.new("RGB", (c.s, c.s), DARK), (0, 0), ring)
             c.lab.paste(GLASSES_L, (0, 0, c.s, c.s), ring)
     my = MOUTH_Y
-    w = 0.03
+    w = 0.036
     if p.mouth == "smiling":
-        c.arc((ox - 0.08, my - 0.05, ox + 0.08, my + 0.035), 15, 165, w, MOUTH_RGB, MOUTH_L)
+        c.arc((ox - 0.07, my - 0.05, ox + 0.07, my + 0.04), 0, 180, w, MOUTH_RGB, MOUTH_L)
     elif p.mouth == "sad":
-        c.arc((ox - 0.08, my - 0.005, ox + 0.08, my + 0.08), 195, 345, w, MOUTH_RGB, MOUTH_L)
+        c.arc((ox - 0.07, my - 0.005, ox + 0.07, my + 0.095), 180, 360, w, MOUTH_RGB, MOUTH_L)
     elif p.mouth == "neutral":
         c.line([(ox - 0.065, my + 0.005), (ox + 0.065, my + 0.005)], w, MOUTH_RGB, MOUTH_L)
     elif p.mouth == "surprised":
@@ -337,7 +337,7 @@ def draw_layers(p: Portrait, s: int) -> tuple[Image.Image, Image.Image]:
         c.rounded(cx, 0.52, rx + 0.05, 0.32, 0.1, hair, HAIR_BACK)
     hw, top, bottom = NECK
     c.rounded(cx, (top + bottom) / 2, hw, (bottom - top) / 2, 0.0, skin, NECK_L)
-    c.ellipse(cx, 1.12, 0.44, 0.36, _rgb("clothing", p.clothing), CLOTHES)
+    c.ellipse(cx, 1.14, 0.44, 0.36, _rgb("clothing", p.clothing), CLOTHES)
     c.rounded(cx, cy, rx, ry, corner, skin, FACE)
     _hair(c, p, hair)
     _face(c, p)
@@ -366,11 +366,11 @@ def render_portrait(p: Portrait, size: int = 64) -> Image.Image:
         arr[_outline(labels, round(0.022 * s))] = INK
     elif p.style == "pencil":
         lum = arr @ np.array([0.299, 0.587, 0.114], np.float32)
-        grey = 60 + 0.7 * lum                                   # shading: lighter than the colours
+        grey = 40 + 0.65 * lum                                  # shading: lighter than the colours
         dark = np.isin(labels, (PUPIL_L, GLASSES_L, MOUTH_L))
-        grey[dark] = 30
+        grey[dark] = PENCIL_DARK
         grey[labels == BG] = PAPER
-        grey[_outline(labels, round(0.014 * s))] = 75
+        grey[_outline(labels, round(0.014 * s))] = PENCIL_LINE
         rng = np.random.default_rng(p.seed)
         grain = np.asarray(Image.fromarray(rng.normal(0, 1, (s // 4, s // 4)).astype(np.float32)).resize((s, s)))
         arr = np.repeat((grey + 4 * grain)[..., None], 3, axis=2)
