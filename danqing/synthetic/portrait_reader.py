@@ -27,11 +27,15 @@ import functools
 import numpy as np
 from PIL import Image
 
+from danqing.errors import ImageError, InvalidRequest
+from danqing.outputs.infotext import parse_infotext
+from danqing.outputs.store import read_infotext, save_png
+from danqing.request import GenerationRequest
 from danqing.synthetic.portraits import (
-    COLOUR_ATTRIBUTES, EYE_DX, EYE_Y, GLASSES_R, IDENTITY, INK, MOUTH_RGB, PENCIL_DARK, PENCIL_LINE, render_portrait, shows_colour,
-    values, visible,
-    vocab,
+    ATTRIBUTES, COLOUR_ATTRIBUTES, EYE_DX, EYE_Y, GLASSES_R, IDENTITY, INK, MOUTH_RGB, PENCIL_DARK, PENCIL_LINE,
+    render_portrait, shows_colour, values, visible, vocab,
 )
+from danqing.synthetic.portraits_captions import parse_portrait_prompt, portrait_caption
 
 WORK = 128
 COLOUR_SIGMA = 8.0       # CIELAB units: a colour this far from a palette entry is exp(-0.5) as likely
@@ -160,7 +164,7 @@ def features(image: Image.Image) -> dict:
     else:
         ox, w, h, curve, fill = 0.0, 0.0, 0.0, 0.0, 0.0
     eyes = [(0.5 + ox + s * EYE_DX, EYE_Y) for s in (-1, 1)]
-    iris = np.median(np.concatenate([lab[_ring(x, y, 0.013, 0.026)] for x, y in eyes]), axis=0)
+    iris = np.median(np.concatenate([lab[_ring(x, y, 0.014, 0.029)] for x, y in eyes]), axis=0)
     frame = np.median(np.concatenate([lab[_ring(x, y, GLASSES_R - 0.008, GLASSES_R + 0.006)][:, 0] for x, y in eyes]))
     line = _palette_lab((PENCIL_LINE,) * 3 if pencil else INK)
     skin_mask = _dist(lab, skin) < float(np.clip(0.5 * min(_dist(skin, bg), _dist(skin, line)), 3, 14))
@@ -192,7 +196,7 @@ def prototypes() -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
 
     rng = random.Random(90_001)
     feats = []
-    for i, p in enumerate(portraits(90_001, 300)):
+    for i, p in enumerate(portraits(90_001, 240)):
         img = render_portrait(p, 64)
         feats.append((p.attributes(), features(degrade(img, rng) if i % 2 else img)))
     out = {}
@@ -235,8 +239,7 @@ def _argmax(p: dict[str, float] | None) -> str | None:
 def read(image: Image.Image) -> dict[str, str | None]:
     """Every attribute of a portrait picture (None: a colour attribute of a pencil picture)."""
     probs = read_probs(image)
-    return {a: _argmax(probs[a]) for a in ("head", "skin", "hair_colour", "hair_style", "eyes", "glasses", "mouth",
-                                           "clothing", "pose", "background", "style")}
+    return {a: _argmax(probs[a]) for a in ATTRIBUTES}
 
 
 def identity_match(image_a: Image.Image, image_b: Image.Image) -> float:
@@ -270,3 +273,70 @@ def score_portrait(image: Image.Image, asked: dict[str, str]) -> dict[str, float
     judged = [x for x in out.values() if x is not None]
     out["all"] = float(all(x == 1.0 for x in judged)) if judged else None
     return out
+
+
+def summarise_portraits(scores: list[dict]) -> dict[str, float | int | None]:
+    """Averages over images: each attribute over the images that ask for it, ``all`` (every asked
+    attribute right) and ``attributes`` (the mean over the asked attributes)."""
+    out: dict[str, float | int | None] = {"n": len(scores)}
+    for key in ("all", *ATTRIBUTES):
+        vals = [s[key] for s in scores if s.get(key) is not None]
+        out[key] = round(float(np.mean(vals)), 4) if vals else None
+    per = [out[a] for a in ATTRIBUTES if out[a] is not None and a != "style"]
+    out["attributes"] = round(float(np.mean(per)), 4) if per else None
+    return out
+
+
+def score_portrait_files(paths, prompt: str | None = None, on_score=None) -> list[dict]:
+    """Score pictures on disk against ``prompt``, or each against the prompt in its own metadata.
+
+    Args:
+        on_score: called with (path, score) after each picture.
+
+    Raises:
+        ImageError: a file that is not a readable picture, or carries no prompt when ``prompt`` is None.
+        InvalidRequest: a prompt that names no attribute of the portrait world.
+    """
+    scores = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as exc:  # Pillow raises many kinds on damaged files
+            raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
+        text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
+        try:
+            asked = parse_portrait_prompt(text)
+        except ValueError as exc:
+            raise InvalidRequest("prompt", str(exc)) from None
+        s = score_portrait(img, asked)
+        scores.append(s)
+        if on_score:
+            on_score(path, s)
+    return scores
+
+
+def evaluate_portraits_studio(studio, items, *, lang: str = "en", model: str | None = None, steps: int = 20,
+                              cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
+                              out_dir=None, out_files=None, on_image=None) -> tuple[dict, list[dict]]:
+    """Generate one image per portrait (its canonical caption in ``lang``, seed + i) through
+    ``Studio.generate`` and score each against what its caption asks. Returns (summary, scores).
+
+    Args:
+        out_dir: also save the images there (with their infotext).
+        out_files: or save image i as ``out_files[i]`` (with its infotext).
+        on_image: called with (i, image, score) after each image.
+    """
+    scores = []
+    for i, p in enumerate(items):
+        text = portrait_caption(p, lang)
+        req = GenerationRequest(prompt=text, model=model, steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
+                                width=size, height=size, sampler=sampler)
+        res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
+        if out_files is not None:
+            save_png(res.images[0], out_files[i], res.infotexts[0])
+        s = score_portrait(res.images[0], parse_portrait_prompt(text))
+        scores.append(s)
+        if on_image:
+            on_image(i, res.images[0], s)
+    return summarise_portraits(scores), scores
