@@ -237,3 +237,54 @@ def test_eval_portraits_cli_benchmark_mode(capsys, tmp_path, monkeypatch, lang):
             assert summary["all"] >= 0.95 and summary["style"] == 1.0 and summary["attributes"] >= 0.97, summary
     code, _, err = _cli(capsys, "--home", str(tmp_path), "eval", "portraits", "--n", "0")
     assert code == 2 and "1-1000" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on portraits: `danqing train base` with data.world
+# ---------------------------------------------------------------------------------------------
+def test_the_shapes_world_stays_the_default_training_data():
+    from pathlib import Path
+
+    from danqing.training.config import load_config
+    from danqing.training.data import synthetic_dataset
+
+    a, b = synthetic_dataset(6, 64, seed=5), synthetic_dataset(6, 64, seed=5, world="shapes")
+    assert torch_equal(a.images, b.images) and a.captions == b.captions
+    mix = synthetic_dataset(12, 64, seed=5, world="mix", portrait_share=0.5)
+    assert torch_equal(mix.images[:6], a.images) and mix.captions[:6] == a.captions   # the same shapes first
+    assert all(isinstance(s, type(portraits(0, 1)[0])) for s in mix.scenes[6:])
+    assert all(not s.person.heldout_pair() for s in mix.scenes[6:])
+    for caps, p in zip(mix.captions[6:], mix.scenes[6:]):
+        assert parse_portrait_prompt(caps[0]).items() <= p.visible_attributes().items()
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in caps[1])
+    root = Path(__file__).parent.parent / "configs" / "train"
+    for name in ("danqing-tiny-cpu.toml", "danqing-tiny-v2-gpu.toml", "smoke.toml"):
+        assert load_config(root / name).data.world == "shapes"
+    for name in ("danqing-tiny-v3-cpu.toml", "danqing-tiny-v3-gpu.toml"):
+        cfg = load_config(root / name)
+        assert cfg.data.world == "mix" and cfg.model.init_from == "danqing/data/models/danqing-tiny.safetensors"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_a_few_steps_on_the_mix_write_a_model(tmp_path):
+    from pathlib import Path
+
+    from danqing.training.base import train_base
+    from danqing.training.config import load_config
+
+    smoke = Path(__file__).parent.parent / "configs" / "train" / "smoke.toml"
+    cfg = load_config(smoke, {"run.output_dir": str(tmp_path / "mix"), "data.world": "mix", "data.n_images": 32,
+                              "vae.steps": 2, "vae.crop_steps": 2, "unet.steps": 3, "unet.batch_size": 4,
+                              "run.eval_prompts": 1, "run.eval_steps": 2, "run.sample_every": 1000})
+    summary = train_base(cfg, log=lambda line: None)
+    assert summary["images"] == 32 and summary["final_step"] == 3
+    assert summary["vae_portrait_reconstruction"]["n"] == 64
+    assert summary["final_eval_portraits"]["n"] == 1 and summary["final_eval"]["n"] == 1
+    assert (Path(cfg.run.output_dir) / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "log.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "eval-portraits" for r in rows)
