@@ -4,8 +4,9 @@ as pictures.
 A :class:`Person` is a fixed combination of the identity attributes (head shape, skin tone, hair
 colour, hair style, eye colour, glasses); a :class:`Portrait` is a person with the attributes of
 one picture (expression, clothing colour, head pose, background, rendering style) and a seed.
-Every value, its English and Chinese words, its colour and the drawing's geometry live in
-``data/portraits.json``.
+Every value, its English and Chinese words, its colour and its geometry (face sizes, pose shifts)
+live in ``data/portraits.json``; the layout every portrait shares (where eyes, mouth, neck sit) is
+the constants below, which the reader (``portrait_reader.py``) measures at.
 
 Splits work as the shapes world's: a few (attribute, attribute) pairs are held out
 (``heldout_pairs``), every person holding one of them is left out of training entirely, and each
