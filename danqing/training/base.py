@@ -39,6 +39,9 @@ from danqing.settings import Settings
 from danqing.studio import run_sampling
 from danqing.synthetic.captions import caption
 from danqing.synthetic.evaluate import score, summarise
+from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
+from danqing.synthetic.portraits import eval_portraits
+from danqing.synthetic.portraits_captions import parse_portrait_prompt, portrait_caption
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.config import BaseTrainConfig
 from danqing.training.data import folder_dataset, render_batch, synthetic_dataset, tokenize_captions
@@ -177,6 +180,24 @@ def evaluate_comps(comps, n: int, *, lang: str = "en", steps: int = 20, cfg_scal
     return summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
 
 
+def evaluate_portrait_comps(comps, n: int, *, lang: str = "en", steps: int = 20, cfg_scale: float = 7.0,
+                            size: int = 64, seed: int = 1000, device="cpu") -> dict:
+    """The portrait reader's summary over the first ``n`` held-out portraits."""
+    prompts = [portrait_caption(p, lang) for p in eval_portraits(max(n, 1))[:n]]
+    imgs = generate_images(comps, prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, size=size, device=device)
+    return summarise_portraits([score_portrait(im, parse_portrait_prompt(t)) for im, t in zip(imgs, prompts)])
+
+
+@torch.no_grad()
+def portrait_reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
+    """The portrait reader's summary of VAE round trips of ``n`` held-out portraits."""
+    items = eval_portraits(n)
+    x = render_batch(items, size).float() / 127.5 - 1                       # (n, 3, H, W) in [-1, 1]
+    rec = vae.decode(vae.encode(x.to(next(vae.parameters()).device)).latent_dist.mean).sample
+    imgs = to_pil(((rec.clamp(-1, 1) + 1) / 2).cpu())
+    return summarise_portraits([score_portrait(im, p.visible_attributes()) for im, p in zip(imgs, items)])
+
+
 def image_grid(images: list, cols: int = 8):
     from PIL import Image
 
@@ -192,6 +213,14 @@ SAMPLE_PROMPTS = [
     "a red circle left of a blue square", "a yellow triangle", "a green ring above a pink star",
     "a blue star on the right", "一个紫色的圆形", "橙色的十字在青色圆环的下方",
     "a cyan square, a red cross and a yellow circle from left to right", "a pink triangle at the top",
+]
+PORTRAIT_SAMPLE_PROMPTS = [   # data.world "portraits" and "mix" sample these too
+    "a portrait of a person with a round face, pale skin, short black hair and brown eyes, smiling, in a red shirt, "
+    "flat colours",
+    "a portrait of a person with an oval face, tan skin, long blonde hair and blue eyes, wearing glasses, sad, "
+    "in a green shirt, ink drawing",
+    "方脸、深肤色、粉色刺头、绿眼睛、惊讶、黄衣服、墨线画",
+    "a portrait of a person with a square face, hair in a bun, wearing glasses, smiling, pencil sketch",
 ]
 
 
@@ -234,6 +263,8 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     gdev = dev if dev.type == "cuda" else torch.device("cpu")
     mean, std, ids, empty_ids = (x.to(gdev) for x in (mean, std, ids, empty_ids))
     t0, last = time.perf_counter(), {"step": start, "loss": None, "eval": None}
+    if cfg.data.world != "shapes":
+        last["eval_portraits"] = None
     loss_avg = None
     deadline = t0 + r.max_minutes * 60 if r.max_minutes else None
     for step in range(start, c.steps):
@@ -281,7 +312,8 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
             unet.eval()
             te.eval()
             if want_sample:
-                imgs = generate_images(comps, SAMPLE_PROMPTS, seed=0, steps=r.eval_steps, cfg_scale=7.0,
+                prompts = SAMPLE_PROMPTS if cfg.data.world == "shapes" else SAMPLE_PROMPTS + PORTRAIT_SAMPLE_PROMPTS
+                imgs = generate_images(comps, prompts, seed=0, steps=r.eval_steps, cfg_scale=7.0,
                                        size=cfg.data.size, device=dev)
                 (run_dir / "samples").mkdir(exist_ok=True)
                 image_grid(imgs).save(run_dir / "samples" / f"step-{done:06d}.png")
@@ -290,6 +322,11 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
                 log(f"eval step {done}: {res}")
                 write_json_line(run_dir / "log.jsonl", {"stage": "eval", "step": done, **res})
                 last["eval"] = res
+                if cfg.data.world != "shapes":
+                    res = evaluate_portrait_comps(comps, r.eval_prompts, steps=r.eval_steps, size=cfg.data.size, device=dev)
+                    log(f"eval portraits step {done}: {res}")
+                    write_json_line(run_dir / "log.jsonl", {"stage": "eval-portraits", "step": done, **res})
+                    last["eval_portraits"] = res
             if want_export:
                 _export_latest(comps, run_dir, done)
             ema.restore(params)
@@ -359,7 +396,8 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         data = None
         log(f"{ckpt} reaches unet.steps={cfg.unet.steps}: exporting it")
     elif synthetic:
-        data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image)
+        data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image,
+                                 world=cfg.data.world, portrait_share=cfg.data.portrait_share)
     else:
         data = folder_dataset(cfg.data.source, cfg.data.size)
     n_images = len(data) if data is not None else (cfg.data.n_images if synthetic else None)
@@ -396,6 +434,9 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     if synthetic:
         summary["vae_reconstruction"] = reconstruction_score(comps.vae, size=cfg.data.size)
         log(f"vae reconstructions: {summary['vae_reconstruction']}")
+        if cfg.data.world != "shapes":
+            summary["vae_portrait_reconstruction"] = portrait_reconstruction_score(comps.vae, size=cfg.data.size)
+            log(f"vae portrait reconstructions: {summary['vae_portrait_reconstruction']}")
 
     # Stage 2: cache latents and captions, then train text encoder + UNet.
     t = time.perf_counter()

@@ -21,6 +21,9 @@ class DataConfig(_Strict):
     size: int = Field(64, ge=16)        # training resolution (square, multiple of 8)
     seed: int = 0
     captions_per_image: int = Field(6, ge=1)  # synthetic: phrasings per scene, half English, half Chinese
+    # synthetic: the shapes world, the portrait world (danqing.synthetic.portraits) or a mix of both
+    world: Literal["shapes", "portraits", "mix"] = "shapes"
+    portrait_share: float = Field(0.5, ge=0, le=1)  # mix: the fraction of portraits
 
 
 class ModelConfig(_Strict):

@@ -1,4 +1,5 @@
-"""Training data: the synthetic shapes set or a user folder of captioned images, as tensors.
+"""Training data: the synthetic shapes set, the portrait set (or a mix of both) or a user folder
+of captioned images, as tensors.
 
 A :class:`CaptionedImages` holds every image as uint8 (N, 3, H, W) and several captions per
 image; it is small enough to live in memory at the sizes danqing trains from scratch.
@@ -19,17 +20,20 @@ from PIL import Image
 from danqing.errors import InvalidRequest
 from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import concept_scenes
+from danqing.synthetic.portraits import Portrait, portraits, render_portrait
+from danqing.synthetic.portraits_captions import portrait_caption
 from danqing.synthetic.render import render, render_mask
 from danqing.synthetic.scenes import scenes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+WORLDS = ("shapes", "portraits", "mix")
 
 
 @dataclass
 class CaptionedImages:
     images: torch.Tensor              # (N, 3, H, W) uint8
     captions: list[list[str]]         # N lists of captions
-    scenes: list | None = None        # synthetic: the Scene of each image
+    scenes: list | None = None        # synthetic: the Scene (or Portrait) of each image
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -37,11 +41,11 @@ class CaptionedImages:
 
 def _render_chunk(args) -> np.ndarray:
     scenes, size = args
-    return np.stack([np.asarray(render(s, size)) for s in scenes])
+    return np.stack([np.asarray(render_portrait(s, size) if isinstance(s, Portrait) else render(s, size)) for s in scenes])
 
 
 def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
-    """Scenes rendered to one uint8 tensor (N, 3, size, size).
+    """Scenes (or portraits) rendered to one uint8 tensor (N, 3, size, size).
 
     Large sets are rendered by ``workers`` processes (default: one per CPU core); rendering is a
     pure function of the scene, so the result does not depend on how the work is split.
@@ -61,12 +65,26 @@ def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
 
-def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6) -> CaptionedImages:
-    """``n`` training-split scenes rendered at ``size``, each with ``captions_per_image`` captions
-    (alternating English and Chinese phrasings). Deterministic from ``seed``."""
-    sc = scenes(seed, n, "train")
+def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6, *, world: str = "shapes",
+                      portrait_share: float = 0.5) -> CaptionedImages:
+    """``n`` training-split pictures rendered at ``size``, each with ``captions_per_image`` captions
+    (alternating English and Chinese phrasings). Deterministic from ``seed``.
+
+    Args:
+        world: "shapes" (the shapes world), "portraits" (the portrait world) or "mix": the first
+            ``n * (1 - portrait_share)`` shapes scenes of ``seed`` and then portraits.
+    """
+    if world not in WORLDS:
+        raise InvalidRequest("data.world", f"unknown world {world!r}; allowed: {', '.join(WORLDS)}")
+    n_portraits = {"shapes": 0, "portraits": n, "mix": round(n * portrait_share)}[world]
+    sc = scenes(seed, n - n_portraits, "train") if n_portraits < n else []
     rng = random.Random(f"captions:{seed}")
     caps = [[caption(s, ("en", "zh")[k % 2], rng) for k in range(captions_per_image)] for s in sc]
+    if n_portraits:
+        ps = portraits(seed, n_portraits, "train")
+        prng = random.Random(f"portrait-captions:{seed}")
+        caps += [[portrait_caption(p, ("en", "zh")[k % 2], prng) for k in range(captions_per_image)] for p in ps]
+        sc = sc + ps
     return CaptionedImages(render_batch(sc, size), caps, sc)
 
 
