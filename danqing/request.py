@@ -22,6 +22,41 @@ MAX_SEED = 2**32 - 1
 SIZE_MIN, SIZE_MAX = 64, 4096
 
 
+# Closed ranges of the numeric fields: field -> (low, high, what is allowed, in words). One
+# validator per model reads it; the message says what was wrong and what is allowed.
+RANGES: dict[str, tuple[float, float, str]] = {
+    # ControlNet / T2I-Adapter unit
+    "weight": (0.0, 2.0, "between 0 and 2"),
+    "guidance_start": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
+    "guidance_end": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
+    "processor_res": (64, 4096, "between 64 and 4096 pixels"),
+    # generation request
+    "steps": (1, 150, "between 1 and 150"),
+    "cfg_scale": (1.0, 30.0, "between 1 and 30"),
+    "seed": (-1, MAX_SEED, f"-1 (random) or between 0 and {MAX_SEED}"),
+    "subseed": (-1, MAX_SEED, f"-1 (random) or between 0 and {MAX_SEED}"),
+    "subseed_strength": (0.0, 1.0, "between 0 and 1"),
+    "batch_size": (1, 64, "between 1 and 64"),
+    "batch_count": (1, 1000, "between 1 and 1000"),
+    "clip_skip": (1, 12, "between 1 and 12"),
+    "denoising_strength": (0.0, 1.0, "between 0 and 1"),
+    "image_cfg_scale": (0.0, 30.0, "between 0 and 30"),
+    "mask_blur": (0, 64, "between 0 and 64 pixels"),
+    "inpaint_full_res_padding": (0, 1024, "between 0 and 1024 pixels"),
+    "hr_scale": (1.0, 8.0, "between 1 and 8"),
+    "hr_second_pass_steps": (0, 150, "between 0 (same as steps) and 150"),
+    "p2p_features": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
+}
+
+
+def in_range(v, info) -> float:
+    """The field validator of every ``RANGES`` field: ``v`` if inside its range, else the one line."""
+    low, high, allowed = RANGES[info.field_name]
+    if not low <= v <= high:
+        raise ValueError(f"must be {allowed}, got {v:g}" if isinstance(v, float) else f"must be {allowed}, got {v}")
+    return v
+
+
 class ControlUnit(BaseModel):
     """One ControlNet / T2I-Adapter unit (sd-webui-controlnet's field names where it has one).
 
@@ -62,26 +97,7 @@ class ControlUnit(BaseModel):
     threshold_b: float | None = None
     guess_mode: bool = False
 
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not 0.0 <= v <= 2.0:
-            raise ValueError(f"must be between 0 and 2, got {v:g}")
-        return v
-
-    @field_validator("guidance_start", "guidance_end")
-    @classmethod
-    def _frac(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be a fraction of the steps between 0 and 1, got {v:g}")
-        return v
-
-    @field_validator("processor_res")
-    @classmethod
-    def _res(cls, v: int) -> int:
-        if not 64 <= v <= 4096:
-            raise ValueError(f"must be between 64 and 4096 pixels, got {v}")
-        return v
+    _ranges = field_validator("weight", "guidance_start", "guidance_end", "processor_res")(in_range)
 
     @field_validator("module")
     @classmethod
@@ -243,102 +259,15 @@ class GenerationRequest(BaseModel):
     regions: Regions | None = None
 
     # -- validation: one clear line per field ---------------------------------------------
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if not 1 <= v <= 150:
-            raise ValueError(f"must be between 1 and 150, got {v}")
-        return v
-
-    @field_validator("cfg_scale")
-    @classmethod
-    def _cfg(cls, v: float) -> float:
-        if not 1.0 <= v <= 30.0:
-            raise ValueError(f"must be between 1 and 30, got {v:g}")
-        return v
+    _ranges = field_validator("steps", "cfg_scale", "seed", "subseed", "subseed_strength", "batch_size", "batch_count",
+                              "clip_skip", "denoising_strength", "image_cfg_scale", "mask_blur",
+                              "inpaint_full_res_padding", "hr_scale", "hr_second_pass_steps", "p2p_features")(in_range)
 
     @field_validator("width", "height")
     @classmethod
     def _size(cls, v: int) -> int:
         if v % 8 or not SIZE_MIN <= v <= SIZE_MAX:
             raise ValueError(f"must be a multiple of 8 between {SIZE_MIN} and {SIZE_MAX}, got {v}")
-        return v
-
-    @field_validator("seed", "subseed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        if not -1 <= v <= MAX_SEED:
-            raise ValueError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {v}")
-        return v
-
-    @field_validator("subseed_strength")
-    @classmethod
-    def _strength(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be between 0 and 1, got {v:g}")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        if not 1 <= v <= 64:
-            raise ValueError(f"must be between 1 and 64, got {v}")
-        return v
-
-    @field_validator("batch_count")
-    @classmethod
-    def _count(cls, v: int) -> int:
-        if not 1 <= v <= 1000:
-            raise ValueError(f"must be between 1 and 1000, got {v}")
-        return v
-
-    @field_validator("clip_skip")
-    @classmethod
-    def _clip_skip(cls, v: int) -> int:
-        if not 1 <= v <= 12:
-            raise ValueError(f"must be between 1 and 12, got {v}")
-        return v
-
-    @field_validator("denoising_strength")
-    @classmethod
-    def _denoise(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be between 0 and 1, got {v:g}")
-        return v
-
-    @field_validator("image_cfg_scale")
-    @classmethod
-    def _image_cfg(cls, v: float) -> float:
-        if not 0.0 <= v <= 30.0:
-            raise ValueError(f"must be between 0 and 30, got {v:g}")
-        return v
-
-    @field_validator("mask_blur")
-    @classmethod
-    def _blur(cls, v: int) -> int:
-        if not 0 <= v <= 64:
-            raise ValueError(f"must be between 0 and 64 pixels, got {v}")
-        return v
-
-    @field_validator("inpaint_full_res_padding")
-    @classmethod
-    def _padding(cls, v: int) -> int:
-        if not 0 <= v <= 1024:
-            raise ValueError(f"must be between 0 and 1024 pixels, got {v}")
-        return v
-
-    @field_validator("hr_scale")
-    @classmethod
-    def _hr_scale(cls, v: float) -> float:
-        if not 1.0 <= v <= 8.0:
-            raise ValueError(f"must be between 1 and 8, got {v:g}")
-        return v
-
-    @field_validator("hr_second_pass_steps")
-    @classmethod
-    def _hr_steps(cls, v: int) -> int:
-        if not 0 <= v <= 150:
-            raise ValueError(f"must be between 0 (same as steps) and 150, got {v}")
         return v
 
     @field_validator("hr_resize_x", "hr_resize_y")
@@ -360,13 +289,6 @@ class GenerationRequest(BaseModel):
     def _switch(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
             raise ValueError(f"must be a fraction of the schedule strictly between 0 and 1, got {v:g}")
-        return v
-
-    @field_validator("p2p_features")
-    @classmethod
-    def _features(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be a fraction of the steps between 0 and 1, got {v:g}")
         return v
 
     @field_validator("p2p_reweight")

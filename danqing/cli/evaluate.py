@@ -31,29 +31,17 @@ def eval_shapes(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file)."),
 ):
     """Score pictures of the shapes world: object presence, shape, colour, count, relation."""
-    from danqing.synthetic.evaluate import check_held_out, evaluate_studio, score_files, summarise  # lazy: OpenCV
+    from danqing.synthetic import evaluate as world  # lazy: OpenCV
     from danqing.synthetic.scenes import eval_scenes
 
-    if json_out is not None:
-        refuse_existing(json_out)
-    if images:
-        def show(path, s):
-            found = ", ".join(f"{d.colour} {d.shape} ({d.x:.2f},{d.y:.2f})" for d in s.detections) or "nothing"
-            typer.echo(f"{path}: object {s.object:.2f} count {s.count:.0f} relation {s.relation} | found: {found}")
+    def show(path, s):
+        found = ", ".join(f"{d.colour} {d.shape} ({d.x:.2f},{d.y:.2f})" for d in s.detections) or "nothing"
+        typer.echo(f"{path}: object {s.object:.2f} count {s.count:.0f} relation {s.relation} | found: {found}")
 
-        scores = score_files(images, prompt, on_score=show)
-        summary = summarise(scores)
-    else:
-        check_held_out(n, lang)
-        target = out_target(out, Path(".")) if out is not None else None
-        if target is not None:
-            target.check_free(n)
-        summary, scores = evaluate_studio(make_studio(ctx.obj), eval_scenes(n), lang=lang, model=model, steps=steps,
-                                          cfg_scale=cfg, seed=seed, out_dir=target.folder if target else None,
-                                          out_files=target.files(n) if target and target.file else None)
-    typer.echo(f"summary: {json.dumps(summary)}")
-    if json_out:
-        atomic_write_text(json_out, json.dumps({"summary": summary, "images": [s.to_dict() for s in scores]}, indent=1))
+    _evaluate(ctx, images, prompt, json_out, show=show,
+              score_files=world.score_files, summarise=world.summarise, to_dict=lambda s: s.to_dict(),
+              generate=lambda studio, **kw: world.evaluate_studio(studio, eval_scenes(n), **kw),
+              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed)
 
 
 @eval_app.command("portraits")
@@ -71,27 +59,36 @@ def eval_portraits(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file)."),
 ):
     """Score pictures of the portrait world: every asked attribute (face, skin, hair, eyes, glasses, ...) and the style."""
-    from danqing.synthetic.evaluate import check_held_out
-    from danqing.synthetic.portrait_reader import evaluate_portraits_studio, score_portrait_files, summarise_portraits  # lazy: OpenCV
+    from danqing.synthetic import portrait_reader as world  # lazy: OpenCV
     from danqing.synthetic.portraits import eval_portraits as held_out
+
+    def show(path, s):
+        wrong = ", ".join(a for a, v in s.items() if v == 0.0 and a != "all") or "none"
+        typer.echo(f"{path}: all {s['all']} | wrong: {wrong}")
+
+    _evaluate(ctx, images, prompt, json_out, show=show,
+              score_files=world.score_portrait_files, summarise=world.summarise_portraits, to_dict=dict,
+              generate=lambda studio, **kw: world.evaluate_portraits_studio(studio, held_out(n), **kw),
+              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed)
+
+
+def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to_dict, generate, n, lang, out, **gen):
+    """One evaluation, either world: score ``images`` (against ``prompt`` or their metadata), or
+    generate the held-out set of ``n`` prompts in ``lang``; print the summary, write the JSON."""
+    from danqing.synthetic.evaluate import check_held_out
 
     if json_out is not None:
         refuse_existing(json_out)
     if images:
-        def show(path, s):
-            wrong = ", ".join(a for a, v in s.items() if v == 0.0 and a != "all") or "none"
-            typer.echo(f"{path}: all {s['all']} | wrong: {wrong}")
-
-        scores = score_portrait_files(images, prompt, on_score=show)
-        summary = summarise_portraits(scores)
+        scores = score_files(images, prompt, on_score=show)
+        summary = summarise(scores)
     else:
         check_held_out(n, lang)
         target = out_target(out, Path(".")) if out is not None else None
         if target is not None:
             target.check_free(n)
-        summary, scores = evaluate_portraits_studio(make_studio(ctx.obj), held_out(n), lang=lang, model=model, steps=steps,
-                                                    cfg_scale=cfg, seed=seed, out_dir=target.folder if target else None,
-                                                    out_files=target.files(n) if target and target.file else None)
+        summary, scores = generate(make_studio(ctx.obj), lang=lang, out_dir=target.folder if target else None,
+                                   out_files=target.files(n) if target and target.file else None, **gen)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
-        atomic_write_text(json_out, json.dumps({"summary": summary, "images": scores}, indent=1))
+        atomic_write_text(json_out, json.dumps({"summary": summary, "images": [to_dict(s) for s in scores]}, indent=1))

@@ -215,16 +215,20 @@ def summarise(scores: list[Score]) -> dict[str, float | int | None]:
     return out
 
 
-def score_files(paths, prompt: str | None = None, on_score=None) -> list[Score]:
+def score_files(paths, prompt: str | None = None, on_score=None, *, read=parse_prompt, judge=None) -> list:
     """Score pictures on disk against ``prompt``, or each against the prompt in its own metadata.
 
     Args:
         on_score: called with (path, score) after each picture.
+        read: the world's prompt reader (text -> what is asked; ValueError when it asks nothing);
+            ``judge`` (picture, asked) -> score. The shapes world's by default; the portrait
+            world passes its own (portrait_reader.py).
 
     Raises:
         ImageError: a file that is not a readable picture, or carries no prompt when ``prompt`` is None.
-        InvalidRequest: a prompt that names no object of the shapes world.
+        InvalidRequest: a prompt that names nothing of the world.
     """
+    judge = judge or score
     scores = []
     for path in paths:
         try:
@@ -234,10 +238,10 @@ def score_files(paths, prompt: str | None = None, on_score=None) -> list[Score]:
             raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
         text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
         try:
-            spec = parse_prompt(text)
+            asked = read(text)
         except ValueError as exc:
             raise InvalidRequest("prompt", str(exc)) from None
-        s = score(img, spec)
+        s = judge(img, asked)
         scores.append(s)
         if on_score:
             on_score(path, s)
@@ -254,7 +258,8 @@ def check_held_out(n: int, lang: str) -> None:
 
 def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = None, steps: int = 20,
                     cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
-                    out_dir=None, out_files=None, on_image=None) -> tuple[dict, list[Score]]:
+                    out_dir=None, out_files=None, on_image=None, write=caption, judge=None,
+                    summary=summarise) -> tuple[dict, list]:
     """Generate one image per scene (its canonical caption in ``lang``, seed + i) through
     ``Studio.generate`` and score them. Returns (summary, per-image scores).
 
@@ -262,19 +267,22 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
         out_dir: also save the images there (with their infotext).
         out_files: or save image i as ``out_files[i]`` (with its infotext).
         on_image: called with (i, image, score) after each image.
+        write, judge, summary: the world's captioner (scene, lang) -> text, scorer (picture,
+            scene) -> score and summariser; the shapes world's by default.
     """
+    judge = judge or (lambda img, sc: score(img, sc.spec))
     scores = []
     for i, sc in enumerate(scenes):
-        req = GenerationRequest(prompt=caption(sc, lang), model=model, steps=steps, cfg_scale=cfg_scale,
+        req = GenerationRequest(prompt=write(sc, lang), model=model, steps=steps, cfg_scale=cfg_scale,
                                 seed=seed + i, subseed=0, width=size, height=size, sampler=sampler)
         res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
         if out_files is not None:
             save_png(res.images[0], out_files[i], res.infotexts[0])
-        s = score(res.images[0], sc.spec)
+        s = judge(res.images[0], sc)
         scores.append(s)
         if on_image:
             on_image(i, res.images[0], s)
-    return summarise(scores), scores
+    return summary(scores), scores
 
 
 def layout_kept(source: Image.Image, edited: Image.Image, expected: list[tuple[str, str]],

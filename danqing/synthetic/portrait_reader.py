@@ -27,10 +27,7 @@ import functools
 import numpy as np
 from PIL import Image
 
-from danqing.errors import ImageError, InvalidRequest
-from danqing.outputs.infotext import parse_infotext
-from danqing.outputs.store import read_infotext, save_png
-from danqing.request import GenerationRequest
+from danqing.synthetic.evaluate import evaluate_studio, score_files
 from danqing.synthetic.portraits import (
     ATTRIBUTES, COLOUR_ATTRIBUTES, EYE_DX, EYE_Y, GLASSES_R, IDENTITY, INK, MOUTH_RGB, PENCIL_DARK, PENCIL_LINE,
     render_portrait, shows_colour, values, visible, vocab,
@@ -288,55 +285,15 @@ def summarise_portraits(scores: list[dict]) -> dict[str, float | int | None]:
 
 
 def score_portrait_files(paths, prompt: str | None = None, on_score=None) -> list[dict]:
-    """Score pictures on disk against ``prompt``, or each against the prompt in its own metadata.
-
-    Args:
-        on_score: called with (path, score) after each picture.
-
-    Raises:
-        ImageError: a file that is not a readable picture, or carries no prompt when ``prompt`` is None.
-        InvalidRequest: a prompt that names no attribute of the portrait world.
-    """
-    scores = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as exc:  # Pillow raises many kinds on damaged files
-            raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
-        text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
-        try:
-            asked = parse_portrait_prompt(text)
-        except ValueError as exc:
-            raise InvalidRequest("prompt", str(exc)) from None
-        s = score_portrait(img, asked)
-        scores.append(s)
-        if on_score:
-            on_score(path, s)
-    return scores
+    """``evaluate.score_files`` for the portrait world: each picture against what ``prompt`` (or
+    the prompt in its metadata) asks."""
+    return score_files(paths, prompt, on_score, read=parse_portrait_prompt, judge=score_portrait)
 
 
-def evaluate_portraits_studio(studio, items, *, lang: str = "en", model: str | None = None, steps: int = 20,
-                              cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
-                              out_dir=None, out_files=None, on_image=None) -> tuple[dict, list[dict]]:
-    """Generate one image per portrait (its canonical caption in ``lang``, seed + i) through
-    ``Studio.generate`` and score each against what its caption asks. Returns (summary, scores).
-
-    Args:
-        out_dir: also save the images there (with their infotext).
-        out_files: or save image i as ``out_files[i]`` (with its infotext).
-        on_image: called with (i, image, score) after each image.
-    """
-    scores = []
-    for i, p in enumerate(items):
-        text = portrait_caption(p, lang)
-        req = GenerationRequest(prompt=text, model=model, steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
-                                width=size, height=size, sampler=sampler)
-        res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
-        if out_files is not None:
-            save_png(res.images[0], out_files[i], res.infotexts[0])
-        s = score_portrait(res.images[0], parse_portrait_prompt(text))
-        scores.append(s)
-        if on_image:
-            on_image(i, res.images[0], s)
-    return summarise_portraits(scores), scores
+def evaluate_portraits_studio(studio, items, **kw) -> tuple[dict, list[dict]]:
+    """``evaluate.evaluate_studio`` for the portrait world: one image per portrait (its canonical
+    caption in ``lang``, seed + i), each scored against what its caption asks; same keywords."""
+    lang = kw.get("lang", "en")
+    return evaluate_studio(studio, items, write=portrait_caption,
+                           judge=lambda img, p: score_portrait(img, parse_portrait_prompt(portrait_caption(p, lang))),
+                           summary=summarise_portraits, **kw)
