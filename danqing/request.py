@@ -46,6 +46,8 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "hr_scale": (1.0, 8.0, "between 1 and 8"),
     "hr_second_pass_steps": (0, 150, "between 0 (same as steps) and 150"),
     "p2p_features": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
+    "null_text_iterations": (0, 100, "between 0 (plain DDIM inversion) and 100"),
+    "ip_adapter_weight": (0.0, 2.0, "between 0 (no effect) and 2"),
 }
 
 
@@ -261,7 +263,8 @@ class GenerationRequest(BaseModel):
     # -- validation: one clear line per field ---------------------------------------------
     _ranges = field_validator("steps", "cfg_scale", "seed", "subseed", "subseed_strength", "batch_size", "batch_count",
                               "clip_skip", "denoising_strength", "image_cfg_scale", "mask_blur",
-                              "inpaint_full_res_padding", "hr_scale", "hr_second_pass_steps", "p2p_features")(in_range)
+                              "inpaint_full_res_padding", "hr_scale", "hr_second_pass_steps", "p2p_features",
+                              "null_text_iterations", "ip_adapter_weight")(in_range)
 
     @field_validator("width", "height")
     @classmethod
@@ -301,13 +304,6 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"the factor of {word!r} must be between -10 and 10, got {factor:g}")
         return v
 
-    @field_validator("null_text_iterations")
-    @classmethod
-    def _null_iters(cls, v: int) -> int:
-        if not 0 <= v <= 100:
-            raise ValueError(f"must be between 0 (plain DDIM inversion) and 100, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _p2p(self) -> "GenerationRequest":
         if self.p2p_source is None:
@@ -338,13 +334,6 @@ class GenerationRequest(BaseModel):
                 raise InvalidRequest(name, "the refiner runs after txt2img only (not with img2img, hires fix or "
                                      "Prompt-to-Prompt yet); unset refiner_checkpoint or this field")
         return self
-
-    @field_validator("ip_adapter_weight")
-    @classmethod
-    def _ip_weight(cls, v: float) -> float:
-        if not 0.0 <= v <= 2.0:
-            raise ValueError(f"must be between 0 (no effect) and 2, got {v:g}")
-        return v
 
     @model_validator(mode="after")
     def _ip_adapter(self) -> "GenerationRequest":

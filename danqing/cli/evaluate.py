@@ -16,19 +16,30 @@ eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, 
 app.add_typer(eval_app, name="eval")
 
 
+# The options both worlds' commands take (typer reads each default afresh for every command).
+PROMPT = typer.Option(None, help="What the images should show; default: the prompt in each PNG's metadata.")
+MODEL = typer.Option(None, help="Model to generate with [default: the settings' default model].")
+LANG = typer.Option("en", help="Prompt language: en or zh.")
+CFG = typer.Option(7.0, help="CFG scale.")
+STEPS = typer.Option(20, help="Sampling steps.")
+SEED = typer.Option(1000, help="Seed of the first image (image i uses seed + i).")
+OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
+JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file).")
+
+
 @eval_app.command("shapes")
 def eval_shapes(
     ctx: typer.Context,
     images: Optional[list[Path]] = typer.Argument(None, help="Images to score; without any, generate the held-out set with --model."),
-    prompt: Optional[str] = typer.Option(None, help="What the images should show; default: the prompt in each PNG's metadata."),
-    model: Optional[str] = typer.Option(None, help="Model to generate with [default: the settings' default model]."),
+    prompt: Optional[str] = PROMPT,
+    model: Optional[str] = MODEL,
     n: int = typer.Option(200, help="Held-out prompts to generate (1-1000)."),
-    lang: str = typer.Option("en", help="Prompt language: en or zh."),
-    cfg: float = typer.Option(7.0, help="CFG scale."),
-    steps: int = typer.Option(20, help="Sampling steps."),
-    seed: int = typer.Option(1000, help="Seed of the first image (image i uses seed + i)."),
-    out: Optional[str] = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved")),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file)."),
+    lang: str = LANG,
+    cfg: float = CFG,
+    steps: int = STEPS,
+    seed: int = SEED,
+    out: Optional[str] = OUT,
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """Score pictures of the shapes world: object presence, shape, colour, count, relation."""
     from danqing.synthetic import evaluate as world  # lazy: OpenCV
@@ -48,15 +59,15 @@ def eval_shapes(
 def eval_portraits(
     ctx: typer.Context,
     images: Optional[list[Path]] = typer.Argument(None, help="Images to score; without any, generate the held-out portraits with --model."),
-    prompt: Optional[str] = typer.Option(None, help="What the images should show; default: the prompt in each PNG's metadata."),
-    model: Optional[str] = typer.Option(None, help="Model to generate with [default: the settings' default model]."),
+    prompt: Optional[str] = PROMPT,
+    model: Optional[str] = MODEL,
     n: int = typer.Option(200, help="Held-out portrait prompts to generate (1-1000)."),
-    lang: str = typer.Option("en", help="Prompt language: en or zh."),
-    cfg: float = typer.Option(7.0, help="CFG scale."),
-    steps: int = typer.Option(20, help="Sampling steps."),
-    seed: int = typer.Option(1000, help="Seed of the first image (image i uses seed + i)."),
-    out: Optional[str] = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved")),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file)."),
+    lang: str = LANG,
+    cfg: float = CFG,
+    steps: int = STEPS,
+    seed: int = SEED,
+    out: Optional[str] = OUT,
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """Score pictures of the portrait world: every asked attribute (face, skin, hair, eyes, glasses, ...) and the style."""
     from danqing.synthetic import portrait_reader as world  # lazy: OpenCV
