@@ -47,6 +47,18 @@ def need_module(name: str, install: str):
         need(False, f"the Python module {name!r}", install)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """torch's CPU thread count is process state: a test (or a training run it starts with
+    ``num_threads``) that changes it gets it back afterwards, so no later test runs on fewer cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_components():
     """name -> Components for tiny-sd1, tiny-sd2 (v-prediction) and tiny-sdxl (random, seeded)."""

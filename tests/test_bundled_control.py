@@ -18,8 +18,10 @@ from danqing.errors import InvalidRequest
 def studio(tmp_path_factory):
     from danqing import Settings, Studio
 
-    torch.set_num_threads(1)
-    return Studio(Settings(home=tmp_path_factory.mktemp("home"), device="cpu", dtype="fp32"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this module's figures were measured on one thread; given back after it
+    yield Studio(Settings(home=tmp_path_factory.mktemp("home"), device="cpu", dtype="fp32"))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,6 @@ def test_regions_place_the_shapes_on_the_bundled_model(capsys, tmp_path):
     from danqing.synthetic.captions import parse_prompt
     from danqing.synthetic.evaluate import score
 
-    torch.set_num_threads(2)
     studio = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
     run = dict(model="danqing-tiny", steps=14, cfg_scale=7.0, seed=1000, subseed=0, width=64, height=64, batch_size=50)
     red, blue = ("red", "circle"), ("blue", "square")
