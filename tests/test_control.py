@@ -3,7 +3,6 @@ loading (folders, single files), bad input."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np

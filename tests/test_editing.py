@@ -7,7 +7,6 @@ and measured behaviour on the bundled model (it draws real shapes, so the evalua
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from danqing.errors import InvalidRequest, ModelNotFound
 

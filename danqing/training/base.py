@@ -99,7 +99,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     vae, opt = accelerator.prepare(vae, opt)
-    losses, t0, (n, _, h, w) = [], time.perf_counter(), images.shape
+    losses, t0, (n, _, h, _) = [], time.perf_counter(), images.shape
     for step in range(steps):
         g = _gen(cfg.run.seed + (7 if crop else 0), step, "vae")
         idx = torch.randint(n, (batch,), generator=g)
