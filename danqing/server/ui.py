@@ -24,6 +24,7 @@ from danqing.outputs.store import read_infotext
 from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import samplers, schedule_names
 from danqing.server.common import infotext_of_image
+from danqing.server.gradio_import import gradio
 from danqing.server.jobs import TERMINAL
 from danqing.server.security import open_image
 from danqing.server.ui_files import REFUSED, UIFileGuard, allowed_file, path_rules, upload_folder
@@ -70,7 +71,7 @@ def _status_line(state, job) -> str:
 
 def run_job(state, fields: dict[str, Any], *, init_image=None, mask=None):
     """Submit through the queue and yield (gallery, infotext, status) until the job ends."""
-    import gradio as gr
+    gr = gradio()
 
     try:
         job = state.submit(fields, source="ui", save=True, init_image=init_image, mask=mask)
@@ -99,7 +100,7 @@ def mount_ui(app, state):
     """The web UI mounted at ``/`` of the server's FastAPI ``app``: Gradio serves danqing's
     outputs and its own upload cache only, and every file a client names must be one of those
     (``server/ui_files.py``)."""
-    import gradio as gr
+    gr = gradio()
 
     app = gr.mount_gradio_app(app, build_ui(state), path="/", max_file_size=state.server.max_upload_bytes,
                               ssr_mode=False, footer_links=[], **path_rules(state.settings))
@@ -109,7 +110,7 @@ def mount_ui(app, state):
 
 def build_ui(state):
     """The Blocks of the web UI for one ServerState: a model row, then one tab per task."""
-    import gradio as gr
+    gr = gradio()
 
     opts = state.options()
     with gr.Blocks(title="丹青 danqing", analytics_enabled=False) as demo:
