@@ -46,6 +46,8 @@ class Settings:
         default_model: model name used when a request names none.
         db_path: the server's SQLite database of jobs, history and options
             (default ``home/danqing.sqlite3``).
+        db_url: a ``postgresql://user:password@host/dbname`` job store shared by several servers;
+            when given it is used instead of ``db_path`` (docs/scale.md).
     """
 
     home: Path = field(default_factory=lambda: Path.cwd())
@@ -55,6 +57,7 @@ class Settings:
     dtype: str = "auto"
     default_model: str = "danqing-tiny"
     db_path: Path | None = None
+    db_url: str | None = None
 
     def __post_init__(self):
         home = Path(self.home).expanduser()
@@ -66,7 +69,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         """Settings from ``DANQING_HOME``, ``DANQING_MODELS``, ``DANQING_OUTPUTS``, ``DANQING_DEVICE``,
-        ``DANQING_DTYPE``, ``DANQING_MODEL``, ``DANQING_DB``; keyword overrides win when not None."""
+        ``DANQING_DTYPE``, ``DANQING_MODEL``, ``DANQING_DB``, ``DANQING_DB_URL``; keyword overrides win when not None."""
         env = os.environ
         values = {
             "home": env.get("DANQING_HOME") or Path.cwd(),
@@ -76,6 +79,7 @@ class Settings:
             "dtype": env.get("DANQING_DTYPE", "auto"),
             "default_model": env.get("DANQING_MODEL", "danqing-tiny"),
             "db_path": env.get("DANQING_DB"),
+            "db_url": env.get("DANQING_DB_URL"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

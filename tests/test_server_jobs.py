@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from server_helpers import TINY, LiveServer, make_app
 
-from danqing.server.jobs import JobStore, planned_paths
+from danqing.server.jobs import planned_paths
+from danqing.server.store import JobStore
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ def serve(
                                            help="user:password for HTTP Basic on the API and the UI."),
     cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable. Default: none."),
     db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history (default HOME/danqing.sqlite3)."),
+    db_url: Optional[str] = typer.Option(None, "--db-url", envvar="DANQING_DB_URL",
+                                         help="postgresql://user:password@host/dbname: a job store shared by several servers."),
     no_ui: bool = typer.Option(False, "--no-ui", help="API only, no web UI."),
     max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB (default 16)."),
     max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels (default 16.78 = 4096x4096)."),
@@ -46,6 +48,8 @@ def serve(
     if not server.is_local and not api_auth:
         raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)
+    if db_url:
+        settings = settings.with_(db_url=db_url)
     application = create_app(settings, server)
     typer.echo(f"danqing serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ "
                f"(API: /sdapi/v1, /api/v1; docs: /docs)", err=True)

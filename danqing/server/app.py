@@ -23,7 +23,8 @@ from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
 from danqing.server.a1111 import build_router
 from danqing.server.common import JobFailed, job_error
-from danqing.server.jobs import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore, Worker
+from danqing.server.jobs import Worker
+from danqing.server.store import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore
 from danqing.server.security import (
     BasicAuthMiddleware,
     ERROR_RESPONSES,
@@ -272,7 +273,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
         raise InvalidRequest("listen", "listening on other interfaces needs --api-auth user:password")
     studio = studio or Studio(settings)
     studio.registry.names_only = True  # the server names models, never paths (danqing.models.names)
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.db_url or settings.db_path)
     worker = Worker(store, studio, settings.outputs_dir, preview_interval=preview_interval)
     state = ServerState(settings=settings, server=server, store=store, worker=worker)
 

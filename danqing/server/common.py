@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from danqing.outputs.store import _decode_user_comment, _user_comment
-from danqing.server.jobs import TERMINAL
+from danqing.server.store import TERMINAL
 
 
 class JobFailed(Exception):

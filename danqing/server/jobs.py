@@ -1,5 +1,5 @@
-"""The job queue: a SQLite store of jobs, history and options, and the one worker thread that
-owns the Studio (and with it the device).
+"""The job queue: the store of jobs, history and options (``server/store.py``: SQLite or
+PostgreSQL), and the one worker thread that owns the Studio (and with it the device).
 
 Every way in -- the async job API, the A1111 routes, the web UI -- adds a job here and, if it
 wants to, waits for it. HTTP handlers never touch tensors: the worker turns previews and results
@@ -15,231 +15,18 @@ ordered by ``seq``), and fails the jobs whose only consumer was an HTTP client t
 from __future__ import annotations
 
 import io
-import json
-import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
-from typing import Any
 
 from danqing.request import GenerationRequest
 from danqing.errors import DanqingError
 from danqing.outputs.store import next_output_path, save_png
 from danqing.sampling.loop import SKIP, STOP
+from danqing.server.store import CANCELLED, DONE, FAILED, TERMINAL, Job, JobStore
 from danqing.studio import resolve_request
-
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-TERMINAL = (DONE, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    status TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    save INTEGER NOT NULL,
-    prompt TEXT NOT NULL,
-    request TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    error TEXT,
-    planned TEXT,
-    result TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
-CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _iso(t: float | None) -> str | None:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds") if t else None
-
-
-@dataclass
-class Job:
-    """One row of the jobs table.
-
-    Attributes:
-        seq: queue order (submission order); id: 32 hex chars.
-        status: queued, running, done, failed or cancelled.
-        kind: "txt2img" or "img2img"; source: "api", "a1111" or "ui".
-        save: write the images to the outputs folder (else they are handed to the waiting client).
-        request: the request as it will run (random seeds already drawn, model named).
-        result: {"images": [{"path", "seed", "subseed", "infotext"}], "interrupted", "warnings", ...}.
-    """
-
-    seq: int
-    id: str
-    status: str
-    kind: str
-    source: str
-    save: bool
-    prompt: str
-    request: GenerationRequest
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    error: str | None = None
-    planned: list[str] = field(default_factory=list)
-    result: dict | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id, "seq": self.seq, "status": self.status, "kind": self.kind, "source": self.source,
-            "save": self.save, "prompt": self.prompt, "created": _iso(self.created), "started": _iso(self.started),
-            "finished": _iso(self.finished), "error": self.error, "request": self.request.model_dump(),
-            "result": self.result,
-        }
-
-
-def _row_to_job(row: sqlite3.Row) -> Job:
-    return Job(
-        seq=row["seq"], id=row["id"], status=row["status"], kind=row["kind"], source=row["source"],
-        save=bool(row["save"]), prompt=row["prompt"], request=GenerationRequest.model_validate_json(row["request"]),
-        created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
-        planned=json.loads(row["planned"]) if row["planned"] else [],
-        result=json.loads(row["result"]) if row["result"] else None,
-    )
-
-
-class JobStore:
-    """Jobs, history and options in one SQLite file. Thread-safe (one connection, one lock)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, args)
-
-    def _one(self, sql: str, args: tuple = ()) -> Job | None:
-        with self._lock:
-            row = self._db.execute(sql, args).fetchone()
-        return _row_to_job(row) if row else None
-
-    # -- jobs ---------------------------------------------------------------------------------
-    def add(self, request: GenerationRequest, *, source: str, save: bool) -> Job:
-        job_id = new_job_id()
-        kind = "img2img" if request.init_image is not None else "txt2img"
-        self._exec(
-            "INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) VALUES (?,?,?,?,?,?,?,?)",
-            (job_id, QUEUED, kind, source, int(save), request.prompt, request.to_json(), time.time()),
-        )
-        return self.get(job_id)
-
-    def get(self, job_id: str) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-
-    def claim_next(self) -> Job | None:
-        """The oldest queued job, now marked running (None when the queue is empty)."""
-        with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ? AND status = ?",
-                             (RUNNING, time.time(), row["id"], QUEUED))
-        return self.get(row["id"])
-
-    def set_planned(self, job_id: str, paths: list[Path]) -> None:
-        self._exec("UPDATE jobs SET planned = ? WHERE id = ?", (json.dumps([str(p) for p in paths]), job_id))
-
-    def finish(self, job_id: str, status: str, *, result: dict | None = None, error: str | None = None) -> None:
-        self._exec("UPDATE jobs SET status = ?, finished = ?, result = ?, error = ?, planned = NULL WHERE id = ?",
-                   (status, time.time(), json.dumps(result) if result is not None else None, error, job_id))
-
-    def cancel_queued(self, job_id: str) -> bool:
-        """Cancel a job that has not started; False when it is no longer queued."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
-                                   (CANCELLED, time.time(), job_id, QUEUED))
-        return cur.rowcount == 1
-
-    def position(self, job: Job) -> int:
-        """Jobs ahead of a queued job (0 = next)."""
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?) AND seq < ?",
-                                   (QUEUED, RUNNING, job.seq)).fetchone()
-        return int(row[0])
-
-    def count(self, *statuses: str) -> int:
-        marks = ",".join("?" * len(statuses))
-        with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0])
-
-    def history(self, *, query: str = "", status: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
-        """Newest first; ``query`` matches the prompt (case-insensitive substring)."""
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
-        if query:
-            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            sql += " AND prompt LIKE ? ESCAPE '\\'"
-            args.append(f"%{escaped}%")
-        if status:
-            sql += " AND status = ?"
-            args.append(status)
-        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
-        args += [limit, offset]
-        with self._lock:
-            rows = self._db.execute(sql, tuple(args)).fetchall()
-        return [_row_to_job(r) for r in rows]
-
-    def recover(self) -> dict[str, list[str]]:
-        """After a restart: clean up and re-queue interrupted jobs (see the module docstring).
-
-        Returns:
-            {"requeued": [...ids], "failed": [...ids], "removed": [...paths]}.
-        """
-        out: dict[str, list[str]] = {"requeued": [], "failed": [], "removed": []}
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq", (QUEUED, RUNNING)).fetchall()
-        for job in map(_row_to_job, rows):
-            for planned in map(Path, job.planned):
-                for leftover in [planned, *planned.parent.glob(f".{planned.name}.*.tmp")]:
-                    if leftover.exists():
-                        leftover.unlink()
-                        out["removed"].append(str(leftover))
-            if not job.save:
-                self.finish(job.id, FAILED, error="the server restarted before this job finished; its client "
-                                                  "(an A1111 request that does not save images) is gone")
-                out["failed"].append(job.id)
-            elif job.status == RUNNING:
-                self._exec("UPDATE jobs SET status = ?, started = NULL, planned = NULL WHERE id = ?", (QUEUED, job.id))
-                out["requeued"].append(job.id)
-        return out
-
-    # -- options ------------------------------------------------------------------------------
-    def options(self) -> dict[str, Any]:
-        with self._lock:
-            rows = self._db.execute("SELECT key, value FROM options").fetchall()
-        return {r["key"]: json.loads(r["value"]) for r in rows}
-
-    def set_options(self, values: dict[str, Any]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            for k, v in values.items():
-                self._db.execute("INSERT OR REPLACE INTO options (key, value) VALUES (?, ?)", (k, json.dumps(v)))
-            self._db.execute("COMMIT")
 
 
 # ---------------------------------------------------------------------------------------------

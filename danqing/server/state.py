@@ -22,7 +22,8 @@ from danqing.errors import InvalidRequest
 from danqing.models.names import Named, inside, resolve
 from danqing.outputs.store import atomic_save_image
 from danqing.request import GenerationRequest
-from danqing.server.jobs import Job, JobStore, Worker, resolve_for_queue
+from danqing.server.jobs import Worker, resolve_for_queue
+from danqing.server.store import Job, JobStore
 from danqing.server.security import UploadLimits, check_work
 from danqing.settings import ServerSettings, Settings
 

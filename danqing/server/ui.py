@@ -25,7 +25,7 @@ from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import samplers, schedule_names
 from danqing.server.common import infotext_of_image
 from danqing.server.gradio_import import gradio
-from danqing.server.jobs import TERMINAL
+from danqing.server.store import TERMINAL
 from danqing.server.security import open_image
 from danqing.server.ui_files import REFUSED, UIFileGuard, allowed_file, path_rules, upload_folder
 
@@ -469,7 +469,7 @@ def _settings_md(state) -> str:
     o = state.options()
     return (f"Current defaults: checkpoint **{o['sd_model_checkpoint']}**, VAE **{o['sd_vae']}**, "
             f"clip skip **{o['CLIP_stop_at_last_layers']}**. Outputs: `{state.settings.outputs_dir}`; "
-            f"database: `{state.settings.db_path}`.")
+            f"database: `{state.store.where()}`.")
 
 
 def _common_controls(gr, prefix: str, sampler_names: list[str], schedules: list[str]) -> dict:
