@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -31,12 +34,44 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def _echo(line: str) -> None:
-    typer.echo(line)
+    if os.environ.get("RANK", "0") == "0":  # one voice in a multi-process run
+        typer.echo(line)
 
 
 _CONFIG_HELP = "TOML config, e.g. configs/train/{}.toml."
 _SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400."
 _FRESH = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over.")
+_PROCS = typer.Option(1, "--num-processes", min=1, max=64,
+                      help="Train in N processes (one per GPU; CPU processes without one) through `accelerate launch` "
+                           "(DDP); train.batch_size is the global batch and must split evenly.")
+
+
+def _launched() -> bool:
+    """Whether this process is one of a multi-process run (``accelerate launch`` / torchrun)."""
+    return os.environ.get("LOCAL_RANK") is not None
+
+
+def _relaunch(num_processes: int) -> None:
+    """Run this same command again in ``num_processes`` processes under ``accelerate launch``."""
+    import socket
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            args.append(a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "danqing.cli", *args]
+    typer.echo(f"training in {num_processes} processes: accelerate launch --multi_gpu --num_processes {num_processes}",
+               err=True)
+    raise typer.Exit(subprocess.run(cmd).returncode)
 
 
 @train_app.command("base")
@@ -72,7 +107,9 @@ def train_instruct_cmd(
     typer.echo(f"summary: {json.dumps(summary['eval'])}")
 
 
-def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str]) -> None:
+def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str], num_processes: int = 1) -> None:
+    if num_processes > 1 and not _launched():
+        _relaunch(num_processes)
     from danqing.training import config as C
     from danqing.training import finetune  # lazy: imports torch
 
@@ -82,37 +119,40 @@ def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str]) -> None
     run = getattr(finetune, run)
     cfg = C.load_config(config, parse_sets(sets), model=model)
     summary = run(cfg, resume=not fresh, log=_echo)
-    typer.echo(f"summary: {json.dumps(summary)}")
+    _echo(f"summary: {json.dumps(summary)}")
 
 
 @train_app.command("lora")
 def train_lora_cmd(
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("lora-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Train a LoRA (UNet, optionally text encoder) on captioned images; writes kohya and diffusers files."""
-    _finetune_cmd("lora", config, fresh, set_)
+    _finetune_cmd("lora", config, fresh, set_, num_processes)
 
 
 @train_app.command("dreambooth")
 def train_dreambooth_cmd(
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("dreambooth-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Fine-tune the whole UNet (DreamBooth) with prior preservation; writes a checkpoint."""
-    _finetune_cmd("dreambooth", config, fresh, set_)
+    _finetune_cmd("dreambooth", config, fresh, set_, num_processes)
 
 
 @train_app.command("textual-inversion")
 def train_ti_cmd(
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("ti-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Learn a new word's embedding (textual inversion); writes an A1111 embedding."""
-    _finetune_cmd("textual-inversion", config, fresh, set_)
+    _finetune_cmd("textual-inversion", config, fresh, set_, num_processes)
 
 
 @train_app.command("controlnet")

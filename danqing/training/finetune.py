@@ -69,6 +69,11 @@ def _begin(cfg, settings, resume: bool):
     return comps, entry, sha, run_dir
 
 
+def _summary(files: list, state) -> dict:
+    return {"files": [str(f) for f in files], "steps": state.step, "loss": state.loss, "seconds": state.seconds,
+            "steps_per_s": state.steps_per_s}
+
+
 def _is_v(comps, model_cfg) -> bool:
     return comps.prediction_type == "v_prediction" if model_cfg.v_prediction is None else model_cfg.v_prediction
 
@@ -147,6 +152,8 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
                      prior_weight=cfg.prior.prior_loss_weight,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output,
                                         cfg.data.resolution, run_dir))
+    if not state.main:  # another process of a multi-process run: the main one writes the files
+        return _summary([], state)
     meta = _kohya_metadata(method="lora", base_name=entry.name, base_sha=sha, comps=comps, data=data, cfg=cfg.train,
                            extra={"ss_network_module": "networks.lora", "ss_network_dim": cfg.network.rank,
                                   "ss_network_alpha": cfg.network.alpha,
@@ -225,6 +232,8 @@ def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=Non
                      v_prediction=_is_v(comps, cfg.model), log=log, resume=resume, prior=prior,
                      prior_weight=cfg.prior.prior_loss_weight, caption_cfg=cfg.data,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output, res, run_dir))
+    if not state.main:  # another process of a multi-process run: the main one writes the files
+        return _summary([], state)
     meta = _kohya_metadata(method="dreambooth", base_name=entry.name, base_sha=sha, comps=comps, data=data,
                            cfg=cfg.train, extra={"ss_reg_images": prior.n_images if prior else 0,
                                                  "ss_prior_loss_weight": cfg.prior.prior_loss_weight,
@@ -315,6 +324,8 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
                      log=log, resume=resume, caption_cfg=cfg.data, after_step=restore,
                      on_sample=_sampler(comps, prompts, cfg.output, cfg.data.resolution, run_dir))
+    if not state.main:  # another process of a multi-process run: the main one writes the files
+        return _summary([], state)
     vectors = {te_name: getattr(comps, te_name).get_input_embeddings().weight[ids].detach().float().cpu().contiguous()
                for te_name, ids in ids_by.items()}
     if comps.family == "sdxl":

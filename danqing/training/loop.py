@@ -4,6 +4,12 @@ loop under accelerate, with checkpoints that resume to the same state.
 
 Every random draw of step ``s`` comes from a generator seeded with (seed, s), so a resumed run
 continues as the uninterrupted one would have.
+
+Several processes (``danqing train ... --num-processes N``: ``accelerate launch``, DDP): every
+process draws the whole batch of a step (``train.batch_size`` is the global batch) and computes
+the loss on its own rows; DDP averages the gradients, so N processes take the same steps as one
+process at the same global batch (up to float summation order), and a checkpoint written by N
+processes resumes in any other number.
 """
 
 from __future__ import annotations
@@ -44,14 +50,19 @@ def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_p
 
 def diffusion_loss(unet, noise_sched, z: torch.Tensor, ctx, added, g: torch.Generator, *, v_prediction: bool,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   weight_map: torch.Tensor | None = None) -> torch.Tensor:
+                   weight_map: torch.Tensor | None = None, rows: tuple[slice, int] | None = None) -> torch.Tensor:
     """Per-sample denoising loss (B,) of scaled latents ``z`` (DDPM, Ho et al. 2020);
-    ``weight_map`` (B, 1, h, w) makes it a weighted mean over latent pixels (masked loss)."""
+    ``weight_map`` (B, 1, h, w) makes it a weighted mean over latent pixels (masked loss).
+    ``rows`` = (this process's rows, the whole batch size): ``z`` holds only those rows, and the
+    noise and timesteps are drawn for the whole batch and cut the same way."""
     dev = z.device
-    noise = torch.randn(z.shape, generator=g).to(dev)
+    part, total = rows if rows is not None else (slice(None), z.shape[0])
+    shape = (total, *z.shape[1:])
+    noise = torch.randn(shape, generator=g)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g).to(dev)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=g).to(dev)
+        noise = noise + noise_offset * torch.randn(total, z.shape[1], 1, 1, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (total,), generator=g)
+    noise, t = noise[part].to(dev), t[part].to(dev)
     x_t = noise_sched.add_noise(z, noise, t)  # sqrt(a) z + sqrt(1 - a) eps
     target = noise_sched.get_velocity(z, noise, t) if v_prediction else noise
     pred = unet(x_t, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
@@ -84,6 +95,17 @@ class Trainable:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+def process_rows(batch: int, index: int, count: int) -> slice:
+    """The rows of a global batch that process ``index`` of ``count`` trains on."""
+    if batch % count:
+        from danqing.errors import InvalidRequest
+
+        raise InvalidRequest("train.batch_size", f"{batch} does not split over {count} processes: "
+                                                 f"use a multiple of {count}")
+    per = batch // count
+    return slice(index * per, (index + 1) * per)
+
+
 def _gen(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63))
 
@@ -127,6 +149,11 @@ class RunState:
     loss: float | None = None
     seconds: float = 0.0
     steps_per_s: float = 0.0
+    main: bool = True  # False in the other processes of a multi-process run: they write no files
+
+
+def _quiet(line: str) -> None:
+    """The log of the processes other than the main one."""
 
 
 def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir: Path, *, v_prediction: bool,
@@ -145,6 +172,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
 
     accelerator = new_accelerator(cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     dev = accelerator.device
+    rows = (process_rows(cfg.batch_size, accelerator.process_index, accelerator.num_processes), cfg.batch_size)
+    main = accelerator.is_main_process
+    if not main:
+        log = _quiet
     for m in comps.modules().values():
         m.to(dev)
     if cfg.gradient_checkpointing:
@@ -183,10 +214,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         try:
             with accelerator.accumulate(*wrapped):
                 loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                                   process_caption)
+                                   process_caption, rows)
                 if prior is not None:
                     loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched,
-                                                             scaling, v_prediction, dev, process_caption)
+                                                             scaling, v_prediction, dev, process_caption, rows)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
@@ -200,7 +231,7 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             raise out_of_memory(step + 1, cfg, run_dir) from None
         if after_step is not None:
             after_step()
-        value = float(loss.detach())
+        value = float(accelerator.reduce(loss.detach(), "mean"))  # the whole batch's loss
         avg = value if avg is None else 0.95 * avg + 0.05 * value
         done = step + 1
         state.step, state.loss = done, avg
@@ -209,8 +240,9 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             save_checkpoint(accelerator, run_dir, done,
                             extra=lambda ckpt: torch.save([p.detach().cpu() for p in trainable.params],
                                                           ckpt / "trainable.pt"))
-            write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
-        if on_sample is not None and (done % out_cfg.sample_every == 0 or done == cfg.steps):
+            if main:
+                write_json_line(run_dir / "log.jsonl", {"step": done, "loss": avg})
+        if main and on_sample is not None and (done % out_cfg.sample_every == 0 or done == cfg.steps):
             for m in trainable.modules:
                 m.eval()
             on_sample(done)
@@ -224,14 +256,18 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
     state.seconds = time.perf_counter() - t0
     ran = state.step - progress.start
     state.steps_per_s = ran / state.seconds if state.seconds > 0 and ran else 0.0
+    state.main = main
+    accelerator.wait_for_everyone()
     return state
 
 
 def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                process_caption) -> torch.Tensor:
+                process_caption, rows: tuple[slice, int]) -> torch.Tensor:
+    """The loss of this process's rows of the step's batch (all of it with one process)."""
+    part, _ = rows
     bucket, idx = data.draw(rng, cfg.batch_size)
     mean, std = bucket.mean[idx], bucket.std[idx]
-    z = (mean + std * torch.randn(mean.shape, generator=g)).to(dev) * scaling  # a posterior sample, (B, 4, h, w)
+    z = (mean + std * torch.randn(mean.shape, generator=g))[part].to(dev) * scaling  # posterior samples, (b, 4, h, w)
     texts = []
     for i in idx:
         text = rng.choice(bucket.captions[i])
@@ -239,12 +275,13 @@ def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, s
             text = process_caption(text, rng, dropout=caption_cfg.caption_dropout, shuffle=caption_cfg.shuffle_tags,
                                    keep=caption_cfg.keep_tokens)
         texts.append(text)
-    ctx, added = text_conditioning(comps, texts, bucket.size, dev)
+    ctx, added = text_conditioning(comps, texts[part], bucket.size, dev)
     weight_map = None
     if caption_cfg is not None and caption_cfg.object_weight and bucket.masks is not None:
-        weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx]).to(dev)
+        weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx][part]).to(dev)
     return diffusion_loss(comps.unet, noise_sched, z, ctx, added, g, v_prediction=v_prediction,
-                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map).mean()
+                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map,
+                          rows=rows).mean()
 
 
 class _Progress:

@@ -140,12 +140,16 @@ class StepLog:
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-<step>``; ``extra(folder)`` adds files before ``step.json``
-    marks it complete."""
+    marks it complete. With several processes every one calls it (accelerate writes each
+    process's random state); the main process writes the rest."""
     ckpt = Path(run_dir) / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(ckpt))
-    if extra is not None:
-        extra(ckpt)
-    (ckpt / "step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if extra is not None:
+            extra(ckpt)
+        (ckpt / "step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
     return ckpt
 
 
