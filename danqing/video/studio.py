@@ -17,6 +17,7 @@ from danqing.cache import LRUCache
 from danqing.conditioning.schedule import ConditioningContext, prompt_texts
 from danqing.customise.lora import activate, patched, request_tags
 from danqing.errors import InvalidRequest
+from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
 from danqing.outputs.video import check_video_out, clip_paths, planned_files, save_video
 from danqing.passes.video import decode_clips, run_video
@@ -78,7 +79,7 @@ class VideoStudio:
             clips = request.batch_size * request.batch_count
             for p in planned_files(check_video_out(out), clips, request.frames):
                 if p.exists():
-                    raise InvalidRequest("out", f"{p} already exists; danqing never overwrites, pick another name")
+                    raise InvalidRequest("out", exists_message(p))
 
         # 2. load: the checkpoint, its LoRA networks (patched for this request only), the motion
         # adapter (checked against the UNet), and the motion UNet made from both.
