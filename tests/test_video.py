@@ -38,15 +38,7 @@ def tiny_adapter(seed: int = 0, **changes):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = MotionAdapter(**{**ADAPTER, **changes}).eval()
-    # diffusers zero-initialises each motion module's proj_out (a fresh module is the identity);
-    # random values make the motion layers act, so the parity covers them
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        for name, p in adapter.named_parameters():
-            if "proj_out" in name:
-                p.normal_(0, 0.05)
-    return adapter
+        return MotionAdapter(**{**ADAPTER, **changes}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +57,12 @@ def unet(comps, adapter):
 
 
 @pytest.fixture(scope="module")
-def video_home(tmp_path_factory, comps, adapter):
-    """A danqing home whose models folder holds the checkpoint and the motion module (a folder)."""
-    from danqing.models.loader import save_diffusers_folder
-
+def video_home(tmp_path_factory, adapter):
+    """A danqing home whose models folder holds a motion module (a diffusers folder) that fits
+    the bundled danqing-tiny (its trained weights; the module random)."""
     home = tmp_path_factory.mktemp("video-home")
-    models = home / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    save_diffusers_folder(comps, models / "checkpoints" / "tiny-video")
-    adapter.save_pretrained(models / "motion" / "tiny-mm")
+    adapter.save_pretrained(home / "models" / "motion" / "tiny-mm")
+    adapter.save_pretrained(home / "models" / "elsewhere" / "mm")  # a real module outside models/motion/
     return home
 
 
@@ -107,6 +96,25 @@ def test_loop_matches_animatediff_pipeline(comps, adapter, unet, sampler):
     assert_close_scaled(ours, ref, what=sampler)
     # the motion modules act: the frames of the clip differ from each other
     assert (ours[:, :, 0] - ours[:, :, 1]).abs().max() > 1e-2
+
+
+def test_identity_motion_module_gives_each_seed_its_picture(comps):
+    """With its output projections zeroed, a motion module adds nothing: frame 0 of a clip is
+    then txt2img's picture of the same seed (frame 0's noise is the picture's)."""
+    from danqing.passes.txt2img import run_txt2img
+    from danqing.request import GenerationRequest
+
+    adapter = tiny_adapter(seed=5)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "proj_out" in name:
+                p.zero_()
+        req = request(sampler="DPM++ 2M", frames=3, prompt="[a red circle:a blue star:2]")
+        clip = run_video(comps, motion_unet(comps.unet, adapter), req, device="cpu", dtype=torch.float32).latents[0]
+        still = {k: v for k, v in req.model_dump().items() if k in GenerationRequest.model_fields}
+        picture = run_txt2img(comps, GenerationRequest.create(**still), device="cpu", dtype=torch.float32).latents[0]
+    assert_close_scaled(clip[:, :, 0], picture)
+    assert (clip[:, :, 1] - picture).abs().max() > 1e-2  # frame 1 has its own noise
 
 
 def test_per_frame_noise_is_reproducible_from_the_seed():
@@ -232,7 +240,7 @@ def test_cli_video_mp4_decodes_and_from_recreates_it(video_home, capsys, tmp_pat
     reads its parameters; ``--from`` on it re-creates identical frames."""
     clip = tmp_path / "clip.mp4"
     args = ["video", PROMPT, "--frames", "8", "--fps", "8", "--steps", "3", "--seed", "11", "--width", "64",
-            "--height", "64", "--model", "tiny-video", "-q"]
+            "--height", "64", "--model", "danqing-tiny", "-q"]
     code, out, err = run_cli(capsys, video_home, *args, "--out", str(clip))
     assert code in (0, None), err
     assert out.split() == [str(clip), str(clip) + ".json"]
@@ -258,11 +266,15 @@ def test_cli_video_mp4_decodes_and_from_recreates_it(video_home, capsys, tmp_pat
     (["--frames", "0", "--out", "c.mp4"], "frames: must be between 1 and 128"),
     (["--fps", "61", "--out", "c.mp4"], "fps: must be between 1 and 60"),
     (["--frames", "20", "--out", "c.mp4"], "takes at most 16 frames at once, got 20"),
-    (["--motion", "../checkpoints/tiny-video", "--out", "c.mp4"], "unknown motion module '../checkpoints/tiny-video'"),
+    (["--motion", "../elsewhere/mm", "--out", "c.mp4"], "unknown motion module '../elsewhere/mm': give the name of "
+                                                         "a model installed in models/motion/ (names only, never "
+                                                         "paths); installed: tiny-mm"),
+    (["--motion", "ELSEWHERE", "--out", "c.mp4"], "unknown motion module"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(video_home, capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, video_home, "video", PROMPT, "--model", "tiny-video", "--width", "64",
+    args = [str(video_home / "models" / "elsewhere" / "mm") if a == "ELSEWHERE" else a for a in args]
+    code, _, err = run_cli(capsys, video_home, "video", PROMPT, "--model", "danqing-tiny", "--width", "64",
                            "--height", "64", "--steps", "1", "-q", *args)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
