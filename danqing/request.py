@@ -51,6 +51,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     # video request
     "frames": (1, 128, "between 1 and 128"),
     "fps": (1, 60, "between 1 and 60 frames per second"),
+    "context_overlap": (0, 31, "between 0 and 31 frames (less than the motion module's window)"),
 }
 
 
@@ -477,10 +478,13 @@ class VideoRequest(GenerationRequest):
     ``GenerationRequest`` fields for each frame, and the clip's.
 
     Args:
-        frames: frames of the clip, 1-128 (at most the motion module's frame window).
+        frames: frames of the clip, 1-128 (longer than the motion module's frame window: in
+            overlapping context windows).
         fps: frames per second of the files written, 1-60.
         motion_module: a motion module's name in ``models/motion/`` (never a path); None = the
             only one installed.
+        context_overlap: frames shared by neighbouring context windows when the clip is longer
+            than the motion module's window (sliding context, ``sampling.video.ContextDenoise``).
     Image i of a batch is clip i: its frames share the seed ``seed + i`` (frame f's noise is the
     f-th draw of that seed's generator, so the first frames of a longer clip start alike).
     """
@@ -488,8 +492,9 @@ class VideoRequest(GenerationRequest):
     frames: int = 16
     fps: int = 8
     motion_module: str | None = None
+    context_overlap: int = 4
 
-    _video_ranges = field_validator("frames", "fps")(in_range)
+    _video_ranges = field_validator("frames", "fps", "context_overlap")(in_range)
 
     @model_validator(mode="after")
     def _video(self) -> "VideoRequest":

@@ -25,7 +25,7 @@ from danqing.request import VideoRequest
 from danqing.sampling.loop import STOP
 from danqing.sampling.noise import initial_noise, make_generators
 from danqing.sampling.samplers import make_scheduler
-from danqing.sampling.video import video_noise
+from danqing.sampling.video import ContextDenoise, context_windows, video_noise
 
 ADAPTER = dict(block_out_channels=(32, 64, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                motion_norm_num_groups=8, motion_max_seq_length=16)
@@ -115,6 +115,37 @@ def test_identity_motion_module_gives_each_seed_its_picture(comps):
         picture = run_txt2img(comps, GenerationRequest.create(**still), device="cpu", dtype=torch.float32).latents[0]
     assert_close_scaled(clip[:, :, 0], picture)
     assert (clip[:, :, 1] - picture).abs().max() > 1e-2  # frame 1 has its own noise
+
+
+@pytest.mark.parametrize("frames,length,overlap,starts", [
+    (8, 16, 4, [0]), (16, 16, 4, [0]), (20, 16, 4, [0, 4]), (40, 16, 4, [0, 12, 24]), (10, 4, 1, [0, 3, 6]),
+    (11, 4, 2, [0, 2, 4, 6, 7]),
+])
+def test_context_windows_cover_the_clip_with_their_overlap(frames, length, overlap, starts):
+    windows = context_windows(frames, length, overlap)
+    assert [w[0] for w in windows] == starts
+    assert all(w == list(range(w[0], w[0] + min(length, frames))) for w in windows)
+    assert sorted({f for w in windows for f in w}) == list(range(frames))
+    assert all(len(set(a) & set(b)) >= overlap for a, b in zip(windows, windows[1:]))
+
+
+def test_sliding_context_changes_nothing_for_frames_the_module_keeps_apart(comps, unet):
+    """Windows only matter through the motion layers: with them zeroed (identity), a long clip
+    in windows is the clip at once; with them acting, the windows change the result."""
+    req = request(sampler="DPM++ 2M", frames=5, steps=2, cfg_scale=1.0)
+    identity = tiny_adapter(seed=5)
+    with torch.no_grad():
+        for name, p in identity.named_parameters():
+            if "proj_out" in name:
+                p.zero_()
+        plain_unet = motion_unet(comps.unet, identity)
+        run = dict(device="cpu", dtype=torch.float32)
+        whole = run_video(comps, plain_unet, req, **run).latents[0]
+        windowed = run_video(comps, plain_unet, req, denoise_fn=ContextDenoise(4, 2), **run).latents[0]
+        assert_close_scaled(windowed, whole)
+        acting = run_video(comps, unet, req, **run).latents[0]
+        acting_windowed = run_video(comps, unet, req, denoise_fn=ContextDenoise(4, 2), **run).latents[0]
+    assert (acting_windowed - acting).abs().max() > 1e-3
 
 
 def test_per_frame_noise_is_reproducible_from_the_seed():
@@ -265,7 +296,8 @@ def test_cli_video_mp4_decodes_and_from_recreates_it(video_home, capsys, tmp_pat
     (["--out", "clip.avi"], "cannot write a video as .avi; use one of .mp4 (MP4 (H.264)), .gif (GIF), .webp"),
     (["--frames", "0", "--out", "c.mp4"], "frames: must be between 1 and 128"),
     (["--fps", "61", "--out", "c.mp4"], "fps: must be between 1 and 60"),
-    (["--frames", "20", "--out", "c.mp4"], "takes at most 16 frames at once, got 20"),
+    (["--frames", "20", "--context-overlap", "16", "--out", "c.mp4"],
+     "context_overlap: must be less than motion module 'tiny-mm'\'s window of 16 frames, got 16"),
     (["--motion", "../elsewhere/mm", "--out", "c.mp4"], "unknown motion module '../elsewhere/mm': give the name of "
                                                          "a model installed in models/motion/ (names only, never "
                                                          "paths); installed: tiny-mm"),

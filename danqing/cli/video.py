@@ -20,7 +20,8 @@ def video(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax (the same for every frame)."),
     negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt."),
-    frames: Optional[int] = typer.Option(None, help="Frames of the clip (1-128, at most the motion module's window) [default: 16]."),
+    frames: Optional[int] = typer.Option(None, help="Frames of the clip (1-128; longer than the motion module's window: sliding context windows) [default: 16]."),
+    context_overlap: Optional[int] = typer.Option(None, help="Frames shared by neighbouring context windows of a long clip [default: 4]."),
     fps: Optional[int] = typer.Option(None, help="Frames per second of the file (1-60) [default: 8]."),
     motion: Optional[str] = typer.Option(None, "--motion", help="Motion module name in models/motion/ [default: the only one]."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (1-150) [default: 20]."),
@@ -46,6 +47,7 @@ def video(
     from danqing.video.studio import VideoStudio, request_from_parameters
 
     fields = {"prompt": prompt, "negative_prompt": negative, "frames": frames, "fps": fps, "motion_module": motion,
+              "context_overlap": context_overlap,
               "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg, "seed": seed,
               "width": width, "height": height, "batch_size": batch_size, "model": model}
     fields = {k: v for k, v in fields.items() if v is not None}

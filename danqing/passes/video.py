@@ -20,8 +20,8 @@ from danqing.sampling.video import frames_first, motion_denoise, video_noise, vi
 DECODE_CHUNK = 16  # frames per VAE call (diffusers' ``decode_chunk_size``)
 
 
-def run_video(comps, unet, request, *, device, dtype, on_step=None,
-              context: ConditioningContext | None = None) -> PassResult:
+def run_video(comps, unet, request, *, device, dtype, on_step=None, context: ConditioningContext | None = None,
+              denoise_fn=motion_denoise) -> PassResult:
     """Condition, then sample every batch of clips from per-frame noise (undecoded).
 
     Args:
@@ -30,6 +30,8 @@ def run_video(comps, unet, request, *, device, dtype, on_step=None,
         request: a ``VideoRequest``.
         on_step: gets ``VideoStepInfo`` after every sampler step (STOP interrupts, SKIP ends a batch).
         context: the request's embeddings (``ConditioningContext``).
+        denoise_fn: ``motion_denoise`` (the whole clip at once) or a ``ContextDenoise`` (sliding
+            context windows for clips longer than the motion module's window).
 
     Returns:
         ``PassResult`` whose ``latents`` are (batch_size, C, F, h, w) per batch.
@@ -50,7 +52,7 @@ def run_video(comps, unet, request, *, device, dtype, on_step=None,
         sampled = sample(unet, scheduler, noise.to(device=device, dtype=dtype), cond, steps=request.steps,
                          cfg_scale=request.cfg_scale, generators=batch.generators, on_step=steps,
                          family=comps.family, batch_index=batch.index, batch_count=batch.count,
-                         denoise_fn=motion_denoise)
+                         denoise_fn=denoise_fn)
         batches.record(batch, sampled)
     return batches.result
 

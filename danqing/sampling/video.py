@@ -83,3 +83,47 @@ def frames_first(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, F, h, w) -> (B * F, C, h, w): clip after clip, frame after frame, for the VAE."""
     b, c, f, h, w = latents.shape
     return latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def context_windows(frames: int, length: int, overlap: int) -> list[list[int]]:
+    """Overlapping windows of ``length`` frames covering ``frames`` (AnimateDiff-Evolved's
+    uniform context): starts every ``length - overlap`` frames, the last window aligned with the
+    clip's end; one window when the clip fits.
+
+    Args:
+        frames: frames of the clip; length: frames the motion module takes at once (> overlap).
+        overlap: frames shared by neighbouring windows (0 <= overlap < length).
+    """
+    if frames <= length:
+        return [list(range(frames))]
+    stride = length - overlap
+    starts = list(range(0, frames - length + 1, stride))
+    if starts[-1] + length < frames:
+        starts.append(frames - length)
+    return [list(range(s, s + length)) for s in starts]
+
+
+@dataclass(frozen=True)
+class ContextDenoise:
+    """``motion_denoise`` over sliding context windows, for clips longer than the motion
+    module's frame window: each window is denoised on its own and every frame's prediction is
+    the mean over the windows that hold it (flat weights). Made per request; holds no state.
+
+    Attributes:
+        length: frames per window (the module's ``motion_max_seq_length`` or less).
+        overlap: frames shared by neighbouring windows.
+    """
+
+    length: int
+    overlap: int
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                 use_cfg: bool) -> torch.Tensor:
+        frames = x.shape[2]
+        out = torch.zeros_like(x)
+        count = torch.zeros(frames, dtype=x.dtype, device=x.device)
+        for window in context_windows(frames, self.length, self.overlap):
+            idx = torch.tensor(window, device=x.device)
+            out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
+            count[idx] += 1
+        return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)

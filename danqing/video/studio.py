@@ -23,6 +23,7 @@ from danqing.outputs.video import check_video_out, clip_paths, planned_files, sa
 from danqing.passes.video import decode_clips, run_video
 from danqing.request import VideoRequest
 from danqing.sampling.loop import OnStep
+from danqing.sampling.video import ContextDenoise, motion_denoise
 from danqing.studio import Studio, resolve_request
 
 
@@ -82,17 +83,20 @@ class VideoStudio:
                     raise InvalidRequest("out", exists_message(p))
 
         # 2. load: the checkpoint, its LoRA networks (patched for this request only), the motion
-        # adapter (checked against the UNet), and the motion UNet made from both.
+        # adapter (checked against the UNet; a clip longer than its window runs in sliding context
+        # windows), and the motion UNet made from both.
         loaded = studio.models.load(request.model, request.vae)
         comps = loaded.components
         entry = find_motion(studio.registry, request.motion_module)
         adapter = self._adapter(entry)
         check_fits(adapter, dict(comps.unet.config), motion_name=entry.name, model_name=loaded.name)
         window = adapter.config["motion_max_seq_length"]
-        if request.frames > window:
-            raise InvalidRequest("frames", f"motion module {entry.name!r} takes at most {window} frames at once, got "
-                                           f"{request.frames} (longer clips need sliding context windows, not yet "
-                                           f"available)")
+        denoise_fn = motion_denoise
+        if request.frames > window:  # longer than the module sees at once: sliding context windows
+            if request.context_overlap >= window:
+                raise InvalidRequest("context_overlap", f"must be less than motion module {entry.name!r}'s window of "
+                                                        f"{window} frames, got {request.context_overlap}")
+            denoise_fn = ContextDenoise(window, request.context_overlap)
         networks = activate(request_tags(request), comps, registry=studio.registry, model_name=loaded.name,
                             cache=studio.networks)
         embeddings = studio.embeddings.for_prompts(prompt_texts(request), comps)
@@ -104,7 +108,7 @@ class VideoStudio:
             # 3. condition, 4. sample.
             t = time.perf_counter()
             run = run_video(comps, unet, request, device=studio.models.device, dtype=studio.models.dtype,
-                            on_step=on_step, context=ConditioningContext(tuple(embeddings)))
+                            on_step=on_step, context=ConditioningContext(tuple(embeddings)), denoise_fn=denoise_fn)
             del unet
         timings["sample"] = time.perf_counter() - t
 
