@@ -52,7 +52,7 @@ class VideoResult:
 
 
 class VideoStudio:
-    """Text-to-video over a ``Studio``; keeps the last two motion adapters loaded.
+    """Text-to-video over a ``Studio``; keeps the last motion adapter loaded.
 
     Args:
         studio: the studio whose models folder, ModelManager and LoRA cache are used.
@@ -60,7 +60,7 @@ class VideoStudio:
 
     def __init__(self, studio: Studio):
         self.studio = studio
-        self._adapters: LRUCache[object] = LRUCache(2)
+        self._adapters: LRUCache[object] = LRUCache(1)
 
     def generate(self, request: VideoRequest, on_step: OnStep | None = None, *, out: Path | None = None) -> VideoResult:
         """Run a text-to-video request.
@@ -143,10 +143,14 @@ class VideoStudio:
         return names[0]
 
     def _adapter(self, entry):
+        """The motion adapter of ``entry``, placed by the ModelManager (so diffusers' own
+        ``.to(device)`` in ``UNetMotionModel.from_unet2d`` moves nothing); cached by path and mtime."""
         key = (str(entry.path), entry.path.stat().st_mtime_ns)
         hit = self._adapters.get(key)
         if hit is None:
-            hit = self._adapters.put(key, load_motion_adapter(entry))
+            adapter = load_motion_adapter(entry)
+            self.studio.models.place_module(adapter)
+            hit = self._adapters.put(key, adapter)
         return hit
 
 
