@@ -48,6 +48,10 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "p2p_features": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
     "null_text_iterations": (0, 100, "between 0 (plain DDIM inversion) and 100"),
     "ip_adapter_weight": (0.0, 2.0, "between 0 (no effect) and 2"),
+    # video request
+    "frames": (1, 128, "between 1 and 128"),
+    "fps": (1, 60, "between 1 and 60 frames per second"),
+    "context_overlap": (0, 31, "between 0 and 31 frames (less than the motion module's window)"),
 }
 
 
@@ -425,7 +429,7 @@ class GenerationRequest(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as exc:
-            raise _one_line(exc) from None
+            raise _one_line(exc, cls) from None
 
     def replace(self, **changes: Any) -> "GenerationRequest":
         """A validated copy with some fields changed."""
@@ -445,7 +449,7 @@ class GenerationRequest(BaseModel):
         return cls.create(**data)
 
 
-def _one_line(exc: ValidationError) -> InvalidRequest:
+def _one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> InvalidRequest:
     """Turn pydantic's multi-line report into our one-line typed error (first problem)."""
     err = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in err.get("loc", ())) or "request"
@@ -453,7 +457,7 @@ def _one_line(exc: ValidationError) -> InvalidRequest:
     if isinstance(ctx_error, InvalidRequest):
         return ctx_error
     if err["type"] == "extra_forbidden":
-        allowed = ", ".join(GenerationRequest.model_fields)
+        allowed = ", ".join((model or GenerationRequest).model_fields)
         return InvalidRequest(field, f"unknown field; allowed fields: {allowed}")
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -461,3 +465,41 @@ def _one_line(exc: ValidationError) -> InvalidRequest:
     if err["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be")
     return InvalidRequest(field, msg)
+
+
+# what a video request cannot do yet (each a field of GenerationRequest and its unset value)
+VIDEO_UNSUPPORTED = {"init_image": None, "mask": None, "enable_hr": False, "refiner_checkpoint": None,
+                     "p2p_source": None, "ip_adapter_image": (), "controlnet": (), "regions": None,
+                     "restore_faces": False}
+
+
+class VideoRequest(GenerationRequest):
+    """One text-to-video job (AnimateDiff: a motion module on an SD1.5 checkpoint): the
+    ``GenerationRequest`` fields for each frame, and the clip's.
+
+    Args:
+        frames: frames of the clip, 1-128 (longer than the motion module's frame window: in
+            overlapping context windows).
+        fps: frames per second of the files written, 1-60.
+        motion_module: a motion module's name in ``models/motion/`` (never a path); None = the
+            only one installed.
+        context_overlap: frames shared by neighbouring context windows when the clip is longer
+            than the motion module's window (sliding context, ``sampling.video.ContextDenoise``).
+    Image i of a batch is clip i: its frames share the seed ``seed + i`` (frame f's noise is the
+    f-th draw of that seed's generator, so the first frames of a longer clip start alike).
+    """
+
+    frames: int = 16
+    fps: int = 8
+    motion_module: str | None = None
+    context_overlap: int = 4
+
+    _video_ranges = field_validator("frames", "fps", "context_overlap")(in_range)
+
+    @model_validator(mode="after")
+    def _video(self) -> "VideoRequest":
+        for name, unset in VIDEO_UNSUPPORTED.items():
+            if getattr(self, name) != unset:
+                raise InvalidRequest(name, "is not available for video yet; text-to-video takes the prompt, "
+                                     "sampler, steps, CFG, seed, size, frames, fps and a motion module")
+        return self

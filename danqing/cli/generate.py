@@ -132,8 +132,9 @@ def parse_ip_adapter_option(values: list[str]) -> dict:
 
 
 @app.command()
-def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111.")):
-    """Print an image's generation parameters (A1111 infotext)."""
+def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111, or a video by danqing.")):
+    """Print an image's generation parameters (A1111 infotext), or a video's (JSON)."""
     from danqing.outputs.store import read_infotext
+    from danqing.outputs.video import is_video, read_video_parameters
 
-    print(read_infotext(image))
+    print(read_video_parameters(image) if is_video(image) else read_infotext(image))

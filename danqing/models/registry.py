@@ -4,7 +4,7 @@ Layout (``settings.models_dir``)::
 
     checkpoints/   *.safetensors, *.ckpt, *.pt, or diffusers folders (model_index.json)
     vae/           *.safetensors, *.ckpt, *.pt, or diffusers AutoencoderKL folders
-    lora/ embeddings/ controlnet/ ipadapter/ clip_vision/
+    lora/ embeddings/ controlnet/ ipadapter/ clip_vision/ motion/ (AnimateDiff motion modules)
 
 Hashes are A1111's: sha256 of the file, "short hash" = first 10 hex chars. They are cached in
 ``models_dir/.danqing-hashes.json`` keyed by path, size and mtime (hashing a 7 GB file is slow).
@@ -36,12 +36,14 @@ KINDS = {
     "controlnet": "controlnet",
     "ipadapter": "ipadapter",
     "clip_vision": "clip_vision",
+    "motion": "motion",
 }
 # kind -> (what a request calls it, the field a library lookup reports) for names-only lookups
 LABELS = {
     "checkpoint": ("checkpoint", "model"), "vae": ("VAE", "vae"), "lora": ("LoRA", "prompt"),
     "embedding": ("embedding", "prompt"), "controlnet": ("controlnet", "controlnet"),
     "ipadapter": ("IP-Adapter", "ip_adapter"), "clip_vision": ("image encoder", "ip_adapter_encoder"),
+    "motion": ("motion module", "motion_module"),
 }
 BUILTIN = "danqing-tiny-random"
 BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package (data/models/)

@@ -1,0 +1,84 @@
+"""``danqing video``: text-to-video with an AnimateDiff motion module (docs/video.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from danqing.cli.common import app, dated, make_studio
+
+VIDEO_OUT_HELP = ("Output file: NAME.mp4 (H.264), NAME.gif, NAME.webp (animated) or NAME.png (frames NAME-000.png, "
+                  "...), each with NAME.EXT.json beside it; a folder (ending with /) gets a numbered NAME.mp4; "
+                  "default: outputs/txt2video/DATE/")
+
+
+@app.command()
+def video(
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax (the same for every frame)."),
+    negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt."),
+    frames: Optional[int] = typer.Option(None, help="Frames of the clip (1-128; longer than the motion module's window: sliding context windows) [default: 16]."),
+    context_overlap: Optional[int] = typer.Option(None, help="Frames shared by neighbouring context windows of a long clip [default: 4]."),
+    fps: Optional[int] = typer.Option(None, help="Frames per second of the file (1-60) [default: 8]."),
+    motion: Optional[str] = typer.Option(None, "--motion", help="Motion module name in models/motion/ [default: the only one]."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (1-150) [default: 20]."),
+    sampler: Optional[str] = typer.Option(None, help="A1111 sampler name [default: DPM++ 2M]."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale (1-30) [default: 7]."),
+    seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
+    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
+    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per batch (clip i has seed + i)."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
+    from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override)."),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help=VIDEO_OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Generate a video clip from a prompt with an AnimateDiff motion module on a checkpoint."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from danqing.errors import InvalidRequest
+    from danqing.outputs.video import check_video_out, read_video_parameters
+    from danqing.request import VideoRequest
+    from danqing.video.studio import VideoStudio, request_from_parameters
+
+    fields = {"prompt": prompt, "negative_prompt": negative, "frames": frames, "fps": fps, "motion_module": motion,
+              "context_overlap": context_overlap,
+              "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg, "seed": seed,
+              "width": width, "height": height, "batch_size": batch_size, "model": model}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if from_video is not None:
+        request = request_from_parameters(read_video_parameters(from_video)).replace(**fields)
+    elif prompt is None:
+        raise InvalidRequest("prompt", "give a prompt, or --from VIDEO to re-create a clip")
+    else:
+        request = VideoRequest.create(**fields)
+    target = video_target(out, dated(ctx.obj, "txt2video"))
+    check_video_out(target)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("sampling", total=request.steps * request.batch_count)
+        result = VideoStudio(make_studio(ctx.obj)).generate(
+            request, on_step=lambda info: progress.update(task, completed=info.batch_index * info.total + info.step),
+            out=target)
+    for path in result.paths:
+        print(path)
+    console.print(f"{len(result.clips)} clip(s) of {result.request.frames} frames in {result.timings['total']:.2f}s "
+                  f"(seed {result.seeds[0]})")
+
+
+def video_target(out: Optional[str], default_folder: Path) -> Path:
+    """``--out`` as a file: NAME.EXT as given; a folder (or no ``--out``): its next free NNNNN.mp4."""
+    if out is not None and not (out.endswith(("/", os.sep)) or Path(out).is_dir()):
+        return Path(out)
+    folder = Path(out) if out is not None else default_folder
+    taken = {p.stem for p in folder.glob("*")} if folder.is_dir() else set()
+    n = len(taken)
+    while f"{n:05d}" in taken:
+        n += 1
+    return folder / f"{n:05d}.mp4"

@@ -1,0 +1,66 @@
+"""text-to-video: per-frame noise -> a motion UNet through our loop -> frames, batch after batch.
+
+The same steps as txt2img (``passes/txt2img.py``): the prompt is conditioned once (A1111 syntax,
+prompt editing, embeddings), each batch of clips gets its seeds' generators and a fresh
+scheduler, and the loop runs with ``sampling.video.motion_denoise``. Image i of a batch is a
+clip of ``request.frames`` frames.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from danqing.conditioning.schedule import ConditioningContext, build_conditioning
+from danqing.decode import decode_latents, to_pil, vae_scale_factor
+from danqing.passes.batches import Batches, PassResult
+from danqing.sampling.loop import sample
+from danqing.sampling.video import frames_first, motion_denoise, video_noise, video_steps
+
+DECODE_CHUNK = 16  # frames per VAE call (diffusers' ``decode_chunk_size``)
+
+
+def run_video(comps, unet, request, *, device, dtype, on_step=None, context: ConditioningContext | None = None,
+              denoise_fn=motion_denoise) -> PassResult:
+    """Condition, then sample every batch of clips from per-frame noise (undecoded).
+
+    Args:
+        comps: the checkpoint's loaded ``Components`` (text encoders, VAE, scheduler config).
+        unet: the motion UNet (``models.motion.motion_unet``), on the device.
+        request: a ``VideoRequest``.
+        on_step: gets ``VideoStepInfo`` after every sampler step (STOP interrupts, SKIP ends a batch).
+        context: the request's embeddings (``ConditioningContext``).
+        denoise_fn: ``motion_denoise`` (the whole clip at once) or a ``ContextDenoise`` (sliding
+            context windows for clips longer than the motion module's window).
+
+    Returns:
+        ``PassResult`` whose ``latents`` are (batch_size, C, F, h, w) per batch.
+    """
+    context = context or ConditioningContext()
+    # 3. condition: (2B, T, D) per step; motion_denoise repeats it for every frame.
+    encoder = context.text_encoder(comps, request.clip_skip)
+    cond = build_conditioning(encoder, request, batch=request.batch_size)
+
+    # 4. sample: frame f of clip i is the f-th draw of seed + i's generator.
+    factor = vae_scale_factor(comps.vae)
+    shape = (unet.config.in_channels, request.frames, request.height // factor, request.width // factor)
+    batches = Batches(request, device)
+    steps = video_steps(on_step)
+    for batch in batches:
+        noise = video_noise(shape, batch.generators, subseeds=batch.subseeds, subseed_strength=request.subseed_strength)
+        scheduler = batch.scheduler(comps.scheduler_config, request.sampler, request.schedule)
+        sampled = sample(unet, scheduler, noise.to(device=device, dtype=dtype), cond, steps=request.steps,
+                         cfg_scale=request.cfg_scale, generators=batch.generators, on_step=steps,
+                         family=comps.family, batch_index=batch.index, batch_count=batch.count,
+                         denoise_fn=denoise_fn)
+        batches.record(batch, sampled)
+    return batches.result
+
+
+@torch.no_grad()
+def decode_clips(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> list[list[Image.Image]]:
+    """(B, C, F, h, w) latents -> B clips of F RGB pictures, decoded ``chunk`` frames at a time."""
+    b, _, f = latents.shape[:3]
+    flat = frames_first(latents)
+    pictures = [p for i in range(0, flat.shape[0], chunk) for p in to_pil(decode_latents(vae, flat[i:i + chunk]))]
+    return [pictures[i * f:(i + 1) * f] for i in range(b)]

@@ -1,0 +1,129 @@
+"""Video latents through the same loop: (B, C, F, h, w) latents, the frames of a clip denoised
+together by a motion UNet (diffusers' ``UNetMotionModel``, AnimateDiff).
+
+``sampling.loop.sample`` is shape-agnostic (the schedulers work element-wise), so a video runs
+through it unchanged with ``motion_denoise`` as its ``denoise_fn``: the same samplers, CFG,
+prompt-editing schedule, step callbacks and interrupt as a picture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from danqing.decode import cheap_preview
+from danqing.sampling.loop import Conditioning, StepInfo, denoise
+from danqing.sampling.noise import slerp
+
+
+def video_noise(
+    shape: tuple[int, int, int, int],
+    generators: list[torch.Generator],
+    *,
+    subseeds: list[int] | None = None,
+    subseed_strength: float = 0.0,
+) -> torch.Tensor:
+    """(B, C, F, h, w) standard normal noise, clip i from ``generators[i]``, frame after frame.
+
+    Frame f of a clip is the (f+1)-th (C, h, w) draw of its generator, so its first frame is the
+    noise of a single picture of that seed and a longer clip starts with a shorter one's frames.
+
+    Args:
+        shape: (C, F, h, w) of one clip.
+        generators: one per clip; they keep advancing afterwards (ancestral step noise).
+        subseeds, subseed_strength: A1111's variation seed, slerped in frame by frame.
+    """
+    c, frames, h, w = shape
+    out = []
+    for i, gen in enumerate(generators):
+        clip = torch.cat([torch.randn((1, c, 1, h, w), generator=gen, device=gen.device) for _ in range(frames)], dim=2)
+        if subseeds is not None and subseed_strength > 0:
+            sub = torch.Generator(gen.device).manual_seed(int(subseeds[i]))
+            other = torch.cat([torch.randn((1, c, 1, h, w), generator=sub, device=gen.device) for _ in range(frames)],
+                              dim=2)
+            clip = torch.cat([slerp(subseed_strength, clip[:, :, f], other[:, :, f]).unsqueeze(2)
+                              for f in range(frames)], dim=2)
+        out.append(clip)
+    return torch.cat(out)
+
+
+def motion_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                   use_cfg: bool) -> torch.Tensor:
+    """``loop.denoise`` for a motion UNet: x is (B, C, F, h, w); the text context, (2B, T, D)
+    per clip, is repeated for every frame, (2B * F, T, D), as the UNet attends per frame
+    (diffusers' ``AnimateDiffPipeline`` repeats it the same way). Returns (B, C, F, h, w)."""
+    frames = x.shape[2]
+    context = cond.context.repeat_interleave(frames, dim=0)
+    return denoise(unet, x, t, Conditioning(context, cond.added), cfg_scale, use_cfg)
+
+
+@dataclass
+class VideoStepInfo(StepInfo):
+    """``StepInfo`` of a video pass: ``latents`` is (B, C, F, h, w); ``preview`` shows the
+    first clip's first frame."""
+
+    def preview(self):
+        return cheap_preview(self.latents[:, :, 0], self.family)
+
+
+def video_steps(on_step):
+    """``on_step`` handed ``VideoStepInfo`` instead of the loop's ``StepInfo`` (None stays None)."""
+    if on_step is None:
+        return None
+
+    def wrapped(info: StepInfo):
+        return on_step(VideoStepInfo(info.step, info.total, info.latents, info.family, info.batch_index,
+                                     info.batch_count))
+
+    return wrapped
+
+
+def frames_first(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B * F, C, h, w): clip after clip, frame after frame, for the VAE."""
+    b, c, f, h, w = latents.shape
+    return latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def context_windows(frames: int, length: int, overlap: int) -> list[list[int]]:
+    """Overlapping windows of ``length`` frames covering ``frames`` (AnimateDiff-Evolved's
+    uniform context): starts every ``length - overlap`` frames, the last window aligned with the
+    clip's end; one window when the clip fits.
+
+    Args:
+        frames: frames of the clip; length: frames the motion module takes at once (> overlap).
+        overlap: frames shared by neighbouring windows (0 <= overlap < length).
+    """
+    if frames <= length:
+        return [list(range(frames))]
+    stride = length - overlap
+    starts = list(range(0, frames - length + 1, stride))
+    if starts[-1] + length < frames:
+        starts.append(frames - length)
+    return [list(range(s, s + length)) for s in starts]
+
+
+@dataclass(frozen=True)
+class ContextDenoise:
+    """``motion_denoise`` over sliding context windows, for clips longer than the motion
+    module's frame window: each window is denoised on its own and every frame's prediction is
+    the mean over the windows that hold it (flat weights). Made per request; holds no state.
+
+    Attributes:
+        length: frames per window (the module's ``motion_max_seq_length`` or less).
+        overlap: frames shared by neighbouring windows.
+    """
+
+    length: int
+    overlap: int
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                 use_cfg: bool) -> torch.Tensor:
+        frames = x.shape[2]
+        out = torch.zeros_like(x)
+        count = torch.zeros(frames, dtype=x.dtype, device=x.device)
+        for window in context_windows(frames, self.length, self.overlap):
+            idx = torch.tensor(window, device=x.device)
+            out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
+            count[idx] += 1
+        return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)
