@@ -133,7 +133,11 @@ def parse_ip_adapter_option(values: list[str]) -> dict:
 
 @app.command()
 def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111.")):
-    """Print an image's generation parameters (A1111 infotext)."""
+    """Print an image's generation parameters (A1111 infotext), or a 3D run's (a mesh or its NAME.json)."""
     from danqing.outputs.store import read_infotext
 
+    if image.suffix.lower() in (".glb", ".obj", ".ply", ".json"):  # danqing 3d's files
+        from danqing.threed.export import read_params
+
+        return print(read_params(image))
     print(read_infotext(image))
