@@ -95,7 +95,9 @@ def write_mesh(mesh, path: Path, params: dict | None = None) -> Path:
     its extras."""
     kind = path.suffix.lower().lstrip(".")
     if kind == "glb":
-        data = mesh.export(file_type="glb", extras={"danqing": params} if params else None)
+        mesh = mesh.copy()
+        mesh.metadata = {"danqing": params} if params else {}  # written as the mesh's glTF extras
+        data = mesh.export(file_type="glb")
     else:
         data = mesh.export(file_type=kind)
     if isinstance(data, str):
@@ -106,7 +108,8 @@ def write_mesh(mesh, path: Path, params: dict | None = None) -> Path:
 @torch.no_grad()
 def turntable_frames(fld: VoxelField, bg: Background, ranges: dict, *, size: int, frames: int, samples: int = 64,
                      ambient: float = 0.3) -> list:
-    """``frames`` lambertian-shaded views around the object, lit from each camera."""
+    """``frames`` lambertian-shaded views around the object, lit from above each camera."""
+    fld.update_occupancy()
     out = []
     for cam in turntable(ranges, frames):
         light = torch.nn.functional.normalize(cam.position() + torch.tensor([0.0, 0.0, 1.0]) * cam.distance, dim=0)

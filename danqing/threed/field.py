@@ -41,11 +41,11 @@ class VoxelField(nn.Module):
         density_scale: density per unit length of softplus(.) = 1 (a 64-sample ray through the
             box takes about 0.03 per sample, so 25 makes a voxel of raw value 3 nearly opaque).
         blob_strength, blob_radius: the density bias (0 strength: none).
-        init_density: the raw density away from the blob (softplus(-5) * 25 = 0.17: clear air).
+        init_density: the raw density away from the blob (softplus(-7) * 25 = 0.02: clear air).
     """
 
     def __init__(self, res: int = 48, *, density_scale: float = 25.0, blob_strength: float = 10.0,
-                 blob_radius: float = 0.25, init_density: float = -5.0):
+                 blob_radius: float = 0.25, init_density: float = -7.0):
         super().__init__()
         self.res = res
         self.density_scale = density_scale

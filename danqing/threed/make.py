@@ -10,7 +10,8 @@ from pathlib import Path
 from danqing.threed.cameras import preset
 from danqing.threed.export import (OutputPaths, extract_mesh, refuse_existing, turntable_frames, write_gif, write_mesh,
                                    write_params)
-from danqing.threed.run import RunResult, ThreeDRequest, optimise
+from danqing.threed.run import RunResult, ThreeDRequest, check_size, optimise
+from danqing.threed.sds import native_size
 
 
 @dataclass
@@ -30,20 +31,32 @@ def peak_memory_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def make_3d(studio, request: ThreeDRequest, out: OutputPaths, *, on_step=None, resume: Path | None = None) -> Made:
-    """Optimise, then write the mesh (GLB, OBJ, PLY), the parameters and the turntable GIF.
+def prepare_3d(studio, request: ThreeDRequest, out: OutputPaths):
+    """Steps 1 and 2, before any optimisation: nothing would be overwritten, the model loads
+    and takes the render size.
 
-    Args:
-        studio: a ``Studio`` (its ModelManager loads and places the model).
-        out: the files to write (``export.output_paths``); none may exist.
-        on_step: called with a ``StepReport`` after every step; False stops the run.
-        resume: a checkpoint of this same run (``out.checkpoint`` of an earlier, stopped run).
+    Returns:
+        (the request with its model named, the ``LoadedModel``).
     """
     # 1. validate: nothing is overwritten; the model is named.
     refuse_existing(out)
     request = request.replace(model=request.model or studio.settings.default_model)
-    # 2. load the frozen model.
+    # 2. load the frozen model (the ModelManager places it) and check the size against it.
     loaded = studio.models.load(request.model)
+    check_size(request.size, native_size(loaded.components), loaded.name)
+    return request, loaded
+
+
+def make_3d(loaded, request: ThreeDRequest, out: OutputPaths, *, on_step=None, resume: Path | None = None) -> Made:
+    """Optimise, then write the mesh (GLB, OBJ, PLY), the parameters and the turntable GIF.
+
+    Args:
+        loaded: the ``LoadedModel`` of ``prepare_3d``.
+        request: the request of ``prepare_3d``.
+        out: the files to write (``export.output_paths``); none may exist.
+        on_step: called with a ``StepReport`` after every step; False stops the run.
+        resume: a checkpoint of this same run (``out.checkpoint`` of an earlier, stopped run).
+    """
     # 3. optimise (checkpoints beside the mesh).
     result = optimise(loaded.components, request, model_name=loaded.name, model_hash=loaded.sha256, on_step=on_step,
                       checkpoint=out.checkpoint, resume=resume)

@@ -251,8 +251,10 @@ def _step(step: int, request: ThreeDRequest, guide: Guide, fld: VoxelField, bg: 
     noise = torch.randn((1, *guide.latent_shape()), generator=g)
     loss = guide.loss(view.image(), view_name(cam), t, noise)
     total = loss + request.tv_weight * fld.total_variation()
-    opt.zero_grad(set_to_none=True)
-    total.backward()
+    # gradients for the field and the background only: the model's own parameters never get one
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p, grad in zip(params, torch.autograd.grad(total, params, allow_unused=True)):
+        p.grad = grad
     opt.step()
     losses.append(float(loss.detach()))
     return step + 1, False

@@ -25,6 +25,11 @@ from danqing.threed.cameras import table, view_prompt
 VIEWS = ("front", "side", "back", "overhead")
 
 
+def native_size(comps) -> int:
+    """The side of the pictures a model draws: the UNet's sample size times the VAE's factor."""
+    return comps.unet.config.sample_size * vae_scale_factor(comps.vae)
+
+
 def sds_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """w(t) = 1 - abar_t (DreamFusion's choice: the noise variance sigma_t^2)."""
     return 1 - alphas_cumprod[t]
@@ -86,7 +91,7 @@ class Guide:
         self.guidance = guidance
         unet = comps.unet
         self.device = unet.device
-        self.native = unet.config.sample_size * vae_scale_factor(comps.vae)  # the model's picture side
+        self.native = native_size(comps)
         encoder = TextEncoder(comps)
         texts = {v: view_prompt(prompt, v) for v in VIEWS} if view_prompts else {v: prompt for v in VIEWS}
         with torch.no_grad():
