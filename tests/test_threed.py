@@ -192,3 +192,30 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     assert not any(tmp_path.glob("ball*"))
     with pytest.raises(ValueError, match="meshes are written as"):
         output_paths("x.png")
+
+
+def test_cli_writes_mesh_files_parameters_and_turntable_and_resumes_only_its_own_run(capsys, tmp_path):
+    base = ["--home", str(tmp_path), "--device", "cpu", "3d", "--model", "danqing-tiny", "--size", "32", "--grid", "16",
+            "--samples", "16", "--frames", "4", "--threads", "1", "-q"]
+    out = tmp_path / "ball.glb"
+    code, printed, err = _run(capsys, *base, "a red ball", "--steps", "2", "--out", str(out))
+    assert code in (0, None), err
+    names = sorted(p.name for p in tmp_path.glob("ball*"))
+    assert names == ["ball.ckpt", "ball.gif", "ball.glb", "ball.json", "ball.obj", "ball.ply"]
+    params = json.loads((tmp_path / "ball.json").read_text())
+    assert params["request"]["prompt"] == "a red ball" and params["steps_done"] == 2 and params["model"] == "danqing-tiny"
+    for name in ("ball.glb", "ball.obj", "ball.ply"):
+        assert trimesh.load(tmp_path / name, force="mesh").is_watertight == params["mesh"]["watertight"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "ball.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (32, 32)
+    code, printed, _ = _run(capsys, "info", str(out))
+    assert json.loads(printed)["request"]["steps"] == 2
+    # never overwritten; another run's checkpoint is refused in one line
+    code, _, err = _run(capsys, *base, "a red ball", "--steps", "2", "--out", str(out))
+    assert code == 2 and "ball.glb" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, *base, "a blue ball", "--steps", "3", "--resume", str(tmp_path / "ball.ckpt"),
+                        "--out", str(tmp_path / "blue.glb"))
+    assert code == 2 and err.count("\n") == 1 and "from another run (prompt='a red ball')" in err
+    assert not any(tmp_path.glob("blue*"))
