@@ -78,15 +78,15 @@ def extract_mesh(fld: VoxelField, level: float = MESH_LEVEL):
     import trimesh
     from skimage.measure import marching_cubes
 
-    sigma = np.pad(fld.sigma_grid().numpy(), 1)  # zero density around: the surface closes
+    sigma = np.pad(fld.sigma_grid().cpu().numpy(), 1)  # zero density around: the surface closes
     if sigma.max() <= level:
         raise InvalidRequest("mesh", f"the field's density never reaches {level}: there is no surface to mesh")
     verts, faces, _, _ = marching_cubes(sigma, level=level)
     xyz = (verts[:, ::-1] - 1) * 2.0 / (fld.res - 1) - 1.0  # [z, y, x] grid index -> (x, y, z), padding removed
     # the [z, y, x] -> (x, y, z) swap is a reflection: it turns scikit-image's winding outwards
-    pts = torch.from_numpy(np.ascontiguousarray(xyz)).float()
+    pts = torch.from_numpy(np.ascontiguousarray(xyz)).float().to(fld.density.device)
     _, albedo, _ = fld.query(pts, normals=False)
-    colours = np.concatenate([(albedo.numpy() * 255).round(), np.full((len(xyz), 1), 255)], axis=1).astype(np.uint8)
+    colours = np.concatenate([(albedo.cpu().numpy() * 255).round(), np.full((len(xyz), 1), 255)], axis=1).astype(np.uint8)
     return trimesh.Trimesh(vertices=xyz, faces=np.ascontiguousarray(faces), vertex_colors=colours, process=True)
 
 

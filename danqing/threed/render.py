@@ -94,11 +94,12 @@ def render_rays(field: VoxelField, background: Background, origins: torch.Tensor
     Args:
         shading: "albedo", "lambertian" or "textureless" (the last two need ``light``).
     """
-    n = origins.shape[0]
+    n, dev = origins.shape[0], origins.device
     near, far, hit = box_hits(origins, dirs)
     far = torch.where(hit, far, near)
-    offset = torch.rand(n, samples, generator=generator) if generator is not None else torch.full((n, samples), 0.5)
-    frac = (torch.arange(samples, dtype=torch.float32) + offset) / samples
+    offset = torch.rand(n, samples, generator=generator).to(dev) if generator is not None \
+        else torch.full((n, samples), 0.5, device=dev)
+    frac = (torch.arange(samples, dtype=torch.float32, device=dev) + offset) / samples
     t = near[:, None] + (far - near)[:, None] * frac  # (N, S)
     delta = ((far - near) / samples)[:, None].expand(n, samples)
     points = origins[:, None] + dirs[:, None] * t[..., None]  # (N, S, 3)
@@ -107,14 +108,15 @@ def render_rays(field: VoxelField, background: Background, origins: torch.Tensor
     if use_occupancy:
         keep = keep & field.occupied(flat)
     idx = keep.nonzero().squeeze(1)
-    sigma = torch.zeros(n * samples)
-    colour = torch.zeros(n * samples, 3)
+    sigma = torch.zeros(n * samples, device=dev)
+    colour = torch.zeros(n * samples, 3, device=dev)
     if idx.numel():
         s, albedo, normal = field.query(flat[idx], normals=shading != "albedo")
         sigma = sigma.index_put((idx,), s)
+        light = light.to(dev) if light is not None else None
         colour = colour.index_put((idx,), shade(albedo, normal, shading, light, ambient))
     alpha = 1 - torch.exp(-sigma.view(n, samples) * delta)
-    trans = torch.cumprod(torch.cat([torch.ones(n, 1), 1 - alpha + 1e-10], dim=1), dim=1)[:, :-1]
+    trans = torch.cumprod(torch.cat([torch.ones(n, 1, device=dev), 1 - alpha + 1e-10], dim=1), dim=1)[:, :-1]
     weights = alpha * trans  # (N, S)
     opacity = weights.sum(1)
     rgb = (weights[..., None] * colour.view(n, samples, 3)).sum(1) + (1 - opacity)[:, None] * background(dirs)
@@ -122,8 +124,8 @@ def render_rays(field: VoxelField, background: Background, origins: torch.Tensor
 
 
 def render_view(field: VoxelField, background: Background, camera: Camera, size: int, **kwargs) -> Rendered:
-    """Render a ``size`` x ``size`` view (``render_rays``'s keyword arguments)."""
-    origins, dirs = rays(camera, size)
+    """Render a ``size`` x ``size`` view (``render_rays``'s keyword arguments) on the field's device."""
+    origins, dirs = (x.to(field.density.device) for x in rays(camera, size))
     out = render_rays(field, background, origins, dirs, **kwargs)
     out.size = size
     return out
@@ -133,6 +135,6 @@ def to_picture(image: torch.Tensor):
     """(1, 3, H, W) in [0, 1] -> an RGB PIL picture."""
     from PIL import Image
 
-    arr = (image[0].detach().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    arr = (image[0].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     return Image.fromarray(arr)
 

@@ -152,10 +152,12 @@ def pick_shading(step: int, steps: int, g: torch.Generator) -> str:
     return names[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
 
 
-def build(request: ThreeDRequest) -> tuple[VoxelField, Background, torch.optim.Optimizer]:
-    torch.manual_seed(request.seed)  # the background MLP's initial weights
-    fld = VoxelField(request.grid)
-    bg = Background(BACKGROUNDS[request.background])
+def build(request: ThreeDRequest, device="cpu") -> tuple[VoxelField, Background, torch.optim.Optimizer]:
+    """The field, the background and their optimiser, on ``device`` (the model's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(request.seed)  # the background MLP's initial weights
+        bg = Background(BACKGROUNDS[request.background]).to(device)
+    fld = VoxelField(request.grid).to(device)
     opt = torch.optim.Adam([{"params": fld.parameters()}, {"params": bg.parameters(), "lr": request.lr * 0.2}],
                            lr=request.lr, betas=(0.9, 0.99), eps=1e-15)
     return fld, bg, opt
@@ -204,12 +206,12 @@ def optimise(comps, request: ThreeDRequest, *, model_name: str = "", model_hash:
                   view_prompts=request.view_prompts)
     check_size(request.size, guide.native, model_name or "this model")
     ranges = preset(request.camera_preset())
-    fld, bg, opt = build(request)
+    fld, bg, opt = build(request, guide.device)
     start, spent = 0, 0.0
     if resume is not None:
         state = load_checkpoint(resume, request, model_hash)
         fld.load_state_dict(state["field"])
-        fld.occupancy = state["occupancy"]
+        fld.occupancy = state["occupancy"].to(guide.device)
         bg.load_state_dict(state["background"])
         opt.load_state_dict(state["optimizer"])
         start, spent = state["step"], state["seconds"]
