@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -58,6 +59,33 @@ def test_sds_gradient_on_latents_is_weighted_noise_residual(tiny_sd1):
     assert float(expected.abs().mean()) > 0  # not trivially zero
     # the view prompt is in the conditioning: "side view" differs from "front view"
     assert not torch.equal(guide.conds["side"].context, guide.conds["front"].context)
+
+
+def test_sds_gradient_vanishes_when_the_model_predicts_the_true_noise_in_either_parameterisation():
+    """A perfect model (eps_hat = eps, or diffusers' velocity of the same noise) gives no
+    gradient: the v-prediction conversion is the inverse of ``DDPMScheduler.get_velocity``."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(1)
+    z, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor(420)
+    unet = SimpleNamespace(dtype=torch.float32)  # only its dtype is read
+    v = sched.get_velocity(z, noise, t[None])
+    for kind, answer in (("epsilon", noise), ("v_prediction", v)):
+        grad = sds_gradient(unet, z, t, noise, None, 100.0, sched.alphas_cumprod, prediction_type=kind,
+                            denoise_fn=lambda *a, answer=answer: answer)
+        assert grad.abs().max() < 1e-5, kind
+
+
+def test_timesteps_anneal_from_the_tables_range():
+    from danqing.threed.sds import timestep_bounds
+
+    s = table()["sds"]
+    assert timestep_bounds(0, 100, 1000) == (int(s["t_min"] * 1000), int(s["t_max"] * 1000))
+    assert timestep_bounds(99, 100, 1000)[1] == int(s["t_max_end"] * 1000)
+    highs = [timestep_bounds(i, 100, 1000)[1] for i in range(100)]
+    assert highs == sorted(highs, reverse=True)
 
 
 def test_sds_reaches_the_field_and_never_the_model(tiny_sd1):
