@@ -24,7 +24,7 @@ LAYERS = (
     ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs", "settings"}),
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
-    ("workflows", {"apps", "training", "synthetic", "video"}),
+    ("workflows", {"apps", "training", "synthetic", "video", "threed"}),
     ("shells", {"server", "cli", "__main__", "danqing"}),
 )
 # The lower layers never import these, whatever the table above says (docs/architecture.md).

@@ -132,9 +132,15 @@ def parse_ip_adapter_option(values: list[str]) -> dict:
 
 
 @app.command()
-def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111, or a video by danqing.")):
-    """Print an image's generation parameters (A1111 infotext), or a video's (JSON)."""
+def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by danqing or A1111, a video or a 3D run's file by danqing.")):
+    """Print an image's generation parameters (A1111 infotext), a video's (JSON), or a 3D run's (a mesh or its NAME.json)."""
     from danqing.outputs.store import read_infotext
     from danqing.outputs.video import is_video, read_video_parameters
 
-    print(read_video_parameters(image) if is_video(image) else read_infotext(image))
+    if is_video(image):
+        return print(read_video_parameters(image))
+    if image.suffix.lower() in (".glb", ".obj", ".ply", ".json"):  # danqing 3d's files
+        from danqing.threed.export import read_params
+
+        return print(read_params(image))
+    print(read_infotext(image))
