@@ -146,3 +146,129 @@ def test_flux_true_cfg_and_decoded_image_match_diffusers(flow_studio):
     from danqing.decode import decode_latents
 
     assert float((decode_latents(comps.vae, result.latents[0]) - ref).abs().max()) < 1e-4
+
+
+def test_other_flow_samplers_solve_the_same_flow(flow_studio):
+    """Forge's sampler names on a flow model: each solves the same ODE as rectified-flow Euler
+    (10 steps land within 0.1 of Euler's 10 steps, latents of std ~1.2), and is not Euler."""
+    request = GenerationRequest(prompt=PROMPT, sampler="Euler", steps=10, seed=1, width=SIZE, height=SIZE,
+                                cfg_scale=1.0, model="tiny-sd3")
+    euler = flow_studio.generate(request).latents[0]
+    for sampler in ("Heun", "DPM++ 2M", "UniPC"):
+        other = flow_studio.generate(request.replace(sampler=sampler)).latents[0]
+        assert bool(torch.isfinite(other).all()), sampler
+        assert 1e-4 < float((other - euler).abs().max()) < 0.1, sampler
+
+
+# -- single files: export in the shared layout, detect, load back ---------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_single_file_round_trip_is_bit_identical(flow_studio, family):
+    from safetensors import safe_open
+
+    from danqing.models.loader import describe_checkpoint, export_single_file
+
+    folder = flow_studio.registry.folder("checkpoint")
+    comps = flow_studio.models.load(f"tiny-{family}").components
+    path = export_single_file(comps, folder / f"tiny-{family}-single.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    # the names of the released files (Stability's sd3_medium, BFL's flux1-dev, ComfyUI's text encoders)
+    expected = {"sd3": ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+                        "model.diffusion_model.joint_blocks.1.context_block.adaLN_modulation.1.weight",
+                        "model.diffusion_model.final_layer.adaLN_modulation.1.weight", "model.diffusion_model.pos_embed",
+                        "text_encoders.clip_g.transformer.text_projection.weight",
+                        "text_encoders.t5xxl.transformer.shared.weight"],
+                "flux": ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                         "model.diffusion_model.single_blocks.1.linear1.weight",
+                         "model.diffusion_model.guidance_in.in_layer.weight",
+                         "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"]}[family]
+    assert set(expected) <= keys and any(k.startswith("first_stage_model.decoder.") for k in keys)
+    entry = flow_studio.registry.find("checkpoint", path.stem)
+    assert describe_checkpoint(entry) == family  # from the keys
+    if not (folder / "t5-tokenizer").is_dir():
+        with pytest.raises(CorruptModel, match="t5-tokenizer/"):  # single files carry no T5 tokenizer
+            flow_studio.generate(GenerationRequest(prompt=PROMPT, steps=2, seed=1, width=SIZE, height=SIZE,
+                                                   model=path.stem))
+        t5_tokenizer().save_pretrained(folder / "t5-tokenizer")
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=3, seed=42,
+                                width=SIZE, height=SIZE, cfg_scale=3.0 if family == "sd3" else 1.0)
+    a = flow_studio.generate(request.replace(model=path.stem))
+    assert flow_studio.models.load(path.stem).components.family == family
+    # file -> load -> export -> load: the same image, bit for bit (against the diffusers folder of
+    # the same weights the match is to float rounding: torch's CPU kernels may take other paths
+    # for differently allocated tensors, as tests/test_single_file.py notes)
+    again = export_single_file(flow_studio.models.load(path.stem).components, folder / f"tiny-{family}-again.safetensors")
+    b = flow_studio.generate(request.replace(model=again.stem))
+    assert torch.equal(a.latents[0], b.latents[0])
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+    from_folder = flow_studio.generate(request.replace(model=f"tiny-{family}"))
+    assert_close_scaled(a.latents[0], from_folder.latents[0])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_config_read_off_the_shapes(family):
+    """A file without our header (a released one) gets its transformer config from its shapes."""
+    from danqing.models.families import load_family_config
+    from danqing.models.flow_files import transformer_config, transformer_from_original, transformer_to_original
+    from danqing.models.flow_models import _transformer_class
+
+    torch.manual_seed(0)
+    model = _transformer_class(family).from_config(load_family_config(f"tiny-{family}")["transformer"])
+    config = dict(model.config)
+    sd = transformer_to_original(model.state_dict(), family, config)
+    assert transformer_config(sd, family)["attention_head_dim"] == (64 if family == "sd3" else 128)  # released
+    derived = transformer_config(sd, family, head_dim=config["attention_head_dim"])
+    for key in ("in_channels", "num_layers", "joint_attention_dim", "pooled_projection_dim", "patch_size",
+                "num_single_layers", "guidance_embeds", "caption_projection_dim", "pos_embed_max_size",
+                "num_attention_heads", "out_channels"):
+        if key in derived:
+            assert derived[key] == config[key], key
+    rebuilt = type(model).from_config({**config, **derived})  # the derived config takes the weights
+    shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    rebuilt.load_state_dict(transformer_from_original(sd, family, config, shapes))
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# -- the request, the infotext, bad input ------------------------------------------------------------
+def test_infotext_round_trip_and_recreate(flow_studio):
+    from danqing.outputs.metadata import request_from_infotext
+
+    request = GenerationRequest(prompt=PROMPT, sampler="Euler", steps=3, seed=9, width=SIZE, height=SIZE,
+                                cfg_scale=1.0, distilled_cfg_scale=4.5, shift=2.0, model="tiny-flux")
+    result = flow_studio.generate(request)
+    text = result.infotexts[0]
+    assert "Distilled CFG Scale: 4.5" in text and "Shift: 2" in text and "Schedule type: Simple" in text
+    again = request_from_infotext(text)
+    assert (again.distilled_cfg_scale, again.shift, again.model) == (4.5, 2.0, "tiny-flux")
+    assert flow_studio.generate(again).images[0].tobytes() == result.images[0].tobytes()  # generate --from
+
+
+@pytest.mark.parametrize("model, change, field", [
+    ("tiny-flux", {"clip_skip": 2}, "clip_skip"),
+    ("tiny-flux", {"sampler": "DPM++ SDE"}, "sampler"),
+    ("tiny-flux", {"width": 72}, "width"),
+    ("tiny-sd3", {"distilled_cfg_scale": 3.5}, "distilled_cfg_scale"),
+    ("tiny-sd3", {"enable_hr": True}, "enable_hr"),
+    ("danqing-tiny-random", {"shift": 3.0}, "shift"),
+])
+def test_options_the_family_does_not_take(flow_studio, model, change, field):
+    request = GenerationRequest(prompt=PROMPT, steps=2, seed=1, width=SIZE, height=SIZE, model=model).replace(**change)
+    with pytest.raises(InvalidRequest) as err:
+        flow_studio.generate(request)
+    assert err.value.field == field and "\n" not in str(err.value)
+
+
+def test_missing_text_encoder_or_tokenizer_is_named(flow_studio, tmp_path):
+    import shutil
+
+    from danqing.models.loader import load_diffusers_folder
+
+    source = flow_studio.registry.find("checkpoint", "tiny-flux").path
+    no_tok = shutil.copytree(source, tmp_path / "no-tok")
+    shutil.rmtree(no_tok / "tokenizer_2")
+    with pytest.raises(CorruptModel, match=r"T5 tokenizer.*no-tok/tokenizer_2/"):
+        load_diffusers_folder(no_tok)
+    no_t5 = shutil.copytree(source, tmp_path / "no-t5")
+    shutil.rmtree(no_t5 / "text_encoder_2")
+    with pytest.raises(CorruptModel, match=r"T5-XXL text encoder.*no-t5/text_encoder_2/"):
+        load_diffusers_folder(no_t5)

@@ -66,17 +66,17 @@ def export(
     model: str = typer.Argument(..., help="Checkpoint name, hash or path (any loadable format)."),
     out: Path = typer.Argument(..., help="Output .safetensors file (original LDM single-file layout)."),
 ):
-    """Export a model to a single .safetensors file in the original LDM layout (A1111/ComfyUI load it)."""
-    from danqing.models.loader import load_components  # lazy: imports torch
+    """Export a model to a single .safetensors file in its family's shared layout (LDM for SD1/SD2/SDXL,
+    the SD3 / FLUX layouts for those; A1111/ComfyUI load them)."""
+    from danqing.models.loader import export_single_file, load_components  # lazy: imports torch
     from danqing.models.registry import Registry
-    from danqing.models.single_file import save_single_file
 
     if out.suffix != ".safetensors":
         raise InvalidRequest("out", f"must end with .safetensors, got {out.name!r}")
     if out.exists():
         raise InvalidRequest("out", exists_message(out))
     comps = load_components(Registry(ctx.obj.models_dir).find("checkpoint", model))
-    save_single_file(comps, out)
+    export_single_file(comps, out)
     print(out)
 
 

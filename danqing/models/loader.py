@@ -11,9 +11,11 @@ import torch
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound
 from danqing.models.components import Components
 from danqing.models.families import builtin_components
+from danqing.models.components import TRANSFORMER_FAMILIES
+from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
 from danqing.models.flow_models import PIPELINES, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
-from danqing.models.single_file import detect_family, load_single_file, load_vae_file
+from danqing.models.single_file import detect_family, load_single_file, load_vae_file, save_single_file
 from danqing.models.tokenizer import clip_tokenizer
 from danqing.files import atomic_save_dir, exists_message
 
@@ -81,7 +83,16 @@ def load_components(entry: ModelEntry, *, prediction_type: str | None = None) ->
         raise ModelNotFound(f"{entry.path}: no such model file")
     if entry.format == "diffusers":
         return load_diffusers_folder(entry.path)
+    if flow_family_of_keys(checkpoint_keys(entry.path)) is not None:  # SD3 / FLUX single files
+        return load_flow_single_file(entry.path)
     return load_single_file(entry.path, prediction_type=prediction_type)
+
+
+def export_single_file(comps: Components, path: Path, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a model as one ``.safetensors`` file in the layout its family is shared in: LDM /
+    sgm for SD1/SD2/SDXL (``single_file``), the SD3 / FLUX layout for those (``flow_files``)."""
+    save = save_flow_single_file if comps.family in TRANSFORMER_FAMILIES else save_single_file
+    return save(comps, path, metadata=metadata, overwrite=overwrite)
 
 
 def load_vae(entry: ModelEntry, family: str, like=None):
@@ -137,7 +148,8 @@ def describe_checkpoint(entry: ModelEntry) -> str:
         te_file = p / "text_encoder" / "config.json"
         te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None
         return family_of_folder(unet_cfg, te_cfg, (p / "text_encoder_2").is_dir())
-    return detect_family(checkpoint_keys(entry.path))
+    keys = checkpoint_keys(entry.path)
+    return flow_family_of_keys(keys) or detect_family(keys)
 
 
 def save_diffusers_folder(comps: Components, path: Path) -> Path:

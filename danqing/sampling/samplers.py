@@ -52,6 +52,7 @@ class SamplerSpec:
     default_schedule: str = "Uniform"
     seeded: bool = False  # takes its noise seed in the config (torchsde Brownian tree)
     note: str = ""
+    excluded: tuple[str, ...] = ()  # schedule types it has the options for but does not work with
 
     @functools.cached_property
     def scheduler_class(self):
@@ -67,8 +68,8 @@ class SamplerSpec:
     def step_takes_generator(self) -> bool:
         return "generator" in inspect.signature(self.scheduler_class.step).parameters
 
-    def supports(self, schedule_kwargs: dict) -> bool:
-        return all(k in self.init_params for k in schedule_kwargs)
+    def supports(self, schedule_kwargs: dict, schedule: str = "") -> bool:
+        return schedule not in self.excluded and all(k in self.init_params for k in schedule_kwargs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,6 +91,7 @@ def samplers(flow: bool = False) -> dict[str, SamplerSpec]:
             default_schedule=row.get("schedule", "Uniform"),
             seeded=bool(row.get("seeded", False)),
             note=row.get("note", ""),
+            excluded=tuple(row.get("excluded_schedules", ())),
         )
     return out
 
@@ -106,7 +108,7 @@ def schedule_names(flow: bool = False) -> list[str]:
 def schedules_for(sampler: str, flow: bool = False) -> list[str]:
     """The schedule types a sampler accepts (its scheduler has the needed config options)."""
     spec = get_sampler(sampler, flow=flow)
-    return [AUTOMATIC] + [n for n, kw in schedules(flow).items() if spec.supports(kw)]
+    return [AUTOMATIC] + [n for n, kw in schedules(flow).items() if spec.supports(kw, n)]
 
 
 def get_sampler(name: str, *, flow: bool = False) -> SamplerSpec:
@@ -142,7 +144,7 @@ def resolve_schedule(sampler: str, schedule: str, *, flow: bool = False) -> str:
         if flow and why is None and schedule in schedules():
             head = f"schedule type {schedule!r} is not available for flow-matching models (SD3, FLUX)"
         raise UnknownSampler("schedule", f"{head}; choose one of: {', '.join(schedule_names(flow))}")
-    if not spec.supports(table[match]):
+    if not spec.supports(table[match], match):
         raise UnknownSampler(
             "schedule",
             f"schedule type {match!r} does not work with sampler {spec.name!r}; "
@@ -177,6 +179,8 @@ def scheduler_config(model_config: dict, sampler: str, schedule: str, *, seed: i
     config.update(schedules(flow)[sched])
     if spec.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
+    if flow:  # the model's shift options that this scheduler does not have (Heun: no dynamic shifting)
+        config = {k: v for k, v in config.items() if k in spec.init_params}
     return spec.class_name, config
 
 
