@@ -272,3 +272,16 @@ def test_missing_text_encoder_or_tokenizer_is_named(flow_studio, tmp_path):
     shutil.rmtree(no_t5 / "text_encoder_2")
     with pytest.raises(CorruptModel, match=r"T5-XXL text encoder.*no-t5/text_encoder_2/"):
         load_diffusers_folder(no_t5)
+
+
+def test_models_command_shows_the_family(flow_studio, capsys):
+    from danqing.cli import main
+
+    root = flow_studio.settings.models_dir
+    with pytest.raises(SystemExit) as done:
+        main(["--home", str(flow_studio.settings.home), "--models-dir", str(root), "--device", "cpu", "models"])
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    for name, family in (("tiny-sd3 ", "sd3"), ("tiny-sd3-no-t5", "sd3"), ("tiny-flux ", "flux")):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert line.split()[1] == family, line

@@ -58,6 +58,9 @@ def samplers():
 
     for name, spec in table().items():
         print(f"{name:18s} {spec.class_name:34s} default schedule: {spec.default_schedule:12s} schedules: {', '.join(schedules_for(name))}")
+    print("# flow-matching models (SD3, FLUX): the same names run these")
+    for name, spec in table(True).items():
+        print(f"{name:18s} {spec.class_name:34s} default schedule: {spec.default_schedule:12s} schedules: {', '.join(schedules_for(name, True))}")
 
 
 @app.command()

@@ -168,11 +168,10 @@ def sample(
             of the training timesteps on, without adding noise (the refiner's side).
     """
     use_cfg = cfg_scale > 1.0
-    if denoise_fn is None:
-        denoise_fn = DENOISERS.get(family, denoise)
+    denoise_fn = DENOISERS.get(family, denoise) if denoise_fn is None else denoise_fn
     # flow families: FLUX's own sigmas and the resolution-dependent shift (mu), as their pipelines
-    extra = timestep_kwargs(scheduler, family, tuple(noise.shape), steps, getattr(getattr(unet, "config", None), "patch_size", 2))
-    scheduler.set_timesteps(steps, device=noise.device, **extra)
+    patch = getattr(getattr(unet, "config", None), "patch_size", 2)
+    scheduler.set_timesteps(steps, device=noise.device, **timestep_kwargs(scheduler, family, noise.shape, steps, patch))
     timesteps = scheduler.timesteps
     order = getattr(scheduler, "order", 1)
     total = steps
@@ -197,8 +196,7 @@ def sample(
         total = steps - t_start
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
     else:
-        # x_T = sigma_max * eps (1 for DDPM-style and flow matching, whose schedulers lack the attribute)
-        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # x_T = sigma_max * eps (1: DDPM, flow)
     if denoising_end is not None:
         cutoff = int(round(n_train - denoising_end * n_train))
         timesteps = timesteps[:int((timesteps >= cutoff).sum())]
