@@ -16,6 +16,7 @@ from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
 from danqing.conditioning.regions import Regions, check_request
 from danqing.errors import InvalidRequest
 from danqing.preprocess import preprocessor_names
+from danqing.sampling.flow import DISTILLED_CFG_SCALE, FLOW_FAMILIES
 from danqing.sampling.samplers import get_sampler, resolve_schedule
 
 MAX_SEED = 2**32 - 1
@@ -491,19 +492,19 @@ FLOW_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "refiner_checkpoint": (lambda r: r.refiner_checkpoint is not None, "a refiner"),
     "prompt": (lambda r: "<lora:" in r.prompt or "<lyco:" in r.prompt, "LoRA tags"),
 }
-FLUX_DEFAULT_DISTILLED_CFG = 3.5
 FLUX_SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 packing
 
 
-def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest":
+def for_family(request: "GenerationRequest", family: str, *, init_picture: bool = False) -> "GenerationRequest":
     """The request checked against the model family it runs on, with what the family leaves open
     filled in (FLUX: ``distilled_cfg_scale`` 3.5), so that its infotext reproduces the image.
 
     Raises ``InvalidRequest`` (one line) for an option the family does not take: clip skip,
     Distilled CFG Scale or Shift where they mean nothing, a sampler without a flow-matching
-    counterpart, or a feature not available for SD3 / FLUX yet.
+    counterpart, or a feature not available for SD3 / FLUX yet (``init_picture``: an in-memory
+    init picture is given, i.e. img2img).
     """
-    flow = family in ("sd3", "flux")
+    flow = family in FLOW_FAMILIES
     if not flow:
         for name, what in (("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding"),
                            ("shift", "Shift is the timestep shift of flow-matching models (SD3, FLUX)")):
@@ -511,7 +512,7 @@ def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest"
                 raise InvalidRequest(name, f"{what}; the model is {family}: leave it unset")
         return request
     for name, (is_set, what) in FLOW_UNSUPPORTED.items():
-        if is_set(request):
+        if is_set(request) or (name == "init_image" and init_picture):
             raise InvalidRequest(name, f"{what} is not available for {family} models yet; unset it")
     get_sampler(request.sampler, flow=True)
     resolve_schedule(request.sampler, request.schedule, flow=True)
@@ -529,5 +530,5 @@ def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest"
         if getattr(request, name) % FLUX_SIZE_MULTIPLE:
             raise InvalidRequest(name, f"FLUX needs a multiple of {FLUX_SIZE_MULTIPLE}, got {getattr(request, name)}")
     if request.distilled_cfg_scale is None:
-        return request.replace(distilled_cfg_scale=FLUX_DEFAULT_DISTILLED_CFG)
+        return request.replace(distilled_cfg_scale=DISTILLED_CFG_SCALE)
     return request

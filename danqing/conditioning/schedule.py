@@ -16,13 +16,11 @@ from danqing.conditioning.flow_text import FlowTextEncoder
 from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
 from danqing.conditioning.regions import regional_conditioning
 from danqing.conditioning.text import TextEncoder, pad_to_chunks
-from danqing.sampling.flow import is_flow_family
+from danqing.sampling.flow import DISTILLED_CFG_SCALE, is_flow_family
 from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
 # SDXL refiner's aesthetic-score conditioning (diffusers' and A1111's defaults)
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
-# FLUX.1 dev's distilled guidance when a request leaves it open (diffusers' and Forge's default)
-DISTILLED_CFG_SCALE = 3.5
 
 
 @dataclass(frozen=True)

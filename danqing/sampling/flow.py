@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 FLOW_FAMILIES = ("sd3", "flux")
+DISTILLED_CFG_SCALE = 3.5  # FLUX.1 dev's guidance when a request leaves it open (diffusers' and Forge's default)
 # What a family's diffusers pipeline gives ``set_timesteps``: FLUX passes its own sigmas
 # linspace(1, 1/N, N) and always a resolution-dependent mu; SD3 only when its scheduler
 # config asks for dynamic shifting (SD3.5 does not).
