@@ -16,6 +16,7 @@ from danqing.conditioning.prompt_parser import parse_attention, prompt_schedule
 from danqing.conditioning.regions import Regions, check_request
 from danqing.errors import InvalidRequest
 from danqing.preprocess import preprocessor_names
+from danqing.sampling.flow import DISTILLED_CFG_SCALE, FLOW_FAMILIES
 from danqing.sampling.samplers import get_sampler, resolve_schedule
 
 MAX_SEED = 2**32 - 1
@@ -53,6 +54,10 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "fps": (1, 60, "between 1 and 60 frames per second"),
     "context_overlap": (0, 31, "between 0 and 31 frames (less than the motion module's window)"),
 }
+
+
+FLOW_RANGES = {"distilled_cfg_scale": (0.0, 30.0, "between 0 and 30 (FLUX's default is 3.5)"),
+               "shift": (0.01, 100.0, "between 0.01 and 100 (SD3 uses 3)")}
 
 
 def in_range(v, info) -> float:
@@ -263,12 +268,24 @@ class GenerationRequest(BaseModel):
     controlnet: tuple[ControlUnit, ...] = ()
     # regional prompting (Regional Prompter's settings; conditioning/regions.py, docs/prompts.md)
     regions: Regions | None = None
+    # flow-matching families (SD3, FLUX; docs/models.md): Forge's "Distilled CFG Scale" (FLUX's
+    # guidance embedding; None = 3.5) and "Shift" (a static timestep shift; None = the model's)
+    distilled_cfg_scale: float | None = None
+    shift: float | None = None
 
     # -- validation: one clear line per field ---------------------------------------------
     _ranges = field_validator("steps", "cfg_scale", "seed", "subseed", "subseed_strength", "batch_size", "batch_count",
                               "clip_skip", "denoising_strength", "image_cfg_scale", "mask_blur",
                               "inpaint_full_res_padding", "hr_scale", "hr_second_pass_steps", "p2p_features",
                               "null_text_iterations", "ip_adapter_weight")(in_range)
+
+    @field_validator("distilled_cfg_scale", "shift")
+    @classmethod
+    def _flow_numbers(cls, v: float | None, info) -> float | None:
+        low, high, allowed = FLOW_RANGES[info.field_name]
+        if v is not None and not low <= v <= high:
+            raise ValueError(f"must be {allowed}, got {v:g}")
+        return v
 
     @field_validator("width", "height")
     @classmethod
@@ -503,3 +520,57 @@ class VideoRequest(GenerationRequest):
                 raise InvalidRequest(name, "is not available for video yet; text-to-video takes the prompt, "
                                      "sampler, steps, CFG, seed, size, frames, fps and a motion module")
         return self
+
+
+# What the flow-matching families do not take (yet): request field -> (is it set?, what it is).
+# One table, read by ``for_family``; the CLIP-UNet families take everything.
+FLOW_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "init_image": (lambda r: r.init_image is not None, "img2img / inpaint"),
+    "enable_hr": (lambda r: r.enable_hr, "hires fix"),
+    "controlnet": (lambda r: bool(r.controlnet), "ControlNet / T2I-Adapter units"),
+    "ip_adapter_image": (lambda r: bool(r.ip_adapter_image), "an IP-Adapter image prompt"),
+    "regions": (lambda r: r.regions is not None, "regional prompting"),
+    "p2p_source": (lambda r: r.p2p_source is not None, "Prompt-to-Prompt"),
+    "refiner_checkpoint": (lambda r: r.refiner_checkpoint is not None, "a refiner"),
+    "prompt": (lambda r: "<lora:" in r.prompt or "<lyco:" in r.prompt, "LoRA tags"),
+}
+FLUX_SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 packing
+
+
+def for_family(request: "GenerationRequest", family: str, *, init_picture: bool = False) -> "GenerationRequest":
+    """The request checked against the model family it runs on, with what the family leaves open
+    filled in (FLUX: ``distilled_cfg_scale`` 3.5), so that its infotext reproduces the image.
+
+    Raises ``InvalidRequest`` (one line) for an option the family does not take: clip skip,
+    Distilled CFG Scale or Shift where they mean nothing, a sampler without a flow-matching
+    counterpart, or a feature not available for SD3 / FLUX yet (``init_picture``: an in-memory
+    init picture is given, i.e. img2img).
+    """
+    flow = family in FLOW_FAMILIES
+    if not flow:
+        for name, what in (("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding"),
+                           ("shift", "Shift is the timestep shift of flow-matching models (SD3, FLUX)")):
+            if getattr(request, name) is not None:
+                raise InvalidRequest(name, f"{what}; the model is {family}: leave it unset")
+        return request
+    for name, (is_set, what) in FLOW_UNSUPPORTED.items():
+        if is_set(request) or (name == "init_image" and init_picture):
+            raise InvalidRequest(name, f"{what} is not available for {family} models yet; unset it")
+    get_sampler(request.sampler, flow=True)
+    resolve_schedule(request.sampler, request.schedule, flow=True)
+    if request.hr_sampler_name is not None:
+        get_sampler(request.hr_sampler_name, flow=True)
+    if family != "flux":
+        if request.distilled_cfg_scale is not None:
+            raise InvalidRequest("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding; the model "
+                                 "is sd3 (it takes cfg_scale): leave it unset")
+        return request
+    if request.clip_skip != 1:
+        raise InvalidRequest("clip_skip", "FLUX reads only CLIP-L's pooled output, so clip skip does not apply; "
+                             "use clip_skip 1")
+    for name in ("width", "height"):
+        if getattr(request, name) % FLUX_SIZE_MULTIPLE:
+            raise InvalidRequest(name, f"FLUX needs a multiple of {FLUX_SIZE_MULTIPLE}, got {getattr(request, name)}")
+    if request.distilled_cfg_scale is None:
+        return request.replace(distilled_cfg_scale=DISTILLED_CFG_SCALE)
+    return request

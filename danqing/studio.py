@@ -38,7 +38,7 @@ from danqing.outputs.store import next_output_path, save_png
 from danqing.passes.batches import PassResult, decode_pictures
 from danqing.passes.refiner import check_refiner, refine, run_refiner
 from danqing.passes.txt2img import run_sampling, run_txt2img
-from danqing.request import MAX_SEED, GenerationRequest
+from danqing.request import MAX_SEED, GenerationRequest, for_family
 from danqing.sampling.loop import OnStep, StepControl, StepInfo
 from danqing.sampling.regional import regional_attention
 from danqing.settings import Settings
@@ -135,6 +135,7 @@ class Studio:
         # and the ControlNet / T2I-Adapter units, checked against the checkpoint.
         tags = request_tags(request)
         loaded = self.models.load(request.model, request.vae)
+        request = for_family(request, loaded.components.family, init_picture=init is not None)  # SD3 / FLUX
         networks = activate(tags, loaded.components, registry=self.registry, model_name=loaded.name,
                             cache=self.networks)
         control = None
@@ -245,7 +246,8 @@ class Studio:
         t = time.perf_counter()
         lora_hashes = [(a.network.name, a.network.short_hash) for a in networks]
         model = dict(model_name=loaded.name, model_hash=loaded.sha256, lora_hashes=lora_hashes,
-                     vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256, **custom)
+                     vae_name=loaded.vae_entry.name if loaded.vae_entry else None, vae_hash=loaded.vae_sha256,
+                     family=loaded.components.family, **custom)
         infotexts = [request_infotext(request, seed=s, subseed=ss, refiner=refiner, **model)
                      for s, ss in zip(out.seeds, out.subseeds)]
         paths = []

@@ -58,6 +58,9 @@ def samplers():
 
     for name, spec in table().items():
         print(f"{name:18s} {spec.class_name:34s} default schedule: {spec.default_schedule:12s} schedules: {', '.join(schedules_for(name))}")
+    print("# flow-matching models (SD3, FLUX): the same names run these")
+    for name, spec in table(True).items():
+        print(f"{name:18s} {spec.class_name:34s} default schedule: {spec.default_schedule:12s} schedules: {', '.join(schedules_for(name, True))}")
 
 
 @app.command()
@@ -66,17 +69,17 @@ def export(
     model: str = typer.Argument(..., help="Checkpoint name, hash or path (any loadable format)."),
     out: Path = typer.Argument(..., help="Output .safetensors file (original LDM single-file layout)."),
 ):
-    """Export a model to a single .safetensors file in the original LDM layout (A1111/ComfyUI load it)."""
-    from danqing.models.loader import load_components  # lazy: imports torch
+    """Export a model to a single .safetensors file in its family's shared layout (LDM for SD1/SD2/SDXL,
+    the SD3 / FLUX layouts for those; A1111/ComfyUI load them)."""
+    from danqing.models.loader import export_single_file, load_components  # lazy: imports torch
     from danqing.models.registry import Registry
-    from danqing.models.single_file import save_single_file
 
     if out.suffix != ".safetensors":
         raise InvalidRequest("out", f"must end with .safetensors, got {out.name!r}")
     if out.exists():
         raise InvalidRequest("out", exists_message(out))
     comps = load_components(Registry(ctx.obj.models_dir).find("checkpoint", model))
-    save_single_file(comps, out)
+    export_single_file(comps, out)
     print(out)
 
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from danqing.conditioning.flow_text import FlowTextEncoder
 from danqing.conditioning.prompt_parser import prompt_schedule, strip_extra_networks
 from danqing.conditioning.regions import regional_conditioning
 from danqing.conditioning.text import TextEncoder, pad_to_chunks
+from danqing.sampling.flow import DISTILLED_CFG_SCALE, is_flow_family
 from danqing.sampling.loop import Conditioning, ConditioningSchedule
 
 # SDXL refiner's aesthetic-score conditioning (diffusers' and A1111's defaults)
@@ -36,7 +38,10 @@ class ConditioningContext:
     image_prompt: object | None = None
 
     def text_encoder(self, comps, clip_skip: int = 1) -> TextEncoder:
-        """A ``TextEncoder`` for ``comps`` that knows this request's embeddings."""
+        """A ``TextEncoder`` for ``comps`` that knows this request's embeddings (SD3 / FLUX: a
+        ``FlowTextEncoder``; textual inversion is for the CLIP-only families)."""
+        if is_flow_family(comps.family):
+            return FlowTextEncoder(comps, clip_skip=clip_skip)
         return TextEncoder(comps, clip_skip=clip_skip, embeddings=self.embeddings)
 
 
@@ -143,6 +148,12 @@ def build_conditioning(encoder: TextEncoder, request, *, batch: int, image_promp
             added = {"text_embeds": torch.cat([x.expand(batch, -1) for x in pooled]),
                      "time_ids": sdxl_time_ids(comps.family, request.height, request.width, batch, use_cfg=use_cfg,
                                                dtype=p.hidden.dtype, device=p.hidden.device)}
+        if is_flow_family(comps.family):  # SD3 / FLUX: pooled CLIP; FLUX's distilled guidance
+            pooled = [n.pooled, p.pooled] if use_cfg else [p.pooled]
+            added = {"pooled": torch.cat([x.expand(batch, -1) for x in pooled])}
+            if comps.family == "flux":
+                scale = getattr(request, "distilled_cfg_scale", None)
+                added["guidance"] = DISTILLED_CFG_SCALE if scale is None else scale
         if image_prompt is not None:  # IP-Adapter: diffusers' UNet reads added_cond_kwargs["image_embeds"]
             added = {**(added or {}), "image_embeds": [e.to(context) for e in image_prompt.batch(batch, use_cfg)]}
         conds.append(Conditioning(context, added))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
+# flow-matching transformer families: the denoiser is a diffusers transformer, saved as "transformer"
+TRANSFORMER_FAMILIES = ("sd3", "flux")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -15,15 +17,21 @@ class Components:
 
     Attributes:
         family: "sd1", "sd2", "sdxl" or "sdxl-refiner" (SDXL's refiner: OpenCLIP bigG only, so
-            ``text_encoder``/``tokenizer`` are None, and aesthetic-score time ids).
-        prediction_type: "epsilon" or "v_prediction" (SD2-768-v).
-        unet: ``diffusers.UNet2DConditionModel``.
+            ``text_encoder``/``tokenizer`` are None, and aesthetic-score time ids), "sd3" (SD3 /
+            SD3.5) or "flux" (FLUX.1).
+        prediction_type: "epsilon" or "v_prediction" (SD2-768-v); "flow" for SD3 / FLUX.
+        unet: the denoiser: ``diffusers.UNet2DConditionModel``, or for SD3 / FLUX the
+            ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` (saved as ``transformer/``).
         vae: ``diffusers.AutoencoderKL``.
-        text_encoder: ``transformers.CLIPTextModel`` (SD1/SD2; SDXL's CLIP ViT-L).
+        text_encoder: ``transformers.CLIPTextModel`` (SD1/SD2; SDXL's and FLUX's CLIP ViT-L),
+            ``CLIPTextModelWithProjection`` for SD3's CLIP-L.
         tokenizer: ``transformers.CLIPTokenizer`` for ``text_encoder``.
         scheduler_config: diffusers scheduler config the model was trained with (betas, ...).
-        text_encoder_2: SDXL only, ``transformers.CLIPTextModelWithProjection`` (OpenCLIP bigG).
-        tokenizer_2: SDXL only, tokenizer for ``text_encoder_2`` (pad token "!").
+        text_encoder_2: SDXL and SD3: ``transformers.CLIPTextModelWithProjection`` (OpenCLIP
+            bigG); FLUX: ``T5EncoderModel`` (diffusers' component names).
+        tokenizer_2: tokenizer for ``text_encoder_2`` (OpenCLIP: pad token "!"; FLUX: T5's).
+        text_encoder_3, tokenizer_3: SD3 only, ``T5EncoderModel`` and its tokenizer; None when
+            the model is used without T5 (SD3 then feeds zeros in its place).
         metadata: free-form facts (source path, hashes, safetensors header).
     """
 
@@ -37,8 +45,21 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     metadata: dict = field(default_factory=dict)
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+
+    @property
+    def denoiser_name(self) -> str:
+        """The diffusers component name of ``unet``: "transformer" for SD3 / FLUX."""
+        return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latents the denoiser works on (FLUX packs 2x2 of them)."""
+        return self.vae.config.latent_channels if self.family in TRANSFORMER_FAMILIES else self.unet.config.in_channels
 
     def modules(self) -> dict[str, Any]:
         """The torch modules by diffusers component name (None ones left out)."""
-        mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        mods = {self.denoiser_name: self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3}
         return {k: v for k, v in mods.items() if v is not None}

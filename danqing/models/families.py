@@ -4,6 +4,8 @@
 (SDXL base 1.0) and ``sdxl-refiner`` (SDXL refiner 1.0: OpenCLIP bigG only, a 384-channel UNet
 with 2560 added-embedding inputs) are the full-size architectures single files are loaded into; ``tiny-*`` are
 toy-size configs of the same architectures for CPU tests and the built-in random model.
+``tiny-sd3`` and ``tiny-flux`` are toy-size SD3 (MMDiT, CLIP-L + bigG + T5) and FLUX.1 (CLIP-L + T5,
+guidance-distilled) configs; their T5 tokenizer is not bundled (``flow_models``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from importlib import resources
 import torch
 
 from danqing.errors import UnknownFamily
-from danqing.models.components import Components
+from danqing.models.components import TRANSFORMER_FAMILIES, Components
+from danqing.models.flow_models import flow_components_from_configs
 from danqing.models.tokenizer import clip_tokenizer
 
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler")
 BUILTIN_CONFIG = "tiny-sd1"  # the built-in random-weight model: this config, seeded
 BUILTIN_SEED = 0
 
@@ -64,6 +67,8 @@ def components_from_configs(
     """Modules built from configs: random-init, or with ``empty=True`` parameters on the meta
     device (no memory, no init time; buffers stay real) for a caller that loads every weight
     afterwards with ``load_state_dict(..., assign=True)``."""
+    if family in TRANSFORMER_FAMILIES:
+        return flow_components_from_configs(family, configs, empty=empty)
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -11,8 +11,11 @@ import torch
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound
 from danqing.models.components import Components
 from danqing.models.families import builtin_components
+from danqing.models.components import TRANSFORMER_FAMILIES
+from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
+from danqing.models.flow_models import PIPELINES, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
-from danqing.models.single_file import detect_family, load_single_file, load_vae_file
+from danqing.models.single_file import detect_family, load_single_file, load_vae_file, save_single_file
 from danqing.models.tokenizer import clip_tokenizer
 from danqing.files import atomic_save_dir, exists_message
 
@@ -33,6 +36,9 @@ def load_diffusers_folder(path: Path) -> Components:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
+    flow = flow_family_of_folder(path)
+    if flow is not None:  # SD3 / FLUX: a transformer, CLIP + T5
+        return load_flow_folder(path, flow)
     has_te1 = (path / "text_encoder" / "config.json").is_file()
     has_te2 = (path / "text_encoder_2" / "config.json").is_file()
     for sub in ("unet", "vae") + (() if has_te2 else ("text_encoder",)):
@@ -77,7 +83,16 @@ def load_components(entry: ModelEntry, *, prediction_type: str | None = None) ->
         raise ModelNotFound(f"{entry.path}: no such model file")
     if entry.format == "diffusers":
         return load_diffusers_folder(entry.path)
+    if flow_family_of_keys(checkpoint_keys(entry.path)) is not None:  # SD3 / FLUX single files
+        return load_flow_single_file(entry.path)
     return load_single_file(entry.path, prediction_type=prediction_type)
+
+
+def export_single_file(comps: Components, path: Path, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a model as one ``.safetensors`` file in the layout its family is shared in: LDM /
+    sgm for SD1/SD2/SDXL (``single_file``), the SD3 / FLUX layout for those (``flow_files``)."""
+    save = save_flow_single_file if comps.family in TRANSFORMER_FAMILIES else save_single_file
+    return save(comps, path, metadata=metadata, overwrite=overwrite)
 
 
 def load_vae(entry: ModelEntry, family: str, like=None):
@@ -126,11 +141,15 @@ def describe_checkpoint(entry: ModelEntry) -> str:
         return "sd1 (tiny, random weights)"
     if entry.format == "diffusers":
         p = Path(entry.path)
+        flow = flow_family_of_folder(p)
+        if flow is not None:
+            return flow
         unet_cfg = json.loads((p / "unet" / "config.json").read_text())
         te_file = p / "text_encoder" / "config.json"
         te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None
         return family_of_folder(unet_cfg, te_cfg, (p / "text_encoder_2").is_dir())
-    return detect_family(checkpoint_keys(entry.path))
+    keys = checkpoint_keys(entry.path)
+    return flow_family_of_keys(keys) or detect_family(keys)
 
 
 def save_diffusers_folder(comps: Components, path: Path) -> Path:
@@ -139,8 +158,8 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(exists_message(path))
-    pipeline = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}.get(
-        comps.family, "StableDiffusionPipeline")
+    pipeline = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+                **PIPELINES}.get(comps.family, "StableDiffusionPipeline")
 
     def write(tmp: Path) -> None:
         index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
@@ -148,14 +167,16 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
             index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
         for name, module in comps.modules().items():
             module.save_pretrained(tmp / name, safe_serialization=True)
-            lib = "diffusers" if name in ("unet", "vae") else "transformers"
+            lib = "diffusers" if name in ("unet", "transformer", "vae") else "transformers"
             index[name] = [lib, type(module).__name__]
-        for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
+        for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2),
+                          ("tokenizer_3", comps.tokenizer_3)):
             if tok is not None:
                 tok.save_pretrained(tmp / name)
-                index[name] = ["transformers", "CLIPTokenizer"]
+                index[name] = ["transformers", "CLIPTokenizer" if "CLIP" in type(tok).__name__ else type(tok).__name__]
         sched = {"_class_name": comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"), **comps.scheduler_config}
-        sched["prediction_type"] = comps.prediction_type
+        if comps.prediction_type != "flow":  # flow-matching schedulers have no prediction_type
+            sched["prediction_type"] = comps.prediction_type
         (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index["scheduler"] = ["diffusers", sched["_class_name"]]

@@ -72,7 +72,8 @@ def detect_family(keys) -> str:
         return "sd1"
     raise UnknownFamily(
         "unknown model family: expected the LDM layout of SD1.x, SD2.x, SDXL base or SDXL refiner "
-        "(model.diffusion_model.* with cond_stage_model.* or conditioner.*), "
+        "(model.diffusion_model.* with cond_stage_model.* or conditioner.*), or SD3 (joint_blocks.*) or "
+        "FLUX (double_blocks.* and single_blocks.*), "
         f"found keys starting with {', '.join(_key_roots(keys)) or 'nothing'}"
     )
 

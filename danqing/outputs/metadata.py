@@ -9,6 +9,7 @@ from danqing.errors import ImageError, InvalidRequest
 from danqing.outputs.infotext import format_infotext, parse_infotext, split_legacy_sampler
 from danqing.conditioning.regions import region_fields, region_params
 from danqing.request import GenerationRequest
+from danqing.sampling.flow import FLOW_FAMILIES
 from danqing.sampling.samplers import resolve_schedule, samplers, schedule_names
 
 VERSION = "danqing 0.1.0"
@@ -29,20 +30,24 @@ def request_infotext(
     ip_adapter_hash: str | None = None,
     control_hashes: list[str] | None = None,
     extra_params: dict[str, object] | None = None,
+    family: str | None = None,
 ) -> str:
     """The A1111 infotext of one image of ``request`` (its own seed, i.e. seed + i in a batch).
 
     ``ti_hashes``: A1111's ``TI hashes`` value (``"name: hash12, ..."``) of the textual-inversion
     embeddings the prompts used (``danqing.customise.embeddings.ti_hashes``). ``extra_params``:
     more ``key: value`` pairs written before ``Version`` and ignored when read back (the
-    ``Template`` of a dynamic prompt, an X/Y/Z plot's axes)."""
+    ``Template`` of a dynamic prompt, an X/Y/Z plot's axes). ``family``: the model's ("sd3" and
+    "flux" resolve the schedule type in the flow-matching sampler table)."""
 
     variation = request.subseed_strength > 0
     params = {
         "Steps": request.steps,
         "Sampler": request.sampler,
-        "Schedule type": resolve_schedule(request.sampler, request.schedule),
+        "Schedule type": resolve_schedule(request.sampler, request.schedule, flow=family in FLOW_FAMILIES),
         "CFG scale": request.cfg_scale,
+        "Distilled CFG Scale": request.distilled_cfg_scale,  # Forge's keys (FLUX; flow-matching models)
+        "Shift": request.shift,
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash[:10],
@@ -266,6 +271,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
             fields["subseed_strength"] = float(params.get("Variation seed strength", 0))
         if "Clip skip" in params:
             fields["clip_skip"] = int(params["Clip skip"])
+        for key, name in (("Distilled CFG Scale", "distilled_cfg_scale"), ("Shift", "shift")):
+            if key in params:
+                fields[name] = float(params[key])
         fields.update(_editing_fields(params))
         from danqing.customise.ip_adapter import ip_adapter_fields
 

@@ -67,14 +67,15 @@ class Batch:
     generators: list[torch.Generator]
     repeat: int = 1
 
-    def scheduler(self, scheduler_config: dict, sampler: str, schedule: str):
-        """A fresh scheduler for this batch, seeded with its rows' seeds (stochastic samplers)."""
+    def scheduler(self, scheduler_config: dict, sampler: str, schedule: str, shift: float | None = None):
+        """A fresh scheduler for this batch, seeded with its rows' seeds (stochastic samplers);
+        ``shift``: a flow-matching model's timestep shift (None = the model's own)."""
         rows = self.seeds * self.repeat
-        return make_scheduler(scheduler_config, sampler, schedule, seed=rows if len(rows) > 1 else rows[0])
+        return make_scheduler(scheduler_config, sampler, schedule, seed=rows if len(rows) > 1 else rows[0], shift=shift)
 
     def sample(self, comps, noise: torch.Tensor, cond, *, sampler: str, schedule: str, steps: int, cfg_scale: float,
                on_step=None, scheduler=None, generators: list[torch.Generator] | None | str = "batch",
-               **loop) -> SampleResult:
+               shift: float | None = None, **loop) -> SampleResult:
         """``sampling.loop.sample`` for this batch on ``comps``' UNet.
 
         Args:
@@ -82,9 +83,11 @@ class Batch:
             cond: the ``ConditioningSchedule``.
             scheduler: one made by ``self.scheduler`` already (default: a fresh one).
             generators: the loop's step generators: this batch's (default) or None.
+            shift: a flow-matching model's timestep shift (None = the model's own).
             loop: the other arguments of ``sample`` (init latents, strength, mask, denoise_fn, ...).
         """
-        scheduler = scheduler if scheduler is not None else self.scheduler(comps.scheduler_config, sampler, schedule)
+        scheduler = scheduler if scheduler is not None else self.scheduler(comps.scheduler_config, sampler, schedule,
+                                                                           shift)
         return sample(comps.unet, scheduler, noise, cond, steps=steps, cfg_scale=cfg_scale,
                       generators=self.generators if generators == "batch" else generators, on_step=on_step,
                       family=comps.family, batch_index=self.index, batch_count=self.count, **loop)

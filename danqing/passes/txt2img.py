@@ -27,14 +27,14 @@ def run_txt2img(comps, request, *, device, dtype, on_step=None, context: Conditi
 
     # 4. sample: a fresh scheduler and per-image generators for each batch.
     factor = vae_scale_factor(comps.vae)
-    shape = (comps.unet.config.in_channels, request.height // factor, request.width // factor)
+    shape = (comps.latent_channels, request.height // factor, request.width // factor)
     batches = Batches(request, device)
     for batch in batches:
         noise = initial_noise(shape, batch.generators, subseeds=batch.subseeds,
                               subseed_strength=request.subseed_strength)
         sampled = batch.sample(comps, noise.to(device=device, dtype=dtype), cond, sampler=request.sampler,
                                schedule=request.schedule, steps=request.steps, cfg_scale=request.cfg_scale,
-                               on_step=on_step, denoising_end=denoising_end,
+                               on_step=on_step, denoising_end=denoising_end, shift=getattr(request, "shift", None),
                                **({"denoise_fn": control} if control is not None else {}))
         batches.record(batch, sampled)
     return batches.result

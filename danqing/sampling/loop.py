@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from danqing.decode import cheap_preview
+from danqing.sampling.flow import DENOISERS, timestep_kwargs
 
 
 class StepControl(enum.Enum):
@@ -63,7 +64,9 @@ class Conditioning:
 
     Attributes:
         context: (2B, T, D) [uncond; cond] text hidden states, or (B, T, D) without CFG.
-        added: SDXL ``added_cond_kwargs`` {"text_embeds": (2B, 1280), "time_ids": (2B, 6)} or None.
+        added: SDXL ``added_cond_kwargs`` {"text_embeds": (2B, 1280), "time_ids": (2B, 6)} or None;
+            SD3 / FLUX: {"pooled": (2B, P)} and, for FLUX, {"guidance": distilled CFG scale}
+            (``sampling.flow``).
     """
 
     context: torch.Tensor
@@ -121,7 +124,7 @@ def sample(
     family: str = "sd1",
     batch_index: int = 0,
     batch_count: int = 1,
-    denoise_fn=denoise,
+    denoise_fn=None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -143,7 +146,8 @@ def sample(
         generators: per-image generators for ancestral/stochastic samplers.
         on_step: called after every sampler step; returning STOP (or False) interrupts, SKIP
             ends this batch early (``skipped``; not ``interrupted``, so callers go on).
-        denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here). One with a
+        denoise_fn: the model+CFG function (``torch.compile(denoise)`` works here); None = the
+            family's (``denoise``, or ``sampling.flow.DENOISERS`` for SD3 / FLUX). One with a
             ``begin(n)`` method is told the number of model evaluations of this pass first
             (ControlNet's guidance start/end, ``conditioning.control.ControlDenoise``).
         init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
@@ -164,7 +168,10 @@ def sample(
             of the training timesteps on, without adding noise (the refiner's side).
     """
     use_cfg = cfg_scale > 1.0
-    scheduler.set_timesteps(steps, device=noise.device)
+    denoise_fn = DENOISERS.get(family, denoise) if denoise_fn is None else denoise_fn
+    # flow families: FLUX's own sigmas and the resolution-dependent shift (mu), as their pipelines
+    patch = getattr(getattr(unet, "config", None), "patch_size", 2)
+    scheduler.set_timesteps(steps, device=noise.device, **timestep_kwargs(scheduler, family, noise.shape, steps, patch))
     timesteps = scheduler.timesteps
     order = getattr(scheduler, "order", 1)
     total = steps
@@ -189,7 +196,7 @@ def sample(
         total = steps - t_start
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
     else:
-        latents = noise * scheduler.init_noise_sigma  # x_T = sigma_max * eps (1 for DDPM-style)
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # x_T = sigma_max * eps (1: DDPM, flow)
     if denoising_end is not None:
         cutoff = int(round(n_train - denoising_end * n_train))
         timesteps = timesteps[:int((timesteps >= cutoff).sum())]
@@ -202,7 +209,7 @@ def sample(
     done = 0
     for i, t in enumerate(timesteps):
         cond = schedule.at(done)
-        x = scheduler.scale_model_input(latents, t)
+        x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         if masked_image_latents is not None:
             x = torch.cat([x, mask, masked_image_latents], dim=1)
         eps = denoise_fn(unet, x, t, cond, cfg_scale, use_cfg)
