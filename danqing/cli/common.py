@@ -26,16 +26,17 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help as written: rich markup would eat [a:b:N] and [default: ...]
 )
 
 
 @app.callback()
 def _root(
     ctx: typer.Context,
-    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside); default $DANQING_HOME or the current folder."),
-    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...)."),
-    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
-    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside) [default: $DANQING_HOME or the current folder]."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...) [default: HOME/models]."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps [default: auto]."),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 [default: auto]."),
 ):
     if dtype is not None and dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise InvalidRequest("dtype", f"must be one of auto, fp32, fp16, bf16, got {dtype!r}")
@@ -124,7 +125,7 @@ def out_target(out: Optional[str], default: Path) -> OutTarget:
 
 
 OUT_HELP = ("Output: NAME.png, or a folder (a name ending with /, an existing folder, or a name without an "
-            "extension); default: {}. Several pictures into NAME.png are NAME.png, NAME-1.png, ...")
+            "extension) [default: {}]. Several pictures into NAME.png are NAME.png, NAME-1.png, ...")
 
 
 def dated(settings: Settings, kind: str) -> Path:

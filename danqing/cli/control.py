@@ -20,8 +20,8 @@ def preprocess(
     image: Path = typer.Argument(..., help="Picture (openpose: a picture, with a ViTPose model in models/preprocessors/openpose/, or an OpenPose JSON file)."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("IMAGE-TYPE.png beside the picture") + " openpose on a picture also writes the detected pose as OUT.json."),
     res: int = typer.Option(512, help="Processor resolution: the short side the map is made at."),
-    a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold)."),
-    b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold)."),
+    a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold) [default: the preprocessor's]."),
+    b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold) [default: the preprocessor's]."),
 ):
     """Turn a picture into a control map for ControlNet (`danqing preprocess canny photo.jpg`)."""
     from danqing.editing.images import load_image  # lazy: the preprocessors import torch
@@ -70,7 +70,7 @@ def app_colorize(
     ctx: typer.Context,
     drawing: Path = typer.Argument(..., help="Line drawing (black lines on white, or white on black)."),
     prompt: str = typer.Argument(..., help="What to paint, colours included: 'a red circle and a blue square'."),
-    hints: Optional[Path] = typer.Option(None, help="Colour hints: a rough colour sketch of the same framing."),
+    hints: Optional[Path] = typer.Option(None, help="Colour hints: a rough colour sketch of the same framing [default: none]."),
     seed: int = typer.Option(0), model: Optional[str] = typer.Option(None, help="Line-art ControlNet [default: danqing-tiny-lineart]."),
     checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
@@ -95,7 +95,7 @@ def app_qr(
     error: Optional[str] = typer.Option(None, help="QR error correction L, M, Q or H [default: H]."),
     seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 128]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("qr-SEED.png")),
 ):
     """QR-code art: a picture that still scans. Retries strengths/seeds until OpenCV reads it back."""
@@ -120,9 +120,9 @@ def app_text(
     prompt: str = typer.Argument(..., help="What the word is made of."),
     font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc path or a file name under the system font folders) [default: DejaVuSans-Bold, or an installed CJK font when the word needs one]."),
     fill: Optional[str] = typer.Option(None, help="Starting colour of the letters [default: red]."),
-    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("text-SEED.png")),
 ):
     """Creative text: a picture shaped like a word."""
@@ -142,10 +142,10 @@ def app_restyle(
     photo: Path = typer.Argument(..., help="The photo."),
     prompt: str = typer.Argument(..., help="The style / content to paint."),
     strength: Optional[float] = typer.Option(None, help="Denoising strength [default: 0.75]."),
-    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
     module: Optional[str] = typer.Option(None, help="Preprocessor [default: canny; depth with a depth ControlNet]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("restyled-SEED.png; -img2img.png beside it")),
 ):
     """Photo restyling through ControlNet, compared with plain img2img at the same strength."""

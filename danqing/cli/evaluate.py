@@ -17,14 +17,14 @@ app.add_typer(eval_app, name="eval")
 
 
 # The options both worlds' commands take (typer reads each default afresh for every command).
-PROMPT = typer.Option(None, help="What the images should show; default: the prompt in each PNG's metadata.")
+PROMPT = typer.Option(None, help="What the images should show [default: the prompt in each PNG's metadata].")
 MODEL = typer.Option(None, help="Model to generate with [default: the settings' default model].")
 LANG = typer.Option("en", help="Prompt language: en or zh.")
 CFG = typer.Option(7.0, help="CFG scale.")
 STEPS = typer.Option(20, help="Sampling steps.")
 SEED = typer.Option(1000, help="Seed of the first image (image i uses seed + i).")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
-JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file).")
+JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file) [default: not written].")
 
 
 @eval_app.command("shapes")

@@ -15,18 +15,18 @@ from danqing.settings import ServerSettings, limits_from
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, help="Interface to bind (default 127.0.0.1; with --listen 0.0.0.0)."),
+    host: Optional[str] = typer.Option(None, help="Interface to bind [default: 127.0.0.1; with --listen 0.0.0.0]."),
     port: int = typer.Option(7860, help="Port."),
     listen: bool = typer.Option(False, "--listen", help="Listen on all interfaces (needs --api-auth)."),
     api_auth: Optional[str] = typer.Option(None, "--api-auth", envvar="DANQING_API_AUTH",
-                                           help="user:password for HTTP Basic on the API and the UI."),
-    cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable. Default: none."),
-    db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history (default HOME/danqing.sqlite3)."),
+                                           help="user:password for HTTP Basic on the API and the UI [default: none: no login]."),
+    cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable [default: none]."),
+    db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history [default: HOME/danqing.sqlite3]."),
     no_ui: bool = typer.Option(False, "--no-ui", help="API only, no web UI."),
-    max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB (default 16)."),
-    max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels (default 16.78 = 4096x4096)."),
-    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable."),
-    limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME>."),
+    max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB [default: 16]."),
+    max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels [default: 16.78 = 4096x4096]."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable [default: none]."),
+    limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME> [default: none]."),
 ):
     """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
     import uvicorn  # lazy: the server's dependencies (FastAPI, Gradio, torch) load only to serve

@@ -11,7 +11,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|controlnet --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -35,7 +35,7 @@ def _echo(line: str) -> None:
 
 
 _CONFIG_HELP = "TOML config, e.g. configs/train/{}.toml."
-_SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400."
+_SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400 [default: none]."
 _FRESH = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over.")
 
 
@@ -43,7 +43,7 @@ _FRESH = typer.Option(False, "--fresh", help="Ignore checkpoints in the output f
 def train_base_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-cpu.toml."),
     fresh: bool = _FRESH,
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train a model from scratch (VAE, then CLIP text encoder + UNet) on the synthetic shapes set
     or a folder of captioned images; resumes from the newest checkpoint of its output folder."""
@@ -59,7 +59,7 @@ def train_base_cmd(
 def train_instruct_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-instruct.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train an instruct-pix2pix model from a text-to-image model on synthetic edit pairs
     ("make the circle blue", "add a yellow star", "remove the square"); resumes from the newest
@@ -119,7 +119,7 @@ def train_ti_cmd(
 def train_controlnet_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train a ControlNet for a base model on (picture, condition map, caption) triples: the
     synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop);
