@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import OUT_HELP, app, make_studio, out_target, refuse_existing
+from danqing.cli.common import (OUT_HELP, announce_device, app, dated, make_studio, new_picture_path, out_target,
+                                refuse_existing)
 from danqing.errors import InvalidRequest
 
 
@@ -54,15 +55,21 @@ app_app = typer.Typer(help="The projects of the course 《AI绘画核心技术�
 app.add_typer(app_app, name="app")
 
 
-def _app_out(out: Optional[str], default_name: str) -> Path:
-    """The one picture of an app: ``--out`` as a file or folder, default ``default_name`` here."""
-    path = out_target(out, Path(".")).path(default_name)
-    refuse_existing(path)
-    return path
+def _app_out(settings, out: Optional[str], stem: str) -> Path:
+    """The one picture of an app: ``--out`` as a file, or a folder's next ``NNNNN-STEM.png``
+    (default folder: HOME/outputs/app-images/DATE/)."""
+    return new_picture_path(out_target(out, dated(settings, "app-images")), stem)
+
+
+def _studio(settings):
+    """The app's studio, its device said."""
+    studio = make_studio(settings)
+    announce_device(studio)
+    return studio
 
 
 def _app_help(default: str) -> str:
-    return OUT_HELP.format(default)
+    return OUT_HELP.format(f"outputs/app-images/DATE/NNNNN-{default}")
 
 
 @app_app.command("colorize")
@@ -81,8 +88,8 @@ def app_colorize(
     from danqing.editing.images import load_image
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"colorized-{seed}.png")
-    r = colorize(make_studio(ctx.obj), load_image(drawing, "drawing"), prompt, seed=seed, model=model, size=size,
+    path = _app_out(ctx.obj, out, f"colorized-{seed}")
+    r = colorize(_studio(ctx.obj), load_image(drawing, "drawing"), prompt, seed=seed, model=model, size=size,
                  hints=load_image(hints, "hints") if hints else None, checkpoint=checkpoint)
     print(save_png(r.image, path, r.result.infotexts[0]))
 
@@ -102,8 +109,8 @@ def app_qr(
     from danqing.apps.control_projects import qr_art  # lazy: imports torch
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"qr-{seed}.png")
-    r = qr_art(make_studio(ctx.obj), text, prompt, error=error, seed=seed, size=size, model=model, checkpoint=checkpoint)
+    path = _app_out(ctx.obj, out, f"qr-{seed}")
+    r = qr_art(_studio(ctx.obj), text, prompt, error=error, seed=seed, size=size, model=model, checkpoint=checkpoint)
     for a in r.attempts:
         typer.echo(f"attempt strength {a['strength']:g} weight {a['weight']:g} seed {a['seed']}: "
                    f"{'decoded ' + repr(a['decoded']) if a['decoded'] else 'does not scan'}", err=True)
@@ -129,8 +136,8 @@ def app_text(
     from danqing.apps.control_projects import creative_text  # lazy: imports torch
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"text-{seed}.png")
-    r = creative_text(make_studio(ctx.obj), word, prompt, font=font, fill=fill, seed=seed, size=size, model=model,
+    path = _app_out(ctx.obj, out, f"text-{seed}")
+    r = creative_text(_studio(ctx.obj), word, prompt, font=font, fill=fill, seed=seed, size=size, model=model,
                       checkpoint=checkpoint)
     print(save_png(r.image, path, f"Word: {word}"))
     print(f"shape IoU with the word: {r.iou:.2f}")
@@ -153,10 +160,10 @@ def app_restyle(
     from danqing.editing.images import load_image
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"restyled-{seed}.png")
+    path = _app_out(ctx.obj, out, f"restyled-{seed}")
     plain_path = path.with_name(path.stem + "-img2img.png")
     refuse_existing(plain_path)
-    r = restyle(make_studio(ctx.obj), load_image(photo, "photo"), prompt, seed=seed, size=size, model=model, module=module,
+    r = restyle(_studio(ctx.obj), load_image(photo, "photo"), prompt, seed=seed, size=size, model=model, module=module,
                 checkpoint=checkpoint, strength=strength)
     print(save_png(r.controlled, path, f"Restyle: {prompt}"))
     print(save_png(r.plain, plain_path, f"img2img: {prompt}"))

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import (OUT_HELP, OutTarget, app, control_units, dated, make_studio, out_target,
-                                pictures_of, refuse_existing, run_generate)
+from danqing.cli.common import (OUT_HELP, OutTarget, announce_device, app, control_units, dated, make_studio,
+                                new_picture_path, out_target, pictures_of, run_generate)
 from danqing.errors import InvalidRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -180,12 +180,13 @@ def upscale(
     sd: bool = typer.Option(False, "--sd", help="SD upscale: then img2img every tile with --prompt at --strength."),
     prompt: str = typer.Option("", help="SD upscale: prompt for the tiles [default: the picture's own prompt, if any]."),
     tile: int = typer.Option(512, help="SD upscale: tile size in pixels (multiple of 8)."),
-    overlap: int = typer.Option(64, help="SD upscale: overlap between tiles in pixels."),
+    overlap: Optional[int] = typer.Option(None, help="SD upscale: overlap between tiles in pixels, less than half "
+                                          "the tile [default: 64, or --tile / 4 when that is smaller]."),
     strength: float = typer.Option(0.3, "--strength", "--denoise", help="SD upscale: denoising strength of the tiles."),
     steps: int = typer.Option(20, help="SD upscale: sampling steps."),
     seed: int = typer.Option(0, help="SD upscale: seed of the first tile (tile i uses seed + i)."),
     model: Optional[str] = _MODEL,
-    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/extras-images/DATE/NAME-xSCALE.png")),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/extras-images/DATE/NNNNN-NAME-xSCALE.png")),
 ):
     """Upscale a picture (Lanczos, nearest or a model upscaler), optionally adding detail tile by
     tile (SD upscale) and restoring faces."""
@@ -193,6 +194,8 @@ def upscale(
     from danqing.editing.images import load_image
     from danqing.outputs.store import atomic_save_image
 
+    if overlap is None:  # A1111's 64 for its 512-px tiles; a smaller tile shares a quarter of itself
+        overlap = min(64, tile // 4)
     options = UpscaleOptions(scale=scale, upscaler=upscaler, upscaler_tile=upscaler_tile,
                              upscaler_overlap=upscaler_overlap, restore_faces=restore_faces,
                              face_visibility=face_visibility, sd=sd, prompt=prompt, tile=tile, overlap=overlap,
@@ -201,8 +204,8 @@ def upscale(
     studio = make_studio(ctx.obj)
     check_upscale(studio, options)  # before any work: an unknown name lists the installed ones
     img = load_image(image, "image")
-    path = target.path(f"{image.stem}-x{scale:g}.png")
-    refuse_existing(path)
+    path = new_picture_path(target, f"{image.stem}-x{scale:g}")
+    announce_device(studio)
     if sd and not prompt:
         options = dataclasses.replace(options, prompt=picture_prompt(image))
     result, warnings = upscale_picture(studio, img, options, on_tile=lambda i, n: typer.echo(f"tile {i}/{n}", err=True))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import OUT_HELP, app, make_studio, out_target, refuse_existing
+from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_target, refuse_existing
 from danqing.files import atomic_write_text
 
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`.", no_args_is_help=True)
@@ -98,7 +98,9 @@ def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to
         target = out_target(out, Path(".")) if out is not None else None
         if target is not None:
             target.check_free(n)
-        summary, scores = generate(make_studio(ctx.obj), lang=lang, out_dir=target.folder if target else None,
+        studio = make_studio(ctx.obj)
+        announce_device(studio)
+        summary, scores = generate(studio, lang=lang, out_dir=target.folder if target else None,
                                    out_files=target.files(n) if target and target.file else None, **gen)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

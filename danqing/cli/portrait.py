@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from danqing.cli.common import refuse_existing
+from danqing.cli.common import dated, refuse_existing
 from danqing.cli.control import app_app
 from danqing.errors import InvalidRequest
 
@@ -106,7 +106,8 @@ def portrait_rank(
     keep: int = typer.Option(4, help="How many of the best to keep."),
     fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture first, at this strength (0-1) [default: no fusing]."),
     fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
-    out: Path = typer.Option(Path("ranked"), help="Folder for the kept pictures (RANK-SCORE-NAME.png)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures (RANK-SCORE-NAME.png) "
+                                      "[default: outputs/portrait-ranked/DATE/NAME]."),
     backend: str = typer.Option("dlib", help=BACKEND_HELP),
 ):
     """Rank pictures by face similarity to a person, optionally fusing their face in; keep the best.
@@ -126,6 +127,7 @@ def portrait_rank(
     images = [np.asarray(load_image(p, "pictures")) for p in pictures]
     faces = _backend(ctx.obj, backend, "hog")
     ranked = fuse_and_rank(images, person, faces, keep=keep, fuse=fuse, method=fuse_method)
+    out = out or dated(ctx.obj, "portrait-ranked") / name
     names = [out / f"{r + 1:02d}-{item.score or 0:.3f}-{pictures[item.index].stem}.png"
              for r, item in enumerate(ranked)]
     refuse_existing(*names)
@@ -169,7 +171,7 @@ def portrait_make(
     from danqing.apps.portrait_make import make_portraits
     from danqing.apps.portrait_people import load_person
     from danqing.apps.portrait_styles import get_style
-    from danqing.cli.common import make_studio
+    from danqing.cli.common import announce_device, make_studio
     from danqing.outputs.store import save_png
 
     settings = ctx.obj
@@ -177,7 +179,9 @@ def portrait_make(
     template = get_style(style, settings.home)
     faces = _backend(settings, backend, "hog")
     folder = out or settings.outputs_dir / "portrait-images" / name / datetime.date.today().isoformat()
-    made = make_portraits(make_studio(settings), person, template, faces, n=n, keep=keep, person_lora=lora,
+    studio = make_studio(settings)
+    announce_device(studio)
+    made = make_portraits(studio, person, template, faces, n=n, keep=keep, person_lora=lora,
                           model=model, seed=seed, steps=steps, fuse=fuse, method=fuse_method,
                           on_picture=lambda i, total: typer.echo(f"picture {i}/{total}", err=True))
     paths = [folder / f"{r:02d}-{p.ranked.score or 0:.3f}-{p.seed}.png" for r, p in enumerate(made, 1)]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app, dated, make_studio, out_target, run_generate
+from danqing.cli.common import announce_device, app, dated, make_studio, out_target, run_generate
 from danqing.errors import InvalidRequest
 
 AXIS_HELP = ("AXIS: VALUES, e.g. \"Steps: 4,8,12\", \"CFG Scale: 3-9 (+3)\", \"Denoising: 0.2-1 [5]\", "
@@ -96,11 +96,14 @@ def xyz(
     if folder.exists() and any(folder.iterdir()):
         raise InvalidRequest("out", f"{folder} is not empty; give a new folder for the plot")
 
+    studio = make_studio(ctx.obj)
+
     def progress(i, n):
+        announce_device(studio)
         if not quiet:
             typer.echo(f"cell {i}/{n}", err=True)
 
-    result = run_xyz(make_studio(ctx.obj), plan, folder, on_cell=progress)
+    result = run_xyz(studio, plan, folder, on_cell=progress)
     for path in result.grid_paths:
         print(path)
     typer.echo(f"{len(result.paths)} cell(s) and {len(result.grid_paths)} grid(s) in {folder}", err=True)
@@ -155,6 +158,6 @@ def from_file(
                       same_seed=same_seed)
     expanded = [expand_request(job.request, prompting) for job in jobs]  # every line drawn and checked first
     target = out_target(out if out is None or out.endswith("/") else out + "/", dated(ctx.obj, "txt2img-images"))
-    studio = make_studio(ctx.obj)
+    studio = make_studio(ctx.obj)  # said at the first step
     for request, extra in expanded:
         run_generate(ctx.obj, request, target, quiet, studio=studio, extra_params=extra or None)
