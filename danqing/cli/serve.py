@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app
+from danqing.cli.common import announce_device, app, check_device
 from danqing.errors import InvalidRequest
 from danqing.settings import ServerSettings, limits_from
 
@@ -46,7 +46,9 @@ def serve(
     if not server.is_local and not api_auth:
         raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)
+    check_device(settings.device)
     application = create_app(settings, server)
+    announce_device(application.state.danqing.worker.studio)
     typer.echo(f"danqing serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ "
                f"(API: /sdapi/v1, /api/v1; docs: /docs)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
