@@ -28,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,  # help as written: rich markup would eat [a:b:N] and [default: ...]
+    context_settings={"max_content_width": 120},  # up to 120 columns where the terminal has them
 )
 
 
