@@ -121,10 +121,10 @@ def test_single_picture_commands_take_a_folder(capsys, tmp_path):
     Image.new("RGB", (32, 32), "white").save(tmp_path / "pic.png")
     (tmp_path / "up").mkdir()
     ok(capsys, tmp_path, "upscale", str(tmp_path / "pic.png"), "--out", str(tmp_path / "up"))
-    assert Image.open(tmp_path / "up" / "pic-x2.png").size == (64, 64)
+    assert Image.open(tmp_path / "up" / "00000-pic-x2.png").size == (64, 64)
     ok(capsys, tmp_path, "upscale", str(tmp_path / "pic.png"), "--out", str(tmp_path / "big.png"))
     assert Image.open(tmp_path / "big.png").size == (64, 64)
     ok(capsys, tmp_path, "preprocess", "canny", str(tmp_path / "pic.png"), "--res", "32", "--out", str(tmp_path / "maps") + "/")
     assert pngs(tmp_path / "maps") == ["pic-canny.png"]
-    code, _, err = run(capsys, tmp_path, "upscale", str(tmp_path / "pic.png"), "--out", str(tmp_path / "up") + "/")
-    assert code == 2 and "pic-x2.png already exists" in err
+    ok(capsys, tmp_path, "upscale", str(tmp_path / "pic.png"), "--out", str(tmp_path / "up") + "/")  # numbered, as generate
+    assert pngs(tmp_path / "up") == ["00000-pic-x2.png", "00001-pic-x2.png"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,16 +27,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help as written: rich markup would eat [a:b:N] and [default: ...]
+    context_settings={"max_content_width": 120},  # up to 120 columns where the terminal has them
 )
 
 
 @app.callback()
 def _root(
     ctx: typer.Context,
-    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside); default $DANQING_HOME or the current folder."),
-    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...)."),
-    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
-    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    home: Optional[Path] = typer.Option(None, help="danqing home (models/ and outputs/ inside) [default: $DANQING_HOME or the current folder]."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Models folder (checkpoints/, vae/, lora/, ...) [default: HOME/models]."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps [default: auto]."),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 [default: auto]."),
 ):
     if dtype is not None and dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise InvalidRequest("dtype", f"must be one of auto, fp32, fp16, bf16, got {dtype!r}")
@@ -124,7 +127,7 @@ def out_target(out: Optional[str], default: Path) -> OutTarget:
 
 
 OUT_HELP = ("Output: NAME.png, or a folder (a name ending with /, an existing folder, or a name without an "
-            "extension); default: {}. Several pictures into NAME.png are NAME.png, NAME-1.png, ...")
+            "extension) [default: {}]. Several pictures into NAME.png are NAME.png, NAME-1.png, ...")
 
 
 def dated(settings: Settings, kind: str) -> Path:
@@ -138,9 +141,66 @@ def dated(settings: Settings, kind: str) -> Path:
 # Running requests
 # ---------------------------------------------------------------------------------------------
 def make_studio(settings: Settings):
+    """The run's Studio, on a device checked first (``check_device``). Say which device and dtype
+    it runs on (``announce_device``) when the work starts, after the options passed the studio's
+    checks, so that a bad option stays one line."""
+    check_device(settings.device)
     from danqing.studio import Studio  # lazy: imports torch
 
     return Studio(settings)
+
+
+_ANNOUNCED: "weakref.WeakSet" = weakref.WeakSet()  # the run's studio, once its device was said
+
+
+def announce_device(studio) -> None:
+    """One stderr line, once per run (per studio): the device and dtype its models are placed on."""
+    models = getattr(studio, "models", None)  # None: a stand-in studio without models
+    if models is None or studio in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(studio)
+    dtype = str(models.dtype).removeprefix("torch.")
+    typer.echo(f"device: {models.device}, dtype: {dtype}", err=True)
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (one line) before anything is loaded.
+
+    Raises:
+        InvalidRequest: not a torch device name, or a device whose backend is unavailable here.
+    """
+    if name == "auto":
+        return
+    import torch  # lazy: --help must not import torch
+
+    allowed = "use auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidRequest("device", f"{name!r} is not a device; {allowed}") from None
+    if device.type == "cpu":
+        return
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        why = ("this torch has no CUDA support" if device.type == "cuda" and torch.version.cuda is None
+               else f"no {device.type} device is available on this machine")
+        raise InvalidRequest("device", f"{name}: {why} (torch {torch.__version__}); use --device cpu or auto")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise InvalidRequest("device", f"{name}: this machine has {count} {device.type} device(s) "
+                                       f"({device.type}:0 to {device.type}:{count - 1})")
+
+
+def new_picture_path(target: OutTarget, stem: str) -> Path:
+    """The one file of a single-picture command: ``--out NAME.png`` (refused when it exists:
+    danqing never overwrites), else the folder's next ``NNNNN-STEM.png``, numbered with the
+    counter ``generate`` numbers its pictures with (A1111's)."""
+    if target.file is not None:
+        refuse_existing(target.file)
+        return target.file
+    from danqing.outputs.store import next_output_path  # lazy: Pillow
+
+    return next_output_path(target.folder, stem)  # type: ignore[arg-type]  # the name after the counter
 
 
 def control_units(specs: list[str], preprocess: bool) -> tuple:
@@ -173,6 +233,7 @@ def run_generate(settings: Settings, request, target: OutTarget, quiet: bool, *,
         task = progress.add_task("sampling", total=total)
 
         def on_step(info):
+            announce_device(studio)  # at the first step: the request passed the studio's checks
             progress.update(task, completed=info.batch_index * info.total + info.step)
 
         result = studio.generate(request, on_step=on_step, save=not single_file, out_dir=target.folder,

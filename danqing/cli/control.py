@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import OUT_HELP, app, make_studio, out_target, refuse_existing
+from danqing.cli.common import (OUT_HELP, announce_device, app, dated, make_studio, new_picture_path, out_target,
+                                refuse_existing)
 from danqing.errors import InvalidRequest
 
 
@@ -20,8 +21,8 @@ def preprocess(
     image: Path = typer.Argument(..., help="Picture (openpose: a picture, with a ViTPose model in models/preprocessors/openpose/, or an OpenPose JSON file)."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("IMAGE-TYPE.png beside the picture") + " openpose on a picture also writes the detected pose as OUT.json."),
     res: int = typer.Option(512, help="Processor resolution: the short side the map is made at."),
-    a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold)."),
-    b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold)."),
+    a: Optional[float] = typer.Option(None, "--a", help="The preprocessor's first parameter (canny: low threshold) [default: the preprocessor's]."),
+    b: Optional[float] = typer.Option(None, "--b", help="The preprocessor's second parameter (canny: high threshold) [default: the preprocessor's]."),
 ):
     """Turn a picture into a control map for ControlNet (`danqing preprocess canny photo.jpg`)."""
     from danqing.editing.images import load_image  # lazy: the preprocessors import torch
@@ -54,15 +55,21 @@ app_app = typer.Typer(help="The projects of the course 《AI绘画核心技术�
 app.add_typer(app_app, name="app")
 
 
-def _app_out(out: Optional[str], default_name: str) -> Path:
-    """The one picture of an app: ``--out`` as a file or folder, default ``default_name`` here."""
-    path = out_target(out, Path(".")).path(default_name)
-    refuse_existing(path)
-    return path
+def _app_out(settings, out: Optional[str], stem: str) -> Path:
+    """The one picture of an app: ``--out`` as a file, or a folder's next ``NNNNN-STEM.png``
+    (default folder: HOME/outputs/app-images/DATE/)."""
+    return new_picture_path(out_target(out, dated(settings, "app-images")), stem)
+
+
+def _studio(settings):
+    """The app's studio, its device said."""
+    studio = make_studio(settings)
+    announce_device(studio)
+    return studio
 
 
 def _app_help(default: str) -> str:
-    return OUT_HELP.format(default)
+    return OUT_HELP.format(f"outputs/app-images/DATE/NNNNN-{default}")
 
 
 @app_app.command("colorize")
@@ -70,7 +77,7 @@ def app_colorize(
     ctx: typer.Context,
     drawing: Path = typer.Argument(..., help="Line drawing (black lines on white, or white on black)."),
     prompt: str = typer.Argument(..., help="What to paint, colours included: 'a red circle and a blue square'."),
-    hints: Optional[Path] = typer.Option(None, help="Colour hints: a rough colour sketch of the same framing."),
+    hints: Optional[Path] = typer.Option(None, help="Colour hints: a rough colour sketch of the same framing [default: none]."),
     seed: int = typer.Option(0), model: Optional[str] = typer.Option(None, help="Line-art ControlNet [default: danqing-tiny-lineart]."),
     checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
@@ -81,8 +88,8 @@ def app_colorize(
     from danqing.editing.images import load_image
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"colorized-{seed}.png")
-    r = colorize(make_studio(ctx.obj), load_image(drawing, "drawing"), prompt, seed=seed, model=model, size=size,
+    path = _app_out(ctx.obj, out, f"colorized-{seed}")
+    r = colorize(_studio(ctx.obj), load_image(drawing, "drawing"), prompt, seed=seed, model=model, size=size,
                  hints=load_image(hints, "hints") if hints else None, checkpoint=checkpoint)
     print(save_png(r.image, path, r.result.infotexts[0]))
 
@@ -95,15 +102,15 @@ def app_qr(
     error: Optional[str] = typer.Option(None, help="QR error correction L, M, Q or H [default: H]."),
     seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 128]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("qr-SEED.png")),
 ):
     """QR-code art: a picture that still scans. Retries strengths/seeds until OpenCV reads it back."""
     from danqing.apps.control_projects import qr_art  # lazy: imports torch
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"qr-{seed}.png")
-    r = qr_art(make_studio(ctx.obj), text, prompt, error=error, seed=seed, size=size, model=model, checkpoint=checkpoint)
+    path = _app_out(ctx.obj, out, f"qr-{seed}")
+    r = qr_art(_studio(ctx.obj), text, prompt, error=error, seed=seed, size=size, model=model, checkpoint=checkpoint)
     for a in r.attempts:
         typer.echo(f"attempt strength {a['strength']:g} weight {a['weight']:g} seed {a['seed']}: "
                    f"{'decoded ' + repr(a['decoded']) if a['decoded'] else 'does not scan'}", err=True)
@@ -120,17 +127,17 @@ def app_text(
     prompt: str = typer.Argument(..., help="What the word is made of."),
     font: Optional[str] = typer.Option(None, help="Font file (.ttf/.otf/.ttc path or a file name under the system font folders) [default: DejaVuSans-Bold, or an installed CJK font when the word needs one]."),
     fill: Optional[str] = typer.Option(None, help="Starting colour of the letters [default: red]."),
-    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("text-SEED.png")),
 ):
     """Creative text: a picture shaped like a word."""
     from danqing.apps.control_projects import creative_text  # lazy: imports torch
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"text-{seed}.png")
-    r = creative_text(make_studio(ctx.obj), word, prompt, font=font, fill=fill, seed=seed, size=size, model=model,
+    path = _app_out(ctx.obj, out, f"text-{seed}")
+    r = creative_text(_studio(ctx.obj), word, prompt, font=font, fill=fill, seed=seed, size=size, model=model,
                       checkpoint=checkpoint)
     print(save_png(r.image, path, f"Word: {word}"))
     print(f"shape IoU with the word: {r.iou:.2f}")
@@ -142,10 +149,10 @@ def app_restyle(
     photo: Path = typer.Argument(..., help="The photo."),
     prompt: str = typer.Argument(..., help="The style / content to paint."),
     strength: Optional[float] = typer.Option(None, help="Denoising strength [default: 0.75]."),
-    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0), size: Optional[int] = typer.Option(None, help="Output size [default: 64, the bundled model's]."),
     model: Optional[str] = typer.Option(None, help="ControlNet [default: danqing-tiny-canny]."),
     module: Optional[str] = typer.Option(None, help="Preprocessor [default: canny; depth with a depth ControlNet]."),
-    checkpoint: Optional[str] = typer.Option(None, help="Base model."),
+    checkpoint: Optional[str] = typer.Option(None, help="Base model [default: the settings' default]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=_app_help("restyled-SEED.png; -img2img.png beside it")),
 ):
     """Photo restyling through ControlNet, compared with plain img2img at the same strength."""
@@ -153,10 +160,10 @@ def app_restyle(
     from danqing.editing.images import load_image
     from danqing.outputs.store import save_png
 
-    path = _app_out(out, f"restyled-{seed}.png")
+    path = _app_out(ctx.obj, out, f"restyled-{seed}")
     plain_path = path.with_name(path.stem + "-img2img.png")
     refuse_existing(plain_path)
-    r = restyle(make_studio(ctx.obj), load_image(photo, "photo"), prompt, seed=seed, size=size, model=model, module=module,
+    r = restyle(_studio(ctx.obj), load_image(photo, "photo"), prompt, seed=seed, size=size, model=model, module=module,
                 checkpoint=checkpoint, strength=strength)
     print(save_png(r.controlled, path, f"Restyle: {prompt}"))
     print(save_png(r.plain, plain_path, f"img2img: {prompt}"))

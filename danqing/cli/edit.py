@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import (OUT_HELP, OutTarget, app, control_units, dated, make_studio, out_target,
-                                pictures_of, refuse_existing, run_generate)
+from danqing.cli.common import (OUT_HELP, OutTarget, announce_device, app, control_units, dated, make_studio,
+                                new_picture_path, out_target, pictures_of, run_generate)
 from danqing.errors import InvalidRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -56,18 +56,18 @@ def run_all(settings, requests: list, target: OutTarget, quiet: bool) -> None:
 
 
 _PROMPT = typer.Argument(..., help="Prompt in A1111 syntax.")
-_NEG = typer.Option("", "--negative", "-n", help="Negative prompt.")
+_NEG = typer.Option("", "--negative", "-n", help="Negative prompt [default: none].")
 _W = typer.Option(None, help="Width, multiple of 8 [default: the init image's].")
 _H = typer.Option(None, help="Height, multiple of 8 [default: the init image's].")
 _STEPS = typer.Option(None, help="Sampling steps [default: 20].")
 _SAMPLER = typer.Option(None, help="A1111 sampler name [default: DPM++ 2M].")
 _CFG = typer.Option(None, help="CFG scale [default: 7].")
-_SEED = typer.Option(None, help="Seed; -1 = random.")
+_SEED = typer.Option(None, help="Seed; -1 = random [default: -1].")
 _MODEL = typer.Option(None, help="Checkpoint [default: the settings' default model].")
-_BATCH = typer.Option(None, help="Images per init image.")
+_BATCH = typer.Option(None, help="Images per init image [default: 1].")
 _OUT = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/img2img-images/DATE/"))
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-_CONTROL = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name.")
+_CONTROL = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable); TYPE is canny, lineart, ... or a ControlNet name [default: none].")
 _CONTROL_PRE = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its IMAGE first.")
 
 
@@ -77,7 +77,7 @@ def img2img(
     init: Path = typer.Argument(..., help="Init image, or a folder of images (each is processed)."),
     prompt: str = _PROMPT, negative: str = _NEG,
     strength: Optional[float] = typer.Option(None, "--strength", "--denoise", help="Denoising strength 0-1 [default: 0.75]."),
-    resize_mode: Optional[str] = typer.Option(None, help="just resize, crop and resize, resize and fill, latent upscale."),
+    resize_mode: Optional[str] = typer.Option(None, help="just resize, crop and resize, resize and fill, latent upscale [default: just resize]."),
     image_cfg: Optional[float] = typer.Option(None, "--image-cfg", help="instruct-pix2pix models: Image CFG scale [default: 1.5]."),
     width: Optional[int] = _W, height: Optional[int] = _H, steps: Optional[int] = _STEPS,
     sampler: Optional[str] = _SAMPLER, cfg: Optional[float] = _CFG, seed: Optional[int] = _SEED,
@@ -175,17 +175,18 @@ def upscale(
     upscaler_tile: int = typer.Option(256, help="Model upscalers: tile size in input pixels (0 = no tiling)."),
     upscaler_overlap: int = typer.Option(32, help="Model upscalers: overlap between tiles in input pixels."),
     restore_faces: Optional[str] = typer.Option(None, help="Restore faces with this installed model "
-                                                "(models/face_restore/, models/GFPGAN/), after upscaling."),
+                                                "(models/face_restore/, models/GFPGAN/), after upscaling [default: none]."),
     face_visibility: float = typer.Option(1.0, help="Face restoration: 0 keeps the picture, 1 the restored faces."),
     sd: bool = typer.Option(False, "--sd", help="SD upscale: then img2img every tile with --prompt at --strength."),
     prompt: str = typer.Option("", help="SD upscale: prompt for the tiles [default: the picture's own prompt, if any]."),
     tile: int = typer.Option(512, help="SD upscale: tile size in pixels (multiple of 8)."),
-    overlap: int = typer.Option(64, help="SD upscale: overlap between tiles in pixels."),
+    overlap: Optional[int] = typer.Option(None, help="SD upscale: overlap between tiles in pixels, less than half "
+                                          "the tile [default: 64, or --tile / 4 when that is smaller]."),
     strength: float = typer.Option(0.3, "--strength", "--denoise", help="SD upscale: denoising strength of the tiles."),
     steps: int = typer.Option(20, help="SD upscale: sampling steps."),
     seed: int = typer.Option(0, help="SD upscale: seed of the first tile (tile i uses seed + i)."),
     model: Optional[str] = _MODEL,
-    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/extras-images/DATE/NAME-xSCALE.png")),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/extras-images/DATE/NNNNN-NAME-xSCALE.png")),
 ):
     """Upscale a picture (Lanczos, nearest or a model upscaler), optionally adding detail tile by
     tile (SD upscale) and restoring faces."""
@@ -193,6 +194,8 @@ def upscale(
     from danqing.editing.images import load_image
     from danqing.outputs.store import atomic_save_image
 
+    if overlap is None:  # A1111's 64 for its 512-px tiles; a smaller tile shares a quarter of itself
+        overlap = min(64, tile // 4)
     options = UpscaleOptions(scale=scale, upscaler=upscaler, upscaler_tile=upscaler_tile,
                              upscaler_overlap=upscaler_overlap, restore_faces=restore_faces,
                              face_visibility=face_visibility, sd=sd, prompt=prompt, tile=tile, overlap=overlap,
@@ -201,8 +204,8 @@ def upscale(
     studio = make_studio(ctx.obj)
     check_upscale(studio, options)  # before any work: an unknown name lists the installed ones
     img = load_image(image, "image")
-    path = target.path(f"{image.stem}-x{scale:g}.png")
-    refuse_existing(path)
+    path = new_picture_path(target, f"{image.stem}-x{scale:g}")
+    announce_device(studio)
     if sd and not prompt:
         options = dataclasses.replace(options, prompt=picture_prompt(image))
     result, warnings = upscale_picture(studio, img, options, on_tile=lambda i, n: typer.echo(f"tile {i}/{n}", err=True))
@@ -241,10 +244,10 @@ def _window_option(text: str, option: str) -> tuple[float, float]:
 def edit_p2p(
     ctx: typer.Context,
     prompt: str = typer.Argument(..., help="The source prompt: what the picture shows (a real picture's caption)."),
-    swap: list[str] = typer.Option([], "--swap", help="WORD=NEW: swap a word of the prompt (repeatable)."),
-    to: Optional[str] = typer.Option(None, "--to", help="The edited prompt, written out (words added = refinement)."),
-    reweight: list[str] = typer.Option([], "--reweight", help="WORD=FACTOR: scale the attention to a word (repeatable)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="A real picture to edit: null-text inverted first (DDIM)."),
+    swap: list[str] = typer.Option([], "--swap", help="WORD=NEW: swap a word of the prompt (repeatable) [default: none]."),
+    to: Optional[str] = typer.Option(None, "--to", help="The edited prompt, written out (words added = refinement) [default: none]."),
+    reweight: list[str] = typer.Option([], "--reweight", help="WORD=FACTOR: scale the attention to a word (repeatable) [default: none]."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A real picture to edit: null-text inverted first (DDIM) [default: none: a generated picture]."),
     cross: str = typer.Option("0,0.8", help="Steps (START,END fractions) where cross-attention maps are the source's."),
     self_steps: str = typer.Option("0,0.4", "--self", help="Steps where self-attention maps are the source's."),
     features: float = typer.Option(0.0, help="Fraction of first steps with the source's finest UNet features "
@@ -253,7 +256,7 @@ def edit_p2p(
     null_iterations: int = typer.Option(10, "--null-iterations", help="Null-text optimisation steps per sampler step."),
     negative: str = _NEG,
     width: Optional[int] = typer.Option(None, help="Width [default: the image's, or 512; 64 for danqing-tiny]."),
-    height: Optional[int] = typer.Option(None, help="Height."),
+    height: Optional[int] = typer.Option(None, help="Height [default: as --width]."),
     steps: int = typer.Option(20, help="Sampling steps."),
     sampler: str = typer.Option("DDIM", help="A1111 sampler name (a real picture needs DDIM)."),
     cfg: float = typer.Option(7.0, help="CFG scale."), seed: int = typer.Option(-1, help="Seed; -1 = random."),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import OUT_HELP, app, make_studio, out_target, refuse_existing
+from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_target, refuse_existing
 from danqing.files import atomic_write_text
 
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`.", no_args_is_help=True)
@@ -17,14 +17,14 @@ app.add_typer(eval_app, name="eval")
 
 
 # The options both worlds' commands take (typer reads each default afresh for every command).
-PROMPT = typer.Option(None, help="What the images should show; default: the prompt in each PNG's metadata.")
+PROMPT = typer.Option(None, help="What the images should show [default: the prompt in each PNG's metadata].")
 MODEL = typer.Option(None, help="Model to generate with [default: the settings' default model].")
 LANG = typer.Option("en", help="Prompt language: en or zh.")
 CFG = typer.Option(7.0, help="CFG scale.")
 STEPS = typer.Option(20, help="Sampling steps.")
 SEED = typer.Option(1000, help="Seed of the first image (image i uses seed + i).")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
-JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file).")
+JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file) [default: not written].")
 
 
 @eval_app.command("shapes")
@@ -98,7 +98,9 @@ def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to
         target = out_target(out, Path(".")) if out is not None else None
         if target is not None:
             target.check_free(n)
-        summary, scores = generate(make_studio(ctx.obj), lang=lang, out_dir=target.folder if target else None,
+        studio = make_studio(ctx.obj)
+        announce_device(studio)
+        summary, scores = generate(studio, lang=lang, out_dir=target.folder if target else None,
                                    out_files=target.files(n) if target and target.file else None, **gen)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

@@ -92,8 +92,8 @@ def merge(
     alpha: float = typer.Option(0.5, help="The multiplier a."),
     half: bool = typer.Option(False, "--half", help="Store fp16 (default fp32: a=0 gives A bit for bit)."),
     rank: int = typer.Option(32, help="extract-lora: rank of Linear/1x1 layers."),
-    conv_rank: Optional[int] = typer.Option(None, help="extract-lora: rank of 3x3 convolutions (default --rank; 0 = none)."),
-    lora: list[str] = typer.Option([], "--lora", help="merge-lora: NAME[:WEIGHT] from models/lora (repeatable; weight 1 by default)."),
+    conv_rank: Optional[int] = typer.Option(None, help="extract-lora: rank of 3x3 convolutions (0 = none) [default: --rank]."),
+    lora: list[str] = typer.Option([], "--lora", help="merge-lora: NAME[:WEIGHT] from models/lora (repeatable; weight 1 by default) [default: none]."),
 ):
     """Merge checkpoints (A1111's checkpoint merger) or extract a LoRA from two; the recipe
     (inputs with their hashes, method, alpha) is stored in the file's header."""

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from danqing.cli.common import refuse_existing
+from danqing.cli.common import dated, refuse_existing
 from danqing.cli.control import app_app
 from danqing.errors import InvalidRequest
 
@@ -33,12 +33,12 @@ def portrait_add(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The person's name (letters, digits, - and _): people/NAME/ under the home."),
     photos: List[Path] = typer.Argument(..., help="Photos of the person, or folders of them (5-20 clear photos is best)."),
-    trigger: Optional[str] = typer.Option(None, help="The person's trigger word in captions and prompts; default dq_NAME."),
+    trigger: Optional[str] = typer.Option(None, help="The person's trigger word in captions and prompts [default: dq_NAME]."),
     size: int = typer.Option(512, help="Side of the training crops (face and head-and-shoulders)."),
     min_photos: int = typer.Option(3, "--min-photos", help="Accepted photos needed at least."),
     backend: str = typer.Option("dlib", help=BACKEND_HELP),
     detector: str = typer.Option("hog", help="dlib's face detector: hog (fast, frontal) or cnn (slower, turned faces too)."),
-    captioner: Optional[Path] = typer.Option(None, help="A local transformers image-to-text model folder (BLIP, GIT) whose captions are added (appearance words removed); default: template captions."),
+    captioner: Optional[Path] = typer.Option(None, help="A local transformers image-to-text model folder (BLIP, GIT) whose captions are added (appearance words removed) [default: template captions]."),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing person of that name."),
 ):
     """Add a person from photos: verdicts with reasons, aligned crops and captions in people/NAME/.
@@ -104,9 +104,10 @@ def portrait_rank(
     name: str = typer.Argument(..., help="A person added with `portrait add`."),
     pictures: List[Path] = typer.Argument(..., help="Pictures of the person (e.g. generated portraits)."),
     keep: int = typer.Option(4, help="How many of the best to keep."),
-    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture first, at this strength (0-1)."),
+    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture first, at this strength (0-1) [default: no fusing]."),
     fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
-    out: Path = typer.Option(Path("ranked"), help="Folder for the kept pictures (RANK-SCORE-NAME.png)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures (RANK-SCORE-NAME.png) "
+                                      "[default: outputs/portrait-ranked/DATE/NAME]."),
     backend: str = typer.Option("dlib", help=BACKEND_HELP),
 ):
     """Rank pictures by face similarity to a person, optionally fusing their face in; keep the best.
@@ -126,6 +127,7 @@ def portrait_rank(
     images = [np.asarray(load_image(p, "pictures")) for p in pictures]
     faces = _backend(ctx.obj, backend, "hog")
     ranked = fuse_and_rank(images, person, faces, keep=keep, fuse=fuse, method=fuse_method)
+    out = out or dated(ctx.obj, "portrait-ranked") / name
     names = [out / f"{r + 1:02d}-{item.score or 0:.3f}-{pictures[item.index].stem}.png"
              for r, item in enumerate(ranked)]
     refuse_existing(*names)
@@ -149,14 +151,14 @@ def portrait_make(
     name: str = typer.Argument(..., help="A person added with `portrait add`."),
     style: str = typer.Option("ink-sketch", help="A style template (`danqing app portrait styles`)."),
     n: int = typer.Option(4, "-n", help="Pictures to generate."),
-    keep: Optional[int] = typer.Option(None, help="How many of the best to keep (default: all, ranked)."),
-    lora: Optional[str] = typer.Option(None, help="The person's LoRA in models/lora/, by name (e.g. trained with `danqing train lora` on people/NAME/train); none: the style's prompt alone."),
-    model: Optional[str] = typer.Option(None, help="Checkpoint name or path (default: the settings' model)."),
+    keep: Optional[int] = typer.Option(None, help="How many of the best to keep [default: all, ranked]."),
+    lora: Optional[str] = typer.Option(None, help="The person's LoRA in models/lora/, by name (e.g. trained with `danqing train lora` on people/NAME/train); [default: none: the style's prompt alone]."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint name or path [default: the settings' model]."),
     seed: int = typer.Option(-1, help="First seed (-1: random)."),
-    steps: Optional[int] = typer.Option(None, help="Override the style's steps."),
-    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture at this strength (0-1)."),
+    steps: Optional[int] = typer.Option(None, help="Override the style's steps [default: the style's]."),
+    fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture at this strength (0-1) [default: no fusing]."),
     fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures; default outputs/portrait-images/NAME/DATE."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures [default: outputs/portrait-images/NAME/DATE]."),
     backend: str = typer.Option("dlib", help=BACKEND_HELP),
 ):
     """Generate N portraits of a person in a style, fuse their face in (optional), keep the best.
@@ -169,7 +171,7 @@ def portrait_make(
     from danqing.apps.portrait_make import make_portraits
     from danqing.apps.portrait_people import load_person
     from danqing.apps.portrait_styles import get_style
-    from danqing.cli.common import make_studio
+    from danqing.cli.common import announce_device, make_studio
     from danqing.outputs.store import save_png
 
     settings = ctx.obj
@@ -177,7 +179,9 @@ def portrait_make(
     template = get_style(style, settings.home)
     faces = _backend(settings, backend, "hog")
     folder = out or settings.outputs_dir / "portrait-images" / name / datetime.date.today().isoformat()
-    made = make_portraits(make_studio(settings), person, template, faces, n=n, keep=keep, person_lora=lora,
+    studio = make_studio(settings)
+    announce_device(studio)
+    made = make_portraits(studio, person, template, faces, n=n, keep=keep, person_lora=lora,
                           model=model, seed=seed, steps=steps, fuse=fuse, method=fuse_method,
                           on_picture=lambda i, total: typer.echo(f"picture {i}/{total}", err=True))
     paths = [folder / f"{r:02d}-{p.ranked.score or 0:.3f}-{p.seed}.png" for r, p in enumerate(made, 1)]

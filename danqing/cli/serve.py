@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app
+from danqing.cli.common import announce_device, app, check_device
 from danqing.errors import InvalidRequest
 from danqing.settings import ServerSettings, limits_from
 
@@ -15,20 +15,21 @@ from danqing.settings import ServerSettings, limits_from
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, help="Interface to bind (default 127.0.0.1; with --listen 0.0.0.0)."),
+    host: Optional[str] = typer.Option(None, help="Interface to bind [default: 127.0.0.1; with --listen 0.0.0.0]."),
     port: int = typer.Option(7860, help="Port."),
     listen: bool = typer.Option(False, "--listen", help="Listen on all interfaces (needs --api-auth)."),
     api_auth: Optional[str] = typer.Option(None, "--api-auth", envvar="DANQING_API_AUTH",
-                                           help="user:password for HTTP Basic on the API and the UI."),
-    cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable. Default: none."),
-    db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history (default HOME/danqing.sqlite3)."),
+                                           help="user:password for HTTP Basic on the API and the UI [default: none: no login]."),
+    cors: list[str] = typer.Option([], "--cors-allow-origin", help="Allow this origin (CORS); repeatable [default: none]."),
+    db: Optional[Path] = typer.Option(None, help="SQLite database of jobs and history [default: HOME/danqing.sqlite3]."),
     db_url: Optional[str] = typer.Option(None, "--db-url", envvar="DANQING_DB_URL",
-                                         help="postgresql://user:password@host/dbname: a job store shared by several servers."),
+                                         help="postgresql://user:password@host/dbname: a job store shared by several servers "
+                                              "[default: none: the SQLite file of --db]."),
     no_ui: bool = typer.Option(False, "--no-ui", help="API only, no web UI."),
-    max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB (default 16)."),
-    max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels (default 16.78 = 4096x4096)."),
-    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable."),
-    limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME>."),
+    max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB [default: 16]."),
+    max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels [default: 16.78 = 4096x4096]."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable [default: none]."),
+    limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME> [default: none]."),
 ):
     """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
     import uvicorn  # lazy: the server's dependencies (FastAPI, Gradio, torch) load only to serve
@@ -50,7 +51,9 @@ def serve(
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)
     if db_url:
         settings = settings.with_(db_url=db_url)
+    check_device(settings.device)
     application = create_app(settings, server)
+    announce_device(application.state.danqing.worker.studio)
     typer.echo(f"danqing serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ "
                f"(API: /sdapi/v1, /api/v1; docs: /docs)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

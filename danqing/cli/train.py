@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|controlnet --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -33,13 +33,23 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def under_home(cfg, home: Path):
+    """``cfg`` with a relative output folder (``run.output_dir`` or ``output.output_dir``) placed
+    under the danqing home, as every other output is; an absolute one is kept."""
+    for section in ("run", "output"):
+        part = getattr(cfg, section, None)
+        if part is not None and not Path(part.output_dir).is_absolute():
+            cfg = cfg.model_copy(update={section: part.model_copy(update={"output_dir": str(Path(home) / part.output_dir)})})
+    return cfg
+
+
 def _echo(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # one voice in a multi-process run
         typer.echo(line)
 
 
 _CONFIG_HELP = "TOML config, e.g. configs/train/{}.toml."
-_SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400."
+_SET_HELP = "Override a config value: SECTION.KEY=VALUE (repeatable), e.g. train.steps=400 [default: none]."
 _FRESH = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over.")
 _PROCS = typer.Option(1, "--num-processes", min=1, max=64,
                       help="Train in N processes (one per GPU; CPU processes without one) through `accelerate launch` "
@@ -76,25 +86,27 @@ def _relaunch(num_processes: int) -> None:
 
 @train_app.command("base")
 def train_base_cmd(
+    ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-cpu.toml."),
     fresh: bool = _FRESH,
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train a model from scratch (VAE, then CLIP text encoder + UNet) on the synthetic shapes set
     or a folder of captioned images; resumes from the newest checkpoint of its output folder."""
     from danqing.training.base import train_base  # lazy: imports torch
     from danqing.training.config import load_config
 
-    cfg = load_config(config, parse_sets(set_))
+    cfg = under_home(load_config(config, parse_sets(set_)), ctx.obj.home)
     summary = train_base(cfg, resume=not fresh, log=_echo)
     typer.echo(f"summary: {summary}")
 
 
 @train_app.command("instruct")
 def train_instruct_cmd(
+    ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-instruct.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train an instruct-pix2pix model from a text-to-image model on synthetic edit pairs
     ("make the circle blue", "add a yellow star", "remove the square"); resumes from the newest
@@ -102,12 +114,13 @@ def train_instruct_cmd(
     from danqing.training.config import InstructTrainConfig, load_config
     from danqing.training.instruct import train_instruct  # lazy: imports torch
 
-    cfg = load_config(config, parse_sets(set_), model=InstructTrainConfig)
+    cfg = under_home(load_config(config, parse_sets(set_), model=InstructTrainConfig), ctx.obj.home)
     summary = train_instruct(cfg, resume=not fresh, log=_echo)
     typer.echo(f"summary: {json.dumps(summary['eval'])}")
 
 
-def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str], num_processes: int = 1) -> None:
+def _finetune_cmd(ctx: typer.Context, kind: str, config: Path, fresh: bool, sets: list[str],
+                  num_processes: int = 1) -> None:
     if num_processes > 1 and not _launched():
         _relaunch(num_processes)
     from danqing.training import config as C
@@ -117,49 +130,53 @@ def _finetune_cmd(kind: str, config: Path, fresh: bool, sets: list[str], num_pro
                   "dreambooth": (C.DreamBoothTrainConfig, "train_dreambooth"),
                   "textual-inversion": (C.TextualInversionTrainConfig, "train_textual_inversion")}[kind]
     run = getattr(finetune, run)
-    cfg = C.load_config(config, parse_sets(sets), model=model)
-    summary = run(cfg, resume=not fresh, log=_echo)
+    cfg = under_home(C.load_config(config, parse_sets(sets), model=model), ctx.obj.home)
+    summary = run(cfg, resume=not fresh, log=_echo, settings=ctx.obj)  # its models folder
     _echo(f"summary: {json.dumps(summary)}")
 
 
 @train_app.command("lora")
 def train_lora_cmd(
+    ctx: typer.Context,
     num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("lora-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Train a LoRA (UNet, optionally text encoder) on captioned images; writes kohya and diffusers files."""
-    _finetune_cmd("lora", config, fresh, set_, num_processes)
+    _finetune_cmd(ctx, "lora", config, fresh, set_, num_processes)
 
 
 @train_app.command("dreambooth")
 def train_dreambooth_cmd(
+    ctx: typer.Context,
     num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("dreambooth-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Fine-tune the whole UNet (DreamBooth) with prior preservation; writes a checkpoint."""
-    _finetune_cmd("dreambooth", config, fresh, set_, num_processes)
+    _finetune_cmd(ctx, "dreambooth", config, fresh, set_, num_processes)
 
 
 @train_app.command("textual-inversion")
 def train_ti_cmd(
+    ctx: typer.Context,
     num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("ti-heart")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Learn a new word's embedding (textual inversion); writes an A1111 embedding."""
-    _finetune_cmd("textual-inversion", config, fresh, set_, num_processes)
+    _finetune_cmd(ctx, "textual-inversion", config, fresh, set_, num_processes)
 
 
 @train_app.command("controlnet")
 def train_controlnet_cmd(
+    ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train a ControlNet for a base model on (picture, condition map, caption) triples: the
     synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop);
@@ -167,6 +184,6 @@ def train_controlnet_cmd(
     from danqing.training.config import ControlTrainConfig, load_config
     from danqing.training.controlnet import train_controlnet  # lazy: imports torch
 
-    cfg = load_config(config, parse_sets(set_), model=ControlTrainConfig)
+    cfg = under_home(load_config(config, parse_sets(set_), model=ControlTrainConfig), ctx.obj.home)
     summary = train_controlnet(cfg, resume=not fresh, log=_echo)
     typer.echo(f"summary: {json.dumps(summary['eval_f1'])}")

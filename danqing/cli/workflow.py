@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app, dated, make_studio, out_target, run_generate
+from danqing.cli.common import announce_device, app, dated, make_studio, out_target, run_generate
 from danqing.errors import InvalidRequest
 
 AXIS_HELP = ("AXIS: VALUES, e.g. \"Steps: 4,8,12\", \"CFG Scale: 3-9 (+3)\", \"Denoising: 0.2-1 [5]\", "
@@ -25,9 +25,9 @@ def _base_fields(prompt, negative, steps, sampler, schedule, cfg, seed, width, h
 @app.command()
 def styles(
     ctx: typer.Context,
-    add: Optional[str] = typer.Option(None, "--add", metavar="NAME", help="Add (or replace) a style and write styles.csv."),
-    prompt: str = typer.Option("", "--prompt", help="With --add: the style's prompt ({prompt} = where the prompt goes; else appended)."),
-    negative: str = typer.Option("", "--negative", help="With --add: the style's negative prompt."),
+    add: Optional[str] = typer.Option(None, "--add", metavar="NAME", help="Add (or replace) a style and write styles.csv [default: list the styles]."),
+    prompt: str = typer.Option("", "--prompt", help="With --add: the style's prompt ({prompt} = where the prompt goes; else appended) [default: none]."),
+    negative: str = typer.Option("", "--negative", help="With --add: the style's negative prompt [default: none]."),
 ):
     """List the styles of HOME/styles.csv (A1111's file format), or add one with --add."""
     from danqing.conditioning.styles import Style, read_styles, styles_path, write_styles
@@ -51,9 +51,9 @@ def xyz(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="The base prompt (A1111 syntax; wildcards and {a|b} variants drawn per cell)."),
     x: str = typer.Option(..., "--x", help="X axis: " + AXIS_HELP),
-    y: Optional[str] = typer.Option(None, "--y", help="Y axis (same syntax)."),
-    z: Optional[str] = typer.Option(None, "--z", help="Z axis: one grid per Z value."),
-    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    y: Optional[str] = typer.Option(None, "--y", help="Y axis (same syntax) [default: none]."),
+    z: Optional[str] = typer.Option(None, "--z", help="Z axis: one grid per Z value [default: none]."),
+    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt [default: none]."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps [default: 20]."),
     sampler: Optional[str] = typer.Option(None, help="Sampler [default: DPM++ 2M]."),
     schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
@@ -62,9 +62,9 @@ def xyz(
     width: Optional[int] = typer.Option(None, help="Width [default: 512]."),
     height: Optional[int] = typer.Option(None, help="Height [default: 512]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint [default: the settings' default model]."),
-    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip."),
-    style: list[str] = typer.Option([], "--style", help="A style of HOME/styles.csv applied to the base prompt (repeatable)."),
-    from_image: Optional[Path] = typer.Option(None, "--from", help="Start from an image's request (its PNG metadata); options here override."),
+    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip [default: 1]."),
+    style: list[str] = typer.Option([], "--style", help="A style of HOME/styles.csv applied to the base prompt (repeatable) [default: none]."),
+    from_image: Optional[Path] = typer.Option(None, "--from", help="Start from an image's request (its PNG metadata); options here override [default: none]."),
     max_cells: int = typer.Option(100, help="Refuse plots with more cells than this."),
     out: Optional[str] = typer.Option(None, metavar="FOLDER", help="Folder for the cells and grids [default: outputs/txt2img-grids/DATE/xyz-NNNNN/]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
@@ -96,11 +96,14 @@ def xyz(
     if folder.exists() and any(folder.iterdir()):
         raise InvalidRequest("out", f"{folder} is not empty; give a new folder for the plot")
 
+    studio = make_studio(ctx.obj)
+
     def progress(i, n):
+        announce_device(studio)
         if not quiet:
             typer.echo(f"cell {i}/{n}", err=True)
 
-    result = run_xyz(make_studio(ctx.obj), plan, folder, on_cell=progress)
+    result = run_xyz(studio, plan, folder, on_cell=progress)
     for path in result.grid_paths:
         print(path)
     typer.echo(f"{len(result.paths)} cell(s) and {len(result.grid_paths)} grid(s) in {folder}", err=True)
@@ -121,18 +124,18 @@ def _numbered(parent: Path, stem: str) -> Path:
 def from_file(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="One prompt per line, or A1111's line syntax: --prompt \"...\" --negative_prompt \"...\" --steps 20 --seed 5 ..."),
-    prompt: str = typer.Option("", "--prompt", help="A base prompt each line's prompt is joined to (see --position)."),
+    prompt: str = typer.Option("", "--prompt", help="A base prompt each line's prompt is joined to (see --position) [default: none]."),
     position: str = typer.Option("start", help="Where a line's prompt goes: start or end of the base prompt."),
-    negative: str = typer.Option("", "--negative", "-n", help="Base negative prompt."),
+    negative: str = typer.Option("", "--negative", "-n", help="Base negative prompt [default: none]."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps [default: 20]."),
     sampler: Optional[str] = typer.Option(None, help="Sampler [default: DPM++ 2M]."),
-    schedule: Optional[str] = typer.Option(None, help="Schedule type."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
     cfg: Optional[float] = typer.Option(None, help="CFG scale [default: 7]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: -1 = random per line]."),
     width: Optional[int] = typer.Option(None, help="Width [default: 512]."),
     height: Optional[int] = typer.Option(None, help="Height [default: 512]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint [default: the settings' default model]."),
-    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip."),
+    clip_skip: Optional[int] = typer.Option(None, help="CLIP skip [default: 1]."),
     iterate_seed: bool = typer.Option(False, "--iterate-seed", help="Seed + batch pictures for each next line (A1111's 'Iterate seed every line')."),
     same_seed: bool = typer.Option(False, "--same-seed", help="One random seed for every line."),
     out: Optional[str] = typer.Option(None, metavar="FOLDER", help="Folder [default: outputs/txt2img-images/DATE/]."),
@@ -155,6 +158,6 @@ def from_file(
                       same_seed=same_seed)
     expanded = [expand_request(job.request, prompting) for job in jobs]  # every line drawn and checked first
     target = out_target(out if out is None or out.endswith("/") else out + "/", dated(ctx.obj, "txt2img-images"))
-    studio = make_studio(ctx.obj)
+    studio = make_studio(ctx.obj)  # said at the first step
     for request, extra in expanded:
         run_generate(ctx.obj, request, target, quiet, studio=studio, extra_params=extra or None)

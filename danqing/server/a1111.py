@@ -25,6 +25,7 @@ from danqing.errors import InvalidRequest
 from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
+from danqing.server.a1111_extras import extras_routes
 from danqing.server.a1111_scripts import SCRIPTS, run_script, script_key, style_listing, styled
 from danqing.server.a1111_units import controlnet_units, ip_adapter_unit, neutral_ok, regional_prompter
 from danqing.server.common import infotext_of_image, job_error, memory_report
@@ -290,11 +291,12 @@ def a1111_info(job, body: dict) -> dict:
 
 
 def build_router(state) -> APIRouter:
-    """The ``/sdapi/v1`` routes over one ServerState: generation, options, listings."""
+    """The ``/sdapi/v1`` routes over one ServerState: generation, options, listings, Extras."""
     r = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
     _generation_routes(r, state)
     _option_routes(r, state)
     _listing_routes(r, state)
+    extras_routes(r, state)  # Extras, and the small listing and model routes
     return r
 
 
