@@ -15,7 +15,7 @@ from danqing.cli.common import app, dated, make_studio
 def three_d(
     ctx: typer.Context,
     prompt: str = typer.Argument(..., help="What the object should look like, e.g. \"a red ball\"."),
-    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt [default: none]."),
     steps: int = typer.Option(400, help="Optimisation steps."),
     size: int = typer.Option(64, help="Render size in pixels (a multiple of 8, at most the model's picture size)."),
     seed: int = typer.Option(0, help="Seed of every random draw of the run."),
@@ -29,7 +29,7 @@ def three_d(
     frames: int = typer.Option(16, help="Turntable frames."),
     checkpoint_every: int = typer.Option(100, help="Steps between checkpoints (NAME.ckpt; 0: only at the end)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
-    resume: Optional[Path] = typer.Option(None, help="Continue a stopped run from its NAME.ckpt (the same options)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue a stopped run from its NAME.ckpt (the same options) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help="NAME.glb, NAME.obj or NAME.ply: all three are written, with NAME.json (the parameters), NAME.gif (the turntable) and NAME.ckpt [default: outputs/3d/DATE/PROMPT-SEED.glb]."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

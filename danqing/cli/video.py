@@ -12,14 +12,14 @@ from danqing.cli.common import app, dated, make_studio
 
 VIDEO_OUT_HELP = ("Output file: NAME.mp4 (H.264), NAME.gif, NAME.webp (animated) or NAME.png (frames NAME-000.png, "
                   "...), each with NAME.EXT.json beside it; a folder (ending with /) gets a numbered NAME.mp4; "
-                  "default: outputs/txt2video/DATE/")
+                  "[default: outputs/txt2video/DATE/]")
 
 
 @app.command()
 def video(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax (the same for every frame)."),
-    negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt."),
+    negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt [default: none]."),
     frames: Optional[int] = typer.Option(None, help="Frames of the clip (1-128; longer than the motion module's window: sliding context windows) [default: 16]."),
     context_overlap: Optional[int] = typer.Option(None, help="Frames shared by neighbouring context windows of a long clip [default: 4]."),
     fps: Optional[int] = typer.Option(None, help="Frames per second of the file (1-60) [default: 8]."),
@@ -31,9 +31,9 @@ def video(
     seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
     width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
     height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per batch (clip i has seed + i)."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per batch (clip i has seed + i) [default: 1]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
-    from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override)."),
+    from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=VIDEO_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
