@@ -108,6 +108,9 @@ def main() -> None:
             "cfg_scale": 7, "negative_prompt": "blurry",
             "override_settings": {"sd_model_checkpoint": args.model}}
     studio.generate(GenerationRequest(prompt="warm-up", steps=2, width=args.size, height=args.size, model=args.model))
+    sizes: list[int] = []  # requests per joint UNet batch
+    joint = studio.generate_joint
+    studio.generate_joint = lambda requests, on_steps=None: sizes.append(len(requests)) or joint(requests, on_steps)
 
     n = args.clients * args.requests
     times: dict[str, list[float]] = {"off": [], "on": []}
@@ -131,6 +134,8 @@ def main() -> None:
     print(f"one at a time : {off:.2f} s ({n / off:.2f} images/s, median of {args.rounds})")
     print(f"batched       : {on:.2f} s ({n / on:.2f} images/s)")
     print(f"throughput ratio batched / one at a time: {off / on:.2f}")
+    print(f"requests per batch (batched rounds): mean {statistics.mean(sizes or [1]):.2f}, "
+          f"{sum(sizes)} of {n * args.rounds} requests joined")
     print(f"max pixel difference batched vs alone (0-255): {diff}")
 
 
