@@ -135,10 +135,12 @@ class BatchingWorker(Worker):
             self._progress = Progress()
             self._abort = None
         for i, job in enumerate(jobs):
+            if job.id in cancelled:
+                continue  # finished by cancel()
             if results is None:
                 self._run_job(job)
-            elif abort == "shutdown" or job.id in cancelled:
-                continue  # shutdown: left 'running' (recover() re-queues it); cancelled: finished by cancel()
+            elif abort == "shutdown":
+                continue  # left 'running': recover() re-queues it on the next start
             else:
                 try:
                     self.store.finish(job.id, DONE, result=self._deliver(job, results[i]))
