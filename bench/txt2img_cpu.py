@@ -6,6 +6,8 @@ test: numbers go to docs/benchmarks.md with the machine.
 
     .venv/bin/python bench/txt2img_cpu.py [--repeats 5] [--size 256] [--model danqing-tiny-random]
     .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64   # the bundled model
+    .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64 --sampler LCM --steps 4 --cfg 1
+        # few-step sampling with the CFG-1 fast path (one UNet branch, no negative prompt encoded)
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--model", default="danqing-tiny-random")
+    ap.add_argument("--sampler", default="DPM++ 2M")
+    ap.add_argument("--cfg", type=float, default=7.0, help="CFG scale; 1 runs one UNet branch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads or torch.get_num_threads())
 
     studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
     req = GenerationRequest(prompt="a red circle left of a blue star", negative_prompt="blurry", steps=args.steps,
-                            width=args.size, height=args.size, seed=1, sampler="DPM++ 2M", model=args.model)
+                            width=args.size, height=args.size, seed=1, sampler=args.sampler, cfg_scale=args.cfg,
+                            model=args.model)
     studio.generate(req.replace(steps=2))  # warm-up + model load
     comps = studio.models.load(args.model).components
 
@@ -52,6 +58,7 @@ def main() -> None:
         t = time.perf_counter()
         with torch.no_grad():
             pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps, height=req.height,
+                 guidance_scale=req.cfg_scale, eta=0.3 if req.sampler == "TCD" else 0.0,
                  width=req.width, generator=torch.Generator().manual_seed(1), output_type="pil")
         return {"total": time.perf_counter() - t}
 
@@ -63,7 +70,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     n_params = sum(p.numel() for m in comps.modules().values() for p in m.parameters())
     print(f"model: {args.model} (SD1 architecture, {n_params / 1e6:.1f} M parameters), {args.size}x{args.size}, "
-          f"{args.steps} steps, DPM++ 2M, CFG 7")
+          f"{args.steps} steps, {args.sampler}, CFG {args.cfg:g}")
     print(f"danqing total   : {med(ours_t, 'total'):.3f} s (median of {args.repeats})")
     for k in ("sample", "decode"):  # "sample" includes text conditioning
         print(f"  {k:14s}: {med(ours_t, k):.3f} s")

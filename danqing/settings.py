@@ -135,6 +135,9 @@ class ServerSettings:
         max_batch_images: most pictures per request (batch_size x batch_count).
         max_steps: most sampling steps per pass (steps, hires fix's second pass).
         max_frames: most frames of a video request.
+        batch_max, batch_wait_s: batched serving (docs/api.md): compatible queued requests run as
+            one UNet batch of at most ``batch_max`` images, gathered for at most ``batch_wait_s``;
+            1 = each request alone.
     """
 
     host: str = "127.0.0.1"
@@ -154,6 +157,8 @@ class ServerSettings:
     max_batch_images: int = 100
     max_steps: int = 150
     max_frames: int = 64
+    batch_max: int = 1
+    batch_wait_s: float = 0.05
 
     def __post_init__(self):
         for name in LIMITS:

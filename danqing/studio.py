@@ -36,6 +36,7 @@ from danqing.models.registry import ModelEntry, Registry
 from danqing.outputs.metadata import request_infotext
 from danqing.outputs.store import next_output_path, save_png
 from danqing.passes.batches import PassResult, decode_pictures
+from danqing.passes.joint import run_txt2img_joint
 from danqing.passes.refiner import check_refiner, refine, run_refiner
 from danqing.passes.txt2img import run_sampling, run_txt2img
 from danqing.request import MAX_SEED, GenerationRequest, for_family
@@ -157,6 +158,36 @@ class Studio:
             return self._result(request, loaded, networks, custom, out, refiner, save=save, out_dir=out_dir,
                                 kind="img2img-images" if init is not None else "txt2img-images",
                                 timings=timings, t0=t0)
+
+    def generate_joint(self, requests: list[GenerationRequest], on_steps: list | None = None) -> list[GenerationResult]:
+        """Several plain txt2img requests as one UNet batch (batched serving); each result is what
+        ``generate(request, save=False)`` returns for it, up to the batched kernels' rounding.
+
+        The caller makes sure they can share a batch (``danqing.server.batching``: same model,
+        size, sampler, steps, CFG, ...; batch_count 1; no init picture, LoRA, ControlNet,
+        IP-Adapter, regions, hires fix, refiner or face restoration).
+
+        Args:
+            requests: the requests (seeds resolved or -1).
+            on_steps: one step callback per request (or None), called with its own rows.
+        """
+        t0 = time.perf_counter()
+        requests = [resolve_request(r, self.settings.default_model) for r in requests]
+        loaded = self.models.load(requests[0].model, requests[0].vae)
+        timings = {"load": time.perf_counter() - t0}
+        with contextlib.ExitStack() as scope:
+            prepared = [self._customise(r, loaded, [], scope, []) for r in requests]
+            t = time.perf_counter()
+            outs = run_txt2img_joint(loaded.components, [p[0] for p in prepared], device=self.models.device,
+                                     dtype=self.models.dtype, contexts=[p[1] for p in prepared], on_steps=on_steps)
+            timings["sample"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for out in outs:
+                out.images = decode_pictures(loaded.components.vae, out.latents[0], None, out.warnings)
+            timings["decode"] = time.perf_counter() - t
+            return [self._result(r, loaded, [], {**custom, "control_hashes": None, "extra_params": None}, out, None,
+                                 save=False, out_dir=None, kind="txt2img-images", timings=dict(timings), t0=t0)
+                    for (r, _, custom), out in zip(prepared, outs)]
 
     # -- the steps ------------------------------------------------------------------------------
     def _check_names(self, request: GenerationRequest) -> GenerationRequest:

@@ -46,6 +46,7 @@ def _reference(comps, request, output_type):
             request.prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
             guidance_scale=request.cfg_scale, height=request.height, width=request.width,
             generator=[torch.Generator("cpu").manual_seed(request.seed)], output_type=output_type,
+            eta=0.3 if request.sampler == "TCD" else 0.0,  # TCD's gamma: its scheduler's default in our loop
         )
     return out.images
 

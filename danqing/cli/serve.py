@@ -29,6 +29,8 @@ def serve(
     max_upload_mb: Optional[float] = typer.Option(None, help="Largest uploaded picture in MiB [default: 16]."),
     max_upload_megapixels: Optional[float] = typer.Option(None, help="Largest uploaded picture in megapixels [default: 16.78 = 4096x4096]."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable [default: none]."),
+    batch: int = typer.Option(1, "--batch", min=1, max=64, help="Batched serving: run up to N images of compatible queued requests as one UNet batch (1 = off; docs/api.md) [default: 1]."),
+    batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", min=0, max=10_000, help="Longest wait for compatible requests to join a batch, in ms [default: 50]."),
     limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME> [default: none]."),
 ):
     """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
@@ -45,7 +47,8 @@ def serve(
         limits["max_upload_pixels"] = int(max_upload_megapixels * 1e6)
     limits.update(limits_from(limit))
     server = ServerSettings(host=host, port=port, api_auth=api_auth, cors_origins=tuple(cors), ui=not no_ui,
-                            allowed_hosts=tuple(allowed_host), **limits)
+                            allowed_hosts=tuple(allowed_host), batch_max=batch, batch_wait_s=batch_wait_ms / 1000,
+                            **limits)
     if not server.is_local and not api_auth:
         raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)

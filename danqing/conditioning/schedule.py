@@ -126,7 +126,7 @@ def build_conditioning(encoder: TextEncoder, request, *, batch: int, image_promp
                                              schedule=lambda text: request_schedule(text, request, first_pass_steps))
     else:
         pos = request_schedule(prompt, request, first_pass_steps)
-        neg = request_schedule(request.negative_prompt, request, first_pass_steps) if use_cfg else [(request.steps, "")]
+        neg = request_schedule(request.negative_prompt, request, first_pass_steps) if use_cfg else []  # CFG 1: not encoded
         pos_c = [(end, enc(text, False)) for end, text in pos]
         neg_c = [(end, enc(text, True)) for end, text in neg]
     n_chunks = max(c.n_chunks for _, c in pos_c + neg_c)
@@ -139,7 +139,7 @@ def build_conditioning(encoder: TextEncoder, request, *, batch: int, image_promp
     conds = []
     for end in ends:
         p = next(c for e, c in pos_c if end <= e)
-        n = next(c for e, c in neg_c if end <= e)
+        n = next(c for e, c in neg_c if end <= e) if use_cfg else None
         hidden = [n.hidden, p.hidden] if use_cfg else [p.hidden]
         context = torch.cat([h.expand(batch, -1, -1) for h in hidden])  # (2B or B, 77 * chunks, D)
         added = None

@@ -187,6 +187,55 @@ def scheduler_config(model_config: dict, sampler: str, schedule: str, *, seed: i
 def make_scheduler(model_config: dict, sampler: str, schedule: str, *, seed: int | list[int] | None = None,
                    shift: float | None = None):
     """A fresh diffusers scheduler for one request (see ``scheduler_config``)."""
-    spec = get_sampler(sampler, flow=is_flow_config(model_config))
+    flow = is_flow_config(model_config)
+    spec = get_sampler(sampler, flow=flow)
     _, config = scheduler_config(model_config, sampler, schedule, seed=seed, shift=shift)
-    return spec.scheduler_class.from_config(config)
+    scheduler = spec.scheduler_class.from_config(config)
+    return scheduler if flow else with_exact_schedule(scheduler, resolve_schedule(spec.name, schedule))
+
+
+def sgm_uniform_sigmas(alphas_cumprod, steps: int) -> list[float]:
+    """A1111/Forge's and ComfyUI's "SGM Uniform" (``sgm_uniform``): the sigmas at ``steps``
+    timesteps evenly spaced from t(sigma_max) to t(sigma_min), the last left out, then 0.
+
+    Fractional timesteps take their sigma by linear interpolation of log sigma (k-diffusion's
+    ``DiscreteSchedule.t_to_sigma``). Returns steps + 1 sigmas.
+    """
+    import torch
+
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+    t = torch.linspace(len(log_sigmas) - 1, 0, steps + 1)[:-1]
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return [*((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp().tolist(), 0.0]
+
+
+def simple_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """A1111/Forge's and ComfyUI's "Simple" (``simple_scheduler``): every (n/steps)-th of the
+    model's n training sigmas from the largest down, ``sigmas[-(1 + int(x * n / steps))]``, as
+    timesteps ``n - 1 - int(x * n / steps)`` (the final 0 is the scheduler's)."""
+    ss = num_train_timesteps / steps
+    return [num_train_timesteps - 1 - int(x * ss) for x in range(steps)]
+
+
+def _exact_steps(scheduler, kind: str, steps: int) -> dict:
+    if kind == "sgm_uniform":
+        return {"sigmas": sgm_uniform_sigmas(scheduler.alphas_cumprod, steps)}
+    return {"timesteps": simple_timesteps(scheduler.config.num_train_timesteps, steps)}
+
+
+def with_exact_schedule(scheduler, schedule: str):
+    """``scheduler`` computing ``schedule``'s steps exactly (the table's ``exact_schedules``:
+    SGM Uniform, Simple) when its class is listed there; else unchanged. ``set_timesteps(n)``
+    then passes the schedule's own sigmas or timesteps (the scheduler is this request's only)."""
+    row = _table().get("exact_schedules", {}).get(schedule)
+    if row is None or type(scheduler).__name__ not in row["classes"]:
+        return scheduler
+    original = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps=None, device=None, **kwargs):
+        if kwargs or num_inference_steps is None:  # the caller's own timesteps or sigmas
+            return original(num_inference_steps, device=device, **kwargs)
+        return original(device=device, **_exact_steps(scheduler, row["steps"], num_inference_steps))
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler

@@ -23,7 +23,7 @@ from danqing.errors import DanqingError, InvalidRequest, ModelError
 from danqing.request import GenerationRequest
 from danqing.server.a1111 import build_router
 from danqing.server.common import JobFailed, job_error
-from danqing.server.jobs import Worker
+from danqing.server.batching import BatchingWorker, BatchSettings
 from danqing.server.store import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore
 from danqing.server.security import (
     BasicAuthMiddleware,
@@ -92,7 +92,7 @@ def _job_view(state: ServerState, job, request_url: str = "") -> dict:
     if job.status == QUEUED:
         d["position"] = state.store.position(job)
     if job.status == RUNNING:
-        p = state.worker.progress()
+        p = state.worker.progress(job.id)
         if p["job_id"] == job.id:
             d["progress"] = {k: v for k, v in p.items() if k not in ("preview_png", "log_len")}
     if job.result:
@@ -172,7 +172,7 @@ def job_router(state: ServerState) -> APIRouter:
                     yield _sse("queued", {"id": job_id, "status": job.status, "position": state.store.position(job)})
                 if job.status in (RUNNING, *TERMINAL):  # terminal: the steps not sent yet, then "done"
                     steps = state.worker.steps_since(job_id, cursor)
-                    p = state.worker.progress()
+                    p = state.worker.progress(job_id)
                     for n, (batch_index, step, total) in enumerate(steps):
                         data = {"status": RUNNING, "batch_index": batch_index, "batch_count": p["batch_count"],
                                 "step": step, "total": total}
@@ -196,7 +196,7 @@ def job_router(state: ServerState) -> APIRouter:
     @r.get("/jobs/{job_id}/preview", summary="The running job's latest preview (PNG); 204 when none")
     def preview(job_id: str = JOB_ID):
         get_job(job_id)
-        p = state.worker.progress()
+        p = state.worker.progress(job_id)
         if p["job_id"] != job_id or p["preview_png"] is None:
             return Response(status_code=204)
         return Response(p["preview_png"], media_type="image/png")
@@ -274,7 +274,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     studio = studio or Studio(settings)
     studio.registry.names_only = True  # the server names models, never paths (danqing.models.names)
     store = JobStore(settings.db_url or settings.db_path)
-    worker = Worker(store, studio, settings.outputs_dir, preview_interval=preview_interval)
+    worker = BatchingWorker(store, studio, settings.outputs_dir, preview_interval=preview_interval,
+                            batching=BatchSettings(server.batch_max, server.batch_wait_s))
     state = ServerState(settings=settings, server=server, store=store, worker=worker)
 
     @asynccontextmanager

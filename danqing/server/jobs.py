@@ -118,6 +118,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._handed: dict[str, tuple[float, list[bytes]]] = {}
         self._recent_logs: dict[str, list] = {}  # step logs of the last finished jobs (late SSE readers)
+        self._members: dict[str, Progress] = {}  # the jobs of a running batch (batched serving)
+        self._cancelled: set[str] = set()  # members of the running batch cancelled one by one
         self.ready = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -168,7 +170,10 @@ class Worker:
             self._notify()
             return self.store.get(job_id)
         with self._cond:
-            if self._progress.job_id == job_id:
+            if job_id in self._members and job_id not in self._cancelled:  # one job of a batch: its
+                self._cancelled.add(job_id)  # rows run on with the others', its result is dropped
+                self.store.finish(job_id, CANCELLED, error="cancelled while running")
+            elif self._progress.job_id == job_id:
                 self._abort = "cancel"
         return self.store.get(job_id)
 
@@ -189,14 +194,17 @@ class Worker:
                 self._progress.skipped = True
             return self._progress.job_id
 
-    def progress(self) -> dict:
+    def progress(self, job_id: str | None = None) -> dict:
+        """The running job's progress; with ``job_id``, that job's when it runs in a batch."""
         with self._cond:
-            return self._progress.snapshot()
+            return self._members.get(job_id, self._progress).snapshot()
 
     def steps_since(self, job_id: str, start: int) -> list[tuple[int, int, int]]:
         """The (batch_index, step, total) of every step of the running job from index ``start``
         (SSE replays all of them, however fast the steps are)."""
         with self._cond:
+            if job_id in self._members:
+                return list(self._members[job_id].log[start:])
             if self._progress.job_id == job_id:
                 return list(self._progress.log[start:])
             return list(self._recent_logs.get(job_id, [])[start:])  # finished meanwhile
@@ -220,8 +228,21 @@ class Worker:
                 with self._cond:
                     self._cond.wait(0.5)
                 continue
-            self._run_job(job)
+            group = self._gather(job)
+            if len(group) == 1:
+                self._run_job(job)
+            else:
+                self._run_group(group)
             self._notify()
+
+    def _gather(self, first: Job) -> list[Job]:
+        """The jobs to run with ``first`` as one batch (``server.batching.BatchingWorker``)."""
+        return [first]
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        """Jobs gathered by ``_gather`` (``server.batching.BatchingWorker`` runs them as one batch)."""
+        for job in jobs:
+            self._run_job(job)
 
     def _run_job(self, job: Job) -> None:
         with self._cond:
@@ -278,6 +299,10 @@ class Worker:
         result = self.studio.generate(job.request, on_step=self._on_step, save=False)
         if self._abort in ("cancel", "shutdown"):
             return None
+        return self._deliver(job, result)
+
+    def _deliver(self, job: Job, result) -> dict:
+        """Save a finished job's pictures (or keep them for its waiting client); its result row."""
         paths: list[Path | None] = [None] * len(result.images)
         if job.save:
             kind = "img2img-images" if job.kind == "img2img" else "txt2img-images"

@@ -266,6 +266,21 @@ class JobStore:
             fetch="one")
         return self.get(row[0]) if row else None
 
+    def claim_matching(self, accept, rows: int, *, scan: int = 64) -> list[Job]:
+        """Queued jobs (oldest first, among the first ``scan``) whose request ``accept`` takes
+        and whose images fit in ``rows``, now marked running by this worker (batched serving).
+        Each is taken by one conditional statement, so a job another worker took is skipped."""
+        taken = []
+        queued = self._run("SELECT * FROM jobs WHERE status = :q ORDER BY seq LIMIT :n", {"q": QUEUED, "n": scan},
+                           fetch="all")
+        for job in map(_row_to_job, queued):
+            if job.request.batch_size <= rows and accept(job.request) and self._run(
+                    "UPDATE jobs SET status = :r, started = :t, worker = :w WHERE id = :id AND status = :q",
+                    {"r": RUNNING, "t": time.time(), "w": self.worker, "id": job.id, "q": QUEUED}) == 1:
+                taken.append(job.id)
+                rows -= job.request.batch_size
+        return [self.get(i) for i in taken]
+
     def set_planned(self, job_id: str, paths: list[Path]) -> None:
         self._run("UPDATE jobs SET planned = :p WHERE id = :id", {"p": json.dumps([str(p) for p in paths]), "id": job_id})
 

@@ -62,7 +62,7 @@ def _pil(png: bytes):
 def _status_line(state, job) -> str:
     if job.status == "queued":
         return f"queued ({state.store.position(job)} ahead)"
-    p = state.worker.progress()
+    p = state.worker.progress(job.id)
     if job.status == "running" and p["job_id"] == job.id:
         return (f"step {p['step']}/{p['total']}, batch {p['batch_index'] + 1}/{p['batch_count']} "
                 f"({p['fraction'] * 100:.0f}%, ETA {p['eta']:.1f}s)")
@@ -82,7 +82,7 @@ def run_job(state, fields: dict[str, Any], *, init_image=None, mask=None):
         job = state.worker.wait(job.id, timeout=0.25)
         if job.status in TERMINAL:
             break
-        p = state.worker.progress()
+        p = state.worker.progress(job.id)
         preview = p["preview_png"] if p["job_id"] == job.id else None
         gallery = [_pil(preview)] if preview is not None and p["preview_step"] != shown else gr.skip()
         shown = p["preview_step"] if preview is not None else shown
