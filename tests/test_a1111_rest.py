@@ -130,7 +130,7 @@ def test_extras_batch_and_the_generation_parameters_kept(api):
     ({"upscaler_1": "Lanczos", "upscaling_resize": 8, "resize_mode": 0, "image_size": 64}, 422, "upscaling_resize",
      "max_pixels"),
     ({"gfpgan_visibility": 0.5}, 422, "gfpgan_visibility", "face_restore"),
-    ({"codeformer_visibility": 0.5}, 501, None, "CodeFormer"),
+    ({"codeformer_visibility": 0.5}, 422, "codeformer_visibility", "CodeFormer"),
     ({"resize_mode": 2}, 422, "resize_mode", ""),
     ({"image": "AAAA"}, 422, "image", ""),
 ])

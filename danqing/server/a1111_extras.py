@@ -6,7 +6,7 @@ The Extras fields are data, as the txt2img fields are (``server/a1111.py``): eve
 exactly one table -- ``EXTRAS_UPSCALE`` (how the picture is upscaled), ``EXTRAS_FACES`` (face
 restoration), ``EXTRAS_SHELL`` (pictures in and out) or ``EXTRAS_NO_EFFECT`` (fields A1111 1.10
 itself reads nowhere in the API, listed with the reason). The order is A1111's: upscale
-(``scripts/postprocessing_upscale.py``), then GFPGAN; CodeFormer is a 501 (danqing has no
+(``scripts/postprocessing_upscale.py``), then GFPGAN; CodeFormer is a 422 naming the field (danqing has no
 CodeFormer). Extras run in the request, beside the job queue, as A1111 runs them beside its own.
 """
 
@@ -18,7 +18,7 @@ import io
 import re
 from typing import Literal, Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,8 +41,6 @@ EXTRAS_NO_EFFECT = {
     "upscale_first": "A1111 1.10 orders the steps by its scripts (upscale, then faces) and reads it nowhere",
 }
 NO_UPSCALER = ("None", "", None)  # A1111's "None" upscaler: the picture keeps its size
-EXTRAS_RESPONSES = {422: {"description": "a field names what danqing cannot do"},
-                    501: {"description": "CodeFormer face restoration: danqing has none"}}
 
 
 class ExtrasBody(BaseModel):
@@ -105,8 +103,8 @@ def check_extras(state, body: ExtrasBody, sizes: list[tuple[int, int]]) -> dict:
     """The plan of an Extras request, every field checked before any picture is touched:
     upscaler names, face model, final sizes against ``max_pixels``."""
     if body.codeformer_visibility > 0:
-        raise HTTPException(501, "codeformer_visibility: CodeFormer face restoration is not available in danqing; "
-                                 "use gfpgan_visibility (GFPGAN files in models/face_restore/)")
+        raise InvalidRequest("codeformer_visibility", "CodeFormer face restoration is not available in danqing; "
+                                                      "use gfpgan_visibility (GFPGAN files in models/face_restore/)")
     plan = {"upscaler_1": _upscaler(state, body.upscaler_1, "upscaler_1"),
             "upscaler_2": _upscaler(state, body.upscaler_2, "upscaler_2"), "face": None}
     if plan["upscaler_1"] is None or body.extras_upscaler_2_visibility == 0:
@@ -201,12 +199,12 @@ def extras_routes(r: APIRouter, state) -> None:
             out.append(_png_b64(img, infotext_of_image(picture), text))
         return out, plaintext_to_html(text)
 
-    @r.post("/extra-single-image", summary="Extras: upscale and restore faces (A1111 fields)", responses=EXTRAS_RESPONSES)
+    @r.post("/extra-single-image", summary="Extras: upscale and restore faces (A1111 fields)")
     def extra_single_image(body: ExtrasSingleBody) -> dict:
         images, info = run(body, [decode_image(body.image, "image", state.limits)])
         return {"html_info": info, "image": images[0]}
 
-    @r.post("/extra-batch-images", summary="Extras over several pictures (A1111 fields)", responses=EXTRAS_RESPONSES)
+    @r.post("/extra-batch-images", summary="Extras over several pictures (A1111 fields)")
     def extra_batch_images(body: ExtrasBatchBody) -> dict:
         if len(body.imageList) > state.server.max_batch_images:
             raise InvalidRequest("imageList", f"{len(body.imageList)} pictures is more than the limit of "
