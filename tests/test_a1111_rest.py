@@ -1,14 +1,12 @@
 """The rest of the A1111 API, driven by the real A1111 client (``webuiapi`` from PyPI) against a
 live server on the bundled tiny model: Extras (single and batch: the pixels are the upscaler's,
-the sizes A1111's), progress while a job runs and interrupt, a model switch through the options,
+the sizes A1111's), a model switch through the options,
 LoRA and embedding listings, the small routes; and the Extras field tables (one rule per field)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -55,13 +53,6 @@ def live(studio, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(live):
     return webuiapi.WebUIApi(host="127.0.0.1", port=live.port, sampler="Euler a", steps=4)
-
-
-@pytest.fixture(scope="module")
-def real_api(tmp_path_factory):
-    """A server that really samples (the session's shared Studio on the bundled model)."""
-    with LiveServer(make_app(tmp_path_factory.mktemp("a1111-rest-real"))) as server:
-        yield webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
 
 
 def picture(w: int = 24, h: int = 16) -> Image.Image:
@@ -148,29 +139,6 @@ def test_extras_batch_is_bounded(live):
     body = {"imageList": [{"data": b64(picture(8, 8)), "name": f"p{i}"} for i in range(5)], "upscaler_1": "Lanczos"}
     r = httpx.post(live.url + BASE + "/extra-batch-images", json=body, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == "imageList" and "max_batch_images" in r.json()["detail"]
-
-
-# -- progress, interrupt ---------------------------------------------------------------------------
-def test_progress_while_a_job_runs_then_interrupt(real_api):
-    api = real_api
-    out = {}
-    th = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a blue square", seed=4, steps=150, **TINY)))
-    th.start()
-    seen, deadline = None, time.monotonic() + 120
-    while time.monotonic() < deadline and th.is_alive():
-        p = api.get_progress()
-        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
-            seen = p
-            break
-        time.sleep(0.05)
-    assert seen is not None, "no progress with a preview while the job ran"
-    assert 0 < seen["progress"] < 1 and seen["state"]["job"] and seen["state"]["sampling_steps"] == 150
-    Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).verify()  # a picture
-    assert api.interrupt()["interrupted"]
-    th.join(120)
-    assert out["r"].info["interrupted"] is True
-    p = api.get_progress()
-    assert p["state"]["job"] == "" and p["state"]["job_count"] == 0
 
 
 # -- options, listings ----------------------------------------------------------------------------

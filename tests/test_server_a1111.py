@@ -3,12 +3,15 @@ live server on the bundled tiny model; and the A1111 <-> GenerationRequest mappi
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 
 import numpy as np
 import pytest
 from conftest import need_module
+from PIL import Image
 from server_helpers import TINY, LiveServer, make_app, shared_studio
 
 webuiapi = need_module("webuiapi", "pip install -e '.[test]'")
@@ -156,12 +159,14 @@ def test_webuiapi_interrupt_returns_what_was_reached(api):
             break
         time.sleep(0.05)
     assert seen is not None, "no progress with a preview was reported"
-    assert 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 150
+    assert 0 < seen["progress"] < 1 and seen["state"]["job"] and seen["state"]["sampling_steps"] == 150
+    Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).verify()  # the preview is a picture
     assert api.interrupt()["interrupted"]
     th.join(60)
     r = out["r"]
     assert r.info["interrupted"] is True and len(r.images) == 1  # the first of four batches, stopped
-    assert api.get_progress()["state"]["job"] == ""  # nothing running any more
+    p = api.get_progress()
+    assert p["state"]["job"] == "" and p["state"]["job_count"] == 0  # nothing running any more
 
 
 def test_webuiapi_skip_ends_one_batch_and_goes_on(api):
