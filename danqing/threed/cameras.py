@@ -41,6 +41,12 @@ def preset_for_model(model: str) -> str:
     return table()["model_cameras"].get(model, "dreamfusion")
 
 
+def defaults_for_model(model: str) -> dict:
+    """The options a model's runs take when a request leaves them unset (``model_defaults``)."""
+    rows = table()["model_defaults"]
+    return {**rows["default"], **rows.get(model, {})}
+
+
 @dataclass(frozen=True)
 class Camera:
     """A pinhole camera looking at the origin. Angles in degrees."""

@@ -40,7 +40,7 @@ def prepare_3d(studio, request: ThreeDRequest, out: OutputPaths):
     """
     # 1. validate: nothing is overwritten; the model is named.
     refuse_existing(out)
-    request = request.replace(model=request.model or studio.settings.default_model)
+    request = request.replace(model=request.model or studio.settings.default_model).with_model_defaults()
     # 2. load the frozen model (the ModelManager places it) and check the size against it.
     loaded = studio.models.load(request.model)
     check_size(request.size, native_size(loaded.components), loaded.name)

@@ -18,7 +18,8 @@ import torch
 
 from danqing.errors import InvalidRequest
 from danqing.files import atomic_save
-from danqing.threed.cameras import camera_presets, preset, preset_for_model, random_light, sample_camera, table, view_name
+from danqing.threed.cameras import (camera_presets, defaults_for_model, preset, preset_for_model, random_light, sample_camera,
+                                    table, view_name)
 from danqing.threed.field import VoxelField
 from danqing.threed.render import Background, render_view, to_picture
 from danqing.threed.sds import Guide, timestep_bounds
@@ -53,8 +54,10 @@ class ThreeDRequest:
         guidance: the CFG scale of score distillation (DreamFusion: 100).
         lr: Adam's learning rate on the grids; grid: voxel grid points per axis; samples: per ray.
         cameras: a camera preset of ``danqing/data/threed.json`` (None: the model's own).
-        view_prompts: add "front view", "side view", ... to the prompt by camera.
-        background: "learned" (an MLP of the ray direction) or a fixed colour: white, grey, black.
+        view_prompts: add "front view", "side view", ... to the prompt by camera (None: the model's
+            default, ``model_defaults`` in ``danqing/data/threed.json``).
+        background: "learned" (an MLP of the ray direction) or a fixed colour: white, grey, black
+            (None: the model's default).
         tv_weight: weight of the grids' total-variation prior.
         frames: turntable frames; checkpoint_every: steps between checkpoints (0: only at the end).
     """
@@ -70,8 +73,8 @@ class ThreeDRequest:
     grid: int = 48
     samples: int = 48
     cameras: str | None = None
-    view_prompts: bool = True
-    background: str = "learned"
+    view_prompts: bool | None = None
+    background: str | None = None
     tv_weight: float = 1.0
     frames: int = 16
     checkpoint_every: int = 100
@@ -87,7 +90,7 @@ class ThreeDRequest:
             raise InvalidRequest("size", f"must be a multiple of 8, got {self.size}")
         if self.cameras is not None:
             preset(self.cameras)
-        if self.background not in BACKGROUNDS:
+        if self.background is not None and self.background not in BACKGROUNDS:
             raise InvalidRequest("background", f"unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}")
 
     def replace(self, **changes) -> "ThreeDRequest":
@@ -100,6 +103,11 @@ class ThreeDRequest:
     def from_dict(cls, data: dict) -> "ThreeDRequest":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def with_model_defaults(self) -> "ThreeDRequest":
+        """The request with every option it left unset (None) taken from its model's defaults."""
+        unset = {k: v for k, v in defaults_for_model(self.model or "").items() if getattr(self, k) is None}
+        return self.replace(**unset) if unset else self
 
     def camera_preset(self) -> str:
         return self.cameras or preset_for_model(self.model or "")
@@ -154,6 +162,7 @@ def pick_shading(step: int, steps: int, g: torch.Generator) -> str:
 
 def build(request: ThreeDRequest, device="cpu") -> tuple[VoxelField, Background, torch.optim.Optimizer]:
     """The field, the background and their optimiser, on ``device`` (the model's)."""
+    request = request.with_model_defaults()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(request.seed)  # the background MLP's initial weights
         bg = Background(BACKGROUNDS[request.background]).to(device)
@@ -202,6 +211,7 @@ def optimise(comps, request: ThreeDRequest, *, model_name: str = "", model_hash:
         checkpoint: where checkpoints go (every ``checkpoint_every`` steps, on stop, at the end).
         resume: a checkpoint of this run to continue from.
     """
+    request = request.with_model_defaults()
     guide = Guide(comps, request.prompt, request.negative_prompt, guidance=request.guidance,
                   view_prompts=request.view_prompts)
     check_size(request.size, guide.native, model_name or "this model")
