@@ -183,6 +183,18 @@ def test_cameras_follow_the_table_and_view_prompts_are_dreamfusions():
     assert torch.allclose(centre, torch.nn.functional.normalize(-origins[0], dim=0), atol=1e-5)
 
 
+def test_unset_options_take_the_models_row_and_set_ones_are_kept():
+    rows = table()["model_defaults"]
+    tiny = ThreeDRequest("a red circle", model="danqing-tiny").with_model_defaults()
+    assert (tiny.view_prompts, tiny.background) == (rows["danqing-tiny"]["view_prompts"], rows["danqing-tiny"]["background"])
+    assert (tiny.view_prompts, tiny.background) == (False, "grey")
+    other = ThreeDRequest("a red ball", model="sd15.safetensors").with_model_defaults()
+    assert (other.view_prompts, other.background) == (True, "learned")
+    kept = ThreeDRequest("a red circle", model="danqing-tiny", view_prompts=True, background="white").with_model_defaults()
+    assert (kept.view_prompts, kept.background) == (True, "white")
+    assert ThreeDRequest.from_dict(tiny.to_dict()) == tiny  # the written parameters re-create the resolved run
+
+
 # -- checkpoints and resume ---------------------------------------------------------------------
 def test_a_stopped_run_resumes_exactly_and_another_runs_checkpoint_is_refused(tiny_sd1, tmp_path):
     request = ThreeDRequest("a red ball", steps=4, size=32, grid=16, samples=16, checkpoint_every=0, seed=5)
