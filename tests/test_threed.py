@@ -241,15 +241,22 @@ def test_cli_writes_mesh_files_parameters_and_turntable_and_resumes_only_its_own
     code, printed, err = _run(capsys, *base, "a red ball", "--steps", "2", "--out", str(out))
     assert code in (0, None), err
     names = sorted(p.name for p in tmp_path.glob("ball*"))
-    assert names == ["ball.ckpt", "ball.gif", "ball.glb", "ball.json", "ball.obj", "ball.ply"]
+    assert names == ["ball.ckpt", "ball.gif", "ball.glb", "ball.json", "ball.mp4", "ball.mp4.json", "ball.obj", "ball.ply"]
     params = json.loads((tmp_path / "ball.json").read_text())
     assert params["request"]["prompt"] == "a red ball" and params["steps_done"] == 2 and params["model"] == "danqing-tiny"
     for name in ("ball.glb", "ball.obj", "ball.ply"):
         assert trimesh.load(tmp_path / name, force="mesh").is_watertight == params["mesh"]["watertight"]
-    from PIL import Image
+    from PIL import Image, ImageSequence
 
     with Image.open(tmp_path / "ball.gif") as gif:
         assert gif.n_frames == 4 and gif.size == (32, 32)
+        gif_frames = [np.asarray(f.convert("RGB"), np.float32) for f in ImageSequence.Iterator(gif)]
+    from danqing.outputs.video import probe_video, read_frames
+
+    info = probe_video(tmp_path / "ball.mp4")
+    assert (info.frames, info.width, info.height) == (4, 32, 32)
+    mp4 = read_frames(tmp_path / "ball.mp4")  # the same turntable, H.264 at crf 18 against GIF's palette
+    assert max(np.abs(m.astype(np.float32) - g).mean() for m, g in zip(mp4, gif_frames)) < 12
     code, printed, _ = _run(capsys, "info", str(out))
     assert json.loads(printed)["request"]["steps"] == 2
     # never overwritten; another run's checkpoint is refused in one line

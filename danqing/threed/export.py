@@ -1,5 +1,5 @@
 """What a text-to-3D run leaves: a mesh with vertex colours (GLB, OBJ, PLY), the run's parameters
-as JSON beside it (and in the GLB's extras), a turntable GIF and the last checkpoint.
+as JSON beside it (and in the GLB's extras), a turntable as GIF and MP4 and the last checkpoint.
 
 The mesh is scikit-image's marching cubes (Lewiner et al. 2003) of the density grid, padded
 with empty space so that the surface closes; trimesh writes the files. Every file is written
@@ -17,6 +17,7 @@ import torch
 
 from danqing.errors import ImageError, InvalidRequest
 from danqing.files import atomic_save, atomic_write_text, exists_message
+from danqing.outputs.video import save_video, sidecar
 from danqing.threed.cameras import turntable
 from danqing.threed.field import VoxelField
 from danqing.threed.render import Background, render_view, to_picture
@@ -28,7 +29,8 @@ MESH_LEVEL = 10.0  # density of the surface: a 48-sample ray loses ~27% of its l
 @dataclass(frozen=True)
 class OutputPaths:
     """The files of one run, named after ``--out`` NAME.EXT: NAME.glb/.obj/.ply, NAME.json (the
-    parameters), NAME.gif (the turntable), NAME.ckpt (the last checkpoint)."""
+    parameters), NAME.gif and NAME.mp4 (the turntable; the MP4 with its NAME.mp4.json sidecar, as
+    every danqing video), NAME.ckpt (the last checkpoint)."""
 
     mesh: Path
 
@@ -44,11 +46,15 @@ class OutputPaths:
         return self.mesh.with_suffix(".gif")
 
     @property
+    def video(self) -> Path:
+        return self.mesh.with_suffix(".mp4")
+
+    @property
     def checkpoint(self) -> Path:
         return self.mesh.with_suffix(".ckpt")
 
     def written(self) -> list[Path]:
-        return [*self.meshes(), self.params, self.turntable]
+        return [*self.meshes(), self.params, self.turntable, self.video, sidecar(self.video)]
 
 
 def output_paths(out: str | Path) -> OutputPaths:
@@ -118,6 +124,11 @@ def turntable_frames(fld: VoxelField, bg: Background, ranges: dict, *, size: int
     return out
 
 
+def write_turntable_video(frames: list, path: Path, params: dict, fps: int = 10) -> list[Path]:
+    """The turntable as an MP4 (H.264, the parameters in its comment tag and its sidecar)."""
+    return save_video(frames, path, fps, json.dumps(params, ensure_ascii=False))
+
+
 def write_gif(frames: list, path: Path, ms_per_frame: int = 100) -> Path:
     """An endlessly looping GIF (Pillow), atomically."""
     return atomic_save(path, lambda p: frames[0].save(p, format="GIF", save_all=True, append_images=frames[1:],
@@ -147,4 +158,4 @@ def read_params(path: Path) -> str:
 
 
 __all__ = ["MESH_FORMATS", "OutputPaths", "extract_mesh", "output_paths", "read_params", "turntable_frames",
-           "write_gif", "write_mesh", "write_params"]
+           "write_gif", "write_mesh", "write_params", "write_turntable_video"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from danqing.threed.cameras import preset
 from danqing.threed.export import (OutputPaths, extract_mesh, refuse_existing, turntable_frames, write_gif, write_mesh,
-                                   write_params)
+                                   write_params, write_turntable_video)
 from danqing.threed.run import RunResult, ThreeDRequest, check_size, optimise
 from danqing.threed.sds import native_size
 
@@ -48,7 +48,7 @@ def prepare_3d(studio, request: ThreeDRequest, out: OutputPaths):
 
 
 def make_3d(loaded, request: ThreeDRequest, out: OutputPaths, *, on_step=None, resume: Path | None = None) -> Made:
-    """Optimise, then write the mesh (GLB, OBJ, PLY), the parameters and the turntable GIF.
+    """Optimise, then write the mesh (GLB, OBJ, PLY), the parameters and the turntable (GIF, MP4).
 
     Args:
         loaded: the ``LoadedModel`` of ``prepare_3d``.
@@ -73,4 +73,5 @@ def make_3d(loaded, request: ThreeDRequest, out: OutputPaths, *, on_step=None, r
     # 5. save.
     paths = [write_mesh(mesh, p, params) for p in out.meshes()]
     paths += [write_params(params, out.params), write_gif(frames, out.turntable)]
+    paths += write_turntable_video(frames, out.video, params)
     return Made(paths, result, mesh, frames, params)
