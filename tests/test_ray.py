@@ -125,7 +125,7 @@ def test_ray_data_batch_equals_generate_and_resumes(local_ray, tmp_path, one_thr
 
     from danqing.cli import main
     from danqing.request import GenerationRequest
-    from danqing.scale.batch import read_requests, run_ray
+    from danqing.scale.batch import read_requests, run_local, run_ray
 
     serve.shutdown()  # the replicas' CPUs go to the batch actors
     home = tmp_path / "home"
@@ -136,12 +136,14 @@ def test_ray_data_batch_equals_generate_and_resumes(local_ray, tmp_path, one_thr
     base = GenerationRequest.create(prompt="", steps=4, sampler="Euler a", **TINY)
     items = read_requests(tmp_path / "requests.jsonl", base, settings.default_model)
     out = tmp_path / "out"
-    assert run_ray(settings, items[:2], out, workers=2, worker_cpus=1) == 2  # a run stopped halfway
+    assert run_local(settings, items[:2], out, threads=1) == 2  # a run stopped halfway (same files, same rule)
     first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert run_ray(settings, items, out, workers=2, worker_cpus=1) == 2  # the rerun: only the rest
+    assert run_ray(settings, items, out, workers=2, worker_cpus=1) == 2  # the rerun, on 2 actors: only the rest
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in first} == first  # not redone
     assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.{e}" for i in range(4) for e in ("json", "png")]
-    for i, p in enumerate(prompts[:2]):  # the plain CLI, same request and seed
+    workers = {json.loads((out / f"{i:05d}.json").read_text())["worker"] for i in (2, 3)}
+    print(f"\nbatch workers: {sorted(workers)}")
+    for i, p in list(enumerate(prompts))[2:]:  # the Ray actors' pictures against the plain CLI's
         with pytest.raises(SystemExit) as exc:
             main(["--home", str(home), "--device", "cpu", "--dtype", "fp32", "generate", p, "--seed", str(100 + i),
                   "--steps", "4", "--sampler", "Euler a", "--width", "64", "--height", "64", "--no-dynamic", "-q",
