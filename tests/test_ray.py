@@ -120,6 +120,40 @@ def test_ray_serve_routes_each_model_to_a_replica_that_has_it(served):
     assert sum(loads.values()) <= 3, loads  # each replica loaded its model once (the very first pick may miss)
 
 
+def test_ray_serve_retries_a_request_whose_replica_died(served):
+    """Two long requests run, one on each replica; one replica's process is killed: both
+    requests still answer, the killed one's sent once more (to the other replica), with the
+    picture the same request gives on a live replica."""
+    import threading
+
+    import httpx
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "StudioReplica" in a["name"]]
+    assert len(replicas) == 2, replicas
+    long = {**BODY, "steps": 150}
+    answers = {}
+
+    def post(seed: int):
+        with httpx.Client(base_url=served, timeout=300) as http:
+            answers[seed] = http.post("/sdapi/v1/txt2img", json={**long, "seed": seed})
+
+    threads = [threading.Thread(target=post, args=(s,)) for s in (21, 22)]
+    for th in threads:
+        th.start()
+    time.sleep(3.0)  # both running: one request per replica (max_ongoing_requests=1)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
+    for th in threads:
+        th.join()
+    assert all(r.status_code == 200 for r in answers.values()), {s: r.text[:200] for s, r in answers.items()}
+    attempts = sorted(int(r.headers["x-danqing-attempts"]) for r in answers.values())
+    assert attempts == [1, 2], attempts  # the request on the killed replica was sent again
+    retried = next(s for s, r in answers.items() if r.headers["x-danqing-attempts"] == "2")
+    with httpx.Client(base_url=served, timeout=300) as http:
+        again = http.post("/sdapi/v1/txt2img", json={**long, "seed": retried})
+    assert np.array_equal(pixels(base64.b64decode(again.json()["images"][0])),
+                          pixels(base64.b64decode(answers[retried].json()["images"][0])))
+
+
 def test_ray_data_batch_equals_generate_and_resumes(local_ray, tmp_path, one_thread):
     from ray import serve
 

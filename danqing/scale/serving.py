@@ -190,8 +190,9 @@ def call_replica(request: GenerationRequest, save: bool, timeout_s: float) -> di
     handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
     for attempt in range(RETRIES + 1):
         try:
-            return handle.options(multiplexed_model_id=request.model).generate.remote(request, save).result(
+            out = handle.options(multiplexed_model_id=request.model).generate.remote(request, save).result(
                 timeout_s=timeout_s)
+            return {**out, "attempts": attempt + 1}
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             if attempt == RETRIES:
                 return {"error": "internal error: the replica running this request died, and so did the one "
@@ -239,6 +240,7 @@ def _generate_routes(r: APIRouter, state: ServerState) -> None:
         pngs = out.pop("pngs")
         response.headers["x-danqing-worker"] = out.get("worker", "")
         response.headers["x-danqing-model-loads"] = str(out.get("model_loads", ""))
+        response.headers["x-danqing-attempts"] = str(out.pop("attempts", 1))
         job.result = out
         if not body.override_settings_restore_afterwards and body.override_settings:
             state.set_options(body.override_settings)
