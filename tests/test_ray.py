@@ -130,17 +130,26 @@ def test_ray_serve_retries_a_request_whose_replica_died(served):
 
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "StudioReplica" in a["name"]]
     assert len(replicas) == 2, replicas
-    long = {**BODY, "steps": 150}
+    models = {21: "danqing-tiny", 22: "danqing-tiny-random"}  # each on the replica that has it loaded
     answers = {}
+
+    def body(seed: int, steps: int) -> dict:
+        return {**BODY, "steps": steps, "seed": seed, "override_settings": {"sd_model_checkpoint": models[seed]}}
+
+    with httpx.Client(base_url=served, timeout=300) as http:  # how long 20 steps take now, on this machine
+        t = time.perf_counter()
+        for seed in models:
+            assert http.post("/sdapi/v1/txt2img", json=body(seed, 20)).status_code == 200
+        step20 = (time.perf_counter() - t) / 2
 
     def post(seed: int):
         with httpx.Client(base_url=served, timeout=300) as http:
-            answers[seed] = http.post("/sdapi/v1/txt2img", json={**long, "seed": seed})
+            answers[seed] = http.post("/sdapi/v1/txt2img", json=body(seed, 150))
 
-    threads = [threading.Thread(target=post, args=(s,)) for s in (21, 22)]
+    threads = [threading.Thread(target=post, args=(s,)) for s in models]
     for th in threads:
         th.start()
-    time.sleep(3.0)  # both running: one request per replica (max_ongoing_requests=1)
+    time.sleep(max(0.5, 3.0 * step20))  # about 40% into the 150 steps: both requests running
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
     for th in threads:
         th.join()
@@ -149,7 +158,7 @@ def test_ray_serve_retries_a_request_whose_replica_died(served):
     assert attempts == [1, 2], attempts  # the request on the killed replica was sent again
     retried = next(s for s, r in answers.items() if r.headers["x-danqing-attempts"] == "2")
     with httpx.Client(base_url=served, timeout=300) as http:
-        again = http.post("/sdapi/v1/txt2img", json={**long, "seed": retried})
+        again = http.post("/sdapi/v1/txt2img", json=body(retried, 150))
     assert np.array_equal(pixels(base64.b64decode(again.json()["images"][0])),
                           pixels(base64.b64decode(answers[retried].json()["images"][0])))
 
