@@ -144,12 +144,12 @@ def test_ray_serve_retries_a_request_whose_replica_died(served):
 
     def post(seed: int):
         with httpx.Client(base_url=served, timeout=300) as http:
-            answers[seed] = http.post("/sdapi/v1/txt2img", json=body(seed, 150))
+            answers[seed] = http.post("/sdapi/v1/txt2img", json=body(seed, 100))
 
     threads = [threading.Thread(target=post, args=(s,)) for s in models]
     for th in threads:
         th.start()
-    time.sleep(max(0.5, 3.0 * step20))  # about 40% into the 150 steps: both requests running
+    time.sleep(max(0.5, 2.0 * step20))  # about 40% into the 100 steps: both requests running
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
     for th in threads:
         th.join()
@@ -158,7 +158,7 @@ def test_ray_serve_retries_a_request_whose_replica_died(served):
     assert attempts == [1, 2], attempts  # the request on the killed replica was sent again
     retried = next(s for s, r in answers.items() if r.headers["x-danqing-attempts"] == "2")
     with httpx.Client(base_url=served, timeout=300) as http:
-        again = http.post("/sdapi/v1/txt2img", json=body(retried, 150))
+        again = http.post("/sdapi/v1/txt2img", json=body(retried, 100))
     assert np.array_equal(pixels(base64.b64decode(again.json()["images"][0])),
                           pixels(base64.b64decode(answers[retried].json()["images"][0])))
 
