@@ -25,7 +25,7 @@ LAYERS = (
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
     ("workflows", {"apps", "training", "synthetic", "video", "threed"}),
-    ("shells", {"server", "cli", "__main__", "danqing"}),
+    ("shells", {"server", "scale", "cli", "__main__", "danqing"}),
 )
 # The lower layers never import these, whatever the table above says (docs/architecture.md).
 LOWER = ("models", "sampling", "conditioning", "outputs")

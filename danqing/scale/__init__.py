@@ -1,0 +1,6 @@
+"""Scale-out over Ray (docs/scale.md): ``serve.py`` runs N Studio replicas behind the A1111
+generate routes with Ray Serve; ``batch.py`` maps a file of requests over Ray Data actors, one
+Studio each; ``replica.py`` is what both run in a replica. Ray is an optional dependency
+(``pip install -e '.[ray]'``): only these modules import it, and only the commands that need
+them import these modules.
+"""

@@ -1,0 +1,264 @@
+"""Ray Serve: the A1111 generate routes in front of N Studio replicas (``danqing ray-serve``,
+docs/scale.md).
+
+Two deployments make one Serve application:
+
+- ``Ingress`` (no CPU reserved): a FastAPI app with ``/sdapi/v1/txt2img`` and ``/img2img`` and
+  the option and listing routes. It checks a request exactly as ``danqing serve`` does -- the
+  same body models, the same ``request_fields`` and ``ServerState.prepare_request`` (names
+  resolved in their folders, uploads bounded, the work limits), the same error handlers and
+  middleware -- so the same requests are accepted, and refused with the same 4xx answers.
+- ``StudioReplica`` (``--replicas N``, one CPU or GPU each): one Studio per replica, one request
+  at a time (``max_ongoing_requests=1``). Requests carry their checkpoint as Ray Serve's
+  multiplexed model id, so Ray routes a request to a replica that has its model loaded when
+  one is free.
+
+A replica that dies while it runs a request (its process killed, its node lost) is replaced by
+Ray; the ingress sends the request once more, to another replica. The job store (SQLite or
+PostgreSQL, ``--db`` / ``--db-url``) keeps the server options, as it does for ``danqing serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Response
+from ray import serve
+
+from danqing.errors import InvalidRequest
+from danqing.request import GenerationRequest
+from danqing.scale.replica import generate_result, make_studio
+from danqing.server.a1111 import (
+    Img2ImgBody,
+    Txt2ImgBody,
+    _listing_routes,
+    _option_routes,
+    a1111_error,
+    a1111_info,
+    request_fields,
+    script_key,
+)
+from danqing.server.a1111_scripts import styled
+from danqing.server.a1111_units import controlnet_units, ip_adapter_unit
+from danqing.server.app import _api_fallback, _error_handlers
+from danqing.server.common import job_error
+from danqing.server.security import (
+    ERROR_RESPONSES,
+    JOB_RESPONSES,
+    BasicAuthMiddleware,
+    BodyLimitMiddleware,
+    HostOriginMiddleware,
+    decode_image,
+    guard_body,
+)
+from danqing.server.state import ServerState
+from danqing.server.store import JobStore
+from danqing.settings import ServerSettings, Settings, force_offline
+
+APP_NAME = "danqing"
+REPLICA = "StudioReplica"
+RETRIES = 1  # a request whose replica died is sent once more
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    """How the replicas are laid out.
+
+    Attributes:
+        replicas: replicas started (the autoscaling minimum when ``max_replicas`` is larger).
+        max_replicas: autoscaling maximum (None = a fixed ``replicas``).
+        threads: torch CPU threads per replica (None = torch's choice).
+        replica_cpus, replica_gpus: what Ray reserves for each replica; ``replica_gpus=1``
+            gives each replica its own GPU.
+    """
+
+    replicas: int = 1
+    max_replicas: int | None = None
+    threads: int | None = 1
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+
+
+class StudioReplica:
+    """A Ray Serve replica: one Studio, one request at a time, the model of the last request
+    kept loaded (``serve.multiplexed`` tells the router which one)."""
+
+    def __init__(self, settings: Settings, threads: int | None):
+        self.settings = settings
+        self.studio = make_studio(settings, threads)
+        self.model_loads = 0  # how often this replica loaded a checkpoint
+
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def model(self, name: str):
+        self.model_loads += 1
+        return await asyncio.to_thread(self.studio.models.load, name)
+
+    async def generate(self, request: GenerationRequest, save: bool) -> dict:
+        try:
+            await self.model(serve.get_multiplexed_model_id())
+        except Exception as exc:  # noqa: BLE001 -- answered as the server's worker would
+            return {"error": str(exc)}
+        out = await asyncio.to_thread(generate_result, self.studio, request, save=save,
+                                      outputs_dir=self.settings.outputs_dir)
+        return {**out, "model_loads": self.model_loads}
+
+
+def build_application(settings: Settings, server: ServerSettings, options: RayServeOptions):
+    """The Serve application: the ingress bound to the replicas (``serve.run`` starts it)."""
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.max_replicas and options.max_replicas > options.replicas:
+        scaling = {"autoscaling_config": {"min_replicas": options.replicas, "max_replicas": options.max_replicas,
+                                          "target_ongoing_requests": 1}}
+    replica = serve.deployment(StudioReplica, name=REPLICA, max_ongoing_requests=1,
+                               ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
+                               **scaling)
+
+    def build():  # runs in the ingress's process
+        return ingress_app(settings, server)
+
+    ingress = serve.deployment(serve.ingress(build)(), name="Ingress", max_ongoing_requests=256,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replica.bind(settings, options.threads))
+
+
+def start(settings: Settings, server: ServerSettings, options: RayServeOptions, *, address: str | None = None,
+          num_cpus: int | None = None) -> None:
+    """Connect to (``address``) or start a local Ray, then run the application on
+    ``server.host:server.port``; returns once every replica is ready."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": server.host, "port": server.port})
+    serve.run(build_application(settings, server, options), name=APP_NAME, route_prefix="/")
+
+
+class _Names:
+    """What ``ServerState`` asks its worker for: the Studio whose registry resolves names. The
+    ingress's Studio never generates (the replicas do) and loads no model."""
+
+    def __init__(self, studio):
+        self.studio = studio
+
+
+def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
+    """The ingress's FastAPI app (built in the ingress replica)."""
+    force_offline()
+    studio = make_studio(settings, 1)
+    state = ServerState(settings=settings, server=server, store=JobStore(settings.db_url or settings.db_path),
+                        worker=_Names(studio))
+    app = FastAPI(title="danqing (Ray Serve)", version="0.1.0",
+                  description="丹青 danqing: the A1111 generate routes over Ray Serve replicas (docs/scale.md)")
+    app.state.danqing = state  # guard_body reads the limits from here
+    _error_handlers(app)
+    router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
+    _generate_routes(router, state)
+    _option_routes(router, state)
+    _listing_routes(router, state)
+    guard = [Depends(guard_body)]
+    app.include_router(router, dependencies=guard, responses=ERROR_RESPONSES)
+
+    @app.get("/api/v1/health")
+    def health() -> dict:
+        return {"status": "ok", "ray": True}
+
+    _api_fallback(app)
+    creds = server.credentials()
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=bool(creds))
+    app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
+    if creds is not None:
+        app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
+    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
+    return app
+
+
+def call_replica(request: GenerationRequest, save: bool, timeout_s: float) -> dict:
+    """Send one request to a replica that has its model loaded (when one is free); once more
+    to another replica if that one dies meanwhile."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
+    for attempt in range(RETRIES + 1):
+        try:
+            out = handle.options(multiplexed_model_id=request.model).generate.remote(request, save).result(
+                timeout_s=timeout_s)
+            return {**out, "attempts": attempt + 1}
+        except (ActorDiedError, ActorUnavailableError, RayActorError):
+            if attempt == RETRIES:
+                return {"error": "internal error: the replica running this request died, and so did the one "
+                                 "it was sent to again"}
+    raise AssertionError("unreachable")
+
+
+def _generate_routes(r: APIRouter, state: ServerState) -> None:
+    """txt2img and img2img: the checks of ``danqing serve``'s routes, then a replica runs it."""
+
+    def run(body, img2img: bool, response: Response) -> dict:
+        fields = request_fields(body, img2img=img2img)
+        if script_key(body.script_name) is not None:
+            raise InvalidRequest("script_name", "scripts (X/Y/Z plot, prompts from file) run on `danqing serve`, "
+                                                "not on the Ray deployment; leave it unset")
+        if body.script_args:
+            raise InvalidRequest("script_args", "given without a script_name; leave it unset or []")
+        fields = styled(fields, body.styles, state.settings.home)
+        _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})
+        if ip_images:
+            fields["ip_adapter_image"] = tuple(decode_image(b, "alwayson_scripts", state.limits) for b in ip_images)
+        units = controlnet_units(body.alwayson_scripts or {})
+        if units:
+            fields["controlnet"] = [
+                {**u, "image": decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image", state.limits)}
+                for i, (u, img) in enumerate(units)]
+        init = mask = None
+        if img2img:
+            if not body.init_images:
+                raise InvalidRequest("init_images", "img2img needs one init image (base64)")
+            if len(body.init_images) > 1:
+                raise InvalidRequest("init_images", f"danqing takes one init image per request, got {len(body.init_images)}")
+            init = decode_image(body.init_images[0], "init_images", state.limits)
+            if body.mask:
+                mask = decode_image(body.mask, "mask", state.limits)
+        try:
+            request = state.prepare_request(fields, init_image=init, mask=mask, overrides=body.override_settings or None)
+        except InvalidRequest as exc:
+            raise a1111_error(exc) from None
+        job = SimpleNamespace(id=uuid.uuid4().hex, created=time.time(), status="done", error=None, result=None)
+        out = call_replica(request, body.save_images and not body.do_not_save_samples, state.server.sync_timeout_s)
+        if "error" in out:
+            job.status, job.error = "failed", out["error"]
+            raise job_error(job)
+        pngs = out.pop("pngs")
+        response.headers["x-danqing-worker"] = out.get("worker", "")
+        response.headers["x-danqing-model-loads"] = str(out.get("model_loads", ""))
+        response.headers["x-danqing-attempts"] = str(out.pop("attempts", 1))
+        job.result = out
+        if not body.override_settings_restore_afterwards and body.override_settings:
+            state.set_options(body.override_settings)
+        images = [base64.b64encode(p).decode() for p in pngs] if body.send_images else []
+        if img2img and body.include_init_images and body.send_images:
+            images += body.init_images
+        echo = body.model_dump()
+        if img2img:
+            echo["init_images"], echo["mask"] = None, None
+        return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
+
+    @r.post("/txt2img", summary="txt2img (A1111 fields), run by a replica", responses=JOB_RESPONSES)
+    def txt2img(body: Txt2ImgBody, response: Response) -> dict:
+        return run(body, False, response)
+
+    @r.post("/img2img", summary="img2img and inpaint (A1111 fields), run by a replica", responses=JOB_RESPONSES)
+    def img2img(body: Img2ImgBody, response: Response) -> dict:
+        return run(body, True, response)
+
+
+__all__ = ["RayServeOptions", "StudioReplica", "build_application", "call_replica", "ingress_app", "start"]
