@@ -6,8 +6,8 @@ Text is spoken through espeak-ng's C library (``libespeak-ng.so.1``, installed w
 phoneme (``espeakEVENT_PHONEME``, with ``espeakINITIALIZE_PHONEME_IPA`` the phoneme's IPA name
 and the sample where it starts), so the timings belong to exactly the audio that is played. The
 command line cannot give them: ``espeak-ng --pho`` writes timings only for MBROLA voices, and
-speaking phoneme by phoneme would lose the coarticulation. The library keeps its state in
-process globals, so every synthesis holds one lock.
+speaking phoneme by phoneme would lose the coarticulation. Each line is spoken in a new
+interpreter (``_WORKER``), so no state of the library is shared between lines.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import threading
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -28,12 +29,6 @@ from danqing.errors import InvalidRequest, ModelNotFound
 INSTALL = "apt-get install espeak-ng"
 MAX_TEXT = 500  # characters of one line
 MAX_SECONDS = 40.0  # of speech, spoken or given
-# espeak-ng's speak_lib.h
-_SYNCHRONOUS = 2  # AUDIO_OUTPUT_SYNCHRONOUS
-_PHONEME_EVENTS, _PHONEME_IPA = 0x1, 0x2  # espeakINITIALIZE_*
-_CHARS_UTF8 = 1
-_EVENT_END, _EVENT_PHONEME = 0, 7  # espeakEVENT_LIST_TERMINATED, espeakEVENT_PHONEME
-_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -75,39 +70,52 @@ class Speech:
         return len(self.samples) / self.rate
 
 
-class _Event(ctypes.Structure):
-    """espeak_EVENT (speak_lib.h); ``id`` is the union whose ``string[8]`` holds a phoneme name."""
-
+# Runs in a fresh interpreter per line (``python -I -c``, the standard library only): espeak-ng keeps
+# its synthesis state in process globals, so two lines spoken in one process differ by a few
+# samples (and re-initialising it in-process hangs); a new process speaks a line exactly as the
+# ``espeak-ng`` command does, which is what makes ``--from`` re-create a video bit for bit.
+# Reads {"voice", "text"} on stdin; writes one JSON line {"rate", "events": [[sample, name]...]}
+# and then the int16 samples.
+_WORKER = r"""
+import ctypes, ctypes.util, json, sys
+job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+lib = ctypes.CDLL(ctypes.util.find_library("espeak-ng"))
+class Event(ctypes.Structure):  # espeak_EVENT (speak_lib.h); id: the union whose string[8] is a phoneme name
     _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
                 ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
                 ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
-
-
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(Event))
+audio, events = bytearray(), []
+def collect(wav, count, event_list):
+    if count > 0:
+        audio.extend(ctypes.string_at(wav, 2 * count))
+    i = 0
+    while event_list[i].type != 0:  # espeakEVENT_LIST_TERMINATED
+        e = event_list[i]
+        if e.type == 7:  # espeakEVENT_PHONEME
+            events.append([e.sample, e.id.split(b"\0", 1)[0].decode("utf-8", "replace")])
+        i += 1
+    return 0
+callback = CALLBACK(collect)
+lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+rate = lib.espeak_Initialize(2, 0, None, 0x1 | 0x2)  # synchronous; phoneme events, IPA names
+if rate <= 0:
+    sys.exit("espeak-ng did not start")
+lib.espeak_SetSynthCallback(callback)
+lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+if lib.espeak_SetVoiceByName(job["voice"].encode()) != 0:
+    sys.exit("espeak-ng has no voice " + job["voice"])
+text = job["text"].encode("utf-8")
+lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                             ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+lib.espeak_Synth(text, len(text) + 1, 0, 0, 0, 1, None, None)  # espeakCHARS_UTF8
+sys.stdout.buffer.write(json.dumps({"rate": rate, "events": events}).encode() + b"\n" + bytes(audio))
+"""
 
 
 def espeak_available() -> bool:
     """Whether espeak-ng's library can be found."""
     return ctypes.util.find_library("espeak-ng") is not None
-
-
-@lru_cache(maxsize=1)
-def _library() -> tuple[ctypes.CDLL, int]:
-    """espeak-ng's library, initialised once for synchronous synthesis with IPA phoneme events;
-    and its sample rate."""
-    name = ctypes.util.find_library("espeak-ng")
-    if name is None:
-        raise ModelNotFound(f"speaking text needs espeak-ng ({INSTALL})")
-    lib = ctypes.CDLL(name)
-    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-    lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-    rate = lib.espeak_Initialize(_SYNCHRONOUS, 0, None, _PHONEME_EVENTS | _PHONEME_IPA)
-    if rate <= 0:
-        raise ModelNotFound(f"espeak-ng's library did not start (code {rate}); reinstall it ({INSTALL})")
-    return lib, rate
 
 
 def check_voice(voice: str) -> str:
@@ -138,30 +146,18 @@ def speak(text: str, voice: str = "en") -> Speech:
     """
     check_text(text)
     espeak_voice = table()["voices"][check_voice(voice)]["espeak"]
-    lib, rate = _library()
-    chunks: list[np.ndarray] = []
-    events: list[tuple[int, str]] = []
-
-    def collect(wav, count, event_list):
-        if count > 0:
-            chunks.append(np.ctypeslib.as_array(wav, (count,)).copy())
-        i = 0
-        while event_list[i].type != _EVENT_END:
-            e = event_list[i]
-            if e.type == _EVENT_PHONEME:
-                events.append((e.sample, e.id.split(b"\0", 1)[0].decode("utf-8", "replace")))
-            i += 1
-        return 0
-
-    callback = _CALLBACK(collect)  # kept alive until the synthesis returns
-    data = text.encode("utf-8")
-    with _LOCK:
-        lib.espeak_SetSynthCallback(callback)
-        if lib.espeak_SetVoiceByName(espeak_voice.encode()) != 0:
-            raise ModelNotFound(f"espeak-ng has no voice {espeak_voice!r} ({INSTALL} installs it)")
-        lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, _CHARS_UTF8, None, None)
-    samples = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
-    return Speech(samples, rate, phones_from_events(events, len(samples), rate))
+    if not espeak_available():
+        raise ModelNotFound(f"speaking text needs espeak-ng ({INSTALL})")
+    job = json.dumps({"voice": espeak_voice, "text": text}).encode("utf-8")
+    done = subprocess.run([sys.executable, "-I", "-c", _WORKER], input=job, capture_output=True, timeout=120)
+    if done.returncode != 0:
+        raise ModelNotFound(f"espeak-ng failed ({done.stderr.decode(errors='replace').strip()[-200:]}); "
+                            f"reinstall it ({INSTALL})")
+    head, _, body = done.stdout.partition(b"\n")
+    info = json.loads(head)
+    samples = np.frombuffer(body, np.int16).copy()
+    return Speech(samples, int(info["rate"]), phones_from_events([tuple(e) for e in info["events"]], len(samples),
+                                                                 int(info["rate"])))
 
 
 def phones_from_events(events: list[tuple[int, str]], total: int, rate: int) -> tuple[Phone, ...]:
