@@ -218,3 +218,26 @@ def test_bad_input_is_one_line_and_exit_2(astronaut, tmp_path, capsys, args, mes
 
 def test_speech_is_a_dataclass_with_seconds():
     assert Speech(np.zeros(441, np.int16), 22050).seconds == pytest.approx(0.02)
+
+
+# ------------------------------------------------------------------ the portrait world (renderer, not a model)
+def test_portrait_world_renderer_lip_sync_reads_back_with_the_portrait_reader():
+    """The measuring chain of lip sync on the portrait world, with the procedural renderer drawing
+    the mouth (the trained portrait-world model is to replace it): the reader's mouth height
+    follows the track, not a shuffled one; the person stays who they are; nothing outside the
+    mouth box changes."""
+    need_espeak()
+    from danqing.apps.talk_world import measure_lip_sync
+
+    from danqing.synthetic import portrait_reader
+
+    m = measure_lip_sync([("en", "Hello, I am Danqing.")], seed=1)
+    assert m["r"] >= 0.6 and m["r_shuffled"] <= 0.3, m
+    assert m["identity"] >= 0.9 and m["outside_change"] == 0, m
+    # the shortcut for the identity equals the reader's own identity_match
+    from danqing.apps.talk_world import _identity, talking_frame
+    from danqing.synthetic.portraits import Portrait, split_people
+
+    p = Portrait(split_people("train")[3])
+    a, b = talking_frame(p, 0.0), talking_frame(p, 0.8, 1.05)
+    assert _identity(portrait_reader.read_probs(b), portrait_reader.read_probs(a)) == portrait_reader.identity_match(b, a)
