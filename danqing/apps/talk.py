@@ -65,7 +65,7 @@ class TalkRequest:
         speech_mod.check_voice(r.voice)
         if not (isinstance(r.fps, int) and 1 <= r.fps <= 60):
             raise InvalidRequest("fps", f"must be a whole number from 1 to 60, got {r.fps!r}")
-        if not (0.0 <= float(r.strength) <= 2.0):
+        if isinstance(r.strength, bool) or not isinstance(r.strength, (int, float)) or not 0.0 <= r.strength <= 2.0:
             raise InvalidRequest("strength", f"must be from 0 to 2, got {r.strength!r}")
         return r
 
@@ -142,9 +142,11 @@ def talk(request: TalkRequest, out: Path | None = None, *, landmarks: Landmarks6
     points = landmarks(picture)
     if points is None:
         raise InvalidRequest("picture", f"{request.picture}: no face found (a clear, frontal face is needed)")
-    rig = make_rig(picture, points, max_width=max(1.0, float(track.width.max())))
-    k = float(request.strength)  # 4. the frames
-    frames = [render_mouth(picture, rig, min(k * o, 2.0), 1.0 + k * (w - 1.0)) for o, w in zip(track.open, track.width)]
+    k = float(request.strength)
+    opening, width = k * track.open, 1.0 + k * (track.width - 1.0)  # (F,) each
+    rig = make_rig(picture, points, max_open=max(1.0, float(opening.max())),
+                   widths=(min(0.7, float(width.min())), max(1.15, float(width.max()))))
+    frames = [render_mouth(picture, rig, o, w) for o, w in zip(opening, width)]  # 4. the frames
     parameters = json.dumps({
         "app": APP, "request": asdict(request),
         "picture_sha256": hashlib.sha256(picture.tobytes()).hexdigest()[:16],

@@ -122,21 +122,23 @@ def moved(points: np.ndarray, opening: float, width: float, scale: float) -> np.
     return out
 
 
-def make_rig(image: np.ndarray, points: np.ndarray, max_width: float = 1.15) -> MouthRig:
+def make_rig(image: np.ndarray, points: np.ndarray, max_open: float = 1.0,
+             widths: tuple[float, float] = (0.7, 1.15)) -> MouthRig:
     """The mask and anchors of one photo.
 
     Args:
         image: RGB (H, W, 3) uint8.
         points: its (68, 2) landmarks.
-        max_width: the widest mouth the track may ask for (the region must hold it).
+        max_open: the widest opening the frames may ask for (the region must hold it).
+        widths: the narrowest and widest mouth the frames may ask for.
     """
     import cv2
 
     h, w = image.shape[:2]
     scale = 0.25 * float(np.linalg.norm(points[33] - points[8]))
     moving = sorted(MOVES)
-    extremes = np.concatenate([points[moving], moved(points, 1.0, max_width, scale)[moving],
-                               moved(points, 1.0, 0.7, scale)[moving]])
+    extremes = np.concatenate([points[moving], moved(points, max_open, widths[1], scale)[moving],
+                               moved(points, max_open, widths[0], scale)[moving]])
     margin = max(3, int(round(0.35 * scale)))
     hull = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(np.round(extremes).astype(np.int32)), 1)
