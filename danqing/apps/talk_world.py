@@ -1,0 +1,112 @@
+"""Talking portraits of the portrait world drawn by its procedural RENDERER (not by a trained
+model): the measuring chain for lip sync on the portrait world, ready for the model to replace
+the renderer (docs/apps.md, "Talking portrait").
+
+``talking_frame`` draws a flat-style portrait (``synthetic.portraits.draw_layers``) with its
+mouth replaced by an ellipse whose height follows the viseme track's openness and whose width
+follows its width; ``measure_lip_sync`` speaks sentences, draws every frame, and reads each
+frame back with the portrait reader (``synthetic.portrait_reader``): the mouth height it
+measures against the track (Pearson r, and against the track shuffled), the identity against the
+still portrait, and the largest change outside the mouth box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from danqing.apps.speech import speak
+from danqing.apps.visemes import Track, pearson, phone_track
+from danqing.synthetic import portrait_reader
+from danqing.synthetic.portraits import (CENTRE, IDENTITY, MOUTH_RGB, MOUTH_Y, SUPERSAMPLE, Portrait, draw_layers, split_people,
+                                         values, vocab)
+
+# the mouth ellipse: half width at rest, half height closed .. fully open (fractions of the picture)
+MOUTH_RX, MOUTH_RY = (0.06, (0.012, 0.05))
+# the mouth box: outside it a talking frame equals the still portrait (x0, y0, x1, y1, fractions)
+MOUTH_BOX = (0.38, 0.52, 0.62, 0.66)
+
+
+def still(p: Portrait) -> Portrait:
+    """The portrait as a talking frame starts from: flat style, neutral mouth."""
+    return dataclasses.replace(p, style="flat", mouth="neutral")
+
+
+def talking_frame(p: Portrait, opening: float, width: float = 1.0, size: int = 64) -> Image.Image:
+    """One frame of a talking portrait-world person, drawn by the renderer.
+
+    Args:
+        p: the portrait (its style is drawn flat, its expression replaced by the speaking mouth).
+        opening: 0 (closed) .. 1 (widest).
+        width: mouth width relative to rest.
+        size: picture side (64 is danqing-tiny's size).
+    """
+    p = still(p)
+    s = size * SUPERSAMPLE
+    img, _ = draw_layers(p, s)
+    d = ImageDraw.Draw(img)
+    ox, my = CENTRE[0] + vocab()["pose"][p.pose]["dx"], MOUTH_Y + 0.005
+    skin = img.getpixel((round(ox * s), round((my + 0.045) * s)))  # the chin's colour, below the mouth
+    d.rectangle([ox * s - 0.075 * s, (my - 0.03) * s, ox * s + 0.075 * s, (my + 0.03) * s], fill=skin)  # the neutral line away
+    rx = MOUTH_RX * width
+    ry = MOUTH_RY[0] + (MOUTH_RY[1] - MOUTH_RY[0]) * float(np.clip(opening, 0, 1))
+    d.ellipse([(ox - rx) * s, (my - ry) * s, (ox + rx) * s, (my + ry) * s], fill=MOUTH_RGB)
+    return img.resize((size, size), Image.BOX)
+
+
+def mouth_height(frame: Image.Image) -> float:
+    """The mouth's height as the portrait reader measures it (fraction of the picture)."""
+    return portrait_reader.features(frame)["mouth"][1] / 10
+
+
+def _identity(pa: dict, pb: dict) -> float:
+    """``portrait_reader.identity_match`` from two pictures' read probabilities (the still
+    portrait's read once, not once per frame)."""
+    score = 1.0
+    for attr in IDENTITY:
+        if pa[attr] is not None and pb[attr] is not None:
+            score *= sum(pa[attr][k] * pb[attr][k] for k in pa[attr])
+    return float(score)
+
+
+def _outside_box(size: int) -> np.ndarray:
+    keep = np.ones((size, size), bool)
+    x0, y0, x1, y1 = (round(v * size) for v in MOUTH_BOX)
+    keep[y0:y1, x0:x1] = False
+    return keep
+
+
+def measure_lip_sync(sentences: list[tuple[str, str]], fps: int = 25, size: int = 64, seed: int = 0,
+                     split: str = "train") -> dict:
+    """Speak each (voice, text), draw a person of ``split`` saying it, read every frame back.
+
+    Returns:
+        r (Pearson r of the measured mouth height and the track over all frames), r_shuffled
+        (the same, the track shuffled), identity (share of frames whose identity match with the
+        still portrait is over 0.5), outside_change (largest change outside ``MOUTH_BOX``, /255),
+        frames.
+    """
+    rng = random.Random(seed)
+    who = split_people(split)
+    heights, opens, ident, change = [], [], [], 0
+    keep = _outside_box(size)
+    for voice, text in sentences:
+        p = Portrait(rng.choice(who), "neutral", rng.choice(values("clothing")), "front",
+                     rng.choice(values("background")), "flat", rng.randrange(2**31))
+        s = speak(text, voice)
+        track: Track = phone_track(s.phones, s.seconds, fps)
+        reference = talking_frame(p, 0.0, size=size)
+        ref_px, ref_probs = np.asarray(reference, np.int16), portrait_reader.read_probs(reference)
+        for o, w in zip(track.open, track.width):
+            f = talking_frame(p, o, w, size)
+            heights.append(mouth_height(f))
+            opens.append(o)
+            ident.append(_identity(portrait_reader.read_probs(f), ref_probs) > 0.5)
+            change = max(change, int(np.abs(np.asarray(f, np.int16) - ref_px)[keep].max()))
+    opens_arr = np.array(opens)
+    shuffled = np.random.default_rng(seed).permutation(opens_arr)
+    return {"r": pearson(heights, opens_arr), "r_shuffled": pearson(heights, shuffled),
+            "identity": float(np.mean(ident)), "outside_change": change, "frames": len(opens)}
