@@ -271,7 +271,7 @@ def img2img_tab(gr, state, top: dict, side: int) -> dict:
                                                     elem_id="img2img_denoising_strength")
                 c["resize_mode"] = gr.Dropdown(["just resize", "crop and resize", "resize and fill", "latent upscale"],
                                                value="just resize", label=t("Resize mode"))
-            with gr.Accordion(t("Inpaint settings"), open=False):
+            with gr.Accordion(t("Inpaint settings"), open=False, elem_id="img2img_inpaint_settings"):
                 with gr.Row():
                     c["mask_blur"] = gr.Slider(0, 64, 4, step=1, label=t("Mask blur"), elem_id="img2img_mask_blur")
                     c["inpainting_fill"] = gr.Dropdown(["fill", "original", "latent noise", "latent nothing"],

@@ -16,7 +16,7 @@ from danqing.server.common import infotext_of_image
 from danqing.server.security import open_image
 from danqing.server.store import TERMINAL
 from danqing.server.ui_files import REFUSED, allowed_file, upload_folder
-from danqing.server.ui_i18n import LANGUAGES, pick_js, t
+from danqing.server.ui_i18n import LANGUAGES, pick_js, t, table
 
 MERGE_METHODS = ("weighted-sum", "add-difference")
 QUEUE_COLUMNS = ["id", "status", "kind", "source", "prompt", "ahead"]
@@ -127,7 +127,7 @@ def train_tab(gr) -> None:
 
 def queue_tab(gr, state, demo) -> None:
     """The job store's jobs, newest first: queued, running and finished; cancel one by its id."""
-    table = gr.Dataframe(headers=QUEUE_COLUMNS, value=None, interactive=False, wrap=True,
+    grid = gr.Dataframe(headers=QUEUE_COLUMNS, value=None, interactive=False, wrap=True,
                          elem_id="queue_table")
     with gr.Row():
         refresh = gr.Button(t("Refresh"), elem_id="queue_refresh", scale=0)
@@ -135,7 +135,12 @@ def queue_tab(gr, state, demo) -> None:
         cancel = gr.Button(t("Cancel job"), variant="stop", elem_id="queue_cancel", scale=0)
     note = gr.Markdown("", elem_id="queue_status")
 
-    def rows():
+    def rows(request: gr.Request):
+        """The table, its headers in the browser's language (Gradio translates no table headers)."""
+        zh = table()["zh-CN"] if "zh" in (request.headers.get("accept-language", "") if request else "")[:8] else {}
+        return {"headers": [zh.get(h, h) for h in QUEUE_COLUMNS], "data": _rows()}
+
+    def _rows():
         out = []
         for job in state.store.history(limit=50):
             ahead = state.store.position(job) if job.status == "queued" else ""
@@ -149,20 +154,20 @@ def queue_tab(gr, state, demo) -> None:
         except (IndexError, KeyError, TypeError):
             return ""
 
-    def do_cancel(jid):
+    def do_cancel(jid, request: gr.Request):
         jid = (jid or "").strip()
         job = state.store.get(jid) if jid else None
         if job is None:
             raise gr.Error(f"job_id: no job {jid!r}; click a row of the table")
         if job.status in TERMINAL:
-            return rows(), f"{jid}: already {job.status}"
+            return rows(request), f"{jid}: already {job.status}"
         job = state.worker.cancel(jid)
-        return rows(), f"{jid}: {job.status if job else 'gone'}"
+        return rows(request), f"{jid}: {job.status if job else 'gone'}"
 
-    refresh.click(rows, outputs=[table])
-    demo.load(rows, outputs=[table])
-    table.select(pick, inputs=[table], outputs=[job_id])
-    cancel.click(do_cancel, inputs=[job_id], outputs=[table, note])
+    refresh.click(rows, outputs=[grid])
+    demo.load(rows, outputs=[grid])
+    grid.select(pick, inputs=[grid], outputs=[job_id])
+    cancel.click(do_cancel, inputs=[job_id], outputs=[grid, note])
 
 
 def history_tab(gr, state, demo) -> dict:
@@ -219,7 +224,8 @@ def settings_tab(gr, state, top: dict, opts) -> None:
     language.input(None, inputs=[language], js=pick_js())
     set_clip = gr.Slider(1, 12, opts["CLIP_stop_at_last_layers"], step=1, label=t("Default clip skip"))
     save = gr.Button(t("Apply settings (checkpoint, VAE, clip skip)"), elem_id="settings_apply")
-    note = gr.Markdown(settings_md(state))
+    gr.Markdown(t("Current defaults:"))
+    note = gr.Markdown(settings_md(state), elem_classes=["dq-data"])
 
     def apply_settings(model_name, vae_name, clip):
         try:
