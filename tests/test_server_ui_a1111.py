@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 from pathlib import Path
 
 import httpx
@@ -181,7 +180,8 @@ def test_the_queue_tab_cancels_a_pending_job(page, live):
         page.get_by_role("tab", name="Queue", exact=True).click()
         page.click("#queue_refresh")
         page.locator(f"#queue_table >> text={pending} >> visible=true").first.click()
-        page.wait_for_function(f"() => document.querySelector('#queue_job_id textarea, #queue_job_id input').value === '{pending}'")
+        page.wait_for_function("(id) => document.querySelector('#queue_job_id textarea, #queue_job_id input').value === id",
+                               arg=pending)
         page.click("#queue_cancel")
         page.wait_for_function("() => document.querySelector('#queue_status').innerText.includes('cancelled')")
         assert httpx.get(f"{live.url}/api/v1/jobs/{pending}").json()["status"] == "cancelled"
@@ -217,20 +217,28 @@ def test_a_chinese_browser_reads_every_label_in_chinese(browser, live):
         page.context.close()
 
 
-def test_every_label_of_the_ui_is_in_the_table():
-    """The translation table covers every key the UI uses (the keys are read from the built page)."""
-    from danqing.server.ui_i18n import keys_in, table
-    from server_helpers import shared_studio  # noqa: F401 -- the studio is shared with the live server
+def test_the_language_picked_in_settings_wins_over_the_browser(browser, live):
+    page = open_page(browser, live, "en-US")
+    try:
+        assert page.locator("#txt2img_generate").inner_text().strip() == "Generate"
+        page.get_by_role("tab", name="Settings", exact=True).click()
+        page.locator("#settings_language").get_by_text("简体中文").click()  # stored, then the page reloads
+        page.wait_for_function("() => document.querySelector('#txt2img_generate')?.innerText.trim() === '生成'")
+        page.reload()
+        page.wait_for_function("() => document.querySelector('#txt2img_generate')?.innerText.trim() === '生成'")
+    finally:
+        page.context.close()
 
+
+def test_every_label_of_the_ui_is_in_the_table(tmp_path, monkeypatch):
+    """The translation table covers every key the UI uses (the keys are read from the built page)."""
     import danqing.server.ui as ui
+    from danqing.server.ui_i18n import keys_in, table
 
     captured = {}
     real = ui.build_ui
-    try:
-        ui.build_ui = lambda state: captured.setdefault("demo", real(state))
-        make_app(Path(os.environ.get("TMPDIR", "/tmp")) / "ui-i18n-home", ui=True)
-    finally:
-        ui.build_ui = real
+    monkeypatch.setattr(ui, "build_ui", lambda state: captured.setdefault("demo", real(state)))
+    make_app(tmp_path, ui=True)
     keys = keys_in(captured["demo"].config)
     zh = table()["zh-CN"]
     assert len(keys) > 100
