@@ -17,7 +17,7 @@ from danqing.server.gradio_import import gradio
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
-from danqing.server.ui_i18n import HEAD, i18n, keys_in, t
+from danqing.server.ui_i18n import i18n, keys_in, t
 from danqing.server.ui_tools import (extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab,
                                      train_tab)
 
@@ -37,8 +37,8 @@ def mount_ui(app, state):
 
     demo = build_ui(state)
     app = gr.mount_gradio_app(app, demo, path="/", max_file_size=state.server.max_upload_bytes,
-                              ssr_mode=False, footer_links=[], i18n=i18n(keys_in(demo.config)), css=CSS,
-                              head=HEAD, **path_rules(state.settings))
+                              ssr_mode=False, footer_links=["settings"], i18n=i18n(keys_in(demo.config)),
+                              css=CSS, **path_rules(state.settings))
     app.add_middleware(UIFileGuard, outputs_dir=state.settings.outputs_dir)
     return app
 

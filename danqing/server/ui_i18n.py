@@ -3,8 +3,7 @@
 Every label, button, tab and note of the UI is written in English and wrapped in ``t(...)``;
 the English text is the key, and the table maps each key to its Chinese. Gradio translates in
 the browser (``gr.I18n``): the page follows the browser's language, or the language picked in
-the Settings tab (kept in the browser's ``localStorage`` and applied before Gradio starts).
-CLI messages stay English.
+Gradio's settings panel (the "Settings" link under the page). CLI messages stay English.
 """
 
 from __future__ import annotations
@@ -14,20 +13,6 @@ import json
 from importlib import resources
 
 TABLE = "data/ui_i18n.json"
-LANGUAGES = {"Automatic (browser)": "", "English": "en", "简体中文": "zh-CN"}  # Settings choice -> locale
-STORAGE_KEY = "danqing-ui-language"
-
-# Runs in <head> before Gradio reads navigator.language: a language picked in Settings wins.
-HEAD = ("<script>(() => { try { const l = localStorage.getItem('%s'); if (l) {"
-        " Object.defineProperty(navigator, 'language', {get: () => l, configurable: true});"
-        " Object.defineProperty(navigator, 'languages', {get: () => [l], configurable: true}); } } catch (e) {} })();"
-        "</script>") % STORAGE_KEY
-# The Settings radio: store the choice and reload so Gradio starts in that language.
-PICK_JS = ("(choice) => { const m = %s; const l = m[choice] ?? '';"
-           " if (l) localStorage.setItem('%s', l); else localStorage.removeItem('%s');"
-           " location.reload(); return choice; }")
-
-
 @functools.lru_cache(maxsize=1)
 def table() -> dict[str, dict[str, str]]:
     """{locale: {English text: translation}} from ``data/ui_i18n.json``."""
@@ -52,10 +37,6 @@ def i18n(keys: set[str]):
     english = {k: k for k in keys}
     chinese = {k: zh.get(k, k) for k in keys}
     return I18n(en=english, **{"zh-CN": chinese, "zh": chinese})
-
-
-def pick_js() -> str:
-    return PICK_JS % (json.dumps(LANGUAGES, ensure_ascii=False), STORAGE_KEY, STORAGE_KEY)
 
 
 def keys_in(config) -> set[str]:

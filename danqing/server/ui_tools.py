@@ -16,7 +16,7 @@ from danqing.server.common import infotext_of_image
 from danqing.server.security import open_image
 from danqing.server.store import TERMINAL
 from danqing.server.ui_files import REFUSED, allowed_file, upload_folder
-from danqing.server.ui_i18n import LANGUAGES, pick_js, t, table
+from danqing.server.ui_i18n import t, table
 
 MERGE_METHODS = ("weighted-sum", "add-difference")
 QUEUE_COLUMNS = ["id", "status", "kind", "source", "prompt", "ahead"]
@@ -219,9 +219,6 @@ def png_info_tab(gr, state) -> None:
 
 
 def settings_tab(gr, state, top: dict, opts) -> None:
-    language = gr.Radio(list(LANGUAGES), value=None, label=t("Language of the UI (reloads the page)"),
-                        elem_id="settings_language")
-    language.input(None, inputs=[language], js=pick_js())
     set_clip = gr.Slider(1, 12, opts["CLIP_stop_at_last_layers"], step=1, label=t("Default clip skip"))
     save = gr.Button(t("Apply settings (checkpoint, VAE, clip skip)"), elem_id="settings_apply")
     gr.Markdown(t("Current defaults:"))
