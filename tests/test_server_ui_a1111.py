@@ -79,8 +79,10 @@ def wait_done(page, prefix: str) -> None:
     page.wait_for_function(f"() => document.querySelector('#{prefix}_status').innerText.startsWith('done')"
                            " || document.querySelector('.toast-body')")
     assert not page.locator(".toast-body").count(), page.locator(".toast-body").first.inner_text()
+    # The saved pictures (NNNNN-SEED.png), not the last live preview, loaded.
     page.wait_for_function(f"() => {{ const i = [...document.querySelectorAll('#{prefix}_gallery img')];"
-                           " return i.length && i.every(x => x.complete && x.naturalWidth > 0 && !x.src.startsWith('data:')); }")
+                           " return i.length && i.every(x => x.complete && x.naturalWidth > 0"
+                           " && /\\/\\d{5}-\\d+\\.png$/.test(x.src)); }")
 
 
 # Every box between the picture and its gallery that clips (overflow not visible) holds it whole.
@@ -126,7 +128,7 @@ def test_a_mask_painted_with_the_brush_inpaints_only_there(page, live, tmp_path)
     page.get_by_role("tab", name="img2img", exact=True).click()
     page.get_by_role("tab", name="Inpaint", exact=True).click()
     page.locator("#img2img_inpaint input[type=file]").set_input_files(str(tmp_path / "init.png"))
-    page.wait_for_timeout(3000)  # the editor draws the uploaded picture as its background (no event tells when)
+    page.wait_for_timeout(1000)  # the editor draws the uploaded picture as its background
     page.locator("#img2img_inpaint button[aria-label=Brush]").click()
     box = page.locator("#img2img_inpaint canvas").first.bounding_box()
     # The picture is drawn centred on the canvas at the zoom the editor shows ("450%").
