@@ -6,7 +6,7 @@ option at its default strength, scores every picture with the shapes evaluator a
 option's summary, its change against the plain run and its time ratio, all in the same run.
 Not a test: the numbers go to docs/benchmarks.md.
 
-    .venv/bin/python bench/speedups_quality.py [--n 32] [--lang en] [--threads 1]
+    .venv/bin/python bench/speedups_quality.py [--n 32] [--lang en] [--threads 1] [--deepcache 2] [--tome 0.3]
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--lang", default="en")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--deepcache", type=int, default=DEFAULT_DEEPCACHE_INTERVAL)
+    ap.add_argument("--tome", type=float, default=DEFAULT_TOME_RATIO)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
-    variants = {"plain": {}, f"deepcache {DEFAULT_DEEPCACHE_INTERVAL}": {"deepcache_interval": DEFAULT_DEEPCACHE_INTERVAL},
-                f"tome {DEFAULT_TOME_RATIO}": {"tome_ratio": DEFAULT_TOME_RATIO}}
+    variants = {"plain": {}, f"deepcache {args.deepcache}": {"deepcache_interval": args.deepcache},
+                f"tome {args.tome:g}": {"tome_ratio": args.tome}}
     scores = {k: [] for k in variants}
     seconds = {k: 0.0 for k in variants}
     scenes = eval_scenes(args.n)

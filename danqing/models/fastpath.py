@@ -216,3 +216,30 @@ def applied(comps, fast: FastPath, device) -> Iterator[None]:
             if when(fast):
                 stack.enter_context(make(comps, fast, device))
         yield
+
+
+FLAGS = {"channels-last": "channels_last", "fuse-qkv": "fuse_qkv", "vae-slicing": "vae_slicing",
+         "vae-tiling": "vae_tiling"}  # --fast NAME (on/off options)
+VALUED = {"sdpa": "sdpa", "compile": "compile"}  # --fast NAME=VALUE
+FAST_HELP = ("Fast path option, repeatable: channels-last, fuse-qkv, vae-slicing, vae-tiling, sdpa=auto|flash|efficient|"
+             "cudnn|math, compile=default|reduce-overhead|max-autotune (docs/benchmarks.md) [default: none]")
+
+
+def fast_path_from(options: list[str] = (), *, medvram: bool = False, lowvram: bool = False) -> FastPath:
+    """The ``FastPath`` of the command line's ``--fast`` options and A1111's ``--medvram`` /
+    ``--lowvram``; an unknown option is an ``InvalidRequest`` listing the known ones."""
+    values: dict[str, object] = {}
+    for option in options:
+        name, sep, value = option.strip().partition("=")
+        if not sep and name in FLAGS:
+            values[FLAGS[name]] = True
+        elif sep and name in VALUED:
+            values[VALUED[name]] = value
+        else:
+            raise InvalidRequest("fast", f"unknown fast-path option {option!r}; known: {', '.join(FLAGS)}, "
+                                 f"{', '.join(f'{k}=...' for k in VALUED)}")
+    if medvram and lowvram:
+        raise InvalidRequest("lowvram", "give --medvram or --lowvram, not both")
+    if medvram or lowvram:
+        values["offload"] = "sequential" if lowvram else "model"
+    return FastPath(**values)
