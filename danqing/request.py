@@ -200,9 +200,9 @@ class GenerationRequest(BaseModel):
             the only one installed).
     Speed options that change the picture a little (docs/sampling.md, SD1/SD2/SDXL UNets):
         deepcache_interval: DeepCache: the whole UNet every N model evaluations, the shallow
-            branch on kept deep features between; 0 or 1 = off, 3 = ``--deepcache``.
+            branch on kept deep features between; 0 or 1 = off; 2 is the usual strength at 20 steps.
         tome_ratio: ToMe token merging: the fraction of tokens merged before self-attention in
-            the highest-resolution attention layers (``tomesd``); 0 = off, 0.5 = ``--tome``.
+            the highest-resolution attention layers (``tomesd``); 0 = off; 0.5 is tomesd's default.
     ControlNet (Zhang et al. 2023) and T2I-Adapter (docs/control.md):
         controlnet: units (``ControlUnit``: model, image,
             preprocessor, weight, guidance start/end, control mode, resize mode, pixel perfect,

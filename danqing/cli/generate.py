@@ -60,7 +60,7 @@ def generate(
     region_mode: Optional[str] = typer.Option(None, help="Regional prompting: Columns, Rows or Mask [default: Columns]."),
     region_mask: Optional[list[str]] = typer.Option(None, "--region-mask", help="Regional prompting, Mask mode: one mask picture per region, white = the region (repeat) [default: none]."),
     base_ratio: Optional[str] = typer.Option(None, help="Regional prompting: the base prompt's share in each region, 0-1 (one, or one per region) [default: 0.2]."),
-    deepcache: Optional[int] = typer.Option(None, help="DeepCache: run the whole UNet every N model evaluations, the shallow branch between (0 = off; 3 is the usual strength; changes the picture a little) [default: 0]."),
+    deepcache: Optional[int] = typer.Option(None, help="DeepCache: run the whole UNet every N model evaluations, the shallow branch between (0 = off; 2 is the usual strength at 20 steps; changes the picture a little) [default: 0]."),
     tome: Optional[float] = typer.Option(None, help="ToMe token merging: fraction of tokens merged, 0-0.75 (0 = off; 0.5 is the usual strength; changes the picture a little) [default: 0]."),
     fast: list[str] = typer.Option([], "--fast", help=FAST_HELP + "."),
     medvram: bool = typer.Option(False, "--medvram", help="CUDA: move each model to the GPU only while it runs (model CPU offload) [default: off]."),
