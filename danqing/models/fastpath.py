@@ -87,7 +87,7 @@ class FastPath:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(plain, f.name)}
 
 
-def check_device(fast: FastPath, device: torch.device) -> None:
+def check_device(fast: FastPath, device) -> None:
     """Refuse options the device cannot run, in one line naming the option."""
     if device.type != "cuda" and fast.offload != "none":
         flag = {"model": "--medvram", "sequential": "--lowvram"}[fast.offload]
