@@ -499,7 +499,7 @@ def _one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> Inv
 # what a video request cannot do yet (each a field of GenerationRequest and its unset value)
 VIDEO_UNSUPPORTED = {"init_image": None, "mask": None, "enable_hr": False, "refiner_checkpoint": None,
                      "p2p_source": None, "ip_adapter_image": (), "controlnet": (), "regions": None,
-                     "restore_faces": False}
+                     "restore_faces": False, "deepcache_interval": 0, "tome_ratio": 0.0}
 
 
 class VideoRequest(GenerationRequest):
