@@ -122,7 +122,7 @@ def test_deepcache_shallow_branch_is_exact_on_its_own_features(tiny_components, 
     added = None
     if model == "tiny-sdxl":
         added = {"text_embeds": torch.randn(2, unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim,
-                                            generator=g), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2.0)}
+                                            generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     kept = {}
     hook = unet.up_blocks[-1].register_forward_pre_hook(lambda m, a, kw: kept.update(h=kw["hidden_states"]),
                                                         with_kwargs=True)
@@ -150,7 +150,7 @@ def test_deepcache_and_tome_are_request_options(fast_studio):
     assert torch.equal(fast_studio.generate(request.replace(deepcache_interval=3)).latents[0], cached.latents[0])
     assert torch.equal(fast_studio.generate(request.replace(tome_ratio=0.5)).latents[0], merged.latents[0])
     with pytest.raises(InvalidRequest, match="tome_ratio"):
-        GenerationRequest(tome_ratio=0.9)
+        GenerationRequest.create(tome_ratio=0.9)
 
 
 def test_deepcache_skips_the_deep_blocks(tiny_components):
