@@ -8,6 +8,8 @@ test: numbers go to docs/benchmarks.md with the machine.
     .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64   # the bundled model
     .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64 --sampler LCM --steps 4 --cfg 1
         # few-step sampling with the CFG-1 fast path (one UNet branch, no negative prompt encoded)
+    .venv/bin/python bench/txt2img_cpu.py --model danqing-tiny --size 64 --threads 1 --deepcache 2 \
+        --fast channels-last --fast sdpa=flash   # the fast path and DeepCache against stock diffusers
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ def main() -> None:
     ap.add_argument("--sampler", default="DPM++ 2M")
     ap.add_argument("--cfg", type=float, default=7.0, help="CFG scale; 1 runs one UNet branch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--fast", action="append", default=[], help="a fast-path option (danqing generate --fast)")
+    ap.add_argument("--deepcache", type=int, default=0, help="DeepCache interval (0 = off)")
+    ap.add_argument("--tome", type=float, default=0.0, help="ToMe ratio (0 = off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
 
-    studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
+    from danqing.models.fastpath import fast_path_from
+
+    fast = fast_path_from(args.fast)
+    studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32", fast=fast))
     req = GenerationRequest(prompt="a red circle left of a blue star", negative_prompt="blurry", steps=args.steps,
                             width=args.size, height=args.size, seed=1, sampler=args.sampler, cfg_scale=args.cfg,
-                            model=args.model)
+                            model=args.model, deepcache_interval=args.deepcache, tome_ratio=args.tome)
     studio.generate(req.replace(steps=2))  # warm-up + model load
     comps = studio.models.load(args.model).components
 
@@ -71,11 +79,14 @@ def main() -> None:
     n_params = sum(p.numel() for m in comps.modules().values() for p in m.parameters())
     print(f"model: {args.model} (SD1 architecture, {n_params / 1e6:.1f} M parameters), {args.size}x{args.size}, "
           f"{args.steps} steps, {args.sampler}, CFG {args.cfg:g}")
+    print(f"danqing options : fast path {fast.changed() or 'plain'}, DeepCache {args.deepcache or 'off'}, "
+          f"ToMe {args.tome or 'off'}")
     print(f"danqing total   : {med(ours_t, 'total'):.3f} s (median of {args.repeats})")
     for k in ("sample", "decode"):  # "sample" includes text conditioning
         print(f"  {k:14s}: {med(ours_t, k):.3f} s")
     print(f"diffusers total : {med(ref_t, 'total'):.3f} s (baseline, same run)")
-    print(f"ratio danqing / diffusers: {med(ours_t, 'total') / med(ref_t, 'total'):.3f}")
+    print(f"ratio danqing / diffusers: {med(ours_t, 'total') / med(ref_t, 'total'):.3f} "
+          f"(speed-up {med(ref_t, 'total') / med(ours_t, 'total'):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "p2p_features": (0.0, 1.0, "a fraction of the steps between 0 and 1"),
     "null_text_iterations": (0, 100, "between 0 (plain DDIM inversion) and 100"),
     "ip_adapter_weight": (0.0, 2.0, "between 0 (no effect) and 2"),
+    "deepcache_interval": (0, 10, "between 0 (off) and 10 (1 = off; N = the whole UNet every N evaluations)"),
+    "tome_ratio": (0.0, 0.75, "between 0 (off) and 0.75"),
     # video request
     "frames": (1, 128, "between 1 and 128"),
     "fps": (1, 60, "between 1 and 60 frames per second"),
@@ -196,6 +198,11 @@ class GenerationRequest(BaseModel):
         ip_adapter_weight: its scale, 0 (no effect) to 2.
         ip_adapter_encoder: the CLIP vision encoder folder in ``models/clip_vision/`` (None =
             the only one installed).
+    Speed options that change the picture a little (docs/sampling.md, SD1/SD2/SDXL UNets):
+        deepcache_interval: DeepCache: the whole UNet every N model evaluations, the shallow
+            branch on kept deep features between; 0 or 1 = off; 2 is the usual strength at 20 steps.
+        tome_ratio: ToMe token merging: the fraction of tokens merged before self-attention in
+            the highest-resolution attention layers (``tomesd``); 0 = off; 0.5 is tomesd's default.
     ControlNet (Zhang et al. 2023) and T2I-Adapter (docs/control.md):
         controlnet: units (``ControlUnit``: model, image,
             preprocessor, weight, guidance start/end, control mode, resize mode, pixel perfect,
@@ -272,12 +279,17 @@ class GenerationRequest(BaseModel):
     # guidance embedding; None = 3.5) and "Shift" (a static timestep shift; None = the model's)
     distilled_cfg_scale: float | None = None
     shift: float | None = None
+    # speed options that change the picture a little (customise/speedups.py, docs/sampling.md):
+    # DeepCache (the whole UNet every N evaluations; 0/1 = off) and ToMe token merging
+    deepcache_interval: int = 0
+    tome_ratio: float = 0.0
 
     # -- validation: one clear line per field ---------------------------------------------
     _ranges = field_validator("steps", "cfg_scale", "seed", "subseed", "subseed_strength", "batch_size", "batch_count",
                               "clip_skip", "denoising_strength", "image_cfg_scale", "mask_blur",
                               "inpaint_full_res_padding", "hr_scale", "hr_second_pass_steps", "p2p_features",
-                              "null_text_iterations", "ip_adapter_weight")(in_range)
+                              "null_text_iterations", "ip_adapter_weight", "deepcache_interval",
+                              "tome_ratio")(in_range)
 
     @field_validator("distilled_cfg_scale", "shift")
     @classmethod
@@ -487,7 +499,7 @@ def _one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> Inv
 # what a video request cannot do yet (each a field of GenerationRequest and its unset value)
 VIDEO_UNSUPPORTED = {"init_image": None, "mask": None, "enable_hr": False, "refiner_checkpoint": None,
                      "p2p_source": None, "ip_adapter_image": (), "controlnet": (), "regions": None,
-                     "restore_faces": False}
+                     "restore_faces": False, "deepcache_interval": 0, "tome_ratio": 0.0}
 
 
 class VideoRequest(GenerationRequest):

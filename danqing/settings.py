@@ -9,6 +9,7 @@ from pathlib import Path
 
 from danqing.conditioning.prompt_limits import PARSER_MAX_DEPTH
 from danqing.errors import InvalidRequest
+from danqing.models.fastpath import FastPath
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -48,6 +49,8 @@ class Settings:
             (default ``home/danqing.sqlite3``).
         db_url: a ``postgresql://user:password@host/dbname`` job store shared by several servers;
             when given it is used instead of ``db_path`` (docs/scale.md).
+        fast: the fast-path options (channels-last, attention kernel, compile, fused QKV, VAE
+            slicing/tiling, offload; ``models.fastpath.FastPath``, docs/benchmarks.md).
     """
 
     home: Path = field(default_factory=lambda: Path.cwd())
@@ -58,6 +61,7 @@ class Settings:
     default_model: str = "danqing-tiny"
     db_path: Path | None = None
     db_url: str | None = None
+    fast: FastPath = field(default_factory=FastPath)
 
     def __post_init__(self):
         home = Path(self.home).expanduser()

@@ -22,6 +22,7 @@ from danqing.conditioning.regions import region_plan
 from danqing.conditioning.schedule import ConditioningContext, prompt_texts
 from danqing.customise import ip_adapter as ipa
 from danqing.customise.embeddings import EmbeddingLibrary, ti_hashes
+from danqing.customise.speedups import request_speedups
 from danqing.customise.lora import NetworkCache, activate, patched, request_tags
 from danqing.editing import hires
 from danqing.editing.faces import restore_faces
@@ -90,7 +91,7 @@ class Studio:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
         self.registry = Registry(self.settings.models_dir)
-        self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype)
+        self.models = ModelManager(self.registry, self.settings.device, self.settings.dtype, fast=self.settings.fast)
         self.networks = NetworkCache()
         self.embeddings = EmbeddingLibrary(self.registry)
         self.ip_adapters = ipa.IPAdapterLibrary(self.registry, self.models)
@@ -144,6 +145,9 @@ class Studio:
             control = self._control(request, loaded, mask, crop=control_crop(request, init, mask))
         timings["load"] = time.perf_counter() - t0
         with patched(loaded.components, networks), contextlib.ExitStack() as scope:
+            # 2a. the fast path (settings) and the request's speed options, undone when the scope ends
+            scope.enter_context(self.models.fast_path(loaded.components))
+            scope.enter_context(request_speedups(loaded.components.unet, request))
             # 2b. customise: the request's embeddings and image prompt, handed to the passes.
             request, context, custom = self._customise(request, loaded, networks, scope, ip_images)
             custom["control_hashes"] = control.hashes if control is not None else None
@@ -176,6 +180,8 @@ class Studio:
         loaded = self.models.load(requests[0].model, requests[0].vae)
         timings = {"load": time.perf_counter() - t0}
         with contextlib.ExitStack() as scope:
+            scope.enter_context(self.models.fast_path(loaded.components))
+            scope.enter_context(request_speedups(loaded.components.unet, requests[0]))
             prepared = [self._customise(r, loaded, [], scope, []) for r in requests]
             t = time.perf_counter()
             outs = run_txt2img_joint(loaded.components, [p[0] for p in prepared], device=self.models.device,

@@ -9,6 +9,7 @@ import typer
 
 from danqing.cli.common import announce_device, app, check_device
 from danqing.errors import InvalidRequest
+from danqing.models.fastpath import FAST_HELP, fast_path_from
 from danqing.settings import ServerSettings, limits_from
 
 
@@ -31,6 +32,9 @@ def serve(
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also accept this name in the Host header (besides localhost and --host); repeatable [default: none]."),
     batch: int = typer.Option(1, "--batch", min=1, max=64, help="Batched serving: run up to N images of compatible queued requests as one UNet batch (1 = off; docs/api.md) [default: 1]."),
     batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", min=0, max=10_000, help="Longest wait for compatible requests to join a batch, in ms [default: 50]."),
+    fast: list[str] = typer.Option([], "--fast", help=FAST_HELP + "."),
+    medvram: bool = typer.Option(False, "--medvram", help="CUDA: move each model to the GPU only while it runs (model CPU offload) [default: off]."),
+    lowvram: bool = typer.Option(False, "--lowvram", help="CUDA: stream each layer to the GPU when it runs (sequential CPU offload; slowest, least memory) [default: off]."),
     limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable. Also DANQING_<NAME> [default: none]."),
 ):
     """Serve the A1111-compatible API (/sdapi/v1), the job API (/api/v1) and the web UI (/)."""
@@ -52,6 +56,7 @@ def serve(
     if not server.is_local and not api_auth:
         raise InvalidRequest("listen", f"refusing to listen on {host} without --api-auth user:password")
     settings = ctx.obj if db is None else ctx.obj.with_(db_path=db)
+    settings = settings.with_(fast=fast_path_from(fast, medvram=medvram, lowvram=lowvram))
     if db_url:
         settings = settings.with_(db_url=db_url)
     check_device(settings.device)

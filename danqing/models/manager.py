@@ -14,6 +14,7 @@ import torch
 from danqing.cache import LRUCache, file_key
 from danqing.models.components import Components
 from danqing.models.control import load_control_model
+from danqing.models.fastpath import FastPath, applied
 from danqing.models.loader import load_components, load_vae
 from danqing.models.registry import ModelEntry, Registry
 from danqing.models.upscalers import load_descriptor
@@ -78,12 +79,15 @@ class ModelManager:
         registry: the models-folder registry.
         device: "auto" or a torch device string; dtype: "auto", "fp32", "fp16" or "bf16".
         capacity: how many (checkpoint, VAE) pairs stay loaded.
+        fast: the fast-path options (``models.fastpath.FastPath``), applied per request by ``fast_path``.
     """
 
-    def __init__(self, registry: Registry, device: str = "auto", dtype: str = "auto", capacity: int = 1):
+    def __init__(self, registry: Registry, device: str = "auto", dtype: str = "auto", capacity: int = 1,
+                 fast: FastPath | None = None):
         self.registry = registry
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        self.fast = fast or FastPath()
         self.capacity = capacity
         self._cache: LRUCache[LoadedModel] = LRUCache(capacity, on_evict=self._evicted)
         self._controls: LRUCache[LoadedControl] = LRUCache(4)
@@ -155,6 +159,11 @@ class ModelManager:
                 module.to(dtype=self.dtype)
         if self.dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
             comps.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16
+
+    def fast_path(self, comps: Components):
+        """A context with the fast-path options on for ``comps`` (loaded here), all undone when
+        it closes (``models.fastpath.applied``)."""
+        return applied(comps, self.fast, self.device)
 
     def place_module(self, module) -> None:
         """Put an auxiliary module (an IP-Adapter image encoder, ...) on the manager's device

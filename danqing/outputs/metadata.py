@@ -8,6 +8,7 @@ import re
 from danqing.errors import ImageError, InvalidRequest
 from danqing.outputs.infotext import format_infotext, parse_infotext, split_legacy_sampler
 from danqing.conditioning.regions import region_fields, region_params
+from danqing.customise.speedups import speed_fields, speed_params
 from danqing.request import GenerationRequest
 from danqing.sampling.flow import FLOW_FAMILIES
 from danqing.sampling.samplers import resolve_schedule, samplers, schedule_names
@@ -72,6 +73,7 @@ def request_infotext(
     from danqing.customise.ip_adapter import ip_adapter_params
 
     params.update(ip_adapter_params(request, ip_adapter_hash))
+    params.update(speed_params(request))
     params.update(extra_params or {})
     params.update(region_params(request.regions))
     params["Version"] = VERSION
@@ -278,6 +280,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
         from danqing.customise.ip_adapter import ip_adapter_fields
 
         fields.update(ip_adapter_fields(params))
+        fields.update(speed_fields(params))
         fields.update(region_fields(params))
         if params.get("Face restoration"):
             fields["restore_faces"] = True
