@@ -531,7 +531,6 @@ FLOW_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "regions": (lambda r: r.regions is not None, "regional prompting"),
     "p2p_source": (lambda r: r.p2p_source is not None, "Prompt-to-Prompt"),
     "refiner_checkpoint": (lambda r: r.refiner_checkpoint is not None, "a refiner"),
-    "prompt": (lambda r: "<lora:" in r.prompt or "<lyco:" in r.prompt, "LoRA tags"),
 }
 FLUX_SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 packing
 

@@ -134,3 +134,164 @@ def test_flux_img2img_infotext_recreates(studio, tmp_path):
     assert "Denoising strength: 0.5" in text and "Distilled CFG Scale: 3.5" in text and "Init image:" in text
     again = studio.generate(request_from_infotext(text))
     assert again.images[0].tobytes() == result.images[0].tobytes()
+
+
+# -- LoRA: <lora:name:w> on the transformer ----------------------------------------------------------
+RANK = 4
+
+
+def _random_lora(comps, seed: int, pattern: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA (``transformer.<module>.lora_A/B.weight``) of rank 4 on every
+    transformer Linear whose name ends with one of ``pattern``; factors large enough to move
+    the picture (no alpha: scale 1, as diffusers/peft read it)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in comps.unet.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith(pattern):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(RANK, mod.in_features, generator=g) * 0.2
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, RANK, generator=g) * 0.2
+    return sd
+
+
+def _lora_reference(comps, request, path, weight: float):
+    """diffusers' pipeline with ``load_lora_weights`` (peft) on a copy of the transformer, scaled
+    by ``joint_attention_kwargs={"scale": weight}``."""
+    import copy
+    import dataclasses
+
+    from danqing.conditioning.prompt_parser import strip_extra_networks
+
+    prompt = strip_extra_networks(request.prompt)[0]
+    copied = dataclasses.replace(comps, unet=copy.deepcopy(comps.unet))
+    from danqing.sampling.samplers import make_scheduler
+
+    pipe = _pipe(copied, "txt2img", make_scheduler(comps.scheduler_config, request.sampler, request.schedule))
+    pipe.load_lora_weights(str(path))
+    generator = [torch.Generator("cpu").manual_seed(request.seed)]
+    common = dict(prompt=prompt, num_inference_steps=request.steps, height=request.height, width=request.width,
+                  generator=generator, output_type="latent", joint_attention_kwargs={"scale": weight})
+    with torch.no_grad():
+        if comps.family == "sd3":
+            return pipe(negative_prompt=request.negative_prompt, guidance_scale=request.cfg_scale, **common).images
+        out = pipe(guidance_scale=request.distilled_cfg_scale, **common).images
+    return pipe._unpack_latents(out, request.height, request.width, pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_diffusers_format_lora_matches_load_lora_weights(studio, family):
+    from safetensors.torch import save_file
+
+    comps = studio.models.load(f"tiny-{family}").components
+    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    path = studio.registry.folder("lora") / f"{family}-attn.safetensors"
+    save_file(_random_lora(comps, 7, ("to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "ff.net.0.proj")), str(path))
+    request = GenerationRequest(prompt=f"{PROMPT} <lora:{family}-attn:0.7>", sampler="Euler", steps=3, seed=12,
+                                width=SIZE, height=SIZE, cfg_scale=1.0, model=f"tiny-{family}")
+    result = studio.generate(request)
+    assert "Lora hashes:" in result.infotexts[0]
+    ref = _lora_reference(comps, result.request, path, 0.7)
+    assert_close_scaled(result.latents[0], ref, what=f"{family} LoRA")
+    plain = studio.generate(request.replace(prompt=PROMPT))
+    assert float((plain.latents[0] - result.latents[0]).abs().max()) > 1e-2  # the LoRA is applied
+    # patched for the request only: the transformer is bit-identical afterwards
+    assert all(torch.equal(v, comps.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_lora_tag_equals_the_weights_merged(studio):
+    """``<lora:x:0.6>`` draws what the checkpoint with W + 0.6 B A merged draws (merged here by
+    hand, saved as another model)."""
+    import copy
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from danqing.models.loader import save_diffusers_folder
+
+    comps = studio.models.load("tiny-flux").components
+    sd = _random_lora(comps, 8, ("attn.to_q", "attn.to_v", "attn.to_add_out", "norm1.linear", "proj_out"))
+    save_file(sd, str(studio.registry.folder("lora") / "flux-merge.safetensors"))
+    merged = copy.deepcopy(comps.unet)
+    with torch.no_grad():
+        for key, a in sd.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                b = sd[key.replace("lora_A", "lora_B")]
+                merged.get_submodule(name).weight += 0.6 * (b @ a)
+    save_diffusers_folder(dataclasses.replace(comps, unet=merged),
+                          studio.registry.folder("checkpoint") / "tiny-flux-merged")
+    request = GenerationRequest(prompt=PROMPT, sampler="Euler", steps=3, seed=3, width=SIZE, height=SIZE,
+                                cfg_scale=1.0)
+    tagged = studio.generate(request.replace(prompt=f"{PROMPT} <lora:flux-merge:0.6>", model="tiny-flux"))
+    baked = studio.generate(request.replace(model="tiny-flux-merged"))
+    assert_close_scaled(tagged.latents[0], baked.latents[0], rtol=1e-5, what="tag vs merged")
+
+
+def _to_kohya(sd: dict[str, torch.Tensor], config: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """The diffusers-format LoRA ``sd`` in sd-scripts' FLUX layout: original module names, the
+    q/k/v (and single blocks' q/k/v/mlp) parts stacked into one up over one shared down, the
+    AdaLN output halves swapped; ``alpha`` stored (the ups scaled by rank / alpha to keep dW)."""
+    from danqing.models.flow_files import flux_rules
+
+    out = {}
+    for orig, diff, how, full in flux_rules(config):
+        if full or f"transformer.{diff[0]}.lora_A.weight" not in sd:
+            continue
+        downs = [sd[f"transformer.{d}.lora_A.weight"] for d in diff]
+        assert all(torch.equal(downs[0], d) for d in downs)  # one shared down per fused module
+        up = torch.cat([sd[f"transformer.{d}.lora_B.weight"] for d in diff]) * (RANK / alpha)
+        if how == "swap":
+            up = torch.cat(up.chunk(2)[::-1])
+        key = "lora_unet_" + orig.replace(".", "_")
+        out.update({f"{key}.lora_down.weight": downs[0].clone(), f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": torch.tensor(alpha)})
+    return out
+
+
+def test_kohya_flux_lora_reads_as_its_diffusers_twin_and_matches_diffusers(studio):
+    """An sd-scripts FLUX LoRA (``lora_unet_double_blocks_0_img_attn_qkv``: fused q/k/v over one
+    down, ``single_blocks_0_linear1``: q/k/v/mlp, ``final_layer_adaLN_modulation_1``: halves
+    swapped) draws what its diffusers-format twin draws; on the double blocks (diffusers'
+    converter splits linear1 at the released width only) it matches ``load_lora_weights``."""
+    from safetensors.torch import save_file
+
+    comps = studio.models.load("tiny-flux").components
+    config = dict(comps.unet.config)
+    g = torch.Generator().manual_seed(9)
+    twin = {}
+    for name, mod in comps.unet.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        twin[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, RANK, generator=g) * 0.2
+    downs: dict[int, torch.Tensor] = {}  # the fused modules share one down (by input width)
+    for key in [k for k in twin]:
+        mod = comps.unet.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_B.weight"))
+        twin[key.replace("lora_B", "lora_A")] = downs.setdefault(
+            mod.in_features, torch.randn(RANK, mod.in_features, generator=g) * 0.2)
+    kohya = _to_kohya(twin, config, alpha=2.0)
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    folder = studio.registry.folder("lora")
+    save_file(kohya, str(folder / "flux-kohya.safetensors"))
+    save_file({k: v.clone() for k, v in twin.items()}, str(folder / "flux-twin.safetensors"))
+    request = GenerationRequest(prompt=PROMPT, sampler="Euler", steps=3, seed=21, width=SIZE, height=SIZE,
+                                cfg_scale=1.0, model="tiny-flux")
+    a = studio.generate(request.replace(prompt=f"{PROMPT} <lora:flux-kohya:0.8>"))
+    b = studio.generate(request.replace(prompt=f"{PROMPT} <lora:flux-twin:0.8>"))
+    assert_close_scaled(a.latents[0], b.latents[0], rtol=1e-5, what="kohya vs diffusers layout")
+    plain = studio.generate(request)
+    assert float((plain.latents[0] - a.latents[0]).abs().max()) > 1e-2
+    double = {k: v for k, v in kohya.items() if "double_blocks" in k}
+    save_file(double, str(folder / "flux-kohya-double.safetensors"))
+    ours = studio.generate(request.replace(prompt=f"{PROMPT} <lora:flux-kohya-double:0.8>"))
+    ref = _lora_reference(comps, ours.request, folder / "flux-kohya-double.safetensors", 0.8)
+    assert_close_scaled(ours.latents[0], ref, what="kohya FLUX LoRA vs load_lora_weights")
+
+
+def test_lora_for_another_family_is_one_line(studio):
+    from safetensors.torch import save_file
+
+    flux = studio.models.load("tiny-flux").components
+    save_file(_random_lora(flux, 1, ("attn.to_q",)), str(studio.registry.folder("lora") / "flux-only.safetensors"))
+    with pytest.raises((IncompatibleModel, InvalidRequest)) as err:
+        studio.generate(GenerationRequest(prompt=f"{PROMPT} <lora:flux-only:1>", steps=2, seed=1, width=SIZE,
+                                          height=SIZE, model="tiny-sd3"))
+    assert "flux-only" in str(err.value) and "the LoRA is for flux" in str(err.value) and "\n" not in str(err.value)
