@@ -16,7 +16,7 @@ from test_flow_families import NEGATIVE, PROMPT, t5_tokenizer
 from danqing import GenerationRequest
 from danqing.errors import CorruptModel
 
-LOW, HIGH, STEPS = 64, 256, 4  # IF's own sizes: 64 -> 256
+LOW, HIGH, STEPS = 64, 256, 3  # IF's own sizes: 64 -> 256
 
 
 def _unet(stage: int):
@@ -106,6 +106,10 @@ def test_if_folder_without_tokenizer_is_named(if_folders, tmp_path):
     import shutil
 
     from danqing.models.cascade_models import load_if_folder
+    from danqing.models.loader import load_diffusers_folder
+
+    with pytest.raises(CorruptModel, match=r"IF-I-tiny: a DeepFloyd IF stage \(if-i\).*run_if"):
+        load_diffusers_folder(if_folders[0])  # not a checkpoint yet: one line, not a half-loaded model
 
     copy = shutil.copytree(if_folders[0], tmp_path / "IF-I-no-tok")
     shutil.rmtree(copy / "tokenizer")
