@@ -152,9 +152,8 @@ def sample(
             (ControlNet's guidance start/end, ``conditioning.control.ControlDenoise``).
         init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
         strength: img2img denoising strength in (0, 1]: as diffusers' img2img pipelines, the
-            last ``int(steps * strength)`` of ``steps`` steps run (flow families: from step
-            ``int(steps - steps * strength)`` on, ``flow.img2img_start``), from the picture
-            noised to the first of them. 1 starts from pure noise.
+            last steps run (``flow.img2img_start``: which, per family), from the picture noised
+            to the first of them. 1 starts from pure noise.
         mask: (B, 1, h, w) latent mask, 1 = repaint. With a 4-channel UNet the area outside it
             is replaced after every step by the init latents noised to the next step's level
             (diffusers' inpaint pipeline, A1111's latent blending).
