@@ -537,26 +537,23 @@ class VideoRequest(GenerationRequest):
 # What the flow-matching families do not take (yet): request field -> (is it set?, what it is).
 # One table, read by ``for_family``; the CLIP-UNet families take everything.
 FLOW_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "init_image": (lambda r: r.init_image is not None, "img2img / inpaint"),
     "enable_hr": (lambda r: r.enable_hr, "hires fix"),
     "controlnet": (lambda r: bool(r.controlnet), "ControlNet / T2I-Adapter units"),
     "ip_adapter_image": (lambda r: bool(r.ip_adapter_image), "an IP-Adapter image prompt"),
     "regions": (lambda r: r.regions is not None, "regional prompting"),
     "p2p_source": (lambda r: r.p2p_source is not None, "Prompt-to-Prompt"),
     "refiner_checkpoint": (lambda r: r.refiner_checkpoint is not None, "a refiner"),
-    "prompt": (lambda r: "<lora:" in r.prompt or "<lyco:" in r.prompt, "LoRA tags"),
 }
 FLUX_SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 packing
 
 
-def for_family(request: "GenerationRequest", family: str, *, init_picture: bool = False) -> "GenerationRequest":
+def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest":
     """The request checked against the model family it runs on, with what the family leaves open
     filled in (FLUX: ``distilled_cfg_scale`` 3.5), so that its infotext reproduces the image.
 
     Raises ``InvalidRequest`` (one line) for an option the family does not take: clip skip,
     Distilled CFG Scale or Shift where they mean nothing, a sampler without a flow-matching
-    counterpart, or a feature not available for SD3 / FLUX yet (``init_picture``: an in-memory
-    init picture is given, i.e. img2img).
+    counterpart, or a feature not available for SD3 / FLUX yet.
     """
     flow = family in FLOW_FAMILIES
     if not flow:
@@ -566,7 +563,7 @@ def for_family(request: "GenerationRequest", family: str, *, init_picture: bool 
                 raise InvalidRequest(name, f"{what}; the model is {family}: leave it unset")
         return request
     for name, (is_set, what) in FLOW_UNSUPPORTED.items():
-        if is_set(request) or (name == "init_image" and init_picture):
+        if is_set(request):
             raise InvalidRequest(name, f"{what} is not available for {family} models yet; unset it")
     get_sampler(request.sampler, flow=True)
     resolve_schedule(request.sampler, request.schedule, flow=True)

@@ -137,7 +137,7 @@ class Studio:
         # and the ControlNet / T2I-Adapter units, checked against the checkpoint.
         tags = request_tags(request)
         loaded = self.models.load(request.model, request.vae)
-        request = for_family(request, loaded.components.family, init_picture=init is not None)  # SD3 / FLUX
+        request = for_family(request, loaded.components.family)  # SD3 / FLUX
         networks = activate(tags, loaded.components, registry=self.registry, model_name=loaded.name,
                             cache=self.networks)
         control = None

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 
 from danqing.errors import CorruptModel
+from danqing.models.components import TRANSFORMER_FAMILIES
+from danqing.models.flow_files import RULES
 from danqing.models.single_file import map_key, unet_prefix_map
 
 UNET_PREFIX = "lora_unet_"
@@ -34,6 +36,13 @@ SUFFIXES = (
     "diff", "diff_b", "on_input", "w_norm", "b_norm",
 )
 BUNDLE_PREFIX = "bundle_emb."
+# The kohya prefixes of each text encoder (component -> prefixes), per family: sd-scripts names
+# SD3's CLIP-L, bigG and T5 lora_te1_ / lora_te2_ / lora_te3_, FLUX's CLIP-L lora_te1_ and its
+# T5 lora_te3_; SD1/SD2 files say lora_te_ (also read on FLUX's single CLIP).
+TEXT_PREFIXES = {
+    "sd3": {"text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",), "text_encoder_3": ("lora_te3_",)},
+    "flux": {"text_encoder": ("lora_te1_", "lora_te_"), "text_encoder_2": ("lora_te3_",)},
+}
 
 
 def text_prefix(component: str, family: str) -> str:
@@ -107,15 +116,26 @@ def _patchable(module) -> bool:
     return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))
 
 
+def _text_prefixes(comps) -> dict[str, tuple[str, ...]]:
+    if comps.family in TEXT_PREFIXES:
+        return TEXT_PREFIXES[comps.family]
+    if comps.text_encoder_2 is not None:
+        return {"text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
+    return {"text_encoder": ("lora_te_", "lora_te1_")}
+
+
 def name_table(comps) -> dict[str, tuple[str, str]]:
     """Every name a file may use for a patchable module -> (component, diffusers module name).
 
     UNet modules are reachable by kohya diffusers-style names, kohya LDM-style names
     (``input_blocks_4_1_...``, what ``unet_key`` writes for SDXL) and peft/diffusers dotted
-    names; text-encoder modules by ``lora_te_``/``lora_te1_``/``lora_te2_`` names and dotted names.
+    names; an SD3 / FLUX transformer (in the "unet" slot) also by diffusers' ``transformer.``
+    names (its original names, fused q/k/v included, are ``fused_table``'s); text-encoder
+    modules by ``lora_te_``/``lora_te1_``/``lora_te2_``/``lora_te3_`` names and dotted names.
     """
     table: dict[str, tuple[str, str]] = {}
-    pairs = unet_prefix_map(dict(comps.unet.config))
+    flow = comps.family in TRANSFORMER_FAMILIES
+    pairs = None if flow else unet_prefix_map(dict(comps.unet.config))
     for name, mod in comps.unet.named_modules():
         if not _patchable(mod):
             continue
@@ -124,27 +144,74 @@ def name_table(comps) -> dict[str, tuple[str, str]]:
         table["unet." + name] = target
         table["base_model.model." + name] = target
         table[name] = target  # old diffusers attn-processor files name UNet modules bare
+        if flow:
+            table["transformer." + name] = target  # diffusers' SD3 / FLUX LoRA files
+            continue
         try:
             ldm = map_key(name + ".weight", pairs)[: -len(".weight")]
             table[UNET_PREFIX + ldm.replace(".", "_")] = target
         except KeyError:
             pass
-    two = comps.text_encoder_2 is not None
-    for comp, prefixes in (("text_encoder", ("lora_te1_",) if two else ("lora_te_", "lora_te1_")),
-                           ("text_encoder_2", ("lora_te2_",))):
+    for comp, prefixes in _text_prefixes(comps).items():
         model = getattr(comps, comp)
         if model is None:
             continue
+        clip = "CLIP" in type(model).__name__
         for name, mod in model.named_modules():
             if not _patchable(mod):
                 continue
             for p in prefixes:
                 table[p + name.replace(".", "_")] = (comp, name)
-                if not name.startswith("text_model."):
+                if clip and not name.startswith("text_model."):
                     # kohya names CLIP modules from CLIPTextModel's text_model level
                     # (lora_te_text_model_encoder_layers_0_...); transformers 5 flattened it away
                     table[text_key(name, p)] = (comp, name)
             table[f"{comp}.{name}"] = (comp, name)
-            if not name.startswith("text_model."):  # files written before transformers 5
+            if clip and not name.startswith("text_model."):  # files written before transformers 5
                 table[f"{comp}.text_model.{name}"] = (comp, name)
     return table
+
+
+def fused_table(comps) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """SD3 / FLUX transformers: kohya names in the original layout (sd-scripts' FLUX and SD3
+    LoRAs: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``,
+    ``lora_unet_joint_blocks_0_x_block_attn_qkv``) -> (how, diffusers module names), from the
+    single-file name table (``models.flow_files``): "same" (renamed), "fused" (one original
+    Linear = the diffusers ones stacked along the output rows), "swap" (output halves swapped).
+    Empty for the UNet families."""
+    if comps.family not in TRANSFORMER_FAMILIES:
+        return {}
+    out = {}
+    for orig, diff, how, full in RULES[comps.family](dict(comps.unet.config)):
+        if not full:
+            out[UNET_PREFIX + orig.replace(".", "_")] = (how, diff)
+            out[orig] = (how, diff)
+    return out
+
+
+def split_fused(algo: str, tensors: dict[str, torch.Tensor], how: str, names: tuple[str, ...],
+                comps) -> dict[tuple[str, str], dict[str, torch.Tensor]] | None:
+    """The factors of a LoRA (or full-diff) module on an original-layout Linear of an SD3 / FLUX
+    transformer (``fused_table``) -> {("unet", diffusers module): its factors}. "fused": the
+    output rows of dW = up @ down are the diffusers modules' stacked, so up (or diff) is split
+    along its rows and each part keeps down and alpha (the same delta, rows apart); "swap": the
+    two row halves swapped (the AdaLN shift/scale order). None when the rows do not add up or
+    the algorithm cannot be split (LoHa, LoKr, a Tucker core)."""
+    sizes = [comps.unet.get_submodule(n).weight.shape[0] for n in names]
+    key = {"lora": "lora_up.weight", "full": "diff"}.get(algo)
+    if key is None or "lora_mid.weight" in tensors or tensors[key].shape[0] != sum(sizes):
+        return None
+    rows, bias = tensors[key], tensors.get("diff_b")
+    if how == "swap":
+        rows, bias = _swap_halves(rows), None if bias is None else _swap_halves(bias)
+    out = {}
+    for i, (n, part) in enumerate(zip(names, torch.split(rows, sizes, dim=0))):
+        out[("unet", n)] = {**tensors, key: part}
+        if bias is not None:  # a full diff's bias delta: split likewise
+            out[("unet", n)]["diff_b"] = torch.split(bias, sizes)[i]
+    return out
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)

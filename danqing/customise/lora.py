@@ -34,7 +34,7 @@ import torch
 from danqing.cache import LRUCache
 from danqing.conditioning.prompt_parser import strip_extra_networks
 from danqing.customise.embeddings import Embedding, check_fits, encoder_keys, name_ids
-from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, name_table, parse_bundled
+from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, fused_table, name_table, parse_bundled, split_fused
 from danqing.errors import CorruptModel, IncompatibleModel, InvalidRequest, ModelNotFound
 
 _PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_A|lora\.down|lora_down)\.weight$|"
@@ -287,6 +287,16 @@ def context_width(modules: dict[str, NetworkModule]) -> int | None:
 
 
 _WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# module names that only one transformer family has (diffusers' and the original layout)
+_FLOW_MARKS = {"flux": ("single_transformer_blocks", "single_blocks", "double_blocks"),
+               "sd3": ("joint_blocks", "context_block")}
+
+
+def _describe(modules: dict[str, NetworkModule]) -> str:
+    for family, marks in _FLOW_MARKS.items():
+        if any(mark in key for key in modules for mark in marks):
+            return family
+    return _describe_width(context_width(modules))
 
 
 def _describe_width(width: int | None) -> str:
@@ -317,10 +327,19 @@ def resolve(name: str, sha256: str, modules: dict[str, NetworkModule], comps, mo
     naming both (every module must exist with a matching shape, as A1111 would otherwise
     silently skip half a LoRA)."""
     table = name_table(comps)
+    fused = fused_table(comps)
     out = ResolvedNetwork(name, sha256)
     missing, wrong = [], []
     for key, m in modules.items():
         target = table.get(key)
+        if target is None and key in fused:  # an SD3 / FLUX module in the original layout: split it
+            parts = {t: NetworkModule(f"{key}[{t[1]}]", m.algo, tensors, m.alpha)
+                     for t, tensors in (split_fused(m.algo, m.tensors, *fused[key], comps) or {}).items()}
+            if not parts or not all(p.fits(comps.unet.get_submodule(t[1]).weight.shape) for t, p in parts.items()):
+                wrong.append(f"{key} (its factors do not split onto {', '.join(fused[key][1])})")
+            else:
+                out.targets.update(parts)
+            continue
         if target is None:
             missing.append(key)
             continue
@@ -330,8 +349,8 @@ def resolve(name: str, sha256: str, modules: dict[str, NetworkModule], comps, mo
             continue
         out.targets[target] = m
     if missing or wrong:
-        mine = _describe_width(context_width(modules))
-        width = comps.unet.config.cross_attention_dim
+        mine = _describe(modules)
+        width = getattr(comps.unet.config, "cross_attention_dim", None)
         width = width if isinstance(width, int) else None
         theirs = f"{comps.family} (cross-attention width {width})" if width else comps.family
         example = (missing or wrong)[0]

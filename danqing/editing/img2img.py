@@ -33,6 +33,7 @@ from danqing.editing.instruct import (
 )
 from danqing.errors import InvalidRequest
 from danqing.passes.batches import Batches, Finish, PassResult, decode_pictures, finish_pictures
+from danqing.sampling.flow import DENOISERS
 from danqing.sampling.loop import denoise
 from danqing.sampling.noise import initial_noise
 
@@ -171,7 +172,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
     cond = build_conditioning(encoder, request, batch=B, image_prompt=context.image_prompt)
     factor = vae_scale_factor(comps.vae)
     shape = (comps.vae.config.latent_channels, request.height // factor, request.width // factor)
-    denoise_fn = control if control is not None else denoise
+    denoise_fn = control if control is not None else DENOISERS.get(comps.family, denoise)  # SD3 / FLUX: theirs
     if instruct:
         three = three_branches(request.cfg_scale, request.image_cfg_scale)
         if request.cfg_scale > 1.0 and not three:  # as diffusers: no guidance at all then
@@ -207,7 +208,7 @@ def _run(comps, request, base: Image.Image, m: np.ndarray | None, *, device, dty
         sampled = batch.sample(comps, noise, cond, sampler=request.sampler, schedule=request.schedule,
                                steps=request.steps, cfg_scale=cfg_scale, on_step=on_step, init_latents=init_lat,
                                strength=request.denoising_strength, mask=lmask, masked_image_latents=masked_lat,
-                               denoise_fn=denoise_fn)
+                               denoise_fn=denoise_fn, shift=getattr(request, "shift", None))
         batches.record(batch, sampled, images=decode_pictures(comps.vae, sampled.latents, post, warnings))
     batches.result.warnings = warnings
     return batches.result

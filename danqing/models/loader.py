@@ -13,6 +13,7 @@ from danqing.models.components import Components
 from danqing.models.families import builtin_components
 from danqing.models.components import TRANSFORMER_FAMILIES
 from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
+from danqing.models.cascade_models import if_kind_of_folder
 from danqing.models.flow_models import PIPELINES, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
 from danqing.models.single_file import detect_family, load_single_file, load_vae_file, save_single_file
@@ -39,6 +40,9 @@ def load_diffusers_folder(path: Path) -> Components:
     flow = flow_family_of_folder(path)
     if flow is not None:  # SD3 / FLUX: a transformer, CLIP + T5
         return load_flow_folder(path, flow)
+    if if_kind_of_folder(path) is not None:
+        raise CorruptModel(f"{path.name}: a DeepFloyd IF stage ({if_kind_of_folder(path)}); it runs through "
+                           "danqing.sampling.cascade.run_if (docs/models.md), not as a checkpoint yet")
     has_te1 = (path / "text_encoder" / "config.json").is_file()
     has_te2 = (path / "text_encoder_2" / "config.json").is_file()
     for sub in ("unet", "vae") + (() if has_te2 else ("text_encoder",)):
@@ -144,6 +148,8 @@ def describe_checkpoint(entry: ModelEntry) -> str:
         flow = flow_family_of_folder(p)
         if flow is not None:
             return flow
+        if if_kind_of_folder(p) is not None:  # DeepFloyd IF: a pixel stage
+            return if_kind_of_folder(p)
         unet_cfg = json.loads((p / "unet" / "config.json").read_text())
         te_file = p / "text_encoder" / "config.json"
         te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None

@@ -27,9 +27,12 @@ DISTILLED_CFG_SCALE = 3.5  # FLUX.1 dev's guidance when a request leaves it open
 # What a family's diffusers pipeline gives ``set_timesteps``: FLUX passes its own sigmas
 # linspace(1, 1/N, N) and always a resolution-dependent mu; SD3 only when its scheduler
 # config asks for dynamic shifting (SD3.5 does not).
+# img2img: the flow pipelines start at int(N - N * strength) (``get_timesteps`` of
+# ``StableDiffusion3Img2ImgPipeline`` / ``FluxImg2ImgPipeline``: the product is not rounded
+# first, as the UNet pipelines' int(N * strength) is), so "fractional_start".
 FAMILY_TIMESTEPS = {
-    "sd3": {"linear_sigmas": False, "always_mu": False, "patch": "transformer"},
-    "flux": {"linear_sigmas": True, "always_mu": True, "patch": 2},
+    "sd3": {"linear_sigmas": False, "always_mu": False, "patch": "transformer", "fractional_start": True},
+    "flux": {"linear_sigmas": True, "always_mu": True, "patch": 2, "fractional_start": True},
 }
 
 
@@ -72,6 +75,24 @@ def timestep_kwargs(scheduler, family: str, latent_shape: tuple[int, ...], steps
         elif hasattr(scheduler, "set_shift"):  # exp time shift with mu == a static shift of exp(mu)
             scheduler.set_shift(math.exp(mu))
     return out
+
+
+def img2img_start(family: str, steps: int, strength: float) -> int:
+    """The first of ``steps`` steps that an img2img pass of ``strength`` in (0, 1) runs (at least
+    one step runs). UNet families: steps - int(steps * strength) (diffusers' SD/SDXL img2img);
+    flow families: int(steps - steps * strength) (their img2img pipelines)."""
+    if FAMILY_TIMESTEPS.get(family, {}).get("fractional_start"):
+        return min(int(max(steps - steps * strength, 0)), steps - 1)
+    return steps - min(max(int(steps * strength), 1), steps)
+
+
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 noised to timestep ``t``: a flow-matching scheduler's forward process
+    x_t = (1 - sigma) x0 + sigma noise (``scale_noise``), else the scheduler's ``add_noise``
+    (DDPM-type, and the DPM-Solver/UniPC flow variants, whose alpha_t is 1 - sigma)."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t, noise)
+    return scheduler.add_noise(x0, noise, t)
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

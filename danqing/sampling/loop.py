@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from danqing.decode import cheap_preview
-from danqing.sampling.flow import DENOISERS, timestep_kwargs
+from danqing.sampling.flow import DENOISERS, img2img_start, noised, timestep_kwargs
 
 
 class StepControl(enum.Enum):
@@ -152,8 +152,8 @@ def sample(
             (ControlNet's guidance start/end, ``conditioning.control.ControlDenoise``).
         init_latents: (B, 4, h, w) scaled latents of the init picture (img2img, inpaint).
         strength: img2img denoising strength in (0, 1]: as diffusers' img2img pipelines, the
-            last ``int(steps * strength)`` of ``steps`` steps run, from the picture noised to
-            the first of them. 1 starts from pure noise.
+            last steps run (``flow.img2img_start``: which, per family), from the picture noised
+            to the first of them. 1 starts from pure noise.
         mask: (B, 1, h, w) latent mask, 1 = repaint. With a 4-channel UNet the area outside it
             is replaced after every step by the init latents noised to the next step's level
             (diffusers' inpaint pipeline, A1111's latent blending).
@@ -189,12 +189,12 @@ def sample(
     elif init_latents is not None and strength < 1.0:
         # at least one step: diffusers refuses int(steps * strength) == 0, A1111 runs the last
         # (smallest-sigma) step; so do we (a 0-step pass would decode an empty batch)
-        t_start = steps - min(max(int(steps * strength), 1), steps)
+        t_start = img2img_start(family, steps, strength)
         timesteps = timesteps[t_start * order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * order)
         total = steps - t_start
-        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+        latents = noised(scheduler, init_latents, noise, timesteps[:1].repeat(noise.shape[0]))
     else:
         latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # x_T = sigma_max * eps (1: DDPM, flow)
     if denoising_end is not None:
@@ -217,7 +217,7 @@ def sample(
         if blend:
             proper = init_latents
             if i < len(timesteps) - 1:
-                proper = scheduler.add_noise(init_latents, noise, timesteps[i + 1:i + 2])
+                proper = noised(scheduler, init_latents, noise, timesteps[i + 1:i + 2])
             latents = (1 - mask) * proper + mask * latents
         if after_step is not None:
             latents = after_step(i, latents)
