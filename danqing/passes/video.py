@@ -8,6 +8,7 @@ clip of ``request.frames`` frames.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -20,9 +21,33 @@ from danqing.sampling.video import frames_first, motion_denoise, video_noise, vi
 DECODE_CHUNK = 16  # frames per VAE call (diffusers' ``decode_chunk_size``)
 
 
+@torch.no_grad()
+def encode_clip(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """(F, 3, H, W) frames in [-1, 1] -> (1, C, F, h, w) scaled latents: posterior samples drawn
+    from the clip's generator, ``chunk`` frames per VAE call (diffusers'
+    ``AnimateDiffVideoToVideoPipeline.encode_video``, whose draws these are)."""
+    parts = []
+    for i in range(0, pixels.shape[0], chunk):
+        dist = vae.encode(pixels[i:i + chunk].to(device=vae.device, dtype=vae.dtype)).latent_dist
+        parts.append(dist.sample(generator=generator))
+    z = torch.cat(parts)  # (F, C, h, w)
+    if getattr(vae.config, "shift_factor", None):
+        z = z - vae.config.shift_factor
+    return (z * vae.config.scaling_factor).permute(1, 0, 2, 3).unsqueeze(0)
+
+
+def clip_pixels(frames: list[Image.Image]) -> torch.Tensor:
+    """RGB frames (W x H each) -> (F, 3, H, W) in [-1, 1]."""
+    a = torch.from_numpy(np.stack([np.asarray(f.convert("RGB"), dtype=np.float32) for f in frames]) / 255.0)
+    return a.permute(0, 3, 1, 2) * 2 - 1
+
+
 def run_video(comps, unet, request, *, device, dtype, on_step=None, context: ConditioningContext | None = None,
-              denoise_fn=motion_denoise) -> PassResult:
-    """Condition, then sample every batch of clips from per-frame noise (undecoded).
+              denoise_fn=motion_denoise, init_frames: list[Image.Image] | None = None) -> PassResult:
+    """Condition, then sample every batch of clips from per-frame noise (undecoded); with
+    ``init_frames``, from the clip's latents noised to ``request.denoising_strength``
+    (video-to-video, as diffusers' ``AnimateDiffVideoToVideoPipeline``: the frames' posterior
+    samples drawn first from each clip's generator, then its noise).
 
     Args:
         comps: the checkpoint's loaded ``Components`` (text encoders, VAE, scheduler config).
@@ -30,8 +55,10 @@ def run_video(comps, unet, request, *, device, dtype, on_step=None, context: Con
         request: a ``VideoRequest``.
         on_step: gets ``VideoStepInfo`` after every sampler step (STOP interrupts, SKIP ends a batch).
         context: the request's embeddings (``ConditioningContext``).
-        denoise_fn: ``motion_denoise`` (the whole clip at once) or a ``ContextDenoise`` (sliding
-            context windows for clips longer than the motion module's window).
+        denoise_fn: ``motion_denoise`` (the whole clip at once), a ``ContextDenoise`` (sliding
+            context windows for clips longer than the motion module's window) or
+            ``frames_denoise`` (a picture UNet, each frame on its own).
+        init_frames: ``request.frames`` RGB pictures at width x height (video-to-video) or None.
 
     Returns:
         ``PassResult`` whose ``latents`` are (batch_size, C, F, h, w) per batch.
@@ -46,13 +73,19 @@ def run_video(comps, unet, request, *, device, dtype, on_step=None, context: Con
     shape = (unet.config.in_channels, request.frames, request.height // factor, request.width // factor)
     batches = Batches(request, device)
     steps = video_steps(on_step)
+    pixels = clip_pixels(init_frames) if init_frames is not None else None
     for batch in batches:
-        noise = video_noise(shape, batch.generators, subseeds=batch.subseeds, subseed_strength=request.subseed_strength)
+        init = None
+        if pixels is not None:  # (B, C, F, h, w), clip i's posterior samples from generator i
+            init = torch.cat([encode_clip(comps.vae, pixels, g) for g in batch.generators]).to(device=device, dtype=dtype)
+        noise = video_noise(shape, batch.generators, subseeds=batch.subseeds, subseed_strength=request.subseed_strength,
+                            shared=request.shared_noise)
         scheduler = batch.scheduler(comps.scheduler_config, request.sampler, request.schedule)
         sampled = sample(unet, scheduler, noise.to(device=device, dtype=dtype), cond, steps=request.steps,
                          cfg_scale=request.cfg_scale, generators=batch.generators, on_step=steps,
                          family=comps.family, batch_index=batch.index, batch_count=batch.count,
-                         denoise_fn=denoise_fn)
+                         denoise_fn=denoise_fn, init_latents=init,
+                         strength=request.denoising_strength if init is not None else 1.0)
         batches.record(batch, sampled)
     return batches.result
 

@@ -8,6 +8,7 @@ prompt-editing schedule, step callbacks and interrupt as a picture.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ def video_noise(
     *,
     subseeds: list[int] | None = None,
     subseed_strength: float = 0.0,
+    shared: bool = False,
 ) -> torch.Tensor:
     """(B, C, F, h, w) standard normal noise, clip i from ``generators[i]``, frame after frame.
 
@@ -33,10 +35,15 @@ def video_noise(
         shape: (C, F, h, w) of one clip.
         generators: one per clip; they keep advancing afterwards (ancestral step noise).
         subseeds, subseed_strength: A1111's variation seed, slerped in frame by frame.
+        shared: every frame gets frame 0's noise (one draw per clip; no variation seed).
     """
     c, frames, h, w = shape
     out = []
     for i, gen in enumerate(generators):
+        if shared:  # every frame starts from frame 0's noise
+            clip = torch.randn((1, c, 1, h, w), generator=gen, device=gen.device).expand(-1, -1, frames, -1, -1)
+            out.append(clip.contiguous())
+            continue
         clip = torch.cat([torch.randn((1, c, 1, h, w), generator=gen, device=gen.device) for _ in range(frames)], dim=2)
         if subseeds is not None and subseed_strength > 0:
             sub = torch.Generator(gen.device).manual_seed(int(subseeds[i]))
@@ -56,6 +63,73 @@ def motion_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, c
     frames = x.shape[2]
     context = cond.context.repeat_interleave(frames, dim=0)
     return denoise(unet, x, t, Conditioning(context, cond.added), cfg_scale, use_cfg)
+
+
+def frames_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                   use_cfg: bool) -> torch.Tensor:
+    """``loop.denoise`` for a picture UNet over a clip: (B, C, F, h, w) -> every frame denoised
+    as a picture of a (B * F) batch (per-frame img2img, no motion module), clip after clip,
+    frame after frame as a motion UNet orders them; the text context repeated for every frame."""
+    b, c, frames, h, w = x.shape
+    context = cond.context.repeat_interleave(frames, dim=0)
+    eps = denoise(unet, frames_first(x), t, Conditioning(context, cond.added), cfg_scale, use_cfg)
+    return eps.reshape(b, frames, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+
+
+class CrossFrameAttention:
+    """A self-attention processor whose keys and values are those of the clip's first frame and
+    of the frame before (Text2Video-Zero's cross-frame attention, Khachatryan et al. 2023, with
+    Tune-A-Video's / Rerender-A-Video's previous frame added): each frame draws its features
+    from its neighbours, so restyled frames agree. Frame 0 attends to itself (its two key sets
+    are its own: the softmax over duplicated keys is plain self-attention).
+
+    The batch is (N * frames, S, D), frame f of group n at n * frames + f (a motion UNet's and
+    ``frames_denoise``'s order, CFG halves included). Made per request with its frame count.
+    diffusers' ``CrossFrameAttnProcessor`` (text-to-video-zero) takes the first frame only.
+    """
+
+    def __init__(self, frames: int):
+        self.frames = frames
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        n, s, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        frames = self.frames
+        first = [0] * frames
+        previous = [max(f - 1, 0) for f in range(frames)]
+
+        def neighbours(z: torch.Tensor) -> torch.Tensor:  # (N*F, S, D) -> (N*F, 2S, D): first | previous
+            z = z.reshape(n // frames, frames, s, -1)
+            return torch.cat([z[:, first], z[:, previous]], dim=2).reshape(n, 2 * s, -1)
+
+        key = attn.head_to_batch_dim(neighbours(attn.to_k(hidden_states)))
+        value = attn.head_to_batch_dim(neighbours(attn.to_v(hidden_states)))
+        probs = attn.get_attention_scores(query, key, None)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def spatial_self_attentions(unet) -> list[str]:
+    """The processor names of a (motion) UNet's per-frame self-attentions (``attn1`` of its
+    spatial transformer blocks; a motion module's temporal attentions excluded)."""
+    return [k for k in unet.attn_processors if k.endswith("attn1.processor") and "motion_modules" not in k]
+
+
+@contextmanager
+def cross_frame_attention(unet, frames: int):
+    """``unet``'s spatial self-attentions made ``CrossFrameAttention`` of ``frames`` frames for
+    the ``with`` block, its own processors put back afterwards (the checkpoint's UNet is shared)."""
+    saved = dict(unet.attn_processors)
+    processor = CrossFrameAttention(frames)
+    unet.set_attn_processor({k: processor if k in spatial_self_attentions(unet) else v for k, v in saved.items()})
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(saved)
 
 
 @dataclass
