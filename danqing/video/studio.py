@@ -179,6 +179,9 @@ def video2video_fields(fields: dict, path: Path | str) -> dict:
     if "frames" not in fields and info.frames > frames_max:
         raise InvalidRequest("init_video", f"{path}: {info.frames} frames, more than {frames_max:g}; give frames "
                                            f"(at most {frames_max:g}) to restyle its first frames")
+    if fields.get("frames", 0) > info.frames:
+        raise InvalidRequest("frames", f"{path} has {info.frames} frames; ask for at most that many, "
+                                       f"got {fields['frames']}")
     size = {"width": max(8, info.width // 8 * 8), "height": max(8, info.height // 8 * 8)}
     fps = min(max(1, round(info.fps or 8)), int(RANGES["fps"][1]))
     return {"frames": info.frames, "fps": fps, **size, **fields, "init_video": str(path)}
