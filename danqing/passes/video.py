@@ -97,3 +97,51 @@ def decode_clips(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> list[
     flat = frames_first(latents)
     pictures = [p for i in range(0, flat.shape[0], chunk) for p in to_pil(decode_latents(vae, flat[i:i + chunk]))]
     return [pictures[i * f:(i + 1) * f] for i in range(b)]
+
+
+@torch.no_grad()
+def run_svd(parts, image: Image.Image, scheduler, *, frames: int, fps: int = 7, motion_bucket_id: int = 127,
+            noise_aug_strength: float = 0.02, steps: int = 25, min_guidance: float = 1.0, max_guidance: float = 3.0,
+            seed: int = 0, on_step=None):
+    """Stable Video Diffusion image-to-video through our loop (undecoded), as diffusers'
+    ``StableVideoDiffusionPipeline``: the picture's CLIP image embedding as context, its VAE
+    latents (after noise augmentation drawn from the seed's generator) beside every frame, the
+    added time ids, the frame-wise CFG ramp; then the frames' noise from the same generator.
+
+    Args:
+        parts: an object with ``unet`` (``UNetSpatioTemporalConditionModel``), ``vae``
+            (``AutoencoderKLTemporalDecoder``), ``image_encoder`` (``CLIPVisionModelWithProjection``)
+            and ``feature_extractor`` (``CLIPImageProcessor``), on one device.
+        image: the conditioning picture, RGB at the clip's width x height.
+        scheduler: a fresh scheduler of the model's config (EulerDiscrete, v-prediction).
+
+    Returns:
+        ``SampleResult`` whose latents are (1, F, C, h, w).
+    """
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+    from danqing.sampling.loop import Conditioning, ConditioningSchedule
+    from danqing.sampling.video import SVDDenoise, svd_guidance, svd_time_ids
+
+    unet, vae = parts.unet, parts.vae
+    device, dtype = unet.device, unet.dtype
+    use_cfg = max_guidance > 1.0
+    pixels = clip_pixels([image]).to(device)  # (1, 3, H, W) in [-1, 1]
+    # the CLIP image embedding, (1, 1, D): antialiased to the encoder's size (224), CLIP-normalised
+    side = parts.image_encoder.config.image_size
+    small = (_resize_with_antialiasing(pixels, (side, side)) + 1.0) / 2.0
+    clip_in = parts.feature_extractor(images=small, do_normalize=True, do_center_crop=False, do_resize=False,
+                                      do_rescale=False, return_tensors="pt").pixel_values
+    emb = parts.image_encoder(clip_in.to(device=device, dtype=dtype)).image_embeds.unsqueeze(1)
+    context = torch.cat([torch.zeros_like(emb), emb]) if use_cfg else emb
+    gen = torch.Generator(device).manual_seed(seed)
+    aug = torch.randn(pixels.shape, generator=gen, device=device, dtype=pixels.dtype)
+    lat = vae.encode((pixels + noise_aug_strength * aug).to(vae.dtype)).latent_dist.mode()  # (1, C, h, w)
+    lat = torch.cat([torch.zeros_like(lat), lat]) if use_cfg else lat
+    denoise_fn = SVDDenoise(lat.unsqueeze(1).repeat(1, frames, 1, 1, 1),
+                            svd_time_ids(fps, motion_bucket_id, noise_aug_strength, 1, use_cfg).to(device),
+                            svd_guidance(frames, min_guidance, max_guidance).to(device))
+    h, w = lat.shape[-2:]
+    noise = torch.randn((1, frames, unet.config.out_channels, h, w), generator=gen, device=device, dtype=dtype)
+    return sample(unet, scheduler, noise, ConditioningSchedule([steps], [Conditioning(context)]), steps=steps,
+                  cfg_scale=max_guidance, generators=[gen], on_step=on_step, denoise_fn=denoise_fn)

@@ -201,3 +201,46 @@ class ContextDenoise:
             out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
             count[idx] += 1
         return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)
+
+
+def svd_guidance(frames: int, min_scale: float, max_scale: float) -> torch.Tensor:
+    """Stable Video Diffusion's frame-wise CFG ramp: the guidance scale grows linearly from
+    ``min_scale`` on the first frame (the conditioning picture itself) to ``max_scale`` on the
+    last; (1, F, 1, 1, 1), for latents laid out (B, F, C, h, w)."""
+    return torch.linspace(min_scale, max_scale, frames).view(1, frames, 1, 1, 1)
+
+
+def svd_time_ids(fps: int, motion_bucket_id: int, noise_aug_strength: float, batch: int, use_cfg: bool) -> torch.Tensor:
+    """SVD's added time ids (fps - 1, motion bucket, noise augmentation), (2B or B, 3): the model
+    was trained on fps - 1 (diffusers' pipeline subtracts it the same way)."""
+    ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=torch.float32).repeat(batch, 1)
+    return torch.cat([ids, ids]) if use_cfg else ids
+
+
+@dataclass(frozen=True)
+class SVDDenoise:
+    """``loop.denoise`` for Stable Video Diffusion's ``UNetSpatioTemporalConditionModel``
+    (Blattmann et al. 2023): latents (B, F, C, h, w) with the conditioning picture's latents
+    concatenated on channels, the image embedding as context, the added time ids, and CFG with a
+    guidance scale per frame (``svd_guidance``); the unconditional branch has zero image
+    latents and a zero embedding. Made per request.
+
+    Attributes:
+        image_latents: (2B or B, F, C, h, w), the picture's VAE latents (unscaled mode, as SVD).
+        time_ids: ``svd_time_ids``; guidance: ``svd_guidance``.
+    """
+
+    image_latents: torch.Tensor
+    time_ids: torch.Tensor
+    guidance: torch.Tensor
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                 use_cfg: bool) -> torch.Tensor:
+        inp = torch.cat([x, x]) if use_cfg else x
+        inp = torch.cat([inp, self.image_latents.to(inp.dtype)], dim=2)
+        eps = unet(inp, t, encoder_hidden_states=cond.context, added_time_ids=self.time_ids.to(inp.dtype),
+                   return_dict=False)[0]
+        if not use_cfg:
+            return eps
+        uncond, text = eps.chunk(2)
+        return uncond + self.guidance.to(eps) * (text - uncond)
