@@ -65,7 +65,7 @@ class VideoStudio:
         self._adapters: LRUCache[object] = LRUCache(1)
 
     def generate(self, request: VideoRequest, on_step: OnStep | None = None, *, out: Path | None = None) -> VideoResult:
-        """Run a text-to-video request.
+        """Run a text-to-video request, or video-to-video when it names an ``init_video``.
 
         Args:
             request: the validated ``VideoRequest``.
