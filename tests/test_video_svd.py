@@ -58,7 +58,6 @@ def test_svd_through_our_loop_matches_the_pipeline():
                    max_guidance_scale=2.5, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
                    generator=torch.Generator().manual_seed(4), output_type="latent").frames
     assert ours.shape == ref.shape == (1, 3, 4, 16, 16)  # (B, F, C, h, w): this VAE halves the sides
-    print("max |diff|", (ours - ref).abs().max().item())
     assert (ours - ref).abs().max().item() < 1e-4
     # the frame-wise ramp acts: with one guidance scale for every frame the result differs
     flat = run_svd(parts, image, fresh(), seed=4, **{**kw, "min_guidance": 2.5}).latents
