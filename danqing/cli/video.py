@@ -33,24 +33,35 @@ def video(
     height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
     batch_size: Optional[int] = typer.Option(None, help="Clips per batch (clip i has seed + i) [default: 1]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Video-to-video: restyle this clip (MP4, GIF, WebP); its frame count, fps and size are kept unless given [default: none]."),
+    denoise: Optional[float] = typer.Option(None, "--denoise", help="Video-to-video: how far each frame is noised before denoising (0-1) [default: 0.75]."),
+    per_frame: bool = typer.Option(False, "--per-frame", help="No motion module: each frame denoised as its own picture by the checkpoint (per-frame img2img with --init) [default: off, the frames together]."),
+    cross_frame: Optional[bool] = typer.Option(None, "--cross-frame/--no-cross-frame", help="Self-attention also to the first and previous frames [default: off]."),
+    shared_noise: Optional[bool] = typer.Option(None, "--shared-noise/--no-shared-noise", help="Every frame starts from frame 0's noise [default: off]."),
+    flow_blend: Optional[float] = typer.Option(None, "--flow-blend", help="Video-to-video: blend each frame with the previous one warped along the clip's optical flow (0-1) [default: 0, off]."),
     from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=VIDEO_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Generate a video clip from a prompt with an AnimateDiff motion module on a checkpoint."""
+    """Generate a video clip from a prompt with an AnimateDiff motion module on a checkpoint, or
+    restyle a clip (--init) frame by frame with temporal consistency."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
     from danqing.errors import InvalidRequest
     from danqing.outputs.video import check_video_out, read_video_parameters
     from danqing.request import VideoRequest
-    from danqing.video.studio import VideoStudio, request_from_parameters
+    from danqing.video.studio import VideoStudio, request_from_parameters, video2video_fields
 
     fields = {"prompt": prompt, "negative_prompt": negative, "frames": frames, "fps": fps, "motion_module": motion,
               "context_overlap": context_overlap,
               "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg, "seed": seed,
-              "width": width, "height": height, "batch_size": batch_size, "model": model}
+              "width": width, "height": height, "batch_size": batch_size, "model": model,
+              "denoising_strength": denoise, "motion": False if per_frame else None, "cross_frame_attention": cross_frame,
+              "shared_noise": shared_noise, "flow_blend": flow_blend}
     fields = {k: v for k, v in fields.items() if v is not None}
+    if init is not None:  # the clip's frame count, fps and size unless given
+        fields = video2video_fields(fields, init)
     if from_video is not None:
         request = request_from_parameters(read_video_parameters(from_video)).replace(**fields)
     elif prompt is None:

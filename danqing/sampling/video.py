@@ -8,6 +8,7 @@ prompt-editing schedule, step callbacks and interrupt as a picture.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ def video_noise(
     *,
     subseeds: list[int] | None = None,
     subseed_strength: float = 0.0,
+    shared: bool = False,
 ) -> torch.Tensor:
     """(B, C, F, h, w) standard normal noise, clip i from ``generators[i]``, frame after frame.
 
@@ -33,10 +35,15 @@ def video_noise(
         shape: (C, F, h, w) of one clip.
         generators: one per clip; they keep advancing afterwards (ancestral step noise).
         subseeds, subseed_strength: A1111's variation seed, slerped in frame by frame.
+        shared: every frame gets frame 0's noise (one draw per clip; no variation seed).
     """
     c, frames, h, w = shape
     out = []
     for i, gen in enumerate(generators):
+        if shared:  # every frame starts from frame 0's noise
+            clip = torch.randn((1, c, 1, h, w), generator=gen, device=gen.device).expand(-1, -1, frames, -1, -1)
+            out.append(clip.contiguous())
+            continue
         clip = torch.cat([torch.randn((1, c, 1, h, w), generator=gen, device=gen.device) for _ in range(frames)], dim=2)
         if subseeds is not None and subseed_strength > 0:
             sub = torch.Generator(gen.device).manual_seed(int(subseeds[i]))
@@ -56,6 +63,73 @@ def motion_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, c
     frames = x.shape[2]
     context = cond.context.repeat_interleave(frames, dim=0)
     return denoise(unet, x, t, Conditioning(context, cond.added), cfg_scale, use_cfg)
+
+
+def frames_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                   use_cfg: bool) -> torch.Tensor:
+    """``loop.denoise`` for a picture UNet over a clip: (B, C, F, h, w) -> every frame denoised
+    as a picture of a (B * F) batch (per-frame img2img, no motion module), clip after clip,
+    frame after frame as a motion UNet orders them; the text context repeated for every frame."""
+    b, c, frames, h, w = x.shape
+    context = cond.context.repeat_interleave(frames, dim=0)
+    eps = denoise(unet, frames_first(x), t, Conditioning(context, cond.added), cfg_scale, use_cfg)
+    return eps.reshape(b, frames, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+
+
+class CrossFrameAttention:
+    """A self-attention processor whose keys and values are those of the clip's first frame and
+    of the frame before (Text2Video-Zero's cross-frame attention, Khachatryan et al. 2023, with
+    Tune-A-Video's / Rerender-A-Video's previous frame added): each frame draws its features
+    from its neighbours, so restyled frames agree. Frame 0 attends to itself (its two key sets
+    are its own: the softmax over duplicated keys is plain self-attention).
+
+    The batch is (N * frames, S, D), frame f of group n at n * frames + f (a motion UNet's and
+    ``frames_denoise``'s order, CFG halves included). Made per request with its frame count.
+    diffusers' ``CrossFrameAttnProcessor`` (text-to-video-zero) takes the first frame only.
+    """
+
+    def __init__(self, frames: int):
+        self.frames = frames
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        n, s, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        frames = self.frames
+        first = [0] * frames
+        previous = [max(f - 1, 0) for f in range(frames)]
+
+        def neighbours(z: torch.Tensor) -> torch.Tensor:  # (N*F, S, D) -> (N*F, 2S, D): first | previous
+            z = z.reshape(n // frames, frames, s, -1)
+            return torch.cat([z[:, first], z[:, previous]], dim=2).reshape(n, 2 * s, -1)
+
+        key = attn.head_to_batch_dim(neighbours(attn.to_k(hidden_states)))
+        value = attn.head_to_batch_dim(neighbours(attn.to_v(hidden_states)))
+        probs = attn.get_attention_scores(query, key, None)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def spatial_self_attentions(unet) -> list[str]:
+    """The processor names of a (motion) UNet's per-frame self-attentions (``attn1`` of its
+    spatial transformer blocks; a motion module's temporal attentions excluded)."""
+    return [k for k in unet.attn_processors if k.endswith("attn1.processor") and "motion_modules" not in k]
+
+
+@contextmanager
+def cross_frame_attention(unet, frames: int):
+    """``unet``'s spatial self-attentions made ``CrossFrameAttention`` of ``frames`` frames for
+    the ``with`` block, its own processors put back afterwards (the checkpoint's UNet is shared)."""
+    saved = dict(unet.attn_processors)
+    processor = CrossFrameAttention(frames)
+    unet.set_attn_processor({k: processor if k in spatial_self_attentions(unet) else v for k, v in saved.items()})
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(saved)
 
 
 @dataclass
@@ -127,3 +201,46 @@ class ContextDenoise:
             out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
             count[idx] += 1
         return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)
+
+
+def svd_guidance(frames: int, min_scale: float, max_scale: float) -> torch.Tensor:
+    """Stable Video Diffusion's frame-wise CFG ramp: the guidance scale grows linearly from
+    ``min_scale`` on the first frame (the conditioning picture itself) to ``max_scale`` on the
+    last; (1, F, 1, 1, 1), for latents laid out (B, F, C, h, w)."""
+    return torch.linspace(min_scale, max_scale, frames).view(1, frames, 1, 1, 1)
+
+
+def svd_time_ids(fps: int, motion_bucket_id: int, noise_aug_strength: float, batch: int, use_cfg: bool) -> torch.Tensor:
+    """SVD's added time ids (fps - 1, motion bucket, noise augmentation), (2B or B, 3): the model
+    was trained on fps - 1 (diffusers' pipeline subtracts it the same way)."""
+    ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=torch.float32).repeat(batch, 1)
+    return torch.cat([ids, ids]) if use_cfg else ids
+
+
+@dataclass(frozen=True)
+class SVDDenoise:
+    """``loop.denoise`` for Stable Video Diffusion's ``UNetSpatioTemporalConditionModel``
+    (Blattmann et al. 2023): latents (B, F, C, h, w) with the conditioning picture's latents
+    concatenated on channels, the image embedding as context, the added time ids, and CFG with a
+    guidance scale per frame (``svd_guidance``); the unconditional branch has zero image
+    latents and a zero embedding. Made per request.
+
+    Attributes:
+        image_latents: (2B or B, F, C, h, w), the picture's VAE latents (unscaled mode, as SVD).
+        time_ids: ``svd_time_ids``; guidance: ``svd_guidance``.
+    """
+
+    image_latents: torch.Tensor
+    time_ids: torch.Tensor
+    guidance: torch.Tensor
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                 use_cfg: bool) -> torch.Tensor:
+        inp = torch.cat([x, x]) if use_cfg else x
+        inp = torch.cat([inp, self.image_latents.to(inp.dtype)], dim=2)
+        eps = unet(inp, t, encoder_hidden_states=cond.context, added_time_ids=self.time_ids.to(inp.dtype),
+                   return_dict=False)[0]
+        if not use_cfg:
+            return eps
+        uncond, text = eps.chunk(2)
+        return uncond + self.guidance.to(eps) * (text - uncond)

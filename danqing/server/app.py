@@ -38,6 +38,7 @@ from danqing.server.security import (
 )
 from danqing.server.state import ServerState
 from danqing.server.ui import mount_ui
+from danqing.server.video import video_router, video_view
 from danqing.settings import ServerSettings, Settings, force_offline
 from danqing.studio import Studio
 
@@ -99,7 +100,7 @@ def _job_view(state: ServerState, job, request_url: str = "") -> dict:
         d["result"] = {**job.result, "images": [
             {**img, "url": f"/api/v1/jobs/{job.id}/images/{i}" if img.get("path") else None}
             for i, img in enumerate(job.result["images"])]}
-    return d
+    return video_view(job, d)
 
 
 def job_router(state: ServerState) -> APIRouter:
@@ -295,6 +296,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     guard = [Depends(guard_body)]
     app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(video_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     _api_fallback(app)
 
     # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own

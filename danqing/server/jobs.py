@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from danqing.request import GenerationRequest
+from danqing.outputs.video import clip_paths, planned_files
+from danqing.request import GenerationRequest, VideoRequest
 from danqing.errors import DanqingError
 from danqing.outputs.store import next_output_path, save_png
 from danqing.sampling.loop import SKIP, STOP
@@ -296,10 +297,29 @@ class Worker:
         return STOP if abort else None
 
     def _generate(self, job: Job) -> dict | None:
+        if isinstance(job.request, VideoRequest):
+            return self._generate_video(job)
         result = self.studio.generate(job.request, on_step=self._on_step, save=False)
         if self._abort in ("cancel", "shutdown"):
             return None
         return self._deliver(job, result)
+
+    def _generate_video(self, job: Job) -> dict | None:
+        """A video job: its clips written as MP4 (with sidecars) under ``txt2video/DATE/``."""
+        from danqing.video.studio import VideoStudio  # the video workflow, loaded by its first job
+
+        request = job.request
+        folder = self.outputs_dir / job.kind / date.today().isoformat()
+        clips = request.batch_size * request.batch_count
+        path = next_output_path(folder, request.seed, ext="mp4")
+        videos = clip_paths(path, clips)
+        self.store.set_planned(job.id, planned_files(path, clips, request.frames))
+        result = VideoStudio(self.studio).generate(request, on_step=self._on_step, out=path)
+        if self._abort in ("cancel", "shutdown"):
+            for p in planned_files(path, clips, request.frames):
+                p.unlink(missing_ok=True)
+            return None
+        return video_result(result, videos)
 
     def _deliver(self, job: Job, result) -> dict:
         """Save a finished job's pictures (or keep them for its waiting client); its result row."""
@@ -323,6 +343,17 @@ class Worker:
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
             "request": result.request.model_dump(),
         }
+
+
+def video_result(result, videos: list[Path]) -> dict:
+    """The result row of a video job: each clip's file, seed and JSON parameters."""
+    return {
+        "images": [],
+        "videos": [{"path": str(p), "seed": s, "parameters": t} for p, s, t in zip(videos, result.seeds, result.parameters)],
+        "interrupted": result.interrupted,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "request": result.request.model_dump(),
+    }
 
 
 def resolve_for_queue(request: GenerationRequest, default_model: str) -> GenerationRequest:

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from danqing.errors import InvalidRequest
-from danqing.request import GenerationRequest
+from danqing.request import GenerationRequest, VideoRequest
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
+VIDEO_KINDS = ("txt2video", "video2video")  # their rows hold a VideoRequest
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 
 # What differs between the dialects, as data. {seq}: the queue-order column's definition;
@@ -92,7 +93,7 @@ class Job:
     Attributes:
         seq: queue order (submission order); id: 32 hex chars.
         status: queued, running, done, failed or cancelled.
-        kind: "txt2img" or "img2img"; source: "api", "a1111" or "ui".
+        kind: "txt2img", "img2img", "txt2video" or "video2video"; source: "api", "a1111" or "ui".
         save: write the images to the outputs folder (else they are handed to the waiting client).
         request: the request as it will run (random seeds already drawn, model named).
         result: {"images": [{"path", "seed", "subseed", "infotext"}], "interrupted", "warnings", ...}.
@@ -128,7 +129,8 @@ def _row_to_job(row) -> Job:
     m = row._mapping
     return Job(
         seq=m["seq"], id=m["id"], status=m["status"], kind=m["kind"], source=m["source"],
-        save=bool(m["save"]), prompt=m["prompt"], request=GenerationRequest.model_validate_json(m["request"]),
+        save=bool(m["save"]), prompt=m["prompt"],
+        request=(VideoRequest if m["kind"] in VIDEO_KINDS else GenerationRequest).model_validate_json(m["request"]),
         created=m["created"], started=m["started"], finished=m["finished"], error=m["error"],
         planned=json.loads(m["planned"]) if m["planned"] else [],
         result=json.loads(m["result"]) if m["result"] else None, worker=m["worker"],
@@ -246,6 +248,8 @@ class JobStore:
     def add(self, request: GenerationRequest, *, source: str, save: bool) -> Job:
         job_id = new_job_id()
         kind = "img2img" if request.init_image is not None else "txt2img"
+        if isinstance(request, VideoRequest):
+            kind = "video2video" if request.init_video is not None else "txt2video"
         self._run("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "
                   "VALUES (:id, :status, :kind, :source, :save, :prompt, :request, :created)",
                   {"id": job_id, "status": QUEUED, "kind": kind, "source": source, "save": int(save),

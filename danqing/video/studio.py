@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from danqing.customise.lora import activate, patched, request_tags
 from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
-from danqing.outputs.video import check_video_out, clip_paths, planned_files, save_video
+from danqing.outputs.video import check_video_out, clip_paths, planned_files, probe_video, read_frames, save_video
 from danqing.passes.video import decode_clips, run_video
-from danqing.request import VideoRequest
+from danqing.request import RANGES, VideoRequest
 from danqing.sampling.loop import OnStep
-from danqing.sampling.video import ContextDenoise, motion_denoise
+from danqing.sampling.video import ContextDenoise, cross_frame_attention, frames_denoise, motion_denoise
 from danqing.studio import Studio, resolve_request
+from danqing.video.flow import clip_flows, flow_blend
 
 
 @dataclass
@@ -63,7 +65,7 @@ class VideoStudio:
         self._adapters: LRUCache[object] = LRUCache(1)
 
     def generate(self, request: VideoRequest, on_step: OnStep | None = None, *, out: Path | None = None) -> VideoResult:
-        """Run a text-to-video request.
+        """Run a text-to-video request, or video-to-video when it names an ``init_video``.
 
         Args:
             request: the validated ``VideoRequest``.
@@ -75,7 +77,9 @@ class VideoStudio:
         studio = self.studio
         # 1. validate: seeds and model resolved, the motion module named, the files free.
         request = resolve_request(request, studio.settings.default_model)
-        request = request.replace(motion_module=self._motion_name(request.motion_module))
+        if request.motion:
+            request = request.replace(motion_module=self._motion_name(request.motion_module))
+        init_frames = load_init_frames(request) if request.init_video is not None else None
         if out is not None:
             clips = request.batch_size * request.batch_count
             for p in planned_files(check_video_out(out), clips, request.frames):
@@ -87,38 +91,50 @@ class VideoStudio:
         # windows), and the motion UNet made from both.
         loaded = studio.models.load(request.model, request.vae)
         comps = loaded.components
-        entry = find_motion(studio.registry, request.motion_module)
-        adapter = self._adapter(entry)
-        check_fits(adapter, dict(comps.unet.config), motion_name=entry.name, model_name=loaded.name)
-        window = adapter.config["motion_max_seq_length"]
-        denoise_fn = motion_denoise
-        if request.frames > window:  # longer than the module sees at once: sliding context windows
-            if request.context_overlap >= window:
-                raise InvalidRequest("context_overlap", f"must be less than motion module {entry.name!r}'s window of "
-                                                        f"{window} frames, got {request.context_overlap}")
-            denoise_fn = ContextDenoise(window, request.context_overlap)
+        entry = adapter = None
+        denoise_fn, window = frames_denoise, request.frames  # no motion module: frame by frame
+        if request.motion:
+            entry = find_motion(studio.registry, request.motion_module)
+            adapter = self._adapter(entry)
+            check_fits(adapter, dict(comps.unet.config), motion_name=entry.name, model_name=loaded.name)
+            denoise_fn, window = motion_denoise, adapter.config["motion_max_seq_length"]
+            if request.frames > window:  # longer than the module sees at once: sliding context windows
+                if request.context_overlap >= window:
+                    raise InvalidRequest("context_overlap", f"must be less than motion module {entry.name!r}'s window "
+                                                            f"of {window} frames, got {request.context_overlap}")
+                denoise_fn = ContextDenoise(window, request.context_overlap)
         networks = activate(request_tags(request), comps, registry=studio.registry, model_name=loaded.name,
                             cache=studio.networks)
         embeddings = studio.embeddings.for_prompts(prompt_texts(request), comps)
         timings = {"load": time.perf_counter() - t0}
         with patched(comps, networks), torch.no_grad():
-            unet = motion_unet(comps.unet, adapter)  # LoRA-patched weights copied in
-            studio.models.place_module(unet)
+            unet = comps.unet
+            if adapter is not None:
+                unet = motion_unet(comps.unet, adapter)  # LoRA-patched weights copied in
+                studio.models.place_module(unet)
+            attention = (cross_frame_attention(unet, min(window, request.frames)) if request.cross_frame_attention
+                         else nullcontext())
 
             # 3. condition, 4. sample.
             t = time.perf_counter()
-            run = run_video(comps, unet, request, device=studio.models.device, dtype=studio.models.dtype,
-                            on_step=on_step, context=ConditioningContext(tuple(embeddings)), denoise_fn=denoise_fn)
+            with attention:
+                run = run_video(comps, unet, request, device=studio.models.device, dtype=studio.models.dtype,
+                                on_step=on_step, context=ConditioningContext(tuple(embeddings)),
+                                denoise_fn=denoise_fn, init_frames=init_frames)
             del unet
         timings["sample"] = time.perf_counter() - t
 
-        # 5. decode.
+        # 5. decode (and blend along the input clip's optical flow).
         t = time.perf_counter()
         clips = [clip for lat in run.latents for clip in decode_clips(comps.vae, lat)]
+        if request.flow_blend > 0:
+            flows = clip_flows(init_frames)
+            clips = [flow_blend(clip, flows, request.flow_blend) for clip in clips]
         timings["decode"] = time.perf_counter() - t
 
         # 6. metadata and save: each clip's request carries its own seed, so it re-creates alone.
-        hashes = {"model_hash": loaded.sha256[:10], "motion_module_hash": studio.registry.sha256(entry)[:10],
+        hashes = {"model_hash": loaded.sha256[:10],
+                  "motion_module_hash": studio.registry.sha256(entry)[:10] if entry is not None else None,
                   "lora_hashes": {a.network.name: a.network.short_hash for a in networks}}
         parameters = [video_parameters(request.replace(seed=s, subseed=ss, batch_size=1, batch_count=1), hashes)
                       for s, ss in zip(run.seeds, run.subseeds)]
@@ -152,6 +168,35 @@ class VideoStudio:
             self.studio.models.place_module(adapter)
             hit = self._adapters.put(key, adapter)
         return hit
+
+
+def video2video_fields(fields: dict, path: Path | str) -> dict:
+    """Request fields for restyling the clip at ``path``: its frame count, frame rate and size
+    (rounded down to multiples of 8) where ``fields`` leaves them out, so the restyled clip keeps
+    them; the clip's headers checked against the input limits first (``probe_video``)."""
+    info = probe_video(Path(path))
+    frames_max = RANGES["frames"][1]
+    if "frames" not in fields and info.frames > frames_max:
+        raise InvalidRequest("init_video", f"{path}: {info.frames} frames, more than {frames_max:g}; give frames "
+                                           f"(at most {frames_max:g}) to restyle its first frames")
+    if fields.get("frames", 0) > info.frames:
+        raise InvalidRequest("frames", f"{path} has {info.frames} frames; ask for at most that many, "
+                                       f"got {fields['frames']}")
+    size = {"width": max(8, info.width // 8 * 8), "height": max(8, info.height // 8 * 8)}
+    fps = min(max(1, round(info.fps or 8)), int(RANGES["fps"][1]))
+    return {"frames": info.frames, "fps": fps, **size, **fields, "init_video": str(path)}
+
+
+def load_init_frames(request: VideoRequest) -> list[Image.Image]:
+    """The first ``request.frames`` frames of ``request.init_video`` at width x height (resized
+    when the clip's size differs); one line when the clip is shorter or cannot be read."""
+    frames = read_frames(Path(request.init_video))
+    if len(frames) < request.frames:
+        raise InvalidRequest("frames", f"{request.init_video} has {len(frames)} frames; ask for at most that many, "
+                                       f"got {request.frames}")
+    size = (request.width, request.height)
+    return [im if im.size == size else im.resize(size, Image.LANCZOS)
+            for im in (Image.fromarray(a) for a in frames[:request.frames])]
 
 
 def video_parameters(request: VideoRequest, hashes: dict) -> str:

@@ -1,0 +1,141 @@
+"""The job API for video: a ``VideoRequest`` queued as a job (text-to-video, or video-to-video
+with the input clip sent as base64), its progress on the ordinary job routes, its clips served
+as files of the outputs folder (docs/api.md, "Video jobs").
+
+Every model the request names is a name of its own folder (checkpoint, motion module, LoRA
+tags); the work limits (steps, size, prompts, ``max_frames``) are checked before anything is
+queued; an uploaded clip is checked (decodable, within the input limits) before it is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import date
+from typing import Any, Optional
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from danqing.customise.lora import request_tags
+from danqing.errors import InvalidRequest
+from danqing.files import atomic_write_bytes
+from danqing.request import VideoRequest
+from danqing.server.jobs import resolve_for_queue
+from danqing.server.security import check_frames, check_work, decode_base64, strict_scalars
+from danqing.server.state import STAND_IN, ServerState
+from danqing.server.common import JobFailed
+from danqing.video.studio import video2video_fields
+
+JOB_ID = PathParam(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")
+# what an uploaded clip is, from its first bytes (the readers pick their decoder by extension)
+SIGNATURES = ((b"GIF8", ".gif"), (b"RIFF", ".webp"))
+MEDIA_TYPES = {".mp4": "video/mp4", ".gif": "image/gif", ".webp": "image/webp"}
+
+
+class VideoJobSubmit(BaseModel):
+    """A video job: the library's VideoRequest, plus the clip to restyle (base64 MP4, GIF or
+    animated WebP; video-to-video)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: VideoRequest
+    init_video: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            strict_scalars(data, cls)
+            strict_scalars(data.get("request"), VideoRequest, "request.")
+            request = data.get("request")
+            if isinstance(request, dict) and request.get("init_video") is not None:
+                raise ValueError("request.init_video: paths are not accepted over HTTP; send the clip itself as "
+                                 "init_video (base64)")
+            if isinstance(request, dict) and data.get("init_video"):  # validated as video-to-video
+                data = {**data, "request": {**request, "init_video": STAND_IN}}
+        return data
+
+
+def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None) -> VideoRequest:
+    """Network fields (VideoRequest names) + an uploaded clip -> a queued-ready request; the
+    clip is kept under the inputs folder only once every other check has passed."""
+    fields = dict(fields)
+    opts = state.options()
+    fields["model"] = (state.model_name("checkpoint", fields["model"], "model") if fields.get("model") is not None
+                       else opts["sd_model_checkpoint"])
+    if fields.get("vae") is not None:
+        fields["vae"] = state.model_name("vae", fields["vae"], "vae")
+    if fields.get("motion_module") is not None:
+        fields["motion_module"] = state.model_name("motion", fields["motion_module"], "motion_module")
+    checked = VideoRequest.create(**({**fields, "init_video": STAND_IN} if clip is not None else fields))
+    for tag in request_tags(checked):
+        state.model_name("lora", tag.name, "prompt")
+    check_work(checked, state.server)
+    check_frames(checked.frames, state.server)
+    if clip is None:
+        return resolve_for_queue(checked, state.settings.default_model)
+    suffix = next((s for magic, s in SIGNATURES if clip.startswith(magic)), ".mp4")
+    path = state.inputs_dir / date.today().isoformat() / f"{uuid.uuid4().hex}-video{suffix}"
+    atomic_write_bytes(path, clip)
+    try:
+        try:
+            fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given
+            request = VideoRequest.create(**fields)
+        except InvalidRequest as exc:  # about the clip: said of the upload, never of a server path
+            detail = str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded clip")
+            raise InvalidRequest("init_video" if exc.field in ("video", "init_video") else exc.field, detail) from None
+        check_work(request, state.server)
+        check_frames(request.frames, state.server)
+        return resolve_for_queue(request, state.settings.default_model)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def video_router(state: ServerState) -> APIRouter:
+    r = APIRouter(prefix="/api/v1", tags=["video"])
+
+    @r.post("/video/jobs", status_code=202, summary="Submit a video job (VideoRequest + optional base64 clip)")
+    def submit(body: VideoJobSubmit) -> dict:
+        clip = decode_base64(body.init_video, "init_video", state.limits) if body.init_video else None
+        fields = body.request.model_dump(exclude_unset=True)
+        fields.pop("init_video", None)  # the stand-in of the upload
+        try:
+            request = prepare_video(state, fields, clip)
+        except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
+            field = exc.field if exc.field == "init_video" else f"request.{exc.field}"
+            raise InvalidRequest(field, str(exc).split(": ", 1)[-1]) from None
+        try:
+            job = state.worker.submit(request, source="api", save=True)
+        except BaseException:
+            if request.init_video:
+                os.unlink(request.init_video)
+            raise
+        return video_view(job, {**job.to_dict(), "position": state.store.position(job)})
+
+    @r.get("/jobs/{job_id}/videos/{index}", response_class=FileResponse, summary="One clip of a finished video job")
+    def video(job_id: str = JOB_ID, index: int = PathParam(ge=0, le=10_000)):
+        job = state.store.get(job_id)
+        if job is None:
+            raise JobFailed(404, f"no job {job_id}", job_id)
+        videos = (job.result or {}).get("videos", [])
+        if index >= len(videos):
+            raise JobFailed(404, f"job {job_id} has no clip {index}", job_id)
+        path = videos[index]["path"]
+        if not os.path.isfile(path):
+            raise JobFailed(404, f"clip {index} of job {job_id} is no longer on disk", job_id)
+        return FileResponse(path, media_type=MEDIA_TYPES.get(os.path.splitext(path)[1], "application/octet-stream"))
+
+    return r
+
+
+def video_view(job, view: dict | None = None) -> dict:
+    """A job's JSON view with each clip's URL (``/api/v1/jobs/ID/videos/N``)."""
+    d = view if view is not None else job.to_dict()
+    if d.get("result") and d["result"].get("videos"):
+        d["result"] = {**d["result"], "videos": [{**v, "url": f"/api/v1/jobs/{job.id}/videos/{i}"}
+                                                 for i, v in enumerate(d["result"]["videos"])]}
+    return d
