@@ -569,13 +569,8 @@ FLUX_SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 packing
 
 
 def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest":
-    """The request checked against the model family it runs on, with what the family leaves open
-    filled in (FLUX: ``distilled_cfg_scale`` 3.5), so that its infotext reproduces the image.
-
-    Raises ``InvalidRequest`` (one line) for an option the family does not take: clip skip,
-    Distilled CFG Scale or Shift where they mean nothing, a sampler without a flow-matching
-    counterpart, or a feature not available for SD3 / FLUX yet.
-    """
+    """The request checked against its model's family (one-line ``InvalidRequest`` for an option the
+    family does not take), what the family leaves open filled in (FLUX: ``distilled_cfg_scale``)."""
     flow = family in FLOW_FAMILIES
     if not flow:
         for name, what in (("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding"),
