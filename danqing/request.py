@@ -573,8 +573,8 @@ def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest"
     family does not take), what the family leaves open filled in (FLUX: ``distilled_cfg_scale``)."""
     flow = family in FLOW_FAMILIES
     if not flow:
-        for name, what in (("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding"),
-                           ("shift", "Shift is the timestep shift of flow-matching models (SD3, FLUX)")):
+        for name, what in (("distilled_cfg_scale", "Distilled CFG Scale is FLUX's guidance embedding"), ("shift",
+                           "Shift is the timestep shift of flow-matching models (SD3, FLUX)")):
             if getattr(request, name) is not None:
                 raise InvalidRequest(name, f"{what}; the model is {family}: leave it unset")
         return request
@@ -596,6 +596,4 @@ def for_family(request: "GenerationRequest", family: str) -> "GenerationRequest"
     for name in ("width", "height"):
         if getattr(request, name) % FLUX_SIZE_MULTIPLE:
             raise InvalidRequest(name, f"FLUX needs a multiple of {FLUX_SIZE_MULTIPLE}, got {getattr(request, name)}")
-    if request.distilled_cfg_scale is None:
-        return request.replace(distilled_cfg_scale=DISTILLED_CFG_SCALE)
-    return request
+    return request.replace(distilled_cfg_scale=DISTILLED_CFG_SCALE) if request.distilled_cfg_scale is None else request
