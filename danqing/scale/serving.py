@@ -42,11 +42,10 @@ from danqing.server.a1111 import (
     _option_routes,
     a1111_error,
     a1111_info,
+    decoded_inputs,
     request_fields,
     script_key,
 )
-from danqing.server.a1111_scripts import styled
-from danqing.server.a1111_units import controlnet_units, ip_adapter_unit
 from danqing.server.app import _api_fallback, _error_handlers
 from danqing.server.common import job_error
 from danqing.server.security import (
@@ -55,7 +54,6 @@ from danqing.server.security import (
     BasicAuthMiddleware,
     BodyLimitMiddleware,
     HostOriginMiddleware,
-    decode_image,
     guard_body,
 )
 from danqing.server.state import ServerState
@@ -210,24 +208,7 @@ def _generate_routes(r: APIRouter, state: ServerState) -> None:
                                                 "not on the Ray deployment; leave it unset")
         if body.script_args:
             raise InvalidRequest("script_args", "given without a script_name; leave it unset or []")
-        fields = styled(fields, body.styles, state.settings.home)
-        _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})
-        if ip_images:
-            fields["ip_adapter_image"] = tuple(decode_image(b, "alwayson_scripts", state.limits) for b in ip_images)
-        units = controlnet_units(body.alwayson_scripts or {})
-        if units:
-            fields["controlnet"] = [
-                {**u, "image": decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image", state.limits)}
-                for i, (u, img) in enumerate(units)]
-        init = mask = None
-        if img2img:
-            if not body.init_images:
-                raise InvalidRequest("init_images", "img2img needs one init image (base64)")
-            if len(body.init_images) > 1:
-                raise InvalidRequest("init_images", f"danqing takes one init image per request, got {len(body.init_images)}")
-            init = decode_image(body.init_images[0], "init_images", state.limits)
-            if body.mask:
-                mask = decode_image(body.mask, "mask", state.limits)
+        fields, init, mask = decoded_inputs(body, fields, img2img, state)
         try:
             request = state.prepare_request(fields, init_image=init, mask=mask, overrides=body.override_settings or None)
         except InvalidRequest as exc:

@@ -300,6 +300,31 @@ def build_router(state) -> APIRouter:
     return r
 
 
+def decoded_inputs(body, fields: dict, img2img: bool, state) -> tuple[dict, object, object]:
+    """The body's styles applied and every picture in it decoded (and bounded): the request
+    fields with their IP-Adapter and ControlNet pictures, the init picture and the mask. The
+    server stores pictures only once the request is accepted (``ServerState.submit``)."""
+    fields = styled(fields, body.styles, state.settings.home)
+    _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})  # checked by request_fields
+    if ip_images:
+        fields["ip_adapter_image"] = tuple(decode_image(b, "alwayson_scripts", state.limits) for b in ip_images)
+    units = controlnet_units(body.alwayson_scripts or {})
+    if units:
+        fields["controlnet"] = [
+            {**u, "image": decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image", state.limits)}
+            for i, (u, img) in enumerate(units)]
+    init = mask = None
+    if img2img:
+        if not body.init_images:
+            raise InvalidRequest("init_images", "img2img needs one init image (base64)")
+        if len(body.init_images) > 1:
+            raise InvalidRequest("init_images", f"danqing takes one init image per request, got {len(body.init_images)}")
+        init = decode_image(body.init_images[0], "init_images", state.limits)
+        if body.mask:
+            mask = decode_image(body.mask, "mask", state.limits)
+    return fields, init, mask
+
+
 def _generation_routes(r: APIRouter, state) -> None:
     """txt2img, img2img (through the job queue, waiting), png-info, progress, interrupt, skip."""
 
@@ -308,26 +333,7 @@ def _generation_routes(r: APIRouter, state) -> None:
         script = script_key(body.script_name)
         if script is None and body.script_args:
             raise InvalidRequest("script_args", "given without a script_name; leave it unset or []")
-        fields = styled(fields, body.styles, state.settings.home)
-        # every picture is decoded (and bounded) here; the server stores them only once the
-        # request is accepted (ServerState.submit)
-        _, ip_images = ip_adapter_unit(body.alwayson_scripts or {})  # checked by request_fields
-        if ip_images:
-            fields["ip_adapter_image"] = tuple(decode_image(b, "alwayson_scripts", state.limits) for b in ip_images)
-        units = controlnet_units(body.alwayson_scripts or {})
-        if units:
-            fields["controlnet"] = [
-                {**u, "image": decode_image(img, f"alwayson_scripts.controlnet.args.{i}.image", state.limits)}
-                for i, (u, img) in enumerate(units)]
-        init = mask = None
-        if img2img:
-            if not body.init_images:
-                raise InvalidRequest("init_images", "img2img needs one init image (base64)")
-            if len(body.init_images) > 1:
-                raise InvalidRequest("init_images", f"danqing takes one init image per request, got {len(body.init_images)}")
-            init = decode_image(body.init_images[0], "init_images", state.limits)
-            if body.mask:
-                mask = decode_image(body.mask, "mask", state.limits)
+        fields, init, mask = decoded_inputs(body, fields, img2img, state)
         if script is not None:
             try:
                 return run_script(state, script, body, fields, img2img=img2img, init=init, mask=mask)
