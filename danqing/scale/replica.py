@@ -18,7 +18,7 @@ from pathlib import Path
 from danqing.errors import DanqingError
 from danqing.outputs.store import save_png
 from danqing.request import GenerationRequest
-from danqing.server.jobs import planned_paths, png_bytes
+from danqing.server.jobs import planned_paths, png_bytes, result_record
 from danqing.settings import Settings, force_offline
 from danqing.studio import Studio
 
@@ -65,12 +65,7 @@ def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, o
     except Exception as exc:  # noqa: BLE001 -- a failing request must never take the replica down
         return {"error": f"internal error: {type(exc).__name__}: {exc}"}
     return {
-        "images": [{"path": str(p) if p else None, "seed": s, "subseed": ss, "infotext": t}
-                   for p, s, ss, t in zip(paths, result.seeds, result.subseeds, result.infotexts)],
-        "interrupted": result.interrupted,
-        "warnings": result.warnings,
-        "timings": {k: round(v, 4) for k, v in result.timings.items()},
-        "request": result.request.model_dump(),
+        **result_record(result, paths),
         "pngs": pngs,
         "worker": worker_name(),
         "finished": time.time(),

@@ -86,6 +86,19 @@ def png_bytes(image, infotext: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def result_record(result, paths) -> dict:
+    """What a finished generation job keeps: each picture's file, seeds and infotext, and the run's
+    flags, warnings, timings and request."""
+    return {
+        "images": [{"path": str(p) if p else None, "seed": s, "subseed": ss, "infotext": t}
+                   for p, s, ss, t in zip(paths, result.seeds, result.subseeds, result.infotexts)],
+        "interrupted": result.interrupted,
+        "warnings": result.warnings,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "request": result.request.model_dump(),
+    }
+
+
 def planned_paths(folder: Path, seeds: list[int]) -> list[Path]:
     """A1111 names ``NNNNN-SEED.png`` for a run's images: consecutive counters after the folder's
     highest (``next_output_path`` for each, as if the previous ones existed)."""
@@ -335,14 +348,7 @@ class Worker:
             pngs = [png_bytes(img, text) for img, text in zip(result.images, result.infotexts)]
             with self._cond:
                 self._handed[job.id] = (time.monotonic(), pngs)
-        return {
-            "images": [{"path": str(p) if p else None, "seed": s, "subseed": ss, "infotext": t}
-                       for p, s, ss, t in zip(paths, result.seeds, result.subseeds, result.infotexts)],
-            "interrupted": result.interrupted,
-            "warnings": result.warnings,
-            "timings": {k: round(v, 4) for k, v in result.timings.items()},
-            "request": result.request.model_dump(),
-        }
+        return result_record(result, paths)
 
 
 def video_result(result, videos: list[Path]) -> dict:
