@@ -89,8 +89,9 @@ def bench_family(family: str, args) -> None:
         def stock():
             pipe = stock_pipeline(comps, make_scheduler(comps.scheduler_config, req.sampler, req.schedule))
             with torch.no_grad():
-                pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=20, height=size, width=size,
-                     guidance_scale=7.0, num_images_per_prompt=batch, output_type="pt")
+                lat = pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=20, height=size,
+                           width=size, guidance_scale=7.0, num_images_per_prompt=batch, output_type="latent").images
+                decode_latents(comps.vae, lat)  # the same decode as ours (the VAE stays fp32)
 
         runs = {"stock diffusers": stock, **{k: (lambda v=v: ours(*v)) for k, v in VARIANTS.items()}}
         first = {k: timed(fn)[0] for k, fn in runs.items()}  # warm-up; compile happens here

@@ -102,6 +102,20 @@ def test_fast_options_from_the_command_line():
             pass
 
 
+def test_a_chosen_attention_kernel_keeps_the_math_kernel_behind_it():
+    """sdpa=flash prefers flash attention and falls back to the math kernel where flash cannot
+    run (SD's VAE attends with one 512-wide head, beyond flash's 256: on a GPU the decode failed
+    with "No available kernel" when flash was the only kernel allowed)."""
+    from danqing.models.fastpath import _sdpa
+
+    cuda = torch.backends.cuda
+    with _sdpa(None, FastPath(sdpa="flash"), torch.device("cpu")):
+        assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == (True, True, False)
+    with _sdpa(None, FastPath(sdpa="math"), torch.device("cpu")):
+        assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled()) == (False, True)
+    assert cuda.mem_efficient_sdp_enabled()  # restored on the way out
+
+
 def test_cli_refuses_an_unknown_fast_option(tmp_path, capsys):
     from danqing.cli import main
 

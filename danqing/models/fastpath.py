@@ -114,7 +114,10 @@ def _channels_last(comps, fast: FastPath, device) -> Iterator[None]:
 def _sdpa(comps, fast: FastPath, device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS[fast.sdpa]])
+    # The chosen kernel first, PyTorch's math kernel behind it for the calls that kernel cannot
+    # take: the VAE's one-head attention (head size 512 in SD) is beyond flash attention's 256.
+    names = [*SDPA_BACKENDS[fast.sdpa], *(() if fast.sdpa == "math" else ("MATH",))]
+    return sdpa_kernel([getattr(SDPBackend, name) for name in names], set_priority=True)
 
 
 @contextlib.contextmanager
