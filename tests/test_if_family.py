@@ -22,13 +22,17 @@ LOW, HIGH, STEPS = 64, 256, 3  # IF's own sizes: 64 -> 256
 def _unet(stage: int):
     from diffusers import UNet2DConditionModel
 
-    common = dict(sample_size=LOW if stage == 1 else HIGH, layers_per_block=1, block_out_channels=[32, 64],
-                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-                  up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], out_channels=6,
-                  cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8, addition_embed_type="text",
-                  addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
-                  resnet_time_scale_shift="scale_shift", act_fn="gelu")
+    # Stage II runs at 256x256 pixels: two plain levels first keep its attention at 32x32 tokens
+    # (at 128x128 tokens one test took minutes on a 2-core CPU).
+    levels = ([32, 64], ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"], 32) if stage == 1 else \
+        ([16, 16, 32, 64], ["ResnetDownsampleBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"], 8)
+    channels, down, groups = levels
+    up = ["SimpleCrossAttnUpBlock2D"] + ["ResnetUpsampleBlock2D"] * (len(down) - 1)
+    common = dict(sample_size=LOW if stage == 1 else HIGH, layers_per_block=1, block_out_channels=channels,
+                  down_block_types=down, mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=up,
+                  norm_num_groups=groups, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32,
+                  attention_head_dim=8, addition_embed_type="text", addition_embed_type_num_heads=2,
+                  cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu")
     if stage == 1:
         return UNet2DConditionModel(in_channels=3, **common)
     return UNet2DConditionModel(in_channels=6, class_embed_type="timestep", mid_block_scale_factor=1.414,
