@@ -134,6 +134,20 @@ def test_training_continues_from_an_existing_model(smoke_run, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in unet_keys)           # the UNet moved on
 
 
+def test_the_vae_can_start_from_another_run(smoke_run, tmp_path):
+    """model.init_vae: a run starts its VAE from an earlier run's VAE folder (kept as it is, scale
+    included, when the VAE stages have no steps); a folder that is no VAE is one line."""
+    _, run, _ = smoke_run
+    cfg = _cfg(tmp_path, "vae-from", **{"model.init_vae": str(run / "vae"), "vae.steps": 0, "vae.crop_steps": 0,
+                                         "unet.steps": 2})
+    train_base(cfg, log=lambda line: None)
+    before, after = load_file(run / "model.safetensors"), load_file(Path(cfg.run.output_dir) / "model.safetensors")
+    vae_keys = [k for k in before if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch.equal(before[k], after[k]) for k in vae_keys)
+    with pytest.raises(InvalidRequest, match="model.init_vae.*not a diffusers VAE folder"):
+        train_base(_cfg(tmp_path, "no-vae", **{"model.init_vae": str(tmp_path), "unet.steps": 1}), log=lambda line: None)
+
+
 def test_a_saved_tokenizer_folder_is_read_and_matches_ours(smoke_run):
     from danqing.models.tokenizer import clip_tokenizer
     from danqing.models.loader import load_diffusers_folder

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from danqing.errors import InvalidRequest
 from danqing.files import atomic_save_dir
 from danqing.decode import decode_latents, to_pil
 from danqing.models.families import build_components
@@ -126,6 +127,16 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir
     vae = accelerator.unwrap_model(vae)
     vae.eval()
     return losses
+
+
+def _load_vae(folder: str):
+    """A diffusers VAE folder, fp32 and trainable; one line naming the folder when it is not one."""
+    from diffusers import AutoencoderKL
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise InvalidRequest("model.init_vae", f"{folder}: not a diffusers VAE folder (config.json and weights)")
+    return AutoencoderKL.from_pretrained(path).float().requires_grad_(True)
 
 
 def _save_vae(vae, run_dir: Path, name: str) -> Path:
@@ -410,6 +421,9 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         log(f"model: continuing from {cfg.model.init_from}")
     else:
         comps = build_components(cfg.model.family, seed=cfg.run.seed)
+    if cfg.model.init_vae:
+        comps.vae = _load_vae(cfg.model.init_vae)
+        log(f"vae: starting from {cfg.model.init_vae}")
     summary: dict = {"family": cfg.model.family, "images": n_images, "init_from": cfg.model.init_from}
 
     # Stage 1: the VAE, in two phases; a finished phase in the run folder is not redone.

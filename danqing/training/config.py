@@ -31,6 +31,8 @@ class ModelConfig(_Strict):
     # continue from an existing model (name, diffusers folder or single file) instead of random
     # init; its VAE is kept as it is unless vae.steps / vae.crop_steps train it further
     init_from: str | None = None
+    # start the VAE from this diffusers VAE folder instead (e.g. an earlier run's OUTPUT/vae)
+    init_vae: str | None = None
 
 
 class VAEConfig(_Strict):
