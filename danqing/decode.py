@@ -61,3 +61,12 @@ def cheap_preview(latents: torch.Tensor, family: str) -> Image.Image:
         lo, hi = rgb.amin(dim=(1, 2), keepdim=True), rgb.amax(dim=(1, 2), keepdim=True)
         rgb = (rgb - lo) / (hi - lo + 1e-6)
     return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+@torch.no_grad()
+def tiny_preview(latents: torch.Tensor, decoder) -> Image.Image:
+    """The first latent of a batch through a tiny preview decoder (``models.preview_decoder``):
+    TAESD decoders take the latents as the sampler has them (already scaled)."""
+    p = next(decoder.parameters())
+    x = decoder.decode(latents[:1].to(p.device, p.dtype)).sample
+    return to_pil((x.float().cpu() / 2 + 0.5).clamp(0, 1))[0]

@@ -187,3 +187,25 @@ def train_controlnet_cmd(
     cfg = under_home(load_config(config, parse_sets(set_), model=ControlTrainConfig), ctx.obj.home)
     summary = train_controlnet(cfg, resume=not fresh, log=_echo)
     typer.echo(f"summary: {json.dumps(summary['eval_f1'])}")
+
+
+@train_app.command("preview-decoder")
+def train_preview_decoder_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("danqing-tiny", help="Model whose VAE decoder is distilled (a name or file)."),
+    out: Path = typer.Option(..., "--out", help="The TAESD decoder file to write (.safetensors; a new file)."),
+    steps: int = typer.Option(3000, min=1, max=1_000_000, help="Training steps."),
+    batch_size: int = typer.Option(32, min=1, max=4096, help="Latents per step."),
+    n_images: int = typer.Option(4000, min=16, max=1_000_000, help="Pictures of the synthetic worlds to learn from."),
+    seed: int = typer.Option(0, help="Seed of the pictures and the initial weights."),
+):
+    """Distil a tiny preview decoder (TAESD architecture) from a model's VAE, for live previews
+    (server option show_progress_type = TAESD); written in TAESD's own file layout."""
+    from danqing.training.preview_decoder import train_preview_decoder  # lazy: imports torch
+
+    if out.suffix != ".safetensors":
+        raise InvalidRequest("--out", f"{out}: the decoder is written as .safetensors")
+    if out.exists():
+        raise InvalidRequest("--out", f"{out} exists; name a new file")
+    train_preview_decoder(model, out, steps=steps, batch_size=batch_size, n_images=n_images, seed=seed,
+                          settings=ctx.obj, log=_echo)

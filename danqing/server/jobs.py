@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from danqing.decode import tiny_preview
+from danqing.models.preview_decoder import PREVIEW_MODES, find_tiny_decoder, latent_space, load_tiny_decoder
 from danqing.outputs.video import clip_paths, planned_files
 from danqing.request import GenerationRequest, VideoRequest
 from danqing.errors import DanqingError
@@ -134,6 +136,9 @@ class Worker:
         self._recent_logs: dict[str, list] = {}  # step logs of the last finished jobs (late SSE readers)
         self._members: dict[str, Progress] = {}  # the jobs of a running batch (batched serving)
         self._cancelled: set[str] = set()  # members of the running batch cancelled one by one
+        self._preview_mode = PREVIEW_MODES[0]  # the running job's (read from the options as it starts)
+        self._tiny_decoders: dict[str, object] = {}  # latent space -> preview decoder (or None): a model cache
+        self._preview_request, self._preview_space = None, None
         self.ready = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -259,6 +264,8 @@ class Worker:
             self._run_job(job)
 
     def _run_job(self, job: Job) -> None:
+        self._preview_mode = self.store.options().get("show_progress_type", PREVIEW_MODES[0])
+        self._preview_request, self._preview_space = job.request, None
         with self._cond:
             self._abort = None
             self._progress = Progress(job_id=job.id, batch_count=job.request.batch_count, total=job.request.steps,
@@ -288,6 +295,22 @@ class Worker:
                 for k in [k for k, (t, _) in self._handed.items() if now - t > 600]:
                     del self._handed[k]  # nobody came for them
 
+    def _preview(self, info):
+        """The live preview of a step: TAESD's tiny decoder where the option asks for it and one is
+        installed for the model's family (``models.preview_decoder``), else the linear approximation."""
+        if self._preview_mode == "TAESD" and isinstance(self._preview_request, GenerationRequest):
+            if self._preview_space is None:  # the job's model is loaded (cached) by now
+                r = self._preview_request
+                loaded = self.studio.models.load(r.model or self.studio.settings.default_model, r.vae)
+                self._preview_space = latent_space(loaded.components)
+            space = self._preview_space
+            if space not in self._tiny_decoders:
+                path = find_tiny_decoder(self.studio.registry.models_dir, space)
+                self._tiny_decoders[space] = load_tiny_decoder(path).to(self.studio.models.device) if path else None
+            if self._tiny_decoders[space] is not None:
+                return tiny_preview(info.latents, self._tiny_decoders[space])
+        return info.preview()
+
     def _on_step(self, info):
         now = time.monotonic()
         with self._cond:
@@ -298,7 +321,7 @@ class Worker:
             due = info.step == info.total or now - getattr(self, "_last_preview", 0.0) >= self.preview_interval
         if due:
             self._last_preview = now
-            preview = png_bytes(info.preview())
+            preview = png_bytes(self._preview(info))
             with self._cond:
                 self._progress.preview_png = preview
                 self._progress.preview_step = info.batch_index * info.total + info.step

@@ -22,6 +22,7 @@ from danqing.errors import InvalidRequest
 from danqing.models.names import Named, inside, resolve
 from danqing.outputs.store import atomic_save_image
 from danqing.request import GenerationRequest
+from danqing.models.preview_decoder import PREVIEW_MODES
 from danqing.server.jobs import Worker, resolve_for_queue
 from danqing.server.store import Job, JobStore
 from danqing.server.security import UploadLimits, check_work
@@ -32,6 +33,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sd_model_checkpoint": None,  # None = settings.default_model
     "sd_vae": "Automatic",  # "Automatic" / "None" = the checkpoint's own VAE
     "CLIP_stop_at_last_layers": 1,
+    "show_progress_type": PREVIEW_MODES[0],  # live previews: "Approx cheap" or "TAESD"
 }
 VAE_NONE = ("Automatic", "None", "", None)
 
@@ -92,6 +94,10 @@ class ServerState:
             elif key == "CLIP_stop_at_last_layers":
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
                     raise InvalidRequest(key, f"must be an integer between 1 and 12, got {value!r}")
+                out[key] = value
+            elif key == "show_progress_type":
+                if value not in PREVIEW_MODES:
+                    raise InvalidRequest(key, f"must be one of {', '.join(PREVIEW_MODES)}, got {value!r}")
                 out[key] = value
             else:
                 raise InvalidRequest(key, f"unknown or read-only option; settable: {', '.join(OPTION_DEFAULTS)}")
