@@ -19,19 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from clients import Round, free_port
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _warm(url: str, replicas: int, body: dict) -> float:
@@ -60,34 +55,27 @@ def _warm(url: str, replicas: int, body: dict) -> float:
     return time.perf_counter() - t
 
 
-def _round(port: int, clients: int, requests: int, body: dict) -> tuple[float, dict]:
-    """All clients at once (webuiapi); returns (seconds, {(client, i): pixels})."""
+def webuiapi_post(port: int, body: dict, headers: list | None = None):
+    """One ``webuiapi`` txt2img call per (client, request): its own prompt, seed 1000*c + i. With
+    ``headers``, each answer's ``x-danqing-*`` headers are kept in the answer's extra figures."""
     import numpy as np
     import webuiapi
 
-    pictures, errors = {}, []
+    local = threading.local()
 
-    def client(c: int):
-        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler=body["sampler_name"], steps=body["steps"])
-        for i in range(requests):
-            try:
-                r = api.txt2img(prompt=f"client {c}: a red circle left of a blue star", seed=1000 * c + i,
-                                steps=body["steps"], width=body["width"], height=body["height"])
-            except Exception as exc:  # noqa: BLE001 -- counted, reported below
-                errors.append(f"{c}/{i}: {exc}")
-                continue
-            pictures[(c, i)] = np.asarray(r.image.convert("RGB"), dtype=np.int16)
+    def post(c: int, i: int):
+        if not hasattr(local, "api"):
+            local.api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler=body["sampler_name"], steps=body["steps"])
+            local.seen = []
+            local.api.session.hooks["response"].append(lambda r, *a, **k: local.seen.append(dict(r.headers)))
+        local.seen.clear()
+        r = local.api.txt2img(prompt=f"client {c}: a red circle left of a blue star", seed=1000 * c + i,
+                              steps=body["steps"], width=body["width"], height=body["height"])
+        answer = local.seen[-1] if local.seen else {}
+        extra = {k.lower(): v for k, v in answer.items() if k.lower().startswith("x-danqing-")}
+        return np.asarray(r.image.convert("RGB"), dtype=np.int16), extra
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    seconds = time.perf_counter() - t
-    if errors:
-        raise SystemExit(f"{len(errors)} request(s) failed: {errors[:3]}")
-    return seconds, pictures
+    return post
 
 
 def main() -> None:
@@ -114,16 +102,18 @@ def main() -> None:
     body = {"steps": args.steps, "width": 64, "height": 64, "sampler_name": "Euler a"}
     rows, reference = [], None
     for n in args.replicas:
-        port = _free_port()
+        port = free_port()
         t = time.perf_counter()
         start(settings, ServerSettings(port=port, ui=False),
               RayServeOptions(replicas=n, threads=1, replica_cpus=args.replica_cpus))
         deploy = time.perf_counter() - t
         warm = _warm(f"http://127.0.0.1:{port}", n, body)
-        seconds, pictures = _round(port, args.clients, args.requests, body)
+        round_ = Round(args.clients, args.requests).run(webuiapi_post(port, body))
+        round_.raise_errors()
+        seconds = round_.seconds
         if reference is None:
-            reference = pictures
-        diff = max(int(abs(pictures[k] - reference[k]).max()) for k in reference)
+            reference = round_
+        diff = round_.max_pixel_diff(reference)
         total = args.clients * args.requests
         rows.append((n, total, seconds, total / seconds, deploy, warm, diff))
         print(f"{n} replica(s): {total} requests in {seconds:.1f}s = {total / seconds:.2f} req/s "
