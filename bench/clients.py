@@ -84,3 +84,54 @@ class Round:
     def raise_errors(self) -> None:
         if self.errors:
             raise SystemExit(f"{len(self.errors)} request(s) failed: {list(self.errors.values())[:3]}")
+
+
+def warm_workers(url: str, replicas: int, body: dict) -> float:
+    """Concurrent A1111 txt2img requests until ``replicas`` different workers (the
+    ``x-danqing-worker`` header of the Ray deployment) have answered; seconds taken."""
+    import httpx
+
+    seen: set[str] = set()
+    t = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=600) as http:
+        while len(seen) < replicas:
+            results: list[str] = []
+
+            def one(seed: int):
+                r = http.post("/sdapi/v1/txt2img", json={**body, "prompt": "warm-up", "seed": seed})
+                r.raise_for_status()
+                results.append(r.headers["x-danqing-worker"])
+
+            threads = [threading.Thread(target=one, args=(s,)) for s in range(replicas)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            seen.update(results)
+            if time.perf_counter() - t > 600:
+                raise SystemExit(f"only {len(seen)} of {replicas} replicas answered in 10 minutes")
+    return time.perf_counter() - t
+
+
+def webuiapi_post(port: int, body: dict, model: Callable[[int, int], str] | None = None) -> Post:
+    """One ``webuiapi`` (the A1111 client from PyPI) txt2img call per (client c, request i): its
+    own prompt, seed 1000*c + i, the checkpoint ``model(c, i)`` when given. The answer's
+    ``x-danqing-*`` headers (worker, attempts, model loads) are its extra figures."""
+    import webuiapi
+
+    local = threading.local()
+
+    def post(c: int, i: int):
+        if not hasattr(local, "api"):
+            local.api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler=body["sampler_name"], steps=body["steps"])
+            local.seen = []
+            local.api.session.hooks["response"].append(lambda r, *a, **k: local.seen.append(dict(r.headers)))
+        local.seen.clear()
+        extra_args = {"override_settings": {"sd_model_checkpoint": model(c, i)}} if model else {}
+        r = local.api.txt2img(prompt=f"client {c}: a red circle left of a blue star", seed=1000 * c + i,
+                              steps=body["steps"], width=body["width"], height=body["height"], **extra_args)
+        answer = local.seen[-1] if local.seen else {}
+        extra = {k.lower(): v for k, v in answer.items() if k.lower().startswith("x-danqing-")}
+        return np.asarray(r.image.convert("RGB"), dtype=np.int16), extra
+
+    return post

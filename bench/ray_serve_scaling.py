@@ -20,62 +20,12 @@ import argparse
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from clients import Round, free_port
+from clients import Round, free_port, warm_workers, webuiapi_post
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _warm(url: str, replicas: int, body: dict) -> float:
-    """Concurrent requests until ``replicas`` different workers have answered; seconds taken."""
-    import httpx
-
-    seen: set[str] = set()
-    t = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=600) as http:
-        while len(seen) < replicas:
-            results: list[str] = []
-
-            def one(seed: int):
-                r = http.post("/sdapi/v1/txt2img", json={**body, "prompt": "warm-up", "seed": seed})
-                r.raise_for_status()
-                results.append(r.headers["x-danqing-worker"])
-
-            threads = [threading.Thread(target=one, args=(s,)) for s in range(replicas)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            seen.update(results)
-            if time.perf_counter() - t > 600:
-                raise SystemExit(f"only {len(seen)} of {replicas} replicas answered in 10 minutes")
-    return time.perf_counter() - t
-
-
-def webuiapi_post(port: int, body: dict, headers: list | None = None):
-    """One ``webuiapi`` txt2img call per (client, request): its own prompt, seed 1000*c + i. With
-    ``headers``, each answer's ``x-danqing-*`` headers are kept in the answer's extra figures."""
-    import numpy as np
-    import webuiapi
-
-    local = threading.local()
-
-    def post(c: int, i: int):
-        if not hasattr(local, "api"):
-            local.api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler=body["sampler_name"], steps=body["steps"])
-            local.seen = []
-            local.api.session.hooks["response"].append(lambda r, *a, **k: local.seen.append(dict(r.headers)))
-        local.seen.clear()
-        r = local.api.txt2img(prompt=f"client {c}: a red circle left of a blue star", seed=1000 * c + i,
-                              steps=body["steps"], width=body["width"], height=body["height"])
-        answer = local.seen[-1] if local.seen else {}
-        extra = {k.lower(): v for k, v in answer.items() if k.lower().startswith("x-danqing-")}
-        return np.asarray(r.image.convert("RGB"), dtype=np.int16), extra
-
-    return post
 
 
 def main() -> None:
@@ -107,7 +57,7 @@ def main() -> None:
         start(settings, ServerSettings(port=port, ui=False),
               RayServeOptions(replicas=n, threads=1, replica_cpus=args.replica_cpus))
         deploy = time.perf_counter() - t
-        warm = _warm(f"http://127.0.0.1:{port}", n, body)
+        warm = warm_workers(f"http://127.0.0.1:{port}", n, body)
         round_ = Round(args.clients, args.requests).run(webuiapi_post(port, body))
         round_.raise_errors()
         seconds = round_.seconds
