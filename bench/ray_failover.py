@@ -137,8 +137,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(_summary("baseline", base, total, None))
     print(_summary("one replica SIGKILLed", killed, total, base))
+    twice = {k: killed.latencies[k] for k, e in killed.extras.items() if e.get("x-danqing-attempts") == "2"}
     print(f"\nkilled {log.get('worker')} after {log.get('answered')} answers; the replacement answered "
-          f"{replaced:.1f}s after the round")
+          f"{replaced:.1f}s after the round; sent twice (client, request): seconds "
+          + ", ".join(f"{k}: {s:.1f}" for k, s in sorted(twice.items())))
+    slow = sorted(killed.latencies.items(), key=lambda kv: -kv[1])[:5]
+    print("slowest answers of the kill round (client, request): seconds, worker: "
+          + "; ".join(f"{k}: {s:.1f}, {killed.extras.get(k, {}).get('x-danqing-worker')}" for k, s in slow))
     print(f"\nmodels round: {models.completed}/{total} answered, {models.failed} failed, {models.seconds:.1f}s")
     for m in MODELS:
         print(f"  {m}: answers per worker {dict(by_model[m])}; workers in the second half {sorted(late[m])}")
