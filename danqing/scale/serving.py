@@ -38,11 +38,11 @@ from danqing.scale.replica import generate_result, make_studio
 from danqing.server.a1111 import (
     Img2ImgBody,
     Txt2ImgBody,
-    listing_routes,
-    option_routes,
     a1111_error,
     a1111_info,
     decoded_inputs,
+    listing_routes,
+    option_routes,
     request_fields,
     script_key,
 )
