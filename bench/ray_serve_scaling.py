@@ -19,75 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from clients import Round, free_port, warm_workers, webuiapi_post
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _warm(url: str, replicas: int, body: dict) -> float:
-    """Concurrent requests until ``replicas`` different workers have answered; seconds taken."""
-    import httpx
-
-    seen: set[str] = set()
-    t = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=600) as http:
-        while len(seen) < replicas:
-            results: list[str] = []
-
-            def one(seed: int):
-                r = http.post("/sdapi/v1/txt2img", json={**body, "prompt": "warm-up", "seed": seed})
-                r.raise_for_status()
-                results.append(r.headers["x-danqing-worker"])
-
-            threads = [threading.Thread(target=one, args=(s,)) for s in range(replicas)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            seen.update(results)
-            if time.perf_counter() - t > 600:
-                raise SystemExit(f"only {len(seen)} of {replicas} replicas answered in 10 minutes")
-    return time.perf_counter() - t
-
-
-def _round(port: int, clients: int, requests: int, body: dict) -> tuple[float, dict]:
-    """All clients at once (webuiapi); returns (seconds, {(client, i): pixels})."""
-    import numpy as np
-    import webuiapi
-
-    pictures, errors = {}, []
-
-    def client(c: int):
-        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler=body["sampler_name"], steps=body["steps"])
-        for i in range(requests):
-            try:
-                r = api.txt2img(prompt=f"client {c}: a red circle left of a blue star", seed=1000 * c + i,
-                                steps=body["steps"], width=body["width"], height=body["height"])
-            except Exception as exc:  # noqa: BLE001 -- counted, reported below
-                errors.append(f"{c}/{i}: {exc}")
-                continue
-            pictures[(c, i)] = np.asarray(r.image.convert("RGB"), dtype=np.int16)
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    seconds = time.perf_counter() - t
-    if errors:
-        raise SystemExit(f"{len(errors)} request(s) failed: {errors[:3]}")
-    return seconds, pictures
 
 
 def main() -> None:
@@ -114,16 +52,18 @@ def main() -> None:
     body = {"steps": args.steps, "width": 64, "height": 64, "sampler_name": "Euler a"}
     rows, reference = [], None
     for n in args.replicas:
-        port = _free_port()
+        port = free_port()
         t = time.perf_counter()
         start(settings, ServerSettings(port=port, ui=False),
               RayServeOptions(replicas=n, threads=1, replica_cpus=args.replica_cpus))
         deploy = time.perf_counter() - t
-        warm = _warm(f"http://127.0.0.1:{port}", n, body)
-        seconds, pictures = _round(port, args.clients, args.requests, body)
+        warm = warm_workers(f"http://127.0.0.1:{port}", n, body)
+        round_ = Round(args.clients, args.requests).run(webuiapi_post(port, body))
+        round_.raise_errors()
+        seconds = round_.seconds
         if reference is None:
-            reference = pictures
-        diff = max(int(abs(pictures[k] - reference[k]).max()) for k in reference)
+            reference = round_
+        diff = round_.max_pixel_diff(reference)
         total = args.clients * args.requests
         rows.append((n, total, seconds, total / seconds, deploy, warm, diff))
         print(f"{n} replica(s): {total} requests in {seconds:.1f}s = {total / seconds:.2f} req/s "

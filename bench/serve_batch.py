@@ -17,18 +17,13 @@ import base64
 import io
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clients import Round, free_port
 
 
 def _serve(studio, home: Path, batch_max: int, wait_ms: float):
@@ -41,7 +36,7 @@ def _serve(studio, home: Path, batch_max: int, wait_ms: float):
     settings = Settings(home=home, models_dir=studio.settings.models_dir, device="cpu", dtype="fp32")
     app = create_app(settings, ServerSettings(ui=False, batch_max=batch_max, batch_wait_s=wait_ms / 1000),
                      studio=studio, preview_interval=1.0)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -50,35 +45,25 @@ def _serve(studio, home: Path, batch_max: int, wait_ms: float):
     return f"http://127.0.0.1:{port}", server, thread
 
 
-def _round(url: str, clients: int, requests: int, body: dict) -> tuple[float, dict]:
-    """All clients at once; returns (seconds, {(client, i): pixels})."""
+def _post(url: str, body: dict):
+    """One A1111 txt2img POST per (client, request): its own prompt, seed 1000*c + i."""
     import httpx
     import numpy as np
     from PIL import Image
 
-    pictures, errors = {}, []
+    local = threading.local()
 
-    def client(c: int):
-        with httpx.Client(base_url=url, timeout=600) as http:
-            for i in range(requests):
-                r = http.post("/sdapi/v1/txt2img", json={**body, "prompt": f"client {c}: a red circle left of a blue star",
-                                                          "seed": 1000 * c + i})
-                if r.status_code != 200:
-                    errors.append(f"{c}/{i}: {r.status_code} {r.text[:200]}")
-                    return
-                png = base64.b64decode(r.json()["images"][0])
-                pictures[(c, i)] = np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+    def post(c: int, i: int):
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(base_url=url, timeout=600)
+        r = local.http.post("/sdapi/v1/txt2img", json={**body, "prompt": f"client {c}: a red circle left of a blue star",
+                                                       "seed": 1000 * c + i})
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+        png = base64.b64decode(r.json()["images"][0])
+        return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16), {}
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    seconds = time.perf_counter() - t
-    if errors:
-        raise SystemExit(f"requests failed: {errors[:3]}")
-    return seconds, pictures
+    return post
 
 
 def main() -> None:
@@ -119,7 +104,9 @@ def main() -> None:
         for mode, batch in (("off", 1), ("on", args.batch)):
             url, server, thread = _serve(studio, Path(tempfile.mkdtemp()), batch, args.wait_ms)
             try:
-                seconds, pictures[mode] = _round(url, args.clients, args.requests, body)
+                round_ = Round(args.clients, args.requests).run(_post(url, body))
+                round_.raise_errors()
+                seconds, pictures[mode] = round_.seconds, round_.pictures
             finally:
                 server.should_exit = True
                 thread.join(30)

@@ -38,24 +38,17 @@ from danqing.scale.replica import generate_result, make_studio
 from danqing.server.a1111 import (
     Img2ImgBody,
     Txt2ImgBody,
-    _listing_routes,
-    _option_routes,
     a1111_error,
     a1111_info,
     decoded_inputs,
+    listing_routes,
+    option_routes,
     request_fields,
     script_key,
 )
-from danqing.server.app import _api_fallback, _error_handlers
+from danqing.server.app import add_api_fallback, add_cors, add_error_handlers, add_guards
 from danqing.server.common import job_error
-from danqing.server.security import (
-    ERROR_RESPONSES,
-    JOB_RESPONSES,
-    BasicAuthMiddleware,
-    BodyLimitMiddleware,
-    HostOriginMiddleware,
-    guard_body,
-)
+from danqing.server.security import ERROR_RESPONSES, JOB_RESPONSES, guard_body
 from danqing.server.state import ServerState
 from danqing.server.store import JobStore
 from danqing.settings import ServerSettings, Settings, force_offline
@@ -155,11 +148,11 @@ def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
     app = FastAPI(title="danqing (Ray Serve)", version="0.1.0",
                   description="丹青 danqing: the A1111 generate routes over Ray Serve replicas (docs/scale.md)")
     app.state.danqing = state  # guard_body reads the limits from here
-    _error_handlers(app)
+    add_error_handlers(app)
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
     _generate_routes(router, state)
-    _option_routes(router, state)
-    _listing_routes(router, state)
+    option_routes(router, state)
+    listing_routes(router, state)
     guard = [Depends(guard_body)]
     app.include_router(router, dependencies=guard, responses=ERROR_RESPONSES)
 
@@ -167,16 +160,9 @@ def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
     def health() -> dict:
         return {"status": "ok", "ray": True}
 
-    _api_fallback(app)
-    creds = server.credentials()
-    from fastapi.middleware.cors import CORSMiddleware
-
-    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
-                       allow_headers=["*"], allow_credentials=bool(creds))
-    app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
-    if creds is not None:
-        app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
-    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
+    add_api_fallback(app)
+    add_cors(app, server)
+    add_guards(app, server)
     return app
 
 

@@ -294,8 +294,8 @@ def build_router(state) -> APIRouter:
     """The ``/sdapi/v1`` routes over one ServerState: generation, options, listings, Extras."""
     r = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
     _generation_routes(r, state)
-    _option_routes(r, state)
-    _listing_routes(r, state)
+    option_routes(r, state)
+    listing_routes(r, state)
     extras_routes(r, state)  # Extras, and the small listing and model routes
     return r
 
@@ -404,8 +404,10 @@ def _generation_routes(r: APIRouter, state) -> None:
 
 
 
-def _option_routes(r: APIRouter, state) -> None:
-    """The server options (A1111 names) and command-line flags."""
+def option_routes(r: APIRouter, state) -> None:
+    """Add A1111's ``GET``/``POST /options`` (the server options, A1111 names, kept in the job
+    store) and ``GET /cmd-flags`` to ``r``; ``state`` is a ``ServerState``. Used by
+    ``build_router`` and the Ray Serve ingress (``danqing.scale.serving``)."""
     @r.get("/options")
     def get_options() -> dict:
         opts = state.options()
@@ -441,8 +443,10 @@ def _option_routes(r: APIRouter, state) -> None:
 
 
 
-def _listing_routes(r: APIRouter, state) -> None:
-    """What is installed (models, VAEs, samplers, upscalers, LoRAs, embeddings) and memory."""
+def listing_routes(r: APIRouter, state) -> None:
+    """Add A1111's listing routes to ``r``: what is installed (models, VAEs, samplers, upscalers,
+    LoRAs, embeddings) and memory; ``state`` is a ``ServerState`` (its registry names them).
+    Used by ``build_router`` and the Ray Serve ingress."""
     @r.get("/sd-models")
     def sd_models() -> list[dict]:
         out = []

@@ -292,32 +292,51 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
                   description="丹青 danqing studio server: A1111-compatible API, async job API, web UI (docs/api.md)")
     app.state.danqing = state
 
-    _error_handlers(app)
+    add_error_handlers(app)
     guard = [Depends(guard_body)]
     app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(video_router(state), dependencies=guard, responses=ERROR_RESPONSES)
-    _api_fallback(app)
+    add_api_fallback(app)
 
-    # Always ours, even with no origins: then no CORS headers at all (Gradio adds its own
-    # localhost-reflecting CORS unless the parent app configures CORSMiddleware).
-    from fastapi.middleware.cors import CORSMiddleware
-
-    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
-                       allow_headers=["*"], allow_credentials=bool(creds))
+    add_cors(app, server)
     if server.ui:
         app = mount_ui(app, state)
-    app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
-    if creds is not None:
-        app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
-    # outermost: a foreign Host or Origin is refused before credentials or the body are read
-    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
+    add_guards(app, server)
     return app
 
 
-def _api_fallback(app: FastAPI) -> None:
-    """Unknown paths and wrong methods under the API prefixes answer 404 / 405 in our JSON shape,
-    also when the web UI is mounted at ``/`` (which would otherwise take every path)."""
+def add_cors(app: FastAPI, server: ServerSettings) -> None:
+    """CORS for ``server.cors_origins`` (credentials allowed when a login is set).
+
+    Always added, even with no origins (then no CORS headers at all): Gradio adds its own
+    localhost-reflecting CORS unless the parent app configures CORSMiddleware. Used by
+    ``create_app`` and the Ray Serve ingress (``danqing.scale.serving``).
+    """
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=bool(server.credentials()))
+
+
+def add_guards(app: FastAPI, server: ServerSettings) -> None:
+    """The outer middleware, added last so that it runs first: the body size limit, HTTP Basic
+    login (when ``server`` has credentials) and, outermost, the Host/Origin check (a foreign
+    Host or Origin is refused before credentials or the body are read). Used by ``create_app``
+    and the Ray Serve ingress, so both refuse the same requests the same way."""
+    creds = server.credentials()
+    app.add_middleware(BodyLimitMiddleware, limit=server.max_body_bytes)
+    if creds is not None:
+        app.add_middleware(BasicAuthMiddleware, user=creds[0], password=creds[1])
+    app.add_middleware(HostOriginMiddleware, host_names=server.host_names(), cors_origins=server.cors_origins)
+
+
+def add_api_fallback(app: FastAPI) -> None:
+    """Unknown paths and wrong methods under the API prefixes (``/sdapi``, ``/api``) answer 404 /
+    405 in the server's JSON error shape, also when the web UI is mounted at ``/`` (which would
+    otherwise take every path). Call it after the API routes are included (it reads the app's
+    OpenAPI schema to name the allowed methods). Used by ``create_app`` and the Ray Serve
+    ingress."""
     from starlette.routing import compile_path
 
     @functools.lru_cache(maxsize=1)
@@ -346,8 +365,12 @@ def _body_error(exc: HTTPException) -> tuple[str, str]:
     return "UndecodableBody", f"body: cannot be read ({type(cause).__name__ if cause else exc.detail})"
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """One JSON shape for every error (``ErrorBody``): ours, FastAPI's and Starlette's."""
+def add_error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error (``ErrorBody``): ours, FastAPI's and Starlette's.
+
+    ``InvalidRequest``, body validation and ``ModelError`` answer 422, other ``DanqingError`` 400,
+    ``JobFailed`` its own status, HTTP errors their status with a reason naming what was wrong,
+    anything unexpected a one-line 500. Used by ``create_app`` and the Ray Serve ingress."""
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest):
