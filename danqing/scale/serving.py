@@ -21,8 +21,6 @@ PostgreSQL, ``--db`` / ``--db-url``) keeps the server options, as it does for ``
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from danqing.server.a1111 import (
     Img2ImgBody,
     Txt2ImgBody,
     a1111_error,
-    a1111_info,
+    a1111_answer,
     decoded_inputs,
     listing_routes,
     option_routes,
@@ -209,15 +207,7 @@ def _generate_routes(r: APIRouter, state: ServerState) -> None:
         response.headers["x-danqing-model-loads"] = str(out.get("model_loads", ""))
         response.headers["x-danqing-attempts"] = str(out.pop("attempts", 1))
         job.result = out
-        if not body.override_settings_restore_afterwards and body.override_settings:
-            state.set_options(body.override_settings)
-        images = [base64.b64encode(p).decode() for p in pngs] if body.send_images else []
-        if img2img and body.include_init_images and body.send_images:
-            images += body.init_images
-        echo = body.model_dump()
-        if img2img:
-            echo["init_images"], echo["mask"] = None, None
-        return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
+        return a1111_answer(state, body, job, pngs, img2img)
 
     @r.post("/txt2img", summary="txt2img (A1111 fields), run by a replica", responses=JOB_RESPONSES)
     def txt2img(body: Txt2ImgBody, response: Response) -> dict:

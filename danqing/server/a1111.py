@@ -266,6 +266,22 @@ def scheduler_id(label: str) -> str:
     return label.lower().replace(" ", "_")
 
 
+def a1111_answer(state, body, job, pngs: list[bytes], img2img: bool) -> dict:
+    """A1111's answer to a finished txt2img/img2img job (the server's and the Ray ingress's):
+    the pictures as base64 (unless ``send_images`` is off; img2img adds the init images when
+    asked), the request echoed as ``parameters``, ``info`` as JSON; ``override_settings`` kept
+    as options unless ``override_settings_restore_afterwards``."""
+    if not body.override_settings_restore_afterwards and body.override_settings:
+        state.set_options(body.override_settings)
+    images = [base64.b64encode(p).decode() for p in pngs] if body.send_images else []
+    if img2img and body.include_init_images and body.send_images:
+        images += body.init_images
+    echo = body.model_dump()
+    if img2img:
+        echo["init_images"], echo["mask"] = None, None
+    return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
+
+
 def a1111_info(job, body: dict) -> dict:
     """A1111's ``info`` object for a finished job."""
     req = GenerationRequest.model_validate(job.result["request"])
@@ -351,15 +367,7 @@ def _generation_routes(r: APIRouter, state) -> None:
         pngs = state.worker.take_images(job.id)
         if pngs is None:  # saved: read the files back
             pngs = [open(i["path"], "rb").read() for i in job.result["images"]]
-        if not body.override_settings_restore_afterwards and body.override_settings:
-            state.set_options(body.override_settings)
-        images = [base64.b64encode(p).decode() for p in pngs] if body.send_images else []
-        if img2img and body.include_init_images and body.send_images:
-            images += body.init_images
-        echo = body.model_dump()
-        if img2img:
-            echo["init_images"], echo["mask"] = None, None
-        return {"images": images, "parameters": echo, "info": json.dumps(a1111_info(job, echo))}
+        return a1111_answer(state, body, job, pngs, img2img)
 
     @r.post("/txt2img", summary="txt2img (A1111 fields)", responses=JOB_RESPONSES)
     def txt2img(body: Txt2ImgBody) -> dict:
