@@ -102,3 +102,124 @@ def test_unclip_folder_is_told_and_incomplete_named(unclip_folder, tmp_path):
     shutil.rmtree(copy / "image_encoder")
     with pytest.raises(CorruptModel, match=r"unclip-no-encoder: the Stable unCLIP folder has no image_encoder/"):
         load_unclip_folder(copy)
+
+
+def _kandinsky_pipelines():
+    from diffusers import (DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, PriorTransformer,
+                           UnCLIPScheduler, UNet2DConditionModel, VQModel)
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from danqing.models.tokenizer import clip_tokenizer
+
+    torch.manual_seed(1)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=EMBED, num_layers=1).eval()
+    with torch.no_grad():  # the embedding's statistics (zeros and ones when built)
+        prior.clip_mean.copy_(torch.randn(1, EMBED) * 0.1)
+        prior.clip_std.copy_(torch.rand(1, EMBED) + 0.5)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, projection_dim=EMBED, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1)).eval()
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=4, intermediate_size=37)).eval()
+    first = KandinskyV22PriorPipeline(
+        prior=prior, image_encoder=vision, text_encoder=text, tokenizer=clip_tokenizer("<|endoftext|>"),
+        scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                                  clip_sample=True, clip_sample_range=10.0),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image", block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        encoder_hid_dim=EMBED, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None).eval()
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4).eval()
+    second = KandinskyV22Pipeline(unet=unet, movq=movq, scheduler=DDPMScheduler(
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, prediction_type="epsilon"))
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def kandinsky_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kandinsky")
+    for pipe, name in zip(_kandinsky_pipelines(), ("k22-prior", "k22-decoder")):
+        pipe.save_pretrained(root / name)
+    return root / "k22-prior", root / "k22-decoder"
+
+
+@pytest.fixture(scope="module")
+def kandinsky(kandinsky_folders):
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    from danqing.models.unclip_models import load_kandinsky_decoder, load_kandinsky_prior
+
+    ours = load_kandinsky_prior(kandinsky_folders[0]), load_kandinsky_decoder(kandinsky_folders[1])
+    refs = (KandinskyV22PriorPipeline.from_pretrained(kandinsky_folders[0], local_files_only=True),
+            KandinskyV22Pipeline.from_pretrained(kandinsky_folders[1], local_files_only=True))
+    for pipe in refs:
+        pipe.set_progress_bar_config(disable=True)
+    return ours, refs
+
+
+def _decode_ref(decoder, embeds, negative, seen_gen, **words):
+    seen = {}
+
+    def grab(pipe, i, t, kw):
+        seen["latents"] = kw["latents"].clone()
+        return kw
+
+    with torch.no_grad():
+        pixels = decoder(image_embeds=embeds, negative_image_embeds=negative, generator=seen_gen, output_type="np",
+                         callback_on_step_end=grab, **words).images
+    return seen["latents"], pixels
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""])
+def test_kandinsky_text_to_image_matches_diffusers(kandinsky, negative):
+    from danqing.sampling.kandinsky import run_kandinsky
+
+    (prior, decoder), (ref_prior, ref_decoder) = kandinsky
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=negative, steps=STEPS, cfg_scale=5.0, seed=17,
+                                width=SIZE, height=SIZE)
+    ours = run_kandinsky(prior, decoder, request, prior_steps=STEPS, prior_cfg_scale=3.0)
+
+    gen = torch.Generator("cpu").manual_seed(17)  # one generator through both pipelines
+    with torch.no_grad():
+        out = ref_prior(PROMPT, negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=3.0,
+                        generator=gen)
+    assert float((ours.image_embeds - out.image_embeds).abs().max()) < 1e-4
+    latents, pixels = _decode_ref(ref_decoder, out.image_embeds, out.negative_image_embeds, gen,
+                                  num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE)
+    diff = float((ours.latents - latents).abs().max())
+    print(f"Kandinsky 2.2 (negative {negative!r}) latents max|diff| = {diff:.3g}")
+    assert_close_scaled(ours.latents, latents, what="Kandinsky 2.2 latents")
+    assert diff < 1e-4
+    assert np.abs(np.asarray(ours.images[0], np.float64) - pixels[0] * 255).max() <= 1.0
+
+
+def test_kandinsky_variations_match_diffusers(kandinsky):
+    from danqing.sampling.kandinsky import run_kandinsky
+
+    (prior, decoder), (ref_prior, ref_decoder) = kandinsky
+    request = GenerationRequest(prompt="", steps=STEPS, cfg_scale=4.0, seed=5, width=SIZE, height=SIZE)
+    ours = run_kandinsky(prior, decoder, request, picture=_picture())
+    with torch.no_grad():
+        out = ref_prior.interpolate([_picture()], [1.0], num_inference_steps=2,
+                                    generator=torch.Generator("cpu").manual_seed(0))
+    latents, pixels = _decode_ref(ref_decoder, out.image_embeds, out.negative_image_embeds,
+                                  torch.Generator("cpu").manual_seed(5), num_inference_steps=STEPS,
+                                  guidance_scale=4.0, height=SIZE, width=SIZE)
+    diff = float((ours.latents - latents).abs().max())
+    print(f"Kandinsky 2.2 variations latents max|diff| = {diff:.3g}")
+    assert diff < 1e-4
+    assert np.abs(np.asarray(ours.images[0], np.float64) - pixels[0] * 255).max() <= 1.0
+    # another picture, another embedding, other latents
+    other = run_kandinsky(prior, decoder, request, picture=_picture().transpose(Image.Transpose.ROTATE_90))
+    assert float((other.latents - ours.latents).abs().max()) > 1e-3
