@@ -223,3 +223,70 @@ def test_kandinsky_variations_match_diffusers(kandinsky):
     # another picture, another embedding, other latents
     other = run_kandinsky(prior, decoder, request, picture=_picture().transpose(Image.Transpose.ROTATE_90))
     assert float((other.latents - ours.latents).abs().max()) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def unclip_home(tmp_path_factory, unclip_folder, kandinsky_folders):
+    import shutil
+
+    home = tmp_path_factory.mktemp("unclip-home")
+    for folder in (unclip_folder, *kandinsky_folders):
+        shutil.copytree(folder, home / "models" / "checkpoints" / folder.name)
+    return home
+
+
+def _cli(capsys, home, *args):
+    from danqing.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--home", str(home), "--models-dir", str(home / "models"), "--device", "cpu", *args])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cli_runs_unclip_families_and_refuses_what_they_do_not_take(capsys, unclip_home, kandinsky):
+    from danqing.outputs.infotext import parse_infotext
+    from danqing.outputs.store import read_infotext
+    from danqing.sampling.kandinsky import run_kandinsky
+
+    code, out, _ = _cli(capsys, unclip_home, "models")
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.strip()}
+    assert rows["unclip-tiny"] == "unclip" and rows["k22-prior"] == "kandinsky-prior"
+    assert rows["k22-decoder"] == "kandinsky-decoder"
+
+    # Kandinsky 2.2 text-to-image through `generate`: the picture of our loop, with its infotext
+    picture = unclip_home / "k.png"
+    code, out, err = _cli(capsys, unclip_home, "generate", PROMPT, "--model", "k22-decoder", "--prior", "k22-prior",
+                          "--steps", "2", "--prior-steps", "2", "--cfg", "4", "--seed", "9", "--width", str(SIZE),
+                          "--height", str(SIZE), "--out", str(picture))
+    assert code in (0, None), err
+    request = GenerationRequest(prompt=PROMPT, steps=2, cfg_scale=4.0, seed=9, width=SIZE, height=SIZE)
+    (prior, decoder), _ = kandinsky
+    expected = run_kandinsky(prior, decoder, request, prior_steps=2)
+    assert np.array_equal(np.asarray(Image.open(picture)), np.asarray(expected.images[0]))
+    prompt, _, params = parse_infotext(read_infotext(picture))
+    assert (prompt, params["Family"], params["Seed"], params["Prior steps"]) == (PROMPT, "kandinsky-decoder", "9", "2")
+
+    # Stable unCLIP variations of a picture, the noise level written down
+    source = unclip_home / "source.png"
+    _picture().save(source)
+    code, out, err = _cli(capsys, unclip_home, "variations", str(source), "--model", "unclip-tiny", "--steps", "2",
+                          "--noise-level", "100", "--width", str(SIZE), "--height", str(SIZE), "--seed", "3",
+                          "--out", str(unclip_home / "v.png"))
+    assert code in (0, None), err
+    params = parse_infotext(read_infotext(unclip_home / "v.png"))[2]
+    assert (params["Family"], params["Noise level"], params["Variation source"]) == ("unclip", "100", "source.png")
+
+    # one line, exit 2, nothing written: options the family does not take, a picture it needs
+    for args, words in (
+        (["variations", str(source), "--model", "unclip-tiny", "--prior", "k22-prior"], "--prior is not an option of the unclip"),
+        (["variations", str(source), "--model", "k22-decoder", "--prior", "k22-prior", "--noise-level", "5"],
+         "--noise-level is not an option of the kandinsky-decoder"),
+        (["generate", PROMPT, "--model", "unclip-tiny"], "makes variations of a picture"),
+        (["generate", PROMPT, "--model", "k22-decoder", "--prior", "k22-prior", "--hires"], "enable_hr: not an option"),
+        (["generate", PROMPT, "--model", "k22-decoder"], "needs its prior folder"),
+        (["generate", PROMPT, "--model", "k22-prior"], "give the decoder folder as --model"),
+    ):
+        code, out, err = _cli(capsys, unclip_home, *args, "--out", str(unclip_home / "refused.png"))
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (unclip_home / "refused.png").exists()

@@ -31,10 +31,10 @@ from danqing.sampling.noise import initial_noise, make_generators
 KANDINSKY_DEFAULTS = {"prior_steps": 25, "prior_cfg_scale": 4.0, "steps": 100, "cfg_scale": 4.0}  # the pipelines'
 
 
-def _scheduler(config: dict):
+def _scheduler(config: dict, default: str):
     import diffusers
 
-    return getattr(diffusers, config.get("_class_name", "DDPMScheduler")).from_config(config)
+    return getattr(diffusers, config.get("_class_name", default)).from_config(config)
 
 
 class PrevTimestep:
@@ -131,7 +131,7 @@ def run_prior(prior, prompt: str, negative: str, batch: int, gens, *, steps: int
         noise = torch.randn((rows, dim), generator=gens[0], device=gens[0].device)
     else:
         noise = torch.cat([torch.randn((1, dim), generator=g, device=g.device) for g in row_gens])
-    scheduler = PrevTimestep(_scheduler(prior.scheduler_config), row_gens)
+    scheduler = PrevTimestep(_scheduler(prior.scheduler_config, "UnCLIPScheduler"), row_gens)
     schedule = ConditioningSchedule([steps], [Conditioning(hidden)])  # read by PriorDenoise, not here
     result = sample(prior.prior, scheduler, noise.to(proj), schedule, steps=steps, cfg_scale=cfg_scale,
                     on_step=on_step, family="kandinsky-prior", denoise_fn=PriorDenoise(proj, hidden, mask))
@@ -185,7 +185,7 @@ def run_kandinsky(prior, decoder, request, *, picture: Image.Image | None = None
     noise = initial_noise((unet.config.in_channels, h, w), gens).to(device, unet.dtype)
     learned = decoder.scheduler_config.get("variance_type") in ("learned", "learned_range")
     schedule = ConditioningSchedule([request.steps], [Conditioning(both)])  # read by ImageEmbedDenoise
-    result = sample(unet, _scheduler(decoder.scheduler_config), noise, schedule, steps=request.steps,
+    result = sample(unet, _scheduler(decoder.scheduler_config, "DDPMScheduler"), noise, schedule, steps=request.steps,
                     cfg_scale=request.cfg_scale, generators=gens, on_step=on_step, family="kandinsky",
                     denoise_fn=ImageEmbedDenoise(both, learned))
     pixels = decoder.movq.decode(result.latents.to(decoder.movq.dtype), force_not_quantize=True).sample
