@@ -58,7 +58,7 @@ def variations(
     noise_level: Optional[int] = typer.Option(None, help="Stable unCLIP: noise added to the picture's embedding, 0-999 (higher: looser variations) [default: 0]."),
     sampler: Optional[str] = typer.Option(None, help="Stable unCLIP: A1111 sampler name [default: DPM++ 2M]."),
     schedule: Optional[str] = typer.Option(None, help="Stable unCLIP: schedule type [default: Automatic]."),
-    prior: Optional[str] = typer.Option(None, help="Kandinsky 2.2: the prior folder (its image encoder embeds the picture)."),
+    prior: Optional[str] = typer.Option(None, help="Kandinsky 2.2: the prior folder (its image encoder embeds the picture) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/img2img-images/DATE/")),
 ):
     """Make variations of a picture with an unCLIP model (its CLIP image embedding in place of
