@@ -7,7 +7,7 @@ the order ``danqing --help`` lists them.
 from __future__ import annotations
 
 # registers the commands, in this (the --help) order
-from danqing.cli import generate, workflow, models, edit, serve, scale, control, portrait, comic, train, evaluate, video, threed, talk  # noqa: F401, I001
+from danqing.cli import generate, workflow, models, edit, serve, scale, control, portrait, comic, train, evaluate, video, threed, talk, unclip  # noqa: F401, I001
 from danqing.cli.common import OutTarget, app, main, out_target
 from danqing.cli.generate import parse_ip_adapter_option
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from danqing.cli.unclip import unclip_generate
 from danqing.cli.common import OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate
 from danqing.errors import InvalidRequest
 from danqing.models.fastpath import FAST_HELP, fast_path_from
@@ -63,6 +64,9 @@ def generate(
     deepcache: Optional[int] = typer.Option(None, help="DeepCache: run the whole UNet every N model evaluations, the shallow branch between (0 = off; 2 is the usual strength at 20 steps; changes the picture a little) [default: 0]."),
     tome: Optional[float] = typer.Option(None, help="ToMe token merging: fraction of tokens merged, 0-0.75 (0 = off; 0.5 is the usual strength; changes the picture a little) [default: 0]."),
     fast: list[str] = typer.Option([], "--fast", help=FAST_HELP + "."),
+    prior: Optional[str] = typer.Option(None, help="Kandinsky 2.2 (--model its decoder folder): the prior folder [default: none]."),
+    prior_steps: Optional[int] = typer.Option(None, help="Kandinsky 2.2: prior steps [default: 25]."),
+    prior_cfg: Optional[float] = typer.Option(None, help="Kandinsky 2.2: prior CFG scale [default: 4]."),
     medvram: bool = typer.Option(False, "--medvram", help="CUDA: move each model to the GPU only while it runs (model CPU offload) [default: off]."),
     lowvram: bool = typer.Option(False, "--lowvram", help="CUDA: stream each layer to the GPU when it runs (sequential CPU offload; slowest, least memory) [default: off]."),
 ):
@@ -113,6 +117,8 @@ def generate(
 
         request, extra = expand_request(request, Prompting.at(ctx.obj.home), style,
                                         dynamic=dynamic and from_image is None)
+    if unclip_generate(ctx.obj, request, out, prior=prior, prior_steps=prior_steps, prior_cfg_scale=prior_cfg):
+        return
     target = out_target(out, dated(ctx.obj, "txt2img-images"))
     target.check_free(pictures_of(request))
     settings = ctx.obj.with_(fast=fast_path_from(fast, medvram=medvram, lowvram=lowvram))

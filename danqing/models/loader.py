@@ -14,6 +14,7 @@ from danqing.models.families import builtin_components
 from danqing.models.components import TRANSFORMER_FAMILIES
 from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
 from danqing.models.cascade_models import if_kind_of_folder
+from danqing.models.unclip_models import unclip_kind_of_folder
 from danqing.models.flow_models import PIPELINES, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
 from danqing.models.single_file import detect_family, load_single_file, load_vae_file, save_single_file
@@ -43,6 +44,9 @@ def load_diffusers_folder(path: Path) -> Components:
     if if_kind_of_folder(path) is not None:
         raise CorruptModel(f"{path.name}: a DeepFloyd IF stage ({if_kind_of_folder(path)}); it runs through "
                            "danqing.sampling.cascade.run_if (docs/models.md), not as a checkpoint yet")
+    if unclip_kind_of_folder(path) is not None:
+        raise CorruptModel(f"{path.name}: an unCLIP model ({unclip_kind_of_folder(path)}); it runs through "
+                           "danqing variations / danqing generate --model (docs/models.md), not as an SD checkpoint")
     has_te1 = (path / "text_encoder" / "config.json").is_file()
     has_te2 = (path / "text_encoder_2" / "config.json").is_file()
     for sub in ("unet", "vae") + (() if has_te2 else ("text_encoder",)):
@@ -150,6 +154,8 @@ def describe_checkpoint(entry: ModelEntry) -> str:
             return flow
         if if_kind_of_folder(p) is not None:  # DeepFloyd IF: a pixel stage
             return if_kind_of_folder(p)
+        if unclip_kind_of_folder(p) is not None:  # Stable unCLIP, Kandinsky 2.2 prior / decoder
+            return unclip_kind_of_folder(p)
         unet_cfg = json.loads((p / "unet" / "config.json").read_text())
         te_file = p / "text_encoder" / "config.json"
         te_cfg = json.loads(te_file.read_text()) if te_file.is_file() else None

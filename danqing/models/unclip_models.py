@@ -1,0 +1,212 @@
+"""unCLIP families: Stable unCLIP and Kandinsky 2.2 (image variations), loaded from diffusers folders.
+
+Stable unCLIP (Stability AI 2023, after Ramesh et al. 2022, "Hierarchical Text-Conditional
+Image Generation with CLIP Latents" -- DALL-E 2) is SD 2.1 whose UNet also takes a CLIP image
+embedding: the embedding, noised to a chosen level and followed by the level's sinusoidal
+embedding, goes through the UNet's ``class_embedding`` (a projection) and is added to the time
+embedding. Given a picture's embedding it makes variations of the picture.
+
+Folder layout (diffusers' ``StableUnCLIPImg2ImgPipeline`` folder)::
+
+    unet/ vae/ text_encoder/ tokenizer/ scheduler/         as SD 2.1
+    image_encoder/ (CLIPVisionModelWithProjection) feature_extractor/ (CLIPImageProcessor)
+    image_normalizer/ (the embedding's mean and std) image_noising_scheduler/
+
+Kandinsky 2.2 (Razzhigaev et al. 2023) is unCLIP proper: a prior (a transformer) turns the
+text into a CLIP image embedding, a decoder UNet conditioned only on image embeddings makes
+MoVQ latents from it. A picture's own embedding in place of the prior's gives variations.
+Two folders, as released (``KandinskyV22PriorPipeline`` / ``KandinskyV22Pipeline``)::
+
+    prior:   prior/ (PriorTransformer) text_encoder/ (CLIPTextModelWithProjection) tokenizer/
+             image_encoder/ (CLIPVisionModelWithProjection) image_processor/ scheduler/ (UnCLIP)
+    decoder: unet/ movq/ (VQModel) scheduler/ (DDPM)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from danqing.errors import CorruptModel
+from danqing.models.components import Components
+from danqing.models.tokenizer import clip_tokenizer
+
+UNCLIP_PIPELINES = {"StableUnCLIPImg2ImgPipeline": "unclip", "KandinskyV22PriorPipeline": "kandinsky-prior",
+                    "KandinskyV22Pipeline": "kandinsky-decoder"}
+UNCLIP_PARTS = ("unet", "vae", "text_encoder", "image_encoder", "image_normalizer")
+
+
+@dataclass
+class UnclipModel:
+    """A Stable unCLIP model.
+
+    Attributes:
+        kind: "unclip".
+        components: the SD 2.1 parts (family "sd2": its text encoding and latents).
+        image_encoder: ``transformers.CLIPVisionModelWithProjection``.
+        feature_extractor: ``transformers.CLIPImageProcessor`` (the encoder's resize, crop, norm).
+        image_normalizer: diffusers' ``StableUnCLIPImageNormalizer`` (embedding mean and std).
+        noising_config: the scheduler config that noises the image embedding.
+    """
+
+    kind: str
+    components: Components
+    image_encoder: Any
+    feature_extractor: Any
+    image_normalizer: Any
+    noising_config: dict
+    metadata: dict = field(default_factory=dict)
+
+
+def unclip_kind_of_folder(path: Path) -> str | None:
+    """"unclip" (Stable unCLIP), "kandinsky-prior" or "kandinsky-decoder" (Kandinsky 2.2) for a
+    diffusers folder of these families (its ``model_index.json``), else None."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return UNCLIP_PIPELINES.get(json.loads(index.read_text()).get("_class_name", ""))
+    except ValueError:
+        return None
+
+
+def _scheduler_config(path: Path, sub: str, what: str = "Stable unCLIP") -> dict:
+    f = path / sub / "scheduler_config.json"
+    if not f.is_file():
+        raise CorruptModel(f"{path}: the {what} folder has no {sub}/scheduler_config.json")
+    return json.loads(f.read_text())
+
+
+def load_unclip_folder(path: Path) -> UnclipModel:
+    """Load a Stable unCLIP diffusers folder (local files only, CPU fp32)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    path = Path(path)
+    if unclip_kind_of_folder(path) != "unclip":
+        raise CorruptModel(f"{path}: not a Stable unCLIP folder (model_index.json names StableUnCLIPImg2ImgPipeline)")
+    for sub in UNCLIP_PARTS:
+        if not (path / sub / "config.json").is_file():
+            raise CorruptModel(f"{path}: the Stable unCLIP folder has no {sub}/config.json")
+    if not (path / "feature_extractor" / "preprocessor_config.json").is_file():
+        raise CorruptModel(f"{path}: the Stable unCLIP folder has no feature_extractor/preprocessor_config.json "
+                           "(the CLIP image processor's settings)")
+    kw = {"local_files_only": True}
+    tok_dir = path / "tokenizer"
+    try:
+        tokenizer = (CLIPTokenizer.from_pretrained(tok_dir, **kw)
+                     if (tok_dir / "vocab.json").is_file() or (tok_dir / "tokenizer.json").is_file()
+                     else clip_tokenizer("!"))
+        scheduler_config = _scheduler_config(path, "scheduler")
+        comps = Components(
+            family="sd2", prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
+            vae=AutoencoderKL.from_pretrained(path / "vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw), tokenizer=tokenizer,
+            scheduler_config=scheduler_config, metadata={"source": str(path)},
+        )
+        model = UnclipModel(
+            kind="unclip", components=comps,
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", **kw),
+            feature_extractor=CLIPImageProcessor.from_pretrained(path / "feature_extractor", **kw),
+            image_normalizer=StableUnCLIPImageNormalizer.from_pretrained(path / "image_normalizer", **kw),
+            noising_config=_scheduler_config(path, "image_noising_scheduler"), metadata={"source": str(path)},
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptModel(f"{path}: cannot load Stable unCLIP folder ({str(exc).splitlines()[0]})") from None
+    for m in (comps.unet, comps.vae, comps.text_encoder, model.image_encoder, model.image_normalizer):
+        m.eval()
+    return model
+
+
+@dataclass
+class KandinskyPrior:
+    """Kandinsky 2.2's prior: text -> CLIP image embedding; its image encoder embeds pictures.
+
+    Attributes:
+        prior: ``diffusers.PriorTransformer``; scheduler_config: its ``UnCLIPScheduler`` config.
+        text_encoder, tokenizer: ``CLIPTextModelWithProjection`` (pooled + hidden states) and its tokenizer.
+        image_encoder, image_processor: ``CLIPVisionModelWithProjection``, ``CLIPImageProcessor``.
+    """
+
+    prior: Any
+    scheduler_config: dict
+    text_encoder: Any
+    tokenizer: Any
+    image_encoder: Any
+    image_processor: Any
+    kind: str = "kandinsky-prior"
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class KandinskyDecoder:
+    """Kandinsky 2.2's decoder: ``unet`` (image-embedding conditioned, noise + variance out),
+    ``movq`` (``diffusers.VQModel``) and its ``scheduler_config`` (DDPM)."""
+
+    unet: Any
+    movq: Any
+    scheduler_config: dict
+    kind: str = "kandinsky-decoder"
+    metadata: dict = field(default_factory=dict)
+
+
+def _need(path: Path, subs: tuple[str, ...], what: str, kind: str) -> None:
+    if unclip_kind_of_folder(path) != kind:
+        raise CorruptModel(f"{path}: not a {what} folder (model_index.json names "
+                           f"{next(k for k, v in UNCLIP_PIPELINES.items() if v == kind)})")
+    for sub in subs:
+        if not (path / sub).is_file():
+            raise CorruptModel(f"{path}: the {what} folder has no {sub}")
+
+
+def load_kandinsky_prior(path: Path) -> KandinskyPrior:
+    """Load a Kandinsky 2.2 prior folder (local files only, CPU fp32); its CLIP tokenizer is the
+    folder's own or, without one, the bundled CLIP tokenizer."""
+    from diffusers import PriorTransformer
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    path, what = Path(path), "Kandinsky 2.2 prior"
+    _need(path, ("prior/config.json", "text_encoder/config.json", "image_encoder/config.json",
+                 "image_processor/preprocessor_config.json"), what, "kandinsky-prior")
+    kw = {"local_files_only": True}
+    tok_dir = path / "tokenizer"
+    try:
+        model = KandinskyPrior(
+            prior=PriorTransformer.from_pretrained(path / "prior", **kw),
+            scheduler_config=_scheduler_config(path, "scheduler", what),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", **kw),
+            tokenizer=(CLIPTokenizer.from_pretrained(tok_dir, **kw)
+                       if (tok_dir / "vocab.json").is_file() or (tok_dir / "tokenizer.json").is_file()
+                       else clip_tokenizer("<|endoftext|>")),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", **kw),
+            image_processor=CLIPImageProcessor.from_pretrained(path / "image_processor", **kw),
+            metadata={"source": str(path)},
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptModel(f"{path}: cannot load {what} folder ({str(exc).splitlines()[0]})") from None
+    for m in (model.prior, model.text_encoder, model.image_encoder):
+        m.eval()
+    return model
+
+
+def load_kandinsky_decoder(path: Path) -> KandinskyDecoder:
+    """Load a Kandinsky 2.2 decoder folder (local files only, CPU fp32)."""
+    from diffusers import UNet2DConditionModel, VQModel
+
+    path, what = Path(path), "Kandinsky 2.2 decoder"
+    _need(path, ("unet/config.json", "movq/config.json"), what, "kandinsky-decoder")
+    kw = {"local_files_only": True}
+    try:
+        model = KandinskyDecoder(unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
+                                 movq=VQModel.from_pretrained(path / "movq", **kw),
+                                 scheduler_config=_scheduler_config(path, "scheduler", what),
+                                 metadata={"source": str(path)})
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptModel(f"{path}: cannot load {what} folder ({str(exc).splitlines()[0]})") from None
+    model.unet.eval()
+    model.movq.eval()
+    return model
