@@ -58,3 +58,18 @@ def test_bad_train_requests_are_one_4xx_line(client, body, field):
     text = r.text
     assert field in text and "Traceback" not in text
     assert client.get("/api/v1/train/jobs/" + "0" * 32).status_code == 404
+
+
+def test_train_tab_shows_the_jobs_loss_curve(client):
+    from danqing.server.ui import build_ui
+    from danqing.server.ui_train import loss_frame, status_line
+
+    state = client.app.state.danqing
+    done = [j for j in state.train.jobs.values() if j.status == "done"]
+    view = done[0].view() if done else {"status": "running", "name": "x", "step": 2, "total": 3, "loss": 0.5,
+                                       "losses": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}]}
+    frame = loss_frame(view)
+    assert list(frame["step"]) == [p["step"] for p in view["losses"]] and list(frame["loss"]) == [p["loss"] for p in view["losses"]]
+    assert f"step {view['step']}/{view['total']}" in status_line(view)
+    ids = {c.get("props", {}).get("elem_id") for c in build_ui(state).config["components"]}
+    assert {"train_dataset", "train_start", "train_loss", "train_samples"} <= ids

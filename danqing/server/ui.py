@@ -18,8 +18,8 @@ from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
-from danqing.server.ui_tools import (extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab,
-                                     train_tab)
+from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
+from danqing.server.ui_train import train_tab
 
 __all__ = ["add_network", "build_ui", "font_name", "mount_ui"]  # add_network: the cards' rule
 
@@ -63,7 +63,7 @@ def build_ui(state):
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):
-                train_tab(gr)
+                train_tab(gr, state)
             with gr.Tab(t("Queue"), id="queue"):
                 queue_tab(gr, state, demo)
             with gr.Tab(t("History"), id="history"):
