@@ -19,6 +19,7 @@ from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
 from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
+from danqing.server.ui_language import LanguageScript, language_picker
 from danqing.server.ui_train import train_tab
 
 __all__ = ["add_network", "build_ui", "font_name", "mount_ui"]  # add_network: the cards' rule
@@ -40,6 +41,7 @@ def mount_ui(app, state):
                               ssr_mode=False, footer_links=["settings"], i18n=i18n(keys_in(demo.config)),
                               css=CSS, **path_rules(state.settings))
     app.add_middleware(UIFileGuard, outputs_dir=state.settings.outputs_dir)
+    app.add_middleware(LanguageScript)  # the language picked in Settings (ui_language.py)
     return app
 
 
@@ -72,6 +74,7 @@ def build_ui(state):
                 png_info_tab(gr, state)
             with gr.Tab(t("Settings"), id="settings"):
                 settings_tab(gr, state, top, opts)
+                language_picker(gr, demo)
         _send_to(gr, tabs, c, i, x)
 
         def model_size(name):
