@@ -14,6 +14,7 @@ from danqing.apps import QueuedStudio
 from danqing.apps.control_projects import colorize, creative_text, qr_art, restyle
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.server.gradio_import import gradio
+from danqing.server.ui_cards import cards_panel
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
@@ -76,6 +77,7 @@ def build_ui(state):
                 settings_tab(gr, state, top, opts)
                 language_picker(gr, demo)
         _send_to(gr, tabs, c, i, x)
+        cards_panel(gr, state, c["prompt"])  # extra-network cards (ui_cards.py)
 
         def model_size(name):
             s = native_side(state.registry, name)
