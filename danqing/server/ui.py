@@ -21,6 +21,7 @@ from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
 from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
 from danqing.server.ui_language import LanguageScript, language_picker
+from danqing.server.ui_outpaint import outpaint_panel
 from danqing.server.ui_train import train_tab
 
 __all__ = ["add_network", "build_ui", "font_name", "mount_ui"]  # add_network: the cards' rule
@@ -59,6 +60,7 @@ def build_ui(state):
                 c = txt2img_tab(gr, state, top, opts, side)
             with gr.Tab(t("img2img"), id="img2img"):
                 i = img2img_tab(gr, state, top, side)
+                outpaint_panel(gr, i)  # ui_outpaint.py
             with gr.Tab(t("Extras"), id="extras"):
                 x = extras_tab(gr, state)
             with gr.Tab(t("Control projects"), id="control_apps"):  # danqing/apps/control_projects.py
