@@ -38,6 +38,7 @@ from danqing.server.security import (
 )
 from danqing.server.state import ServerState
 from danqing.server.ui import mount_ui
+from danqing.server.train import train_router
 from danqing.server.video import video_router, video_view
 from danqing.settings import ServerSettings, Settings, force_offline
 from danqing.studio import Studio
@@ -297,6 +298,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(video_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    train_routes, state.train = train_router(state)
+    app.include_router(train_routes, dependencies=guard, responses=ERROR_RESPONSES)
     add_api_fallback(app)
 
     add_cors(app, server)

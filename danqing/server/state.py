@@ -44,6 +44,7 @@ class ServerState:
     server: ServerSettings
     store: JobStore
     worker: Worker
+    train: Any = None  # the training jobs (server/train.py: TrainQueue)
 
     @property
     def registry(self):

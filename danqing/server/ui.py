@@ -14,12 +14,15 @@ from danqing.apps import QueuedStudio
 from danqing.apps.control_projects import colorize, creative_text, qr_art, restyle
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.server.gradio_import import gradio
+from danqing.server.ui_cards import cards_panel
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
-from danqing.server.ui_tools import (extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab,
-                                     train_tab)
+from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
+from danqing.server.ui_language import LanguageScript, language_picker
+from danqing.server.ui_outpaint import outpaint_panel
+from danqing.server.ui_train import train_tab
 
 __all__ = ["add_network", "build_ui", "font_name", "mount_ui"]  # add_network: the cards' rule
 
@@ -40,6 +43,7 @@ def mount_ui(app, state):
                               ssr_mode=False, footer_links=["settings"], i18n=i18n(keys_in(demo.config)),
                               css=CSS, **path_rules(state.settings))
     app.add_middleware(UIFileGuard, outputs_dir=state.settings.outputs_dir)
+    app.add_middleware(LanguageScript)  # the language picked in Settings (ui_language.py)
     return app
 
 
@@ -56,6 +60,7 @@ def build_ui(state):
                 c = txt2img_tab(gr, state, top, opts, side)
             with gr.Tab(t("img2img"), id="img2img"):
                 i = img2img_tab(gr, state, top, side)
+                outpaint_panel(gr, i)  # ui_outpaint.py
             with gr.Tab(t("Extras"), id="extras"):
                 x = extras_tab(gr, state)
             with gr.Tab(t("Control projects"), id="control_apps"):  # danqing/apps/control_projects.py
@@ -63,7 +68,7 @@ def build_ui(state):
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):
-                train_tab(gr)
+                train_tab(gr, state)
             with gr.Tab(t("Queue"), id="queue"):
                 queue_tab(gr, state, demo)
             with gr.Tab(t("History"), id="history"):
@@ -72,7 +77,9 @@ def build_ui(state):
                 png_info_tab(gr, state)
             with gr.Tab(t("Settings"), id="settings"):
                 settings_tab(gr, state, top, opts)
+                language_picker(gr, demo)
         _send_to(gr, tabs, c, i, x)
+        cards_panel(gr, state, c["prompt"])  # extra-network cards (ui_cards.py)
 
         def model_size(name):
             s = native_side(state.registry, name)

@@ -118,13 +118,6 @@ def merger_tab(gr, state) -> None:
     go.click(merge, inputs=[a, b, c, method, alpha, name, half], outputs=[note])
 
 
-def train_tab(gr) -> None:
-    """Training is not a job of the job API: the tab says so and gives the command."""
-    gr.Markdown(t("Training from the web UI is not built yet: the job queue runs pictures only. "
-                  "Train from the command line, e.g. `danqing train lora --config configs/train/lora-heart.toml` "
-                  "(LoRA, DreamBooth and textual inversion; see docs/training.md)."), elem_id="train_note")
-
-
 def queue_tab(gr, state, demo) -> None:
     """The job store's jobs, newest first: queued, running and finished; cancel one by its id."""
     grid = gr.Dataframe(headers=QUEUE_COLUMNS, value=None, interactive=False, wrap=True,

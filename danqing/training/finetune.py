@@ -125,8 +125,9 @@ def _kohya_metadata(*, method: str, base_name: str, base_sha: str, comps, data: 
     return meta
 
 
-def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
-    """``danqing train lora``: returns {"files": [...], "steps", "loss", "seconds", "steps_per_s"}."""
+def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
+    """``danqing train lora``: returns {"files": [...], "steps", "loss", "seconds", "steps_per_s"}.
+    ``on_step(step, total, loss)`` follows the run (``run_loop``)."""
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     items = load_items(cfg.data, size=cfg.data.resolution)
@@ -149,7 +150,7 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None) -> 
             f"(lr {cfg.network.word_lr:g}); the kohya file bundles them")
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
                      log=log, resume=resume, caption_cfg=cfg.data, prior=prior, after_step=restore_rows,
-                     prior_weight=cfg.prior.prior_loss_weight,
+                     prior_weight=cfg.prior.prior_loss_weight, on_step=on_step,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output,
                                         cfg.data.resolution, run_dir))
     if not state.main:  # another process of a multi-process run: the main one writes the files

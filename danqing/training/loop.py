@@ -159,7 +159,8 @@ def _quiet(line: str) -> None:
 def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir: Path, *, v_prediction: bool,
              log: Log, resume: bool, prior: TrainData | None = None, prior_weight: float = 1.0,
              caption_cfg=None, after_step: Callable[[], None] | None = None,
-             on_sample: Callable[[int], None] | None = None) -> RunState:
+             on_sample: Callable[[int], None] | None = None,
+             on_step: Callable[[int, int, float], None] | None = None) -> RunState:
     """Optimise ``trainable`` on ``data`` (and the prior-preservation ``prior``) for ``cfg.steps``.
 
     Args:
@@ -167,6 +168,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             (caption dropout, tag shuffling).
         after_step: called after each optimiser step (textual inversion restores frozen rows).
         on_sample: called with the step number every ``out_cfg.sample_every`` steps and at the end.
+        on_step: called with (step, total, loss) after each optimiser step (the server's train jobs);
+            an exception it raises ends the run there.
     """
     from diffusers import DDPMScheduler
 
@@ -236,6 +239,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         done = step + 1
         state.step, state.loss = done, avg
         progress.update(done, avg)
+        if on_step is not None:
+            on_step(done, cfg.steps, value)
         if done % out_cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(accelerator, run_dir, done,
                             extra=lambda ckpt: torch.save([p.detach().cpu() for p in trainable.params],
