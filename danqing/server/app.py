@@ -39,6 +39,7 @@ from danqing.server.security import (
 from danqing.server.state import ServerState
 from danqing.server.ui import mount_ui
 from danqing.server.media import media_view
+from danqing.server.talk import talk_router
 from danqing.server.threed import threed_router
 from danqing.server.video import video_router
 from danqing.settings import ServerSettings, Settings, force_offline
@@ -302,6 +303,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(video_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(threed_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(talk_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     add_api_fallback(app)
 
     add_cors(app, server)

@@ -90,3 +90,17 @@ def run_3d(worker, job) -> dict | None:
     return {"images": [], "files": files, "interrupted": made.result.interrupted,
             "losses": [round(x, 6) for x in made.result.losses], "parameters": made.params,
             "request": request.to_dict()}
+
+
+def run_talk(worker, job) -> dict:
+    """The worker's run of a talking portrait (``server/talk.py``'s ``TalkJob``): the MP4 with its
+    sound and JSON sidecar under ``outputs/talk/DATE/``."""
+    from danqing.apps.talk import talk  # the talk workflow (dlib, espeak-ng), loaded by its first job
+
+    request = job.request.library_request()
+    out = worker.outputs_dir / "talk" / date.today().isoformat() / f"{job.id[:8]}.mp4"
+    worker.store.set_planned(job.id, [out, out.with_name(out.name + ".json")])
+    result = talk(request, out)
+    files = [{"path": str(p), "kind": Path(p).suffix.lstrip(".")} for p in result.paths]
+    return {"images": [], "files": files, "frames": len(result.frames), "parameters": result.parameters,
+            "request": job.request.model_dump()}
