@@ -49,3 +49,23 @@ def test_the_3d_tab_says_what_is_wrong(demo):
 
     with pytest.raises(gr.Error, match="size: must be a multiple of 8"):
         list(handler(demo, "Model3D")("a red ball", "", 3, 36, 1))
+
+
+def test_the_talk_tab_plays_the_talking_portrait(demo, tmp_path):
+    from skimage import data
+    from PIL import Image
+    from test_talk import need_espeak, need_landmarks
+
+    need_espeak()
+    need_landmarks()
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((256, 256)).save(photo)
+    fns = [f for f in demo.fns.values() if any(type(i).__name__ == "Audio" for i in f.inputs)]
+    assert len(fns) == 1
+    items = list(fns[0].fn(str(photo), "Hello.", "en", None, 10, 1.0))
+    status, mp4 = items[-1]
+    assert status.startswith("done: ") and mp4.endswith(".mp4")
+    import av
+
+    with av.open(mp4) as box:
+        assert box.streams.audio and box.streams.video

@@ -3,7 +3,7 @@
 A thin shell like the others: every button builds GenerationRequest fields, goes through
 ``ServerState.prepare_request`` and the job queue, and shows what the worker reports (progress,
 preview PNG bytes, saved files). Tabs: txt2img, img2img (upload, sketch, inpaint with a brush
-mask), Extras, control projects, Video, 3D, Checkpoint merger, Train, Queue, History, PNG Info, Settings
+mask), Extras, control projects, Video, 3D, Talk, Checkpoint merger, Train, Queue, History, PNG Info, Settings
 (``ui_generate.py``, ``ui_tools.py``). Every label is translated in the browser from one table
 (``ui_i18n.py``). Files reach the UI only as uploads or as danqing's outputs (``ui_files.py``).
 """
@@ -18,7 +18,7 @@ from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
-from danqing.server.ui_media import threed_tab, video_tab
+from danqing.server.ui_media import talk_tab, threed_tab, video_tab
 from danqing.server.ui_tools import (extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab,
                                      train_tab)
 
@@ -65,6 +65,8 @@ def build_ui(state):
                 video_tab(gr, state)
             with gr.Tab(t("3D"), id="3d"):
                 threed_tab(gr, state)
+            with gr.Tab(t("Talk"), id="talk"):
+                talk_tab(gr, state)
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):

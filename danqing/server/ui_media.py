@@ -1,6 +1,6 @@
-"""The web UI's media tabs: "3D" (text-to-3D, a ``Model3D`` viewer of the GLB and the turntable)
-and "Video" (text-to-video and video-to-video, a player). Each builds the same request as the job
-API (``server/threed.py``, ``server/video.py``), queues it and shows what the worker reports:
+"""The web UI's media tabs: "3D" (text-to-3D, a ``Model3D`` viewer of the GLB and the turntable),
+"Video" (text-to-video and video-to-video, a player) and "Talk" (a talking portrait). Each builds the same request as the job
+API (``server/threed.py``, ``server/video.py``, ``server/talk.py``), queues it and shows what the worker reports:
 step, loss (3D), the latest preview, then the job's files.
 """
 
@@ -13,6 +13,7 @@ from PIL import Image
 from danqing.errors import DanqingError
 from danqing.server.gradio_import import gradio
 from danqing.server.store import TERMINAL
+from danqing.server.talk import prepare_talk
 from danqing.server.threed import prepare_3d_job
 from danqing.server.ui_i18n import t
 from danqing.server.video import prepare_video
@@ -129,3 +130,39 @@ def video_tab(gr, state):
             yield item if len(item) == 3 else (*item, gr.skip())
 
     go.click(stream, [prompt, negative, motion, clip, cross, shared, blend, frames, fps, steps, strength, seed], [preview, status, player])
+
+
+def talk_tab(gr, state):
+    """A photo and a line of text (or a sound file) -> a talking-portrait job; the MP4 with its
+    sound in a player (``danqing app talk``)."""
+    with gr.Row():
+        with gr.Column():
+            picture = gr.Image(label=t("Portrait photo"), type="filepath", sources=["upload"])
+            text = gr.Textbox(label=t("Text to speak"), lines=2, placeholder="你好，我是丹青")
+            voice = gr.Dropdown(["en", "zh"], value="en", label=t("Voice"))
+            audio = gr.Audio(label=t("Or a sound file (instead of text)"), type="filepath", sources=["upload"])
+            with gr.Row():
+                fps = gr.Slider(1, 60, value=25, step=1, label=t("Frames per second"))
+                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=t("Mouth strength"))
+            go = gr.Button(t("Make talking portrait"), variant="primary")
+        with gr.Column():
+            status = gr.Textbox(label=t("Status"), interactive=False)
+            player = gr.Video(label=t("Video"), interactive=False, autoplay=True)
+
+    def stream(photo, line, v, sound, rate, k):
+        if not photo:
+            raise gr.Error("picture: drop a portrait photo")
+        fields = {"text": None if sound else (line or None), "voice": v, "fps": int(rate), "strength": float(k)}
+        data = Path(sound).read_bytes() if sound else None
+        steps = follow(state, lambda: prepare_talk(state, fields, Path(photo).read_bytes(), data))
+        while True:
+            try:
+                _, line_ = next(steps)
+            except StopIteration as end:
+                job = end.value
+                break
+            yield line_, gr.skip()
+        out = files_of(job, "files")
+        yield f"done: {job.result['frames']} frames", out.get("mp4")
+
+    go.click(stream, [picture, text, voice, audio, fps, strength], [status, player])
