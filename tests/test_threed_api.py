@@ -84,3 +84,9 @@ def test_bad_3d_jobs_are_refused_with_one_message(client, change, field, words):
     body = r.json()
     assert field in json.dumps(body) and words in json.dumps(body), body
     assert client.get("/api/v1/jobs").json() == before  # nothing queued
+
+
+def test_a_3d_job_never_joins_a_batch():
+    from danqing.server.batching import compat_key
+
+    assert compat_key(ThreeDRequest(**{k: v for k, v in TINY3D.items()})) is None
