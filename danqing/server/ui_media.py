@@ -15,6 +15,7 @@ from danqing.server.gradio_import import gradio
 from danqing.server.store import TERMINAL
 from danqing.server.talk import prepare_talk
 from danqing.server.threed import prepare_3d_job
+from danqing.server.ui_generate import native_side
 from danqing.server.ui_i18n import t
 from danqing.server.video import prepare_video
 
@@ -97,6 +98,10 @@ def video_tab(gr, state):
                 cross = gr.Checkbox(label=t("Cross-frame attention"))
                 shared = gr.Checkbox(label=t("Shared noise"))
                 blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label=t("Flow blending"))
+            side = native_side(state.registry, state.options()["sd_model_checkpoint"])
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=side, step=8, label=t("Width"))
+                height = gr.Slider(64, 2048, value=side, step=8, label=t("Height"))
             with gr.Row():
                 frames = gr.Slider(2, 64, value=16, step=1, label=t("Frames"))
                 fps = gr.Slider(1, 60, value=8, step=1, label=t("Frames per second"))
@@ -110,7 +115,7 @@ def video_tab(gr, state):
             status = gr.Textbox(label=t("Status"), interactive=False)
             player = gr.Video(label=t("Video"), interactive=False, autoplay=True)
 
-    def run(text, neg, mm, upload, x, sh, b, n, rate, k, d, s):
+    def run(text, neg, mm, upload, x, sh, b, w, h, n, rate, k, d, s):
         fields = {"prompt": text or "", "negative_prompt": neg or "", "steps": int(k), "seed": int(s)}
         if mm:
             fields["motion_module"] = mm
@@ -119,7 +124,7 @@ def video_tab(gr, state):
                           flow_blend=float(b))
             data = Path(upload).read_bytes()
         else:
-            fields.update(frames=int(n), fps=int(rate))
+            fields.update(frames=int(n), fps=int(rate), width=int(w), height=int(h))
             data = None
         job = yield from follow(state, lambda: prepare_video(state, fields, data))
         out = files_of(job, "videos")
@@ -129,7 +134,7 @@ def video_tab(gr, state):
         for item in run(*args):
             yield item if len(item) == 3 else (*item, gr.skip())
 
-    go.click(stream, [prompt, negative, motion, clip, cross, shared, blend, frames, fps, steps, strength, seed], [preview, status, player])
+    go.click(stream, [prompt, negative, motion, clip, cross, shared, blend, width, height, frames, fps, steps, strength, seed], [preview, status, player])
 
 
 def talk_tab(gr, state):
