@@ -38,8 +38,11 @@ from danqing.server.security import (
 )
 from danqing.server.state import ServerState
 from danqing.server.ui import mount_ui
+from danqing.server.media import media_view
+from danqing.server.talk import talk_router
+from danqing.server.threed import threed_router
 from danqing.server.train import train_router
-from danqing.server.video import video_router, video_view
+from danqing.server.video import video_router
 from danqing.settings import ServerSettings, Settings, force_offline
 from danqing.studio import Studio
 
@@ -101,7 +104,7 @@ def _job_view(state: ServerState, job, request_url: str = "") -> dict:
         d["result"] = {**job.result, "images": [
             {**img, "url": f"/api/v1/jobs/{job.id}/images/{i}" if img.get("path") else None}
             for i, img in enumerate(job.result["images"])]}
-    return video_view(job, d)
+    return media_view(job, d)
 
 
 def job_router(state: ServerState) -> APIRouter:
@@ -180,6 +183,8 @@ def job_router(state: ServerState) -> APIRouter:
                                 "step": step, "total": total}
                         if n == len(steps) - 1 and p["job_id"] == job_id:
                             data.update(fraction=p["fraction"], eta=p["eta"])
+                            if p["loss"] is not None:  # a 3D job's
+                                data["loss"] = p["loss"]
                             if p["preview_png"] is not None and p["preview_step"] != last_preview:
                                 last_preview = p["preview_step"]
                                 data["preview"] = base64.b64encode(p["preview_png"]).decode()
@@ -298,6 +303,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.include_router(build_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(video_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(threed_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(talk_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     train_routes, state.train = train_router(state)
     app.include_router(train_routes, dependencies=guard, responses=ERROR_RESPONSES)
     add_api_fallback(app)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from danqing.customise.lora import request_tags
 from danqing.errors import DanqingError
+from danqing.request import GenerationRequest
 from danqing.sampling.loop import SKIP, STOP
 from danqing.server.jobs import Progress, Worker, png_bytes
 from danqing.server.store import DONE, FAILED, Job, JobStore
@@ -70,6 +71,8 @@ def compat_key(request) -> str | None:
     Args:
         request: a ``GenerationRequest`` as queued (seeds drawn, model named).
     """
+    if not isinstance(request, GenerationRequest):
+        return None  # a media job (3D, talking portrait) runs alone
     for name, joinable in SOLO.items():
         if getattr(request, name) != joinable:
             return None

@@ -28,7 +28,10 @@ from danqing.request import GenerationRequest, VideoRequest
 from danqing.errors import DanqingError
 from danqing.outputs.store import next_output_path, save_png
 from danqing.sampling.loop import SKIP, STOP
+from danqing.server.media import run_3d, run_talk
+from danqing.server.talk_request import TalkJob
 from danqing.server.store import CANCELLED, DONE, FAILED, TERMINAL, Job, JobStore
+from danqing.threed.run import ThreeDRequest
 from danqing.studio import resolve_request
 
 
@@ -48,6 +51,7 @@ class Progress:
     started: float = 0.0
     preview_png: bytes | None = None
     preview_step: int = 0
+    loss: float | None = None  # a 3D job's score-distillation loss at ``step``
     interrupted: bool = False
     skipped: bool = False
     log: list = field(default_factory=list)  # one (batch_index, step, total) per step, for SSE
@@ -71,7 +75,7 @@ class Progress:
         return {
             "job_id": self.job_id, "step": self.step, "total": self.total, "batch_index": self.batch_index,
             "batch_count": self.batch_count, "fraction": round(self.fraction, 4), "eta": round(self.eta, 3),
-            "preview_png": self.preview_png, "preview_step": self.preview_step,
+            "preview_png": self.preview_png, "preview_step": self.preview_step, "loss": self.loss,
             "interrupted": self.interrupted, "skipped": self.skipped, "log_len": len(self.log),
         }
 
@@ -332,7 +336,26 @@ class Worker:
             return SKIP
         return STOP if abort else None
 
+    def media_step(self, step: int, total: int, loss: float | None, preview=None) -> bool:
+        """Progress of a media job that is not a sampling loop (3D): its step, loss and, when
+        given, a preview picture. False when the job is to stop (cancel, interrupt, shutdown)."""
+        with self._cond:
+            p = self._progress
+            p.step, p.total, p.loss = step, total, loss
+            p.log.append((0, step, total))
+            if preview is not None:
+                p.preview_png, p.preview_step = png_bytes(preview), step
+            return not self._abort
+
+    def aborted(self) -> bool:
+        """Whether the running job was cancelled or the server is stopping (its files go)."""
+        return self._abort in ("cancel", "shutdown")
+
     def _generate(self, job: Job) -> dict | None:
+        if isinstance(job.request, ThreeDRequest):
+            return run_3d(self, job)
+        if isinstance(job.request, TalkJob):
+            return run_talk(self, job)
         if isinstance(job.request, VideoRequest):
             return self._generate_video(job)
         result = self.studio.generate(job.request, on_step=self._on_step, save=False)

@@ -28,10 +28,13 @@ from typing import Any
 
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest, VideoRequest
+from danqing.server.talk_request import TalkJob
+from danqing.threed.run import ThreeDRequest
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
 VIDEO_KINDS = ("txt2video", "video2video")  # their rows hold a VideoRequest
+REQUEST_TYPES = {**dict.fromkeys(VIDEO_KINDS, VideoRequest), "3d": ThreeDRequest, "talk": TalkJob}  # kind -> request type (else GenerationRequest)
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 
 # What differs between the dialects, as data. {seq}: the queue-order column's definition;
@@ -130,7 +133,7 @@ def _row_to_job(row) -> Job:
     return Job(
         seq=m["seq"], id=m["id"], status=m["status"], kind=m["kind"], source=m["source"],
         save=bool(m["save"]), prompt=m["prompt"],
-        request=(VideoRequest if m["kind"] in VIDEO_KINDS else GenerationRequest).model_validate_json(m["request"]),
+        request=REQUEST_TYPES.get(m["kind"], GenerationRequest).model_validate_json(m["request"]),
         created=m["created"], started=m["started"], finished=m["finished"], error=m["error"],
         planned=json.loads(m["planned"]) if m["planned"] else [],
         result=json.loads(m["result"]) if m["result"] else None, worker=m["worker"],
@@ -248,7 +251,11 @@ class JobStore:
     def add(self, request: GenerationRequest, *, source: str, save: bool) -> Job:
         job_id = new_job_id()
         kind = "img2img" if request.init_image is not None else "txt2img"
-        if isinstance(request, VideoRequest):
+        if isinstance(request, ThreeDRequest):
+            kind = "3d"
+        elif isinstance(request, TalkJob):
+            kind = "talk"
+        elif isinstance(request, VideoRequest):
             kind = "video2video" if request.init_video is not None else "txt2video"
         self._run("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "
                   "VALUES (:id, :status, :kind, :source, :save, :prompt, :request, :created)",

@@ -3,7 +3,7 @@
 A thin shell like the others: every button builds GenerationRequest fields, goes through
 ``ServerState.prepare_request`` and the job queue, and shows what the worker reports (progress,
 preview PNG bytes, saved files). Tabs: txt2img, img2img (upload, sketch, inpaint with a brush
-mask), Extras, control projects, Checkpoint merger, Train, Queue, History, PNG Info, Settings
+mask), Extras, control projects, Video, 3D, Talk, Checkpoint merger, Train, Queue, History, PNG Info, Settings
 (``ui_generate.py``, ``ui_tools.py``). Every label is translated in the browser from one table
 (``ui_i18n.py``). Files reach the UI only as uploads or as danqing's outputs (``ui_files.py``).
 """
@@ -19,9 +19,10 @@ from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
-from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
 from danqing.server.ui_language import LanguageScript, language_picker
+from danqing.server.ui_media import talk_tab, threed_tab, video_tab
 from danqing.server.ui_outpaint import outpaint_panel
+from danqing.server.ui_tools import extras_tab, history_tab, merger_tab, png_info_tab, queue_tab, settings_tab
 from danqing.server.ui_train import train_tab
 
 __all__ = ["add_network", "build_ui", "font_name", "mount_ui"]  # add_network: the cards' rule
@@ -65,6 +66,12 @@ def build_ui(state):
                 x = extras_tab(gr, state)
             with gr.Tab(t("Control projects"), id="control_apps"):  # danqing/apps/control_projects.py
                 _apps_tab(gr, state)
+            with gr.Tab(t("Video"), id="video"):  # server/ui_media.py
+                video_tab(gr, state)
+            with gr.Tab(t("3D"), id="3d"):
+                threed_tab(gr, state)
+            with gr.Tab(t("Talk"), id="talk"):
+                talk_tab(gr, state)
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):

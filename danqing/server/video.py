@@ -1,6 +1,6 @@
 """The job API for video: a ``VideoRequest`` queued as a job (text-to-video, or video-to-video
 with the input clip sent as base64), its progress on the ordinary job routes, its clips served
-as files of the outputs folder (docs/api.md, "Video jobs").
+as files of the outputs folder (``server/media.py``, shared with 3D jobs) (docs/api.md, "Video jobs").
 
 Every model the request names is a name of its own folder (checkpoint, motion module, LoRA
 tags); the work limits (steps, size, prompts, ``max_frames``) are checked before anything is
@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
-from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from danqing.customise.lora import request_tags
@@ -26,13 +25,11 @@ from danqing.request import VideoRequest
 from danqing.server.jobs import resolve_for_queue
 from danqing.server.security import check_frames, check_work, decode_base64, strict_scalars
 from danqing.server.state import STAND_IN, ServerState
-from danqing.server.common import JobFailed
+from danqing.server.media import INDEX, JOB_ID, queue, serve_file
 from danqing.video.studio import video2video_fields
 
-JOB_ID = PathParam(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")
 # what an uploaded clip is, from its first bytes (the readers pick their decoder by extension)
 SIGNATURES = ((b"GIF8", ".gif"), (b"RIFF", ".webp"))
-MEDIA_TYPES = {".mp4": "video/mp4", ".gif": "image/gif", ".webp": "image/webp"}
 
 
 class VideoJobSubmit(BaseModel):
@@ -109,33 +106,15 @@ def video_router(state: ServerState) -> APIRouter:
             field = exc.field if exc.field == "init_video" else f"request.{exc.field}"
             raise InvalidRequest(field, str(exc).split(": ", 1)[-1]) from None
         try:
-            job = state.worker.submit(request, source="api", save=True)
+            return queue(state, request)
         except BaseException:
             if request.init_video:
                 os.unlink(request.init_video)
             raise
-        return video_view(job, {**job.to_dict(), "position": state.store.position(job)})
 
     @r.get("/jobs/{job_id}/videos/{index}", response_class=FileResponse, summary="One clip of a finished video job")
-    def video(job_id: str = JOB_ID, index: int = PathParam(ge=0, le=10_000)):
-        job = state.store.get(job_id)
-        if job is None:
-            raise JobFailed(404, f"no job {job_id}", job_id)
-        videos = (job.result or {}).get("videos", [])
-        if index >= len(videos):
-            raise JobFailed(404, f"job {job_id} has no clip {index}", job_id)
-        path = videos[index]["path"]
-        if not os.path.isfile(path):
-            raise JobFailed(404, f"clip {index} of job {job_id} is no longer on disk", job_id)
-        return FileResponse(path, media_type=MEDIA_TYPES.get(os.path.splitext(path)[1], "application/octet-stream"))
+    def video(job_id: str = JOB_ID, index: int = INDEX):
+        return serve_file(state, job_id, "videos", index)
 
     return r
 
-
-def video_view(job, view: dict | None = None) -> dict:
-    """A job's JSON view with each clip's URL (``/api/v1/jobs/ID/videos/N``)."""
-    d = view if view is not None else job.to_dict()
-    if d.get("result") and d["result"].get("videos"):
-        d["result"] = {**d["result"], "videos": [{**v, "url": f"/api/v1/jobs/{job.id}/videos/{i}"}
-                                                 for i, v in enumerate(d["result"]["videos"])]}
-    return d

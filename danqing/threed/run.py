@@ -99,6 +99,21 @@ class ThreeDRequest:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # the job queue's view of a request (``server/store.py``): one picture-less run, as JSON
+    batch_size = 1
+    batch_count = 1
+    init_image = None
+
+    def model_dump(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def model_validate_json(cls, text: str) -> "ThreeDRequest":
+        return cls.from_dict(json.loads(text))
+
     @classmethod
     def from_dict(cls, data: dict) -> "ThreeDRequest":
         known = {f.name for f in fields(cls)}
