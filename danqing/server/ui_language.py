@@ -64,6 +64,8 @@ class LanguageScript:
             if message["type"] == "http.response.start":
                 start = message
                 return
+            if message["type"] != "http.response.body":  # e.g. Starlette's test client's http.response.debug
+                return await send(message)
             chunks.append(message.get("body", b""))
             if message.get("more_body"):
                 return
