@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -61,6 +62,19 @@ def set_number(page, elem_id: str, value) -> None:
     box = box if box.count() else page.locator(f"#{elem_id} input")
     box.fill(str(value))
     box.press("Tab")
+
+
+def shows(locator, colours, timeout_s: float) -> bool:
+    """Whether every colour (RGB, within 12 per channel) comes to cover part of the element as drawn
+    within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"), np.int16)
+        if all((np.abs(seen - c).max(axis=2) <= 12).mean() > 0.01 for c in colours):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 def shot(page, name: str) -> None:
@@ -124,11 +138,18 @@ def test_a_mask_painted_with_the_brush_inpaints_only_there(page, live, tmp_path)
     src = np.zeros((64, 64, 3), np.uint8)
     src[:, :32] = (200, 30, 30)
     src[:, 32:] = (30, 30, 200)
-    Image.fromarray(src).save(tmp_path / "init.png")
     page.get_by_role("tab", name="img2img", exact=True).click()
     page.get_by_role("tab", name="Inpaint", exact=True).click()
-    page.locator("#img2img_inpaint input[type=file]").set_input_files(str(tmp_path / "init.png"))
-    page.wait_for_timeout(1000)  # the editor draws the uploaded picture as its background
+    # Paint only once the editor shows the picture, or the stroke lands on a blank canvas. On a busy
+    # machine an upload made while the tab is still mounting can be dropped: upload again then.
+    page.wait_for_selector("#img2img_inpaint canvas")
+    for attempt in range(3):
+        Image.fromarray(src).save(tmp_path / f"init{attempt}.png")  # a new name: the input sees a change
+        page.locator("#img2img_inpaint input[type=file]").set_input_files(str(tmp_path / f"init{attempt}.png"))
+        if shows(page.locator("#img2img_inpaint canvas").first, [(200, 30, 30), (30, 30, 200)], 20):
+            break
+    else:
+        raise AssertionError("the inpaint editor never showed the uploaded picture")
     page.locator("#img2img_inpaint button[aria-label=Brush]").click()
     box = page.locator("#img2img_inpaint canvas").first.bounding_box()
     # The picture is drawn centred on the canvas at the zoom the editor shows ("450%").

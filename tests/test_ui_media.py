@@ -1,6 +1,6 @@
 """The web UI's 3D tab, driven through its Gradio handler (no browser): a tiny job on
 danqing-tiny streams step and loss lines, then hands the Model3D viewer a GLB that trimesh loads
-and the turntable an MP4."""
+and the turntable an MP4; the Inpaint tab refuses a picture with nothing painted."""
 
 from __future__ import annotations
 
@@ -69,3 +69,15 @@ def test_the_talk_tab_plays_the_talking_portrait(demo, tmp_path):
 
     with av.open(mp4) as box:
         assert box.streams.audio and box.streams.video
+
+
+def test_inpaint_with_nothing_painted_says_so(demo):
+    """The Inpaint tab with a picture but no brush stroke refuses, rather than redrawing it all."""
+    import gradio as gr
+    from PIL import Image
+
+    fn = next(f.fn for f in demo.fns.values() if f.api_name == "img2img")
+    picture = Image.new("RGBA", (64, 64), (200, 30, 30, 255))
+    editor = {"background": picture, "layers": [Image.new("RGBA", (64, 64))], "composite": picture}
+    with pytest.raises(gr.Error, match="mask: nothing is painted"):
+        list(fn(None, "inpaint", None, editor))

@@ -292,6 +292,12 @@ def img2img_tab(gr, state, top: dict, side: int) -> dict:
         mask = None
         if mode_name == "inpaint":
             init_img, mask = editor_mask(editor_value)
+            if init_img is not None and mask is None:
+                raise gr.Error("mask: nothing is painted; paint the area to redraw with the Inpaint tab's brush "
+                               "(or use the img2img tab to redraw the whole picture)")
+            if init_img is not None and mask is None:
+                raise gr.Error("mask: nothing is painted; paint the area to redraw with the Inpaint tab's brush "
+                               "(or use the img2img tab to redraw the whole picture)")
         elif mode_name == "sketch":
             init_img = sketch_picture(sketch_value)
         if init_img is None:
