@@ -1,6 +1,7 @@
-"""What every media job shares (video, 3D): queueing a checked request, each job's files served
-from the outputs folder with their URLs in the job's JSON view, and the worker's run of a
-text-to-3D job (docs/api.md, "Video jobs" and "3D jobs").
+"""What every media job shares (video, 3D, talk): uploads kept under the inputs folder (and removed
+when the request is refused), queueing a checked request, each job's files served from the
+outputs folder with their URLs in the job's JSON view, and the worker's runs of text-to-3D and
+talk jobs (docs/api.md, "Video jobs", "3D jobs" and "Talk jobs").
 
 A media job's result row lists its files under one key (``videos`` for video, ``files`` for 3D);
 ``GET /api/v1/jobs/ID/videos/N`` and ``GET /api/v1/jobs/ID/files/N`` both serve from here.
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
+from danqing.files import atomic_write_bytes
 from danqing.server.common import JobFailed
 from danqing.threed.export import output_paths
 from danqing.threed.make import make_3d, prepare_3d
@@ -49,6 +54,29 @@ def serve_file(state, job_id: str, key: str, index: int) -> FileResponse:
         raise JobFailed(404, f"{noun} {index} of job {job_id} is no longer on disk", job_id)
     return FileResponse(path, media_type=MEDIA_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream"),
                         filename=os.path.basename(path))
+
+
+@contextmanager
+def kept_uploads(state) -> Iterator:
+    """``keep(data, kind, signatures, default_suffix) -> path``: an upload written whole under the
+    inputs folder (``inputs/DATE/UUID-KIND.SUFFIX``, the suffix told by the data's first bytes, as
+    the readers pick their decoder by it). Every file kept inside the block is removed when the
+    block raises, so a refused request leaves nothing behind."""
+    kept: list[Path] = []
+
+    def keep(data: bytes, kind: str, signatures=(), default_suffix: str = ".bin") -> Path:
+        suffix = next((s for magic, s in signatures if data.startswith(magic)), default_suffix)
+        path = state.inputs_dir / date.today().isoformat() / f"{uuid.uuid4().hex}-{kind}{suffix}"
+        atomic_write_bytes(path, data)
+        kept.append(path)
+        return path
+
+    try:
+        yield keep
+    except BaseException:
+        for path in kept:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def media_view(job, view: dict | None = None) -> dict:

@@ -7,17 +7,11 @@ The uploads are kept under the inputs folder only once the request's other field
 
 from __future__ import annotations
 
-import uuid
-from datetime import date
-from pathlib import Path
-from typing import Optional
-
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
 
 from danqing.apps.talk import TalkRequest
-from danqing.files import atomic_write_bytes
-from danqing.server.media import queue
+from danqing.server.bodies import strict_body
+from danqing.server.media import kept_uploads, queue
 from danqing.server.security import decode_base64
 from danqing.server.state import ServerState
 from danqing.server.talk_request import TalkJob
@@ -25,39 +19,22 @@ from danqing.server.talk_request import TalkJob
 AUDIO_SUFFIXES = ((b"RIFF", ".wav"), (b"ID3", ".mp3"), (b"fLaC", ".flac"), (b"OggS", ".ogg"))
 
 
-class TalkJobSubmit(BaseModel):
-    """The body of ``POST /api/v1/talk/jobs``: the photo and, instead of text, a sound file, as base64."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    picture: str
-    text: Optional[str] = None
-    voice: str = "en"
-    audio: Optional[str] = None
-    fps: int = 25
-    strength: float = 1.0
-
-
-def keep_upload(state: ServerState, data: bytes, suffix: str) -> Path:
-    path = state.inputs_dir / date.today().isoformat() / f"{uuid.uuid4().hex}-talk{suffix}"
-    atomic_write_bytes(path, data)
-    return path
+TalkJobSubmit = strict_body(
+    "TalkJobSubmit", TalkRequest,
+    "The body of ``POST /api/v1/talk/jobs``: ``TalkRequest``'s fields, the photo and (instead of "
+    "text) a sound file as base64.")
 
 
 def prepare_talk(state: ServerState, fields: dict, picture: bytes, audio: bytes | None) -> TalkJob:
     """Checked fields + uploads -> a queued-ready ``TalkJob`` (uploads kept only if all is well)."""
     TalkRequest.create(**{**fields, "picture": "upload", "audio": "upload" if audio is not None else None})
-    kept = [keep_upload(state, picture, ".png")]
-    try:
+    with kept_uploads(state) as keep:
+        kept = {"picture": str(keep(picture, "talk", (), ".png"))}
         if audio is not None:
-            kept.append(keep_upload(state, audio, next((s for m, s in AUDIO_SUFFIXES if audio.startswith(m)), ".wav")))
-        job = TalkJob(**{**fields, "picture": str(kept[0]), "audio": str(kept[1]) if audio is not None else None})
+            kept["audio"] = str(keep(audio, "talk", AUDIO_SUFFIXES, ".wav"))
+        job = TalkJob(**{**fields, "audio": None, **kept})
         job.library_request()
         return job
-    except BaseException:
-        for p in kept:
-            p.unlink(missing_ok=True)
-        raise
 
 
 def talk_router(state: ServerState) -> APIRouter:

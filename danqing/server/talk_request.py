@@ -3,26 +3,14 @@ the uploads as paths of the inputs folder, in the shape the queue reads (prompt,
 
 from __future__ import annotations
 
-from typing import Optional
-
-from pydantic import BaseModel, ConfigDict
-
 from danqing.apps.talk import TalkRequest
+from danqing.server.bodies import StrictBody, strict_body
 
 
-class TalkJob(BaseModel):
-    """A queued talking portrait: the fields of ``TalkRequest`` with the uploads kept as paths
-    of the inputs folder (what the job store holds)."""
+class _QueueView(StrictBody):
+    """What the job queue reads of every request: one clip, no sampling steps, no init image."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    picture: str
-    text: Optional[str] = None
-    voice: str = "en"
-    audio: Optional[str] = None
-    fps: int = 25
-    strength: float = 1.0
-    batch_size: int = 1  # the job queue's view: one clip, no sampling steps
+    batch_size: int = 1
     batch_count: int = 1
     steps: int = 0
     init_image: None = None
@@ -35,5 +23,10 @@ class TalkJob(BaseModel):
         return self.model_dump_json()
 
     def library_request(self) -> TalkRequest:
-        return TalkRequest.create(picture=self.picture, text=self.text, voice=self.voice, audio=self.audio,
-                                  fps=self.fps, strength=self.strength)
+        return TalkRequest.create(**self.model_dump(exclude=set(_QueueView.model_fields)))
+
+
+TalkJob = strict_body(
+    "TalkJob", TalkRequest,
+    "A queued talking portrait: the fields of ``TalkRequest`` with the uploads kept as paths of the "
+    "inputs folder (what the job store holds).", base=_QueueView)

@@ -9,13 +9,11 @@ the prompts' length) are checked before anything is queued.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict
 
 from danqing.errors import InvalidRequest
+from danqing.server.bodies import strict_body
 from danqing.server.media import INDEX, JOB_ID, queue, serve_file
 from danqing.server.state import ServerState
 from danqing.threed.run import ThreeDRequest
@@ -23,28 +21,9 @@ from danqing.threed.run import ThreeDRequest
 MAX_STEPS = 5000  # optimisation steps of one 3D job (``danqing 3d`` itself takes up to 100000)
 
 
-class ThreeDJobSubmit(BaseModel):
-    """A 3D job: the fields of the library's ``ThreeDRequest`` (only ``prompt`` is required;
-    tests/test_threed_api.py keeps the two field lists equal)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str
-    negative_prompt: str = ""
-    model: Optional[str] = None
-    steps: int = 400
-    size: int = 64
-    seed: int = 0
-    guidance: float = 100.0
-    lr: float = 0.05
-    grid: int = 48
-    samples: int = 48
-    cameras: Optional[str] = None
-    view_prompts: Optional[bool] = None
-    background: Optional[str] = None
-    tv_weight: float = 1.0
-    frames: int = 16
-    checkpoint_every: int = 100
+ThreeDJobSubmit = strict_body(
+    "ThreeDJobSubmit", ThreeDRequest,
+    "A 3D job: the fields of the library's ``ThreeDRequest`` (only ``prompt`` is required).")
 
 
 def prepare_3d_job(state: ServerState, fields_: dict) -> ThreeDRequest:

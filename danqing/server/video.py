@@ -10,8 +10,6 @@ queued; an uploaded clip is checked (decodable, within the input limits) before 
 from __future__ import annotations
 
 import os
-import uuid
-from datetime import date
 from typing import Any, Optional
 
 from fastapi import APIRouter
@@ -20,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from danqing.customise.lora import request_tags
 from danqing.errors import InvalidRequest
-from danqing.files import atomic_write_bytes
 from danqing.request import VideoRequest
 from danqing.server.jobs import resolve_for_queue
 from danqing.server.security import check_frames, check_work, decode_base64, strict_scalars
 from danqing.server.state import STAND_IN, ServerState
-from danqing.server.media import INDEX, JOB_ID, queue, serve_file
+from danqing.server.media import INDEX, JOB_ID, kept_uploads, queue, serve_file
 from danqing.video.studio import video2video_fields
 
 # what an uploaded clip is, from its first bytes (the readers pick their decoder by extension)
@@ -74,10 +71,8 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
     check_frames(checked.frames, state.server)
     if clip is None:
         return resolve_for_queue(checked, state.settings.default_model)
-    suffix = next((s for magic, s in SIGNATURES if clip.startswith(magic)), ".mp4")
-    path = state.inputs_dir / date.today().isoformat() / f"{uuid.uuid4().hex}-video{suffix}"
-    atomic_write_bytes(path, clip)
-    try:
+    with kept_uploads(state) as keep:
+        path = keep(clip, "video", SIGNATURES, ".mp4")
         try:
             fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given
             request = VideoRequest.create(**fields)
@@ -87,9 +82,6 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
         check_work(request, state.server)
         check_frames(request.frames, state.server)
         return resolve_for_queue(request, state.settings.default_model)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def video_router(state: ServerState) -> APIRouter:
