@@ -57,9 +57,7 @@ CASES = {  # the command that makes the picture; the infotext keys the family ad
                 "--noise-level", "100", "--sampler", "DDIM", *SIZED], {"Noise level": "100", "Sampler": "DDIM"}),
     "kandinsky": (["generate", PROMPT, "--model", "k22-decoder", "--prior", "k22-prior", "--steps", "2",
                    "--prior-steps", "2", "--prior-cfg", "3", *SIZED], {"Prior": "k22-prior", "Prior steps": "2"}),
-    "kandinsky-variations": (["variations", "SOURCE", "--model", "k22-decoder", "--prior", "k22-prior", "--steps",
-                              "2", *SIZED], {"Prior": "k22-prior"}),
-    "if": (["generate", PROMPT, "--model", "IF-I-tiny", "--stage2", "IF-II-tiny", "--steps", "2", "--stage2-steps",
+    "if": (["generate", PROMPT, "--model", "IF-I-tiny", "--stage2", "IF-II-tiny", "--steps", "1", "--stage2-steps",
             "1", "--noise-level", "100", "--upscaler", "Lanczos"],  # size: stage I's own, 64
            {"Stage II": "IF-II-tiny", "Noise level": "100", "Postprocess upscaler": "Lanczos", "Size": "64x64"}),
 }
