@@ -52,6 +52,8 @@ def cheap_preview(latents: torch.Tensor, family: str) -> Image.Image:
     4-channel, the first three channels are min-max scaled instead.
     """
     z = latents[0].float().cpu()  # (C, h, w)
+    if z.ndim != 3:  # not a picture's latents (Kandinsky's prior samples an embedding): a grey square
+        return Image.new("RGB", (8, 8), (128, 128, 128))
     table = _preview_table().get(family)
     if table and z.shape[0] == 4:
         rgb = torch.einsum("chw,cr->rhw", z, torch.tensor(table["factors"])) + torch.tensor(table["bias"]).view(3, 1, 1)

@@ -128,7 +128,6 @@ class ControlUnit(BaseModel):
         return self
 
 
-
 class GenerationRequest(BaseModel):
     """One txt2img job. Construct with keywords; invalid values raise ``InvalidRequest``.
 
@@ -276,10 +275,11 @@ class GenerationRequest(BaseModel):
     controlnet: tuple[ControlUnit, ...] = ()
     # regional prompting (Regional Prompter's settings; conditioning/regions.py, docs/prompts.md)
     regions: Regions | None = None
-    # flow-matching families (SD3, FLUX; docs/models.md): Forge's "Distilled CFG Scale" (FLUX's
-    # guidance embedding; None = 3.5) and "Shift" (a static timestep shift; None = the model's)
+    # flow-matching families (SD3, FLUX; docs/models.md): Forge's "Distilled CFG Scale" (FLUX's guidance
+    # embedding; None = 3.5), "Shift" (None = the model's), text encoder files (beside a transformer-only file)
     distilled_cfg_scale: float | None = None
     shift: float | None = None
+    text_encoders: tuple[str, ...] = ()
     # speed options that change the picture a little (customise/speedups.py, docs/sampling.md):
     # DeepCache (the whole UNet every N evaluations; 0/1 = off) and ToMe token merging
     deepcache_interval: int = 0

@@ -136,7 +136,7 @@ class Studio:
         # patched into the weights for this request only (restored when it ends, even on error),
         # and the ControlNet / T2I-Adapter units, checked against the checkpoint.
         tags = request_tags(request)
-        loaded = self.models.load(request.model, request.vae)
+        loaded = self.models.load(request.model, request.vae, request.text_encoders)
         request = for_family(request, loaded.components.family)  # SD3 / FLUX
         networks = activate(tags, loaded.components, registry=self.registry, model_name=loaded.name,
                             cache=self.networks)
@@ -177,7 +177,7 @@ class Studio:
         """
         t0 = time.perf_counter()
         requests = [resolve_request(r, self.settings.default_model) for r in requests]
-        loaded = self.models.load(requests[0].model, requests[0].vae)
+        loaded = self.models.load(requests[0].model, requests[0].vae, requests[0].text_encoders)
         timings = {"load": time.perf_counter() - t0}
         with contextlib.ExitStack() as scope:
             scope.enter_context(self.models.fast_path(loaded.components))

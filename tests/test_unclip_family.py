@@ -278,7 +278,7 @@ def test_cli_runs_unclip_families_and_refuses_what_they_do_not_take(capsys, uncl
                           "--out", str(unclip_home / "v.png"))
     assert code in (0, None), err
     params = parse_infotext(read_infotext(unclip_home / "v.png"))[2]
-    assert (params["Family"], params["Noise level"], params["Variation source"]) == ("unclip", "100", "source.png")
+    assert (params["Family"], params["Noise level"], params["Variation source"]) == ("unclip", "100", str(source.resolve()))
 
     # one line, exit 2, nothing written: options the family does not take, a picture it needs
     for args, words in (

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.unclip import unclip_generate
+from danqing.cli.unclip import family_generate
 from danqing.cli.common import OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate
 from danqing.errors import InvalidRequest
 from danqing.models.fastpath import FAST_HELP, fast_path_from
@@ -31,7 +31,8 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 1]."),
     batch_count: Optional[int] = typer.Option(None, help="Number of batches [default: 1]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
-    vae: Optional[str] = typer.Option(None, help="VAE name or path overriding the checkpoint's [default: the checkpoint's own]."),
+    vae: Optional[str] = typer.Option(None, help="VAE name or path overriding the checkpoint's (an SD3 / FLUX file without one: its VAE, e.g. ae.safetensors) [default: the checkpoint's own]."),
+    text_encoder: Optional[list[str]] = typer.Option(None, "--text-encoder", help="SD3 / FLUX file without its text encoders: an encoder file (clip_l, clip_g, t5xxl; a name in models/text_encoder/ or a path), repeatable [default: none]."),
     clip_skip: Optional[int] = typer.Option(None, help="CLIP skip (1 = last layer, 2 = penultimate) [default: 1]."),
     distilled_cfg: Optional[float] = typer.Option(None, help="FLUX.1 dev: Distilled CFG Scale, its guidance embedding [default: 3.5]."),
     shift: Optional[float] = typer.Option(None, help="SD3 / FLUX: a static timestep shift [default: the model's]."),
@@ -67,8 +68,14 @@ def generate(
     prior: Optional[str] = typer.Option(None, help="Kandinsky 2.2 (--model its decoder folder): the prior folder [default: none]."),
     prior_steps: Optional[int] = typer.Option(None, help="Kandinsky 2.2: prior steps [default: 25]."),
     prior_cfg: Optional[float] = typer.Option(None, help="Kandinsky 2.2: prior CFG scale [default: 4]."),
+    stage2: Optional[str] = typer.Option(None, "--stage2", help="DeepFloyd IF (--model its stage-I folder): the stage-II folder, 4x the size [default: none: stage I only]."),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="DeepFloyd IF: stage-II steps [default: 50]."),
+    stage2_cfg: Optional[float] = typer.Option(None, "--stage2-cfg", help="DeepFloyd IF: stage-II CFG scale [default: 4]."),
+    noise_level: Optional[int] = typer.Option(None, help="DeepFloyd IF: noise added to the stage-I picture for stage II, 0-999 [default: 250]."),
+    upscaler: Optional[str] = typer.Option(None, help="DeepFloyd IF: a last 4x upscale by this upscaler (Lanczos or an installed model) [default: none]."),
     medvram: bool = typer.Option(False, "--medvram", help="CUDA: move each model to the GPU only while it runs (model CPU offload) [default: off]."),
     lowvram: bool = typer.Option(False, "--lowvram", help="CUDA: stream each layer to the GPU when it runs (sequential CPU offload; slowest, least memory) [default: off]."),
+    offload: Optional[str] = typer.Option(None, help="CUDA: model (each model on the GPU only while it runs; = --medvram) or sequential (each layer streamed to the GPU; = --lowvram): SD3 / FLUX within less VRAM (docs/models.md) [default: none]."),
 ):
     """Generate images from a prompt (txt2img, optionally with hires fix) and save them as PNGs
     with A1111 metadata; `--from IMAGE` re-creates any danqing image (img2img and inpaint too)."""
@@ -78,7 +85,7 @@ def generate(
         "prompt": prompt, "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg,
         "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "width": width,
         "height": height, "batch_size": batch_size, "batch_count": batch_count, "model": model, "vae": vae,
-        "clip_skip": clip_skip, "distilled_cfg_scale": distilled_cfg, "shift": shift, "enable_hr": hires, "hr_scale": hr_scale, "hr_resize_x": hr_resize_x,
+        "clip_skip": clip_skip, "distilled_cfg_scale": distilled_cfg, "shift": shift, "text_encoders": tuple(text_encoder) if text_encoder else None, "enable_hr": hires, "hr_scale": hr_scale, "hr_resize_x": hr_resize_x,
         "hr_resize_y": hr_resize_y, "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps,
         "hr_sampler_name": hr_sampler, "hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative,
         "denoising_strength": denoise, "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at,
@@ -117,11 +124,14 @@ def generate(
 
         request, extra = expand_request(request, Prompting.at(ctx.obj.home), style,
                                         dynamic=dynamic and from_image is None)
-    if unclip_generate(ctx.obj, request, out, prior=prior, prior_steps=prior_steps, prior_cfg_scale=prior_cfg):
+    options = dict(prior=prior, prior_steps=prior_steps, prior_cfg_scale=prior_cfg, stage_2=stage2, stage_2_steps=stage2_steps,
+                   stage_2_cfg_scale=stage2_cfg, noise_level=noise_level, upscaler=upscaler)
+    if family_generate(ctx.obj, request, out, options, source_infotext, size_given=bool(from_image or width or height)):
         return
     target = out_target(out, dated(ctx.obj, "txt2img-images"))
     target.check_free(pictures_of(request))
-    settings = ctx.obj.with_(fast=fast_path_from(fast, medvram=medvram, lowvram=lowvram))
+    settings = ctx.obj.with_(fast=fast_path_from(fast, medvram=medvram, lowvram=lowvram, offload=offload))
+    check_offload(settings)
     run_generate(settings, request, target, quiet, source_infotext=source_infotext, extra_params=extra or None)
 
 
@@ -160,3 +170,13 @@ def info(image: Path = typer.Argument(..., help="A PNG (or JPEG/WebP) written by
 
         return print(read_params(image))
     print(read_infotext(image))
+
+
+def check_offload(settings) -> None:
+    """``--offload`` / ``--medvram`` / ``--lowvram`` on a machine without CUDA: one line before any
+    model is loaded."""
+    if settings.fast.offload != "none":
+        from danqing.models.fastpath import check_device  # lazy: imports torch
+        from danqing.models.manager import pick_device
+
+        check_device(settings.fast, pick_device(settings.device))

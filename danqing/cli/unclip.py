@@ -1,5 +1,6 @@
 """``danqing variations``: pictures like a given one, with an unCLIP-family model (Stable
-unCLIP, Kandinsky 2.2); ``danqing generate`` hands Kandinsky 2.2 text-to-image here too."""
+unCLIP, Kandinsky 2.2); ``danqing generate`` hands the families that run beside the SD loop
+(Kandinsky 2.2 text-to-image, DeepFloyd IF, and ``--from`` of their pictures) here too."""
 
 from __future__ import annotations
 
@@ -8,37 +9,52 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import OUT_HELP, app, dated, out_target
+from danqing.cli.common import OUT_HELP, app, dated, make_studio, out_target
 from danqing.errors import InvalidRequest
 
 FAMILIES_HELP = "a Stable unCLIP folder or a Kandinsky 2.2 decoder folder (diffusers layout)"
+IF_SIDE = 64  # DeepFloyd IF stage I's size, when --width / --height are not given
 
 
-def run_unclip_command(settings, family: str, request, options, out: Optional[str], kind: str) -> None:
-    """Write the pictures of an unCLIP-family request and print each path with its seed."""
-    from danqing.apps.unclip import run_unclip_family  # lazy: imports torch
+def run_family_command(settings, family: str, request, options, out: Optional[str], kind: str) -> None:
+    """Write the pictures of a family request and print each path with its seed."""
+    from danqing.apps.families import run_family, write_family_pictures  # lazy: imports torch
 
     target = out_target(out, dated(settings, kind))
     count = request.batch_size
     target.check_free(count)
     files = target.files(count) if target.file is not None else None
-    for path, seed in run_unclip_family(settings.models_dir, family, request, options, out_dir=target.folder,
-                                        files=files):
+    result = run_family(make_studio(settings), family, request, options)
+    for path, seed in write_family_pictures(result, out_dir=target.folder, files=files):
         print(f"{path}  seed={seed}")
 
 
-def unclip_generate(settings, request, out: Optional[str], **family_options) -> bool:
-    """``danqing generate`` with an unCLIP-family ``--model``: run it here (True), else False.
-    ``family_options``: prior, prior_steps, prior_cfg_scale (Kandinsky 2.2)."""
-    from danqing.apps.unclip import UnclipOptions, unclip_family  # lazy: imports torch
+def family_generate(settings, request, out: Optional[str], options: dict, source_infotext: str | None = None, *,
+                    size_given: bool = True) -> bool:
+    """``danqing generate`` with a ``--model`` of a family that runs beside the SD loop: run it
+    here (True), else False. ``options``: the command line's family options (``FamilyOptions``
+    fields, None = not given); with ``source_infotext`` (``--from``) they override the file's."""
+    from danqing.apps.families import OPTION_NAMES, FamilyOptions, family_of, options_from_params  # lazy: torch
+    from danqing.models.registry import Registry
+    from danqing.outputs.infotext import parse_infotext
 
-    family = unclip_family(settings.models_dir, request.model)
+    options = FamilyOptions(**options)
+
+    family = family_of(Registry(settings.models_dir), request.model)
     if family is None:
-        if any(v is not None for v in family_options.values()):
-            raise InvalidRequest("prior", "--prior, --prior-steps and --prior-cfg are options of Kandinsky 2.2 "
-                                          "(--model its decoder folder)")
+        given = options.given()
+        if given:
+            name = next(iter(given))
+            raise InvalidRequest(name, f"{OPTION_NAMES.get(name, name)} is an option of Kandinsky 2.2 (--prior, "
+                                       "--prior-steps, --prior-cfg; --model its decoder folder) or DeepFloyd IF "
+                                       "(--stage2, --stage2-steps, --stage2-cfg, --noise-level, --upscaler; --model "
+                                       "its stage-I folder)")
         return False
-    run_unclip_command(settings, family, request, UnclipOptions(**family_options), out, "txt2img-images")
+    if source_infotext is not None:
+        options = options.over(options_from_params(parse_infotext(source_infotext)[2]))
+    if family == "if-i" and not size_given:
+        request = request.replace(width=IF_SIDE, height=IF_SIDE)
+    run_family_command(settings, family, request, options, out, "txt2img-images")
     return True
 
 
@@ -63,15 +79,17 @@ def variations(
 ):
     """Make variations of a picture with an unCLIP model (its CLIP image embedding in place of
     text): Stable unCLIP, or a Kandinsky 2.2 decoder with its prior."""
-    from danqing.apps.unclip import UnclipOptions, unclip_family  # lazy: imports torch
+    from danqing.apps.families import FamilyOptions, family_of  # lazy: imports torch
+    from danqing.models.registry import Registry
     from danqing.request import GenerationRequest
 
     if not image.is_file():
         raise InvalidRequest("image", f"{image}: no such picture")
-    family = unclip_family(ctx.obj.models_dir, model)
-    if family is None:
+    family = family_of(Registry(ctx.obj.models_dir), model)
+    if family is None or family.startswith("if-"):
         raise InvalidRequest("model", f"{model}: not {FAMILIES_HELP}")
     request = GenerationRequest.create(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed,
                                        width=width, height=height, batch_size=batch_size, model=model)
-    options = UnclipOptions(picture=image, noise_level=noise_level, prior=prior, sampler=sampler, schedule=schedule)
-    run_unclip_command(ctx.obj, family, request, options, out, "img2img-images")
+    options = FamilyOptions(picture=str(image), noise_level=noise_level, prior=prior, sampler=sampler,
+                            schedule=schedule)
+    run_family_command(ctx.obj, family, request, options, out, "img2img-images")

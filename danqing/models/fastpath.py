@@ -91,7 +91,8 @@ def check_device(fast: FastPath, device) -> None:
     """Refuse options the device cannot run, in one line naming the option."""
     if device.type != "cuda" and fast.offload != "none":
         flag = {"model": "--medvram", "sequential": "--lowvram"}[fast.offload]
-        raise InvalidRequest("offload", f"{flag} (offload {fast.offload}) needs a CUDA device; this one is {device.type}")
+        raise InvalidRequest("offload", f"--offload {fast.offload} ({flag}) needs a CUDA device: it moves models or "
+                                        f"layers to the GPU as they run; this one is {device.type}")
     if device.type == "cpu" and fast.sdpa not in CPU_SDPA:
         raise InvalidRequest("sdpa", f"the CPU has the {', '.join(CPU_SDPA)} attention kernels, not {fast.sdpa!r}")
 
@@ -228,9 +229,11 @@ FAST_HELP = ("Fast path option, repeatable: channels-last, fuse-qkv, vae-slicing
              "cudnn|math, compile=default|reduce-overhead|max-autotune (docs/benchmarks.md) [default: none]")
 
 
-def fast_path_from(options: list[str] = (), *, medvram: bool = False, lowvram: bool = False) -> FastPath:
-    """The ``FastPath`` of the command line's ``--fast`` options and A1111's ``--medvram`` /
-    ``--lowvram``; an unknown option is an ``InvalidRequest`` listing the known ones."""
+def fast_path_from(options: list[str] = (), *, medvram: bool = False, lowvram: bool = False,
+                   offload: str | None = None) -> FastPath:
+    """The ``FastPath`` of the command line's ``--fast`` options, ``--offload model|sequential`` and
+    A1111's ``--medvram`` / ``--lowvram`` (the same two); an unknown option is an ``InvalidRequest``
+    listing the known ones."""
     values: dict[str, object] = {}
     for option in options:
         name, sep, value = option.strip().partition("=")
@@ -245,4 +248,12 @@ def fast_path_from(options: list[str] = (), *, medvram: bool = False, lowvram: b
         raise InvalidRequest("lowvram", "give --medvram or --lowvram, not both")
     if medvram or lowvram:
         values["offload"] = "sequential" if lowvram else "model"
+    if offload is not None:
+        if offload not in OFFLOAD_MODES[1:]:
+            raise InvalidRequest("offload", f"must be model (each model on the GPU only while it runs) or sequential "
+                                            f"(each layer streamed to the GPU), got {offload!r}")
+        if values.get("offload", offload) != offload:
+            raise InvalidRequest("offload", f"--offload {offload} and --{'lowvram' if lowvram else 'medvram'} ask "
+                                            "for different offloads; give one")
+        values["offload"] = offload
     return FastPath(**values)

@@ -291,25 +291,93 @@ def save_flow_single_file(comps: Components, path: Path, *, metadata: dict | Non
                        overwrite=overwrite)
 
 
-def _t5_tokenizer(path: Path, family: str):
+def _t5_tokenizer(path: Path, family: str, beside: Path | None = None):
+    """T5's tokenizer from ``t5-tokenizer/`` beside the checkpoint, else beside its T5 file."""
     from transformers import AutoTokenizer
 
-    folder = path.parent / T5_TOKENIZER_FOLDER
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model")):
-        raise CorruptModel(f"{path}: the {family.upper()} file's T5 text encoder needs the T5 tokenizer, which single "
-                           f"files do not carry: put its files (tokenizer.json, or spiece.model, with "
-                           f"tokenizer_config.json) in {folder}/")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    folders = [path.parent / T5_TOKENIZER_FOLDER] + ([beside.parent / T5_TOKENIZER_FOLDER] if beside else [])
+    for folder in folders:
+        if any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    raise CorruptModel(f"{path}: the {family.upper()} file's T5 text encoder needs the T5 tokenizer, which single "
+                       f"files do not carry: put its files (tokenizer.json, or spiece.model, with "
+                       f"tokenizer_config.json) in {folders[0]}/")
 
 
-def _encoder_dict(sd: dict, enc: str, module) -> dict:
-    prefix = TEXT[enc]
+def _encoder_dict(sd: dict, enc: str, module, prefix: str | None = None) -> dict:
+    prefix = TEXT[enc] if prefix is None else prefix
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if enc == "t5":
         out.setdefault("encoder.embed_tokens.weight", out.get("shared.weight"))
     elif not hasattr(module, "text_model"):  # transformers 5's flattened CLIPTextModel
         out = {k.removeprefix("text_model."): v for k, v in out.items()}
+    else:  # CLIPTextModelWithProjection: text_model.* and text_projection
+        out = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in out.items()}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders as separate files (ComfyUI's clip_l / clip_g / t5xxl files, models/text_encoder/)
+# ---------------------------------------------------------------------------------------------
+ENCODER_FILES = {"clip_l": ("CLIP-L", "clip_l.safetensors"), "clip_g": ("OpenCLIP bigG", "clip_g.safetensors"),
+                 "t5": ("T5-XXL", "t5xxl_fp16.safetensors")}
+TEXT_ENCODER_FOLDER = "models/text_encoder/"
+
+
+def _bare_encoder(sd: dict) -> dict:
+    """A text encoder file's tensors under transformers' names (an all-in-one prefix removed)."""
+    for prefix in TEXT.values():
+        if sd and all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _clip_shape(sd: dict) -> tuple[int, int]:
+    """(width, layers) of a CLIP text encoder's tensors."""
+    width = next(v.shape[1] for k, v in sd.items() if k.endswith("embeddings.token_embedding.weight"))
+    layers = {int(m.group(1)) for k in sd if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
+    return width, len(layers)
+
+
+def encoder_kind(path: Path, sd: dict, family: str, configs: dict) -> str:
+    """"clip_l", "clip_g" or "t5" for a text encoder file, from its keys: T5's blocks, else CLIP's,
+    told apart by width and depth against the family's configs (by the file name when both fit).
+
+    Raises:
+        CorruptModel: not a text encoder, or one the family does not use.
+    """
+    keys = list(sd)
+    needs = ENCODERS[family]
+    if any(".SelfAttention." in k for k in keys):
+        kind = "t5"
+    elif any(k.endswith("embeddings.token_embedding.weight") for k in keys):
+        shape = _clip_shape(sd)
+        fits = [enc for part, enc in needs.items() if enc != "t5" and part in configs
+                and (configs[part].get("hidden_size", 512), configs[part].get("num_hidden_layers", 12)) == shape]
+        if len(fits) != 1:  # none fits (the checkpoint says otherwise), or both: the file's name
+            fits = [enc for enc in ("clip_g", "clip_l") if enc in path.stem.lower() and enc in needs.values()] or fits
+        if len(fits) != 1:
+            raise CorruptModel(f"{path}: a CLIP text encoder of width {shape[0]} and {shape[1]} layers, which is none "
+                               f"of the {family.upper()} model's (name the file clip_l or clip_g)")
+        kind = fits[0]
+    else:
+        raise CorruptModel(f"{path}: not a text encoder file (no T5 blocks, no CLIP token embedding)")
+    if kind not in needs.values():
+        raise CorruptModel(f"{path}: a {ENCODER_FILES[kind][0]} text encoder, which {family.upper()} does not use "
+                           f"(it takes {', '.join(ENCODER_FILES[e][0] for e in needs.values())})")
+    return kind
+
+
+def missing_encoder(path: Path, family: str, enc: str) -> CorruptModel:
+    what, name = ENCODER_FILES[enc]
+    return CorruptModel(f"{path.name}: this {family.upper()} file holds no {what} text encoder: give its file with "
+                        f"--text-encoder (ComfyUI's {name}; keep text encoder files in {TEXT_ENCODER_FOLDER})")
+
+
+def missing_vae(path: Path, family: str) -> CorruptModel:
+    name = "ae.safetensors" if family == "flux" else "a VAE file"
+    return CorruptModel(f"{path.name}: this {family.upper()} file holds no VAE: give it with --vae ({name}; keep "
+                        "VAE files in models/vae/)")
 
 
 def _transformer_dict(sd: dict, family: str, comps: Components) -> dict:
@@ -326,12 +394,48 @@ def _transformer_dict(sd: dict, family: str, comps: Components) -> dict:
     return transformer_from_original(part, family, config, shapes)
 
 
-def load_flow_single_file(path: Path) -> Components:
+def _encoder_sources(path: Path, sd: dict, family: str, configs: dict, encoder_files) -> dict:
+    """{component: (state dict, prefix of its tensors)} of the family's text encoders: the
+    checkpoint's own, else the given files' (``encoder_kind``); ``configs`` gains the configs of
+    encoders from files (bundled full-size ones where the checkpoint's header has none)."""
+    given: dict[str, tuple[dict, Path]] = {}
+    for f in encoder_files:
+        f = Path(f)
+        tensors = _bare_encoder(read_state_dict(f)[0])
+        kind = encoder_kind(f, tensors, family, {**load_family_config(family), **configs})
+        if kind in given:
+            raise CorruptModel(f"{f}: a second {ENCODER_FILES[kind][0]} text encoder (the first: {given[kind][1].name})")
+        given[kind] = (tensors, f)
+    sources = {}
+    for part, enc in ENCODERS[family].items():
+        inside = any(k.startswith(TEXT[enc]) for k in sd)
+        if enc in given:
+            if inside:
+                raise CorruptModel(f"{given[enc][1]}: {path.name} holds its own {ENCODER_FILES[enc][0]} text encoder; "
+                                   "give no --text-encoder for it")
+            configs.setdefault(part, load_family_config(family)[part])
+            sources[part] = (given[enc][0], "", given[enc][1])
+        elif inside:
+            sources[part] = (sd, TEXT[enc], path)
+        elif part == "text_encoder_3":  # SD3 without T5
+            configs.pop(part, None)
+        else:
+            raise missing_encoder(path, family, enc)
+    return sources
+
+
+def load_flow_single_file(path: Path, encoder_files=()) -> Components:
     """Load an SD3 / FLUX single file (module docstring) into CPU fp32 Components.
+
+    Args:
+        encoder_files: text encoder files (``clip_l``, ``clip_g``, ``t5xxl``: transformers names,
+            as ComfyUI shares them) for a file that holds none; told apart by their keys.
+
+    A file without its VAE loads with ``vae`` None: the caller gives one (``--vae``).
 
     Raises:
         CorruptModel: unreadable, or weights that do not fit; a text encoder the family needs
-            that the file lacks; T5's tokenizer missing beside the file.
+            that neither the file nor ``encoder_files`` hold; T5's tokenizer missing.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -342,30 +446,27 @@ def load_flow_single_file(path: Path) -> Components:
         configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else _default_configs(family, sd)
     except (ValueError, KeyError) as exc:
         raise CorruptModel(f"{path}: cannot read the {family} configuration ({_first_line(exc)})") from None
-    for part, enc in ENCODERS[family].items():
-        if not any(k.startswith(TEXT[enc]) for k in sd):
-            if part == "text_encoder_3":  # SD3 without T5
-                configs.pop(part, None)
-                continue
-            raise CorruptModel(f"{path}: this {family.upper()} file holds no {enc} text encoder ({TEXT[enc]}*); "
-                               f"files without their text encoders load only as a diffusers folder (with "
-                               f"{part}/) for now")
-    if not any(k.startswith(VAE) for k in sd):
-        raise CorruptModel(f"{path}: this {family.upper()} file holds no VAE ({VAE}*); files without their VAE "
-                           f"load only as a diffusers folder (with vae/) for now")
+    sources = _encoder_sources(path, sd, family, configs, encoder_files)
+    has_vae = any(k.startswith(VAE) for k in sd)
+    configs.setdefault("vae", load_family_config(family)["vae"])  # built empty; the caller gives the VAE
     try:
         comps = components_from_configs(family, configs, empty=True)
-        parts = {"unet": _transformer_dict(sd, family, comps), "vae": convert_ldm_vae_checkpoint(sd, dict(comps.vae.config))}
-        for part, enc in ENCODERS[family].items():
-            if getattr(comps, part) is not None:
-                parts[part] = _encoder_dict(sd, enc, getattr(comps, part))
+        parts = {"unet": _transformer_dict(sd, family, comps)}
+        if has_vae:
+            parts["vae"] = convert_ldm_vae_checkpoint(sd, dict(comps.vae.config))
+        for part, (tensors, prefix, _) in sources.items():
+            parts[part] = _encoder_dict(tensors, ENCODERS[family][part], getattr(comps, part), prefix)
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
         raise CorruptModel(f"{path}: cannot convert the {family} checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
     for name, tensors in parts.items():
-        assign_weights(getattr(comps, name), tensors, name.replace("unet", "transformer"), path)
+        assign_weights(getattr(comps, name), tensors, name.replace("unet", "transformer"), sources.get(name, (0, 0, path))[2],
+                       keep_fp8=name == "unet")  # an fp8 transformer stays fp8 (models.fp8)
+    if not has_vae:
+        comps.vae = None
     t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     if getattr(comps, t5) is not None:
-        setattr(comps, "tokenizer_3" if family == "sd3" else "tokenizer_2", _t5_tokenizer(path, family))
+        setattr(comps, "tokenizer_3" if family == "sd3" else "tokenizer_2",
+                _t5_tokenizer(path, family, beside=sources[t5][2] if sources[t5][2] != path else None))
     comps.metadata.update({"source": str(path), "safetensors_metadata": meta})
     for m in comps.modules().values():
         m.eval()

@@ -43,7 +43,8 @@ def load_diffusers_folder(path: Path) -> Components:
         return load_flow_folder(path, flow)
     if if_kind_of_folder(path) is not None:
         raise CorruptModel(f"{path.name}: a DeepFloyd IF stage ({if_kind_of_folder(path)}); it runs through "
-                           "danqing.sampling.cascade.run_if (docs/models.md), not as a checkpoint yet")
+                           "danqing generate --model (danqing.sampling.cascade.run_if; docs/models.md), not as an "
+                           "SD checkpoint")
     if unclip_kind_of_folder(path) is not None:
         raise CorruptModel(f"{path.name}: an unCLIP model ({unclip_kind_of_folder(path)}); it runs through "
                            "danqing variations / danqing generate --model (docs/models.md), not as an SD checkpoint")
@@ -83,16 +84,21 @@ def load_diffusers_folder(path: Path) -> Components:
     return comps
 
 
-def load_components(entry: ModelEntry, *, prediction_type: str | None = None) -> Components:
-    """Load a checkpoint entry to CPU fp32 Components."""
-    if entry.is_builtin:
+def load_components(entry: ModelEntry, *, prediction_type: str | None = None, text_encoders=()) -> Components:
+    """Load a checkpoint entry to CPU fp32 Components; ``text_encoders``: encoder files for an
+    SD3 / FLUX single file that holds none (``flow_files.load_flow_single_file``)."""
+    if entry.is_builtin and not text_encoders:
         return builtin_components()
-    if not entry.path.exists():
+    if entry.path is not None and not entry.path.exists():
         raise ModelNotFound(f"{entry.path}: no such model file")
+    flow = not entry.is_builtin and entry.format != "diffusers" and flow_family_of_keys(checkpoint_keys(entry.path))
+    if flow:  # SD3 / FLUX single files
+        return load_flow_single_file(entry.path, text_encoders)
+    if text_encoders:
+        raise IncompatibleModel(f"{entry.name}: holds its own text encoders; text encoder files (--text-encoder) "
+                                "complete SD3 / FLUX single files that hold none")
     if entry.format == "diffusers":
         return load_diffusers_folder(entry.path)
-    if flow_family_of_keys(checkpoint_keys(entry.path)) is not None:  # SD3 / FLUX single files
-        return load_flow_single_file(entry.path)
     return load_single_file(entry.path, prediction_type=prediction_type)
 
 

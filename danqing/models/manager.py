@@ -15,6 +15,8 @@ from danqing.cache import LRUCache, file_key
 from danqing.models.components import Components
 from danqing.models.control import load_control_model
 from danqing.models.fastpath import FastPath, applied
+from danqing.models.flow_files import missing_vae
+from danqing.models.fp8 import place_fp8, stores_fp8
 from danqing.models.loader import load_components, load_vae
 from danqing.models.registry import ModelEntry, Registry
 from danqing.models.upscalers import load_descriptor
@@ -94,18 +96,22 @@ class ModelManager:
         self._upscalers: LRUCache[object] = LRUCache(2)
         self._lock = threading.Lock()
 
-    def load(self, model: str, vae: str | None = None) -> LoadedModel:
-        """The loaded model for a checkpoint name/hash/path and optional VAE name/path."""
+    def load(self, model: str, vae: str | None = None, text_encoders: tuple[str, ...] = ()) -> LoadedModel:
+        """The loaded model for a checkpoint name/hash/path, an optional VAE name/path and, for an
+        SD3 / FLUX file without them, its text encoder files (names in models/text_encoder/ or paths)."""
         entry = self.registry.find("checkpoint", model)
         vae_entry = self.registry.find("vae", vae) if vae else None
-        key = (entry.name, str(entry.path), str(vae_entry.path) if vae_entry else None)
+        encoders = tuple(self.registry.find("text_encoder", name) for name in text_encoders)
+        key = (entry.name, str(entry.path), str(vae_entry.path) if vae_entry else None, *(str(e.path) for e in encoders))
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
-            comps = load_components(entry)
+            comps = load_components(entry, text_encoders=[e.path for e in encoders])
             if vae_entry is not None:
                 comps.vae = load_vae(vae_entry, comps.family, like=comps.vae)
+            elif comps.vae is None:  # an SD3 / FLUX file without its VAE
+                raise missing_vae(entry.path, comps.family)
             self._place(comps)
             loaded = LoadedModel(
                 entry=entry,
@@ -154,6 +160,9 @@ class ModelManager:
         for module in comps.modules().values():
             module.requires_grad_(False)
             module.eval()
+            if stores_fp8(module):  # fp8-stored weights stay fp8, upcast per layer (models.fp8)
+                place_fp8(module, self.device, self.dtype)
+                continue
             module.to(device=self.device)
             if module.dtype != self.dtype:
                 module.to(dtype=self.dtype)

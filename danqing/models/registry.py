@@ -37,13 +37,14 @@ KINDS = {
     "ipadapter": "ipadapter",
     "clip_vision": "clip_vision",
     "motion": "motion",
+    "text_encoder": "text_encoder",  # CLIP-L / bigG / T5-XXL files for SD3 / FLUX files without them
 }
 # kind -> (what a request calls it, the field a library lookup reports) for names-only lookups
 LABELS = {
     "checkpoint": ("checkpoint", "model"), "vae": ("VAE", "vae"), "lora": ("LoRA", "prompt"),
     "embedding": ("embedding", "prompt"), "controlnet": ("controlnet", "controlnet"),
     "ipadapter": ("IP-Adapter", "ip_adapter"), "clip_vision": ("image encoder", "ip_adapter_encoder"),
-    "motion": ("motion module", "motion_module"),
+    "motion": ("motion module", "motion_module"), "text_encoder": ("text encoder", "text_encoders"),
 }
 BUILTIN = "danqing-tiny-random"
 BUNDLED = "danqing-tiny"  # danqing's own trained model, shipped in the package (data/models/)

@@ -27,6 +27,7 @@ import torch
 from danqing.errors import CorruptModel, IncompatibleModel, ModelNotFound, UnknownFamily
 from danqing.models.components import Components
 from danqing.models.families import components_from_configs, load_family_config
+from danqing.models.fp8 import FP8
 from danqing.files import atomic_save, exists_message, publish
 
 UNET = "model.diffusion_model."
@@ -322,14 +323,16 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
     return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, {}
 
 
-def assign_weights(module, state_dict: dict, what: str, path: Path, error=CorruptModel) -> None:
+def assign_weights(module, state_dict: dict, what: str, path: Path, error=CorruptModel, keep_fp8: bool = False) -> None:
     """Load every weight of ``module`` (built with meta parameters) from ``state_dict``, strictly.
 
-    Floating tensors become float32 (CPU fp32 is the loaded form; fp16 files are upcast).
+    Floating tensors become float32 (CPU fp32 is the loaded form; fp16 files are upcast), fp8
+    ones too unless ``keep_fp8`` (``models.fp8``: they stay fp8 and are upcast per layer).
     ``position_ids`` (a fixed arange that transformers keeps as a non-persistent buffer; some
     merged checkpoints carry a broken float copy) are dropped from the file's side.
     """
-    sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items() if not k.endswith("position_ids")}
+    sd = {k: (v.float() if v.is_floating_point() and not (keep_fp8 and v.dtype in FP8) else v).contiguous()
+          for k, v in state_dict.items() if not k.endswith("position_ids")}
     try:
         missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatch

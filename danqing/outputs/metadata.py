@@ -60,6 +60,8 @@ def request_infotext(
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "RNG": "CPU" if request.rng == "cpu" else None,
     }
+    # Forge's "Module N": the text encoder files of an SD3 / FLUX file that holds none
+    params.update({f"Module {i}": name for i, name in enumerate(request.text_encoders, 1)})
     if request.refiner_checkpoint is not None:
         name, digest = refiner if refiner else (request.refiner_checkpoint, "")
         params["Refiner"] = f"{name} [{digest[:10]}]" if digest else name
@@ -293,6 +295,8 @@ def request_from_infotext(text: str) -> GenerationRequest:
         raise ImageError(f"the infotext has a malformed value ({exc})") from None
     fields["model"] = params.get("Model") or params.get("Model hash")
     fields["vae"] = params.get("VAE")
+    fields["text_encoders"] = tuple(v for _, v in sorted((int(k.split()[1]), v) for k, v in params.items()
+                                                        if re.fullmatch(r"Module \d+", k)))
     fields["rng"] = "cpu" if params.get("RNG", "").upper() == "CPU" else "gpu"
     try:
         return GenerationRequest.create(**fields)

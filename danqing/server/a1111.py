@@ -18,10 +18,12 @@ from typing import Any, Optional, Union
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from danqing.apps.families import check_fields, family_of
 from danqing.editing.hires import LATENT_UPSCALERS
 from danqing.editing.upscalers import BUILTIN
 from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
 from danqing.errors import InvalidRequest
+from danqing.models.loader import describe_checkpoint
 from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
@@ -341,6 +343,19 @@ def decoded_inputs(body, fields: dict, img2img: bool, state) -> tuple[dict, obje
     return fields, init, mask
 
 
+def check_family(state, body, fields: dict, *, picture: bool) -> None:
+    """A model of a family that runs beside the SD loop (DeepFloyd IF, Stable unCLIP, Kandinsky
+    2.2; ``apps.families``), selected by ``override_settings`` or the options: what it does not
+    take is one line (422) before the job is queued."""
+    model = (body.override_settings or {}).get("sd_model_checkpoint") or state.options()["sd_model_checkpoint"]
+    family = family_of(state.registry, model)
+    if family is not None:
+        try:
+            check_fields(family, fields, picture=picture)
+        except InvalidRequest as exc:
+            raise a1111_error(exc) from None
+
+
 def _generation_routes(r: APIRouter, state) -> None:
     """txt2img, img2img (through the job queue, waiting), png-info, progress, interrupt, skip."""
 
@@ -350,6 +365,7 @@ def _generation_routes(r: APIRouter, state) -> None:
         if script is None and body.script_args:
             raise InvalidRequest("script_args", "given without a script_name; leave it unset or []")
         fields, init, mask = decoded_inputs(body, fields, img2img, state)
+        check_family(state, body, fields, picture=init is not None)
         if script is not None:
             try:
                 return run_script(state, script, body, fields, img2img=img2img, init=init, mask=mask)
@@ -451,6 +467,14 @@ def option_routes(r: APIRouter, state) -> None:
 
 
 
+def family_label(entry) -> str | None:
+    """The family ``danqing models`` shows for a checkpoint (None when it cannot be told)."""
+    try:
+        return describe_checkpoint(entry)
+    except Exception:  # noqa: BLE001 -- a broken file is listed, without a family
+        return None
+
+
 def listing_routes(r: APIRouter, state) -> None:
     """Add A1111's listing routes to ``r``: what is installed (models, VAEs, samplers, upscalers,
     LoRAs, embeddings) and memory; ``state`` is a ``ServerState`` (its registry names them).
@@ -462,7 +486,7 @@ def listing_routes(r: APIRouter, state) -> None:
             sha = None if e.is_builtin else state.registry.sha256(e)
             title = f"{e.name} [{sha[:10]}]" if sha else e.name
             out.append({"title": title, "model_name": e.name, "hash": sha[:10] if sha else None, "sha256": sha,
-                        "filename": str(e.path) if e.path else e.name, "config": None})
+                        "filename": str(e.path) if e.path else e.name, "config": None, "family": family_label(e)})
         return out
 
     @r.get("/sd-vae")

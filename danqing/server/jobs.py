@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from danqing.apps.families import run_request
 from danqing.decode import tiny_preview
 from danqing.models.preview_decoder import PREVIEW_MODES, find_tiny_decoder, latent_space, load_tiny_decoder
 from danqing.outputs.video import clip_paths, planned_files
@@ -358,7 +359,8 @@ class Worker:
             return run_talk(self, job)
         if isinstance(job.request, VideoRequest):
             return self._generate_video(job)
-        result = self.studio.generate(job.request, on_step=self._on_step, save=False)
+        result = (run_request(self.studio, job.request, on_step=self._on_step)  # IF, unCLIP, Kandinsky 2.2
+                  or self.studio.generate(job.request, on_step=self._on_step, save=False))
         if self._abort in ("cancel", "shutdown"):
             return None
         return self._deliver(job, result)

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from danqing.apps.families import check_fields, family_of
 from danqing.conditioning.control import CONTROL_MODES
 from danqing.editing.hires import hires_upscalers
 from danqing.errors import DanqingError
+from danqing.models.cascade_models import if_kind_of_folder
 from danqing.models.registry import BUILTIN
 from danqing.outputs.store import read_infotext
 from danqing.preprocess import preprocessor_names
@@ -39,6 +41,8 @@ def native_side(registry, name: str | None) -> int:
         if entry is None or entry.is_builtin or entry.name == BUILTIN:
             family = "danqing-tiny"
         elif entry.format == "diffusers":
+            if if_kind_of_folder(entry.path):  # a pixel model (DeepFloyd IF): its UNet's size
+                return int(json.loads((entry.path / "unet" / "config.json").read_text())["sample_size"])
             cfg = [json.loads((entry.path / p / "config.json").read_text()) for p in ("unet", "vae")]
             return _side(*cfg)
         elif entry.format == "safetensors":
@@ -201,6 +205,9 @@ def txt2img_tab(gr, state, top: dict, opts, side: int) -> dict:
         fields["model"], fields["vae"] = values[-2], values[-1]
         try:
             fields = with_controlnet(clean(fields), unit)
+            family = family_of(state.registry, fields["model"])  # IF, unCLIP, Kandinsky: what they take
+            if family is not None:
+                check_fields(family, fields, picture=False)
         except DanqingError as exc:
             raise gr.Error(str(exc)) from None
         yield from run_job(state, fields)
