@@ -143,14 +143,18 @@ def test_a1111_api_lists_and_runs_the_families(home, tmp_path_factory):
             "k22-prior": "kandinsky-prior", "tiny-flux": "flux"}
         common = dict(prompt=PROMPT, steps=2, seed=11, width=64, height=64, cfg_scale=5)
         request = GenerationRequest(prompt=PROMPT, steps=2, seed=11, width=64, height=64, cfg_scale=5.0)
+        pictures = {}
         for model, options, size in (("IF-I-tiny", FamilyOptions(), (64, 64)),
                                      ("k22-decoder", FamilyOptions(prior="k22-prior"), (64, 64))):
-            got = api.txt2img(override_settings={"sd_model_checkpoint": model}, **common)
+            got = pictures[model] = api.txt2img(override_settings={"sd_model_checkpoint": model}, **common)
             expected = run_family(studio, "if-i" if model.startswith("IF") else "kandinsky-decoder",
                                   request.replace(model=model), options)
             assert got.image.size == size
             assert np.array_equal(np.asarray(got.image.convert("RGB")), np.asarray(expected.images[0])), model
             assert f"Family: {'if-i' if model.startswith('IF') else 'kandinsky-decoder'}" in got.info["infotexts"][0]
+        api.set_options({"show_progress_type": "TAESD"})  # no TAESD for these families: the linear preview
+        again = api.txt2img(override_settings={"sd_model_checkpoint": "IF-I-tiny"}, **common)
+        assert np.array_equal(np.asarray(again.image.convert("RGB")), np.asarray(pictures["IF-I-tiny"].image.convert("RGB")))
         got = api.img2img(images=[_picture()], override_settings={"sd_model_checkpoint": "unclip-tiny"},
                           **common)
         assert got.image.size == (64, 64) and "Family: unclip" in got.info["infotexts"][0]

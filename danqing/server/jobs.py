@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from danqing.apps.families import run_request
+from danqing.apps.families import family_of, run_request
 from danqing.decode import tiny_preview
 from danqing.models.preview_decoder import PREVIEW_MODES, find_tiny_decoder, latent_space, load_tiny_decoder
 from danqing.outputs.video import clip_paths, planned_files
@@ -306,9 +306,13 @@ class Worker:
         if self._preview_mode == "TAESD" and isinstance(self._preview_request, GenerationRequest):
             if self._preview_space is None:  # the job's model is loaded (cached) by now
                 r = self._preview_request
-                loaded = self.studio.models.load(r.model or self.studio.settings.default_model, r.vae)
-                self._preview_space = latent_space(loaded.components)
+                model = r.model or self.studio.settings.default_model
+                # IF, unCLIP and Kandinsky (apps.families) have no TAESD latent space: linear preview
+                self._preview_space = ("" if family_of(self.studio.registry, model) is not None
+                                       else latent_space(self.studio.models.load(model, r.vae).components))
             space = self._preview_space
+            if not space:
+                return info.preview()
             if space not in self._tiny_decoders:
                 path = find_tiny_decoder(self.studio.registry.models_dir, space)
                 self._tiny_decoders[space] = load_tiny_decoder(path).to(self.studio.models.device) if path else None
