@@ -539,8 +539,9 @@ def run_one(cmd: DocCommand, folder: Path, env: dict, timeout: float, today: str
     return Outcome(cmd, "ok", "", seconds)
 
 
-def run_all(commands: list[DocCommand], base: Path, venv: Path, timeout: float, echo=print) -> list[Outcome]:
+def run_all(commands: list[DocCommand], base: Path, venv: Path, timeout: float, echo=None) -> list[Outcome]:
     """Each doc's commands in document order, each doc in its own scratch folder."""
+    echo = echo or (lambda line: print(line, flush=True))
     today = datetime.date.today().isoformat()
     outcomes, folders = [], {}
     for cmd in commands:
@@ -606,7 +607,7 @@ def markdown(outcomes: list[Outcome], seconds: float, command: str) -> str:
         f"{len(outcomes)} commands: {kinds.get('as written', 0)} to run as written, {kinds.get('small', 0)} with "
         f"small sizes, {kinds.get('skipped', 0)} skipped. Of the {len(outcomes) - counts.get('skipped', 0)} run: "
         f"{counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {counts.get('timeout', 0)} stopped at the "
-        f"timeout. Whole run: {seconds / 60:.1f} minutes on this machine.",
+        f"timeout. The commands took {seconds / 60:.0f} minutes on a shared 2-core machine.",
         "",
         "| skipped because | commands |",
         "| --- | ---: |",
@@ -634,6 +635,23 @@ def markdown(outcomes: list[Outcome], seconds: float, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+ROW_RE = re.compile(r"^(\S+:\d+)\s+([\d.]+)s  (ok|failed|timeout|skipped)(?:: (.*))?$", re.M)
+
+
+def merged(outcomes: list[Outcome], earlier: list[DocCommand], printed: str) -> list[Outcome]:
+    """``outcomes`` and, for the commands ``earlier`` (docs not run now), the outcomes an earlier
+    run printed (``row``), in the order of ``doc_files``."""
+    rows = {m.group(1): m for m in ROW_RE.finditer(printed)}
+    out = list(outcomes)
+    for cmd in earlier:
+        m = rows.get(cmd.where)
+        if m is None:
+            raise SystemExit(f"{cmd.where}: not in the earlier run's table; run that doc again")
+        out.append(Outcome(cmd, m.group(3), m.group(4) or "", float(m.group(2))))
+    order = {str(p.relative_to(ROOT)): i for i, p in enumerate(doc_files())}
+    return sorted(out, key=lambda o: (order.get(o.cmd.file, len(order)), o.cmd.line))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="docs to run [default: README.md and docs/*.md]")
@@ -642,9 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None, help="folder for the scratch folders [default: a new temporary one]")
     ap.add_argument("--venv", type=Path, default=None, help="the virtual environment [default: .venv, else this Python's]")
     ap.add_argument("--markdown", type=Path, default=None, help="write the table as markdown (docs/commands.md)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="the printed table of an earlier run (repeatable): the docs not run now keep its outcomes "
+                         "in --markdown; with no FILES given, nothing runs")
     args = ap.parse_args(argv)
     files = [p.resolve() for p in args.files] or None
-    commands = extract(files)
+    commands = extract(files) if files or not args.merge else []
     if args.list:
         for cmd in commands:
             what = cmd.reason if cmd.kind == "skipped" else "; ".join(cmd.rules)
@@ -658,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     outcomes = run_all(commands, base, venv, args.timeout)
     seconds = time.monotonic() - start
+    if args.merge:
+        ran = {c.file for c in commands}
+        earlier = [c for c in extract() if c.file not in ran]
+        outcomes = merged(outcomes, earlier, "\n".join(p.read_text(encoding="utf-8") for p in args.merge))
+        seconds = sum(o.seconds for o in outcomes)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "timeout", "skipped")}
     print(f"{len(outcomes)} commands: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {seconds:.0f} s")
     if args.markdown:
