@@ -512,45 +512,130 @@ def expected_paths(cmd: DocCommand, today: str) -> list[str]:
     return []
 
 
-def run_one(cmd: DocCommand, folder: Path, env: dict, timeout: float, today: str) -> Outcome:
-    """Run one command with bash in ``folder``; a run past ``timeout`` is stopped (its process group)."""
+# commands a worker process may run in-process (``--in-process``): plain ``danqing ...`` lines
+# without shell syntax, that neither train (torch thread settings) nor relaunch themselves
+IN_PROCESS_RE = re.compile(r"^(?:\.venv/bin/)?danqing [^*~$|<>;&`]*$")
+NOT_IN_PROCESS_RE = re.compile(r"\btrain\b|--num-processes|--ray\b")
+
+
+class Worker:
+    """A Python process that imports the CLI once and runs ``danqing`` commands in it
+    (``danqing.cli.main``), one at a time: imports are paid once instead of per command. A
+    command past its timeout kills the worker; the next command starts a new one."""
+
+    def __init__(self, root: Path = ROOT):
+        self.root, self.proc = root, None
+
+    def run(self, args: list[str], folder: Path, env: dict, timeout: float) -> tuple[int | None, str, str]:
+        """(exit code or None on timeout, stdout, stderr) of ``danqing ARGS`` run in ``folder``."""
+        import json
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         start_new_session=True, cwd=folder)
+        self.proc.stdin.write(json.dumps({"args": args, "cwd": str(folder), "env": env}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            return None, "", ""
+        answer = json.loads(line)
+        return answer["rc"], answer["stdout"], answer["stderr"]
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+def worker_loop() -> None:
+    """``--worker``: read {"args", "cwd", "env"} lines, run each with ``danqing.cli.main`` and
+    answer {"rc", "stdout", "stderr"} on one line."""
+    import contextlib
+    import io
+    import json
+
+    out = os.fdopen(os.dup(1), "w")  # the answers; what else writes to fd 1 (a child process) goes to stderr
+    os.dup2(2, 1)
+    from danqing.cli import main as danqing_main
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        stdout, stderr, rc = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                danqing_main(req["args"])
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException as exc:  # a traceback, as the command line would print it
+                import traceback
+
+                traceback.print_exc()
+                rc = 1
+                del exc
+        out.write(json.dumps({"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}) + "\n")
+        out.flush()
+
+
+def run_one(cmd: DocCommand, folder: Path, env: dict, timeout: float, today: str, worker: Worker | None = None) -> Outcome:
+    """Run one command with bash in ``folder`` (or, given a ``worker``, a plain ``danqing`` command
+    in it); a run past ``timeout`` is stopped (its process group)."""
     if cmd.kind == "skipped":
         return Outcome(cmd, "skipped", cmd.reason)
     ensure_fixtures(cmd, folder, today)
     start = time.monotonic()
-    proc = subprocess.Popen(["bash", "-c", cmd.run_text], cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return Outcome(cmd, "timeout", f"stopped after {timeout:.0f} s", time.monotonic() - start)
+    if worker is not None and IN_PROCESS_RE.match(cmd.run_text) and not NOT_IN_PROCESS_RE.search(cmd.run_text):
+        rc, stdout, stderr = worker.run(danqing_args(cmd.run_text), folder, env, timeout)
+    else:
+        proc = subprocess.Popen(["bash", "-c", cmd.run_text], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            rc = None
     seconds = time.monotonic() - start
+    if rc is None:
+        return Outcome(cmd, "timeout", f"stopped after {timeout:.0f} s", seconds)
     if cmd.expect_error:
-        ok = proc.returncode == 2
-        return Outcome(cmd, "ok" if ok else "failed",
-                       "exit 2 as shown" if ok else f"expected exit 2, got {proc.returncode}", seconds)
-    if proc.returncode != 0:
-        return Outcome(cmd, "failed", f"exit {proc.returncode}: {first_error(stdout, stderr)}", seconds)
+        ok = rc == 2
+        return Outcome(cmd, "ok" if ok else "failed", "exit 2 as shown" if ok else f"expected exit 2, got {rc}", seconds)
+    if rc != 0:
+        return Outcome(cmd, "failed", f"exit {rc}: {first_error(stdout, stderr)}", seconds)
     missing = [p for p in expected_paths(cmd, today) if not (folder / p).exists()]
     if missing:
         return Outcome(cmd, "failed", f"the comment's {missing[0]} was not written", seconds)
     return Outcome(cmd, "ok", "", seconds)
 
 
-def run_all(commands: list[DocCommand], base: Path, venv: Path, timeout: float, echo=None) -> list[Outcome]:
-    """Each doc's commands in document order, each doc in its own scratch folder."""
+def run_all(commands: list[DocCommand], base: Path, venv: Path, timeout: float, echo=None,
+            in_process: bool = False) -> list[Outcome]:
+    """Each doc's commands in document order, each doc in its own scratch folder; with
+    ``in_process``, plain ``danqing`` commands run in one worker process (``Worker``)."""
     echo = echo or (lambda line: print(line, flush=True))
     today = datetime.date.today().isoformat()
     outcomes, folders = [], {}
-    for cmd in commands:
-        if cmd.file not in folders:
-            folders[cmd.file] = scratch_folder(base, cmd.file, venv)
-        folder = folders[cmd.file]
-        outcome = run_one(cmd, folder, run_env(folder), timeout, today)
-        outcomes.append(outcome)
-        echo(row(outcome))
+    worker = Worker() if in_process else None
+    try:
+        for cmd in commands:
+            if cmd.file not in folders:
+                folders[cmd.file] = scratch_folder(base, cmd.file, venv)
+            folder = folders[cmd.file]
+            outcome = run_one(cmd, folder, run_env(folder), timeout, today, worker)
+            outcomes.append(outcome)
+            echo(row(outcome))
+    finally:
+        if worker is not None:
+            worker.close()
     return outcomes
 
 
@@ -567,7 +652,7 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown(outcomes: list[Outcome], seconds: float, command: str) -> str:
+def markdown(outcomes: list[Outcome], seconds: float, in_process: bool = False) -> str:
     """docs/commands.md: the rules, the counts and one row per command."""
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -594,10 +679,16 @@ def markdown(outcomes: list[Outcome], seconds: float, command: str) -> str:
         "the file must be there afterwards.",
         "",
         "```bash",
-        command,
-        "make doc-commands                                  # the same, writes this file",
-        ".venv/bin/python scripts/doc_commands.py --list    # extract and classify only",
+        "make doc-commands                                        # all docs; writes this file",
+        ".venv/bin/python scripts/doc_commands.py docs/editing.md  # one doc, prints the table",
+        ".venv/bin/python scripts/doc_commands.py --in-process     # plain danqing commands in one process",
+        ".venv/bin/python scripts/doc_commands.py --list           # extract and classify only",
         "```",
+        "",
+        "Each command runs in its own process by default. With `--in-process` the plain `danqing ...`",
+        "lines (no shell syntax, no training) run one after another in one worker process",
+        "(`danqing.cli.main`), so the libraries are imported once; the table below was made "
+        + ("that way." if in_process else "with a process per command."),
         "",
         "`tests/test_doc_commands.py` (under a minute) parses every `danqing` command of the docs",
         "against the CLI without running it (a removed command or option fails it) and runs a few.",
@@ -609,6 +700,8 @@ def markdown(outcomes: list[Outcome], seconds: float, command: str) -> str:
         f"{counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {counts.get('timeout', 0)} stopped at the "
         f"timeout. The commands took {seconds / 60:.0f} minutes on a shared 2-core machine.",
         "",
+        *([f"Failed or stopped ({len(bad)}):", "", *[f"- {o.cmd.where}: `{o.cmd.run_text}`: {o.status}: {o.detail}"
+                                                    for o in bad], ""] if (bad := [o for o in outcomes if o.status in ("failed", "timeout")]) else []),
         "| skipped because | commands |",
         "| --- | ---: |",
         *[f"| {_md(r)} | {n} |" for r, n in sorted(reasons.items(), key=lambda x: -x[1])],
@@ -656,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="docs to run [default: README.md and docs/*.md]")
     ap.add_argument("--list", action="store_true", help="extract and classify only")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run plain `danqing` commands in one worker process (imports once; faster on a slow machine)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per command [default: 300]")
     ap.add_argument("--scratch", type=Path, default=None, help="folder for the scratch folders [default: a new temporary one]")
     ap.add_argument("--venv", type=Path, default=None, help="the virtual environment [default: .venv, else this Python's]")
@@ -664,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the printed table of an earlier run (repeatable): the docs not run now keep its outcomes "
                          "in --markdown; with no FILES given, nothing runs")
     args = ap.parse_args(argv)
+    if args.worker:
+        worker_loop()
+        return 0
     files = [p.resolve() for p in args.files] or None
     commands = extract(files) if files or not args.merge else []
     if args.list:
@@ -677,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.scratch or Path(tempfile.mkdtemp(prefix="doc-commands-"))
     print(f"scratch folders under {base}; venv {venv}", file=sys.stderr)
     start = time.monotonic()
-    outcomes = run_all(commands, base, venv, args.timeout)
+    outcomes = run_all(commands, base, venv, args.timeout, in_process=args.in_process)
     seconds = time.monotonic() - start
     if args.merge:
         ran = {c.file for c in commands}
@@ -687,8 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "timeout", "skipped")}
     print(f"{len(outcomes)} commands: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {seconds:.0f} s")
     if args.markdown:
-        cmdline = ".venv/bin/python scripts/doc_commands.py               # all docs, prints the table"
-        args.markdown.write_text(markdown(outcomes, seconds, cmdline), encoding="utf-8")
+        args.markdown.write_text(markdown(outcomes, seconds, in_process=args.in_process), encoding="utf-8")
     return 1 if counts["failed"] or counts["timeout"] else 0
 
 
