@@ -235,11 +235,16 @@ SKIPS: list[tuple[str, str]] = [
     (r"ti_known_shape\.py|bench/ray_\w+\.py", LONG),
 ]
 
+# the commands that sample (their --steps: sampling steps; 3d: optimisation steps)
+SAMPLING = (r"^(?!.*--help)(?:\.venv/bin/)?danqing (?:--[\w-]+ \S+ )*(?:generate|img2img|inpaint|outpaint|xyz|from-file|batch|"
+            r"edit p2p|3d|variations|eval (?:shapes|portraits) .*--n)\b")
+STEPS_RULE = "commands that sample: `--steps 4` (4 sampling steps; `3d`: 4 optimisation steps)"
 # small sizes: (pattern selecting the command, pattern to replace or None to append, replacement, rule)
 SMALL: list[tuple[str, str | None, str, str]] = [
     (r"^make demo\b", r"^make demo", "make -o .venv/.stamp-install demo", "`make demo`: .venv is there (its install step is not remade)"),
     (r".", r"(?<=/)20\d\d-\d\d-\d\d(?=/)", "{today}", "a date in an example path: today's"),
-    (r"danqing .*\b3d\b", r"--steps \d+", "--steps 4", "`3d`: 4 optimisation steps"),
+    (SAMPLING + r".*--steps", r"--steps \d+", "--steps 4", STEPS_RULE),
+    (SAMPLING + r"(?!.*--steps)", None, "--steps 4", STEPS_RULE),
     (r"danqing .*\beval (?:shapes|portraits)\b", r"--n \d+", "--n 4", "`eval --n`: 4 held-out prompts"),
     (r"train preview-decoder", None, "--steps 2 --n-images 16 --batch-size 4", "`train preview-decoder`: 2 steps"),
     (r"eval_concept\.py", None, "--n-concept 2 --n-ordinary 2 --steps 4", "`eval_concept.py`: 2 + 2 prompts, 4 steps"),
@@ -485,7 +490,7 @@ def run_env(folder: Path, root: Path = ROOT) -> dict[str, str]:
 @dataclass
 class Outcome:
     cmd: DocCommand
-    status: str          # "ok", "failed", "timeout", "skipped"
+    status: str          # "ok", "failed", "timeout", "skipped" ("not run": --merge of a run stopped early)
     detail: str = ""     # the first error line, the expected output that is missing, the reason
     seconds: float = 0.0
 
@@ -696,9 +701,10 @@ def markdown(outcomes: list[Outcome], seconds: float, in_process: bool = False) 
         "## Result",
         "",
         f"{len(outcomes)} commands: {kinds.get('as written', 0)} to run as written, {kinds.get('small', 0)} with "
-        f"small sizes, {kinds.get('skipped', 0)} skipped. Of the {len(outcomes) - counts.get('skipped', 0)} run: "
+        f"small sizes, {kinds.get('skipped', 0)} skipped. Of the {len(outcomes) - counts.get('skipped', 0)} to run: "
         f"{counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {counts.get('timeout', 0)} stopped at the "
-        f"timeout. The commands took {seconds / 60:.0f} minutes on a shared 2-core machine.",
+        f"timeout" + (f", {counts['not run']} not run yet" if counts.get("not run") else "")
+        + f". The commands took {seconds / 60:.0f} minutes on a shared 2-core machine.",
         "",
         *([f"Failed or stopped ({len(bad)}):", "", *[f"- {o.cmd.where}: `{o.cmd.run_text}`: {o.status}: {o.detail}"
                                                     for o in bad], ""] if (bad := [o for o in outcomes if o.status in ("failed", "timeout")]) else []),
@@ -708,7 +714,7 @@ def markdown(outcomes: list[Outcome], seconds: float, in_process: bool = False) 
         "",
         "Small sizes (`SMALL`):",
         "",
-        *[f"- {rule}" for _, _, _, rule in SMALL],
+        *[f"- {rule}" for rule in dict.fromkeys(rule for *_, rule in SMALL)],
         "",
         "Files made before the first command that names them (`FIXTURES`):",
         "",
@@ -738,9 +744,12 @@ def merged(outcomes: list[Outcome], earlier: list[DocCommand], printed: str) -> 
     out = list(outcomes)
     for cmd in earlier:
         m = rows.get(cmd.where)
-        if m is None:
-            raise SystemExit(f"{cmd.where}: not in the earlier run's table; run that doc again")
-        out.append(Outcome(cmd, m.group(3), m.group(4) or "", float(m.group(2))))
+        if cmd.kind == "skipped":
+            out.append(Outcome(cmd, "skipped", cmd.reason))
+        elif m is None:  # the earlier run stopped before it (or the doc changed since)
+            out.append(Outcome(cmd, "not run", "not in the earlier run's table"))
+        else:
+            out.append(Outcome(cmd, m.group(3), m.group(4) or "", float(m.group(2))))
     order = {str(p.relative_to(ROOT)): i for i, p in enumerate(doc_files())}
     return sorted(out, key=lambda o: (order.get(o.cmd.file, len(order)), o.cmd.line))
 
@@ -773,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     venv = (args.venv or (ROOT / ".venv" if (ROOT / ".venv").is_dir() else Path(sys.prefix))).resolve()
-    base = args.scratch or Path(tempfile.mkdtemp(prefix="doc-commands-"))
-    print(f"scratch folders under {base}; venv {venv}", file=sys.stderr)
+    base = args.scratch or Path(tempfile.mkdtemp(prefix="doc-commands-") if commands else ".")
+    if commands:
+        print(f"scratch folders under {base}; venv {venv}", file=sys.stderr)
     start = time.monotonic()
     outcomes = run_all(commands, base, venv, args.timeout, in_process=args.in_process)
     seconds = time.monotonic() - start
@@ -783,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = [c for c in extract() if c.file not in ran]
         outcomes = merged(outcomes, earlier, "\n".join(p.read_text(encoding="utf-8") for p in args.merge))
         seconds = sum(o.seconds for o in outcomes)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "timeout", "skipped")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "timeout", "skipped", "not run")}
     print(f"{len(outcomes)} commands: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {seconds:.0f} s")
     if args.markdown:
         args.markdown.write_text(markdown(outcomes, seconds, in_process=args.in_process), encoding="utf-8")

@@ -87,6 +87,10 @@ def test_small_size_rules():
     info = dc.classify(dc.DocCommand("x.md", 1, "danqing info outputs/txt2img-images/2026-11-24/00000-42.png"),
                        today="2030-01-02")
     assert info.run_text == "danqing info outputs/txt2img-images/2030-01-02/00000-42.png"
+    gen = dc.classify(dc.DocCommand("x.md", 1, 'danqing --home s generate "a cat" --steps 20 --seed 1'))
+    assert gen.run_text == 'danqing --home s generate "a cat" --steps 4 --seed 1'
+    assert dc.classify(dc.DocCommand("x.md", 1, 'danqing img2img p.png "a cat"')).run_text.endswith(" --steps 4")
+    assert dc.classify(dc.DocCommand("x.md", 1, "danqing generate --help")).kind == "as written"
 
 
 def test_every_danqing_command_and_option_exists(cli_tree):
