@@ -258,7 +258,7 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
     "base": {"data.n_images": "32", "vae.steps": "2", "vae.crop_steps": "0", "vae.batch_size": "4",
              "unet.steps": "2", "unet.batch_size": "4", "unet.warmup_steps": "0", "run.log_every": "1",
              "run.checkpoint_every": "2", "run.sample_every": "1000000", "run.eval_every": "1000000",
-             "run.eval_prompts": "1", "run.eval_steps": "2", "run.max_minutes": "0"},
+             "run.eval_prompts": "0", "run.eval_steps": "2", "run.max_minutes": "0"},
     "instruct": {"data.n_pairs": "8", "instruct.eval_pairs": "1", "unet.steps": "2", "unet.batch_size": "4",
                  "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
                  "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},

@@ -73,7 +73,7 @@ def test_extraction_rules():
     assert cmds[0].comment == "a comment" and [c.expect_error for c in cmds] == [False, False, True, False]
     assert dc.danqing_args(cmds[3].text) == ["upscale", "p.png", "--scale", "4", "--upscaler", "MODEL", "--backend", "dlib"]
     kinds = [dc.classify(c, today="2030-01-02") for c in cmds]
-    assert [c.kind for c in kinds] == ["as written", "skipped", "as written", "as written"]
+    assert [c.kind for c in kinds] == ["small", "skipped", "small", "as written"]  # sampling: --steps 4
     assert kinds[1].reason == dc.NEEDS_SERVER and kinds[3].run_text == "danqing upscale p.png --scale 4"
 
 
