@@ -246,6 +246,7 @@ SMALL: list[tuple[str, str | None, str, str]] = [
     (SAMPLING + r".*--steps", r"--steps \d+", "--steps 4", STEPS_RULE),
     (SAMPLING + r"(?!.*--steps)", None, "--steps 4", STEPS_RULE),
     (r"danqing .*\beval (?:shapes|portraits)\b", r"--n \d+", "--n 4", "`eval --n`: 4 held-out prompts"),
+    (r"edit p2p .*--image", None, "--null-iterations 2", "`edit p2p --image`: 2 null-text optimisation steps per step"),
     (r"train preview-decoder", None, "--steps 2 --n-images 16 --batch-size 4", "`train preview-decoder`: 2 steps"),
     (r"eval_concept\.py", None, "--n-concept 2 --n-ordinary 2 --steps 4", "`eval_concept.py`: 2 + 2 prompts, 4 steps"),
     (r"train (?:base|instruct|controlnet|lora|dreambooth|textual-inversion)\b", None, "{train_sets}",
@@ -382,7 +383,7 @@ FIXTURES: list[tuple[str, str, str]] = [
     (r"merge modelA", "models/checkpoints/modelA.safetensors", "copy:danqing/data/models/danqing-tiny.safetensors"),
     (r"merge modelA modelB", "models/checkpoints/modelB.safetensors", "copy:danqing/data/models/danqing-tiny.safetensors"),
     (r"merge base\b", "models/checkpoints/base.safetensors", "copy:danqing/data/models/danqing-tiny.safetensors"),
-    (r"merge base tuned\b", "models/checkpoints/tuned.safetensors", "copy:danqing/data/models/danqing-tiny.safetensors"),
+    (r"merge base tuned\b", "models/checkpoints/tuned.safetensors", "tuned:danqing/data/models/danqing-tiny.safetensors"),
     (r"\brequests\.jsonl\b", "requests.jsonl",
      'text:{"prompt": "a red circle", "seed": 5, "steps": 4, "width": 64, "height": 64}\n'
      '{"prompt": "a blue square", "seed": 6, "steps": 4, "width": 64, "height": 64}\n'),
@@ -394,6 +395,7 @@ FIXTURE_KINDS = {
     "edges": "64x64: white outlines of a circle and a square on black",
     "drawing": "64x64: black outlines of a circle and a square on white",
     "folder of shapes": "two shapes pictures", "copy": "a copy of the bundled danqing-tiny single file",
+    "tuned": "the bundled danqing-tiny with its UNet weights moved a little (noise, 5% of each tensor's spread)",
     "block": "the doc's own example (its code block)", "text": "two small requests",
 }
 INFOTEXT = "a red circle left of a blue square\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: danqing-tiny"
@@ -424,7 +426,17 @@ def make_fixture(folder: Path, name: str, how: str, root: Path = ROOT) -> None:
     """Make the fixture file ``name`` in ``folder`` (``FIXTURES``' ``how``)."""
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    if how.startswith("copy:"):
+    if how.startswith("tuned:"):  # the model with its UNet weights moved a little (a "fine-tuned" copy)
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        state, g = load_file(root / how[6:]), torch.Generator().manual_seed(0)
+        for key, value in state.items():
+            if key.startswith("model.diffusion_model.") and value.ndim >= 2:
+                noise = torch.randn(value.shape, generator=g) * value.float().std() * 0.05
+                state[key] = (value.float() + noise).to(value.dtype)
+        save_file(state, str(path))
+    elif how.startswith("copy:"):
         import shutil
 
         shutil.copyfile(root / how[5:], path)
@@ -468,6 +480,8 @@ LINKED = ("Makefile", "pyproject.toml", "constraints.txt", "configs", "scripts",
 def scratch_folder(base: Path, doc: str, venv: Path, root: Path = ROOT) -> Path:
     """A new folder for one doc's commands: the repository's files linked in, ``.venv``."""
     folder = base / re.sub(r"\W+", "-", doc).strip("-")
+    if (folder / ".venv").is_symlink():
+        return folder  # an earlier run's folder (--only): what its commands wrote is there
     folder.mkdir(parents=True)
     for name in LINKED:
         if (root / name).exists():
@@ -512,7 +526,7 @@ def expected_paths(cmd: DocCommand, today: str) -> list[str]:
         return []
     word = comment.split()[0].replace("DATE", today)
     if re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*(?:\.(?:png|json|glb|mp4|safetensors|pdf|cbz)|/)", word) and \
-            (cmd.comment.startswith("->") or "/" in word):
+            (cmd.comment.startswith("->") or "/" in word.rstrip("/")):
         return [word]
     return []
 
@@ -761,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="run plain `danqing` commands in one worker process (imports once; faster on a slow machine)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--only", default=None, metavar="FILE:LINE,...",
+                    help="run only these commands (with --scratch of an earlier run: its files are there)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per command [default: 300]")
     ap.add_argument("--scratch", type=Path, default=None, help="folder for the scratch folders [default: a new temporary one]")
     ap.add_argument("--venv", type=Path, default=None, help="the virtual environment [default: .venv, else this Python's]")
@@ -774,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     files = [p.resolve() for p in args.files] or None
     commands = extract(files) if files or not args.merge else []
+    if args.only:
+        commands = [c for c in commands if c.where in args.only.split(",")]
     if args.list:
         for cmd in commands:
             what = cmd.reason if cmd.kind == "skipped" else "; ".join(cmd.rules)
@@ -789,8 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run_all(commands, base, venv, args.timeout, in_process=args.in_process)
     seconds = time.monotonic() - start
     if args.merge:
-        ran = {c.file for c in commands}
-        earlier = [c for c in extract() if c.file not in ran]
+        ran = {c.where for c in commands}
+        earlier = [c for c in extract() if c.where not in ran]
         outcomes = merged(outcomes, earlier, "\n".join(p.read_text(encoding="utf-8") for p in args.merge))
         seconds = sum(o.seconds for o in outcomes)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "timeout", "skipped", "not run")}
