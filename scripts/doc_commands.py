@@ -267,7 +267,7 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
                    "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
                    "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
     "finetune": {"data.n_images": "2", "train.steps": "2", "train.batch_size": "2", "train.warmup_steps": "0",
-                 "model.sample_steps": "2", "output.log_every": "1", "output.checkpoint_every": "2",
+                 "output.log_every": "1", "output.checkpoint_every": "2",
                  "output.sample_every": "1000000", "output.sample_steps": "2",
                  "prior.n_class_images": "2", "prior.sample_steps": "2"},
 }

@@ -162,3 +162,27 @@ def test_the_runner_runs_commands_in_order(tmp_path):
     assert outcomes[5].detail.startswith("exit 1: mkdir: cannot create directory"), shown
     folder = tmp_path / "x-md"
     assert (folder / "picture.png").is_file() and (folder / "copy.png").is_file()
+
+
+def test_small_training_runs_are_valid_configs():
+    """The ``--set`` overrides the runner adds to each ``train`` command of the docs are keys its
+    config accepts (read and validated as the command would, nothing trained)."""
+    from danqing.cli.train import parse_sets
+    from danqing.training import config as C
+
+    models = {"base": C.BaseTrainConfig, "instruct": C.InstructTrainConfig, "controlnet": C.ControlTrainConfig,
+              "lora": C.LoraTrainConfig, "dreambooth": C.DreamBoothTrainConfig,
+              "textual-inversion": C.TextualInversionTrainConfig}
+    checked = 0
+    for c in COMMANDS:
+        kind = re.search(r"\btrain (base|instruct|controlnet|lora|dreambooth|textual-inversion)\b", c.run_text)
+        if c.kind != "small" or not kind:
+            continue
+        args = dc.danqing_args(c.run_text)
+        config = args[args.index("--config") + 1]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        cfg = C.load_config(ROOT / config, parse_sets(sets), model=models[kind.group(1)])
+        steps = cfg.train.steps if hasattr(cfg, "train") else cfg.unet.steps
+        assert steps == 2, c.where
+        checked += 1
+    assert checked >= 20, checked
