@@ -222,7 +222,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"^make serve\b|\bdanqing serve\b|\bray-serve\b", SERVER),
     (r"^pip install\b", NETWORK),
     (r"^createdb\b|postgresql://", POSTGRES),
-    (r"--device cuda|--fast (?:channels-last|fuse-qkv|compile)|--replica-gpus|--worker-gpus|train_gpu\.sh", GPU),
+    (r"--device cuda|--fast (?:channels-last|fuse-qkv|compile)|--medvram|--lowvram|--replica-gpus|--worker-gpus|train_gpu\.sh", GPU),
     (r"dreamshaper_8|realisticVision|v1-5-pruned|sd-inpainting|my-sd15|YOUR-LCM-MODEL|my-ip2p", SD_MODELS),
     (r"sd3-medium|flux1-dev|stable-unclip|kandinsky", BIG_MODELS),
     (r"4x-UltraSharp|--restore-faces|--ip-adapter|preprocess openpose|openpose:", EXTRA_MODELS),
