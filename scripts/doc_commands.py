@@ -428,14 +428,17 @@ def make_fixture(folder: Path, name: str, how: str, root: Path = ROOT) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if how.startswith("tuned:"):  # the model with its UNet weights moved a little (a "fine-tuned" copy)
         import torch
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         state, g = load_file(root / how[6:]), torch.Generator().manual_seed(0)
+        with safe_open(root / how[6:], "pt") as f:
+            metadata = f.metadata()  # the header says which family it is
         for key, value in state.items():
             if key.startswith("model.diffusion_model.") and value.ndim >= 2:
                 noise = torch.randn(value.shape, generator=g) * value.float().std() * 0.05
                 state[key] = (value.float() + noise).to(value.dtype)
-        save_file(state, str(path))
+        save_file(state, str(path), metadata=metadata)
     elif how.startswith("copy:"):
         import shutil
 
