@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test bench serve clean
+.PHONY: demo test bench serve clean doc-commands
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 2; }
@@ -46,6 +46,10 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/txt2img_cpu.py
+
+# every command of README.md and docs/*.md, run with small sizes: the table in docs/commands.md
+doc-commands: $(STAMP)
+	$(BIN)/python scripts/doc_commands.py --markdown docs/commands.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
