@@ -55,6 +55,17 @@ def test_from_with_override(cli, capsys, tmp_path):
     assert "Seed: 6," in Image.open(tmp_path / "b.png").info["parameters"]
 
 
+def test_the_size_defaults_to_the_models_own(cli, capsys, tmp_path):
+    """No --width/--height: the model's training size, as the web UI starts (tiny-sd1: 64, from its
+    configs), and one side given keeps the other at the model's."""
+    base = [a for a in GEN if a not in ("--width", "--height", "64")]
+    for extra, name in (((), "native.png"), (("--width", "128"), "wide.png")):
+        code, _, err = cli(capsys, *base, *extra, "--out", str(tmp_path / name))
+        assert code in (0, None), err
+    assert Image.open(tmp_path / "native.png").size == (64, 64)
+    assert Image.open(tmp_path / "wide.png").size == (128, 64)
+
+
 def test_models_lists_families_and_hashes(cli, capsys):
     code, out, _ = cli(capsys, "models")
     assert code in (0, None)

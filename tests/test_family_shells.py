@@ -132,7 +132,7 @@ def test_a1111_api_lists_and_runs_the_families(home, tmp_path_factory):
     for name in ("IF-I-tiny", "unclip-tiny", "k22-decoder", "k22-prior", "tiny-flux"):
         shutil.copytree(home / "models" / "checkpoints" / name, models / "checkpoints" / name)
     studio = Studio(Settings(home=home, models_dir=models, device="cpu", dtype="fp32"))
-    from danqing.server.ui_generate import native_side
+    from danqing.models.native import native_side
 
     assert native_side(studio.registry, "IF-I-tiny") == 64  # the UI's size sliders start at stage I's size
     with LiveServer(make_app(tmp_path_factory.mktemp("family-api"), studio=studio)) as live:

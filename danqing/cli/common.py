@@ -150,6 +150,18 @@ def make_studio(settings: Settings):
     return Studio(settings)
 
 
+def with_native_size(settings: Settings, fields: dict) -> dict:
+    """``fields`` with the picture size the model was trained at where they give none (64 for
+    danqing-tiny, 512 for SD1, 1024 for SDXL: ``models.native``), as the web UI starts."""
+    if "width" in fields and "height" in fields:
+        return fields
+    from danqing.models.native import native_side  # lazy: reads the model's configs
+    from danqing.models.registry import Registry
+
+    side = native_side(Registry(settings.models_dir), fields.get("model") or settings.default_model)
+    return {"width": side, "height": side, **fields}
+
+
 _ANNOUNCED: "weakref.WeakSet" = weakref.WeakSet()  # the run's studio, once its device was said
 
 

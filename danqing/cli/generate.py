@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from danqing.cli.unclip import family_generate
-from danqing.cli.common import OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate
+from danqing.cli.common import (OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate,
+                                 with_native_size)
 from danqing.errors import InvalidRequest
 from danqing.models.fastpath import FAST_HELP, fast_path_from
 
@@ -26,8 +27,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
     subseed: Optional[int] = typer.Option(None, help="Variation seed; -1 = random [default: -1]."),
     subseed_strength: Optional[float] = typer.Option(None, help="Variation strength 0-1 [default: 0]."),
-    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
-    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
+    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: the model's own size: 64 for danqing-tiny, 512 for SD1]."),
+    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: the model's own size]."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 1]."),
     batch_count: Optional[int] = typer.Option(None, help="Number of batches [default: 1]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
@@ -117,7 +118,7 @@ def generate(
             raise InvalidRequest("prompt", "give a prompt, or --from IMAGE to re-create an image")
         if region_options:
             fields["regions"] = region_options
-        request = GenerationRequest.create(**fields)
+        request = GenerationRequest.create(**with_native_size(ctx.obj, fields))
     extra = None
     if style or (dynamic and from_image is None):  # --from: the file's prompt is already drawn
         from danqing.apps.prompting import Prompting, expand_request

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app, dated, make_studio
+from danqing.cli.common import app, dated, make_studio, with_native_size
 
 VIDEO_OUT_HELP = ("Output file: NAME.mp4 (H.264), NAME.gif, NAME.webp (animated) or NAME.png (frames NAME-000.png, "
                   "...), each with NAME.EXT.json beside it; a folder (ending with /) gets a numbered NAME.mp4; "
@@ -29,8 +29,8 @@ def video(
     schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
     cfg: Optional[float] = typer.Option(None, help="CFG scale (1-30) [default: 7]."),
     seed: Optional[int] = typer.Option(None, help="Seed; -1 = random [default: -1]."),
-    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: 512]."),
-    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: 512]."),
+    width: Optional[int] = typer.Option(None, help="Width, multiple of 8 [default: the clip's, else the model's own size]."),
+    height: Optional[int] = typer.Option(None, help="Height, multiple of 8 [default: the clip's, else the model's own size]."),
     batch_size: Optional[int] = typer.Option(None, help="Clips per batch (clip i has seed + i) [default: 1]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint name, hash or path [default: settings' default model]."),
     init: Optional[Path] = typer.Option(None, "--init", help="Video-to-video: restyle this clip (MP4, GIF, WebP); its frame count, fps and size are kept unless given [default: none]."),
@@ -67,7 +67,7 @@ def video(
     elif prompt is None:
         raise InvalidRequest("prompt", "give a prompt, or --from VIDEO to re-create a clip")
     else:
-        request = VideoRequest.create(**fields)
+        request = VideoRequest.create(**(fields if init is not None else with_native_size(ctx.obj, fields)))
     target = video_target(out, dated(ctx.obj, "txt2video"))
     check_video_out(target)
     console = Console(stderr=True)

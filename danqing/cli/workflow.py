@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import announce_device, app, dated, make_studio, out_target, run_generate
+from danqing.cli.common import (announce_device, app, dated, make_studio, out_target, run_generate,
+                                 with_native_size)
 from danqing.errors import InvalidRequest
 
 AXIS_HELP = ("AXIS: VALUES, e.g. \"Steps: 4,8,12\", \"CFG Scale: 3-9 (+3)\", \"Denoising: 0.2-1 [5]\", "
@@ -59,8 +60,8 @@ def xyz(
     schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
     cfg: Optional[float] = typer.Option(None, help="CFG scale [default: 7]."),
     seed: Optional[int] = typer.Option(None, help="Seed of every cell; -1 = one random seed for all [default: -1]."),
-    width: Optional[int] = typer.Option(None, help="Width [default: 512]."),
-    height: Optional[int] = typer.Option(None, help="Height [default: 512]."),
+    width: Optional[int] = typer.Option(None, help="Width [default: the model's own size: 64 for danqing-tiny, 512 for SD1]."),
+    height: Optional[int] = typer.Option(None, help="Height [default: the model's own size]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint [default: the settings' default model]."),
     clip_skip: Optional[int] = typer.Option(None, help="CLIP skip [default: 1]."),
     style: list[str] = typer.Option([], "--style", help="A style of HOME/styles.csv applied to the base prompt (repeatable) [default: none]."),
@@ -85,7 +86,7 @@ def xyz(
     else:
         if prompt is None:
             raise InvalidRequest("prompt", "give a base prompt, or --from IMAGE")
-        base = GenerationRequest.create(**fields)
+        base = GenerationRequest.create(**with_native_size(ctx.obj, fields))
     prompting = Prompting.at(ctx.obj.home)
     if style:
         p, n = apply_styles(base.prompt, base.negative_prompt, style, prompting.styles)
@@ -132,8 +133,8 @@ def from_file(
     schedule: Optional[str] = typer.Option(None, help="Schedule type [default: Automatic]."),
     cfg: Optional[float] = typer.Option(None, help="CFG scale [default: 7]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: -1 = random per line]."),
-    width: Optional[int] = typer.Option(None, help="Width [default: 512]."),
-    height: Optional[int] = typer.Option(None, help="Height [default: 512]."),
+    width: Optional[int] = typer.Option(None, help="Width [default: the model's own size: 64 for danqing-tiny, 512 for SD1]."),
+    height: Optional[int] = typer.Option(None, help="Height [default: the model's own size]."),
     model: Optional[str] = typer.Option(None, help="Checkpoint [default: the settings' default model]."),
     clip_skip: Optional[int] = typer.Option(None, help="CLIP skip [default: 1]."),
     iterate_seed: bool = typer.Option(False, "--iterate-seed", help="Seed + batch pictures for each next line (A1111's 'Iterate seed every line')."),
@@ -151,8 +152,8 @@ def from_file(
         text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequest("file", f"cannot read {file}: {exc}") from None
-    base = GenerationRequest.create(**_base_fields(prompt, negative, steps, sampler, schedule, cfg, seed, width,
-                                                   height, model, clip_skip))
+    base = GenerationRequest.create(**with_native_size(ctx.obj, _base_fields(
+        prompt, negative, steps, sampler, schedule, cfg, seed, width, height, model, clip_skip)))
     prompting = Prompting.at(ctx.obj.home)
     jobs = plan_lines(base, text, styles=prompting.styles, position=position, iterate_seed=iterate_seed,
                       same_seed=same_seed)

@@ -17,7 +17,8 @@ from danqing.server.gradio_import import gradio
 from danqing.server.ui_cards import cards_panel
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
-from danqing.server.ui_generate import img2img_tab, native_side, txt2img_tab
+from danqing.models.native import native_side
+from danqing.server.ui_generate import img2img_tab, txt2img_tab
 from danqing.server.ui_i18n import i18n, keys_in, t
 from danqing.server.ui_language import LanguageScript, language_picker
 from danqing.server.ui_media import talk_tab, threed_tab, video_tab

@@ -6,9 +6,6 @@ the mask, white = repaint as in A1111. Width and height start at the selected mo
 """
 
 # No ``from __future__ import annotations``: Gradio reads the handlers' annotations at run time.
-import json
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
@@ -16,52 +13,14 @@ from danqing.apps.families import check_fields, family_of
 from danqing.conditioning.control import CONTROL_MODES
 from danqing.editing.hires import hires_upscalers
 from danqing.errors import DanqingError
-from danqing.models.cascade_models import if_kind_of_folder
-from danqing.models.registry import BUILTIN
+from danqing.models.native import native_side
 from danqing.outputs.store import read_infotext
 from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import samplers, schedule_names
 from danqing.server.ui_common import IMG2IMG_FIELDS, TXT2IMG_FIELDS, add_network, clean, item_path, run_job
 from danqing.server.ui_i18n import t
 
-FAMILIES = Path(__file__).resolve().parents[1] / "data" / "families"
-SIDE_OF_FAMILY = {"flux": 1024, "sd3": 1024, "tiny-flux": 64, "tiny-sd3": 64}  # transformer families
 MASK_COLOUR = "#ffffff"
-
-
-def _side(unet: dict, vae: dict) -> int:
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def native_side(registry, name: str | None) -> int:
-    """The side in pixels a checkpoint was trained at, read from its configs without loading its
-    weights (diffusers folder, ModelSpec metadata or the detected family); 512 when unknown."""
-    try:
-        entry = registry.resolve("checkpoint", name, "model") if name else None
-        if entry is None or entry.is_builtin or entry.name == BUILTIN:
-            family = "danqing-tiny"
-        elif entry.format == "diffusers":
-            if if_kind_of_folder(entry.path):  # a pixel model (DeepFloyd IF): its UNet's size
-                return int(json.loads((entry.path / "unet" / "config.json").read_text())["sample_size"])
-            cfg = [json.loads((entry.path / p / "config.json").read_text()) for p in ("unet", "vae")]
-            return _side(*cfg)
-        elif entry.format == "safetensors":
-            from safetensors import safe_open  # the header only
-
-            from danqing.models.single_file import detect_family
-
-            with safe_open(str(entry.path), "np") as f:
-                meta, keys = f.metadata() or {}, list(f.keys())
-            if "modelspec.resolution" in meta:
-                return int(meta["modelspec.resolution"].split("x")[0])
-            family = detect_family(keys)
-        else:
-            return 512
-        if family in SIDE_OF_FAMILY:
-            return SIDE_OF_FAMILY[family]
-        return _side(*(json.loads((FAMILIES / family / f"{p}.json").read_text()) for p in ("unet", "vae")))
-    except (DanqingError, OSError, ValueError, KeyError):
-        return 512
 
 
 def common_controls(gr, prefix: str, side: int) -> dict:

@@ -15,7 +15,7 @@ from danqing.server.gradio_import import gradio
 from danqing.server.store import TERMINAL
 from danqing.server.talk import prepare_talk
 from danqing.server.threed import prepare_3d_job
-from danqing.server.ui_generate import native_side
+from danqing.models.native import native_side
 from danqing.server.ui_i18n import t
 from danqing.server.video import prepare_video
 
