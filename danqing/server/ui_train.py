@@ -73,7 +73,9 @@ def train_tab(gr, state) -> dict:
             with gr.Row():
                 side = gr.Number(64, label=t("Resolution"), precision=0, minimum=16, elem_id="train_resolution")
                 every = gr.Number(50, label=t("Sample every N steps"), precision=0, minimum=1, elem_id="train_every")
-                text_encoder = gr.Checkbox(False, label=t("Train the text encoder too"), elem_id="train_text_encoder")
+                sample_steps = gr.Number(10, label=t("Sample steps"), precision=0, minimum=1,
+                                         elem_id="train_sample_steps")
+            text_encoder = gr.Checkbox(False, label=t("Train the text encoder too"), elem_id="train_text_encoder")
             with gr.Group(visible=True) as lora_box:
                 rank = gr.Number(8, label=t("Rank"), precision=0, minimum=1, elem_id="train_rank")
             with gr.Group(visible=False) as ti_box:
@@ -101,10 +103,10 @@ def train_tab(gr, state) -> dict:
                 gr.update(visible=k == "dreambooth"), gr.update(visible="train_text_encoder" in KINDS[k].fields),
                 KINDS[k].lr)
 
-    def do_start(k, ds, nm, n, rate, b, s, e, te, r, iw, v, inst, cls, pr, nc):
+    def do_start(k, ds, nm, n, rate, b, s, e, ss, te, r, iw, v, inst, cls, pr, nc):
         try:
             common = {"dataset": ds or "", "name": nm or "", "steps": int(n), "lr": float(rate), "batch_size": int(b),
-                      "resolution": int(s), "sample_every": int(e)}
+                      "resolution": int(s), "sample_every": int(e), "sample_steps": int(ss)}
             own = {"train_text_encoder": bool(te), "rank": int(r), "init_word": iw or "", "vectors": int(v),
                    "instance_prompt": inst or None, "class_prompt": cls or None, "prior_preservation": bool(pr),
                    "class_images": int(nc)}
@@ -141,8 +143,8 @@ def train_tab(gr, state) -> dict:
     upload_go.click(do_upload, inputs=[upload, upload_name], outputs=[dataset, status])
     refresh.click(lambda: gr.update(choices=queue.datasets()), outputs=[dataset])
     kind.change(pick_kind, inputs=[kind], outputs=[lora_box, ti_box, db_box, text_encoder, lr])
-    start.click(do_start, inputs=[kind, dataset, name, steps, lr, batch, side, every, text_encoder, rank, init_word,
-                                  vectors, instance, klass, prior, n_class], outputs=[job_id, status])
+    start.click(do_start, inputs=[kind, dataset, name, steps, lr, batch, side, every, sample_steps, text_encoder, rank,
+                                  init_word, vectors, instance, klass, prior, n_class], outputs=[job_id, status])
     cancel.click(do_cancel, inputs=[job_id])
     timer.tick(poll, inputs=[job_id], outputs=[status, curve, samples], show_progress="hidden")
     return {"kind": kind, "dataset": dataset, "name": name, "start": start, "status": status, "curve": curve,
