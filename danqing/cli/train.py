@@ -126,12 +126,8 @@ def _finetune_cmd(ctx: typer.Context, kind: str, config: Path, fresh: bool, sets
     from danqing.training import config as C
     from danqing.training import finetune  # lazy: imports torch
 
-    model, run = {"lora": (C.LoraTrainConfig, "train_lora"),
-                  "dreambooth": (C.DreamBoothTrainConfig, "train_dreambooth"),
-                  "textual-inversion": (C.TextualInversionTrainConfig, "train_textual_inversion")}[kind]
-    run = getattr(finetune, run)
-    cfg = under_home(C.load_config(config, parse_sets(sets), model=model), ctx.obj.home)
-    summary = run(cfg, resume=not fresh, log=_echo, settings=ctx.obj)  # its models folder
+    cfg = under_home(C.load_config(config, parse_sets(sets), model=C.FINETUNE_CONFIGS[kind]), ctx.obj.home)
+    summary = finetune.trainer(kind)(cfg, resume=not fresh, log=_echo, settings=ctx.obj)  # its models folder
     _echo(f"summary: {json.dumps(summary)}")
 
 

@@ -68,6 +68,19 @@ MIGRATIONS: list[list[str]] = [
     [  # 2: the worker that claimed a job (several servers on one database)
         "ALTER TABLE jobs ADD COLUMN worker TEXT",
     ],
+    [  # 3: training jobs (server/train.py); data: JSON of the config, loss summary, files, run folder
+        """CREATE TABLE IF NOT EXISTS train_jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            status TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            created {float} NOT NULL,
+            error TEXT,
+            worker TEXT,
+            data TEXT NOT NULL)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -356,6 +369,21 @@ class JobStore:
                           {"q": QUEUED, "id": job.id})
                 out["requeued"].append(job.id)
         return out
+
+    # -- training jobs (server/train.py) ---------------------------------------------------------
+    def put_train_job(self, row: dict[str, Any]) -> None:
+        """Insert or update one training job: id, kind, name, status, step, total, created,
+        error and data (a JSON-able dict); recorded as this worker's."""
+        self._run("INSERT INTO train_jobs (id, kind, name, status, step, total, created, error, worker, data) "
+                  "VALUES (:id, :kind, :name, :status, :step, :total, :created, :error, :worker, :data) "
+                  "ON CONFLICT (id) DO UPDATE SET status = excluded.status, step = excluded.step, "
+                  "total = excluded.total, error = excluded.error, worker = excluded.worker, data = excluded.data",
+                  {**row, "worker": self.worker, "data": json.dumps(row["data"])})
+
+    def train_jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The training jobs, newest first (rows as ``put_train_job`` takes them, with ``worker``)."""
+        rows = self._run("SELECT * FROM train_jobs ORDER BY created DESC LIMIT :n", {"n": limit}, fetch="all")
+        return [{**r._mapping, "data": json.loads(r._mapping["data"])} for r in rows]
 
     # -- options ------------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The Train tab of the web UI: a LoRA trained on a dataset folder of ``HOME/datasets/`` through
-the server's training jobs (``server/train.py``), with its live loss curve and sample grids
-(polled every second while the tab is open)."""
+"""The Train tab of the web UI: a LoRA, a textual-inversion embedding or a DreamBooth checkpoint
+trained on a dataset folder of ``HOME/datasets/`` through the server's training jobs
+(``server/train.py``), with its live loss curve and sample grids (polled every second while the
+tab is open)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from PIL import Image
 
 from danqing.errors import DanqingError
 from danqing.server.common import JobFailed
-from danqing.server.train import TrainJobSubmit
+from danqing.server.train import KINDS, TrainJobSubmit
+from danqing.server.train_datasets import new_dataset
 from danqing.server.ui_i18n import t
 
 
@@ -20,36 +22,72 @@ def loss_frame(job: dict | None):
     return pd.DataFrame({"step": [p["step"] for p in points], "loss": [p["loss"] for p in points]})
 
 
+USE = {"lora": "`<lora:{name}:1>` in a prompt", "textual-inversion": "the word `{name}` in a prompt",
+       "dreambooth": "the checkpoint `{name}` (Refresh models)"}  # how a finished job's result is used
+
+
 def status_line(job: dict | None) -> str:
     if not job:
         return ""
     loss = f", loss {job['loss']:.4f}" if job.get("loss") is not None else ""
-    line = f"**{job['status']}** {job['name']}: step {job['step']}/{job['total']}{loss}"
+    line = f"**{job['status']}** {job.get('kind', 'lora')} {job['name']}: step {job['step']}/{job['total']}{loss}"
     if job.get("error"):
         line += f"\n\n{job['error']}"
     if job["status"] == "done":
-        line += f"\n\n`<lora:{job['name']}:1>`"
+        line += "\n\n" + USE[job.get("kind", "lora")].format(name=job["name"])
     return line
 
 
+KIND_CHOICES = (("LoRA", "lora"), ("Textual inversion", "textual-inversion"), ("DreamBooth", "dreambooth"))
+
+
+def submit_body(kind: str, common: dict, own: dict) -> TrainJobSubmit:
+    """The job of the tab's fields: the common ones and those of the picked kind only."""
+    fields = KINDS[kind].fields
+    return TrainJobSubmit(kind=kind, **common, **{k: v for k, v in own.items() if k in fields})
+
+
 def train_tab(gr, state) -> dict:
-    """Dataset, name and settings; Start / Cancel; status, loss curve and samples of the job."""
+    """Kind, dataset, name and settings; Start / Cancel; status, loss curve and samples of the job."""
     queue = state.train
     with gr.Row():
         with gr.Column():
+            kind = gr.Radio([(t(label), value) for label, value in KIND_CHOICES], value="lora", label=t("Train"),
+                            elem_id="train_kind")
             with gr.Row():
                 dataset = gr.Dropdown(queue.datasets(), label=t("Dataset (a folder of HOME/datasets/)"),
                                       elem_id="train_dataset", allow_custom_value=False)
                 refresh = gr.Button(t("Refresh"), scale=0, elem_id="train_refresh")
-            name = gr.Textbox(label=t("LoRA name"), elem_id="train_name")
+            with gr.Accordion(t("Upload a dataset (.zip of pictures with .txt captions)"), open=False):
+                with gr.Row():
+                    upload = gr.File(label=t("Dataset .zip"), file_types=[".zip"], type="filepath",
+                                     elem_id="train_upload")
+                    with gr.Column():
+                        upload_name = gr.Textbox(label=t("New dataset name"), elem_id="train_upload_name")
+                        upload_go = gr.Button(t("Upload dataset"), elem_id="train_upload_go")
+            name = gr.Textbox(label=t("Name (of the LoRA, the embedding's word or the checkpoint)"), elem_id="train_name")
             with gr.Row():
                 steps = gr.Number(200, label=t("Steps"), precision=0, minimum=1, elem_id="train_steps")
-                rank = gr.Number(8, label=t("Rank"), precision=0, minimum=1, elem_id="train_rank")
-                lr = gr.Number(1e-3, label=t("Learning rate"), elem_id="train_lr")
-            with gr.Row():
+                lr = gr.Number(KINDS["lora"].lr, label=t("Learning rate"), elem_id="train_lr")
                 batch = gr.Number(2, label=t("Batch size"), precision=0, minimum=1, elem_id="train_batch")
+            with gr.Row():
                 side = gr.Number(64, label=t("Resolution"), precision=0, minimum=16, elem_id="train_resolution")
                 every = gr.Number(50, label=t("Sample every N steps"), precision=0, minimum=1, elem_id="train_every")
+                sample_steps = gr.Number(10, label=t("Sample steps"), precision=0, minimum=1,
+                                         elem_id="train_sample_steps")
+            text_encoder = gr.Checkbox(False, label=t("Train the text encoder too"), elem_id="train_text_encoder")
+            with gr.Group(visible=True) as lora_box:
+                rank = gr.Number(8, label=t("Rank"), precision=0, minimum=1, elem_id="train_rank")
+            with gr.Group(visible=False) as ti_box:
+                with gr.Row():
+                    init_word = gr.Textbox("shape", label=t("Initial word"), elem_id="train_init_word")
+                    vectors = gr.Number(2, label=t("Vectors per word"), precision=0, minimum=1, elem_id="train_vectors")
+            with gr.Group(visible=False) as db_box:
+                instance = gr.Textbox(label=t("Instance prompt (empty: each image's caption)"), elem_id="train_instance")
+                klass = gr.Textbox(label=t("Class prompt (empty: ordinary synthetic scenes)"), elem_id="train_class")
+                with gr.Row():
+                    prior = gr.Checkbox(True, label=t("Prior preservation"), elem_id="train_prior")
+                    n_class = gr.Number(8, label=t("Class images"), precision=0, minimum=1, elem_id="train_class_images")
             with gr.Row():
                 start = gr.Button(t("Start training"), variant="primary", elem_id="train_start")
                 cancel = gr.Button(t("Cancel"), variant="stop", elem_id="train_cancel")
@@ -60,14 +98,32 @@ def train_tab(gr, state) -> dict:
     job_id = gr.State(None)
     timer = gr.Timer(1.0, active=True)
 
-    def do_start(ds, nm, n, r, rate, b, s, e):
+    def pick_kind(k):
+        return (gr.update(visible=k == "lora"), gr.update(visible=k == "textual-inversion"),
+                gr.update(visible=k == "dreambooth"), gr.update(visible="train_text_encoder" in KINDS[k].fields),
+                KINDS[k].lr)
+
+    def do_start(k, ds, nm, n, rate, b, s, e, ss, te, r, iw, v, inst, cls, pr, nc):
         try:
-            body = TrainJobSubmit(dataset=ds or "", name=nm or "", steps=int(n), rank=int(r), lr=float(rate),
-                                  batch_size=int(b), resolution=int(s), sample_every=int(e))
-            job = queue.submit(queue.prepare(body))
-        except (DanqingError, ValueError) as exc:
+            common = {"dataset": ds or "", "name": nm or "", "steps": int(n), "lr": float(rate), "batch_size": int(b),
+                      "resolution": int(s), "sample_every": int(e), "sample_steps": int(ss)}
+            own = {"train_text_encoder": bool(te), "rank": int(r), "init_word": iw or "", "vectors": int(v),
+                   "instance_prompt": inst or None, "class_prompt": cls or None, "prior_preservation": bool(pr),
+                   "class_images": int(nc)}
+            job = queue.submit(queue.prepare(submit_body(k, common, own)))
+        except (DanqingError, ValueError, TypeError) as exc:
             raise gr.Error(str(exc).splitlines()[0]) from None
         return job.id, status_line(job.view())
+
+    def do_upload(path, new_name):
+        if not path:
+            raise gr.Error("file: drop a .zip of pictures with .txt captions first")
+        try:
+            made = new_dataset(queue.datasets_dir, (new_name or "").strip(), path)
+        except DanqingError as exc:
+            raise gr.Error(str(exc).splitlines()[0]) from None
+        return gr.update(choices=queue.datasets(), value=made["dataset"]), \
+            f"dataset **{made['dataset']}**: {made['images']} pictures, {made['captions']} captions"
 
     def do_cancel(jid):
         if jid:
@@ -84,9 +140,12 @@ def train_tab(gr, state) -> dict:
         # through Gradio's cache
         return status_line(job), loss_frame(job), pics
 
+    upload_go.click(do_upload, inputs=[upload, upload_name], outputs=[dataset, status])
     refresh.click(lambda: gr.update(choices=queue.datasets()), outputs=[dataset])
-    start.click(do_start, inputs=[dataset, name, steps, rank, lr, batch, side, every], outputs=[job_id, status])
+    kind.change(pick_kind, inputs=[kind], outputs=[lora_box, ti_box, db_box, text_encoder, lr])
+    start.click(do_start, inputs=[kind, dataset, name, steps, lr, batch, side, every, sample_steps, text_encoder, rank,
+                                  init_word, vectors, instance, klass, prior, n_class], outputs=[job_id, status])
     cancel.click(do_cancel, inputs=[job_id])
     timer.tick(poll, inputs=[job_id], outputs=[status, curve, samples], show_progress="hidden")
-    return {"dataset": dataset, "name": name, "start": start, "status": status, "curve": curve, "samples": samples,
-            "job_id": job_id}
+    return {"kind": kind, "dataset": dataset, "name": name, "start": start, "status": status, "curve": curve,
+            "samples": samples, "job_id": job_id, "upload": upload}

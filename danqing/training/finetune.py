@@ -179,9 +179,13 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
     (kept under ``run_dir/class_images`` with their captions, so a resumed run reuses them), or
     read from a folder of captioned class images."""
     p = cfg.prior
-    if p.class_source not in ("concept-class", "synthetic"):
+    if p.class_source not in ("concept-class", "synthetic") and not p.class_source.startswith("prompt:"):
         return caption_folder(p.class_source)
-    if p.class_source == "synthetic":
+    if p.class_source.startswith("prompt:"):  # DreamBooth's class prompt, one seed per image
+        prompts = [p.class_source.split(":", 1)[1].strip()] * p.n_class_images
+        if not prompts[0]:
+            raise InvalidRequest("prior.class_source", "'prompt:' needs the class prompt after it, e.g. 'prompt:a square'")
+    elif p.class_source == "synthetic":
         prompts = [caption(s) for s in scenes(cfg.data.seed + 1, p.n_class_images, "train")]
     else:
         if not cfg.data.source.startswith("concept:"):
@@ -206,13 +210,17 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
     return caption_folder(folder)
 
 
-def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
+def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
     """``danqing train dreambooth``: the whole UNet (and optionally the text encoder) fine-tuned,
-    with prior preservation; writes ``<output_dir>/<name>/`` (diffusers) and ``<name>.safetensors``."""
+    with prior preservation; writes ``<output_dir>/<name>/`` (diffusers) and ``<name>.safetensors``.
+    ``on_step(step, total, loss)`` follows the run (``run_loop``)."""
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     res = cfg.data.resolution
-    data = cache_latents(load_items(cfg.data, size=res), comps, resolution=res, buckets=cfg.data.buckets,
-                         flip=cfg.data.flip, device="cpu")
+    items = load_items(cfg.data, size=res)
+    if cfg.dreambooth.instance_prompt:  # one prompt for every instance image (DreamBooth's "a sks dog")
+        for it in items:
+            it.captions = [cfg.dreambooth.instance_prompt]
+    data = cache_latents(items, comps, resolution=res, buckets=cfg.data.buckets, flip=cfg.data.flip, device="cpu")
     prior = None
     if cfg.prior.enabled:
         prior = cache_latents(class_items(comps, cfg, run_dir, log), comps, resolution=res, buckets=cfg.data.buckets,
@@ -231,7 +239,7 @@ def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=Non
                 mods.append(te)
     state = run_loop(comps, data, Trainable(groups, mods), cfg.train, cfg.output, run_dir,
                      v_prediction=_is_v(comps, cfg.model), log=log, resume=resume, prior=prior,
-                     prior_weight=cfg.prior.prior_loss_weight, caption_cfg=cfg.data,
+                     prior_weight=cfg.prior.prior_loss_weight, caption_cfg=cfg.data, on_step=on_step,
                      on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output, res, run_dir))
     if not state.main:  # another process of a multi-process run: the main one writes the files
         return _summary([], state)
@@ -298,9 +306,10 @@ def add_tokens(comps, emb_cfg) -> tuple[Trainable, Callable[[], None], dict[str,
     return Trainable(groups, mods), row_restorer(frozen), ids_by
 
 
-def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None) -> dict:
+def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
     """``danqing train textual-inversion``: writes ``<output_dir>/<embedding.name>.safetensors``
-    (A1111 format: ``emb_params``, SDXL ``clip_l`` / ``clip_g``)."""
+    (A1111 format: ``emb_params``, SDXL ``clip_l`` / ``clip_g``). ``on_step(step, total, loss)``
+    follows the run (``run_loop``)."""
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     name = cfg.embedding.name
     for m in comps.modules().values():
@@ -321,9 +330,10 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
                          device="cpu")
     log(f"{data.n_images} images; learning {name!r} ({cfg.embedding.n_vectors} vectors from "
         f"{cfg.embedding.init_word!r}); base {entry.name} [{sha[:10]}] ({comps.family})")
-    prompts = [p.replace(cfg.data.source.split(":", 1)[-1], word) for p in _sample_prompts(cfg.output, cfg.data)]
+    concept = cfg.data.source.split(":", 1)[1] if cfg.data.source.startswith("concept:") else name
+    prompts = [p.replace(concept, name).replace(name, word) for p in _sample_prompts(cfg.output, cfg.data)]
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
-                     log=log, resume=resume, caption_cfg=cfg.data, after_step=restore,
+                     log=log, resume=resume, caption_cfg=cfg.data, after_step=restore, on_step=on_step,
                      on_sample=_sampler(comps, prompts, cfg.output, cfg.data.resolution, run_dir))
     if not state.main:  # another process of a multi-process run: the main one writes the files
         return _summary([], state)
@@ -341,3 +351,13 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
     log(f"wrote {path}")
     return {"files": [str(path)], "steps": state.step, "loss": state.loss, "seconds": state.seconds,
             "steps_per_s": state.steps_per_s}
+
+
+# ``danqing train KIND`` and the server's training jobs: kind -> its trainer's name here (configs:
+# ``config.FINETUNE_CONFIGS``)
+TRAINERS = {"lora": "train_lora", "dreambooth": "train_dreambooth", "textual-inversion": "train_textual_inversion"}
+
+
+def trainer(kind: str) -> Callable[..., dict]:
+    """The trainer of ``kind`` (``TRAINERS``), looked up when called."""
+    return globals()[TRAINERS[kind]]
