@@ -23,8 +23,8 @@ STEPS, BATCH = 3, 4
 # the gradients differ from one process's in the last bits. Adam divides each gradient by its own
 # running size: where a gradient is float noise (a bias before a GroupNorm, whose true gradient is
 # zero) that noise becomes an update of up to lr, in either direction. Measured after 3 steps at
-# lr 1e-3: mean |diff| of the weights 1.3e-7 (base UNet + text encoder), 1.7e-8 (ControlNet), 1.5e-7 (instruct
-# UNet), against a mean move of 5e-4 per step (ratio < 1e-3); max |diff| 7.5e-4, in 0.25% of the
+# lr 1e-3: mean |diff| of the weights 1.3e-7 (base UNet + text encoder), 1.7e-8 (ControlNet),
+# 1.5e-7 (instruct UNet), against a mean move of 5e-4 per step (ratio < 1e-3); max |diff| 7.5e-4, in 0.25% of the
 # UNet's elements and 0.003% of the ControlNet's; the logged losses agree to 2e-7 relative. A run
 # whose processes drew other rows would differ by about one step's move everywhere.
 MEAN_RATIO = 1e-2  # mean |diff| below 1/100 of the mean move of one step
