@@ -110,7 +110,7 @@ def test_a_two_process_checkpoint_resumes_in_one(models_dir, one_process, two_pr
 
 def test_a_batch_that_does_not_split_is_one_clear_line():
     from danqing.errors import InvalidRequest
-    from danqing.training.loop import process_rows
+    from danqing.training.runs import process_rows
 
     assert [process_rows(4, i, 2) for i in (0, 1)] == [slice(0, 2), slice(2, 4)]
     with pytest.raises(InvalidRequest, match="3 does not split over 2 processes: use a multiple of 2"):

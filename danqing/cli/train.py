@@ -87,23 +87,26 @@ def _relaunch(num_processes: int) -> None:
 @train_app.command("base")
 def train_base_cmd(
     ctx: typer.Context,
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-cpu.toml."),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
 ):
     """Train a model from scratch (VAE, then CLIP text encoder + UNet) on the synthetic shapes set
     or a folder of captioned images; resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
     from danqing.training.base import train_base  # lazy: imports torch
     from danqing.training.config import load_config
 
     cfg = under_home(load_config(config, parse_sets(set_)), ctx.obj.home)
     summary = train_base(cfg, resume=not fresh, log=_echo)
-    typer.echo(f"summary: {summary}")
+    _echo(f"summary: {summary}")
 
 
 @train_app.command("instruct")
 def train_instruct_cmd(
     ctx: typer.Context,
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-instruct.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
@@ -111,18 +114,24 @@ def train_instruct_cmd(
     """Train an instruct-pix2pix model from a text-to-image model on synthetic edit pairs
     ("make the circle blue", "add a yellow star", "remove the square"); resumes from the newest
     checkpoint of its output folder."""
+    _relaunch_if(num_processes)
     from danqing.training.config import InstructTrainConfig, load_config
     from danqing.training.instruct import train_instruct  # lazy: imports torch
 
     cfg = under_home(load_config(config, parse_sets(set_), model=InstructTrainConfig), ctx.obj.home)
     summary = train_instruct(cfg, resume=not fresh, log=_echo)
-    typer.echo(f"summary: {json.dumps(summary['eval'])}")
+    _echo(f"summary: {json.dumps(summary['eval'])}")
+
+
+def _relaunch_if(num_processes: int) -> None:
+    """With N > 1 processes asked for and none launched yet: this command again under ``accelerate launch``."""
+    if num_processes > 1 and not _launched():
+        _relaunch(num_processes)
 
 
 def _finetune_cmd(ctx: typer.Context, kind: str, config: Path, fresh: bool, sets: list[str],
                   num_processes: int = 1) -> None:
-    if num_processes > 1 and not _launched():
-        _relaunch(num_processes)
+    _relaunch_if(num_processes)
     from danqing.training import config as C
     from danqing.training import finetune  # lazy: imports torch
 
@@ -170,6 +179,7 @@ def train_ti_cmd(
 @train_app.command("controlnet")
 def train_controlnet_cmd(
     ctx: typer.Context,
+    num_processes: int = _PROCS,
     config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/train/danqing-tiny-canny.toml."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the output folder and start over."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE (repeatable) [default: none]."),
@@ -177,12 +187,13 @@ def train_controlnet_cmd(
     """Train a ControlNet for a base model on (picture, condition map, caption) triples: the
     synthetic shapes with their Canny or line-art maps (zero convolutions, 50% prompt drop);
     resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
     from danqing.training.config import ControlTrainConfig, load_config
     from danqing.training.controlnet import train_controlnet  # lazy: imports torch
 
     cfg = under_home(load_config(config, parse_sets(set_), model=ControlTrainConfig), ctx.obj.home)
     summary = train_controlnet(cfg, resume=not fresh, log=_echo)
-    typer.echo(f"summary: {json.dumps(summary['eval_f1'])}")
+    _echo(f"summary: {json.dumps(summary['eval_f1'])}")
 
 
 @train_app.command("preview-decoder")

@@ -13,7 +13,8 @@ Two stages, both in this file and both driven by one TOML config (``danqing trai
    that resume to the same state, and every N steps a sample grid and the evaluator's score.
 
 Every random draw of step ``s`` comes from a generator seeded with (seed, s), so a run resumed
-from a checkpoint continues exactly as the uninterrupted run would have.
+from a checkpoint continues exactly as the uninterrupted run would have. Several processes
+(``--num-processes N``) share each step's batch as ``danqing.training.runs`` describes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from danqing.synthetic.portraits_captions import parse_portrait_prompt, portrait
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.config import BaseTrainConfig
 from danqing.training.data import folder_dataset, render_batch, synthetic_dataset, tokenize_captions
-from danqing.training.runs import latest_checkpoint, optimiser_step, resume_step, save_checkpoint, write_json_line
+from danqing.training.runs import (any_process, latest_checkpoint, mean_over_processes, my_rows, optimiser_step,
+                                   quiet, resume_step, save_checkpoint, write_json_line)
 
 Log = Callable[[str], None]
 
@@ -85,21 +87,36 @@ def _saturation(x: torch.Tensor) -> torch.Tensor:
     return (mx - mn) / mx.clamp_min(1e-3)
 
 
+class _VaeRoundTrip(torch.nn.Module):
+    """Encode, sample the posterior with the given noise, decode: the VAE stage's forward as one
+    module, so DDP (which syncs gradients through ``forward``) wraps it in a multi-process run."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.vae.encode(x).latent_dist
+        return self.vae.decode(post.mean + post.std * eps).sample.float(), post.kl()
+
+
 def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir: Path, *, phase: str = "full") -> list[float]:
     """Train ``vae`` in place on uint8 images (N, 3, H, W). Returns the logged losses.
 
     phase "full": whole images, L1 + MSE + KL. Phase "crop": random ``crop_size`` crops, with the
     per-pixel loss weighted by ``1 + object_weight * saturation`` so the few object pixels (what
-    the pictures are about) count more than the background.
+    the pictures are about) count more than the background. Several processes each train on
+    their rows of the batch (``runs.my_rows``); the weights are normalised over the whole batch.
     """
     c = cfg.vae
     crop = phase == "crop"
     steps, batch, lr = (c.crop_steps, c.crop_batch_size, c.crop_lr) if crop else (c.steps, c.batch_size, c.lr)
     accelerator = _accelerator(cfg)
-    device = accelerator.device
+    device, part, main = accelerator.device, my_rows(accelerator, batch), accelerator.is_main_process
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    vae, opt = accelerator.prepare(vae, opt)
+    model, opt = accelerator.prepare(_VaeRoundTrip(vae), opt)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
     losses, t0, (n, _, h, _) = [], time.perf_counter(), images.shape
     for step in range(steps):
         g = _gen(cfg.run.seed + (7 if crop else 0), step, "vae")
@@ -108,23 +125,24 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log: Log, run_dir
         if crop:
             top, left = (int(v) for v in torch.randint(0, h - c.crop_size + 1, (2,), generator=g))
             x = x[:, :, top:top + c.crop_size, left:left + c.crop_size]
-        x = (x.float() / 127.5 - 1).to(device)                                # (B, 3, H, W) in [-1, 1]
+        x = x.float() / 127.5 - 1                                              # (B, 3, H, W) in [-1, 1]
+        eps = torch.randn(batch, vae.config.latent_channels, x.shape[2] // down, x.shape[3] // down, generator=g)
+        weight = 1 + c.object_weight * _saturation(x) if crop else torch.ones_like(x[:, :1])
+        norm = weight.mean()                                                   # over the whole batch
+        x, eps, weight = (v[part].to(device) for v in (x, eps, weight))
         with accelerator.autocast():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
-            rec = vae.decode(z).sample.float()
-            weight = 1 + c.object_weight * _saturation(x) if crop else torch.ones_like(x[:, :1])
+            rec, kl = model(x, eps)
             err = (rec - x).abs() + (rec - x) ** 2
-            loss = (err * weight).mean() / weight.mean() + c.kl_weight * post.kl().mean()
+            loss = (err * weight).mean() / norm.to(device) + c.kl_weight * kl.mean()
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
             rate = (step + 1) / (time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-            log(f"vae ({phase}) step {step + 1}/{steps} loss {losses[-1]:.4f} {rate:.2f} it/s")
-            write_json_line(run_dir / "log.jsonl", {"stage": f"vae-{phase}", "step": step + 1, "loss": losses[-1]})
-    vae = accelerator.unwrap_model(vae)
+            losses.append(float(mean_over_processes(accelerator, loss.detach())))
+            if main:
+                log(f"vae ({phase}) step {step + 1}/{steps} loss {losses[-1]:.4f} {rate:.2f} it/s")
+                write_json_line(run_dir / "log.jsonl", {"stage": f"vae-{phase}", "step": step + 1, "loss": losses[-1]})
     vae.eval()
     return losses
 
@@ -273,6 +291,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     # (a CUDA generator per step): drawing it on the CPU was the bottleneck of a small model.
     gdev = dev if dev.type == "cuda" else torch.device("cpu")
     mean, std, ids, empty_ids = (x.to(gdev) for x in (mean, std, ids, empty_ids))
+    part, main = my_rows(accelerator, c.batch_size), accelerator.is_main_process  # this process's rows; who writes
     t0, last = time.perf_counter(), {"step": start, "loss": None, "eval": None}
     if cfg.data.world != "shapes":
         last["eval_portraits"] = None
@@ -289,34 +308,38 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
         noise = torch.randn(z.shape, generator=g, device=gdev)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g, device=gdev)
         x_t = noise_sched.add_noise(z, noise, t)                               # sqrt(a)z + sqrt(1-a)eps
+        tok, x_t, t, noise = (v[part].to(dev) for v in (tok, x_t, t, noise))
         with accelerator.autocast():
-            cond = te(tok.to(dev))[0]                                           # (B, 77, d)
-            pred = unet(x_t.to(dev), t.to(dev), cond).sample
-            loss = F.mse_loss(pred.float(), noise.to(dev))
+            cond = te(tok)[0]                                                   # (B, 77, d)
+            pred = unet(x_t, t, cond).sample
+            loss = F.mse_loss(pred.float(), noise)
         optimiser_step(accelerator, loss, params, opt, sched, c.max_grad_norm, ema)
-        value = loss.detach().float()          # stays on the device: no sync with the GPU per step
+        # stays on the device (no sync with the GPU per step); the whole batch's with several processes
+        value = mean_over_processes(accelerator, loss.detach().float())
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
         if done % r.log_every == 0 or done == c.steps:
             loss_avg = float(loss_avg)
             rate = (done - start) / (time.perf_counter() - t0)
             eta = (c.steps - done) / max(rate, 1e-9)
-            log(f"unet step {done}/{c.steps} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} it/s eta {eta / 60:.1f} min")
-            write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            if main:
+                log(f"unet step {done}/{c.steps} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                    f"{rate:.2f} it/s eta {eta / 60:.1f} min")
+                write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
             last.update(step=done, loss=loss_avg)
-        out_of_time = deadline is not None and time.perf_counter() > deadline
+        out_of_time = any_process(accelerator, deadline is not None and time.perf_counter() > deadline)
         if out_of_time:
             loss_avg = float(loss_avg)
-            log(f"unet: run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
-            write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
+            if main:
+                log(f"unet: run.max_minutes={r.max_minutes} reached at step {done}; stopping there")
+                write_json_line(run_dir / "log.jsonl", {"stage": "unet", "step": done, "loss": loss_avg})
             last.update(step=done, loss=loss_avg)
         if done % r.checkpoint_every == 0 or done == c.steps or out_of_time:
             save_checkpoint(accelerator, run_dir, done)
         final = done == c.steps or out_of_time
-        want_sample = done % r.sample_every == 0 or final
-        want_eval = evaluate and r.eval_prompts and (done % r.eval_every == 0 or final)
-        want_export = r.export_every and (done % r.export_every == 0 or final)
+        want_sample = main and (done % r.sample_every == 0 or final)  # the main process samples and writes
+        want_eval = main and evaluate and r.eval_prompts and (done % r.eval_every == 0 or final)
+        want_export = main and r.export_every and (done % r.export_every == 0 or final)
         if want_sample or want_eval or want_export:
             ema.store(params)
             ema.copy_to(params)
@@ -395,8 +418,12 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         torch.set_num_threads(cfg.run.num_threads)
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    device = _accelerator(cfg).device
+    acc = _accelerator(cfg)
+    device, main = acc.device, acc.is_main_process  # the other processes of a multi-process run write nothing
+    if main:
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    else:
+        log = quiet
     t_start = time.perf_counter()
     synthetic = cfg.data.source == "synthetic"
     t = time.perf_counter()
@@ -442,10 +469,12 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         if folder == "vae" and (cfg.vae.steps or cfg.vae.crop_steps):  # a kept VAE keeps its scale
             mean, _ = encode_all(comps.vae, data.images[:2048], device)
             comps.vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
-        _save_vae(comps.vae, run_dir, folder)
+        if main:
+            _save_vae(comps.vae, run_dir, folder)
+        acc.wait_for_everyone()
     summary["vae_seconds"] = round(time.perf_counter() - t, 1)
     comps.vae.to(device)
-    if synthetic:
+    if synthetic and main:
         summary["vae_reconstruction"] = reconstruction_score(comps.vae, size=cfg.data.size)
         log(f"vae reconstructions: {summary['vae_reconstruction']}")
         if cfg.data.world != "shapes":
@@ -471,9 +500,10 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     comps.unet.to("cpu")
     comps.text_encoder.to("cpu")
     comps.vae.to("cpu")
-    meta = {"danqing.training": json.dumps({"config": cfg.model_dump(), "steps": res["step"], "images": n_images})}
-    export_model(comps, run_dir, metadata=meta)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"done: {run_dir / 'model'} and {run_dir / 'model.safetensors'}")
+    if main:
+        meta = {"danqing.training": json.dumps({"config": cfg.model_dump(), "steps": res["step"], "images": n_images})}
+        export_model(comps, run_dir, metadata=meta)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(f"done: {run_dir / 'model'} and {run_dir / 'model.safetensors'}")
     return summary

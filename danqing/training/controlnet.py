@@ -39,7 +39,8 @@ from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import ControlTrainConfig
 from danqing.training.data import synthetic_dataset
-from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
+from danqing.training.runs import (StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step,
+                                   start_run)
 
 Log = Callable[[str], None]
 
@@ -150,7 +151,8 @@ def control_data(comps, d, log: Log) -> ControlData:
 def control_loss(controlnet, unet, data: ControlData, g: torch.Generator, batch_size: int, captions_per_image: int,
                  drop_prompt: float, noise_sched, scaling: float, acc) -> torch.Tensor:
     """The denoising loss of one batch through the ControlNet and the frozen UNet (a share
-    ``drop_prompt`` of the captions replaced by the empty prompt); all draws from ``g``."""
+    ``drop_prompt`` of the captions replaced by the empty prompt); all draws from ``g``, for the
+    whole batch, of which this process keeps its rows (``runs.my_rows``)."""
     idx = torch.randint(len(data.cap_idx), (batch_size,), generator=g)
     z = (data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=g)) * scaling
     noise = torch.randn(z.shape, generator=g)
@@ -161,7 +163,8 @@ def control_loss(controlnet, unet, data: ControlData, g: torch.Generator, batch_
     empty = data.hidden[-1]
     ctx = torch.stack([empty if drop[k] else data.hidden[data.cap_idx[int(i)][int(pick[k])]] for k, i in enumerate(idx)])
     hint = data.maps[idx].float()
-    x_t, t, ctx, hint, noise = (v.to(acc.device) for v in (x_t, t, ctx, hint, noise))
+    part = my_rows(acc, batch_size)
+    x_t, t, ctx, hint, noise = (v[part].to(acc.device) for v in (x_t, t, ctx, hint, noise))
     with acc.autocast():
         down, mid = controlnet(x_t, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
         pred = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
@@ -215,8 +218,8 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
         loss = control_loss(controlnet, unet, data, g, c.batch_size, d.captions_per_image, cfg.controlnet.drop_prompt,
                             noise_sched, scaling, acc)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
-        final = steps.done(step + 1, float(loss.detach()))
-        if heldout and ((step + 1) % r.eval_every == 0 or final):
+        final = steps.done(step + 1, loss)
+        if steps.main and heldout and ((step + 1) % r.eval_every == 0 or final):
             with ema_weights(ema, params, model):
                 res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
             log(f"eval step {step + 1}: edge F1 by weight {res}")
@@ -224,13 +227,15 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
         if steps.stopping():
             break
 
-    # 4. export the EMA weights
+    # 4. export the EMA weights (the main process writes)
     ema.copy_to(params)
     model.eval()
-    export_controlnet(model, run_dir / "controlnet")
+    acc.wait_for_everyone()
     summary = {"kind": "controlnet", "condition": d.condition, "init_from": cfg.controlnet.init_from,
                "images": len(data.cap_idx), "steps": steps.last["step"], "batch_size": c.batch_size,
                "loss": steps.last["loss"], "eval_f1": steps.last["eval"],
                "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if steps.main:
+        export_controlnet(model, run_dir / "controlnet")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -29,7 +29,8 @@ from danqing.training.base import _gen, encode_all, export_model, new_accelerato
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import InstructTrainConfig
 from danqing.training.data import render_batch
-from danqing.training.runs import StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run
+from danqing.training.runs import (StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step,
+                                   start_run)
 
 Log = Callable[[str], None]
 
@@ -98,9 +99,10 @@ def edit_data(comps, data_cfg, log: Log) -> EditData:
 
 
 def edit_loss(unet, data: EditData, g: torch.Generator, batch_size: int, noise_sched, scaling: float, drops,
-              device) -> torch.Tensor:
+              device, rows: slice = slice(None)) -> torch.Tensor:
     """The denoising loss of one batch of edits, with conditioning dropout: ``drops`` =
-    (no instruction, no picture, neither) probabilities; all draws from ``g``."""
+    (no instruction, no picture, neither) probabilities; all draws from ``g``, for the whole
+    batch, of which ``rows`` (this process's, ``runs.my_rows``) go through the UNet."""
     p_text, p_image, p_both = drops
     idx = torch.randint(len(data.text_idx), (batch_size,), generator=g)
     z = (data.after_mean[idx] + data.after_std[idx] * torch.randn(data.after_mean[idx].shape, generator=g)) * scaling
@@ -112,7 +114,7 @@ def edit_loss(unet, data: EditData, g: torch.Generator, batch_size: int, noise_s
     no_image = (u >= p_text) & (u < p_text + p_image + p_both)
     context = torch.where(no_text[:, None, None], data.hidden[-1][None], data.hidden[data.text_idx[idx]])
     picture = data.before_mode[idx] * (~no_image).float()[:, None, None, None]
-    x_in, t, context, noise = (v.to(device) for v in (torch.cat([x_t, picture], dim=1), t, context, noise))
+    x_in, t, context, noise = (v[rows].to(device) for v in (torch.cat([x_t, picture], dim=1), t, context, noise))
     pred = unet(x_in, t, context).sample
     return F.mse_loss(pred.float(), noise)
 
@@ -154,13 +156,14 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
     heldout = heldout_edits(cfg.instruct.eval_pairs) if cfg.instruct.eval_pairs else []
     drops = (cfg.instruct.drop_text, cfg.instruct.drop_image, cfg.instruct.drop_both)
     steps = StepLog("instruct", c.steps, start, log, run_dir, r, acc)
+    rows = my_rows(acc, c.batch_size)
     for step in range(start, c.steps):
         g = _gen(r.seed, step, "instruct")
         with acc.autocast():
-            loss = edit_loss(unet, data, g, c.batch_size, noise_sched, scaling, drops, acc.device)
+            loss = edit_loss(unet, data, g, c.batch_size, noise_sched, scaling, drops, acc.device, rows)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
-        final = steps.done(step + 1, float(loss.detach()))
-        if heldout and ((step + 1) % r.eval_every == 0 or final):
+        final = steps.done(step + 1, loss)
+        if steps.main and heldout and ((step + 1) % r.eval_every == 0 or final):
             with ema_weights(ema, params, unet):
                 res = judge_model(dataclasses.replace(comps, unet=acc.unwrap_model(unet)), heldout,
                                   steps=r.eval_steps, device=acc.device)
@@ -176,6 +179,8 @@ def train_instruct(cfg: InstructTrainConfig, *, resume: bool = False, log: Log =
                "instructions": data.hidden.shape[0] - 1, "steps": steps.last["step"], "batch_size": c.batch_size,
                "loss": steps.last["loss"], "eval": steps.last["eval"],
                "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
-    export_model(comps, run_dir, name="model")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    acc.wait_for_everyone()
+    if steps.main:  # the main process writes
+        export_model(comps, run_dir, name="model")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -5,11 +5,9 @@ loop under accelerate, with checkpoints that resume to the same state.
 Every random draw of step ``s`` comes from a generator seeded with (seed, s), so a resumed run
 continues as the uninterrupted one would have.
 
-Several processes (``danqing train ... --num-processes N``: ``accelerate launch``, DDP): every
-process draws the whole batch of a step (``train.batch_size`` is the global batch) and computes
-the loss on its own rows; DDP averages the gradients, so N processes take the same steps as one
-process at the same global batch (up to float summation order), and a checkpoint written by N
-processes resumes in any other number.
+Several processes (``danqing train ... --num-processes N``): every process draws the whole batch
+of a step (``train.batch_size`` is the global batch) and computes the loss on its own rows, as
+``danqing.training.runs`` describes.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ import torch.nn.functional as F
 
 from danqing.errors import OutOfMemory
 from danqing.training.base import new_accelerator
-from danqing.training.runs import latest_checkpoint, resume_step, save_checkpoint, write_json_line
+from danqing.training.runs import (latest_checkpoint, mean_over_processes, my_rows, quiet, resume_step,
+                                   save_checkpoint, write_json_line)
 from danqing.training.conditioning import text_conditioning
 from danqing.training.data import process_caption
 from danqing.training.latents import TrainData
@@ -95,17 +94,6 @@ class Trainable:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def process_rows(batch: int, index: int, count: int) -> slice:
-    """The rows of a global batch that process ``index`` of ``count`` trains on."""
-    if batch % count:
-        from danqing.errors import InvalidRequest
-
-        raise InvalidRequest("train.batch_size", f"{batch} does not split over {count} processes: "
-                                                 f"use a multiple of {count}")
-    per = batch // count
-    return slice(index * per, (index + 1) * per)
-
-
 def _gen(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63))
 
@@ -152,10 +140,6 @@ class RunState:
     main: bool = True  # False in the other processes of a multi-process run: they write no files
 
 
-def _quiet(line: str) -> None:
-    """The log of the processes other than the main one."""
-
-
 def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir: Path, *, v_prediction: bool,
              log: Log, resume: bool, prior: TrainData | None = None, prior_weight: float = 1.0,
              caption_cfg=None, after_step: Callable[[], None] | None = None,
@@ -175,10 +159,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
 
     accelerator = new_accelerator(cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     dev = accelerator.device
-    rows = (process_rows(cfg.batch_size, accelerator.process_index, accelerator.num_processes), cfg.batch_size)
+    rows = (my_rows(accelerator, cfg.batch_size), cfg.batch_size)
     main = accelerator.is_main_process
     if not main:
-        log = _quiet
+        log = quiet
     for m in comps.modules().values():
         m.to(dev)
     if cfg.gradient_checkpointing:
@@ -234,7 +218,7 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             raise out_of_memory(step + 1, cfg, run_dir) from None
         if after_step is not None:
             after_step()
-        value = float(accelerator.reduce(loss.detach(), "mean"))  # the whole batch's loss
+        value = float(mean_over_processes(accelerator, loss.detach()))  # the whole batch's loss
         avg = value if avg is None else 0.95 * avg + 0.05 * value
         done = step + 1
         state.step, state.loss = done, avg

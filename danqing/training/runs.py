@@ -1,5 +1,5 @@
 """What the trainers' runs share: the optimiser step, EMA weights for evaluation, the step log,
-and resumable checkpoints.
+resumable checkpoints, and the rows of a batch each process trains on.
 
 Checkpoints: ``<run>/checkpoints/step-N/`` holds accelerate's
 ``save_state`` (models, optimiser, LR schedule, objects registered for checkpointing such as
@@ -8,6 +8,14 @@ unfinished checkpoint that ``latest_checkpoint`` skips.
 
 With every random draw of step ``s`` taken from a generator seeded with (seed, s), a run resumed
 from ``step-N`` continues bit for bit as the uninterrupted run would have.
+
+Several processes (``danqing train ... --num-processes N``: ``accelerate launch``, DDP): every
+process draws the whole batch of a step from the step's generator (``batch_size`` is the global
+batch), keeps its own rows (``process_rows``) and computes the mean loss over them; DDP averages
+the gradients of the equal shards, which is the gradient of the whole batch's mean loss. So N
+processes take the same steps as one process at the same global batch (up to float summation
+order), only the main process writes files, and a checkpoint written by N processes resumes in
+any other number.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from danqing.errors import InvalidRequest
 from danqing.models.loader import load_components
 from danqing.models.registry import Registry
 from danqing.settings import Settings
@@ -54,6 +63,37 @@ def load_float32(name: str, settings=None, *, frozen: bool = True):
         if frozen:
             m.requires_grad_(False)
     return comps, entry, registry
+
+
+def process_rows(batch: int, index: int, count: int) -> slice:
+    """The rows of a global batch that process ``index`` of ``count`` trains on.
+
+    Raises:
+        InvalidRequest: ``batch`` does not split evenly over ``count`` processes (one line).
+    """
+    if batch % count:
+        raise InvalidRequest("train.batch_size", f"{batch} does not split over {count} processes: "
+                                                 f"use a multiple of {count}")
+    per = batch // count
+    return slice(index * per, (index + 1) * per)
+
+
+def my_rows(accelerator, batch: int) -> slice:
+    """This process's rows of a global batch of ``batch`` (all of them in a one-process run)."""
+    return process_rows(batch, accelerator.process_index, accelerator.num_processes)
+
+
+def mean_over_processes(accelerator, value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the processes (the whole batch's loss); ``value`` itself in a
+    one-process run (no collective, no device sync)."""
+    return accelerator.reduce(value, "mean") if accelerator.num_processes > 1 else value
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds in any process (``flag`` itself in a one-process run)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")[0] > 0)
 
 
 def write_json_line(path: Path, row: dict) -> None:
@@ -110,24 +150,31 @@ class StepLog:
         self.t0, self.avg, self.out_of_time = time.perf_counter(), None, False
         self.deadline = self.t0 + run_cfg.max_minutes * 60 if run_cfg.max_minutes else None
         self.last: dict = {"step": start, "loss": None, "eval": None}
+        self.main = accelerator.is_main_process  # the other processes of a multi-process run write nothing
+        if not self.main:
+            self.log = quiet
 
-    def done(self, done: int, value: float) -> bool:
-        """Record step ``done`` (1-based) with loss ``value``; True when it is the last one."""
-        self.out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
+    def done(self, done: int, loss: torch.Tensor) -> bool:
+        """Record step ``done`` (1-based) with this process's ``loss`` (averaged over the
+        processes); True when it is the last one."""
+        value = float(mean_over_processes(self.accelerator, loss.detach().float()))
+        late = self.deadline is not None and time.perf_counter() > self.deadline
+        self.out_of_time = any_process(self.accelerator, late)  # every process stops at the same step
         final = done == self.total or self.out_of_time
         self.avg = value if self.avg is None else 0.98 * self.avg + 0.02 * value
         if done % self.cfg.log_every == 0 or final:
             rate = (done - self.start) / (time.perf_counter() - self.t0)
             self.log(f"{self.stage} step {done}/{self.total} loss {self.avg:.4f} {rate:.2f} it/s "
                      f"eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min")
-            write_json_line(self.path, {"stage": self.stage, "step": done, "loss": self.avg})
+            if self.main:
+                write_json_line(self.path, {"stage": self.stage, "step": done, "loss": self.avg})
             self.last.update(step=done, loss=round(self.avg, 5))
         if done % self.cfg.checkpoint_every == 0 or final:
             save_checkpoint(self.accelerator, self.run_dir, done)
         return final
 
     def evaluated(self, done: int, result: dict, row: dict) -> None:
-        """Record an evaluation (``row``: its ``log.jsonl`` fields)."""
+        """Record an evaluation (``row``: its ``log.jsonl`` fields); the main process evaluates."""
         write_json_line(self.path, {"stage": "eval", "step": done, **row})
         self.last["eval"] = result
 
@@ -136,6 +183,10 @@ class StepLog:
         if self.out_of_time:
             self.log(f"run.max_minutes={self.cfg.max_minutes} reached at step {self.last['step']}; stopping there")
         return self.out_of_time
+
+
+def quiet(line: str) -> None:
+    """The log of the processes other than the main one."""
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, extra: Callable[[Path], None] | None = None) -> Path:
