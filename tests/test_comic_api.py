@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from server_helpers import make_app
 
-# two small panels with the bundled heart LoRA, few steps: the API's behaviour, not the pictures
+# two small panels, few steps: the API's behaviour, not the pictures
 STORY = '''
 title = "API"
 steps = 3
@@ -22,7 +22,6 @@ sampler = "Euler"
 
 [characters.heart]
 trigger = "a red heart"
-tags = "<lora:heart:1>"
 
 [[panels]]
 scene = "{heart} left of a blue circle"
@@ -73,7 +72,7 @@ def test_draft_reroll_render_and_the_files_by_name(client):
     with zipfile.ZipFile(io.BytesIO(cbz.content)) as z:
         assert z.namelist() == ["page-001.png"]
     project = client.get("/api/v1/comic/projects/heart-day").json()
-    assert project["seeds"] == [7, 1008] and project["prompts"][0] == "a red heart left of a blue circle, <lora:heart:1>"
+    assert project["seeds"] == [7, 1008] and project["prompts"][0] == "a red heart left of a blue circle"
     assert {"storyboard.toml", "project.json", "final/panel-01.png"} <= {f["name"] for f in project["files"]}
     assert client.get("/api/v1/comic/projects").json() == ["heart-day"]
 

@@ -27,7 +27,6 @@ sampler = "Euler"
 
 [characters.heart]
 trigger = "a red heart"
-tags = "<lora:heart:1>"
 
 [[panels]]
 scene = "{heart} left of a blue circle"

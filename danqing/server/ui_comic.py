@@ -1,5 +1,5 @@
 """The web UI's "Comic" tab: a storyboard editor (TOML, prefilled with an example on the bundled
-model and its heart LoRA), Draft -> the contact sheet, a panel number + Re-roll, Render -> the
+model), Draft -> the contact sheet, a panel number + Re-roll, Render -> the
 page and its files (PNG pages, PDF, CBZ). Each button queues the same job as the job API
 (``server/comic.py``) and shows what the worker reports: panels done, the latest panel.
 """
@@ -9,7 +9,7 @@ from danqing.server.comic import prepare_comic
 from danqing.server.ui_i18n import t
 from danqing.server.ui_media import files_of, follow
 
-EXAMPLE = '''title = "The red heart's day"
+EXAMPLE = '''title = "The blue star's day"
 model = "danqing-tiny"
 sampler = "DPM++ 2M"
 schedule = "Karras"
@@ -17,24 +17,23 @@ steps = 20
 seed = 100
 hires_scale = 1            # danqing-tiny paints 64 px; 2 on a real model
 
-[characters.heart]
-trigger = "a red heart"
-tags = "<lora:heart:1>"    # the heart LoRA bundled with danqing-tiny
+[characters.star]
+trigger = "a blue star"    # with a character LoRA: tags = "<lora:NAME:0.8>"
 
 [layout]
 columns = 3
 
 [[panels]]
-scene = "{heart} left of a blue circle"
+scene = "{star} left of a red circle"
 caption = "Morning"
 bubbles = [{ text = "Hello!", x = 0.7, y = 0.2 }]
 
 [[panels]]
-scene = "{heart} right of a green square"
+scene = "{star} right of a green square"
 caption = "中午"
 
 [[panels]]
-scene = "{heart} left of a yellow triangle"
+scene = "{star} left of a yellow circle"
 caption = "The end"
 '''
 
