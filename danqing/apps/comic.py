@@ -22,18 +22,21 @@ import re
 import time
 import tomllib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from danqing.apps.comic_expand import check_expand, expand
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.files import atomic_write_bytes, atomic_write_text
 from danqing.outputs.store import atomic_save_image, save_png
 from danqing.request import GenerationRequest
 
 PANEL_SEED_STEP = 1_000  # a re-roll moves a panel's seed by this much
+OnPanel = Callable[[int, int, Path], "bool | None"]  # (panels done, panels to do, its file) -> False: stop
 _MENTION = re.compile(r"\{(\w+)\}")
 
 
@@ -98,9 +101,15 @@ class Storyboard(_Strict):
     hires_steps: int = 10
     hires_denoising: float = 0.5
     hires_upscaler: str = "Latent"
+    expand: str | None = None  # prompt expansion of the scene lines: "rules" or "lm:FOLDER" (comic_expand.py)
     characters: dict[str, Character] = {}
     panels: list[Panel] = Field(min_length=1, max_length=64)
     layout: Layout = Layout()
+
+    @field_validator("expand")
+    @classmethod
+    def _expand(cls, v):
+        return check_expand(v)
 
     @model_validator(mode="after")
     def _known_characters(self):
@@ -122,34 +131,48 @@ def read_storyboard(path: str | Path) -> Storyboard:
     path = Path(path)
     if not path.is_file():
         raise InvalidRequest("storyboard", f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    return parse_storyboard(path.read_text(encoding="utf-8"), str(path), toml=path.suffix == ".toml")
+
+
+def parse_storyboard(text: str, where: str = "storyboard", *, toml: bool = True) -> Storyboard:
+    """A storyboard from its text (``where`` names it in errors: a file, or the API's field).
+
+    Raises:
+        InvalidRequest: ``where``, the line (TOML) or the field, and what was expected.
+    """
     try:
-        if path.suffix == ".toml":
+        if toml:
             data = tomllib.loads(text)
         else:
             data = {"panels": [{"scene": line.strip()} for line in text.splitlines() if line.strip()]}
         return Storyboard(**data)
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidRequest("storyboard", f"{path}: not valid TOML: {exc}") from None
+        raise InvalidRequest("storyboard", f"{where}: not valid TOML: {exc}") from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "file"
-        raise InvalidRequest("storyboard", f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+        loc = ".".join(str(p) for p in err["loc"]) or "file"
+        raise InvalidRequest("storyboard", f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-def panel_prompt(story: Storyboard, panel: Panel) -> str:
-    """prefix, the scene line with each ``{name}`` replaced by that character's trigger words, and
-    the tags of every character in the panel."""
-    scene = _MENTION.sub(lambda m: story.characters[m.group(1)].trigger, panel.scene)
+def scene_text(story: Storyboard, panel: Panel) -> str:
+    """The scene line with each ``{name}`` replaced by that character's trigger words."""
+    return _MENTION.sub(lambda m: story.characters[m.group(1)].trigger, panel.scene)
+
+
+def panel_prompt(story: Storyboard, panel: Panel, scene: str | None = None) -> str:
+    """prefix, the scene line (``scene``: as expanded, else ``scene_text``), and the tags of every
+    character in the panel."""
+    scene = scene_text(story, panel) if scene is None else scene
     names = dict.fromkeys([*_MENTION.findall(panel.scene), *panel.characters])
     tags = " ".join(story.characters[n].tags for n in names if story.characters[n].tags)
     return ", ".join(part for part in (story.prefix.strip(), scene.strip(), tags) if part)
 
 
-def panel_request(story: Storyboard, index: int, seed: int, *, final: bool) -> GenerationRequest:
-    """Panel ``index`` (0-based) as a request: the draft at the base size, the final with hires fix."""
+def panel_request(story: Storyboard, index: int, seed: int, *, final: bool, scene: str | None = None) -> GenerationRequest:
+    """Panel ``index`` (0-based) as a request: the draft at the base size, the final with hires
+    fix (``scene``: the expanded scene line, when the storyboard expands them)."""
     panel = story.panels[index]
-    fields = dict(prompt=panel_prompt(story, panel), negative_prompt=story.negative_prompt, model=story.model,
+    fields = dict(prompt=panel_prompt(story, panel, scene), negative_prompt=story.negative_prompt, model=story.model,
                   sampler=story.sampler, schedule=story.schedule, steps=story.steps, cfg_scale=story.cfg_scale,
                   width=story.width, height=story.height, seed=seed)
     if final and story.hires_scale > 1:
@@ -170,6 +193,7 @@ class ComicProject:
         self.story = read_storyboard(self.source)
         self.folder = Path(folder) if folder else self.source.with_suffix("")
         self.state_path = self.folder / "project.json"
+        self._expanded: dict[tuple[int, int], str] = {}  # (panel, seed) -> its expanded scene line
 
     def seeds(self) -> list[int]:
         """Every panel's seed: the project file's (re-rolls kept), else the panel's, else the
@@ -180,17 +204,30 @@ class ComicProject:
             out.append(kept[i] if i < len(kept) else (p.seed if p.seed is not None else self.story.seed + i))
         return out
 
-    def _save_state(self, seeds: list[int]) -> None:
+    def scene(self, studio, index: int, seed: int) -> str:
+        """Panel ``index``'s scene line, expanded as the storyboard's ``expand`` says."""
+        key = (index, seed)
+        if self.story.expand is None:
+            return scene_text(self.story, self.story.panels[index])
+        if key not in self._expanded:
+            reg = studio.registry
+            self._expanded[key] = expand(self.story.expand, scene_text(self.story, self.story.panels[index]), seed,
+                                         base_dir=self.source.parent, models_dir=reg.models_dir,
+                                         names_only=reg.names_only)
+        return self._expanded[key]
+
+    def _save_state(self, seeds: list[int], studio) -> None:
+        prompts = [panel_prompt(self.story, p, self.scene(studio, i, seeds[i]) if self.story.expand else None)
+                   for i, p in enumerate(self.story.panels)]  # first: a failing expansion writes nothing
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "storyboard.toml" if self.source.suffix == ".toml" else
                           self.folder / "storyboard.txt", self.source.read_text(encoding="utf-8"), overwrite=True)
-        state = {"title": self.story.title, "seeds": seeds,
-                 "prompts": [panel_prompt(self.story, p) for p in self.story.panels],
+        state = {"title": self.story.title, "seeds": seeds, "prompts": prompts, "expand": self.story.expand,
                  "drafts": self._state().get("drafts", {})}
         atomic_write_text(self.state_path, json.dumps(state, ensure_ascii=False, indent=2), overwrite=True)
 
     def _render(self, studio, index: int, seed: int, *, final: bool) -> Path:
-        request = panel_request(self.story, index, seed, final=final)
+        request = panel_request(self.story, index, seed, final=final, scene=self.scene(studio, index, seed))
         path = self.folder / ("final" if final else "draft") / f"panel-{index + 1:02d}.png"
         draft = self.folder / "draft" / path.name
         drawn = self._state().get("drafts", {})
@@ -208,28 +245,44 @@ class ComicProject:
     def _state(self) -> dict:
         return json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
 
-    def draft(self, studio, panels: list[int] | None = None) -> Path:
-        """The draft pass (all panels, or the 1-based ``panels``) and the contact sheet."""
+    def draft(self, studio, panels: list[int] | None = None, on_panel: OnPanel | None = None) -> Path:
+        """The draft pass (all panels, or the 1-based ``panels``) and the contact sheet.
+
+        Args:
+            on_panel: called with (panels done, panels to do, the panel's file) after each panel;
+                False from it stops the pass there (the panels drawn so far are kept).
+        """
         seeds = self.seeds()
-        self._save_state(seeds)
-        for i in self._indices(panels):
-            self._render(studio, i, seeds[i], final=False)
+        self._save_state(seeds, studio)
+        todo = self._indices(panels)
+        for k, i in enumerate(todo, 1):
+            path = self._render(studio, i, seeds[i], final=False)
+            if on_panel is not None and on_panel(k, len(todo), path) is False:
+                break
         return self.contact_sheet()
 
-    def reroll(self, studio, panel: int) -> Path:
+    def reroll(self, studio, panel: int, on_panel: OnPanel | None = None) -> Path:
         """A new seed for one panel (kept in the project file), its draft drawn again."""
         (i,) = self._indices([panel])
         seeds = self.seeds()
         seeds[i] += PANEL_SEED_STEP
-        self._save_state(seeds)
-        self._render(studio, i, seeds[i], final=False)
+        self._save_state(seeds, studio)
+        path = self._render(studio, i, seeds[i], final=False)
+        if on_panel is not None:
+            on_panel(1, 1, path)
         return self.contact_sheet()
 
-    def render(self, studio) -> list[Path]:
-        """The final pass (hires fix) of every panel, then the pages, the PDF and the CBZ."""
+    def render(self, studio, on_panel: OnPanel | None = None) -> list[Path]:
+        """The final pass (hires fix) of every panel, then the pages, the PDF and the CBZ (none
+        when ``on_panel`` stopped the pass: the final panels drawn so far are kept)."""
         seeds = self.seeds()
-        self._save_state(seeds)
-        panels = [Image.open(self._render(studio, i, s, final=True)).convert("RGB") for i, s in enumerate(seeds)]
+        self._save_state(seeds, studio)
+        panels = []
+        for i, s in enumerate(seeds):
+            path = self._render(studio, i, s, final=True)
+            panels.append(Image.open(path).convert("RGB"))
+            if on_panel is not None and on_panel(i + 1, len(seeds), path) is False:
+                return []
         return self.write_pages(panels)
 
     def _indices(self, panels: list[int] | None) -> list[int]:

@@ -73,6 +73,20 @@ def bundled_control_entries() -> list["ModelEntry"]:
     return out
 
 
+def bundled_lora_entries() -> list["ModelEntry"]:
+    """LoRAs shipped in the package (``danqing/data/models/lora/NAME.safetensors``), for the
+    bundled model; listed after the user's own, so a user's LoRA of the same name wins."""
+    root = Path(str(resources.files("danqing").joinpath("data/models/lora")))
+    return [ModelEntry(p.stem, p, "lora", "safetensors") for p in sorted(root.glob("*.safetensors"))]
+
+
+def _with_bundled(kind: str, found: list["ModelEntry"]) -> list["ModelEntry"]:
+    if kind != "lora":
+        return found
+    names = {e.name for e in found}
+    return found + [e for e in bundled_lora_entries() if e.name not in names]
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model found in the models folder (or built in).
@@ -136,12 +150,13 @@ class Registry:
         return self.models_dir / KINDS[kind]
 
     def scan(self, kind: str = "checkpoint") -> list[ModelEntry]:
-        """Entries of one kind, sorted by name; checkpoints start with the built-in model."""
+        """Entries of one kind, sorted by name; checkpoints start with the built-in model, LoRAs
+        end with the bundled ones that no file of the folder shadows."""
         entries = ([ModelEntry(BUILTIN, None, "checkpoint", "builtin"), *bundled_entries()] if kind == "checkpoint"
                    else bundled_control_entries() if kind == "controlnet" else [])
         root = self.folder(kind)
         if not root.is_dir():
-            return entries
+            return entries + _with_bundled(kind, [])
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
@@ -155,7 +170,7 @@ class Registry:
                 fmt = _format_of(p)
                 if fmt and not fn.startswith(".") and (not self.names_only or inside(p, root)):
                     found.append(ModelEntry(p.relative_to(root).with_suffix("").as_posix(), p, kind, fmt))
-        return entries + sorted(found, key=lambda e: e.name.casefold())
+        return entries + _with_bundled(kind, sorted(found, key=lambda e: e.name.casefold()))
 
     def find(self, kind: str, query: str) -> ModelEntry:
         """Find by name, file name, short/full hash, A1111 title ("name [hash]") or a path.

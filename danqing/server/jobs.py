@@ -29,6 +29,7 @@ from danqing.request import GenerationRequest, VideoRequest
 from danqing.errors import DanqingError
 from danqing.outputs.store import next_output_path, save_png
 from danqing.sampling.loop import SKIP, STOP
+from danqing.server.comic_request import ComicJob, run_comic
 from danqing.server.media import run_3d, run_talk
 from danqing.server.talk_request import TalkJob
 from danqing.server.store import CANCELLED, DONE, FAILED, TERMINAL, Job, JobStore
@@ -361,6 +362,8 @@ class Worker:
             return run_3d(self, job)
         if isinstance(job.request, TalkJob):
             return run_talk(self, job)
+        if isinstance(job.request, ComicJob):
+            return run_comic(self, job)
         if isinstance(job.request, VideoRequest):
             return self._generate_video(job)
         result = (run_request(self.studio, job.request, on_step=self._on_step)  # IF, unCLIP, Kandinsky 2.2

@@ -29,7 +29,7 @@ JOB_ID = PathParam(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex charac
 INDEX = PathParam(ge=0, le=10_000)
 MEDIA_TYPES = {".mp4": "video/mp4", ".gif": "image/gif", ".webp": "image/webp", ".png": "image/png",
                ".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "application/ply",
-               ".json": "application/json"}
+               ".json": "application/json", ".pdf": "application/pdf", ".cbz": "application/vnd.comicbook+zip"}
 FILE_KEYS = {"videos": "clip", "files": "file"}  # result key -> what one entry is called in a 404
 PREVIEW_EVERY = 10  # a 3D job renders its front view every this many steps (and at the last)
 

@@ -28,13 +28,15 @@ from typing import Any
 
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest, VideoRequest
+from danqing.server.comic_request import ComicJob
 from danqing.server.talk_request import TalkJob
 from danqing.threed.run import ThreeDRequest
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
 VIDEO_KINDS = ("txt2video", "video2video")  # their rows hold a VideoRequest
-REQUEST_TYPES = {**dict.fromkeys(VIDEO_KINDS, VideoRequest), "3d": ThreeDRequest, "talk": TalkJob}  # kind -> request type (else GenerationRequest)
+REQUEST_TYPES = {**dict.fromkeys(VIDEO_KINDS, VideoRequest), "3d": ThreeDRequest, "talk": TalkJob,
+                 "comic": ComicJob}  # kind -> request type (else GenerationRequest)
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 
 # What differs between the dialects, as data. {seq}: the queue-order column's definition;
@@ -268,6 +270,8 @@ class JobStore:
             kind = "3d"
         elif isinstance(request, TalkJob):
             kind = "talk"
+        elif isinstance(request, ComicJob):
+            kind = "comic"
         elif isinstance(request, VideoRequest):
             kind = "video2video" if request.init_video is not None else "txt2video"
         self._run("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "

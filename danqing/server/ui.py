@@ -3,7 +3,7 @@
 A thin shell like the others: every button builds GenerationRequest fields, goes through
 ``ServerState.prepare_request`` and the job queue, and shows what the worker reports (progress,
 preview PNG bytes, saved files). Tabs: txt2img, img2img (upload, sketch, inpaint with a brush
-mask), Extras, control projects, Video, 3D, Talk, Checkpoint merger, Train, Queue, History, PNG Info, Settings
+mask), Extras, control projects, Video, 3D, Talk, Comic, Checkpoint merger, Train, Queue, History, PNG Info, Settings
 (``ui_generate.py``, ``ui_tools.py``). Every label is translated in the browser from one table
 (``ui_i18n.py``). Files reach the UI only as uploads or as danqing's outputs (``ui_files.py``).
 """
@@ -15,6 +15,7 @@ from danqing.apps.control_projects import colorize, creative_text, qr_art, resty
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.server.gradio_import import gradio
 from danqing.server.ui_cards import cards_panel
+from danqing.server.ui_comic import comic_tab
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.models.native import native_side
@@ -73,6 +74,8 @@ def build_ui(state):
                 threed_tab(gr, state)
             with gr.Tab(t("Talk"), id="talk"):
                 talk_tab(gr, state)
+            with gr.Tab(t("Comic"), id="comic"):  # server/ui_comic.py
+                comic_tab(gr, state)
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):
