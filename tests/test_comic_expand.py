@@ -5,11 +5,11 @@ project.json hold it, and a missing folder is one clear error."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 from PIL import Image
-from server_helpers import shared_studio
 
 from danqing.apps.comic import ComicProject, read_storyboard
 from danqing.apps.comic_expand import expand_lm, expand_rules, rules
@@ -22,6 +22,17 @@ WORDS = ["<eos>", "<unk>", "a", "red", "circle", "blue", "square", "bright", "mo
 def story(expand: str, scenes=("a red circle", "a blue square")) -> str:
     panels = "".join(f'[[panels]]\nscene = "{s}"\n' for s in scenes)
     return f'steps = 2\nseed = 5\nhires_scale = 1\nsampler = "Euler"\nexpand = "{expand}"\n{panels}'
+
+
+@functools.lru_cache(maxsize=1)
+def cli_studio():
+    """A Studio as the CLI makes one: its user may name folders by path. (The server's studio is
+    names-only, and the in-process server tests switch the shared test studio to that mode.)"""
+    import tempfile
+
+    from danqing import Settings, Studio
+
+    return Studio(Settings(home=tempfile.mkdtemp(prefix="danqing-comic-expand-"), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def test_rules_draw_a_phrase_of_the_world_from_the_seed():
 def test_rules_expansion_is_in_the_infotext_and_project(tmp_path):
     (tmp_path / "s.toml").write_text(story("rules"), encoding="utf-8")
     comic = ComicProject(tmp_path / "s.toml")
-    comic.draft(shared_studio())
+    comic.draft(cli_studio())
     state = json.loads(comic.state_path.read_text())
     assert state["expand"] == "rules"
     assert state["prompts"] == [expand_rules("a red circle", 5), expand_rules("a blue square", 6)]
@@ -71,7 +82,7 @@ def test_a_language_model_continues_the_scene_line(tiny_lm, tmp_path):
     assert expand_lm("a red circle", 5, tiny_lm) == a  # same seed, same expansion
     (tmp_path / "s.toml").write_text(story(f"lm:{tiny_lm}", scenes=("a red circle",)), encoding="utf-8")
     comic = ComicProject(tmp_path / "s.toml")
-    comic.draft(shared_studio())
+    comic.draft(cli_studio())
     assert json.loads(comic.state_path.read_text())["prompts"] == [a]
     assert Image.open(comic.folder / "draft" / "panel-01.png").text["parameters"].startswith(a + "\n")
 
@@ -79,7 +90,7 @@ def test_a_language_model_continues_the_scene_line(tiny_lm, tmp_path):
 def test_a_missing_or_unknown_expansion_is_one_line(tmp_path):
     (tmp_path / "s.toml").write_text(story("lm:no-such-model"), encoding="utf-8")
     with pytest.raises(InvalidRequest, match=r"lm:no-such-model: no such folder; .*installed: none"):
-        ComicProject(tmp_path / "s.toml").draft(shared_studio())
+        ComicProject(tmp_path / "s.toml").draft(cli_studio())
     assert not (tmp_path / "s").exists()  # nothing written
     (tmp_path / "s.toml").write_text(story("magic"), encoding="utf-8")
     with pytest.raises(InvalidRequest, match=r"expand: expand 'magic': use \"rules\""):
