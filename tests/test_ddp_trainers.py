@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_ddp import _toml  # the same small TOML writer
 
 from danqing.training import config as C
 
@@ -90,16 +91,6 @@ def _train(kind: str, cfg: dict, resume: bool, log=lambda s: None) -> dict:
 
 
 KINDS = {"base": _base, "controlnet": _control, "instruct": _instruct}
-
-
-def _toml(cfg: dict, path: Path) -> Path:
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lines.append(f"{k} = {v!r}".replace("True", "true").replace("'", '"'))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from conftest import need_module
 from PIL import Image
 from test_flow_families import tiny
 from test_if_family import _pipelines as if_pipelines
-from test_unclip_family import _kandinsky_pipelines, _picture
+from test_unclip_family import _cli, _kandinsky_pipelines, _picture
 from test_unclip_family import _pipeline as unclip_pipeline
 
 PROMPT, SIZE = "a red circle left of a blue star", "64"
@@ -36,15 +36,6 @@ def home(tmp_path_factory):
         pipe.save_pretrained(ckpt / name)
     _picture().save(home / "source.png")
     return home
-
-
-def _cli(capsys, home, *args):
-    from danqing.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["--home", str(home), "--models-dir", str(home / "models"), "--device", "cpu", *args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 SIZED = ("--width", SIZE, "--height", SIZE)
