@@ -16,6 +16,19 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class QueuedBody(StrictBody):
+    """A job the queue runs that is not a sampling request (talk, comic): what the queue reads of
+    every request, as one clip or action with no sampling steps and no init image."""
+
+    batch_size: int = 1
+    batch_count: int = 1
+    steps: int = 0
+    init_image: None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
 def strict_body(name: str, library_type: type, doc: str, *, drop: tuple[str, ...] = (),
                 base: type[BaseModel] = StrictBody) -> type[BaseModel]:
     """A JSON body with the fields of a library request (a dataclass) and their defaults, so the

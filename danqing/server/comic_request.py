@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
 
 from danqing.apps.comic import ComicProject
 from danqing.files import atomic_write_text
+from danqing.server.bodies import QueuedBody
 
 ACTIONS = ("draft", "reroll", "render")
 STORYBOARD = "storyboard.toml"  # the project's storyboard, in its folder
@@ -23,27 +23,18 @@ def comics_dir(outputs_dir: Path) -> Path:
     return Path(outputs_dir) / "comics"
 
 
-class ComicJob(BaseModel):
+class ComicJob(QueuedBody):
     """A queued comic action: the project's name, its storyboard and what to do (``panel``: the
     panel to re-roll, or the one panel to draft), in the shape the queue reads."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     project: str
     storyboard: str
     action: Literal["draft", "reroll", "render"] = "draft"
     panel: Optional[int] = None
-    batch_size: int = 1  # the job queue's view: no sampling steps of its own
-    batch_count: int = 1
-    steps: int = 0
-    init_image: None = None
 
     @property
     def prompt(self) -> str:
         return f"comic {self.project}: {self.action}" + (f" panel {self.panel}" if self.panel else "")
-
-    def to_json(self) -> str:
-        return self.model_dump_json()
 
 
 def run_comic(worker, job) -> dict | None:

@@ -4,26 +4,16 @@ the uploads as paths of the inputs folder, in the shape the queue reads (prompt,
 from __future__ import annotations
 
 from danqing.apps.talk import TalkRequest
-from danqing.server.bodies import StrictBody, strict_body
+from danqing.server.bodies import QueuedBody, strict_body
 
 
-class _QueueView(StrictBody):
-    """What the job queue reads of every request: one clip, no sampling steps, no init image."""
-
-    batch_size: int = 1
-    batch_count: int = 1
-    steps: int = 0
-    init_image: None = None
-
+class _QueueView(QueuedBody):
     @property
     def prompt(self) -> str:
         return self.text or ""
 
-    def to_json(self) -> str:
-        return self.model_dump_json()
-
     def library_request(self) -> TalkRequest:
-        return TalkRequest.create(**self.model_dump(exclude=set(_QueueView.model_fields)))
+        return TalkRequest.create(**self.model_dump(exclude=set(QueuedBody.model_fields)))
 
 
 TalkJob = strict_body(
