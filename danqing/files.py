@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
 
 __all__ = ["atomic_save", "atomic_save_dir", "atomic_write_bytes", "atomic_write_text", "exists_message", "publish"]
+
+
+def is_url(location) -> bool:
+    """Whether ``location`` names a place by URL (``scheme://...``, fsspec) rather than a local path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)) is not None
 
 
 def exists_message(path: Path) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from danqing.conditioning.prompt_limits import PARSER_MAX_DEPTH
 from danqing.errors import InvalidRequest
+from danqing.files import is_url
 from danqing.models.fastpath import FastPath
 
 OFFLINE_ENV = {
@@ -41,7 +42,11 @@ class Settings:
     Attributes:
         home: danqing's data folder (``$DANQING_HOME``, default ``~/.danqing``... or ``./`` in a checkout).
         models_dir: holds ``checkpoints/``, ``vae/``, ``lora/``, ``embeddings/``, ``controlnet/``.
-        outputs_dir: generated images (``txt2img-images/DATE/NNNNN-SEED.png``).
+        outputs_dir: generated images (``txt2img-images/DATE/NNNNN-SEED.png``) and the server's
+            working files (uploads, video, 3D, comics).
+        outputs_url: an fsspec URL (``s3://bucket/danqing``) for the generated pictures instead
+            of ``outputs_dir``; an ``outputs_dir`` (or ``DANQING_OUTPUTS``) given as a URL lands
+            here, and ``outputs_dir`` stays ``home/outputs`` (``outputs.place``, docs/scale.md).
         device: "auto" (cuda > mps > cpu) or an explicit torch device string.
         dtype: "auto" (fp16 on CUDA, fp32 elsewhere), "fp32", "fp16" or "bf16".
         default_model: model name used when a request names none.
@@ -56,6 +61,7 @@ class Settings:
     home: Path = field(default_factory=lambda: Path.cwd())
     models_dir: Path | None = None
     outputs_dir: Path | None = None
+    outputs_url: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     default_model: str = "danqing-tiny"
@@ -67,6 +73,9 @@ class Settings:
         home = Path(self.home).expanduser()
         object.__setattr__(self, "home", home)
         object.__setattr__(self, "models_dir", Path(self.models_dir or home / "models").expanduser())
+        if self.outputs_dir is not None and is_url(self.outputs_dir):
+            object.__setattr__(self, "outputs_url", self.outputs_url or str(self.outputs_dir))
+            object.__setattr__(self, "outputs_dir", None)
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir or home / "outputs").expanduser())
         object.__setattr__(self, "db_path", Path(self.db_path or home / "danqing.sqlite3").expanduser())
 

@@ -11,8 +11,6 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import date
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -35,7 +33,7 @@ from danqing.errors import InvalidRequest
 from danqing.models.manager import ModelManager
 from danqing.models.registry import ModelEntry, Registry
 from danqing.outputs.metadata import request_infotext
-from danqing.outputs.store import next_output_path, save_png
+from danqing.outputs import place
 from danqing.passes.batches import PassResult, decode_pictures
 from danqing.passes.joint import run_txt2img_joint
 from danqing.passes.refiner import check_refiner, refine, run_refiner
@@ -59,7 +57,7 @@ class GenerationResult:
         seeds, subseeds: the seed of each image (seed + i).
         infotexts: A1111 ``parameters`` text of each image.
         request: the request as run (random seeds resolved, model named).
-        paths: files written (empty when not saved).
+        paths: files written (empty when not saved): local paths, or URLs under an fsspec outputs URL.
         timings: seconds per phase ("load", "condition", "sample", "decode", "save", "total").
         interrupted: a callback stopped the run; the images show the state reached.
         latents: the final latents of each batch, (batch_size, 4, h, w) each.
@@ -73,7 +71,7 @@ class GenerationResult:
     subseeds: list[int]
     infotexts: list[str]
     request: GenerationRequest
-    paths: list[Path] = field(default_factory=list)
+    paths: list[place.Location] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     latents: list[torch.Tensor] = field(default_factory=list)
@@ -103,7 +101,7 @@ class Studio:
         on_step: OnStep | None = None,
         *,
         save: bool = False,
-        out_dir: Path | None = None,
+        out_dir: place.Location | None = None,
         init_image: Image.Image | None = None,
         mask_image: Image.Image | None = None,
         extra_params: dict[str, object] | None = None,
@@ -115,7 +113,8 @@ class Studio:
             on_step: called after every sampler step with a ``StepInfo`` (step, total, preview());
                 return ``STOP`` to interrupt: the images reached so far are decoded and returned.
             save: write PNGs with their infotext (atomically) under ``out_dir`` or
-                ``outputs_dir/txt2img-images/DATE/`` (``img2img-images`` for img2img and inpaint).
+                ``ROOT/txt2img-images/DATE/`` (``img2img-images`` for img2img and inpaint), ROOT
+                the settings' ``outputs_url`` or ``outputs_dir`` (a folder or an fsspec URL).
             init_image, mask_image: in-memory pictures instead of the request's ``init_image``
                 and ``mask`` paths.
             extra_params: more infotext ``key: value`` pairs that the request does not hold
@@ -277,7 +276,7 @@ class Studio:
         return out, comps, used
 
     def _result(self, request: GenerationRequest, loaded, networks, custom: dict, out: PassResult, refiner,
-                *, save: bool, out_dir: Path | None, kind: str, timings: dict, t0: float) -> GenerationResult:
+                *, save: bool, out_dir: place.Location | None, kind: str, timings: dict, t0: float) -> GenerationResult:
         """Step 6: the infotext of each picture; with ``save``, the PNGs written atomically
         (Prompt-to-Prompt: each source picture beside its edit, its request the identity edit)."""
         t = time.perf_counter()
@@ -289,13 +288,13 @@ class Studio:
                      for s, ss in zip(out.seeds, out.subseeds)]
         paths = []
         if save:
-            folder = Path(out_dir) if out_dir else self.settings.outputs_dir / kind / date.today().isoformat()
+            folder = out_dir or place.dated_folder(self.settings, kind)  # a folder or an fsspec URL
             for img, s, text in zip(out.images, out.seeds, infotexts):
-                paths.append(save_png(img, next_output_path(folder, s), text))
+                paths.append(place.save_picture(img, place.next_picture(folder, s), text))
             source_request = request.replace(prompt=request.p2p_source, p2p_reweight=()) if out.sources else None
             for img, path, s, ss in zip(out.sources, paths, out.seeds, out.subseeds):
                 text = request_infotext(source_request, seed=s, subseed=ss, **model)
-                save_png(img, path.with_name(path.stem + "-source.png"), text)
+                place.save_picture(img, place.beside(path, place.name_of(path)[:-4] + "-source.png"), text)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(out.images, out.seeds, out.subseeds, infotexts, request, paths, timings,

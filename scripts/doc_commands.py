@@ -203,6 +203,7 @@ SERVER = "starts a server that runs until it is stopped"
 NEEDS_SERVER = "needs a running server (`danqing serve` in another terminal)"
 NETWORK = "installs packages from the network"
 POSTGRES = "needs a PostgreSQL server"
+OBJECT_STORE = "writes to an object store (s3://: needs s3fs and the bucket's credentials)"
 GPU = "needs an NVIDIA GPU"
 SD_MODELS = "needs user-provided Stable Diffusion checkpoints (dreamshaper_8, v1-5-pruned, ...)"
 BIG_MODELS = "needs a user-provided SD3 / FLUX / unCLIP / Kandinsky model"
@@ -222,6 +223,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"^make serve\b|\bdanqing serve\b|\bray-serve\b", SERVER),
     (r"^pip install\b", NETWORK),
     (r"^createdb\b|postgresql://", POSTGRES),
+    (r"s3://", OBJECT_STORE),
     (r"--device cuda|--fast (?:channels-last|fuse-qkv|compile)|--medvram|--lowvram|--replica-gpus|--worker-gpus|train_gpu\.sh", GPU),
     (r"dreamshaper_8|realisticVision|v1-5-pruned|sd-inpainting|my-sd15|YOUR-LCM-MODEL|my-ip2p", SD_MODELS),
     (r"sd3-medium|flux1-dev|stable-unclip|kandinsky", BIG_MODELS),

@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from danqing.errors import DanqingError, InvalidRequest
-from danqing.files import exists_message
+from danqing.files import exists_message, is_url
 from danqing.outputs.infotext import format_infotext, parse_infotext
 from danqing.settings import Settings, force_offline, quiet_libraries
 
@@ -105,15 +105,27 @@ def refuse_existing(*paths: Path) -> None:
             raise InvalidRequest("out", exists_message(p))
 
 
-def out_target(out: Optional[str], default: Path) -> OutTarget:
+def out_target(out: Optional[str], default: Path, *, url_ok: bool = False) -> OutTarget:
     """``--out`` as a target (``OUT_RULE``); ``default`` (a folder, or a ``.png`` file) when None.
+    With ``url_ok`` (commands whose pictures ``Studio.generate`` saves), an fsspec URL names a
+    folder (``s3://bucket/renders/``), and so does a URL ``default`` (``DANQING_OUTPUTS``).
 
     Raises:
-        InvalidRequest: a file name whose extension is not ``.png``.
+        InvalidRequest: a file name whose extension is not ``.png``; a URL where only a local
+            name is allowed, or a URL that names a file.
     """
+    if out is None and is_url(default):
+        return OutTarget(folder=default)
     if out is None:
         return OutTarget(file=default) if default.suffix.lower() == ".png" else OutTarget(folder=default)
     text = str(out)
+    if is_url(text):
+        if not url_ok:
+            raise InvalidRequest("out", f"{text!r}: this command writes local files; give a local NAME.png or folder")
+        if text.lower().endswith(".png"):
+            raise InvalidRequest("out", f"{text!r}: a URL names a folder for danqing's own file names; "
+                                        f"end it with / (e.g. s3://bucket/renders/)")
+        return OutTarget(folder=text)  # type: ignore[arg-type]  # a URL folder (outputs.place)
     path = Path(text)
     if text.endswith(("/", os.sep)) or path.is_dir():
         return OutTarget(folder=path)
@@ -135,6 +147,16 @@ def dated(settings: Settings, kind: str) -> Path:
     import datetime
 
     return settings.outputs_dir / kind / datetime.date.today().isoformat()
+
+
+def dated_pictures(settings: Settings, kind: str):
+    """``dated`` for pictures that ``Studio.generate`` saves: under ``settings.outputs_url``
+    (an fsspec URL, ``DANQING_OUTPUTS=s3://...``) when set."""
+    if settings.outputs_url:
+        import datetime
+
+        return f"{settings.outputs_url.rstrip('/')}/{kind}/{datetime.date.today().isoformat()}"
+    return dated(settings, kind)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from danqing.cli.unclip import family_generate
-from danqing.cli.common import (OUT_HELP, app, control_units, dated, out_target, pictures_of, run_generate,
+from danqing.cli.common import (OUT_HELP, app, control_units, dated_pictures, out_target, pictures_of, run_generate,
                                  with_native_size)
 from danqing.errors import InvalidRequest
 from danqing.models.fastpath import FAST_HELP, fast_path_from
@@ -38,7 +38,7 @@ def generate(
     distilled_cfg: Optional[float] = typer.Option(None, help="FLUX.1 dev: Distilled CFG Scale, its guidance embedding [default: 3.5]."),
     shift: Optional[float] = typer.Option(None, help="SD3 / FLUX: a static timestep shift [default: the model's]."),
     from_image: Optional[Path] = typer.Option(None, "--from", help="Re-create an image from its PNG metadata (options given here override) [default: none]."),
-    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/txt2img-images/DATE/")),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help=OUT_HELP.format("outputs/txt2img-images/DATE/") + " Or an fsspec URL folder (s3://bucket/renders/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     hires: Optional[bool] = typer.Option(None, "--hires/--no-hires", help="Hires fix: a second pass at a larger size."),
     hr_scale: Optional[float] = typer.Option(None, help="Hires fix: upscale factor (1-8) [default: 2]."),
@@ -129,7 +129,7 @@ def generate(
                    stage_2_cfg_scale=stage2_cfg, noise_level=noise_level, upscaler=upscaler)
     if family_generate(ctx.obj, request, out, options, source_infotext, size_given=bool(from_image or width or height)):
         return
-    target = out_target(out, dated(ctx.obj, "txt2img-images"))
+    target = out_target(out, dated_pictures(ctx.obj, "txt2img-images"), url_ok=True)
     target.check_free(pictures_of(request))
     settings = ctx.obj.with_(fast=fast_path_from(fast, medvram=medvram, lowvram=lowvram, offload=offload))
     check_offload(settings)

@@ -16,7 +16,7 @@ import uuid
 from PIL import Image, PngImagePlugin
 
 from danqing.errors import ImageError
-from danqing.files import atomic_write_bytes, exists_message
+from danqing.files import atomic_write_bytes, exists_message, is_url  # noqa: F401 -- is_url: this module's users
 
 # fsspec protocol -> how a finished file is published; protocols not listed: "move"
 PUBLISH = {
@@ -27,12 +27,7 @@ PUBLISH = {
 _COUNTER = re.compile(r"^(\d{5,})-")
 
 
-def is_url(location) -> bool:
-    """Whether ``location`` names a place by URL (``scheme://...``) rather than a local path."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)) is not None
-
-
-def _fs(url: str):
+def url_fs(url: str):
     """(filesystem, path inside it, its protocol) of ``url``."""
     import fsspec  # lazy: only URL outputs need it
 
@@ -56,7 +51,7 @@ def write_bytes_url(url: str, data: bytes, *, overwrite: bool = False) -> str:
     Raises:
         FileExistsError: ``url`` exists and not ``overwrite`` (nothing is written).
     """
-    fs, path, protocol = _fs(url)
+    fs, path, protocol = url_fs(url)
     how = PUBLISH.get(protocol, "move")
     if how == "local":
         atomic_write_bytes(path, data, overwrite=overwrite)
@@ -86,7 +81,7 @@ def save_png_url(image: Image.Image, url: str, infotext: str, *, overwrite: bool
 
 def next_output_url(folder: str, seed: int, *, ext: str = "png") -> str:
     """A1111 naming under a URL folder: ``NNNNN-SEED.png``, one more than the highest counter."""
-    fs, path, _ = _fs(folder)
+    fs, path, _ = url_fs(folder)
     highest = -1
     if fs.isdir(path):
         for entry in fs.ls(path, detail=False):
@@ -98,7 +93,7 @@ def next_output_url(folder: str, seed: int, *, ext: str = "png") -> str:
 
 def list_pictures(folder: str) -> list[str]:
     """The URLs of the pictures (``.png``) under a URL folder, oldest counter first (the history)."""
-    fs, path, _ = _fs(folder)
+    fs, path, _ = url_fs(folder)
     if not fs.isdir(path):
         return []
     found = [p for p in fs.find(path) if p.endswith(".png") and not p.rsplit("/", 1)[-1].startswith(".")]
@@ -107,7 +102,7 @@ def list_pictures(folder: str) -> list[str]:
 
 def read_infotext_url(url: str) -> str:
     """The ``parameters`` text of a PNG under a URL (``store.read_infotext`` for URLs)."""
-    fs, path, _ = _fs(url)
+    fs, path, _ = url_fs(url)
     try:
         with Image.open(io.BytesIO(fs.cat_file(path))) as img:
             img.load()

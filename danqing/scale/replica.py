@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from danqing.errors import DanqingError
-from danqing.outputs.store import save_png
+from danqing.outputs import place
 from danqing.request import GenerationRequest
 from danqing.server.jobs import planned_paths, png_bytes, result_record
 from danqing.settings import Settings, force_offline
@@ -42,22 +42,23 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, outputs_dir: Path) -> dict:
+def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, outputs_dir: place.Location) -> dict:
     """Run ``request``; the server's job result with ``pngs`` added, or ``{"error": line}``.
 
     Args:
         studio: the actor's Studio.
         request: a request the ingress checked (``ServerState.prepare_request``).
         save: also write the pictures under ``outputs_dir/txt2img-images/DATE/`` (or
-            ``img2img-images``) with A1111's names, as the server does.
+            ``img2img-images``) with A1111's names, as the server does; ``outputs_dir`` is a
+            folder or an fsspec URL (``outputs.place``).
     """
     try:
         result = studio.generate(request, save=False)
         paths: list[Path | None] = [None] * len(result.images)
         if save:
             kind = "img2img-images" if request.init_image is not None else "txt2img-images"
-            paths = _save(result, Path(outputs_dir) / kind / date.today().isoformat())
-            pngs = [Path(p).read_bytes() for p in paths]  # the server answers with the files' bytes
+            paths = _save(result, place.join(outputs_dir, kind, date.today().isoformat()))
+            pngs = [place.read_bytes(p) for p in paths]  # the server answers with the files' bytes
         else:
             pngs = [png_bytes(img, text) for img, text in zip(result.images, result.infotexts)]
     except (DanqingError, FileExistsError) as exc:
@@ -72,7 +73,7 @@ def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, o
     }
 
 
-def _save(result, folder: Path) -> list[Path]:
+def _save(result, folder: place.Location) -> list[place.Location]:
     """The pictures under A1111's ``NNNNN-SEED.png`` names; another replica may take a number
     between the plan and the write, and then the run moves on to the next free numbers."""
     for _ in range(SAVE_TRIES):
@@ -80,9 +81,9 @@ def _save(result, folder: Path) -> list[Path]:
         written: list[Path] = []
         try:
             for img, path, text in zip(result.images, paths, result.infotexts):
-                written.append(save_png(img, path, text))
+                written.append(place.save_picture(img, path, text))
             return written
         except FileExistsError:
             for p in written:  # ours, from this try: the next try writes them under new numbers
-                p.unlink(missing_ok=True)
+                place.remove(p)
     raise FileExistsError(f"no free picture names in {folder} after {SAVE_TRIES} tries")

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, FastAPI, Response
 from ray import serve
 
 from danqing.errors import InvalidRequest
+from danqing.outputs import place
 from danqing.request import GenerationRequest
 from danqing.scale.replica import generate_result, make_studio
 from danqing.server.a1111 import (
@@ -95,7 +96,7 @@ class StudioReplica:
         except Exception as exc:  # noqa: BLE001 -- answered as the server's worker would
             return {"error": str(exc)}
         out = await asyncio.to_thread(generate_result, self.studio, request, save=save,
-                                      outputs_dir=self.settings.outputs_dir)
+                                      outputs_dir=place.pictures_root(self.settings))
         return {**out, "model_loads": self.model_loads}
 
 

@@ -24,6 +24,7 @@ from danqing.editing.upscalers import BUILTIN
 from danqing.editing.upscalers import UPSCALER_FOLDERS, find_files
 from danqing.errors import InvalidRequest
 from danqing.models.loader import describe_checkpoint
+from danqing.outputs import place
 from danqing.outputs.infotext import parse_infotext
 from danqing.request import GenerationRequest
 from danqing.sampling.samplers import samplers as sampler_table, schedule_names
@@ -382,7 +383,7 @@ def _generation_routes(r: APIRouter, state) -> None:
             raise job_error(job)
         pngs = state.worker.take_images(job.id)
         if pngs is None:  # saved: read the files back
-            pngs = [open(i["path"], "rb").read() for i in job.result["images"]]
+            pngs = [place.read_bytes(i["path"]) for i in job.result["images"]]
         return a1111_answer(state, body, job, pngs, img2img)
 
     @r.post("/txt2img", summary="txt2img (A1111 fields)", responses=JOB_RESPONSES)

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
 
 from danqing.errors import DanqingError, InvalidRequest, ModelError
+from danqing.files import is_url
+from danqing.outputs import place
 from danqing.request import GenerationRequest
 from danqing.server.a1111 import build_router
 from danqing.server.comic import comic_router
@@ -162,6 +164,11 @@ def job_router(state: ServerState) -> APIRouter:
         if index >= len(images) or not images[index].get("path"):
             raise JobFailed(404, f"job {job_id} has no saved image {index}", job_id)
         path = images[index]["path"]
+        if is_url(path):  # pictures saved under an fsspec outputs URL (outputs.place)
+            try:
+                return Response(place.read_bytes(path), media_type="image/png")
+            except FileNotFoundError:
+                raise JobFailed(404, f"image {index} of job {job_id} is no longer at {path}", job_id) from None
         if not os.path.isfile(path):
             raise JobFailed(404, f"image {index} of job {job_id} is no longer on disk", job_id)
         return FileResponse(path, media_type="image/png")
@@ -283,7 +290,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     studio.registry.names_only = True  # the server names models, never paths (danqing.models.names)
     store = JobStore(settings.db_url or settings.db_path)
     worker = BatchingWorker(store, studio, settings.outputs_dir, preview_interval=preview_interval,
-                            batching=BatchSettings(server.batch_max, server.batch_wait_s))
+                            batching=BatchSettings(server.batch_max, server.batch_wait_s),
+                            pictures=place.pictures_root(settings))  # a folder or an fsspec URL
     state = ServerState(settings=settings, server=server, store=store, worker=worker)
 
     @asynccontextmanager

@@ -88,13 +88,13 @@ class BatchingWorker(Worker):
     """The worker with batched serving: compatible queued jobs run as one UNet batch.
 
     Args:
-        store, studio, outputs_dir, preview_interval: as ``Worker``.
+        store, studio, outputs_dir, preview_interval, pictures: as ``Worker``.
         batching: ``BatchSettings`` (default: off, every job alone as ``Worker`` runs it).
     """
 
     def __init__(self, store: JobStore, studio, outputs_dir, *, preview_interval: float = 0.25,
-                 batching: BatchSettings | None = None):
-        super().__init__(store, studio, outputs_dir, preview_interval=preview_interval)
+                 batching: BatchSettings | None = None, pictures=None):
+        super().__init__(store, studio, outputs_dir, preview_interval=preview_interval, pictures=pictures)
         self.batching = batching or BatchSettings()
 
     def _gather(self, first: Job) -> list[Job]:

@@ -27,7 +27,9 @@ from danqing.models.preview_decoder import PREVIEW_MODES, find_tiny_decoder, lat
 from danqing.outputs.video import clip_paths, planned_files
 from danqing.request import GenerationRequest, VideoRequest
 from danqing.errors import DanqingError
-from danqing.outputs.store import next_output_path, save_png
+from danqing.outputs import place
+from danqing.outputs.place import planned as planned_paths  # A1111 names for a run's pictures (re-exported)
+from danqing.outputs.store import next_output_path
 from danqing.sampling.loop import SKIP, STOP
 from danqing.server.comic_request import ComicJob, run_comic
 from danqing.server.media import run_3d, run_talk
@@ -107,31 +109,24 @@ def result_record(result, paths) -> dict:
     }
 
 
-def planned_paths(folder: Path, seeds: list[int]) -> list[Path]:
-    """A1111 names ``NNNNN-SEED.png`` for a run's images: consecutive counters after the folder's
-    highest (``next_output_path`` for each, as if the previous ones existed)."""
-
-    first = next_output_path(folder, seeds[0]) if seeds else None
-    if first is None:
-        return []
-    start = int(first.name.split("-", 1)[0])
-    return [folder / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
-
-
 class Worker:
     """The single thread that runs jobs in submission order with the one Studio.
 
     Args:
         store: the job store.
         studio: the Studio (its ModelManager owns the device); only this thread calls generate.
-        outputs_dir: where saved images go (``txt2img-images/DATE/``, ``img2img-images/DATE/``).
+        outputs_dir: the working folder (video clips go to ``txt2video/DATE/``, ...).
+        pictures: where saved pictures go (``txt2img-images/DATE/``, ``img2img-images/DATE/``):
+            a folder or an fsspec URL (``outputs.place``) [default: ``outputs_dir``].
         preview_interval: seconds between live previews (the last step always gets one).
     """
 
-    def __init__(self, store: JobStore, studio, outputs_dir: Path, *, preview_interval: float = 0.25):
+    def __init__(self, store: JobStore, studio, outputs_dir: Path, *, preview_interval: float = 0.25,
+                 pictures: place.Location | None = None):
         self.store = store
         self.studio = studio
         self.outputs_dir = Path(outputs_dir)
+        self.pictures = pictures or self.outputs_dir
         self.preview_interval = preview_interval
         self._cond = threading.Condition()
         self._progress = Progress()
@@ -394,11 +389,11 @@ class Worker:
         paths: list[Path | None] = [None] * len(result.images)
         if job.save:
             kind = "img2img-images" if job.kind == "img2img" else "txt2img-images"
-            folder = self.outputs_dir / kind / date.today().isoformat()
+            folder = place.join(self.pictures, kind, date.today().isoformat())
             paths = planned_paths(folder, result.seeds)
             self.store.set_planned(job.id, paths)
             for img, path, text in zip(result.images, paths, result.infotexts):
-                save_png(img, path, text)
+                place.save_picture(img, path, text)
         else:
             pngs = [png_bytes(img, text) for img, text in zip(result.images, result.infotexts)]
             with self._cond:

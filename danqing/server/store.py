@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from danqing.errors import InvalidRequest
+from danqing.files import is_url
+from danqing.outputs import place
 from danqing.request import GenerationRequest, VideoRequest
 from danqing.server.comic_request import ComicJob
 from danqing.server.talk_request import TalkJob
@@ -359,11 +361,8 @@ class JobStore:
                          {"q": QUEUED, "r": RUNNING, "w": self.worker, "single": int(self.dialect == "sqlite")},
                          fetch="all")
         for job in map(_row_to_job, rows):
-            for planned in map(Path, job.planned):
-                for leftover in [planned, *planned.parent.glob(f".{planned.name}.*.tmp")]:
-                    if leftover.exists():
-                        leftover.unlink()
-                        out["removed"].append(str(leftover))
+            for planned in job.planned:
+                out["removed"] += remove_planned(planned)
             if not job.save:
                 self.finish(job.id, FAILED, error="the server restarted before this job finished; its client "
                                                   "(an A1111 request that does not save images) is gone")
@@ -404,3 +403,20 @@ class JobStore:
             return go()
         with self._lock:
             return go()
+
+
+def remove_planned(planned: str) -> list[str]:
+    """Delete what an interrupted job may have left at a planned name: the picture and its temp
+    files (a local folder), or the published object (an fsspec URL); the names removed."""
+    if is_url(planned):
+        if place.exists(planned):
+            place.remove(planned)
+            return [planned]
+        return []
+    path = Path(planned)
+    removed = []
+    for leftover in [path, *path.parent.glob(f".{path.name}.*.tmp")]:
+        if leftover.exists():
+            leftover.unlink()
+            removed.append(str(leftover))
+    return removed

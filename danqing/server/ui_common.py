@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from danqing.errors import DanqingError
+from danqing.outputs import place
 from danqing.server.gradio_import import gradio
 from danqing.server.store import TERMINAL
 
@@ -72,10 +73,16 @@ def run_job(state, fields: dict[str, Any], *, init_image=None, mask=None):
     if job.status != "done":
         raise gr.Error(job.error or f"job {job.status}")
     images = job.result["images"]
-    gallery = [(i["path"], f"seed {i['seed']}") for i in images]
+    gallery = [(shown_file(state, i["path"]), f"seed {i['seed']}") for i in images]
     secs = job.result["timings"].get("total", 0)
     note = " (interrupted)" if job.result.get("interrupted") else ""
     yield gallery, images[0]["infotext"] if images else "", f"done{note}: {len(images)} image(s) in {secs:.2f}s"
+
+
+def shown_file(state, location) -> str:
+    """A saved picture as a local file the UI can show: itself, or for pictures under an fsspec
+    outputs URL a copy in ``outputs/.url-cache/`` (same bytes, so the infotext reads back)."""
+    return str(place.local_copy(location, state.settings.outputs_dir / ".url-cache"))
 
 
 def item_path(item) -> str | None:

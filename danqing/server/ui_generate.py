@@ -13,7 +13,6 @@ from danqing.apps.families import check_fields, family_of
 from danqing.conditioning.control import CONTROL_MODES
 from danqing.editing.hires import hires_upscalers
 from danqing.errors import DanqingError
-from danqing.models.native import native_side
 from danqing.outputs.store import read_infotext
 from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import samplers, schedule_names

@@ -15,6 +15,7 @@ from danqing.server.a1111_extras import ExtrasBody, check_extras, extras_picture
 from danqing.server.common import infotext_of_image
 from danqing.server.security import open_image
 from danqing.server.store import TERMINAL
+from danqing.server.ui_common import shown_file
 from danqing.server.ui_files import REFUSED, allowed_file, upload_folder
 from danqing.server.ui_i18n import t, table
 
@@ -180,7 +181,7 @@ def history_tab(gr, state, demo) -> dict:
         for job in state.store.history(query=q or "", status="done", limit=HISTORY_PAGE, offset=(n - 1) * HISTORY_PAGE):
             for img in job.result["images"]:
                 if img.get("path"):
-                    items.append((img["path"], job.prompt[:80]))
+                    items.append((shown_file(state, img["path"]), job.prompt[:80]))
                     found.append(img["infotext"])
         return items, found, ""
 
