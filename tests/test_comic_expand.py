@@ -95,3 +95,17 @@ def test_a_missing_or_unknown_expansion_is_one_line(tmp_path):
     (tmp_path / "s.toml").write_text(story("magic"), encoding="utf-8")
     with pytest.raises(InvalidRequest, match=r"expand: expand 'magic': use \"rules\""):
         read_storyboard(tmp_path / "s.toml")
+
+
+def test_the_portrait_rules_change_expression_and_pose_and_our_reader_reads_them():
+    from danqing.synthetic.portraits_captions import parse_portrait_prompt
+
+    table = rules()["portraits"]
+    person = "a portrait of a person with a round face, short black hair, flat colours"
+    for lang, scene in (("en", person), ("zh", "圆脸、黑色短发、平涂画")):
+        asked = [parse_portrait_prompt(scene + (p if lang == "zh" else f", {p}")) for p in table[lang]]
+        # every (expression, pose) pair once, and the person asked for is kept
+        assert len({(a["mouth"], a["pose"]) for a in asked}) == len(table[lang]) == 12
+        assert all(a["head"] == "round" and a["hair_style"] == "short" for a in asked)
+    line = expand_rules(person, 5, "portraits")
+    assert line == expand_rules(person, 5, "portraits") and line.startswith(person + ", ")

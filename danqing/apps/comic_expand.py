@@ -1,8 +1,8 @@
 """Prompt expansion of the comic's scene lines (a storyboard's ``expand``; off by default).
 
 * ``expand = "rules"`` (or ``"rules:WORLD"``): one phrase of the world's table
-  (``data/apps/comic_expand.toml``; the shapes world by default) is appended to the scene line,
-  drawn from the panel's seed.
+  (``data/apps/comic_expand.toml``: ``shapes`` by default, ``portraits`` for the portrait world:
+  expression and pose) is appended to the scene line, drawn from the panel's seed.
 * ``expand = "lm:FOLDER"``: a causal language model continues the scene line, as Fooocus
   expands prompts with GPT-2. FOLDER is a local transformers folder (config, weights and
   tokenizer; nothing is downloaded), relative to the storyboard's folder, or the name of a folder
