@@ -22,6 +22,14 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
     return str(path), st.st_size, st.st_mtime_ns
 
 
+def folder_key(path: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:
+    """``file_key`` of every file in a model folder (sorted, subfolders included): it changes
+    when any file of the folder is added, replaced or edited."""
+    root = os.fspath(path)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    return tuple(file_key(f) for f in files)
+
+
 class LRUCache(Generic[V]):
     """At most ``capacity`` values; a hit makes its entry the most recently used, a new entry
     past the capacity evicts the least recently used.

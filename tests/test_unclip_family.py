@@ -8,6 +8,8 @@ encoder and a random embedding normaliser.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -293,3 +295,38 @@ def test_cli_runs_unclip_families_and_refuses_what_they_do_not_take(capsys, uncl
         code, out, err = _cli(capsys, unclip_home, *args, "--out", str(unclip_home / "refused.png"))
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (unclip_home / "refused.png").exists()
+
+
+def test_a_server_studio_reads_a_family_folder_once(unclip_home, monkeypatch):
+    """Kandinsky's prior and decoder stay loaded between requests (ModelManager.load_folder): a
+    second request reads nothing from disk and draws the same picture; a folder whose files
+    change is read again."""
+    import os
+
+    from danqing import Settings, Studio
+    from danqing.apps import families
+
+    reads = []
+
+    def counted(loader):
+        def load(path):
+            reads.append(Path(path).name)
+            return loader(path)
+        load.__qualname__ = loader.__qualname__
+        return load
+
+    monkeypatch.setattr(families, "load_kandinsky_prior", counted(families.load_kandinsky_prior))
+    monkeypatch.setattr(families, "load_kandinsky_decoder", counted(families.load_kandinsky_decoder))
+    studio = Studio(Settings(home=unclip_home, models_dir=unclip_home / "models", device="cpu", dtype="fp32"))
+    request = GenerationRequest(prompt=PROMPT, model="k22-decoder", steps=2, cfg_scale=4.0, seed=9, width=SIZE,
+                                height=SIZE)
+    options = families.FamilyOptions(prior="k22-prior", prior_steps=2)
+    first = families.run_family(studio, "kandinsky-decoder", request, options)
+    second = families.run_family(studio, "kandinsky-decoder", request, options)
+    assert sorted(reads) == ["k22-decoder", "k22-prior"]  # once each
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    config = unclip_home / "models" / "checkpoints" / "k22-decoder" / "model_index.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    families.run_family(studio, "kandinsky-decoder", request, options)
+    assert sorted(reads) == ["k22-decoder", "k22-decoder", "k22-prior"]

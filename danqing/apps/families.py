@@ -211,12 +211,6 @@ def partner(registry, kind: str, option: str) -> str | None:
     return found[0] if found else None
 
 
-def _place(studio, *modules) -> None:
-    for m in modules:
-        if m is not None:
-            studio.models.place_module(m)
-
-
 def _entry(studio, name: str, kind: str, option: str):
     entry = studio.registry.find("checkpoint", name)
     if entry.format != "diffusers" or (unclip_kind_of_folder(entry.path) or if_kind_of_folder(entry.path)) != kind:
@@ -228,8 +222,8 @@ def _unclip(studio, entry, request, options, picture, on_step):
     if options.sampler or options.schedule:
         request = request.replace(**{k: v for k, v in (("sampler", options.sampler), ("schedule", options.schedule)) if v})
     level = UNCLIP_DEFAULTS["noise_level"] if options.noise_level is None else options.noise_level
-    model = load_unclip_folder(entry.path)
-    _place(studio, *model.components.modules().values(), model.image_encoder)  # the normaliser: run_unclip
+    model = studio.models.load_folder(load_unclip_folder, entry.path,  # the normaliser stays: run_unclip
+                                      lambda m: [*m.components.modules().values(), m.image_encoder])
     result = run_unclip(model, picture, request, noise_level=level, on_step=on_step, device=studio.models.device)
     return request, result, {"Sampler": request.sampler, "Schedule type": request.schedule, "Noise level": level}
 
@@ -241,8 +235,9 @@ def _kandinsky(studio, entry, request, options, picture, on_step):
     prior_entry = _entry(studio, options.prior, "kandinsky-prior", "prior")
     steps = options.prior_steps or KANDINSKY_DEFAULTS["prior_steps"]
     cfg = KANDINSKY_DEFAULTS["prior_cfg_scale"] if options.prior_cfg_scale is None else options.prior_cfg_scale
-    prior, decoder = load_kandinsky_prior(prior_entry.path), load_kandinsky_decoder(entry.path)
-    _place(studio, prior.prior, prior.text_encoder, prior.image_encoder, decoder.unet, decoder.movq)
+    prior = studio.models.load_folder(load_kandinsky_prior, prior_entry.path,
+                                      lambda p: [p.prior, p.text_encoder, p.image_encoder])
+    decoder = studio.models.load_folder(load_kandinsky_decoder, entry.path, lambda d: [d.unet, d.movq])
     result = run_kandinsky(prior, decoder, request, picture=picture, prior_steps=steps, prior_cfg_scale=cfg,
                            on_step=on_step, device=studio.models.device)
     params = {"Prior": prior_entry.name} if picture is not None else {"Prior steps": steps, "Prior CFG scale": cfg,
@@ -253,15 +248,14 @@ def _kandinsky(studio, entry, request, options, picture, on_step):
 def _if(studio, entry, request, options, picture, on_step):
     if options.upscaler is not None:
         studio.upscalers.check(options.upscaler)
-    stage_1 = load_if_folder(entry.path)
+    stage_1 = studio.models.load_folder(load_if_folder, entry.path, lambda s: [s.unet, s.text_encoder])
     stage_2 = stage_2_entry = None
     if options.stage_2 is not None:
         stage_2_entry = _entry(studio, options.stage_2, "if-ii", "stage_2")
-        stage_2 = load_if_folder(stage_2_entry.path)
+        stage_2 = studio.models.load_folder(load_if_folder, stage_2_entry.path, lambda s: [s.unet, s.text_encoder])
     elif any(v is not None for v in (options.stage_2_steps, options.stage_2_cfg_scale, options.noise_level)):
         raise InvalidRequest("stage_2", "--stage2-steps, --stage2-cfg and --noise-level are stage II's: name its "
                                         "folder with --stage2")
-    _place(studio, stage_1.unet, stage_1.text_encoder, *((stage_2.unet, stage_2.text_encoder) if stage_2 else ()))
     steps = options.stage_2_steps or IF_DEFAULTS["upscale_steps"]
     cfg = IF_DEFAULTS["upscale_cfg_scale"] if options.stage_2_cfg_scale is None else options.stage_2_cfg_scale
     level = IF_DEFAULTS["noise_level"] if options.noise_level is None else options.noise_level

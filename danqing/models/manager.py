@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from danqing.cache import LRUCache, file_key
+from danqing.cache import LRUCache, file_key, folder_key
 from danqing.models.components import Components
 from danqing.models.control import load_control_model
 from danqing.models.fastpath import FastPath, applied
@@ -20,6 +22,8 @@ from danqing.models.fp8 import place_fp8, stores_fp8
 from danqing.models.loader import load_components, load_vae
 from danqing.models.registry import ModelEntry, Registry
 from danqing.models.upscalers import load_descriptor
+
+T = TypeVar("T")
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -94,6 +98,7 @@ class ModelManager:
         self._cache: LRUCache[LoadedModel] = LRUCache(capacity, on_evict=self._evicted)
         self._controls: LRUCache[LoadedControl] = LRUCache(4)
         self._upscalers: LRUCache[object] = LRUCache(2)
+        self._folders: LRUCache[object] = LRUCache(2, on_evict=self._evicted)
         self._lock = threading.Lock()
 
     def load(self, model: str, vae: str | None = None, text_encoders: tuple[str, ...] = ()) -> LoadedModel:
@@ -174,6 +179,23 @@ class ModelManager:
         it closes (``models.fastpath.applied``)."""
         return applied(comps, self.fast, self.device)
 
+    def load_folder(self, loader: Callable[[Path], T], path: Path, modules: Callable[[T], Iterable]) -> T:
+        """A model that runs beside the SD loop (Stable unCLIP, a Kandinsky prior or decoder, a
+        DeepFloyd IF stage): ``loader(path)``, then each module of ``modules(model)`` placed on
+        the device (``place_module``). The last 2 stay loaded, keyed by the loader and the
+        folder's files (sizes and times), so a server reads them from disk once, not per request;
+        a folder whose files change is read again."""
+        key = (loader.__module__, loader.__qualname__, str(path), folder_key(path))
+        with self._lock:
+            hit = self._folders.get(key)
+            if hit is not None:
+                return hit
+            model = loader(path)
+            for module in modules(model):
+                if module is not None:
+                    self.place_module(module)
+            return self._folders.put(key, model)
+
     def place_module(self, module) -> None:
         """Put an auxiliary module (an IP-Adapter image encoder, ...) on the manager's device
         and dtype, read-only, as the checkpoint's own modules are."""
@@ -190,3 +212,4 @@ class ModelManager:
             self._cache.clear()
             self._controls.clear()
             self._upscalers.clear()
+            self._folders.clear()
