@@ -1,13 +1,15 @@
-"""Ray Serve: the A1111 generate routes in front of N Studio replicas (``danqing ray-serve``,
-docs/scale.md).
+"""Ray Serve: the A1111 generate routes and the job API in front of N Studio replicas
+(``danqing ray-serve``, docs/scale.md).
 
 Two deployments make one Serve application:
 
-- ``Ingress`` (no CPU reserved): a FastAPI app with ``/sdapi/v1/txt2img`` and ``/img2img`` and
-  the option and listing routes. It checks a request exactly as ``danqing serve`` does -- the
-  same body models, the same ``request_fields`` and ``ServerState.prepare_request`` (names
-  resolved in their folders, uploads bounded, the work limits), the same error handlers and
-  middleware -- so the same requests are accepted, and refused with the same 4xx answers.
+- ``Ingress`` (no CPU reserved): a FastAPI app with ``/sdapi/v1/txt2img`` and ``/img2img``, the
+  option and listing routes, and ``danqing serve``'s job routes (``/api/v1/jobs``, history),
+  whose jobs a ``Dispatcher`` (``dispatch.py``) sends to the replicas. It checks a request
+  exactly as ``danqing serve`` does -- the same body models, the same ``request_fields`` and
+  ``ServerState.prepare_request`` (names resolved in their folders, uploads bounded, the work
+  limits), the same error handlers and middleware -- so the same requests are accepted, and
+  refused with the same 4xx answers.
 - ``StudioReplica`` (``--replicas N``, one CPU or GPU each): one Studio per replica, one request
   at a time (``max_ongoing_requests=1``). Requests carry their checkpoint as Ray Serve's
   multiplexed model id, so Ray routes a request to a replica that has its model loaded when
@@ -15,7 +17,8 @@ Two deployments make one Serve application:
 
 A replica that dies while it runs a request (its process killed, its node lost) is replaced by
 Ray; the ingress sends the request once more, to another replica. The job store (SQLite or
-PostgreSQL, ``--db`` / ``--db-url``) keeps the server options, as it does for ``danqing serve``.
+PostgreSQL, ``--db`` / ``--db-url``) keeps the jobs, the history and the server options, as it
+does for ``danqing serve``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +36,7 @@ from ray import serve
 
 from danqing.errors import InvalidRequest
 from danqing.request import GenerationRequest
+from danqing.scale.dispatch import Dispatcher
 from danqing.scale.replica import generate_result, make_studio
 from danqing.server.a1111 import (
     Img2ImgBody,
@@ -44,7 +49,7 @@ from danqing.server.a1111 import (
     request_fields,
     script_key,
 )
-from danqing.server.app import add_api_fallback, add_cors, add_error_handlers, add_guards
+from danqing.server.app import add_api_fallback, add_cors, add_error_handlers, add_guards, job_router
 from danqing.server.common import job_error
 from danqing.server.security import ERROR_RESPONSES, JOB_RESPONSES, guard_body
 from danqing.server.state import ServerState
@@ -109,8 +114,10 @@ def build_application(settings: Settings, server: ServerSettings, options: RaySe
                                ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
                                **scaling)
 
+    slots = max(options.replicas, options.max_replicas or 0)  # one job per replica at a time
+
     def build():  # runs in the ingress's process
-        return ingress_app(settings, server)
+        return ingress_app(settings, server, slots=slots)
 
     ingress = serve.deployment(serve.ingress(build)(), name="Ingress", max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": 0})
@@ -129,22 +136,26 @@ def start(settings: Settings, server: ServerSettings, options: RayServeOptions, 
     serve.run(build_application(settings, server, options), name=APP_NAME, route_prefix="/")
 
 
-class _Names:
-    """What ``ServerState`` asks its worker for: the Studio whose registry resolves names. The
-    ingress's Studio never generates (the replicas do) and loads no model."""
-
-    def __init__(self, studio):
-        self.studio = studio
-
-
-def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
-    """The ingress's FastAPI app (built in the ingress replica)."""
+def ingress_app(settings: Settings, server: ServerSettings, *, slots: int = 1) -> FastAPI:
+    """The ingress's FastAPI app (built in the ingress replica). Its lifespan recovers the jobs
+    a previous ingress left and starts the dispatcher (``slots`` jobs in flight at most)."""
     force_offline()
-    studio = make_studio(settings, 1)
-    state = ServerState(settings=settings, server=server, store=JobStore(settings.db_url or settings.db_path),
-                        worker=_Names(studio))
-    app = FastAPI(title="danqing (Ray Serve)", version="0.1.0",
-                  description="丹青 danqing: the A1111 generate routes over Ray Serve replicas (docs/scale.md)")
+    studio = make_studio(settings, 1)  # names only: the ingress's Studio never generates and loads no model
+    store = JobStore(settings.db_url or settings.db_path)
+    dispatcher = Dispatcher(store, studio, slots=slots, send=lambda request, save: call_replica(request, save, None))
+    state = ServerState(settings=settings, server=server, store=store, worker=dispatcher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.recovered = dispatcher.start()
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+
+    app = FastAPI(title="danqing (Ray Serve)", version="0.1.0", lifespan=lifespan,
+                  description="丹青 danqing: the A1111 generate routes and the job API over Ray Serve replicas "
+                              "(docs/scale.md)")
     app.state.danqing = state  # guard_body reads the limits from here
     add_error_handlers(app)
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
@@ -153,20 +164,16 @@ def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
     listing_routes(router, state)
     guard = [Depends(guard_body)]
     app.include_router(router, dependencies=guard, responses=ERROR_RESPONSES)
-
-    @app.get("/api/v1/health")
-    def health() -> dict:
-        return {"status": "ok", "ray": True}
-
+    app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)  # with /api/v1/health
     add_api_fallback(app)
     add_cors(app, server)
     add_guards(app, server)
     return app
 
 
-def call_replica(request: GenerationRequest, save: bool, timeout_s: float) -> dict:
+def call_replica(request: GenerationRequest, save: bool, timeout_s: float | None) -> dict:
     """Send one request to a replica that has its model loaded (when one is free); once more
-    to another replica if that one dies meanwhile."""
+    to another replica if that one dies meanwhile. ``timeout_s`` None: wait as long as it runs."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
