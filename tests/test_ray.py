@@ -189,6 +189,16 @@ def ray_job(http, job_id: str, timeout: float = 240.0) -> dict:
         time.sleep(0.2)
 
 
+def sse_steps(text: str) -> list[tuple]:
+    """(event, batch_index, step, total) of each server-sent event."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        event, data = (line.split(": ", 1)[1] for line in block.splitlines())
+        d = json.loads(data)
+        out.append((event, d.get("batch_index"), d.get("step"), d.get("total")) if event == "progress" else (event, None, None, None))
+    return out
+
+
 def test_ray_job_api_answers_as_the_server(served, tmp_path, one_thread):
     """6 jobs through the ingress's job API (2 replicas) all finish with the PNG files the
     single-process server writes for the same requests; the history lists them, with the same
@@ -220,6 +230,8 @@ def test_ray_job_api_answers_as_the_server(served, tmp_path, one_thread):
             png_b = http.get(b["result"]["images"][0]["url"])
             assert png_b.status_code == 200 and png_b.headers["content-type"] == "image/png"
             assert png_b.content == png_a.content  # the same file, byte for byte
+        events = [sse_steps(c.get(f"/api/v1/jobs/{i}/events").text) for c, i in ((plain, plain_ids[5]), (http, ray_ids[5]))]
+        assert events[1] == events[0] == [("progress", 0, s, 4) for s in range(1, 5)] + [("done", None, None, None)]
         history = http.get("/api/v1/history", params={"limit": 6}).json()
         assert [j["id"] for j in history["jobs"]] == ray_ids[::-1]  # newest first
         assert all(j["status"] == "done" for j in history["jobs"])
@@ -261,6 +273,10 @@ def test_ray_jobs_survive_an_ingress_restart(served):
         while [http.get(f"/api/v1/jobs/{i}").json()["status"] for i in ids[:3]] != ["running", "running", "queued"]:
             assert time.monotonic() < deadline, "two jobs never ran together"
             time.sleep(0.05)
+        while "progress" not in (view := http.get(f"/api/v1/jobs/{ids[0]}").json()):  # steps streamed by the replica
+            assert view["status"] == "running" and time.monotonic() < deadline, view
+            time.sleep(0.05)
+        assert view["progress"]["total"] == 60 and 1 <= view["progress"]["step"] <= 60, view["progress"]
         busy = http.post(f"/api/v1/jobs/{ids[0]}/cancel")
         assert busy.status_code == 409 and "running on a replica" in busy.json()["detail"]
         before = {i: http.get(f"/api/v1/jobs/{i}").json() for i in ids[:3]}

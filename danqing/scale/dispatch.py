@@ -4,22 +4,25 @@
 The jobs live in the job store (SQLite or PostgreSQL), exactly as the single server keeps them:
 a submitted job is a 'queued' row; the dispatcher's thread claims queued generation jobs
 (oldest first, marked 'running' with its start time) while fewer than ``slots`` are in flight,
-sends each to a Studio replica (``serving.call_replica``: the checkpoint as Ray Serve's
+sends each to a Studio replica (``serving.stream_replica``: the checkpoint as Ray Serve's
 multiplexed model id, sent once more if its replica dies), and writes the replica's
 ``result_record`` back as 'done' -- or the replica's one-line error as 'failed'. The replica
-saves the pictures (``replica.generate_result``, as ``save_images`` does for the A1111 route).
+saves the pictures (``replica.generate_result``, as ``save_images`` does for the A1111 route)
+and streams each step as it is taken: a running job's view has the single server's
+``progress`` (step, total, fraction, eta), and its event stream one ``progress`` event per step.
 
 A restarted ingress recovers as the single server does (``JobStore.recover``): queued jobs stay
 queued and are dispatched again; jobs it was running go back to the queue at their old place.
 
-What the single server's worker has and the dispatcher does not: per-step progress and live
-previews (the steps run in another process; a running job's view has no ``progress``, and its
-event stream sends the queued and done events only), and stopping a running job (only queued
-jobs can be cancelled; a running one answers 409).
+What the single server's worker has and the dispatcher does not: live previews (the preview
+route answers 204, the events carry no ``preview``), and stopping a running job (only queued
+jobs can be cancelled; a running one answers 409). A job counts as running from the moment it
+is claimed, also while Ray holds it for a replica busy with an A1111 request.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +37,10 @@ from danqing.server.store import DONE, FAILED, RUNNING, TERMINAL, Job, JobStore
 # serving.call_replica); the job keeps the record only, as the single server's does.
 ANSWER_EXTRAS = ("pngs", "worker", "finished", "model_loads", "attempts")
 SCAN = 64  # queued rows looked at per claim (other kinds of job, e.g. video, are left to `danqing serve`)
+RECENT_LOGS = 32  # step logs kept for event streams that read a job after it ended
 
-Send = Callable[[GenerationRequest, bool], dict]
+OnStep = Callable[[int, int, int, int], None]  # batch_index, step, total, batch_count
+Send = Callable[[GenerationRequest, bool, OnStep], dict]
 
 
 class Dispatcher:
@@ -45,8 +50,8 @@ class Dispatcher:
         store: the job store the job routes read.
         studio: the ingress's Studio, for names only (``ServerState.registry``); it generates nothing.
         slots: jobs in flight at most (the replica count: each replica runs one request at a time).
-        send: runs one request on a replica and answers ``generate_result``'s dict (with ``error``
-            when it failed).
+        send: runs one request on a replica, calling ``on_step`` for each step, and answers
+            ``generate_result``'s dict (with ``error`` when it failed).
         poll_s: how often the store is looked at for jobs submitted elsewhere (another ingress,
             a ``danqing serve`` on the same database).
     """
@@ -58,7 +63,8 @@ class Dispatcher:
         self.send = send
         self.poll_s = poll_s
         self._cond = threading.Condition()
-        self._busy: set[str] = set()
+        self._busy: dict[str, Progress] = {}  # the jobs in flight and how far each is
+        self._recent_logs: dict[str, list] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -119,11 +125,17 @@ class Dispatcher:
         return job
 
     def progress(self, job_id: str | None = None) -> dict:
-        """No per-step progress: the steps run in a replica's process (the views leave it out)."""
-        return Progress().snapshot()
+        """How far a job in flight is (the steps its replica has streamed); an empty snapshot
+        for any other job."""
+        with self._cond:
+            return self._busy.get(job_id, Progress()).snapshot()
 
     def steps_since(self, job_id: str, start: int) -> list[tuple[int, int, int]]:
-        return []
+        """The (batch_index, step, total) of every step of the job from index ``start``."""
+        with self._cond:
+            if job_id in self._busy:
+                return list(self._busy[job_id].log[start:])
+            return list(self._recent_logs.get(job_id, [])[start:])  # finished meanwhile
 
     def take_images(self, job_id: str) -> list[bytes] | None:
         return None
@@ -140,7 +152,8 @@ class Dispatcher:
             jobs = self._claim(free) if free > 0 else []
             for job in jobs:
                 with self._cond:
-                    self._busy.add(job.id)
+                    self._busy[job.id] = Progress(job_id=job.id, batch_count=job.request.batch_count,
+                                                  total=job.request.steps, started=time.monotonic())
                 self._pool.submit(self._dispatch, job)
             if not jobs:
                 with self._cond:
@@ -159,9 +172,17 @@ class Dispatcher:
 
         return self.store.claim_matching(accept, rows=1 << 30, scan=SCAN)
 
+    def _on_step(self, job_id: str, batch_index: int, step: int, total: int, batch_count: int) -> None:
+        with self._cond:
+            p = self._busy[job_id]
+            if (batch_index, step) < (p.batch_index, p.step):  # sent again after a replica died: anew
+                p.log.clear()
+            p.step, p.total, p.batch_index, p.batch_count = step, total, batch_index, batch_count
+            p.log.append((batch_index, step, total))
+
     def _dispatch(self, job: Job) -> None:
         try:
-            out = self.send(job.request, job.save)
+            out = self.send(job.request, job.save, functools.partial(self._on_step, job.id))
         except Exception as exc:  # noqa: BLE001 -- a failing call must never stop the dispatcher
             out = {"error": f"internal error: {type(exc).__name__}: {exc}"}
         try:
@@ -171,7 +192,9 @@ class Dispatcher:
                 self.store.finish(job.id, DONE, result={k: v for k, v in out.items() if k not in ANSWER_EXTRAS})
         finally:
             with self._cond:
-                self._busy.discard(job.id)
+                self._recent_logs[job.id] = self._busy.pop(job.id).log
+                while len(self._recent_logs) > RECENT_LOGS:
+                    del self._recent_logs[next(iter(self._recent_logs))]
                 self._cond.notify_all()
 
 

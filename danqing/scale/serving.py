@@ -103,6 +103,32 @@ class StudioReplica:
                                       outputs_dir=self.settings.outputs_dir)
         return {**out, "model_loads": self.model_loads}
 
+    async def generate_steps(self, request: GenerationRequest, save: bool):
+        """``generate`` as a stream: ``{"step": [batch_index, step, total, batch_count]}`` for each
+        step as it is taken, then the answer (the job API's progress)."""
+        try:
+            await self.model(serve.get_multiplexed_model_id())
+        except Exception as exc:  # noqa: BLE001 -- answered as the server's worker would
+            yield {"error": str(exc)}
+            return
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_step(info) -> None:  # in the generating thread
+            loop.call_soon_threadsafe(steps.put_nowait, [info.batch_index, info.step, info.total, info.batch_count])
+
+        run = asyncio.ensure_future(asyncio.to_thread(generate_result, self.studio, request, save=save,
+                                                      outputs_dir=self.settings.outputs_dir, on_step=on_step))
+        while not run.done():
+            step = asyncio.ensure_future(steps.get())
+            await asyncio.wait({run, step}, return_when=asyncio.FIRST_COMPLETED)
+            if step.done():
+                yield {"step": step.result()}
+            else:
+                step.cancel()
+        while not steps.empty():  # the last steps, put before the run ended
+            yield {"step": steps.get_nowait()}
+        yield {**run.result(), "model_loads": self.model_loads}
+
 
 def build_application(settings: Settings, server: ServerSettings, options: RayServeOptions):
     """The Serve application: the ingress bound to the replicas (``serve.run`` starts it)."""
@@ -142,7 +168,7 @@ def ingress_app(settings: Settings, server: ServerSettings, *, slots: int = 1) -
     force_offline()
     studio = make_studio(settings, 1)  # names only: the ingress's Studio never generates and loads no model
     store = JobStore(settings.db_url or settings.db_path)
-    dispatcher = Dispatcher(store, studio, slots=slots, send=lambda request, save: call_replica(request, save, None))
+    dispatcher = Dispatcher(store, studio, slots=slots, send=stream_replica)
     state = ServerState(settings=settings, server=server, store=store, worker=dispatcher)
 
     @asynccontextmanager
@@ -171,9 +197,9 @@ def ingress_app(settings: Settings, server: ServerSettings, *, slots: int = 1) -
     return app
 
 
-def call_replica(request: GenerationRequest, save: bool, timeout_s: float | None) -> dict:
+def call_replica(request: GenerationRequest, save: bool, timeout_s: float) -> dict:
     """Send one request to a replica that has its model loaded (when one is free); once more
-    to another replica if that one dies meanwhile. ``timeout_s`` None: wait as long as it runs."""
+    to another replica if that one dies meanwhile."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
@@ -185,6 +211,30 @@ def call_replica(request: GenerationRequest, save: bool, timeout_s: float | None
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             if attempt == RETRIES:
                 return {"error": "internal error: the replica running this request died, and so did the one "
+                                 "it was sent to again"}
+    raise AssertionError("unreachable")
+
+
+def stream_replica(request: GenerationRequest, save: bool, on_step) -> dict:
+    """``call_replica`` for a job: the replica streams each step (``on_step(batch_index, step,
+    total, batch_count)``) before its answer; sent once more, to another replica, if its
+    replica dies (the steps then start again)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
+    for attempt in range(RETRIES + 1):
+        try:
+            out: dict = {"error": "internal error: the replica gave no answer"}
+            for item in handle.options(multiplexed_model_id=request.model, stream=True).generate_steps.remote(
+                    request, save):
+                if "step" in item:
+                    on_step(*item["step"])
+                else:
+                    out = item
+            return {**out, "attempts": attempt + 1}
+        except (ActorDiedError, ActorUnavailableError, RayActorError):
+            if attempt == RETRIES:
+                return {"error": "internal error: the replica running this job died, and so did the one "
                                  "it was sent to again"}
     raise AssertionError("unreachable")
 
@@ -225,4 +275,5 @@ def _generate_routes(r: APIRouter, state: ServerState) -> None:
         return run(body, True, response)
 
 
-__all__ = ["RayServeOptions", "StudioReplica", "build_application", "call_replica", "ingress_app", "start"]
+__all__ = ["RayServeOptions", "StudioReplica", "build_application", "call_replica", "ingress_app", "start",
+           "stream_replica"]
