@@ -4,6 +4,9 @@ module (2 CPUs, no dashboard, no usage stats):
 - Ray Serve with 2 replicas of the bundled tiny model: the same A1111 request and seed give the
   very pixels and infotext the single-process server gives; the same bad requests are refused
   with the same 4xx answer; requests for two models go to the replicas that have them loaded.
+- The job API on the same ingress: jobs finish with the single server's picture files, history,
+  events and 4xx answers; a job whose replica dies is sent again; an ingress killed with jobs
+  running and queued is replaced and runs them all.
 - Ray Data batch generation over 2 actors: the pictures equal ``danqing generate``'s for the
   same seeds, and a rerun over the folder runs only the requests not finished.
 
@@ -291,6 +294,27 @@ def test_ray_jobs_survive_an_ingress_restart(served):
     for i in ids[:2]:  # re-queued by the new ingress and run again from the start
         assert before[i]["status"] == "running" and store.get(i).started > killed
     assert store.get(ids[3]).status == "cancelled"
+
+
+def test_ray_job_whose_replica_died_is_sent_again(served):
+    """Two long jobs run, one on each replica; one replica's process is killed: both jobs end
+    'done' (the killed one's request sent once more, to the other replica; without that it
+    would end 'failed' with the replica's death as its error)."""
+    import httpx
+
+    bodies = [{"request": {**JOB, "steps": 60, "prompt": f"replica died {i}", "seed": 90 + i, "subseed": 1}}
+              for i in range(2)]
+    with httpx.Client(base_url=served, timeout=300) as http:
+        ids = [http.post("/api/v1/jobs", json=body).json()["id"] for body in bodies]
+        deadline = time.monotonic() + 60
+        while not all("progress" in http.get(f"/api/v1/jobs/{i}").json() for i in ids):  # both on a replica
+            assert time.monotonic() < deadline, "two jobs never ran together"
+            time.sleep(0.05)
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "StudioReplica" in a["name"])
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+        done = [ray_job(http, i) for i in ids]
+        assert [j["status"] for j in done] == ["done", "done"], [j.get("error") for j in done]
+        assert all(http.get(j["result"]["images"][0]["url"]).status_code == 200 for j in done)
 
 
 def test_ray_data_batch_equals_generate_and_resumes(local_ray, tmp_path, one_thread):

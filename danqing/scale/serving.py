@@ -24,6 +24,7 @@ does for ``danqing serve``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -162,12 +163,21 @@ def start(settings: Settings, server: ServerSettings, options: RayServeOptions, 
     serve.run(build_application(settings, server, options), name=APP_NAME, route_prefix="/")
 
 
+def ingress_worker_name() -> str:
+    """The ingress's name in the job store (``Job.worker``, what ``recover`` goes by):
+    ``DANQING_WORKER``, else one name for the Ray cluster -- not the host's, since Ray may start
+    a new ingress on another node, and it must recover the jobs of the one before."""
+    import ray
+
+    return os.environ.get("DANQING_WORKER") or f"ray-serve@{ray.get_runtime_context().gcs_address}"
+
+
 def ingress_app(settings: Settings, server: ServerSettings, *, slots: int = 1) -> FastAPI:
     """The ingress's FastAPI app (built in the ingress replica). Its lifespan recovers the jobs
     a previous ingress left and starts the dispatcher (``slots`` jobs in flight at most)."""
     force_offline()
     studio = make_studio(settings, 1)  # names only: the ingress's Studio never generates and loads no model
-    store = JobStore(settings.db_url or settings.db_path)
+    store = JobStore(settings.db_url or settings.db_path, worker=ingress_worker_name())
     dispatcher = Dispatcher(store, studio, slots=slots, send=stream_replica)
     state = ServerState(settings=settings, server=server, store=store, worker=dispatcher)
 
