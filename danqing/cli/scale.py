@@ -1,4 +1,4 @@
-"""``danqing ray-serve`` (the A1111 generate routes over Ray Serve replicas) and ``danqing batch``
+"""``danqing ray-serve`` (the A1111 generate routes and the job API over Ray Serve replicas) and ``danqing batch``
 (a file of requests into a folder, over Ray Data actors with ``--ray``); docs/scale.md."""
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def ray_serve(
     replica_cpus: float = typer.Option(1.0, min=0, help="CPUs Ray reserves for each replica [default: 1.0]."),
     replica_gpus: float = typer.Option(0.0, min=0, help="GPUs Ray reserves for each replica (1 = a GPU of its own) [default: 0.0]."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, or ray://HOST:10001) [default: none: start a local Ray]."),
-    db: Optional[Path] = typer.Option(None, help="SQLite database of the server options [default: HOME/danqing.sqlite3]."),
+    db: Optional[Path] = typer.Option(None, help="SQLite database of the jobs, history and server options [default: HOME/danqing.sqlite3]."),
     db_url: Optional[str] = typer.Option(None, "--db-url", envvar="DANQING_DB_URL",
-                                         help="postgresql://user:password@host/dbname: the options shared with other servers [default: none: the SQLite file of --db]."),
+                                         help="postgresql://user:password@host/dbname: the jobs and options shared with other servers [default: none: the SQLite file of --db]."),
     limit: list[str] = typer.Option([], "--limit", help="NAME=N: a request limit (max_pixels, max_prompt_chars, ...; docs/security.md); repeatable [default: none]."),
 ):
-    """Serve the A1111 generate routes (/sdapi/v1/txt2img, /img2img) over Ray Serve: N Studio
-    replicas behind one ingress that checks requests as `danqing serve` does."""
+    """Serve the A1111 generate routes (/sdapi/v1/txt2img, /img2img) and the job API (/api/v1/jobs)
+    over Ray Serve: N Studio replicas behind one ingress that checks requests as `danqing serve` does."""
     _need_ray()
     from danqing.scale.serving import RayServeOptions, start
 

@@ -42,7 +42,8 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, outputs_dir: place.Location) -> dict:
+def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, outputs_dir: place.Location,
+                    on_step=None) -> dict:
     """Run ``request``; the server's job result with ``pngs`` added, or ``{"error": line}``.
 
     Args:
@@ -51,9 +52,10 @@ def generate_result(studio: Studio, request: GenerationRequest, *, save: bool, o
         save: also write the pictures under ``outputs_dir/txt2img-images/DATE/`` (or
             ``img2img-images``) with A1111's names, as the server does; ``outputs_dir`` is a
             folder or an fsspec URL (``outputs.place``).
+        on_step: called with each step's ``StepInfo`` (the job API's progress).
     """
     try:
-        result = studio.generate(request, save=False)
+        result = studio.generate(request, on_step=on_step, save=False)
         paths: list[Path | None] = [None] * len(result.images)
         if save:
             kind = "img2img-images" if request.init_image is not None else "txt2img-images"

@@ -1,13 +1,15 @@
-"""Ray Serve: the A1111 generate routes in front of N Studio replicas (``danqing ray-serve``,
-docs/scale.md).
+"""Ray Serve: the A1111 generate routes and the job API in front of N Studio replicas
+(``danqing ray-serve``, docs/scale.md).
 
 Two deployments make one Serve application:
 
-- ``Ingress`` (no CPU reserved): a FastAPI app with ``/sdapi/v1/txt2img`` and ``/img2img`` and
-  the option and listing routes. It checks a request exactly as ``danqing serve`` does -- the
-  same body models, the same ``request_fields`` and ``ServerState.prepare_request`` (names
-  resolved in their folders, uploads bounded, the work limits), the same error handlers and
-  middleware -- so the same requests are accepted, and refused with the same 4xx answers.
+- ``Ingress`` (no CPU reserved): a FastAPI app with ``/sdapi/v1/txt2img`` and ``/img2img``, the
+  option and listing routes, and ``danqing serve``'s job routes (``/api/v1/jobs``, history),
+  whose jobs a ``Dispatcher`` (``dispatch.py``) sends to the replicas. It checks a request
+  exactly as ``danqing serve`` does -- the same body models, the same ``request_fields`` and
+  ``ServerState.prepare_request`` (names resolved in their folders, uploads bounded, the work
+  limits), the same error handlers and middleware -- so the same requests are accepted, and
+  refused with the same 4xx answers.
 - ``StudioReplica`` (``--replicas N``, one CPU or GPU each): one Studio per replica, one request
   at a time (``max_ongoing_requests=1``). Requests carry their checkpoint as Ray Serve's
   multiplexed model id, so Ray routes a request to a replica that has its model loaded when
@@ -15,14 +17,17 @@ Two deployments make one Serve application:
 
 A replica that dies while it runs a request (its process killed, its node lost) is replaced by
 Ray; the ingress sends the request once more, to another replica. The job store (SQLite or
-PostgreSQL, ``--db`` / ``--db-url``) keeps the server options, as it does for ``danqing serve``.
+PostgreSQL, ``--db`` / ``--db-url``) keeps the jobs, the history and the server options, as it
+does for ``danqing serve``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -33,6 +38,7 @@ from ray import serve
 from danqing.errors import InvalidRequest
 from danqing.outputs import place
 from danqing.request import GenerationRequest
+from danqing.scale.dispatch import Dispatcher
 from danqing.scale.replica import generate_result, make_studio
 from danqing.server.a1111 import (
     Img2ImgBody,
@@ -45,7 +51,7 @@ from danqing.server.a1111 import (
     request_fields,
     script_key,
 )
-from danqing.server.app import add_api_fallback, add_cors, add_error_handlers, add_guards
+from danqing.server.app import add_api_fallback, add_cors, add_error_handlers, add_guards, job_router
 from danqing.server.common import job_error
 from danqing.server.security import ERROR_RESPONSES, JOB_RESPONSES, guard_body
 from danqing.server.state import ServerState
@@ -99,6 +105,32 @@ class StudioReplica:
                                       outputs_dir=place.pictures_root(self.settings))
         return {**out, "model_loads": self.model_loads}
 
+    async def generate_steps(self, request: GenerationRequest, save: bool):
+        """``generate`` as a stream: ``{"step": [batch_index, step, total, batch_count]}`` for each
+        step as it is taken, then the answer (the job API's progress)."""
+        try:
+            await self.model(serve.get_multiplexed_model_id())
+        except Exception as exc:  # noqa: BLE001 -- answered as the server's worker would
+            yield {"error": str(exc)}
+            return
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_step(info) -> None:  # in the generating thread
+            loop.call_soon_threadsafe(steps.put_nowait, [info.batch_index, info.step, info.total, info.batch_count])
+
+        run = asyncio.ensure_future(asyncio.to_thread(generate_result, self.studio, request, save=save,
+                                                      outputs_dir=place.pictures_root(self.settings), on_step=on_step))
+        while not run.done():
+            step = asyncio.ensure_future(steps.get())
+            await asyncio.wait({run, step}, return_when=asyncio.FIRST_COMPLETED)
+            if step.done():
+                yield {"step": step.result()}
+            else:
+                step.cancel()
+        while not steps.empty():  # the last steps, put before the run ended
+            yield {"step": steps.get_nowait()}
+        yield {**run.result(), "model_loads": self.model_loads}
+
 
 def build_application(settings: Settings, server: ServerSettings, options: RayServeOptions):
     """The Serve application: the ingress bound to the replicas (``serve.run`` starts it)."""
@@ -110,8 +142,10 @@ def build_application(settings: Settings, server: ServerSettings, options: RaySe
                                ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
                                **scaling)
 
+    slots = max(options.replicas, options.max_replicas or 0)  # one job per replica at a time
+
     def build():  # runs in the ingress's process
-        return ingress_app(settings, server)
+        return ingress_app(settings, server, slots=slots)
 
     ingress = serve.deployment(serve.ingress(build)(), name="Ingress", max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": 0})
@@ -130,22 +164,35 @@ def start(settings: Settings, server: ServerSettings, options: RayServeOptions, 
     serve.run(build_application(settings, server, options), name=APP_NAME, route_prefix="/")
 
 
-class _Names:
-    """What ``ServerState`` asks its worker for: the Studio whose registry resolves names. The
-    ingress's Studio never generates (the replicas do) and loads no model."""
+def ingress_worker_name() -> str:
+    """The ingress's name in the job store (``Job.worker``, what ``recover`` goes by):
+    ``DANQING_WORKER``, else one name for the Ray cluster -- not the host's, since Ray may start
+    a new ingress on another node, and it must recover the jobs of the one before."""
+    import ray
 
-    def __init__(self, studio):
-        self.studio = studio
+    return os.environ.get("DANQING_WORKER") or f"ray-serve@{ray.get_runtime_context().gcs_address}"
 
 
-def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
-    """The ingress's FastAPI app (built in the ingress replica)."""
+def ingress_app(settings: Settings, server: ServerSettings, *, slots: int = 1) -> FastAPI:
+    """The ingress's FastAPI app (built in the ingress replica). Its lifespan recovers the jobs
+    a previous ingress left and starts the dispatcher (``slots`` jobs in flight at most)."""
     force_offline()
-    studio = make_studio(settings, 1)
-    state = ServerState(settings=settings, server=server, store=JobStore(settings.db_url or settings.db_path),
-                        worker=_Names(studio))
-    app = FastAPI(title="danqing (Ray Serve)", version="0.1.0",
-                  description="丹青 danqing: the A1111 generate routes over Ray Serve replicas (docs/scale.md)")
+    studio = make_studio(settings, 1)  # names only: the ingress's Studio never generates and loads no model
+    store = JobStore(settings.db_url or settings.db_path, worker=ingress_worker_name())
+    dispatcher = Dispatcher(store, studio, slots=slots, send=stream_replica)
+    state = ServerState(settings=settings, server=server, store=store, worker=dispatcher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.recovered = dispatcher.start()
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+
+    app = FastAPI(title="danqing (Ray Serve)", version="0.1.0", lifespan=lifespan,
+                  description="丹青 danqing: the A1111 generate routes and the job API over Ray Serve replicas "
+                              "(docs/scale.md)")
     app.state.danqing = state  # guard_body reads the limits from here
     add_error_handlers(app)
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
@@ -154,11 +201,7 @@ def ingress_app(settings: Settings, server: ServerSettings) -> FastAPI:
     listing_routes(router, state)
     guard = [Depends(guard_body)]
     app.include_router(router, dependencies=guard, responses=ERROR_RESPONSES)
-
-    @app.get("/api/v1/health")
-    def health() -> dict:
-        return {"status": "ok", "ray": True}
-
+    app.include_router(job_router(state), dependencies=guard, responses=ERROR_RESPONSES)  # with /api/v1/health
     add_api_fallback(app)
     add_cors(app, server)
     add_guards(app, server)
@@ -179,6 +222,30 @@ def call_replica(request: GenerationRequest, save: bool, timeout_s: float) -> di
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             if attempt == RETRIES:
                 return {"error": "internal error: the replica running this request died, and so did the one "
+                                 "it was sent to again"}
+    raise AssertionError("unreachable")
+
+
+def stream_replica(request: GenerationRequest, save: bool, on_step) -> dict:
+    """``call_replica`` for a job: the replica streams each step (``on_step(batch_index, step,
+    total, batch_count)``) before its answer; sent once more, to another replica, if its
+    replica dies (the steps then start again)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
+    for attempt in range(RETRIES + 1):
+        try:
+            out: dict = {"error": "internal error: the replica gave no answer"}
+            for item in handle.options(multiplexed_model_id=request.model, stream=True).generate_steps.remote(
+                    request, save):
+                if "step" in item:
+                    on_step(*item["step"])
+                else:
+                    out = item
+            return {**out, "attempts": attempt + 1}
+        except (ActorDiedError, ActorUnavailableError, RayActorError):
+            if attempt == RETRIES:
+                return {"error": "internal error: the replica running this job died, and so did the one "
                                  "it was sent to again"}
     raise AssertionError("unreachable")
 
@@ -219,4 +286,5 @@ def _generate_routes(r: APIRouter, state: ServerState) -> None:
         return run(body, True, response)
 
 
-__all__ = ["RayServeOptions", "StudioReplica", "build_application", "call_replica", "ingress_app", "start"]
+__all__ = ["RayServeOptions", "StudioReplica", "build_application", "call_replica", "ingress_app", "start",
+           "stream_replica"]
