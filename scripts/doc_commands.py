@@ -206,7 +206,7 @@ POSTGRES = "needs a PostgreSQL server"
 OBJECT_STORE = "writes to an object store (s3://: needs s3fs and the bucket's credentials)"
 GPU = "needs an NVIDIA GPU"
 SD_MODELS = "needs user-provided Stable Diffusion checkpoints (dreamshaper_8, v1-5-pruned, ...)"
-BIG_MODELS = "needs a user-provided SD3 / FLUX / unCLIP / Kandinsky model"
+BIG_MODELS = "needs a user-provided SD3 / FLUX / unCLIP / Kandinsky / DeepFloyd IF model"
 EXTRA_MODELS = "needs a user-provided model file (upscaler, face restorer, IP-Adapter, pose detector)"
 MOTION = "needs a user-provided AnimateDiff motion module in models/motion/ (or its clip)"
 LORAS = "needs LoRA files in models/lora/ (heart, style: trained with `danqing train lora`, then copied there)"
@@ -226,12 +226,12 @@ SKIPS: list[tuple[str, str]] = [
     (r"s3://", OBJECT_STORE),
     (r"--device cuda|--fast (?:channels-last|fuse-qkv|compile)|--medvram|--lowvram|--replica-gpus|--worker-gpus|train_gpu\.sh", GPU),
     (r"dreamshaper_8|realisticVision|v1-5-pruned|sd-inpainting|my-sd15|YOUR-LCM-MODEL|my-ip2p", SD_MODELS),
-    (r"sd3-medium|flux1-dev|stable-unclip|kandinsky", BIG_MODELS),
+    (r"sd3-medium|flux1-dev|stable-unclip|kandinsky|IF-I-XL|IF-II-L", BIG_MODELS),
     (r"4x-UltraSharp|--restore-faces|--ip-adapter|preprocess openpose|openpose:", EXTRA_MODELS),
     (r"danqing video |clip\.mp4", MOTION),
     (r"<lora:(?:heart|style)\b|--lora heart", LORAS),
     (r"portrait (?:add|make|rank) anna", PERSON),
-    (r"--from talk\.mp4", DEPENDS),
+    (r"--from (?:talk\.mp4|panda\.png)|generate --from outputs/txt2img-images/", DEPENDS),
     (r"~/photos|~/Downloads|\bMODEL\b|\bPICTURE\b|\bCHECKPOINT\b|--config \.\.\.|\bmy(?:-lora)?\.toml\b|runs/OLD", PLACEHOLDER),
     (r"bundle_model\.py", PACKAGE),
     (r"ti_known_shape\.py|bench/ray_\w+\.py", LONG),
@@ -288,6 +288,10 @@ def _train_sets(text: str, root: Path) -> str:
         sections |= set(tomllib.loads((root / config.group(1)).read_text(encoding="utf-8")))
     if kind != "dreambooth" and not (config and "prior" in sections - ALWAYS):
         sections.discard("prior")
+    processes = re.search(r"--num-processes\s+(\d+)", text)
+    if processes:  # DDP: every process keeps a share of the global batch (training/runs.py)
+        sets = {k: (str(max(int(v), int(processes.group(1)))) if k.endswith("batch_size") else v)
+                for k, v in sets.items()}
     return " ".join(f"--set {k}={v}" for k, v in sets.items() if k.split(".")[0] in sections)
 
 

@@ -141,3 +141,12 @@ def test_from_image_without_metadata(cli, capsys, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     code, _, err = cli(capsys, "generate", "--from", str(tmp_path / "plain.png"))
     assert code == 2 and "no generation parameters" in err
+
+
+def test_a_family_option_with_a_missing_model_names_the_model(cli, capsys):
+    """``--stage2`` (DeepFloyd IF's) beside a model that is not installed: the missing model is
+    the one line, not the option; beside an SD model, the option is."""
+    code, _, err = cli(capsys, "generate", "a red panda", "--model", "IF-I-XL-v1.0", "--stage2", "IF-II-L-v1.0")
+    assert code == 2 and "checkpoint 'IF-I-XL-v1.0' not found" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "generate", "a red panda", "--model", "tiny-sd1", "--stage2", "IF-II-L-v1.0")
+    assert code == 2 and "--stage2 is an option of" in err

@@ -40,10 +40,12 @@ def family_generate(settings, request, out: Optional[str], options: dict, source
 
     options = FamilyOptions(**options)
 
-    family = family_of(Registry(settings.models_dir), request.model)
+    registry = Registry(settings.models_dir)
+    family = family_of(registry, request.model)
     if family is None:
         given = options.given()
         if given:
+            registry.find("checkpoint", request.model)  # a model that is not there: say that first
             name = next(iter(given))
             raise InvalidRequest(name, f"{OPTION_NAMES.get(name, name)} is an option of Kandinsky 2.2 (--prior, "
                                        "--prior-steps, --prior-cfg; --model its decoder folder) or DeepFloyd IF "
