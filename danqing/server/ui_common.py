@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from danqing.errors import DanqingError
+from danqing.files import is_url
 from danqing.outputs import place
 from danqing.server.gradio_import import gradio
 from danqing.server.store import TERMINAL
@@ -82,6 +83,8 @@ def run_job(state, fields: dict[str, Any], *, init_image=None, mask=None):
 def shown_file(state, location) -> str:
     """A saved picture as a local file the UI can show: itself, or for pictures under an fsspec
     outputs URL a copy in ``outputs/.url-cache/`` (same bytes, so the infotext reads back)."""
+    if not location or not is_url(location):
+        return location
     return str(place.local_copy(location, state.settings.outputs_dir / ".url-cache"))
 
 
