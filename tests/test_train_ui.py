@@ -63,6 +63,7 @@ def tab_shot(page, name: str) -> Path | None:
             break
         scale *= 0.8
     path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return path
 
