@@ -209,7 +209,7 @@ SD_MODELS = "needs user-provided Stable Diffusion checkpoints (dreamshaper_8, v1
 BIG_MODELS = "needs a user-provided SD3 / FLUX / unCLIP / Kandinsky / DeepFloyd IF model"
 EXTRA_MODELS = "needs a user-provided model file (upscaler, face restorer, IP-Adapter, pose detector)"
 MOTION = "needs a user-provided AnimateDiff motion module in models/motion/ (or its clip)"
-LORAS = "needs LoRA files in models/lora/ (heart, style: trained with `danqing train lora`, then copied there)"
+LORAS = "needs a LoRA file in models/lora/ (style: trained with `danqing train lora`, then copied there)"
 PLACEHOLDER = "a placeholder for the user's own file or name (MODEL, PICTURE, my.toml, ~/photos/...)"
 PERSON = "needs photos of a real person (`app portrait add`) and what it makes"
 DEPENDS = "reads what a skipped command writes"
@@ -229,7 +229,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"sd3-medium|flux1-dev|stable-unclip|kandinsky|IF-I-XL|IF-II-L", BIG_MODELS),
     (r"4x-UltraSharp|--restore-faces|--ip-adapter|preprocess openpose|openpose:", EXTRA_MODELS),
     (r"danqing video |clip\.mp4", MOTION),
-    (r"<lora:(?:heart|style)\b|--lora heart", LORAS),
+    (r"<lora:style\b|--lora style", LORAS),
     (r"portrait (?:add|make|rank) anna", PERSON),
     (r"--from (?:talk\.mp4|panda\.png)|generate --from outputs/txt2img-images/", DEPENDS),
     (r"~/photos|~/Downloads|\bMODEL\b|\bPICTURE\b|\bCHECKPOINT\b|--config \.\.\.|\bmy(?:-lora)?\.toml\b|runs/OLD", PLACEHOLDER),
