@@ -7,6 +7,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,9 @@ def test_webuiapi_lists_and_options(api):
     assert "danqing-tiny" in models and models["danqing-tiny"]["title"].startswith("danqing-tiny [")
     assert api.util_get_current_model() == models["danqing-tiny"]["title"]
     assert [u["name"] for u in api.get_upscalers()] == ["Lanczos", "Nearest"]
-    assert api.get_loras() == [] and api.get_sd_vae() == []
+    # an empty models folder: the LoRA danqing bundles (danqing/data/models/lora/heart.safetensors)
+    assert [(x["name"], x["alias"], Path(x["path"]).parent.name) for x in api.get_loras()] == [("heart", "heart", "lora")]
+    assert api.get_sd_vae() == []
     api.set_options({"CLIP_stop_at_last_layers": 2})
     try:
         assert api.get_options()["CLIP_stop_at_last_layers"] == 2
