@@ -30,8 +30,8 @@ from typing import Callable
 
 from danqing.request import GenerationRequest
 from danqing.server.common import JobFailed
-from danqing.server.jobs import Progress
-from danqing.server.store import DONE, FAILED, RUNNING, TERMINAL, Job, JobStore
+from danqing.server.jobs import Progress, wait_for_job
+from danqing.server.store import DONE, FAILED, RUNNING, Job, JobStore
 
 # What a replica's answer adds to the server's result record (replica.generate_result,
 # serving.call_replica); the job keeps the record only, as the single server's does.
@@ -101,17 +101,9 @@ class Dispatcher:
         return job
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job | None:
-        """The job once it is done, failed or cancelled, or as it is after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.store.get(job_id)
-            if job is None or job.status in TERMINAL:
-                return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return job
-            with self._cond:  # woken when a job of this ingress ends; the store is read again anyway
-                self._cond.wait(self.poll_s if left is None else min(self.poll_s, left))
+        """The job once it is done, failed or cancelled, or as it is after ``timeout`` seconds
+        (woken when a job of this ingress ends; the store is read again anyway)."""
+        return wait_for_job(self.store, self._cond, job_id, timeout, self.poll_s)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job; a running one is on a replica and cannot be stopped (409)."""

@@ -109,6 +109,22 @@ def result_record(result, paths) -> dict:
     }
 
 
+def wait_for_job(store: JobStore, cond: threading.Condition, job_id: str, timeout: float | None = None,
+                 poll_s: float = 0.5) -> Job | None:
+    """The job once it is done, failed or cancelled, or as it is after ``timeout`` seconds; the
+    store is read again whenever ``cond`` is notified (a job ended) or every ``poll_s``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = store.get(job_id)
+        if job is None or job.status in TERMINAL:
+            return job
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return job
+        with cond:
+            cond.wait(poll_s if left is None else min(poll_s, left))
+
+
 class Worker:
     """The single thread that runs jobs in submission order with the one Studio.
 
@@ -173,16 +189,7 @@ class Worker:
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is done, failed or cancelled (or ``timeout``); returns its row."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.store.get(job_id)
-            if job is None or job.status in TERMINAL:
-                return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return job
-            with self._cond:
-                self._cond.wait(0.5 if left is None else min(0.5, left))
+        return wait_for_job(self.store, self._cond, job_id, timeout)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job, or stop the running one (its images are not kept)."""
