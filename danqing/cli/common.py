@@ -152,11 +152,9 @@ def dated(settings: Settings, kind: str) -> Path:
 def dated_pictures(settings: Settings, kind: str):
     """``dated`` for pictures that ``Studio.generate`` saves: under ``settings.outputs_url``
     (an fsspec URL, ``DANQING_OUTPUTS=s3://...``) when set."""
-    if settings.outputs_url:
-        import datetime
+    from danqing.outputs.place import dated_folder  # lazy: Pillow
 
-        return f"{settings.outputs_url.rstrip('/')}/{kind}/{datetime.date.today().isoformat()}"
-    return dated(settings, kind)
+    return dated_folder(settings, kind)
 
 
 # ---------------------------------------------------------------------------------------------
