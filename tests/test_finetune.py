@@ -445,29 +445,23 @@ def _concept_score(studio, scenes, prompt) -> float:
     return ok / len(scenes)
 
 
-def test_a_short_lora_run_teaches_danqing_tiny_the_heart(tmp_path):
+def test_the_bundled_heart_lora_teaches_danqing_tiny_the_heart(tmp_path):
+    """The bundled ``heart`` LoRA (configs/train/lora-heart.toml, 1,500 steps; docs/training.md)
+    on 12 held-out heart prompts: danqing-tiny alone never draws the heart, with the tag it does.
+    The recipe's mechanics are the short runs above; the pivotal and textual-inversion runs
+    below train on danqing-tiny end to end."""
     from danqing import Settings, Studio
     from danqing.synthetic.concepts import concept_scenes
-    from danqing.training.config import load_config
-    from danqing.training.finetune import train_lora
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs/train/lora-heart.toml",
-                      {"train.steps": 300, "prior.n_class_images": 24, "output.output_dir": str(tmp_path / "run"),
-                       "output.sample_every": 10_000}, model=C.LoraTrainConfig)
-    settings = Settings(home=tmp_path / "home", models_dir=tmp_path / "models", device="cpu", dtype="fp32")
-    (settings.models_dir / "lora").mkdir(parents=True)
-    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
-    Path(summary["files"][0]).rename(settings.models_dir / "lora" / "heart.safetensors")
-    studio = Studio(settings)
+    studio = Studio(Settings(home=tmp_path / "home", models_dir=tmp_path / "models", device="cpu", dtype="fp32"))
     scenes = concept_scenes(12, split="eval")
 
     def rate(suffix: str) -> float:
         return _concept_score(studio, scenes, lambda text: text + suffix)
 
     before, after = rate(""), rate(" <lora:heart:1>")
-    # 300 steps measured 0.0 -> 0.33 here; the documented 1,500-step run reaches 0.84 on 50 prompts
-    assert before <= 0.1 and after >= 0.25, (before, after)
+    # measured: 0.0 -> 0.83 (0.84 on the documented 50 prompts)
+    assert before <= 0.1 and after >= 0.7, (before, after)
 
 
 def test_a_short_pivotal_lora_run_teaches_danqing_tiny_magenta(tmp_path):

@@ -165,7 +165,7 @@ def test_bad_edits_name_the_problem(bundled):
 
 
 def test_null_text_inversion_reconstructs_rendered_scenes(bundled):
-    """20 rendered scenes (not generated) come back at >= 28 dB on average, each
+    """8 rendered scenes (not generated) come back at >= 28 dB on average, each
     within 1 dB of what the VAE alone gives back; plain DDIM inversion with guidance does not."""
     from danqing.decode import decode_latents, to_pil
     from danqing.editing.inversion import encode_mean
@@ -175,7 +175,7 @@ def test_null_text_inversion_reconstructs_rendered_scenes(bundled):
 
     vae = bundled.models.load(bundled.settings.default_model, None).components.vae
     scores, ceilings, plain = [], [], []
-    for i, scene in enumerate(eval_scenes(20, seed=7)):
+    for i, scene in enumerate(eval_scenes(8, seed=7)):
         picture = render(scene)
         text = caption(scene, "en")
         req = GenerationRequest.create(prompt=text, p2p_source=text, seed=0, **BASE)
@@ -183,13 +183,13 @@ def test_null_text_inversion_reconstructs_rendered_scenes(bundled):
         scores.append(psnr(picture, r.sources[0]))
         assert np.array_equal(np.asarray(r.sources[0]), np.asarray(r.images[0]))
         ceilings.append(psnr(picture, to_pil(decode_latents(vae, encode_mean(vae, picture)))[0]))
-        if i < 5:
+        if i < 3:
             r0 = bundled.generate(req.replace(null_text_iterations=0), init_image=picture)
             plain.append(psnr(picture, r0.sources[0]))
     scores, ceilings = np.array(scores), np.array(ceilings)
     assert scores.mean() >= 28.0, scores
     assert (scores >= ceilings - 1.0).all(), scores - ceilings
-    assert np.mean(plain) < scores[:5].mean() - 3.0, (plain, scores[:5])
+    assert np.mean(plain) < scores[:3].mean() - 3.0, (plain, scores[:3])
 
 
 def test_real_picture_edit_changes_the_colour_in_place(bundled):

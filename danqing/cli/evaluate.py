@@ -23,6 +23,9 @@ LANG = typer.Option("en", help="Prompt language: en or zh.")
 CFG = typer.Option(7.0, help="CFG scale.")
 STEPS = typer.Option(20, help="Sampling steps.")
 SEED = typer.Option(1000, help="Seed of the first image (image i uses seed + i).")
+SAMPLER = typer.Option("DPM++ 2M", help="Sampler (A1111's names, e.g. Euler a, LCM).")
+LORA = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
+                    help="A LoRA of the models folder on every prompt (<lora:NAME:WEIGHT>; repeatable) [default: none].")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
 JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file) [default: not written].")
 
@@ -38,6 +41,8 @@ def eval_shapes(
     cfg: float = CFG,
     steps: int = STEPS,
     seed: int = SEED,
+    sampler: str = SAMPLER,
+    lora: list[str] = LORA,
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -52,7 +57,8 @@ def eval_shapes(
     _evaluate(ctx, images, prompt, json_out, show=show,
               score_files=world.score_files, summarise=world.summarise, to_dict=lambda s: s.to_dict(),
               generate=lambda studio, **kw: world.evaluate_studio(studio, eval_scenes(n), **kw),
-              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed)
+              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed, sampler=sampler,
+              suffix=lora_tags(lora))
 
 
 @eval_app.command("portraits")
@@ -66,6 +72,8 @@ def eval_portraits(
     cfg: float = CFG,
     steps: int = STEPS,
     seed: int = SEED,
+    sampler: str = SAMPLER,
+    lora: list[str] = LORA,
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -80,7 +88,25 @@ def eval_portraits(
     _evaluate(ctx, images, prompt, json_out, show=show,
               score_files=world.score_portrait_files, summarise=world.summarise_portraits, to_dict=dict,
               generate=lambda studio, **kw: world.evaluate_portraits_studio(studio, held_out(n), **kw),
-              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed)
+              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed, sampler=sampler,
+              suffix=lora_tags(lora))
+
+
+def lora_tags(loras: list[str]) -> str:
+    """``["NAME", "NAME2:0.5"]`` -> ``" <lora:NAME:1> <lora:NAME2:0.5>"`` (a bad weight: exit 2)."""
+    from danqing.errors import InvalidRequest
+
+    tags = []
+    for item in loras:
+        name, _, weight = item.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise InvalidRequest("--lora", f"{item!r}: the weight after ':' must be a number, e.g. --lora {name}:0.8") from None
+        if not name or any(c in name for c in "<>:"):
+            raise InvalidRequest("--lora", f"{item!r}: give a LoRA name of the models folder, optionally :WEIGHT")
+        tags.append(f" <lora:{name}:{w:g}>")
+    return "".join(tags)
 
 
 def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to_dict, generate, n, lang, out, **gen):

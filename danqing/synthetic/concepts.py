@@ -15,15 +15,25 @@ import random
 from danqing.synthetic.scenes import Obj, Scene, colours, concepts, novel_colours, novel_shapes, shapes, vocab
 
 
-def concept_scenes(n: int = 20, *, concept: str = "heart", seed: int = 0, split: str = "train") -> list[Scene]:
-    """``n`` scenes showing ``concept``: one object (two thirds) or the concept beside an
-    ordinary object (one third), every position, size and background style. A shape concept
-    comes in every trained colour, a colour concept on every trained shape.
+def concept_scenes(n: int = 20, *, concept: str = "heart", seed: int = 0, split: str = "train",
+                   pair_share: float = 1 / 3, relations: tuple[str, ...] = ("left", "right")) -> list[Scene]:
+    """``n`` scenes showing ``concept``: one object, or (a ``pair_share`` of the training
+    scenes, every ``1 / pair_share``-th) the concept beside an ordinary object in one of
+    ``relations``; every position, size and background style. A shape concept comes in every
+    trained colour, a colour concept on every trained shape.
 
     Args:
         concept: a novel shape or a novel colour (``danqing.synthetic.scenes.concepts()``).
-        split: "train" or "eval"; the two never share a seed stream.
+        split: "train" or "eval"; the two never share a seed stream. Held-out scenes are single
+            objects.
+        pair_share: 0 to 1. A character taught for stories of two objects (the comic) needs
+            more pairs than the default third.
+        relations: the pairs' relations ("left", "right", "above", "below").
     """
+    if not 0 <= pair_share <= 1:
+        raise ValueError(f"pair_share {pair_share}: allowed 0 to 1")
+    if not relations or set(relations) - {"left", "right", "above", "below"}:
+        raise ValueError(f"relations {relations}: allowed left, right, above, below")
     if concept not in concepts():
         raise ValueError(f"unknown concept {concept!r}; concepts: {', '.join(concepts())}")
     if split not in ("train", "eval"):
@@ -43,18 +53,22 @@ def concept_scenes(n: int = 20, *, concept: str = "heart", seed: int = 0, split:
         bg2 = rng.choice([b for b in bgs if b != bg])
         style = rng.choices(list(v["background_styles"]), weights=[0.4, 0.15, 0.15, 0.15, 0.15])[0]
         j = lambda a: rng.uniform(-a, a)  # noqa: E731  position jitter
-        if split == "eval" or i % 3 != 2:
+        pair = int((i + 1) * pair_share + 1e-9) > int(i * pair_share + 1e-9)
+        if split == "eval" or not pair:
             position = rng.choice(list(v["positions"]))
             x0, y0 = v["positions"][position]["xy"]
             obj = Obj(shape, colour, rng.choice(["small", "large"]), round(x0 + j(0.05), 4), round(y0 + j(0.05), 4))
             out.append(Scene((obj,), bg, bg2, style, position=position, seed=rng.randrange(2**31)))
         else:
             other = Obj(rng.choice([s for s in shapes() if s != shape]), rng.choice([c for c in colours() if c != colour]))
-            rel = rng.choice(["left", "right"])
-            a, b = (0.27, 0.73) if rel == "left" else (0.73, 0.27)
+            rel = rng.choice(list(relations))
+            a, b = (0.27, 0.73) if rel in ("left", "above") else (0.73, 0.27)
             c = 0.5 + j(0.08)
-            objs = (Obj(shape, colour, "large", round(a + j(0.03), 4), round(c + j(0.1), 4)),
-                    Obj(other.shape, other.colour, "large", round(b + j(0.03), 4), round(c + j(0.1), 4)))
+            (ax, ay), (bx, by) = ((a + j(0.03), c + j(0.1)), (b + j(0.03), c + j(0.1)))
+            if rel in ("above", "below"):  # the same layout turned on its side
+                (ax, ay), (bx, by) = (ay, ax), (by, bx)
+            objs = (Obj(shape, colour, "large", round(ax, 4), round(ay, 4)),
+                    Obj(other.shape, other.colour, "large", round(bx, 4), round(by, 4)))
             out.append(Scene(objs, bg, bg2, style, relation=(0, rel, 1), seed=rng.randrange(2**31)))
     return out
 

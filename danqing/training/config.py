@@ -164,10 +164,14 @@ class FinetuneModelConfig(_Strict):
 class FinetuneDataConfig(_Strict):
     # a folder of images with captions: plain (.txt beside each image), kohya ("N_concept/"
     # sub-folders repeated N times) or diffusers ("metadata.jsonl"); or "concept:<name>" for
-    # rendered scenes of a novel synthetic shape or colour ("heart", "magenta": danqing.synthetic.concepts)
+    # rendered scenes of a novel synthetic shape or colour ("heart", "magenta": danqing.synthetic.concepts);
+    # or "world:shapes" / "world:portraits" / "world:mix": training scenes of a synthetic world
+    # with English and Chinese captions (what a distillation learns from)
     source: str = "concept:heart"
     n_images: int = Field(20, ge=1)     # concept: scenes to render
     captions_per_image: int = Field(4, ge=1)  # concept: English phrasings per scene
+    pair_share: float = Field(1 / 3, ge=0, le=1)  # concept: the share of scenes with a second, ordinary object
+    pair_relations: tuple[Literal["left", "right", "above", "below"], ...] = ("left", "right")  # ... and its relations
     resolution: int = Field(64, ge=16)  # buckets hold about resolution^2 pixels
     repeats: int = Field(1, ge=1)       # plain / metadata.jsonl folders (kohya sub-folders carry their own)
     caption_ext: str = ".txt"
@@ -275,6 +279,36 @@ class TextualInversionTrainConfig(_Strict):
     output: OutputConfig = OutputConfig(output_dir="runs/ti-heart")
 
 
+class DistillConfig(_Strict):
+    guidance: float = Field(7.0, ge=1)             # the teacher's CFG scale (what the student learns to draw at CFG 1)
+    solver_steps: int = Field(50, ge=2, le=1000)   # the DDIM solver's steps (the LCM sampler's original_inference_steps)
+    huber_c: float = Field(1e-3, gt=0)             # pseudo-Huber loss constant
+    timestep_scaling: float = Field(10.0, gt=0)    # boundary scalings, as LCMScheduler
+    sample_steps: int = Field(4, ge=1)             # the run's sample grids: LCM sampler, CFG 1
+
+
+class LcmDataConfig(FinetuneDataConfig):
+    source: str = "world:shapes"
+    n_images: int = Field(2000, ge=1)
+
+
+class LcmOutputConfig(OutputConfig):
+    output_dir: str = "runs/lcm-danqing-tiny"
+    name: str = "danqing-tiny-lcm"
+    formats: tuple[Literal["kohya", "diffusers"], ...] = ("kohya",)
+
+
+class LcmTrainConfig(_Strict):
+    """Latent consistency distillation into a LoRA (``danqing.training.distill``)."""
+
+    model: FinetuneModelConfig = FinetuneModelConfig()
+    data: LcmDataConfig = LcmDataConfig()
+    network: NetworkConfig = NetworkConfig()
+    distill: DistillConfig = DistillConfig()
+    train: OptimConfig = OptimConfig()
+    output: LcmOutputConfig = LcmOutputConfig()
+
+
 # ``danqing train KIND`` and the server's training jobs: kind -> its config model
 FINETUNE_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
-                    "textual-inversion": TextualInversionTrainConfig}
+                    "textual-inversion": TextualInversionTrainConfig, "lcm": LcmTrainConfig}

@@ -194,15 +194,25 @@ def caption_folder(folder: str | Path, *, caption_ext: str = ".txt", repeats: in
     return items
 
 
-def concept_items(concept: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
-    """Rendered training scenes of a novel synthetic shape or colour, each with English phrasings."""
+def concept_items(concept: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0,
+                  pair_share: float = 1 / 3, relations: tuple[str, ...] = ("left", "right")) -> list[CaptionedItem]:
+    """Rendered training scenes of a novel synthetic shape or colour, each with English phrasings
+    (``pair_share``, ``relations``: ``danqing.synthetic.concepts.concept_scenes``)."""
     rng = random.Random(f"concept-captions:{seed}")
     out = []
-    for i, s in enumerate(concept_scenes(n, concept=concept, seed=seed)):
+    for i, s in enumerate(concept_scenes(n, concept=concept, seed=seed, pair_share=pair_share, relations=relations)):
         caps = [caption(s, "en")] + [caption(s, "en", rng) for _ in range(captions_per_image - 1)]
         out.append(CaptionedItem(render(s, size), list(dict.fromkeys(caps)), 1, f"{concept}-{i:03d}",
                                  render_mask(s, size)))
     return out
+
+
+def world_items(world: str, n: int, *, size: int, captions_per_image: int = 4, seed: int = 0) -> list[CaptionedItem]:
+    """``n`` training-split pictures of a synthetic world ("shapes", "portraits", "mix") with
+    English and Chinese captions (``synthetic_dataset``), as captioned items."""
+    data = synthetic_dataset(n, size, seed, captions_per_image, world=world)
+    return [CaptionedItem(Image.fromarray(data.images[i].permute(1, 2, 0).numpy()), list(dict.fromkeys(caps)), 1,
+                          f"{world}-{i:05d}") for i, caps in enumerate(data.captions)]
 
 
 def bucket_sizes(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:

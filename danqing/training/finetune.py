@@ -41,7 +41,7 @@ from danqing.customise.embeddings import save_embedding_a1111
 from danqing.errors import InvalidRequest
 from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import class_scenes, concept_scenes
-from danqing.synthetic.scenes import scenes
+from danqing.synthetic.scenes import eval_scenes, scenes
 from danqing.training.base import export_model, generate_images, image_grid
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
@@ -192,8 +192,9 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
             raise InvalidRequest("prior.class_source", "'concept-class' needs data.source = concept:<shape or colour>; use "
                                  "'synthetic' or a folder of class images for your own data")
         concept = cfg.data.source.split(":", 1)[1]
-        prompts = [caption(s) for s in class_scenes(concept_scenes(p.n_class_images, concept=concept,
-                                                                   seed=cfg.data.seed + 1), seed=cfg.data.seed)]
+        prompts = [caption(s) for s in class_scenes(concept_scenes(
+            p.n_class_images, concept=concept, seed=cfg.data.seed + 1, pair_share=cfg.data.pair_share,
+            relations=cfg.data.pair_relations), seed=cfg.data.seed)]
     folder = run_dir / "class_images"
     done = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(done) < len(prompts):
@@ -353,9 +354,59 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
             "steps_per_s": state.steps_per_s}
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Latent consistency distillation (a LoRA for the LCM sampler)
+# ---------------------------------------------------------------------------------------------
+def train_lcm(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
+    """``danqing train lcm``: a LoRA that makes the base model draw in ``distill.sample_steps``
+    steps with the ``LCM`` sampler and CFG 1 (``danqing.training.distill``). Returns as
+    ``train_lora``."""
+    from danqing.training.distill import lcm_objective
+
+    if cfg.network.train_text_encoder or cfg.network.train_words:
+        raise InvalidRequest("network.train_text_encoder", "LCM distillation trains the UNet's LoRA only; set "
+                             "train_text_encoder = false and train_words = []")
+    comps, entry, sha, run_dir = _begin(cfg, settings, resume)
+    check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
+    loss_fn = lcm_objective(comps, cfg.distill)
+    items = load_items(cfg.data, size=cfg.data.resolution)
+    data = cache_latents(items, comps, resolution=cfg.data.resolution, buckets=cfg.data.buckets, flip=cfg.data.flip,
+                         device="cpu")
+    log(f"{data.n_images} images in {len(data.buckets)} bucket(s) {[b.size for b in data.buckets]}; "
+        f"base {entry.name} [{sha[:10]}] ({comps.family}); teacher CFG {cfg.distill.guidance:g}, "
+        f"{cfg.distill.solver_steps} DDIM solver steps")
+    torch.manual_seed(cfg.train.seed)
+    trainable = add_lora(comps, cfg.network, cfg.train.lr)
+    prompts = _sample_prompts(cfg.output, cfg.data) or [caption(s) for s in eval_scenes(8)]
+
+    def sample(step: int) -> None:
+        dev = next(comps.unet.parameters()).device
+        imgs = generate_images(comps, prompts, seed=cfg.output.sample_seed, steps=cfg.distill.sample_steps,
+                               cfg_scale=1.0, size=cfg.data.resolution, sampler="LCM", device=dev)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(imgs, cols=min(8, len(imgs))).save(run_dir / "samples" / f"step-{step:06d}.png")
+
+    state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=False, log=log,
+                     resume=resume, caption_cfg=cfg.data, on_step=on_step, on_sample=sample, loss_fn=loss_fn)
+    if not state.main:
+        return _summary([], state)
+    meta = _kohya_metadata(method="lcm", base_name=entry.name, base_sha=sha, comps=comps, data=data, cfg=cfg.train,
+                           extra={"ss_network_module": "networks.lora", "ss_network_dim": cfg.network.rank,
+                                  "ss_network_alpha": cfg.network.alpha, "ss_network_train_text_encoder": False,
+                                  "ss_steps": state.step, "danqing.lcm_guidance": cfg.distill.guidance,
+                                  "danqing.lcm_solver_steps": cfg.distill.solver_steps,
+                                  "danqing.usage": f"sampler LCM, {cfg.distill.sample_steps} steps, CFG 1"})
+    files = save_lora(comps, cfg.network, run_dir, cfg.output.name, cfg.output.formats, meta)
+    for f in files:
+        log(f"wrote {f}")
+    return _summary(files, state)
+
+
 # ``danqing train KIND`` and the server's training jobs: kind -> its trainer's name here (configs:
 # ``config.FINETUNE_CONFIGS``)
-TRAINERS = {"lora": "train_lora", "dreambooth": "train_dreambooth", "textual-inversion": "train_textual_inversion"}
+TRAINERS = {"lora": "train_lora", "dreambooth": "train_dreambooth", "textual-inversion": "train_textual_inversion",
+            "lcm": "train_lcm"}
 
 
 def trainer(kind: str) -> Callable[..., dict]:

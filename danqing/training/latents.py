@@ -18,7 +18,7 @@ from PIL import Image
 from danqing.decode import vae_scale_factor
 from danqing.errors import InvalidRequest
 from danqing.synthetic.scenes import concepts
-from danqing.training.data import bucket_sizes, caption_folder, concept_items, fit_bucket
+from danqing.training.data import bucket_sizes, caption_folder, concept_items, fit_bucket, world_items
 
 
 @dataclass
@@ -59,14 +59,18 @@ def bucket_step(comps) -> int:
 
 
 def load_items(data_cfg, *, size: int):
-    """The configured images with captions (a folder or ``concept:<shape or colour>``)."""
+    """The configured images with captions (a folder, ``concept:<shape or colour>`` or
+    ``world:<shapes|portraits|mix>``)."""
     if data_cfg.source.startswith("concept:"):
         concept = data_cfg.source.split(":", 1)[1]
         if concept not in concepts():
             raise InvalidRequest("data.source", f"unknown concept {concept!r}; concepts: "
                                  f"{', '.join('concept:' + s for s in concepts())}, or a folder")
         return concept_items(concept, data_cfg.n_images, size=size, captions_per_image=data_cfg.captions_per_image,
-                             seed=data_cfg.seed)
+                             seed=data_cfg.seed, pair_share=data_cfg.pair_share, relations=data_cfg.pair_relations)
+    if data_cfg.source.startswith("world:"):
+        return world_items(data_cfg.source.split(":", 1)[1], data_cfg.n_images, size=size,
+                           captions_per_image=data_cfg.captions_per_image, seed=data_cfg.seed)
     return caption_folder(data_cfg.source, caption_ext=data_cfg.caption_ext, repeats=data_cfg.repeats)
 
 

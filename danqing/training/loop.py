@@ -144,7 +144,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
              log: Log, resume: bool, prior: TrainData | None = None, prior_weight: float = 1.0,
              caption_cfg=None, after_step: Callable[[], None] | None = None,
              on_sample: Callable[[int], None] | None = None,
-             on_step: Callable[[int, int, float], None] | None = None) -> RunState:
+             on_step: Callable[[int, int, float], None] | None = None,
+             loss_fn: Callable[..., torch.Tensor] | None = None) -> RunState:
     """Optimise ``trainable`` on ``data`` (and the prior-preservation ``prior``) for ``cfg.steps``.
 
     Args:
@@ -154,6 +155,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         on_sample: called with the step number every ``out_cfg.sample_every`` steps and at the end.
         on_step: called with (step, total, loss) after each optimiser step (the server's train jobs);
             an exception it raises ends the run there.
+        loss_fn: the objective, ``loss_fn(comps, noise_sched, z, ctx, added, g, weight_map, rows)`` ->
+            per-sample losses; default the denoising loss (``diffusion_loss`` with ``cfg``'s
+            noise offset and min-SNR-gamma). Distillation brings its own
+            (``danqing.training.distill``).
     """
     from diffusers import DDPMScheduler
 
@@ -182,6 +187,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
                 setattr(train_comps, name, w)
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
+    if loss_fn is None:
+        def loss_fn(c, ns, z, ctx, added, g, weight_map, rows):
+            return diffusion_loss(c.unet, ns, z, ctx, added, g, v_prediction=v_prediction, noise_offset=cfg.noise_offset,
+                                  min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map, rows=rows)
     state = RunState()
     def load_trainable(ckpt: Path) -> None:  # the trained tensors (adapters, embedding rows) themselves
         saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
@@ -200,11 +209,10 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
         g = _gen(cfg.seed, step)
         try:
             with accelerator.accumulate(*wrapped):
-                loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                                   process_caption, rows)
+                loss = _batch_loss(train_comps, data, rng, g, cfg, caption_cfg, noise_sched, scaling, dev, rows, loss_fn)
                 if prior is not None:
                     loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched,
-                                                             scaling, v_prediction, dev, process_caption, rows)
+                                                             scaling, dev, rows, loss_fn)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
@@ -250,8 +258,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
     return state
 
 
-def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, scaling, v_prediction, dev,
-                process_caption, rows: tuple[slice, int]) -> torch.Tensor:
+def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, scaling, dev,
+                rows: tuple[slice, int], loss_fn) -> torch.Tensor:
     """The loss of this process's rows of the step's batch (all of it with one process)."""
     part, _ = rows
     bucket, idx = data.draw(rng, cfg.batch_size)
@@ -268,9 +276,7 @@ def _batch_loss(comps, data: TrainData, rng, g, cfg, caption_cfg, noise_sched, s
     weight_map = None
     if caption_cfg is not None and caption_cfg.object_weight and bucket.masks is not None:
         weight_map = (1 + caption_cfg.object_weight * bucket.masks[idx][part]).to(dev)
-    return diffusion_loss(comps.unet, noise_sched, z, ctx, added, g, v_prediction=v_prediction,
-                          noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, weight_map=weight_map,
-                          rows=rows).mean()
+    return loss_fn(comps, noise_sched, z, ctx, added, g, weight_map, rows).mean()
 
 
 class _Progress:
