@@ -128,8 +128,9 @@ def test_webuiapi_lists_and_options(api):
     assert "danqing-tiny" in models and models["danqing-tiny"]["title"].startswith("danqing-tiny [")
     assert api.util_get_current_model() == models["danqing-tiny"]["title"]
     assert [u["name"] for u in api.get_upscalers()] == ["Lanczos", "Nearest"]
-    # an empty models folder: the LoRA danqing bundles (danqing/data/models/lora/heart.safetensors)
-    assert [(x["name"], x["alias"], Path(x["path"]).parent.name) for x in api.get_loras()] == [("heart", "heart", "lora")]
+    # an empty models folder: the LoRAs danqing bundles (danqing/data/models/lora/*.safetensors)
+    assert sorted((x["name"], x["alias"], Path(x["path"]).parent.name) for x in api.get_loras()) == \
+        [("heart", "heart", "lora"), ("heart-character", "heart-character", "lora")]
     assert api.get_sd_vae() == []
     api.set_options({"CLIP_stop_at_last_layers": 2})
     try:

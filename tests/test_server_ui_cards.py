@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from danqing.models.registry import Registry
+from danqing.models.registry import Registry, bundled_lora_entries
 from danqing.server.ui_cards import Card, insert_card, network_cards
 
 
@@ -30,7 +30,8 @@ def test_cards_list_previews_and_trigger_words_and_insert_into_the_prompt(tmp_pa
 
     reg = Registry(models)
     loras = {c.name: c for c in network_cards(reg, "lora")}
-    assert set(loras) == {"heart", "star", "moon"}
+    # the folder's own (heart shadows the bundled file of that name) and the other bundled LoRAs
+    assert set(loras) == {"heart", "star", "moon"} | {e.name for e in bundled_lora_entries()}
     assert loras["heart"].preview == models / "lora" / "heart.png" and loras["star"].preview is None
     assert loras["moon"].preview == models / "lora" / "moon.preview.png"
     assert loras["heart"].triggers == ("dqheart", "red", "shape")
