@@ -1,4 +1,4 @@
-"""Latent consistency distillation (``danqing train lcm``): the objective's pieces against
+"""Latent consistency distillation (``danqing train distill``): the objective's pieces against
 diffusers' LCM and DDIM schedulers, a short run on a tiny model, and the bundled 4-step LoRA of
 danqing-tiny against the 20-step model on held-out prompts."""
 
@@ -62,17 +62,17 @@ def _lcm_cfg(out: Path, **sections):
            "output": {"output_dir": str(out), "name": "fast", "sample_every": 1000, "log_every": 1}}
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
-    return C.LcmTrainConfig.model_validate(raw)
+    return C.DistillTrainConfig.model_validate(raw)
 
 
 def test_a_short_lcm_run_writes_a_lora_for_the_lcm_sampler(settings, tmp_path):
     from safetensors import safe_open
 
     from danqing import GenerationRequest, Studio
-    from danqing.training.finetune import train_lcm
+    from danqing.training.finetune import train_distill
 
     lines: list[str] = []
-    summary = train_lcm(_lcm_cfg(tmp_path / "run"), resume=False, log=lines.append, settings=settings)
+    summary = train_distill(_lcm_cfg(tmp_path / "run"), resume=False, log=lines.append, settings=settings)
     assert summary["steps"] == 3 and np.isfinite(summary["loss"])
     assert any("teacher CFG 7" in line for line in lines)
     (path,) = map(Path, summary["files"])
@@ -93,16 +93,37 @@ def test_a_short_lcm_run_writes_a_lora_for_the_lcm_sampler(settings, tmp_path):
 
 
 def test_lcm_distillation_refuses_what_it_cannot_do(settings, tmp_path):
-    from danqing.training.finetune import train_lcm
+    from danqing.training.finetune import train_distill
 
     with pytest.raises(InvalidRequest, match="train_text_encoder = false"):
-        train_lcm(_lcm_cfg(tmp_path / "a", network={"train_text_encoder": True}), resume=False, log=lambda s: None,
+        train_distill(_lcm_cfg(tmp_path / "a", network={"train_text_encoder": True}), resume=False, log=lambda s: None,
                   settings=settings)
     with pytest.raises(InvalidRequest, match="SD1/SD2 epsilon model; this one is sdxl"):
-        train_lcm(_lcm_cfg(tmp_path / "b", model={"base": "tiny-sdxl"}), resume=False, log=lambda s: None,
+        train_distill(_lcm_cfg(tmp_path / "b", model={"base": "tiny-sdxl"}), resume=False, log=lambda s: None,
                   settings=settings)
     with pytest.raises(Exception, match="pair_relations"):
-        C.LcmTrainConfig.model_validate({"data": {"pair_relations": ["inside"]}})
+        C.DistillTrainConfig.model_validate({"data": {"pair_relations": ["inside"]}})
+
+
+def test_eval_takes_a_sampler_and_loras_and_refuses_bad_ones(capsys, tmp_path):
+    import json
+
+    from danqing.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(["--home", str(tmp_path / "home"), "eval", "shapes", "--n", "2", *args])
+        return exc.value.code, capsys.readouterr()
+
+    code, out = run("--sampler", "LCM", "--steps", "2", "--cfg", "1", "--lora", "heart:0.5", "--json", str(tmp_path / "s.json"))
+    assert code in (0, None), out.err
+    assert json.loads((tmp_path / "s.json").read_text())["summary"]["n"] == 2
+    code, out = run("--lora", "heart:abc")
+    assert code == 2 and "--lora: 'heart:abc': the weight after ':' must be a number" in out.err
+    code, out = run("--lora", "no-such-lora")
+    assert code == 2 and "no-such-lora" in out.err
+    code, out = run("--sampler", "Nope")
+    assert code == 2 and "Nope" in out.err
 
 
 # ---------------------------------------------------------------------------------------------

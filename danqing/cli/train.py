@@ -152,17 +152,17 @@ def train_lora_cmd(
     _finetune_cmd(ctx, "lora", config, fresh, set_, num_processes)
 
 
-@train_app.command("lcm")
-def train_lcm_cmd(
+@train_app.command("distill")
+def train_distill_cmd(
     ctx: typer.Context,
     num_processes: int = _PROCS,
-    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("lcm-danqing-tiny")),
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("distill-danqing-tiny")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Distil a model into a 4-step LCM-LoRA (latent consistency distillation); use it with
     `<lora:NAME:1>`, --sampler LCM --steps 4 --cfg 1."""
-    _finetune_cmd(ctx, "lcm", config, fresh, set_, num_processes)
+    _finetune_cmd(ctx, "distill", config, fresh, set_, num_processes)
 
 
 @train_app.command("dreambooth")

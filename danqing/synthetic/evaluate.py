@@ -274,7 +274,7 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
     judge = judge or (lambda img, sc: score(img, sc.spec))
     scores = []
     for i, sc in enumerate(scenes):
-        req = GenerationRequest(prompt=write(sc, lang) + suffix, model=model, steps=steps, cfg_scale=cfg_scale,
+        req = GenerationRequest.create(prompt=write(sc, lang) + suffix, model=model, steps=steps, cfg_scale=cfg_scale,
                                 seed=seed + i, subseed=0, width=size, height=size, sampler=sampler)
         res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
         if out_files is not None:

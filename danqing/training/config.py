@@ -280,6 +280,7 @@ class TextualInversionTrainConfig(_Strict):
 
 
 class DistillConfig(_Strict):
+    method: Literal["lcm"] = "lcm"                # latent consistency distillation into a LoRA (LCM-LoRA)
     guidance: float = Field(7.0, ge=1)             # the teacher's CFG scale (what the student learns to draw at CFG 1)
     solver_steps: int = Field(50, ge=2, le=1000)   # the DDIM solver's steps (the LCM sampler's original_inference_steps)
     huber_c: float = Field(1e-3, gt=0)             # pseudo-Huber loss constant
@@ -287,28 +288,28 @@ class DistillConfig(_Strict):
     sample_steps: int = Field(4, ge=1)             # the run's sample grids: LCM sampler, CFG 1
 
 
-class LcmDataConfig(FinetuneDataConfig):
+class DistillDataConfig(FinetuneDataConfig):
     source: str = "world:shapes"
     n_images: int = Field(2000, ge=1)
 
 
-class LcmOutputConfig(OutputConfig):
-    output_dir: str = "runs/lcm-danqing-tiny"
+class DistillOutputConfig(OutputConfig):
+    output_dir: str = "runs/distill-danqing-tiny"
     name: str = "danqing-tiny-lcm"
     formats: tuple[Literal["kohya", "diffusers"], ...] = ("kohya",)
 
 
-class LcmTrainConfig(_Strict):
-    """Latent consistency distillation into a LoRA (``danqing.training.distill``)."""
+class DistillTrainConfig(_Strict):
+    """A few-step model by distillation (``danqing.training.distill``)."""
 
     model: FinetuneModelConfig = FinetuneModelConfig()
-    data: LcmDataConfig = LcmDataConfig()
+    data: DistillDataConfig = DistillDataConfig()
     network: NetworkConfig = NetworkConfig()
     distill: DistillConfig = DistillConfig()
     train: OptimConfig = OptimConfig()
-    output: LcmOutputConfig = LcmOutputConfig()
+    output: DistillOutputConfig = DistillOutputConfig()
 
 
 # ``danqing train KIND`` and the server's training jobs: kind -> its config model
 FINETUNE_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
-                    "textual-inversion": TextualInversionTrainConfig, "lcm": LcmTrainConfig}
+                    "textual-inversion": TextualInversionTrainConfig, "distill": DistillTrainConfig}

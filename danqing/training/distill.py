@@ -1,6 +1,6 @@
 """Few-step models by distillation: latent consistency distillation into a LoRA (LCM-LoRA).
 
-``danqing train lcm --config configs/train/lcm-danqing-tiny.toml`` teaches a LoRA on top of a
+``danqing train distill --config configs/train/distill-danqing-tiny.toml`` teaches a LoRA on top of a
 model to jump from any point of the model's own guided ODE trajectory to its end, so that the
 ``LCM`` sampler draws with 4 steps and CFG 1 what the model draws with 20 steps and CFG 7
 (Luo et al. 2023, "Latent Consistency Models"; "LCM-LoRA"). The result is a kohya LoRA: a prompt

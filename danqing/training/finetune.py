@@ -358,8 +358,8 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
 # ---------------------------------------------------------------------------------------------
 # Latent consistency distillation (a LoRA for the LCM sampler)
 # ---------------------------------------------------------------------------------------------
-def train_lcm(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
-    """``danqing train lcm``: a LoRA that makes the base model draw in ``distill.sample_steps``
+def train_distill(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
+    """``danqing train distill`` (``distill.method = "lcm"``): a LoRA that makes the base model draw in ``distill.sample_steps``
     steps with the ``LCM`` sampler and CFG 1 (``danqing.training.distill``). Returns as
     ``train_lora``."""
     from danqing.training.distill import lcm_objective
@@ -406,7 +406,7 @@ def train_lcm(cfg, *, resume: bool = True, log: Log = print, settings=None, on_s
 # ``danqing train KIND`` and the server's training jobs: kind -> its trainer's name here (configs:
 # ``config.FINETUNE_CONFIGS``)
 TRAINERS = {"lora": "train_lora", "dreambooth": "train_dreambooth", "textual-inversion": "train_textual_inversion",
-            "lcm": "train_lcm"}
+            "distill": "train_distill"}
 
 
 def trainer(kind: str) -> Callable[..., dict]:
