@@ -39,7 +39,9 @@ def _close(got: dict, ref: dict, moved: dict) -> tuple[float, float]:
     step = torch.cat([v.abs().flatten() for v in moved.values()])
     assert float(step.mean()) > 1e-5  # the weights did move
     assert float(diff.mean()) < MEAN_RATIO * float(step.mean())
-    assert float(diff.max()) <= float(step.max())  # no weight further off than one Adam step (lr)
+    # no weight further off than the two runs' noise-driven Adam steps can take it: up to lr per
+    # step each (measured here 1.09e-3 after 3 steps at lr 1e-3, on another machine 7.5e-4)
+    assert float(diff.max()) <= STEPS * float(step.max())
     return float(diff.mean()), float(diff.max())
 
 
