@@ -6,7 +6,7 @@ sampler, 4 steps, CFG 1), and prints the median wall time of one 64x64 picture e
 ratio. The LoRA's weights are merged for each request and restored after it, and that time is
 counted. Not a test: the numbers go to docs/benchmarks.md with the machine.
 
-    .venv/bin/python bench/fewstep_cpu.py [--repeats 20] [--threads 0]
+    .venv/bin/python bench/fewstep_cpu.py [--repeats 20] [--threads 0] [--models-dir models --lora NAME]
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--lora", default="danqing-tiny-lcm")
+    ap.add_argument("--lora", default="danqing-tiny-lcm", help="a LoRA of --models-dir or a bundled one")
+    ap.add_argument("--models-dir", default=None, help="the models folder [default: an empty one]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    studio = Studio(Settings(home=tempfile.mkdtemp(), device="cpu", dtype="fp32"))
+    home = tempfile.mkdtemp()
+    studio = Studio(Settings(home=home, models_dir=args.models_dir or f"{home}/models", device="cpu", dtype="fp32"))
     prompt = "a red circle left of a blue star"
     runs = {
         "20 steps, DPM++ 2M, CFG 7": GenerationRequest.create(prompt=prompt, model="danqing-tiny", width=64, height=64,
