@@ -1,6 +1,6 @@
 """Latent consistency distillation (``danqing train distill``): the objective's pieces against
-diffusers' LCM and DDIM schedulers, a short run on a tiny model, and the bundled 4-step LoRA of
-danqing-tiny against the 20-step model on held-out prompts."""
+diffusers' LCM and DDIM schedulers, a short run on a tiny model, and ``danqing eval shapes``
+with a sampler and LoRAs (how the distilled LoRA is measured; docs/training.md has the runs)."""
 
 from __future__ import annotations
 
@@ -124,32 +124,3 @@ def test_eval_takes_a_sampler_and_loras_and_refuses_bad_ones(capsys, tmp_path):
     assert code == 2 and "no-such-lora" in out.err
     code, out = run("--sampler", "Nope")
     assert code == 2 and "Nope" in out.err
-
-
-# ---------------------------------------------------------------------------------------------
-# The bundled distilled LoRA of danqing-tiny
-# ---------------------------------------------------------------------------------------------
-def _score(capsys, tmp_path, name: str, *args: str) -> float:
-    import json
-
-    from danqing.cli import main
-
-    out = tmp_path / f"{name}.json"
-    with pytest.raises(SystemExit) as exc:
-        main(["--home", str(tmp_path / "home"), "eval", "shapes", "--n", "100", "--json", str(out), *args])
-    assert exc.value.code in (0, None), capsys.readouterr().err
-    return json.loads(out.read_text())["summary"]["object"]
-
-
-@pytest.mark.parametrize("lang", ["en", "zh"])
-def test_the_bundled_lcm_lora_draws_in_4_steps_what_danqing_tiny_draws_in_20(capsys, tmp_path, lang):
-    """100 held-out prompts: danqing-tiny at its settings (DPM++ 2M, 20 steps, CFG 7) against
-    ``<lora:danqing-tiny-lcm:1>`` with the LCM sampler, 4 steps, CFG 1 (the evaluator's object
-    score); without the LoRA, 4 LCM steps are far worse."""
-    four = ("--sampler", "LCM", "--steps", "4", "--cfg", "1", "--lang", lang)
-    twenty = _score(capsys, tmp_path, "twenty", "--lang", lang)
-    distilled = _score(capsys, tmp_path, "distilled", *four, "--lora", "danqing-tiny-lcm")
-    plain = _score(capsys, tmp_path, "plain", *four)
-    print(f"{lang}: 20 steps {twenty:.3f}, 4 steps with the LoRA {distilled:.3f}, without {plain:.3f}")
-    assert distilled >= twenty - 0.03, (twenty, distilled)
-    assert plain <= twenty - 0.2, (twenty, plain)
