@@ -34,11 +34,12 @@ def handler(demo, component: str):
 def test_the_3d_tab_streams_progress_then_shows_the_mesh_and_turntable(demo):
     import trimesh
 
-    items = list(handler(demo, "Model3D")("a red ball", "", 3, 32, 1))
+    # enough steps that the 0.25 s poll sees the job running (3 steps can end before the first poll)
+    items = list(handler(demo, "Model3D")("a red ball", "", 40, 32, 1))
     lines = [i[1] for i in items]
     assert any(line.startswith("step ") and ", loss " in line for line in lines), lines
     _, status, glb, mp4, files = items[-1]
-    assert status == "done: 3 steps"
+    assert status == "done: 40 steps"
     assert glb.endswith(".glb") and mp4.endswith(".mp4") and len(files) == 4
     mesh = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 0
