@@ -83,17 +83,21 @@ def _sample_prompts(out_cfg, data_cfg) -> list[str]:
         return list(out_cfg.sample_prompts)
     if data_cfg.source.startswith("concept:"):
         return [caption(s) for s in concept_scenes(8, concept=data_cfg.source.split(":", 1)[1], split="eval")]
+    if data_cfg.source.startswith("world:"):
+        return [caption(s) for s in eval_scenes(8)]
     return []
 
 
-def _sampler(comps, prompts: list[str], out_cfg, size: int, run_dir: Path):
-    """A ``on_sample`` callback: a grid of the sample prompts at fixed seeds under samples/."""
+def _sampler(comps, prompts: list[str], out_cfg, size: int, run_dir: Path, *, steps: int | None = None,
+             cfg_scale: float = 7.0, sampler: str = "DPM++ 2M"):
+    """A ``on_sample`` callback: a grid of the sample prompts at fixed seeds under samples/
+    (``steps``: default ``out_cfg.sample_steps``)."""
     def sample(step: int) -> None:
         if not prompts:
             return
         dev = next(comps.unet.parameters()).device
-        imgs = generate_images(comps, prompts, seed=out_cfg.sample_seed, steps=out_cfg.sample_steps, cfg_scale=7.0,
-                               size=size, device=dev)
+        imgs = generate_images(comps, prompts, seed=out_cfg.sample_seed, steps=steps or out_cfg.sample_steps,
+                               cfg_scale=cfg_scale, size=size, sampler=sampler, device=dev)
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         image_grid(imgs, cols=min(8, len(imgs))).save(run_dir / "samples" / f"step-{step:06d}.png")
 
@@ -378,15 +382,8 @@ def train_distill(cfg, *, resume: bool = True, log: Log = print, settings=None, 
         f"{cfg.distill.solver_steps} DDIM solver steps")
     torch.manual_seed(cfg.train.seed)
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
-    prompts = _sample_prompts(cfg.output, cfg.data) or [caption(s) for s in eval_scenes(8)]
-
-    def sample(step: int) -> None:
-        dev = next(comps.unet.parameters()).device
-        imgs = generate_images(comps, prompts, seed=cfg.output.sample_seed, steps=cfg.distill.sample_steps,
-                               cfg_scale=1.0, size=cfg.data.resolution, sampler="LCM", device=dev)
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(imgs, cols=min(8, len(imgs))).save(run_dir / "samples" / f"step-{step:06d}.png")
-
+    sample = _sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output, cfg.data.resolution, run_dir,
+                      steps=cfg.distill.sample_steps, cfg_scale=1.0, sampler="LCM")  # how the LoRA is used
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=False, log=log,
                      resume=resume, caption_cfg=cfg.data, on_step=on_step, on_sample=sample, loss_fn=loss_fn)
     if not state.main:
