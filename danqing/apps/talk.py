@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from danqing.apps.talk_face import Landmarks68, MouthRig, make_rig, render_mouth
 from danqing.apps.visemes import Track, frame_count, loudness_track, phone_track
 from danqing.errors import InvalidRequest
 from danqing.files import atomic_save, atomic_write_text
-from danqing.outputs.video import read_video_parameters, sidecar
+from danqing.outputs.video import add_h264_stream, read_video_parameters, sidecar
 from danqing.pictures import load_image
 
 MAX_SIDE = 2048  # a picture's longest side
@@ -193,10 +192,7 @@ def _write(frames: list[np.ndarray], audio: np.ndarray, rate: int, path: Path, f
 
     with av.open(str(path), mode="w", format="mp4") as container:
         container.metadata["comment"] = parameters
-        video = container.add_stream("libx264", rate=Fraction(fps))
-        video.height, video.width = frames[0].shape[:2]
-        video.pix_fmt = "yuv420p"
-        video.options = {"crf": "18"}
+        video = add_h264_stream(container, fps, frames[0].shape[1], frames[0].shape[0])
         sound = container.add_stream("aac", rate=rate, layout="mono")
         for frame in frames:
             container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
