@@ -1,5 +1,6 @@
 """``danqing eval shapes`` and ``danqing eval portraits``: score pictures of the shapes world
-(danqing/synthetic/evaluate.py) and of the portrait world (danqing/synthetic/portrait_reader.py)."""
+(danqing/synthetic/evaluate.py) and of the portrait world (danqing/synthetic/portrait_reader.py);
+``danqing eval clip``: a CLIP model's held-out retrieval, or CLIP scores (models/clip_model.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import typer
 from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_target, refuse_existing
 from danqing.files import atomic_write_text
 
-eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`, `danqing eval clip`.",
+                       no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -43,22 +45,122 @@ def eval_shapes(
     seed: int = SEED,
     sampler: str = SAMPLER,
     lora: list[str] = LORA,
+    clip: Optional[str] = typer.Option(None, help="Also the CLIP score of each picture against its prompt with this CLIP "
+                                               "model (danqing-tiny-clip, a folder of models/clip/ or a path), and its "
+                                               "Spearman correlation with the object score [default: none]."),
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
 ):
     """Score pictures of the shapes world: object presence, shape, colour, count, relation."""
     from danqing.synthetic import evaluate as world  # lazy: OpenCV
+    from danqing.synthetic.captions import caption
     from danqing.synthetic.scenes import eval_scenes
+
+    pairs: list = []  # (picture, the prompt's text) for --clip
 
     def show(path, s):
         found = ", ".join(f"{d.colour} {d.shape} ({d.x:.2f},{d.y:.2f})" for d in s.detections) or "nothing"
         typer.echo(f"{path}: object {s.object:.2f} count {s.count:.0f} relation {s.relation} | found: {found}")
+        if clip:
+            pairs.append(_picture_and_prompt(path, prompt))
 
+    def generate(studio, **kw):
+        held_out = eval_scenes(n)
+        on_image = (lambda i, image, s: pairs.append((image, caption(held_out[i], lang)))) if clip else None
+        return world.evaluate_studio(studio, held_out, on_image=on_image, **kw)
+
+    with_clip = _with_clip_score(ctx, clip, pairs)
     _evaluate(ctx, images, prompt, json_out, show=show,
               score_files=world.score_files, summarise=world.summarise, to_dict=lambda s: s.to_dict(),
-              generate=lambda studio, **kw: world.evaluate_studio(studio, eval_scenes(n), **kw),
-              n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed, sampler=sampler,
-              suffix=lora_tags(lora))
+              generate=generate, n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed,
+              sampler=sampler, suffix=lora_tags(lora), finish=with_clip)
+
+
+@eval_app.command("clip")
+def eval_clip(
+    ctx: typer.Context,
+    images: Optional[list[Path]] = typer.Argument(None, help="Images to score against their prompts; without any, the "
+                                                         "held-out retrieval test."),
+    prompt: Optional[str] = PROMPT,
+    model: str = typer.Option("danqing-tiny-clip", help="CLIP model: danqing-tiny-clip, a folder of models/clip/ or a path."),
+    n: int = typer.Option(200, help="Held-out scenes of the retrieval test (1-1000)."),
+    distractors: int = typer.Option(9, help="Captions per scene that change one attribute (1-15)."),
+    json_out: Optional[Path] = JSON_OUT,
+):
+    """Zero-shot retrieval on held-out scenes (pick a scene's caption among captions that change
+    one attribute; English and Chinese), or the CLIP score of images against their prompts."""
+    from danqing.errors import InvalidRequest
+    from danqing.models.clip_model import load_clip
+
+    if json_out is not None:
+        refuse_existing(json_out)
+    if not 1 <= n <= 1000:
+        raise InvalidRequest("n", f"must be 1-1000, got {n}")
+    if not 1 <= distractors <= 15:
+        raise InvalidRequest("distractors", f"must be 1-15, got {distractors}")
+    clip = load_clip(model, ctx.obj.models_dir)
+    if images:
+        pairs = [_picture_and_prompt(p, prompt) for p in images]
+        scores = clip.score([im for im, _ in pairs], [t for _, t in pairs])
+        for path, value in zip(images, scores):
+            typer.echo(f"{path}: clip score {value:.2f}")
+        summary = {"n": len(scores), "clip_score": round(sum(scores) / len(scores), 4)}
+        rows = [{"image": str(p), "clip_score": v} for p, v in zip(images, scores)]
+    else:
+        from danqing.training.clip import retrieval_items, retrieval_top1
+        from danqing.training.data import render_batch
+
+        items = retrieval_items(n, distractors)
+        pictures = render_batch([it.scene for it in items], clip.size, workers=1)
+        summary = {"n": n, "candidates": distractors + 1,
+                   **{f"top1_{lang}": retrieval_top1(clip, items, pictures, lang) for lang in ("en", "zh")}}
+        rows = []
+    typer.echo(f"summary: {json.dumps(summary)}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"summary": summary, "images": rows}, indent=1))
+
+
+def _picture_and_prompt(path: Path, prompt: str | None):
+    """(the picture, the text of ``prompt`` or of the prompt in its metadata without its
+    <lora:...> style tags) of an image file; one line for an unreadable file."""
+    import re
+
+    from PIL import Image
+
+    from danqing.errors import ImageError
+    from danqing.outputs.infotext import parse_infotext
+    from danqing.outputs.store import read_infotext
+
+    try:
+        with Image.open(path) as im:
+            picture = im.convert("RGB")
+    except Exception as exc:  # Pillow raises many kinds on damaged files
+        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
+    text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
+    return picture, re.sub(r"\s+", " ", re.sub(r"<[^<>]*>", " ", text)).strip()
+
+
+def _with_clip_score(ctx, name: str | None, pairs: list):
+    """A ``finish`` step for ``_evaluate``: with a CLIP model named, each score gets its CLIP
+    score and the summary their mean and their Spearman correlation with the object score."""
+    if not name:
+        return None
+    from danqing.models.clip_model import load_clip
+
+    clip = load_clip(name, ctx.obj.models_dir)  # before any generation: a wrong name costs nothing
+
+    def finish(summary: dict, scores: list, rows: list[dict]) -> None:
+        from scipy.stats import spearmanr
+
+        values = clip.score([im for im, _ in pairs], [t for _, t in pairs])
+        for row, v in zip(rows, values):
+            row["clip_score"] = v
+        summary["clip_score"] = round(sum(values) / len(values), 4)
+        objects = [s.object for s in scores]
+        rho = spearmanr(values, objects).statistic if len(set(objects)) > 1 and len(set(values)) > 1 else None
+        summary["clip_spearman_object"] = None if rho is None else round(float(rho), 4)
+
+    return finish
 
 
 @eval_app.command("portraits")
@@ -109,9 +211,11 @@ def lora_tags(loras: list[str]) -> str:
     return "".join(tags)
 
 
-def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to_dict, generate, n, lang, out, **gen):
+def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to_dict, generate, n, lang, out,
+              finish=None, **gen):
     """One evaluation, either world: score ``images`` (against ``prompt`` or their metadata), or
-    generate the held-out set of ``n`` prompts in ``lang``; print the summary, write the JSON."""
+    generate the held-out set of ``n`` prompts in ``lang``; print the summary, write the JSON.
+    ``finish(summary, scores, rows)`` may add to the summary and the per-image rows."""
     from danqing.synthetic.evaluate import check_held_out
 
     if json_out is not None:
@@ -128,6 +232,9 @@ def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to
         announce_device(studio)
         summary, scores = generate(studio, lang=lang, out_dir=target.folder if target else None,
                                    out_files=target.files(n) if target and target.file else None, **gen)
+    rows = [to_dict(s) for s in scores]
+    if finish is not None:
+        finish(summary, scores, rows)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
-        atomic_write_text(json_out, json.dumps({"summary": summary, "images": [to_dict(s) for s in scores]}, indent=1))
+        atomic_write_text(json_out, json.dumps({"summary": summary, "images": rows}, indent=1))

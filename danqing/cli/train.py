@@ -165,6 +165,23 @@ def train_distill_cmd(
     _finetune_cmd(ctx, "distill", config, fresh, set_, num_processes)
 
 
+@train_app.command("clip")
+def train_clip_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-clip")),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train a tiny CLIP (two encoders, InfoNCE with a learned temperature and one-attribute
+    hard negatives) on the shapes world; writes a transformers CLIPModel folder to
+    OUTPUT_DIR/model and the held-out retrieval along the run to OUTPUT_DIR/eval.jsonl."""
+    from danqing.training.clip import train_clip  # lazy: imports torch
+    from danqing.training.config import ClipTrainConfig, load_config
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=ClipTrainConfig), ctx.obj.home)
+    summary = train_clip(cfg, log=_echo)
+    _echo(f"summary: {json.dumps(summary)}")
+
+
 @train_app.command("dreambooth")
 def train_dreambooth_cmd(
     ctx: typer.Context,

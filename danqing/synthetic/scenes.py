@@ -219,3 +219,30 @@ def red_circle_left_of_blue_square(n: int, seed: int = 0) -> list[Scene]:
     return [Scene((Obj("circle", "red", "large", rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)),
                    Obj("square", "blue", "large", rng.uniform(0.6, 0.8), rng.uniform(0.3, 0.7))),
                   relation=(0, "left", 1), seed=k) for k in range(n)]
+
+
+def one_attribute_changes(scene: Scene) -> list[Scene]:
+    """Every scene whose caption differs from ``scene``'s in one attribute: the colour or the
+    shape of one object (among the trained colours and shapes), the position of a lone object,
+    the relation of two, the layout of three. The objects keep their places: these are the hard
+    negatives of a contrastive model and the distractors of its retrieval test."""
+    from dataclasses import replace
+
+    v = vocab()
+    out = []
+    for i, o in enumerate(scene.objects):
+        others = {(p.colour, p.shape) for k, p in enumerate(scene.objects) if k != i}
+        for c in colours():
+            if c != o.colour and (c, o.shape) not in others:
+                out.append(replace(scene, objects=scene.objects[:i] + (replace(o, colour=c),) + scene.objects[i + 1:]))
+        for s in shapes():
+            if s != o.shape and (o.colour, s) not in others:
+                out.append(replace(scene, objects=scene.objects[:i] + (replace(o, shape=s),) + scene.objects[i + 1:]))
+    if scene.position:
+        out += [replace(scene, position=p) for p in v["positions"] if p != scene.position]
+    if scene.relation:
+        i, rel, j = scene.relation
+        out += [replace(scene, relation=(i, r, j)) for r in v["relations"] if r != rel]
+    if scene.layout:
+        out += [replace(scene, layout=lay) for lay in ("row", "column") if lay != scene.layout]
+    return out

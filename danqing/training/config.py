@@ -313,3 +313,58 @@ class DistillTrainConfig(_Strict):
 # ``danqing train KIND`` and the server's training jobs: kind -> its config model
 FINETUNE_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
                     "textual-inversion": TextualInversionTrainConfig, "distill": DistillTrainConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# danqing-tiny-clip: a contrastive image-text model of the shapes world (danqing.training.clip)
+# ---------------------------------------------------------------------------------------------
+class ClipDataConfig(_Strict):
+    n_images: int = Field(20000, ge=16)        # training-split scenes, rendered once
+    size: int = Field(64, ge=16)               # picture side (the vision model's image_size)
+    captions_per_image: int = Field(4, ge=1)   # phrasings per scene, alternating English and Chinese
+    hard_negatives: int = Field(8, ge=0)       # one-attribute-changed captions kept per phrasing
+    # also train on the held-out (colour, shape) pairs: "train" never shows them, so the model
+    # must put together a colour and a shape it only saw apart (the evaluation's scenes are
+    # always other scenes than the training ones)
+    split: Literal["train", "all"] = "train"
+    augment: float = Field(0.5, ge=0, le=1)    # share of pictures blurred and noised (generated pictures are soft)
+    seed: int = 0
+
+
+class ClipModelConfig(_Strict):
+    projection_dim: int = Field(64, ge=8)
+    vision_hidden: int = Field(128, ge=16)
+    vision_layers: int = Field(4, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    patch_size: int = Field(8, ge=2)
+    text_hidden: int = Field(64, ge=16)
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(4, ge=1)
+
+
+class ClipOptimConfig(_Strict):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=2)
+    negatives_per_image: int = Field(4, ge=0)  # hard negatives drawn per picture and step
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class ClipOutputConfig(_Strict):
+    output_dir: str = "runs/danqing-tiny-clip"
+    log_every: int = Field(100, ge=1)
+    eval_every: int = Field(1000, ge=1)
+    eval_scenes: int = Field(200, ge=10)       # held-out retrieval scenes evaluated along the run
+    num_threads: int = Field(0, ge=0)          # torch CPU threads; 0 = torch's default
+
+
+class ClipTrainConfig(_Strict):
+    """danqing-tiny-clip (``danqing.training.clip``)."""
+
+    data: ClipDataConfig = ClipDataConfig()
+    model: ClipModelConfig = ClipModelConfig()
+    train: ClipOptimConfig = ClipOptimConfig()
+    output: ClipOutputConfig = ClipOutputConfig()
