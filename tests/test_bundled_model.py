@@ -37,12 +37,12 @@ def test_bundled_model_is_listed_and_is_the_default(tmp_path, monkeypatch):
 def test_bundled_files_stay_small():
     files = [f for f in MODELS.rglob("*") if f.is_file()]
     assert (MODELS / f"{BUNDLED}.safetensors").is_file() and (MODELS / BUNDLED / "model_index.json").is_file()
-    # each bundled model (its folder and single file) within 20 MB, all of them within 40 MB
+    # each bundled model (its folder and single file) within 20 MB, all of them within 100 MB
     names = {f.relative_to(MODELS).parts[0].removesuffix(".safetensors") for f in files}
     for name in names:
         size = sum(f.stat().st_size for f in files if f.relative_to(MODELS).parts[0].removesuffix(".safetensors") == name)
         assert size <= 20_000_000, (name, size)
-    assert sum(f.stat().st_size for f in files) <= 40_000_000
+    assert sum(f.stat().st_size for f in files) <= 100_000_000
 
 
 def test_single_file_and_folder_paint_the_same(studio):

@@ -107,13 +107,14 @@ def eval_clip(
         summary = {"n": len(scores), "clip_score": round(sum(scores) / len(scores), 4)}
         rows = [{"image": str(p), "clip_score": v} for p, v in zip(images, scores)]
     else:
-        from danqing.training.clip import retrieval_items, retrieval_top1
+        from danqing.training.clip import retrieval_items, retrieval_scores
         from danqing.training.data import render_batch
 
         items = retrieval_items(n, distractors)
         pictures = render_batch([it.scene for it in items], clip.size, workers=1)
-        summary = {"n": n, "candidates": distractors + 1,
-                   **{f"top1_{lang}": retrieval_top1(clip, items, pictures, lang) for lang in ("en", "zh")}}
+        summary = {"n": n, "candidates": distractors + 1}
+        for lang in ("en", "zh"):
+            summary.update({f"{k}_{lang}": v for k, v in retrieval_scores(clip, items, pictures, lang).items()})
         rows = []
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

@@ -246,3 +246,13 @@ def one_attribute_changes(scene: Scene) -> list[Scene]:
     if scene.layout:
         out += [replace(scene, layout=lay) for lay in ("row", "column") if lay != scene.layout]
     return out
+
+
+def change_kind(scene: Scene, changed: Scene) -> str:
+    """What ``one_attribute_changes`` changed: "colour", "shape" or "place" (the position,
+    relation or layout)."""
+    if [o.colour for o in scene.objects] != [o.colour for o in changed.objects]:
+        return "colour"
+    if [o.shape for o in scene.objects] != [o.shape for o in changed.objects]:
+        return "shape"
+    return "place"

@@ -55,15 +55,28 @@ def retrieval_items(n: int = 200, distractors: int = 9, seed: int = 0) -> list[R
 
 
 @torch.no_grad()
-def retrieval_top1(clip: ClipModel, items: list[RetrievalItem], images: torch.Tensor, lang: str) -> float:
-    """Share of items whose own canonical caption (in ``lang``) scores highest against the
-    picture; ``images`` (N, 3, H, W) uint8 are the items' pictures."""
+def retrieval_scores(clip: ClipModel, items: list[RetrievalItem], images: torch.Tensor, lang: str) -> dict:
+    """How the model ranks each item's own canonical caption (in ``lang``) against its
+    distractors: ``top1`` (the share of items where it ranks first) and, per kind of change
+    (colour, shape, place), the share of distractors it beats. ``images`` (N, 3, H, W) uint8 are
+    the items' pictures."""
+    from danqing.synthetic.scenes import change_kind
+
     feats = clip.image_features(images)
-    right = 0
+    right, won, seen = 0, {}, {}
     for f, item in zip(feats, items):
-        texts = clip.text_features([caption(c, lang) for c in item.candidates])
-        right += int(torch.argmax(texts @ f) == 0)
-    return right / len(items)
+        sims = clip.text_features([caption(c, lang) for c in item.candidates]) @ f
+        right += int(torch.argmax(sims) == 0)
+        for c, v in zip(item.candidates[1:], sims[1:]):
+            kind = change_kind(item.scene, c)
+            seen[kind] = seen.get(kind, 0) + 1
+            won[kind] = won.get(kind, 0) + int(sims[0] > v)
+    return {"top1": right / len(items), **{f"beats_{k}": round(won[k] / seen[k], 4) for k in sorted(seen)}}
+
+
+def retrieval_top1(clip: ClipModel, items: list[RetrievalItem], images: torch.Tensor, lang: str) -> float:
+    """The share of items whose own caption ranks first (``retrieval_scores``' top1)."""
+    return retrieval_scores(clip, items, images, lang)["top1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,9 +109,18 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
         for k in range(d.captions_per_image):
             lang = ("en", "zh")[k % 2]
             phrasing = f"{s.seed}:{k}"
-            texts.append(caption(s, lang, random.Random(phrasing)))
-            for c in pick.sample(changes, min(d.hard_negatives, len(changes))):
-                texts.append(caption(c, lang, random.Random(phrasing)))
+            own = caption(s, lang, random.Random(phrasing))
+            negatives = []
+            for c in pick.sample(changes, len(changes)):
+                text = caption(c, lang, random.Random(phrasing))
+                # a phrasing that leaves the changed attribute unsaid ("a red circle" for a
+                # circle on the left) gives the change the same text: not a negative
+                if text != own and text not in negatives:
+                    negatives.append(text)
+                if len(negatives) == d.hard_negatives:
+                    break
+            negatives += [negatives[i % len(negatives)] for i in range(d.hard_negatives - len(negatives))]
+            texts += [own, *negatives]
     unique = list(dict.fromkeys(texts))
     rows = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     where = {c: i for i, c in enumerate(unique)}
@@ -251,14 +273,15 @@ def train_clip(cfg, *, log: Log = print) -> dict:
                 f"{done / (time.perf_counter() - t0):.2f} it/s")
         if done % out.eval_every == 0 or done == tr.steps:
             clip = ClipModel(model.eval(), tokenizer)
-            row = {"step": done, "loss": round(avg, 4), "minutes": round((time.perf_counter() - t0) / 60, 2),
-                   **{f"top1_{lang}": retrieval_top1(clip, items, eval_images, lang) for lang in ("en", "zh")}}
+            row = {"step": done, "loss": round(avg, 4), "minutes": round((time.perf_counter() - t0) / 60, 2)}
+            for lang in ("en", "zh"):
+                row.update({f"{k}_{lang}": v for k, v in retrieval_scores(clip, items, eval_images, lang).items()})
+            save_clip(model, run_dir / "model")  # the latest model, for a look while it trains
             history.append(row)
             log(f"eval {json.dumps(row)}")
             with (run_dir / "eval.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
     folder = run_dir / "model"
-    save_clip(model, folder)
     summary = {"steps": tr.steps, "minutes": round((time.perf_counter() - t0) / 60, 2),
                "params": sum(p.numel() for p in model.parameters()), **history[-1]}
     log(f"wrote {folder}: {json.dumps(summary)}")
@@ -269,8 +292,8 @@ def save_clip(model, folder: Path) -> None:
     """The model as a transformers ``CLIPModel`` folder: fp16 weights, config and CLIP's image
     preprocessing at the model's size."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    model.to(torch.float32)
+    half = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=half, safe_serialization=True)  # the model itself stays float32
     size = model.config.vision_config.image_size
     processor = {"do_resize": True, "size": {"shortest_edge": size}, "do_center_crop": True,
                  "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -279,5 +302,5 @@ def save_clip(model, folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["RetrievalItem", "retrieval_items", "retrieval_top1", "build_data", "build_model", "contrastive_loss",
+__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "retrieval_top1", "build_data", "build_model", "contrastive_loss",
            "train_clip", "save_clip", "soften", "trim"]
