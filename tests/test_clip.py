@@ -241,9 +241,17 @@ def test_eval_shapes_with_clip_adds_scores_and_their_correlation(tmp_path):
     assert data["summary"]["clip_spearman_object"] >= 0.5
 
 
-def test_a_name_cannot_leave_the_clip_folder(tmp_path):
-    (tmp_path / "models" / "clip").mkdir(parents=True)
+def test_a_name_cannot_leave_the_clip_folder(tmp_path, monkeypatch):
+    """Names reach only folders of models/clip/, even where "..", "../x" or "a/b" would find a
+    CLIP-looking folder."""
+    models = tmp_path / "models"
+    for folder in (models, models / "x", models / "clip" / "a" / "b", models / "clip" / "ok"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the names are not paths from here either
+    assert clip_folder("ok", models) == models / "clip" / "ok"
     for name in ("../x", "..", "a/b"):
         with pytest.raises(FileNotFoundError):
-            clip_folder(name, tmp_path / "models")
+            clip_folder(name, models)
     assert Path(clip_folder(BUNDLED_CLIP)).name == BUNDLED_CLIP

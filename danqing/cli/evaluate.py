@@ -122,23 +122,12 @@ def eval_clip(
 
 
 def _picture_and_prompt(path: Path, prompt: str | None):
-    """(the picture, the text of ``prompt`` or of the prompt in its metadata without its
-    <lora:...> style tags) of an image file; one line for an unreadable file."""
-    import re
+    """(the picture, its prompt's text without <lora:...> tags) of an image file, for CLIP."""
+    from danqing.conditioning.prompt_parser import strip_extra_networks
+    from danqing.synthetic.evaluate import picture_and_prompt
 
-    from PIL import Image
-
-    from danqing.errors import ImageError
-    from danqing.outputs.infotext import parse_infotext
-    from danqing.outputs.store import read_infotext
-
-    try:
-        with Image.open(path) as im:
-            picture = im.convert("RGB")
-    except Exception as exc:  # Pillow raises many kinds on damaged files
-        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
-    text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
-    return picture, re.sub(r"\s+", " ", re.sub(r"<[^<>]*>", " ", text)).strip()
+    picture, text = picture_and_prompt(path, prompt)
+    return picture, " ".join(strip_extra_networks(text)[0].split())
 
 
 def _with_clip_score(ctx, name: str | None, pairs: list):

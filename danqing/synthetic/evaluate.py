@@ -215,6 +215,20 @@ def summarise(scores: list[Score]) -> dict[str, float | int | None]:
     return out
 
 
+def picture_and_prompt(path, prompt: str | None = None) -> tuple[Image.Image, str]:
+    """(the RGB picture, ``prompt`` or the prompt in its metadata) of an image file.
+
+    Raises:
+        ImageError: a file that is not a readable picture, or carries no prompt when ``prompt`` is None.
+    """
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except Exception as exc:  # Pillow raises many kinds on damaged files
+        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
+    return img, prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
+
+
 def score_files(paths, prompt: str | None = None, on_score=None, *, read=parse_prompt, judge=None) -> list:
     """Score pictures on disk against ``prompt``, or each against the prompt in its own metadata.
 
@@ -231,12 +245,7 @@ def score_files(paths, prompt: str | None = None, on_score=None, *, read=parse_p
     judge = judge or score
     scores = []
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as exc:  # Pillow raises many kinds on damaged files
-            raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
-        text = prompt if prompt is not None else parse_infotext(read_infotext(path))[0]
+        img, text = picture_and_prompt(path, prompt)
         try:
             asked = read(text)
         except ValueError as exc:

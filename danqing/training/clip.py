@@ -211,6 +211,7 @@ def train_clip(cfg, *, log: Log = print) -> dict:
     """Train danqing-tiny-clip as ``cfg`` (``ClipTrainConfig``) says; writes the model folder to
     ``cfg.output.output_dir/model`` and returns the summary (steps, minutes, retrieval top-1)."""
     from danqing.models.tokenizer import clip_tokenizer
+    from danqing.training.data import render_batch
 
     out = cfg.output
     if out.num_threads:
@@ -221,8 +222,6 @@ def train_clip(cfg, *, log: Log = print) -> dict:
     tokenizer = clip_tokenizer()
     data = build_data(cfg, tokenizer, log)
     items = retrieval_items(out.eval_scenes)
-    from danqing.training.data import render_batch
-
     eval_images = render_batch([it.scene for it in items], cfg.data.size)
     model = build_model(cfg, cfg.train.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
