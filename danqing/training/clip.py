@@ -74,11 +74,6 @@ def retrieval_scores(clip: ClipModel, items: list[RetrievalItem], images: torch.
     return {"top1": right / len(items), **{f"beats_{k}": round(won[k] / seen[k], 4) for k in sorted(seen)}}
 
 
-def retrieval_top1(clip: ClipModel, items: list[RetrievalItem], images: torch.Tensor, lang: str) -> float:
-    """The share of items whose own caption ranks first (``retrieval_scores``' top1)."""
-    return retrieval_scores(clip, items, images, lang)["top1"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Training data: pictures, phrasings and their hard negatives, tokenized once
 # ---------------------------------------------------------------------------------------------
@@ -301,5 +296,5 @@ def save_clip(model, folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "retrieval_top1", "build_data", "build_model", "contrastive_loss",
+__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "build_data", "build_model", "contrastive_loss",
            "train_clip", "save_clip", "soften", "trim"]
