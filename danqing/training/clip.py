@@ -191,7 +191,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, sc
 
 def _features(model, pixels: torch.Tensor, ids: torch.Tensor, chunks: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit image and text features; the captions run sorted by length in ``chunks`` groups, each
-    cut after its own longest caption (``trim``): Chinese captions are up to 3x as long in BPE
+    cut after its own longest caption (``trim``): Chinese captions are about 3x as long in BPE
     tokens as English ones, and padding every caption to the longest costs as much again."""
     img = F.normalize(projected(model.get_image_features(pixel_values=pixels)), dim=-1)
     lengths = (ids != ids[:, -1:]).sum(1)
