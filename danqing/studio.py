@@ -219,7 +219,7 @@ class Studio:
         custom = {"ti_hashes": ti_hashes(embeddings), "ip_adapter_hash": None}
         image_prompt = None
         if request.ip_adapter_image:
-            request, image_prompt, custom["ip_adapter_hash"] = self._image_prompt(request, comps, scope, ip_images)
+            request, image_prompt, custom["ip_adapter_hash"] = self._image_prompt(request, loaded, scope, ip_images)
         return request, ConditioningContext(tuple([*bundled, *embeddings]), image_prompt), custom
 
 
@@ -300,18 +300,19 @@ class Studio:
         return GenerationResult(out.images, out.seeds, out.subseeds, infotexts, request, paths, timings,
                                 out.interrupted, out.latents, out.warnings, out.sources)
 
-    def _image_prompt(self, request: GenerationRequest, comps, scope, images: list[Image.Image]):
+    def _image_prompt(self, request: GenerationRequest, loaded, scope, images: list[Image.Image]):
         """Step 2b for an IP-Adapter request: find the files, check they fit, encode the
         pictures, install the adapter on the UNet inside ``scope``.
 
         Returns:
             (the request with the adapter and encoder named, its ``ImagePrompt``, the adapter file's sha256).
         """
+        comps = loaded.components
         if is_instruct_unet(comps.unet):
             raise InvalidRequest("ip_adapter_image", "an image prompt (IP-Adapter) is not available with "
                                  "instruct-pix2pix models")
-        adapter = self.ip_adapters.adapter_path(request.ip_adapter)
-        folder = self.ip_adapters.encoder_path(request.ip_adapter_encoder)
+        adapter = self.ip_adapters.adapter_path(request.ip_adapter, model=loaded.name)
+        folder = self.ip_adapters.encoder_path(request.ip_adapter_encoder, adapter)
         state = self.ip_adapters.state(adapter)
         encoder, processor = self.ip_adapters.encoder(folder)
         ipa.check_fits(state, comps.unet, encoder, adapter.name)

@@ -227,7 +227,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"--device cuda|--fast (?:channels-last|fuse-qkv|compile)|--medvram|--lowvram|--replica-gpus|--worker-gpus|train_gpu\.sh", GPU),
     (r"dreamshaper_8|realisticVision|v1-5-pruned|sd-inpainting|my-sd15|YOUR-LCM-MODEL|my-ip2p", SD_MODELS),
     (r"sd3-medium|flux1-dev|stable-unclip|kandinsky|IF-I-XL|IF-II-L", BIG_MODELS),
-    (r"4x-UltraSharp|--restore-faces|--ip-adapter|preprocess openpose|openpose:", EXTRA_MODELS),
+    (r"4x-UltraSharp|--restore-faces|--ip-adapter (?!green-star\.png)|preprocess openpose|openpose:", EXTRA_MODELS),
     (r"danqing video |clip\.mp4", MOTION),
     (r"<lora:style\b|--lora style", LORAS),
     (r"portrait (?:add|make|rank) anna", PERSON),
@@ -251,7 +251,7 @@ SMALL: list[tuple[str, str | None, str, str]] = [
     (r"edit p2p .*--image", None, "--null-iterations 2", "`edit p2p --image`: 2 null-text optimisation steps per step"),
     (r"train preview-decoder", None, "--steps 2 --n-images 16 --batch-size 4", "`train preview-decoder`: 2 steps"),
     (r"eval_concept\.py", None, "--n-concept 2 --n-ordinary 2 --steps 4", "`eval_concept.py`: 2 + 2 prompts, 4 steps"),
-    (r"train (?:base|instruct|controlnet|lora|dreambooth|textual-inversion|distill|clip)\b", None, "{train_sets}",
+    (r"train (?:base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|distill|clip)\b", None, "{train_sets}",
      "`train`: 2 steps on a few pictures, no sample grids (`--set`, the keys of TRAIN_SETS)"),
 ]
 
@@ -268,6 +268,9 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
     "controlnet": {"data.n_images": "8", "controlnet.eval_maps": "1", "unet.steps": "2", "unet.batch_size": "4",
                    "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
                    "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
+    "ip-adapter": {"data.n_images": "8", "ip_adapter.eval_per_object": "0", "unet.steps": "2", "unet.batch_size": "4",
+                   "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
+                   "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
     "clip": {"data.n_images": "16", "train.steps": "2", "train.batch_size": "4", "train.warmup_steps": "0",
              "output.log_every": "1", "output.eval_every": "2", "output.eval_scenes": "10"},
     "finetune": {"data.n_images": "2", "train.steps": "2", "train.batch_size": "2", "train.warmup_steps": "0",
@@ -275,12 +278,12 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
                  "output.sample_every": "1000000", "output.sample_steps": "2",
                  "prior.n_class_images": "2", "prior.sample_steps": "2"},
 }
-ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "train", "model", "output"}
+ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", "train", "model", "output"}
 
 
 def _train_sets(text: str, root: Path) -> str:
     """The ``--set`` options of a 2-step run of the ``train`` command ``text``."""
-    kind = re.search(r"train (base|instruct|controlnet|lora|dreambooth|textual-inversion|distill|clip)\b", text).group(1)
+    kind = re.search(r"train (base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|distill|clip)\b", text).group(1)
     sets = TRAIN_SETS.get(kind, TRAIN_SETS["finetune"])
     config = re.search(r"--config\s+(\S+)", text)
     sections = set(ALWAYS)
@@ -383,6 +386,7 @@ FIXTURES: list[tuple[str, str, str]] = [
     (r"\bedges\.png\b", "edges.png", "edges"),
     (r"\blines\.png\b", "lines.png", "edges"),
     (r"\bdrawing\.png\b", "drawing.png", "drawing"),
+    (r"\bgreen-star\.png\b", "green-star.png", "green star"),
     (r"\bfolder/", "folder/", "folder of shapes"),
     (r"outputs/txt2img-images/[\d-]+/\*\.png", "outputs/txt2img-images/{today}/00000-1.png", "shapes+infotext"),
     (r"\bstory\.toml\b", "story.toml", "block:docs/apps.md:[[panels]]"),
@@ -462,6 +466,11 @@ def make_fixture(folder: Path, name: str, how: str, root: Path = ROOT) -> None:
         path.mkdir(exist_ok=True)
         for i in range(2):
             _shapes("shapes").rotate(90 * i).save(path / f"{i}.png")
+    elif how == "green star":  # the image prompt of the bundled IP-Adapter's test
+        from danqing.synthetic.render import render
+        from danqing.training.ip_adapter import reference_scene
+
+        render(reference_scene("green", "star"), 64).save(path)
     elif how == "shapes+infotext":
         from PIL.PngImagePlugin import PngInfo
 

@@ -48,12 +48,15 @@ def eval_shapes(
     clip: Optional[str] = typer.Option(None, help="Also the CLIP score of each picture against its prompt with this CLIP "
                                                "model (danqing-tiny-clip, a folder of models/clip/ or a path), and its "
                                                "Spearman correlation with the object score [default: none]."),
+    expand: bool = typer.Option(False, "--expand", help="Expand each held-out prompt into a detailed caption before "
+                                                        "generating (the rule-based expander, synthetic.recaption)."),
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
 ):
     """Score pictures of the shapes world: object presence, shape, colour, count, relation."""
     from danqing.synthetic import evaluate as world  # lazy: OpenCV
     from danqing.synthetic.captions import caption
+    from danqing.synthetic.recaption import expand_prompt
     from danqing.synthetic.scenes import eval_scenes
 
     pairs: list = []  # (picture, the prompt's text) for --clip
@@ -67,7 +70,8 @@ def eval_shapes(
     def generate(studio, **kw):
         held_out = eval_scenes(n)
         on_image = (lambda i, image, s: pairs.append((image, caption(held_out[i], lang)))) if clip else None
-        return world.evaluate_studio(studio, held_out, on_image=on_image, **kw)
+        write = (lambda scene, lg: expand_prompt(caption(scene, lg))) if expand else caption
+        return world.evaluate_studio(studio, held_out, on_image=on_image, write=write, **kw)
 
     with_clip = _with_clip_score(ctx, clip, pairs)
     _evaluate(ctx, images, prompt, json_out, show=show,

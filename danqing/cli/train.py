@@ -1,4 +1,4 @@
-"""``danqing train base|instruct|controlnet|lora|dreambooth|textual-inversion --config FILE``."""
+"""``danqing train base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|clip|distill --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -224,6 +224,26 @@ def train_controlnet_cmd(
     cfg = under_home(load_config(config, parse_sets(set_), model=ControlTrainConfig), ctx.obj.home)
     summary = train_controlnet(cfg, resume=not fresh, log=_echo)
     _echo(f"summary: {json.dumps(summary['eval_f1'])}")
+
+
+@train_app.command("ip-adapter")
+def train_ip_adapter_cmd(
+    ctx: typer.Context,
+    num_processes: int = _PROCS,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-ip")),
+    fresh: bool = _FRESH,
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train an IP-Adapter (image prompts) for a base model with a CLIP image encoder, on the
+    shapes world (each picture its own image prompt); writes OUTPUT_DIR/ip-adapter.safetensors
+    for models/ipadapter/; resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
+    from danqing.training.config import IPAdapterTrainConfig, load_config
+    from danqing.training.ip_adapter import train_ip_adapter  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=IPAdapterTrainConfig), ctx.obj.home)
+    summary = train_ip_adapter(cfg, resume=not fresh, log=_echo)
+    _echo(f"summary: {json.dumps(summary['eval'])}")
 
 
 @train_app.command("preview-decoder")

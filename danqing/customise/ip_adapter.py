@@ -31,7 +31,9 @@ import torch
 
 from danqing.cache import LRUCache, file_key
 from danqing.errors import InvalidRequest, ModelNotFound
-from danqing.models.ip_adapter import ADAPTER_KIND, ENCODER_KIND, SUFFIXES, load_image_encoder, read_ip_adapter
+from danqing.models.ip_adapter import (ADAPTER_KIND, ENCODER_KIND, SUFFIXES, adapter_metadata, load_image_encoder,
+                                      read_ip_adapter)
+from danqing.models.registry import BUNDLED_KINDS
 from danqing.models.names import Named, resolve, within
 
 
@@ -135,46 +137,66 @@ class IPAdapterLibrary:
         self._encoders: LRUCache[tuple] = LRUCache(1)
 
     def adapters(self) -> list:
+        """The adapter files of ``models/ipadapter/``."""
         root = self.registry.models_dir / ADAPTER_KIND
         found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES) if root.is_dir() else []
         return within(found, root) if self.registry.names_only else found
 
     def encoders(self) -> list:
+        """The encoder folders of ``models/clip_vision/``."""
         root = self.registry.models_dir / ENCODER_KIND
         found = sorted(p.parent for p in root.rglob("config.json")) if root.is_dir() else []
         return within(found, root) if self.registry.names_only else found
 
-    def adapter_path(self, name: str | None) -> Path:
-        """The adapter file called ``name`` (file name, stem or path); None = the only one."""
+    def _named(self, found: list[Path], where: Path, kind: str, key) -> list[Named]:
+        """The folder's models and after them the bundled ones of the same kind no file shadows."""
+        named = [Named(key(f.relative_to(where)), f, (f.name, f.stem)) for f in found]
+        taken = {n.name for n in named}
+        return named + [Named(e.name, e.path, (e.path.name,)) for e in BUNDLED_KINDS[kind]() if e.name not in taken]
+
+    def adapter_path(self, name: str | None, model: str | None = None) -> Path:
+        """The adapter file called ``name`` (file name, stem or path; danqing's bundled adapters
+        too). None = the only one in ``models/ipadapter/``, or, when that folder has none, the
+        bundled adapter made for ``model`` (its file's ``base_model``)."""
         found = self.adapters()
         where = self.registry.models_dir / ADAPTER_KIND
+        named = self._named(found, where, ADAPTER_KIND, lambda rel: rel.with_suffix("").as_posix())
         if name is None:
             if len(found) == 1:
                 return found[0]
             if not found:
+                for_model = [n.path for n in named if model is not None and adapter_metadata(n.path).get("base_model") == model]
+                if len(for_model) == 1:
+                    return for_model[0]
                 raise ModelNotFound(f"no IP-Adapter in {where}; put the weight file there (e.g. "
                                     "ip-adapter_sd15.safetensors, or the .bin with image_proj and ip_adapter)")
             raise InvalidRequest("ip_adapter", f"several IP-Adapters are installed; name one of "
                                  f"{', '.join(p.stem for p in found)}")
         if self.registry.names_only:  # the server: names of the listing only, never paths
-            named = [Named(f.relative_to(where).with_suffix("").as_posix(), f, (f.name, f.stem)) for f in found]
             return resolve(name, named, field="ip_adapter", what="IP-Adapter", folder=ADAPTER_KIND).path
         p = Path(name).expanduser()
         if p.is_file():
             return p
-        for f in found:
-            if name in (f.name, f.stem, f.relative_to(where).with_suffix("").as_posix()):
-                return f
+        for n in named:
+            if name == n.name or name in n.aliases:
+                return n.path
         raise ModelNotFound(f"IP-Adapter {name!r} not found in {where}; put the weight file (.safetensors or .bin) "
-                            f"there; installed: {', '.join(f.stem for f in found) or 'none'}")
+                            f"there; installed: {', '.join(n.name for n in named) or 'none'}")
 
-    def encoder_path(self, name: str | None) -> Path:
-        """The CLIP vision encoder folder called ``name``; None = the only one."""
+    def encoder_path(self, name: str | None, adapter: Path | None = None) -> Path:
+        """The CLIP vision encoder folder called ``name`` (danqing's bundled CLIP models too).
+        None = the encoder ``adapter``'s file names (``image_encoder``, danqing's own adapters),
+        else the only one in ``models/clip_vision/``."""
         found = self.encoders()
         where = self.registry.models_dir / ENCODER_KIND
+        named = self._named(found, where, ENCODER_KIND, lambda rel: rel.as_posix())
         hint = (f"put the CLIP vision encoder folder (CLIPVisionModelWithProjection: config.json + "
                 f"model.safetensors, the IP-Adapter release's image_encoder/) in {where}/")
         if name is None:
+            own = adapter_metadata(adapter).get("image_encoder") if adapter is not None else None
+            match = [n.path for n in named if own is not None and own == n.name]
+            if match:
+                return match[0]
             if len(found) == 1:
                 return found[0]
             if not found:
@@ -182,16 +204,15 @@ class IPAdapterLibrary:
             raise InvalidRequest("ip_adapter_encoder", f"several image encoders are installed; name one of "
                                  f"{', '.join(p.name for p in found)}")
         if self.registry.names_only:
-            named = [Named(f.relative_to(where).as_posix(), f, (f.name,)) for f in found]
             return resolve(name, named, field="ip_adapter_encoder", what="image encoder", folder=ENCODER_KIND).path
         p = Path(name).expanduser()
         if p.is_dir():
             return p
-        for f in found:
-            if name in (f.name, f.relative_to(where).as_posix()):
-                return f
+        for n in named:
+            if name == n.name or name == n.path.name:
+                return n.path
         raise ModelNotFound(f"image encoder {name!r} not found; {hint} (installed: "
-                            f"{', '.join(f.name for f in found) or 'none'})")
+                            f"{', '.join(n.name for n in named) or 'none'})")
 
     def state(self, path: Path) -> dict:
         return self._states.get_or_load(file_key(path), lambda: read_ip_adapter(path))

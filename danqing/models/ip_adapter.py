@@ -6,7 +6,8 @@ Files (user-provided, local only):
   ``.bin`` (``{"image_proj": {...}, "ip_adapter": {...}}``, read with ``weights_only=True``),
   e.g. ``ip-adapter_sd15.safetensors``, ``ip-adapter-plus_sd15.safetensors``;
 - ``models/clip_vision/<folder>/``: a transformers ``CLIPVisionModelWithProjection`` folder
-  (``config.json`` + weights; the ``image_encoder`` folder of the IP-Adapter release).
+  (``config.json`` + weights; the ``image_encoder`` folder of the IP-Adapter release), or a whole
+  ``CLIPModel`` folder, whose vision half is used (danqing's bundled ``danqing-tiny-clip``).
 
 Finding them in the models folder, encoding the pictures and installing an adapter on the UNet
 for one request is ``danqing.customise.ip_adapter``'s.
@@ -14,6 +15,7 @@ for one request is ``danqing.customise.ip_adapter``'s.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,6 +58,19 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
 
 
+def adapter_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` adapter (danqing's name ``base_model`` and
+    ``image_encoder``); {} for other files or none."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable: read_ip_adapter says so when the file is used
+        return {}
+
+
 def load_image_encoder(folder: Path):
     """(``CLIPVisionModelWithProjection``, image processor) from a local folder, CPU fp32.
 
@@ -70,10 +85,26 @@ def load_image_encoder(folder: Path):
                             f"(CLIPVisionModelWithProjection: config.json + model.safetensors, the IP-Adapter "
                             f"release's image_encoder/ folder) in a folder under models/{ENCODER_KIND}/")
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+        if json.loads((folder / "config.json").read_text()).get("model_type") == "clip":
+            encoder = _vision_half(folder)
+        else:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise CorruptModel(f"{folder}: cannot load the CLIP vision encoder ({str(exc).splitlines()[0][:200]})") from None
     return encoder.eval().requires_grad_(False), image_processor(folder, encoder.config.image_size)
+
+
+def _vision_half(folder: Path):
+    """The ``CLIPVisionModelWithProjection`` of a whole ``CLIPModel`` folder (danqing-tiny-clip):
+    its vision tower and projection, the same modules (the text half is dropped)."""
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+    full = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    vision = full.config.vision_config
+    vision.projection_dim = full.config.projection_dim
+    encoder = CLIPVisionModelWithProjection(vision)
+    encoder.vision_model, encoder.visual_projection = full.vision_model, full.visual_projection
+    return encoder
 
 
 def image_processor(folder: Path | None, size: int):

@@ -80,11 +80,37 @@ def bundled_lora_entries() -> list["ModelEntry"]:
     return [ModelEntry(p.stem, p, "lora", "safetensors") for p in sorted(root.glob("*.safetensors"))]
 
 
+def bundled_ip_adapter_entries() -> list["ModelEntry"]:
+    """IP-Adapters shipped in the package (``danqing/data/models/ipadapter/NAME.safetensors``)."""
+    root = Path(str(resources.files("danqing").joinpath("data/models/ipadapter")))
+    return [ModelEntry(p.stem, p, "ipadapter", "safetensors") for p in sorted(root.glob("*.safetensors"))]
+
+
+def bundled_image_encoder_entries() -> list["ModelEntry"]:
+    """CLIP models shipped in the package (``danqing/data/models/<name>/``, a transformers
+    ``CLIPModel`` folder), whose vision half is an IP-Adapter's image encoder."""
+    root = Path(str(resources.files("danqing").joinpath("data/models")))
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        cfg = p / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "clip":
+            out.append(ModelEntry(p.name, p, "clip_vision", "diffusers"))
+    return out
+
+
+BUNDLED_KINDS = {"lora": bundled_lora_entries, "ipadapter": bundled_ip_adapter_entries,
+                 "clip_vision": bundled_image_encoder_entries}
+
+
 def _with_bundled(kind: str, found: list["ModelEntry"]) -> list["ModelEntry"]:
-    if kind != "lora":
+    """``found`` (the folder's) and after them the bundled models of ``kind`` that no file of
+    the folder shadows."""
+    if kind not in BUNDLED_KINDS:
         return found
     names = {e.name for e in found}
-    return found + [e for e in bundled_lora_entries() if e.name not in names]
+    return found + [e for e in BUNDLED_KINDS[kind]() if e.name not in names]
 
 
 @dataclass(frozen=True)

@@ -435,7 +435,7 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         log(f"{ckpt} reaches unet.steps={cfg.unet.steps}: exporting it")
     elif synthetic:
         data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image,
-                                 world=cfg.data.world, portrait_share=cfg.data.portrait_share)
+                                 world=cfg.data.world, portrait_share=cfg.data.portrait_share, captions=cfg.data.captions)
     else:
         data = folder_dataset(cfg.data.source, cfg.data.size)
     n_images = len(data) if data is not None else (cfg.data.n_images if synthetic else None)

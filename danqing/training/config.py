@@ -24,6 +24,9 @@ class DataConfig(_Strict):
     # synthetic: the shapes world, the portrait world (danqing.synthetic.portraits) or a mix of both
     world: Literal["shapes", "portraits", "mix"] = "shapes"
     portrait_share: float = Field(0.5, ge=0, le=1)  # mix: the fraction of portraits
+    # shapes captions: "varied" phrasings (captions.caption), "short" (the objects only) or
+    # "detailed" (every object's size, colour, shape and place, background, relation): synthetic.recaption
+    captions: Literal["varied", "short", "detailed"] = "varied"
 
 
 class ModelConfig(_Strict):
@@ -126,6 +129,29 @@ class ControlTrainConfig(_Strict):
     data: ControlDataConfig = ControlDataConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
     unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the ControlNet
+    run: RunConfig = RunConfig()
+
+
+class IPAdapterDataConfig(_Strict):
+    n_images: int = Field(10000, ge=1)  # synthetic training scenes (danqing.synthetic), each its own image prompt
+    size: int = Field(64, ge=16)
+    seed: int = 0
+    captions_per_image: int = Field(2, ge=1)
+
+
+class IPAdapterConfig(_Strict):
+    init_from: str = "danqing-tiny"             # the base model the adapter is for
+    image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding is the prompt
+    drop_text: float = Field(0.25, ge=0, le=1)  # share of steps with the empty caption (image-only prompts)
+    drop_image: float = Field(0.05, ge=0, le=1)  # ... with the zero image embedding (the unconditional image)
+    drop_both: float = Field(0.05, ge=0, le=1)   # ... with neither (classifier-free guidance)
+    eval_per_object: int = Field(4, ge=0)        # generations per reference object at every run.eval_every
+
+
+class IPAdapterTrainConfig(_Strict):
+    data: IPAdapterDataConfig = IPAdapterDataConfig()
+    ip_adapter: IPAdapterConfig = IPAdapterConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the adapter
     run: RunConfig = RunConfig()
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from danqing.errors import InvalidRequest
 from danqing.synthetic.captions import caption
+from danqing.synthetic.recaption import STYLES, styled_caption
 from danqing.synthetic.concepts import concept_scenes
 from danqing.synthetic.portraits import Portrait, portraits, render_portrait
 from danqing.synthetic.portraits_captions import portrait_caption
@@ -66,20 +67,24 @@ def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
 
 
 def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6, *, world: str = "shapes",
-                      portrait_share: float = 0.5) -> CaptionedImages:
+                      portrait_share: float = 0.5, captions: str = "varied") -> CaptionedImages:
     """``n`` training-split pictures rendered at ``size``, each with ``captions_per_image`` captions
     (alternating English and Chinese phrasings). Deterministic from ``seed``.
 
     Args:
         world: "shapes" (the shapes world), "portraits" (the portrait world) or "mix": the first
             ``n * (1 - portrait_share)`` shapes scenes of ``seed`` and then portraits.
+        captions: the shapes scenes' caption style (``synthetic.recaption.STYLES``): "varied"
+            phrasings, "short" (the objects only) or "detailed" (everything, one fixed order).
     """
     if world not in WORLDS:
         raise InvalidRequest("data.world", f"unknown world {world!r}; allowed: {', '.join(WORLDS)}")
     n_portraits = {"shapes": 0, "portraits": n, "mix": round(n * portrait_share)}[world]
     sc = scenes(seed, n - n_portraits, "train") if n_portraits < n else []
     rng = random.Random(f"captions:{seed}")
-    caps = [[caption(s, ("en", "zh")[k % 2], rng) for k in range(captions_per_image)] for s in sc]
+    if captions not in STYLES:
+        raise InvalidRequest("data.captions", f"unknown caption style {captions!r}; allowed: {', '.join(STYLES)}")
+    caps = [[styled_caption(s, ("en", "zh")[k % 2], captions, rng) for k in range(captions_per_image)] for s in sc]
     if n_portraits:
         ps = portraits(seed, n_portraits, "train")
         prng = random.Random(f"portrait-captions:{seed}")
