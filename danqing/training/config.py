@@ -142,6 +142,7 @@ class IPAdapterDataConfig(_Strict):
 class IPAdapterConfig(_Strict):
     init_from: str = "danqing-tiny"             # the base model the adapter is for
     image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding is the prompt
+    init_adapter: str | None = None             # continue from this adapter file (an earlier run's) instead of a new one
     drop_text: float = Field(0.25, ge=0, le=1)  # share of steps with the empty caption (image-only prompts)
     drop_image: float = Field(0.05, ge=0, le=1)  # ... with the zero image embedding (the unconditional image)
     drop_both: float = Field(0.05, ge=0, le=1)   # ... with neither (classifier-free guidance)

@@ -224,8 +224,14 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig, *, resume: bool = False, log: Lo
     # 1. the frozen base model and image encoder; the new adapter installed by diffusers' loader
     comps, _, _ = load_float32(a.init_from)
     encoder, processor = load_image_encoder(clip_folder(a.image_encoder))
-    comps.unet._load_ip_adapter_weights([initial_state(comps.unet, encoder.config.projection_dim, r.seed)],
-                                        low_cpu_mem_usage=False)
+    if a.init_adapter:
+        from danqing.models.ip_adapter import read_ip_adapter
+
+        start_state = read_ip_adapter(Path(a.init_adapter))
+        log(f"adapter: continuing from {a.init_adapter}")
+    else:
+        start_state = initial_state(comps.unet, encoder.config.projection_dim, r.seed)
+    comps.unet._load_ip_adapter_weights([start_state], low_cpu_mem_usage=False)
     unet = comps.unet.float()
     params = adapter_parameters(unet)
     for p in params:
