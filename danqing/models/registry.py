@@ -59,45 +59,42 @@ def bundled_entries() -> list["ModelEntry"]:
             if (p / "model_index.json").is_file()]
 
 
-def bundled_control_entries() -> list["ModelEntry"]:
-    """ControlNets / T2I-Adapters shipped in the package (``danqing/data/models/<name>/``, a
-    diffusers ``config.json`` of a ``ControlNetModel`` or ``T2IAdapter``)."""
+def _bundled_folders(kind: str, matches) -> list["ModelEntry"]:
+    """Folders of ``danqing/data/models/`` whose ``config.json`` ``matches`` (a predicate on it)."""
     root = Path(str(resources.files("danqing").joinpath("data/models")))
     if not root.is_dir():
         return []
-    out = []
-    for p in sorted(root.iterdir()):
-        cfg = p / "config.json"
-        if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") in ("ControlNetModel", "T2IAdapter"):
-            out.append(ModelEntry(p.name, p, "controlnet", "diffusers"))
-    return out
+    return [ModelEntry(p.name, p, kind, "diffusers") for p in sorted(root.iterdir())
+            if (p / "config.json").is_file() and matches(json.loads((p / "config.json").read_text()))]
+
+
+def _bundled_files(folder: str, kind: str) -> list["ModelEntry"]:
+    """The ``.safetensors`` files of ``danqing/data/models/<folder>/``."""
+    root = Path(str(resources.files("danqing").joinpath(f"data/models/{folder}")))
+    return [ModelEntry(p.stem, p, kind, "safetensors") for p in sorted(root.glob("*.safetensors"))]
+
+
+def bundled_control_entries() -> list["ModelEntry"]:
+    """ControlNets / T2I-Adapters shipped in the package (``danqing/data/models/<name>/``, a
+    diffusers ``config.json`` of a ``ControlNetModel`` or ``T2IAdapter``)."""
+    return _bundled_folders("controlnet", lambda cfg: cfg.get("_class_name") in ("ControlNetModel", "T2IAdapter"))
 
 
 def bundled_lora_entries() -> list["ModelEntry"]:
     """LoRAs shipped in the package (``danqing/data/models/lora/NAME.safetensors``), for the
     bundled model; listed after the user's own, so a user's LoRA of the same name wins."""
-    root = Path(str(resources.files("danqing").joinpath("data/models/lora")))
-    return [ModelEntry(p.stem, p, "lora", "safetensors") for p in sorted(root.glob("*.safetensors"))]
+    return _bundled_files("lora", "lora")
 
 
 def bundled_ip_adapter_entries() -> list["ModelEntry"]:
     """IP-Adapters shipped in the package (``danqing/data/models/ipadapter/NAME.safetensors``)."""
-    root = Path(str(resources.files("danqing").joinpath("data/models/ipadapter")))
-    return [ModelEntry(p.stem, p, "ipadapter", "safetensors") for p in sorted(root.glob("*.safetensors"))]
+    return _bundled_files("ipadapter", "ipadapter")
 
 
 def bundled_image_encoder_entries() -> list["ModelEntry"]:
     """CLIP models shipped in the package (``danqing/data/models/<name>/``, a transformers
     ``CLIPModel`` folder), whose vision half is an IP-Adapter's image encoder."""
-    root = Path(str(resources.files("danqing").joinpath("data/models")))
-    if not root.is_dir():
-        return []
-    out = []
-    for p in sorted(root.iterdir()):
-        cfg = p / "config.json"
-        if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "clip":
-            out.append(ModelEntry(p.name, p, "clip_vision", "diffusers"))
-    return out
+    return _bundled_folders("clip_vision", lambda cfg: cfg.get("model_type") == "clip")
 
 
 BUNDLED_KINDS = {"lora": bundled_lora_entries, "ipadapter": bundled_ip_adapter_entries,
