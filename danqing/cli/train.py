@@ -1,4 +1,4 @@
-"""``danqing train base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
+"""``danqing train base|instruct|controlnet|ip-adapter|flow|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|clip|distill --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|clip|distill --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -243,6 +243,26 @@ def train_ip_adapter_cmd(
 
     cfg = under_home(load_config(config, parse_sets(set_), model=IPAdapterTrainConfig), ctx.obj.home)
     summary = train_ip_adapter(cfg, resume=not fresh, log=_echo)
+    _echo(f"summary: {json.dumps(summary['eval'])}")
+
+
+@train_app.command("flow")
+def train_flow_cmd(
+    ctx: typer.Context,
+    num_processes: int = _PROCS,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-flow")),
+    fresh: bool = _FRESH,
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train a flow-matching transformer (SD3's MMDiT and rectified flow, at toy size) over a
+    base model's latents and text encoder, on the shapes world; writes OUTPUT_DIR/model/ (an SD3
+    diffusers folder for models/Stable-diffusion/); resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
+    from danqing.training.config import FlowTrainConfig, load_config
+    from danqing.training.flow import train_flow  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=FlowTrainConfig), ctx.obj.home)
+    summary = train_flow(cfg, resume=not fresh, log=_echo)
     _echo(f"summary: {json.dumps(summary['eval'])}")
 
 

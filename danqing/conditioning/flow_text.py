@@ -3,7 +3,9 @@
 SD3 (Esser et al. 2024, section 5.1; diffusers' ``StableDiffusion3Pipeline.encode_prompt``):
 CLIP-L and OpenCLIP bigG penultimate hidden states side by side, (1, 77, 768 + 1280), zero-padded
 to T5's width and followed by T5-XXL's 256 tokens, (1, 77 + 256, 4096); pooled: both CLIPs'
-projected EOS embeddings, (1, 2048). Without T5 (SD3 allows it) its 256 tokens are zeros.
+projected EOS embeddings, (1, 2048). Without T5 (SD3 allows it) its 256 tokens are zeros. A model
+whose folder names another ``max_sequence_length`` (``Components.t5_tokens``; danqing-tiny-flow:
+0, the CLIP tokens alone) gets that many.
 
 FLUX.1 (``FluxPipeline.encode_prompt``): T5-XXL's 512 tokens are the context, (1, 512, 4096);
 CLIP-L's pooled output is the only other input, (1, 768).
@@ -48,21 +50,36 @@ def t5_hidden(encoder, tokenizer, text: str, length: int, device) -> torch.Tenso
     return apply_emphasis(z, torch.tensor(weights))
 
 
+def sd3_clip(c, ids1: torch.Tensor, ids2: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both CLIPs of an SD3 model on token ids (B, 77) each: their hidden states of layer
+    -(clip_skip + 1), side by side, (B, 77, D1 + D2), and their projected EOS embeddings, (B, P1 + P2).
+    The sampler's encoder and the trainer of danqing-tiny-flow both read them here."""
+    h1, out1 = _hidden(c.text_encoder, ids1, clip_skip, final_norm=False)
+    h2, out2 = _hidden(c.text_encoder_2, ids2, clip_skip, final_norm=False)
+    return torch.cat([h1, h2], dim=-1), torch.cat([out1.text_embeds, out2.text_embeds], dim=-1)
+
+
+def sd3_context(c, clip: torch.Tensor, t5: torch.Tensor | None) -> torch.Tensor:
+    """SD3's context: the CLIP part zero-padded to the transformer's width, then T5's tokens
+    (zeros without T5: ``Components.t5_tokens`` of them, default 256)."""
+    width = c.unet.config.joint_attention_dim
+    if t5 is None:  # SD3 without T5: zeros in its place (diffusers' pipeline with text_encoder_3=None)
+        length = T5_TOKENS["sd3"] if c.t5_tokens is None else c.t5_tokens
+        t5 = torch.zeros(clip.shape[0], length, width, device=clip.device, dtype=clip.dtype)
+    return torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
+
+
 def encode_sd3(c, text: str, clip_skip: int, device) -> TextCond:
-    """SD3's context (1, 77 + 256, D) and pooled (1, P) embeddings of one prompt."""
+    """SD3's context (1, 77 + T5 tokens, D) and pooled (1, P) embeddings of one prompt."""
     ch1 = tokenize_prompt(c.tokenizer, text)[0]
     ch2 = tokenize_prompt(c.tokenizer_2, text)[0]
-    h1, out1 = _hidden(c.text_encoder, torch.tensor([ch1.ids], device=device), clip_skip, final_norm=False)
-    h2, out2 = _hidden(c.text_encoder_2, torch.tensor([ch2.ids], device=device), clip_skip, final_norm=False)
-    clip = apply_emphasis(torch.cat([h1, h2], dim=-1), torch.tensor(ch1.weights))  # (1, 77, 768 + 1280)
-    length = T5_TOKENS["sd3"]
+    clip, pooled = sd3_clip(c, torch.tensor([ch1.ids], device=device), torch.tensor([ch2.ids], device=device), clip_skip)
+    clip = apply_emphasis(clip, torch.tensor(ch1.weights))  # (1, 77, 768 + 1280)
+    t5 = None
     if c.text_encoder_3 is not None:
+        length = T5_TOKENS["sd3"] if c.t5_tokens is None else c.t5_tokens
         t5 = t5_hidden(c.text_encoder_3, c.tokenizer_3, text, length, device)
-    else:  # SD3 without T5: zeros in its place (diffusers' pipeline with text_encoder_3=None)
-        t5 = torch.zeros(1, length, c.unet.config.joint_attention_dim, device=device, dtype=clip.dtype)
-    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    pooled = torch.cat([out1.text_embeds, out2.text_embeds], dim=-1)  # (1, 768 + 1280)
-    return TextCond(torch.cat([clip, t5], dim=1), pooled)
+    return TextCond(sd3_context(c, clip, t5), pooled)
 
 
 def encode_flux(c, text: str, device) -> TextCond:

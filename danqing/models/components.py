@@ -33,6 +33,9 @@ class Components:
         text_encoder_3, tokenizer_3: SD3 only, ``T5EncoderModel`` and its tokenizer; None when
             the model is used without T5 (SD3 then feeds zeros in its place).
         metadata: free-form facts (source path, hashes, safetensors header).
+        t5_tokens: SD3 only: how many T5 tokens follow the CLIP ones in the context (diffusers'
+            ``max_sequence_length``; zeros in their place without T5); None = the pipeline's 256.
+            A model trained with fewer (danqing-tiny-flow: none) says so in its folder.
     """
 
     family: str
@@ -47,6 +50,7 @@ class Components:
     metadata: dict = field(default_factory=dict)
     text_encoder_3: Any = None
     tokenizer_3: Any = None
+    t5_tokens: int | None = None
 
     @property
     def denoiser_name(self) -> str:

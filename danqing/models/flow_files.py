@@ -254,6 +254,8 @@ def _configs_of(comps: Components) -> dict:
     for part in ENCODERS[comps.family]:
         if getattr(comps, part) is not None:
             cfg[part] = getattr(comps, part).config.to_diff_dict()
+    if comps.t5_tokens is not None:
+        cfg["t5_tokens"] = comps.t5_tokens
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
@@ -467,6 +469,7 @@ def load_flow_single_file(path: Path, encoder_files=()) -> Components:
     if getattr(comps, t5) is not None:
         setattr(comps, "tokenizer_3" if family == "sd3" else "tokenizer_2",
                 _t5_tokenizer(path, family, beside=sources[t5][2] if sources[t5][2] != path else None))
+    comps.t5_tokens = configs.get("t5_tokens") if family == "sd3" else None
     comps.metadata.update({"source": str(path), "safetensors_metadata": meta})
     for m in comps.modules().values():
         m.eval()

@@ -33,6 +33,20 @@ TEXT_PARTS = {
              ("text_encoder_2", "T5EncoderModel", "T5-XXL", True)),
 }
 T5_TOKENIZER = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+# model_index.json's key for a model trained with another SD3 context length than the pipeline's
+# 256 T5 tokens (``Components.t5_tokens``): what to pass diffusers' pipeline as max_sequence_length
+T5_TOKENS_KEY = "_max_sequence_length"
+
+
+def folder_t5_tokens(path: Path) -> int | None:
+    """The T5 context length a folder's model_index.json names (None: the pipeline's own)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    value = json.loads(index.read_text()).get(T5_TOKENS_KEY)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 512):
+        raise CorruptModel(f"{index}: {T5_TOKENS_KEY} must be a whole number 0-512, got {value!r}")
+    return value
 
 
 def flow_family_of_folder(path: Path) -> str | None:
@@ -138,7 +152,7 @@ def load_flow_folder(path: Path, family: str) -> Components:
             scheduler_config=scheduler_config, text_encoder_2=texts.get("text_encoder_2"),
             tokenizer_2=clip_tok("tokenizer_2", "!") if family == "sd3" else t5_tokenizer,
             text_encoder_3=texts.get("text_encoder_3"), tokenizer_3=t5_tokenizer if family == "sd3" else None,
-            metadata={"source": str(path)},
+            t5_tokens=folder_t5_tokens(path) if family == "sd3" else None, metadata={"source": str(path)},
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CorruptModel(f"{path}: cannot load diffusers folder ({str(exc).splitlines()[0]})") from None

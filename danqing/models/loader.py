@@ -15,7 +15,7 @@ from danqing.models.components import TRANSFORMER_FAMILIES
 from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
 from danqing.models.cascade_models import if_kind_of_folder
 from danqing.models.unclip_models import unclip_kind_of_folder
-from danqing.models.flow_models import PIPELINES, flow_family_of_folder, load_flow_folder
+from danqing.models.flow_models import PIPELINES, T5_TOKENS_KEY, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
 from danqing.models.single_file import detect_family, load_single_file, load_vae_file, save_single_file
 from danqing.models.tokenizer import clip_tokenizer
@@ -183,6 +183,8 @@ def save_diffusers_folder(comps: Components, path: Path) -> Path:
         index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
         if comps.family == "sdxl-refiner":
             index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        if comps.t5_tokens is not None:  # a private key: diffusers' from_pretrained passes it by
+            index[T5_TOKENS_KEY] = comps.t5_tokens
         for name, module in comps.modules().items():
             module.save_pretrained(tmp / name, safe_serialization=True)
             lib = "diffusers" if name in ("unet", "transformer", "vae") else "transformers"

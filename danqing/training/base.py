@@ -47,7 +47,7 @@ from danqing.synthetic.portraits_captions import parse_portrait_prompt, portrait
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.config import BaseTrainConfig
 from danqing.training.data import folder_dataset, render_batch, synthetic_dataset, tokenize_captions
-from danqing.training.runs import (any_process, latest_checkpoint, mean_over_processes, my_rows, optimiser_step,
+from danqing.training.runs import (any_process, latest_checkpoint, load_float32, mean_over_processes, my_rows, optimiser_step,
                                    quiet, resume_step, save_checkpoint, write_json_line)
 
 Log = Callable[[str], None]
@@ -273,9 +273,11 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     c, r = cfg.unet, cfg.run
     accelerator = _accelerator(cfg)
     unet, te = comps.unet, comps.text_encoder
+    frozen_te = cfg.model.frozen_text_encoder_from is not None
     unet.train()
-    te.train()
-    params = [p for m in (unet, te) for p in m.parameters()]
+    te.train(not frozen_te)
+    te.requires_grad_(not frozen_te)
+    params = [p for m in ((unet,) if frozen_te else (unet, te)) for p in m.parameters()]
     ema = EMAModel(params, decay=c.ema_decay, foreach=True)
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
@@ -310,7 +312,8 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
         x_t = noise_sched.add_noise(z, noise, t)                               # sqrt(a)z + sqrt(1-a)eps
         tok, x_t, t, noise = (v[part].to(dev) for v in (tok, x_t, t, noise))
         with accelerator.autocast():
-            cond = te(tok)[0]                                                   # (B, 77, d)
+            with torch.set_grad_enabled(not frozen_te):
+                cond = te(tok)[0]                                               # (B, 77, d)
             pred = unet(x_t, t, cond).sample
             loss = F.mse_loss(pred.float(), noise)
         optimiser_step(accelerator, loss, params, opt, sched, c.max_grad_norm, ema)
@@ -365,7 +368,7 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
                 _export_latest(comps, run_dir, done)
             ema.restore(params)
             unet.train()
-            te.train()
+            te.train(not frozen_te)
         if out_of_time:
             break
     ema.copy_to(params)
@@ -451,6 +454,9 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
     if cfg.model.init_vae:
         comps.vae = _load_vae(cfg.model.init_vae)
         log(f"vae: starting from {cfg.model.init_vae}")
+    if cfg.model.frozen_text_encoder_from:
+        comps.text_encoder = load_float32(cfg.model.frozen_text_encoder_from)[0].text_encoder
+        log(f"text encoder: {cfg.model.frozen_text_encoder_from}'s, frozen")
     summary: dict = {"family": cfg.model.family, "images": n_images, "init_from": cfg.model.init_from}
 
     # Stage 1: the VAE, in two phases; a finished phase in the run folder is not redone.

@@ -36,6 +36,9 @@ class ModelConfig(_Strict):
     init_from: str | None = None
     # start the VAE from this diffusers VAE folder instead (e.g. an earlier run's OUTPUT/vae)
     init_vae: str | None = None
+    # start the text encoder from this model's (a name, diffusers folder or single file) and keep
+    # it frozen: only the UNet trains (a denoiser-only comparison, e.g. against danqing-tiny-flow)
+    frozen_text_encoder_from: str | None = None
 
 
 class VAEConfig(_Strict):
@@ -153,6 +156,27 @@ class IPAdapterTrainConfig(_Strict):
     data: IPAdapterDataConfig = IPAdapterDataConfig()
     ip_adapter: IPAdapterConfig = IPAdapterConfig()
     unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the adapter
+    run: RunConfig = RunConfig()
+
+
+class FlowModelConfig(_Strict):
+    # the model whose text encoder and VAE the transformer works with (both kept frozen)
+    init_from: str = "danqing-tiny"
+    # SD3's MMDiT (diffusers' SD3Transformer2DModel) at toy size: 2x2 latent patches, joint attention
+    num_layers: int = Field(5, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(24, ge=8)
+    patch_size: int = Field(2, ge=1)
+    qk_norm: Literal["rms_norm", "none"] = "rms_norm"  # SD3.5's RMSNorm of queries and keys
+    shift: float = Field(1.0, gt=0)            # the sampling schedule's timestep shift (SD3 1024px: 3.0)
+    logit_mean: float = 0.0                    # training timesteps: sigma = sigmoid(N(mean, std)),
+    logit_std: float = Field(1.0, gt=0)        # SD3's logit-normal sampling (Esser et al. 2024, 3.1)
+
+
+class FlowTrainConfig(_Strict):
+    data: DataConfig = DataConfig()
+    flow: FlowModelConfig = FlowModelConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the transformer
     run: RunConfig = RunConfig()
 
 
