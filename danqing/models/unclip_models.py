@@ -210,3 +210,35 @@ def load_kandinsky_decoder(path: Path) -> KandinskyDecoder:
     model.unet.eval()
     model.movq.eval()
     return model
+
+
+def save_unclip_folder(model: UnclipModel, path: Path) -> Path:
+    """Write a Stable unCLIP model as diffusers' ``StableUnCLIPImg2ImgPipeline`` folder (what
+    ``load_unclip_folder`` and diffusers' ``from_pretrained`` read); refuses an existing folder,
+    writes atomically."""
+    from danqing.files import atomic_save_dir, exists_message
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(exists_message(path))
+    comps = model.components
+
+    def write(tmp: Path) -> None:
+        index = {"_class_name": "StableUnCLIPImg2ImgPipeline", "_diffusers_version": "0.42.1"}
+        for name, module, lib in (("unet", comps.unet, "diffusers"), ("vae", comps.vae, "diffusers"),
+                                  ("text_encoder", comps.text_encoder, "transformers"),
+                                  ("image_encoder", model.image_encoder, "transformers"),
+                                  ("image_normalizer", model.image_normalizer, "stable_diffusion")):
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            index[name] = [lib, type(module).__name__]
+        comps.tokenizer.save_pretrained(tmp / "tokenizer")
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        model.feature_extractor.save_pretrained(tmp / "feature_extractor")
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        for name, cfg in (("scheduler", comps.scheduler_config), ("image_noising_scheduler", model.noising_config)):
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            (tmp / name / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
+            index[name] = ["diffusers", cfg["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    return atomic_save_dir(path, write)

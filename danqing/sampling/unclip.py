@@ -68,15 +68,19 @@ def image_embedding(model, picture: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def noised_embedding(model, embeds: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+def noised_embedding(model, embeds: torch.Tensor, noise: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
     """(B, 2D): the embedding noised to ``level`` (in normalised space), then the level's
-    sinusoidal embedding (diffusers' ``noise_image_embeddings``)."""
+    sinusoidal embedding (diffusers' ``noise_image_embeddings``). ``level``: one for all rows,
+    or (B,) levels, one per row (training)."""
     import diffusers
     from diffusers.models.embeddings import get_timestep_embedding
 
     cfg = model.noising_config
     noising = getattr(diffusers, cfg.get("_class_name", "DDPMScheduler")).from_config(cfg)
-    levels = torch.tensor([level] * embeds.shape[0], device=embeds.device)
+    if isinstance(level, torch.Tensor):
+        levels = level.to(embeds.device).long()
+    else:
+        levels = torch.tensor([level] * embeds.shape[0], device=embeds.device)
     norm = model.image_normalizer.to(embeds.device)
     noisy = norm.unscale(noising.add_noise(norm.scale(embeds), noise, levels))
     level_emb = get_timestep_embedding(levels, noisy.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0)

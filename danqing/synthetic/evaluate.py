@@ -319,3 +319,25 @@ def layout_kept(source: Image.Image, edited: Image.Image, expected: list[tuple[s
         shifts.append(shift)
         ok = ok and shift < tolerance and b.colour == colour
     return ok, max(shifts)
+
+
+def same_objects(source: Image.Image, variation: Image.Image) -> tuple[bool, float | None]:
+    """Does ``variation`` show the same coloured shapes as ``source`` (as the detector reads
+    both: the same (colour, shape) pairs, as many of each), and how far did they move?
+
+    Returns:
+        (same set, the mean centroid shift over the objects in 64x64 pixels: each of the source's
+        objects paired with the nearest unpaired one of the same colour and shape in the
+        variation; None when the sets differ).
+    """
+    src, out = detect(source), detect(variation)
+    if sorted((d.colour, d.shape) for d in src) != sorted((d.colour, d.shape) for d in out):
+        return False, None
+    left = list(out)
+    shifts = []
+    for a in src:
+        same = [b for b in left if (b.colour, b.shape) == (a.colour, a.shape)]
+        b = min(same, key=lambda d: np.hypot(a.x - d.x, a.y - d.y))
+        left.remove(b)
+        shifts.append(64 * float(np.hypot(a.x - b.x, a.y - b.y)))
+    return True, float(np.mean(shifts)) if shifts else 0.0

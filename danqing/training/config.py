@@ -159,6 +159,22 @@ class IPAdapterTrainConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+class UnclipConfig(_Strict):
+    init_from: str = "danqing-tiny"             # the text-to-image model the decoder starts from (its UNet trains)
+    image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding conditions the decoder
+    drop_text: float = Field(0.5, ge=0, le=1)   # share of steps with the empty caption (variations have none)
+    drop_image: float = Field(0.1, ge=0, le=1)  # ... with the zero class label (the unconditional branch)
+    max_noise_level: int = Field(1000, ge=1, le=1000)  # noise augmentation: levels drawn from [0, this)
+    eval_pictures: int = Field(16, ge=0)        # held-out pictures varied at every run.eval_every
+
+
+class UnclipTrainConfig(_Strict):
+    data: IPAdapterDataConfig = IPAdapterDataConfig()
+    unclip: UnclipConfig = UnclipConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the decoder
+    run: RunConfig = RunConfig()
+
+
 class FlowModelConfig(_Strict):
     # the model whose text encoder and VAE the transformer works with (both kept frozen)
     init_from: str = "danqing-tiny"

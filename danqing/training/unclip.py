@@ -1,0 +1,232 @@
+"""danqing-tiny-unclip: unCLIP's decoder (DALL-E 2) for danqing-tiny, in Stable unCLIP's format.
+
+DALL-E 2 (Ramesh et al. 2022) generates from a CLIP image embedding: a decoder makes pictures
+from it, so a picture's own embedding gives **variations** of it (what CLIP keeps of a picture
+stays, what it drops varies), and a prior that maps a caption's embedding to an image embedding
+makes it text-to-image. Stable unCLIP (Stability AI 2023) is that decoder on Stable Diffusion:
+the image embedding, noised to a random level (noise augmentation) and followed by the level's
+sinusoidal embedding, goes through the UNet's ``class_embedding`` and is added to its time
+embedding.
+
+Here the decoder is danqing-tiny's UNet with that class embedding added (its last layer starts at
+zero, so the new model starts as danqing-tiny exactly) and fine-tuned whole on the shapes world;
+the image embedding is danqing-tiny-clip's (its vision half, frozen); danqing-tiny's text encoder
+and VAE stay frozen. Half the steps drop the caption (variations come with no text) and a tenth
+drop the embedding (the zero class label of the unconditional branch). The embedding is noised
+by the sampler's own ``sampling.unclip.noised_embedding``; the folder is diffusers'
+``StableUnCLIPImg2ImgPipeline`` layout, which ``danqing variations`` and diffusers both run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from danqing.customise.ip_adapter import encode_images
+from danqing.models.components import Components
+from danqing.models.unclip_models import UnclipModel
+from danqing.request import GenerationRequest
+from danqing.synthetic.evaluate import same_objects
+from danqing.synthetic.render import render
+from danqing.synthetic.scenes import eval_scenes
+from danqing.training.base import _gen, encode_all, new_accelerator
+from danqing.training.conditioning import encode_texts
+from danqing.training.config import UnclipTrainConfig
+from danqing.training.data import synthetic_dataset
+from danqing.training.runs import StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step, start_run
+
+Log = Callable[[str], None]
+# Stable unCLIP's image-noising scheduler (its released image_noising_scheduler/)
+NOISING_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                  "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": True, "prediction_type": "epsilon",
+                  "variance_type": "fixed_small"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+def decoder_unet(unet, embed_dim: int):
+    """``unet`` with Stable unCLIP's class embedding (a projection of the noised embedding and
+    its level's embedding, 2 x ``embed_dim``, onto the time embedding), its weights copied and
+    the new projection's last layer at zero: the result computes what ``unet`` computes."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(unet.config)
+    cfg.update(class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim)
+    out = UNet2DConditionModel.from_config(cfg)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise ValueError(f"the UNet's weights do not fit the decoder: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        out.class_embedding.linear_2.weight.zero_()
+        out.class_embedding.linear_2.bias.zero_()
+    return out.float()
+
+
+def unclip_model(base: Components, encoder, processor, embeds: torch.Tensor) -> UnclipModel:
+    """The Stable unCLIP model around ``base`` (its UNet becomes the decoder), the image encoder
+    and an image normaliser holding the mean and std of ``embeds`` (N, D), the training pictures'."""
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    dim = embeds.shape[1]
+    norm = StableUnCLIPImageNormalizer(embedding_dim=dim)
+    with torch.no_grad():
+        norm.mean.copy_(embeds.mean(0, keepdim=True))
+        norm.std.copy_(embeds.std(0, keepdim=True))
+    comps = copy.copy(base)
+    comps.family = "sd2"  # Stable unCLIP is SD 2.1's family (danqing-tiny reads its text the same way)
+    comps.unet = decoder_unet(base.unet, dim)
+    comps.metadata = {}
+    return UnclipModel(kind="unclip", components=comps, image_encoder=encoder, feature_extractor=processor,
+                       image_normalizer=norm.eval().requires_grad_(False), noising_config=dict(NOISING_CONFIG))
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging it: variations of held-out pictures
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def variation_rates(model: UnclipModel, n: int, *, steps: int = 20, cfg_scale: float = 10.0, seed: int = 0,
+                    size: int = 64, noise_level: int = 0, on_pair: Callable | None = None) -> dict:
+    """One variation (empty prompt) of each of the first ``n`` held-out pictures: the share that
+    shows the same coloured shapes as its source, and their mean centroid shift (64x64 pixels)."""
+    from danqing.sampling.unclip import run_unclip
+
+    same, shifts = [], []
+    for i, scene in enumerate(eval_scenes(max(n, 1))[:n]):
+        picture = render(scene, size)
+        req = GenerationRequest(prompt="", steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
+                                width=size, height=size, sampler="DPM++ 2M")
+        image = run_unclip(model, picture, req, noise_level=noise_level).images[0]
+        ok, shift = same_objects(picture, image)
+        same.append(ok)
+        if shift is not None:
+            shifts.append(shift)
+        if on_pair is not None:
+            on_pair(i, picture, image, ok, shift)
+    return {"n": n, "same_objects": round(float(np.mean(same)), 4),
+            "centroid_shift": round(float(np.mean(shifts)), 2) if shifts else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg: UnclipTrainConfig, noise_sched,
+                 scaling: float, acc) -> torch.Tensor:
+    """The denoising loss of one batch (``batch``: latents mean / std, image embeddings and caption
+    hidden states of its rows): each picture's own embedding, noised to a random level, as class
+    label; caption or embedding dropped at the config's rates. All draws from ``g`` for the whole
+    batch, of which this process keeps its rows."""
+    b, u = batch["mean"].shape[0], cfg.unclip
+    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
+    x_t = noise_sched.add_noise(z, noise, t)
+    levels = torch.randint(0, u.max_noise_level, (b,), generator=g)
+    labels = noised_labels(model, batch["embeds"], torch.randn(batch["embeds"].shape, generator=g), levels)
+    drop_image = torch.rand(b, generator=g) < u.drop_image
+    labels = torch.where(drop_image[:, None], torch.zeros_like(labels), labels)
+    part = my_rows(acc, b)
+    x_t, t, ctx, labels, noise = (v[part].to(acc.device) for v in (x_t, t, batch["hidden"], labels, noise))
+    with acc.autocast():
+        pred = unet(x_t, t, encoder_hidden_states=ctx, class_labels=labels).sample
+        return F.mse_loss(pred.float(), noise)
+
+
+def noised_labels(model: UnclipModel, embeds: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """(B, 2D) class labels: the sampler's ``noised_embedding`` with one level per row."""
+    from danqing.sampling.unclip import noised_embedding
+
+    return noised_embedding(model, embeds, noise, levels)
+
+
+def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
+    """Train and export ``run.output_dir/model/`` (a Stable unCLIP folder, fp32) and
+    ``summary.json``; ``resume``: continue from the newest checkpoint."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from danqing.models.clip_model import clip_folder
+    from danqing.models.ip_adapter import load_image_encoder
+    from danqing.models.unclip_models import save_unclip_folder
+
+    c, r, d, u = cfg.unet, cfg.run, cfg.data, cfg.unclip
+    run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    t_start = time.perf_counter()
+    base, _, _ = load_float32(u.init_from)
+    encoder, processor = load_image_encoder(clip_folder(u.image_encoder))
+
+    # data, each part encoded once: latents, image embeddings, caption hidden states
+    data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
+    mean, std = encode_all(base.vae, data.images, "cpu")
+    embeds = []
+    for i in range(0, len(data), 512):
+        pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.images[i:i + 512]]
+        embeds.append(encode_images(encoder, processor, pics, plus=False).embeds[0].float().cpu())
+    embeds = torch.cat(embeds)
+    texts = sorted({t for caps in data.captions for t in caps})
+    index = {t: i for i, t in enumerate(texts)}
+    hidden = encode_texts(base, texts + [""])
+    cap_idx = torch.tensor([[index[t] for t in caps] for caps in data.captions])
+    log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
+        f"({time.perf_counter() - t_start:.0f} s)")
+
+    model = unclip_model(base, encoder, processor, embeds)
+    unet = model.components.unet.train().requires_grad_(True)
+    params = list(unet.parameters())
+    acc = new_accelerator(r.mixed_precision)
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    wrapped, opt, sched = acc.prepare(unet, opt, sched)
+    ema = EMAModel(params, decay=c.ema_decay, foreach=True)
+    acc.register_for_checkpointing(ema)
+    start = resume_step(acc, run_dir, log) if resume else 0
+    noise_sched = DDPMScheduler.from_config(base.scheduler_config)
+    scaling = base.vae.config.scaling_factor
+    steps = StepLog("unclip", c.steps, start, log, run_dir, r, acc)
+    n, k = cap_idx.shape
+    for step in range(start, c.steps):
+        g = _gen(r.seed, step, "unclip")
+        idx = torch.randint(n, (c.batch_size,), generator=g)
+        pick = torch.randint(k, (c.batch_size,), generator=g)
+        drop_text = torch.rand(c.batch_size, generator=g) < u.drop_text
+        rows = torch.where(drop_text, len(texts), cap_idx[idx, pick])
+        batch = {"mean": mean[idx], "std": std[idx], "embeds": embeds[idx], "hidden": hidden[rows]}
+        wrapped.train()
+        loss = decoder_loss(wrapped, model, batch, g, cfg, noise_sched, scaling, acc)
+        optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
+        done = step + 1
+        final = steps.done(done, loss)
+        if steps.main and u.eval_pictures and (done % r.eval_every == 0 or final):
+            with ema_weights(ema, params, unet):
+                res = variation_rates(model, u.eval_pictures, steps=r.eval_steps, size=d.size)
+            log(f"eval step {done}: variations {res}")
+            steps.evaluated(done, res, {"variations": res})
+        if steps.stopping():
+            break
+
+    ema.copy_to(params)
+    unet.eval().requires_grad_(False)
+    acc.wait_for_everyone()
+    summary = {"kind": "unclip", "init_from": u.init_from, "image_encoder": u.image_encoder, "images": len(data),
+               "steps": steps.last["step"], "batch_size": c.batch_size, "loss": steps.last["loss"],
+               "eval": steps.last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
+               "config": json.loads(cfg.model_dump_json())}
+    if steps.main:
+        out = run_dir / "model"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        save_unclip_folder(model, out)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        log(f"done: {out}")
+    return summary
