@@ -284,10 +284,12 @@ def test_cli_runs_unclip_families_and_refuses_what_they_do_not_take(capsys, uncl
 
     # one line, exit 2, nothing written: options the family does not take, a picture it needs
     for args, words in (
-        (["variations", str(source), "--model", "unclip-tiny", "--prior", "k22-prior"], "--prior is not an option of the unclip"),
+        (["variations", str(source), "--model", "unclip-tiny", "--prior", "k22-prior"], "--prior is not an option of the unclip family's variations"),
         (["variations", str(source), "--model", "k22-decoder", "--prior", "k22-prior", "--noise-level", "5"],
          "--noise-level is not an option of the kandinsky-decoder"),
         (["generate", PROMPT, "--model", "unclip-tiny"], "makes variations of a picture"),
+        (["generate", PROMPT, "--model", "unclip-tiny", "--prior-steps", "5"], "--prior-steps and --prior-cfg are the prior's"),
+        (["generate", PROMPT, "--model", "unclip-tiny", "--prior", "unclip-tiny"], "unclip-tiny: not a kandinsky-prior folder"),
         (["generate", PROMPT, "--model", "k22-decoder", "--prior", "k22-prior", "--hires"], "enable_hr: not an option"),
         (["generate", PROMPT, "--model", "k22-decoder"], "needs its prior folder"),
         (["generate", PROMPT, "--model", "k22-prior"], "give the decoder folder as --model"),

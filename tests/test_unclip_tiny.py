@@ -121,3 +121,65 @@ def test_the_variation_judge_scores_a_short_runs_variations(short_run, tmp_path)
     assert res["n"] == 2 and 0 <= res["same_objects"] <= 1
     assert [p[:2] for p in pairs] == [((64, 64), (64, 64))] * 2
     assert np.mean([p[2] for p in pairs]) == res["same_objects"]
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    from danqing.training.config import PriorTrainConfig
+    from danqing.training.prior import train_prior
+
+    out = tmp_path_factory.mktemp("prior") / "run"
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "train" / "danqing-tiny-prior.toml", {
+        "data.n_images": 64, "unet.steps": 30, "unet.batch_size": 32, "unet.lr": 1e-3, "unet.warmup_steps": 2,
+        "run.output_dir": str(out), "run.log_every": 5, "run.checkpoint_every": 15, "run.eval_every": 30,
+        "prior.eval_prompts": 4, "run.num_threads": 0}, model=PriorTrainConfig)
+    return out, train_prior(cfg, log=lambda line: None)
+
+
+def test_a_short_prior_run_learns_and_diffusers_samples_it_alike(prior_run):
+    """The prior folder: the loss falls; diffusers' KandinskyV22PriorPipeline.from_pretrained
+    samples the same image embedding as danqing's run_prior."""
+    import json
+
+    from diffusers import KandinskyV22PriorPipeline
+
+    from danqing.models.unclip_models import load_kandinsky_prior
+    from danqing.sampling.kandinsky import run_prior
+
+    out, summary = prior_run
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["stage"] == "prior"]
+    assert losses[-1] < losses[0], losses
+    assert summary["eval"]["n"] == 4 and -1 <= summary["eval"]["cosine"] <= 1
+    prior = load_kandinsky_prior(out / "prior")
+    ours, _ = run_prior(prior, "a red circle left of a blue star", "", 1, [torch.Generator().manual_seed(3)],
+                        steps=5, cfg_scale=4.0)
+    pipe = KandinskyV22PriorPipeline.from_pretrained(out / "prior", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe("a red circle left of a blue star", num_inference_steps=5, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(3), output_type="pt").image_embeds
+    assert float((ours - ref).abs().max()) < 1e-4
+
+
+def test_text_to_image_through_the_prior_on_the_command_line(short_run, prior_run, tmp_path):
+    """`danqing generate --model <unCLIP decoder> --prior <prior>`: a picture whose infotext names
+    the prior; without --prior the decoder asks for a picture or a prior."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from danqing.cli import app
+    from danqing.errors import InvalidRequest
+
+    decoder, prior = short_run[0] / "model", prior_run[0] / "prior"
+    home = tmp_path / "home"
+    runner = CliRunner()
+    args = ["--home", str(home), "generate", "a red circle", "--model", str(decoder), "--width", "64", "--height", "64",
+            "--steps", "3", "--seed", "4"]
+    res = runner.invoke(app, args + ["--prior", str(prior), "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 0, res.output
+    params = Image.open(tmp_path / "a.png").info["parameters"]
+    assert "Prior: prior" in params and "Prior steps: 25" in params and "Family: unclip" in params
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "b.png")])  # main() prints it as one line, exit 2
+    assert isinstance(res.exception, InvalidRequest) and "--prior FOLDER" in str(res.exception)
+    assert not (tmp_path / "b.png").exists()

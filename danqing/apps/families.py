@@ -40,7 +40,8 @@ from danqing.studio import GenerationResult
 # family -> (options it takes beyond prompt, negative prompt, steps, CFG, seed, size, batch size;
 #            whether it needs a picture; whether a picture makes variations)
 FAMILY_OPTIONS = {
-    "unclip": {"takes": ("noise_level", "sampler", "schedule"), "needs_picture": True, "picture": True},
+    "unclip": {"takes": ("noise_level", "sampler", "schedule", "prior", "prior_steps", "prior_cfg_scale"),
+               "needs_picture": True, "picture": True},  # --prior instead of a picture: text-to-image
     "kandinsky-decoder": {"takes": ("prior", "prior_steps", "prior_cfg_scale"), "needs_picture": False,
                           "picture": True},
     "if-i": {"takes": ("stage_2", "stage_2_steps", "stage_2_cfg_scale", "noise_level", "upscaler"),
@@ -148,9 +149,19 @@ def check_options(family: str, options: FamilyOptions) -> None:
             raise InvalidRequest(name, f"{flag} is not an option of the {family} family (it takes {allowed})")
     if options.picture is not None and not table["picture"]:
         raise InvalidRequest("init_image", f"the {family} family makes pictures from text only: give no picture")
-    if table["needs_picture"] and options.picture is None:
+    if family == "unclip" and options.picture is None and options.prior is None and (
+            options.prior_steps is not None or options.prior_cfg_scale is not None):
+        raise InvalidRequest("prior", "--prior-steps and --prior-cfg are the prior's: name its folder with --prior")
+    if table["needs_picture"] and options.picture is None and options.prior is None:
         raise InvalidRequest("model", f"the {family} family makes variations of a picture: "
-                                      "run danqing variations IMAGE --model ... (the API: img2img with the picture)")
+                                      "run danqing variations IMAGE --model ... (the API: img2img with the picture), "
+                                      "or text-to-image with an unCLIP prior folder: --prior FOLDER")
+    if family == "unclip" and options.picture is not None:
+        for name in ("prior", "prior_steps", "prior_cfg_scale"):
+            if getattr(options, name) is not None:
+                raise InvalidRequest(name, f"{OPTION_NAMES[name]} is not an option of the unclip family's variations "
+                                           "(the picture's own embedding is used; a prior serves text-to-image: "
+                                           "danqing generate PROMPT --model ... --prior FOLDER)")
     if options.noise_level is not None and not 0 <= options.noise_level <= 999:
         raise InvalidRequest("noise_level", "must be between 0 and 999")
     for name in ("prior_steps", "stage_2_steps"):
@@ -224,8 +235,18 @@ def _unclip(studio, entry, request, options, picture, on_step):
     level = UNCLIP_DEFAULTS["noise_level"] if options.noise_level is None else options.noise_level
     model = studio.models.load_folder(load_unclip_folder, entry.path,  # the normaliser stays: run_unclip
                                       lambda m: [*m.components.modules().values(), m.image_encoder])
-    result = run_unclip(model, picture, request, noise_level=level, on_step=on_step, device=studio.models.device)
-    return request, result, {"Sampler": request.sampler, "Schedule type": request.schedule, "Noise level": level}
+    params = {"Sampler": request.sampler, "Schedule type": request.schedule, "Noise level": level}
+    prior = steps = cfg = None
+    if picture is None and options.prior is not None:  # text -> prior -> decoder (DALL-E 2)
+        prior_entry = _entry(studio, options.prior, "kandinsky-prior", "prior")
+        steps = options.prior_steps or KANDINSKY_DEFAULTS["prior_steps"]
+        cfg = KANDINSKY_DEFAULTS["prior_cfg_scale"] if options.prior_cfg_scale is None else options.prior_cfg_scale
+        prior = studio.models.load_folder(load_kandinsky_prior, prior_entry.path,
+                                          lambda p: [p.prior, p.text_encoder, p.image_encoder])
+        params.update({"Prior steps": steps, "Prior CFG scale": cfg, "Prior": prior_entry.name})
+    result = run_unclip(model, picture, request, noise_level=level, on_step=on_step, device=studio.models.device,
+                        prior=prior, prior_steps=steps, prior_cfg_scale=cfg)
+    return request, result, params
 
 
 def _kandinsky(studio, entry, request, options, picture, on_step):

@@ -1,4 +1,4 @@
-"""``danqing train base|instruct|controlnet|ip-adapter|flow|unclip|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
+"""``danqing train base|instruct|controlnet|ip-adapter|flow|unclip|prior|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|unclip|clip|distill --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|unclip|prior|clip|distill --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -283,6 +283,26 @@ def train_unclip_cmd(
 
     cfg = under_home(load_config(config, parse_sets(set_), model=UnclipTrainConfig), ctx.obj.home)
     summary = train_unclip(cfg, resume=not fresh, log=_echo)
+    _echo(f"summary: {json.dumps(summary['eval'])}")
+
+
+@train_app.command("prior")
+def train_prior_cmd(
+    ctx: typer.Context,
+    num_processes: int = _PROCS,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-prior")),
+    fresh: bool = _FRESH,
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train unCLIP's prior (caption -> CLIP image embedding; Kandinsky 2.2's format) on a CLIP
+    model and the shapes world; writes OUTPUT_DIR/prior/ (for `danqing generate --model <unCLIP
+    decoder> --prior`); resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
+    from danqing.training.config import PriorTrainConfig, load_config
+    from danqing.training.prior import train_prior  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=PriorTrainConfig), ctx.obj.home)
+    summary = train_prior(cfg, resume=not fresh, log=_echo)
     _echo(f"summary: {json.dumps(summary['eval'])}")
 
 

@@ -242,3 +242,31 @@ def save_unclip_folder(model: UnclipModel, path: Path) -> Path:
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
     return atomic_save_dir(path, write)
+
+
+def save_kandinsky_prior(prior: KandinskyPrior, path: Path) -> Path:
+    """Write an unCLIP prior as diffusers' ``KandinskyV22PriorPipeline`` folder (what
+    ``load_kandinsky_prior`` and diffusers' ``from_pretrained`` read); refuses an existing
+    folder, writes atomically."""
+    from danqing.files import atomic_save_dir, exists_message
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(exists_message(path))
+
+    def write(tmp: Path) -> None:
+        index = {"_class_name": "KandinskyV22PriorPipeline", "_diffusers_version": "0.42.1"}
+        for name, module, lib in (("prior", prior.prior, "diffusers"), ("text_encoder", prior.text_encoder, "transformers"),
+                                  ("image_encoder", prior.image_encoder, "transformers")):
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            index[name] = [lib, type(module).__name__]
+        prior.tokenizer.save_pretrained(tmp / "tokenizer")
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        prior.image_processor.save_pretrained(tmp / "image_processor")
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+        (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(prior.scheduler_config, indent=2))
+        index["scheduler"] = ["diffusers", prior.scheduler_config["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    return atomic_save_dir(path, write)

@@ -88,15 +88,21 @@ def noised_embedding(model, embeds: torch.Tensor, noise: torch.Tensor, level: in
 
 
 @torch.no_grad()
-def run_unclip(model, picture: Image.Image, request, *, noise_level: int | None = None,
-               on_step: OnStep | None = None, device: str | torch.device = "cpu") -> VariationsResult:
-    """Variations of ``picture`` at ``request.width`` x ``request.height``.
+def run_unclip(model, picture: Image.Image | None, request, *, noise_level: int | None = None,
+               on_step: OnStep | None = None, device: str | torch.device = "cpu", prior=None,
+               prior_steps: int | None = None, prior_cfg_scale: float | None = None) -> VariationsResult:
+    """Variations of ``picture`` at ``request.width`` x ``request.height``; or, with ``prior``
+    and no picture, text-to-image: the prior turns the prompt into image embeddings (DALL-E 2).
 
     Args:
         model: a ``models.unclip_models.UnclipModel``.
         request: a ``GenerationRequest``: prompt (may be empty), negative prompt, sampler,
             schedule, steps, CFG scale, seed, size, batch size.
         noise_level: 0..(the noising scheduler's timesteps - 1); default 0 (closest variations).
+        prior: a ``models.unclip_models.KandinskyPrior`` over the same CLIP as the model's image
+            encoder; image i's embedding is sampled from generator ``seed + i`` first (its
+            unconditional text is ""; the negative prompt is the decoder's), with
+            ``prior_steps`` / ``prior_cfg_scale`` (Kandinsky 2.2's defaults, 25 and 4).
     """
     comps = model.components
     B = request.batch_size
@@ -106,13 +112,23 @@ def run_unclip(model, picture: Image.Image, request, *, noise_level: int | None 
     use_cfg = request.cfg_scale > 1.0
     dtype = comps.unet.dtype
 
-    embeds = image_embedding(model, picture)
+    if picture is not None:
+        embeds = image_embedding(model, picture).expand(B, -1)
+    elif prior is not None:
+        from danqing.sampling.kandinsky import KANDINSKY_DEFAULTS, run_prior
+
+        embeds = torch.cat([run_prior(prior, request.prompt, "", 1, [gen], steps=prior_steps or KANDINSKY_DEFAULTS[
+            "prior_steps"], cfg_scale=KANDINSKY_DEFAULTS["prior_cfg_scale"] if prior_cfg_scale is None
+            else prior_cfg_scale)[0] for gen in gens]).to(model.image_encoder.device, model.image_encoder.dtype)
+    else:
+        raise ValueError("run_unclip needs a picture or a prior")
     f = vae_scale_factor(comps.vae)
     shape = (comps.unet.config.in_channels, request.height // f, request.width // f)
     labels, noise = [], []
-    for gen in gens:  # per image: the embedding's noise, then the start noise
-        emb_noise = torch.randn(tuple(embeds.shape), generator=gen, device=gen.device).to(embeds)
-        labels.append(noised_embedding(model, embeds, emb_noise, level))
+    for i, gen in enumerate(gens):  # per image: the embedding's noise, then the start noise
+        emb = embeds[i:i + 1]
+        emb_noise = torch.randn(tuple(emb.shape), generator=gen, device=gen.device).to(emb)
+        labels.append(noised_embedding(model, emb, emb_noise, level))
         noise.append(torch.randn((1, *shape), generator=gen, device=gen.device))
     labels = torch.cat(labels).to(device, dtype)
     if use_cfg:

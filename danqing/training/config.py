@@ -175,6 +175,22 @@ class UnclipTrainConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+class PriorConfig(_Strict):
+    clip: str = "danqing-tiny-clip"             # the CLIP model: its text half reads captions, its image half embeds pictures
+    num_layers: int = Field(4, ge=1)            # diffusers' PriorTransformer (DALL-E 2's prior; Kandinsky 2.2's layout)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(32, ge=8)
+    drop_text: float = Field(0.1, ge=0, le=1)   # share of steps with the empty caption (the prior's CFG)
+    eval_prompts: int = Field(64, ge=0)         # held-out captions whose sampled embedding is judged at run.eval_every
+
+
+class PriorTrainConfig(_Strict):
+    data: IPAdapterDataConfig = IPAdapterDataConfig()
+    prior: PriorConfig = PriorConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the prior
+    run: RunConfig = RunConfig()
+
+
 class FlowModelConfig(_Strict):
     # the model whose text encoder and VAE the transformer works with (both kept frozen)
     init_from: str = "danqing-tiny"
