@@ -183,3 +183,24 @@ def test_text_to_image_through_the_prior_on_the_command_line(short_run, prior_ru
     res = runner.invoke(app, args + ["--out", str(tmp_path / "b.png")])  # main() prints it as one line, exit 2
     assert isinstance(res.exception, InvalidRequest) and "--prior FOLDER" in str(res.exception)
     assert not (tmp_path / "b.png").exists()
+
+
+def test_eval_unclip_judges_variations_and_text_through_the_prior(short_run, prior_run, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from danqing.cli import app
+
+    decoder, prior = short_run[0] / "model", prior_run[0] / "prior"
+    base = ["--home", str(tmp_path / "home"), "eval", "unclip", "--model", str(decoder), "--n", "2", "--steps", "3"]
+    res = CliRunner().invoke(app, base + ["--out", str(tmp_path / "pairs"), "--json", str(tmp_path / "v.json")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "v.json").read_text())["summary"]
+    assert summary["n"] == 2 and set(summary) == {"n", "same_objects", "centroid_shift"}
+    pairs = sorted(p.name for p in (tmp_path / "pairs").iterdir())
+    assert len(pairs) == 2 and pairs[0].startswith("0000-")
+    res = CliRunner().invoke(app, base + ["--prior", str(prior), "--json", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "t.json").read_text())["summary"]
+    assert summary["n"] == 2 and 0 <= summary["object"] <= 1

@@ -1,6 +1,7 @@
 """``danqing eval shapes`` and ``danqing eval portraits``: score pictures of the shapes world
 (danqing/synthetic/evaluate.py) and of the portrait world (danqing/synthetic/portrait_reader.py);
-``danqing eval clip``: a CLIP model's held-out retrieval, or CLIP scores (models/clip_model.py)."""
+``danqing eval clip``: a CLIP model's held-out retrieval, or CLIP scores (models/clip_model.py);
+``danqing eval unclip``: an unCLIP model's variations or its text-to-image through a prior."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import typer
 from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_target, refuse_existing
 from danqing.files import atomic_write_text
 
-eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`, `danqing eval clip`.",
+eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`, `danqing eval clip`, "
+                            "`danqing eval unclip`.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -123,6 +125,71 @@ def eval_clip(
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary, "images": rows}, indent=1))
+
+
+@eval_app.command("unclip")
+def eval_unclip(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="The unCLIP decoder: a Stable unCLIP folder (a name under models/ or a path)."),
+    prior: Optional[str] = typer.Option(None, help="An unCLIP prior folder: judge text-to-image through it instead of "
+                                                   "variations [default: none, variations]."),
+    n: int = typer.Option(50, help="Held-out scenes (1-1000)."),
+    steps: int = STEPS,
+    cfg: float = typer.Option(10.0, help="CFG scale (Stable unCLIP's default 10)."),
+    seed: int = typer.Option(0, help="Seed of the first picture (picture i uses seed + i)."),
+    noise_level: int = typer.Option(0, help="Noise added to the image embedding, 0-999."),
+    out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each source and its variation side by side "
+                                                                   "there (a new folder) [default: not saved]."),
+    json_out: Optional[Path] = JSON_OUT,
+):
+    """Judge an unCLIP model on held-out scenes of the shapes world: one variation of each
+    picture (does it show the same coloured shapes? how far did they move?), or with --prior
+    text-to-image through the prior, scored by the evaluator."""
+    from danqing.errors import InvalidRequest
+    from danqing.models.registry import Registry
+    from danqing.models.unclip_models import load_kandinsky_prior, load_unclip_folder, unclip_kind_of_folder
+
+    if json_out is not None:
+        refuse_existing(json_out)
+    if out is not None:
+        refuse_existing(out)
+    if not 1 <= n <= 1000:
+        raise InvalidRequest("n", f"must be 1-1000, got {n}")
+    if not 0 <= noise_level <= 999:
+        raise InvalidRequest("noise_level", f"must be 0-999, got {noise_level}")
+    registry = Registry(ctx.obj.models_dir)
+    entry = registry.find("checkpoint", model)
+    if unclip_kind_of_folder(entry.path) != "unclip":
+        raise InvalidRequest("model", f"{model}: not a Stable unCLIP folder")
+    decoder = load_unclip_folder(entry.path)
+    if prior is None:
+        from danqing.training.unclip import variation_rates  # lazy: imports torch
+
+        save = None
+        if out is not None:
+            from PIL import Image
+
+            out.mkdir(parents=True)
+
+            def save(i, source, image, ok, shift):
+                pair = Image.new("RGB", (source.width * 2, source.height))
+                pair.paste(source, (0, 0))
+                pair.paste(image, (source.width, 0))
+                pair.save(out / f"{i:04d}-{'same' if ok else 'other'}.png")
+
+        summary = variation_rates(decoder, n, steps=steps, cfg_scale=cfg, seed=seed, noise_level=noise_level,
+                                  on_pair=save)
+    else:
+        from danqing.training.unclip import prior_text_to_image  # lazy: imports torch
+
+        prior_entry = registry.find("checkpoint", prior)
+        if unclip_kind_of_folder(prior_entry.path) != "kandinsky-prior":
+            raise InvalidRequest("prior", f"{prior}: not an unCLIP prior folder (KandinskyV22PriorPipeline)")
+        summary = prior_text_to_image(decoder, load_kandinsky_prior(prior_entry.path), n, steps=steps, cfg_scale=cfg,
+                                      seed=seed, noise_level=noise_level, out_dir=out)
+    typer.echo(f"summary: {json.dumps(summary)}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"summary": summary}, indent=1))
 
 
 def _picture_and_prompt(path: Path, prompt: str | None):

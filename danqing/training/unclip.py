@@ -115,6 +115,29 @@ def variation_rates(model: UnclipModel, n: int, *, steps: int = 20, cfg_scale: f
             "centroid_shift": round(float(np.mean(shifts)), 2) if shifts else None}
 
 
+@torch.no_grad()
+def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, cfg_scale: float = 10.0,
+                        seed: int = 0, size: int = 64, noise_level: int = 0, lang: str = "en",
+                        out_dir: Path | None = None) -> dict:
+    """Text-to-image through ``prior`` (a ``KandinskyPrior``) and the decoder on the first ``n``
+    held-out prompts (the evaluator's captions, seed + i), scored by the evaluator."""
+    from danqing.sampling.unclip import run_unclip
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.evaluate import score, summarise
+
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True)
+    scores = []
+    for i, scene in enumerate(eval_scenes(max(n, 1))[:n]):
+        req = GenerationRequest(prompt=caption(scene, lang), steps=steps, cfg_scale=cfg_scale, seed=seed + i,
+                                subseed=0, width=size, height=size, sampler="DPM++ 2M")
+        image = run_unclip(model, None, req, noise_level=noise_level, prior=prior).images[0]
+        if out_dir is not None:
+            image.save(Path(out_dir) / f"{i:04d}.png")
+        scores.append(score(image, scene.spec))
+    return summarise(scores)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
