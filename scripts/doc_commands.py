@@ -271,6 +271,15 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
     "ip-adapter": {"data.n_images": "8", "ip_adapter.eval_per_object": "0", "unet.steps": "2", "unet.batch_size": "4",
                    "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
                    "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
+    "flow": {"data.n_images": "8", "unet.steps": "2", "unet.batch_size": "4", "unet.warmup_steps": "0",
+             "run.log_every": "1", "run.checkpoint_every": "2", "run.sample_every": "1000000",
+             "run.eval_every": "1000000", "run.eval_prompts": "0", "run.eval_steps": "2", "run.max_minutes": "0"},
+    "unclip": {"data.n_images": "8", "unclip.eval_pictures": "0", "unet.steps": "2", "unet.batch_size": "4",
+               "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
+               "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
+    "prior": {"data.n_images": "8", "prior.eval_prompts": "0", "unet.steps": "2", "unet.batch_size": "4",
+              "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
+              "run.eval_every": "1000000", "run.max_minutes": "0"},
     "clip": {"data.n_images": "16", "train.steps": "2", "train.batch_size": "4", "train.warmup_steps": "0",
              "output.log_every": "1", "output.eval_every": "2", "output.eval_scenes": "10"},
     "finetune": {"data.n_images": "2", "train.steps": "2", "train.batch_size": "2", "train.warmup_steps": "0",
@@ -278,7 +287,8 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
                  "output.sample_every": "1000000", "output.sample_steps": "2",
                  "prior.n_class_images": "2", "prior.sample_steps": "2"},
 }
-ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", "train", "model", "output"}
+ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", "flow", "unclip", "train", "model",
+          "output"}
 
 
 def _train_sets(text: str, root: Path) -> str:

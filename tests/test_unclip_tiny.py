@@ -197,10 +197,41 @@ def test_eval_unclip_judges_variations_and_text_through_the_prior(short_run, pri
     res = CliRunner().invoke(app, base + ["--out", str(tmp_path / "pairs"), "--json", str(tmp_path / "v.json")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "v.json").read_text())["summary"]
-    assert summary["n"] == 2 and set(summary) == {"n", "same_objects", "centroid_shift"}
+    assert summary["n"] == 2 and set(summary) == {"n", "pairs", "same_objects", "same_colours", "same_count",
+                                                 "centroid_shift"}
     pairs = sorted(p.name for p in (tmp_path / "pairs").iterdir())
     assert len(pairs) == 2 and pairs[0].startswith("0000-")
     res = CliRunner().invoke(app, base + ["--prior", str(prior), "--json", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "t.json").read_text())["summary"]
     assert summary["n"] == 2 and 0 <= summary["object"] <= 1
+
+
+def test_judged_scenes_hold_the_pairs_they_say():
+    from danqing.synthetic.scenes import heldout_pairs
+    from danqing.training.unclip import judged_scenes
+
+    held = heldout_pairs()
+    seen, heldout = judged_scenes(40, "seen"), judged_scenes(40, "held-out")
+    assert [len(s.objects) for s in seen[:4]] == [1, 2, 1, 2]
+    assert all((o.colour, o.shape) not in held for s in seen for o in s.objects)
+    assert all(any((o.colour, o.shape) in held for o in s.objects) for s in heldout)
+
+
+def test_a_run_continues_from_an_earlier_decoder(short_run, tmp_path):
+    """unclip.init_decoder: the second stage starts from the first one's folder (its UNet and
+    normaliser), not from a new decoder."""
+    from danqing.models.unclip_models import load_unclip_folder
+    from danqing.training.unclip import train_unclip
+
+    first = load_unclip_folder(short_run[0] / "model")
+    cfg = load_config(CONFIG, {"data.n_images": 32, "unet.steps": 1, "unet.batch_size": 4, "unet.lr": 1e-12,
+                               "run.output_dir": str(tmp_path / "run"), "unclip.eval_pictures": 0,
+                               "unclip.init_decoder": str(short_run[0] / "model"), "run.num_threads": 0},
+                      model=UnclipTrainConfig)
+    train_unclip(cfg, log=lambda line: None)
+    second = load_unclip_folder(tmp_path / "run" / "model")
+    w1 = first.components.unet.class_embedding.linear_2.weight
+    w2 = second.components.unet.class_embedding.linear_2.weight
+    assert torch.allclose(w1, w2, atol=1e-6) and float(w1.abs().max()) > 0
+    assert torch.equal(first.image_normalizer.mean, second.image_normalizer.mean)

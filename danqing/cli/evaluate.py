@@ -138,6 +138,10 @@ def eval_unclip(
     cfg: float = typer.Option(10.0, help="CFG scale (Stable unCLIP's default 10)."),
     seed: int = typer.Option(0, help="Seed of the first picture (picture i uses seed + i)."),
     noise_level: int = typer.Option(0, help="Noise added to the image embedding, 0-999."),
+    pairs: str = typer.Option("held-out", help="Variations: of the evaluator's held-out pictures (colour-shape pairs no "
+                                               "training picture has), or 'seen': of new pictures of the training pairs."),
+    decoder_text: bool = typer.Option(True, "--decoder-text/--prior-only", help="With --prior: the decoder reads the "
+                                      "prompt too (Stable unCLIP's way), or only the prior does (the decoder gets \"\")."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each source and its variation side by side "
                                                                    "there (a new folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
@@ -157,6 +161,11 @@ def eval_unclip(
         raise InvalidRequest("n", f"must be 1-1000, got {n}")
     if not 0 <= noise_level <= 999:
         raise InvalidRequest("noise_level", f"must be 0-999, got {noise_level}")
+    if pairs not in ("held-out", "seen"):
+        raise InvalidRequest("pairs", f"must be held-out or seen, got {pairs!r}")
+    if prior is not None and pairs != "held-out":
+        raise InvalidRequest("pairs", "--pairs chooses the pictures of variations; text-to-image (--prior) is judged on "
+                                      "the evaluator's held-out prompts")
     registry = Registry(ctx.obj.models_dir)
     entry = registry.find("checkpoint", model)
     if unclip_kind_of_folder(entry.path) != "unclip":
@@ -178,7 +187,7 @@ def eval_unclip(
                 pair.save(out / f"{i:04d}-{'same' if ok else 'other'}.png")
 
         summary = variation_rates(decoder, n, steps=steps, cfg_scale=cfg, seed=seed, noise_level=noise_level,
-                                  on_pair=save)
+                                  pairs=pairs, on_pair=save)
     else:
         from danqing.training.unclip import prior_text_to_image  # lazy: imports torch
 
@@ -186,7 +195,7 @@ def eval_unclip(
         if unclip_kind_of_folder(prior_entry.path) != "kandinsky-prior":
             raise InvalidRequest("prior", f"{prior}: not an unCLIP prior folder (KandinskyV22PriorPipeline)")
         summary = prior_text_to_image(decoder, load_kandinsky_prior(prior_entry.path), n, steps=steps, cfg_scale=cfg,
-                                      seed=seed, noise_level=noise_level, out_dir=out)
+                                      seed=seed, noise_level=noise_level, decoder_text=decoder_text, out_dir=out)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary}, indent=1))

@@ -90,7 +90,8 @@ def noised_embedding(model, embeds: torch.Tensor, noise: torch.Tensor, level: in
 @torch.no_grad()
 def run_unclip(model, picture: Image.Image | None, request, *, noise_level: int | None = None,
                on_step: OnStep | None = None, device: str | torch.device = "cpu", prior=None,
-               prior_steps: int | None = None, prior_cfg_scale: float | None = None) -> VariationsResult:
+               prior_steps: int | None = None, prior_cfg_scale: float | None = None,
+               prior_prompt: str | None = None) -> VariationsResult:
     """Variations of ``picture`` at ``request.width`` x ``request.height``; or, with ``prior``
     and no picture, text-to-image: the prior turns the prompt into image embeddings (DALL-E 2).
 
@@ -103,6 +104,8 @@ def run_unclip(model, picture: Image.Image | None, request, *, noise_level: int 
             encoder; image i's embedding is sampled from generator ``seed + i`` first (its
             unconditional text is ""; the negative prompt is the decoder's), with
             ``prior_steps`` / ``prior_cfg_scale`` (Kandinsky 2.2's defaults, 25 and 4).
+        prior_prompt: what the prior reads (default: the request's prompt, which the decoder
+            reads as well; give it here with an empty request prompt for the prior's path alone).
     """
     comps = model.components
     B = request.batch_size
@@ -117,7 +120,8 @@ def run_unclip(model, picture: Image.Image | None, request, *, noise_level: int 
     elif prior is not None:
         from danqing.sampling.kandinsky import KANDINSKY_DEFAULTS, run_prior
 
-        embeds = torch.cat([run_prior(prior, request.prompt, "", 1, [gen], steps=prior_steps or KANDINSKY_DEFAULTS[
+        text = request.prompt if prior_prompt is None else prior_prompt
+        embeds = torch.cat([run_prior(prior, text, "", 1, [gen], steps=prior_steps or KANDINSKY_DEFAULTS[
             "prior_steps"], cfg_scale=KANDINSKY_DEFAULTS["prior_cfg_scale"] if prior_cfg_scale is None
             else prior_cfg_scale)[0] for gen in gens]).to(model.image_encoder.device, model.image_encoder.dtype)
     else:

@@ -161,6 +161,7 @@ class IPAdapterTrainConfig(_Strict):
 
 class UnclipConfig(_Strict):
     init_from: str = "danqing-tiny"             # the text-to-image model the decoder starts from (its UNet trains)
+    init_decoder: str | None = None             # continue from this Stable unCLIP folder (an earlier run's model/) instead
     image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding conditions the decoder
     drop_text: float = Field(0.5, ge=0, le=1)   # share of steps with the empty caption (variations have none)
     drop_image: float = Field(0.1, ge=0, le=1)  # ... with the zero class label (the unconditional branch)

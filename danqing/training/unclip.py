@@ -92,35 +92,65 @@ def unclip_model(base: Components, encoder, processor, embeds: torch.Tensor) -> 
 # ---------------------------------------------------------------------------------------------
 # Judging it: variations of held-out pictures
 # ---------------------------------------------------------------------------------------------
+PAIRS = ("held-out", "seen")
+
+
+def judged_scenes(n: int, pairs: str = "held-out") -> list:
+    """The pictures variations are judged on, one or two objects each (alternating):
+    "held-out", the evaluator's held-out set (every object a colour-shape pair no training
+    picture has); "seen", new scenes of the training pairs (their own random stream, which no
+    training set draws from)."""
+    import random
+
+    from danqing.synthetic.scenes import sample_scene
+
+    if pairs == "held-out":
+        return eval_scenes(max(n, 1))[:n]
+    if pairs != "seen":
+        raise ValueError(f"pairs: {pairs!r}, not one of {PAIRS}")
+    rng = random.Random("variations:0")
+    return [sample_scene(rng, "train", 1 + i % 2) for i in range(n)]
+
+
 @torch.no_grad()
 def variation_rates(model: UnclipModel, n: int, *, steps: int = 20, cfg_scale: float = 10.0, seed: int = 0,
-                    size: int = 64, noise_level: int = 0, on_pair: Callable | None = None) -> dict:
-    """One variation (empty prompt) of each of the first ``n`` held-out pictures: the share that
-    shows the same coloured shapes as its source, and their mean centroid shift (64x64 pixels)."""
+                    size: int = 64, noise_level: int = 0, pairs: str = "held-out",
+                    on_pair: Callable | None = None) -> dict:
+    """One variation (empty prompt) of each of ``n`` pictures (``judged_scenes``): the share
+    that shows the same coloured shapes as its source, their mean centroid shift (64x64 pixels),
+    and, looser, the shares with the same set of colours and with as many objects."""
     from danqing.sampling.unclip import run_unclip
 
-    same, shifts = [], []
-    for i, scene in enumerate(eval_scenes(max(n, 1))[:n]):
+    from danqing.synthetic.evaluate import detect
+
+    same, shifts, colours, counts = [], [], [], []
+    for i, scene in enumerate(judged_scenes(n, pairs)):
         picture = render(scene, size)
         req = GenerationRequest(prompt="", steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
                                 width=size, height=size, sampler="DPM++ 2M")
         image = run_unclip(model, picture, req, noise_level=noise_level).images[0]
         ok, shift = same_objects(picture, image)
         same.append(ok)
+        src, got = detect(picture), detect(image)
+        colours.append(sorted({d.colour for d in src}) == sorted({d.colour for d in got}))
+        counts.append(len(src) == len(got))
         if shift is not None:
             shifts.append(shift)
         if on_pair is not None:
             on_pair(i, picture, image, ok, shift)
-    return {"n": n, "same_objects": round(float(np.mean(same)), 4),
+    return {"n": n, "pairs": pairs, "same_objects": round(float(np.mean(same)), 4),
+            "same_colours": round(float(np.mean(colours)), 4), "same_count": round(float(np.mean(counts)), 4),
             "centroid_shift": round(float(np.mean(shifts)), 2) if shifts else None}
 
 
 @torch.no_grad()
 def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, cfg_scale: float = 10.0,
                         seed: int = 0, size: int = 64, noise_level: int = 0, lang: str = "en",
-                        out_dir: Path | None = None) -> dict:
+                        decoder_text: bool = True, out_dir: Path | None = None) -> dict:
     """Text-to-image through ``prior`` (a ``KandinskyPrior``) and the decoder on the first ``n``
-    held-out prompts (the evaluator's captions, seed + i), scored by the evaluator."""
+    held-out prompts (the evaluator's captions, seed + i), scored by the evaluator.
+    ``decoder_text``: the decoder reads the prompt too (Stable unCLIP's way), else only the
+    prior does (the decoder gets "": what the image embedding alone carries)."""
     from danqing.sampling.unclip import run_unclip
     from danqing.synthetic.captions import caption
     from danqing.synthetic.evaluate import score, summarise
@@ -129,9 +159,10 @@ def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, c
         Path(out_dir).mkdir(parents=True)
     scores = []
     for i, scene in enumerate(eval_scenes(max(n, 1))[:n]):
-        req = GenerationRequest(prompt=caption(scene, lang), steps=steps, cfg_scale=cfg_scale, seed=seed + i,
+        text = caption(scene, lang)
+        req = GenerationRequest(prompt=text if decoder_text else "", steps=steps, cfg_scale=cfg_scale, seed=seed + i,
                                 subseed=0, width=size, height=size, sampler="DPM++ 2M")
-        image = run_unclip(model, None, req, noise_level=noise_level, prior=prior).images[0]
+        image = run_unclip(model, None, req, noise_level=noise_level, prior=prior, prior_prompt=text).images[0]
         if out_dir is not None:
             image.save(Path(out_dir) / f"{i:04d}.png")
         scores.append(score(image, scene.spec))
@@ -202,7 +233,14 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
         f"({time.perf_counter() - t_start:.0f} s)")
 
-    model = unclip_model(base, encoder, processor, embeds)
+    if u.init_decoder:  # an earlier run's decoder, its normaliser (the same pictures' statistics) kept
+        from danqing.models.unclip_models import load_unclip_folder
+
+        model = load_unclip_folder(Path(u.init_decoder))
+        model.components.unet.float()
+        log(f"decoder: continuing from {u.init_decoder}")
+    else:
+        model = unclip_model(base, encoder, processor, embeds)
     unet = model.components.unet.train().requires_grad_(True)
     params = list(unet.parameters())
     acc = new_accelerator(r.mixed_precision)
