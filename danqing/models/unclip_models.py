@@ -212,30 +212,26 @@ def load_kandinsky_decoder(path: Path) -> KandinskyDecoder:
     return model
 
 
-def save_unclip_folder(model: UnclipModel, path: Path) -> Path:
-    """Write a Stable unCLIP model as diffusers' ``StableUnCLIPImg2ImgPipeline`` folder (what
-    ``load_unclip_folder`` and diffusers' ``from_pretrained`` read); refuses an existing folder,
-    writes atomically."""
+def _save_pipeline_folder(path: Path, class_name: str, modules: dict, files: dict, schedulers: dict) -> Path:
+    """A diffusers pipeline folder written atomically (an existing one is refused): ``modules``
+    name -> (module, library) and ``files`` name -> (tokenizer or processor, class name) each
+    ``save_pretrained`` into its sub-folder, ``schedulers`` name -> config, and the
+    ``model_index.json`` that names them."""
     from danqing.files import atomic_save_dir, exists_message
 
     path = Path(path)
     if path.exists():
         raise FileExistsError(exists_message(path))
-    comps = model.components
 
     def write(tmp: Path) -> None:
-        index = {"_class_name": "StableUnCLIPImg2ImgPipeline", "_diffusers_version": "0.42.1"}
-        for name, module, lib in (("unet", comps.unet, "diffusers"), ("vae", comps.vae, "diffusers"),
-                                  ("text_encoder", comps.text_encoder, "transformers"),
-                                  ("image_encoder", model.image_encoder, "transformers"),
-                                  ("image_normalizer", model.image_normalizer, "stable_diffusion")):
+        index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+        for name, (module, lib) in modules.items():
             module.save_pretrained(tmp / name, safe_serialization=True)
             index[name] = [lib, type(module).__name__]
-        comps.tokenizer.save_pretrained(tmp / "tokenizer")
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        model.feature_extractor.save_pretrained(tmp / "feature_extractor")
-        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
-        for name, cfg in (("scheduler", comps.scheduler_config), ("image_noising_scheduler", model.noising_config)):
+        for name, (obj, cls) in files.items():
+            obj.save_pretrained(tmp / name)
+            index[name] = ["transformers", cls]
+        for name, cfg in schedulers.items():
             (tmp / name).mkdir(parents=True, exist_ok=True)
             (tmp / name / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
             index[name] = ["diffusers", cfg["_class_name"]]
@@ -244,29 +240,25 @@ def save_unclip_folder(model: UnclipModel, path: Path) -> Path:
     return atomic_save_dir(path, write)
 
 
+def save_unclip_folder(model: UnclipModel, path: Path) -> Path:
+    """Write a Stable unCLIP model as diffusers' ``StableUnCLIPImg2ImgPipeline`` folder (what
+    ``load_unclip_folder`` and diffusers' ``from_pretrained`` read)."""
+    comps = model.components
+    return _save_pipeline_folder(
+        path, "StableUnCLIPImg2ImgPipeline",
+        {"unet": (comps.unet, "diffusers"), "vae": (comps.vae, "diffusers"),
+         "text_encoder": (comps.text_encoder, "transformers"), "image_encoder": (model.image_encoder, "transformers"),
+         "image_normalizer": (model.image_normalizer, "stable_diffusion")},
+        {"tokenizer": (comps.tokenizer, "CLIPTokenizer"), "feature_extractor": (model.feature_extractor, "CLIPImageProcessor")},
+        {"scheduler": comps.scheduler_config, "image_noising_scheduler": model.noising_config})
+
+
 def save_kandinsky_prior(prior: KandinskyPrior, path: Path) -> Path:
     """Write an unCLIP prior as diffusers' ``KandinskyV22PriorPipeline`` folder (what
-    ``load_kandinsky_prior`` and diffusers' ``from_pretrained`` read); refuses an existing
-    folder, writes atomically."""
-    from danqing.files import atomic_save_dir, exists_message
-
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(exists_message(path))
-
-    def write(tmp: Path) -> None:
-        index = {"_class_name": "KandinskyV22PriorPipeline", "_diffusers_version": "0.42.1"}
-        for name, module, lib in (("prior", prior.prior, "diffusers"), ("text_encoder", prior.text_encoder, "transformers"),
-                                  ("image_encoder", prior.image_encoder, "transformers")):
-            module.save_pretrained(tmp / name, safe_serialization=True)
-            index[name] = [lib, type(module).__name__]
-        prior.tokenizer.save_pretrained(tmp / "tokenizer")
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        prior.image_processor.save_pretrained(tmp / "image_processor")
-        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
-        (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(prior.scheduler_config, indent=2))
-        index["scheduler"] = ["diffusers", prior.scheduler_config["_class_name"]]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-
-    return atomic_save_dir(path, write)
+    ``load_kandinsky_prior`` and diffusers' ``from_pretrained`` read)."""
+    return _save_pipeline_folder(
+        path, "KandinskyV22PriorPipeline",
+        {"prior": (prior.prior, "diffusers"), "text_encoder": (prior.text_encoder, "transformers"),
+         "image_encoder": (prior.image_encoder, "transformers")},
+        {"tokenizer": (prior.tokenizer, "CLIPTokenizer"), "image_processor": (prior.image_processor, "CLIPImageProcessor")},
+        {"scheduler": prior.scheduler_config})

@@ -267,3 +267,15 @@ def process_caption(text: str, rng: random.Random, *, dropout: float = 0.0, shuf
     head, tail = tags[:keep], tags[keep:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
+
+
+def picture_embeddings(encoder, processor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """(N, D) CLIP image embeddings of rendered pictures (N, 3, H, W) uint8, on the CPU in
+    float32: what ``customise.ip_adapter.encode_images`` gives each picture at generation."""
+    from danqing.customise.ip_adapter import encode_images
+
+    out = []
+    for i in range(0, len(images), batch):
+        pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images[i:i + batch]]
+        out.append(encode_images(encoder, processor, pics, plus=False).embeds[0].float().cpu())
+    return torch.cat(out)

@@ -46,7 +46,7 @@ from danqing.synthetic.scenes import Obj, Scene
 from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import IPAdapterTrainConfig
-from danqing.training.data import synthetic_dataset
+from danqing.training.data import picture_embeddings, synthetic_dataset
 from danqing.training.runs import (StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step,
                                    start_run)
 
@@ -170,16 +170,13 @@ def adapter_data(comps, encoder, processor, d, log: Log) -> AdapterData:
     t = time.perf_counter()
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
     mean, std = encode_all(comps.vae, data.images, "cpu")
-    embeds = []
-    for i in range(0, len(data), 512):
-        pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.images[i:i + 512]]
-        embeds.append(encode_images(encoder, processor, pics, plus=False).embeds[0].float().cpu())
+    embeds = picture_embeddings(encoder, processor, data.images)
     texts = sorted({c for caps in data.captions for c in caps})
     index = {c: i for i, c in enumerate(texts)}
     hidden = encode_texts(comps, texts + [""])
     log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
         f"({time.perf_counter() - t:.0f} s)")
-    return AdapterData(mean, std, torch.cat(embeds), hidden, [[index[c] for c in caps] for caps in data.captions])
+    return AdapterData(mean, std, embeds, hidden, [[index[c] for c in caps] for caps in data.captions])
 
 
 def adapter_loss(unet, data: AdapterData, g: torch.Generator, cfg, noise_sched, scaling: float, acc) -> torch.Tensor:

@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from danqing.customise.ip_adapter import encode_images
 from danqing.models.unclip_models import KandinskyPrior
@@ -34,7 +32,7 @@ from danqing.synthetic.render import render
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.base import _gen, new_accelerator
 from danqing.training.config import PriorTrainConfig
-from danqing.training.data import synthetic_dataset
+from danqing.training.data import picture_embeddings, synthetic_dataset
 from danqing.training.runs import StepLog, ema_weights, my_rows, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
@@ -147,11 +145,7 @@ def train_prior(cfg: PriorTrainConfig, *, resume: bool = False, log: Log = print
     text_encoder, tokenizer = text_half(folder), clip_tokenizer()
 
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
-    embeds = []
-    for i in range(0, len(data), 512):
-        pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.images[i:i + 512]]
-        embeds.append(encode_images(image_encoder, processor, pics, plus=False).embeds[0].float().cpu())
-    embeds = torch.cat(embeds)
+    embeds = picture_embeddings(image_encoder, processor, data.images)
     texts = sorted({t for caps in data.captions for t in caps})
     index = {t: i for i, t in enumerate(texts)}
     proj, hidden, mask = encode_captions(text_encoder, tokenizer, texts + [""])

@@ -28,9 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from danqing.customise.ip_adapter import encode_images
 from danqing.models.components import Components
 from danqing.models.unclip_models import UnclipModel
 from danqing.request import GenerationRequest
@@ -40,7 +38,7 @@ from danqing.synthetic.scenes import eval_scenes
 from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import UnclipTrainConfig
-from danqing.training.data import synthetic_dataset
+from danqing.training.data import picture_embeddings, synthetic_dataset
 from danqing.training.runs import StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
@@ -178,13 +176,15 @@ def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg:
     hidden states of its rows): each picture's own embedding, noised to a random level, as class
     label; caption or embedding dropped at the config's rates. All draws from ``g`` for the whole
     batch, of which this process keeps its rows."""
+    from danqing.sampling.unclip import noised_embedding  # the sampler's own noising, one level per row
+
     b, u = batch["mean"].shape[0], cfg.unclip
     z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
     noise = torch.randn(z.shape, generator=g)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
     x_t = noise_sched.add_noise(z, noise, t)
     levels = torch.randint(0, u.max_noise_level, (b,), generator=g)
-    labels = noised_labels(model, batch["embeds"], torch.randn(batch["embeds"].shape, generator=g), levels)
+    labels = noised_embedding(model, batch["embeds"], torch.randn(batch["embeds"].shape, generator=g), levels)
     drop_image = torch.rand(b, generator=g) < u.drop_image
     labels = torch.where(drop_image[:, None], torch.zeros_like(labels), labels)
     part = my_rows(acc, b)
@@ -192,13 +192,6 @@ def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg:
     with acc.autocast():
         pred = unet(x_t, t, encoder_hidden_states=ctx, class_labels=labels).sample
         return F.mse_loss(pred.float(), noise)
-
-
-def noised_labels(model: UnclipModel, embeds: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """(B, 2D) class labels: the sampler's ``noised_embedding`` with one level per row."""
-    from danqing.sampling.unclip import noised_embedding
-
-    return noised_embedding(model, embeds, noise, levels)
 
 
 def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
@@ -221,11 +214,7 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     # data, each part encoded once: latents, image embeddings, caption hidden states
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
     mean, std = encode_all(base.vae, data.images, "cpu")
-    embeds = []
-    for i in range(0, len(data), 512):
-        pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.images[i:i + 512]]
-        embeds.append(encode_images(encoder, processor, pics, plus=False).embeds[0].float().cpu())
-    embeds = torch.cat(embeds)
+    embeds = picture_embeddings(encoder, processor, data.images)
     texts = sorted({t for caps in data.captions for t in caps})
     index = {t: i for i, t in enumerate(texts)}
     hidden = encode_texts(base, texts + [""])
