@@ -1,7 +1,8 @@
 """``danqing eval shapes`` and ``danqing eval portraits``: score pictures of the shapes world
 (danqing/synthetic/evaluate.py) and of the portrait world (danqing/synthetic/portrait_reader.py);
 ``danqing eval clip``: a CLIP model's held-out retrieval, or CLIP scores (models/clip_model.py);
-``danqing eval unclip``: an unCLIP model's variations or its text-to-image through a prior."""
+``danqing eval unclip``: an unCLIP model's variations or its text-to-image through a prior;
+``danqing eval cascade``: a pixel cascade's pictures at each stage."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_
 from danqing.files import atomic_write_text
 
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`, `danqing eval clip`, "
-                            "`danqing eval unclip`.",
+                            "`danqing eval unclip`, `danqing eval cascade`.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -196,6 +197,81 @@ def eval_unclip(
             raise InvalidRequest("prior", f"{prior}: not an unCLIP prior folder (KandinskyV22PriorPipeline)")
         summary = prior_text_to_image(decoder, load_kandinsky_prior(prior_entry.path), n, steps=steps, cfg_scale=cfg,
                                       seed=seed, noise_level=noise_level, decoder_text=decoder_text, out_dir=out)
+    typer.echo(f"summary: {json.dumps(summary)}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"summary": summary}, indent=1))
+
+
+@eval_app.command("cascade")
+def eval_cascade(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Stage I of a pixel cascade: a DeepFloyd IF folder (a name under models/ or a path)."),
+    stage_2: Optional[str] = typer.Option(None, "--stage-2", help="Its stage II (an IF super-resolution folder) "
+                                                                 "[default: none, stage I alone]."),
+    baseline: Optional[str] = typer.Option(None, help="Also judge this 64x64 model's pictures of the same prompts and "
+                                                      "seeds, enlarged 2x with Lanczos [default: none]."),
+    n: int = typer.Option(200, help="Held-out scenes (1-1000)."),
+    steps: int = typer.Option(50, help="Stage I's sampling steps (DDPM)."),
+    cfg: float = CFG,
+    upscale_steps: int = typer.Option(50, help="Stage II's sampling steps (DDPM)."),
+    noise_level: int = typer.Option(100, help="Stage II's noise augmentation level of the stage-I picture, 0-999."),
+    seed: int = SEED,
+    thresholding: bool = typer.Option(False, "--thresholding", help="Instead: stage I with dynamic thresholding "
+                                      "against static clipping at CFG 7 and 20 (object score, clipped pixels, "
+                                      "saturation above the true pictures')."),
+    out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each scene's pictures side by side there "
+                                                                   "(a new folder) [default: not saved]."),
+    json_out: Optional[Path] = JSON_OUT,
+):
+    """Judge a pixel cascade (danqing-tiny-if) on held-out scenes of the shapes world: the
+    evaluator's scores of its stage-I pictures and of the 4x pictures of its stage II."""
+    from danqing.errors import InvalidRequest
+    from danqing.models.cascade_models import if_kind_of_folder, load_if_folder
+    from danqing.models.registry import Registry
+
+    for path in (json_out, out):
+        if path is not None:
+            refuse_existing(path)
+    if not 1 <= n <= 1000:
+        raise InvalidRequest("n", f"must be 1-1000, got {n}")
+    if not 0 <= noise_level <= 999:
+        raise InvalidRequest("noise_level", f"must be 0-999, got {noise_level}")
+    registry = Registry(ctx.obj.models_dir)
+
+    def stage(name: str, kind: str, option: str):
+        entry = registry.find("checkpoint", name)
+        if if_kind_of_folder(entry.path) != kind:
+            raise InvalidRequest(option, f"{name}: not a DeepFloyd IF {'stage-I' if kind == 'if-i' else 'stage-II'} "
+                                         f"folder ({'IFPipeline' if kind == 'if-i' else 'IFSuperResolutionPipeline'})")
+        return load_if_folder(entry.path)
+
+    first = stage(model, "if-i", "model")
+    second = stage(stage_2, "if-ii", "stage_2") if stage_2 else None
+    from danqing.training import cascade  # lazy: imports torch
+
+    if thresholding:
+        summary = {"thresholding": cascade.thresholding_errors(first, n, steps=steps, seed=seed)}
+    else:
+        base = None
+        if baseline:
+            from danqing.training.runs import load_float32
+
+            base = load_float32(baseline, ctx.obj)[0]
+        save = None
+        if out is not None:
+            from PIL import Image
+
+            out.mkdir(parents=True)
+
+            def save(i, prompt, pictures):
+                size = max(p.width for p in pictures)
+                row = Image.new("RGB", (size * len(pictures), size), "white")
+                for k, p in enumerate(pictures):
+                    row.paste(p.resize((size, size), Image.NEAREST), (k * size, 0))
+                row.save(out / f"{i:04d}.png")
+
+        summary = cascade.judge_cascade(first, second, n, steps=steps, cfg_scale=cfg, upscale_steps=upscale_steps,
+                                        noise_level=noise_level, seed=seed, baseline=base, on_picture=save)
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary}, indent=1))

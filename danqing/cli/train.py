@@ -1,4 +1,4 @@
-"""``danqing train base|instruct|controlnet|ip-adapter|flow|unclip|prior|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
+"""``danqing train base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|unclip|prior|clip|distill --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|cascade|unclip|prior|clip|distill --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -263,6 +263,27 @@ def train_flow_cmd(
 
     cfg = under_home(load_config(config, parse_sets(set_), model=FlowTrainConfig), ctx.obj.home)
     summary = train_flow(cfg, resume=not fresh, log=_echo)
+    _echo(f"summary: {json.dumps(summary['eval'])}")
+
+
+@train_app.command("cascade")
+def train_cascade_cmd(
+    ctx: typer.Context,
+    num_processes: int = _PROCS,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-if")),
+    fresh: bool = _FRESH,
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train one stage of a pixel cascade (Imagen / DeepFloyd IF at toy size) on the shapes world:
+    cascade.stage = "base" (text -> 32x32 pixels, with its own T5) or "upscaler" (32 -> 128);
+    writes OUTPUT_DIR/model/ (a DeepFloyd IF diffusers folder); resumes from the newest checkpoint
+    of its output folder."""
+    _relaunch_if(num_processes)
+    from danqing.training.cascade import train_cascade  # lazy: imports torch
+    from danqing.training.config import CascadeTrainConfig, load_config
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=CascadeTrainConfig), ctx.obj.home)
+    summary = train_cascade(cfg, resume=not fresh, log=_echo)
     _echo(f"summary: {json.dumps(summary['eval'])}")
 
 

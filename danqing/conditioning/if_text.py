@@ -24,9 +24,15 @@ def if_embeddings(encoder, tokenizer, text: str) -> torch.Tensor:
     return encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
 
 
-def if_schedule(encoder, tokenizer, prompt: str, negative: str, batch: int, steps: int,
+def if_schedule(encoder, tokenizer, prompt: str | list[str], negative: str, batch: int, steps: int,
                 use_cfg: bool) -> ConditioningSchedule:
-    """The conditioning of ``batch`` images, [negative; prompt] rows when ``use_cfg``."""
-    pos = if_embeddings(encoder, tokenizer, prompt).expand(batch, -1, -1)
+    """The conditioning of ``batch`` images, [negative; prompt] rows when ``use_cfg``; ``prompt``
+    one for all, or a list of ``batch`` (one per image)."""
+    if isinstance(prompt, str):
+        pos = if_embeddings(encoder, tokenizer, prompt).expand(batch, -1, -1)
+    else:
+        if len(prompt) != batch:
+            raise ValueError(f"{len(prompt)} prompts for {batch} images")
+        pos = torch.cat([if_embeddings(encoder, tokenizer, p) for p in prompt])
     context = torch.cat([if_embeddings(encoder, tokenizer, negative).expand(batch, -1, -1), pos]) if use_cfg else pos
     return ConditioningSchedule([steps], [Conditioning(context)])

@@ -98,3 +98,23 @@ def load_if_folder(path: Path) -> PixelStage:
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CorruptModel(f"{path}: cannot load DeepFloyd IF folder ({str(exc).splitlines()[0]})") from None
+
+
+def save_if_folder(stage: PixelStage, path: Path) -> Path:
+    """Write ``stage`` as a diffusers IF folder (``IFPipeline`` / ``IFSuperResolutionPipeline``,
+    safetensors, no safety checker or watermarker) that ``load_if_folder`` and diffusers read."""
+    import diffusers
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    def scheduler(config: dict):
+        return getattr(diffusers, config.get("_class_name", "DDPMScheduler")).from_config(config)
+
+    common = dict(tokenizer=stage.tokenizer, text_encoder=stage.text_encoder, unet=stage.unet,
+                  scheduler=scheduler(stage.scheduler_config), safety_checker=None, feature_extractor=None,
+                  watermarker=None, requires_safety_checker=False)
+    if stage.kind == "if-i":
+        pipe = IFPipeline(**common)
+    else:
+        pipe = IFSuperResolutionPipeline(image_noising_scheduler=scheduler(stage.noising_config), **common)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)

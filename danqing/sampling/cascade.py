@@ -24,7 +24,7 @@ from PIL import Image
 
 from danqing.conditioning.if_text import if_schedule
 from danqing.decode import to_pil
-from danqing.sampling.loop import OnStep, sample
+from danqing.sampling.loop import Conditioning, ConditioningSchedule, OnStep, sample
 from danqing.sampling.noise import initial_noise, make_generators
 
 LEARNED = ("learned", "learned_range")
@@ -88,8 +88,9 @@ def _stage(stage, scheduler_config, noise, cond, steps, cfg_scale, gens, on_step
 @torch.no_grad()
 def run_if(stage_1, request, *, stage_2=None, upscale_steps: int | None = None,
            upscale_cfg_scale: float | None = None, noise_level: int | None = None, on_step: OnStep | None = None,
-           device: str | torch.device = "cpu") -> CascadeResult:
-    """Text -> stage I at ``request.width`` x ``request.height`` -> (stage II at 4x).
+           device: str | torch.device = "cpu", size: tuple[int, int] | None = None) -> CascadeResult:
+    """Text -> stage I at ``request.width`` x ``request.height`` (or ``size``, (height, width):
+    below the request's 64-pixel minimum, e.g. danqing-tiny-if's 32) -> (stage II at 4x).
 
     Args:
         stage_1, stage_2: ``models.cascade_models.PixelStage`` of kind "if-i" / "if-ii".
@@ -101,13 +102,10 @@ def run_if(stage_1, request, *, stage_2=None, upscale_steps: int | None = None,
     seeds = [request.seed + i for i in range(B)]
     gens = make_generators(seeds, "cpu" if getattr(request, "rng", "cpu") == "cpu" else device)
     encoder, tokenizer = stage_1.text_encoder, stage_1.tokenizer
-    dtype = stage_1.unet.dtype
-    use_cfg = request.cfg_scale > 1.0
-    cond = if_schedule(encoder, tokenizer, request.prompt, request.negative_prompt, B, request.steps, use_cfg)
-    noise = initial_noise((stage_1.unet.config.in_channels, request.height, request.width), gens).to(device, dtype)
-    learned = stage_1.scheduler_config.get("variance_type") in LEARNED
-    first = _stage(stage_1, stage_1.scheduler_config, noise, cond, request.steps, request.cfg_scale, gens, on_step,
-                   PixelDenoise(learned))
+    cond = if_schedule(encoder, tokenizer, request.prompt, request.negative_prompt, B, request.steps,
+                       request.cfg_scale > 1.0)
+    first = base_pixels(stage_1, cond, steps=request.steps, cfg_scale=request.cfg_scale, generators=gens,
+                        size=size or (request.height, request.width), on_step=on_step, device=device)
     done = {"if-i": first.steps_done}
     if stage_2 is None or first.interrupted:
         return CascadeResult(first.latents, None, _pictures(first.latents), seeds, first.interrupted, done)
@@ -118,16 +116,44 @@ def run_if(stage_1, request, *, stage_2=None, upscale_steps: int | None = None,
     if stage_2.text_encoder is not None:  # its own T5 (the released stage II uses stage I's)
         encoder, tokenizer = stage_2.text_encoder, stage_2.tokenizer
     cond = if_schedule(encoder, tokenizer, request.prompt, request.negative_prompt, B, steps, cfg > 1.0)
-    size = (request.height * IF_DEFAULTS["scale"], request.width * IF_DEFAULTS["scale"])
-    noise = initial_noise((stage_2.unet.config.in_channels // 2, *size), gens).to(device, dtype)
-    upscaled = F.interpolate(first.latents, size, mode="bilinear", align_corners=True)
-    levels = torch.tensor([level] * B, device=upscaled.device)
-    aug = initial_noise(tuple(upscaled.shape[1:]), gens).to(device, dtype)
-    upscaled = _scheduler(stage_2.noising_config).add_noise(upscaled, aug, levels)
-    denoise = PixelDenoise(stage_2.scheduler_config.get("variance_type") in LEARNED, upscaled, levels)
-    second = _stage(stage_2, stage_2.scheduler_config, noise, cond, steps, cfg, gens, on_step, denoise)
+    second = upscale(stage_2, first.latents, cond, steps=steps, cfg_scale=cfg, noise_level=level, generators=gens,
+                     on_step=on_step, device=device)
     done["if-ii"] = second.steps_done
     return CascadeResult(first.latents, second.latents, _pictures(second.latents), seeds, second.interrupted, done)
+
+
+@torch.no_grad()
+def base_pixels(stage_1, cond, *, steps: int, cfg_scale: float, generators: list[torch.Generator],
+                size: tuple[int, int], on_step: OnStep | None = None, device: str | torch.device = "cpu"):
+    """Stage I: pictures of ``size`` (height, width), one per generator, conditioned by ``cond``
+    (``if_schedule``'s). Returns the loop's result (its ``latents`` are the pixels, about [-1, 1])."""
+    noise = initial_noise((stage_1.unet.config.in_channels, *size), generators).to(device, stage_1.unet.dtype)
+    learned = stage_1.scheduler_config.get("variance_type") in LEARNED
+    return _stage(stage_1, stage_1.scheduler_config, noise, cond, steps, cfg_scale, generators, on_step,
+                  PixelDenoise(learned))
+
+
+@torch.no_grad()
+def upscale(stage_2, low: torch.Tensor, cond=None, *, steps: int, cfg_scale: float = 1.0, noise_level: int,
+            generators: list[torch.Generator], on_step: OnStep | None = None, device: str | torch.device = "cpu"):
+    """Stage II on pictures ``low`` (B, 3, h, w) in [-1, 1]: ``IF_DEFAULTS["scale"]``x larger,
+    conditioned on them upsampled bilinearly and noised to ``noise_level`` (noise drawn from
+    ``generators`` after the start noise). ``cond``: a ``ConditioningSchedule`` of text states;
+    None for a stage II without text (a zero context, no CFG). Returns the loop's result."""
+    B = low.shape[0]
+    dtype = stage_2.unet.dtype
+    if cond is None:
+        width = stage_2.unet.config.cross_attention_dim
+        cond = ConditioningSchedule([steps], [Conditioning(torch.zeros(B, 1, width, device=device, dtype=dtype))])
+        cfg_scale = 1.0
+    size = (low.shape[-2] * IF_DEFAULTS["scale"], low.shape[-1] * IF_DEFAULTS["scale"])
+    noise = initial_noise((stage_2.unet.config.in_channels // 2, *size), generators).to(device, dtype)
+    upscaled = F.interpolate(low.to(device, dtype), size, mode="bilinear", align_corners=True)
+    levels = torch.tensor([noise_level] * B, device=upscaled.device)
+    aug = initial_noise(tuple(upscaled.shape[1:]), generators).to(device, dtype)
+    upscaled = _scheduler(stage_2.noising_config).add_noise(upscaled, aug, levels)
+    denoise = PixelDenoise(stage_2.scheduler_config.get("variance_type") in LEARNED, upscaled, levels)
+    return _stage(stage_2, stage_2.scheduler_config, noise, cond, steps, cfg_scale, generators, on_step, denoise)
 
 
 def _pictures(pixels: torch.Tensor) -> list[Image.Image]:

@@ -213,6 +213,35 @@ class FlowTrainConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+class CascadeModelConfig(_Strict):
+    # which stage of the pixel cascade (Imagen / DeepFloyd IF) this run trains: "base" (text ->
+    # base_size pixels, with its own T5 text encoder trained beside it) or "upscaler" (4x super-
+    # resolution of base_size pictures, conditioned on them upsampled and noised: noise-conditioning
+    # augmentation); each writes a diffusers IF folder (IFPipeline / IFSuperResolutionPipeline)
+    stage: Literal["base", "upscaler"] = "base"
+    base_size: int = Field(32, ge=8)            # stage I's pictures; data.size must be 4x this (IF's ratio)
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(16, ge=4)
+    norm_num_groups: int = Field(8, ge=1)
+    # base: the T5 encoder (transformers' T5EncoderModel) and its word-level tokenizer
+    text_width: int = Field(64, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    vlb_weight: float = Field(1.0, ge=0)        # learned variance: L_simple + this * L_vlb (Nichol & Dhariwal 2021)
+    # upscaler: random crops of the 4x pictures per step (it has no attention: any size samples)
+    crop_size: int = Field(48, ge=8)
+    max_noise_level: int = Field(500, ge=1, le=1000)  # augmentation levels drawn from [0, this)
+    eval_steps: int = Field(50, ge=1)           # sampling steps of the in-run evaluation (DDPM, as IF)
+
+
+class CascadeTrainConfig(_Strict):
+    data: DataConfig = DataConfig(size=128)
+    cascade: CascadeModelConfig = CascadeModelConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the stage
+    run: RunConfig = RunConfig()
+
+
 def load_config(path: str | Path, overrides: dict | None = None, model=BaseTrainConfig):
     """Read and validate a TOML training config; ``overrides`` is {"section.key": value}.
 
