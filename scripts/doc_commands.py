@@ -239,7 +239,7 @@ SKIPS: list[tuple[str, str]] = [
 
 # the commands that sample (their --steps: sampling steps; 3d: optimisation steps)
 SAMPLING = (r"^(?!.*--help)(?:\.venv/bin/)?danqing (?:--[\w-]+ \S+ )*(?:generate|img2img|inpaint|outpaint|xyz|from-file|batch|"
-            r"edit p2p|3d|variations|eval (?:shapes|portraits) .*--n)\b")
+            r"edit p2p|3d|variations|eval (?:shapes|portraits|cascade) .*--n)\b")
 STEPS_RULE = "commands that sample: `--steps 4` (4 sampling steps; `3d`: 4 optimisation steps)"
 # small sizes: (pattern selecting the command, pattern to replace or None to append, replacement, rule)
 SMALL: list[tuple[str, str | None, str, str]] = [
@@ -247,11 +247,11 @@ SMALL: list[tuple[str, str | None, str, str]] = [
     (r".", r"(?<=/)20\d\d-\d\d-\d\d(?=/)", "{today}", "a date in an example path: today's"),
     (SAMPLING + r".*--steps", r"--steps \d+", "--steps 4", STEPS_RULE),
     (SAMPLING + r"(?!.*--steps)", None, "--steps 4", STEPS_RULE),
-    (r"danqing .*\beval (?:shapes|portraits)\b", r"--n \d+", "--n 4", "`eval --n`: 4 held-out prompts"),
+    (r"danqing .*\beval (?:shapes|portraits|cascade)\b", r"--n \d+", "--n 4", "`eval --n`: 4 held-out prompts"),
     (r"edit p2p .*--image", None, "--null-iterations 2", "`edit p2p --image`: 2 null-text optimisation steps per step"),
     (r"train preview-decoder", None, "--steps 2 --n-images 16 --batch-size 4", "`train preview-decoder`: 2 steps"),
     (r"eval_concept\.py", None, "--n-concept 2 --n-ordinary 2 --steps 4", "`eval_concept.py`: 2 + 2 prompts, 4 steps"),
-    (r"train (?:base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|distill|clip)\b", None, "{train_sets}",
+    (r"train (?:base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip)\b", None, "{train_sets}",
      "`train`: 2 steps on a few pictures, no sample grids (`--set`, the keys of TRAIN_SETS)"),
 ]
 
@@ -274,6 +274,9 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
     "flow": {"data.n_images": "8", "unet.steps": "2", "unet.batch_size": "4", "unet.warmup_steps": "0",
              "run.log_every": "1", "run.checkpoint_every": "2", "run.sample_every": "1000000",
              "run.eval_every": "1000000", "run.eval_prompts": "0", "run.eval_steps": "2", "run.max_minutes": "0"},
+    "cascade": {"data.n_images": "8", "unet.steps": "2", "unet.batch_size": "4", "unet.warmup_steps": "0",
+                "run.log_every": "1", "run.checkpoint_every": "2", "run.sample_every": "1000000",
+                "run.eval_every": "1000000", "run.eval_prompts": "0", "run.max_minutes": "0"},
     "unclip": {"data.n_images": "8", "unclip.eval_pictures": "0", "unet.steps": "2", "unet.batch_size": "4",
                "unet.warmup_steps": "0", "run.log_every": "1", "run.checkpoint_every": "2",
                "run.eval_every": "1000000", "run.eval_steps": "2", "run.max_minutes": "0"},
@@ -287,13 +290,13 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
                  "output.sample_every": "1000000", "output.sample_steps": "2",
                  "prior.n_class_images": "2", "prior.sample_steps": "2"},
 }
-ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", "flow", "unclip", "train", "model",
+ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", "flow", "cascade", "unclip", "train", "model",
           "output"}
 
 
 def _train_sets(text: str, root: Path) -> str:
     """The ``--set`` options of a 2-step run of the ``train`` command ``text``."""
-    kind = re.search(r"train (base|instruct|controlnet|ip-adapter|lora|dreambooth|textual-inversion|distill|clip)\b", text).group(1)
+    kind = re.search(r"train (base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip)\b", text).group(1)
     sets = TRAIN_SETS.get(kind, TRAIN_SETS["finetune"])
     config = re.search(r"--config\s+(\S+)", text)
     sections = set(ALWAYS)

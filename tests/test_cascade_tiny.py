@@ -23,7 +23,7 @@ def _config(stage: str, out, **unet):
 
     return CascadeTrainConfig.model_validate({
         "data": {"n_images": 24, "size": 4 * BASE, "captions_per_image": 2},
-        "cascade": {"stage": stage, "base_size": BASE, "block_out_channels": [16, 32], "attention_head_dim": 8,
+        "cascade": {"stage": stage, "base_size": BASE, "prediction": "v_prediction" if stage == "upscaler" else "epsilon", "block_out_channels": [16, 32], "attention_head_dim": 8,
                     "text_width": 16, "text_heads": 2, "crop_size": 32, "eval_steps": 2},
         "unet": {"steps": 3, "batch_size": 4, "warmup_steps": 1, **unet},
         "run": {"output_dir": str(out), "sample_every": 3, "eval_every": 3, "eval_prompts": 2, "eval_steps": 2,
@@ -83,6 +83,23 @@ def test_vlb_vanishes_for_the_true_posterior_only():
     decoder = vlb_bits(sched, x0, sched.add_noise(x0, noise, torch.zeros(4, dtype=torch.long)),
                        torch.zeros(4, dtype=torch.long), noise, low)
     assert bool(torch.isfinite(decoder).all()) and bool((decoder >= 0).all())  # -log of a probability, in bits
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_hybrid_loss_is_zero_only_for_the_exact_prediction(prediction):
+    from danqing.training.cascade import hybrid_loss
+
+    sched = _scheduler()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([5, 300, 800])
+    x_t = sched.add_noise(x0, noise, t)
+    exact = noise if prediction == "epsilon" else sched.get_velocity(x0, noise, t)
+    out = torch.cat([exact, -torch.ones_like(x0)], dim=1)  # variance: the posterior's own
+    assert float(hybrid_loss(out, sched, x0, x_t, t, noise, 1.0, prediction)) < 1e-5
+    off = torch.cat([exact + 0.1, -torch.ones_like(x0)], dim=1)
+    assert float(hybrid_loss(off, sched, x0, x_t, t, noise, 1.0, prediction)) > 1e-3
 
 
 def test_word_tokenizer_reads_the_world_word_by_word(tmp_path):
@@ -183,3 +200,22 @@ def test_clipped_pixels_measure_over_saturation():
     a = np.full((10, 10, 3), 128, np.uint8)
     a[:5, :, 0] = 255
     assert clipped_share(Image.fromarray(a)) == 0.5
+
+
+def test_the_unconditional_recipe_is_a_ddpm_pipeline_our_loop_runs(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from danqing.sampling.cascade import run_ddpm
+    from danqing.training.cascade import PLAIN_SCHEDULER, train_cascade
+
+    summary = train_cascade(_config("unconditional", tmp_path / "ddpm"), log=lambda _: None)
+    assert summary["stage"] == "unconditional" and (tmp_path / "ddpm" / "samples" / "step-000003.png").is_file()
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "ddpm" / "model", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.beta_schedule == PLAIN_SCHEDULER["beta_schedule"] == "linear"
+    ours = run_ddpm(pipe.unet, dict(pipe.scheduler.config), [5, 6], steps=4)
+    theirs = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], num_inference_steps=4,
+                  output_type="np").images
+    assert [im.size for im in ours] == [(BASE, BASE)] * 2
+    diff = np.abs(np.stack([np.asarray(im, np.float32) / 255 for im in ours]) - theirs)
+    assert float(diff.max()) <= 1 / 255 + 1e-6  # the same pictures, to 8-bit rounding

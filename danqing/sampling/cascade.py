@@ -12,6 +12,12 @@ As diffusers' ``IFPipeline`` and ``IFSuperResolutionPipeline`` (parity is a test
 its noise from generator ``seed + i``; stage II continues the same generators (as the
 diffusers examples hand one generator through the cascade): its start noise first, then the
 noise of the augmentation.
+
+The stages are also callable alone: ``base_pixels`` (stage I, one prompt per picture) and
+``upscale`` (stage II on any pictures; a stage II without text gets no CFG). The UNet's first
+half may be the noise or, where the scheduler config says ``v_prediction`` (danqing-tiny-if's
+stage II), the velocity: the scheduler reads it either way. ``run_ddpm`` runs an unconditional
+pixel model (a ``DDPMPipeline`` folder: the course's project 2) in the same loop.
 """
 
 from __future__ import annotations
@@ -159,3 +165,24 @@ def upscale(stage_2, low: torch.Tensor, cond=None, *, steps: int, cfg_scale: flo
 def _pictures(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB pictures (the IF pipelines' "pil" output, without watermark)."""
     return to_pil((pixels.float().cpu() / 2 + 0.5).clamp(0, 1))
+
+
+def plain_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond, cfg_scale: float, use_cfg: bool) -> torch.Tensor:
+    """The model call of an unconditional pixel model (diffusers' ``UNet2DModel``): no text, no CFG."""
+    return unet(x, t, return_dict=False)[0]
+
+
+@torch.no_grad()
+def run_ddpm(unet, scheduler_config: dict, seeds: list[int], *, steps: int, on_step: OnStep | None = None,
+             device: str | torch.device = "cpu") -> list[Image.Image]:
+    """An unconditional pixel model (a diffusers ``DDPMPipeline`` folder's UNet and scheduler) in
+    our loop: one picture per seed at the UNet's ``sample_size``, as ``DDPMPipeline`` draws them
+    with one generator per picture."""
+    gens = make_generators(seeds, "cpu")
+    size = unet.config.sample_size
+    noise = initial_noise((unet.config.in_channels, size, size), gens).to(device, unet.dtype)
+    nothing = ConditioningSchedule([steps], [Conditioning(torch.zeros(len(seeds), 1, 1, device=device))])
+    result = sample(unet, _scheduler(scheduler_config), noise, nothing, steps=steps, cfg_scale=1.0, generators=gens,
+                    on_step=on_step, family="ddpm", denoise_fn=plain_denoise)
+    return _pictures(result.latents)
+

@@ -15,7 +15,12 @@ the result is two IF folders that danqing's loader and cascade sampler
   upsampled and noised to a random level below ``max_noise_level`` (the level is the UNet's
   class label); no attention and no text, so it trains on random crops and samples any size.
 
-Both predict the noise and a learned variance (``variance_type = "learned_range"``), trained with
+and, as the recipe's first config, the course's project 2 (``"unconditional"``): a pixel DDPM
+with no text at all -- diffusers' ``UNet2DModel``, the plain noise MSE, DDPM's linear betas, EMA
+and sample grids -- written as a ``DDPMPipeline`` folder (``sampling.cascade.run_ddpm`` draws
+from it in our loop).
+
+The two cascade stages predict the noise and a learned variance (``variance_type = "learned_range"``), trained with
 Improved DDPM's hybrid objective (Nichol & Dhariwal 2021): the plain noise MSE plus the
 variational bound with the mean's gradient stopped (``vlb_bits``), so ancestral DDPM sampling
 with 50 of the 1000 steps stays sharp. The schedulers clip x0 by dynamic thresholding (Imagen,
@@ -41,6 +46,9 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_
              "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "variance_type": "learned_range",
              "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.0, "clip_sample": True,
              "clip_sample_range": 1.0}  # IF's own settings
+PLAIN_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                   "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "variance_type": "fixed_small",
+                   "clip_sample": True}  # DDPM's (Ho et al. 2020), diffusers' unconditional training example's
 NOISING = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
            "beta_start": 0.0001, "beta_end": 0.02}  # stage II's image_noising_scheduler (IF's)
 SAMPLE_PROMPTS = ["a red circle", "a blue square left of a yellow triangle", "a green star above a purple cross",
@@ -119,6 +127,20 @@ def base_unet(cfg: CascadeTrainConfig):
         cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu")
 
 
+def plain_unet(cfg: CascadeTrainConfig):
+    """The unconditional recipe's ``UNet2DModel`` (the course's project 2; diffusers'
+    unconditional example): plain ResNets at the first level, self-attention below."""
+    from diffusers import UNet2DModel
+
+    c = cfg.cascade
+    n = len(c.block_out_channels)
+    return UNet2DModel(
+        sample_size=c.base_size, in_channels=3, out_channels=3, layers_per_block=c.layers_per_block,
+        block_out_channels=tuple(c.block_out_channels), down_block_types=["DownBlock2D"] + ["AttnDownBlock2D"] * (n - 1),
+        up_block_types=["AttnUpBlock2D"] * (n - 1) + ["UpBlock2D"], norm_num_groups=c.norm_num_groups,
+        attention_head_dim=c.attention_head_dim)
+
+
 def upscaler_unet(cfg: CascadeTrainConfig):
     """Stage II: plain ResNet levels (no attention, no text: it sees the picture it enlarges),
     6 input channels (the noisy picture and the upsampled low-resolution one), the augmentation's
@@ -195,10 +217,19 @@ def vlb_bits(scheduler, x0, x_t, t, eps, v) -> torch.Tensor:
     return torch.where(t.to(kl.device) == 0, nll, kl)
 
 
-def hybrid_loss(out: torch.Tensor, scheduler, x0, x_t, t, noise, vlb_weight: float) -> torch.Tensor:
-    """L_simple (noise MSE) + ``vlb_weight`` * L_vlb of a UNet output (B, 6, H, W): noise, variance."""
-    eps, v = out.float().chunk(2, dim=1)
-    loss = F.mse_loss(eps, noise.float())
+def hybrid_loss(out: torch.Tensor, scheduler, x0, x_t, t, noise, vlb_weight: float,
+                prediction: str = "epsilon") -> torch.Tensor:
+    """L_simple + ``vlb_weight`` * L_vlb of a UNet output (B, 6, H, W): its prediction (the noise,
+    or with ``prediction = "v_prediction"`` the velocity sqrt(a) noise - sqrt(1 - a) x0) and
+    its variance. L_simple is the MSE of the prediction; L_vlb reads the noise it implies."""
+    pred, v = out.float().chunk(2, dim=1)
+    if prediction == "v_prediction":
+        loss = F.mse_loss(pred, scheduler.get_velocity(x0.float(), noise.float(), t).float())
+        a = _at(scheduler.alphas_cumprod, t, x_t)
+        eps = a.sqrt() * pred + (1 - a).sqrt() * x_t.float()
+    else:
+        loss = F.mse_loss(pred, noise.float())
+        eps = pred
     if vlb_weight:
         loss = loss + vlb_weight * vlb_bits(scheduler, x0.float(), x_t.float(), t, eps.detach(), v).mean()
     return loss
@@ -221,11 +252,16 @@ def _pixels(images_u8: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+def stage_scheduler(cfg: CascadeTrainConfig) -> dict:
+    """IF's scheduler settings with the stage's prediction type."""
+    return {**SCHEDULER, "prediction_type": cfg.cascade.prediction}
+
+
 def _stage(cfg: CascadeTrainConfig, unet, encoder=None, tokenizer=None):
     from danqing.models.cascade_models import PixelStage
 
     kind = "if-i" if cfg.cascade.stage == "base" else "if-ii"
-    return PixelStage(kind=kind, unet=unet, scheduler_config=dict(SCHEDULER),
+    return PixelStage(kind=kind, unet=unet, scheduler_config=stage_scheduler(cfg),
                       noising_config=dict(NOISING) if kind == "if-ii" else None, text_encoder=encoder,
                       tokenizer=tokenizer)
 
@@ -273,7 +309,7 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
     if d.size != SCALE * k.base_size:
         raise InvalidRequest("data.size", f"{d.size}: the cascade's pictures are {SCALE}x cascade.base_size "
                                           f"({SCALE * k.base_size})")
-    base = k.stage == "base"
+    base, plain = k.stage == "base", k.stage == "unconditional"
     run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     t_start = time.perf_counter()
@@ -288,13 +324,18 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
         low = downsample(_pixels(data.images))  # (N, 3, base, base) in [-1, 1]
         ids, empty = tokenize_captions(tokenizer, data.captions)
         modules = [unet, encoder]
+    elif plain:
+        unet = plain_unet(cfg).train()
+        low = downsample(_pixels(data.images))
+        modules = [unet]
     else:
         unet = upscaler_unet(cfg).train()
         modules = [unet]
     n_params = sum(p.numel() for m in modules for p in m.parameters())
-    log(f"stage {'I (base)' if base else 'II (upscaler)'}: {n_params:,} parameters; data: {len(data)} scenes at "
+    name = {"base": "stage I (base)", "upscaler": "stage II (upscaler)", "unconditional": "unconditional DDPM"}[k.stage]
+    log(f"{name}: {n_params:,} parameters; data: {len(data)} scenes at "
         f"{d.size} px ({time.perf_counter() - t_start:.0f} s)")
-    scheduler = DDPMScheduler.from_config(SCHEDULER)
+    scheduler = DDPMScheduler.from_config(PLAIN_SCHEDULER if plain else stage_scheduler(cfg))
     noising = DDPMScheduler.from_config(NOISING)
     acc = new_accelerator(r.mixed_precision)
     params = [p for m in modules for p in m.parameters()]
@@ -306,7 +347,7 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
     ema = EMAModel(params, decay=c.ema_decay, foreach=True)
     acc.register_for_checkpointing(ema)
     start = resume_step(acc, run_dir, log) if resume else 0
-    steps = StepLog("base" if base else "upscaler", c.steps, start, log, run_dir, r, acc)
+    steps = StepLog(k.stage, c.steps, start, log, run_dir, r, acc)
     n = len(data)
     held = eval_scenes(max(r.eval_prompts, 8))
     for step in range(start, c.steps):
@@ -326,6 +367,14 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
             with acc.autocast():
                 ctx = text_model(tok, attention_mask=(tok != tokenizer.pad_token_id).long())[0]
                 out = model(x_t, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        elif plain:
+            x0 = low[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = scheduler.add_noise(x0, noise, t)
+            x_t, t, noise = (v[part].to(acc.device) for v in (x_t, t, noise))
+            with acc.autocast():
+                pred = model(x_t, t, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float())
         else:
             s, cs = d.size, k.crop_size
             high = _pixels(data.images[idx])
@@ -341,7 +390,8 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
             with acc.autocast():
                 out = model(torch.cat([x_t, up], 1), t, encoder_hidden_states=None, class_labels=levels,
                             return_dict=False)[0]
-        loss = hybrid_loss(out, scheduler, x0, x_t, t, noise, k.vlb_weight)
+        if not plain:
+            loss = hybrid_loss(out, scheduler, x0, x_t, t, noise, k.vlb_weight, k.prediction)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
         done = step + 1
         final = steps.done(done, loss)
@@ -349,9 +399,14 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
         want_eval = steps.main and base and r.eval_prompts and (done % r.eval_every == 0 or final)
         if want_sample or want_eval:
             with ema_weights(ema, params, *modules):
-                stage = _stage(cfg, unet, encoder, tokenizer)
+                stage = None if plain else _stage(cfg, unet, encoder, tokenizer)
                 (run_dir / "samples").mkdir(exist_ok=True)
-                if want_sample and base:
+                if want_sample and plain:
+                    from danqing.sampling.cascade import run_ddpm
+
+                    image_grid(run_ddpm(unet, PLAIN_SCHEDULER, list(range(16)), steps=k.eval_steps,
+                                        device=acc.device)).save(run_dir / "samples" / f"step-{done:06d}.png")
+                elif want_sample and base:
                     imgs = sample_base(stage, SAMPLE_PROMPTS, seed=0, steps=k.eval_steps, cfg_scale=7.0,
                                        size=k.base_size, device=acc.device)
                     image_grid(imgs).save(run_dir / "samples" / f"step-{done:06d}.png")
@@ -386,7 +441,13 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
             shutil.rmtree(out)
         for m in modules:
             m.to("cpu")
-        save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
+        if plain:
+            from diffusers import DDPMPipeline
+
+            DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(PLAIN_SCHEDULER)).save_pretrained(
+                out, safe_serialization=True)
+        else:
+            save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         log(f"done: {out}")
     return summary

@@ -218,7 +218,9 @@ class CascadeModelConfig(_Strict):
     # base_size pixels, with its own T5 text encoder trained beside it) or "upscaler" (4x super-
     # resolution of base_size pictures, conditioned on them upsampled and noised: noise-conditioning
     # augmentation); each writes a diffusers IF folder (IFPipeline / IFSuperResolutionPipeline)
-    stage: Literal["base", "upscaler"] = "base"
+    # "unconditional": the course's project 2, a pixel DDPM with no text (diffusers' UNet2DModel,
+    # epsilon MSE, linear betas, EMA, sample grids) at base_size, written as a DDPMPipeline folder
+    stage: Literal["base", "upscaler", "unconditional"] = "base"
     base_size: int = Field(32, ge=8)            # stage I's pictures; data.size must be 4x this (IF's ratio)
     block_out_channels: tuple[int, ...] = (32, 64, 96)
     layers_per_block: int = Field(1, ge=1)
@@ -229,6 +231,10 @@ class CascadeModelConfig(_Strict):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     vlb_weight: float = Field(1.0, ge=0)        # learned variance: L_simple + this * L_vlb (Nichol & Dhariwal 2021)
+    # what the UNet predicts: the noise (IF's) or the velocity (Salimans & Ho 2022; the SD x4
+    # upscaler's): at high noise a velocity model draws the picture itself, which a super-
+    # resolution stage can copy from its input, where an epsilon model's x0 is noise / sqrt(a_t)
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     # upscaler: random crops of the 4x pictures per step (it has no attention: any size samples)
     crop_size: int = Field(48, ge=8)
     max_noise_level: int = Field(500, ge=1, le=1000)  # augmentation levels drawn from [0, this)
