@@ -44,7 +44,7 @@ Log = Callable[[str], None]
 SCALE = 4  # stage II makes 4x (IF's 64 -> 256; here 32 -> 128)
 SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
              "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "variance_type": "learned_range",
-             "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.0, "clip_sample": True,
+             "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True,
              "clip_sample_range": 1.0}  # IF's own settings
 PLAIN_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                    "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "variance_type": "fixed_small",
