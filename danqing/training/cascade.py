@@ -301,7 +301,8 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
     from danqing.synthetic.scenes import eval_scenes
     from danqing.training.base import _gen, image_grid, new_accelerator
     from danqing.training.data import synthetic_dataset, tokenize_captions
-    from danqing.training.runs import StepLog, ema_weights, my_rows, optimiser_step, resume_step, start_run
+    from danqing.training.runs import (StepLog, ema_weights, export_run, my_rows, optimiser_step, resume_step,
+                                       start_run)
 
     c, r, d, k = cfg.unet, cfg.run, cfg.data, cfg.cascade
     if d.source != "synthetic":
@@ -434,22 +435,19 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
                "eval": steps.last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
                "config": json.loads(cfg.model_dump_json())}
     if steps.main:
-        out = run_dir / "model"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
         for m in modules:
             m.to("cpu")
-        if plain:
-            from diffusers import DDPMPipeline
 
-            DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(PLAIN_SCHEDULER)).save_pretrained(
-                out, safe_serialization=True)
-        else:
-            save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        log(f"done: {out}")
+        def save(out):
+            if plain:
+                from diffusers import DDPMPipeline
+
+                DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(PLAIN_SCHEDULER)).save_pretrained(
+                    out, safe_serialization=True)
+            else:
+                save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
+
+        export_run(run_dir, summary, save, log)
     return summary
 
 

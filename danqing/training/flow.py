@@ -34,7 +34,7 @@ from danqing.models.components import Components
 from danqing.training.base import _gen, encode_all, evaluate_comps, generate_images, image_grid, new_accelerator
 from danqing.training.config import FlowTrainConfig
 from danqing.training.data import synthetic_dataset, tokenize_captions
-from danqing.training.runs import (StepLog, ema_weights, load_float32, optimiser_step, resume_step, start_run,
+from danqing.training.runs import (StepLog, ema_weights, export_run, load_float32, optimiser_step, resume_step, start_run,
                                    my_rows)
 
 Log = Callable[[str], None]
@@ -221,14 +221,7 @@ def train_flow(cfg: FlowTrainConfig, *, resume: bool = False, log: Log = print) 
                "batch_size": c.batch_size, "loss": steps.last["loss"], "eval": steps.last["eval"],
                "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     if steps.main:
-        out = run_dir / "model"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
         for m in comps.modules().values():
             m.to("cpu")
-        save_diffusers_folder(comps, out)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        log(f"done: {out}")
+        export_run(run_dir, summary, lambda out: save_diffusers_folder(comps, out), log)
     return summary

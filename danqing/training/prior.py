@@ -33,7 +33,7 @@ from danqing.synthetic.scenes import eval_scenes
 from danqing.training.base import _gen, new_accelerator
 from danqing.training.config import PriorTrainConfig
 from danqing.training.data import picture_embeddings, synthetic_dataset
-from danqing.training.runs import StepLog, ema_weights, my_rows, optimiser_step, resume_step, start_run
+from danqing.training.runs import StepLog, ema_weights, export_run, my_rows, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 # Kandinsky 2.2's prior scheduler (its released scheduler/; the prior predicts the sample)
@@ -200,12 +200,5 @@ def train_prior(cfg: PriorTrainConfig, *, resume: bool = False, log: Log = print
                "loss": steps.last["loss"], "eval": steps.last["eval"],
                "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
     if steps.main:
-        out = run_dir / "prior"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        save_kandinsky_prior(model, out)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        log(f"done: {out}")
+        export_run(run_dir, summary, lambda out: save_kandinsky_prior(model, out), log, folder="prior")
     return summary

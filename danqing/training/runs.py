@@ -222,3 +222,14 @@ def resume_step(accelerator, run_dir: Path, log: Callable[[str], None],
 def clear_checkpoints(run_dir: Path) -> None:
     """Remove the run's checkpoints (a fresh start must not later resume from an older run's)."""
     shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+
+
+def export_run(run_dir: Path, summary: dict, save: Callable[[Path], None], log: Log, folder: str = "model") -> Path:
+    """A run's result: ``run_dir/folder`` written afresh by ``save(path)``, then ``summary.json``."""
+    out = Path(run_dir) / folder
+    shutil.rmtree(out, ignore_errors=True)
+    save(out)
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    log(f"done: {out}")
+    return out
+

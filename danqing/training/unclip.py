@@ -39,7 +39,8 @@ from danqing.training.base import _gen, encode_all, new_accelerator
 from danqing.training.conditioning import encode_texts
 from danqing.training.config import UnclipTrainConfig
 from danqing.training.data import picture_embeddings, synthetic_dataset
-from danqing.training.runs import StepLog, ema_weights, load_float32, my_rows, optimiser_step, resume_step, start_run
+from danqing.training.runs import (StepLog, ema_weights, export_run, load_float32, my_rows, optimiser_step,
+                                   resume_step, start_run)
 
 Log = Callable[[str], None]
 # Stable unCLIP's image-noising scheduler (its released image_noising_scheduler/)
@@ -271,12 +272,5 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
                "eval": steps.last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
                "config": json.loads(cfg.model_dump_json())}
     if steps.main:
-        out = run_dir / "model"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        save_unclip_folder(model, out)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        log(f"done: {out}")
+        export_run(run_dir, summary, lambda out: save_unclip_folder(model, out), log)
     return summary
