@@ -1,5 +1,5 @@
-"""danqing-tiny-if: the pixel cascade trainer (training/cascade.py) -- its objective against
-diffusers' scheduler, its tokenizer, and short runs of both stages whose IF folders danqing's
+"""danqing-tiny-if: the pixel cascade trainer (training/cascade.py) -- its objective
+(training/vlb.py) against diffusers' scheduler, its tokenizer, and short runs of both stages whose IF folders danqing's
 loader, sampler and CLI and diffusers' IF pipelines all run the same way."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _scheduler():
 
 
 def test_learned_variance_is_read_as_the_scheduler_reads_it():
-    from danqing.training.cascade import model_log_variance
+    from danqing.training.vlb import model_log_variance
 
     sched = _scheduler()
     sched.set_timesteps(1000)
@@ -63,7 +63,7 @@ def test_learned_variance_is_read_as_the_scheduler_reads_it():
 
 
 def test_vlb_vanishes_for_the_true_posterior_only():
-    from danqing.training.cascade import vlb_bits
+    from danqing.training.vlb import vlb_bits
 
     sched = _scheduler()
     g = torch.Generator().manual_seed(1)
@@ -87,7 +87,7 @@ def test_vlb_vanishes_for_the_true_posterior_only():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_the_hybrid_loss_is_zero_only_for_the_exact_prediction(prediction):
-    from danqing.training.cascade import hybrid_loss
+    from danqing.training.vlb import hybrid_loss
 
     sched = _scheduler()
     g = torch.Generator().manual_seed(2)

@@ -22,7 +22,7 @@ from it in our loop).
 
 The two cascade stages predict the noise and a learned variance (``variance_type = "learned_range"``), trained with
 Improved DDPM's hybrid objective (Nichol & Dhariwal 2021): the plain noise MSE plus the
-variational bound with the mean's gradient stopped (``vlb_bits``), so ancestral DDPM sampling
+variational bound with the mean's gradient stopped (``training.vlb``), so ancestral DDPM sampling
 with 50 of the 1000 steps stays sharp. The schedulers clip x0 by dynamic thresholding (Imagen,
 section 2.3) as IF's do. The data are the shapes world rendered at 4x ``base_size``; stage I
 learns their box-downsampled copies, the same pictures stage II learns to upscale.
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from danqing.training.config import CascadeTrainConfig
+from danqing.training.vlb import hybrid_loss
 
 Log = Callable[[str], None]
 SCALE = 4  # stage II makes 4x (IF's 64 -> 256; here 32 -> 128)
@@ -157,84 +158,6 @@ def upscaler_unet(cfg: CascadeTrainConfig):
         act_fn="gelu")
 
 
-# ---------------------------------------------------------------------------------------------
-# The objective (small pure functions): Improved DDPM's hybrid loss
-# ---------------------------------------------------------------------------------------------
-def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(like.device)[t].float().view(-1, *([1] * (like.dim() - 1)))
-
-
-def _normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _discretised_nll(x0, mean, log_scale):
-    """-log p(x0) under a Gaussian discretised to 256 levels over [-1, 1] (DDPM's decoder L_0)."""
-    centred, inv = x0 - mean, torch.exp(-log_scale)
-    cdf_plus = torch.special.ndtr(inv * (centred + 1 / 255))
-    cdf_min = torch.special.ndtr(inv * (centred - 1 / 255))
-    log_p = torch.where(x0 < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
-                        torch.where(x0 > 0.999, torch.log((1 - cdf_min).clamp(min=1e-12)),
-                                    torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
-    return -log_p
-
-
-def _posterior(scheduler):
-    """(betas, alphas_cumprod, previous alphas_cumprod, clipped log posterior variance), float64:
-    the posterior's variance at t = 0 (zero) is replaced by its value at t = 1, as Improved DDPM."""
-    ac = scheduler.alphas_cumprod.double()
-    betas = scheduler.betas.double()
-    prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    post_var = betas * (1 - prev) / (1 - ac)
-    return betas, ac, prev, torch.log(torch.cat([post_var[1:2], post_var[1:]]))
-
-
-def model_log_variance(scheduler, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The model's log variance at t from its variance output v in [-1, 1]: (v + 1) / 2 of the
-    way from the clipped log posterior variance to log beta_t (``learned_range``)."""
-    betas, _, _, post_logvar = _posterior(scheduler)
-    frac = (v + 1) / 2
-    return frac * _at(betas.log(), t, v) + (1 - frac) * _at(post_logvar, t, v)
-
-
-def vlb_bits(scheduler, x0, x_t, t, eps, v) -> torch.Tensor:
-    """(B,) the variational bound's term at t in bits per dimension: KL(q(x_{t-1}|x_t,x0) ||
-    p(x_{t-1}|x_t)) for t > 0, the discretised decoder's NLL at t = 0. The model's mean comes
-    from ``eps`` (pass it detached: only the variance learns from this term) and its log
-    variance interpolates log beta_t and the clipped log posterior variance by (v + 1) / 2 --
-    what ``DDPMScheduler`` reads as ``learned_range``."""
-    betas, ac, prev, post_logvar = _posterior(scheduler)
-    coef1 = betas * prev.sqrt() / (1 - ac)
-    coef2 = (1 - prev) * (1 - betas).sqrt() / (1 - ac)
-    a_t, c1, c2 = _at(ac, t, x0), _at(coef1, t, x0), _at(coef2, t, x0)
-    true_mean = c1 * x0 + c2 * x_t
-    true_logvar = _at(post_logvar, t, x0)
-    x0_pred = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    model_mean = c1 * x0_pred + c2 * x_t
-    model_logvar = model_log_variance(scheduler, t, v)
-    kl = _normal_kl(true_mean, true_logvar, model_mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
-    nll = _discretised_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
-    return torch.where(t.to(kl.device) == 0, nll, kl)
-
-
-def hybrid_loss(out: torch.Tensor, scheduler, x0, x_t, t, noise, vlb_weight: float,
-                prediction: str = "epsilon") -> torch.Tensor:
-    """L_simple + ``vlb_weight`` * L_vlb of a UNet output (B, 6, H, W): its prediction (the noise,
-    or with ``prediction = "v_prediction"`` the velocity sqrt(a) noise - sqrt(1 - a) x0) and
-    its variance. L_simple is the MSE of the prediction; L_vlb reads the noise it implies."""
-    pred, v = out.float().chunk(2, dim=1)
-    if prediction == "v_prediction":
-        loss = F.mse_loss(pred, scheduler.get_velocity(x0.float(), noise.float(), t).float())
-        a = _at(scheduler.alphas_cumprod, t, x_t)
-        eps = a.sqrt() * pred + (1 - a).sqrt() * x_t.float()
-    else:
-        loss = F.mse_loss(pred, noise.float())
-        eps = pred
-    if vlb_weight:
-        loss = loss + vlb_weight * vlb_bits(scheduler, x0.float(), x_t.float(), t, eps.detach(), v).mean()
-    return loss
-
-
 def downsample(pixels: torch.Tensor, factor: int = SCALE) -> torch.Tensor:
     """(N, 3, H, W) pictures in [-1, 1], box-averaged to H/factor (stage I's data; stage II's input)."""
     return F.avg_pool2d(pixels, factor)
@@ -270,7 +193,7 @@ def _stage(cfg: CascadeTrainConfig, unet, encoder=None, tokenizer=None):
 def sample_base(stage, prompts: list[str], *, seed: int, steps: int, cfg_scale: float, size: int,
                 thresholding: bool = True, device="cpu") -> list:
     """One stage-I picture per prompt (seed + i) through the cascade sampler."""
-    from danqing import GenerationRequest
+    from danqing.request import GenerationRequest
     from danqing.sampling.cascade import run_if
 
     if not thresholding:
@@ -288,6 +211,83 @@ def _with_config(stage, **changes):
     return dataclasses.replace(stage, scheduler_config={**stage.scheduler_config, **changes})
 
 
+def _stage_modules(cfg: CascadeTrainConfig, data):
+    """(unet, text encoder, tokenizer, low-resolution pixels, caption ids, empty ids) for the stage;
+    the parts a stage does not use are None."""
+    from danqing.training.data import tokenize_captions
+
+    stage = cfg.cascade.stage
+    encoder = tokenizer = low = ids = empty = None
+    if stage == "base":
+        tokenizer = word_tokenizer([t for caps in data.captions for t in caps])
+        encoder = t5_encoder(cfg, len(tokenizer)).train()
+        unet = base_unet(cfg).train()
+        low = downsample(_pixels(data.images))  # (N, 3, base, base) in [-1, 1]
+        ids, empty = tokenize_captions(tokenizer, data.captions)
+    elif stage == "unconditional":
+        unet = plain_unet(cfg).train()
+        low = downsample(_pixels(data.images))
+    else:
+        unet = upscaler_unet(cfg).train()
+    return unet, encoder, tokenizer, low, ids, empty
+
+
+def _upscaler_batch(images, noising, g, size: int, crop: int, max_level: int):
+    """Stage II's training batch: (true crops, the matching crops of the noised 4x-upsampled
+    low-resolution pictures, their noise levels)."""
+    n = len(images)
+    high = _pixels(images)
+    up = upsample(downsample(high), size)
+    levels = torch.randint(max_level, (n,), generator=g)
+    up = noising.add_noise(up, torch.randn(up.shape, generator=g), levels)
+    oy, ox = (torch.randint(size - crop + 1, (n,), generator=g) for _ in range(2))
+    x0 = torch.stack([high[i, :, oy[i]:oy[i] + crop, ox[i]:ox[i] + crop] for i in range(n)])
+    up = torch.stack([up[i, :, oy[i]:oy[i] + crop, ox[i]:ox[i] + crop] for i in range(n)])
+    return x0, up, levels
+
+
+def _sample_and_eval(cfg: CascadeTrainConfig, run_dir, done: int, unet, encoder, tokenizer, held, device, *,
+                     sample: bool, evaluate: bool):
+    """Write the step's sample grid (when ``sample``); return stage I's object scores on the
+    held-out scenes (when ``evaluate``), else None."""
+    from danqing.synthetic.captions import caption
+    from danqing.synthetic.evaluate import score, summarise
+    from danqing.training.base import image_grid
+
+    k, r = cfg.cascade, cfg.run
+    stage = None if k.stage == "unconditional" else _stage(cfg, unet, encoder, tokenizer)
+    grid = run_dir / "samples" / f"step-{done:06d}.png"
+    grid.parent.mkdir(exist_ok=True)
+    if sample and k.stage == "unconditional":
+        from danqing.sampling.cascade import run_ddpm
+
+        image_grid(run_ddpm(unet, PLAIN_SCHEDULER, list(range(16)), steps=k.eval_steps, device=device)).save(grid)
+    elif sample and k.stage == "base":
+        image_grid(sample_base(stage, SAMPLE_PROMPTS, seed=0, steps=k.eval_steps, cfg_scale=7.0,
+                               size=k.base_size, device=device)).save(grid)
+    elif sample:
+        image_grid(upscale_truth(stage, held[:8], steps=k.eval_steps, base_size=k.base_size)).save(grid)
+    if not evaluate:
+        return None
+    scs = held[:r.eval_prompts]
+    imgs = sample_base(stage, [caption(s, "en") for s in scs], seed=1000, steps=k.eval_steps,
+                       cfg_scale=7.0, size=k.base_size, device=device)
+    return summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
+
+
+def _save(cfg: CascadeTrainConfig, out, unet, encoder, tokenizer) -> None:
+    """The trained stage as a diffusers folder: an IF stage, or a ``DDPMPipeline``."""
+    if cfg.cascade.stage == "unconditional":
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(PLAIN_SCHEDULER)).save_pretrained(
+            out, safe_serialization=True)
+    else:
+        from danqing.models.cascade_models import save_if_folder
+
+        save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
+
+
 def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
     """Train one stage and export ``run.output_dir/model/`` (a diffusers IF folder, fp32) and
     ``summary.json``; ``resume``: continue from the newest checkpoint (as the uninterrupted run)."""
@@ -295,12 +295,9 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
     from diffusers.training_utils import EMAModel
 
     from danqing.errors import InvalidRequest
-    from danqing.models.cascade_models import save_if_folder
-    from danqing.synthetic.evaluate import score, summarise
-    from danqing.synthetic.captions import caption
     from danqing.synthetic.scenes import eval_scenes
-    from danqing.training.base import _gen, image_grid, new_accelerator
-    from danqing.training.data import synthetic_dataset, tokenize_captions
+    from danqing.training.base import _gen, new_accelerator
+    from danqing.training.data import synthetic_dataset
     from danqing.training.runs import (StepLog, ema_weights, export_run, my_rows, optimiser_step, resume_step,
                                        start_run)
 
@@ -317,21 +314,8 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image, world=d.world,
                              portrait_share=d.portrait_share, captions=d.captions)
     torch.manual_seed(r.seed)
-    encoder = tokenizer = None
-    if base:
-        tokenizer = word_tokenizer([t for caps in data.captions for t in caps])
-        encoder = t5_encoder(cfg, len(tokenizer)).train()
-        unet = base_unet(cfg).train()
-        low = downsample(_pixels(data.images))  # (N, 3, base, base) in [-1, 1]
-        ids, empty = tokenize_captions(tokenizer, data.captions)
-        modules = [unet, encoder]
-    elif plain:
-        unet = plain_unet(cfg).train()
-        low = downsample(_pixels(data.images))
-        modules = [unet]
-    else:
-        unet = upscaler_unet(cfg).train()
-        modules = [unet]
+    unet, encoder, tokenizer, low, ids, empty = _stage_modules(cfg, data)
+    modules = [m for m in (unet, encoder) if m is not None]
     n_params = sum(p.numel() for m in modules for p in m.parameters())
     name = {"base": "stage I (base)", "upscaler": "stage II (upscaler)", "unconditional": "unconditional DDPM"}[k.stage]
     log(f"{name}: {n_params:,} parameters; data: {len(data)} scenes at "
@@ -377,14 +361,7 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
                 pred = model(x_t, t, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
         else:
-            s, cs = d.size, k.crop_size
-            high = _pixels(data.images[idx])
-            up = upsample(downsample(high), s)
-            levels = torch.randint(k.max_noise_level, (c.batch_size,), generator=g)
-            up = noising.add_noise(up, torch.randn(up.shape, generator=g), levels)
-            oy, ox = (torch.randint(s - cs + 1, (c.batch_size,), generator=g) for _ in range(2))
-            x0 = torch.stack([high[i, :, oy[i]:oy[i] + cs, ox[i]:ox[i] + cs] for i in range(c.batch_size)])
-            up = torch.stack([up[i, :, oy[i]:oy[i] + cs, ox[i]:ox[i] + cs] for i in range(c.batch_size)])
+            x0, up, levels = _upscaler_batch(data.images[idx], noising, g, d.size, k.crop_size, k.max_noise_level)
             noise = torch.randn(x0.shape, generator=g)
             x_t = scheduler.add_noise(x0, noise, t)
             x0, x_t, t, noise, up, levels = (v[part].to(acc.device) for v in (x0, x_t, t, noise, up, levels))
@@ -400,27 +377,11 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
         want_eval = steps.main and base and r.eval_prompts and (done % r.eval_every == 0 or final)
         if want_sample or want_eval:
             with ema_weights(ema, params, *modules):
-                stage = None if plain else _stage(cfg, unet, encoder, tokenizer)
-                (run_dir / "samples").mkdir(exist_ok=True)
-                if want_sample and plain:
-                    from danqing.sampling.cascade import run_ddpm
-
-                    image_grid(run_ddpm(unet, PLAIN_SCHEDULER, list(range(16)), steps=k.eval_steps,
-                                        device=acc.device)).save(run_dir / "samples" / f"step-{done:06d}.png")
-                elif want_sample and base:
-                    imgs = sample_base(stage, SAMPLE_PROMPTS, seed=0, steps=k.eval_steps, cfg_scale=7.0,
-                                       size=k.base_size, device=acc.device)
-                    image_grid(imgs).save(run_dir / "samples" / f"step-{done:06d}.png")
-                elif want_sample:
-                    image_grid(upscale_truth(stage, held[:8], steps=k.eval_steps, base_size=k.base_size)).save(
-                        run_dir / "samples" / f"step-{done:06d}.png")
-                if want_eval:
-                    scs = held[:r.eval_prompts]
-                    imgs = sample_base(stage, [caption(s, "en") for s in scs], seed=1000, steps=k.eval_steps,
-                                       cfg_scale=7.0, size=k.base_size, device=acc.device)
-                    res = summarise([score(im, s.spec) for im, s in zip(imgs, scs)])
-                    log(f"eval step {done}: {res}")
-                    steps.evaluated(done, res, res)
+                res = _sample_and_eval(cfg, run_dir, done, unet, encoder, tokenizer, held, acc.device,
+                                       sample=want_sample, evaluate=want_eval)
+            if res is not None:
+                log(f"eval step {done}: {res}")
+                steps.evaluated(done, res, res)
             for m in modules:
                 m.train()
         if steps.stopping():
@@ -438,16 +399,7 @@ def train_cascade(cfg: CascadeTrainConfig, *, resume: bool = False, log: Log = p
         for m in modules:
             m.to("cpu")
 
-        def save(out):
-            if plain:
-                from diffusers import DDPMPipeline
-
-                DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(PLAIN_SCHEDULER)).save_pretrained(
-                    out, safe_serialization=True)
-            else:
-                save_if_folder(_stage(cfg, unet, encoder, tokenizer), out)
-
-        export_run(run_dir, summary, save, log)
+        export_run(run_dir, summary, lambda out: _save(cfg, out, unet, encoder, tokenizer), log)
     return summary
 
 
