@@ -47,8 +47,10 @@ def state(unet):
 
 
 OPTIONS = {"tiny-sd1": [FastPath(channels_last=True), FastPath(sdpa="math"), FastPath(sdpa="flash"),
-                        FastPath(fuse_qkv=True), FastPath(vae_slicing=True, vae_tiling=True)],
-           "tiny-sdxl": [FastPath(channels_last=True, sdpa="flash", fuse_qkv=True, vae_slicing=True)]}
+                        FastPath(fuse_qkv=True), FastPath(vae_slicing=True, vae_tiling=True), FastPath(trace=True),
+                        FastPath(trace=True, fuse_qkv=True, channels_last=True)],
+           "tiny-sdxl": [FastPath(channels_last=True, sdpa="flash", fuse_qkv=True, vae_slicing=True),
+                         FastPath(trace=True)]}
 
 
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
@@ -87,6 +89,50 @@ def test_compiled_and_eager_agree(fast_studio, monkeypatch):
     print(f"compile + 2 steps: {time.perf_counter() - t:.1f} s")
     assert (compiled - eager).abs().max().item() < 1e-3
     assert unet.__dict__.get("_compiled_call_impl") is None  # the eager UNet again after the request
+
+
+def _traced_calls(unet):
+    """How many calls the UNet's traces replay from now on (counted by wrapping them)."""
+    counts = {"unet": 0}
+    tracer = unet.__dict__["_danqing_tracer"]
+    for key, trace in list(tracer.traces.items()):
+        def counted(*a, _t=trace):
+            counts["unet"] += 1
+            return _t(*a)
+        tracer.traces[key] = counted
+    return counts
+
+
+def test_traced_unet_is_bit_identical_with_loras_deepcache_and_regions(tmp_path):
+    """``--fast trace`` on danqing-tiny: the very same pixels as eager code for a plain request, a
+    LoRA merged after the UNet was traced (a trace reads the weights as they are), DeepCache
+    (its forward runs eagerly, the blocks from their traces) and regional prompts (stateful
+    attention processors: those blocks run eagerly); the traces are replayed where they may be."""
+    studio = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
+    base = GenerationRequest(prompt="a red heart left of a blue circle", steps=6, width=64, height=64, seed=5,
+                             model="danqing-tiny")
+    unet = studio.models.load("danqing-tiny").components.unet
+    before = state(unet)
+    plain = pixels(studio, base, FastPath())
+    assert torch.equal(pixels(studio, base, FastPath(trace=True)), plain)
+    counts = _traced_calls(unet)
+    for request in (base.replace(prompt=base.prompt + " <lora:heart:1>"), base.replace(deepcache_interval=2),
+                    GenerationRequest.create(**{**base.model_dump(), "prompt": "a red heart BREAK a blue circle",
+                                                "regions": {"ratios": "1,1"}})):
+        eager = pixels(studio, request, FastPath())
+        assert torch.equal(pixels(studio, request, FastPath(trace=True)), eager), request.prompt
+        assert not torch.equal(eager, plain)
+    assert state(unet) == before
+    # the LoRA's 6 steps replayed the whole UNet's trace; DeepCache's forward traced the blocks
+    from danqing.models.traced import unet_blocks
+
+    assert counts["unet"] == 6 and all(b.__dict__["_danqing_tracer"].traces for b in unet_blocks(unet))
+
+
+def test_trace_and_compile_are_one_or_the_other():
+    assert fast_path_from(["trace"]) == FastPath(trace=True)
+    with pytest.raises(InvalidRequest, match="not both"):
+        fast_path_from(["trace", "compile=default"])
 
 
 def test_fast_options_from_the_command_line():

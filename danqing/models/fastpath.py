@@ -19,6 +19,9 @@ The options, each a row of ``OPTIONS`` (name, when it applies, the context that 
 - ``compile``: ``torch.compile`` of the UNet with this mode ("off", "default",
   "reduce-overhead" (CUDA graphs on CUDA), "max-autotune"); the compiled call is cached on the
   UNet, so only the first request of a shape pays the compile time.
+- ``trace``: TorchScript traces of the UNet's down, mid and up blocks, one per call signature
+  (``models.traced``): the same kernels without Python's per-module cost, bit-identical; a CPU
+  win for small models. SD1/SD2/SDXL UNets; other denoisers run as they are.
 - ``fuse_qkv``: diffusers' fused QKV projections (one matmul instead of three); fused after
   LoRA patching, so a LoRA's deltas are in the fused weights, and unfused at the end.
 - ``vae_slicing`` / ``vae_tiling``: diffusers' AutoencoderKL decode one picture at a time /
@@ -60,6 +63,7 @@ class FastPath:
         sdpa: attention kernel, one of ``SDPA_BACKENDS`` ("auto" = PyTorch's choice).
         compile: ``torch.compile`` mode of the UNet, one of ``COMPILE_MODES`` ("off").
         fuse_qkv: fused QKV projections in the UNet's attention.
+        trace: the UNet's blocks replayed from TorchScript traces (not with ``compile``).
         vae_slicing, vae_tiling: decode one picture at a time / in tiles.
         offload: "none", "model" (``--medvram``) or "sequential" (``--lowvram``); CUDA only.
     """
@@ -68,6 +72,7 @@ class FastPath:
     sdpa: str = "auto"
     compile: str = "off"
     fuse_qkv: bool = False
+    trace: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: str = "none"
@@ -76,6 +81,9 @@ class FastPath:
         for name, allowed in (("sdpa", tuple(SDPA_BACKENDS)), ("compile", COMPILE_MODES), ("offload", OFFLOAD_MODES)):
             if getattr(self, name) not in allowed:
                 raise InvalidRequest(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.trace and self.compile != "off":
+            raise InvalidRequest("trace", "give --fast trace or --fast compile=..., not both: each replaces the "
+                                          "UNet's Python with a graph")
 
     @property
     def is_plain(self) -> bool:
@@ -157,6 +165,15 @@ def _fuse_qkv(comps, fast: FastPath, device) -> Iterator[None]:
                 m.fused_projections = False
 
 
+def _trace(comps, fast: FastPath, device):
+    from danqing.models.traced import traced_unet
+
+    unet = comps.unet
+    if not hasattr(unet, "down_blocks"):  # SD3 / FLUX transformers: not traced
+        return contextlib.nullcontext()
+    return traced_unet(unet)
+
+
 @contextlib.contextmanager
 def _vae_flag(attr: str, comps) -> Iterator[None]:
     vae = comps.vae
@@ -203,6 +220,7 @@ OPTIONS: tuple[tuple[str, Callable[[FastPath], bool], Callable], ...] = (
     ("vae_tiling", lambda f: f.vae_tiling, lambda c, f, d: _vae_flag("use_tiling", c)),
     ("sdpa", lambda f: f.sdpa != "auto", _sdpa),
     ("compile", lambda f: f.compile != "off", _compile),
+    ("trace", lambda f: f.trace, _trace),
 )
 
 
@@ -222,10 +240,10 @@ def applied(comps, fast: FastPath, device) -> Iterator[None]:
         yield
 
 
-FLAGS = {"channels-last": "channels_last", "fuse-qkv": "fuse_qkv", "vae-slicing": "vae_slicing",
+FLAGS = {"channels-last": "channels_last", "fuse-qkv": "fuse_qkv", "trace": "trace", "vae-slicing": "vae_slicing",
          "vae-tiling": "vae_tiling"}  # --fast NAME (on/off options)
 VALUED = {"sdpa": "sdpa", "compile": "compile"}  # --fast NAME=VALUE
-FAST_HELP = ("Fast path option, repeatable: channels-last, fuse-qkv, vae-slicing, vae-tiling, sdpa=auto|flash|efficient|"
+FAST_HELP = ("Fast path option, repeatable: channels-last, fuse-qkv, trace, vae-slicing, vae-tiling, sdpa=auto|flash|efficient|"
              "cudnn|math, compile=default|reduce-overhead|max-autotune (docs/benchmarks.md) [default: none]")
 
 

@@ -114,7 +114,7 @@ def run_if(stage_1, request, *, stage_2=None, upscale_steps: int | None = None,
                         size=size or (request.height, request.width), on_step=on_step, device=device)
     done = {"if-i": first.steps_done}
     if stage_2 is None or first.interrupted:
-        return CascadeResult(first.latents, None, _pictures(first.latents), seeds, first.interrupted, done)
+        return CascadeResult(first.latents, None, pixel_pictures(first.latents), seeds, first.interrupted, done)
 
     steps = upscale_steps or IF_DEFAULTS["upscale_steps"]
     cfg = IF_DEFAULTS["upscale_cfg_scale"] if upscale_cfg_scale is None else upscale_cfg_scale
@@ -125,7 +125,7 @@ def run_if(stage_1, request, *, stage_2=None, upscale_steps: int | None = None,
     second = upscale(stage_2, first.latents, cond, steps=steps, cfg_scale=cfg, noise_level=level, generators=gens,
                      on_step=on_step, device=device)
     done["if-ii"] = second.steps_done
-    return CascadeResult(first.latents, second.latents, _pictures(second.latents), seeds, second.interrupted, done)
+    return CascadeResult(first.latents, second.latents, pixel_pictures(second.latents), seeds, second.interrupted, done)
 
 
 @torch.no_grad()
@@ -162,7 +162,7 @@ def upscale(stage_2, low: torch.Tensor, cond=None, *, steps: int, cfg_scale: flo
     return _stage(stage_2, stage_2.scheduler_config, noise, cond, steps, cfg_scale, generators, on_step, denoise)
 
 
-def _pictures(pixels: torch.Tensor) -> list[Image.Image]:
+def pixel_pictures(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB pictures (the IF pipelines' "pil" output, without watermark)."""
     return to_pil((pixels.float().cpu() / 2 + 0.5).clamp(0, 1))
 
@@ -184,5 +184,5 @@ def run_ddpm(unet, scheduler_config: dict, seeds: list[int], *, steps: int, on_s
     nothing = ConditioningSchedule([steps], [Conditioning(torch.zeros(len(seeds), 1, 1, device=device))])
     result = sample(unet, _scheduler(scheduler_config), noise, nothing, steps=steps, cfg_scale=1.0, generators=gens,
                     on_step=on_step, family="ddpm", denoise_fn=plain_denoise)
-    return _pictures(result.latents)
+    return pixel_pictures(result.latents)
 

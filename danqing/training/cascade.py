@@ -409,14 +409,14 @@ def upscale_truth(stage, scenes, *, steps: int, base_size: int, noise_level: int
     true 4x render] per scene, for sample grids."""
     from PIL import Image
 
-    from danqing.sampling.cascade import _pictures, upscale
+    from danqing.sampling.cascade import pixel_pictures, upscale
     from danqing.sampling.noise import make_generators
     from danqing.training.data import render_batch
 
     high = _pixels(render_batch(scenes, base_size * SCALE, workers=1))
     low = downsample(high)
     gens = make_generators([seed + i for i in range(len(scenes))], "cpu")
-    res = _pictures(upscale(stage, low, steps=steps, noise_level=noise_level, generators=gens).latents)
+    res = pixel_pictures(upscale(stage, low, steps=steps, noise_level=noise_level, generators=gens).latents)
     out = []
     for i in range(len(scenes)):
         lo = Image.fromarray(((low[i].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy())
@@ -455,7 +455,7 @@ def cascade_pictures(stage_1, stage_2, prompts: list[str], *, seed: int, steps: 
     """(stage-I pictures, stage-II pictures or []) for ``prompts``, picture i from seed + i --
     batched, as ``run_if`` would make each alone (its generators continue into stage II)."""
     from danqing.conditioning.if_text import if_schedule
-    from danqing.sampling.cascade import _pictures, base_pixels, upscale
+    from danqing.sampling.cascade import base_pixels, pixel_pictures, upscale
     from danqing.sampling.noise import make_generators
 
     lows, highs = [], []
@@ -464,9 +464,9 @@ def cascade_pictures(stage_1, stage_2, prompts: list[str], *, seed: int, steps: 
         cond = if_schedule(stage_1.text_encoder, stage_1.tokenizer, [prompts[i] for i in rows], "", len(rows), steps,
                            cfg_scale > 1.0)
         first = base_pixels(stage_1, cond, steps=steps, cfg_scale=cfg_scale, generators=gens, size=(size, size))
-        lows += _pictures(first.latents)
+        lows += pixel_pictures(first.latents)
         if stage_2 is not None:
-            highs += _pictures(upscale(stage_2, first.latents, steps=upscale_steps, noise_level=noise_level,
+            highs += pixel_pictures(upscale(stage_2, first.latents, steps=upscale_steps, noise_level=noise_level,
                                        generators=gens).latents)
     return lows, highs
 
@@ -517,12 +517,12 @@ def thresholding_errors(stage_1, n: int = 100, *, cfg_scales=(7.0, 20.0), steps:
     from danqing.synthetic.evaluate import score
     from danqing.synthetic.scenes import eval_scenes
     from danqing.training.data import render_batch
-    from danqing.sampling.cascade import _pictures
+    from danqing.sampling.cascade import pixel_pictures
 
     scs = eval_scenes(n)[:n]
     prompts = [caption(s, lang) for s in scs]
     size = stage_1.unet.config.sample_size
-    truth = _pictures(downsample(_pixels(render_batch(scs, size * SCALE, workers=1))))
+    truth = pixel_pictures(downsample(_pixels(render_batch(scs, size * SCALE, workers=1))))
     true_sat = float(np.mean([saturation(im) for im in truth]))
     rows = []
     for cfg in cfg_scales:

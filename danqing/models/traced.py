@@ -1,0 +1,204 @@
+"""TorchScript traces of a UNet: the same arithmetic without Python's per-module cost.
+
+A small UNet on the CPU spends about half its time in Python (module calls, attribute lookups,
+diffusers' argument handling) rather than in kernels. ``torch.jit.trace`` records the tensor
+operations of one call and replays them as a graph: the same kernels in the same order, so the
+output is bit-identical (a test), with the Python gone. The UNet and each of its down, mid and
+up blocks get a ``Tracer``: a module's first call with a given signature (the shapes, dtypes and
+device of its tensors, the values of its other arguments) is traced and every later call with
+that signature replays the trace. A plain call of the UNet replays one trace of the whole
+network; a call the whole-network trace cannot take (DeepCache's forward, SDXL's added
+conditioning dict) runs the UNet's own code, and its blocks replay theirs, so DeepCache's
+shallow branch is traced too.
+
+A trace holds no weights of its own (it is not frozen): it reads the parameters when it runs,
+so a LoRA merged into the weights in place, a change of memory format or a move of device is
+seen as eager code sees it. What a trace cannot see is a change of the code that runs: a patched
+class (token merging), an instance ``forward``, an attention processor other than diffusers'
+stateless ones (IP-Adapter, Prompt-to-Prompt and regional prompts keep per-request state),
+hooks, autograd into the weights. A module in such a state, or called with attention kwargs,
+runs its own code; a changed attention processor or module class is another trace
+(``_code_key``).
+
+Hand-written over ``torch.jit.trace`` because ``torch.compile`` (the other graph path, the
+``compile`` option) takes minutes of CPU to build on this kind of machine and was not faster
+for the tiny model (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Iterator
+
+MAX_TRACES = 8  # traces kept per block (signatures: sizes, batch, dtype); the oldest goes first
+STATELESS_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0")
+_OWN_CODE = ("torch.", "diffusers.")  # module classes a trace may stand in for
+
+
+def unet_blocks(unet) -> list:
+    """The blocks a trace replaces: down blocks, mid block, up blocks."""
+    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
+
+def _code_key(block) -> tuple | None:
+    """What code a call of ``block`` runs: its modules' classes and attention processors, or
+    None when a trace cannot replay it (a patched class, an instance forward, a stateful
+    processor, a hook below the block). Called on every block call, so it walks the module
+    tree by hand (``nn.Module.modules`` costs about 10x as much)."""
+    key = []
+    stack = [block]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        cls = type(m)
+        if not _OWN_CODE_CLASSES.get(cls, False) and not _own_code(cls):
+            return None
+        if "forward" in d or (m is not block and (d["_forward_hooks"] or d["_forward_pre_hooks"])):
+            return None
+        proc = d.get("processor")
+        if proc is not None:
+            if type(proc).__name__ not in STATELESS_PROCESSORS:
+                return None
+            key.append(type(proc))
+        key.append(cls)
+        stack.extend(c for c in d["_modules"].values() if c is not None)
+    return tuple(key)
+
+
+_OWN_CODE_CLASSES: dict[type, bool] = {}
+
+
+def _own_code(cls) -> bool:
+    ok = _OWN_CODE_CLASSES[cls] = cls.__module__.startswith(_OWN_CODE)
+    return ok
+
+
+def _signature(value):
+    """A hashable description of one argument: tensors by shape, dtype and device; tuples item
+    by item; other values as they are. Raises TypeError for values a trace cannot take."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, tuple):
+        return tuple(_signature(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _is_tensorish(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) or (isinstance(value, tuple) and len(value) > 0
+                                               and all(isinstance(v, torch.Tensor) for v in value))
+
+
+class _Bound:
+    """``module.forward`` with the non-tensor arguments fixed: what a trace records."""
+
+    def __init__(self, block, names: tuple[str, ...], static: dict):
+        import torch
+
+        class Call(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = block
+
+            def forward(self, *tensors):
+                return self.block.forward(**dict(zip(names, tensors)), **static)
+
+        self.module = Call()
+
+
+class Tracer:
+    """Replaces one module's ``__call__`` (``_compiled_call_impl``, what ``nn.Module.compile``
+    sets): plain calls replay a trace, every other call runs the module's own ``_call_impl``.
+    ``timestep``: the argument that, given as a Python number, becomes a tensor first (as the
+    UNet's own ``get_time_embed`` makes it), so that a trace is not keyed on its value."""
+
+    def __init__(self, module, timestep: str | None = None):
+        self.module = module
+        self.signature = inspect.signature(module.forward)
+        self.timestep = timestep
+        self.returns_dict = "return_dict" in self.signature.parameters
+        self.first = next(module.parameters(), None)
+        self.traces: dict = {}
+
+    def __deepcopy__(self, memo):
+        return None  # a copied model traces afresh: these traces read the original's weights
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        m = self.module
+        eager = (m._forward_hooks or torch.jit.is_tracing() or torch.nn.modules.module._global_forward_hooks
+                 or torch.nn.modules.module._global_forward_pre_hooks
+                 or (torch.is_grad_enabled() and self.first is not None and self.first.requires_grad))
+        code = None if eager else _code_key(m)
+        if code is None:
+            return m._call_impl(*args, **kwargs)
+        args, kwargs = self._pre_hooks(args, kwargs)
+        bound = self.signature.bind(*args, **kwargs).arguments
+        if (torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in bound.values())
+                or any(isinstance(v, dict) and v for v in bound.values())  # attention / added kwargs
+                or (self.returns_dict and bound.get("return_dict", True) is not False)):
+            return m.forward(**bound)
+        if self.timestep and isinstance(bound.get(self.timestep), (int, float)):
+            t = bound[self.timestep]
+            device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
+            bound[self.timestep] = torch.tensor([t], dtype=torch.float32 if isinstance(t, float) else torch.int64,
+                                                device=device)
+        try:
+            key = (code, torch.is_autocast_enabled(), tuple((k, _signature(v)) for k, v in bound.items()))
+        except TypeError:
+            return m.forward(**bound)
+        tensors = {k: v for k, v in bound.items() if _is_tensorish(v)}
+        trace = self.traces.get(key)
+        if trace is None:
+            static = {k: v for k, v in bound.items() if k not in tensors}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings: the signature is the key
+                trace = torch.jit.trace(_Bound(m, tuple(tensors), static).module, tuple(tensors.values()),
+                                        check_trace=False, strict=False)
+            if len(self.traces) >= MAX_TRACES:
+                self.traces.pop(next(iter(self.traces)))
+            self.traces[key] = trace
+        return trace(*tensors.values())
+
+    def _pre_hooks(self, args, kwargs):
+        """The block's own forward pre-hooks, run as ``nn.Module`` runs them (DeepCache keeps
+        the last up block's input this way)."""
+        block = self.module
+        for hook_id, hook in list(block._forward_pre_hooks.items()):
+            if hook_id in block._forward_pre_hooks_with_kwargs:
+                result = hook(block, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(block, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        return args, kwargs
+
+
+@contextlib.contextmanager
+def traced_unet(unet) -> Iterator[None]:
+    """The UNet and its blocks replayed from traces for the length of the block. A plain call
+    of the UNet replays one trace of the whole network; a call it cannot replay (DeepCache's
+    forward, SDXL's added conditioning) runs the UNet's own code, whose blocks replay theirs.
+    The tracers (and their traces) stay with the modules, so later requests reuse them."""
+    modules = [(unet, "timestep"), *((b, None) for b in unet_blocks(unet))]
+    before = [m.__dict__.get("_compiled_call_impl") for m, _ in modules]
+    for m, timestep in modules:
+        tracer = m.__dict__.get("_danqing_tracer")
+        if tracer is None or tracer.module is not m:
+            tracer = m.__dict__["_danqing_tracer"] = Tracer(m, timestep)
+        m._compiled_call_impl = tracer
+    try:
+        yield
+    finally:
+        for (m, _), prev in zip(modules, before):
+            m._compiled_call_impl = prev
