@@ -1,5 +1,5 @@
-"""Latent consistency distillation (``danqing train distill``): the objective's pieces against
-diffusers' LCM and DDIM schedulers, a short run on a tiny model, and ``danqing eval shapes``
+"""Latent and phased consistency distillation (``danqing train distill``): the objectives' pieces
+against diffusers' LCM and DDIM schedulers, a short run on a tiny model, and ``danqing eval shapes``
 with a sampler and LoRAs (how the distilled LoRA is measured; docs/training.md has the runs)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from danqing.errors import InvalidRequest
 from danqing.training import config as C
-from danqing.training.distill import boundary_scalings, ddim_step, solver_timesteps
+from danqing.training.distill import boundary_scalings, ddim_step, pcd_loss, phase_edges, solver_timesteps
 
 TINY = Path(__file__).resolve().parents[1] / "danqing/data/models/danqing-tiny/scheduler"
 
@@ -47,6 +47,54 @@ def test_the_teachers_step_is_a_ddim_step():
         assert torch.allclose(ours, ref, atol=1e-5), t
 
 
+def test_the_phases_are_the_steps_of_ddim_on_the_simple_schedule():
+    """Each phase ends where DDIM on the Simple (trailing) schedule steps next, the last at its
+    final jump, for the sampler danqing builds (``make_scheduler``), so every step of the sampler
+    is the jump the student learnt."""
+    import json
+
+    from danqing.sampling.samplers import make_scheduler
+
+    cfg = json.loads((TINY / "scheduler_config.json").read_text())
+    for n in (2, 4, 8):
+        sched = make_scheduler(cfg, "DDIM", "Simple")
+        sched.set_timesteps(n)
+        assert sched.timesteps[0] == 999 and sched.timesteps[1:].tolist() == phase_edges(1000, n)[:-1].tolist(), n
+        assert phase_edges(1000, n)[-1] == -1 and not sched.config.set_alpha_to_one  # the last: alphas_cumprod[0]
+    assert phase_edges(1000, 4).tolist() == [749, 499, 249, -1]
+
+
+class _Exact:
+    """An epsilon model that knows the one data point ``z``: its noise prediction is exact, so its
+    DDIM jumps stay on the trajectory (``wrong`` adds a timestep-dependent error)."""
+
+    def __init__(self, z, a, wrong=0.0):
+        self.z, self.a, self.wrong = z, a, wrong
+
+    def __call__(self, x, t, encoder_hidden_states=None):
+        from types import SimpleNamespace
+
+        a = self.a[t.clamp(min=0)].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.z[:1]) / (1 - a).sqrt()
+        return SimpleNamespace(sample=eps + self.wrong * t.view(-1, 1, 1, 1) / 1000)
+
+
+def test_the_phased_objective_is_zero_on_the_trajectory_only():
+    from contextlib import nullcontext
+
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(TINY)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 8, 8, generator=g).expand(64, -1, -1, -1)
+    ctx = torch.zeros(64, 77, 8)
+    a = sched.alphas_cumprod
+    kw = dict(teacher=nullcontext, guidance=3.0, edges=phase_edges(1000, 4), final_alpha=float(a[0]))
+    exact = pcd_loss(_Exact(z, a), sched, z, ctx, ctx, torch.Generator().manual_seed(1), **kw)
+    wrong = pcd_loss(_Exact(z, a, wrong=0.2), sched, z, ctx, ctx, torch.Generator().manual_seed(1), **kw)
+    assert float(exact.max()) < 1e-4 and float(wrong.mean()) > 1e-3
+
+
 @pytest.fixture()
 def settings(models_dir, tmp_path):
     from danqing import Settings
@@ -65,20 +113,23 @@ def _lcm_cfg(out: Path, **sections):
     return C.DistillTrainConfig.model_validate(raw)
 
 
-def test_a_short_lcm_run_writes_a_lora_for_the_lcm_sampler(settings, tmp_path):
+@pytest.mark.parametrize("method, usage", [("lcm", "sampler LCM, 4 steps, CFG 1"),
+                                           ("pcd", "sampler DDIM, schedule Simple, 4 steps, CFG 1")])
+def test_a_short_run_writes_a_lora_for_its_sampler(settings, tmp_path, method, usage):
     from safetensors import safe_open
 
     from danqing import GenerationRequest, Studio
     from danqing.training.finetune import train_distill
 
     lines: list[str] = []
-    summary = train_distill(_lcm_cfg(tmp_path / "run"), resume=False, log=lines.append, settings=settings)
+    summary = train_distill(_lcm_cfg(tmp_path / "run", distill={"method": method}), resume=False, log=lines.append,
+                            settings=settings)
     assert summary["steps"] == 3 and np.isfinite(summary["loss"])
     assert any("teacher CFG 7" in line for line in lines)
     (path,) = map(Path, summary["files"])
     with safe_open(str(path), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["ss_training_method"] == "lcm" and meta["danqing.usage"] == "sampler LCM, 4 steps, CFG 1"
+    assert meta["ss_training_method"] == method and meta["danqing.usage"] == usage
     assert keys and all(k.startswith("lora_unet_") for k in keys)  # the text encoder stays as it was
     (settings.models_dir / "lora" / "fast.safetensors").write_bytes(path.read_bytes())
     try:

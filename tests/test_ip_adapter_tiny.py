@@ -68,19 +68,24 @@ def test_weight_zero_gives_back_the_plain_model_bit_for_bit(studio, green_star):
     assert [im.tobytes() for im in zero.images] == [im.tobytes() for im in plain.images]
 
 
-def test_the_trainers_layout_round_trips_through_diffusers_loader(studio):
+@pytest.mark.parametrize("plus", [False, True], ids=["base", "plus"])
+def test_the_trainers_layout_round_trips_through_diffusers_loader(studio, plus):
     """``initial_state`` -> diffusers' ``_load_ip_adapter_weights`` -> ``installed_state`` is the
-    identity; every ``to_k_ip`` starts as its layer's text ``to_k`` (the paper); the UNet gets its
-    own processors back."""
-    from danqing.customise.ip_adapter import install
+    identity, for the base projection and IP-Adapter Plus's resampler (whose release names
+    ``plus_release_layout`` writes); every ``to_k_ip`` starts as its layer's text ``to_k`` (the
+    paper); the UNet gets its own processors back."""
+    from danqing.customise.ip_adapter import install, is_plus
     from danqing.training.ip_adapter import cross_attention_layers, initial_state, installed_state
 
     unet = studio.models.load("danqing-tiny").components.unet
     before = dict(unet.attn_processors)
-    state = initial_state(unet, 64, seed=3)
+    state = initial_state(unet, 128 if plus else 64, seed=3, plus=plus, tokens=16, width=64)
+    assert is_plus(state) == plus
     assert len(state["ip_adapter"]) == 2 * len(cross_attention_layers(unet))
     with install(unet, state, 1.0):
         back = installed_state(unet)
+        assert type(unet.encoder_hid_proj.image_projection_layers[0]).__name__ == (
+            "IPAdapterPlusImageProjection" if plus else "ImageProjection")
     for part in ("image_proj", "ip_adapter"):
         assert back[part].keys() == state[part].keys()
         assert all(torch.equal(back[part][k], state[part][k].float()) for k in state[part])
@@ -127,5 +132,17 @@ def test_cli_trains_an_adapter_the_studio_runs(tmp_path, green_star, capsys):
 
     text = read_infotext(picture)
     assert f"IP-Adapter: {path} [" in text and "IP-Adapter encoder: danqing-tiny-clip" in text, text
+    # IP-Adapter Plus: a resampler over the encoder's 65 patch tokens (16 image tokens), started
+    # from the base adapter's to_k_ip / to_v_ip; generation encodes the picture the plus way
+    plus_sets = [s.replace("run'", "plus'") for s in sets] + [f"run.output_dir={tmp_path / 'plus'}",
+                                                            "ip_adapter.kind=plus", f"ip_adapter.init_adapter={path}"]
+    code, out = _cli(capsys, *args, *[x for s in plus_sets for x in ("--set", s)])
+    assert code in (0, None), out
+    plus = read_ip_adapter(tmp_path / "plus" / "ip-adapter.safetensors")
+    assert plus["image_proj"]["latents"].shape == (1, 16, 64) and plus["image_proj"]["proj_in.weight"].shape == (64, 128)
+    code, out = _cli(capsys, *home, "generate", "", "--model", "danqing-tiny", "--width", "64", "--height", "64",
+                     "--steps", "2", "--ip-adapter", str(green_star), "--ip-adapter-model",
+                     str(tmp_path / "plus" / "ip-adapter.safetensors"), "--out", str(tmp_path / "out-plus"), "--quiet")
+    assert code in (0, None), out
     code, out = _cli(capsys, *args, "--set", "ip_adapter.drop_text=2")
     assert code == 2 and "ip_adapter.drop_text" in out and len(out.strip().splitlines()) == 1, out

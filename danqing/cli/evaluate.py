@@ -29,6 +29,7 @@ CFG = typer.Option(7.0, help="CFG scale.")
 STEPS = typer.Option(20, help="Sampling steps.")
 SEED = typer.Option(1000, help="Seed of the first image (image i uses seed + i).")
 SAMPLER = typer.Option("DPM++ 2M", help="Sampler (A1111's names, e.g. Euler a, LCM).")
+SCHEDULE = typer.Option("Automatic", help="Schedule type (A1111's names, e.g. Karras, Simple).")
 LORA = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
                     help="A LoRA of the models folder on every prompt (<lora:NAME:WEIGHT>; repeatable) [default: none].")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
@@ -47,6 +48,7 @@ def eval_shapes(
     steps: int = STEPS,
     seed: int = SEED,
     sampler: str = SAMPLER,
+    schedule: str = SCHEDULE,
     lora: list[str] = LORA,
     clip: Optional[str] = typer.Option(None, help="Also the CLIP score of each picture against its prompt with this CLIP "
                                                "model (danqing-tiny-clip, a folder of models/clip/ or a path), and its "
@@ -80,7 +82,7 @@ def eval_shapes(
     _evaluate(ctx, images, prompt, json_out, show=show,
               score_files=world.score_files, summarise=world.summarise, to_dict=lambda s: s.to_dict(),
               generate=generate, n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed,
-              sampler=sampler, suffix=lora_tags(lora), finish=with_clip)
+              sampler=sampler, schedule=schedule, suffix=lora_tags(lora), finish=with_clip)
 
 
 @eval_app.command("clip")
@@ -321,6 +323,7 @@ def eval_portraits(
     steps: int = STEPS,
     seed: int = SEED,
     sampler: str = SAMPLER,
+    schedule: str = SCHEDULE,
     lora: list[str] = LORA,
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
@@ -337,7 +340,7 @@ def eval_portraits(
               score_files=world.score_portrait_files, summarise=world.summarise_portraits, to_dict=dict,
               generate=lambda studio, **kw: world.evaluate_portraits_studio(studio, held_out(n), **kw),
               n=n, lang=lang, out=out, model=model, steps=steps, cfg_scale=cfg, seed=seed, sampler=sampler,
-              suffix=lora_tags(lora))
+              schedule=schedule, suffix=lora_tags(lora))
 
 
 def lora_tags(loras: list[str]) -> str:

@@ -188,13 +188,13 @@ def reconstruction_score(vae, n: int = 64, size: int = 64) -> dict:
 # Sampling and evaluation with the model being trained
 # ---------------------------------------------------------------------------------------------
 def generate_images(comps, prompts: list[str], *, seed: int, steps: int, cfg_scale: float, size: int,
-                    sampler: str = "DPM++ 2M", device="cpu") -> list:
+                    sampler: str = "DPM++ 2M", schedule: str = "Automatic", device="cpu") -> list:
     """One image per prompt (seed + i) with our own loop, on Components as they are."""
     out = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
             req = GenerationRequest(prompt=p, seed=seed + i, subseed=0, steps=steps, cfg_scale=cfg_scale,
-                                    width=size, height=size, sampler=sampler, model="(training)")
+                                    width=size, height=size, sampler=sampler, schedule=schedule, model="(training)")
             lats, *_ = run_sampling(comps, req, device=torch.device(device), dtype=torch.float32)
             out += to_pil(decode_latents(comps.vae, lats[0]))
     return out

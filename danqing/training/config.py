@@ -145,7 +145,11 @@ class IPAdapterDataConfig(_Strict):
 class IPAdapterConfig(_Strict):
     init_from: str = "danqing-tiny"             # the base model the adapter is for
     image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding is the prompt
-    init_adapter: str | None = None             # continue from this adapter file (an earlier run's) instead of a new one
+    init_adapter: str | None = None             # continue from this adapter file (an earlier run's) instead of a new one;
+                                                # a base adapter's to_k_ip / to_v_ip also start a "plus" one
+    kind: Literal["base", "plus"] = "base"       # "plus": IP-Adapter Plus, a resampler over the encoder's patch tokens
+    plus_tokens: int = Field(16, ge=1)           # plus: image tokens (the resampler's queries)
+    plus_width: int = Field(64, ge=64, multiple_of=64)  # plus: the resampler's width (64 per head, as the release)
     drop_text: float = Field(0.25, ge=0, le=1)  # share of steps with the empty caption (image-only prompts)
     drop_image: float = Field(0.05, ge=0, le=1)  # ... with the zero image embedding (the unconditional image)
     drop_both: float = Field(0.05, ge=0, le=1)   # ... with neither (classifier-free guidance)
@@ -399,12 +403,14 @@ class TextualInversionTrainConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    method: Literal["lcm"] = "lcm"                # latent consistency distillation into a LoRA (LCM-LoRA)
+    # "lcm": latent consistency distillation into a LoRA (LCM-LoRA; the LCM sampler); "pcd": phased
+    # consistency distillation, one phase per sampling step (DDIM on the Simple schedule)
+    method: Literal["lcm", "pcd"] = "lcm"
     guidance: float = Field(7.0, ge=1)             # the teacher's CFG scale (what the student learns to draw at CFG 1)
     solver_steps: int = Field(50, ge=2, le=1000)   # the DDIM solver's steps (the LCM sampler's original_inference_steps)
     huber_c: float = Field(1e-3, gt=0)             # pseudo-Huber loss constant
     timestep_scaling: float = Field(10.0, gt=0)    # boundary scalings, as LCMScheduler
-    sample_steps: int = Field(4, ge=1)             # the run's sample grids: LCM sampler, CFG 1
+    sample_steps: int = Field(4, ge=1)             # the steps it is made for ("pcd": its phases); sample grids at CFG 1
 
 
 class DistillDataConfig(FinetuneDataConfig):

@@ -269,13 +269,14 @@ def process_caption(text: str, rng: random.Random, *, dropout: float = 0.0, shuf
     return ", ".join(head + tail)
 
 
-def picture_embeddings(encoder, processor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """(N, D) CLIP image embeddings of rendered pictures (N, 3, H, W) uint8, on the CPU in
-    float32: what ``customise.ip_adapter.encode_images`` gives each picture at generation."""
+def picture_embeddings(encoder, processor, images: torch.Tensor, batch: int = 512, *, plus: bool = False) -> torch.Tensor:
+    """(N, D) CLIP image embeddings of rendered pictures (N, 3, H, W) uint8, or with ``plus``
+    (N, tokens, C) penultimate hidden states, on the CPU in float32: what
+    ``customise.ip_adapter.encode_images`` gives each picture at generation."""
     from danqing.customise.ip_adapter import encode_images
 
     out = []
     for i in range(0, len(images), batch):
         pics = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images[i:i + batch]]
-        out.append(encode_images(encoder, processor, pics, plus=False).embeds[0].float().cpu())
+        out.append(encode_images(encoder, processor, pics, plus=plus).embeds[0].float().cpu())
     return torch.cat(out)

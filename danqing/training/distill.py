@@ -1,4 +1,4 @@
-"""Few-step models by distillation: latent consistency distillation into a LoRA (LCM-LoRA).
+"""Few-step models by distillation into a LoRA: latent consistency (LCM-LoRA) and phased consistency.
 
 ``danqing train distill --config configs/train/distill-danqing-tiny.toml`` teaches a LoRA on top of a
 model to jump from any point of the model's own guided ODE trajectory to its end, so that the
@@ -20,6 +20,16 @@ One step of the objective (``lcm_loss``), on a latent ``z`` of the training data
 The boundary scalings and the solver's timesteps are those the ``LCMScheduler`` samples with
 (``timestep_scaling`` 10, ``original_inference_steps`` = ``solver_steps``), so the sampler
 and the training agree.
+
+**Phased consistency** (``method = "pcd"``; Wang et al. 2024, "Phased Consistency Model"): an
+LCM maps every point of the trajectory to its end, and its sampler throws the rest of the
+trajectory away at each step (fresh noise). With as many phases as sampling steps, each point is
+mapped only to the lower edge of its phase instead -- the timestep the deterministic sampler
+visits next -- so every step is one exact DDIM jump along the teacher's trajectory
+(``pcd_loss``). The phases are the timesteps of diffusers' ``DDIMScheduler`` on the ``Simple``
+(trailing) schedule: 999, 749, 499, 249 and the final jump for 4 steps (``phase_edges``); the
+student's jump is DDIM's own step from its noise prediction, which is the identity at an edge,
+so no boundary scalings are needed. Used as ``DDIM``, schedule ``Simple``, CFG 1.
 """
 
 from __future__ import annotations
@@ -105,9 +115,58 @@ def lcm_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torc
     return err.mean(dim=(1, 2, 3))
 
 
-def lcm_objective(comps, distill_cfg) -> Callable[..., torch.Tensor]:
-    """The ``loss_fn`` of ``run_loop`` for latent consistency distillation of ``comps``' UNet
-    (its LoRA adapters train; disabling them gives the teacher)."""
+SAMPLING = {"lcm": ("LCM", "Automatic"), "pcd": ("DDIM", "Simple")}  # method -> (sampler, schedule) it is made for
+
+
+def phase_edges(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """The lower edges of the phases, descending: the timesteps DDIM visits after its first on the
+    trailing ("Simple") schedule, then -1 for its final jump (to the final cumulative alpha)."""
+    visited = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).long() - 1
+    return torch.cat([visited[1:], torch.tensor([-1])])
+
+
+def _alpha(a: torch.Tensor, final: float, t: torch.Tensor) -> torch.Tensor:
+    """Cumulative alpha at timesteps ``t``; -1 is the final jump's (``final_alpha_cumprod``)."""
+    return torch.where(t >= 0, a[t.clamp(min=0)], torch.full_like(a[:1], final).expand(t.shape))
+
+
+def pcd_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torch.Tensor, g: torch.Generator, *,
+             teacher: Callable[[], object], guidance: float, edges: torch.Tensor, final_alpha: float,
+             solver_steps: int = 50, huber_c: float = 1e-3, rows: tuple[slice, int] | None = None) -> torch.Tensor:
+    """Per-sample phased consistency distillation loss (B,) of scaled latents ``z`` (an epsilon
+    model): the student's DDIM jump from ``x_t`` to its phase's lower edge ``e`` against the same
+    jump from ``x_s``, one guided teacher DDIM step later (``s = max(t - k, e)``; at the edge the
+    target is the teacher's point itself). Arguments as ``lcm_loss``; ``edges``: ``phase_edges``."""
+    dev = z.device
+    part, total = rows if rows is not None else (slice(None), z.shape[0])
+    T = noise_sched.config.num_train_timesteps
+    k = T // solver_steps
+    idx = torch.randint(0, solver_steps, (total,), generator=g)
+    noise = torch.randn((total, *z.shape[1:]), generator=g)
+    idx, noise = idx[part].to(dev), noise[part].to(dev)
+    t = solver_timesteps(T, solver_steps).to(dev)[idx]
+    edges = edges.to(dev)
+    e = torch.where(edges[None, :] < t[:, None], edges[None, :], torch.full_like(edges, -2)[None, :]).max(dim=1).values
+    s = torch.maximum(t - k, e)
+    a = noise_sched.alphas_cumprod.to(dev)
+    a_t, a_s, a_e = a[t], _alpha(a, final_alpha, s), _alpha(a, final_alpha, e)
+
+    x_t = noise_sched.add_noise(z, noise, t)
+    pred = ddim_step(x_t, unet(x_t, t, encoder_hidden_states=ctx).sample, a_t, a_e)
+    with torch.no_grad():
+        with teacher():
+            e_c, e_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                            encoder_hidden_states=torch.cat([ctx, uncond])).sample.chunk(2)
+        x_s = ddim_step(x_t, e_u + guidance * (e_c - e_u), a_t, a_s)  # the guided teacher, t -> s
+        onward = ddim_step(x_s, unet(x_s, s.clamp(min=0), encoder_hidden_states=ctx).sample, a_s, a_e)
+        target = torch.where(_b(s == e), x_s, onward)
+    err = ((pred.float() - target.float()) ** 2 + huber_c**2).sqrt() - huber_c
+    return err.mean(dim=(1, 2, 3))
+
+
+def distill_objective(comps, distill_cfg) -> Callable[..., torch.Tensor]:
+    """The ``loss_fn`` of ``run_loop`` for consistency distillation of ``comps``' UNet (its LoRA
+    adapters train; disabling them gives the teacher): ``lcm_loss`` or ``pcd_loss``."""
     from contextlib import contextmanager
 
     if comps.family not in ("sd1", "sd2") or comps.prediction_type != "epsilon":
@@ -117,6 +176,8 @@ def lcm_objective(comps, distill_cfg) -> Callable[..., torch.Tensor]:
                              f"({comps.prediction_type})")
     base = comps.unet
     empty: dict = {}
+    # DDIM's final jump: to alphas_cumprod[0] unless the model's scheduler says set_alpha_to_one
+    final_alpha = 1.0 if comps.scheduler_config.get("set_alpha_to_one", True) else None  # DDIM's default
 
     @contextmanager
     def teacher():
@@ -127,10 +188,18 @@ def lcm_objective(comps, distill_cfg) -> Callable[..., torch.Tensor]:
             base.enable_adapters()
 
     def loss_fn(c, noise_sched, z, ctx, added, g, weight_map, rows):
+        nonlocal final_alpha
+        if final_alpha is None:
+            final_alpha = float(noise_sched.alphas_cumprod[0])
         if "ctx" not in empty:
             with torch.no_grad():
                 empty["ctx"] = text_conditioning(c, [""], (1, 1), z.device)[0]
         uncond = empty["ctx"].expand(z.shape[0], -1, -1)
+        if distill_cfg.method == "pcd":
+            return pcd_loss(c.unet, noise_sched, z, ctx, uncond, g, teacher=teacher, guidance=distill_cfg.guidance,
+                            edges=phase_edges(noise_sched.config.num_train_timesteps, distill_cfg.sample_steps),
+                            final_alpha=final_alpha, solver_steps=distill_cfg.solver_steps,
+                            huber_c=distill_cfg.huber_c, rows=rows)
         return lcm_loss(c.unet, noise_sched, z, ctx, uncond, g, teacher=teacher, guidance=distill_cfg.guidance,
                         solver_steps=distill_cfg.solver_steps, huber_c=distill_cfg.huber_c,
                         timestep_scaling=distill_cfg.timestep_scaling, rows=rows)

@@ -89,7 +89,7 @@ def _sample_prompts(out_cfg, data_cfg) -> list[str]:
 
 
 def _sampler(comps, prompts: list[str], out_cfg, size: int, run_dir: Path, *, steps: int | None = None,
-             cfg_scale: float = 7.0, sampler: str = "DPM++ 2M"):
+             cfg_scale: float = 7.0, sampler: str = "DPM++ 2M", schedule: str = "Automatic"):
     """A ``on_sample`` callback: a grid of the sample prompts at fixed seeds under samples/
     (``steps``: default ``out_cfg.sample_steps``)."""
     def sample(step: int) -> None:
@@ -97,7 +97,7 @@ def _sampler(comps, prompts: list[str], out_cfg, size: int, run_dir: Path, *, st
             return
         dev = next(comps.unet.parameters()).device
         imgs = generate_images(comps, prompts, seed=out_cfg.sample_seed, steps=steps or out_cfg.sample_steps,
-                               cfg_scale=cfg_scale, size=size, sampler=sampler, device=dev)
+                               cfg_scale=cfg_scale, size=size, sampler=sampler, schedule=schedule, device=dev)
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         image_grid(imgs, cols=min(8, len(imgs))).save(run_dir / "samples" / f"step-{step:06d}.png")
 
@@ -363,37 +363,41 @@ def train_textual_inversion(cfg, *, resume: bool = True, log: Log = print, setti
 # Latent consistency distillation (a LoRA for the LCM sampler)
 # ---------------------------------------------------------------------------------------------
 def train_distill(cfg, *, resume: bool = True, log: Log = print, settings=None, on_step=None) -> dict:
-    """``danqing train distill`` (``distill.method = "lcm"``): a LoRA that makes the base model draw in ``distill.sample_steps``
-    steps with the ``LCM`` sampler and CFG 1 (``danqing.training.distill``). Returns as
-    ``train_lora``."""
-    from danqing.training.distill import lcm_objective
+    """``danqing train distill``: a LoRA that makes the base model draw in ``distill.sample_steps``
+    steps at CFG 1 (``danqing.training.distill``): with the ``LCM`` sampler (``distill.method =
+    "lcm"``) or with ``DDIM`` on the ``Simple`` schedule (``"pcd"``). Returns as ``train_lora``."""
+    from danqing.training.distill import SAMPLING, distill_objective
 
     if cfg.network.train_text_encoder or cfg.network.train_words:
-        raise InvalidRequest("network.train_text_encoder", "LCM distillation trains the UNet's LoRA only; set "
+        raise InvalidRequest("network.train_text_encoder", "distillation trains the UNet's LoRA only; set "
                              "train_text_encoder = false and train_words = []")
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
-    loss_fn = lcm_objective(comps, cfg.distill)
+    loss_fn = distill_objective(comps, cfg.distill)
     items = load_items(cfg.data, size=cfg.data.resolution)
     data = cache_latents(items, comps, resolution=cfg.data.resolution, buckets=cfg.data.buckets, flip=cfg.data.flip,
                          device="cpu")
+    sampler, schedule = SAMPLING[cfg.distill.method]
+    usage = f"sampler {sampler}{'' if schedule == 'Automatic' else f', schedule {schedule}'}, " \
+            f"{cfg.distill.sample_steps} steps, CFG 1"
     log(f"{data.n_images} images in {len(data.buckets)} bucket(s) {[b.size for b in data.buckets]}; "
-        f"base {entry.name} [{sha[:10]}] ({comps.family}); teacher CFG {cfg.distill.guidance:g}, "
-        f"{cfg.distill.solver_steps} DDIM solver steps")
+        f"base {entry.name} [{sha[:10]}] ({comps.family}); {cfg.distill.method}, teacher CFG {cfg.distill.guidance:g}, "
+        f"{cfg.distill.solver_steps} DDIM solver steps; use: {usage}")
     torch.manual_seed(cfg.train.seed)
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
     sample = _sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output, cfg.data.resolution, run_dir,
-                      steps=cfg.distill.sample_steps, cfg_scale=1.0, sampler="LCM")  # how the LoRA is used
+                      steps=cfg.distill.sample_steps, cfg_scale=1.0, sampler=sampler, schedule=schedule)  # its use
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=False, log=log,
                      resume=resume, caption_cfg=cfg.data, on_step=on_step, on_sample=sample, loss_fn=loss_fn)
     if not state.main:
         return _summary([], state)
-    meta = _kohya_metadata(method="lcm", base_name=entry.name, base_sha=sha, comps=comps, data=data, cfg=cfg.train,
+    meta = _kohya_metadata(method=cfg.distill.method, base_name=entry.name, base_sha=sha, comps=comps, data=data,
+                           cfg=cfg.train,
                            extra={"ss_network_module": "networks.lora", "ss_network_dim": cfg.network.rank,
                                   "ss_network_alpha": cfg.network.alpha, "ss_network_train_text_encoder": False,
                                   "ss_steps": state.step, "danqing.lcm_guidance": cfg.distill.guidance,
                                   "danqing.lcm_solver_steps": cfg.distill.solver_steps,
-                                  "danqing.usage": f"sampler LCM, {cfg.distill.sample_steps} steps, CFG 1"})
+                                  "danqing.usage": usage})
     files = save_lora(comps, cfg.network, run_dir, cfg.output.name, cfg.output.formats, meta)
     for f in files:
         log(f"wrote {f}")

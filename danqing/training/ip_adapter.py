@@ -63,32 +63,81 @@ EVAL_OBJECTS = (("green", "star"), ("red", "circle"), ("blue", "square"), ("yell
 def cross_attention_layers(unet) -> list[str]:
     """Names of the UNet's cross-attention processors, in diffusers' order (the release numbers
     them 1, 3, 5, ...: ``_convert_ip_adapter_attn_to_diffusers``)."""
-    return [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    return [name for name in unet.attn_processors
+            if not name.endswith("attn1.processor") and not name.startswith("encoder_hid_proj.")]  # plus's own
 
 
-def initial_state(unet, image_dim: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """A new adapter: the projection at PyTorch's initialisation (from ``seed``), every
-    ``to_k_ip`` / ``to_v_ip`` a copy of its layer's text ``to_k`` / ``to_v`` (the paper)."""
-    from diffusers.models.embeddings import ImageProjection
-
-    cross = unet.config.cross_attention_dim
-    torch.manual_seed(seed)
-    proj = ImageProjection(image_embed_dim=image_dim, cross_attention_dim=cross, num_image_text_embeds=TOKENS)
-    image_proj = {k.replace("image_embeds", "proj"): v.detach().clone() for k, v in proj.state_dict().items()}
+def _ip_layers(unet) -> dict[str, torch.Tensor]:
+    """Every ``to_k_ip`` / ``to_v_ip`` a copy of its layer's text ``to_k`` / ``to_v`` (the paper)."""
     modules = dict(unet.named_modules())
     ip = {}
     for i, name in enumerate(cross_attention_layers(unet)):
         attn = modules[name.removesuffix(".processor")]
         ip[f"{2 * i + 1}.to_k_ip.weight"] = attn.to_k.weight.detach().clone().float()
         ip[f"{2 * i + 1}.to_v_ip.weight"] = attn.to_v.weight.detach().clone().float()
-    return {"image_proj": image_proj, "ip_adapter": ip}
+    return ip
+
+
+def initial_state(unet, image_dim: int, seed: int = 0, *, plus: bool = False, tokens: int = 16,
+                  width: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+    """A new adapter: the projection at PyTorch's initialisation (from ``seed``) and the
+    ``to_k_ip`` / ``to_v_ip`` of ``_ip_layers``. ``image_dim``: the image embedding's size, or
+    with ``plus`` the encoder's hidden size; the "plus" projection is IP-Adapter Plus's
+    resampler (``tokens`` learned queries of ``width``, 4 layers, 64 per head, as released)."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    if plus:
+        proj = IPAdapterPlusImageProjection(embed_dims=image_dim, output_dims=cross, hidden_dims=width,
+                                            heads=width // 64, num_queries=tokens)
+        image_proj = plus_release_layout(proj.state_dict())
+    else:
+        proj = ImageProjection(image_embed_dim=image_dim, cross_attention_dim=cross, num_image_text_embeds=TOKENS)
+        image_proj = {k.replace("image_embeds", "proj"): v.detach().clone() for k, v in proj.state_dict().items()}
+    return {"image_proj": image_proj, "ip_adapter": _ip_layers(unet)}
+
+
+_PLUS_NAMES = (("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_out.0", "0.to_out"),
+               ("ff.0", "1.0"), ("ff.1.net.0.proj", "1.1"), ("ff.1.net.2", "1.3"))
+
+
+def plus_release_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' ``IPAdapterPlusImageProjection`` state in the released Resampler's names (the
+    inverse of diffusers' ``_convert_ip_adapter_image_proj_to_diffusers``; a test round-trips
+    it): ``layers.i.0`` the attention (``to_kv`` = ``to_k`` and ``to_v`` stacked), ``layers.i.1``
+    the feed-forward."""
+    out = {}
+    for key, value in state.items():
+        value = value.detach().float().cpu().clone()
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, i, rest = key.split(".", 2)
+        if rest.startswith("attn.to_v."):
+            continue
+        if rest.startswith("attn.to_k."):
+            out[f"layers.{i}.0.to_kv.{rest.rsplit('.', 1)[1]}"] = torch.cat(
+                [value, state[key.replace("attn.to_k.", "attn.to_v.")].detach().float().cpu()])
+            continue
+        for ours, release in _PLUS_NAMES:
+            if rest.startswith(ours + "."):
+                out[f"layers.{i}.{release}{rest[len(ours):]}"] = value
+                break
+        else:
+            raise KeyError(key)
+    return out
 
 
 def installed_state(unet) -> dict[str, dict[str, torch.Tensor]]:
     """The inverse of diffusers' loader: the release-layout state of the adapter installed on
     ``unet`` (one adapter)."""
     proj = unet.encoder_hid_proj.image_projection_layers[0]
-    image_proj = {k.replace("image_embeds", "proj"): v.detach().float().cpu().clone() for k, v in proj.state_dict().items()}
+    if type(proj).__name__ == "IPAdapterPlusImageProjection":
+        image_proj = plus_release_layout(proj.state_dict())
+    else:
+        image_proj = {k.replace("image_embeds", "proj"): v.detach().float().cpu().clone()
+                      for k, v in proj.state_dict().items()}
     ip = {}
     for i, name in enumerate(cross_attention_layers(unet)):
         proc = unet.attn_processors[name]
@@ -138,10 +187,11 @@ def image_prompt_rates(comps, encoder, processor, objects=EVAL_OBJECTS, *, n: in
     """For each (colour, shape): the share of ``n`` generations (seeds ``seed``...) with the
     picture of that object as image prompt and ``prompt`` as text that contain it; and their mean.
     ``comps.unet`` must have the adapter installed (at the weight to judge)."""
+    plus = type(comps.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == "IPAdapterPlusImageProjection"
     out = {}
     for colour, shape in objects:
         picture = render(reference_scene(colour, shape), size)
-        ctx = ConditioningContext((), encode_images(encoder, processor, [picture], plus=False))
+        ctx = ConditioningContext((), encode_images(encoder, processor, [picture], plus=plus))
         req = GenerationRequest(prompt=prompt, steps=steps, cfg_scale=cfg_scale, seed=seed, subseed=0, batch_size=n,
                                 width=size, height=size, sampler="DPM++ 2M")
         lat, _, _, _ = run_sampling(comps, req, device=torch.device("cpu"), dtype=comps.unet.dtype, context=ctx)
@@ -161,22 +211,25 @@ class AdapterData:
 
     mean: torch.Tensor  # (N, 4, h, w)
     std: torch.Tensor
-    embeds: torch.Tensor  # (N, D): what encode_images gives the picture at generation
+    embeds: torch.Tensor  # (N, D), plus (N, tokens, C): what encode_images gives the picture at generation
     hidden: torch.Tensor  # (T + 1, 77, C)
     cap_idx: list[list[int]]
+    dropped: torch.Tensor  # the unconditional image as at generation: zeros (D,), plus the encoding of zero pixels
 
 
-def adapter_data(comps, encoder, processor, d, log: Log) -> AdapterData:
+def adapter_data(comps, encoder, processor, d, log: Log, *, plus: bool = False) -> AdapterData:
     t = time.perf_counter()
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
     mean, std = encode_all(comps.vae, data.images, "cpu")
-    embeds = picture_embeddings(encoder, processor, data.images)
+    embeds = picture_embeddings(encoder, processor, data.images, plus=plus)
+    blank = Image.new("RGB", (d.size, d.size))
+    dropped = encode_images(encoder, processor, [blank], plus=plus).negative[0, 0].float().cpu()
     texts = sorted({c for caps in data.captions for c in caps})
     index = {c: i for i, c in enumerate(texts)}
     hidden = encode_texts(comps, texts + [""])
     log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
         f"({time.perf_counter() - t:.0f} s)")
-    return AdapterData(mean, std, embeds, hidden, [[index[c] for c in caps] for caps in data.captions])
+    return AdapterData(mean, std, embeds, hidden, [[index[c] for c in caps] for caps in data.captions], dropped)
 
 
 def adapter_loss(unet, data: AdapterData, g: torch.Generator, cfg, noise_sched, scaling: float, acc) -> torch.Tensor:
@@ -197,7 +250,8 @@ def adapter_loss(unet, data: AdapterData, g: torch.Generator, cfg, noise_sched, 
     drop_text, drop_image = drop_text | both, drop_image | both
     rows = [data.hidden[-1] if drop_text[k] else data.hidden[data.cap_idx[int(i)][int(pick[k])]] for k, i in enumerate(idx)]
     ctx = torch.stack(rows)
-    embeds = torch.where(drop_image[:, None], torch.zeros_like(data.embeds[idx]), data.embeds[idx])[:, None]
+    keep = drop_image.view(-1, *([1] * (data.embeds.dim() - 1)))
+    embeds = torch.where(keep, data.dropped.expand_as(data.embeds[idx]), data.embeds[idx])[:, None]
     part = my_rows(acc, b)
     x_t, t, ctx, embeds, noise = (v[part].to(acc.device) for v in (x_t, t, ctx, embeds, noise))
     with acc.autocast():
@@ -211,6 +265,7 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig, *, resume: bool = False, log: Lo
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
+    from danqing.errors import InvalidRequest
     from danqing.models.clip_model import clip_folder
     from danqing.models.ip_adapter import load_image_encoder
 
@@ -221,13 +276,23 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig, *, resume: bool = False, log: Lo
     # 1. the frozen base model and image encoder; the new adapter installed by diffusers' loader
     comps, _, _ = load_float32(a.init_from)
     encoder, processor = load_image_encoder(clip_folder(a.image_encoder))
+    plus = a.kind == "plus"
+    start_state = initial_state(comps.unet, encoder.config.hidden_size if plus else encoder.config.projection_dim,
+                                r.seed, plus=plus, tokens=a.plus_tokens, width=a.plus_width)
     if a.init_adapter:
+        from danqing.customise.ip_adapter import is_plus
         from danqing.models.ip_adapter import read_ip_adapter
 
-        start_state = read_ip_adapter(Path(a.init_adapter))
-        log(f"adapter: continuing from {a.init_adapter}")
-    else:
-        start_state = initial_state(comps.unet, encoder.config.projection_dim, r.seed)
+        earlier = read_ip_adapter(Path(a.init_adapter))
+        if is_plus(earlier) == plus:
+            start_state = earlier
+            log(f"adapter: continuing from {a.init_adapter}")
+        elif plus:
+            start_state["ip_adapter"] = earlier["ip_adapter"]
+            log(f"adapter: to_k_ip / to_v_ip from the base adapter {a.init_adapter}, a new resampler")
+        else:
+            raise InvalidRequest("ip_adapter.init_adapter", f"{a.init_adapter} is a plus adapter; a base adapter "
+                                                            "cannot continue from it")
     comps.unet._load_ip_adapter_weights([start_state], low_cpu_mem_usage=False)
     unet = comps.unet.float()
     params = adapter_parameters(unet)
@@ -235,7 +300,7 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig, *, resume: bool = False, log: Lo
         p.requires_grad_(True)
 
     # 2. data: latents, image embeddings, caption embeddings (each once)
-    data = adapter_data(comps, encoder, processor, d, log)
+    data = adapter_data(comps, encoder, processor, d, log, plus=plus)
 
     # 3. train
     acc = new_accelerator(r.mixed_precision)
@@ -266,7 +331,7 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig, *, resume: bool = False, log: Lo
     ema.copy_to(params)
     unet.eval()
     acc.wait_for_everyone()
-    summary = {"kind": "ip-adapter", "init_from": a.init_from, "image_encoder": a.image_encoder,
+    summary = {"kind": "ip-adapter", "adapter": a.kind, "init_from": a.init_from, "image_encoder": a.image_encoder,
                "images": len(data.cap_idx), "steps": steps.last["step"], "batch_size": c.batch_size,
                "loss": steps.last["loss"], "eval": steps.last["eval"],
                "minutes": round((time.perf_counter() - t_start) / 60, 1), "config": json.loads(cfg.model_dump_json())}
