@@ -1,12 +1,14 @@
-"""Benchmark: danqing-tiny's 4-step LCM-LoRA against the 20-step model, on the CPU.
+"""Benchmark: danqing-tiny with a 4-step distilled LoRA against the 20-step model, on the CPU.
 
 Interleaves, in the same run, the bundled model at its documented settings (DPM++ 2M, 20 steps,
-CFG 7) and the same model with the bundled distilled LoRA (``<lora:danqing-tiny-lcm:1>``, the LCM
-sampler, 4 steps, CFG 1), and prints the median wall time of one 64x64 picture each and their
+CFG 7) and the same model with a distilled LoRA (``<lora:NAME:1>``, 4 steps, CFG 1, with the
+sampler it was made for: ``LCM`` for an LCM-LoRA, ``DDIM`` on the ``Simple`` schedule for a
+phased one), and prints the median wall time of one 64x64 picture each and their
 ratio. The LoRA's weights are merged for each request and restored after it, and that time is
 counted. Not a test: the numbers go to docs/benchmarks.md with the machine.
 
     .venv/bin/python bench/fewstep_cpu.py [--repeats 20] [--threads 0] [--models-dir models --lora NAME]
+        [--sampler DDIM --schedule Simple]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--lora", default="danqing-tiny-lcm", help="a LoRA of --models-dir or a bundled one")
     ap.add_argument("--models-dir", default=None, help="the models folder [default: an empty one]")
+    ap.add_argument("--sampler", default="LCM", help="the LoRA's sampler (its header's danqing.usage)")
+    ap.add_argument("--schedule", default="Automatic", help="the LoRA's schedule")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     home = tempfile.mkdtemp()
@@ -38,9 +42,9 @@ def main() -> None:
     runs = {
         "20 steps, DPM++ 2M, CFG 7": GenerationRequest.create(prompt=prompt, model="danqing-tiny", width=64, height=64,
                                                               steps=20, sampler="DPM++ 2M", cfg_scale=7.0, seed=1),
-        "4 steps, LCM, CFG 1, LoRA": GenerationRequest.create(prompt=f"{prompt} <lora:{args.lora}:1>", model="danqing-tiny",
-                                                              width=64, height=64, steps=4, sampler="LCM", cfg_scale=1.0,
-                                                              seed=1),
+        f"4 steps, {args.sampler}, {args.schedule}, CFG 1, LoRA": GenerationRequest.create(
+            prompt=f"{prompt} <lora:{args.lora}:1>", model="danqing-tiny", width=64, height=64, steps=4,
+            sampler=args.sampler, schedule=args.schedule, cfg_scale=1.0, seed=1),
     }
     for req in runs.values():  # warm-up: model load, first LoRA read
         studio.generate(req)

@@ -86,6 +86,8 @@ def _signature(value):
         return tuple(_signature(v) for v in value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, dict) and not value:  # no added conditioning, no attention kwargs
+        return "{}"
     raise TypeError(type(value).__name__)
 
 
