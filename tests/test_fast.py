@@ -48,7 +48,7 @@ def state(unet):
 
 OPTIONS = {"tiny-sd1": [FastPath(channels_last=True), FastPath(sdpa="math"), FastPath(sdpa="flash"),
                         FastPath(fuse_qkv=True), FastPath(vae_slicing=True, vae_tiling=True), FastPath(trace=True),
-                        FastPath(trace=True, fuse_qkv=True, channels_last=True)],
+                        FastPath(trace=True, channels_last=True, sdpa="flash")],
            "tiny-sdxl": [FastPath(channels_last=True, sdpa="flash", fuse_qkv=True, vae_slicing=True),
                          FastPath(trace=True)]}
 
@@ -129,10 +129,12 @@ def test_traced_unet_is_bit_identical_with_loras_deepcache_and_regions(tmp_path)
     assert counts["unet"] == 6 and all(b.__dict__["_danqing_tracer"].traces for b in unet_blocks(unet))
 
 
-def test_trace_and_compile_are_one_or_the_other():
+def test_trace_and_compile_or_fused_projections_are_one_or_the_other():
     assert fast_path_from(["trace"]) == FastPath(trace=True)
     with pytest.raises(InvalidRequest, match="not both"):
         fast_path_from(["trace", "compile=default"])
+    with pytest.raises(InvalidRequest, match="not both"):
+        fast_path_from(["trace", "fuse-qkv"])
 
 
 def test_fast_options_from_the_command_line():

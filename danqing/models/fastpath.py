@@ -81,6 +81,9 @@ class FastPath:
         for name, allowed in (("sdpa", tuple(SDPA_BACKENDS)), ("compile", COMPILE_MODES), ("offload", OFFLOAD_MODES)):
             if getattr(self, name) not in allowed:
                 raise InvalidRequest(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.trace and self.fuse_qkv:
+            raise InvalidRequest("trace", "give --fast trace or --fast fuse-qkv, not both: fused projections are new "
+                                          "modules for every request, which a trace would have to follow anew")
         if self.trace and self.compile != "off":
             raise InvalidRequest("trace", "give --fast trace or --fast compile=..., not both: each replaces the "
                                           "UNet's Python with a graph")

@@ -17,7 +17,7 @@ seen as eager code sees it. What a trace cannot see is a change of the code that
 class (token merging), an instance ``forward``, an attention processor other than diffusers'
 stateless ones (IP-Adapter, Prompt-to-Prompt and regional prompts keep per-request state),
 hooks, autograd into the weights. A module in such a state, or called with attention kwargs,
-runs its own code; a changed attention processor or module class is another trace
+runs its own code; a changed attention processor, or a module replaced, is another trace
 (``_code_key``).
 
 Hand-written over ``torch.jit.trace`` because ``torch.compile`` (the other graph path, the
@@ -43,8 +43,9 @@ def unet_blocks(unet) -> list:
 
 
 def _code_key(block) -> tuple | None:
-    """What code a call of ``block`` runs: its modules' classes and attention processors, or
-    None when a trace cannot replay it (a patched class, an instance forward, a stateful
+    """What code a call of ``block`` runs: its modules (by identity: a trace reads the modules it
+    was made from, so a module replaced by another of its class is another trace) and attention
+    processors' classes, or None when a trace cannot replay it (a patched class, an instance forward, a stateful
     processor, a hook below the block). Called on every block call, so it walks the module
     tree by hand (``nn.Module.modules`` costs about 10x as much)."""
     key = []
@@ -62,7 +63,7 @@ def _code_key(block) -> tuple | None:
             if type(proc).__name__ not in STATELESS_PROCESSORS:
                 return None
             key.append(type(proc))
-        key.append(cls)
+        key.append(id(m))  # the module itself: a trace keeps its modules alive, so an id is never reused
         stack.extend(c for c in d["_modules"].values() if c is not None)
     return tuple(key)
 
