@@ -99,21 +99,20 @@ def _is_tensorish(value) -> bool:
                                                and all(isinstance(v, torch.Tensor) for v in value))
 
 
-class _Bound:
-    """``module.forward`` with the non-tensor arguments fixed: what a trace records."""
+def _bound(module, names: tuple[str, ...], static: dict):
+    """``module.forward`` with the non-tensor arguments fixed, as a module of the tensors in
+    ``names`` order: what a trace records."""
+    import torch
 
-    def __init__(self, block, names: tuple[str, ...], static: dict):
-        import torch
+    class Bound(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
 
-        class Call(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.block = block
+        def forward(self, *tensors):
+            return self.inner.forward(**dict(zip(names, tensors)), **static)
 
-            def forward(self, *tensors):
-                return self.block.forward(**dict(zip(names, tensors)), **static)
-
-        self.module = Call()
+    return Bound()
 
 
 class Tracer:
@@ -164,7 +163,7 @@ class Tracer:
             static = {k: v for k, v in bound.items() if k not in tensors}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings: the signature is the key
-                trace = torch.jit.trace(_Bound(m, tuple(tensors), static).module, tuple(tensors.values()),
+                trace = torch.jit.trace(_bound(m, tuple(tensors), static), tuple(tensors.values()),
                                         check_trace=False, strict=False)
             if len(self.traces) >= MAX_TRACES:
                 self.traces.pop(next(iter(self.traces)))

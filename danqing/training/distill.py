@@ -74,6 +74,30 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torc
     return _b(a_s.sqrt()) * _x0(x_t, eps, a_t) + _b((1 - a_s).sqrt()) * eps
 
 
+def _draw(noise_sched, z: torch.Tensor, g: torch.Generator, solver_steps: int, rows):
+    """(solver timesteps t, noise, the solver's stride k) for this process's rows of the batch;
+    the draws are the whole batch's, from ``g``, whatever the rows."""
+    part, total = rows if rows is not None else (slice(None), z.shape[0])
+    T = noise_sched.config.num_train_timesteps
+    idx = torch.randint(0, solver_steps, (total,), generator=g)
+    noise = torch.randn((total, *z.shape[1:]), generator=g)
+    idx, noise = idx[part].to(z.device), noise[part].to(z.device)
+    return solver_timesteps(T, solver_steps).to(z.device)[idx], noise, T // solver_steps
+
+
+def _teacher_step(unet, teacher, x_t, t, ctx, uncond, guidance: float, a_t, a_s) -> torch.Tensor:
+    """The guided teacher's DDIM step x_t -> x_s (call without gradients)."""
+    with teacher():
+        e_c, e_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([ctx, uncond])).sample.chunk(2)
+    return ddim_step(x_t, e_u + guidance * (e_c - e_u), a_t, a_s)
+
+
+def _pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample pseudo-Huber distance (B,)."""
+    return (((pred.float() - target.float()) ** 2 + c**2).sqrt() - c).mean(dim=(1, 2, 3))
+
+
 def lcm_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torch.Tensor, g: torch.Generator, *,
              teacher: Callable[[], object], guidance: float, solver_steps: int = 50, huber_c: float = 1e-3,
              timestep_scaling: float = 10.0, rows: tuple[slice, int] | None = None) -> torch.Tensor:
@@ -88,13 +112,7 @@ def lcm_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torc
         rows: (this process's rows, the whole batch size), as ``diffusion_loss``.
     """
     dev = z.device
-    part, total = rows if rows is not None else (slice(None), z.shape[0])
-    T = noise_sched.config.num_train_timesteps
-    k = T // solver_steps
-    idx = torch.randint(0, solver_steps, (total,), generator=g)
-    noise = torch.randn((total, *z.shape[1:]), generator=g)
-    idx, noise = idx[part].to(dev), noise[part].to(dev)
-    t = solver_timesteps(T, solver_steps).to(dev)[idx]
+    t, noise, k = _draw(noise_sched, z, g, solver_steps, rows)
     s = (t - k).clamp(min=0)
     a = noise_sched.alphas_cumprod.to(dev)
     a_t, a_s = a[t], a[s]
@@ -105,14 +123,10 @@ def lcm_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torc
     eps = unet(x_t, t, encoder_hidden_states=ctx).sample
     pred = _b(c_skip_t) * x_t + _b(c_out_t) * _x0(x_t, eps, a_t)
     with torch.no_grad():
-        with teacher():
-            e_c, e_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([ctx, uncond])).sample.chunk(2)
-        x_s = ddim_step(x_t, e_u + guidance * (e_c - e_u), a_t, a_s)  # the guided teacher, t -> s
+        x_s = _teacher_step(unet, teacher, x_t, t, ctx, uncond, guidance, a_t, a_s)
         eps_s = unet(x_s, s, encoder_hidden_states=ctx).sample
         target = _b(c_skip_s) * x_s + _b(c_out_s) * _x0(x_s, eps_s, a_s)
-    err = ((pred.float() - target.float()) ** 2 + huber_c**2).sqrt() - huber_c
-    return err.mean(dim=(1, 2, 3))
+    return _pseudo_huber(pred, target, huber_c)
 
 
 SAMPLING = {"lcm": ("LCM", "Automatic"), "pcd": ("DDIM", "Simple")}  # method -> (sampler, schedule) it is made for
@@ -138,13 +152,7 @@ def pcd_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torc
     jump from ``x_s``, one guided teacher DDIM step later (``s = max(t - k, e)``; at the edge the
     target is the teacher's point itself). Arguments as ``lcm_loss``; ``edges``: ``phase_edges``."""
     dev = z.device
-    part, total = rows if rows is not None else (slice(None), z.shape[0])
-    T = noise_sched.config.num_train_timesteps
-    k = T // solver_steps
-    idx = torch.randint(0, solver_steps, (total,), generator=g)
-    noise = torch.randn((total, *z.shape[1:]), generator=g)
-    idx, noise = idx[part].to(dev), noise[part].to(dev)
-    t = solver_timesteps(T, solver_steps).to(dev)[idx]
+    t, noise, k = _draw(noise_sched, z, g, solver_steps, rows)
     edges = edges.to(dev)
     e = torch.where(edges[None, :] < t[:, None], edges[None, :], torch.full_like(edges, -2)[None, :]).max(dim=1).values
     s = torch.maximum(t - k, e)
@@ -154,14 +162,10 @@ def pcd_loss(unet, noise_sched, z: torch.Tensor, ctx: torch.Tensor, uncond: torc
     x_t = noise_sched.add_noise(z, noise, t)
     pred = ddim_step(x_t, unet(x_t, t, encoder_hidden_states=ctx).sample, a_t, a_e)
     with torch.no_grad():
-        with teacher():
-            e_c, e_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([ctx, uncond])).sample.chunk(2)
-        x_s = ddim_step(x_t, e_u + guidance * (e_c - e_u), a_t, a_s)  # the guided teacher, t -> s
+        x_s = _teacher_step(unet, teacher, x_t, t, ctx, uncond, guidance, a_t, a_s)
         onward = ddim_step(x_s, unet(x_s, s.clamp(min=0), encoder_hidden_states=ctx).sample, a_s, a_e)
         target = torch.where(_b(s == e), x_s, onward)
-    err = ((pred.float() - target.float()) ** 2 + huber_c**2).sqrt() - huber_c
-    return err.mean(dim=(1, 2, 3))
+    return _pseudo_huber(pred, target, huber_c)
 
 
 def distill_objective(comps, distill_cfg) -> Callable[..., torch.Tensor]:
