@@ -8,6 +8,7 @@ danqing-tiny is measured by bench/speedups_quality.py (docs/benchmarks.md), not 
 
 from __future__ import annotations
 
+import collections
 import time
 
 import pytest
@@ -92,12 +93,14 @@ def test_compiled_and_eager_agree(fast_studio, monkeypatch):
 
 
 def _traced_calls(unet):
-    """How many calls the UNet's traces replay from now on (counted by wrapping them)."""
-    counts = {"unet": 0}
+    """How many calls the UNet's traces replay from now on, by what they replay ("forward": the
+    whole UNet; "deepcache.full", "deepcache.shallow": DeepCache's branches), counted by
+    wrapping the traces there are now."""
+    counts = collections.Counter()
     tracer = unet.__dict__["_danqing_tracer"]
     for key, trace in list(tracer.traces.items()):
-        def counted(*a, _t=trace):
-            counts["unet"] += 1
+        def counted(*a, _t=trace, _name=key[0]):
+            counts[_name] += 1
             return _t(*a)
         tracer.traces[key] = counted
     return counts
@@ -106,8 +109,9 @@ def _traced_calls(unet):
 def test_traced_unet_is_bit_identical_with_loras_deepcache_and_regions(tmp_path):
     """``--fast trace`` on danqing-tiny: the very same pixels as eager code for a plain request, a
     LoRA merged after the UNet was traced (a trace reads the weights as they are), DeepCache
-    (its forward runs eagerly, the blocks from their traces) and regional prompts (stateful
-    attention processors: those blocks run eagerly); the traces are replayed where they may be."""
+    (its full and shallow branches traced as wholes) and regional prompts (stateful
+    attention processors: those blocks run eagerly); the traces are replayed where they may be:
+    the whole UNet's for a plain call, one per branch under DeepCache."""
     studio = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
     base = GenerationRequest(prompt="a red heart left of a blue circle", steps=6, width=64, height=64, seed=5,
                              model="danqing-tiny")
@@ -123,10 +127,10 @@ def test_traced_unet_is_bit_identical_with_loras_deepcache_and_regions(tmp_path)
         assert torch.equal(pixels(studio, request, FastPath(trace=True)), eager), request.prompt
         assert not torch.equal(eager, plain)
     assert state(unet) == before
-    # the LoRA's 6 steps replayed the whole UNet's trace; DeepCache's forward traced the blocks
-    from danqing.models.traced import unet_blocks
-
-    assert counts["unet"] == 6 and all(b.__dict__["_danqing_tracer"].traces for b in unet_blocks(unet))
+    assert counts == {"forward": 6}  # the LoRA's 6 steps replayed the whole UNet's trace
+    counts = _traced_calls(unet)
+    pixels(studio, base.replace(deepcache_interval=2), FastPath(trace=True))
+    assert counts == {"deepcache.full": 3, "deepcache.shallow": 3}  # steps 1, 3, 5 full; 2, 4, 6 shallow
 
 
 def test_trace_and_compile_or_fused_projections_are_one_or_the_other():

@@ -119,18 +119,31 @@ def shallow_forward(unet, cached, sample, timestep, encoder_hidden_states, added
     return unet.conv_out(out)
 
 
+def full_forward_keeping(unet, sample, timestep, encoder_hidden_states, **kwargs):
+    """The UNet's full evaluation and the input of its last up block (what the shallow branch
+    reuses), as one function a trace can record (``models.traced.replay``)."""
+    kept = []
+
+    def keep(module, args, block_kwargs):
+        kept.append(block_kwargs["hidden_states"] if "hidden_states" in block_kwargs else args[0])
+
+    hook = unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        out = type(unet).forward(unet, sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+    finally:
+        hook.remove()
+    return out, kept[-1]
+
+
 @contextlib.contextmanager
 def deepcache(unet, interval: int) -> Iterator[None]:
     """Every ``interval``-th evaluation of ``unet`` runs in full; the others run its shallow
-    branch on the last full evaluation's deep features. The state lives in this block only."""
-    state = {"cached": None, "calls": 0, "last_t": None, "full": False}
+    branch on the last full evaluation's deep features. The state lives in this block only.
+    Under ``--fast trace`` each branch is replayed from one trace."""
+    from danqing.models.traced import replay
 
-    def keep(module, args, kwargs):  # the last up block's input on full evaluations
-        if state["full"]:
-            state["cached"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
+    state = {"cached": None, "calls": 0, "last_t": None}
     full_forward = unet.forward
-    hook = unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
 
     def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
         t = float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else float(timestep)
@@ -139,26 +152,24 @@ def deepcache(unet, interval: int) -> Iterator[None]:
         if new_pass:
             state["calls"] = 0
         state["last_t"] = t
-        plain = (args or kwargs.get("down_block_additional_residuals") is not None
-                 or kwargs.get("mid_block_additional_residual") is not None)
-        full = (plain or cached is None or state["calls"] % interval == 0
-                or cached.shape[0] != sample.shape[0])
+        if (args or kwargs.get("down_block_additional_residuals") is not None
+                or kwargs.get("mid_block_additional_residual") is not None):
+            return full_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)  # not cacheable
+        full = cached is None or state["calls"] % interval == 0 or cached.shape[0] != sample.shape[0]
         state["calls"] += 1
+        return_dict = kwargs.pop("return_dict", True)
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         if full:
-            state["full"] = True
-            try:
-                return full_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-            finally:
-                state["full"] = False
-        out = shallow_forward(unet, cached, sample, timestep, encoder_hidden_states,
-                              kwargs.get("added_cond_kwargs"), kwargs.get("cross_attention_kwargs"))
-        return (out,) if kwargs.get("return_dict", True) is False else _output(out)
+            out, state["cached"] = replay(unet, "deepcache.full", full_forward_keeping, inputs, kwargs)
+        else:
+            out = replay(unet, "deepcache.shallow", shallow_forward, {"cached": cached, **inputs},
+                         {k: kwargs.get(k) for k in ("added_cond_kwargs", "cross_attention_kwargs")})
+        return (out,) if return_dict is False else _output(out)
 
     unet.forward = forward
     try:
         yield
     finally:
-        hook.remove()
         unet.__dict__.pop("forward", None)
 
 
