@@ -135,7 +135,7 @@ class Studio:
         # patched into the weights for this request only (restored when it ends, even on error),
         # and the ControlNet / T2I-Adapter units, checked against the checkpoint.
         tags = request_tags(request)
-        loaded = self.models.load(request.model, request.vae, request.text_encoders)
+        loaded = still_model(self.models.load(request.model, request.vae, request.text_encoders))
         request = for_family(request, loaded.components.family)  # SD3 / FLUX
         networks = activate(tags, loaded.components, registry=self.registry, model_name=loaded.name,
                             cache=self.networks)
@@ -176,7 +176,7 @@ class Studio:
         """
         t0 = time.perf_counter()
         requests = [resolve_request(r, self.settings.default_model) for r in requests]
-        loaded = self.models.load(requests[0].model, requests[0].vae, requests[0].text_encoders)
+        loaded = still_model(self.models.load(requests[0].model, requests[0].vae, requests[0].text_encoders))
         timings = {"load": time.perf_counter() - t0}
         with contextlib.ExitStack() as scope:
             scope.enter_context(self.models.fast_path(loaded.components))
@@ -379,3 +379,12 @@ def resolve_request(request: GenerationRequest, default_model: str) -> Generatio
     if request.model is None:
         changes["model"] = default_model
     return request.replace(**changes) if changes else request
+
+
+def still_model(loaded):
+    """``loaded`` when its model draws pictures; a text-to-video model (ModelScope / zeroscope)
+    is refused in one line, naming the command that runs it."""
+    if loaded.components.text_to_video:
+        raise InvalidRequest("model", f"{loaded.name!r} is a text-to-video model (ModelScope / zeroscope): it makes "
+                                      "clips, with danqing video or POST /api/v1/video/jobs, not pictures")
+    return loaded

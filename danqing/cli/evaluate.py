@@ -2,7 +2,8 @@
 (danqing/synthetic/evaluate.py) and of the portrait world (danqing/synthetic/portrait_reader.py);
 ``danqing eval clip``: a CLIP model's held-out retrieval, or CLIP scores (models/clip_model.py);
 ``danqing eval unclip``: an unCLIP model's variations or its text-to-image through a prior;
-``danqing eval cascade``: a pixel cascade's pictures at each stage."""
+``danqing eval cascade``: a pixel cascade's pictures at each stage; ``danqing eval motion``: a
+motion module's held-out clips of the moving shapes world (synthetic/trajectory.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from danqing.cli.common import OUT_HELP, announce_device, app, make_studio, out_
 from danqing.files import atomic_write_text
 
 eval_app = typer.Typer(help="Evaluate models and images: `danqing eval shapes`, `danqing eval portraits`, `danqing eval clip`, "
-                            "`danqing eval unclip`, `danqing eval cascade`.",
+                            "`danqing eval unclip`, `danqing eval cascade`, `danqing eval motion`.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -387,3 +388,63 @@ def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary, "images": rows}, indent=1))
+
+
+@eval_app.command("motion")
+def eval_motion(
+    ctx: typer.Context,
+    motion: str = typer.Option("danqing-tiny-motion", help="Motion module: a name in models/motion/ or a bundled one."),
+    model: str = typer.Option("danqing-tiny", help="Checkpoint the module animates."),
+    n: int = typer.Option(50, help="Held-out clips (colour-shape-motion combinations never trained on; 1-500)."),
+    lang: str = LANG,
+    cfg: float = CFG,
+    steps: int = STEPS,
+    seed: int = typer.Option(6000, help="Seed of the first clip (clip i uses seed + i)."),
+    sampler: str = SAMPLER,
+    lora: list[str] = typer.Option(["danqing-tiny-motion"], "--lora", metavar="NAME[:WEIGHT]",
+                                   help="A LoRA on every prompt (<lora:NAME:WEIGHT>; repeatable); the bundled module's "
+                                        "cross-attention LoRA by default (--lora '' for none)."),
+    out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
+                                                                     "empty folder) [default: not saved]."),
+    json_out: Optional[Path] = JSON_OUT,
+):
+    """Generate the moving shapes world's held-out clips ("a red circle moving to the right")
+    and judge them: direction of motion, speed, identity kept across frames, each frame's
+    object score (synthetic/trajectory.py)."""
+    from danqing.errors import InvalidRequest
+    from danqing.outputs.video import save_video
+    from danqing.request import VideoRequest
+    from danqing.synthetic.captions import LANGS
+    from danqing.synthetic.motion import heldout_clips, motion_caption
+    from danqing.synthetic.trajectory import score_clip, summarise_clips
+    from danqing.video.studio import VideoStudio
+
+    if not 1 <= n <= 500:
+        raise InvalidRequest("n", f"must be 1-500, got {n}")
+    if lang not in LANGS:
+        raise InvalidRequest("lang", f"must be one of {', '.join(LANGS)}, got {lang!r}")
+    if json_out is not None:
+        refuse_existing(json_out)
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidRequest("out", f"{out} exists and is not an empty folder")
+    videos = VideoStudio(make_studio(ctx.obj))
+    suffix = lora_tags([x for x in lora if x])
+    scores, rows = [], []
+    for i, clip in enumerate(heldout_clips(n)):
+        prompt = motion_caption(clip, lang) + suffix
+        request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
+                               cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion)
+        result = videos.generate(request)
+        s = score_clip(result.clips[0], clip.colour, clip.shape, clip.direction)
+        scores.append(s)
+        rows.append({"prompt": prompt, "seed": seed + i, **s.to_dict()})
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            save_video(result.clips[0], out / f"{i:05d}.gif", 8, result.parameters[0])
+        typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
+                   f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
+    summary = {"n": n, "lang": lang, "motion": motion, "model": model, "lora": [x for x in lora if x], "steps": steps,
+               **summarise_clips(scores)}
+    typer.echo(f"summary: {json.dumps(summary)}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"summary": summary, "clips": rows}, indent=1))

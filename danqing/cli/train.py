@@ -182,6 +182,23 @@ def train_clip_cmd(
     _echo(f"summary: {json.dumps(summary)}")
 
 
+@train_app.command("motion")
+def train_motion_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-motion")),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train an AnimateDiff motion module for a frozen model on the moving shapes world; writes
+    a diffusers MotionAdapter folder to OUTPUT_DIR/model (put it in models/motion/) and the
+    held-out trajectory scores along the run to OUTPUT_DIR/eval.jsonl."""
+    from danqing.training.config import MotionTrainConfig, load_config
+    from danqing.training.motion import train_motion  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=MotionTrainConfig), ctx.obj.home)
+    summary = train_motion(cfg, log=_echo)
+    _echo(f"summary: {json.dumps(summary)}")
+
+
 @train_app.command("dreambooth")
 def train_dreambooth_cmd(
     ctx: typer.Context,

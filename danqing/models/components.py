@@ -58,6 +58,12 @@ class Components:
         return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
 
     @property
+    def text_to_video(self) -> bool:
+        """A text-to-video model (ModelScope / zeroscope: ``UNet3DConditionModel``), whose UNet
+        denoises whole clips and draws no single picture."""
+        return type(self.unet).__name__ == "UNet3DConditionModel"
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the (unpacked) latents the denoiser works on (FLUX packs 2x2 of them)."""
         return self.vae.config.latent_channels if self.family in TRANSFORMER_FAMILIES else self.unet.config.in_channels

@@ -33,8 +33,10 @@ def family_of_folder(unet_cfg: dict, te_cfg: dict | None, has_te2: bool) -> str:
 
 
 def load_diffusers_folder(path: Path) -> Components:
-    """A diffusers-format pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """A diffusers-format pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
+    a ``UNet3DConditionModel`` in unet/ makes it a text-to-video model (ModelScope / zeroscope's
+    ``TextToVideoSDPipeline`` folders), whose text encoder and VAE are SD2's or SD1's."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
@@ -56,6 +58,7 @@ def load_diffusers_folder(path: Path) -> Components:
     unet_cfg = json.loads((path / "unet" / "config.json").read_text())
     te_cfg = json.loads((path / "text_encoder" / "config.json").read_text()) if has_te1 else None
     family = family_of_folder(unet_cfg, te_cfg, has_te2)
+    unet_class = UNet3DConditionModel if unet_cfg.get("_class_name") == "UNet3DConditionModel" else UNet2DConditionModel
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
 
@@ -70,7 +73,7 @@ def load_diffusers_folder(path: Path) -> Components:
         comps = Components(
             family=family,
             prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-            unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
+            unet=unet_class.from_pretrained(path / "unet", **kw),
             vae=AutoencoderKL.from_pretrained(path / "vae", **kw),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw) if has_te1 else None,
             tokenizer=tok("tokenizer", "!" if family == "sd2" else "<|endoftext|>") if has_te1 else None,

@@ -493,3 +493,59 @@ class ClipTrainConfig(_Strict):
     model: ClipModelConfig = ClipModelConfig()
     train: ClipOptimConfig = ClipOptimConfig()
     output: ClipOutputConfig = ClipOutputConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# danqing-tiny-motion: an AnimateDiff motion module for danqing-tiny (danqing.training.motion)
+# ---------------------------------------------------------------------------------------------
+class MotionDataConfig(_Strict):
+    n_clips: int = Field(2000, ge=8)           # training clips of the moving shapes world, rendered once
+    frames: int = Field(16, ge=2, le=32)       # frames per clip (the module's window)
+    size: int = Field(64, ge=16)               # picture side
+    captions_per_clip: int = Field(4, ge=1)    # phrasings per clip, English and Chinese in turn
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # share of steps trained on the empty caption (for CFG)
+    seed: int = 0
+
+
+class MotionModelConfig(_Strict):
+    init_from: str = "danqing-tiny"            # the frozen text-to-image model the module is for
+    layers_per_block: int = Field(1, ge=1)     # motion layers per UNet block
+    heads: int = Field(2, ge=1)                # temporal attention heads
+    norm_groups: int = Field(8, ge=1)
+    max_frames: int = Field(32, ge=2)          # the temporal position table: the longest window
+    mid_block: bool = True                     # a motion layer in the UNet's mid block too
+    # a LoRA of this rank on the still UNet's cross-attention trains beside the motion layers
+    # (0: none): the motion words ("moving to the right") reach the pictures' features only
+    # through cross-attention, which the still model learnt without them. Written as
+    # OUTPUT_DIR/NAME.safetensors, used as <lora:NAME:1> with the module (as AnimateDiff v3's
+    # adapter LoRA is)
+    text_lora_rank: int = Field(0, ge=0)
+    name: str = "danqing-tiny-motion"          # the LoRA's file name
+
+
+class MotionOptimConfig(_Strict):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(4, ge=1)           # clips per step
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class MotionOutputConfig(_Strict):
+    output_dir: str = "runs/danqing-tiny-motion"
+    log_every: int = Field(100, ge=1)
+    eval_every: int = Field(1000, ge=1)
+    eval_clips: int = Field(8, ge=1)           # held-out clips generated and scored along the run
+    eval_steps: int = Field(20, ge=1)          # sampling steps of those clips (DPM++ 2M, CFG 7)
+    num_threads: int = Field(0, ge=0)          # torch CPU threads; 0 = torch's default
+
+
+class MotionTrainConfig(_Strict):
+    """danqing-tiny-motion (``danqing.training.motion``)."""
+
+    data: MotionDataConfig = MotionDataConfig()
+    model: MotionModelConfig = MotionModelConfig()
+    train: MotionOptimConfig = MotionOptimConfig()
+    output: MotionOutputConfig = MotionOutputConfig()

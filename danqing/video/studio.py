@@ -20,11 +20,13 @@ from danqing.customise.lora import activate, patched, request_tags
 from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
+from danqing.models.names import inside
 from danqing.outputs.video import check_video_out, clip_paths, planned_files, probe_video, read_frames, save_video
 from danqing.passes.video import decode_clips, run_video
 from danqing.request import RANGES, VideoRequest
 from danqing.sampling.loop import OnStep
-from danqing.sampling.video import ContextDenoise, cross_frame_attention, frames_denoise, motion_denoise
+from danqing.sampling.video import (ContextDenoise, cross_frame_attention, frames_denoise, motion_denoise,
+                                    text_video_denoise)
 from danqing.studio import Studio, resolve_request
 from danqing.video.flow import clip_flows, flow_blend
 
@@ -77,8 +79,6 @@ class VideoStudio:
         studio = self.studio
         # 1. validate: seeds and model resolved, the motion module named, the files free.
         request = resolve_request(request, studio.settings.default_model)
-        if request.motion:
-            request = request.replace(motion_module=self._motion_name(request.motion_module))
         init_frames = load_init_frames(request) if request.init_video is not None else None
         if out is not None:
             clips = request.batch_size * request.batch_count
@@ -93,7 +93,17 @@ class VideoStudio:
         comps = loaded.components
         entry = adapter = None
         denoise_fn, window = frames_denoise, request.frames  # no motion module: frame by frame
-        if request.motion:
+        if comps.text_to_video:  # ModelScope / zeroscope: the model itself denoises the clip
+            if request.motion_module is not None or not request.motion:
+                raise InvalidRequest("motion_module" if request.motion_module is not None else "motion",
+                                     f"{loaded.name!r} is a text-to-video model (ModelScope / zeroscope): it moves its "
+                                     "frames itself, without a motion module, and cannot draw them one by one")
+            if request.cross_frame_attention:
+                raise InvalidRequest("cross_frame_attention", f"{loaded.name!r} is a text-to-video model, whose "
+                                                              "attention already spans the frames")
+            denoise_fn = text_video_denoise
+        elif request.motion:
+            request = request.replace(motion_module=self._motion_name(request.motion_module))
             entry = find_motion(studio.registry, request.motion_module)
             adapter = self._adapter(entry)
             check_fits(adapter, dict(comps.unet.config), motion_name=entry.name, model_name=loaded.name)
@@ -149,14 +159,18 @@ class VideoStudio:
         return result
 
     def _motion_name(self, name: str | None) -> str:
-        """The request's motion module, or the only one installed when it names none."""
+        """The request's motion module, or when it names none the only one installed in
+        models/motion/, or else the only bundled one (danqing-tiny-motion)."""
         if name is not None:
             return name
-        names = motion_names(self.studio.registry)
-        if len(names) != 1:
+        registry = self.studio.registry
+        names = motion_names(registry)
+        own = [e.name for e in registry.scan("motion") if e.path is not None and inside(e.path, registry.folder("motion"))]
+        choice = own or names
+        if len(choice) != 1:
             raise InvalidRequest("motion_module", f"name the motion module to use; installed in models/motion/: "
                                                   f"{', '.join(names) or 'none'}")
-        return names[0]
+        return choice[0]
 
     def _adapter(self, entry):
         """The motion adapter of ``entry``, placed by the ModelManager (so diffusers' own

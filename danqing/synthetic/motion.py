@@ -1,0 +1,129 @@
+"""The shapes world in motion: one object crossing the picture in a straight line, for a motion
+module to learn (``danqing train motion``) and the trajectory scorer to judge
+(``synthetic.trajectory``).
+
+A clip is one object of the still world (colour, shape, size) over a still background, moving
+right, left, up or down by about half the picture over its frames. Its captions are the still
+world's object phrase and a motion phrase: "a red circle moving to the right", "红色圆形向右移动".
+For every (colour, shape) pair one direction is held out (a fixed choice per pair), so the
+held-out clips are colour-shape-motion combinations the module never saw; the still world's
+held-out (colour, shape) pairs stay out of training too.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, replace
+
+from danqing.synthetic.captions import _background, _obj_en, _obj_zh
+from danqing.synthetic.scenes import Obj, Scene, _pairs, vocab
+
+DIRECTIONS = ("right", "left", "up", "down")
+STEP = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}  # picture axes: y grows downwards
+PHRASES = {
+    "en": {"right": ("moving to the right", "moves to the right", "sliding right", "moving right"),
+           "left": ("moving to the left", "moves to the left", "sliding left", "moving left"),
+           "up": ("moving up", "moves upwards", "sliding up", "rising"),
+           "down": ("moving down", "moves downwards", "sliding down", "falling")},
+    "zh": {"right": ("向右移动", "向右滑动", "往右移动"), "left": ("向左移动", "向左滑动", "往左移动"),
+           "up": ("向上移动", "向上滑动", "往上移动"), "down": ("向下移动", "向下滑动", "往下移动")},
+}
+FRAMES = 16     # frames of a training clip (the motion module's window)
+TRAVEL = 0.48   # mean distance an object travels over a clip, as a share of the picture's side
+
+
+@dataclass(frozen=True)
+class MotionClip:
+    """One object moving in a straight line: ``start`` and ``end`` centres in 0..1 of the picture."""
+
+    colour: str
+    shape: str
+    size: str
+    direction: str
+    start: tuple[float, float]
+    end: tuple[float, float]
+    background: str = "white"
+    background_2: str = "light grey"
+    style: str = "plain"
+    seed: int = 0
+    frames: int = FRAMES
+
+    def scene_at(self, i: int) -> Scene:
+        """The still scene of frame ``i``: the object at its place along the line, the same
+        background in every frame."""
+        f = i / max(self.frames - 1, 1)
+        x = self.start[0] + f * (self.end[0] - self.start[0])
+        y = self.start[1] + f * (self.end[1] - self.start[1])
+        return Scene((Obj(self.shape, self.colour, self.size, round(x, 4), round(y, 4)),), self.background,
+                     self.background_2, self.style, seed=self.seed)
+
+    def scenes(self) -> list[Scene]:
+        return [self.scene_at(i) for i in range(self.frames)]
+
+
+def held_out_direction(colour: str, shape: str) -> str:
+    """The direction no training clip of this (colour, shape) moves in: a fixed choice per pair."""
+    return DIRECTIONS[zlib.crc32(f"{colour}:{shape}".encode()) % len(DIRECTIONS)]
+
+
+def _clip(rng: random.Random, colour: str, shape: str, direction: str, frames: int) -> MotionClip:
+    v = vocab()
+    dx, dy = STEP[direction]
+    travel = TRAVEL + rng.uniform(-0.06, 0.06)
+    a = 0.5 - travel / 2 + rng.uniform(-0.04, 0.04)   # along the motion, from a to a + travel
+    c = rng.uniform(0.35, 0.65)                        # across it
+    if dx:
+        start, end = ((a, c), (a + travel, c)) if dx > 0 else ((1 - a, c), (1 - a - travel, c))
+    else:
+        start, end = ((c, a), (c, a + travel)) if dy > 0 else ((c, 1 - a), (c, 1 - a - travel))
+    bgs = list(v["backgrounds"])
+    bg = rng.choice(bgs)
+    bg2 = rng.choice([b for b in bgs if b != bg])
+    style = rng.choices(list(v["background_styles"]), weights=[0.4, 0.15, 0.15, 0.15, 0.15])[0]
+    size = rng.choice(["small", "large"])
+    return MotionClip(colour, shape, size, direction, tuple(round(t, 4) for t in start),
+                      tuple(round(t, 4) for t in end), bg, bg2, style, rng.randrange(2**31), frames)
+
+
+def training_clips(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+    """``n`` training clips: the still world's training (colour, shape) pairs, each in its three
+    directions that are not held out."""
+    rng = random.Random(f"motion-train:{seed}")
+    pairs, _ = _pairs()
+    combos = [(c, s, d) for c, s in pairs for d in DIRECTIONS if d != held_out_direction(c, s)]
+    return [_clip(rng, *rng.choice(combos), frames) for _ in range(n)]
+
+
+def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+    """``n`` evaluation clips: each a training (colour, shape) pair in its held-out direction, so
+    the colour-shape-motion combination is one no training clip has; the directions in turn."""
+    rng = random.Random(f"motion-eval:{seed}")
+    pairs, _ = _pairs()
+    by_direction = {d: [(c, s) for c, s in pairs if held_out_direction(c, s) == d] for d in DIRECTIONS}
+    out = []
+    for i in range(n):
+        d = DIRECTIONS[i % len(DIRECTIONS)]
+        c, s = rng.choice(by_direction[d])
+        out.append(replace(_clip(rng, c, s, d, frames), style="plain"))
+    return out
+
+
+def motion_caption(clip: MotionClip, lang: str = "en", rng: random.Random | None = None) -> str:
+    """A caption of ``clip`` in ``lang``; canonical ("a red circle moving to the right",
+    "一个红色的圆形向右移动") when ``rng`` is None, else a random phrasing, sometimes with its
+    background."""
+    obj = Obj(clip.shape, clip.colour, clip.size)
+    phrases = PHRASES[lang][clip.direction]
+    phrase = phrases[0] if rng is None else rng.choice(phrases)
+    if lang == "en":
+        text = f"{_obj_en(obj, rng)} {phrase}"
+    else:
+        text = ("一个" if rng is None or rng.random() < 0.6 else "") + _obj_zh(obj, rng, subject=True) + phrase
+    if rng is not None and rng.random() < 0.5:
+        text += _background(clip.scene_at(0), lang, rng)
+    return text
+
+
+__all__ = ["DIRECTIONS", "FRAMES", "MotionClip", "heldout_clips", "held_out_direction", "motion_caption",
+           "training_clips"]

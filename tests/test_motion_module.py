@@ -1,0 +1,140 @@
+"""danqing-tiny-motion: the moving shapes world (held-out combinations, captions), the trajectory
+scorer on rendered clips, the trainer (a module that starts as the still model, learns, and is
+written as a MotionAdapter folder that loads), the bundled module on held-out clips, and
+``danqing eval motion``."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from danqing.cli import app
+from danqing.models.motion import load_motion_adapter
+from danqing.models.registry import ModelEntry, Registry
+from danqing.synthetic.motion import (DIRECTIONS, heldout_clips, held_out_direction, motion_caption,
+                                      training_clips)
+from danqing.synthetic.render import render
+from danqing.synthetic.scenes import heldout_pairs
+from danqing.synthetic.trajectory import score_clip, summarise_clips
+from danqing.training.config import MotionTrainConfig
+
+BUNDLED_MOTION = "danqing-tiny-motion"
+
+
+def _frames(clip):
+    return [render(s) for s in clip.scenes()]
+
+
+def test_held_out_clips_are_combinations_no_training_clip_has():
+    trained = {(c.colour, c.shape, c.direction) for c in training_clips(3000)}
+    held = heldout_clips(50)
+    assert not {(c.colour, c.shape, c.direction) for c in held} & trained
+    assert {c.direction for c in held} == set(DIRECTIONS)
+    assert all(c.direction == held_out_direction(c.colour, c.shape) for c in held)
+    # every (colour, shape) of training moves in exactly three directions; the still world's
+    # held-out pairs never move
+    assert {(c.colour, c.shape) for c in training_clips(3000)}.isdisjoint(heldout_pairs())
+    per_pair = {}
+    for c, s, d in trained:
+        per_pair.setdefault((c, s), set()).add(d)
+    assert max(len(v) for v in per_pair.values()) == 3
+
+
+def test_captions_name_the_object_and_its_motion_in_both_languages():
+    clip = replace(training_clips(1)[0], colour="red", shape="circle", direction="right")
+    assert motion_caption(clip, "en") == "a red circle moving to the right"
+    assert motion_caption(clip, "zh") == "一个红色的圆形向右移动"
+    rng = random.Random(0)
+    for _ in range(20):
+        text = motion_caption(clip, "en", rng)
+        assert "red" in text and "circle" in text and "right" in text
+        assert "右" in motion_caption(clip, "zh", rng)
+
+
+def test_rendered_clips_move_the_asked_way_and_keep_their_object():
+    clips = heldout_clips(12)
+    right = summarise_clips([score_clip(_frames(c), c.colour, c.shape, c.direction) for c in clips])
+    assert right["direction"] == 1.0 and right["identity"] == 1.0 and right["object"] == 1.0
+    assert 0.02 < right["speed"] < 0.05  # about half the picture over 16 frames
+    backwards = [score_clip(_frames(c)[::-1], c.colour, c.shape, c.direction) for c in clips]
+    assert not any(s.direction for s in backwards)
+
+
+def test_a_still_or_changing_object_is_caught():
+    clip = heldout_clips(1)[0]
+    frames = _frames(clip)
+    still = score_clip([frames[0]] * clip.frames, clip.colour, clip.shape, clip.direction)
+    assert not still.direction and still.identity and abs(still.speed) < 1e-6
+    other = "blue" if clip.colour != "blue" else "red"
+    changed = frames[:8] + _frames(replace(clip, colour=other))[8:]
+    assert not score_clip(changed, clip.colour, clip.shape, clip.direction).identity
+
+
+SHORT = {"data": {"n_clips": 12, "frames": 8, "captions_per_clip": 2}, "model": {"text_lora_rank": 2},
+         "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1},
+         "output": {"eval_every": 6, "eval_clips": 1, "eval_steps": 2, "log_every": 3}}
+
+
+def test_a_short_run_starts_from_the_still_model_learns_and_writes_a_motion_adapter_and_lora(tmp_path):
+    from danqing.customise.lora import read_network, resolve
+    from danqing.training.motion import add_text_lora, motion_unet_for_training, new_adapter, train_motion
+    from danqing.training.runs import load_float32
+
+    cfg = MotionTrainConfig.model_validate({**SHORT, "output": {**SHORT["output"], "output_dir": str(tmp_path / "run")}})
+    # at the start the motion UNet is the still UNet, frame by frame
+    comps, _, _ = load_float32("danqing-tiny")
+    unet, params = motion_unet_for_training(comps, new_adapter(comps.unet, cfg.model, 0))
+    params += add_text_lora(unet, 2)
+    assert params and all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in unet.parameters()) == len(params)
+    x, ctx = torch.randn(1, 4, 8, 8, 8), torch.randn(8, 77, comps.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        motion = unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample
+        still = comps.unet(x[0].permute(1, 0, 2, 3), 500, encoder_hidden_states=ctx).sample
+    assert (motion[0].permute(1, 0, 2, 3) - still).abs().max() < 1e-5
+
+    lines = []
+    summary = train_motion(cfg, log=lines.append)
+    assert summary["steps"] == 6 and {"direction_en", "identity_zh", "object_en"} <= summary.keys()
+    folder = tmp_path / "run" / "model"
+    adapter = load_motion_adapter(ModelEntry("run", folder, "motion", "diffusers"))
+    trained = {k: v for k, v in adapter.state_dict().items() if k.endswith("proj_out.weight")}
+    assert trained and any(v.abs().max() > 0 for v in trained.values())  # the zero projections moved
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and any(line.startswith("step 6/6") for line in lines)
+    # the cross-attention LoRA is a kohya file every module of which fits the still model's
+    modules, _ = read_network(tmp_path / "run" / "danqing-tiny-motion.safetensors")
+    resolved = resolve("danqing-tiny-motion", "0" * 64, modules, comps, "danqing-tiny")
+    assert len(resolved.targets) == len(modules) and all(".attn2." in mod for _, mod in resolved.targets)
+
+
+def test_bundled_motion_module_is_listed_and_fits_the_size_limit(tmp_path):
+    entry = Registry(tmp_path).find("motion", BUNDLED_MOTION)
+    size = sum(p.stat().st_size for p in entry.path.iterdir())
+    assert size <= 10 * 2**20, size
+    adapter = load_motion_adapter(entry)
+    assert tuple(adapter.config.block_out_channels) == (32, 64, 64)
+
+
+def test_cli_eval_motion_judges_held_out_clips_and_refuses_bad_input(tmp_path, capsys):
+    runner = CliRunner()
+    result = runner.invoke(app, ["--home", str(tmp_path), "--device", "cpu", "eval", "motion", "--n", "4",
+                                 "--steps", "20", "--out", str(tmp_path / "gifs"), "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m.json").read_text())["summary"]
+    assert summary["n"] == 4 and summary["motion"] == BUNDLED_MOTION
+    assert summary["direction"] >= 0.75 and summary["identity"] >= 0.75, summary
+    assert len(list((tmp_path / "gifs").glob("*.gif"))) == 4
+    from danqing.cli import main
+
+    for args, message in [(["--n", "0"], "n: must be 1-500, got 0"), (["--lang", "fr"], "lang: must be one of en, zh"),
+                          (["--motion", "nope"], "unknown motion module 'nope'")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--home", str(tmp_path), "eval", "motion", "--n", "1", *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
