@@ -24,7 +24,8 @@ from pathlib import Path
 def case(kind: str, frames: int, steps: int, repeats: int) -> dict:
     """Run one case here and return its seconds (best of ``repeats``, after a warm-up) and peak RSS."""
     from danqing import Settings, Studio
-    from danqing.request import GenerationRequest, VideoRequest
+    from danqing.request import GenerationRequest
+    from danqing.request_video import VideoRequest
     from danqing.video.studio import VideoStudio
 
     home = Path(tempfile.mkdtemp(prefix="danqing-bench-video-"))

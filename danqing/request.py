@@ -56,6 +56,9 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "fps": (1, 60, "between 1 and 60 frames per second"),
     "context_overlap": (0, 31, "between 0 and 31 frames (less than the motion module's window)"),
     "flow_blend": (0.0, 1.0, "between 0 (off) and 1"),
+    "motion_bucket_id": (0, 1023, "between 0 and 1023 (Stable Video Diffusion's default is 127: more is more motion)"),
+    "noise_aug_strength": (0.0, 1.0, "between 0 and 1 (Stable Video Diffusion's default is 0.02)"),
+    "min_cfg_scale": (0.0, 30.0, "between 0 and 30 (the first frame's CFG scale; cfg_scale is the last's)"),
 }
 
 
@@ -495,64 +498,6 @@ def _one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> Inv
     if err["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be")
     return InvalidRequest(field, msg)
-
-
-# what a video request cannot do yet (each a field of GenerationRequest and its unset value)
-VIDEO_UNSUPPORTED = {"init_image": None, "mask": None, "enable_hr": False, "refiner_checkpoint": None,
-                     "p2p_source": None, "ip_adapter_image": (), "controlnet": (), "regions": None,
-                     "restore_faces": False, "deepcache_interval": 0, "tome_ratio": 0.0}
-
-
-class VideoRequest(GenerationRequest):
-    """One text-to-video job (AnimateDiff: a motion module on an SD1.5 checkpoint): the
-    ``GenerationRequest`` fields for each frame, and the clip's.
-
-    Args:
-        frames: frames of the clip, 1-128 (longer than the motion module's frame window: in
-            overlapping context windows).
-        fps: frames per second of the files written, 1-60.
-        motion_module: a motion module's name in ``models/motion/`` (never a path); None = the
-            only one installed.
-        context_overlap: frames shared by neighbouring context windows when the clip is longer
-            than the motion module's window (sliding context, ``sampling.video.ContextDenoise``).
-        init_video: video-to-video: the clip to restyle (a path for the library and the CLI; a
-            stored upload's name on the server), its first ``frames`` frames img2img'd at
-            ``denoising_strength`` (``video.studio.video2video_fields`` fills frames, fps and
-            size from the clip).
-        motion: denoise the frames together through the motion module (AnimateDiff); False: as
-            separate pictures with the checkpoint's UNet (per-frame img2img, no motion module).
-        cross_frame_attention: every frame's self-attention also attends to the first and the
-            previous frame (their keys and values; Text2Video-Zero, Rerender-A-Video).
-        shared_noise: every frame of a clip starts from frame 0's noise.
-        flow_blend: 0-1, after decoding each frame is blended with the previous (restyled) frame
-            warped along the input clip's optical flow (OpenCV), where the flow is reliable;
-            video-to-video only.
-    Image i of a batch is clip i: its frames share the seed ``seed + i`` (frame f's noise is the
-    f-th draw of that seed's generator, so the first frames of a longer clip start alike).
-    """
-
-    frames: int = 16
-    fps: int = 8
-    motion_module: str | None = None
-    context_overlap: int = 4
-    init_video: str | None = None
-    motion: bool = True
-    cross_frame_attention: bool = False
-    shared_noise: bool = False
-    flow_blend: float = 0.0
-
-    _video_ranges = field_validator("frames", "fps", "context_overlap", "flow_blend")(in_range)
-
-    @model_validator(mode="after")
-    def _video(self) -> "VideoRequest":
-        for name, unset in VIDEO_UNSUPPORTED.items():
-            if getattr(self, name) != unset:
-                raise InvalidRequest(name, "is not available for video yet; text-to-video takes the prompt, "
-                                     "sampler, steps, CFG, seed, size, frames, fps and a motion module")
-        if self.flow_blend > 0 and self.init_video is None:
-            raise InvalidRequest("flow_blend", "blends along the optical flow of an input clip; give init_video "
-                                 "(video-to-video) or leave it 0")
-        return self
 
 
 # What the flow-matching families do not take (yet): request field -> (is it set?, what it is).

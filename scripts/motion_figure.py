@@ -18,7 +18,7 @@ def main() -> None:
     from PIL import Image
 
     from danqing import Settings, Studio
-    from danqing.request import VideoRequest
+    from danqing.request_video import VideoRequest
     from danqing.synthetic.motion import DIRECTIONS, heldout_clips, motion_caption
     from danqing.video.studio import VideoStudio
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from danqing.request import GenerationRequest, VideoRequest
+from danqing.request import GenerationRequest
+from danqing.request_video import VideoRequest
 from danqing.scale.dispatch import Dispatcher
 from danqing.server.common import JobFailed
 from danqing.server.store import JobStore

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "danqing"
 LAYERS = (
     ("base", {"errors", "files", "cache", "pictures", "preprocess"}),
     ("models", {"models", "faces"}),
-    ("engine", {"conditioning", "customise", "sampling", "decode", "request", "outputs", "settings"}),
+    ("engine", {"conditioning", "customise", "sampling", "decode", "request", "request_video", "outputs", "settings"}),
     ("passes", {"passes", "editing"}),
     ("studio", {"studio"}),
     ("workflows", {"apps", "training", "synthetic", "video", "threed"}),

@@ -21,7 +21,7 @@ from danqing.models.motion import adapter_to_original, check_fits, load_motion_a
 from danqing.models.registry import ModelEntry
 from danqing.outputs.video import probe_video, read_frames, read_video_parameters, save_video
 from danqing.passes.video import run_video
-from danqing.request import VideoRequest
+from danqing.request_video import VideoRequest
 from danqing.sampling.loop import STOP
 from danqing.sampling.noise import initial_noise, make_generators
 from danqing.sampling.samplers import make_scheduler

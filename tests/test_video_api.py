@@ -103,6 +103,8 @@ def test_video2video_job_keeps_frames_and_rate(client):
     ({"request": {**TINY, "prompt": "x <lora:../../x:1>"}}, "request.prompt", "unknown LoRA"),
     ({"request": {**TINY, "prompt": "x", "flow_blend": 0.5}}, "request.flow_blend", "give init_video"),
     ({"request": {**TINY, "prompt": "x", "init_video": "/etc/passwd"}}, None, "paths are not accepted over HTTP"),
+    ({"request": {**TINY, "sampler": "Euler", "init_image": "/etc/passwd"}}, None,
+     "image-to-video (Stable Video Diffusion) is not available over HTTP yet"),
     ({"request": {**TINY, "prompt": "x"}, "init_video": "not base64!"}, "init_video", "not valid base64"),
     ({"request": {**TINY, "prompt": "x"}, "init_video": base64.b64encode(b"\0" * 64).decode()}, "init_video",
      "cannot be decoded"),

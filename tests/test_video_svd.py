@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -62,3 +63,76 @@ def test_svd_through_our_loop_matches_the_pipeline():
     # the frame-wise ramp acts: with one guidance scale for every frame the result differs
     flat = run_svd(parts, image, fresh(), seed=4, **{**kw, "min_guidance": 2.5}).latents
     assert (flat[:, 1:] - ours[:, 1:]).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def svd_home(tmp_path_factory):
+    """A danqing home whose checkpoints folder holds a Stable Video Diffusion folder (the tiny
+    random parts saved as diffusers' ``StableVideoDiffusionPipeline`` writes them)."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    parts = tiny_svd()
+    home = tmp_path_factory.mktemp("svd-home")
+    StableVideoDiffusionPipeline(vae=parts.vae, image_encoder=parts.image_encoder, unet=parts.unet,
+                                 scheduler=parts.scheduler, feature_extractor=parts.feature_extractor,
+                                 ).save_pretrained(home / "models" / "checkpoints" / "svd-tiny")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(home / "start.png")
+    return home
+
+
+SVD_FIELDS = dict(model="svd-tiny", sampler="Euler", width=64, height=64, frames=3, fps=7, steps=3, seed=4,
+                  cfg_scale=2.5)
+
+
+def test_an_svd_folder_runs_image_to_video_as_the_pipeline_does(svd_home, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from danqing import Settings, Studio
+    from danqing.outputs.video import probe_video, read_video_parameters
+    from danqing.request_video import VideoRequest
+    from danqing.video.studio import VideoStudio, request_from_parameters
+
+    videos = VideoStudio(Studio(Settings(home=svd_home, device="cpu", dtype="fp32")))
+    steps = []
+    req = VideoRequest.create(init_image=str(svd_home / "start.png"), **SVD_FIELDS)
+    result = videos.generate(req, on_step=lambda info: steps.append(info.latents.shape), out=tmp_path / "c.mp4")
+    parts = tiny_svd()
+    expected = run_svd(parts, Image.open(svd_home / "start.png"), EulerDiscreteScheduler.from_config(parts.scheduler.config),
+                       frames=3, fps=7, steps=3, seed=4, max_guidance=2.5).latents
+    assert (result.latents[0] - expected).abs().max().item() < 1e-5  # and run_svd is the pipeline's (above)
+    assert len(result.clips[0]) == 3 and result.clips[0][0].size == (64, 64)
+    assert steps == [(1, 4, 3, 32, 32)] * 3  # (B, C, F, h, w), as every video pass reports
+    info = probe_video(tmp_path / "c.mp4")
+    assert (info.frames, info.width, info.height) == (3, 64, 64)
+    again = videos.generate(request_from_parameters(read_video_parameters(tmp_path / "c.mp4")))
+    assert torch.equal(again.latents[0], result.latents[0])
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"model": "danqing-tiny"}, "init_image", "needs a Stable Video Diffusion model"),
+    ({"sampler": "DPM++ 2M"}, "sampler", "use Euler"),
+    ({"prompt": "a red circle"}, "prompt", "the picture alone conditions it"),
+    ({"motion_module": "mm"}, "motion_module", "moves its frames itself"),
+])
+def test_what_image_to_video_cannot_take_is_refused(svd_home, changes, field, message):
+    from danqing import Settings, Studio
+    from danqing.errors import InvalidRequest
+    from danqing.request_video import VideoRequest
+    from danqing.video.studio import VideoStudio
+
+    videos = VideoStudio(Studio(Settings(home=svd_home, device="cpu", dtype="fp32")))
+    with pytest.raises(InvalidRequest) as err:
+        videos.generate(VideoRequest.create(**{**SVD_FIELDS, "init_image": str(svd_home / "start.png"), **changes}))
+    assert err.value.field == field and message in str(err.value)
+
+
+def test_an_svd_model_draws_no_picture_and_svd_fields_need_a_picture(svd_home):
+    from danqing import GenerationRequest, Settings, Studio
+    from danqing.errors import CorruptModel, InvalidRequest
+    from danqing.request_video import VideoRequest
+
+    with pytest.raises(CorruptModel, match="danqing video --init-image"):
+        Studio(Settings(home=svd_home, device="cpu", dtype="fp32")).generate(
+            GenerationRequest(prompt="x", model="svd-tiny", width=64, height=64, steps=1))
+    with pytest.raises(InvalidRequest, match="motion_bucket_id: conditions Stable Video Diffusion"):
+        VideoRequest.create(prompt="x", motion_bucket_id=200)

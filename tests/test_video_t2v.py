@@ -9,7 +9,7 @@ import torch
 
 from danqing.models.families import build_components
 from danqing.passes.video import run_video
-from danqing.request import VideoRequest
+from danqing.request_video import VideoRequest
 from danqing.sampling.noise import make_generators
 from danqing.sampling.samplers import make_scheduler
 from danqing.sampling.video import text_video_denoise, video_noise

@@ -124,7 +124,7 @@ def test_restyled_clip_flickers_at_most_half_as_much_with_the_remedies(tmp_path)
     every frame of both."""
     from danqing import Settings, Studio
     from danqing.outputs.video import save_video
-    from danqing.request import VideoRequest
+    from danqing.request_video import VideoRequest
     from danqing.synthetic.evaluate import score
     from danqing.synthetic.render import render
     from danqing.synthetic.scenes import Obj, Scene, Spec

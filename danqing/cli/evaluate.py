@@ -413,7 +413,7 @@ def eval_motion(
     object score (synthetic/trajectory.py)."""
     from danqing.errors import InvalidRequest
     from danqing.outputs.video import save_video
-    from danqing.request import VideoRequest
+    from danqing.request_video import VideoRequest
     from danqing.synthetic.captions import LANGS
     from danqing.synthetic.motion import heldout_clips, motion_caption
     from danqing.synthetic.trajectory import score_clip, summarise_clips

@@ -39,6 +39,10 @@ def video(
     cross_frame: Optional[bool] = typer.Option(None, "--cross-frame/--no-cross-frame", help="Self-attention also to the first and previous frames [default: off]."),
     shared_noise: Optional[bool] = typer.Option(None, "--shared-noise/--no-shared-noise", help="Every frame starts from frame 0's noise [default: off]."),
     flow_blend: Optional[float] = typer.Option(None, "--flow-blend", help="Video-to-video: blend each frame with the previous one warped along the clip's optical flow (0-1) [default: 0, off]."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help="Image-to-video with a Stable Video Diffusion model (--model): the clip starts from this picture; no prompt [default: none]."),
+    motion_bucket: Optional[int] = typer.Option(None, "--motion-bucket", help="SVD: how much motion (0-1023) [default: 127]."),
+    noise_aug: Optional[float] = typer.Option(None, "--noise-aug", help="SVD: noise added to the picture's conditioning (0-1) [default: 0.02]."),
+    min_cfg: Optional[float] = typer.Option(None, "--min-cfg", help="SVD: the first frame's CFG scale; --cfg is the last's [default: 1]."),
     from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=VIDEO_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -50,7 +54,7 @@ def video(
 
     from danqing.errors import InvalidRequest
     from danqing.outputs.video import check_video_out, read_video_parameters
-    from danqing.request import VideoRequest
+    from danqing.request_video import VideoRequest
     from danqing.video.studio import VideoStudio, request_from_parameters, video2video_fields
 
     fields = {"prompt": prompt, "negative_prompt": negative, "frames": frames, "fps": fps, "motion_module": motion,
@@ -58,13 +62,15 @@ def video(
               "steps": steps, "sampler": sampler, "schedule": schedule, "cfg_scale": cfg, "seed": seed,
               "width": width, "height": height, "batch_size": batch_size, "model": model,
               "denoising_strength": denoise, "motion": False if per_frame else None, "cross_frame_attention": cross_frame,
-              "shared_noise": shared_noise, "flow_blend": flow_blend}
+              "shared_noise": shared_noise, "flow_blend": flow_blend,
+              "init_image": str(init_image) if init_image is not None else None, "motion_bucket_id": motion_bucket,
+              "noise_aug_strength": noise_aug, "min_cfg_scale": min_cfg}
     fields = {k: v for k, v in fields.items() if v is not None}
     if init is not None:  # the clip's frame count, fps and size unless given
         fields = video2video_fields(fields, init)
     if from_video is not None:
         request = request_from_parameters(read_video_parameters(from_video)).replace(**fields)
-    elif prompt is None:
+    elif prompt is None and init_image is None:
         raise InvalidRequest("prompt", "give a prompt, or --from VIDEO to re-create a clip")
     else:
         request = VideoRequest.create(**(fields if init is not None else with_native_size(ctx.obj, fields)))

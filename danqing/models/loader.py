@@ -14,6 +14,7 @@ from danqing.models.families import builtin_components
 from danqing.models.components import TRANSFORMER_FAMILIES
 from danqing.models.flow_files import flow_family_of_keys, load_flow_single_file, save_flow_single_file
 from danqing.models.cascade_models import if_kind_of_folder
+from danqing.models.svd import is_svd_folder
 from danqing.models.unclip_models import unclip_kind_of_folder
 from danqing.models.flow_models import PIPELINES, T5_TOKENS_KEY, flow_family_of_folder, load_flow_folder
 from danqing.models.registry import ModelEntry
@@ -47,6 +48,9 @@ def load_diffusers_folder(path: Path) -> Components:
         raise CorruptModel(f"{path.name}: a DeepFloyd IF stage ({if_kind_of_folder(path)}); it runs through "
                            "danqing generate --model (danqing.sampling.cascade.run_if; docs/models.md), not as an "
                            "SD checkpoint")
+    if is_svd_folder(path):
+        raise CorruptModel(f"{path.name}: a Stable Video Diffusion model (image-to-video); it runs through "
+                           "danqing video --init-image PICTURE (docs/video.md), not as a picture model")
     if unclip_kind_of_folder(path) is not None:
         raise CorruptModel(f"{path.name}: an unCLIP model ({unclip_kind_of_folder(path)}); it runs through "
                            "danqing variations / danqing generate --model (docs/models.md), not as an SD checkpoint")

@@ -145,3 +145,14 @@ def run_svd(parts, image: Image.Image, scheduler, *, frames: int, fps: int = 7, 
     noise = torch.randn((1, frames, unet.config.out_channels, h, w), generator=gen, device=device, dtype=dtype)
     return sample(unet, scheduler, noise, ConditioningSchedule([steps], [Conditioning(context)]), steps=steps,
                   cfg_scale=max_guidance, generators=[gen], on_step=on_step, denoise_fn=denoise_fn)
+
+
+@torch.no_grad()
+def decode_svd(vae, latents: torch.Tensor, chunk: int = 14) -> list[Image.Image]:
+    """One SVD clip's latents (1, F, C, h, w) as RGB pictures, decoded ``chunk`` frames at a time
+    by its temporal VAE, as diffusers' ``StableVideoDiffusionPipeline.decode_latents``."""
+    z = latents.flatten(0, 1).to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    frames = torch.cat([vae.decode(z[i:i + chunk], num_frames=z[i:i + chunk].shape[0]).sample
+                        for i in range(0, z.shape[0], chunk)])
+    return to_pil((frames.float() / 2 + 0.5).clamp(0, 1).cpu())
+

@@ -25,7 +25,8 @@ from danqing.apps.families import family_of, run_request
 from danqing.decode import tiny_preview
 from danqing.models.preview_decoder import PREVIEW_MODES, find_tiny_decoder, latent_space, load_tiny_decoder
 from danqing.outputs.video import clip_paths, planned_files
-from danqing.request import GenerationRequest, VideoRequest
+from danqing.request import GenerationRequest
+from danqing.request_video import VideoRequest
 from danqing.errors import DanqingError
 from danqing.outputs import place
 from danqing.outputs.place import planned as planned_paths  # A1111 names for a run's pictures (re-exported)

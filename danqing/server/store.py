@@ -29,7 +29,8 @@ from typing import Any
 from danqing.errors import InvalidRequest
 from danqing.files import is_url
 from danqing.outputs import place
-from danqing.request import GenerationRequest, VideoRequest
+from danqing.request import GenerationRequest
+from danqing.request_video import VideoRequest
 from danqing.server.comic_request import ComicJob
 from danqing.server.talk_request import TalkJob
 from danqing.threed.run import ThreeDRequest

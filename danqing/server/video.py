@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from danqing.customise.lora import request_tags
 from danqing.errors import InvalidRequest
-from danqing.request import VideoRequest
+from danqing.request_video import VideoRequest
 from danqing.server.jobs import resolve_for_queue
 from danqing.server.security import check_frames, check_work, decode_base64, strict_scalars
 from danqing.server.state import STAND_IN, ServerState
@@ -48,6 +48,9 @@ class VideoJobSubmit(BaseModel):
             if isinstance(request, dict) and request.get("init_video") is not None:
                 raise ValueError("request.init_video: paths are not accepted over HTTP; send the clip itself as "
                                  "init_video (base64)")
+            if isinstance(request, dict) and request.get("init_image") is not None:
+                raise ValueError("request.init_image: image-to-video (Stable Video Diffusion) is not available over "
+                                 "HTTP yet; use danqing video --init-image")
             if isinstance(request, dict) and data.get("init_video"):  # validated as video-to-video
                 data = {**data, "request": {**request, "init_video": STAND_IN}}
         return data

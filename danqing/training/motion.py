@@ -126,7 +126,7 @@ def generate_clips(comps, unet, clips: list[MotionClip], *, lang: str, steps: in
     """Clip i of ``clips`` generated from its canonical caption with seed ``seed + i`` (DPM++ 2M,
     CFG 7, the clip's size and frames): lists of PIL pictures."""
     from danqing.passes.video import decode_clips, run_video
-    from danqing.request import VideoRequest
+    from danqing.request_video import VideoRequest
 
     out = []
     unet.eval()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,12 +21,15 @@ from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
 from danqing.models.names import inside
+from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder, load_svd_folder
 from danqing.outputs.video import check_video_out, clip_paths, planned_files, probe_video, read_frames, save_video
-from danqing.passes.video import decode_clips, run_video
-from danqing.request import RANGES, VideoRequest
+from danqing.passes.video import decode_clips, decode_svd, run_svd, run_video
+from danqing.pictures import load_image
+from danqing.request import RANGES
+from danqing.request_video import VideoRequest
 from danqing.sampling.loop import OnStep
 from danqing.sampling.video import (ContextDenoise, cross_frame_attention, frames_denoise, motion_denoise,
-                                    text_video_denoise)
+                                    text_video_denoise, video_steps)
 from danqing.studio import Studio, resolve_request
 from danqing.video.flow import clip_flows, flow_blend
 
@@ -65,6 +68,7 @@ class VideoStudio:
     def __init__(self, studio: Studio):
         self.studio = studio
         self._adapters: LRUCache[object] = LRUCache(1)
+        self._svd: LRUCache[object] = LRUCache(1)
 
     def generate(self, request: VideoRequest, on_step: OnStep | None = None, *, out: Path | None = None) -> VideoResult:
         """Run a text-to-video request, or video-to-video when it names an ``init_video``.
@@ -79,6 +83,8 @@ class VideoStudio:
         studio = self.studio
         # 1. validate: seeds and model resolved, the motion module named, the files free.
         request = resolve_request(request, studio.settings.default_model)
+        if request.init_image is not None:
+            return self._image_to_video(request, on_step, out, t0)
         init_frames = load_init_frames(request) if request.init_video is not None else None
         if out is not None:
             clips = request.batch_size * request.batch_count
@@ -158,6 +164,52 @@ class VideoStudio:
         result.timings = timings
         return result
 
+    def _image_to_video(self, request: VideoRequest, on_step: OnStep | None, out: Path | None,
+                        t0: float) -> VideoResult:
+        """Image-to-video with a Stable Video Diffusion model (``passes.video.run_svd``): the
+        picture resized to the clip's size conditions every frame; one clip."""
+        from diffusers import EulerDiscreteScheduler
+
+        studio = self.studio
+        image = load_image(request.init_image, "init_image").convert("RGB")
+        if out is not None:
+            for p in planned_files(check_video_out(out), 1, request.frames):
+                if p.exists():
+                    raise InvalidRequest("out", exists_message(p))
+        entry = studio.registry.find("checkpoint", request.model)
+        if entry.format != "diffusers" or not is_svd_folder(entry.path):
+            raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model (a {SVD_PIPELINE} "
+                                               f"folder in models/checkpoints/); {request.model!r} is not one")
+        key = (str(entry.path), entry.path.stat().st_mtime_ns)
+        parts = self._svd.get(key)
+        if parts is None:
+            parts = load_svd_folder(entry.path)
+            for module in parts.modules():
+                studio.models.place_module(module)
+            parts = self._svd.put(key, parts)
+        timings = {"load": time.perf_counter() - t0}
+        t = time.perf_counter()
+        size = (request.width, request.height)
+        run = run_svd(parts, image if image.size == size else image.resize(size, Image.LANCZOS),
+                      EulerDiscreteScheduler.from_config(parts.scheduler_config), frames=request.frames,
+                      fps=request.fps, motion_bucket_id=request.motion_bucket_id,
+                      noise_aug_strength=request.noise_aug_strength, steps=request.steps,
+                      min_guidance=request.min_cfg_scale, max_guidance=request.cfg_scale, seed=request.seed,
+                      on_step=_frames_second(on_step))
+        timings["sample"] = time.perf_counter() - t
+        t = time.perf_counter()
+        clip = decode_svd(parts.vae, run.latents)
+        timings["decode"] = time.perf_counter() - t
+        hashes = {"model_hash": studio.registry.sha256(entry)[:10], "motion_module_hash": None, "lora_hashes": {}}
+        parameters = [video_parameters(request, hashes)]
+        result = VideoResult([clip], [request.seed], parameters, request, latents=[run.latents],
+                             interrupted=run.interrupted)
+        if out is not None:
+            result.paths += save_video(clip, out, request.fps, parameters[0])
+        timings["total"] = time.perf_counter() - t0
+        result.timings = timings
+        return result
+
     def _motion_name(self, name: str | None) -> str:
         """The request's motion module, or when it names none the only one installed in
         models/motion/, or else the only bundled one (danqing-tiny-motion)."""
@@ -182,6 +234,15 @@ class VideoStudio:
             self.studio.models.place_module(adapter)
             hit = self._adapters.put(key, adapter)
         return hit
+
+
+def _frames_second(on_step: OnStep | None):
+    """``on_step`` for an SVD pass, whose latents are (B, F, C, h, w): handed ``VideoStepInfo``
+    with them as (B, C, F, h, w), as every video pass hands them."""
+    if on_step is None:
+        return None
+    steps = video_steps(on_step)
+    return lambda info: steps(replace(info, latents=info.latents.permute(0, 2, 1, 3, 4)))
 
 
 def video2video_fields(fields: dict, path: Path | str) -> dict:
