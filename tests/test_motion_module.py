@@ -15,16 +15,13 @@ from typer.testing import CliRunner
 
 from danqing.cli import app
 from danqing.models.motion import load_motion_adapter
-from danqing.models.registry import ModelEntry, Registry
+from danqing.models.registry import ModelEntry
 from danqing.synthetic.motion import (DIRECTIONS, heldout_clips, held_out_direction, motion_caption,
                                       training_clips)
 from danqing.synthetic.render import render
 from danqing.synthetic.scenes import heldout_pairs
 from danqing.synthetic.trajectory import score_clip, summarise_clips
 from danqing.training.config import MotionTrainConfig
-
-BUNDLED_MOTION = "danqing-tiny-motion"
-
 
 def _frames(clip):
     return [render(s) for s in clip.scenes()]
@@ -113,28 +110,42 @@ def test_a_short_run_starts_from_the_still_model_learns_and_writes_a_motion_adap
     assert len(resolved.targets) == len(modules) and all(".attn2." in mod for _, mod in resolved.targets)
 
 
-def test_bundled_motion_module_is_listed_and_fits_the_size_limit(tmp_path):
-    entry = Registry(tmp_path).find("motion", BUNDLED_MOTION)
-    size = sum(p.stat().st_size for p in entry.path.iterdir())
-    assert size <= 10 * 2**20, size
-    adapter = load_motion_adapter(entry)
-    assert tuple(adapter.config.block_out_channels) == (32, 64, 64)
+@pytest.fixture(scope="module")
+def motion_home(tmp_path_factory):
+    """A danqing home with a motion module and its cross-attention LoRA from a short run installed
+    (models/motion/short, models/lora/short.safetensors)."""
+    from danqing.training.motion import train_motion
+
+    home = tmp_path_factory.mktemp("motion-home")
+    run = home / "run"
+    cfg = MotionTrainConfig.model_validate({**SHORT, "model": {"text_lora_rank": 2, "name": "short"},
+                                            "train": {**SHORT["train"], "steps": 2},
+                                            "output": {**SHORT["output"], "eval_every": 100, "output_dir": str(run)}})
+    train_motion(cfg, log=lambda line: None)
+    (home / "models" / "motion").mkdir(parents=True)
+    (run / "model").rename(home / "models" / "motion" / "short")
+    (home / "models" / "lora").mkdir(parents=True)
+    (run / "short.safetensors").rename(home / "models" / "lora" / "short.safetensors")
+    return home
 
 
-def test_cli_eval_motion_judges_held_out_clips_and_refuses_bad_input(tmp_path, capsys):
+def test_cli_eval_motion_judges_held_out_clips_and_refuses_bad_input(motion_home, tmp_path, capsys):
     runner = CliRunner()
-    result = runner.invoke(app, ["--home", str(tmp_path), "--device", "cpu", "eval", "motion", "--n", "4",
-                                 "--steps", "20", "--out", str(tmp_path / "gifs"), "--json", str(tmp_path / "m.json")])
+    result = runner.invoke(app, ["--home", str(motion_home), "--device", "cpu", "eval", "motion", "--n", "2",
+                                 "--steps", "2", "--lora", "short", "--out", str(tmp_path / "gifs"),
+                                 "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "m.json").read_text())["summary"]
-    assert summary["n"] == 4 and summary["motion"] == BUNDLED_MOTION
-    assert summary["direction"] >= 0.75 and summary["identity"] >= 0.75, summary
-    assert len(list((tmp_path / "gifs").glob("*.gif"))) == 4
+    report = json.loads((tmp_path / "m.json").read_text())
+    summary = report["summary"]
+    assert summary["n"] == 2 and summary["motion"] == "short" and summary["lora"] == ["short"]
+    assert {"direction", "identity", "object", "speed"} <= summary.keys()
+    assert [c["prompt"] for c in report["clips"]] == [motion_caption(c) + " <lora:short:1>" for c in heldout_clips(2)]
+    assert len(list((tmp_path / "gifs").glob("*.gif"))) == 2
     from danqing.cli import main
 
     for args, message in [(["--n", "0"], "n: must be 1-500, got 0"), (["--lang", "fr"], "lang: must be one of en, zh"),
                           (["--motion", "nope"], "unknown motion module 'nope'")]:
         with pytest.raises(SystemExit) as exc:
-            main(["--home", str(tmp_path), "eval", "motion", "--n", "1", *args])
+            main(["--home", str(motion_home), "eval", "motion", "--n", "1", *args])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

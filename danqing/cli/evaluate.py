@@ -393,7 +393,7 @@ def _evaluate(ctx, images, prompt, json_out, *, show, score_files, summarise, to
 @eval_app.command("motion")
 def eval_motion(
     ctx: typer.Context,
-    motion: str = typer.Option("danqing-tiny-motion", help="Motion module: a name in models/motion/ or a bundled one."),
+    motion: Optional[str] = typer.Option(None, help="Motion module: a name in models/motion/ [default: the only one installed]."),
     model: str = typer.Option("danqing-tiny", help="Checkpoint the module animates."),
     n: int = typer.Option(50, help="Held-out clips (colour-shape-motion combinations never trained on; 1-500)."),
     lang: str = LANG,
@@ -401,9 +401,9 @@ def eval_motion(
     steps: int = STEPS,
     seed: int = typer.Option(6000, help="Seed of the first clip (clip i uses seed + i)."),
     sampler: str = SAMPLER,
-    lora: list[str] = typer.Option(["danqing-tiny-motion"], "--lora", metavar="NAME[:WEIGHT]",
-                                   help="A LoRA on every prompt (<lora:NAME:WEIGHT>; repeatable); the bundled module's "
-                                        "cross-attention LoRA by default (--lora '' for none)."),
+    lora: list[str] = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
+                                   help="A LoRA on every prompt (<lora:NAME:WEIGHT>; repeatable), e.g. the module's "
+                                        "cross-attention LoRA from danqing train motion [default: none]."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
                                                                      "empty folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
@@ -428,7 +428,7 @@ def eval_motion(
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequest("out", f"{out} exists and is not an empty folder")
     videos = VideoStudio(make_studio(ctx.obj))
-    suffix = lora_tags([x for x in lora if x])
+    suffix = lora_tags(lora)
     scores, rows = [], []
     for i, clip in enumerate(heldout_clips(n)):
         prompt = motion_caption(clip, lang) + suffix
@@ -443,8 +443,8 @@ def eval_motion(
             save_video(result.clips[0], out / f"{i:05d}.gif", 8, result.parameters[0])
         typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
                    f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
-    summary = {"n": n, "lang": lang, "motion": motion, "model": model, "lora": [x for x in lora if x], "steps": steps,
-               **summarise_clips(scores)}
+    summary = {"n": n, "lang": lang, "motion": result.request.motion_module, "model": model, "lora": lora,
+               "steps": steps, **summarise_clips(scores)}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary, "clips": rows}, indent=1))

@@ -97,18 +97,8 @@ def bundled_image_encoder_entries() -> list["ModelEntry"]:
     return _bundled_folders("clip_vision", lambda cfg: cfg.get("model_type") == "clip")
 
 
-def bundled_motion_entries() -> list["ModelEntry"]:
-    """Motion modules shipped in the package (``danqing/data/models/motion/NAME/``, diffusers
-    ``MotionAdapter`` folders), for the bundled model."""
-    root = Path(str(resources.files("danqing").joinpath("data/models/motion")))
-    if not root.is_dir():
-        return []
-    return [ModelEntry(p.name, p, "motion", "diffusers") for p in sorted(root.iterdir())
-            if (p / "config.json").is_file()]
-
-
 BUNDLED_KINDS = {"lora": bundled_lora_entries, "ipadapter": bundled_ip_adapter_entries,
-                 "clip_vision": bundled_image_encoder_entries, "motion": bundled_motion_entries}
+                 "clip_vision": bundled_image_encoder_entries}
 
 
 def _with_bundled(kind: str, found: list["ModelEntry"]) -> list["ModelEntry"]:

@@ -20,7 +20,6 @@ from danqing.customise.lora import activate, patched, request_tags
 from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
-from danqing.models.names import inside
 from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder, load_svd_folder
 from danqing.outputs.video import check_video_out, clip_paths, planned_files, probe_video, read_frames, save_video
 from danqing.passes.video import decode_clips, decode_svd, run_svd, run_video
@@ -211,18 +210,14 @@ class VideoStudio:
         return result
 
     def _motion_name(self, name: str | None) -> str:
-        """The request's motion module, or when it names none the only one installed in
-        models/motion/, or else the only bundled one (danqing-tiny-motion)."""
+        """The request's motion module, or the only one installed when it names none."""
         if name is not None:
             return name
-        registry = self.studio.registry
-        names = motion_names(registry)
-        own = [e.name for e in registry.scan("motion") if e.path is not None and inside(e.path, registry.folder("motion"))]
-        choice = own or names
-        if len(choice) != 1:
+        names = motion_names(self.studio.registry)
+        if len(names) != 1:
             raise InvalidRequest("motion_module", f"name the motion module to use; installed in models/motion/: "
                                                   f"{', '.join(names) or 'none'}")
-        return choice[0]
+        return names[0]
 
     def _adapter(self, entry):
         """The motion adapter of ``entry``, placed by the ModelManager (so diffusers' own
