@@ -72,6 +72,18 @@ def test_a_still_or_changing_object_is_caught():
     assert not score_clip(changed, clip.colour, clip.shape, clip.direction).identity
 
 
+def test_a_share_of_each_batch_is_drawn_at_high_noise():
+    from danqing.training.motion import draw_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw_timesteps(1000, 4, 0.5, g) for _ in range(500)])
+    assert (draws[:, :2] >= 700).all() and (draws[:, 2:] < 700).float().mean() > 0.6
+    g.manual_seed(0)
+    plain = torch.stack([draw_timesteps(1000, 4, 0.0, g) for _ in range(500)])
+    g.manual_seed(0)
+    assert torch.equal(plain, torch.stack([torch.randint(1000, (4,), generator=g) for _ in range(500)]))
+
+
 SHORT = {"data": {"n_clips": 12, "frames": 8, "captions_per_clip": 2}, "model": {"text_lora_rank": 2},
          "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1},
          "output": {"eval_every": 6, "eval_clips": 1, "eval_steps": 2, "log_every": 3}}

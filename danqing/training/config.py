@@ -526,6 +526,9 @@ class MotionModelConfig(_Strict):
 class MotionOptimConfig(_Strict):
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(4, ge=1)           # clips per step
+    # share of each batch noised at the high-noise end (timesteps 700-999), where the picture no
+    # longer shows where the object is and only the caption can say which way it moves
+    high_noise_share: float = Field(0.0, ge=0, le=1)
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)

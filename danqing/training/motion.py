@@ -144,6 +144,19 @@ def clip_scores(frames_per_clip: list[list], clips: list[MotionClip]) -> dict:
     return summarise_clips([score_clip(f, c.colour, c.shape, c.direction) for f, c in zip(frames_per_clip, clips)])
 
 
+HIGH_NOISE = 0.7  # the high-noise end starts at this share of the timesteps
+
+
+def draw_timesteps(n_train: int, batch: int, high_share: float, g: torch.Generator) -> torch.Tensor:
+    """One timestep per clip: uniform over [0, n_train), except the first ``round(high_share *
+    batch)`` clips, drawn from the high-noise end [0.7 n_train, n_train)."""
+    t = torch.randint(n_train, (batch,), generator=g)
+    k = round(high_share * batch)
+    if k:
+        t[:k] = torch.randint(int(HIGH_NOISE * n_train), n_train, (k,), generator=g)
+    return t
+
+
 def train_motion(cfg, *, log: Log = print) -> dict:
     """Train a motion module for ``cfg.model.init_from`` as ``cfg`` (``MotionTrainConfig``) says;
     writes the ``MotionAdapter`` folder to ``OUTPUT_DIR/model`` and returns the summary."""
@@ -184,7 +197,7 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scale
         x0 = x0.permute(0, 2, 1, 3, 4)                               # (B, C, F, h, w)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(noise_sched.config.num_train_timesteps, (tr.batch_size,), generator=g)
+        t = draw_timesteps(noise_sched.config.num_train_timesteps, tr.batch_size, tr.high_noise_share, g)
         noisy = noise_sched.add_noise(x0, noise, t)
         which = caption_index[idx, torch.randint(d.captions_per_clip, (tr.batch_size,), generator=g)]
         which[torch.rand(tr.batch_size, generator=g) < d.caption_dropout] = len(texts)
@@ -229,5 +242,5 @@ def _save(unet, comps, run_dir: Path, m) -> None:
                         "danqing_use": f"with the motion module {m.name}: <lora:{m.name}:1>"})
 
 
-__all__ = ["new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
+__all__ = ["draw_timesteps", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
            "save_text_lora", "generate_clips", "clip_scores", "train_motion"]
