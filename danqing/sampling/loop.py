@@ -95,7 +95,8 @@ def denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scal
     one (2B, ...) batch. ``x`` is already scaled by the scheduler. Returns (B, 4, h, w).
     """
     x_in = torch.cat([x, x]) if use_cfg else x
-    out = unet(x_in, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added, return_dict=False)[0]
+    added = {} if cond.added is None else {"added_cond_kwargs": cond.added}  # a 3D UNet takes none
+    out = unet(x_in, t, encoder_hidden_states=cond.context, return_dict=False, **added)[0]
     if not use_cfg:
         return out
     uncond, text = out.chunk(2)

@@ -71,12 +71,7 @@ def text_video_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditionin
     ``UNet3DConditionModel``): x is (B, C, F, h, w) and the text context (2B, T, D) goes in once
     per clip, as the model repeats it over the frames itself (diffusers'
     ``TextToVideoSDPipeline``). Returns (B, C, F, h, w)."""
-    x_in = torch.cat([x, x]) if use_cfg else x
-    out = unet(x_in, t, encoder_hidden_states=cond.context, return_dict=False)[0]
-    if not use_cfg:
-        return out
-    uncond, text = out.chunk(2)
-    return uncond + cfg_scale * (text - uncond)
+    return denoise(unet, x, t, Conditioning(cond.context, None), cfg_scale, use_cfg)
 
 
 def frames_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,

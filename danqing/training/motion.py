@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def add_text_lora(unet, rank: int) -> list[torch.nn.Parameter]:
     of a motion UNet; returns their parameters (the only ones of them that train)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = sorted({n for n, _ in unet.named_modules() if "motion_modules" not in n
-                      and n.rsplit(".attn2.", 1)[-1] in ("to_q", "to_k", "to_v", "to_out.0") and ".attn2." in n})
+    projection = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$")
+    targets = sorted(n for n, _ in unet.named_modules() if "motion_modules" not in n and projection.search(n))
     training = [p for p in unet.parameters() if p.requires_grad]
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets),
                             unet)

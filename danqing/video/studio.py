@@ -85,11 +85,7 @@ class VideoStudio:
         if request.init_image is not None:
             return self._image_to_video(request, on_step, out, t0)
         init_frames = load_init_frames(request) if request.init_video is not None else None
-        if out is not None:
-            clips = request.batch_size * request.batch_count
-            for p in planned_files(check_video_out(out), clips, request.frames):
-                if p.exists():
-                    raise InvalidRequest("out", exists_message(p))
+        refuse_taken(out, request.batch_size * request.batch_count, request.frames)
 
         # 2. load: the checkpoint, its LoRA networks (patched for this request only), the motion
         # adapter (checked against the UNet; a clip longer than its window runs in sliding context
@@ -171,10 +167,7 @@ class VideoStudio:
 
         studio = self.studio
         image = load_image(request.init_image, "init_image").convert("RGB")
-        if out is not None:
-            for p in planned_files(check_video_out(out), 1, request.frames):
-                if p.exists():
-                    raise InvalidRequest("out", exists_message(p))
+        refuse_taken(out, 1, request.frames)
         entry = studio.registry.find("checkpoint", request.model)
         if entry.format != "diffusers" or not is_svd_folder(entry.path):
             raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model (a {SVD_PIPELINE} "
@@ -229,6 +222,14 @@ class VideoStudio:
             self.studio.models.place_module(adapter)
             hit = self._adapters.put(key, adapter)
         return hit
+
+
+def refuse_taken(out: Path | None, clips: int, frames: int) -> None:
+    """One line when a file the clips would write to ``out`` exists already (nothing is written)."""
+    if out is not None:
+        for p in planned_files(check_video_out(out), clips, frames):
+            if p.exists():
+                raise InvalidRequest("out", exists_message(p))
 
 
 def _frames_second(on_step: OnStep | None):
