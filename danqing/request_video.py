@@ -13,7 +13,7 @@ from danqing.request import GenerationRequest, in_range
 
 # what a video request cannot do yet (each a field of GenerationRequest and its unset value)
 VIDEO_UNSUPPORTED = {"mask": None, "enable_hr": False, "refiner_checkpoint": None,
-                     "p2p_source": None, "ip_adapter_image": (), "controlnet": (), "regions": None,
+                     "p2p_source": None, "ip_adapter_image": (), "regions": None,
                      "restore_faces": False, "deepcache_interval": 0, "tome_ratio": 0.0}
 
 
@@ -31,6 +31,7 @@ NOT_WITH_SVD: dict[str, tuple[Any, str]] = {
                                                                       "batch_count 1)"),
     "sampler": (lambda r: r.sampler != "Euler", "sampler but Euler (the model's own, with its sigmas): use Euler"),
     "subseed_strength": (lambda r: r.subseed_strength > 0, "variation seed"),
+    "controlnet": (lambda r: bool(r.controlnet), "ControlNet (the picture conditions every frame)"),
 }
 
 
@@ -87,7 +88,7 @@ class VideoRequest(GenerationRequest):
         for name, unset in VIDEO_UNSUPPORTED.items():
             if getattr(self, name) != unset:
                 raise InvalidRequest(name, "is not available for video yet; text-to-video takes the prompt, "
-                                     "sampler, steps, CFG, seed, size, frames, fps and a motion module")
+                                     "sampler, steps, CFG, seed, size, frames, fps, a motion module and ControlNets")
         if self.flow_blend > 0 and self.init_video is None:
             raise InvalidRequest("flow_blend", "blends along the optical flow of an input clip; give init_video "
                                  "(video-to-video) or leave it 0")

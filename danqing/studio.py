@@ -141,7 +141,7 @@ class Studio:
                             cache=self.networks)
         control = None
         if request.controlnet:  # "only masked" inpainting: the maps cut as the picture is
-            control = self._control(request, loaded, mask, crop=control_crop(request, init, mask))
+            control = self.control_for(request, loaded, mask, crop=control_crop(request, init, mask))
         timings["load"] = time.perf_counter() - t0
         with patched(loaded.components, networks), contextlib.ExitStack() as scope:
             # 2a. the fast path (settings) and the request's speed options, undone when the scope ends
@@ -270,7 +270,7 @@ class Studio:
         if request.enable_hr and not out.interrupted:
             control_hr = None
             if request.controlnet:  # the units again, their maps at the second pass's size
-                control_hr = self._control(request, loaded, None, size=request.hr_size)
+                control_hr = self.control_for(request, loaded, None, size=request.hr_size)
             later = hires.run_hires(comps, request, out.latents, control=control_hr, upscalers=self.upscalers, **run)
             out.latents, out.interrupted = later.latents, later.interrupted
         return out, comps, used
@@ -331,10 +331,12 @@ class Studio:
         face_model = self.upscalers.face_model(request.face_restoration_model)
         return lambda img: restore_faces(img, face_model)
 
-    def _control(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None, crop=None):
+    def control_for(self, request: GenerationRequest, loaded, mask, size: tuple[int, int] | None = None, crop=None,
+                    pictures=None) -> ControlDenoise:
         """Load every unit's model (checked against the checkpoint) and prepare its picture at
         ``size`` (width, height; default the request's); ``crop``: "only masked" inpainting's
-        ``((full_width, full_height), box)`` (``conditioning.control.control_map``)."""
+        ``((full_width, full_height), box)`` (``conditioning.control.control_map``);
+        ``pictures``: per unit, the frames of a clip it names, one map each, or None."""
         controls = []
         for unit in request.controlnet:
             c = self.models.load_control(unit.model)
@@ -343,7 +345,7 @@ class Studio:
             controls.append((c.model, c.kind))
         width, height = size or (request.width, request.height)
         units = prepare_units(request, controls, width, height, mask=mask, models_dir=self.settings.models_dir,
-                              crop=crop)
+                              crop=crop, pictures=pictures)
         return ControlDenoise(units, hashes=[self.models.load_control(u.model).sha256 for u in request.controlnet])
 
 

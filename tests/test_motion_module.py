@@ -161,3 +161,18 @@ def test_cli_eval_motion_judges_held_out_clips_and_refuses_bad_input(motion_home
             main(["--home", str(motion_home), "eval", "motion", "--n", "1", *args])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_loss_weight_lifts_high_noise_clips_to_their_picture_error_up_to_its_cap():
+    from diffusers import DDPMScheduler
+
+    from danqing.training.motion import loss_weights
+
+    a = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    t = torch.tensor([0, 300, 600, 700, 999])
+    assert torch.equal(loss_weights(a, t, 1.0), torch.ones(5))                # 1: the plain objective
+    w = loss_weights(a, t, 20.0)
+    snr = a[t] / (1 - a[t])
+    assert w[0] == 1 and w[1] == 1                                             # SNR > 1: unchanged
+    assert torch.allclose(w[2:4], 1 / snr[2:4])                                # x0's error: epsilon's / SNR
+    assert w[4] == 20                                                          # capped

@@ -136,3 +136,63 @@ def test_an_svd_model_draws_no_picture_and_svd_fields_need_a_picture(svd_home):
             GenerationRequest(prompt="x", model="svd-tiny", width=64, height=64, steps=1))
     with pytest.raises(InvalidRequest, match="motion_bucket_id: conditions Stable Video Diffusion"):
         VideoRequest.create(prompt="x", motion_bucket_id=200)
+
+
+# -- image-to-video over HTTP ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def svd_client(svd_home):
+    from fastapi.testclient import TestClient
+    from server_helpers import make_app
+
+    from danqing import Settings, Studio
+
+    studio = Studio(Settings(home=svd_home / "studio", models_dir=svd_home / "models", device="cpu", dtype="fp32"))
+    with TestClient(make_app(svd_home / "server", studio=studio)) as c:
+        yield c
+
+
+def picture_b64(path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_image_to_video_job_over_http_is_the_library_clip(svd_client, svd_home, tmp_path):
+    """``POST /api/v1/video/jobs`` with the picture as base64 ``init_image``: the job runs the
+    SVD folder as ``danqing video --init-image`` does (the same frames), the upload kept under
+    the server's inputs as a PNG and named in the clip's parameters."""
+    import json
+
+    from danqing import Settings, Studio
+    from danqing.outputs.video import read_frames, read_video_parameters
+    from danqing.request_video import VideoRequest
+    from danqing.video.studio import VideoStudio
+
+    r = svd_client.post("/api/v1/video/jobs", json={"request": SVD_FIELDS, "init_image": picture_b64(svd_home / "start.png")})
+    assert r.status_code == 202, r.text
+    job = svd_client.get(f"/api/v1/jobs/{r.json()['id']}/wait", params={"timeout": 120}).json()
+    assert job["status"] == "done" and job["kind"] == "img2video", job
+    path = job["result"]["videos"][0]["path"]
+    assert "/img2video/" in path
+    ran = json.loads(read_video_parameters(path))["request"]
+    assert ran["init_image"].endswith("-init.png") and "init-images" in ran["init_image"]
+    videos = VideoStudio(Studio(Settings(home=svd_home, device="cpu", dtype="fp32")))
+    local = videos.generate(VideoRequest.create(init_image=str(svd_home / "start.png"), **SVD_FIELDS),
+                            out=tmp_path / "local.mp4")
+    assert all(np.array_equal(a, b) for a, b in zip(read_frames(path), read_frames(local.paths[0])))
+    assert len(read_frames(path)) == SVD_FIELDS["frames"]
+
+
+@pytest.mark.parametrize("changes, field, detail", [
+    ({"model": "danqing-tiny"}, "init_image", "image-to-video needs a Stable Video Diffusion model"),
+    ({"prompt": "a red circle"}, "request.prompt", "the picture alone conditions it"),
+    ({"sampler": "DPM++ 2M"}, "request.sampler", "use Euler"),
+])
+def test_bad_image_to_video_jobs_are_one_422_and_keep_nothing(svd_client, svd_home, changes, field, detail):
+    inputs = svd_home / "server" / "outputs" / "init-images"
+    kept = sorted(inputs.rglob("*"))
+    r = svd_client.post("/api/v1/video/jobs", json={"request": {**SVD_FIELDS, **changes},
+                                                    "init_image": picture_b64(svd_home / "start.png")})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and detail in r.json()["detail"], r.json()
+    assert sorted(inputs.rglob("*")) == kept

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from danqing.cli.common import app, dated, make_studio, with_native_size
+from danqing.cli.common import app, control_units, dated, make_studio, with_native_size
 
 VIDEO_OUT_HELP = ("Output file: NAME.mp4 (H.264), NAME.gif, NAME.webp (animated) or NAME.png (frames NAME-000.png, "
                   "...), each with NAME.EXT.json beside it; a folder (ending with /) gets a numbered NAME.mp4; "
@@ -43,6 +43,8 @@ def video(
     motion_bucket: Optional[int] = typer.Option(None, "--motion-bucket", help="SVD: how much motion (0-1023) [default: 127]."),
     noise_aug: Optional[float] = typer.Option(None, "--noise-aug", help="SVD: noise added to the picture's conditioning (0-1) [default: 0.02]."),
     min_cfg: Optional[float] = typer.Option(None, "--min-cfg", help="SVD: the first frame's CFG scale; --cfg is the last's [default: 1]."),
+    control: list[str] = typer.Option([], "--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT] (repeatable): IMAGE a map for every frame, or a clip (MP4, GIF, WebP) whose frames are the frames' maps [default: none]."),
+    control_preprocess: bool = typer.Option(False, "--control-preprocess", help="Run each --control type's preprocessor on its picture or on every frame of its clip first."),
     from_video: Optional[Path] = typer.Option(None, "--from", help="Re-create a clip from a video danqing wrote (options given here override) [default: none]."),
     out: Optional[str] = typer.Option(None, metavar="PATH", help=VIDEO_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -66,6 +68,8 @@ def video(
               "init_image": str(init_image) if init_image is not None else None, "motion_bucket_id": motion_bucket,
               "noise_aug_strength": noise_aug, "min_cfg_scale": min_cfg}
     fields = {k: v for k, v in fields.items() if v is not None}
+    if control:
+        fields["controlnet"] = control_units(control, control_preprocess)
     if init is not None:  # the clip's frame count, fps and size unless given
         fields = video2video_fields(fields, init)
     if from_video is not None:

@@ -178,10 +178,11 @@ def crop_to(picture, box: tuple[int, int, int, int], width: int, height: int):
     return picture.crop(box).resize((width, height), Image.LANCZOS)
 
 
-def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models_dir=None, crop=None):
+def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models_dir=None, crop=None, picture=None):
     """The unit's picture, preprocessed and fitted to width x height: an RGB PIL image, or for
     the "inpaint" module a (H, W, 3) float array with -1 under ``mask``. An OpenPose unit may
-    give a pose JSON file instead of a picture.
+    give a pose JSON file instead of a picture. ``picture``: this picture in place of the
+    unit's file (a frame of a clip the unit names).
 
     Args:
         crop: "only masked" inpainting: ``((full_width, full_height), box)``: the map is made and
@@ -196,11 +197,12 @@ def control_map(unit: ControlUnit, width: int, height: int, *, mask=None, models
                                        request_resize_mode(unit.resize_mode)), box, width, height)
             m = None if mask is None else np.asarray(crop_to(mask.convert("L"), box, width, height), np.float32) / 255
             return inpaint_condition(pic, m)
-        return crop_to(control_map(unit, full_w, full_h, mask=mask, models_dir=models_dir), box, width, height)
+        return crop_to(control_map(unit, full_w, full_h, mask=mask, models_dir=models_dir, picture=picture), box,
+                       width, height)
     mode = request_resize_mode(unit.resize_mode)
-    if unit.module == "openpose" and str(unit.image).lower().endswith(".json"):
+    if picture is None and unit.module == "openpose" and str(unit.image).lower().endswith(".json"):
         return resize_image(render_pose_json(unit.image), width, height, mode)
-    img = load_image(unit.image, "controlnet.image")
+    img = load_image(unit.image, "controlnet.image") if picture is None else picture
     res = (pixel_perfect_resolution(img.width, img.height, width, height, unit.resize_mode)
            if unit.pixel_perfect else unit.processor_res)
     if unit.module == "inpaint":
@@ -217,6 +219,17 @@ def image_tensor(picture) -> "torch.Tensor":
     processor: ``do_normalize=False``)."""
     a = picture if isinstance(picture, np.ndarray) else np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+def per_sample(z: "torch.Tensor", n: int) -> "torch.Tensor":
+    """A unit's (k, ...) image or features for a batch of ``n``: one picture for every sample,
+    or k pictures (a clip's frames, one map per frame) for every group of k samples, as a motion
+    UNet lays out its batch (clip after clip, frame after frame)."""
+    if z.shape[0] == 1:
+        return z.expand(n, *z.shape[1:])
+    if n % z.shape[0]:
+        raise ValueError(f"{z.shape[0]} control maps cannot be spread over a batch of {n}")
+    return z.repeat(n // z.shape[0], *([1] * (z.dim() - 1)))
 
 
 # -- the denoise function -------------------------------------------------------------------------
@@ -250,7 +263,7 @@ class ControlDenoise:
             if u.kind == "t2i":
                 feats = self._adapter(u, x)
                 s = [scale * w for w in (T2I_SOFT if u.mode != "Balanced" and len(feats) == 4 else [1.0] * len(feats))]
-                feats = [f.expand(B, -1, -1, -1) * w for f, w in zip(feats, s)]
+                feats = [per_sample(f, B) * w for f, w in zip(feats, s)]
                 if use_cfg:
                     feats = [torch.cat([torch.zeros_like(f) if cond_only else f, f]) for f in feats]
                 adapter_sum = feats if adapter_sum is None else [a + b for a, b in zip(adapter_sum, feats)]
@@ -262,7 +275,7 @@ class ControlDenoise:
                 added = {k: v[B:] for k, v in cond.added.items()} if cond.added else None
             else:
                 cx, ctx, added = x_in[:, :c_in], cond.context, cond.added
-            img = u.image.to(device=cx.device, dtype=cx.dtype).expand(cx.shape[0], -1, -1, -1)
+            img = per_sample(u.image.to(device=cx.device, dtype=cx.dtype), cx.shape[0])
             down, mid = model(cx, t, encoder_hidden_states=ctx, controlnet_cond=img, conditioning_scale=1.0,
                               added_cond_kwargs=added, return_dict=False)
             res = list(down) + [mid]
@@ -299,8 +312,10 @@ class ControlDenoise:
 
 
 def prepare_units(request, loaded_controls, width: int, height: int, *, mask=None,
-                  models_dir=None, crop=None) -> list[PreparedControl]:
+                  models_dir=None, crop=None, pictures=None) -> list[PreparedControl]:
     """``request.controlnet`` with its loaded models -> ``PreparedControl``s at width x height.
+    ``pictures``: per unit, the frames of the clip it names (each made into its own map: the
+    unit's image is then (F, 3, H, W)) or None (its picture, one map for every frame).
 
     Args:
         loaded_controls: one ``(model, kind)`` per unit, in order (``ModelManager.load_control``).
@@ -308,8 +323,12 @@ def prepare_units(request, loaded_controls, width: int, height: int, *, mask=Non
         crop: "only masked" inpainting: ``((full_width, full_height), box)`` (``control_map``).
     """
     out = []
-    for unit, (model, kind) in zip(request.controlnet, loaded_controls):
-        pic = control_map(unit, width, height, mask=mask, models_dir=models_dir, crop=crop)
-        out.append(PreparedControl(model, kind, image_tensor(pic), unit.weight, unit.guidance_start,
+    for i, (unit, (model, kind)) in enumerate(zip(request.controlnet, loaded_controls)):
+        if pictures is not None and pictures[i] is not None:  # one map per frame
+            image = torch.cat([image_tensor(control_map(unit, width, height, models_dir=models_dir, picture=p))
+                               for p in pictures[i]])
+        else:
+            image = image_tensor(control_map(unit, width, height, mask=mask, models_dir=models_dir, crop=crop))
+        out.append(PreparedControl(model, kind, image, unit.weight, unit.guidance_start,
                                    unit.guidance_end, unit.control_mode, unit.guess_mode))
     return out

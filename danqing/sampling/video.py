@@ -9,11 +9,12 @@ prompt-editing schedule, step callbacks and interrupt as a picture.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from danqing.decode import cheap_preview
+from danqing.errors import InvalidRequest
 from danqing.sampling.loop import Conditioning, StepInfo, denoise
 from danqing.sampling.noise import slerp
 
@@ -186,6 +187,63 @@ def context_windows(frames: int, length: int, overlap: int) -> list[list[int]]:
     return [list(range(s, s + length)) for s in starts]
 
 
+@dataclass
+class VideoControlDenoise:
+    """``motion_denoise`` with ControlNet residuals for every frame (AnimateDiff + ControlNet,
+    diffusers' ``AnimateDiffControlNetPipeline``): the ControlNets run on the clip's frames as a
+    batch of pictures (B * F, clip after clip), each frame with its own map when a unit's image
+    holds one per frame (``conditioning.control.per_sample``), and their residuals go into the
+    motion UNet. Made per request (its ``ControlDenoise`` counts model evaluations).
+
+    Attributes:
+        control: the request's ``conditioning.control.ControlDenoise`` (its units' images are
+            (1 or F, 3, H, W)).
+    """
+
+    control: object
+    per_frame: bool = False  # a picture UNet, each frame on its own (``frames_denoise`` with ControlNets)
+
+    def __post_init__(self):
+        if not self.per_frame and any(u.kind == "t2i" for u in self.control.units):
+            raise InvalidRequest("controlnet", "T2I-Adapters work on video in per-frame mode only (motion false): "
+                                               "a motion UNet takes no adapter features; use a ControlNet")
+
+    def begin(self, n_evals: int) -> None:
+        self.control.begin(n_evals)
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
+                 use_cfg: bool, frames: list[int] | None = None) -> torch.Tensor:
+        """``frames``: the clip's frames that ``x`` holds (a context window's); None = all of
+        them, and the evaluation is counted (a ``ContextDenoise`` counts once per step)."""
+        control = self.control
+        n = x.shape[2]
+        flat = frames_first(x)
+        context = cond.context.repeat_interleave(n, dim=0)
+        added = {k: v.repeat_interleave(n, dim=0) for k, v in cond.added.items()} if cond.added else None
+        saved = control.units
+        if frames is not None:  # the window's own maps
+            control.units = [replace(u, image=u.image[frames]) if u.image.shape[0] > 1 else u for u in saved]
+        try:
+            down, mid, adapter = control.residuals(flat, torch.cat([flat, flat]) if use_cfg else flat, t,
+                                                   Conditioning(context, added), use_cfg)
+        finally:
+            control.units = saved
+        if frames is None:
+            control.i += 1
+        x_in = flat if self.per_frame else x
+        x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
+        extra = {"down_intrablock_additional_residuals": [a.clone() for a in adapter]} if adapter else {}
+        out = unet(x_in, t, encoder_hidden_states=context, added_cond_kwargs=added if self.per_frame else cond.added,
+                   down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
+                   **extra)[0]
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + cfg_scale * (text - uncond)
+        if self.per_frame:  # (B * F, C, h, w) -> (B, C, F, h, w)
+            out = out.reshape(x.shape[0], n, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        return out
+
+
 @dataclass(frozen=True)
 class ContextDenoise:
     """``motion_denoise`` over sliding context windows, for clips longer than the motion
@@ -199,6 +257,11 @@ class ContextDenoise:
 
     length: int
     overlap: int
+    control: VideoControlDenoise | None = None  # ControlNets: each window with its frames' maps
+
+    def begin(self, n_evals: int) -> None:
+        if self.control is not None:
+            self.control.begin(n_evals)
 
     def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
                  use_cfg: bool) -> torch.Tensor:
@@ -207,8 +270,13 @@ class ContextDenoise:
         count = torch.zeros(frames, dtype=x.dtype, device=x.device)
         for window in context_windows(frames, self.length, self.overlap):
             idx = torch.tensor(window, device=x.device)
-            out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
+            if self.control is None:
+                out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
+            else:
+                out[:, :, idx] += self.control(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg, frames=window)
             count[idx] += 1
+        if self.control is not None:
+            self.control.control.i += 1  # one model evaluation of the pass, however many windows
         return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)
 
 

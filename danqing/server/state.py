@@ -132,6 +132,20 @@ class ServerState:
             return _Upload(value, kind)
         return self._inside_inputs(value, field)
 
+    def control_units(self, units) -> list[dict]:
+        """ControlNet units of a request: each model a name of ``models/controlnet/``, each
+        image a decoded upload (stored once the request is accepted) or a path this server
+        returned (never another path)."""
+        if not isinstance(units, (list, tuple)):
+            raise InvalidRequest("controlnet", "must be a list of unit objects")
+        out = []
+        for i, unit in enumerate(units):
+            if not isinstance(unit, dict):
+                raise InvalidRequest(f"controlnet.{i}", "must be a unit object with a ControlNet model name")
+            out.append({**unit, "model": self.model_name("controlnet", unit.get("model"), f"controlnet.{i}.model"),
+                        "image": self._picture(unit.get("image"), f"controlnet.{i}.image", "control")})
+        return out
+
     # -- requests -----------------------------------------------------------------------------
     def prepare_request(self, fields: dict[str, Any], *, init_image=None, mask=None,
                         overrides: dict[str, Any] | None = None) -> GenerationRequest:
@@ -183,13 +197,7 @@ class ServerState:
             if fields.get(name) is not None:
                 fields[name] = self.model_name(kind, fields[name], name)
         if fields.get("controlnet"):
-            units = []
-            for i, unit in enumerate(fields["controlnet"]):
-                if not isinstance(unit, dict):
-                    raise InvalidRequest(f"controlnet.{i}", "must be a unit object with a ControlNet model name")
-                units.append({**unit, "model": self.model_name("controlnet", unit.get("model"), f"controlnet.{i}.model"),
-                              "image": self._picture(unit.get("image"), f"controlnet.{i}.image", "control")})
-            fields["controlnet"] = units
+            fields["controlnet"] = self.control_units(fields["controlnet"])
         regions = fields.get("regions")
         if isinstance(regions, dict) and isinstance(regions.get("masks"), (list, tuple)):  # paths this server returned
             fields["regions"] = {**regions, "masks": tuple(self._inside_inputs(p, f"regions.masks.{i}")

@@ -37,7 +37,7 @@ from danqing.threed.run import ThreeDRequest
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
-VIDEO_KINDS = ("txt2video", "video2video")  # their rows hold a VideoRequest
+VIDEO_KINDS = ("txt2video", "video2video", "img2video")  # their rows hold a VideoRequest
 REQUEST_TYPES = {**dict.fromkeys(VIDEO_KINDS, VideoRequest), "3d": ThreeDRequest, "talk": TalkJob,
                  "comic": ComicJob}  # kind -> request type (else GenerationRequest)
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -114,7 +114,7 @@ class Job:
     Attributes:
         seq: queue order (submission order); id: 32 hex chars.
         status: queued, running, done, failed or cancelled.
-        kind: "txt2img", "img2img", "txt2video" or "video2video"; source: "api", "a1111" or "ui".
+        kind: "txt2img", "img2img", "txt2video", "video2video" or "img2video"; source: "api", "a1111" or "ui".
         save: write the images to the outputs folder (else they are handed to the waiting client).
         request: the request as it will run (random seeds already drawn, model named).
         result: {"images": [{"path", "seed", "subseed", "infotext"}], "interrupted", "warnings", ...}.
@@ -276,7 +276,8 @@ class JobStore:
         elif isinstance(request, ComicJob):
             kind = "comic"
         elif isinstance(request, VideoRequest):
-            kind = "video2video" if request.init_video is not None else "txt2video"
+            kind = ("video2video" if request.init_video is not None else
+                    "img2video" if request.init_image is not None else "txt2video")
         self._run("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "
                   "VALUES (:id, :status, :kind, :source, :save, :prompt, :request, :created)",
                   {"id": job_id, "status": QUEUED, "kind": kind, "source": source, "save": int(save),

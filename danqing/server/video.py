@@ -1,5 +1,5 @@
-"""The job API for video: a ``VideoRequest`` queued as a job (text-to-video, or video-to-video
-with the input clip sent as base64), its progress on the ordinary job routes, its clips served
+"""The job API for video: a ``VideoRequest`` queued as a job (text-to-video, video-to-video with
+the input clip sent as base64, or image-to-video with the picture sent as base64), its progress on the ordinary job routes, its clips served
 as files of the outputs folder (``server/media.py``, shared with 3D jobs) (docs/api.md, "Video jobs").
 
 Every model the request names is a name of its own folder (checkpoint, motion module, LoRA
@@ -9,6 +9,7 @@ queued; an uploaded clip is checked (decodable, within the input limits) before 
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Optional
 
@@ -20,10 +21,18 @@ from danqing.customise.lora import request_tags
 from danqing.errors import InvalidRequest
 from danqing.request_video import VideoRequest
 from danqing.server.jobs import resolve_for_queue
-from danqing.server.security import check_frames, check_work, decode_base64, strict_scalars
+from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder
+from danqing.server.security import check_frames, check_work, decode_base64, decode_image, strict_scalars
 from danqing.server.state import STAND_IN, ServerState
 from danqing.server.media import INDEX, JOB_ID, kept_uploads, queue, serve_file
 from danqing.video.studio import video2video_fields
+
+
+def png_bytes(picture) -> bytes:
+    """A decoded upload as the PNG the job reads back (lossless; no metadata of the sender's)."""
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
 
 # what an uploaded clip is, from its first bytes (the readers pick their decoder by extension)
 SIGNATURES = ((b"GIF8", ".gif"), (b"RIFF", ".webp"))
@@ -37,6 +46,7 @@ class VideoJobSubmit(BaseModel):
 
     request: VideoRequest
     init_video: Optional[str] = None
+    init_image: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -49,16 +59,22 @@ class VideoJobSubmit(BaseModel):
                 raise ValueError("request.init_video: paths are not accepted over HTTP; send the clip itself as "
                                  "init_video (base64)")
             if isinstance(request, dict) and request.get("init_image") is not None:
-                raise ValueError("request.init_image: image-to-video (Stable Video Diffusion) is not available over "
-                                 "HTTP yet; use danqing video --init-image")
+                raise ValueError("request.init_image: paths are not accepted over HTTP; send the picture itself as "
+                                 "init_image (base64)")
+            if data.get("init_video") and data.get("init_image"):
+                raise ValueError("init_image: image-to-video starts from a picture, video-to-video from a clip; "
+                                 "send one of init_image and init_video")
             if isinstance(request, dict) and data.get("init_video"):  # validated as video-to-video
                 data = {**data, "request": {**request, "init_video": STAND_IN}}
+            if isinstance(request, dict) and data.get("init_image"):  # validated as image-to-video
+                data = {**data, "request": {**request, "init_image": STAND_IN}}
         return data
 
 
-def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None) -> VideoRequest:
-    """Network fields (VideoRequest names) + an uploaded clip -> a queued-ready request; the
-    clip is kept under the inputs folder only once every other check has passed."""
+def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None, picture=None) -> VideoRequest:
+    """Network fields (VideoRequest names) + an uploaded clip (video-to-video) or picture (a
+    decoded PIL image: image-to-video) -> a queued-ready request; the upload is kept under the
+    inputs folder only once every other check has passed."""
     fields = dict(fields)
     opts = state.options()
     fields["model"] = (state.model_name("checkpoint", fields["model"], "model") if fields.get("model") is not None
@@ -67,11 +83,22 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
         fields["vae"] = state.model_name("vae", fields["vae"], "vae")
     if fields.get("motion_module") is not None:
         fields["motion_module"] = state.model_name("motion", fields["motion_module"], "motion_module")
-    checked = VideoRequest.create(**({**fields, "init_video": STAND_IN} if clip is not None else fields))
+    if fields.get("controlnet"):  # maps this server returned (a picture for every frame); never another path
+        fields["controlnet"] = [{**u, "image": str(u["image"])} for u in state.control_units(fields["controlnet"])]
+    stand_in = {"init_video": STAND_IN} if clip is not None else {"init_image": STAND_IN} if picture is not None else {}
+    checked = VideoRequest.create(**fields, **stand_in)
     for tag in request_tags(checked):
         state.model_name("lora", tag.name, "prompt")
     check_work(checked, state.server)
     check_frames(checked.frames, state.server)
+    if picture is not None:
+        entry = state.registry.find("checkpoint", checked.model)
+        if entry.format != "diffusers" or not is_svd_folder(entry.path):
+            raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model ({SVD_PIPELINE} "
+                                               f"folder); {checked.model!r} is not one")
+        with kept_uploads(state) as keep:
+            path = keep(png_bytes(picture), "init", (), ".png")
+            return resolve_for_queue(VideoRequest.create(**fields, init_image=str(path)), state.settings.default_model)
     if clip is None:
         return resolve_for_queue(checked, state.settings.default_model)
     with kept_uploads(state) as keep:
@@ -93,18 +120,21 @@ def video_router(state: ServerState) -> APIRouter:
     @r.post("/video/jobs", status_code=202, summary="Submit a video job (VideoRequest + optional base64 clip)")
     def submit(body: VideoJobSubmit) -> dict:
         clip = decode_base64(body.init_video, "init_video", state.limits) if body.init_video else None
+        picture = decode_image(body.init_image, "init_image", state.limits).convert("RGB") if body.init_image else None
         fields = body.request.model_dump(exclude_unset=True)
-        fields.pop("init_video", None)  # the stand-in of the upload
+        fields.pop("init_video", None)  # the stand-ins of the uploads
+        fields.pop("init_image", None)
         try:
-            request = prepare_video(state, fields, clip)
+            request = prepare_video(state, fields, clip, picture)
         except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
-            field = exc.field if exc.field == "init_video" else f"request.{exc.field}"
+            field = exc.field if exc.field in ("init_video", "init_image") else f"request.{exc.field}"
             raise InvalidRequest(field, str(exc).split(": ", 1)[-1]) from None
         try:
             return queue(state, request)
         except BaseException:
-            if request.init_video:
-                os.unlink(request.init_video)
+            for upload in (request.init_video, request.init_image):
+                if upload:
+                    os.unlink(upload)
             raise
 
     @r.get("/jobs/{job_id}/videos/{index}", response_class=FileResponse, summary="One clip of a finished video job")

@@ -529,6 +529,12 @@ class MotionOptimConfig(_Strict):
     # share of each batch noised at the high-noise end (timesteps 700-999), where the picture no
     # longer shows where the object is and only the caption can say which way it moves
     high_noise_share: float = Field(0.0, ge=0, le=1)
+    # the loss of a clip is weighted by max(1, min(1/SNR(t), x0_weight_max)): 1 = the plain
+    # epsilon objective. Above 1 a high-noise clip's loss counts like its error in the picture
+    # (x0) rather than in the noise: the epsilon loss scales a wrong layout (where the object is,
+    # so which way it goes) by SNR(t), near 0.005 at the last timestep, so the plain objective
+    # all but ignores the one thing only the caption can decide
+    x0_weight_max: float = Field(1.0, ge=1)
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -158,6 +158,13 @@ def draw_timesteps(n_train: int, batch: int, high_share: float, g: torch.Generat
     return t
 
 
+def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-clip weights of the epsilon loss, ``max(1, min(1/SNR(t), cap))``: with them a clip at
+    SNR < 1 counts its error in the picture (x0 = its epsilon error / SNR) up to ``cap``."""
+    a = alphas_cumprod[t].double()
+    return (1 - a).div(a).clamp(1.0, cap).float()
+
+
 def train_motion(cfg, *, log: Log = print) -> dict:
     """Train a motion module for ``cfg.model.init_from`` as ``cfg`` (``MotionTrainConfig``) says;
     writes the ``MotionAdapter`` folder to ``OUTPUT_DIR/model`` and returns the summary."""
@@ -204,7 +211,8 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         which[torch.rand(tr.batch_size, generator=g) < d.caption_dropout] = len(texts)
         context = hidden[which].repeat_interleave(d.frames, dim=0)  # the UNet attends per frame
         pred = unet(noisy, t, encoder_hidden_states=context).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        per_clip = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
+        loss = (per_clip * loss_weights(noise_sched.alphas_cumprod, t, tr.x0_weight_max)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
@@ -243,5 +251,5 @@ def _save(unet, comps, run_dir: Path, m) -> None:
                         "danqing_use": f"with the motion module {m.name}: <lora:{m.name}:1>"})
 
 
-__all__ = ["draw_timesteps", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
+__all__ = ["draw_timesteps", "loss_weights", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
            "save_text_lora", "generate_clips", "clip_scores", "train_motion"]

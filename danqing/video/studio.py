@@ -27,8 +27,8 @@ from danqing.pictures import load_image
 from danqing.request import RANGES
 from danqing.request_video import VideoRequest
 from danqing.sampling.loop import OnStep
-from danqing.sampling.video import (ContextDenoise, cross_frame_attention, frames_denoise, motion_denoise,
-                                    text_video_denoise, video_steps)
+from danqing.sampling.video import (ContextDenoise, VideoControlDenoise, cross_frame_attention, frames_denoise,
+                                    motion_denoise, text_video_denoise, video_steps)
 from danqing.studio import Studio, resolve_request
 from danqing.video.flow import clip_flows, flow_blend
 
@@ -114,6 +114,15 @@ class VideoStudio:
                     raise InvalidRequest("context_overlap", f"must be less than motion module {entry.name!r}'s window "
                                                             f"of {window} frames, got {request.context_overlap}")
                 denoise_fn = ContextDenoise(window, request.context_overlap)
+        control = None
+        if request.controlnet:  # per-frame ControlNet: each unit's map, or one map per frame of its clip
+            if comps.text_to_video:
+                raise InvalidRequest("controlnet", f"{loaded.name!r} is a text-to-video model (ModelScope / "
+                                                   "zeroscope); ControlNets take a checkpoint with a motion module, "
+                                                   "or per-frame mode")
+            control = studio.control_for(request, loaded, None,
+                                         pictures=[unit_frames(u, request.frames) for u in request.controlnet])
+            denoise_fn = with_control(denoise_fn, control)
         networks = activate(request_tags(request), comps, registry=studio.registry, model_name=loaded.name,
                             cache=studio.networks)
         embeddings = studio.embeddings.for_prompts(prompt_texts(request), comps)
@@ -147,6 +156,8 @@ class VideoStudio:
         hashes = {"model_hash": loaded.sha256[:10],
                   "motion_module_hash": studio.registry.sha256(entry)[:10] if entry is not None else None,
                   "lora_hashes": {a.network.name: a.network.short_hash for a in networks}}
+        if control is not None:
+            hashes["controlnet_hashes"] = [h[:10] for h in control.hashes]
         parameters = [video_parameters(request.replace(seed=s, subseed=ss, batch_size=1, batch_count=1), hashes)
                       for s, ss in zip(run.seeds, run.subseeds)]
         result = VideoResult(clips, run.seeds, parameters, request, latents=run.latents, interrupted=run.interrupted)
@@ -222,6 +233,37 @@ class VideoStudio:
             self.studio.models.place_module(adapter)
             hit = self._adapters.put(key, adapter)
         return hit
+
+
+# a ControlNet unit's image with one of these suffixes is a clip (GIF and WebP when animated)
+CLIP_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".webp")
+
+
+def unit_frames(unit, frames: int) -> list[Image.Image] | None:
+    """The first ``frames`` frames of the clip a ControlNet unit names (each becomes that frame's
+    map), or None when it names a picture (one map for every frame); one line when the clip is
+    shorter than the video asked or cannot be read."""
+    path = Path(unit.image)
+    if path.suffix.lower() not in CLIP_SUFFIXES or not path.is_file():
+        return None
+    if path.suffix.lower() in (".gif", ".webp"):
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) == 1:
+                return None
+    got = read_frames(path)
+    if len(got) < frames:
+        raise InvalidRequest("controlnet", f"control clip {path} has {len(got)} frames; the video asks for {frames} "
+                                           f"(give frames of at most {len(got)}, or a longer clip)")
+    return [Image.fromarray(a) for a in got[:frames]]
+
+
+def with_control(denoise_fn, control):
+    """The clip's denoise with the request's ControlNets (``ControlDenoise``): the motion UNet's,
+    a sliding context window's (each window with its frames' maps) or a picture UNet's frame by
+    frame."""
+    if isinstance(denoise_fn, ContextDenoise):
+        return ContextDenoise(denoise_fn.length, denoise_fn.overlap, VideoControlDenoise(control))
+    return VideoControlDenoise(control, per_frame=denoise_fn is frames_denoise)
 
 
 def refuse_taken(out: Path | None, clips: int, frames: int) -> None:
