@@ -37,8 +37,8 @@ from danqing.customise.embeddings import Embedding, check_fits, encoder_keys, na
 from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, fused_table, name_table, parse_bundled, split_fused
 from danqing.errors import CorruptModel, IncompatibleModel, InvalidRequest, ModelNotFound
 
-_PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_A|lora\.down|lora_down)\.weight$|"
-                   r"^(?P<mod2>.+?)\.(?:lora_B|lora\.up|lora_up)\.weight$|^(?P<mod3>.+?)\.alpha$")
+_PEFT = re.compile(r"^(?P<mod>.+?)(?:\.(?:lora_A|lora\.down|lora_down)|(?<=_lora)\.down)\.weight$|"
+                   r"^(?P<mod2>.+?)(?:\.(?:lora_B|lora\.up|lora_up)|(?<=_lora)\.up)\.weight$|^(?P<mod3>.+?)\.alpha$")
 ALGOS = ("lora", "locon", "loha", "lokr", "full")
 
 
@@ -210,6 +210,7 @@ def parse_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = 
             for old, new in ((".to_q_lora", ".to_q"), (".to_k_lora", ".to_k"), (".to_v_lora", ".to_v"),
                              (".to_out_lora", ".to_out.0")):
                 mod = mod.replace(old, new)
+            mod = mod + ".0" if mod.endswith(".to_out") else mod  # processor.to_out_lora.down.weight
         if suffix not in SUFFIXES:
             continue
         groups.setdefault(mod, {})[suffix] = value
@@ -326,6 +327,9 @@ def resolve(name: str, sha256: str, modules: dict[str, NetworkModule], comps, mo
     """Match a network's modules to ``comps``; a network made for another model is refused,
     naming both (every module must exist with a matching shape, as A1111 would otherwise
     silently skip half a LoRA)."""
+    if all(".motion_modules." in f".{k}" for k in modules):
+        raise IncompatibleModel(f"LoRA {name!r} is a motion LoRA (AnimateDiff): it changes a motion module's layers; "
+                                f"use it in a video prompt with a motion module (danqing video)")
     table = name_table(comps)
     fused = fused_table(comps)
     out = ResolvedNetwork(name, sha256)
@@ -542,17 +546,22 @@ class NetworkCache:
         return self._entry(path, sha256)[1]
 
 
+def find_network(tag: LoraTag, registry):
+    """(the registry entry, its sha256) of a tagged network; one line naming what is installed."""
+    try:
+        entry = registry.find("lora", tag.name)
+    except ModelNotFound:
+        names = ", ".join(e.name for e in registry.scan("lora")) or "none"
+        raise InvalidRequest("prompt", f"LoRA {tag.name!r} not found in {registry.folder('lora')}; "
+                             f"installed: {names}") from None
+    return entry, registry.sha256(entry)
+
+
 def activate(tags: list[LoraTag], comps, *, registry, model_name: str, cache: NetworkCache) -> list[Activation]:
     """Find, read and match every tagged network (errors name the LoRA and what is installed)."""
     acts = []
     for tag in tags:
-        try:
-            entry = registry.find("lora", tag.name)
-        except ModelNotFound:
-            names = ", ".join(e.name for e in registry.scan("lora")) or "none"
-            raise InvalidRequest("prompt", f"LoRA {tag.name!r} not found in {registry.folder('lora')}; "
-                                 f"installed: {names}") from None
-        digest = registry.sha256(entry)
+        entry, digest = find_network(tag, registry)
         net = resolve(tag.name, digest, cache.get(entry.path, digest), comps, model_name)
         net.embeddings = bundled_embeddings(cache.bundled(entry.path, digest), tag.name, digest, comps)
         acts.append(Activation(net, tag.unet, tag.te))

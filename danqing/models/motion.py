@@ -19,6 +19,9 @@ from danqing.models.single_file import read_state_dict
 FIELD = "motion_module"
 # the original layout's key of the sinusoidal position table (its length is the module's frame window)
 MODULE_KEY = re.compile(r"^((?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.motion_modules\.\d+\.)(.*)$")
+# diffusers' names of a motion layer's parts -> the original layout's
+RENAMES = ((".attn1", ".attention_blocks.0"), (".attn2", ".attention_blocks.1"), (".norm1", ".norms.0"),
+           (".norm2", ".norms.1"), (".norm3", ".ff_norm"))
 POS_ENCODER = re.compile(r"^down_blocks\.0\.motion_modules\.0\..*attention_blocks\.0\.pos_encoder\.pe$")
 
 
@@ -125,10 +128,21 @@ def adapter_to_original(adapter) -> dict:
             for i in (0, 1):
                 out[f"{head}{block}.attention_blocks.{i}.pos_encoder.pe"] = v.clone()
             continue
-        rest = (rest.replace(".attn1", ".attention_blocks.0").replace(".attn2", ".attention_blocks.1")
-                .replace(".norm1", ".norms.0").replace(".norm2", ".norms.1").replace(".norm3", ".ff_norm"))
+        for diffusers, original in RENAMES:
+            rest = rest.replace(diffusers, original)
         out[head + rest] = v
     return out
+
+
+def diffusers_module_name(key: str) -> str:
+    """A motion module's layer named in the original layout (``...motion_modules.0.
+    temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q``) -> its name in a
+    diffusers ``MotionAdapter`` / ``UNetMotionModel`` (``...motion_modules.0.transformer_blocks.0.
+    attn1.to_q``); a diffusers name is returned as it is."""
+    key = key.replace(".temporal_transformer.", ".")
+    for diffusers, original in RENAMES:
+        key = key.replace(original, diffusers)
+    return key
 
 
 def check_fits(adapter, unet_config: dict, *, motion_name: str, model_name: str) -> None:

@@ -17,6 +17,7 @@ from PIL import Image
 from danqing.cache import LRUCache
 from danqing.conditioning.schedule import ConditioningContext, prompt_texts
 from danqing.customise.lora import activate, patched, request_tags
+from danqing.customise.motion_lora import activate_motion, motion_target, split_motion_tags
 from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
@@ -123,21 +124,26 @@ class VideoStudio:
             control = studio.control_for(request, loaded, None,
                                          pictures=[unit_frames(u, request.frames) for u in request.controlnet])
             denoise_fn = with_control(denoise_fn, control)
-        networks = activate(request_tags(request), comps, registry=studio.registry, model_name=loaded.name,
-                            cache=studio.networks)
+        tags, motion_tags = split_motion_tags(request_tags(request), registry=studio.registry, cache=studio.networks)
+        if motion_tags and adapter is None:
+            raise InvalidRequest("prompt", f"{motion_tags[0].name!r} is a motion LoRA: it changes a motion module, and "
+                                           "this clip has none (per-frame mode, or a text-to-video model)")
+        networks = activate(tags, comps, registry=studio.registry, model_name=loaded.name, cache=studio.networks)
         embeddings = studio.embeddings.for_prompts(prompt_texts(request), comps)
         timings = {"load": time.perf_counter() - t0}
         with patched(comps, networks), torch.no_grad():
-            unet = comps.unet
+            unet, motion_networks = comps.unet, []
             if adapter is not None:
                 unet = motion_unet(comps.unet, adapter)  # LoRA-patched weights copied in
                 studio.models.place_module(unet)
+                motion_networks = activate_motion(motion_tags, unet, registry=studio.registry, cache=studio.networks,
+                                                  motion_name=entry.name)
             attention = (cross_frame_attention(unet, min(window, request.frames)) if request.cross_frame_attention
                          else nullcontext())
 
             # 3. condition, 4. sample.
             t = time.perf_counter()
-            with attention:
+            with attention, patched(motion_target(unet), motion_networks):
                 run = run_video(comps, unet, request, device=studio.models.device, dtype=studio.models.dtype,
                                 on_step=on_step, context=ConditioningContext(tuple(embeddings)),
                                 denoise_fn=denoise_fn, init_frames=init_frames)
@@ -155,7 +161,7 @@ class VideoStudio:
         # 6. metadata and save: each clip's request carries its own seed, so it re-creates alone.
         hashes = {"model_hash": loaded.sha256[:10],
                   "motion_module_hash": studio.registry.sha256(entry)[:10] if entry is not None else None,
-                  "lora_hashes": {a.network.name: a.network.short_hash for a in networks}}
+                  "lora_hashes": {a.network.name: a.network.short_hash for a in networks + motion_networks}}
         if control is not None:
             hashes["controlnet_hashes"] = [h[:10] for h in control.hashes]
         parameters = [video_parameters(request.replace(seed=s, subseed=ss, batch_size=1, batch_count=1), hashes)
