@@ -346,3 +346,58 @@ def test_cli_from_a_file_without_parameters(video_home, capsys, tmp_path):
     code, _, err = run_cli(capsys, video_home, "video", "--from", str(tmp_path / "x.mp4"), "--out",
                            str(tmp_path / "y.mp4"))
     assert code == 2 and "cannot be decoded" in err and not (tmp_path / "y.mp4").exists()
+
+
+# -- SDXL motion modules (AnimateDiff SDXL) -----------------------------------------------------
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Euler a"])
+def test_sdxl_motion_module_matches_animatediff_sdxl_pipeline(sampler):
+    """An SDXL motion module (blocks of the SDXL UNet's channels, no mid-block module, as
+    AnimateDiff's SDXL beta) on the tiny SDXL checkpoint: our loop with its added conditioning
+    (pooled text, size and crop ids) equals diffusers' ``AnimateDiffSDXLPipeline``; a module of
+    SD1.5's shape is refused on it."""
+    from diffusers import AnimateDiffSDXLPipeline
+
+    sdxl = build_components("tiny-sdxl", seed=2)
+    adapter = tiny_adapter(block_out_channels=(32, 64), motion_norm_num_groups=8, use_motion_mid_block=False)
+    check_fits(adapter, dict(sdxl.unet.config), motion_name="mm-sdxl", model_name="tiny-sdxl")
+    unet = motion_unet(sdxl.unet, adapter)
+    req = request(sampler=sampler)
+    with torch.no_grad():
+        ours = run_video(sdxl, unet, req, device="cpu", dtype=torch.float32).latents[0]
+    gens = make_generators([req.seed])
+    noise = video_noise(tuple(ours.shape[1:]), gens)
+    pipe = AnimateDiffSDXLPipeline(  # given the motion UNet: its own from_unet2d leaves add_embedding random
+        vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2, tokenizer=sdxl.tokenizer,
+        tokenizer_2=sdxl.tokenizer_2, unet=unet, motion_adapter=adapter, force_zeros_for_empty_prompt=True,
+        scheduler=make_scheduler(sdxl.scheduler_config, req.sampler, req.schedule, seed=req.seed))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.frames, height=SIZE, width=SIZE,
+                   num_inference_steps=req.steps, guidance_scale=req.cfg_scale, generator=gens, latents=noise,
+                   output_type="latent").frames
+    assert ours.shape == ref.shape == (1, 4, req.frames, 32, 32)  # this tiny VAE halves the sides
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours[:, :, 0] - ours[:, :, 1]).abs().max() > 1e-2
+    with pytest.raises(InvalidRequest, match=r"motion module 'mm-sd15' .* does not fit checkpoint 'tiny-sdxl'"):
+        check_fits(tiny_adapter(), dict(sdxl.unet.config), motion_name="mm-sd15", model_name="tiny-sdxl")
+
+
+def test_sdxl_motion_unet_with_a_still_module_is_the_picture_unet():
+    """With its output projections at zero a motion module adds nothing, so the SDXL motion UNet
+    must give every frame the picture UNet's prediction, added conditioning included (diffusers'
+    ``from_unet2d`` alone leaves SDXL's ``add_embedding`` random; ``motion_unet`` copies it)."""
+    sdxl = build_components("tiny-sdxl", seed=2)
+    adapter = tiny_adapter(block_out_channels=(32, 64), motion_norm_num_groups=8, use_motion_mid_block=False)
+    for name, module in adapter.named_modules():
+        if name.endswith("proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    unet = motion_unet(sdxl.unet, adapter)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 3, 32, 32, generator=g), torch.randn(1, 77, 64, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        clip = unet(x, torch.tensor(500), encoder_hidden_states=ctx.repeat(3, 1, 1), added_cond_kwargs=added).sample
+        for f in range(3):
+            frame = sdxl.unet(x[:, :, f], torch.tensor(500), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+            assert (clip[:, :, f] - frame).abs().max().item() < 1e-5, f

@@ -171,5 +171,11 @@ def motion_unet(unet, adapter):
     from diffusers import UNetMotionModel
 
     model = UNetMotionModel.from_unet2d(unet, adapter)
+    # from_unet2d copies neither SDXL's added-conditioning MLP (pooled text and size ids) nor a
+    # class embedding: they would stay randomly initialised (diffusers PR #6721 review, left open)
+    for part in ("add_embedding", "class_embedding"):
+        mine, theirs = getattr(model, part, None), getattr(unet, part, None)
+        if mine is not None and theirs is not None:
+            mine.load_state_dict(theirs.state_dict())
     model.requires_grad_(False)
     return model.eval()
