@@ -250,9 +250,10 @@ class ControlDenoise:
     def begin(self, n_evals: int) -> None:
         self.n_evals, self.i = max(1, n_evals), 0
 
-    def residuals(self, x, x_in, t, cond, use_cfg: bool):
+    def residuals(self, x, x_in, t, cond, use_cfg: bool, frames: list[int] | None = None):
         """Summed (down residuals, mid residual, adapter features) at this evaluation, each
-        already batched like ``x_in``; None where no unit of that kind acts."""
+        already batched like ``x_in``; None where no unit of that kind acts. ``frames``: the
+        maps of these frames of a unit that holds one per frame (a context window's)."""
         B = x.shape[0]
         down_sum, mid_sum, adapter_sum = None, None, None
         for u in self.units:
@@ -275,7 +276,8 @@ class ControlDenoise:
                 added = {k: v[B:] for k, v in cond.added.items()} if cond.added else None
             else:
                 cx, ctx, added = x_in[:, :c_in], cond.context, cond.added
-            img = per_sample(u.image.to(device=cx.device, dtype=cx.dtype), cx.shape[0])
+            img = u.image if frames is None or u.image.shape[0] == 1 else u.image[frames]
+            img = per_sample(img.to(device=cx.device, dtype=cx.dtype), cx.shape[0])
             down, mid = model(cx, t, encoder_hidden_states=ctx, controlnet_cond=img, conditioning_scale=1.0,
                               added_cond_kwargs=added, return_dict=False)
             res = list(down) + [mid]

@@ -9,7 +9,7 @@ prompt-editing schedule, step callbacks and interrupt as a picture.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -211,6 +211,10 @@ class VideoControlDenoise:
     def begin(self, n_evals: int) -> None:
         self.control.begin(n_evals)
 
+    def evaluated(self) -> None:
+        """One model evaluation of the pass is done (guidance start and end count these)."""
+        self.control.i += 1
+
     def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
                  use_cfg: bool, frames: list[int] | None = None) -> torch.Tensor:
         """``frames``: the clip's frames that ``x`` holds (a context window's); None = all of
@@ -220,16 +224,10 @@ class VideoControlDenoise:
         flat = frames_first(x)
         context = cond.context.repeat_interleave(n, dim=0)
         added = {k: v.repeat_interleave(n, dim=0) for k, v in cond.added.items()} if cond.added else None
-        saved = control.units
-        if frames is not None:  # the window's own maps
-            control.units = [replace(u, image=u.image[frames]) if u.image.shape[0] > 1 else u for u in saved]
-        try:
-            down, mid, adapter = control.residuals(flat, torch.cat([flat, flat]) if use_cfg else flat, t,
-                                                   Conditioning(context, added), use_cfg)
-        finally:
-            control.units = saved
+        down, mid, adapter = control.residuals(flat, torch.cat([flat, flat]) if use_cfg else flat, t,
+                                               Conditioning(context, added), use_cfg, frames=frames)
         if frames is None:
-            control.i += 1
+            self.evaluated()
         x_in = flat if self.per_frame else x
         x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
         extra = {"down_intrablock_additional_residuals": [a.clone() for a in adapter]} if adapter else {}
@@ -276,7 +274,7 @@ class ContextDenoise:
                 out[:, :, idx] += self.control(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg, frames=window)
             count[idx] += 1
         if self.control is not None:
-            self.control.control.i += 1  # one model evaluation of the pass, however many windows
+            self.control.evaluated()  # one model evaluation of the pass, however many windows
         return out / count.view(1, 1, frames, 1, 1)  # (B, C, F, h, w)
 
 
