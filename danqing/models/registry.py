@@ -97,8 +97,14 @@ def bundled_image_encoder_entries() -> list["ModelEntry"]:
     return _bundled_folders("clip_vision", lambda cfg: cfg.get("model_type") == "clip")
 
 
+def bundled_motion_entries() -> list["ModelEntry"]:
+    """Motion modules shipped in the package (``danqing/data/models/<name>/``, a diffusers
+    ``MotionAdapter`` folder), made for the bundled model."""
+    return _bundled_folders("motion", lambda cfg: cfg.get("_class_name") == "MotionAdapter")
+
+
 BUNDLED_KINDS = {"lora": bundled_lora_entries, "ipadapter": bundled_ip_adapter_entries,
-                 "clip_vision": bundled_image_encoder_entries}
+                 "clip_vision": bundled_image_encoder_entries, "motion": bundled_motion_entries}
 
 
 def _with_bundled(kind: str, found: list["ModelEntry"]) -> list["ModelEntry"]:

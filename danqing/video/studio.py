@@ -21,6 +21,7 @@ from danqing.customise.motion_lora import activate_motion, motion_target, split_
 from danqing.errors import InvalidRequest
 from danqing.files import exists_message
 from danqing.models.motion import check_fits, find_motion, load_motion_adapter, motion_names, motion_unet
+from danqing.models.registry import bundled_motion_entries
 from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder, load_svd_folder
 from danqing.outputs.video import check_video_out, clip_paths, planned_files, probe_video, read_frames, save_video
 from danqing.passes.video import decode_clips, decode_svd, run_svd, run_video
@@ -220,10 +221,13 @@ class VideoStudio:
         return result
 
     def _motion_name(self, name: str | None) -> str:
-        """The request's motion module, or the only one installed when it names none."""
+        """The request's motion module; when it names none, the only one installed in
+        ``models/motion/``, or with none there the bundled one."""
         if name is not None:
             return name
         names = motion_names(self.studio.registry)
+        bundled = {e.name for e in bundled_motion_entries()}
+        names = [n for n in names if n not in bundled] or names
         if len(names) != 1:
             raise InvalidRequest("motion_module", f"name the motion module to use; installed in models/motion/: "
                                                   f"{', '.join(names) or 'none'}")
