@@ -401,3 +401,26 @@ def test_sdxl_motion_unet_with_a_still_module_is_the_picture_unet():
         for f in range(3):
             frame = sdxl.unet(x[:, :, f], torch.tensor(500), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
             assert (clip[:, :, f] - frame).abs().max().item() < 1e-5, f
+
+
+def test_a_request_naming_no_module_takes_the_only_installed_else_the_bundled_one(tmp_path, monkeypatch):
+    from danqing import Settings, Studio
+    from danqing.models import registry as registry_module
+    from danqing.models.registry import ModelEntry
+    from danqing.video import studio as video_studio
+    from danqing.video.studio import VideoStudio
+
+    tiny_adapter().save_pretrained(tmp_path / "package" / "danqing-tiny-motion")
+    shipped = lambda: [ModelEntry("danqing-tiny-motion", tmp_path / "package" / "danqing-tiny-motion", "motion",  # noqa: E731
+                                  "diffusers")]
+    monkeypatch.setattr(video_studio, "bundled_motion_entries", shipped)
+    monkeypatch.setitem(registry_module.BUNDLED_KINDS, "motion", shipped)
+    videos = VideoStudio(Studio(Settings(home=tmp_path / "home", device="cpu", dtype="fp32")))
+    assert videos._motion_name(None) == "danqing-tiny-motion"          # none installed: the bundled one
+    tiny_adapter().save_pretrained(tmp_path / "home" / "models" / "motion" / "mine")
+    assert videos._motion_name(None) == "mine"                         # the one installed wins
+    tiny_adapter().save_pretrained(tmp_path / "home" / "models" / "motion" / "other")
+    with pytest.raises(InvalidRequest, match="name the motion module to use; installed in models/motion/: "
+                                             "danqing-tiny-motion, mine, other"):
+        videos._motion_name(None)
+    assert videos._motion_name("danqing-tiny-motion") == "danqing-tiny-motion"

@@ -227,11 +227,11 @@ class VideoStudio:
             return name
         names = motion_names(self.studio.registry)
         bundled = {e.name for e in bundled_motion_entries()}
-        names = [n for n in names if n not in bundled] or names
-        if len(names) != 1:
+        pick = [n for n in names if n not in bundled] or names
+        if len(pick) != 1:
             raise InvalidRequest("motion_module", f"name the motion module to use; installed in models/motion/: "
                                                   f"{', '.join(names) or 'none'}")
-        return names[0]
+        return pick[0]
 
     def _adapter(self, entry):
         """The motion adapter of ``entry``, placed by the ModelManager (so diffusers' own
