@@ -421,6 +421,6 @@ def test_a_request_naming_no_module_takes_the_only_installed_else_the_bundled_on
     assert videos._motion_name(None) == "mine"                         # the one installed wins
     tiny_adapter().save_pretrained(tmp_path / "home" / "models" / "motion" / "other")
     with pytest.raises(InvalidRequest, match="name the motion module to use; installed in models/motion/: "
-                                             "danqing-tiny-motion, mine, other"):
+                                             "mine, other, danqing-tiny-motion"):
         videos._motion_name(None)
     assert videos._motion_name("danqing-tiny-motion") == "danqing-tiny-motion"
