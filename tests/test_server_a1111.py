@@ -130,8 +130,8 @@ def test_webuiapi_lists_and_options(api):
     assert [u["name"] for u in api.get_upscalers()] == ["Lanczos", "Nearest"]
     # an empty models folder: the LoRAs danqing bundles (danqing/data/models/lora/*.safetensors)
     assert sorted((x["name"], x["alias"], Path(x["path"]).parent.name) for x in api.get_loras()) == \
-        [("danqing-tiny-pcd", "danqing-tiny-pcd", "lora"), ("heart", "heart", "lora"),
-         ("heart-character", "heart-character", "lora")]
+        [("danqing-tiny-motion", "danqing-tiny-motion", "lora"), ("danqing-tiny-pcd", "danqing-tiny-pcd", "lora"),
+         ("heart", "heart", "lora"), ("heart-character", "heart-character", "lora")]
     assert api.get_sd_vae() == []
     api.set_options({"CLIP_stop_at_last_layers": 2})
     try:
