@@ -66,6 +66,15 @@ def video_home(tmp_path_factory, adapter):
     return home
 
 
+def pipeline_latents(pipe, req: VideoRequest, gens, noise, **extra) -> torch.Tensor:
+    """A diffusers video pipeline's final latents for ``req``, from the given noise and generators."""
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.frames, height=req.height,
+                    width=req.width, num_inference_steps=req.steps, guidance_scale=req.cfg_scale, generator=gens,
+                    latents=noise, output_type="latent", **extra).frames
+
+
 def request(**changes) -> VideoRequest:
     fields = dict(prompt=PROMPT, negative_prompt="blurry", steps=3, seed=7, width=SIZE, height=SIZE, frames=4,
                   cfg_scale=6.0)
@@ -86,11 +95,7 @@ def test_loop_matches_animatediff_pipeline(comps, adapter, unet, sampler):
     pipe = AnimateDiffPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
                                motion_adapter=adapter,
                                scheduler=make_scheduler(comps.scheduler_config, req.sampler, req.schedule, seed=req.seed))
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.frames, height=SIZE, width=SIZE,
-                   num_inference_steps=req.steps, guidance_scale=req.cfg_scale, generator=gens, latents=noise,
-                   output_type="latent").frames
+    ref = pipeline_latents(pipe, req, gens, noise)
     assert ours.shape == ref.shape == (1, 4, req.frames, 16, 16)
     assert (ours - ref).abs().max().item() < 1e-4
     assert_close_scaled(ours, ref, what=sampler)
@@ -370,11 +375,7 @@ def test_sdxl_motion_module_matches_animatediff_sdxl_pipeline(sampler):
         vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2, tokenizer=sdxl.tokenizer,
         tokenizer_2=sdxl.tokenizer_2, unet=unet, motion_adapter=adapter, force_zeros_for_empty_prompt=True,
         scheduler=make_scheduler(sdxl.scheduler_config, req.sampler, req.schedule, seed=req.seed))
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.frames, height=SIZE, width=SIZE,
-                   num_inference_steps=req.steps, guidance_scale=req.cfg_scale, generator=gens, latents=noise,
-                   output_type="latent").frames
+    ref = pipeline_latents(pipe, req, gens, noise)
     assert ours.shape == ref.shape == (1, 4, req.frames, 32, 32)  # this tiny VAE halves the sides
     assert (ours - ref).abs().max().item() < 1e-4
     assert (ours[:, :, 0] - ours[:, :, 1]).abs().max() > 1e-2

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_video import pipeline_latents
 
 from danqing.conditioning.control import ControlDenoise, PreparedControl, image_tensor
 from danqing.models.families import build_components
@@ -102,11 +103,7 @@ def test_loop_with_per_frame_controlnet_matches_animatediff_controlnet_pipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
         motion_adapter=adapter, controlnet=controlnet,
         scheduler=make_scheduler(comps.scheduler_config, req.sampler, req.schedule, seed=req.seed))
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.frames, height=SIZE, width=SIZE,
-                   num_inference_steps=req.steps, guidance_scale=req.cfg_scale, generator=gens, latents=noise,
-                   conditioning_frames=maps, controlnet_conditioning_scale=weight, output_type="latent").frames
+    ref = pipeline_latents(pipe, req, gens, noise, conditioning_frames=maps, controlnet_conditioning_scale=weight)
     assert ours.shape == ref.shape == (1, 4, req.frames, 16, 16)
     assert (ours - ref).abs().max().item() < 1e-4
     assert (ours - plain).abs().max().item() > 1e-2  # the ControlNet acts

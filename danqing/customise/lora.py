@@ -36,6 +36,7 @@ from danqing.conditioning.prompt_parser import strip_extra_networks
 from danqing.customise.embeddings import Embedding, check_fits, encoder_keys, name_ids
 from danqing.customise.kohya import BUNDLE_PREFIX, SUFFIXES, fused_table, name_table, parse_bundled, split_fused
 from danqing.errors import CorruptModel, IncompatibleModel, InvalidRequest, ModelNotFound
+from danqing.models.motion import is_motion_network
 
 _PEFT = re.compile(r"^(?P<mod>.+?)(?:\.(?:lora_A|lora\.down|lora_down)|(?<=_lora)\.down)\.weight$|"
                    r"^(?P<mod2>.+?)(?:\.(?:lora_B|lora\.up|lora_up)|(?<=_lora)\.up)\.weight$|^(?P<mod3>.+?)\.alpha$")
@@ -327,7 +328,7 @@ def resolve(name: str, sha256: str, modules: dict[str, NetworkModule], comps, mo
     """Match a network's modules to ``comps``; a network made for another model is refused,
     naming both (every module must exist with a matching shape, as A1111 would otherwise
     silently skip half a LoRA)."""
-    if all(".motion_modules." in f".{k}" for k in modules):
+    if is_motion_network(modules):
         raise IncompatibleModel(f"LoRA {name!r} is a motion LoRA (AnimateDiff): it changes a motion module's layers; "
                                 f"use it in a video prompt with a motion module (danqing video)")
     table = name_table(comps)

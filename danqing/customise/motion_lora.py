@@ -18,12 +18,7 @@ from types import SimpleNamespace
 
 from danqing.customise.lora import Activation, LoraTag, NetworkCache, ResolvedNetwork, find_network
 from danqing.errors import IncompatibleModel
-from danqing.models.motion import diffusers_module_name
-
-
-def is_motion_network(modules: dict) -> bool:
-    """Whether every layer of a parsed network (``lora.parse_state_dict``) is a motion module's."""
-    return bool(modules) and all(".motion_modules." in f".{k}" for k in modules)
+from danqing.models.motion import diffusers_module_name, is_motion_network
 
 
 def motion_module_name(key: str) -> str:
@@ -47,11 +42,12 @@ def resolve_motion(name: str, sha256: str, modules: dict, unet, motion_name: str
     names = dict(unet.named_modules())
     bad = []
     for key, m in modules.items():
-        target = names.get(motion_module_name(key))
+        layer = motion_module_name(key)
+        target = names.get(layer)
         if target is None or not hasattr(target, "weight") or not m.fits(target.weight.shape):
             bad.append(key)
             continue
-        out.targets[("unet", motion_module_name(key))] = m
+        out.targets[("unet", layer)] = m
     if bad:
         raise IncompatibleModel(f"motion LoRA {name!r} does not fit motion module {motion_name!r}: {len(bad)} of "
                                 f"{len(modules)} layers do not match (first: {bad[0]}); use a motion LoRA made for "
@@ -77,5 +73,5 @@ def motion_target(unet) -> SimpleNamespace:
     return SimpleNamespace(unet=unet)
 
 
-__all__ = ["is_motion_network", "motion_module_name", "split_motion_tags", "resolve_motion", "activate_motion",
+__all__ = ["motion_module_name", "split_motion_tags", "resolve_motion", "activate_motion",
            "motion_target"]

@@ -134,6 +134,12 @@ def adapter_to_original(adapter) -> dict:
     return out
 
 
+def is_motion_network(keys) -> bool:
+    """Whether every layer key of a parsed LoRA names a motion module's layer (a motion LoRA)."""
+    keys = list(keys)
+    return bool(keys) and all(".motion_modules." in f".{k}" for k in keys)
+
+
 def diffusers_module_name(key: str) -> str:
     """A motion module's layer named in the original layout (``...motion_modules.0.
     temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q``) -> its name in a

@@ -219,27 +219,24 @@ class VideoControlDenoise:
                  use_cfg: bool, frames: list[int] | None = None) -> torch.Tensor:
         """``frames``: the clip's frames that ``x`` holds (a context window's); None = all of
         them, and the evaluation is counted (a ``ContextDenoise`` counts once per step)."""
-        control = self.control
         n = x.shape[2]
         flat = frames_first(x)
-        context = cond.context.repeat_interleave(n, dim=0)
         added = {k: v.repeat_interleave(n, dim=0) for k, v in cond.added.items()} if cond.added else None
-        down, mid, adapter = control.residuals(flat, torch.cat([flat, flat]) if use_cfg else flat, t,
-                                               Conditioning(context, added), use_cfg, frames=frames)
+        per_frame = Conditioning(cond.context.repeat_interleave(n, dim=0), added)
+        if self.per_frame:  # a picture UNet: the ControlNets' own denoise over the frames as pictures
+            eps = self.control(unet, flat, t, per_frame, cfg_scale, use_cfg)
+            return eps.reshape(x.shape[0], n, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+        down, mid, _ = self.control.residuals(flat, torch.cat([flat, flat]) if use_cfg else flat, t, per_frame,
+                                              use_cfg, frames=frames)
         if frames is None:
             self.evaluated()
-        x_in = flat if self.per_frame else x
-        x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-        extra = {"down_intrablock_additional_residuals": [a.clone() for a in adapter]} if adapter else {}
-        out = unet(x_in, t, encoder_hidden_states=context, added_cond_kwargs=added if self.per_frame else cond.added,
-                   down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
-                   **extra)[0]
-        if use_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + cfg_scale * (text - uncond)
-        if self.per_frame:  # (B * F, C, h, w) -> (B, C, F, h, w)
-            out = out.reshape(x.shape[0], n, *out.shape[1:]).permute(0, 2, 1, 3, 4)
-        return out
+        out = unet(torch.cat([x, x]) if use_cfg else x, t, encoder_hidden_states=per_frame.context,
+                   added_cond_kwargs=cond.added, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid, return_dict=False)[0]
+        if not use_cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + cfg_scale * (text - uncond)
 
 
 @dataclass(frozen=True)

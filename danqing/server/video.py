@@ -84,7 +84,7 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
     if fields.get("motion_module") is not None:
         fields["motion_module"] = state.model_name("motion", fields["motion_module"], "motion_module")
     if fields.get("controlnet"):  # maps this server returned (a picture for every frame); never another path
-        fields["controlnet"] = [{**u, "image": str(u["image"])} for u in state.control_units(fields["controlnet"])]
+        fields["controlnet"] = state.control_units(fields["controlnet"])
     stand_in = {"init_video": STAND_IN} if clip is not None else {"init_image": STAND_IN} if picture is not None else {}
     checked = VideoRequest.create(**fields, **stand_in)
     for tag in request_tags(checked):
