@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from danqing.cli import app
 from danqing.models.motion import load_motion_adapter
 from danqing.models.registry import ModelEntry
-from danqing.synthetic.motion import (DIRECTIONS, heldout_clips, held_out_direction, motion_caption,
-                                      training_clips)
+from danqing.synthetic.motion import (DIRECTIONS, OPPOSITE, heldout_clips, held_out_direction, motion_caption,
+                                      training_clips, training_pairs)
 from danqing.synthetic.render import render
 from danqing.synthetic.scenes import heldout_pairs
 from danqing.synthetic.trajectory import score_clip, summarise_clips
@@ -40,6 +40,34 @@ def test_held_out_clips_are_combinations_no_training_clip_has():
     for c, s, d in trained:
         per_pair.setdefault((c, s), set()).add(d)
     assert max(len(v) for v in per_pair.values()) == 3
+
+
+def test_contrast_pairs_are_mirrored_twins_of_training_combinations():
+    clips = training_pairs(400)
+    assert len(clips) == 400
+    held = {(c.colour, c.shape, c.direction) for c in heldout_clips(200)}
+    assert not {(c.colour, c.shape, c.direction) for c in clips} & held
+    for a, b in zip(clips[::2], clips[1::2]):
+        assert b.direction == OPPOSITE[a.direction] and (a.colour, a.shape, a.size, a.background, a.style, a.seed) == \
+            (b.colour, b.shape, b.size, b.background, b.style, b.seed)
+        # the twin's path is the clip's mirrored across the picture's middle along the motion's axis
+        axis = 0 if a.direction in ("right", "left") else 1
+        for p, q in ((a.start, b.start), (a.end, b.end)):
+            assert abs(p[axis] + q[axis] - 1) < 1e-3 and p[1 - axis] == q[1 - axis]
+    right = summarise_clips([score_clip(_frames(c), c.colour, c.shape, c.direction) for c in clips[1:9:2]])
+    assert right["direction"] == 1.0
+
+
+def test_a_contrast_pair_batch_holds_twins_side_by_side():
+    from danqing.training.motion import batch_indices
+
+    g = torch.Generator().manual_seed(0)
+    idx, per_draw = batch_indices(10, 4, True, g)
+    assert per_draw == 2 and idx.tolist()[1::2] == [i + 1 for i in idx.tolist()[::2]] and all(i % 2 == 0 for i in idx[::2])
+    idx, per_draw = batch_indices(10, 4, False, g)
+    assert per_draw == 1 and idx.shape == (4,)
+    with pytest.raises(ValueError, match="even batch_size"):
+        MotionTrainConfig.model_validate({"train": {"mirror_pairs": True, "batch_size": 3}})
 
 
 def test_captions_name_the_object_and_its_motion_in_both_languages():
@@ -205,3 +233,30 @@ def test_bundled_module_moves_held_out_objects_along_the_asked_axis(tmp_path):
     assert all(s.axis for _, s in scores), [s for _, s in scores]
     assert sum(s.direction for _, s in scores) >= 4, [s for _, s in scores]
     assert sum(s.object for _, s in scores) / len(scores) >= 0.85
+
+
+def test_a_run_resumes_from_a_trained_module_and_lora_in_contrast_pairs(tmp_path):
+    """A run resumed from another's module and LoRA starts where that one ended (its first
+    step's weights are the files'), and trains on mirrored twins."""
+    from safetensors.torch import load_file
+
+    from danqing.training.motion import train_motion
+
+    first = MotionTrainConfig.model_validate({**SHORT, "output": {**SHORT["output"], "output_dir": str(tmp_path / "a")}})
+    train_motion(first, log=lambda _: None)
+    a = tmp_path / "a"
+    resumed = {**SHORT, "model": {**SHORT["model"], "resume_from": str(a / "model"),
+                                  "resume_lora": str(a / "danqing-tiny-motion.safetensors")},
+               "train": {**SHORT["train"], "mirror_pairs": True, "lr": 1e-12, "steps": 2},
+               "output": {**SHORT["output"], "eval_every": 2, "output_dir": str(tmp_path / "b")}}
+    lines = []
+    train_motion(MotionTrainConfig.model_validate(resumed), log=lines.append)
+    assert any("motion layers from" in x for x in lines) and any("LoRA from" in x for x in lines)
+    b = tmp_path / "b"
+    for old, new in ((a / "model" / "diffusion_pytorch_model.safetensors", b / "model" / "diffusion_pytorch_model.safetensors"),
+                     (a / "danqing-tiny-motion.safetensors", b / "danqing-tiny-motion.safetensors")):
+        x, y = load_file(str(old)), load_file(str(new))
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+    with pytest.raises(Exception, match="neither a path nor a bundled name"):
+        bad = {**resumed, "model": {**resumed["model"], "resume_from": "no-such-module"}}
+        train_motion(MotionTrainConfig.model_validate(bad), log=lambda _: None)

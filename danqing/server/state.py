@@ -129,7 +129,7 @@ class ServerState:
         """A picture of the request: a decoded upload (a PIL image, stored only once the request
         is accepted) or a path this server returned."""
         if hasattr(value, "getbands"):
-            return _Upload(value, kind)
+            return Upload(value, kind)
         return self._inside_inputs(value, field)
 
     def control_units(self, units) -> list[dict]:
@@ -183,11 +183,11 @@ class ServerState:
             if fields.get(name) is not None:
                 fields[name] = self._inside_inputs(fields[name], name)
         if init_image is not None:
-            fields["init_image"] = _Upload(init_image, "init")
+            fields["init_image"] = Upload(init_image, "init")
         if mask is not None:
             if fields.get("init_image") is None:
                 raise InvalidRequest("mask", "a mask needs an init image to inpaint")
-            fields["mask"] = _Upload(mask, "mask")
+            fields["mask"] = Upload(mask, "mask")
         if fields.get("ip_adapter_image"):
             images = fields["ip_adapter_image"]
             if not isinstance(images, (list, tuple)):
@@ -215,7 +215,7 @@ class ServerState:
         if "clip_skip" not in fields or (overrides and "CLIP_stop_at_last_layers" in overrides):
             fields["clip_skip"] = opts["CLIP_stop_at_last_layers"]
         # 2. the request itself, validated with stand-ins for the pictures not stored yet
-        checked = GenerationRequest.create(**_with_stand_ins(fields))
+        checked = GenerationRequest.create(**with_stand_ins(fields))
         for tag in request_tags(checked):  # <lora:...> tags: names of models/lora, as every other name
             self.model_name("lora", tag.name, "prompt")
         if checked.enable_hr:
@@ -240,14 +240,14 @@ class ServerState:
         return request, stored
 
     def _store(self, value, stored: list[str]):
-        if isinstance(value, _Upload):
+        if isinstance(value, Upload):
             value = self.save_upload(value.image, value.kind)
             stored.append(value)
         return value
 
 
 @dataclass(frozen=True)
-class _Upload:
+class Upload:
     """A decoded picture waiting to be stored (``ServerState._store``)."""
 
     image: Any
@@ -257,10 +257,10 @@ class _Upload:
 STAND_IN = "(upload)"
 
 
-def _with_stand_ins(fields: dict) -> dict:
+def with_stand_ins(fields: dict) -> dict:
     """The fields with a placeholder path for every picture not stored yet (validation only)."""
     def stand_in(v):
-        return STAND_IN if isinstance(v, _Upload) else v
+        return STAND_IN if isinstance(v, Upload) else v
 
     out = {k: stand_in(v) for k, v in fields.items()}
     if out.get("ip_adapter_image"):

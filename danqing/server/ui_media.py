@@ -17,6 +17,7 @@ from danqing.server.talk import prepare_talk
 from danqing.server.threed import prepare_3d_job
 from danqing.models.native import native_side
 from danqing.server.ui_i18n import t
+from danqing.server.ui_generate import controlnet_controls, with_controlnet
 from danqing.server.video import prepare_video
 
 
@@ -85,19 +86,28 @@ def threed_tab(gr, state):
 
 
 def video_tab(gr, state):
-    """Prompt, frames, fps, steps and seed -> a video job (with a clip to restyle: video-to-video);
-    the latest frame preview while it runs, then the clip in a player."""
+    """Prompt, frames, fps, steps and seed -> a video job: text-to-video (a motion module), with a
+    clip to restyle video-to-video, with a picture to animate image-to-video (a Stable Video
+    Diffusion checkpoint), and a ControlNet unit whose map conditions every frame; the latest
+    frame preview while it runs, then the clip in a player."""
+    checkpoints = [e.name for e in state.registry.scan("checkpoint")]
     with gr.Row():
         with gr.Column():
+            model = gr.Dropdown(checkpoints, value=state.options()["sd_model_checkpoint"], label=t("Checkpoint"))
             prompt = gr.Textbox(label=t("Prompt"), lines=2, placeholder="a red circle moving to the right")
             negative = gr.Textbox(label=t("Negative prompt"), lines=1)
             motion = gr.Dropdown([e.name for e in state.registry.scan("motion")], value=None,
                                  label=t("Motion module"))
-            clip = gr.Video(label=t("Clip to restyle (video-to-video)"), sources=["upload"])
-            with gr.Row():
-                cross = gr.Checkbox(label=t("Cross-frame attention"))
-                shared = gr.Checkbox(label=t("Shared noise"))
-                blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label=t("Flow blending"))
+            with gr.Tab(t("Clip to restyle (video-to-video)")):
+                clip = gr.Video(label=t("Clip to restyle (video-to-video)"), sources=["upload"])
+                with gr.Row():
+                    cross = gr.Checkbox(label=t("Cross-frame attention"))
+                    shared = gr.Checkbox(label=t("Shared noise"))
+                    blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label=t("Flow blending"))
+            with gr.Tab(t("Picture to animate (image-to-video)")):
+                picture = gr.Image(type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                   label=t("Picture to animate (a Stable Video Diffusion checkpoint; Euler)"))
+                bucket = gr.Slider(1, 255, value=127, step=1, label=t("Motion bucket"))
             side = native_side(state.registry, state.options()["sd_model_checkpoint"])
             with gr.Row():
                 width = gr.Slider(64, 2048, value=side, step=8, label=t("Width"))
@@ -107,26 +117,34 @@ def video_tab(gr, state):
                 fps = gr.Slider(1, 60, value=8, step=1, label=t("Frames per second"))
             with gr.Row():
                 steps = gr.Slider(1, 150, value=20, step=1, label=t("Sampling steps"))
+                cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label=t("CFG scale"))
                 strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=t("Denoising strength"))
             seed = gr.Number(value=-1, precision=0, label=t("Seed"))
+            unit = controlnet_controls(gr, state, "video")
             go = gr.Button(t("Make video"), variant="primary")
         with gr.Column():
             preview = gr.Image(label=t("Preview"), type="pil", interactive=False)
             status = gr.Textbox(label=t("Status"), interactive=False)
             player = gr.Video(label=t("Video"), interactive=False, autoplay=True)
 
-    def run(text, neg, mm, upload, x, sh, b, w, h, n, rate, k, d, s):
-        fields = {"prompt": text or "", "negative_prompt": neg or "", "steps": int(k), "seed": int(s)}
+    def run(ckpt, text, neg, mm, upload, x, sh, b, still, mb, w, h, n, rate, k, scale, d, s, *control):
+        fields = {"prompt": text or "", "negative_prompt": neg or "", "steps": int(k), "seed": int(s),
+                  "cfg_scale": float(scale)}
+        if ckpt:
+            fields["model"] = ckpt
         if mm:
             fields["motion_module"] = mm
+        data = None
         if upload:
             fields.update(denoising_strength=float(d), cross_frame_attention=bool(x), shared_noise=bool(sh),
                           flow_blend=float(b))
             data = Path(upload).read_bytes()
         else:
             fields.update(frames=int(n), fps=int(rate), width=int(w), height=int(h))
-            data = None
-        job = yield from follow(state, lambda: prepare_video(state, fields, data))
+        if still is not None:  # image-to-video: SVD's own Euler schedule, the picture the only condition
+            fields.update(sampler="Euler", motion_bucket_id=int(mb))
+        fields = with_controlnet(fields, control)
+        job = yield from follow(state, lambda: prepare_video(state, fields, data, still))
         out = files_of(job, "videos")
         yield gr.skip(), f"done: {len(out)} clip(s)", next(iter(out.values()), None)
 
@@ -134,7 +152,8 @@ def video_tab(gr, state):
         for item in run(*args):
             yield item if len(item) == 3 else (*item, gr.skip())
 
-    go.click(stream, [prompt, negative, motion, clip, cross, shared, blend, width, height, frames, fps, steps, strength, seed], [preview, status, player])
+    go.click(stream, [model, prompt, negative, motion, clip, cross, shared, blend, picture, bucket, width, height,
+                      frames, fps, steps, cfg, strength, seed, *unit], [preview, status, player])
 
 
 def talk_tab(gr, state):

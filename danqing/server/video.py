@@ -23,7 +23,7 @@ from danqing.request_video import VideoRequest
 from danqing.server.jobs import resolve_for_queue
 from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder
 from danqing.server.security import check_frames, check_work, decode_base64, decode_image, strict_scalars
-from danqing.server.state import STAND_IN, ServerState
+from danqing.server.state import STAND_IN, ServerState, Upload, with_stand_ins
 from danqing.server.media import INDEX, JOB_ID, kept_uploads, queue, serve_file
 from danqing.video.studio import video2video_fields
 
@@ -83,10 +83,10 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
         fields["vae"] = state.model_name("vae", fields["vae"], "vae")
     if fields.get("motion_module") is not None:
         fields["motion_module"] = state.model_name("motion", fields["motion_module"], "motion_module")
-    if fields.get("controlnet"):  # maps this server returned (a picture for every frame); never another path
+    if fields.get("controlnet"):  # maps this server returned or uploads (a picture for every frame); never another path
         fields["controlnet"] = state.control_units(fields["controlnet"])
     stand_in = {"init_video": STAND_IN} if clip is not None else {"init_image": STAND_IN} if picture is not None else {}
-    checked = VideoRequest.create(**fields, **stand_in)
+    checked = VideoRequest.create(**with_stand_ins(fields), **stand_in)
     for tag in request_tags(checked):
         state.model_name("lora", tag.name, "prompt")
     check_work(checked, state.server)
@@ -96,12 +96,15 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
         if entry.format != "diffusers" or not is_svd_folder(entry.path):
             raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model ({SVD_PIPELINE} "
                                                f"folder); {checked.model!r} is not one")
-        with kept_uploads(state) as keep:
+    with kept_uploads(state) as keep:  # accepted: the uploads are kept (all removed if a later check fails)
+        if fields.get("controlnet"):  # a map uploaded with the request (the UI's), kept as a PNG
+            fields["controlnet"] = [{**u, "image": str(keep(png_bytes(u["image"].image), "control", (), ".png"))
+                                     if isinstance(u["image"], Upload) else u["image"]} for u in fields["controlnet"]]
+        if picture is not None:
             path = keep(png_bytes(picture), "init", (), ".png")
             return resolve_for_queue(VideoRequest.create(**fields, init_image=str(path)), state.settings.default_model)
-    if clip is None:
-        return resolve_for_queue(checked, state.settings.default_model)
-    with kept_uploads(state) as keep:
+        if clip is None:
+            return resolve_for_queue(VideoRequest.create(**fields), state.settings.default_model)
         path = keep(clip, "video", SIGNATURES, ".mp4")
         try:
             fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given

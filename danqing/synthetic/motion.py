@@ -95,6 +95,36 @@ def training_clips(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionCl
     return [_clip(rng, *rng.choice(combos), frames) for _ in range(n)]
 
 
+OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
+
+
+def mirrored(clip: MotionClip) -> MotionClip:
+    """``clip`` going the other way: the same object, background and seed, its path mirrored
+    across the picture's middle along the motion's axis (the twin of a contrast pair)."""
+    horizontal = STEP[clip.direction][0] != 0
+
+    def flip(p: tuple[float, float]) -> tuple[float, float]:
+        return (round(1 - p[0], 4), p[1]) if horizontal else (p[0], round(1 - p[1], 4))
+
+    return replace(clip, direction=OPPOSITE[clip.direction], start=flip(clip.start), end=flip(clip.end))
+
+
+def training_pairs(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+    """``2 * (n // 2)`` training clips in contrast pairs: clip ``2k + 1`` is clip ``2k``
+    mirrored (``mirrored``), so the two differ only in which way the object goes. Only the
+    (colour, shape, direction) combinations whose opposite is a training combination too are
+    drawn, so no twin is a held-out combination."""
+    rng = random.Random(f"motion-pairs:{seed}")
+    pairs, _ = _pairs()
+    combos = [(c, s, d) for c, s in pairs for d in DIRECTIONS
+              if held_out_direction(c, s) not in (d, OPPOSITE[d])]
+    out = []
+    for _ in range(n // 2):
+        clip = _clip(rng, *rng.choice(combos), frames)
+        out += [clip, mirrored(clip)]
+    return out
+
+
 def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
     """``n`` evaluation clips: each a training (colour, shape) pair in its held-out direction, so
     the colour-shape-motion combination is one no training clip has; the directions in turn."""
@@ -125,5 +155,5 @@ def motion_caption(clip: MotionClip, lang: str = "en", rng: random.Random | None
     return text
 
 
-__all__ = ["DIRECTIONS", "FRAMES", "MotionClip", "heldout_clips", "held_out_direction", "motion_caption",
-           "training_clips"]
+__all__ = ["DIRECTIONS", "FRAMES", "OPPOSITE", "MotionClip", "heldout_clips", "held_out_direction", "mirrored",
+           "motion_caption", "training_clips", "training_pairs"]

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from danqing.errors import InvalidRequest
 
@@ -521,6 +521,11 @@ class MotionModelConfig(_Strict):
     # adapter LoRA is)
     text_lora_rank: int = Field(0, ge=0)
     name: str = "danqing-tiny-motion"          # the LoRA's file name
+    # start from a trained module instead of zero output projections: a MotionAdapter folder
+    # (a path, or the name of one in models/motion/ or bundled); its cross-attention LoRA, when
+    # text_lora_rank is set, from resume_lora (a kohya file: a path or a LoRA name)
+    resume_from: str = ""
+    resume_lora: str = ""
 
 
 class MotionOptimConfig(_Strict):
@@ -535,11 +540,22 @@ class MotionOptimConfig(_Strict):
     # so which way it goes) by SNR(t), near 0.005 at the last timestep, so the plain objective
     # all but ignores the one thing only the caption can decide
     x0_weight_max: float = Field(1.0, ge=1)
+    # contrast pairs: the clips come as twins going opposite ways (synthetic.motion.training_pairs),
+    # and each batch holds batch_size / 2 twins at one timestep and one noise per twin pair, so
+    # at high noise the two noisy clips are all but the same and only their captions tell the
+    # two targets apart: the loss cannot fall without reading which way the caption says
+    mirror_pairs: bool = False
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _pairs_fill_batches(self):
+        if self.mirror_pairs and self.batch_size % 2:
+            raise ValueError(f"mirror_pairs needs an even batch_size (twins), not {self.batch_size}")
+        return self
 
 
 class MotionOutputConfig(_Strict):

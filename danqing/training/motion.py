@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from danqing.synthetic.motion import MotionClip, heldout_clips, motion_caption, training_clips
+from danqing.errors import InvalidRequest
+from danqing.synthetic.motion import MotionClip, heldout_clips, motion_caption, training_clips, training_pairs
 from danqing.synthetic.trajectory import score_clip, summarise_clips
 from danqing.training.base import encode_all
 from danqing.training.conditioning import encode_texts
@@ -109,6 +110,55 @@ def add_text_lora(unet, rank: int) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
+def _trained_file(name: str, field: str, bundled) -> Path:
+    """A path, or the name of a bundled entry (``bundled()``: registry entries)."""
+    if Path(name).exists():
+        return Path(name)
+    found = {e.name: e.path for e in bundled()}
+    if name not in found:
+        raise InvalidRequest(field, f"{name!r} is neither a path nor a bundled name ({', '.join(sorted(found)) or 'none'})")
+    return Path(found[name])
+
+
+def resume_adapter(adapter, name: str) -> None:
+    """Load the trained ``MotionAdapter`` folder ``name`` (a path or a bundled module's name)
+    into ``adapter``, which must have its shape."""
+    from diffusers import MotionAdapter
+
+    from danqing.models.registry import bundled_motion_entries
+
+    trained = MotionAdapter.from_pretrained(str(_trained_file(name, "model.resume_from", bundled_motion_entries)))
+    try:
+        adapter.load_state_dict(trained.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise InvalidRequest("model.resume_from", f"{name!r} is not shaped as [model] says: {str(e).splitlines()[0]}")
+
+
+def resume_text_lora(unet, comps, name: str) -> None:
+    """Load the kohya cross-attention LoRA ``name`` (a path or a bundled LoRA's name), as
+    ``save_text_lora`` wrote it, into the peft adapters of ``unet`` (its alpha folded into B)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from danqing.customise import kohya
+    from danqing.models.registry import bundled_lora_entries
+
+    sd = load_file(str(_trained_file(name, "model.resume_lora", bundled_lora_entries)))
+    ours = get_peft_model_state_dict(unet)
+    loaded = {}
+    for key, value in ours.items():
+        mod, _, part = key.rpartition(".lora_")
+        name_k = kohya.module_key("unet", mod, comps.family, dict(comps.unet.config))
+        suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
+        if f"{name_k}.{suffix}" not in sd or sd[f"{name_k}.{suffix}"].shape != value.shape:
+            raise InvalidRequest("model.resume_lora", f"{name!r} has no {name_k}.{suffix} of shape {tuple(value.shape)}: "
+                                                      "not a LoRA of this rank for this model")
+        rank = value.shape[0] if part == "A.weight" else value.shape[1]
+        scale = float(sd.get(f"{name_k}.alpha", torch.tensor(float(rank)))) / rank if part == "B.weight" else 1.0
+        loaded[key] = sd[f"{name_k}.{suffix}"].float() * scale
+    set_peft_model_state_dict(unet, loaded)
+
+
 def save_text_lora(unet, comps, path: Path, rank: int, metadata: dict[str, str]) -> Path:
     """The cross-attention LoRA of a motion UNet as a kohya file for the still UNet (the motion
     UNet's spatial modules have the still UNet's names)."""
@@ -158,6 +208,15 @@ def draw_timesteps(n_train: int, batch: int, high_share: float, g: torch.Generat
     return t
 
 
+def batch_indices(n_clips: int, batch: int, pairs: bool, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """(the batch's clip indices, clips per noise draw): ``batch`` random clips, or with ``pairs``
+    ``batch / 2`` random twin pairs (clips 2k and 2k + 1), twins side by side."""
+    if not pairs:
+        return torch.randint(n_clips, (batch,), generator=g), 1
+    k = torch.randint(n_clips // 2, (batch // 2,), generator=g)
+    return torch.stack([2 * k, 2 * k + 1], dim=1).flatten(), 2
+
+
 def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, cap: float) -> torch.Tensor:
     """Per-clip weights of the epsilon loss, ``max(1, min(1/SNR(t), cap))``: with them a clip at
     SNR < 1 counts its error in the picture (x0 = its epsilon error / SNR) up to ``cap``."""
@@ -174,18 +233,24 @@ def train_motion(cfg, *, log: Log = print) -> dict:
     run_dir = start_run(out.output_dir, resume=False, num_threads=out.num_threads)
     (run_dir / "eval.jsonl").unlink(missing_ok=True)
     comps, _, _ = load_float32(m.init_from)
-    clips = training_clips(d.n_clips, d.seed, d.frames)
+    clips = (training_pairs if tr.mirror_pairs else training_clips)(d.n_clips, d.seed, d.frames)
     mean, std = clip_latents(comps, clips, d.size, log)
     texts, caption_index = clip_captions(clips, d.captions_per_clip, d.seed)
     hidden = encode_texts(comps, texts + [""])                      # (U + 1, 77, D); the last: empty
     log(f"{len(clips)} clips of {d.frames} frames, {len(texts)} distinct captions")
     adapter = new_adapter(comps.unet, m, tr.seed)
+    if m.resume_from:
+        resume_adapter(adapter, m.resume_from)
+        log(f"motion layers from {m.resume_from}")
     unet, params = motion_unet_for_training(comps, adapter)
     log(f"motion layers: {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
     if m.text_lora_rank:
         lora = add_text_lora(unet, m.text_lora_rank)
         log(f"cross-attention LoRA: rank {m.text_lora_rank}, {sum(p.numel() for p in lora) / 1e6:.3f} M parameters")
         params += lora
+        if m.resume_lora:
+            resume_text_lora(unet, comps, m.resume_lora)
+            log(f"cross-attention LoRA from {m.resume_lora}")
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
 
@@ -201,14 +266,16 @@ def train_motion(cfg, *, log: Log = print) -> dict:
     t0, avg, history = time.perf_counter(), None, []
     for step in range(tr.steps):
         unet.train()
-        idx = torch.randint(len(clips), (tr.batch_size,), generator=g)
+        idx, twins = batch_indices(len(clips), tr.batch_size, tr.mirror_pairs, g)
         x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scale
         x0 = x0.permute(0, 2, 1, 3, 4)                               # (B, C, F, h, w)
-        noise = torch.randn(x0.shape, generator=g)
-        t = draw_timesteps(noise_sched.config.num_train_timesteps, tr.batch_size, tr.high_noise_share, g)
+        noise = torch.randn((len(idx) // twins, *x0.shape[1:]), generator=g).repeat_interleave(twins, dim=0)
+        t = draw_timesteps(noise_sched.config.num_train_timesteps, len(idx) // twins, tr.high_noise_share, g)
+        t = t.repeat_interleave(twins)
         noisy = noise_sched.add_noise(x0, noise, t)
         which = caption_index[idx, torch.randint(d.captions_per_clip, (tr.batch_size,), generator=g)]
-        which[torch.rand(tr.batch_size, generator=g) < d.caption_dropout] = len(texts)
+        dropped = (torch.rand(len(idx) // twins, generator=g) < d.caption_dropout).repeat_interleave(twins)
+        which[dropped] = len(texts)
         context = hidden[which].repeat_interleave(d.frames, dim=0)  # the UNet attends per frame
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         per_clip = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
@@ -251,5 +318,5 @@ def _save(unet, comps, run_dir: Path, m) -> None:
                         "danqing_use": f"with the motion module {m.name}: <lora:{m.name}:1>"})
 
 
-__all__ = ["draw_timesteps", "loss_weights", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
+__all__ = ["batch_indices", "draw_timesteps", "loss_weights", "resume_adapter", "resume_text_lora", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
            "save_text_lora", "generate_clips", "clip_scores", "train_motion"]
