@@ -260,3 +260,53 @@ def test_a_run_resumes_from_a_trained_module_and_lora_in_contrast_pairs(tmp_path
     with pytest.raises(Exception, match="neither a path nor a bundled name"):
         bad = {**resumed, "model": {**resumed["model"], "resume_from": "no-such-module"}}
         train_motion(MotionTrainConfig.model_validate(bad), log=lambda _: None)
+
+
+def test_a_motion_lora_run_trains_only_a_lora_on_the_frozen_module_and_writes_a_motion_lora(tmp_path):
+    """``model.motion_lora_rank``: the bundled module stays as it is, its cross-attention LoRA is
+    folded in (the same outputs as that LoRA applied through peft), and the run writes a file
+    every layer of which is one of the module's temporal attention projections (a motion LoRA
+    that ``<lora:NAME:1>`` resolves against the bundled module)."""
+    from danqing.customise.lora import read_network
+    from danqing.customise.motion_lora import resolve_motion
+    from danqing.models.motion import is_motion_network
+    from danqing.models.registry import bundled_motion_entries
+    from danqing.training.motion import (add_text_lora, merge_text_lora, motion_unet_for_training, new_adapter,
+                                         resume_adapter, resume_text_lora, train_motion)
+    from danqing.training.runs import load_float32
+
+    cfg = MotionTrainConfig.model_validate({"model": {"text_lora_rank": 8, "resume_from": "danqing-tiny-motion",
+                                                      "resume_lora": "danqing-tiny-motion"}})
+    comps, _, _ = load_float32("danqing-tiny")
+    outs = []
+    for fold in (True, False):
+        adapter = new_adapter(comps.unet, cfg.model, 0)
+        resume_adapter(adapter, "danqing-tiny-motion")
+        unet, _ = motion_unet_for_training(comps, adapter)
+        if fold:
+            assert merge_text_lora(unet, comps, "danqing-tiny-motion") == 28  # 7 transformers x 4 projections
+        else:
+            add_text_lora(unet, 8)
+            resume_text_lora(unet, comps, "danqing-tiny-motion")
+        torch.manual_seed(0)
+        x, ctx = torch.randn(1, 4, 4, 8, 8), torch.randn(4, 77, comps.unet.config.cross_attention_dim)
+        with torch.no_grad():
+            outs.append(unet(x, torch.tensor([700]), encoder_hidden_states=ctx).sample)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+    run = {**SHORT, "data": {**SHORT["data"], "directions": ["right"]},
+           "model": {"motion_lora_rank": 2, "resume_from": "danqing-tiny-motion", "resume_lora": "danqing-tiny-motion",
+                     "name": "right"},
+           "output": {**SHORT["output"], "output_dir": str(tmp_path / "run")}}
+    lines = []
+    train_motion(MotionTrainConfig.model_validate(run), log=lines.append)
+    assert any("folded in: 28 layers" in x for x in lines) and not (tmp_path / "run" / "model").exists()
+    modules, meta = read_network(tmp_path / "run" / "right.safetensors")
+    assert is_motion_network(modules) and len(modules) == 10 * 4 and "danqing-tiny-motion" in meta["danqing_use"]
+    bundled = next(e for e in bundled_motion_entries() if e.name == "danqing-tiny-motion")
+    motion = new_adapter(comps.unet, cfg.model, 0)
+    resume_adapter(motion, str(bundled.path))
+    unet, _ = motion_unet_for_training(comps, motion)
+    assert len(resolve_motion("right", "0" * 64, modules, unet, "danqing-tiny-motion").targets) == 40  # 10 motion layers x 4
+    with pytest.raises(ValueError, match="resume_from"):
+        MotionTrainConfig.model_validate({"model": {"motion_lora_rank": 2}})

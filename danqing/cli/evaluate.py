@@ -404,6 +404,10 @@ def eval_motion(
     lora: list[str] = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
                                    help="A LoRA on every prompt (<lora:NAME:WEIGHT>; repeatable), e.g. the module's "
                                         "cross-attention LoRA from danqing train motion [default: none]."),
+    direction_lora: Optional[str] = typer.Option(
+        None, "--direction-lora", metavar="PREFIX",
+        help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (e.g. danqing-tiny-motion for the "
+             "bundled danqing-tiny-motion-right/-left/-up/-down) [default: none]."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
                                                                      "empty folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
@@ -432,6 +436,8 @@ def eval_motion(
     scores, rows = [], []
     for i, clip in enumerate(heldout_clips(n)):
         prompt = motion_caption(clip, lang) + suffix
+        if direction_lora:  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
+            prompt += lora_tags([f"{direction_lora}-{clip.direction}"])
         request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
                                cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion)
         result = videos.generate(request)
@@ -444,6 +450,7 @@ def eval_motion(
         typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
                    f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
     summary = {"n": n, "lang": lang, "motion": result.request.motion_module, "model": model, "lora": lora,
+               "direction_lora": direction_lora,
                "steps": steps, **summarise_clips(scores)}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

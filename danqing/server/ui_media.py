@@ -93,7 +93,8 @@ def video_tab(gr, state):
     checkpoints = [e.name for e in state.registry.scan("checkpoint")]
     with gr.Row():
         with gr.Column():
-            model = gr.Dropdown(checkpoints, value=state.options()["sd_model_checkpoint"], label=t("Checkpoint"))
+            model = gr.Dropdown(checkpoints, value=None, label=t("Video checkpoint (empty = the checkpoint above; "
+                                                                 "image-to-video: a Stable Video Diffusion one)"))
             prompt = gr.Textbox(label=t("Prompt"), lines=2, placeholder="a red circle moving to the right")
             negative = gr.Textbox(label=t("Negative prompt"), lines=1)
             motion = gr.Dropdown([e.name for e in state.registry.scan("motion")], value=None,

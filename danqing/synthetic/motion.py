@@ -86,12 +86,12 @@ def _clip(rng: random.Random, colour: str, shape: str, direction: str, frames: i
                       tuple(round(t, 4) for t in end), bg, bg2, style, rng.randrange(2**31), frames)
 
 
-def training_clips(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+def training_clips(n: int, seed: int = 0, frames: int = FRAMES, directions=DIRECTIONS) -> list[MotionClip]:
     """``n`` training clips: the still world's training (colour, shape) pairs, each in its three
-    directions that are not held out."""
+    directions that are not held out (of ``directions``)."""
     rng = random.Random(f"motion-train:{seed}")
     pairs, _ = _pairs()
-    combos = [(c, s, d) for c, s in pairs for d in DIRECTIONS if d != held_out_direction(c, s)]
+    combos = [(c, s, d) for c, s in pairs for d in directions if d != held_out_direction(c, s)]
     return [_clip(rng, *rng.choice(combos), frames) for _ in range(n)]
 
 
@@ -109,14 +109,14 @@ def mirrored(clip: MotionClip) -> MotionClip:
     return replace(clip, direction=OPPOSITE[clip.direction], start=flip(clip.start), end=flip(clip.end))
 
 
-def training_pairs(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+def training_pairs(n: int, seed: int = 0, frames: int = FRAMES, directions=DIRECTIONS) -> list[MotionClip]:
     """``2 * (n // 2)`` training clips in contrast pairs: clip ``2k + 1`` is clip ``2k``
     mirrored (``mirrored``), so the two differ only in which way the object goes. Only the
     (colour, shape, direction) combinations whose opposite is a training combination too are
     drawn, so no twin is a held-out combination."""
     rng = random.Random(f"motion-pairs:{seed}")
     pairs, _ = _pairs()
-    combos = [(c, s, d) for c, s in pairs for d in DIRECTIONS
+    combos = [(c, s, d) for c, s in pairs for d in directions
               if held_out_direction(c, s) not in (d, OPPOSITE[d])]
     out = []
     for _ in range(n // 2):
@@ -125,7 +125,7 @@ def training_pairs(n: int, seed: int = 0, frames: int = FRAMES) -> list[MotionCl
     return out
 
 
-def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES, directions=DIRECTIONS) -> list[MotionClip]:
     """``n`` evaluation clips: each a training (colour, shape) pair in its held-out direction, so
     the colour-shape-motion combination is one no training clip has; the directions in turn."""
     rng = random.Random(f"motion-eval:{seed}")
@@ -133,7 +133,7 @@ def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES) -> list[Moti
     by_direction = {d: [(c, s) for c, s in pairs if held_out_direction(c, s) == d] for d in DIRECTIONS}
     out = []
     for i in range(n):
-        d = DIRECTIONS[i % len(DIRECTIONS)]
+        d = directions[i % len(directions)]
         c, s = rng.choice(by_direction[d])
         out.append(replace(_clip(rng, c, s, d, frames), style="plain"))
     return out

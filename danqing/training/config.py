@@ -504,6 +504,8 @@ class MotionDataConfig(_Strict):
     size: int = Field(64, ge=16)               # picture side
     captions_per_clip: int = Field(4, ge=1)    # phrasings per clip, English and Chinese in turn
     caption_dropout: float = Field(0.1, ge=0, le=1)  # share of steps trained on the empty caption (for CFG)
+    # the directions of the training (and evaluation) clips: all four, or one for a motion LoRA
+    directions: list[Literal["right", "left", "up", "down"]] = ["right", "left", "up", "down"]
     seed: int = 0
 
 
@@ -526,6 +528,16 @@ class MotionModelConfig(_Strict):
     # text_lora_rank is set, from resume_lora (a kohya file: a path or a LoRA name)
     resume_from: str = ""
     resume_lora: str = ""
+    # above 0: train a MotionLoRA of this rank (AnimateDiff's: LoRAs on the motion layers' temporal
+    # attention) for the module resume_from, which stays frozen with resume_lora folded in;
+    # written as OUTPUT_DIR/NAME.safetensors for <lora:NAME:1> in a video prompt
+    motion_lora_rank: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _motion_lora_needs_a_module(self):
+        if self.motion_lora_rank and not self.resume_from:
+            raise ValueError("motion_lora_rank: a motion LoRA is trained for a trained module; name it in resume_from")
+        return self
 
 
 class MotionOptimConfig(_Strict):

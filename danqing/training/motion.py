@@ -100,8 +100,7 @@ def add_text_lora(unet, rank: int) -> list[torch.nn.Parameter]:
     of a motion UNet; returns their parameters (the only ones of them that train)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    projection = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$")
-    targets = sorted(n for n, _ in unet.named_modules() if "motion_modules" not in n and projection.search(n))
+    targets = sorted(n for n, _ in unet.named_modules() if "motion_modules" not in n and TEXT_PROJECTIONS.search(n))
     training = [p for p in unet.parameters() if p.requires_grad]
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets),
                             unet)
@@ -157,6 +156,62 @@ def resume_text_lora(unet, comps, name: str) -> None:
         scale = float(sd.get(f"{name_k}.alpha", torch.tensor(float(rank)))) / rank if part == "B.weight" else 1.0
         loaded[key] = sd[f"{name_k}.{suffix}"].float() * scale
     set_peft_model_state_dict(unet, loaded)
+
+
+TEXT_PROJECTIONS = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$")
+MOTION_PROJECTIONS = re.compile(r"\.attn1\.(to_q|to_k|to_v|to_out\.0)$")
+
+
+def merge_text_lora(unet, comps, name: str) -> int:
+    """Fold the kohya cross-attention LoRA ``name`` (a path or a bundled LoRA's name) into the
+    weights of ``unet`` (a motion UNet, frozen), as ``<lora:NAME:1>`` does at sampling; returns
+    the layers changed."""
+    from safetensors.torch import load_file
+
+    from danqing.customise import kohya
+    from danqing.models.registry import bundled_lora_entries
+
+    sd = load_file(str(_trained_file(name, "model.resume_lora", bundled_lora_entries)))
+    done = 0
+    with torch.no_grad():
+        for mod_name, module in unet.named_modules():
+            if "motion_modules" in mod_name or not TEXT_PROJECTIONS.search(mod_name):
+                continue
+            key = kohya.module_key("unet", mod_name, comps.family, dict(comps.unet.config))
+            if f"{key}.lora_down.weight" not in sd:
+                continue
+            down, up = sd[f"{key}.lora_down.weight"].float(), sd[f"{key}.lora_up.weight"].float()
+            alpha = float(sd.get(f"{key}.alpha", torch.tensor(float(down.shape[0]))))
+            module.weight += (up @ down) * (alpha / down.shape[0])
+            done += 1
+    if not done:
+        raise InvalidRequest("model.resume_lora", f"{name!r} has no cross-attention layer of this model")
+    return done
+
+
+def add_motion_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+    """peft LoRA adapters of ``rank`` (alpha = rank) on the motion layers' temporal attention
+    projections (AnimateDiff's MotionLoRA); every other weight is frozen. Returns their parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    targets = sorted(n for n, _ in unet.named_modules() if "motion_modules" in n and MOTION_PROJECTIONS.search(n))
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets),
+                            unet)
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def save_motion_lora(unet, path: Path, metadata: dict[str, str]) -> Path:
+    """The motion LoRA of a motion UNet in diffusers' layout (``unet.<layer>.lora_A.weight``),
+    which ``<lora:NAME:1>`` in a video prompt reads (``customise.motion_lora``)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from danqing.files import atomic_save
+
+    sd = {f"unet.{k}": v.detach().float().contiguous() for k, v in get_peft_model_state_dict(unet).items()
+          if "lora_" in k and "motion_modules" in k}
+    return atomic_save(path, lambda p: save_file(sd, str(p), metadata=metadata), overwrite=True)
 
 
 def save_text_lora(unet, comps, path: Path, rank: int, metadata: dict[str, str]) -> Path:
@@ -233,7 +288,7 @@ def train_motion(cfg, *, log: Log = print) -> dict:
     run_dir = start_run(out.output_dir, resume=False, num_threads=out.num_threads)
     (run_dir / "eval.jsonl").unlink(missing_ok=True)
     comps, _, _ = load_float32(m.init_from)
-    clips = (training_pairs if tr.mirror_pairs else training_clips)(d.n_clips, d.seed, d.frames)
+    clips = (training_pairs if tr.mirror_pairs else training_clips)(d.n_clips, d.seed, d.frames, d.directions)
     mean, std = clip_latents(comps, clips, d.size, log)
     texts, caption_index = clip_captions(clips, d.captions_per_clip, d.seed)
     hidden = encode_texts(comps, texts + [""])                      # (U + 1, 77, D); the last: empty
@@ -244,7 +299,12 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         log(f"motion layers from {m.resume_from}")
     unet, params = motion_unet_for_training(comps, adapter)
     log(f"motion layers: {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
-    if m.text_lora_rank:
+    if m.motion_lora_rank:  # a MotionLoRA for a trained module (and its cross-attention LoRA, folded in)
+        if m.resume_lora:
+            log(f"cross-attention LoRA {m.resume_lora} folded in: {merge_text_lora(unet, comps, m.resume_lora)} layers")
+        params = add_motion_lora(unet, m.motion_lora_rank)
+        log(f"motion LoRA: rank {m.motion_lora_rank}, {sum(p.numel() for p in params) / 1e6:.3f} M parameters")
+    elif m.text_lora_rank:
         lora = add_text_lora(unet, m.text_lora_rank)
         log(f"cross-attention LoRA: rank {m.text_lora_rank}, {sum(p.numel() for p in lora) / 1e6:.3f} M parameters")
         params += lora
@@ -260,7 +320,7 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         return 0.5 * (1 + math.cos(math.pi * (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    eval_set = heldout_clips(out.eval_clips, frames=d.frames)
+    eval_set = heldout_clips(out.eval_clips, frames=d.frames, directions=d.directions)
     scale = comps.vae.config.scaling_factor
     g = torch.Generator().manual_seed(tr.seed)
     t0, avg, history = time.perf_counter(), None, []
@@ -301,14 +361,20 @@ def train_motion(cfg, *, log: Log = print) -> dict:
             write_json_line(run_dir / "eval.jsonl", row)
     summary = {"steps": tr.steps, "minutes": round((time.perf_counter() - t0) / 60, 2),
                "params": sum(p.numel() for p in params), **history[-1]}
-    log(f"wrote {run_dir / 'model'}: {json.dumps(summary)}")
+    log(f"wrote {run_dir / (f'{m.name}.safetensors' if m.motion_lora_rank else 'model')}: {json.dumps(summary)}")
     return summary
 
 
 def _save(unet, comps, run_dir: Path, m) -> None:
-    """The motion module as ``run_dir/model`` (a diffusers ``MotionAdapter`` folder of the
+    """A motion LoRA run's LoRA as ``run_dir/NAME.safetensors``; else the motion module as
+    ``run_dir/model`` (a diffusers ``MotionAdapter`` folder of the
     config's shape: diffusers' own ``save_motion_modules`` writes the UNet's norm groups in place
     of the module's) and, when one trains, the cross-attention LoRA as ``run_dir/NAME.safetensors``."""
+    if m.motion_lora_rank:  # the module is resume_from's, unchanged: only the LoRA is new
+        save_motion_lora(unet, run_dir / f"{m.name}.safetensors",
+                         {"ss_network_dim": str(m.motion_lora_rank), "ss_network_alpha": str(m.motion_lora_rank),
+                          "danqing_use": f"a motion LoRA of {m.resume_from}: <lora:{m.name}:1>"})
+        return
     adapter = new_adapter(comps.unet, m, 0)
     adapter.load_state_dict({k: v for k, v in unet.state_dict().items() if "motion_modules" in k}, strict=True)
     adapter.save_pretrained(str(run_dir / "model"))
@@ -318,5 +384,5 @@ def _save(unet, comps, run_dir: Path, m) -> None:
                         "danqing_use": f"with the motion module {m.name}: <lora:{m.name}:1>"})
 
 
-__all__ = ["batch_indices", "draw_timesteps", "loss_weights", "resume_adapter", "resume_text_lora", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
+__all__ = ["add_motion_lora", "merge_text_lora", "save_motion_lora", "batch_indices", "draw_timesteps", "loss_weights", "resume_adapter", "resume_text_lora", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
            "save_text_lora", "generate_clips", "clip_scores", "train_motion"]
