@@ -182,10 +182,20 @@ def test_cli_eval_motion_judges_held_out_clips_and_refuses_bad_input(motion_home
     assert {"direction", "identity", "object", "speed"} <= summary.keys()
     assert [c["prompt"] for c in report["clips"]] == [motion_caption(c) + " <lora:short:1>" for c in heldout_clips(2)]
     assert len(list((tmp_path / "gifs").glob("*.gif"))) == 2
+    # another kind: its held-out clips, judged by the change score
+    from danqing.synthetic.motion import heldout_kind_clips
+
+    result = runner.invoke(app, ["--home", str(motion_home), "--device", "cpu", "eval", "motion", "--n", "1",
+                                 "--steps", "2", "--kind", "grow", "--json", str(tmp_path / "g.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["summary"]["kind"] == "grow" and {"done", "kept", "object"} <= report["summary"].keys()
+    assert report["clips"][0]["prompt"] == motion_caption(heldout_kind_clips(1, "grow")[0])
     from danqing.cli import main
 
     for args, message in [(["--n", "0"], "n: must be 1-500, got 0"), (["--lang", "fr"], "lang: must be one of en, zh"),
-                          (["--motion", "nope"], "unknown motion module 'nope'")]:
+                          (["--motion", "nope"], "unknown motion module 'nope'"),
+                          (["--kind", "spin"], "kind: must be one of line, arc, grow, shrink, recolour")]:
         with pytest.raises(SystemExit) as exc:
             main(["--home", str(motion_home), "eval", "motion", "--n", "1", *args])
         err = capsys.readouterr().err
@@ -310,3 +320,46 @@ def test_a_motion_lora_run_trains_only_a_lora_on_the_frozen_module_and_writes_a_
     assert len(resolve_motion("right", "0" * 64, modules, unet, "danqing-tiny-motion").targets) == 40  # 10 motion layers x 4
     with pytest.raises(ValueError, match="resume_from"):
         MotionTrainConfig.model_validate({"model": {"motion_lora_rank": 2}})
+
+
+@pytest.mark.parametrize("kind", ["arc", "grow", "shrink", "recolour"])
+def test_clips_of_the_other_kinds_are_judged_done_and_their_reversals_not(kind):
+    """Arcs, growing, shrinking and recolouring objects: rendered clips of held-out combinations
+    score done, kept and object 1.0; played backwards the change is not the asked one (an arc
+    goes the other way, growing is shrinking, the colours swap ends)."""
+    from danqing.synthetic.motion import held_out_change, heldout_kind_clips
+    from danqing.synthetic.trajectory import score_change, summarise_changes
+
+    clips = heldout_kind_clips(6, kind)
+    assert all(c.kind == kind and held_out_change(c.colour, c.shape) == kind for c in clips)
+    right = summarise_changes([score_change(_frames(c), c) for c in clips])
+    assert right == {"clips": 6, "done": 1.0, "kept": 1.0, "object": 1.0}
+    assert not any(score_change(_frames(c)[::-1], c).done for c in clips)
+    if kind == "arc":  # a straight line along the same way is no arc
+        line = replace(clips[0], kind="line")
+        assert score_clip(_frames(line), line.colour, line.shape, line.direction).direction
+        assert not score_change(_frames(line), clips[0]).done
+    if kind in ("grow", "shrink"):  # an object that keeps its size neither grows nor shrinks
+        assert not score_change([_frames(clips[0])[0]] * 16, clips[0]).done
+
+
+def test_other_kinds_have_captions_and_training_clips_leave_each_pairs_held_out_change_out():
+    from danqing.synthetic.motion import KINDS, held_out_change, kind_clip
+    from danqing.synthetic.scenes import Scene
+
+    rng = random.Random(0)
+    grow = kind_clip(rng, "red", "circle", "grow")
+    assert motion_caption(grow) == "a red circle growing" and motion_caption(grow, "zh") == "一个红色的圆形变大"
+    turn = replace(kind_clip(rng, "red", "circle", "recolour"), colour_2="blue")
+    assert motion_caption(turn) == "a red circle turning blue" and motion_caption(turn, "zh") == "一个红色的圆形变成蓝色"
+    arc = kind_clip(rng, "red", "circle", "arc", direction="right")
+    assert motion_caption(arc) == "a red circle moving to the right in an arc"
+    assert motion_caption(arc, "zh") == "一个红色的圆形沿弧线向右移动"
+    mixed = training_clips(600, kinds=KINDS)
+    assert {c.kind for c in mixed} == set(KINDS)
+    assert not any(c.kind != "line" and held_out_change(c.colour, c.shape) == c.kind for c in mixed)
+    assert training_clips(50) == training_clips(50, kinds=("line",))  # the straight-line world is unchanged
+    # a still scene serialises as before (no scale unless it is not 1)
+    scene = training_clips(1)[0].scene_at(0)
+    assert "scale" not in scene.to_dict()["objects"][0] and Scene.from_dict(scene.to_dict()) == scene
+    assert Scene.from_dict(grow.scene_at(0).to_dict()) == grow.scene_at(0)

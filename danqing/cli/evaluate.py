@@ -404,6 +404,8 @@ def eval_motion(
     lora: list[str] = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
                                    help="A LoRA on every prompt (<lora:NAME:WEIGHT>; repeatable), e.g. the module's "
                                         "cross-attention LoRA from danqing train motion [default: none]."),
+    kind: str = typer.Option("line", help="Held-out clips of this kind: line (the direction's bar), arc, grow, shrink "
+                                          "or recolour."),
     direction_lora: Optional[str] = typer.Option(
         None, "--direction-lora", metavar="PREFIX",
         help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (e.g. danqing-tiny-motion for the "
@@ -419,8 +421,8 @@ def eval_motion(
     from danqing.outputs.video import save_video
     from danqing.request_video import VideoRequest
     from danqing.synthetic.captions import LANGS
-    from danqing.synthetic.motion import heldout_clips, motion_caption
-    from danqing.synthetic.trajectory import score_clip, summarise_clips
+    from danqing.synthetic.motion import KINDS, heldout_clips, heldout_kind_clips, motion_caption
+    from danqing.synthetic.trajectory import score_change, score_clip, summarise_changes, summarise_clips
     from danqing.video.studio import VideoStudio
 
     if not 1 <= n <= 500:
@@ -431,27 +433,35 @@ def eval_motion(
         refuse_existing(json_out)
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequest("out", f"{out} exists and is not an empty folder")
+    if kind not in KINDS:
+        raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     videos = VideoStudio(make_studio(ctx.obj))
     suffix = lora_tags(lora)
     scores, rows = [], []
-    for i, clip in enumerate(heldout_clips(n)):
+    clips = heldout_clips(n) if kind == "line" else heldout_kind_clips(n, kind)
+    for i, clip in enumerate(clips):
         prompt = motion_caption(clip, lang) + suffix
-        if direction_lora:  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
+        if direction_lora and clip.kind in ("line", "arc"):  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
             prompt += lora_tags([f"{direction_lora}-{clip.direction}"])
         request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
                                cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion)
         result = videos.generate(request)
-        s = score_clip(result.clips[0], clip.colour, clip.shape, clip.direction)
+        s = (score_clip(result.clips[0], clip.colour, clip.shape, clip.direction) if kind == "line"
+             else score_change(result.clips[0], clip))
         scores.append(s)
         rows.append({"prompt": prompt, "seed": seed + i, **s.to_dict()})
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             save_video(result.clips[0], out / f"{i:05d}.gif", 8, result.parameters[0])
-        typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
-                   f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
-    summary = {"n": n, "lang": lang, "motion": result.request.motion_module, "model": model, "lora": lora,
-               "direction_lora": direction_lora,
-               "steps": steps, **summarise_clips(scores)}
+        if kind == "line":
+            typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
+                       f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
+        else:
+            typer.echo(f"{i + 1}/{n} {prompt}: {kind} {'done' if s.done else 'not done'}, "
+                       f"object {'kept' if s.kept else 'lost'}, object score {s.object:.2f}")
+    summary = {"n": n, "lang": lang, "kind": kind, "motion": result.request.motion_module, "model": model,
+               "lora": lora, "direction_lora": direction_lora, "steps": steps,
+               **(summarise_clips(scores) if kind == "line" else summarise_changes(scores))}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:
         atomic_write_text(json_out, json.dumps({"summary": summary, "clips": rows}, indent=1))

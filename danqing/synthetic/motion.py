@@ -12,6 +12,7 @@ held-out (colour, shape) pairs stay out of training too.
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass, replace
@@ -29,6 +30,9 @@ PHRASES = {
     "zh": {"right": ("向右移动", "向右滑动", "往右移动"), "left": ("向左移动", "向左滑动", "往左移动"),
            "up": ("向上移动", "向上滑动", "往上移动"), "down": ("向下移动", "向下滑动", "往下移动")},
 }
+KINDS = ("line", "arc", "grow", "shrink", "recolour")  # how the object changes over the clip
+CHANGES = KINDS[2:]  # the kinds in which the object stays in place
+ARC = 0.16      # how far an arc bulges from the straight line, as a share of the picture
 FRAMES = 16     # frames of a training clip (the motion module's window)
 TRAVEL = 0.48   # mean distance an object travels over a clip, as a share of the picture's side
 
@@ -48,18 +52,58 @@ class MotionClip:
     style: str = "plain"
     seed: int = 0
     frames: int = FRAMES
+    kind: str = "line"          # one of KINDS
+    colour_2: str | None = None  # "recolour": the colour it turns into (from the middle frame on)
 
     def scene_at(self, i: int) -> Scene:
-        """The still scene of frame ``i``: the object at its place along the line, the same
-        background in every frame."""
+        """The still scene of frame ``i``: the object at its place along its path (a line, or an
+        arc bulging by ``ARC`` of the picture: up for a sideways move, right for an upward or
+        downward one), at its scale (growing 0.6 -> 1.4 of its size, shrinking the other way),
+        in its colour (a recolouring object turns at the middle frame); the same background in
+        every frame."""
         f = i / max(self.frames - 1, 1)
         x = self.start[0] + f * (self.end[0] - self.start[0])
         y = self.start[1] + f * (self.end[1] - self.start[1])
-        return Scene((Obj(self.shape, self.colour, self.size, round(x, 4), round(y, 4)),), self.background,
-                     self.background_2, self.style, seed=self.seed)
+        if self.kind == "arc":
+            bulge = ARC * math.sin(math.pi * f)
+            x, y = (x, y - bulge) if self.start[1] == self.end[1] else (x + bulge, y)
+        scale = {"grow": 0.6 + 0.8 * f, "shrink": 1.4 - 0.8 * f}.get(self.kind, 1.0)
+        colour = self.colour_2 if self.kind == "recolour" and 2 * i >= self.frames else self.colour
+        return Scene((Obj(self.shape, colour, self.size, round(x, 4), round(y, 4), round(scale, 4)),),
+                     self.background, self.background_2, self.style, seed=self.seed)
 
     def scenes(self) -> list[Scene]:
         return [self.scene_at(i) for i in range(self.frames)]
+
+
+def held_out_change(colour: str, shape: str) -> str:
+    """The change (arc, grow, shrink, recolour) no training clip of this (colour, shape) makes."""
+    return KINDS[1:][zlib.crc32(f"change:{colour}:{shape}".encode()) % (len(KINDS) - 1)]
+
+
+def kind_clip(rng: random.Random, colour: str, shape: str, kind: str, frames: int = FRAMES,
+              direction: str | None = None) -> MotionClip:
+    """A clip of ``kind``: an arc along ``direction`` (random when None) as a line clip's path
+    bulged; a growing, shrinking or recolouring object standing still near the middle (a
+    recolouring one turns into another of the still world's colours)."""
+    from danqing.synthetic.scenes import colours
+
+    if kind in ("line", "arc"):
+        clip = _clip(rng, colour, shape, direction or rng.choice(DIRECTIONS), frames)
+        return replace(clip, kind=kind)
+    base = _clip(rng, colour, shape, "right", frames)
+    at = (round(rng.uniform(0.35, 0.65), 4), round(rng.uniform(0.35, 0.65), 4))
+    other = rng.choice([c for c in colours() if c != colour]) if kind == "recolour" else None
+    return replace(base, direction="none", start=at, end=at, kind=kind, colour_2=other, size="large")
+
+
+def heldout_kind_clips(n: int, kind: str, seed: int = 0, frames: int = FRAMES) -> list[MotionClip]:
+    """``n`` clips of ``kind`` (not "line": ``heldout_clips``), each a training (colour, shape)
+    pair whose held-out change is ``kind`` (so no training clip makes that combination)."""
+    rng = random.Random(f"motion-eval-{kind}:{seed}")
+    pairs, _ = _pairs()
+    held = [(c, s) for c, s in pairs if held_out_change(c, s) == kind]
+    return [kind_clip(rng, *rng.choice(held), kind, frames) for _ in range(n)]
 
 
 def held_out_direction(colour: str, shape: str) -> str:
@@ -86,13 +130,25 @@ def _clip(rng: random.Random, colour: str, shape: str, direction: str, frames: i
                       tuple(round(t, 4) for t in end), bg, bg2, style, rng.randrange(2**31), frames)
 
 
-def training_clips(n: int, seed: int = 0, frames: int = FRAMES, directions=DIRECTIONS) -> list[MotionClip]:
+def training_clips(n: int, seed: int = 0, frames: int = FRAMES, directions=DIRECTIONS,
+                   kinds=("line",)) -> list[MotionClip]:
     """``n`` training clips: the still world's training (colour, shape) pairs, each in its three
-    directions that are not held out (of ``directions``)."""
+    directions that are not held out (of ``directions``) as straight lines; with more ``kinds``,
+    a share of clips of each other kind too, but each pair's held-out change (``held_out_change``)."""
     rng = random.Random(f"motion-train:{seed}")
     pairs, _ = _pairs()
     combos = [(c, s, d) for c, s in pairs for d in directions if d != held_out_direction(c, s)]
-    return [_clip(rng, *rng.choice(combos), frames) for _ in range(n)]
+    if tuple(kinds) == ("line",):  # the straight-line world as it always was
+        return [_clip(rng, *rng.choice(combos), frames) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        kind = rng.choice(list(kinds))
+        if kind == "line":
+            out.append(_clip(rng, *rng.choice(combos), frames))
+        else:
+            c, s = rng.choice([p for p in pairs if held_out_change(*p) != kind])
+            out.append(kind_clip(rng, c, s, kind, frames))
+    return out
 
 
 OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
@@ -139,12 +195,34 @@ def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES, directions=D
     return out
 
 
+CHANGE_PHRASES = {
+    "en": {"arc": ("moving to the {d} in an arc", "arcing to the {d}", "moving {d} along an arc"),
+           "grow": ("growing", "getting bigger", "growing larger"),
+           "shrink": ("shrinking", "getting smaller", "shrinking away"),
+           "recolour": ("turning {c}", "changing colour to {c}", "becoming {c}")},
+    "zh": {"arc": ("沿弧线向{d}移动", "划着弧线向{d}移动"), "grow": ("变大", "逐渐变大", "慢慢变大"),
+           "shrink": ("变小", "逐渐变小", "慢慢变小"), "recolour": ("变成{c}", "渐渐变成{c}", "变为{c}")},
+}
+ARC_WORDS = {"en": {"right": "right", "left": "left", "up": "top", "down": "bottom"},
+             "zh": {"right": "右", "left": "左", "up": "上", "down": "下"}}
+
+
+def _phrases(clip: MotionClip, lang: str) -> tuple[str, ...]:
+    if clip.kind == "line":
+        return PHRASES[lang][clip.direction]
+    from danqing.synthetic.scenes import colour_info
+
+    d = ARC_WORDS[lang].get(clip.direction, "")
+    c = (clip.colour_2 if lang == "en" else colour_info(clip.colour_2)["zh"]) if clip.colour_2 else ""
+    return tuple(p.format(d=d, c=c) for p in CHANGE_PHRASES[lang][clip.kind])
+
+
 def motion_caption(clip: MotionClip, lang: str = "en", rng: random.Random | None = None) -> str:
     """A caption of ``clip`` in ``lang``; canonical ("a red circle moving to the right",
-    "一个红色的圆形向右移动") when ``rng`` is None, else a random phrasing, sometimes with its
+    "一个红色的圆形向右移动", "a red circle growing", "a red circle turning blue") when ``rng`` is None, else a random phrasing, sometimes with its
     background."""
     obj = Obj(clip.shape, clip.colour, clip.size)
-    phrases = PHRASES[lang][clip.direction]
+    phrases = _phrases(clip, lang)
     phrase = phrases[0] if rng is None else rng.choice(phrases)
     if lang == "en":
         text = f"{_obj_en(obj, rng)} {phrase}"
@@ -155,5 +233,5 @@ def motion_caption(clip: MotionClip, lang: str = "en", rng: random.Random | None
     return text
 
 
-__all__ = ["DIRECTIONS", "FRAMES", "OPPOSITE", "MotionClip", "heldout_clips", "held_out_direction", "mirrored",
+__all__ = ["ARC", "CHANGES", "KINDS", "held_out_change", "heldout_kind_clips", "kind_clip", "DIRECTIONS", "FRAMES", "OPPOSITE", "MotionClip", "heldout_clips", "held_out_direction", "mirrored",
            "motion_caption", "training_clips", "training_pairs"]

@@ -105,7 +105,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     mask = Image.new("L", (s, s), 0)
     d, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
     for o in scene.objects:
-        r = vocab()["sizes"][o.size]["radius"] * s
+        r = vocab()["sizes"][o.size]["radius"] * o.scale * s
         rgb = tuple(colour_info(o.colour)["rgb"])
         draw_shape(d, o.shape, o.x * s, o.y * s, r, rgb, hole=(0, 0, 0))
         draw_shape(dm, o.shape, o.x * s, o.y * s, r, 255, hole=0)
@@ -120,7 +120,7 @@ def render_mask(scene: Scene, size: int = 64) -> Image.Image:
     mask = Image.new("L", (s, s), 0)
     dm = ImageDraw.Draw(mask)
     for o in scene.objects:
-        r = vocab()["sizes"][o.size]["radius"] * s
+        r = vocab()["sizes"][o.size]["radius"] * o.scale * s
         draw_shape(dm, o.shape, o.x * s, o.y * s, r, 255, hole=0)
     return mask.resize((size, size), Image.BOX)
 

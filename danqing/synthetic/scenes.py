@@ -66,13 +66,15 @@ def heldout_pairs() -> set[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Obj:
-    """One object: shape, colour, size ("small"/"large") and centre (x, y) in 0..1 of the image."""
+    """One object: shape, colour, size ("small"/"large") and centre (x, y) in 0..1 of the image;
+    ``scale`` multiplies the size's radius (1 everywhere but in growing and shrinking clips)."""
 
     shape: str
     colour: str
     size: str = "large"
     x: float = 0.5
     y: float = 0.5
+    scale: float = 1.0  # of the size's radius (a growing or shrinking object of the moving world)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class Scene:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["objects"] = [asdict(o) for o in self.objects]
+        # scale only where it is not 1: the still world's scenes serialise as they always have
+        d["objects"] = [{k: v for k, v in asdict(o).items() if k != "scale" or v != 1.0} for o in self.objects]
         return d
 
     @classmethod

@@ -12,6 +12,10 @@ the largest detection when there is none; its centroids make the trajectory.
 - **identity**: the largest object of every frame has the colour and shape of the first
   frame's (the object does not turn into another one, or vanish);
 - **object**: the mean of the frames' object scores (``evaluate.score``).
+
+Clips of the other kinds (an arc, a growing, shrinking or recolouring object) are judged by
+``score_change``: the asked change done (the arc's bulge, the area ratio, the colours at the two
+ends), the object kept, each frame's object score.
 """
 
 from __future__ import annotations
@@ -83,4 +87,75 @@ def summarise_clips(scores: list[ClipScore]) -> dict:
             "speed": float(np.mean(speeds)) if speeds else None}
 
 
-__all__ = ["ClipScore", "MIN_TRAVEL", "score_clip", "summarise_clips"]
+MIN_BULGE = 0.06   # share of the picture the middle frames must leave the straight line by, for an arc
+MIN_GROWTH = 1.4   # area ratio of the last frames to the first (or its inverse) for growing (shrinking)
+
+
+@dataclass(frozen=True)
+class ChangeScore:
+    """How a clip of another kind than a straight line did (``score_change``)."""
+
+    done: bool             # the asked change happened (the arc bulged and went the asked way, grew, shrank, turned)
+    measure: float | None  # the bulge (arc), the area ratio last / first (grow, shrink), None (recolour)
+    kept: bool             # it stayed the one object: its shape in every frame (and its colour, but recolouring)
+    object: float          # mean object score of the frames, against the colour each frame should show
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _track(frames, colours: list[str], shape: str) -> list:
+    """Each frame's detection of ``shape`` in that frame's colour, else its largest, else None."""
+    out = []
+    for frame, colour in zip(frames, colours):
+        found = detect(frame)
+        asked = [d for d in found if (d.colour, d.shape) == (colour, shape)]
+        out.append(asked[0] if asked else (found[0] if found else None))
+    return out
+
+
+def score_change(frames, clip) -> ChangeScore:
+    """The score of a clip of ``clip.kind`` "arc", "grow", "shrink" or "recolour"
+    (``synthetic.motion.MotionClip``): for an arc, the direction (as ``score_clip``) and the
+    middle frames' distance from the chord of the first and last frames' centres (at least
+    ``MIN_BULGE``); growing and shrinking, the tracked object's area over the last ``ENDS``
+    frames against the first (``MIN_GROWTH`` or more, or its inverse or less); recolouring, the
+    object in the first frames in its colour and in the last ones in the new colour."""
+    n = len(frames)
+    wanted = [clip.scene_at(i * (clip.frames - 1) // max(n - 1, 1)).objects[0].colour for i in range(n)]
+    track = _track(frames, wanted, clip.shape)
+    objects = float(np.mean([score(f, Spec(((clip.shape, c),))).object for f, c in zip(frames, wanted)]))
+    shapes_kept = all(d is not None and d.shape == clip.shape for d in track)
+    head, tail = [d for d in track[:ENDS] if d], [d for d in track[n - ENDS:] if d]
+    if not head or not tail:
+        return ChangeScore(False, None, False, objects)
+    if clip.kind == "arc":
+        line = score_clip(frames, clip.colour, clip.shape, clip.direction)
+        a = np.mean([(d.x, d.y) for d in head], axis=0)
+        b = np.mean([(d.x, d.y) for d in tail], axis=0)
+        mid = [np.array((d.x, d.y)) for d in track[n // 3: n - n // 3] if d]
+        chord = b - a
+        length = float(np.linalg.norm(chord)) or 1.0
+        bulge = max((abs(chord[0] * (p - a)[1] - chord[1] * (p - a)[0]) / length for p in mid), default=0.0)
+        return ChangeScore(bool(line.direction and bulge >= MIN_BULGE), round(float(bulge), 4),
+                           shapes_kept and line.identity, objects)
+    if clip.kind in ("grow", "shrink"):
+        ratio = float(np.mean([d.area for d in tail]) / max(np.mean([d.area for d in head]), 1e-6))
+        done = ratio >= MIN_GROWTH if clip.kind == "grow" else ratio <= 1 / MIN_GROWTH
+        colours_kept = all(d is not None and d.colour == clip.colour for d in track)
+        return ChangeScore(bool(done), round(ratio, 3), shapes_kept and colours_kept, objects)
+    if clip.kind == "recolour":
+        done = all(d.colour == clip.colour for d in head) and all(d.colour == clip.colour_2 for d in tail)
+        return ChangeScore(bool(done), None, shapes_kept, objects)
+    raise ValueError(f"no change score for a clip of kind {clip.kind!r}")
+
+
+def summarise_changes(scores: list[ChangeScore]) -> dict:
+    """The shares and means over clips of one kind: the change done, the object kept, the mean
+    object score."""
+    return {"clips": len(scores), "done": float(np.mean([s.done for s in scores])),
+            "kept": float(np.mean([s.kept for s in scores])), "object": float(np.mean([s.object for s in scores]))}
+
+
+__all__ = ["ChangeScore", "ClipScore", "MIN_BULGE", "MIN_GROWTH", "MIN_TRAVEL", "score_change", "score_clip",
+           "summarise_changes", "summarise_clips"]

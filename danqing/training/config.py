@@ -506,6 +506,9 @@ class MotionDataConfig(_Strict):
     caption_dropout: float = Field(0.1, ge=0, le=1)  # share of steps trained on the empty caption (for CFG)
     # the directions of the training (and evaluation) clips: all four, or one for a motion LoRA
     directions: list[Literal["right", "left", "up", "down"]] = ["right", "left", "up", "down"]
+    # the kinds of clips: straight lines only, or also arcs, growing, shrinking and recolouring
+    # objects (each (colour, shape) pair's held-out change left out; the evaluation stays on lines)
+    kinds: list[Literal["line", "arc", "grow", "shrink", "recolour"]] = ["line"]
     seed: int = 0
 
 

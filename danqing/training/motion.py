@@ -288,7 +288,10 @@ def train_motion(cfg, *, log: Log = print) -> dict:
     run_dir = start_run(out.output_dir, resume=False, num_threads=out.num_threads)
     (run_dir / "eval.jsonl").unlink(missing_ok=True)
     comps, _, _ = load_float32(m.init_from)
-    clips = (training_pairs if tr.mirror_pairs else training_clips)(d.n_clips, d.seed, d.frames, d.directions)
+    if tr.mirror_pairs and d.kinds != ["line"]:
+        raise InvalidRequest("train.mirror_pairs", "contrast pairs are straight lines; set data.kinds = [\"line\"]")
+    clips = (training_pairs(d.n_clips, d.seed, d.frames, d.directions) if tr.mirror_pairs
+             else training_clips(d.n_clips, d.seed, d.frames, d.directions, d.kinds))
     mean, std = clip_latents(comps, clips, d.size, log)
     texts, caption_index = clip_captions(clips, d.captions_per_clip, d.seed)
     hidden = encode_texts(comps, texts + [""])                      # (U + 1, 77, D); the last: empty
