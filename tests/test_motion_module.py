@@ -363,3 +363,15 @@ def test_other_kinds_have_captions_and_training_clips_leave_each_pairs_held_out_
     scene = training_clips(1)[0].scene_at(0)
     assert "scale" not in scene.to_dict()["objects"][0] and Scene.from_dict(scene.to_dict()) == scene
     assert Scene.from_dict(grow.scene_at(0).to_dict()) == grow.scene_at(0)
+
+
+def test_the_shipped_motion_configs_load():
+    from pathlib import Path
+
+    from danqing.training.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    module = load_config(root / "danqing-tiny-motion.toml", {}, model=MotionTrainConfig)
+    assert module.model.text_lora_rank == 8 and not module.model.motion_lora_rank
+    lora = load_config(root / "danqing-tiny-motion-lora.toml", {}, model=MotionTrainConfig)
+    assert lora.model.motion_lora_rank == 4 and lora.model.resume_from == "danqing-tiny-motion"

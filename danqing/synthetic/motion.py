@@ -196,14 +196,14 @@ def heldout_clips(n: int = 50, seed: int = 0, frames: int = FRAMES, directions=D
 
 
 CHANGE_PHRASES = {
-    "en": {"arc": ("moving to the {d} in an arc", "arcing to the {d}", "moving {d} along an arc"),
+    "en": {"arc": ("moving {d} in an arc", "arcing {d}", "moving {d} along an arc"),
            "grow": ("growing", "getting bigger", "growing larger"),
            "shrink": ("shrinking", "getting smaller", "shrinking away"),
            "recolour": ("turning {c}", "changing colour to {c}", "becoming {c}")},
     "zh": {"arc": ("沿弧线向{d}移动", "划着弧线向{d}移动"), "grow": ("变大", "逐渐变大", "慢慢变大"),
            "shrink": ("变小", "逐渐变小", "慢慢变小"), "recolour": ("变成{c}", "渐渐变成{c}", "变为{c}")},
 }
-ARC_WORDS = {"en": {"right": "right", "left": "left", "up": "top", "down": "bottom"},
+ARC_WORDS = {"en": {"right": "to the right", "left": "to the left", "up": "upwards", "down": "downwards"},
              "zh": {"right": "右", "left": "左", "up": "上", "down": "下"}}
 
 
