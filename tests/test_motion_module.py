@@ -375,3 +375,4 @@ def test_the_shipped_motion_configs_load():
     assert module.model.text_lora_rank == 8 and not module.model.motion_lora_rank
     lora = load_config(root / "danqing-tiny-motion-lora.toml", {}, model=MotionTrainConfig)
     assert lora.model.motion_lora_rank == 4 and lora.model.resume_from == "danqing-tiny-motion"
+

@@ -408,8 +408,8 @@ def eval_motion(
                                           "or recolour."),
     direction_lora: Optional[str] = typer.Option(
         None, "--direction-lora", metavar="PREFIX",
-        help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (e.g. danqing-tiny-motion for the "
-             "bundled danqing-tiny-motion-right/-left/-up/-down) [default: none]."),
+        help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (PREFIX-right, -left, -up and -down "
+             "in models/lora/, as configs/train/danqing-tiny-motion-lora.toml trains them) [default: none]."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
                                                                      "empty folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
