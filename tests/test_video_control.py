@@ -167,7 +167,9 @@ def test_per_frame_mode_runs_each_frame_with_its_map_as_a_picture(comps, control
         with torch.no_grad():
             one = sample(comps.unet, sched, noise[:, :, f], cond, steps=req.steps, cfg_scale=req.cfg_scale,
                          generators=make_generators([req.seed]), denoise_fn=control_of(controlnet, [maps[f]]))
-        assert (one.latents - clip[:, :, f]).abs().max().item() < 1e-4, f
+        # one picture against the same picture inside a batch of frames: the same sums in another
+        # GEMM order (measured up to 1.06e-4 on a 2-core machine), so a bound of 5e-4
+        assert (one.latents - clip[:, :, f]).abs().max().item() < 5e-4, f
 
 
 # -- the bundled danqing-tiny with its canny ControlNet, following a control clip ------------------
