@@ -133,28 +133,44 @@ def resume_adapter(adapter, name: str) -> None:
         raise InvalidRequest("model.resume_from", f"{name!r} is not shaped as [model] says: {str(e).splitlines()[0]}")
 
 
-def resume_text_lora(unet, comps, name: str) -> None:
-    """Load the kohya cross-attention LoRA ``name`` (a path or a bundled LoRA's name), as
-    ``save_text_lora`` wrote it, into the peft adapters of ``unet`` (its alpha folded into B)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def text_lora_layers(unet, comps, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The kohya cross-attention LoRA ``name`` (a path or a bundled LoRA's name), as
+    ``save_text_lora`` wrote it, per layer of ``unet`` it names: {module name: (down, up with
+    alpha / rank folded in)}."""
     from safetensors.torch import load_file
 
     from danqing.customise import kohya
     from danqing.models.registry import bundled_lora_entries
 
     sd = load_file(str(_trained_file(name, "model.resume_lora", bundled_lora_entries)))
-    ours = get_peft_model_state_dict(unet)
+    out = {}
+    for mod_name, _ in unet.named_modules():
+        if "motion_modules" in mod_name or not TEXT_PROJECTIONS.search(mod_name):
+            continue
+        key = kohya.module_key("unet", mod_name, comps.family, dict(comps.unet.config))
+        if f"{key}.lora_down.weight" in sd:
+            down, up = sd[f"{key}.lora_down.weight"].float(), sd[f"{key}.lora_up.weight"].float()
+            alpha = float(sd.get(f"{key}.alpha", torch.tensor(float(down.shape[0]))))
+            out[mod_name] = (down, up * (alpha / down.shape[0]))
+    if not out:
+        raise InvalidRequest("model.resume_lora", f"{name!r} has no cross-attention layer of this model")
+    return out
+
+
+def resume_text_lora(unet, comps, name: str) -> None:
+    """Load the kohya cross-attention LoRA ``name`` into the peft adapters of ``unet``."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    layers = text_lora_layers(unet, comps, name)
     loaded = {}
-    for key, value in ours.items():
+    for key, value in get_peft_model_state_dict(unet).items():
         mod, _, part = key.rpartition(".lora_")
-        name_k = kohya.module_key("unet", mod, comps.family, dict(comps.unet.config))
-        suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
-        if f"{name_k}.{suffix}" not in sd or sd[f"{name_k}.{suffix}"].shape != value.shape:
-            raise InvalidRequest("model.resume_lora", f"{name!r} has no {name_k}.{suffix} of shape {tuple(value.shape)}: "
+        got = layers.get(mod)
+        tensor = None if got is None else got[0] if part == "A.weight" else got[1]
+        if tensor is None or tensor.shape != value.shape:
+            raise InvalidRequest("model.resume_lora", f"{name!r} has no layer {mod} of shape {tuple(value.shape)}: "
                                                       "not a LoRA of this rank for this model")
-        rank = value.shape[0] if part == "A.weight" else value.shape[1]
-        scale = float(sd.get(f"{name_k}.alpha", torch.tensor(float(rank)))) / rank if part == "B.weight" else 1.0
-        loaded[key] = sd[f"{name_k}.{suffix}"].float() * scale
+        loaded[key] = tensor
     set_peft_model_state_dict(unet, loaded)
 
 
@@ -163,30 +179,13 @@ MOTION_PROJECTIONS = re.compile(r"\.attn1\.(to_q|to_k|to_v|to_out\.0)$")
 
 
 def merge_text_lora(unet, comps, name: str) -> int:
-    """Fold the kohya cross-attention LoRA ``name`` (a path or a bundled LoRA's name) into the
-    weights of ``unet`` (a motion UNet, frozen), as ``<lora:NAME:1>`` does at sampling; returns
-    the layers changed."""
-    from safetensors.torch import load_file
-
-    from danqing.customise import kohya
-    from danqing.models.registry import bundled_lora_entries
-
-    sd = load_file(str(_trained_file(name, "model.resume_lora", bundled_lora_entries)))
-    done = 0
+    """Fold the kohya cross-attention LoRA ``name`` into the weights of ``unet`` (a motion UNet,
+    frozen), as ``<lora:NAME:1>`` does at sampling; returns the layers changed."""
+    layers = text_lora_layers(unet, comps, name)
     with torch.no_grad():
-        for mod_name, module in unet.named_modules():
-            if "motion_modules" in mod_name or not TEXT_PROJECTIONS.search(mod_name):
-                continue
-            key = kohya.module_key("unet", mod_name, comps.family, dict(comps.unet.config))
-            if f"{key}.lora_down.weight" not in sd:
-                continue
-            down, up = sd[f"{key}.lora_down.weight"].float(), sd[f"{key}.lora_up.weight"].float()
-            alpha = float(sd.get(f"{key}.alpha", torch.tensor(float(down.shape[0]))))
-            module.weight += (up @ down) * (alpha / down.shape[0])
-            done += 1
-    if not done:
-        raise InvalidRequest("model.resume_lora", f"{name!r} has no cross-attention layer of this model")
-    return done
+        for mod_name, (down, up) in layers.items():
+            unet.get_submodule(mod_name).weight += up @ down
+    return len(layers)
 
 
 def add_motion_lora(unet, rank: int) -> list[torch.nn.Parameter]:
@@ -387,5 +386,5 @@ def _save(unet, comps, run_dir: Path, m) -> None:
                         "danqing_use": f"with the motion module {m.name}: <lora:{m.name}:1>"})
 
 
-__all__ = ["add_motion_lora", "merge_text_lora", "save_motion_lora", "batch_indices", "draw_timesteps", "loss_weights", "resume_adapter", "resume_text_lora", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
+__all__ = ["add_motion_lora", "merge_text_lora", "text_lora_layers", "save_motion_lora", "batch_indices", "draw_timesteps", "loss_weights", "resume_adapter", "resume_text_lora", "new_adapter", "clip_latents", "clip_captions", "motion_unet_for_training", "add_text_lora",
            "save_text_lora", "generate_clips", "clip_scores", "train_motion"]
