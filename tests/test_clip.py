@@ -17,7 +17,7 @@ from danqing.models.clip_model import BUNDLED_CLIP, clip_folder, load_clip
 from danqing.models.tokenizer import clip_tokenizer
 from danqing.synthetic.captions import caption
 from danqing.synthetic.scenes import eval_scenes, one_attribute_changes, scenes
-from danqing.training.clip import _features, build_model, contrastive_loss, retrieval_items, soften, trim
+from danqing.training.clip import _features, build_model, contrastive_loss, negative_order, retrieval_items, soften, trim
 from danqing.training.config import ClipTrainConfig
 
 TINY = {"model": {"projection_dim": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "patch_size": 16,
@@ -40,6 +40,23 @@ def test_each_change_alters_one_attribute_and_the_caption(n_objects, count):
         for lang in ("en", "zh"):
             texts = [caption(c, lang) for c in changes]
             assert caption(sc, lang) not in texts and len(set(texts)) == len(texts)
+
+
+@pytest.mark.parametrize("n_objects", [1, 2, 3])
+def test_even_negatives_take_the_kinds_of_change_in_turn(n_objects):
+    from collections import Counter
+
+    from danqing.synthetic.scenes import change_kind
+
+    for sc in scenes(4, 6, "train", n_objects):
+        changes = one_attribute_changes(sc)
+        uniform = negative_order(sc, changes, random.Random(1), "uniform")
+        even = negative_order(sc, changes, random.Random(1), "even")
+        assert sorted(map(str, uniform)) == sorted(map(str, even)) == sorted(map(str, changes))  # a reordering
+        kinds = Counter(change_kind(sc, c) for c in changes)
+        fewest = min(kinds.values())
+        head = Counter(change_kind(sc, c) for c in even[: fewest * len(kinds)])
+        assert head == {k: fewest for k in kinds}, (kinds, head)  # each kind as often, until the rarest runs out
 
 
 def test_retrieval_items_are_the_held_out_scenes_with_nine_distractors():

@@ -121,3 +121,34 @@ def test_a_picture_and_an_svd_checkpoint_make_the_librarys_image_to_video_clip(d
     # a prompt with the picture is one clear error: SVD reads the picture alone
     with pytest.raises(Exception, match="picture alone"):
         make(ui_demo, "a red circle", model="svd-tiny", picture=picture, frames=3, steps=2)
+
+
+def test_a_control_clip_gives_each_frame_its_map_as_the_library_does(demo, tmp_path):
+    """The unit's clip (a GIF of three maps, a circle moving right): kept under the server's
+    inputs as it came, the clip is the library's with that file; a picture and a clip together
+    are one clear error."""
+    import json
+
+    import gradio as gr
+
+    from danqing.outputs.video import read_video_parameters
+    from danqing.request_video import VideoRequest
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import Obj, Scene
+    from danqing.video.studio import VideoStudio
+
+    ui_demo, studio, _ = demo
+    maps = [render(Scene((Obj("circle", "red", "large", 0.25 + 0.25 * i, 0.5),), "white", "light grey", "plain"))
+            for i in range(3)]
+    maps[0].save(tmp_path / "maps.gif", save_all=True, append_images=maps[1:], duration=125, loop=0)
+    unit = (None, "danqing-tiny-canny", "canny", 1.0, "Balanced", str(tmp_path / "maps.gif"))
+    *_, (_, status, mp4) = make(ui_demo, "a red circle", motion="still-mm", steps=4, frames=3, seed=2, control=unit)
+    assert status == "done: 1 clip(s)"
+    ran = json.loads(read_video_parameters(mp4))["request"]
+    got = ran["controlnet"][0]
+    assert got["image"].endswith("-control.gif") and "init-images" in got["image"]
+    local = VideoStudio(studio).generate(VideoRequest.create(**{**ran, "controlnet": [
+        {**got, "image": str(tmp_path / "maps.gif")}]}), out=tmp_path / "local.mp4")
+    assert all(np.array_equal(a, b) for a, b in zip(read_frames(mp4), read_frames(local.paths[0])))
+    with pytest.raises(gr.Error, match="the control image or the control clip, not both"):
+        make(ui_demo, "a red circle", motion="still-mm", control=(maps[0], *unit[1:]))

@@ -26,14 +26,18 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(home):
-    from fastapi.testclient import TestClient
-
+def studio(home):
     from danqing import Settings, Studio
 
     models = home / "models"
     tiny_adapter().save_pretrained(models / "motion" / "tiny-mm")
-    studio = Studio(Settings(home=home / "studio", models_dir=models, device="cpu", dtype="fp32"))
+    return Studio(Settings(home=home / "studio", models_dir=models, device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def client(home, studio):
+    from fastapi.testclient import TestClient
+
     with TestClient(make_app(home / "server", studio=studio)) as c:
         yield c
 
@@ -92,6 +96,40 @@ def test_video2video_job_keeps_frames_and_rate(client):
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
 
 
+def test_a_control_clip_gives_each_frame_its_map(client, studio, home, tmp_path):
+    """``control_videos[0]``: a GIF of four maps (a circle moving right) conditions the frames one
+    by one, kept under the server's inputs; the clip is the library's with that file, and its
+    frame i is the frame i of a run with map i alone."""
+    from danqing.request_video import VideoRequest
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import Obj, Scene
+    from danqing.video.studio import VideoStudio
+
+    maps = [render(Scene((Obj("circle", "red", "large", 0.25 + 0.15 * i, 0.5),), "white", "light grey", "plain"))
+            for i in range(4)]
+    buf = io.BytesIO()
+    maps[0].save(buf, format="GIF", save_all=True, append_images=maps[1:], duration=125, loop=0)
+    req = {**TINY, "prompt": "a red circle", "frames": 4, "fps": 8, "steps": 4, "cfg_scale": 7.0, "seed": 3,
+           "model": "danqing-tiny", "motion": False, "controlnet": [{"model": "danqing-tiny-canny", "module": "canny"}]}
+    job = run_job(client, {"request": req, "control_videos": [base64.b64encode(buf.getvalue()).decode()]})
+    ran = job["result"]["request"]
+    kept = ran["controlnet"][0]["image"]
+    assert kept.endswith("-control.gif") and kept.startswith(str(home / "server" / "outputs" / "init-images"))
+    (tmp_path / "maps.gif").write_bytes(buf.getvalue())
+    got = read_frames(job["result"]["videos"][0]["path"])
+    assert len(got) == 4
+    local = VideoStudio(studio).generate(VideoRequest.create(**{**ran, "controlnet": [
+        {**ran["controlnet"][0], "image": str(tmp_path / "maps.gif")}]}), out=tmp_path / "local.mp4")
+    assert all(np.array_equal(a, b) for a, b in zip(got, read_frames(local.paths[0])))
+    # frame i is drawn with map i: as the frame of a run whose one picture (every frame's map) is map i
+    for i in (0, 3):
+        maps[i].save(tmp_path / f"map{i}.png")
+        one = VideoStudio(studio).generate(VideoRequest.create(**{**ran, "controlnet": [
+            {**ran["controlnet"][0], "image": str(tmp_path / f"map{i}.png")}]})).clips[0]
+        assert np.abs(np.asarray(one[i], int) - np.asarray(local.clips[0][i])).max() <= 1
+        assert np.abs(np.asarray(one[3 - i], int) - np.asarray(local.clips[0][3 - i])).mean() > 2  # another map
+
+
 @pytest.mark.parametrize("body,field,detail", [
     ({"request": {**TINY, "prompt": "x", "frames": 65}}, "request.frames", "65 frames is more than the limit of 64 (max_frames)"),
     ({"request": {**TINY, "prompt": "x", "frames": 0}}, "request.frames", "must be between 1 and 128"),
@@ -117,6 +155,18 @@ def test_video2video_job_keeps_frames_and_rate(client):
      "cannot be decoded"),
     ({"request": {**TINY, "prompt": "x", "frames": 9}, "init_video": gif_clip(5)}, "request.frames",
      "has 5 frames; ask for at most that many, got 9"),
+    ({"request": {**TINY, "prompt": "x", "frames": 6, "controlnet": [{"model": "danqing-tiny-canny"}]},
+      "control_videos": [gif_clip(5)]}, "control_videos.0", "the control clip has 5 frames; the video asks for 6"),
+    ({"request": {**TINY, "prompt": "x", "controlnet": [{"model": "danqing-tiny-canny"}]},
+      "control_videos": [base64.b64encode(b"\0" * 64).decode()]}, "control_videos.0", "cannot be decoded"),
+    ({"request": {**TINY, "prompt": "x", "controlnet": [{"model": "danqing-tiny-canny"}]},
+      "control_videos": ["not base64!"]}, "control_videos.0", "not valid base64"),
+    ({"request": {**TINY, "prompt": "x"}, "control_videos": [gif_clip(5)]}, None,
+     "control_videos: 1 clips for 0 ControlNet units"),
+    ({"request": {**TINY, "prompt": "x", "controlnet": [{"model": "danqing-tiny-canny", "image": "/etc/passwd"}]},
+      "control_videos": [gif_clip(5)]}, None, "control_videos.0: request.controlnet.0 has an image too"),
+    ({"request": {**TINY, "prompt": "x", "controlnet": [{"model": "../canny"}]}, "control_videos": [gif_clip(5)]},
+     "request.controlnet.0.model", "unknown controlnet '../canny'"),
     ({"request": {**TINY, "prompt": "x", "enable_hr": True}}, "request.enable_hr", "not available for video"),
     ({"request": {**TINY, "prompt": "x", "frames": 4.0}}, None, "frames"),
     ({"request": {**TINY, "prompt": "x"}, "extra": 1}, None, "extra"),

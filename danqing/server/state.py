@@ -130,6 +130,8 @@ class ServerState:
         is accepted) or a path this server returned."""
         if hasattr(value, "getbands"):
             return Upload(value, kind)
+        if isinstance(value, ClipUpload):  # a video job's control clip, kept by its route
+            return value
         return self._inside_inputs(value, field)
 
     def control_units(self, units) -> list[dict]:
@@ -254,13 +256,22 @@ class Upload:
     kind: str
 
 
+@dataclass(frozen=True)
+class ClipUpload:
+    """An uploaded clip (MP4, GIF or animated WebP bytes) waiting to be kept: a video job's
+    ControlNet unit whose frames are the frames' maps (``server/video.py``)."""
+
+    data: bytes
+    kind: str = "control"
+
+
 STAND_IN = "(upload)"
 
 
 def with_stand_ins(fields: dict) -> dict:
-    """The fields with a placeholder path for every picture not stored yet (validation only)."""
+    """The fields with a placeholder path for every picture or clip not stored yet (validation only)."""
     def stand_in(v):
-        return STAND_IN if isinstance(v, Upload) else v
+        return STAND_IN if isinstance(v, (Upload, ClipUpload)) else v
 
     out = {k: stand_in(v) for k, v in fields.items()}
     if out.get("ip_adapter_image"):

@@ -6,6 +6,8 @@ the mask, white = repaint as in A1111. Width and height start at the selected mo
 """
 
 # No ``from __future__ import annotations``: Gradio reads the handlers' annotations at run time.
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -16,6 +18,7 @@ from danqing.errors import DanqingError
 from danqing.outputs.store import read_infotext
 from danqing.preprocess import preprocessor_names
 from danqing.sampling.samplers import samplers, schedule_names
+from danqing.server.state import ClipUpload
 from danqing.server.ui_common import IMG2IMG_FIELDS, TXT2IMG_FIELDS, add_network, clean, item_path, run_job
 from danqing.server.ui_i18n import t
 
@@ -101,11 +104,14 @@ def hires_controls(gr, state, c: dict) -> None:
         c["hr_negative_prompt"] = gr.Textbox(label=t("Hires negative prompt (empty = same)"), lines=1)
 
 
-def controlnet_controls(gr, state, prefix: str) -> list:
-    """(image, model, module, weight, mode) of one ControlNet unit."""
+def controlnet_controls(gr, state, prefix: str, clip: bool = False) -> list:
+    """(image, model, module, weight, mode) of one ControlNet unit; with ``clip`` (the Video tab)
+    a sixth: a clip whose frames are the frames' maps, in place of the image."""
     with gr.Accordion(t("ControlNet"), open=False):
         image = gr.Image(type="pil", label=t("Control image (a map, or a picture + preprocessor)"),
                          sources=["upload", "clipboard"], elem_id=f"{prefix}_controlnet_image", image_mode="RGB")
+        video = (gr.Video(label=t("Or a control clip (frame i is frame i's map)"), sources=["upload"],
+                          elem_id=f"{prefix}_controlnet_video") if clip else None)
         with gr.Row():
             model = gr.Dropdown([e.name for e in state.registry.scan("controlnet")], value=None,
                                 label=t("ControlNet model"), elem_id=f"{prefix}_controlnet_model")
@@ -114,11 +120,18 @@ def controlnet_controls(gr, state, prefix: str) -> list:
         with gr.Row():
             weight = gr.Slider(0, 2, 1, step=0.05, label=t("Control weight"))
             mode = gr.Dropdown(list(CONTROL_MODES), value="Balanced", label=t("Control mode"))
-    return [image, model, module, weight, mode]
+    return [image, model, module, weight, mode] + ([video] if clip else [])
 
 
 def with_controlnet(fields: dict, unit) -> dict:
-    image, model, module, weight, mode = unit
+    """``fields`` with the unit of ``controlnet_controls``' values, when it has a picture (or a
+    clip: its file, as Gradio hands a ``gr.Video``, read whole and kept once the request is
+    accepted)."""
+    image, model, module, weight, mode, *video = unit
+    if video and video[0]:
+        if image is not None:
+            raise DanqingError("controlnet: give the control image or the control clip, not both")
+        image = ClipUpload(Path(video[0]).read_bytes())
     if image is not None:
         if not model:
             raise DanqingError("controlnet: choose a ControlNet model for the control image")

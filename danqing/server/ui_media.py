@@ -88,7 +88,8 @@ def threed_tab(gr, state):
 def video_tab(gr, state):
     """Prompt, frames, fps, steps and seed -> a video job: text-to-video (a motion module), with a
     clip to restyle video-to-video, with a picture to animate image-to-video (a Stable Video
-    Diffusion checkpoint), and a ControlNet unit whose map conditions every frame; the latest
+    Diffusion checkpoint), and a ControlNet unit whose map conditions every frame (or whose clip
+    gives each frame its own map); the latest
     frame preview while it runs, then the clip in a player."""
     checkpoints = [e.name for e in state.registry.scan("checkpoint")]
     with gr.Row():
@@ -121,7 +122,7 @@ def video_tab(gr, state):
                 cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label=t("CFG scale"))
                 strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=t("Denoising strength"))
             seed = gr.Number(value=-1, precision=0, label=t("Seed"))
-            unit = controlnet_controls(gr, state, "video")
+            unit = controlnet_controls(gr, state, "video", clip=True)
             go = gr.Button(t("Make video"), variant="primary")
         with gr.Column():
             preview = gr.Image(label=t("Preview"), type="pil", interactive=False)
@@ -144,8 +145,7 @@ def video_tab(gr, state):
             fields.update(frames=int(n), fps=int(rate), width=int(w), height=int(h))
         if still is not None:  # image-to-video: SVD's own Euler schedule, the picture the only condition
             fields.update(sampler="Euler", motion_bucket_id=int(mb))
-        fields = with_controlnet(fields, control)
-        job = yield from follow(state, lambda: prepare_video(state, fields, data, still))
+        job = yield from follow(state, lambda: prepare_video(state, with_controlnet(fields, control), data, still))
         out = files_of(job, "videos")
         yield gr.skip(), f"done: {len(out)} clip(s)", next(iter(out.values()), None)
 

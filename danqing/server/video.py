@@ -23,8 +23,9 @@ from danqing.request_video import VideoRequest
 from danqing.server.jobs import resolve_for_queue
 from danqing.models.svd import PIPELINE as SVD_PIPELINE, is_svd_folder
 from danqing.server.security import check_frames, check_work, decode_base64, decode_image, strict_scalars
-from danqing.server.state import STAND_IN, ServerState, Upload, with_stand_ins
+from danqing.server.state import STAND_IN, ClipUpload, ServerState, Upload, with_stand_ins
 from danqing.server.media import INDEX, JOB_ID, kept_uploads, queue, serve_file
+from danqing.outputs.video import probe_video
 from danqing.video.studio import video2video_fields
 
 
@@ -40,13 +41,16 @@ SIGNATURES = ((b"GIF8", ".gif"), (b"RIFF", ".webp"))
 
 class VideoJobSubmit(BaseModel):
     """A video job: the library's VideoRequest, plus the clip to restyle (base64 MP4, GIF or
-    animated WebP; video-to-video)."""
+    animated WebP; video-to-video) or the picture to animate (image-to-video), and per ControlNet
+    unit, optionally, a clip whose frames are the frames' maps (``control_videos[i]`` for
+    ``request.controlnet[i]``, in place of its image)."""
 
     model_config = ConfigDict(extra="forbid")
 
     request: VideoRequest
     init_video: Optional[str] = None
     init_image: Optional[str] = None
+    control_videos: Optional[list[Optional[str]]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +72,20 @@ class VideoJobSubmit(BaseModel):
                 data = {**data, "request": {**request, "init_video": STAND_IN}}
             if isinstance(request, dict) and data.get("init_image"):  # validated as image-to-video
                 data = {**data, "request": {**request, "init_image": STAND_IN}}
+            clips = data.get("control_videos")
+            if isinstance(request, dict) and isinstance(clips, list) and any(c is not None for c in clips):
+                units = request.get("controlnet") or []
+                if not isinstance(units, list) or len(clips) > len(units):
+                    raise ValueError(f"control_videos: {len(clips)} clips for "
+                                     f"{len(units) if isinstance(units, list) else 0} ControlNet units; "
+                                     "control_videos[i] is the clip of request.controlnet[i]")
+                for i, c in enumerate(clips):
+                    if c is not None and isinstance(units[i], dict) and units[i].get("image") is not None:
+                        raise ValueError(f"control_videos.{i}: request.controlnet.{i} has an image too; "
+                                         "send its map as the image or its maps as a clip, not both")
+                units = [{**u, "image": STAND_IN} if i < len(clips) and clips[i] is not None and isinstance(u, dict)
+                         else u for i, u in enumerate(units)]
+                data = {**data, "request": {**data["request"], "controlnet": units}}
         return data
 
 
@@ -97,24 +115,48 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
             raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model ({SVD_PIPELINE} "
                                                f"folder); {checked.model!r} is not one")
     with kept_uploads(state) as keep:  # accepted: the uploads are kept (all removed if a later check fails)
-        if fields.get("controlnet"):  # a map uploaded with the request (the UI's), kept as a PNG
-            fields["controlnet"] = [{**u, "image": str(keep(png_bytes(u["image"].image), "control", (), ".png"))
-                                     if isinstance(u["image"], Upload) else u["image"]} for u in fields["controlnet"]]
+        clip_frames: dict[int, int] = {}
+        if fields.get("controlnet"):  # a map or a clip uploaded with the request (the UI's, the API's)
+            fields["controlnet"] = [{**u, "image": kept_control(keep, u["image"], i, clip_frames)}
+                                    for i, u in enumerate(fields["controlnet"])]
         if picture is not None:
             path = keep(png_bytes(picture), "init", (), ".png")
-            return resolve_for_queue(VideoRequest.create(**fields, init_image=str(path)), state.settings.default_model)
-        if clip is None:
-            return resolve_for_queue(VideoRequest.create(**fields), state.settings.default_model)
-        path = keep(clip, "video", SIGNATURES, ".mp4")
-        try:
-            fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given
+            request = VideoRequest.create(**fields, init_image=str(path))
+        elif clip is None:
             request = VideoRequest.create(**fields)
-        except InvalidRequest as exc:  # about the clip: said of the upload, never of a server path
-            detail = str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded clip")
-            raise InvalidRequest("init_video" if exc.field in ("video", "init_video") else exc.field, detail) from None
-        check_work(request, state.server)
-        check_frames(request.frames, state.server)
+        else:
+            path = keep(clip, "video", SIGNATURES, ".mp4")
+            try:
+                fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given
+                request = VideoRequest.create(**fields)
+            except InvalidRequest as exc:  # about the clip: said of the upload, never of a server path
+                detail = str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded clip")
+                raise InvalidRequest("init_video" if exc.field in ("video", "init_video") else exc.field, detail) from None
+            check_work(request, state.server)
+            check_frames(request.frames, state.server)
+        for i, n in clip_frames.items():
+            if n < request.frames:
+                raise InvalidRequest(f"controlnet.{i}.image", f"the control clip has {n} frames; the video asks for "
+                                                              f"{request.frames} (send a clip of at least that many "
+                                                              f"frames, or ask for fewer)")
         return resolve_for_queue(request, state.settings.default_model)
+
+
+def kept_control(keep, image, i: int, clip_frames: dict[int, int]):
+    """A ControlNet unit's image once the request is accepted: an uploaded map kept as a PNG, an
+    uploaded clip kept as it came (checked: it decodes, within the input limits; its frame count
+    noted in ``clip_frames``), a path this server returned as it is."""
+    if isinstance(image, Upload):
+        return str(keep(png_bytes(image.image), "control", (), ".png"))
+    if not isinstance(image, ClipUpload):
+        return image
+    path = keep(image.data, image.kind, SIGNATURES, ".mp4")
+    try:
+        clip_frames[i] = probe_video(path).frames
+    except InvalidRequest as exc:  # said of the upload, never of a server path
+        raise InvalidRequest(f"controlnet.{i}.image",
+                             str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded control clip")) from None
+    return str(path)
 
 
 def video_router(state: ServerState) -> APIRouter:
@@ -127,15 +169,22 @@ def video_router(state: ServerState) -> APIRouter:
         fields = body.request.model_dump(exclude_unset=True)
         fields.pop("init_video", None)  # the stand-ins of the uploads
         fields.pop("init_image", None)
+        clips = {i: decode_base64(c, f"control_videos.{i}", state.limits)
+                 for i, c in enumerate(body.control_videos or []) if c is not None}
+        if clips:
+            fields["controlnet"] = [{**u, "image": ClipUpload(clips[i])} if i in clips else u
+                                    for i, u in enumerate(fields["controlnet"])]
         try:
             request = prepare_video(state, fields, clip, picture)
         except InvalidRequest as exc:  # name the field by its JSON path, as validation errors do
             field = exc.field if exc.field in ("init_video", "init_image") else f"request.{exc.field}"
+            for i in clips:  # a control clip's trouble is said of where it came
+                field = f"control_videos.{i}" if exc.field == f"controlnet.{i}.image" else field
             raise InvalidRequest(field, str(exc).split(": ", 1)[-1]) from None
         try:
             return queue(state, request)
         except BaseException:
-            for upload in (request.init_video, request.init_image):
+            for upload in (request.init_video, request.init_image, *(request.controlnet[i].image for i in clips)):
                 if upload:
                     os.unlink(upload)
             raise

@@ -106,7 +106,7 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
             phrasing = f"{s.seed}:{k}"
             own = caption(s, lang, random.Random(phrasing))
             negatives = []
-            for c in pick.sample(changes, len(changes)):
+            for c in negative_order(s, changes, pick, d.negative_kinds):
                 text = caption(c, lang, random.Random(phrasing))
                 # a phrasing that leaves the changed attribute unsaid ("a red circle" for a
                 # circle on the left) gives the change the same text: not a negative
@@ -123,6 +123,26 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
     ids = ids.view(len(sc), d.captions_per_image, 1 + d.hard_negatives, 77)
     log(f"data: {len(sc)} scenes, {len(texts)} captions ({len(unique)} distinct) in {time.perf_counter() - t:.1f} s")
     return ClipData(images, ids)
+
+
+def negative_order(scene: Scene, changes: list[Scene], rng: random.Random, kinds: str) -> list[Scene]:
+    """The order in which a scene's one-attribute changes are taken as hard negatives: shuffled
+    ("uniform"), or ("even") shuffled within each kind of change (colour, shape, place) and then
+    taken from the kinds in turn, in a shuffled order of kinds, so the few place changes come as
+    often as the many colour ones."""
+    from danqing.synthetic.scenes import change_kind
+
+    order = rng.sample(changes, len(changes))
+    if kinds == "uniform":
+        return order
+    groups: dict[str, list[Scene]] = {}
+    for c in order:
+        groups.setdefault(change_kind(scene, c), []).append(c)
+    turn = rng.sample(sorted(groups), len(groups))
+    out = []
+    for i in range(max((len(v) for v in groups.values()), default=0)):
+        out += [groups[k][i] for k in turn if i < len(groups[k])]
+    return out
 
 
 def trim(ids: torch.Tensor) -> torch.Tensor:
@@ -296,5 +316,5 @@ def save_clip(model, folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "build_data", "build_model", "contrastive_loss",
+__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "build_data", "negative_order", "build_model", "contrastive_loss",
            "train_clip", "save_clip", "soften", "trim"]

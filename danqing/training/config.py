@@ -453,6 +453,10 @@ class ClipDataConfig(_Strict):
     # always other scenes than the training ones)
     split: Literal["train", "all"] = "train"
     augment: float = Field(0.5, ge=0, le=1)    # share of pictures blurred and noised (generated pictures are soft)
+    # how the hard negatives are drawn from a scene's one-attribute changes: "uniform" (colour
+    # changes outnumber the rest: 7 colours and 5 shapes per object against 1-4 places) or
+    # "even" (colour, shape and place changes in turn, so place is asked as often as colour)
+    negative_kinds: Literal["uniform", "even"] = "uniform"
     seed: int = 0
 
 
