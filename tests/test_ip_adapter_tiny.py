@@ -1,5 +1,5 @@
-"""danqing-tiny-ip, the bundled IP-Adapter of danqing-tiny (image encoder: danqing-tiny-clip):
-image prompts work out of the box, weight 0 is the plain model, and the trainer's weights
+"""danqing-tiny-ip, the bundled IP-Adapter of danqing-tiny (image encoder: danqing-tiny-clip-v1,
+the first danqing-tiny-clip, named in the adapter file): image prompts work out of the box, weight 0 is the plain model, and the trainer's weights
 round-trip through diffusers' loader."""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def green_star(tmp_path_factory):
 
 def test_bundled_adapter_and_encoder_are_listed(studio):
     assert "danqing-tiny-ip" in [e.name for e in studio.models.registry.scan("ipadapter")]
-    assert "danqing-tiny-clip" in [e.name for e in studio.models.registry.scan("clip_vision")]
+    encoders = [e.name for e in studio.models.registry.scan("clip_vision")]
+    assert "danqing-tiny-clip" in encoders and "danqing-tiny-clip-v1" in encoders
 
 
 def test_a_green_star_as_image_prompt_draws_green_stars(studio, green_star):
@@ -53,7 +54,7 @@ def test_a_green_star_as_image_prompt_draws_green_stars(studio, green_star):
     green_star = sum(any((d.colour, d.shape) == ("green", "star") for d in ds) for ds in found) / 50
     assert green >= 0.9 and green_star >= 0.45, (green, green_star)
     # nothing named: the bundled adapter made for danqing-tiny, and the encoder its file names
-    assert (result.request.ip_adapter, result.request.ip_adapter_encoder) == ("danqing-tiny-ip", "danqing-tiny-clip")
+    assert (result.request.ip_adapter, result.request.ip_adapter_encoder) == ("danqing-tiny-ip", "danqing-tiny-clip-v1")
     assert "IP-Adapter: danqing-tiny-ip [" in result.infotexts[0]
     plain = studio.generate(GenerationRequest(batch_size=10, batch_count=2, **IMAGE_PROMPT))
     base = [detect(im) for im in plain.images]
@@ -118,7 +119,7 @@ def test_cli_trains_an_adapter_the_studio_runs(tmp_path, green_star, capsys):
     assert code in (0, None), out
     path = tmp_path / "run" / "ip-adapter.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["base_model"] == "danqing-tiny" and f.metadata()["image_encoder"] == "danqing-tiny-clip"
+        assert f.metadata()["base_model"] == "danqing-tiny" and f.metadata()["image_encoder"] == "danqing-tiny-clip-v1"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["images"] == 16
     assert read_ip_adapter(path)["image_proj"]["proj.weight"].shape == (4 * 32, 64)
@@ -131,7 +132,7 @@ def test_cli_trains_an_adapter_the_studio_runs(tmp_path, green_star, capsys):
     from danqing.outputs.store import read_infotext
 
     text = read_infotext(picture)
-    assert f"IP-Adapter: {path} [" in text and "IP-Adapter encoder: danqing-tiny-clip" in text, text
+    assert f"IP-Adapter: {path} [" in text and "IP-Adapter encoder: danqing-tiny-clip-v1" in text, text
     # IP-Adapter Plus: a resampler over the encoder's 65 patch tokens (16 image tokens), started
     # from the base adapter's to_k_ip / to_v_ip; generation encodes the picture the plus way
     plus_sets = [s.replace("run'", "plus'") for s in sets] + [f"run.output_dir={tmp_path / 'plus'}",

@@ -153,3 +153,19 @@ def test_heart_concept_scenes_are_unchanged_by_the_colour_concepts():
     hearts = [o for s in train for o in s.objects if o.shape == "heart"]
     assert [o.colour for o in hearts] == [colours()[i % len(colours())] for i in range(20)]
     assert concept_scenes(5, concept="heart", split="eval") == concept_scenes(5, split="eval")
+
+
+@pytest.mark.parametrize("n_objects", [1, 2, 3])
+def test_a_place_twin_moves_the_objects_so_the_place_reads_otherwise(n_objects):
+    """``place_twin``: the same objects (colour, shape, size), background and texture, another
+    position / relation / layout, and the evaluator reads the twin's picture as the twin's spec."""
+    from danqing.synthetic.scenes import place_twin
+
+    rng = random.Random(0)
+    for sc in scenes(2, 25, "train", n_objects):
+        tw = place_twin(sc, rng)
+        assert [(o.colour, o.shape, o.size) for o in tw.objects] == [(o.colour, o.shape, o.size) for o in sc.objects]
+        assert (tw.background, tw.style, tw.seed) == (sc.background, sc.style, sc.seed)
+        assert (tw.position, tw.relation, tw.layout) != (sc.position, sc.relation, sc.layout)
+        got = score(render(tw), tw.spec)
+        assert got.object == 1.0 and got.relation in (None, 1.0) and got.position in (None, 1.0), (tw, got)

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from danqing.errors import CorruptModel, ModelNotFound
 
 BUNDLED_CLIP = "danqing-tiny-clip"
+# every CLIP model shipped in danqing/data/models/: the default, and the one the bundled
+# IP-Adapter was trained with (its image encoder, named in the adapter file)
+BUNDLED_CLIPS = (BUNDLED_CLIP, "danqing-tiny-clip-v1")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FOLDER = "clip"  # models/clip/<name>/: the user's CLIPModel folders
@@ -81,12 +84,13 @@ class ClipModel:
 
 
 def clip_folder(name: str, models_dir: Path | None = None) -> Path:
-    """The folder of a CLIP model: the bundled ``danqing-tiny-clip``, a folder name under
-    ``models/clip/``, or (CLI) a path to a ``CLIPModel`` folder."""
-    if name == BUNDLED_CLIP:
-        bundled = Path(str(resources.files("danqing").joinpath(f"data/models/{BUNDLED_CLIP}")))
+    """The folder of a CLIP model: a bundled one (``danqing-tiny-clip``; ``danqing-tiny-clip-v1``,
+    the bundled IP-Adapter's image encoder), a folder name under ``models/clip/``, or (CLI) a
+    path to a ``CLIPModel`` folder."""
+    if name in BUNDLED_CLIPS:
+        bundled = Path(str(resources.files("danqing").joinpath(f"data/models/{name}")))
         if not (bundled / "config.json").is_file():
-            raise ModelNotFound(f"{bundled}: the bundled {BUNDLED_CLIP} is missing (reinstall danqing)")
+            raise ModelNotFound(f"{bundled}: the bundled {name} is missing (reinstall danqing)")
         return bundled
     p = Path(name)
     if p.is_dir() and (p / "config.json").is_file():
@@ -113,4 +117,4 @@ def load_clip(name: str = BUNDLED_CLIP, models_dir: Path | None = None) -> ClipM
     return ClipModel(model.eval().requires_grad_(False), clip_tokenizer())
 
 
-__all__ = ["BUNDLED_CLIP", "CLIP_MEAN", "CLIP_STD", "ClipModel", "clip_folder", "load_clip", "projected"]
+__all__ = ["BUNDLED_CLIP", "BUNDLED_CLIPS", "CLIP_MEAN", "CLIP_STD", "ClipModel", "clip_folder", "load_clip", "projected"]

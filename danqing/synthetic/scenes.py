@@ -251,6 +251,42 @@ def one_attribute_changes(scene: Scene) -> list[Scene]:
     return out
 
 
+def place_twin(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with its objects moved so that its place reads otherwise: a lone object at
+    another position (its jitter kept), two objects in another relation (their coordinates
+    swapped along an axis, or mirrored across the diagonal), three in the other layout (mirrored
+    across the diagonal). Colours, shapes, sizes, background and texture stay: the picture of a
+    place change, where ``one_attribute_changes`` changes only the caption."""
+    from dataclasses import replace
+
+    v = vocab()
+    flip = lambda o: replace(o, x=o.y, y=o.x)  # noqa: E731  across the diagonal: rows become columns
+    if scene.position:
+        new = rng.choice([p for p in v["positions"] if p != scene.position])
+        (x0, y0), (x1, y1) = v["positions"][scene.position]["xy"], v["positions"][new]["xy"]
+        o = scene.objects[0]
+        return replace(scene, position=new, objects=(replace(o, x=round(o.x - x0 + x1, 4), y=round(o.y - y0 + y1, 4)),))
+    if scene.relation:
+        i, rel, j = scene.relation
+        new = rng.choice([r for r in v["relations"] if r != rel])
+        objs = list(scene.objects)
+        horizontal = {"left": True, "right": True, "above": False, "below": False}
+        if horizontal[rel] != horizontal[new]:
+            objs = [flip(o) for o in objs]
+            rel = {"left": "above", "right": "below", "above": "left", "below": "right"}[rel]
+        if rel != new:  # the other way along the same axis: the two objects trade that coordinate
+            a, b = objs[i], objs[j]
+            if horizontal[new]:
+                objs[i], objs[j] = replace(a, x=b.x), replace(b, x=a.x)
+            else:
+                objs[i], objs[j] = replace(a, y=b.y), replace(b, y=a.y)
+        return replace(scene, relation=(i, new, j), objects=tuple(objs))
+    if scene.layout:
+        return replace(scene, layout="column" if scene.layout == "row" else "row",
+                       objects=tuple(flip(o) for o in scene.objects))
+    return scene
+
+
 def change_kind(scene: Scene, changed: Scene) -> str:
     """What ``one_attribute_changes`` changed: "colour", "shape" or "place" (the position,
     relation or layout)."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from danqing.models.clip_model import CLIP_MEAN, CLIP_STD, ClipModel, projected
 from danqing.synthetic.captions import caption
-from danqing.synthetic.scenes import Scene, eval_scenes, one_attribute_changes, scenes
+from danqing.synthetic.scenes import Scene, eval_scenes, one_attribute_changes, place_twin, scenes
 
 Log = Callable[[str], None]
 
@@ -81,6 +81,7 @@ def retrieval_scores(clip: ClipModel, items: list[RetrievalItem], images: torch.
 class ClipData:
     images: torch.Tensor   # (N, 3, S, S) uint8
     ids: torch.Tensor      # (N, K, 1 + H, 77) int32: per phrasing, the caption then H negatives
+    twins: bool = False    # the second half of the scenes are the first half's place twins, in order
 
 
 def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
@@ -96,6 +97,9 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
     else:  # every pair: a third of the scenes from the held-out pairs' split
         rng = random.Random(f"clip-all:{d.seed}")
         sc = [sample_scene(rng, "heldout" if i % 3 == 2 else "train") for i in range(d.n_images)]
+    if d.place_twins:  # the twins keep their scene's seed, so their captions are phrased alike
+        moves = random.Random(f"clip-twins:{d.seed}")
+        sc += [place_twin(s, moves) for s in sc]
     images = render_batch(sc, d.size)
     texts: list[str] = []
     pick = random.Random(f"clip-negatives:{d.seed}")
@@ -122,7 +126,7 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
     ids = rows[torch.tensor([where[c] for c in texts])].to(torch.int32)
     ids = ids.view(len(sc), d.captions_per_image, 1 + d.hard_negatives, 77)
     log(f"data: {len(sc)} scenes, {len(texts)} captions ({len(unique)} distinct) in {time.perf_counter() - t:.1f} s")
-    return ClipData(images, ids)
+    return ClipData(images, ids, d.place_twins)
 
 
 def negative_order(scene: Scene, changes: list[Scene], rng: random.Random, kinds: str) -> list[Scene]:
@@ -187,7 +191,29 @@ def build_model(cfg, seed: int):
                   intermediate_size=4 * m.vision_hidden, num_hidden_layers=m.vision_layers,
                   num_attention_heads=m.vision_heads, projection_dim=m.projection_dim)
     torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=m.projection_dim))
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=m.projection_dim))
+    if m.vision_positions == "sincos":
+        with torch.no_grad():
+            side = cfg.data.size // m.patch_size
+            table = model.vision_model.embeddings.position_embedding.weight
+            table[0] = 0.0  # the class token's own position
+            table[1:] = sincos_2d(side, m.vision_hidden)
+    return model
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side * side, dim) position embeddings of a side x side patch grid, row-major as the ViT
+    flattens it: the first half of each vector encodes the row, the second the column, each as
+    sines and cosines of dim / 4 frequencies from 1 to 1 / 10000 (MAE's 2D table)."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine positions need a width divisible by 4, not {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    def axis(v):
+        a = v.reshape(-1, 1) * omega
+        return torch.cat([a.sin(), a.cos()], 1)
+    return torch.cat([axis(rows), axis(cols)], 1).float()
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, scale: torch.Tensor,
@@ -258,7 +284,11 @@ def train_clip(cfg, *, log: Log = print) -> dict:
     t0, avg, history = time.perf_counter(), None, []
     for step in range(tr.steps):
         model.train()
-        idx = torch.randperm(n, generator=g)[: tr.batch_size]
+        if data.twins:  # half the batch, each picture beside its place twin
+            half = torch.randperm(n // 2, generator=g)[: tr.batch_size // 2]
+            idx = torch.cat([half, half + n // 2])
+        else:
+            idx = torch.randperm(n, generator=g)[: tr.batch_size]
         b = idx.shape[0]
         phr = torch.randint(k, (b,), generator=g)
         rows = data.ids[idx, phr]                                     # (B, 1 + H, 77)

@@ -457,6 +457,10 @@ class ClipDataConfig(_Strict):
     # changes outnumber the rest: 7 colours and 5 shapes per object against 1-4 places) or
     # "even" (colour, shape and place changes in turn, so place is asked as often as colour)
     negative_kinds: Literal["uniform", "even"] = "uniform"
+    # also render each scene's place twin (``synthetic.scenes.place_twin``: the same objects moved
+    # so the place reads otherwise) and put every picture in the batch beside its twin, whose
+    # caption is then the hardest negative in both directions
+    place_twins: bool = False
     seed: int = 0
 
 
@@ -469,6 +473,12 @@ class ClipModelConfig(_Strict):
     text_hidden: int = Field(64, ge=16)
     text_layers: int = Field(4, ge=1)
     text_heads: int = Field(4, ge=1)
+    # the vision tower's position embeddings at the start: "random" (transformers' init, std
+    # 0.02 against 0.32 for a patch's content on the shapes pictures: the runs never learnt
+    # where things are) or
+    # "sincos" (2D sine-cosine of the patch's row and column, as MAE and MoCo v3 fix them; here
+    # only the start, they train on)
+    vision_positions: Literal["random", "sincos"] = "random"
 
 
 class ClipOptimConfig(_Strict):
