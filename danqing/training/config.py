@@ -453,13 +453,10 @@ class ClipDataConfig(_Strict):
     # always other scenes than the training ones)
     split: Literal["train", "all"] = "train"
     augment: float = Field(0.5, ge=0, le=1)    # share of pictures blurred and noised (generated pictures are soft)
-    # how the hard negatives are drawn from a scene's one-attribute changes: "uniform" (colour
-    # changes outnumber the rest: 7 colours and 5 shapes per object against 1-4 places) or
-    # "even" (colour, shape and place changes in turn, so place is asked as often as colour)
+    # hard negatives drawn at random ("uniform": 7 colour and 5 shape changes per object against
+    # 1-4 of place) or colour, shape and place changes in turn ("even")
     negative_kinds: Literal["uniform", "even"] = "uniform"
-    # also render each scene's place twin (``synthetic.scenes.place_twin``: the same objects moved
-    # so the place reads otherwise) and put every picture in the batch beside its twin, whose
-    # caption is then the hardest negative in both directions
+    # each picture in the batch beside its place twin (``synthetic.scenes.place_twin``)
     place_twins: bool = False
     seed: int = 0
 
@@ -473,11 +470,8 @@ class ClipModelConfig(_Strict):
     text_hidden: int = Field(64, ge=16)
     text_layers: int = Field(4, ge=1)
     text_heads: int = Field(4, ge=1)
-    # the vision tower's position embeddings at the start: "random" (transformers' init, std
-    # 0.02 against 0.32 for a patch's content on the shapes pictures: the runs never learnt
-    # where things are) or
-    # "sincos" (2D sine-cosine of the patch's row and column, as MAE and MoCo v3 fix them; here
-    # only the start, they train on)
+    # patch positions at the start: transformers' "random" (std 0.02 against a patch's 0.32: no
+    # run learnt places) or MAE's 2D "sincos" table (then trained)
     vision_positions: Literal["random", "sincos"] = "random"
 
 
