@@ -115,10 +115,9 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
             raise InvalidRequest("init_image", f"image-to-video needs a Stable Video Diffusion model ({SVD_PIPELINE} "
                                                f"folder); {checked.model!r} is not one")
     with kept_uploads(state) as keep:  # accepted: the uploads are kept (all removed if a later check fails)
-        clip_frames: dict[int, int] = {}
-        if fields.get("controlnet"):  # a map or a clip uploaded with the request (the UI's, the API's)
-            fields["controlnet"] = [{**u, "image": kept_control(keep, u["image"], i, clip_frames)}
-                                    for i, u in enumerate(fields["controlnet"])]
+        kept = [kept_control(keep, u["image"], i) for i, u in enumerate(fields.get("controlnet") or [])]
+        if kept:  # a map or a clip uploaded with the request (the UI's, the API's)
+            fields["controlnet"] = [{**u, "image": image} for u, (image, _) in zip(fields["controlnet"], kept)]
         if picture is not None:
             path = keep(png_bytes(picture), "init", (), ".png")
             request = VideoRequest.create(**fields, init_image=str(path))
@@ -130,33 +129,36 @@ def prepare_video(state: ServerState, fields: dict[str, Any], clip: bytes | None
                 fields = video2video_fields(fields, path)  # frames, fps and size of the clip unless given
                 request = VideoRequest.create(**fields)
             except InvalidRequest as exc:  # about the clip: said of the upload, never of a server path
-                detail = str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded clip")
-                raise InvalidRequest("init_video" if exc.field in ("video", "init_video") else exc.field, detail) from None
+                field = "init_video" if exc.field in ("video", "init_video") else exc.field
+                raise of_upload(exc, path, field, "the uploaded clip") from None
             check_work(request, state.server)
             check_frames(request.frames, state.server)
-        for i, n in clip_frames.items():
-            if n < request.frames:
+        for i, (_, n) in enumerate(kept):
+            if n is not None and n < request.frames:
                 raise InvalidRequest(f"controlnet.{i}.image", f"the control clip has {n} frames; the video asks for "
                                                               f"{request.frames} (send a clip of at least that many "
                                                               f"frames, or ask for fewer)")
         return resolve_for_queue(request, state.settings.default_model)
 
 
-def kept_control(keep, image, i: int, clip_frames: dict[int, int]):
-    """A ControlNet unit's image once the request is accepted: an uploaded map kept as a PNG, an
-    uploaded clip kept as it came (checked: it decodes, within the input limits; its frame count
-    noted in ``clip_frames``), a path this server returned as it is."""
+def kept_control(keep, image, i: int) -> tuple[Any, int | None]:
+    """(a ControlNet unit's image once the request is accepted, the frame count of a clip or
+    None): an uploaded map kept as a PNG, an uploaded clip kept as it came (checked first: it
+    decodes, within the input limits), a path this server returned as it is."""
     if isinstance(image, Upload):
-        return str(keep(png_bytes(image.image), "control", (), ".png"))
+        return str(keep(png_bytes(image.image), "control", (), ".png")), None
     if not isinstance(image, ClipUpload):
-        return image
+        return image, None
     path = keep(image.data, image.kind, SIGNATURES, ".mp4")
     try:
-        clip_frames[i] = probe_video(path).frames
-    except InvalidRequest as exc:  # said of the upload, never of a server path
-        raise InvalidRequest(f"controlnet.{i}.image",
-                             str(exc).split(": ", 1)[-1].replace(str(path), "the uploaded control clip")) from None
-    return str(path)
+        return str(path), probe_video(path).frames
+    except InvalidRequest as exc:
+        raise of_upload(exc, path, f"controlnet.{i}.image", "the uploaded control clip") from None
+
+
+def of_upload(exc: InvalidRequest, path, field: str, name: str) -> InvalidRequest:
+    """``exc`` about a kept upload, said of the upload as ``field`` (never of a server path)."""
+    return InvalidRequest(field, str(exc).split(": ", 1)[-1].replace(str(path), name))
 
 
 def video_router(state: ServerState) -> APIRouter:

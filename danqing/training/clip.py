@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from danqing.models.clip_model import CLIP_MEAN, CLIP_STD, ClipModel, projected
 from danqing.synthetic.captions import caption
-from danqing.synthetic.scenes import Scene, eval_scenes, one_attribute_changes, place_twin, scenes
+from danqing.synthetic.scenes import Scene, change_kind, eval_scenes, one_attribute_changes, place_twin, scenes
 
 Log = Callable[[str], None]
 
@@ -60,8 +60,6 @@ def retrieval_scores(clip: ClipModel, items: list[RetrievalItem], images: torch.
     distractors: ``top1`` (the share of items where it ranks first) and, per kind of change
     (colour, shape, place), the share of distractors it beats. ``images`` (N, 3, H, W) uint8 are
     the items' pictures."""
-    from danqing.synthetic.scenes import change_kind
-
     feats = clip.image_features(images)
     right, won, seen = 0, {}, {}
     for f, item in zip(feats, items):
@@ -81,7 +79,6 @@ def retrieval_scores(clip: ClipModel, items: list[RetrievalItem], images: torch.
 class ClipData:
     images: torch.Tensor   # (N, 3, S, S) uint8
     ids: torch.Tensor      # (N, K, 1 + H, 77) int32: per phrasing, the caption then H negatives
-    twins: bool = False    # the second half of the scenes are the first half's place twins, in order
 
 
 def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
@@ -126,7 +123,7 @@ def build_data(cfg, tokenizer, log: Log = print) -> ClipData:
     ids = rows[torch.tensor([where[c] for c in texts])].to(torch.int32)
     ids = ids.view(len(sc), d.captions_per_image, 1 + d.hard_negatives, 77)
     log(f"data: {len(sc)} scenes, {len(texts)} captions ({len(unique)} distinct) in {time.perf_counter() - t:.1f} s")
-    return ClipData(images, ids, d.place_twins)
+    return ClipData(images, ids)
 
 
 def negative_order(scene: Scene, changes: list[Scene], rng: random.Random, kinds: str) -> list[Scene]:
@@ -134,8 +131,6 @@ def negative_order(scene: Scene, changes: list[Scene], rng: random.Random, kinds
     ("uniform"), or ("even") shuffled within each kind of change (colour, shape, place) and then
     taken from the kinds in turn, in a shuffled order of kinds, so the few place changes come as
     often as the many colour ones."""
-    from danqing.synthetic.scenes import change_kind
-
     order = rng.sample(changes, len(changes))
     if kinds == "uniform":
         return order
@@ -284,7 +279,7 @@ def train_clip(cfg, *, log: Log = print) -> dict:
     t0, avg, history = time.perf_counter(), None, []
     for step in range(tr.steps):
         model.train()
-        if data.twins:  # half the batch, each picture beside its place twin
+        if cfg.data.place_twins:  # half the batch, each picture beside its place twin (build_data's second half)
             half = torch.randperm(n // 2, generator=g)[: tr.batch_size // 2]
             idx = torch.cat([half, half + n // 2])
         else:
