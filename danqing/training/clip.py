@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from danqing.models.clip_model import CLIP_MEAN, CLIP_STD, ClipModel, projected
+from danqing.errors import InvalidRequest
+from danqing.models.clip_model import CLIP_MEAN, CLIP_STD, ClipModel, clip_folder, projected
 from danqing.synthetic.captions import caption
 from danqing.synthetic.scenes import Scene, change_kind, eval_scenes, one_attribute_changes, place_twin, scenes
 
@@ -196,6 +197,21 @@ def build_model(cfg, seed: int):
     return model
 
 
+def continued(fresh, name: str):
+    """The CLIP model ``name`` (a bundled one or a ``CLIPModel`` folder, as ``clip_folder``) in
+    float32, to train further; refused unless it has ``fresh``'s shape (the config's)."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_folder(name), local_files_only=True, dtype=torch.float32)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise InvalidRequest("model.init_from", f"{name!r} is not of the config's [model] shape: {len(diff)} weights "
+                             f"differ, e.g. {diff[0]} {have.get(diff[0])} (config: {want.get(diff[0])})")
+    return model
+
+
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) position embeddings of a side x side patch grid, row-major as the ViT
     flattens it: the first half of each vector encodes the row, the second the column, each as
@@ -255,11 +271,16 @@ def train_clip(cfg, *, log: Log = print) -> dict:
     run_dir = Path(out.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.jsonl").unlink(missing_ok=True)  # a run starts over: no checkpoints to resume
+    if cfg.model.init_from:
+        clip_folder(cfg.model.init_from)  # a missing model is said before the data is made
     tokenizer = clip_tokenizer()
     data = build_data(cfg, tokenizer, log)
     items = retrieval_items(out.eval_scenes)
     eval_images = render_batch([it.scene for it in items], cfg.data.size)
     model = build_model(cfg, cfg.train.seed)
+    if cfg.model.init_from:
+        model = continued(model, cfg.model.init_from)
+        log(f"continuing {cfg.model.init_from}")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     tr = cfg.train
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -341,5 +362,5 @@ def save_clip(model, folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "build_data", "negative_order", "build_model", "contrastive_loss",
+__all__ = ["RetrievalItem", "retrieval_items", "retrieval_scores", "build_data", "negative_order", "build_model", "continued", "contrastive_loss",
            "train_clip", "save_clip", "soften", "trim"]

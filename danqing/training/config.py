@@ -473,6 +473,7 @@ class ClipModelConfig(_Strict):
     # patch positions at the start: transformers' "random" (std 0.02 against a patch's 0.32: no
     # run learnt places) or MAE's 2D "sincos" table (then trained)
     vision_positions: Literal["random", "sincos"] = "random"
+    init_from: str | None = None  # continue this CLIP model (a bundled name or a folder) of the same shape
 
 
 class ClipOptimConfig(_Strict):
