@@ -1,6 +1,6 @@
-"""danqing-tiny-ip, the bundled IP-Adapter of danqing-tiny (image encoder: danqing-tiny-clip-v1,
-the first danqing-tiny-clip, named in the adapter file): image prompts work out of the box, weight 0 is the plain model, and the trainer's weights
-round-trip through diffusers' loader."""
+"""danqing-tiny-ip, the bundled IP-Adapter of danqing-tiny (image encoder: danqing-tiny-clip, named
+in the adapter file): image prompts work out of the box, weight 0 is the plain model, and the
+trainer's weights round-trip through diffusers' loader."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def test_bundled_adapter_and_encoder_are_listed(studio):
 
 def test_a_green_star_as_image_prompt_draws_green_stars(studio, green_star):
     """The picture of a green star as image prompt with an empty text prompt, 50 generations:
-    all green and half of them green stars at weight 1.5 (the evaluator reads them; measured
-    1.00 and 0.54, where the issue asks 0.70 of green stars), against under a fifth from the plain
+    all green and most of them green stars at weight 1.5 (the evaluator reads them; measured
+    1.00 and 0.68, where the issue asks 0.70 of green stars), against under a fifth from the plain
     model with the empty prompt alone."""
     from danqing.synthetic.evaluate import detect
 
@@ -52,9 +52,9 @@ def test_a_green_star_as_image_prompt_draws_green_stars(studio, green_star):
     found = [detect(im) for im in result.images]
     green = sum(any(d.colour == "green" for d in ds) for ds in found) / 50
     green_star = sum(any((d.colour, d.shape) == ("green", "star") for d in ds) for ds in found) / 50
-    assert green >= 0.9 and green_star >= 0.45, (green, green_star)
+    assert green >= 0.9 and green_star >= 0.58, (green, green_star)
     # nothing named: the bundled adapter made for danqing-tiny, and the encoder its file names
-    assert (result.request.ip_adapter, result.request.ip_adapter_encoder) == ("danqing-tiny-ip", "danqing-tiny-clip-v1")
+    assert (result.request.ip_adapter, result.request.ip_adapter_encoder) == ("danqing-tiny-ip", "danqing-tiny-clip")
     assert "IP-Adapter: danqing-tiny-ip [" in result.infotexts[0]
     plain = studio.generate(GenerationRequest(batch_size=10, batch_count=2, **IMAGE_PROMPT))
     base = [detect(im) for im in plain.images]
@@ -119,7 +119,7 @@ def test_cli_trains_an_adapter_the_studio_runs(tmp_path, green_star, capsys):
     assert code in (0, None), out
     path = tmp_path / "run" / "ip-adapter.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["base_model"] == "danqing-tiny" and f.metadata()["image_encoder"] == "danqing-tiny-clip-v1"
+        assert f.metadata()["base_model"] == "danqing-tiny" and f.metadata()["image_encoder"] == "danqing-tiny-clip"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["images"] == 16
     assert read_ip_adapter(path)["image_proj"]["proj.weight"].shape == (4 * 32, 64)
@@ -132,7 +132,8 @@ def test_cli_trains_an_adapter_the_studio_runs(tmp_path, green_star, capsys):
     from danqing.outputs.store import read_infotext
 
     text = read_infotext(picture)
-    assert f"IP-Adapter: {path} [" in text and "IP-Adapter encoder: danqing-tiny-clip-v1" in text, text
+    assert f"IP-Adapter: {path} [" in text and "IP-Adapter encoder: danqing-tiny-clip" in text, text
+    assert "danqing-tiny-clip-v1" not in text, text
     # IP-Adapter Plus: a resampler over the encoder's 65 patch tokens (16 image tokens), started
     # from the base adapter's to_k_ip / to_v_ip; generation encodes the picture the plus way
     plus_sets = [s.replace("run'", "plus'") for s in sets] + [f"run.output_dir={tmp_path / 'plus'}",

@@ -85,7 +85,7 @@ class ClipModel:
 
 def clip_folder(name: str, models_dir: Path | None = None) -> Path:
     """The folder of a CLIP model: a bundled one (``danqing-tiny-clip``; ``danqing-tiny-clip-v1``,
-    the bundled IP-Adapter's image encoder), a folder name under ``models/clip/``, or (CLI) a
+    the first one, the encoder of the documented unCLIP runs), a folder name under ``models/clip/``, or (CLI) a
     path to a ``CLIPModel`` folder."""
     if name in BUNDLED_CLIPS:
         bundled = Path(str(resources.files("danqing").joinpath(f"data/models/{name}")))
