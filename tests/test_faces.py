@@ -558,3 +558,34 @@ def test_portrait_make_with_the_studio(studio, anna, faces, tmp_path, capsys):
     assert code == 2 and "keep: 3: between 1 and the number of pictures (2)" in err
     code, _, err = run(capsys, *home, "app", "portrait", "make", "zed")
     assert code == 2 and "unknown person 'zed'" in err
+
+
+def test_portrait_train_installs_the_persons_lora(anna, capsys):
+    """`app portrait train`: the recipe's LoRA on the person's crops, installed in models/lora/;
+    the run keeps only its newest checkpoint; an installed name or unknown recipe is one line."""
+    from safetensors import safe_open
+
+    from danqing.apps.portrait_train import person_lora_config
+
+    raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x")  # the course's recipe
+    assert raw["train"] == {"steps": 4 * 200, "batch_size": 1, "lr": 1e-4, "lr_scheduler": "cosine"}
+    assert raw["data"]["resolution"] == 128 and raw["output"]["checkpoint_every"] == 200   # the crops' size; 4 checkpoints
+    assert raw["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True}
+    home = ["--home", str(anna.folder.parent.parent)]
+    args = ["app", "portrait", "train", "anna", "--recipe", "cpu", "--steps", "2", "--resolution", "64",
+            "--base", "danqing-tiny"]
+    code, out, err = run(capsys, *home, *args)
+    assert code == 0, err
+    assert "anna: 2 steps, rank 32, lr 0.0002 cosine, 64 px, on danqing-tiny" in err
+    lora = anna.folder.parent.parent / "models" / "lora" / "anna.safetensors"
+    assert out.strip().endswith("<lora:anna:1>") and lora.is_file()
+    with safe_open(str(lora), "pt") as f:   # kohya keys of the UNet and the text encoder, rank 32
+        keys = list(f.keys())
+        down = next(k for k in keys if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
+        assert f.get_tensor(down).shape[0] == 32 and any(k.startswith("lora_te_") for k in keys)
+    ckpts = [p.name for p in (anna.folder.parent.parent / "runs" / "person-anna" / "checkpoints").iterdir()]
+    assert ckpts == ["step-2"], ckpts
+    code, _, err = run(capsys, *home, *args)
+    assert code == 2 and "models/lora/anna.safetensors exists; choose another --lora or pass --replace" in err
+    code, _, err = run(capsys, *home, "app", "portrait", "train", "anna", "--recipe", "gpu", "--lora", "other")
+    assert code == 2 and "unknown recipe 'gpu'; recipes: course, cpu" in err

@@ -263,6 +263,8 @@ def test_the_shapes_world_stays_the_default_training_data():
     for name in ("danqing-tiny-v3-cpu.toml", "danqing-tiny-v3-gpu.toml"):
         cfg = load_config(root / name)
         assert cfg.data.world == "mix" and cfg.model.init_from == "danqing/data/models/danqing-tiny.safetensors"
+    cfg = load_config(root / "danqing-tiny-portraits-cpu.toml")   # the second model: portraits only, from v2
+    assert cfg.data.world == "portraits" and cfg.model.init_from == "danqing/data/models/danqing-tiny.safetensors"
 
 
 def torch_equal(a, b) -> bool:

@@ -1,9 +1,11 @@
 """Training jobs over HTTP (``/api/v1/train/jobs``, danqing/server/train.py): a short LoRA run on
 the tiny random SD1 reports the loss of every step and its sample grid, the LoRA lands in
-models/lora/; a dataset outside HOME/datasets/ or a bad name is one 4xx line."""
+models/lora/; a portrait-studio person's LoRA takes the recipe's settings; a stopped job resumes
+from its checkpoint; a dataset outside HOME/datasets/ or a bad name is one 4xx line."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -24,6 +26,7 @@ def client(studio, tmp_path_factory):
         img.save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"a square, colour {i}")
     (home / "outside").mkdir()
+    write_person(home, "ada", 3)
     with TestClient(make_app(home, studio=studio)) as c:
         yield c
 
@@ -44,6 +47,60 @@ def test_lora_job_reports_step_loss_and_samples_and_installs_the_lora(client, st
         (studio.settings.models_dir / "lora" / "sq-test.safetensors").is_file()
 
 
+def write_person(home, name: str, n: int) -> None:
+    """people/NAME/ as `portrait add` writes it: person.json and captioned crops (here: the
+    portrait world's pictures of a held-out person, at 64 px)."""
+    import json
+
+    from danqing.synthetic.portraits import person, pictures_of, render_portrait
+
+    folder = home / "people" / name / "train"
+    folder.mkdir(parents=True)
+    for i, p in enumerate(pictures_of(person("Ada"), n, seed=1)):
+        render_portrait(p, 64).save(folder / f"{i + 1:03d}-face.png")
+        (folder / f"{i + 1:03d}-face.txt").write_text(f"a photo of dq_{name}, portrait", encoding="utf-8")
+    info = {"name": name, "trigger": f"dq_{name}", "size": 64, "identity": [0.0] * 128, "accepted": [], "rejected": []}
+    (folder.parent / "person.json").write_text(json.dumps(info), encoding="utf-8")
+
+
+def test_a_persons_lora_takes_the_recipe_and_resumes_from_its_checkpoint(client, studio, monkeypatch):
+    import danqing.training.runs as runs
+
+    queue = client.app.state.danqing.train
+    body = {"person": "ada", "name": "ada-lora", "base": "tiny-sd1", "recipe": "cpu", "steps": 8, "sample_steps": 2}
+    real = runs.prune_checkpoints
+
+    def stop_after_a_checkpoint(run_dir, keep=1):  # the first run is stopped once step 4's checkpoint exists
+        real(run_dir, keep)
+        if runs.latest_checkpoint(run_dir) is not None:
+            for j in queue.jobs.values():
+                j.cancel = True
+
+    monkeypatch.setattr(runs, "prune_checkpoints", stop_after_a_checkpoint)
+    r = client.post("/api/v1/train/jobs", json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    job = client.get(f"/api/v1/train/jobs/{job_id}/wait", params={"timeout": 120}).json()
+    assert job["status"] == "cancelled" and job["step"] == 3, job   # stopped at the step after the checkpoint
+    cfg = job["config"]   # the cpu recipe, the person's crops and size
+    assert cfg["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True}
+    assert cfg["train"]["lr"] == 2e-4 and cfg["train"]["lr_scheduler"] == "cosine" and cfg["train"]["batch_size"] == 1
+    assert cfg["data"]["resolution"] == 64 and cfg["data"]["source"].endswith("people/ada/train")
+    monkeypatch.setattr(runs, "prune_checkpoints", real)
+    assert client.post(f"/api/v1/train/jobs/{job_id}/resume").status_code == 200
+    job = client.get(f"/api/v1/train/jobs/{job_id}/wait", params={"timeout": 120}).json()
+    assert job["status"] == "done", job["error"]
+    assert [p["step"] for p in job["losses"]] == list(range(1, 9))   # step 3's loss is the second run's
+    run_dir = queue.get(job_id).run_dir
+    logged = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 6, 8], logged   # the second run went on from step 2's checkpoint: no step 2 again
+    assert (studio.settings.models_dir / "lora" / "ada-lora.safetensors").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-8"], ckpts   # the newest kept
+    r = client.post(f"/api/v1/train/jobs/{job_id}/resume")
+    assert r.status_code == 409 and "done" in r.text
+
+
 @pytest.mark.parametrize("body, field", [
     ({"dataset": "../outside", "name": "x"}, "dataset"),
     ({"dataset": "/etc", "name": "x"}, "dataset"),
@@ -51,6 +108,13 @@ def test_lora_job_reports_step_loss_and_samples_and_installs_the_lora(client, st
     ({"dataset": "squares", "name": "../evil"}, "name"),
     ({"dataset": "squares", "name": "x", "base": "no-such-model"}, "base"),
     ({"dataset": "squares", "name": "x", "steps": 0}, "steps"),
+    ({"person": "../ada", "name": "x"}, "person"),
+    ({"person": "bob", "name": "x"}, "person"),
+    ({"person": "ada", "dataset": "squares", "name": "x"}, "dataset"),
+    ({"person": "ada", "kind": "dreambooth", "name": "x"}, "person"),
+    ({"person": "ada", "name": "x", "recipe": "gpu"}, "recipe"),
+    ({"dataset": "squares", "name": "x", "recipe": "cpu"}, "recipe"),
+    ({"name": "x"}, "dataset"),
 ])
 def test_bad_train_requests_are_one_4xx_line(client, body, field):
     r = client.post("/api/v1/train/jobs", json=body)

@@ -1,6 +1,7 @@
 """``danqing app portrait ...``: the portrait studio on real photos (docs/apps.md, "Portrait
-studio"): ``add`` a person from photos, list ``people`` and ``styles``, ``rank`` pictures of a
-person (with optional face fusion)."""
+studio"): ``add`` a person from photos, list ``people`` and ``styles``, ``train`` the person's
+LoRA, ``make`` portraits in a style and ``rank`` pictures of a person (with optional face
+fusion)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,56 @@ def portrait_styles(ctx: typer.Context):
                       f"{s.person_lora_weight:g}", f"{s.style_lora}:{s.style_lora_weight:g}" if s.style_lora else "-",
                       s.source)
     Console(width=160).print(table)
+
+
+@portrait_app.command("train")
+def portrait_train(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A person added with `portrait add`."),
+    recipe: str = typer.Option("course", help="course (rank 32 on UNet and text encoder, batch 1, lr 1e-4 cosine, "
+                                              "200 steps per training picture) or cpu (50 steps per picture, lr 2e-4)."),
+    steps: Optional[int] = typer.Option(None, help="Override the recipe's steps."),
+    lr: Optional[float] = typer.Option(None, help="Override the recipe's learning rate."),
+    rank: Optional[int] = typer.Option(None, help="Override the recipe's LoRA rank."),
+    resolution: Optional[int] = typer.Option(None, help="Training side [default: the person's crop size]."),
+    base: Optional[str] = typer.Option(None, help="Checkpoint to train on [default: the settings' model]."),
+    lora: Optional[str] = typer.Option(None, help="The LoRA's name in models/lora/ [default: the person's name]."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing the person's last run."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an installed LoRA of that name."),
+):
+    """Train the person's LoRA on people/NAME/train (the course's recipe); install it in models/lora/.
+
+    The run (runs/person-NAME/ under the home) writes four checkpoints; the same command again
+    continues from the newest. Use the LoRA with `portrait make NAME --lora NAME`."""
+    import shutil
+
+    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_train import person_lora_config
+    from danqing.files import atomic_save
+    from danqing.models.names import check_new_name
+    from danqing.training import finetune
+    from danqing.training.config import LoraTrainConfig
+    from danqing.training.runs import prune_checkpoints
+
+    settings = ctx.obj
+    person = load_person(settings.home, name)
+    lora = check_new_name(lora or name, "lora", "LoRA")
+    target = settings.models_dir / "lora" / f"{lora}.safetensors"
+    if target.exists() and not replace:
+        raise InvalidRequest("lora", f"models/lora/{lora}.safetensors exists; choose another --lora or pass --replace")
+    raw = person_lora_config(person, name=lora, base=base or settings.default_model, recipe=recipe,
+                             output_dir=settings.home / "runs" / f"person-{name}",
+                             overrides={"steps": steps, "lr": lr, "rank": rank, "resolution": resolution})
+    cfg = LoraTrainConfig.model_validate(raw)
+    typer.echo(f"{name}: {cfg.train.steps} steps, rank {cfg.network.rank}, lr {cfg.train.lr:g} "
+               f"{cfg.train.lr_scheduler}, {cfg.data.resolution} px, on {cfg.model.base}", err=True)
+    run_dir = Path(cfg.output.output_dir)
+    summary = finetune.trainer("lora")(cfg, resume=not fresh, log=lambda line: typer.echo(line, err=True),
+                                       settings=settings, on_step=lambda *_: prune_checkpoints(run_dir))
+    prune_checkpoints(run_dir)
+    made = Path(summary["files"][0])
+    atomic_save(target, lambda p: shutil.copyfile(made, p), overwrite=replace)
+    print(f"{target}  <lora:{lora}:1>")
 
 
 @portrait_app.command("rank")

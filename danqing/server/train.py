@@ -10,6 +10,12 @@ into the models folder, usable at once (``KINDS``): ``models/lora/NAME.safetenso
 (``<lora:NAME:1>``), ``models/embeddings/NAME.safetensors`` (the word NAME in a prompt) or
 ``models/checkpoints/NAME.safetensors``.
 
+A LoRA may instead be a portrait-studio person's (``person``: ``HOME/people/NAME/``, by name): their
+training crops, with the recipe's settings where the request gives none (``apps.portrait_train``).
+
+Each run writes four checkpoints and keeps the newest; ``POST .../jobs/ID/resume`` queues an
+interrupted, cancelled or failed job again, and it continues from there.
+
 Training jobs run one at a time on a thread of their own, in submission order; each reports its
 step, total and the loss of every step, and the sample grids the trainer writes every
 ``sample_every`` steps. Each job is also a row of the server's job store (``train_jobs``: id,
@@ -76,6 +82,7 @@ KINDS = {
 }
 KIND_FIELDS = {f for k in KINDS.values() for f in k.fields}
 ACTIVE = ("queued", "running")
+RESUMABLE = ("interrupted", "cancelled", "failed")
 CURVE_POINTS = 200  # loss points kept in the job store per job
 SAVE_EVERY_S = 5.0  # a running job's row is updated at most this often (and at each status change)
 
@@ -89,7 +96,13 @@ class TrainJobSubmit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: Kind = Field("lora", description="lora, textual-inversion or dreambooth")
-    dataset: str = Field(..., max_length=200, description="a folder of HOME/datasets/ (its name, not a path)")
+    dataset: Optional[str] = Field(None, max_length=200, description="a folder of HOME/datasets/ (its name, not a "
+                                   "path); or give person")
+    person: Optional[str] = Field(None, max_length=200, description="lora: a person of the portrait studio "
+                                  "(HOME/people/NAME/, by name): their LoRA on their training crops, with recipe")
+    recipe: Optional[Literal["course", "cpu"]] = Field(None, description="with person: the recipe whose steps, lr, "
+                                                       "batch, size, rank and text encoder apply where the request "
+                                                       "gives none (apps.portrait_train.RECIPES); default course")
     name: str = Field(..., max_length=200, description="the result's name: models/lora/NAME.safetensors, "
                       "models/embeddings/NAME.safetensors (the embedding's word) or models/checkpoints/NAME.safetensors")
     base: Optional[str] = Field(None, max_length=1024, description="checkpoint to train on; default: the current model")
@@ -139,6 +152,7 @@ class TrainJob:
     created: float = field(default_factory=time.time)
     run_dir: Optional[Path] = None
     cancel: bool = False
+    resume: bool = False  # continue from the run folder's newest checkpoint (``TrainQueue.resume``)
 
     def samples(self) -> list[Path]:
         folder = self.run_dir / "samples" if self.run_dir else None
@@ -251,10 +265,16 @@ class TrainQueue:
         from danqing.training.data import caption_folder  # imports torch: loaded by the first job
 
         body.check_kind_fields()
+        if body.person is not None:
+            return self.prepare_person(body)
+        if body.recipe is not None:
+            raise InvalidRequest("recipe", "a recipe is for a person's LoRA: give person too")
+        if body.dataset is None:
+            raise InvalidRequest("dataset", f"give a dataset (a folder of {self.datasets_dir}/, by name) or, for a "
+                                            f"LoRA, a person of the portrait studio")
         folder = self.dataset_folder(body.dataset)
         name = self.check_name(body.kind, body.name)
-        base = self.state.model_name("checkpoint", body.base if body.base is not None
-                                     else self.state.options()["sd_model_checkpoint"], "base")
+        base = self.base(body)
         run_dir = Path(self.state.settings.home) / "runs" / f"{body.kind}-{name}"
         items = caption_folder(folder)  # refuses an empty folder or images without captions, naming them
         prompts = list(body.sample_prompts) or ([body.instance_prompt] if body.instance_prompt else
@@ -263,7 +283,7 @@ class TrainQueue:
                "data": {"source": str(folder), "resolution": body.resolution},
                "train": {"steps": body.steps, "batch_size": body.batch_size, "lr": body.lr or KINDS[body.kind].lr},
                "output": {"output_dir": str(run_dir), "name": name, "log_every": 1,
-                          "checkpoint_every": body.steps, "sample_every": body.sample_every,
+                          "checkpoint_every": -(-body.steps // 4), "sample_every": body.sample_every,
                           "sample_prompts": prompts, "sample_steps": body.sample_steps}}
         if body.kind == "lora":
             raw["network"] = {"rank": body.rank, "alpha": float(body.rank), "train_text_encoder": body.train_text_encoder}
@@ -285,15 +305,69 @@ class TrainQueue:
             raise InvalidRequest("request", str(exc).splitlines()[0]) from None
         return TrainJob(id=uuid.uuid4().hex, kind=body.kind, config=raw, name=name, total=body.steps, run_dir=run_dir)
 
+    def base(self, body: TrainJobSubmit) -> str:
+        return self.state.model_name("checkpoint", body.base if body.base is not None
+                                     else self.state.options()["sd_model_checkpoint"], "base")
+
+    def prepare_person(self, body: TrainJobSubmit) -> TrainJob:
+        """A person LoRA of the portrait studio: the person's crops, the recipe's settings where
+        the request gives none (``apps.portrait_train``); four resumable checkpoints."""
+        from danqing.apps.portrait_people import load_person
+        from danqing.apps.portrait_train import OVERRIDES, person_lora_config
+
+        if body.kind != "lora":
+            raise InvalidRequest("person", f"a person trains a LoRA; this job's kind is {body.kind!r}")
+        if body.dataset is not None:
+            raise InvalidRequest("dataset", "give a dataset or a person, not both (a person's dataset is their crops)")
+        person = load_person(self.state.settings.home, body.person)
+        name = self.check_name(body.kind, body.name)
+        run_dir = Path(self.state.settings.home) / "runs" / f"{body.kind}-{name}"
+        given = body.model_fields_set
+        raw = person_lora_config(person, name=name, base=self.base(body), output_dir=run_dir,
+                                 recipe=body.recipe or "course",
+                                 overrides={f: getattr(body, f) for f in OVERRIDES if f in given},
+                                 sample_every=body.sample_every if "sample_every" in given else None,
+                                 sample_steps=body.sample_steps)
+        if body.sample_prompts:
+            raw["output"]["sample_prompts"] = list(body.sample_prompts)
+        try:
+            FINETUNE_CONFIGS["lora"].model_validate(raw)
+        except ValueError as exc:
+            raise InvalidRequest("request", str(exc).splitlines()[0]) from None
+        return TrainJob(id=uuid.uuid4().hex, kind="lora", config=raw, name=name, total=raw["train"]["steps"],
+                        run_dir=run_dir)
+
     # -- the queue ----------------------------------------------------------------------------
     def submit(self, job: TrainJob) -> TrainJob:
         self._save(job)
         with self._cond:
             self.jobs[job.id] = job
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="danqing-train", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+            self._wake()
+        return job
+
+    def _wake(self) -> None:
+        """Start the queue's thread if it is not running (the condition's lock held)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="danqing-train", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def resume(self, job_id: str) -> TrainJob:
+        """Queue an interrupted, cancelled or failed job again: its run continues from the newest
+        checkpoint in its run folder (the steps before it are not trained again)."""
+        job = self.get(job_id)
+        with self._cond:
+            if job.status not in RESUMABLE:
+                raise JobFailed(409, f"train job {job_id} is {job.status}; only a job that is "
+                                     f"{', '.join(RESUMABLE)} can be resumed", job_id)
+            spec = KINDS[job.kind]
+            if any(j.name == job.name and j.status in ACTIVE and KINDS[j.kind].models == spec.models
+                   for j in self.jobs.values()) or self.target(job.kind, job.name).exists():
+                raise JobFailed(409, f"{spec.what} {job.name!r} has been made or is being trained since; "
+                                     f"submit a job with a new name", job_id)
+            job.status, job.error, job.cancel, job.resume = "queued", None, False, True
+            self._save(job)
+            self._wake()
         return job
 
     def get(self, job_id: str) -> TrainJob:
@@ -346,19 +420,24 @@ class TrainQueue:
 
     def _train(self, job: TrainJob) -> list[str]:
         from danqing.training.finetune import trainer  # the trainers (torch), loaded by the first job
+        from danqing.training.runs import prune_checkpoints
 
         def on_step(step: int, total: int, loss: float) -> None:
             with self._cond:
                 job.step, job.total = step, total
+                while job.losses and job.losses[-1][0] >= step:  # a resumed run trains these steps again
+                    job.losses.pop()
                 job.losses.append((step, loss if math.isfinite(loss) else None))
                 self._cond.notify_all()
             self._save(job, every=SAVE_EVERY_S)
+            prune_checkpoints(job.run_dir)  # the newest is all a resume needs
             if job.cancel:
                 raise Stopped()
 
         cfg = FINETUNE_CONFIGS[job.kind].model_validate(job.config)
-        summary = trainer(job.kind)(cfg, resume=False, log=lambda line: None, settings=self.state.settings,
+        summary = trainer(job.kind)(cfg, resume=job.resume, log=lambda line: None, settings=self.state.settings,
                                     on_step=on_step)
+        prune_checkpoints(job.run_dir)
         made = Path(summary["files"][KINDS[job.kind].result])
         target = atomic_save(self.target(job.kind, job.name), lambda p: shutil.copyfile(made, p))
         return [str(made), str(target)]
@@ -381,7 +460,7 @@ def train_router(state: ServerState) -> tuple[APIRouter, TrainQueue]:
         return new_dataset(queue.datasets_dir, name, file.file)
 
     @r.post("/jobs", status_code=202, summary="Submit a training job: LoRA, textual inversion or DreamBooth on a "
-                                              "dataset folder (its name)")
+                                              "dataset folder (its name), or a portrait-studio person's LoRA")
     def submit(body: TrainJobSubmit) -> dict:
         return queue.submit(queue.prepare(body)).view()
 
@@ -400,6 +479,11 @@ def train_router(state: ServerState) -> tuple[APIRouter, TrainQueue]:
     @r.post("/jobs/{job_id}/cancel", summary="Cancel a queued training job or stop the running one")
     def cancel(job_id: str = JOB_ID) -> dict:
         return queue.cancel(job_id).view()
+
+    @r.post("/jobs/{job_id}/resume", summary="Queue an interrupted, cancelled or failed training job again; it "
+                                             "continues from its newest checkpoint")
+    def resume(job_id: str = JOB_ID) -> dict:
+        return queue.resume(job_id).view()
 
     @r.get("/jobs/{job_id}/samples/{index}", response_class=FileResponse, summary="A sample grid (PNG)")
     def sample(job_id: str = JOB_ID, index: int = PathParam(ge=0, le=100_000)):

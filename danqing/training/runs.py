@@ -109,6 +109,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def prune_checkpoints(run_dir: Path, keep: int = 1) -> None:
+    """Remove all but the ``keep`` newest complete checkpoints of ``run_dir`` (a run that only
+    needs to resume keeps one; a LoRA's checkpoint holds its whole base model)."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in [p for p in ckpts if (p / "step.json").is_file()][:-keep or None]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def optimiser_step(accelerator, loss, params, opt, sched, max_grad_norm: float, ema=None) -> None:
     """One update: ``loss`` backward through accelerate (mixed-precision scaling, DDP), gradients
     clipped to ``max_grad_norm``, the optimiser and LR schedule stepped, then the EMA weights."""
