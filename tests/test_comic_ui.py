@@ -71,6 +71,7 @@ def wait_done(page) -> None:
 
 
 def test_the_comic_tab_drafts_and_renders_a_page(page):
+    page.get_by_role("tab", name="Apps", exact=True).click()
     page.get_by_role("tab", name="Comic", exact=True).click()
     page.fill("#comic_project textarea", "two-panels")
     page.fill("#comic_storyboard textarea", STORY)

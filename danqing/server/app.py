@@ -25,6 +25,7 @@ from danqing.outputs import place
 from danqing.request import GenerationRequest
 from danqing.server.a1111 import build_router
 from danqing.server.comic import comic_router
+from danqing.server.portrait import portrait_router
 from danqing.server.common import JobFailed, job_error
 from danqing.server.batching import BatchingWorker, BatchSettings
 from danqing.server.store import QUEUED, RUNNING, STATUSES, TERMINAL, JobStore
@@ -315,6 +316,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, *, stud
     app.include_router(threed_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(talk_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     app.include_router(comic_router(state), dependencies=guard, responses=ERROR_RESPONSES)
+    app.include_router(portrait_router(state), dependencies=guard, responses=ERROR_RESPONSES)
     train_routes, state.train = train_router(state)
     app.include_router(train_routes, dependencies=guard, responses=ERROR_RESPONSES)
     add_api_fallback(app)

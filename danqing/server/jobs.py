@@ -33,6 +33,7 @@ from danqing.outputs.place import planned as planned_paths  # A1111 names for a 
 from danqing.outputs.store import next_output_path
 from danqing.sampling.loop import SKIP, STOP
 from danqing.server.comic_request import ComicJob, run_comic
+from danqing.server.portrait_request import PortraitJob, run_portrait
 from danqing.server.media import run_3d, run_talk
 from danqing.server.talk_request import TalkJob
 from danqing.server.store import CANCELLED, DONE, FAILED, TERMINAL, Job, JobStore
@@ -367,6 +368,8 @@ class Worker:
             return run_talk(self, job)
         if isinstance(job.request, ComicJob):
             return run_comic(self, job)
+        if isinstance(job.request, PortraitJob):
+            return run_portrait(self, job)
         if isinstance(job.request, VideoRequest):
             return self._generate_video(job)
         result = (run_request(self.studio, job.request, on_step=self._on_step)  # IF, unCLIP, Kandinsky 2.2

@@ -32,6 +32,7 @@ from danqing.outputs import place
 from danqing.request import GenerationRequest
 from danqing.request_video import VideoRequest
 from danqing.server.comic_request import ComicJob
+from danqing.server.portrait_request import PortraitJob
 from danqing.server.talk_request import TalkJob
 from danqing.threed.run import ThreeDRequest
 
@@ -39,7 +40,7 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 TERMINAL = (DONE, FAILED, CANCELLED)
 VIDEO_KINDS = ("txt2video", "video2video", "img2video")  # their rows hold a VideoRequest
 REQUEST_TYPES = {**dict.fromkeys(VIDEO_KINDS, VideoRequest), "3d": ThreeDRequest, "talk": TalkJob,
-                 "comic": ComicJob}  # kind -> request type (else GenerationRequest)
+                 "comic": ComicJob, "portrait": PortraitJob}  # kind -> request type (else GenerationRequest)
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 
 # What differs between the dialects, as data. {seq}: the queue-order column's definition;
@@ -275,6 +276,8 @@ class JobStore:
             kind = "talk"
         elif isinstance(request, ComicJob):
             kind = "comic"
+        elif isinstance(request, PortraitJob):
+            kind = "portrait"
         elif isinstance(request, VideoRequest):
             kind = ("video2video" if request.init_video is not None else
                     "img2video" if request.init_image is not None else "txt2video")

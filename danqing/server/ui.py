@@ -16,6 +16,7 @@ from danqing.errors import DanqingError, InvalidRequest
 from danqing.server.gradio_import import gradio
 from danqing.server.ui_cards import cards_panel
 from danqing.server.ui_comic import comic_tab
+from danqing.server.ui_portrait import portrait_tab
 from danqing.server.ui_common import add_network
 from danqing.server.ui_files import UIFileGuard, path_rules
 from danqing.models.native import native_side
@@ -74,8 +75,12 @@ def build_ui(state):
                 threed_tab(gr, state)
             with gr.Tab(t("Talk"), id="talk"):
                 talk_tab(gr, state)
-            with gr.Tab(t("Comic"), id="comic"):  # server/ui_comic.py
-                comic_tab(gr, state)
+            with gr.Tab(t("Apps"), id="apps"):  # the course's products, one sub-tab each
+                with gr.Tabs():
+                    with gr.Tab(t("Comic"), id="comic"):  # server/ui_comic.py
+                        comic_tab(gr, state)
+                    with gr.Tab(t("Portrait studio"), id="portrait"):  # server/ui_portrait.py
+                        portrait_tab(gr, state)
             with gr.Tab(t("Checkpoint merger"), id="merger"):
                 merger_tab(gr, state)
             with gr.Tab(t("Train"), id="train"):
