@@ -39,7 +39,11 @@ def page(tmp_path_factory):
     home = tmp_path_factory.mktemp("portrait-ui")
     (home / "styles" / "portrait").mkdir(parents=True)
     (home / "styles" / "portrait" / "tiny.toml").write_text(TINY_STYLE, encoding="utf-8")
-    with LiveServer(make_app(home, ui=True)) as live, sync_api.sync_playwright() as p:
+    from danqing import Settings, Studio
+
+    # a Studio of its own: the person's LoRA is installed in its models folder, not in the shared one
+    studio = Studio(Settings(home=home, device="cpu", dtype="fp32"))
+    with LiveServer(make_app(home, studio=studio, ui=True)) as live, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         pg = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
         pg.set_default_timeout(T)

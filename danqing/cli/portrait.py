@@ -105,9 +105,9 @@ def portrait_train(
     name: str = typer.Argument(..., help="A person added with `portrait add`."),
     recipe: str = typer.Option("course", help="course (rank 32 on UNet and text encoder, batch 1, lr 1e-4 cosine, "
                                               "200 steps per training picture) or cpu (50 steps per picture, lr 2e-4)."),
-    steps: Optional[int] = typer.Option(None, help="Override the recipe's steps."),
-    lr: Optional[float] = typer.Option(None, help="Override the recipe's learning rate."),
-    rank: Optional[int] = typer.Option(None, help="Override the recipe's LoRA rank."),
+    steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's: 200 (course) or 50 (cpu) per training picture]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's: 1e-4 (course) or 2e-4 (cpu)]."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank [default: the recipe's: 32]."),
     resolution: Optional[int] = typer.Option(None, help="Training side [default: the person's crop size]."),
     base: Optional[str] = typer.Option(None, help="Checkpoint to train on [default: the settings' model]."),
     lora: Optional[str] = typer.Option(None, help="The LoRA's name in models/lora/ [default: the person's name]."),

@@ -73,7 +73,7 @@ def add_person(state: ServerState, name: object, photos: list[bytes], *, names: 
         paths = []
         for i, data in enumerate(photos):
             suffix = next((s for magic, s in PHOTO_MAGIC if data.startswith(magic)), ".jpg")
-            path = Path(tmp) / shown_name((names or [None] * len(photos))[i] if names and i < len(names) else None, i, suffix)
+            path = Path(tmp) / shown_name(names[i] if names and i < len(names) else None, i, suffix)
             path.write_bytes(data)
             paths.append(path)
         report = ingest(paths, faces, IngestPolicy(min_photos=min_photos))
