@@ -9,7 +9,6 @@ do what the job API does (``server/portrait.py``, ``server/train.py``).
 from pathlib import Path
 
 from danqing.errors import DanqingError
-from danqing.server.common import JobFailed
 from danqing.server.portrait import add_person, prepare_portrait
 from danqing.server.train import ACTIVE, TrainJobSubmit
 from danqing.server.ui_i18n import t, table
@@ -113,8 +112,6 @@ def portrait_tab(gr, state):
             except StopIteration as end:
                 job = end.value
                 break
-            except JobFailed as exc:
-                raise gr.Error(exc.detail) from None
             yield shown, line, gr.skip()
         yield gr.skip(), f"done: {len(job.result['files'])} of {int(count)} kept", ranked_gallery(job)
 
