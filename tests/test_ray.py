@@ -268,7 +268,10 @@ def test_ray_jobs_survive_an_ingress_restart(served):
 
     from danqing.server.store import JobStore
 
-    bodies = [{"request": {**JOB, "steps": 60, "prompt": f"restart {i}", "seed": 70 + i}} for i in range(4)]
+    # long enough (about 4 s a job at one thread) that the store is seen with two running and
+    # one queued between polls of a loaded machine, and the ingress is killed with two in flight
+    bodies = [{"request": {**JOB, "steps": 60, "width": 128, "height": 128, "batch_count": 2,
+                           "prompt": f"restart {i}", "seed": 70 + i}} for i in range(4)]
     with httpx.Client(base_url=served, timeout=300) as http:
         ids = [http.post("/api/v1/jobs", json=body).json()["id"] for body in bodies]
         assert http.post(f"/api/v1/jobs/{ids[3]}/cancel").json()["status"] == "cancelled"
@@ -303,8 +306,8 @@ def test_ray_job_whose_replica_died_is_sent_again(served):
     would end 'failed' with the replica's death as its error)."""
     import httpx
 
-    bodies = [{"request": {**JOB, "steps": 60, "prompt": f"replica died {i}", "seed": 90 + i, "subseed": 1}}
-              for i in range(2)]
+    bodies = [{"request": {**JOB, "steps": 60, "width": 128, "height": 128, "batch_count": 2,
+                           "prompt": f"replica died {i}", "seed": 90 + i, "subseed": 1}} for i in range(2)]
     with httpx.Client(base_url=served, timeout=300) as http:
         ids = [http.post("/api/v1/jobs", json=body).json()["id"] for body in bodies]
         deadline = time.monotonic() + 60

@@ -83,6 +83,32 @@ def test_checkpoint_resumes_to_the_same_state(smoke_run):
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_lr_warms_up_stays_then_decays_to_zero():
+    from danqing.training.base import lr_factor
+
+    f = [lr_factor(s, warmup=4, steps=20, decay=8) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4:12] == [1.0] * 8  # warm-up, then constant
+    assert f[12:] == [(20 - s) / 8 for s in range(12, 21)] and f[20] == 0.0  # linear fall to 0 at `steps`
+    assert [lr_factor(s, warmup=4, steps=20, decay=0) for s in (4, 19, 30)] == [1.0] * 3  # no decay: constant
+
+
+def test_a_resumed_piece_ends_the_run_with_the_decay(smoke_run):
+    """A run made at the constant rate, then ended by one more piece with `decay_steps`: the
+    logged rate is the base rate until the decay starts and falls linearly to 0 at the end."""
+    import re
+
+    tmp, _, _ = smoke_run
+    over = {"vae.steps": 10, "run.log_every": 5}
+    train_base(_cfg(tmp, "wsd", **{"unet.steps": 20, **over}), log=lambda line: None)
+    lines = []
+    out = train_base(_cfg(tmp, "wsd", **{"unet.steps": 40, "unet.decay_steps": 10, **over}), resume=True,
+                     log=lines.append)
+    lr = {int(m[1]): float(m[2]) for line in lines if (m := re.search(r"unet step (\d+)/40 .*lr (\S+)", line))}
+    base = lr[25]
+    assert out["final_step"] == 40 and sorted(lr) == [25, 30, 35, 40]
+    assert lr[30] == base and lr[35] == pytest.approx(base / 2, rel=0.01) and lr[40] == 0.0, lr
+
+
 def test_trains_on_a_folder_of_captioned_images(tmp_path):
     data = tmp_path / "photos"
     data.mkdir()

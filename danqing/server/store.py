@@ -281,11 +281,11 @@ class JobStore:
         elif isinstance(request, VideoRequest):
             kind = ("video2video" if request.init_video is not None else
                     "img2video" if request.init_image is not None else "txt2video")
-        self._run("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "
-                  "VALUES (:id, :status, :kind, :source, :save, :prompt, :request, :created)",
-                  {"id": job_id, "status": QUEUED, "kind": kind, "source": source, "save": int(save),
-                   "prompt": request.prompt, "request": request.to_json(), "created": time.time()})
-        return self.get(job_id)
+        # the row as inserted, in the same statement: a worker may claim the job before a second read
+        return self._one("INSERT INTO jobs (id, status, kind, source, save, prompt, request, created) "
+                         "VALUES (:id, :status, :kind, :source, :save, :prompt, :request, :created) RETURNING *",
+                         {"id": job_id, "status": QUEUED, "kind": kind, "source": source, "save": int(save),
+                          "prompt": request.prompt, "request": request.to_json(), "created": time.time()})
 
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = :id", {"id": job_id})

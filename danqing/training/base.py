@@ -19,6 +19,7 @@ from a checkpoint continues exactly as the uninterrupted run would have. Several
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -256,6 +257,17 @@ PORTRAIT_SAMPLE_PROMPTS = [   # data.world "portraits" and "mix" sample these to
 # ---------------------------------------------------------------------------------------------
 # Stage 2: text encoder + UNet
 # ---------------------------------------------------------------------------------------------
+def lr_factor(step: int, *, warmup: int, steps: int, decay: int) -> float:
+    """The UNet stage's learning rate over its base value at ``step`` (0-based): a linear
+    warm-up over ``warmup`` steps, then constant, then (``decay`` > 0) a linear fall to 0 over
+    the last ``decay`` of ``steps``: warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al.
+    2024). A run made in pieces at the constant rate is ended by one more piece with ``steps``
+    and ``decay`` set, whatever step it has reached."""
+    up = min(1.0, (step + 1) / max(1, warmup))
+    down = min(1.0, max(0.0, (steps - step) / decay)) if decay else 1.0
+    return up * down
+
+
 def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, empty_ids: torch.Tensor,
                cfg: BaseTrainConfig, log: Log, run_dir: Path, *, resume: bool, evaluate: bool) -> dict:
     """Train text encoder + UNet of ``comps`` in place; at the end their weights are the EMA ones.
@@ -280,7 +292,8 @@ def train_unet(comps, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Ten
     params = [p for m in ((unet,) if frozen_te else (unet, te)) for p in m.parameters()]
     ema = EMAModel(params, decay=c.ema_decay, foreach=True)
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_factor, warmup=c.warmup_steps, steps=c.steps, decay=c.decay_steps))
     unet, te, opt, sched = accelerator.prepare(unet, te, opt, sched)
     accelerator.register_for_checkpointing(ema)
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)

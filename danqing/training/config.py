@@ -58,6 +58,7 @@ class UNetConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)
+    decay_steps: int = Field(0, ge=0)  # the lr falls linearly to 0 over the last N of `steps` (0: constant)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)
@@ -75,8 +76,7 @@ class RunConfig(_Strict):
     eval_prompts: int = Field(16, ge=0)
     eval_steps: int = Field(20, ge=1)
     num_threads: int = Field(0, ge=0)   # torch CPU threads; 0 = torch's default
-    # stop the UNet stage after this many minutes of it (checkpoint + export as at the last step);
-    # 0 = run all unet.steps. For runs of a fixed wall time.
+    # stop the UNet stage after this many minutes (checkpoint + export as at the last step); 0: all unet.steps
     max_minutes: float = Field(0, ge=0)
     # every N steps also write latest.safetensors: the EMA model, fp16, single file; 0 = never
     export_every: int = Field(0, ge=0)
