@@ -588,4 +588,30 @@ def test_portrait_train_installs_the_persons_lora(anna, capsys):
     code, _, err = run(capsys, *home, *args)
     assert code == 2 and "models/lora/anna.safetensors exists; choose another --lora or pass --replace" in err
     code, _, err = run(capsys, *home, "app", "portrait", "train", "anna", "--recipe", "gpu", "--lora", "other")
-    assert code == 2 and "unknown recipe 'gpu'; recipes: course, cpu" in err
+    assert code == 2 and "unknown recipe 'gpu'; recipes: course, cpu, tiny" in err
+    code, _, err = run(capsys, *home, "app", "portrait", "train", "anna", "--recipe", "tiny", "--prior-images", "-1",
+                       "--lora", "other")
+    assert code == 2 and "prior_images: -1: between 0 and 1000" in err
+
+
+def test_the_tiny_recipe_keeps_the_unconditional_prediction_the_base_models(anna, capsys):
+    """The `tiny` recipe: regularisation pictures drawn by the base model from the class prompt
+    and written with the empty caption (the LoRA then leaves the empty prompt's prediction, which
+    CFG steps away from, to the base model); `--prior-images 0` trains without them."""
+    from danqing.apps.portrait_train import PRIOR_PROMPT, person_lora_config
+
+    raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny")
+    assert raw["train"] == {"steps": 4 * 100, "batch_size": 1, "lr": 1e-3, "lr_scheduler": "cosine"}
+    assert raw["prior"] == {"enabled": True, "class_source": f"unconditional:{PRIOR_PROMPT}", "n_class_images": 40,
+                            "sample_steps": 20}
+    assert "prior" not in person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny",
+                                             overrides={"prior_images": 0})
+    home = anna.folder.parent.parent
+    code, out, err = run(capsys, "--home", str(home), "app", "portrait", "train", "anna", "--recipe", "tiny", "--steps",
+                         "2", "--prior-images", "3", "--resolution", "64", "--base", "danqing-tiny", "--lora", "anna-tiny", "--fresh")
+    assert code == 0, err
+    assert "anna: 2 steps, rank 32, lr 0.001 cosine, 64 px, on danqing-tiny, 3 unconditional regularisation pictures" in err
+    made = sorted((home / "runs" / "person-anna" / "class_images").iterdir())
+    assert [p.suffix for p in made] == [".png", ".txt"] * 3
+    assert all(p.read_text(encoding="utf-8") == "" for p in made if p.suffix == ".txt")
+    assert {Image.open(p).size for p in made if p.suffix == ".png"} == {(64, 64)}

@@ -4,11 +4,14 @@ recipe, as the config of the LoRA trainer (``danqing train lora``'s, ``training.
 The course (FaceChain's defaults): rank 32 on the UNet and the text encoder, the crops' own size
 (512), batch 1, lr 1e-4 with a cosine schedule, about 200 steps per training picture. On a CPU
 that is hours for ten photos, so a second recipe trains a quarter of the steps at twice the
-rate. The recipes are data (``RECIPES``); a request may override steps, rate, batch, size, rank
-and the text encoder, the rest comes from the recipe.
+rate. A third, ``tiny``, is for danqing's own 64-pixel models: a higher rate, and 40
+regularisation pictures trained with the empty caption (``person_lora_config``). The recipes are
+data (``RECIPES``); a request may override steps, rate, batch, size, rank, the text encoder and
+the regularisation pictures, the rest comes from the recipe.
 
     danqing app portrait train anna                  # the course's recipe
     danqing app portrait train anna --recipe cpu --steps 200
+    danqing app portrait train ada --recipe tiny --base runs/danqing-tiny-portraits-cpu/model
 """
 
 from __future__ import annotations
@@ -18,15 +21,23 @@ from pathlib import Path
 from danqing.apps.portrait_people import Person
 from danqing.errors import InvalidRequest
 
-# recipe -> the LoRA trainer's settings; steps_per_image x the pictures in train/ = the steps
+# recipe -> the LoRA trainer's settings; steps_per_image x the pictures in train/ = the steps;
+# prior_images: regularisation pictures the base model draws from PRIOR_PROMPT, trained with the
+# empty caption (0: none; see person_lora_config)
 RECIPES: dict[str, dict] = {
     "course": {"rank": 32, "train_text_encoder": True, "lr": 1e-4, "lr_scheduler": "cosine", "batch_size": 1,
-               "steps_per_image": 200},
+               "steps_per_image": 200, "prior_images": 0},
     "cpu": {"rank": 32, "train_text_encoder": True, "lr": 2e-4, "lr_scheduler": "cosine", "batch_size": 1,
-            "steps_per_image": 50},
+            "steps_per_image": 50, "prior_images": 0},
+    # danqing's own 64-px models (danqing-tiny-portraits): a 1.7 M-parameter UNet learns at a
+    # higher rate, and without the unconditional pictures CFG cancels the person (docs/apps.md)
+    "tiny": {"rank": 32, "train_text_encoder": True, "lr": 1e-3, "lr_scheduler": "cosine", "batch_size": 1,
+             "steps_per_image": 100, "prior_images": 40},
 }
-OVERRIDES = ("steps", "lr", "batch_size", "resolution", "rank", "train_text_encoder")
+OVERRIDES = ("steps", "lr", "batch_size", "resolution", "rank", "train_text_encoder", "prior_images")
+PRIOR_PROMPT = "a photo of a person, head and shoulders"   # the "head" crops' template without the trigger
 MAX_STEPS = 20_000
+MAX_PRIOR_IMAGES = 1000
 
 
 def training_pictures(person: Person) -> list[Path]:
@@ -68,8 +79,16 @@ def person_lora_config(person: Person, *, name: str, base: str, output_dir: str 
     if not 1 <= r["steps"] <= MAX_STEPS:
         raise InvalidRequest("steps", f"{r['steps']}: between 1 and {MAX_STEPS}")
     every = max(1, -(-r["steps"] // max(1, checkpoints)))
+    if not 0 <= r["prior_images"] <= MAX_PRIOR_IMAGES:
+        raise InvalidRequest("prior_images", f"{r['prior_images']}: between 0 and {MAX_PRIOR_IMAGES}")
     captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in pictures[:2]]
-    return {"model": {"base": base},
+    # The LoRA changes the UNet for every prompt, the empty one included. Trained on the person
+    # alone, it draws them for the empty prompt too, and CFG, which steps away from that
+    # prediction, then steps away from the person. Pictures of anyone, trained with the empty
+    # caption, keep the unconditional prediction the base model's.
+    prior = {"prior": {"enabled": True, "class_source": f"unconditional:{PRIOR_PROMPT}",
+                       "n_class_images": r["prior_images"], "sample_steps": sample_steps}} if r["prior_images"] else {}
+    return {"model": {"base": base}, **prior,
             "data": {"source": str(person.folder / "train"), "resolution": r["resolution"]},
             "network": {"rank": r["rank"], "alpha": float(r["rank"]), "train_text_encoder": r["train_text_encoder"]},
             "train": {"steps": r["steps"], "batch_size": r["batch_size"], "lr": r["lr"],

@@ -104,10 +104,15 @@ def portrait_train(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="A person added with `portrait add`."),
     recipe: str = typer.Option("course", help="course (rank 32 on UNet and text encoder, batch 1, lr 1e-4 cosine, "
-                                              "200 steps per training picture) or cpu (50 steps per picture, lr 2e-4)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's: 200 (course) or 50 (cpu) per training picture]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's: 1e-4 (course) or 2e-4 (cpu)]."),
+                                              "200 steps per training picture), cpu (50 steps per picture, lr 2e-4) "
+                                              "or tiny (danqing's 64-px models: 100 steps per picture, lr 1e-3, "
+                                              "40 unconditional regularisation pictures)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's: 200 (course), 50 (cpu) or 100 (tiny) per training picture]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's: 1e-4 (course), 2e-4 (cpu) or 1e-3 (tiny)]."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank [default: the recipe's: 32]."),
+    prior_images: Optional[int] = typer.Option(None, "--prior-images", help="Pictures of anyone the base model draws "
+                                               "and the LoRA trains on with the empty caption, so CFG keeps the person "
+                                               "(0: none) [default: the recipe's: 0 (course, cpu) or 40 (tiny)]."),
     resolution: Optional[int] = typer.Option(None, help="Training side [default: the person's crop size]."),
     base: Optional[str] = typer.Option(None, help="Checkpoint to train on [default: the settings' model]."),
     lora: Optional[str] = typer.Option(None, help="The LoRA's name in models/lora/ [default: the person's name]."),
@@ -136,10 +141,13 @@ def portrait_train(
         raise InvalidRequest("lora", f"models/lora/{lora}.safetensors exists; choose another --lora or pass --replace")
     raw = person_lora_config(person, name=lora, base=base or settings.default_model, recipe=recipe,
                              output_dir=settings.home / "runs" / f"person-{name}",
-                             overrides={"steps": steps, "lr": lr, "rank": rank, "resolution": resolution})
+                             overrides={"steps": steps, "lr": lr, "rank": rank, "resolution": resolution,
+                                        "prior_images": prior_images})
     cfg = LoraTrainConfig.model_validate(raw)
     typer.echo(f"{name}: {cfg.train.steps} steps, rank {cfg.network.rank}, lr {cfg.train.lr:g} "
-               f"{cfg.train.lr_scheduler}, {cfg.data.resolution} px, on {cfg.model.base}", err=True)
+               f"{cfg.train.lr_scheduler}, {cfg.data.resolution} px, on {cfg.model.base}"
+               + (f", {cfg.prior.n_class_images} unconditional regularisation pictures" if cfg.prior.enabled else ""),
+               err=True)
     run_dir = Path(cfg.output.output_dir)
     summary = finetune.trainer("lora")(cfg, resume=not fresh, log=lambda line: typer.echo(line, err=True),
                                        settings=settings, on_step=lambda *_: prune_checkpoints(run_dir))

@@ -100,9 +100,10 @@ class TrainJobSubmit(BaseModel):
                                    "path); or give person")
     person: Optional[str] = Field(None, max_length=200, description="lora: a person of the portrait studio "
                                   "(HOME/people/NAME/, by name): their LoRA on their training crops, with recipe")
-    recipe: Optional[Literal["course", "cpu"]] = Field(None, description="with person: the recipe whose steps, lr, "
-                                                       "batch, size, rank and text encoder apply where the request "
-                                                       "gives none (apps.portrait_train.RECIPES); default course")
+    recipe: Optional[Literal["course", "cpu", "tiny"]] = Field(None, description="with person: the recipe whose "
+                                                               "steps, lr, batch, size, rank, text encoder and "
+                                                               "regularisation pictures apply where the request gives "
+                                                               "none (apps.portrait_train.RECIPES); default course")
     name: str = Field(..., max_length=200, description="the result's name: models/lora/NAME.safetensors, "
                       "models/embeddings/NAME.safetensors (the embedding's word) or models/checkpoints/NAME.safetensors")
     base: Optional[str] = Field(None, max_length=1024, description="checkpoint to train on; default: the current model")

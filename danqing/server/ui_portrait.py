@@ -8,6 +8,7 @@ do what the job API does (``server/portrait.py``, ``server/train.py``).
 # No ``from __future__ import annotations``: Gradio reads the handlers' annotations at run time.
 from pathlib import Path
 
+from danqing.apps.portrait_train import RECIPES
 from danqing.errors import DanqingError
 from danqing.server.portrait import add_person, prepare_portrait
 from danqing.server.train import ACTIVE, TrainJobSubmit
@@ -47,7 +48,7 @@ def portrait_tab(gr, state):
                 least = gr.Number(value=3, precision=0, minimum=1, label=t("Photos needed"), elem_id="portrait_min")
             add = gr.Button(t("Add person"), variant="primary", elem_id="portrait_add")
             with gr.Row():
-                recipe = gr.Dropdown(["course", "cpu"], value="course", label=t("Recipe"), elem_id="portrait_recipe")
+                recipe = gr.Dropdown(list(RECIPES), value="course", label=t("Recipe"), elem_id="portrait_recipe")
                 steps = gr.Number(value=0, precision=0, minimum=0, label=t("Steps (0: the recipe's)"),
                                   elem_id="portrait_steps")
             train = gr.Button(t("Train the person's LoRA"), elem_id="portrait_train")

@@ -183,12 +183,16 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
     (kept under ``run_dir/class_images`` with their captions, so a resumed run reuses them), or
     read from a folder of captioned class images."""
     p = cfg.prior
-    if p.class_source not in ("concept-class", "synthetic") and not p.class_source.startswith("prompt:"):
+    kind = p.class_source.split(":", 1)[0] if ":" in p.class_source else p.class_source
+    if kind not in ("concept-class", "synthetic", "prompt", "unconditional"):
         return caption_folder(p.class_source)
-    if p.class_source.startswith("prompt:"):  # DreamBooth's class prompt, one seed per image
+    captions = None
+    if kind in ("prompt", "unconditional"):  # DreamBooth's class prompt, one seed per image
         prompts = [p.class_source.split(":", 1)[1].strip()] * p.n_class_images
         if not prompts[0]:
-            raise InvalidRequest("prior.class_source", "'prompt:' needs the class prompt after it, e.g. 'prompt:a square'")
+            raise InvalidRequest("prior.class_source", f"'{kind}:' needs the class prompt after it, e.g. '{kind}:a square'")
+        if kind == "unconditional":  # drawn from the prompt, trained with the empty caption
+            captions = [""] * len(prompts)
     elif p.class_source == "synthetic":
         prompts = [caption(s) for s in scenes(cfg.data.seed + 1, p.n_class_images, "train")]
     else:
@@ -207,7 +211,7 @@ def class_items(comps, cfg, run_dir: Path, log: Log):
                                size=cfg.data.resolution)
 
         def write(tmp: Path) -> None:
-            for i, (im, text) in enumerate(zip(imgs, prompts)):
+            for i, (im, text) in enumerate(zip(imgs, captions or prompts)):
                 im.save(tmp / f"{i:04d}.png")
                 (tmp / f"{i:04d}.txt").write_text(text, encoding="utf-8")
 
