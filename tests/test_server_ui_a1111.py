@@ -269,3 +269,34 @@ def test_the_painted_pixels_are_the_mask():
     m = np.asarray(mask)
     assert m[3, 2] == 255 and m[5, 5] == 255 and m.sum() == 2 * 255
     assert editor_mask({"background": bg, "layers": [], "composite": bg}) == (bg, None)
+
+
+def test_every_handler_gets_the_event_or_request_it_asks_for(tmp_path, monkeypatch):
+    """Gradio hands a handler its ``gr.SelectData`` / ``gr.Request`` by reading the handler's
+    annotations at run time. In a module with ``from __future__ import annotations`` whose ``gr``
+    is not a global, the annotation cannot be read: Gradio then fills that parameter from the
+    inputs, and the click fails (a LoRA card's did)."""
+    import inspect
+
+    from gradio.utils import get_type_hints
+
+    import danqing.server.ui as ui
+
+    captured = {}
+    real = ui.build_ui
+    monkeypatch.setattr(ui, "build_ui", lambda state: captured.setdefault("demo", real(state)))
+    make_app(tmp_path, ui=True)
+    fns = [f.fn for f in captured["demo"].fns.values() if f.fn is not None]
+    asking, bad = 0, []
+    for fn in fns:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            continue
+        for name, p in params.items():
+            text = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+            if any(w in str(text) for w in ("SelectData", "Request", "EventData")):
+                asking += 1
+                if name not in get_type_hints(fn):
+                    bad.append(f"{fn.__module__}.{fn.__qualname__}({name})")
+    assert asking >= 8 and bad == [], bad

@@ -3,8 +3,8 @@ LoRA and embedding as a card with its name, a preview picture when a PNG sits be
 (``NAME.png`` or ``NAME.preview.png``, A1111's names) and its trigger words; clicking a card adds
 it to the txt2img prompt (``ui_common.add_network``: ``<lora:NAME:1>``, an embedding's name)."""
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Gradio reads the handlers' annotations (a card's
+# ``gr.SelectData``) at run time, and ``gr`` here is a parameter, not a global it could look up.
 import json
 from dataclasses import dataclass
 from pathlib import Path
