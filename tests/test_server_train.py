@@ -26,7 +26,10 @@ def client(studio, tmp_path_factory):
         img.save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"a square, colour {i}")
     (home / "outside").mkdir()
-    write_person(home, "ada", 3)
+    from danqing.apps.portrait_world import write_world_person
+    from danqing.synthetic.portraits import person
+
+    write_world_person(home, "ada", person("Ada"), 3, seed=1)  # people/ada/ as `portrait add` writes it
     with TestClient(make_app(home, studio=studio)) as c:
         yield c
 
@@ -45,22 +48,6 @@ def test_lora_job_reports_step_loss_and_samples_and_installs_the_lora(client, st
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert "sq-test" in [e.name for e in studio.registry.scan("lora")] or \
         (studio.settings.models_dir / "lora" / "sq-test.safetensors").is_file()
-
-
-def write_person(home, name: str, n: int) -> None:
-    """people/NAME/ as `portrait add` writes it: person.json and captioned crops (here: the
-    portrait world's pictures of a held-out person, at 64 px)."""
-    import json
-
-    from danqing.synthetic.portraits import person, pictures_of, render_portrait
-
-    folder = home / "people" / name / "train"
-    folder.mkdir(parents=True)
-    for i, p in enumerate(pictures_of(person("Ada"), n, seed=1)):
-        render_portrait(p, 64).save(folder / f"{i + 1:03d}-face.png")
-        (folder / f"{i + 1:03d}-face.txt").write_text(f"a photo of dq_{name}, portrait", encoding="utf-8")
-    info = {"name": name, "trigger": f"dq_{name}", "size": 64, "identity": [0.0] * 128, "accepted": [], "rejected": []}
-    (folder.parent / "person.json").write_text(json.dumps(info), encoding="utf-8")
 
 
 def test_a_persons_lora_takes_the_recipe_and_resumes_from_its_checkpoint(client, studio, monkeypatch):

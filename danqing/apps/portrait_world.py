@@ -1,0 +1,83 @@
+"""The portrait studio on the portrait world (``synthetic.portraits``): a held-out person as
+``portrait add`` writes one, and the measurement of their LoRA (docs/apps.md, "A person LoRA in
+the portrait world").
+
+A person's pictures are rendered, not photographed, so no face model finds their faces: they are
+written straight into ``people/NAME/`` (the crops ``portrait add`` would make, captioned as it
+captions them). Where ``portrait add`` asks a captioner what is in a photo, the rendered
+picture's own expression, clothes, pose, background and style are the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from danqing.apps.portrait_people import caption_for, default_trigger
+from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
+from danqing.synthetic.portraits import IDENTITY, Person, Portrait, pictures_of, render_portrait, shows_colour, vocab
+
+
+def scene_words(p: Portrait) -> str:
+    """What a captioner says of a portrait besides the person: expression, clothes, pose,
+    background, style (no colour words in a style that shows none)."""
+    v = vocab()
+    first = lambda w: w[0] if isinstance(w, list) else w  # noqa: E731
+    words = [first(v["mouth"][p.mouth]["en"])]
+    if shows_colour(p.style):
+        words.append(f"in {'an' if p.clothing[0] in 'aeiou' else 'a'} {p.clothing} shirt")
+    words.append(first(v["pose"][p.pose]["en"]))
+    if shows_colour(p.style):
+        words.append(f"on a {v['background'][p.background]['en']} background")
+    words.append(first(v["style"][p.style]["en"]))
+    return ", ".join(words)
+
+
+def person_caption(p: Portrait, trigger: str) -> str:
+    """A "head" crop's caption: the template with the trigger word, then the scene words."""
+    return caption_for("head", trigger, scene_words(p))
+
+
+def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, size: int = 64,
+                       seed: int = 0) -> Path:
+    """``people/NAME/`` with ``n`` rendered pictures of ``who`` (``pictures_of(who, n, seed)``) as
+    captioned training crops; returns the person's folder."""
+    folder = Path(home) / "people" / name
+    (folder / "train").mkdir(parents=True)
+    trigger = default_trigger(name)
+    for i, p in enumerate(pictures_of(who, n, seed=seed)):
+        render_portrait(p, size).save(folder / "train" / f"{i + 1:03d}-head.png")
+        (folder / "train" / f"{i + 1:03d}-head.txt").write_text(person_caption(p, trigger), encoding="utf-8")
+    info = {"name": name, "trigger": trigger, "size": size, "identity": [0.0] * 128, "accepted": [], "rejected": [],
+            "world": {"person": who.name, **{a: getattr(who, a) for a in IDENTITY}}}
+    (folder / "person.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return folder
+
+
+def measure_person_lora(studio, who: Person, name: str, *, model: str, n: int = 50, weight: float = 1.0,
+                        cfg_scale: float = 7.0, seed: int = 1000, out_dir: str | Path | None = None) -> dict:
+    """``n`` new pictures of ``who`` (other clothes, backgrounds, styles: ``pictures_of`` with
+    seed 1000) asked for by caption, without and with ``<lora:NAME:WEIGHT>``, at the same seeds.
+
+    Returns:
+        {"without": summary, "with": summary}: ``summarise_portraits`` of each set, judged
+        against the person's identity and the asked style; ``all`` is the share of pictures
+        that give the person's identity (every identity attribute the style shows read right).
+    """
+    from danqing.synthetic.evaluate import evaluate_studio
+
+    trigger = default_trigger(name)
+    tests = pictures_of(who, n, seed=1000)
+    asked = {a: getattr(who, a) for a in IDENTITY}
+    out = {}
+    for label, suffix in (("without", ""), ("with", f" <lora:{name}:{weight:g}>")):
+        summary, _ = evaluate_studio(
+            studio, tests, write=lambda p, lang: person_caption(p, trigger),
+            judge=lambda img, p: score_portrait(img, {**asked, "style": p.style}), summary=summarise_portraits,
+            model=model, suffix=suffix, cfg_scale=cfg_scale, seed=seed,
+            out_dir=Path(out_dir) / label if out_dir is not None else None)
+        out[label] = summary
+    return out
+
+
+__all__ = ["measure_person_lora", "person_caption", "scene_words", "write_world_person"]
