@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=None, help="[default: the recipe's]")
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight")
+    ap.add_argument("--styles", type=int, default=0, help="also make this many pictures per portrait-world style "
+                                                           "with `portrait make`, with and without the LoRA [default: 0]")
     ap.add_argument("--home", type=Path, default=None, help="keep the runs here, one folder per person "
                                                             "[default: temporary folders]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -62,11 +64,44 @@ def main() -> None:
             s = out[label]
             print(f"{who.name} {label} the LoRA: identity given in {s['all']:.2f} of {args.n}; "
                   + ", ".join(f"{a} {s[a]}" for a in (*IDENTITY, "style")), flush=True)
+        if args.styles:
+            out["styles"] = styled(home, who, name, args)
         print(f"run and pictures: {home}", flush=True)
         results.append({"person": who.name, "identity": {a: getattr(who, a) for a in IDENTITY},
                         "recipe": args.recipe, "pictures": args.pictures, "n": args.n, **out})
     if args.out:
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def styled(home: Path, who, name: str, args) -> dict:
+    """`danqing app portrait make` in each portrait-world style, without and with the LoRA (the
+    same seeds); per style and each way, the share of pictures that give the person's identity
+    and that show the style's background and rendering."""
+    from PIL import Image
+
+    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_styles import get_style
+    from danqing.apps.portrait_world import judge_styled, write_world_styles
+
+    trigger = load_person(home, name).trigger
+    out = {}
+    for style in write_world_styles(home):
+        prompt = get_style(style, home).prompt.replace("{trigger}", trigger)
+        for label, lora in (("without", []), ("with", ["--lora", name])):
+            folder = home / "made" / style / label
+            subprocess.run([sys.executable, "-m", "danqing.cli", "--home", str(home), "app", "portrait", "make", name,
+                            "--style", style, "-n", str(args.styles), "--model", args.model, "--seed", "2000",
+                            "--out", str(folder), *lora], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           stdout=subprocess.DEVNULL)
+            judged = [judge_styled(Image.open(f).convert("RGB"), who, prompt) for f in sorted(folder.glob("*.png"))]
+            res = {k: round(sum(j[k] for j in judged) / len(judged), 3) for k in ("identity", "look")}
+            for a in ("background", "style", "mouth", "clothing", "pose"):
+                vals = [j[a] for j in judged if j.get(a) is not None]
+                if vals:
+                    res[a] = round(sum(vals) / len(vals), 3)
+            out.setdefault(style, {})[label] = {"n": len(judged), **res}
+            print(f"{who.name} {style} {label} the LoRA: {res}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

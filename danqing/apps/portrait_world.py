@@ -80,4 +80,41 @@ def measure_person_lora(studio, who: Person, name: str, *, model: str, n: int = 
     return out
 
 
-__all__ = ["measure_person_lora", "person_caption", "scene_words", "write_world_person"]
+def world_style_files() -> list[Path]:
+    """The portrait world's style templates (``data/styles/portrait-world/``: 64 px, one
+    rendering and background each), not among danqing's own: they are for danqing-tiny-portraits."""
+    from importlib import resources
+
+    folder = resources.files("danqing").joinpath("data/styles/portrait-world")
+    return sorted(Path(str(f)) for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def write_world_styles(home: str | Path) -> list[str]:
+    """Copy the portrait world's style templates into ``HOME/styles/portrait/`` (the user's
+    templates, which ``portrait make`` and the server read); their names."""
+    import shutil
+
+    from danqing.apps.portrait_styles import USER_FOLDER
+
+    folder = Path(home) / USER_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in world_style_files():
+        shutil.copyfile(f, folder / f.name)
+    return [f.stem for f in world_style_files()]
+
+
+def judge_styled(image, who: Person, style_prompt: str) -> dict:
+    """One picture of a style template: ``identity`` (1.0 when every identity attribute its
+    style shows reads as ``who``'s), ``look`` (the template's background and rendering both
+    right, where the style shows them) and each attribute's 1.0/0.0 (``score_portrait``)."""
+    from danqing.synthetic.portraits_captions import parse_portrait_prompt
+
+    asked = {k: v for k, v in parse_portrait_prompt(style_prompt).items() if k not in IDENTITY}
+    scores = score_portrait(image, {**{a: getattr(who, a) for a in IDENTITY}, **asked})
+    shown = [scores[a] for a in IDENTITY if scores[a] is not None]
+    look = [scores[a] for a in ("background", "style") if a in asked and scores[a] is not None]
+    return {**scores, "identity": float(all(x == 1.0 for x in shown)), "look": float(all(x == 1.0 for x in look))}
+
+
+__all__ = ["judge_styled", "measure_person_lora", "person_caption", "scene_words", "world_style_files",
+           "write_world_person", "write_world_styles"]
