@@ -594,18 +594,19 @@ def test_portrait_train_installs_the_persons_lora(anna, capsys):
     assert code == 2 and "prior_images: -1: between 0 and 1000" in err
 
 
-def test_the_tiny_recipe_keeps_the_unconditional_prediction_the_base_models(anna, capsys):
-    """The `tiny` recipe: regularisation pictures drawn by the base model from the class prompt
-    and written with the empty caption (the LoRA then leaves the empty prompt's prediction, which
-    CFG steps away from, to the base model); `--prior-images 0` trains without them."""
+def test_prior_images_keep_the_unconditional_prediction_the_base_models(anna, capsys):
+    """`prior_images`: regularisation pictures drawn by the base model from the class prompt and
+    written with the empty caption (the LoRA then leaves the empty prompt's prediction, which CFG
+    steps away from, to the base model); no recipe has them unless asked."""
     from danqing.apps.portrait_train import PRIOR_PROMPT, person_lora_config
 
     raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny")
     assert raw["train"] == {"steps": 4 * 100, "batch_size": 1, "lr": 1e-3, "lr_scheduler": "cosine"}
+    assert "prior" not in raw
+    raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny",
+                             overrides={"prior_images": 40})
     assert raw["prior"] == {"enabled": True, "class_source": f"unconditional:{PRIOR_PROMPT}", "n_class_images": 40,
                             "sample_steps": 20}
-    assert "prior" not in person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny",
-                                             overrides={"prior_images": 0})
     home = anna.folder.parent.parent
     code, out, err = run(capsys, "--home", str(home), "app", "portrait", "train", "anna", "--recipe", "tiny", "--steps",
                          "2", "--prior-images", "3", "--resolution", "64", "--base", "danqing-tiny", "--lora", "anna-tiny", "--fresh")

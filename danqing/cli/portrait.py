@@ -105,14 +105,13 @@ def portrait_train(
     name: str = typer.Argument(..., help="A person added with `portrait add`."),
     recipe: str = typer.Option("course", help="course (rank 32 on UNet and text encoder, batch 1, lr 1e-4 cosine, "
                                               "200 steps per training picture), cpu (50 steps per picture, lr 2e-4) "
-                                              "or tiny (danqing's 64-px models: 100 steps per picture, lr 1e-3, "
-                                              "40 unconditional regularisation pictures)."),
+                                              "or tiny (danqing's 64-px models: 100 steps per picture, lr 1e-3)."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's: 200 (course), 50 (cpu) or 100 (tiny) per training picture]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's: 1e-4 (course), 2e-4 (cpu) or 1e-3 (tiny)]."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank [default: the recipe's: 32]."),
     prior_images: Optional[int] = typer.Option(None, "--prior-images", help="Pictures of anyone the base model draws "
                                                "and the LoRA trains on with the empty caption, so CFG keeps the person "
-                                               "(0: none) [default: the recipe's: 0 (course, cpu) or 40 (tiny)]."),
+                                               "(0: none) [default: the recipe's: 0]."),
     resolution: Optional[int] = typer.Option(None, help="Training side [default: the person's crop size]."),
     base: Optional[str] = typer.Option(None, help="Checkpoint to train on [default: the settings' model]."),
     lora: Optional[str] = typer.Option(None, help="The LoRA's name in models/lora/ [default: the person's name]."),
