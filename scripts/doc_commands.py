@@ -215,6 +215,7 @@ PERSON = "needs photos of a real person (`app portrait add`) and what it makes"
 DEPENDS = "reads what a skipped command writes"
 PACKAGE = "writes into the package (danqing/data/models/): how the bundled models were made"
 LONG = "takes more than 10 minutes on 2 CPU cores and has no small-size option"
+TRAINED = "needs a model trained by a command of another page (runs/danqing-tiny-portraits-cpu: models.md), not bundled"
 
 # (pattern searched in the command, reason): the first match wins
 SKIPS: list[tuple[str, str]] = [
@@ -235,6 +236,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"~/photos|~/Downloads|\bMODEL\b|\bPICTURE\b|\bCHECKPOINT\b|--config \.\.\.|\bmy(?:-lora)?\.toml\b|runs/OLD", PLACEHOLDER),
     (r"bundle_model\.py", PACKAGE),
     (r"ti_known_shape\.py|bench/ray_\w+\.py", LONG),
+    (r"eval_person_lora\.py", TRAINED),
 ]
 
 # the commands that sample (their --steps: sampling steps; 3d: optimisation steps)
