@@ -98,9 +98,10 @@ def write_world_styles(home: str | Path) -> list[str]:
 
     folder = Path(home) / USER_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    for f in world_style_files():
+    files = world_style_files()
+    for f in files:
         shutil.copyfile(f, folder / f.name)
-    return [f.stem for f in world_style_files()]
+    return [f.stem for f in files]
 
 
 def judge_styled(image, who: Person, style_prompt: str) -> dict:

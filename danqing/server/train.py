@@ -41,6 +41,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from danqing.apps.portrait_train import RECIPES
 from danqing.errors import DanqingError, InvalidRequest
 from danqing.files import atomic_save
 from danqing.models.names import MAX_SHOWN, check_new_name, inside
@@ -100,7 +101,7 @@ class TrainJobSubmit(BaseModel):
                                    "path); or give person")
     person: Optional[str] = Field(None, max_length=200, description="lora: a person of the portrait studio "
                                   "(HOME/people/NAME/, by name): their LoRA on their training crops, with recipe")
-    recipe: Optional[Literal["course", "cpu", "tiny"]] = Field(None, description="with person: the recipe whose "
+    recipe: Optional[Literal[tuple(RECIPES)]] = Field(None, description="with person: the recipe whose "
                                                                "steps, lr, batch, size, rank, text encoder and "
                                                                "regularisation pictures apply where the request gives "
                                                                "none (apps.portrait_train.RECIPES); default course")
