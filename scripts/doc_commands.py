@@ -236,7 +236,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"~/photos|~/Downloads|\bMODEL\b|\bPICTURE\b|\bCHECKPOINT\b|--config \.\.\.|\bmy(?:-lora)?\.toml\b|runs/OLD", PLACEHOLDER),
     (r"bundle_model\.py", PACKAGE),
     (r"ti_known_shape\.py|bench/ray_\w+\.py", LONG),
-    (r"eval_person_lora\.py", TRAINED),
+    (r"eval_person_lora\.py|danqing-tiny-portraits-cpu-2\.toml", TRAINED),
 ]
 
 # the commands that sample (their --steps: sampling steps; 3d: optimisation steps)
@@ -253,7 +253,7 @@ SMALL: list[tuple[str, str | None, str, str]] = [
     (r"edit p2p .*--image", None, "--null-iterations 2", "`edit p2p --image`: 2 null-text optimisation steps per step"),
     (r"train preview-decoder", None, "--steps 2 --n-images 16 --batch-size 4", "`train preview-decoder`: 2 steps"),
     (r"eval_concept\.py", None, "--n-concept 2 --n-ordinary 2 --steps 4", "`eval_concept.py`: 2 + 2 prompts, 4 steps"),
-    (r"train (?:base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip)\b", None, "{train_sets}",
+    (r"train (?:base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip|faces)\b", None, "{train_sets}",
      "`train`: 2 steps on a few pictures, no sample grids (`--set`, the keys of TRAIN_SETS)"),
 ]
 
@@ -287,6 +287,8 @@ TRAIN_SETS: dict[str, dict[str, str]] = {
               "run.eval_every": "1000000", "run.max_minutes": "0"},
     "clip": {"data.n_images": "16", "train.steps": "2", "train.batch_size": "4", "train.warmup_steps": "0",
              "output.log_every": "1", "output.eval_every": "2", "output.eval_scenes": "10"},
+    "faces": {"data.n_images": "64", "train.steps": "2", "train.batch_size": "4", "train.warmup_steps": "0",
+              "output.log_every": "1", "output.eval_every": "2", "output.eval_people": "4"},
     "finetune": {"data.n_images": "2", "train.steps": "2", "train.batch_size": "2", "train.warmup_steps": "0",
                  "output.log_every": "1", "output.checkpoint_every": "2",
                  "output.sample_every": "1000000", "output.sample_steps": "2",
@@ -298,7 +300,7 @@ ALWAYS = {"data", "vae", "unet", "run", "instruct", "controlnet", "ip_adapter", 
 
 def _train_sets(text: str, root: Path) -> str:
     """The ``--set`` options of a 2-step run of the ``train`` command ``text``."""
-    kind = re.search(r"train (base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip)\b", text).group(1)
+    kind = re.search(r"train (base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|distill|clip|faces)\b", text).group(1)
     sets = TRAIN_SETS.get(kind, TRAIN_SETS["finetune"])
     config = re.search(r"--config\s+(\S+)", text)
     sections = set(ALWAYS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight")
     ap.add_argument("--styles", type=int, default=0, help="also make this many pictures per portrait-world style "
                                                            "with `portrait make`, with and without the LoRA [default: 0]")
+    ap.add_argument("--keep", type=int, default=2, help="with --styles: the top pictures of each run whose reader "
+                                                       "score is compared with the rest's [default: 2]")
     ap.add_argument("--home", type=Path, default=None, help="keep the runs here, one folder per person "
                                                             "[default: temporary folders]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -84,7 +87,7 @@ def styled(home: Path, who, name: str, args) -> dict:
     from danqing.apps.portrait_world import judge_styled, write_world_styles
 
     trigger = load_person(home, name).trigger
-    out = {}
+    out, ranking = {}, []
     for style in write_world_styles(home):
         prompt = get_style(style, home).prompt.replace("{trigger}", trigger)
         for label, lora in (("without", []), ("with", ["--lora", name])):
@@ -93,7 +96,13 @@ def styled(home: Path, who, name: str, args) -> dict:
                             "--style", style, "-n", str(args.styles), "--model", args.model, "--seed", "2000",
                             "--out", str(folder), *lora], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                            stdout=subprocess.DEVNULL)
-            judged = [judge_styled(Image.open(f).convert("RGB"), who, prompt) for f in sorted(folder.glob("*.png"))]
+            files = sorted(folder.glob("*.png"))
+            judged = [judge_styled(Image.open(f).convert("RGB"), who, prompt) for f in files]
+            for rank, (f, j) in enumerate(zip(files, judged), 1):   # the files are named best first
+                with Image.open(f) as im:
+                    score = re.search(r"Portrait score: (-?[0-9.]+)", im.info.get("parameters", ""))
+                ranking.append({"style": style, "lora": label, "rank": rank, "share": j["share"],
+                                "score": float(score.group(1)) if score else None})
             res = {k: round(sum(j[k] for j in judged) / len(judged), 3) for k in ("identity", "look")}
             for a in ("background", "style", "mouth", "clothing", "pose"):
                 vals = [j[a] for j in judged if j.get(a) is not None]
@@ -101,7 +110,25 @@ def styled(home: Path, who, name: str, args) -> dict:
                     res[a] = round(sum(vals) / len(vals), 3)
             out.setdefault(style, {})[label] = {"n": len(judged), **res}
             print(f"{who.name} {style} {label} the LoRA: {res}", flush=True)
+    out["ranking"] = agreement(ranking, args.keep)
+    print(f"{who.name} ranking: {json.dumps(out['ranking'])}", flush=True)
     return out
+
+
+def agreement(rows: list[dict], keep: int) -> dict:
+    """How the world face backend's similarity (``portrait make``'s ranking score) agrees with
+    the portrait reader's share of identity attributes right, over every picture made:
+    Spearman's rho, and per run (a style, with or without the LoRA) the reader's mean share of
+    the top ``keep`` pictures against that of the rest."""
+    from scipy.stats import spearmanr
+
+    scored = [r for r in rows if r["score"] is not None]
+    top = [r["share"] for r in scored if r["rank"] <= keep]
+    rest = [r["share"] for r in scored if r["rank"] > keep]
+    rho = spearmanr([r["score"] for r in scored], [r["share"] for r in scored]).statistic
+    return {"pictures": len(scored), "rho": round(float(rho), 3), "keep": keep,
+            "top_share": round(sum(top) / max(1, len(top)), 3), "rest_share": round(sum(rest) / max(1, len(rest)), 3),
+            "rows": rows}
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_prompt_editing_keeps_its_brackets():
 
 def test_train_help_lists_every_trainer():
     text = render(("train",))
-    for trainer in ("base", "instruct", "lora", "dreambooth", "textual-inversion", "controlnet"):
+    for trainer in ("base", "instruct", "lora", "dreambooth", "textual-inversion", "controlnet", "faces"):
         assert re.search(rf"^\s+{trainer}\s", text, re.M), f"{trainer} missing:\n{text}"
         assert trainer in text.split("Commands:")[0]  # the summary names it too
     assert "lora|dreambooth|textual-inversion" in render(())

@@ -18,7 +18,7 @@ from danqing.models.tokenizer import clip_tokenizer
 from danqing.synthetic.captions import caption
 from danqing.synthetic.scenes import eval_scenes, one_attribute_changes, scenes
 from danqing.training.clip import _features, build_model, contrastive_loss, negative_order, retrieval_items, soften, trim
-from danqing.training.config import ClipTrainConfig
+from danqing.training.config_companions import ClipTrainConfig
 
 TINY = {"model": {"projection_dim": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "patch_size": 16,
                   "text_hidden": 32, "text_layers": 2, "text_heads": 2}}

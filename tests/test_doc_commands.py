@@ -169,13 +169,14 @@ def test_small_training_runs_are_valid_configs():
     config accepts (read and validated as the command would, nothing trained)."""
     from danqing.cli.train import parse_sets
     from danqing.training import config as C
+    from danqing.training.config_companions import FacesTrainConfig
 
     models = {"base": C.BaseTrainConfig, "instruct": C.InstructTrainConfig, "controlnet": C.ControlTrainConfig,
               "lora": C.LoraTrainConfig, "dreambooth": C.DreamBoothTrainConfig,
-              "textual-inversion": C.TextualInversionTrainConfig}
+              "textual-inversion": C.TextualInversionTrainConfig, "faces": FacesTrainConfig}
     checked = 0
     for c in COMMANDS:
-        kind = re.search(r"\btrain (base|instruct|controlnet|lora|dreambooth|textual-inversion)\b", c.run_text)
+        kind = re.search(r"\btrain (base|instruct|controlnet|lora|dreambooth|textual-inversion|faces)\b", c.run_text)
         if c.kind != "small" or not kind:
             continue
         args = dc.danqing_args(c.run_text)

@@ -21,7 +21,7 @@ from danqing.synthetic.motion import (DIRECTIONS, OPPOSITE, heldout_clips, held_
 from danqing.synthetic.render import render
 from danqing.synthetic.scenes import heldout_pairs
 from danqing.synthetic.trajectory import score_clip, summarise_clips
-from danqing.training.config import MotionTrainConfig
+from danqing.training.config_companions import MotionTrainConfig
 
 def _frames(clip):
     return [render(s) for s in clip.scenes()]

@@ -83,6 +83,24 @@ def test_captions_name_the_attributes_and_read_back(lang):
             assert not set(COLOUR_ATTRIBUTES) & set(got)
 
 
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_attribute_dropout_leaves_identity_words_out_and_never_misnames_one(lang):
+    from collections import Counter
+
+    ps = [p for p in portraits(2, 400) if p.style != "pencil"]
+    plain = [portrait_caption(p, lang, random.Random(i)) for i, p in enumerate(ps)]
+    assert plain == [portrait_caption(p, lang, random.Random(i), 0.0) for i, p in enumerate(ps)]  # drop 0: as before
+    named, rng = Counter(), random.Random(3)
+    for p in ps:
+        text = portrait_caption(p, lang, rng, 0.25)
+        got = parse_portrait_prompt(text)
+        want = p.visible_attributes()
+        assert all(want[a] == v for a, v in got.items()), text
+        named.update(a for a in IDENTITY if a in got and a != "glasses")
+    for a in ("head", "skin", "hair_colour", "hair_style", "eyes"):   # each left out about a quarter of the time
+        assert 0.6 < named[a] / len(ps) < 0.9, (a, named[a] / len(ps))
+
+
 def test_canonical_captions_read_as_documented():
     p = eval_portraits(1)[0].__class__(Person("round", "pale", "red", "long", "green", "yes"), "smiling", "blue",
                                        "front", "sky", "ink")

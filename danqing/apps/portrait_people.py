@@ -193,6 +193,12 @@ class Person:
         return self.folder / "best-face.png"
 
 
+def backend_of(person: Person) -> str:
+    """The name of the face backend that measured ``person``'s identity (``person.json``'s
+    ``face_backend``; "dlib" for people added before it was written down)."""
+    return str(person.info.get("face_backend") or "dlib").split()[0]
+
+
 def people(home: str | Path) -> list[str]:
     """The names of the prepared people under ``home/people/`` (folders with a person.json)."""
     root = Path(home) / PEOPLE
@@ -248,6 +254,10 @@ def fuse_and_rank(pictures: list[np.ndarray], person: Person, backend: FaceBacke
         raise InvalidRequest("fuse", f"strength must be between 0 and 1, got {fuse}")
     if method not in METHODS:
         raise InvalidRequest("fuse_method", f"unknown fusion method {method!r}; choose one of: {', '.join(METHODS)}")
+    if backend.name != backend_of(person):
+        raise InvalidRequest("face_backend", f"{person.name}'s identity was measured with the {backend_of(person)} "
+                                             f"face backend, and the {backend.name} backend's embeddings cannot be "
+                                             f"compared with it; rank with --backend {backend_of(person)}")
     out = [np.asarray(p)[..., :3] for p in pictures]
     fused = [False] * len(out)
     if fuse is not None and fuse > 0:

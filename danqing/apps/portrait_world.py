@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from danqing.apps.portrait_people import caption_for, default_trigger
 from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
 from danqing.synthetic.portraits import IDENTITY, Person, Portrait, pictures_of, render_portrait, shows_colour, vocab
@@ -41,14 +43,33 @@ def person_caption(p: Portrait, trigger: str) -> str:
 def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, size: int = 64,
                        seed: int = 0) -> Path:
     """``people/NAME/`` with ``n`` rendered pictures of ``who`` (``pictures_of(who, n, seed)``) as
-    captioned training crops; returns the person's folder."""
+    captioned training crops, the person's identity measured by the world face backend
+    (danqing-portrait-faces: the mean embedding, and the most typical picture as the best face);
+    returns the person's folder."""
+    import numpy as np
+
+    from danqing.faces import load_backend
+    from danqing.faces.fusion import mean_embedding
+
+    faces = load_backend("world")
     folder = Path(home) / "people" / name
     (folder / "train").mkdir(parents=True)
     trigger = default_trigger(name)
+    embeddings = []
     for i, p in enumerate(pictures_of(who, n, seed=seed)):
-        render_portrait(p, size).save(folder / "train" / f"{i + 1:03d}-head.png")
+        img = render_portrait(p, size)
+        img.save(folder / "train" / f"{i + 1:03d}-head.png")
         (folder / "train" / f"{i + 1:03d}-head.txt").write_text(person_caption(p, trigger), encoding="utf-8")
-    info = {"name": name, "trigger": trigger, "size": size, "identity": [0.0] * 128, "accepted": [], "rejected": [],
+        arr = np.asarray(img)
+        embeddings.append(faces.embed(arr, faces.detect(arr)[0]))
+    identity = mean_embedding(embeddings)
+    similarity = [float(e @ identity) for e in embeddings]
+    best = int(np.argmax(similarity))
+    Image.open(folder / "train" / f"{best + 1:03d}-head.png").save(folder / "best-face.png")
+    rows = [{"photo": f"{i + 1:03d}-head.png", "crops": f"{i + 1:03d}", "similarity": round(s, 4)}
+            for i, s in enumerate(similarity)]
+    info = {"name": name, "trigger": trigger, "size": size, "face_backend": faces.describe(),
+            "identity": [round(float(x), 6) for x in identity], "accepted": rows, "rejected": [],
             "world": {"person": who.name, **{a: getattr(who, a) for a in IDENTITY}}}
     (folder / "person.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     return folder
@@ -106,15 +127,17 @@ def write_world_styles(home: str | Path) -> list[str]:
 
 def judge_styled(image, who: Person, style_prompt: str) -> dict:
     """One picture of a style template: ``identity`` (1.0 when every identity attribute its
-    style shows reads as ``who``'s), ``look`` (the template's background and rendering both
-    right, where the style shows them) and each attribute's 1.0/0.0 (``score_portrait``)."""
+    style shows reads as ``who``'s), ``share`` (the share of them that do), ``look`` (the
+    template's background and rendering both right, where the style shows them) and each
+    attribute's 1.0/0.0 (``score_portrait``)."""
     from danqing.synthetic.portraits_captions import parse_portrait_prompt
 
     asked = {k: v for k, v in parse_portrait_prompt(style_prompt).items() if k not in IDENTITY}
     scores = score_portrait(image, {**{a: getattr(who, a) for a in IDENTITY}, **asked})
     shown = [scores[a] for a in IDENTITY if scores[a] is not None]
     look = [scores[a] for a in ("background", "style") if a in asked and scores[a] is not None]
-    return {**scores, "identity": float(all(x == 1.0 for x in shown)), "look": float(all(x == 1.0 for x in look))}
+    return {**scores, "identity": float(all(x == 1.0 for x in shown)), "share": sum(shown) / max(1, len(shown)),
+            "look": float(all(x == 1.0 for x in look))}
 
 
 __all__ = ["judge_styled", "measure_person_lora", "person_caption", "scene_words", "world_style_files",

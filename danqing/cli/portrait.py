@@ -18,7 +18,8 @@ portrait_app = typer.Typer(help="Portrait studio: a person from photos, style te
                                 "(docs/apps.md).", no_args_is_help=True)
 app_app.add_typer(portrait_app, name="portrait")
 
-BACKEND_HELP = "Face backend: dlib (models of the face-recognition-models package) or opencv (YuNet/SFace ONNX files in models/faces/)."
+BACKEND_HELP = ("Face backend: dlib (models of the face-recognition-models package), opencv (YuNet/SFace ONNX files "
+                "in models/faces/) or world (danqing-portrait-faces, for the portrait world's people).")
 
 
 def _backend(settings, name: str, detector: str):
@@ -166,7 +167,7 @@ def portrait_rank(
     fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
     out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures (RANK-SCORE-NAME.png) "
                                       "[default: outputs/portrait-ranked/DATE/NAME]."),
-    backend: str = typer.Option("dlib", help=BACKEND_HELP),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP + " [default: the one the person was added with]"),
 ):
     """Rank pictures by face similarity to a person, optionally fusing their face in; keep the best.
 
@@ -175,7 +176,7 @@ def portrait_rank(
     from PIL import Image
 
     from danqing.apps.portrait_make import with_fields
-    from danqing.apps.portrait_people import fuse_and_rank, load_person
+    from danqing.apps.portrait_people import backend_of, fuse_and_rank, load_person
     from danqing.outputs.store import save_png
     from danqing.pictures import load_image
 
@@ -183,7 +184,7 @@ def portrait_rank(
     if keep < 1:
         raise InvalidRequest("keep", f"{keep}: at least 1")
     images = [np.asarray(load_image(p, "pictures")) for p in pictures]
-    faces = _backend(ctx.obj, backend, "hog")
+    faces = _backend(ctx.obj, backend or backend_of(person), "hog")
     ranked = fuse_and_rank(images, person, faces, keep=keep, fuse=fuse, method=fuse_method)
     out = out or dated(ctx.obj, "portrait-ranked") / name
     names = [out / f"{r + 1:02d}-{item.score or 0:.3f}-{pictures[item.index].stem}.png"
@@ -217,7 +218,7 @@ def portrait_make(
     fuse: Optional[float] = typer.Option(None, help="Fuse the person's best face into each picture at this strength (0-1) [default: no fusing]."),
     fuse_method: str = typer.Option("seamless", "--fuse-method", help="seamless (Poisson blending) or alpha (feathered cross-fade)."),
     out: Optional[Path] = typer.Option(None, help="Folder for the kept pictures [default: outputs/portrait-images/NAME/DATE]."),
-    backend: str = typer.Option("dlib", help=BACKEND_HELP),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP + " [default: the one the person was added with]"),
 ):
     """Generate N portraits of a person in a style, fuse their face in (optional), keep the best.
 
@@ -227,7 +228,7 @@ def portrait_make(
     from PIL import Image
 
     from danqing.apps.portrait_make import make_portraits
-    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_people import backend_of, load_person
     from danqing.apps.portrait_styles import get_style
     from danqing.cli.common import announce_device, make_studio
     from danqing.outputs.store import save_png
@@ -235,7 +236,7 @@ def portrait_make(
     settings = ctx.obj
     person = load_person(settings.home, name)
     template = get_style(style, settings.home)
-    faces = _backend(settings, backend, "hog")
+    faces = _backend(settings, backend or backend_of(person), "hog")
     folder = out or settings.outputs_dir / "portrait-images" / name / datetime.date.today().isoformat()
     studio = make_studio(settings)
     announce_device(studio)

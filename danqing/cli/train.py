@@ -1,4 +1,4 @@
-"""``danqing train base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|clip|distill --config FILE``."""
+"""``danqing train base|instruct|controlnet|ip-adapter|flow|cascade|unclip|prior|lora|dreambooth|textual-inversion|clip|distill|faces --config FILE``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from danqing.cli.common import app
 from danqing.errors import InvalidRequest
 
-train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|cascade|unclip|prior|clip|distill --config FILE`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: `danqing train base|instruct|lora|dreambooth|textual-inversion|controlnet|ip-adapter|flow|cascade|unclip|prior|clip|distill|faces --config FILE`.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -175,7 +175,8 @@ def train_clip_cmd(
     hard negatives) on the shapes world; writes a transformers CLIPModel folder to
     OUTPUT_DIR/model and the held-out retrieval along the run to OUTPUT_DIR/eval.jsonl."""
     from danqing.training.clip import train_clip  # lazy: imports torch
-    from danqing.training.config import ClipTrainConfig, load_config
+    from danqing.training.config import load_config
+    from danqing.training.config_companions import ClipTrainConfig
 
     cfg = under_home(load_config(config, parse_sets(set_), model=ClipTrainConfig), ctx.obj.home)
     summary = train_clip(cfg, log=_echo)
@@ -191,7 +192,8 @@ def train_motion_cmd(
     """Train an AnimateDiff motion module for a frozen model on the moving shapes world; writes
     a diffusers MotionAdapter folder to OUTPUT_DIR/model (put it in models/motion/) and the
     held-out trajectory scores along the run to OUTPUT_DIR/eval.jsonl."""
-    from danqing.training.config import MotionTrainConfig, load_config
+    from danqing.training.config import load_config
+    from danqing.training.config_companions import MotionTrainConfig
     from danqing.training.motion import train_motion  # lazy: imports torch
 
     cfg = under_home(load_config(config, parse_sets(set_), model=MotionTrainConfig), ctx.obj.home)
@@ -364,3 +366,21 @@ def train_preview_decoder_cmd(
         raise InvalidRequest("--out", f"{out} exists; name a new file")
     train_preview_decoder(model, out, steps=steps, batch_size=batch_size, n_images=n_images, seed=seed,
                           settings=ctx.obj, log=_echo)
+
+
+@train_app.command("faces")
+def train_faces_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-portrait-faces")),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Train the portrait world's face recogniser (CosFace on rendered people; the `world` face
+    backend of the portrait studio); writes OUTPUT_DIR/model (config.json, model.safetensors)
+    with its held-out verification figures."""
+    from danqing.training.config import load_config
+    from danqing.training.config_companions import FacesTrainConfig
+    from danqing.training.faces import train_faces  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=FacesTrainConfig), ctx.obj.home)
+    summary = train_faces(cfg, log=_echo)
+    _echo(f"summary: {json.dumps({k: v for k, v in summary.items() if k != 'history'})}")

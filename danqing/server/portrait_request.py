@@ -40,7 +40,7 @@ def run_portrait(worker, job) -> dict | None:
     """The worker's run of a ``PortraitJob``: progress per picture (the last one as the preview),
     the kept pictures saved best first; its result lists them with rank, score and seed."""
     from danqing.apps.portrait_make import make_portraits
-    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_people import backend_of, load_person
     from danqing.apps.portrait_styles import get_style
     from danqing.faces import load_backend
     from danqing.outputs.store import save_png
@@ -48,7 +48,7 @@ def run_portrait(worker, job) -> dict | None:
     request: PortraitJob = job.request
     person = load_person(request.home, request.person)
     style = get_style(request.style, request.home)
-    faces = load_backend("dlib", models_dir=worker.studio.settings.models_dir)
+    faces = load_backend(backend_of(person), models_dir=worker.studio.settings.models_dir)
     made = make_portraits(worker.studio, person, style, faces, n=request.n, keep=request.keep,
                           person_lora=request.lora, model=request.model, seed=request.seed,
                           steps=request.portrait_steps, fuse=request.fuse, method=request.fuse_method,

@@ -6,6 +6,9 @@ attributes it asks for.
 glasses, smiling, in a blue shirt, facing forward, on a light blue background, ink drawing";
 "圆脸、白肤色、红色长发、绿眼睛、戴眼镜、微笑、蓝衣服、墨线画"); with ``rng`` one of several
 phrasings for training. A pencil picture shows no colour, so its captions name no colour.
+With ``drop`` > 0 a training caption leaves each identity word out with that chance (head, skin,
+hair colour, hair style, eyes) and shuffles the face words among the rest: attribute dropout, so
+the model learns what each word draws on its own rather than the combinations it was shown.
 
 A Chinese character costs CLIP's tokenizer about three of its 77 tokens, so Chinese captions
 use short words joined by "、" and name pose and background only when they fit
@@ -28,21 +31,34 @@ def _en_words(attribute: str, value: str) -> list[str]:
     return w if isinstance(w, list) else [w]
 
 
-def _hair_en(p: Portrait, colour: bool) -> str:
+def _hair_en(p: Portrait, colour: bool, style: bool = True) -> str:
     c = f"{p.person.hair_colour} " if colour else ""
-    return vocab()["hair_style"][p.person.hair_style]["en"].format(colour=c)
+    return vocab()["hair_style"][p.person.hair_style]["en"].format(colour=c) if style else f"{c}hair"
 
 
-def _parts_en(p: Portrait, rng: random.Random | None) -> tuple[list[str], str]:
+def _kept(rng: random.Random | None, drop: float) -> dict[str, bool]:
+    """Which identity words a caption names (all of them unless ``drop`` leaves some out)."""
+    words = ("head", "skin", "hair_colour", "hair_style", "eyes")
+    return {w: rng is None or drop <= 0 or rng.random() >= drop for w in words}
+
+
+def _parts_en(p: Portrait, rng: random.Random | None, drop: float = 0.0) -> tuple[list[str], str]:
     """(attribute phrases after "with", style phrase)."""
     pick = (lambda xs: xs[0]) if rng is None else rng.choice
     colour = shows_colour(p.style)
     who = p.person
-    hair = _hair_en(p, colour)
-    face = [f"a {who.head} face"]
-    if colour:
-        face.append(f"{who.skin} skin")
-    face.append(f"{hair} and {who.eyes} eyes" if colour else hair)
+    keep = _kept(rng, drop)
+    if drop > 0 and rng is not None:
+        face = [f"a {who.head} face"] * keep["head"] + [f"{who.skin} skin"] * (colour and keep["skin"])
+        if keep["hair_style"] or (colour and keep["hair_colour"]):
+            face.append(_hair_en(p, colour and keep["hair_colour"], keep["hair_style"]))
+        face += [f"{who.eyes} eyes"] * (colour and keep["eyes"])
+    else:
+        hair = _hair_en(p, colour)
+        face = [f"a {who.head} face"]
+        if colour:
+            face.append(f"{who.skin} skin")
+        face.append(f"{hair} and {who.eyes} eyes" if colour else hair)
     rest = []
     if who.glasses == "yes" or (rng is not None and rng.random() < 0.3):
         rest.append(_en_words("glasses", who.glasses)[0])
@@ -54,6 +70,8 @@ def _parts_en(p: Portrait, rng: random.Random | None) -> tuple[list[str], str]:
         rest.append(pick(vocab()["pose"][p.pose]["en"]))
     if colour and (rng is None or rng.random() < 0.75):
         rest.append(f"on a {vocab()['background'][p.background]['en']} background")
+    if rng is not None and drop > 0:
+        face, rest = [], face + rest
     if rng is not None:
         rng.shuffle(rest)
     return face + rest, pick(vocab()["style"][p.style]["en"])
@@ -67,16 +85,20 @@ def _cost_zh(text: str) -> int:
     return sum(1 if ch == "、" else 3 for ch in text)
 
 
-def _parts_zh(p: Portrait, rng: random.Random | None) -> list[str]:
+def _parts_zh(p: Portrait, rng: random.Random | None, drop: float = 0.0) -> list[str]:
     v = vocab()
     colour = shows_colour(p.style)
     who = p.person
-    hair = (v["hair_colour"][who.hair_colour]["zh"] if colour else "") + v["hair_style"][who.hair_style]["zh"]
-    parts = [v["head"][who.head]["zh"]]
-    if colour:
+    keep = _kept(rng, drop)
+    hair_colour = v["hair_colour"][who.hair_colour]["zh"] if colour and keep["hair_colour"] else ""
+    hair = hair_colour + v["hair_style"][who.hair_style]["zh"] if keep["hair_style"] else (
+        f"{hair_colour}头发" if hair_colour else "")
+    parts = [v["head"][who.head]["zh"]] if keep["head"] else []
+    if colour and keep["skin"]:
         parts.append(v["skin"][who.skin]["zh"])
-    parts.append(hair)
-    if colour:
+    if hair:
+        parts.append(hair)
+    if colour and keep["eyes"]:
         parts.append(f"{v['eyes'][who.eyes]['zh']}眼睛")
     if who.glasses == "yes":
         parts.append(v["glasses"]["yes"]["zh"])
@@ -97,13 +119,14 @@ def _parts_zh(p: Portrait, rng: random.Random | None) -> list[str]:
     return parts + [style]
 
 
-def portrait_caption(p: Portrait, lang: str = "en", rng: random.Random | None = None) -> str:
-    """A caption of ``p`` in ``lang`` ("en" or "zh"); canonical when ``rng`` is None."""
+def portrait_caption(p: Portrait, lang: str = "en", rng: random.Random | None = None, drop: float = 0.0) -> str:
+    """A caption of ``p`` in ``lang`` ("en" or "zh"); canonical when ``rng`` is None; with ``rng``
+    and ``drop`` > 0, each identity word left out with chance ``drop`` (the module's docstring)."""
     if lang not in LANGS:
         raise ValueError(f"unknown caption language {lang!r}; allowed: {', '.join(LANGS)}")
     if lang == "zh":
-        return "、".join(_parts_zh(p, rng))
-    parts, style = _parts_en(p, rng)
+        return "、".join(_parts_zh(p, rng, drop))
+    parts, style = _parts_en(p, rng, drop)
     if rng is None:
         return f"a portrait of a person with {_join_en(parts)}, {style}"
     subject = rng.choice(["a portrait of a person", "a portrait of someone", "a picture of a person",
@@ -169,6 +192,9 @@ def _find_zh(text: str) -> dict[str, str]:
         out["hair_style"] = zh("hair_style")[m.group(2)]
         if m.group(1):
             out["hair_colour"] = zh("hair_colour")[m.group(1)]
+    m = re.search(f"({_alt(zh('hair_colour'))})头发", text)
+    if m:
+        out["hair_colour"] = zh("hair_colour")[m.group(1)]
     for attr, pat in (("eyes", "({})色?的?眼睛"), ("clothing", "穿?({})色?的?衣服"), ("background", "({})色?背景")):
         m = re.search(pat.format(_alt(zh(attr))), text)
         if m:

@@ -451,7 +451,8 @@ def train_base(cfg: BaseTrainConfig, *, resume: bool = False, log: Log = print) 
         log(f"{ckpt} reaches unet.steps={cfg.unet.steps}: exporting it")
     elif synthetic:
         data = synthetic_dataset(cfg.data.n_images, cfg.data.size, cfg.data.seed, cfg.data.captions_per_image,
-                                 world=cfg.data.world, portrait_share=cfg.data.portrait_share, captions=cfg.data.captions)
+                                 world=cfg.data.world, portrait_share=cfg.data.portrait_share, captions=cfg.data.captions,
+                                 portrait_drop=cfg.data.portrait_drop)
     else:
         data = folder_dataset(cfg.data.source, cfg.data.size)
     n_images = len(data) if data is not None else (cfg.data.n_images if synthetic else None)

@@ -67,7 +67,7 @@ def render_batch(scenes, size: int, workers: int | None = None) -> torch.Tensor:
 
 
 def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image: int = 6, *, world: str = "shapes",
-                      portrait_share: float = 0.5, captions: str = "varied") -> CaptionedImages:
+                      portrait_share: float = 0.5, captions: str = "varied", portrait_drop: float = 0.0) -> CaptionedImages:
     """``n`` training-split pictures rendered at ``size``, each with ``captions_per_image`` captions
     (alternating English and Chinese phrasings). Deterministic from ``seed``.
 
@@ -76,6 +76,7 @@ def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image:
             ``n * (1 - portrait_share)`` shapes scenes of ``seed`` and then portraits.
         captions: the shapes scenes' caption style (``synthetic.recaption.STYLES``): "varied"
             phrasings, "short" (the objects only) or "detailed" (everything, one fixed order).
+        portrait_drop: the portraits' attribute dropout (``portrait_caption``'s ``drop``).
     """
     if world not in WORLDS:
         raise InvalidRequest("data.world", f"unknown world {world!r}; allowed: {', '.join(WORLDS)}")
@@ -88,7 +89,7 @@ def synthetic_dataset(n: int, size: int = 64, seed: int = 0, captions_per_image:
     if n_portraits:
         ps = portraits(seed, n_portraits, "train")
         prng = random.Random(f"portrait-captions:{seed}")
-        caps += [[portrait_caption(p, ("en", "zh")[k % 2], prng) for k in range(captions_per_image)] for p in ps]
+        caps += [[portrait_caption(p, ("en", "zh")[k % 2], prng, portrait_drop) for k in range(captions_per_image)] for p in ps]
         sc = sc + ps
     return CaptionedImages(render_batch(sc, size), caps, sc)
 
