@@ -40,6 +40,8 @@ def main() -> None:
                                                            "with `portrait make`, with and without the LoRA [default: 0]")
     ap.add_argument("--keep", type=int, default=2, help="with --styles: the top pictures of each run whose reader "
                                                        "score is compared with the rest's [default: 2]")
+    ap.add_argument("--api", action="store_true", help="also run the app through its job API (in process): the "
+                                                       "LoRA as a train job, --styles pictures per style as portrait jobs")
     ap.add_argument("--home", type=Path, default=None, help="keep the runs here, one folder per person "
                                                             "[default: temporary folders]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -69,6 +71,8 @@ def main() -> None:
                   + ", ".join(f"{a} {s[a]}" for a in (*IDENTITY, "style")), flush=True)
         if args.styles:
             out["styles"] = styled(home, who, name, args)
+        if args.api:
+            out["api"] = through_api(home, who, name, args)
         print(f"run and pictures: {home}", flush=True)
         results.append({"person": who.name, "identity": {a: getattr(who, a) for a in IDENTITY},
                         "recipe": args.recipe, "pictures": args.pictures, "n": args.n, **out})
@@ -111,24 +115,79 @@ def styled(home: Path, who, name: str, args) -> dict:
             out.setdefault(style, {})[label] = {"n": len(judged), **res}
             print(f"{who.name} {style} {label} the LoRA: {res}", flush=True)
     out["ranking"] = agreement(ranking, args.keep)
-    print(f"{who.name} ranking: {json.dumps(out['ranking'])}", flush=True)
+    print(f"{who.name} ranking: {json.dumps({k: v for k, v in out['ranking'].items() if k != 'rows'})}", flush=True)
+    return out
+
+
+def through_api(home: Path, who, name: str, args) -> dict:
+    """The same app through its job API (the FastAPI app in process, over HTTP semantics): the
+    person's LoRA as a train job with the recipe (``POST /api/v1/train/jobs``), then in each
+    portrait-world style a portrait job of ``--styles`` pictures without and with it
+    (``POST /api/v1/portrait/jobs``, seeds from 2000), judged as ``styled`` judges them. The base
+    model (a folder) is copied into the home's models/checkpoints/: the server names models, never paths."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from danqing.apps.portrait_people import load_person
+    from danqing.apps.portrait_styles import get_style
+    from danqing.apps.portrait_world import judge_styled, write_world_styles
+    from danqing.server.app import create_app
+    from danqing.settings import ServerSettings, Settings
+
+    import shutil
+
+    base = "danqing-tiny-portraits"
+    link = home / "models" / "checkpoints" / base
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():   # a copy: the server follows no link out of its models folder
+        shutil.copytree(args.model, link)
+    app = create_app(Settings(home=home, device="cpu", dtype="fp32"), ServerSettings(ui=False, allowed_hosts=("testserver",)))
+    out, lora = {}, f"{name}-api"
+    trigger = load_person(home, name).trigger
+    with TestClient(app) as c:
+        r = c.post("/api/v1/train/jobs", json={"person": name, "name": lora, "base": base, "recipe": args.recipe})
+        assert r.status_code == 202, r.text
+        job = c.get(f"/api/v1/train/jobs/{r.json()['id']}/wait", params={"timeout": 3600}).json()
+        assert job["status"] == "done", job
+        out["train"] = {"steps": job["step"], "last_loss": job["losses"][-1]["loss"]}
+        print(f"{who.name} through the API: train job done, {job['step']} steps", flush=True)
+        for style in write_world_styles(home):
+            prompt = get_style(style, home).prompt.replace("{trigger}", trigger)
+            for label, with_lora in (("without", None), ("with", lora)):
+                r = c.post("/api/v1/portrait/jobs", json={"person": name, "style": style, "n": args.styles, "seed": 2000,
+                                                          "model": base, "lora": with_lora})
+                assert r.status_code == 202, r.text
+                done = r.json()
+                while done["status"] not in ("done", "failed", "cancelled"):
+                    done = c.get(f"/api/v1/jobs/{done['id']}/wait", params={"timeout": 600}).json()
+                assert done["status"] == "done", done
+                judged = [judge_styled(Image.open(f["path"]).convert("RGB"), who, prompt) for f in done["result"]["files"]]
+                res = {k: round(sum(j[k] for j in judged) / len(judged), 3) for k in ("identity", "look")}
+                out.setdefault(style, {})[label] = {"n": len(judged), **res}
+                print(f"{who.name} through the API, {style} {label} the LoRA: {res}", flush=True)
     return out
 
 
 def agreement(rows: list[dict], keep: int) -> dict:
     """How the world face backend's similarity (``portrait make``'s ranking score) agrees with
     the portrait reader's share of identity attributes right, over every picture made:
-    Spearman's rho, and per run (a style, with or without the LoRA) the reader's mean share of
-    the top ``keep`` pictures against that of the rest."""
+    Spearman's rho; the reader's mean share of each run's (a style, with or without the LoRA)
+    top ``keep`` against that of the run's rest; and the same for the whole set ranked at once
+    (its top ``keep`` x runs pictures against the rest)."""
     from scipy.stats import spearmanr
 
+    def mean(xs: list[float]) -> float:
+        return round(sum(xs) / max(1, len(xs)), 3)
+
     scored = [r for r in rows if r["score"] is not None]
-    top = [r["share"] for r in scored if r["rank"] <= keep]
-    rest = [r["share"] for r in scored if r["rank"] > keep]
     rho = spearmanr([r["score"] for r in scored], [r["share"] for r in scored]).statistic
+    order = sorted(scored, key=lambda r: -r["score"])      # the whole set ranked, top `keep` per run's worth
+    top_all = len({(r["style"], r["lora"]) for r in scored}) * keep
     return {"pictures": len(scored), "rho": round(float(rho), 3), "keep": keep,
-            "top_share": round(sum(top) / max(1, len(top)), 3), "rest_share": round(sum(rest) / max(1, len(rest)), 3),
-            "rows": rows}
+            "top_share": mean([r["share"] for r in scored if r["rank"] <= keep]),
+            "rest_share": mean([r["share"] for r in scored if r["rank"] > keep]),
+            "set_top_share": mean([r["share"] for r in order[:top_all]]),
+            "set_rest_share": mean([r["share"] for r in order[top_all:]]), "rows": rows}
 
 
 if __name__ == "__main__":
