@@ -97,3 +97,17 @@ def test_train_faces_writes_a_model_the_backend_loads(tmp_path):
     e = backend.embed(img, backend.detect(img)[0])
     assert e.shape == (16,) and abs(np.linalg.norm(e) - 1) < 1e-5
     assert backend.same_person_distance == round(1 - summary["heldout"]["threshold"], 4)   # its own held-out figure
+
+
+def test_the_backends_framing_is_where_the_world_draws_faces():
+    """faces/ may not import the portrait world, so its framing is written out there: it must
+    stay the world's own geometry (the largest head's box, the eyes, the mouth)."""
+    from danqing.faces.world_backend import FRAMING
+    from danqing.synthetic import portraits as P
+
+    rx = max(P.head_box(h)[0] for h in values("head"))
+    ry = max(P.head_box(h)[1] for h in values("head"))
+    cx, cy = P.CENTRE
+    assert np.allclose(FRAMING["box"], (cx - rx, cy - ry, cx + rx, cy + ry))
+    assert np.allclose([FRAMING["left_eye"], FRAMING["right_eye"]], [(cx - P.EYE_DX, P.EYE_Y), (cx + P.EYE_DX, P.EYE_Y)])
+    assert FRAMING["mouth_left"][1] == FRAMING["mouth_right"][1] == P.MOUTH_Y

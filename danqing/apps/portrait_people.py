@@ -254,10 +254,11 @@ def fuse_and_rank(pictures: list[np.ndarray], person: Person, backend: FaceBacke
         raise InvalidRequest("fuse", f"strength must be between 0 and 1, got {fuse}")
     if method not in METHODS:
         raise InvalidRequest("fuse_method", f"unknown fusion method {method!r}; choose one of: {', '.join(METHODS)}")
-    if backend.name != backend_of(person):
-        raise InvalidRequest("face_backend", f"{person.name}'s identity was measured with the {backend_of(person)} "
-                                             f"face backend, and the {backend.name} backend's embeddings cannot be "
-                                             f"compared with it; rank with --backend {backend_of(person)}")
+    measured = backend_of(person)
+    if backend.name != measured:
+        raise InvalidRequest("face_backend", f"{person.name}'s identity was measured with the {measured} face backend, "
+                                             f"and the {backend.name} backend's embeddings cannot be compared with it; "
+                                             f"rank with --backend {measured}")
     out = [np.asarray(p)[..., :3] for p in pictures]
     fused = [False] * len(out)
     if fuse is not None and fuse > 0:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from danqing.apps.portrait_people import caption_for, default_trigger
 from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
 from danqing.synthetic.portraits import IDENTITY, Person, Portrait, pictures_of, render_portrait, shows_colour, vocab
@@ -55,17 +53,16 @@ def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, 
     folder = Path(home) / "people" / name
     (folder / "train").mkdir(parents=True)
     trigger = default_trigger(name)
-    embeddings = []
+    images, embeddings = [], []
     for i, p in enumerate(pictures_of(who, n, seed=seed)):
-        img = render_portrait(p, size)
-        img.save(folder / "train" / f"{i + 1:03d}-head.png")
+        images.append(render_portrait(p, size))
+        images[-1].save(folder / "train" / f"{i + 1:03d}-head.png")
         (folder / "train" / f"{i + 1:03d}-head.txt").write_text(person_caption(p, trigger), encoding="utf-8")
-        arr = np.asarray(img)
+        arr = np.asarray(images[-1])
         embeddings.append(faces.embed(arr, faces.detect(arr)[0]))
     identity = mean_embedding(embeddings)
     similarity = [float(e @ identity) for e in embeddings]
-    best = int(np.argmax(similarity))
-    Image.open(folder / "train" / f"{best + 1:03d}-head.png").save(folder / "best-face.png")
+    images[int(np.argmax(similarity))].save(folder / "best-face.png")
     rows = [{"photo": f"{i + 1:03d}-head.png", "crops": f"{i + 1:03d}", "similarity": round(s, 4)}
             for i, s in enumerate(similarity)]
     info = {"name": name, "trigger": trigger, "size": size, "face_backend": faces.describe(),

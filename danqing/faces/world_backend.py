@@ -56,18 +56,28 @@ def framed_face(width: int, height: int) -> Face:
     return Face((*at(b[:2]), *at(b[2:])), 1.0, points, *(at(FRAMING[k]) for k in names))
 
 
-def context_crop(image: np.ndarray, face: Face, size: int, context: float, shift=(0.0, 0.0), scale: float = 1.0) -> np.ndarray:
+def context_crop(image: np.ndarray, face: Face, size: int, context: float) -> np.ndarray:
     """The square around ``face`` that the recogniser reads: side ``context`` x the box's width
     (head, hair and shoulders), centred on the box, edges repeated where it leaves the picture,
-    resized to ``size``. ``shift`` (fractions of the side) and ``scale`` jitter it in training."""
+    resized to ``size``."""
     import cv2
 
     l, t, r, b = face.box
-    side = context * (r - l) * scale
-    cx, cy = (l + r) / 2 + shift[0] * side, (t + b) / 2 + shift[1] * side
+    side = context * (r - l)
+    cx, cy = (l + r) / 2, (t + b) / 2
     m = np.float32([[size / side, 0, size / 2 - cx * size / side], [0, size / side, size / 2 - cy * size / side]])
     return cv2.warpAffine(np.ascontiguousarray(image[..., :3]), m, (size, size), flags=cv2.INTER_AREA,
                           borderMode=cv2.BORDER_REPLICATE)
+
+
+def embed_crops(net, crops: np.ndarray) -> np.ndarray:
+    """Unit-length embeddings (N, dim) float32 of context crops (N, size, size, 3) uint8 by the
+    recogniser ``net`` (in eval mode): pixels scaled to [-1, 1], as in training."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(net(x), dim=1).numpy().astype(np.float32)
 
 
 def model_folder(name: str = MODEL) -> Path:
@@ -83,7 +93,6 @@ class WorldBackend(FaceBackend):
     duplicate_distance = 0.02
 
     def __init__(self, folder: str | Path | None = None):
-        import torch
         from safetensors.torch import load_file
 
         folder = Path(folder) if folder is not None else model_folder()
@@ -94,7 +103,6 @@ class WorldBackend(FaceBackend):
         c = self.config
         self._net = build_net(tuple(c["widths"]), c["dim"], c["size"]).eval()
         self._net.load_state_dict(load_file(folder / "model.safetensors"))
-        self._torch = torch
         self.same_person_distance = float(c["same_person_distance"])
         self.version = f"{MODEL} ({c.get('trained', {}).get('steps', '?')} steps)"
         self._lock = threading.Lock()   # one forward pass at a time on the shared network
@@ -105,11 +113,8 @@ class WorldBackend(FaceBackend):
 
     def embed_many(self, crops: np.ndarray) -> np.ndarray:
         """Unit-length embeddings (N, dim) of context crops (N, size, size, 3) uint8."""
-        torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with self._lock, torch.inference_mode():
-            e = torch.nn.functional.normalize(self._net(x), dim=1)
-        return e.numpy().astype(np.float32)
+        with self._lock:
+            return embed_crops(self._net, crops)
 
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
         crop = context_crop(np.asarray(image), face, self.config["size"], self.config["context"])
@@ -119,4 +124,5 @@ class WorldBackend(FaceBackend):
         return 1.0 - cosine(a, b)
 
 
-__all__ = ["FRAMING", "MODEL", "WorldBackend", "build_net", "context_crop", "framed_face", "model_folder"]
+__all__ = ["FRAMING", "MODEL", "WorldBackend", "build_net", "context_crop", "embed_crops", "framed_face",
+           "model_folder"]

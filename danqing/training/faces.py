@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from danqing.faces.world_backend import build_net, context_crop, framed_face
+from danqing.faces.world_backend import build_net, context_crop, embed_crops, framed_face
 from danqing.synthetic.portraits import IDENTITY, pictures_of, portraits, render_portrait, split_people
 from danqing.synthetic.render import degrade
 
@@ -143,10 +143,7 @@ def train_faces(cfg, *, log: Log = print) -> dict:
     g = torch.Generator().manual_seed(tr.seed)
 
     def embed(pics: list) -> np.ndarray:
-        net.eval()
-        c = torch.from_numpy(crops(pics, d.size, m.context)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.inference_mode():
-            return F.normalize(net(c), dim=1).numpy()
+        return embed_crops(net.eval(), crops(pics, d.size, m.context))
 
     avg, history = None, []
     for step in range(tr.steps):
