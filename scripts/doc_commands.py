@@ -215,7 +215,6 @@ PERSON = "needs photos of a real person (`app portrait add`) and what it makes"
 DEPENDS = "reads what a skipped command writes"
 PACKAGE = "writes into the package (danqing/data/models/): how the bundled models were made"
 LONG = "takes more than 10 minutes on 2 CPU cores and has no small-size option"
-TRAINED = "needs a model trained by a command of another page (runs/danqing-tiny-portraits-cpu: models.md), not bundled"
 
 # (pattern searched in the command, reason): the first match wins
 SKIPS: list[tuple[str, str]] = [
@@ -235,8 +234,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"--from (?:talk\.mp4|panda\.png)|generate --from outputs/txt2img-images/", DEPENDS),
     (r"~/photos|~/Downloads|\bMODEL\b|\bPICTURE\b|\bCHECKPOINT\b|--config \.\.\.|\bmy(?:-lora)?\.toml\b|runs/OLD", PLACEHOLDER),
     (r"bundle_model\.py", PACKAGE),
-    (r"ti_known_shape\.py|bench/ray_\w+\.py", LONG),
-    (r"eval_person_lora\.py|danqing-tiny-portraits-cpu-2\.toml", TRAINED),
+    (r"ti_known_shape\.py|bench/ray_\w+\.py|eval_person_lora\.py|eval_talk_world\.py", LONG),
 ]
 
 # the commands that sample (their --steps: sampling steps; 3d: optimisation steps)

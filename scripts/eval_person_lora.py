@@ -8,7 +8,7 @@ otherwise); then 50 new pictures of them (other clothes, backgrounds and styles)
 by caption, with the LoRA and without it, at the same seeds. A picture gives the person's
 identity when the portrait reader reads every identity attribute its style shows as theirs.
 
-    .venv/bin/python scripts/eval_person_lora.py --model runs/danqing-tiny-portraits-cpu/model --person Ada,Bai,Chen,Dara
+    .venv/bin/python scripts/eval_person_lora.py --model danqing-tiny-portraits --person Ada,Bai,Chen,Dara
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def through_api(home: Path, who, name: str, args) -> dict:
     """The same app through its job API (the FastAPI app in process, over HTTP semantics): the
     person's LoRA as a train job with the recipe (``POST /api/v1/train/jobs``), then in each
     portrait-world style a portrait job of ``--styles`` pictures without and with it
-    (``POST /api/v1/portrait/jobs``, seeds from 2000), judged as ``styled`` judges them. The base
-    model (a folder) is copied into the home's models/checkpoints/: the server names models, never paths."""
+    (``POST /api/v1/portrait/jobs``, seeds from 2000), judged as ``styled`` judges them. A base
+    model given as a folder is copied into the home's models/checkpoints/: the server names
+    models, never paths."""
     from fastapi.testclient import TestClient
     from PIL import Image
 
@@ -136,11 +137,13 @@ def through_api(home: Path, who, name: str, args) -> dict:
 
     import shutil
 
-    base = "danqing-tiny-portraits"
-    link = home / "models" / "checkpoints" / base
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():   # a copy: the server follows no link out of its models folder
-        shutil.copytree(args.model, link)
+    base = args.model      # a bundled model or one of the models folder: the server knows its name
+    if Path(args.model).is_dir():
+        base = Path(args.model).name if Path(args.model).name != "model" else Path(args.model).parent.name
+        link = home / "models" / "checkpoints" / base
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():   # a copy: the server follows no link out of its models folder
+            shutil.copytree(args.model, link)
     app = create_app(Settings(home=home, device="cpu", dtype="fp32"), ServerSettings(ui=False, allowed_hosts=("testserver",)))
     out, lora = {}, f"{name}-api"
     trigger = load_person(home, name).trigger

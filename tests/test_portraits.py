@@ -4,6 +4,7 @@ languages, and a reader that must be right on ground truth before it may judge a
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 
@@ -45,19 +46,21 @@ def test_held_out_people_never_appear_in_training():
     train = portraits(0, 3000, "train")
     held = held_out_people()
     assert len(held) == len(vocab()["held_out_names"]) and all(p.name for p in held)
-    assert all(p.heldout_pair() is not None for p in held)
-    keys = {p.key for p in held}
-    assert not any(p.person.key in keys or p.person.heldout_pair() for p in train)
+    assert all(p.held_out for p in held) and len({p.key for p in held}) == len(held)
+    assert {p.skin for p in held} == set(values("skin"))      # the named people are of every skin tone
+    keys = {p.key for p in split_people("heldout")}
+    assert len(keys) == round(vocab()["heldout_share"] * len(people()))
+    assert not any(p.person.key in keys or p.person.held_out for p in train)
     assert not set(split_people("train")) & set(split_people("heldout"))
     assert len(split_people("train")) + len(split_people("heldout")) == len(people())
-    # every value of a held-out pair is still seen in training, with other partners
-    for pair in vocab()["heldout_pairs"]:
-        for attr, value in pair:
-            assert any(getattr(p.person, attr) == value for p in train), (attr, value)
+    # every pair of identity values a held-out person holds is shown in training on other people
+    seen = {((a, getattr(p, a)), (b, getattr(p, b))) for p in split_people("train")
+            for a, b in itertools.combinations(IDENTITY, 2)}
+    for p in split_people("heldout"):
+        assert all(((a, getattr(p, a)), (b, getattr(p, b))) in seen for a, b in itertools.combinations(IDENTITY, 2)), p
     ev = eval_portraits(200)
     assert len(ev) == 200 and {p.style for p in ev} == set(values("style"))
-    for p in ev:  # each shows a combination training never did, in attributes its style shows
-        assert all(a in p.visible_attributes() for a, _ in p.person.heldout_pair())
+    assert all(p.person.held_out for p in ev)
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
@@ -271,7 +274,7 @@ def test_the_shapes_world_stays_the_default_training_data():
     mix = synthetic_dataset(12, 64, seed=5, world="mix", portrait_share=0.5)
     assert torch_equal(mix.images[:6], a.images) and mix.captions[:6] == a.captions   # the same shapes first
     assert all(isinstance(s, type(portraits(0, 1)[0])) for s in mix.scenes[6:])
-    assert all(not s.person.heldout_pair() for s in mix.scenes[6:])
+    assert all(not s.person.held_out for s in mix.scenes[6:])
     for caps, p in zip(mix.captions[6:], mix.scenes[6:]):
         assert parse_portrait_prompt(caps[0]).items() <= p.visible_attributes().items()
         assert any("\u4e00" <= ch <= "\u9fff" for ch in caps[1])

@@ -241,3 +241,17 @@ def test_portrait_world_renderer_lip_sync_reads_back_with_the_portrait_reader():
     p = Portrait(split_people("train")[3])
     a, b = talking_frame(p, 0.0), talking_frame(p, 0.8, 1.05)
     assert _identity(portrait_reader.read_probs(b), portrait_reader.read_probs(a)) == portrait_reader.identity_match(b, a)
+
+
+def test_mouth_levels_drawn_by_the_portrait_model_keep_the_rest(tmp_path):
+    """The bundled portrait model repaints the mouth box alone: every level of a talking
+    portrait-world person equals the still picture outside the box (docs/apps.md: the lip-sync
+    figures of this chain, and why the model's mouths do not follow the track yet)."""
+    need_espeak()
+    from danqing import Settings, Studio
+    from danqing.apps.talk_world import measure_model_lip_sync
+
+    studio = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
+    m = measure_model_lip_sync(studio, "danqing-tiny-portraits", [("en", "Hello.")], levels=3, steps=8)
+    assert m["outside_change"] == 0 and m["frames"] >= 10 and len(m["level_heights"]) == 3, m
+    assert all(0 < h < 0.2 for h in m["level_heights"]), m     # a mouth is read at every level

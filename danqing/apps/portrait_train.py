@@ -12,7 +12,7 @@ the regularisation pictures, the rest comes from the recipe.
 
     danqing app portrait train anna                  # the course's recipe
     danqing app portrait train anna --recipe cpu --steps 200
-    danqing app portrait train ada --recipe tiny --base runs/danqing-tiny-portraits-cpu/model
+    danqing app portrait train ada --recipe tiny --base danqing-tiny-portraits
 """
 
 from __future__ import annotations
