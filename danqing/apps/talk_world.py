@@ -80,10 +80,7 @@ def _identity(pa: dict, pb: dict) -> float:
 
 
 def _outside_box(size: int) -> np.ndarray:
-    keep = np.ones((size, size), bool)
-    x0, y0, x1, y1 = (round(v * size) for v in MOUTH_BOX)
-    keep[y0:y1, x0:x1] = False
-    return keep
+    return np.asarray(mouth_mask(size)) == 0
 
 
 def measure_lip_sync(sentences: list[tuple[str, str]], fps: int = 25, size: int = 64, seed: int = 0,
@@ -188,13 +185,14 @@ def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]],
         keep = _outside_box(still_picture.width)
         ref_px, ref_probs = np.asarray(still_picture, np.int16), portrait_reader.read_probs(still_picture)
         reads = [(portrait_reader.read_probs(f), portrait_reader.read(f)) for f in pictures]
+        level_change = [int(np.abs(np.asarray(f, np.int16) - ref_px)[keep].max()) for f in pictures]
         for o in track.open:
             k = level_of(o, levels)
             heights.append(level_h[k])
             opens.append(o)
             ident.append(_identity(reads[k][0], ref_probs) > 0.5)
             person_ok.append(_is_person(reads[k][1], p))
-            change = max(change, int(np.abs(np.asarray(pictures[k], np.int16) - ref_px)[keep].max()))
+            change = max(change, level_change[k])
     opens_arr = np.array(opens)
     shuffled = np.random.default_rng(seed).permutation(opens_arr)
     return {"r": pearson(heights, opens_arr), "r_shuffled": pearson(heights, shuffled),
