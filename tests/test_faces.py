@@ -570,7 +570,9 @@ def test_portrait_train_installs_the_persons_lora(anna, capsys):
     raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x")  # the course's recipe
     assert raw["train"] == {"steps": 4 * 200, "batch_size": 1, "lr": 1e-4, "lr_scheduler": "cosine"}
     assert raw["data"]["resolution"] == 128 and raw["output"]["checkpoint_every"] == 200   # the crops' size; 4 checkpoints
-    assert raw["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True}
+    assert raw["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True, "train_unet": True,
+                              "train_words": []}
+    assert raw["data"]["object_weight"] == 0.0
     home = ["--home", str(anna.folder.parent.parent)]
     args = ["app", "portrait", "train", "anna", "--recipe", "cpu", "--steps", "2", "--resolution", "64",
             "--base", "danqing-tiny"]
@@ -603,6 +605,10 @@ def test_prior_images_keep_the_unconditional_prediction_the_base_models(anna, ca
     raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny")
     assert raw["train"] == {"steps": 4 * 100, "batch_size": 1, "lr": 1e-3, "lr_scheduler": "cosine"}
     assert "prior" not in raw
+    # the text encoder and the trigger's embedding train, not the UNet; the person's pixels weigh 5x
+    assert raw["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True, "train_unet": False,
+                              "train_words": [anna.trigger]}
+    assert raw["data"]["object_weight"] == 4.0
     raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny",
                              overrides={"prior_images": 40})
     assert raw["prior"] == {"enabled": True, "class_source": f"unconditional:{PRIOR_PROMPT}", "n_class_images": 40,

@@ -225,6 +225,24 @@ def test_pivotal_tuning_bundles_the_word_and_merges_like_the_tag(settings, tmp_p
             p.unlink(missing_ok=True)
 
 
+def test_text_encoder_only_lora_leaves_the_unet_alone(settings, tmp_path):
+    """network.train_unet = false (kohya's network_train_text_encoder_only): the file holds the
+    text encoder's adapters and the words only, and a config in which nothing trains is refused
+    by name."""
+    from safetensors.torch import load_file
+
+    from danqing.training.finetune import train_lora
+
+    cfg = _lora_cfg("tiny-sd1", tmp_path / "run", network={"train_unet": False, "train_words": ["heart"]})
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    keys = list(load_file(summary["files"][0]))
+    assert keys and not any(k.startswith("lora_unet") for k in keys)
+    assert any(k.startswith("lora_te") for k in keys) and "bundle_emb.heart.string_to_param.*" in keys
+    with pytest.raises(InvalidRequest, match="nothing trains"):
+        train_lora(_lora_cfg("tiny-sd1", tmp_path / "none", network={"train_unet": False, "train_text_encoder": False}),
+                   resume=False, log=lambda s: None, settings=settings)
+
+
 def _xl_pipeline(comps):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+from PIL import Image
+
 from danqing.apps.portrait_people import load_person
 from danqing.apps.portrait_styles import get_style
 from danqing.apps.portrait_world import (judge_styled, person_caption, scene_words, write_world_person,
                                          write_world_styles)
-from danqing.synthetic.portraits import Portrait, person, pictures_of, render_portrait
+from danqing.synthetic.portraits import Portrait, person, person_mask, pictures_of, render_portrait
 from danqing.synthetic.portraits_captions import parse_portrait_prompt
 
 
@@ -27,6 +30,11 @@ def test_a_world_person_is_written_as_portrait_add_writes_one(tmp_path):
         assert not any(w in caption for w in ("hair", "eyes", "skin", "glasses")), caption  # the trigger is the looks
         asked = parse_portrait_prompt(caption)  # the caption says the picture's own scene
         assert asked["style"] == pic.style
+        with Image.open(crop) as im:  # the picture, and where the person is as its alpha (the masked loss)
+            assert im.mode == "RGBA" and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(render_portrait(pic)))
+            alpha = np.asarray(im.getchannel("A"))
+        assert np.array_equal(alpha, np.asarray(person_mask(pic)))
+        assert alpha[2, 2] == 0 and alpha[27, 32] == 255 and alpha[62, 32] == 0  # background, face, shirt
 
 
 def test_pencil_captions_name_no_colour():

@@ -5,7 +5,8 @@ The course (FaceChain's defaults): rank 32 on the UNet and the text encoder, the
 (512), batch 1, lr 1e-4 with a cosine schedule, about 200 steps per training picture. On a CPU
 that is hours for ten photos, so a second recipe trains a quarter of the steps at twice the
 rate. A third, ``tiny``, is for danqing's own 64-pixel models: 100 steps per picture at lr
-1e-3. Any recipe can add regularisation pictures trained with the empty caption
+1e-3 on the text encoder's LoRA and the trigger's embedding, the UNet untouched, with a masked
+loss on the person. Any recipe can add regularisation pictures trained with the empty caption
 (``prior_images``, ``person_lora_config``). The recipes are
 data (``RECIPES``); a request may override steps, rate, batch, size, rank, the text encoder and
 the regularisation pictures, the rest comes from the recipe.
@@ -30,11 +31,13 @@ RECIPES: dict[str, dict] = {
                "steps_per_image": 200, "prior_images": 0},
     "cpu": {"rank": 32, "train_text_encoder": True, "lr": 2e-4, "lr_scheduler": "cosine", "batch_size": 1,
             "steps_per_image": 50, "prior_images": 0},
-    # danqing's own 64-px models (danqing-tiny-portraits): a 1.7 M-parameter UNet learns at a
-    # higher rate; unconditional pictures (--prior-images) keep small features such as the eye
-    # colour through CFG, but cost more than they give on new prompts (docs/apps.md)
-    "tiny": {"rank": 32, "train_text_encoder": True, "lr": 1e-3, "lr_scheduler": "cosine", "batch_size": 1,
-             "steps_per_image": 100, "prior_images": 0},
+    # danqing's own 64-px models (danqing-tiny-portraits), docs/apps.md: the text encoder's LoRA
+    # and the trigger's own embedding train (pivotal tuning), the UNet does not: a UNet adapter
+    # draws the person for the empty prompt too, and CFG then steps away from their small
+    # features (the eye colour); the loss weighs the person's pixels (the pictures' alpha
+    # channel, where they have one) face_weight times more
+    "tiny": {"rank": 32, "train_unet": False, "train_text_encoder": True, "train_words": True, "face_weight": 4.0,
+             "lr": 1e-3, "lr_scheduler": "cosine", "batch_size": 1, "steps_per_image": 100, "prior_images": 0},
 }
 OVERRIDES = ("steps", "lr", "batch_size", "resolution", "rank", "train_text_encoder", "prior_images")
 PRIOR_PROMPT = "a photo of a person, head and shoulders"   # the "head" crops' template without the trigger
@@ -91,8 +94,11 @@ def person_lora_config(person: Person, *, name: str, base: str, output_dir: str 
     prior = {"prior": {"enabled": True, "class_source": f"unconditional:{PRIOR_PROMPT}",
                        "n_class_images": r["prior_images"], "sample_steps": sample_steps}} if r["prior_images"] else {}
     return {"model": {"base": base}, **prior,
-            "data": {"source": str(person.folder / "train"), "resolution": r["resolution"]},
-            "network": {"rank": r["rank"], "alpha": float(r["rank"]), "train_text_encoder": r["train_text_encoder"]},
+            "data": {"source": str(person.folder / "train"), "resolution": r["resolution"],
+                     "object_weight": r.get("face_weight", 0.0)},
+            "network": {"rank": r["rank"], "alpha": float(r["rank"]), "train_text_encoder": r["train_text_encoder"],
+                        "train_unet": r.get("train_unet", True),
+                        "train_words": [person.trigger] if r.get("train_words") else []},
             "train": {"steps": r["steps"], "batch_size": r["batch_size"], "lr": r["lr"],
                       "lr_scheduler": r["lr_scheduler"]},
             "output": {"output_dir": str(output_dir), "name": name, "formats": ["kohya"], "log_every": 10,

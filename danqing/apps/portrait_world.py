@@ -15,7 +15,8 @@ from pathlib import Path
 
 from danqing.apps.portrait_people import caption_for, default_trigger
 from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
-from danqing.synthetic.portraits import IDENTITY, Person, Portrait, pictures_of, render_portrait, shows_colour, vocab
+from danqing.synthetic.portraits import (IDENTITY, Person, Portrait, person_mask, pictures_of, render_portrait,
+                                         shows_colour, vocab)
 
 
 def scene_words(p: Portrait) -> str:
@@ -39,7 +40,7 @@ def person_caption(p: Portrait, trigger: str) -> str:
 
 
 def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, size: int = 64,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, styles: tuple[str, ...] | None = None, masks: bool = True) -> Path:
     """``people/NAME/`` with ``n`` rendered pictures of ``who`` (``pictures_of(who, n, seed)``) as
     captioned training crops, the person's identity measured by the world face backend
     (danqing-portrait-faces: the mean embedding, and the most typical picture as the best face);
@@ -54,9 +55,12 @@ def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, 
     (folder / "train").mkdir(parents=True)
     trigger = default_trigger(name)
     images, embeddings = [], []
-    for i, p in enumerate(pictures_of(who, n, seed=seed)):
+    for i, p in enumerate(pictures_of(who, n, seed=seed, styles=styles)):
         images.append(render_portrait(p, size))
-        images[-1].save(folder / "train" / f"{i + 1:03d}-head.png")
+        picture = images[-1].copy()
+        if masks:  # the alpha channel: where the person is (a masked loss weighs it more)
+            picture.putalpha(person_mask(p, size))
+        picture.save(folder / "train" / f"{i + 1:03d}-head.png")
         (folder / "train" / f"{i + 1:03d}-head.txt").write_text(person_caption(p, trigger), encoding="utf-8")
         arr = np.asarray(images[-1])
         embeddings.append(faces.embed(arr, faces.detect(arr)[0]))

@@ -380,3 +380,11 @@ def render_portrait(p: Portrait, size: int = 64) -> Image.Image:
         raise ValueError(f"unknown style {p.style!r}; allowed: {', '.join(values('style'))}")
     out = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
     return out.resize((size, size), Image.BOX)
+
+
+def person_mask(p: Portrait, size: int = 64) -> Image.Image:
+    """Where the person's looks are ("L", 255 on the head, hair and neck; 0 on the background and
+    the clothes): the region a person LoRA's masked loss weighs more."""
+    _, lab = draw_layers(p, size * SUPERSAMPLE)
+    inside = ~np.isin(np.asarray(lab), (BG, CLOTHES))
+    return Image.fromarray((inside * 255).astype(np.uint8), "L").resize((size, size), Image.BOX)

@@ -313,6 +313,9 @@ class NetworkConfig(_Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(8.0, gt=0)
     unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module-name suffixes (peft)
+    # false: no UNet adapter (kohya's network_train_text_encoder_only): the text encoder's LoRA
+    # and/or the words train, and the empty prompt's prediction stays the base model's
+    train_unet: bool = True
     train_text_encoder: bool = False
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     text_encoder_lr: float | None = None  # None: the UNet's lr

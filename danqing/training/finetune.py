@@ -133,7 +133,8 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
     """``danqing train lora``: returns {"files": [...], "steps", "loss", "seconds", "steps_per_s"}.
     ``on_step(step, total, loss)`` follows the run (``run_loop``)."""
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
-    check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
+    if cfg.network.train_unet:
+        check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     items = load_items(cfg.data, size=cfg.data.resolution)
     data = cache_latents(items, comps, resolution=cfg.data.resolution, buckets=cfg.data.buckets, flip=cfg.data.flip,
                          device="cpu")
@@ -372,9 +373,9 @@ def train_distill(cfg, *, resume: bool = True, log: Log = print, settings=None, 
     "lcm"``) or with ``DDIM`` on the ``Simple`` schedule (``"pcd"``). Returns as ``train_lora``."""
     from danqing.training.distill import SAMPLING, distill_objective
 
-    if cfg.network.train_text_encoder or cfg.network.train_words:
+    if cfg.network.train_text_encoder or cfg.network.train_words or not cfg.network.train_unet:
         raise InvalidRequest("network.train_text_encoder", "distillation trains the UNet's LoRA only; set "
-                             "train_text_encoder = false and train_words = []")
+                             "train_unet = true, train_text_encoder = false and train_words = []")
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     loss_fn = distill_objective(comps, cfg.distill)

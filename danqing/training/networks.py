@@ -29,10 +29,14 @@ def add_lora(comps, net_cfg, lr: float) -> Trainable:
 
     for m in comps.modules().values():
         m.requires_grad_(False)
-    comps.unet.add_adapter(LoraConfig(r=net_cfg.rank, lora_alpha=net_cfg.alpha, init_lora_weights="gaussian",
-                                      target_modules=list(net_cfg.unet_targets)))
-    groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": lr}]
-    mods = [comps.unet]
+    if not (net_cfg.train_unet or net_cfg.train_text_encoder or net_cfg.train_words):
+        raise InvalidRequest("network.train_unet", "nothing trains: set train_unet, train_text_encoder or train_words")
+    groups, mods = [], []
+    if net_cfg.train_unet:
+        comps.unet.add_adapter(LoraConfig(r=net_cfg.rank, lora_alpha=net_cfg.alpha, init_lora_weights="gaussian",
+                                          target_modules=list(net_cfg.unet_targets)))
+        groups.append({"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": lr})
+        mods.append(comps.unet)
     if net_cfg.train_text_encoder:
         for te in (comps.text_encoder, comps.text_encoder_2):
             if te is None:
