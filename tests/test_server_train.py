@@ -70,7 +70,8 @@ def test_a_persons_lora_takes_the_recipe_and_resumes_from_its_checkpoint(client,
     job = client.get(f"/api/v1/train/jobs/{job_id}/wait", params={"timeout": 120}).json()
     assert job["status"] == "cancelled" and job["step"] == 3, job   # stopped at the step after the checkpoint
     cfg = job["config"]   # the cpu recipe, the person's crops and size
-    assert cfg["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True}
+    assert cfg["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True, "train_unet": True,
+                              "train_words": []}
     assert cfg["train"]["lr"] == 2e-4 and cfg["train"]["lr_scheduler"] == "cosine" and cfg["train"]["batch_size"] == 1
     assert cfg["data"]["resolution"] == 64 and cfg["data"]["source"].endswith("people/ada/train")
     monkeypatch.setattr(runs, "prune_checkpoints", real)
