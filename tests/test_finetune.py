@@ -243,6 +243,29 @@ def test_text_encoder_only_lora_leaves_the_unet_alone(settings, tmp_path):
                    resume=False, log=lambda s: None, settings=settings)
 
 
+def test_words_only_lora_is_a_file_of_bundled_vectors_that_loads(settings, tmp_path):
+    """Only the trigger's vectors train (textual inversion inside a LoRA file): the file holds
+    ``bundle_emb`` tensors and no module, it reads as a network with no modules, and its vectors
+    moved away from the word's own rows."""
+    from safetensors.torch import load_file
+
+    from danqing.customise.lora import read_bundled, read_network
+    from danqing.models.loader import load_components
+    from danqing.training.finetune import train_lora
+
+    cfg = _lora_cfg("tiny-sd1", tmp_path / "run", network={"train_unet": False, "train_text_encoder": False,
+                                                           "train_words": ["heart"]})
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    path = summary["files"][0]
+    assert list(load_file(path)) == ["bundle_emb.heart.string_to_param.*"]
+    assert read_network(path)[0] == {}
+    vec = read_bundled(path)["heart"]["emb_params"]
+    comps = load_components(Studio_registry(settings).find("checkpoint", "tiny-sd1"))
+    ids = comps.tokenizer("heart", add_special_tokens=False).input_ids
+    row = comps.text_encoder.get_input_embeddings().weight[ids].detach().float()
+    assert vec.shape == row.shape and (vec - row).abs().max() > 1e-3
+
+
 def _xl_pipeline(comps):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
