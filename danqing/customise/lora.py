@@ -266,9 +266,7 @@ def read_network(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str]]:
     if not isinstance(sd, dict):
         raise CorruptModel(f"{path.name}: not a LoRA state dict")
     modules = parse_state_dict(sd, meta)
-    if not modules and not any(str(k).startswith(BUNDLE_PREFIX) for k in sd):
-        # a file of bundled embeddings only (a LoRA recipe that trains the trigger's vectors
-        # alone) is a network with no modules, as in A1111
+    if not modules and not any(str(k).startswith(BUNDLE_PREFIX) for k in sd):  # bundled vectors alone: no modules
         raise CorruptModel(f"{path.name}: no LoRA/LyCORIS tensors found (expected lora_unet_*/lora_te_* or "
                            "unet.*.lora_A.weight keys)")
     return modules, meta
