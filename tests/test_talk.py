@@ -244,14 +244,17 @@ def test_portrait_world_renderer_lip_sync_reads_back_with_the_portrait_reader():
 
 
 def test_mouth_levels_drawn_by_the_portrait_model_keep_the_rest(tmp_path):
-    """The bundled portrait model repaints the mouth box alone: every level of a talking
-    portrait-world person equals the still picture outside the box (docs/apps.md: the lip-sync
-    figures of this chain, and why the model's mouths do not follow the track yet)."""
+    """The bundled portrait model repaints the mouth box alone, with the mouth ControlNet and
+    with the expression word alone: every level of a talking portrait-world person equals the
+    still picture outside the box (docs/apps.md: the lip-sync figures of this chain, and why the
+    model's mouths do not follow the track well enough yet)."""
     need_espeak()
     from danqing import Settings, Studio
-    from danqing.apps.talk_world import measure_model_lip_sync
+    from danqing.apps.talk_world import MOUTH_CONTROL, measure_model_lip_sync
 
     studio = Studio(Settings(home=tmp_path, device="cpu", dtype="fp32"))
-    m = measure_model_lip_sync(studio, "danqing-tiny-portraits", [("en", "Hello.")], levels=3, steps=8)
-    assert m["outside_change"] == 0 and m["frames"] >= 10 and len(m["level_heights"]) == 3, m
-    assert all(0 < h < 0.2 for h in m["level_heights"]), m     # a mouth is read at every level
+    for control in (MOUTH_CONTROL, None):
+        m = measure_model_lip_sync(studio, "danqing-tiny-portraits", [("en", "Hello.")], levels=3, steps=8,
+                                   control=control)
+        assert m["outside_change"] == 0 and m["frames"] >= 10 and len(m["level_heights"]) == 3, m
+        assert all(0 < h < 0.2 for h in m["level_heights"]), m     # a mouth is read at every level

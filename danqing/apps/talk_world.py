@@ -9,9 +9,12 @@ measures against the track (Pearson r, and against the track shuffled), the iden
 still portrait, and the largest change outside the mouth box.
 
 ``model_levels`` lets a model draw the mouth instead: the still picture's mouth box is inpainted
-with the portrait world's open-mouthed expression ("surprised") in its prompt, once per openness
-level, the level setting the denoising strength (level 0 is the still itself), at one seed, so
-the levels differ in the mouth alone and a frame is the level nearest its openness.
+once per openness level, at one seed, so the levels differ in the mouth alone and a frame is the
+level nearest its openness. The mouth's shape is given to the model by the mouth ControlNet
+(``MOUTH_CONTROL``, trained by ``danqing train controlnet`` on the world's talking frames): level
+k's ``mouth_map`` at openness k / (levels - 1). Without a ControlNet (``control=None``) the
+expression word is the only handle: the prompt asks for the open mouth ("surprised") and the
+level sets the denoising strength (level 0 is the still itself).
 ``measure_model_lip_sync`` measures that chain as ``measure_lip_sync`` measures the renderer's.
 """
 
@@ -19,49 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from danqing.apps.speech import speak
 from danqing.apps.visemes import Track, pearson, phone_track
 from danqing.synthetic import portrait_reader
-from danqing.synthetic.portraits import (CENTRE, IDENTITY, MOUTH_RGB, MOUTH_Y, SUPERSAMPLE, Portrait, draw_layers, split_people,
-                                         values, vocab)
+from danqing.synthetic.portraits import IDENTITY, Portrait, split_people, values
+from danqing.synthetic.portraits_mouth import MOUTH_BOX, mouth_box_mask, mouth_map, talking_frame
 
-# the mouth ellipse: half width at rest, half height closed .. fully open (fractions of the picture)
-MOUTH_RX, MOUTH_RY = (0.06, (0.012, 0.05))
-# the mouth box: outside it a talking frame equals the still portrait (x0, y0, x1, y1, fractions)
-MOUTH_BOX = (0.38, 0.52, 0.62, 0.66)
-MOUTH_LEVELS = 6       # openness levels a model draws: strengths 0, 0.2, ..., 1
-OPEN_MOUTH = "surprised"
+__all__ = ["MOUTH_BOX", "MOUTH_CONTROL", "MOUTH_LEVELS", "level_of", "measure_lip_sync", "measure_model_lip_sync",
+           "model_levels", "mouth_height", "talking_frame"]
 
-
-def still(p: Portrait) -> Portrait:
-    """The portrait as a talking frame starts from: flat style, neutral mouth."""
-    return dataclasses.replace(p, style="flat", mouth="neutral")
-
-
-def talking_frame(p: Portrait, opening: float, width: float = 1.0, size: int = 64) -> Image.Image:
-    """One frame of a talking portrait-world person, drawn by the renderer.
-
-    Args:
-        p: the portrait (its style is drawn flat, its expression replaced by the speaking mouth).
-        opening: 0 (closed) .. 1 (widest).
-        width: mouth width relative to rest.
-        size: picture side (64 is danqing-tiny's size).
-    """
-    p = still(p)
-    s = size * SUPERSAMPLE
-    img, _ = draw_layers(p, s)
-    d = ImageDraw.Draw(img)
-    ox, my = CENTRE[0] + vocab()["pose"][p.pose]["dx"], MOUTH_Y + 0.005
-    skin = img.getpixel((round(ox * s), round((my + 0.045) * s)))  # the chin's colour, below the mouth
-    d.rectangle([ox * s - 0.075 * s, (my - 0.03) * s, ox * s + 0.075 * s, (my + 0.03) * s], fill=skin)  # the neutral line away
-    rx = MOUTH_RX * width
-    ry = MOUTH_RY[0] + (MOUTH_RY[1] - MOUTH_RY[0]) * float(np.clip(opening, 0, 1))
-    d.ellipse([(ox - rx) * s, (my - ry) * s, (ox + rx) * s, (my + ry) * s], fill=MOUTH_RGB)
-    return img.resize((size, size), Image.BOX)
+MOUTH_LEVELS = 6       # openness levels a model draws
+MOUTH_CONTROL = "danqing-tiny-portraits-mouth"   # the bundled mouth-shape ControlNet
+OPEN_MOUTH = "surprised"  # without a ControlNet: the expression the prompt asks for
 
 
 def mouth_height(frame: Image.Image) -> float:
@@ -80,7 +58,7 @@ def _identity(pa: dict, pb: dict) -> float:
 
 
 def _outside_box(size: int) -> np.ndarray:
-    return np.asarray(mouth_mask(size)) == 0
+    return np.asarray(mouth_box_mask(size)) == 0
 
 
 def measure_lip_sync(sentences: list[tuple[str, str]], fps: int = 25, size: int = 64, seed: int = 0,
@@ -116,32 +94,39 @@ def measure_lip_sync(sentences: list[tuple[str, str]], fps: int = 25, size: int 
             "identity": float(np.mean(ident)), "outside_change": change, "frames": len(opens)}
 
 
-def mouth_mask(size: int = 64) -> Image.Image:
-    """The inpainting mask of the mouth box (white: repainted)."""
-    m = Image.new("L", (size, size), 0)
-    x0, y0, x1, y1 = (round(v * size) for v in MOUTH_BOX)
-    ImageDraw.Draw(m).rectangle([x0, y0, x1 - 1, y1 - 1], fill=255)
-    return m
-
-
-def model_levels(studio, request, still_picture: Image.Image, levels: int = MOUTH_LEVELS) -> list[Image.Image]:
+def model_levels(studio, request, still_picture: Image.Image, levels: int = MOUTH_LEVELS,
+                 control: str | None = MOUTH_CONTROL, weight: float = 1.0) -> list[Image.Image]:
     """The still picture with its mouth drawn by the model at ``levels`` openness levels.
 
     Args:
         studio: a ``danqing.Studio``.
-        request: a ``GenerationRequest`` whose prompt asks for the open mouth (model, seed,
-            sampler, steps, CFG as wanted); its size is the picture's.
-        still_picture: the closed-mouthed picture (level 0).
-        levels: how many levels (>= 2); level k inpaints the mouth box at strength k / (levels - 1).
+        request: a ``GenerationRequest`` (model, seed, sampler, steps, CFG as wanted; its size is
+            the picture's). With ``control`` its prompt is the still's; without, it asks for the
+            open mouth.
+        still_picture: the closed-mouthed picture.
+        levels: how many levels (>= 2).
+        control: the mouth ControlNet: level k inpaints the mouth box at full strength with the
+            unit given ``mouth_map(k / (levels - 1))`` at ``weight``. None: level 0 is the still
+            and level k inpaints the box at strength k / (levels - 1), the prompt alone asking.
     """
+    from danqing.request import ControlUnit
+
     if levels < 2:
         raise ValueError(f"levels must be at least 2, got {levels}")
-    mask = mouth_mask(still_picture.width)
-    out = [still_picture]
-    for k in range(1, levels):
-        r = request.replace(denoising_strength=k / (levels - 1), mask_blur=0, inpainting_fill="original",
-                            batch_size=1, batch_count=1)
-        out.append(studio.generate(r, init_image=still_picture, mask_image=mask).images[0])
+    mask = mouth_box_mask(still_picture.width)
+    base = request.replace(mask_blur=0, inpainting_fill="original", batch_size=1, batch_count=1)
+    if control is None:
+        return [still_picture] + [studio.generate(base.replace(denoising_strength=k / (levels - 1)),
+                                                  init_image=still_picture, mask_image=mask).images[0]
+                                  for k in range(1, levels)]
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mouth-maps-") as folder:
+        for k in range(levels):
+            path = Path(folder) / f"level-{k}.png"
+            mouth_map(k / (levels - 1), size=still_picture.width).save(path)
+            unit = ControlUnit(model=control, image=str(path), weight=weight)
+            r = base.replace(denoising_strength=1.0, controlnet=(unit,))
+            out.append(studio.generate(r, init_image=still_picture, mask_image=mask).images[0])
     return out
 
 
@@ -152,21 +137,25 @@ def level_of(opening: float, levels: int = MOUTH_LEVELS) -> int:
 
 def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]], fps: int = 25, seed: int = 0,
                            levels: int = MOUTH_LEVELS, steps: int = 20, cfg: float = 7.0,
-                           split: str = "heldout") -> dict:
+                           split: str = "heldout", control: str | None = MOUTH_CONTROL, weight: float = 1.0) -> dict:
     """``measure_lip_sync`` with ``model`` drawing: for each (voice, text), a person of ``split``
     is drawn by the model from the caption of a neutral-faced flat portrait (seed ``seed + i``),
-    the mouth levels are drawn from it (``model_levels``) and every frame is read back.
+    the mouth levels are drawn from it (``model_levels``, ``control`` at ``weight``) and every
+    frame is read back.
 
-    Returns what ``measure_lip_sync`` returns, plus person (share of frames whose every
-    identity attribute the reader reads as the person's), still_person (the same for the stills
-    alone), level_heights (the mean mouth height measured at each level) and people.
+    Returns what ``measure_lip_sync`` returns, plus r_sentence (the mean of each sentence's own
+    r: one person each, so the people's different mouths do not count), person (share of frames
+    whose every identity attribute the reader reads as the person's), still_person (the same for
+    the stills alone), still_self (share of stills whose identity match with themselves is over
+    0.5: the ceiling of identity), level_heights (the mean mouth height measured at each level)
+    and people.
     """
     from danqing.request import GenerationRequest
     from danqing.synthetic.portraits_captions import portrait_caption
 
     rng = random.Random(seed)
     who = split_people(split)
-    heights, opens, ident, person_ok, still_ok, change = [], [], [], [], [], 0
+    heights, opens, ident, person_ok, still_ok, self_ok, r_sentence, change = [], [], [], [], [], [], [], 0
     by_level: list[list[float]] = [[] for _ in range(levels)]
     for i, (voice, text) in enumerate(sentences):
         p = Portrait(rng.choice(who), "neutral", rng.choice(values("clothing")), "front",
@@ -174,8 +163,8 @@ def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]],
         base = GenerationRequest.create(prompt=portrait_caption(p, "en"), model=model, seed=seed + i, steps=steps,
                                         cfg_scale=cfg, sampler="DPM++ 2M", width=64, height=64)
         still_picture = studio.generate(base).images[0]
-        talking = base.replace(prompt=portrait_caption(dataclasses.replace(p, mouth=OPEN_MOUTH), "en"))
-        pictures = model_levels(studio, talking, still_picture, levels)
+        talking = base if control else base.replace(prompt=portrait_caption(dataclasses.replace(p, mouth=OPEN_MOUTH), "en"))
+        pictures = model_levels(studio, talking, still_picture, levels, control, weight)
         level_h = [mouth_height(f) for f in pictures]
         for k, h in enumerate(level_h):
             by_level[k].append(h)
@@ -184,6 +173,7 @@ def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]],
         track: Track = phone_track(s.phones, s.seconds, fps)
         keep = _outside_box(still_picture.width)
         ref_px, ref_probs = np.asarray(still_picture, np.int16), portrait_reader.read_probs(still_picture)
+        self_ok.append(_identity(ref_probs, ref_probs) > 0.5)
         reads = [(portrait_reader.read_probs(f), portrait_reader.read(f)) for f in pictures]
         level_change = [int(np.abs(np.asarray(f, np.int16) - ref_px)[keep].max()) for f in pictures]
         for o in track.open:
@@ -193,12 +183,32 @@ def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]],
             ident.append(_identity(reads[k][0], ref_probs) > 0.5)
             person_ok.append(_is_person(reads[k][1], p))
             change = max(change, level_change[k])
+        r_sentence.append(pearson([level_h[level_of(o, levels)] for o in track.open], track.open))
     opens_arr = np.array(opens)
     shuffled = np.random.default_rng(seed).permutation(opens_arr)
     return {"r": pearson(heights, opens_arr), "r_shuffled": pearson(heights, shuffled),
             "identity": float(np.mean(ident)), "person": float(np.mean(person_ok)),
-            "still_person": float(np.mean(still_ok)), "outside_change": change, "frames": len(opens),
+            "r_sentence": float(np.mean(r_sentence)), "still_person": float(np.mean(still_ok)),
+            "still_self": float(np.mean(self_ok)), "outside_change": change, "frames": len(opens),
             "level_heights": [float(np.mean(h)) for h in by_level], "people": len(sentences)}
+
+
+def world_clip(studio, model: str, p: Portrait, voice: str, text: str, fps: int = 25, seed: int = 0,
+               control: str | None = MOUTH_CONTROL, weight: float = 1.0) -> tuple[list[Image.Image], list[Image.Image]]:
+    """One sentence said by a portrait-world person, as the renderer draws it and as ``model``
+    draws it (``measure_model_lip_sync``'s chain): (renderer frames, model frames), 64² each."""
+    from danqing.request import GenerationRequest
+    from danqing.synthetic.portraits_captions import portrait_caption
+
+    base = GenerationRequest.create(prompt=portrait_caption(p, "en"), model=model, seed=seed, steps=20, cfg_scale=7.0,
+                                    sampler="DPM++ 2M", width=64, height=64)
+    still_picture = studio.generate(base).images[0]
+    talking = base if control else base.replace(prompt=portrait_caption(dataclasses.replace(p, mouth=OPEN_MOUTH), "en"))
+    pictures = model_levels(studio, talking, still_picture, MOUTH_LEVELS, control, weight)
+    s = speak(text, voice)
+    track = phone_track(s.phones, s.seconds, fps)
+    return ([talking_frame(p, o, w) for o, w in zip(track.open, track.width)],
+            [pictures[level_of(o)] for o in track.open])
 
 
 def _is_person(read: dict, p: Portrait) -> bool:

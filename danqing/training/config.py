@@ -117,8 +117,11 @@ class ControlDataConfig(_Strict):
     size: int = Field(64, ge=16)
     seed: int = 0
     captions_per_image: int = Field(2, ge=1)
-    condition: Literal["canny", "lineart"] = "canny"  # the preprocessor that makes each map
-    degrade: bool = True                # also train on slightly blurred/noisy renders (robustness)
+    # "canny" / "lineart": the preprocessor that makes each map of a shapes scene; "mouth": the
+    # portrait world's talking frames with their mouth-shape maps (synthetic.portraits_mouth)
+    condition: Literal["canny", "lineart", "mouth"] = "canny"
+    degrade: bool = True                # also train on slightly blurred/noisy renders (robustness; not "mouth")
+    mouth_weight: float = Field(0.0, ge=0)  # "mouth": the loss inside the mouth box weighs 1 + this
 
 
 class ControlNetConfig(_Strict):

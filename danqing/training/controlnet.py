@@ -32,7 +32,9 @@ from danqing.preprocess import run_preprocessor
 from danqing.preprocess.metrics import edge_f1
 from danqing.request import GenerationRequest
 from danqing.studio import run_sampling
+from danqing.synthetic import portrait_reader
 from danqing.synthetic.captions import caption
+from danqing.synthetic.portraits_mouth import mouth_box_mask, talking_examples
 from danqing.synthetic.render import degrade, render
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.base import _gen, encode_all, new_accelerator
@@ -104,6 +106,22 @@ def control_scores(comps, controlnet, scenes, *, kind: str, weights=(0.0, 1.0), 
     return out
 
 
+def mouth_scores(comps, controlnet, n: int, *, weights=(0.0, 1.0), steps: int = 20, cfg_scale: float = 7.0,
+                 seed: int = 0, size: int = 64) -> dict:
+    """Pearson r, per ControlNet weight, between the mouth height the portrait reader reads off
+    each of ``n`` held-out people's talking frames (the renderer's) and off the picture generated
+    from that frame's mouth map and caption. Weight 0 is the base model alone."""
+    frames, maps, caps = talking_examples(n, size, seed=seed, captions_per_image=1, split="heldout", closed_share=0.0)
+    target = [portrait_reader.features(f)["mouth"][1] for f in frames]
+    out = {}
+    for w in weights:
+        images = generate_controlled(comps, controlnet, [c[0] for c in caps], maps, w, steps=steps,
+                                     cfg_scale=cfg_scale, seed=seed, size=size)
+        got = [portrait_reader.features(im)["mouth"][1] for im in images]
+        out[f"{w:g}"] = round(float(np.corrcoef(target, got)[0, 1]), 4) if np.std(got) > 0 else 0.0
+    return out
+
+
 def export_controlnet(controlnet, out: Path, *, dtype=torch.float16) -> Path:
     """``out`` as a diffusers ControlNet folder (config.json + safetensors) in ``dtype``."""
     import copy
@@ -125,12 +143,12 @@ class ControlData:
     maps: torch.Tensor  # (N, 3, H, W) in [0, 1], fp16
     hidden: torch.Tensor  # (T + 1, 77, D)
     cap_idx: list[list[int]]  # each picture's captions as rows of ``hidden``
+    weight: torch.Tensor | None = None  # (1, 1, h, w) loss weight per latent pixel; None: plain MSE
 
 
-def control_data(comps, d, log: Log) -> ControlData:
-    """Render ``d.n_images`` synthetic scenes, make their ``d.condition`` maps (half of them from
-    a slightly degraded copy when ``d.degrade``) and encode pictures and captions."""
-    t = time.perf_counter()
+def _shapes_triples(d) -> tuple[torch.Tensor, list[torch.Tensor], list[list[str]]]:
+    """Synthetic shapes scenes with their ``d.condition`` maps (half of them from a slightly
+    degraded copy when ``d.degrade``)."""
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
     rng = random.Random(f"controlnet:{d.seed}")
     maps = []
@@ -139,13 +157,32 @@ def control_data(comps, d, log: Log) -> ControlData:
         if d.degrade and i % 2:  # half the maps from a slightly blurred/noisy copy: generated pictures are not crisp
             pic = degrade(pic, rng)
         maps.append(image_tensor(make_condition(d.condition, pic))[0].to(torch.float16))
-    mean, std = encode_all(comps.vae, data.images, "cpu")
-    texts = sorted({t for caps in data.captions for t in caps})
+    return data.images, maps, data.captions
+
+
+def _mouth_triples(d) -> tuple[torch.Tensor, list[torch.Tensor], list[list[str]]]:
+    """The portrait world's talking frames with their mouth-shape maps."""
+    frames, maps, caps = talking_examples(d.n_images, d.size, d.seed, d.captions_per_image)
+    images = torch.stack([torch.from_numpy(np.array(f)).permute(2, 0, 1) for f in frames])
+    return images, [image_tensor(m)[0].to(torch.float16) for m in maps], caps
+
+
+def control_data(comps, d, log: Log) -> ControlData:
+    """Render ``d.n_images`` training pictures with their ``d.condition`` maps and encode pictures
+    and captions; for "mouth", the loss weight ``1 + d.mouth_weight`` inside the mouth box."""
+    t = time.perf_counter()
+    images, maps, captions = (_mouth_triples if d.condition == "mouth" else _shapes_triples)(d)
+    mean, std = encode_all(comps.vae, images, "cpu")
+    texts = sorted({t for caps in captions for t in caps})
     index = {text: i for i, text in enumerate(texts)}
     hidden = encode_texts(comps, texts + [""])  # (N, 77, D): the first 77-token chunk
-    log(f"data: {len(data)} pictures with {d.condition} maps, {len(texts)} distinct captions "
+    weight = None
+    if d.condition == "mouth" and d.mouth_weight > 0:
+        box = torch.from_numpy(np.asarray(mouth_box_mask(mean.shape[-1])) > 0).float()
+        weight = (1 + d.mouth_weight * box)[None, None]
+    log(f"data: {len(images)} pictures with {d.condition} maps, {len(texts)} distinct captions "
         f"({time.perf_counter() - t:.0f} s)")
-    return ControlData(mean, std, torch.stack(maps), hidden, [[index[t] for t in caps] for caps in data.captions])
+    return ControlData(mean, std, torch.stack(maps), hidden, [[index[t] for t in caps] for caps in captions], weight)
 
 
 def control_loss(controlnet, unet, data: ControlData, g: torch.Generator, batch_size: int, captions_per_image: int,
@@ -169,7 +206,9 @@ def control_loss(controlnet, unet, data: ControlData, g: torch.Generator, batch_
         down, mid = controlnet(x_t, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
         pred = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
-        return F.mse_loss(pred.float(), noise)
+        if data.weight is None:
+            return F.mse_loss(pred.float(), noise)
+        return ((pred.float() - noise) ** 2 * data.weight.to(acc.device)).mean()
 
 
 def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
@@ -210,7 +249,8 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
     start = resume_step(acc, run_dir, log) if resume else 0
     noise_sched = DDPMScheduler.from_config(comps.scheduler_config)
     scaling = comps.vae.config.scaling_factor
-    heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps else []
+    mouth = d.condition == "mouth"
+    heldout = eval_scenes(cfg.controlnet.eval_maps) if cfg.controlnet.eval_maps and not mouth else []
     steps = StepLog("controlnet", c.steps, start, log, run_dir, r, acc)
     model = acc.unwrap_model(controlnet)
     for step in range(start, c.steps):
@@ -219,11 +259,14 @@ def train_controlnet(cfg: ControlTrainConfig, *, resume: bool = False, log: Log 
                             noise_sched, scaling, acc)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
         final = steps.done(step + 1, loss)
-        if steps.main and heldout and ((step + 1) % r.eval_every == 0 or final):
+        if steps.main and (heldout or mouth and cfg.controlnet.eval_maps) and ((step + 1) % r.eval_every == 0 or final):
             with ema_weights(ema, params, model):
-                res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
-            log(f"eval step {step + 1}: edge F1 by weight {res}")
-            steps.evaluated(step + 1, res, {"f1": res})
+                if mouth:
+                    res = mouth_scores(comps, model, cfg.controlnet.eval_maps, steps=r.eval_steps)
+                else:
+                    res = control_scores(comps, model, heldout, kind=d.condition, steps=r.eval_steps)
+            log(f"eval step {step + 1}: {'mouth height r' if mouth else 'edge F1'} by weight {res}")
+            steps.evaluated(step + 1, res, {"mouth_r" if mouth else "f1": res})
         if steps.stopping():
             break
 
