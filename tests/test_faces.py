@@ -8,6 +8,8 @@ face-recognition-models package and are loaded once per session.
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import io
 import json
@@ -608,6 +610,12 @@ def test_prior_images_keep_the_unconditional_prediction_the_base_models(anna, ca
     # the text encoder and the trigger's embedding train, not the UNet; the person's pixels weigh 5x
     assert raw["network"] == {"rank": 32, "alpha": 32.0, "train_text_encoder": True, "train_unet": False,
                               "train_words": [anna.trigger]}
+    # a person with a description (a captioner's words for their look): the trigger trains as new
+    # vectors that start from it
+    described = dataclasses.replace(anna, info={**anna.info, "description": "a round face, amber eyes"})
+    net = person_lora_config(described, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny")["network"]
+    assert net["word_init"] == {anna.trigger: "a round face, amber eyes"} and net["word_lr"] == 2e-3
+    assert "train_words" not in net
     assert raw["data"]["object_weight"] == 4.0
     raw = person_lora_config(anna, name="anna", base="danqing-tiny", output_dir="runs/x", recipe="tiny",
                              overrides={"prior_images": 40})

@@ -266,6 +266,34 @@ def test_words_only_lora_is_a_file_of_bundled_vectors_that_loads(settings, tmp_p
     assert vec.shape == row.shape and (vec - row).abs().max() > 1e-3
 
 
+def test_new_words_start_from_their_text_and_are_bundled(settings, tmp_path):
+    """``network.word_init``: the word becomes one new vector per token of its text, starting
+    from those tokens' rows; the vectors train (and stay near where they started in a short
+    run) and are bundled in the kohya file under the word. Both kinds of words at once, and a
+    word no caption names, are refused."""
+    from danqing.customise.lora import read_bundled
+    from danqing.errors import InvalidRequest
+    from danqing.models.loader import load_components
+    from danqing.training.finetune import train_lora
+
+    text = "a red heart shape"
+    cfg = _lora_cfg("tiny-sd1", tmp_path / "run", network={"train_unet": False, "train_text_encoder": True,
+                                                           "word_init": {"heart": text}, "word_lr": 1e-2})
+    summary = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
+    vec = read_bundled(summary["files"][0])["heart"]["emb_params"]
+    comps = load_components(Studio_registry(settings).find("checkpoint", "tiny-sd1"))
+    ids = comps.tokenizer(text, add_special_tokens=False).input_ids
+    rows = comps.text_encoder.get_input_embeddings().weight[ids].detach().float()
+    assert vec.shape == rows.shape == (4, rows.shape[1])
+    moved = (vec - rows).abs().max()
+    assert 1e-4 < moved < 0.1, moved
+    with pytest.raises(ValueError, match="not both"):
+        _lora_cfg("tiny-sd1", tmp_path / "x", network={"train_words": ["heart"], "word_init": {"heart": text}})
+    with pytest.raises(InvalidRequest, match="in no caption"):
+        train_lora(_lora_cfg("tiny-sd1", tmp_path / "y", network={"word_init": {"dq_nobody": text}}), resume=False,
+                   log=lambda s: None, settings=settings)
+
+
 def _xl_pipeline(comps):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 

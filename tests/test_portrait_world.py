@@ -22,6 +22,12 @@ def test_a_world_person_is_written_as_portrait_add_writes_one(tmp_path):
     write_world_person(tmp_path, "ada", who, 8)
     p = load_person(tmp_path, "ada")
     assert p.trigger == "dq_ada" and p.info["size"] == 64 and p.info["world"]["eyes"] == who.eyes
+    # the look in words, as the reader reads it in most pictures: what the trigger's vectors start from
+    assert p.info["description"] == "a oval face, pale skin, brown hair in a bun, brown eyes, without glasses"
+    assert {k: v for k, v in parse_portrait_prompt(p.info["description"]).items()
+            if k in ("head", "skin", "hair_colour", "hair_style", "eyes", "glasses")} == {
+        "head": who.head, "skin": who.skin, "hair_colour": who.hair_colour, "hair_style": who.hair_style,
+        "eyes": who.eyes, "glasses": who.glasses}
     crops = sorted((p.folder / "train").glob("*.png"))
     assert len(crops) == 8
     for crop, pic in zip(crops, pictures_of(who, 8, seed=0)):
@@ -35,6 +41,14 @@ def test_a_world_person_is_written_as_portrait_add_writes_one(tmp_path):
             alpha = np.asarray(im.getchannel("A"))
         assert np.array_equal(alpha, np.asarray(person_mask(pic)))
         assert alpha[2, 2] == 0 and alpha[27, 32] == 255 and alpha[62, 32] == 0  # background, face, shirt
+
+
+def test_the_look_of_pencil_pictures_names_no_colour():
+    from danqing.apps.portrait_world import describe_look
+
+    who = person("Dara")
+    pencil = [render_portrait(replace(p, style="pencil")) for p in pictures_of(who, 4, seed=0)]
+    assert describe_look(pencil) == "a oval face, hair in a bun, wearing glasses"
 
 
 def test_pencil_captions_name_no_colour():

@@ -6,7 +6,8 @@ The course (FaceChain's defaults): rank 32 on the UNet and the text encoder, the
 that is hours for ten photos, so a second recipe trains a quarter of the steps at twice the
 rate. A third, ``tiny``, is for danqing's own 64-pixel models: 100 steps per picture at lr
 1e-3 on the text encoder's LoRA and the trigger's embedding, the UNet untouched, with a masked
-loss on the person. Any recipe can add regularisation pictures trained with the empty caption
+loss on the person; the trigger trains as new vectors that start from the person's description
+(person.json's ``description``: a captioner's words for their look) where there is one. Any recipe can add regularisation pictures trained with the empty caption
 (``prior_images``, ``person_lora_config``). The recipes are
 data (``RECIPES``); a request may override steps, rate, batch, size, rank, the text encoder and
 the regularisation pictures, the rest comes from the recipe.
@@ -35,9 +36,11 @@ RECIPES: dict[str, dict] = {
     # and the trigger's own embedding train (pivotal tuning), the UNet does not: a UNet adapter
     # draws the person for the empty prompt too, and CFG then steps away from their small
     # features (the eye colour); the loss weighs the person's pixels (the pictures' alpha
-    # channel, where they have one) face_weight times more
+    # channel, where they have one) face_weight times more; with a description, the trigger's
+    # vectors start from it and train at word_lr
     "tiny": {"rank": 32, "train_unet": False, "train_text_encoder": True, "train_words": True, "face_weight": 4.0,
-             "lr": 1e-3, "lr_scheduler": "cosine", "batch_size": 1, "steps_per_image": 100, "prior_images": 0},
+             "word_lr": 2e-3, "lr": 1e-3, "lr_scheduler": "cosine", "batch_size": 1, "steps_per_image": 100,
+             "prior_images": 0},
 }
 OVERRIDES = ("steps", "lr", "batch_size", "resolution", "rank", "train_text_encoder", "prior_images")
 PRIOR_PROMPT = "a photo of a person, head and shoulders"   # the "head" crops' template without the trigger
@@ -48,6 +51,17 @@ MAX_PRIOR_IMAGES = 1000
 def training_pictures(person: Person) -> list[Path]:
     """The person's training pictures (the crops ``portrait add`` wrote, each with its caption)."""
     return sorted(p for p in (person.folder / "train").glob("*.png") if p.with_suffix(".txt").is_file())
+
+
+def _words(person: Person, recipe: dict) -> dict:
+    """How the trigger trains in a recipe with ``train_words``: as new vectors that start from
+    the person's description (person.json's ``description``, a captioner's words for their look)
+    where there is one, else as the trigger's own token rows."""
+    if not recipe.get("train_words"):
+        return {"train_words": []}
+    if person.info.get("description"):
+        return {"word_init": {person.trigger: person.info["description"]}, "word_lr": recipe.get("word_lr", 1e-2)}
+    return {"train_words": [person.trigger]}
 
 
 def person_lora_config(person: Person, *, name: str, base: str, output_dir: str | Path, recipe: str = "course",
@@ -98,7 +112,7 @@ def person_lora_config(person: Person, *, name: str, base: str, output_dir: str 
                      "object_weight": r.get("face_weight", 0.0)},
             "network": {"rank": r["rank"], "alpha": float(r["rank"]), "train_text_encoder": r["train_text_encoder"],
                         "train_unet": r.get("train_unet", True),
-                        "train_words": [person.trigger] if r.get("train_words") else []},
+                        **_words(person, r)},
             "train": {"steps": r["steps"], "batch_size": r["batch_size"], "lr": r["lr"],
                       "lr_scheduler": r["lr_scheduler"]},
             "output": {"output_dir": str(output_dir), "name": name, "formats": ["kohya"], "log_every": 10,

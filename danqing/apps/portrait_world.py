@@ -5,7 +5,9 @@ the portrait world").
 A person's pictures are rendered, not photographed, so no face model finds their faces: they are
 written straight into ``people/NAME/`` (the crops ``portrait add`` would make, captioned as it
 captions them). Where ``portrait add`` asks a captioner what is in a photo, the rendered
-picture's own expression, clothes, pose, background and style are the answer.
+picture's own expression, clothes, pose, background and style are the answer; and what the person
+looks like (``describe_look``, person.json's ``description``) is what the portrait reader reads
+in most of their pictures: the words a person LoRA's new trigger vectors start from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,32 @@ def scene_words(p: Portrait) -> str:
         words.append(f"on a {v['background'][p.background]['en']} background")
     words.append(first(v["style"][p.style]["en"]))
     return ", ".join(words)
+
+
+def describe_look(pictures) -> str:
+    """The person's look in words, as a tagger would give it: each identity attribute as the
+    portrait reader reads it in most of ``pictures`` (an attribute no picture shows is left
+    out), e.g. "a round face, brown skin, spiky black hair, amber eyes, without glasses"."""
+    from collections import Counter
+
+    from danqing.synthetic.portrait_reader import read
+
+    reads = [read(p) for p in pictures]
+    vote = {a: Counter(r[a] for r in reads if r[a] is not None).most_common(1) for a in IDENTITY}
+    look = {a: v[0][0] for a, v in vote.items() if v}
+    words = lambda a: (lambda w: w[0] if isinstance(w, list) else w)(vocab()[a][look[a]]["en"])  # noqa: E731
+    parts = []
+    if "head" in look:
+        parts.append(f"a {words('head')} face")
+    if "skin" in look:
+        parts.append(f"{words('skin')} skin")
+    if "hair_style" in look:
+        parts.append(words("hair_style").format(colour=f"{words('hair_colour')} " if "hair_colour" in look else ""))
+    if "eyes" in look:
+        parts.append(f"{words('eyes')} eyes")
+    if "glasses" in look:
+        parts.append(words("glasses"))
+    return ", ".join(parts)
 
 
 def person_caption(p: Portrait, trigger: str) -> str:
@@ -70,6 +98,7 @@ def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, 
     rows = [{"photo": f"{i + 1:03d}-head.png", "crops": f"{i + 1:03d}", "similarity": round(s, 4)}
             for i, s in enumerate(similarity)]
     info = {"name": name, "trigger": trigger, "size": size, "face_backend": faces.describe(),
+            "description": describe_look(images),
             "identity": [round(float(x), 6) for x in identity], "accepted": rows, "rejected": [],
             "world": {"person": who.name, **{a: getattr(who, a) for a in IDENTITY}}}
     (folder / "person.json").write_text(json.dumps(info, indent=1), encoding="utf-8")

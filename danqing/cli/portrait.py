@@ -107,8 +107,9 @@ def portrait_train(
     recipe: str = typer.Option("course", help="course (rank 32 on UNet and text encoder, batch 1, lr 1e-4 cosine, "
                                               "200 steps per training picture), cpu (50 steps per picture, lr 2e-4) "
                                               "or tiny (danqing's 64-px models: the text encoder and the trigger's "
-                                              "embedding only, 100 steps per picture, lr 1e-3, the person's pixels "
-                                              "weighted 5x)."),
+                                              "embedding only (new vectors from the person's description where "
+                                              "person.json has one), 100 steps per picture, lr 1e-3, the person's "
+                                              "pixels weighted 5x)."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's: 200 (course), 50 (cpu) or 100 (tiny) per training picture]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's: 1e-4 (course), 2e-4 (cpu) or 1e-3 (tiny)]."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank [default: the recipe's: 32]."),

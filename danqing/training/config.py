@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from danqing.errors import InvalidRequest
 
@@ -325,7 +325,17 @@ class NetworkConfig(_Strict):
     # pivotal tuning: these words' input embeddings train too (a word the base model never
     # learnt has only its initial vector); written into the kohya file as A1111's bundle_emb.*
     train_words: tuple[str, ...] = ()
+    # pivotal tuning of new words: each word becomes new vectors, one per token of its text and
+    # initialised from it (e.g. a captioner's description of a person), bundled the same way;
+    # a run takes train_words or word_init, not both
+    word_init: dict[str, str] = {}
     word_lr: float = Field(1e-2, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind_of_words(self) -> "NetworkConfig":
+        if self.train_words and self.word_init:
+            raise ValueError("network.word_init: give train_words or word_init, not both")
+        return self
 
 
 class OptimConfig(_Strict):

@@ -46,7 +46,8 @@ from danqing.training.base import export_model, generate_images, image_grid
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
 from danqing.training.loop import Trainable, run_loop
-from danqing.training.networks import add_lora, add_word_embeddings, check_rank, row_restorer, save_lora
+from danqing.training.networks import (add_lora, add_new_words, add_word_embeddings, check_rank, new_word_texts,
+                                       placeholder, row_restorer, save_lora)
 from danqing.training.runs import load_float32, start_run
 
 Log = Callable[[str], None]
@@ -136,6 +137,13 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
     if cfg.network.train_unet:
         check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     items = load_items(cfg.data, size=cfg.data.resolution)
+    renamed = new_word_texts(comps.tokenizer, cfg.network.word_init)  # a new word's tokens stand for it in captions
+    for it in items:
+        it.captions = [_rename(c, renamed) for c in it.captions]
+    for word, tokens in renamed.items():
+        if not any(tokens in c for it in items for c in it.captions):
+            raise InvalidRequest("network.word_init", f"{word!r} is in no caption; a new word trains only where "
+                                 "the captions name it")
     data = cache_latents(items, comps, resolution=cfg.data.resolution, buckets=cfg.data.buckets, flip=cfg.data.flip,
                          device="cpu")
     log(f"{data.n_images} images in {len(data.buckets)} bucket(s) {[b.size for b in data.buckets]}; "
@@ -153,11 +161,17 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
         trainable.groups.extend(groups)
         log(f"pivotal tuning: the embeddings of {', '.join(map(repr, cfg.network.train_words))} train too "
             f"(lr {cfg.network.word_lr:g}); the kohya file bundles them")
+    if renamed:
+        groups, restore_rows, word_vectors = add_new_words(comps, cfg.network.word_init, cfg.network.word_lr)
+        trainable.groups.extend(groups)
+        log("pivotal tuning: new words " + ", ".join(f"{w!r} ({len(t.split())} vectors from "
+                                                      f"{cfg.network.word_init[w]!r})" for w, t in renamed.items())
+            + f" train too (lr {cfg.network.word_lr:g}); the kohya file bundles them")
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
                      log=log, resume=resume, caption_cfg=cfg.data, prior=prior, after_step=restore_rows,
                      prior_weight=cfg.prior.prior_loss_weight, on_step=on_step,
-                     on_sample=_sampler(comps, _sample_prompts(cfg.output, cfg.data), cfg.output,
-                                        cfg.data.resolution, run_dir))
+                     on_sample=_sampler(comps, [_rename(p, renamed) for p in _sample_prompts(cfg.output, cfg.data)],
+                                        cfg.output, cfg.data.resolution, run_dir))
     if not state.main:  # another process of a multi-process run: the main one writes the files
         return _summary([], state)
     meta = _kohya_metadata(method="lora", base_name=entry.name, base_sha=sha, comps=comps, data=data, cfg=cfg.train,
@@ -268,8 +282,14 @@ def train_dreambooth(cfg, *, resume: bool = True, log: Log = print, settings=Non
 # ---------------------------------------------------------------------------------------------
 # Textual inversion
 # ---------------------------------------------------------------------------------------------
-def _placeholder(name: str, i: int) -> str:
-    return f"<{name}-{i}>"
+_placeholder = placeholder
+
+
+def _rename(text: str, renamed: dict[str, str]) -> str:
+    """``text`` with each word of ``renamed`` replaced by the tokens that stand for it."""
+    for word, tokens in renamed.items():
+        text = text.replace(word, tokens)
+    return text
 
 
 def check_embedding_name(tokenizer, name: str) -> None:
@@ -373,9 +393,9 @@ def train_distill(cfg, *, resume: bool = True, log: Log = print, settings=None, 
     "lcm"``) or with ``DDIM`` on the ``Simple`` schedule (``"pcd"``). Returns as ``train_lora``."""
     from danqing.training.distill import SAMPLING, distill_objective
 
-    if cfg.network.train_text_encoder or cfg.network.train_words or not cfg.network.train_unet:
+    if cfg.network.train_text_encoder or cfg.network.train_words or cfg.network.word_init or not cfg.network.train_unet:
         raise InvalidRequest("network.train_text_encoder", "distillation trains the UNet's LoRA only; set "
-                             "train_unet = true, train_text_encoder = false and train_words = []")
+                             "train_unet = true, train_text_encoder = false, train_words = [] and no word_init")
     comps, entry, sha, run_dir = _begin(cfg, settings, resume)
     check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     loss_fn = distill_objective(comps, cfg.distill)

@@ -29,8 +29,9 @@ def add_lora(comps, net_cfg, lr: float) -> Trainable:
 
     for m in comps.modules().values():
         m.requires_grad_(False)
-    if not (net_cfg.train_unet or net_cfg.train_text_encoder or net_cfg.train_words):
-        raise InvalidRequest("network.train_unet", "nothing trains: set train_unet, train_text_encoder or train_words")
+    if not (net_cfg.train_unet or net_cfg.train_text_encoder or net_cfg.train_words or net_cfg.word_init):
+        raise InvalidRequest("network.train_unet", "nothing trains: set train_unet, train_text_encoder, train_words "
+                             "or word_init")
     groups, mods = [], []
     if net_cfg.train_unet:
         comps.unet.add_adapter(LoraConfig(r=net_cfg.rank, lora_alpha=net_cfg.alpha, init_lora_weights="gaussian",
@@ -98,6 +99,67 @@ def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
     return groups, restore, vectors
 
 
+def placeholder(word: str, i: int) -> str:
+    """The i-th new token of a word learnt as new vectors (textual inversion, ``word_init``)."""
+    return f"<{word}-{i}>"
+
+
+def new_word_texts(tokenizer, word_init: dict[str, str]) -> dict[str, str]:
+    """{word: the text that stands for it in captions while it trains}: as many new tokens as
+    its initialiser text has tokens (at most 75, one CLIP chunk)."""
+    out = {}
+    for word, text in word_init.items():
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        if not 1 <= n <= 75:
+            raise InvalidRequest("network.word_init", f"{word!r}: its initialiser {text!r} has {n} tokens; 1-75 allowed")
+        out[word] = " ".join(placeholder(word, i) for i in range(n))
+    return out
+
+
+def add_new_words(comps, word_init: dict[str, str], lr: float):
+    """Pivotal tuning of new words (Cross Initialization's idea: start from words that describe
+    the concept): each word of ``word_init`` becomes new tokens in (copies of) the tokenizer(s),
+    their input-embedding rows initialised from its text's rows, one vector per token, trained at
+    ``lr`` (the rest of each table is put back after every step). Call after ``add_lora``.
+
+    Returns (parameter groups, a restore-the-other-rows function, a function that returns the
+    words' current vectors ``{word: {"emb_params" | "clip_l" | "clip_g": (n, dim)}}``), as
+    ``add_word_embeddings`` does.
+    """
+    import copy
+
+    tables = []
+    for key, tok_name, te_name in zip(encoder_keys(comps.family), ("tokenizer", "tokenizer_2"),
+                                      ("text_encoder", "text_encoder_2")):
+        tok, te = getattr(comps, tok_name), getattr(comps, te_name)
+        if key is None or tok is None or te is None:
+            continue
+        texts = new_word_texts(tok, word_init)
+        init = {w: tok(text, add_special_tokens=False).input_ids for w, text in word_init.items()}
+        tok = copy.deepcopy(tok)
+        tok.add_tokens([t for text in texts.values() for t in text.split(" ")])
+        setattr(comps, tok_name, tok)
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = te.get_input_embeddings().weight
+        ids = {w: tok.convert_tokens_to_ids(text.split(" ")) for w, text in texts.items()}
+        with torch.no_grad():
+            for w in word_init:
+                emb[ids[w]] = emb[init[w]]
+        emb.requires_grad_(True)
+        keep = torch.tensor(sorted(i for v in ids.values() for i in v))
+        tables.append((key, emb, emb.detach().clone(), keep, ids))
+    if not tables:
+        raise InvalidRequest("network.word_init", "the model has no text encoder to train words in")
+    groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
+    restore = row_restorer([(emb, orig, keep) for _, emb, orig, keep, _ in tables])
+
+    def vectors() -> dict[str, dict[str, torch.Tensor]]:
+        return {w: {key: emb.detach()[ids[w]].float().cpu().clone() for key, emb, _, _, ids in tables}
+                for w in word_init}
+
+    return groups, restore, vectors
+
+
 def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
     """A LoRA rank larger than the smallest targeted layer is refused (it adds nothing)."""
     smallest = None
@@ -122,7 +184,9 @@ def lora_state_dicts(comps) -> dict[str, dict[str, torch.Tensor]]:
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         m = getattr(comps, comp, None)
         if m is not None and getattr(m, "peft_config", None):
-            out[comp] = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(m).items()}
+            # the adapters alone: a table grown by new words (add_new_words) is bundled, not saved here
+            sd = get_peft_model_state_dict(m, save_embedding_layers=False)
+            out[comp] = {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
     return out
 
 
