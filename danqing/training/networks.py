@@ -84,12 +84,21 @@ def add_word_embeddings(comps, words: tuple[str, ...], lr: float):
             ids[word] = tok(word, add_special_tokens=False).input_ids
             if not ids[word]:
                 raise InvalidRequest("network.train_words", f"{word!r} has no tokens")
-        emb = te.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        keep = torch.tensor(sorted({i for v in ids.values() for i in v}))
-        tables.append((key, emb, emb.detach().clone(), keep, ids))
+        tables.append(_word_table(key, te.get_input_embeddings().weight, ids))
+    return _trained_words(tables, list(words), lr, "network.train_words")
+
+
+def _word_table(key: str, emb: torch.Tensor, ids: dict[str, list[int]]) -> tuple:
+    """(encoder key, its embedding table, a copy to restore from, the rows that train, {word: row ids})."""
+    emb.requires_grad_(True)
+    keep = torch.tensor(sorted({i for v in ids.values() for i in v}))
+    return key, emb, emb.detach().clone(), keep, ids
+
+
+def _trained_words(tables: list[tuple], words: list[str], lr: float, field: str):
+    """(parameter groups, restore-the-other-rows function, current-vectors function) of ``_word_table``s."""
     if not tables:
-        raise InvalidRequest("network.train_words", "the model has no text encoder to train words in")
+        raise InvalidRequest(field, "the model has no text encoder to train words in")
     groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
     restore = row_restorer([(emb, orig, keep) for _, emb, orig, keep, _ in tables])
 
@@ -145,19 +154,8 @@ def add_new_words(comps, word_init: dict[str, str], lr: float):
         with torch.no_grad():
             for w in word_init:
                 emb[ids[w]] = emb[init[w]]
-        emb.requires_grad_(True)
-        keep = torch.tensor(sorted(i for v in ids.values() for i in v))
-        tables.append((key, emb, emb.detach().clone(), keep, ids))
-    if not tables:
-        raise InvalidRequest("network.word_init", "the model has no text encoder to train words in")
-    groups = [{"params": [emb], "lr": lr, "weight_decay": 0.0} for _, emb, _, _, _ in tables]
-    restore = row_restorer([(emb, orig, keep) for _, emb, orig, keep, _ in tables])
-
-    def vectors() -> dict[str, dict[str, torch.Tensor]]:
-        return {w: {key: emb.detach()[ids[w]].float().cpu().clone() for key, emb, _, _, ids in tables}
-                for w in word_init}
-
-    return groups, restore, vectors
+        tables.append(_word_table(key, emb, ids))
+    return _trained_words(tables, list(word_init), lr, "network.word_init")
 
 
 def check_rank(comps, rank: int, targets: tuple[str, ...]) -> None:
