@@ -9,6 +9,7 @@ viseme track (and against the track shuffled), the share of frames whose identit
 still picture, the share whose identity attributes are the person's, and the largest change
 outside the mouth box. The model's mouth is given by the mouth ControlNet
 (danqing-tiny-portraits-mouth); ``--control none`` asks for it with the expression word alone.
+Every picture is decoded by danqing-tiny-portraits-talk-vae (``--vae none``: the model's own).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--gif", type=Path, default=None,
                     help="also write the first sentence said by the first 3 people as a GIF here (renderer above, model below)")
     ap.add_argument("--weight", type=float, default=1.0, help="the ControlNet's weight [default: %(default)s]")
+    ap.add_argument("--vae", default="danqing-tiny-portraits-talk-vae",
+                    help='the VAE that decodes every picture, or "none": the model\'s own [default: %(default)s]')
     args = ap.parse_args()
 
     from danqing import Settings, Studio
@@ -64,7 +67,7 @@ def main() -> None:
     results = {"renderer": measure_lip_sync(sentences, seed=args.seed, split="heldout"),
                "model": measure_model_lip_sync(studio, args.model, sentences, seed=args.seed, levels=args.levels,
                                                 control=None if args.control == "none" else args.control,
-                                                weight=args.weight)}
+                                                weight=args.weight, vae=None if args.vae == "none" else args.vae)}
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:
@@ -89,7 +92,8 @@ def write_gif(studio, args, sentence: tuple[str, str], people: int = 3) -> None:
         p = Portrait(rng.choice(split_people("heldout")), "neutral", rng.choice(values("clothing")), "front",
                      rng.choice(values("background")), "flat", rng.randrange(2**31))
         clips.append(world_clip(studio, args.model, p, *sentence, seed=args.seed + i,
-                                control=None if args.control == "none" else args.control, weight=args.weight))
+                                control=None if args.control == "none" else args.control, weight=args.weight,
+                                vae=None if args.vae == "none" else args.vae))
     frames = []
     for t in range(len(clips[0][0])):
         f = Image.new("RGB", (68 * people - 4, 132), (255, 255, 255))

@@ -609,3 +609,44 @@ def test_out_of_memory_is_one_clear_line_and_writes_nothing(settings, tmp_path, 
         finetune.train_lora(cfg, resume=False, log=lambda s: None, settings=settings)
     assert not list((tmp_path / "oom").glob("*.safetensors")) and not (tmp_path / "oom" / "t-diffusers").exists()
     assert (tmp_path / "oom" / "checkpoints" / "step-2" / "step.json").is_file()
+
+
+def test_words_are_left_out_of_a_caption_whole():
+    from danqing.training.conditioning import without_words
+
+    assert without_words("a photo of dq_anna, smiling, on a grey background", ["dq_anna"]) == \
+        "a photo of, smiling, on a grey background"
+    assert without_words("dq_anna and dq_annabel, dq_anna", ["dq_anna"]) == "and dq_annabel"
+    assert without_words("a red heart", []) == "a red heart"
+
+
+def test_text_preservation_keeps_other_prompts_encoded_as_before(settings, tmp_path):
+    """``network.te_preserve``: the text encoder's LoRA is held to the base encoder on the
+    captions without the trained word, so a prompt that does not name it is encoded much as the
+    base model encodes it, while the word's vectors still train. Refused without a text-encoder
+    LoRA, and with nothing to preserve."""
+    from danqing.customise.lora import Activation, patched, read_bundled, read_network, resolve
+    from danqing.models.loader import load_components
+    from danqing.training.conditioning import tokenize
+    from danqing.training.finetune import train_lora
+
+    comps = load_components(Studio_registry(settings).find("checkpoint", "tiny-sd1"))
+    ids = tokenize(comps.tokenizer, ["a blue circle on a white background, flat colours"], "cpu")
+    with torch.no_grad():
+        base = comps.text_encoder(ids)[0]
+    moved = {}
+    for weight in (0.0, 100.0):
+        cfg = _lora_cfg("tiny-sd1", tmp_path / f"run{weight:g}", train={"steps": 6},
+                        network={"train_unet": False, "train_text_encoder": True, "rank": 4,
+                                 "word_init": {"heart": "a red heart shape"}, "te_preserve": weight})
+        path = train_lora(cfg, resume=False, log=lambda s: None, settings=settings)["files"][0]
+        assert read_bundled(path)["heart"]["emb_params"].shape[0] == 4
+        modules, _ = read_network(Path(path))
+        with torch.no_grad(), patched(comps, [Activation(resolve("t", "0" * 64, modules, comps, "tiny-sd1"), 1.0, 1.0)]):
+            moved[weight] = float((comps.text_encoder(ids)[0] - base).pow(2).mean())
+    assert moved[0.0] > 0 and moved[100.0] < 0.3 * moved[0.0], moved
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        _lora_cfg("tiny-sd1", tmp_path / "x", network={"train_text_encoder": False, "te_preserve": 1.0})
+    with pytest.raises(InvalidRequest, match="no prompt to preserve"):
+        train_lora(_lora_cfg("tiny-sd1", tmp_path / "y", network={"te_preserve": 1.0}), resume=False,
+                   log=lambda s: None, settings=settings)

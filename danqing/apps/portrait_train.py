@@ -111,7 +111,7 @@ def person_lora_config(person: Person, *, name: str, base: str, output_dir: str 
             "data": {"source": str(person.folder / "train"), "resolution": r["resolution"],
                      "object_weight": r.get("face_weight", 0.0)},
             "network": {"rank": r["rank"], "alpha": float(r["rank"]), "train_text_encoder": r["train_text_encoder"],
-                        "train_unet": r.get("train_unet", True),
+                        "train_unet": r.get("train_unet", True), "te_preserve": r.get("te_preserve", 0.0),
                         **_words(person, r)},
             "train": {"steps": r["steps"], "batch_size": r["batch_size"], "lr": r["lr"],
                       "lr_scheduler": r["lr_scheduler"]},

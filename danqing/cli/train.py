@@ -245,6 +245,26 @@ def train_controlnet_cmd(
     _echo(f"summary: {json.dumps(summary['eval_f1'])}")
 
 
+@train_app.command("vae-decoder")
+def train_vae_decoder_cmd(
+    ctx: typer.Context,
+    num_processes: int = _PROCS,
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-portraits-talk-vae")),
+    fresh: bool = _FRESH,
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+):
+    """Fine-tune a model's VAE decoder, its encoder frozen (SD's ft-MSE VAE recipe), on the
+    portrait world's talking frames; writes OUTPUT_DIR/vae/ (a diffusers VAE for models/VAE/);
+    resumes from the newest checkpoint of its output folder."""
+    _relaunch_if(num_processes)
+    from danqing.training.config import DecoderTrainConfig, load_config
+    from danqing.training.vae_decoder import train_vae_decoder  # lazy: imports torch
+
+    cfg = under_home(load_config(config, parse_sets(set_), model=DecoderTrainConfig), ctx.obj.home)
+    summary = train_vae_decoder(cfg, resume=not fresh, log=_echo)
+    _echo(f"summary: {json.dumps(summary['mouth_round_trip'])}")
+
+
 @train_app.command("ip-adapter")
 def train_ip_adapter_cmd(
     ctx: typer.Context,

@@ -39,3 +39,48 @@ def encode_texts(comps, texts: list[str]) -> torch.Tensor:
     as our sampler conditions the UNet (clip skip 1), on the CPU in float32."""
     enc = TextEncoder(comps)
     return torch.cat([enc.encode(t).hidden[:, :77].float().cpu() for t in texts])
+
+
+def without_words(text: str, words) -> str:
+    """``text`` with each of ``words`` left out (whole words only) and the commas and spaces
+    around them tidied: "a photo of dq_anna, smiling" without dq_anna -> "a photo of, smiling"."""
+    import re
+
+    for w in words:
+        text = re.sub(rf"(?<![\w]){re.escape(w)}(?![\w])", "", text)
+    return re.sub(r"\s+", " ", re.sub(r"\s+,", ",", text)).strip(" ,")
+
+
+class TextPreservation:
+    """Text-encoder preservation: a LoRA's text-encoder adapters (and new words) are held to the
+    frozen encoder's hidden states on prompts that do not name what trains, so the words of other
+    prompts (a background colour, a style) keep their meaning while the trigger learns its person.
+    The targets are encoded at construction: build it before the adapters are added.
+
+    Args:
+        comps: the model's components (adapters not added yet).
+        prompts: the prompts to preserve (deduplicated; at least one).
+        size: the training size (SDXL's time ids).
+        weight: the loss's weight.
+        batch: prompts drawn per step.
+    """
+
+    def __init__(self, comps, prompts: list[str], size: tuple[int, int], weight: float, batch: int = 4):
+        self.prompts = list(dict.fromkeys(p for p in prompts if p))
+        if not self.prompts:
+            raise InvalidRequest("network.te_preserve", "no prompt to preserve: give network.preserve_prompts, or "
+                                 "train words (train_words, word_init) the captions can be taken without")
+        self.size, self.weight, self.batch = size, weight, batch
+        with torch.no_grad():
+            self.targets = [self._encode(comps, [p], "cpu") for p in self.prompts]
+
+    def _encode(self, comps, texts: list[str], device) -> torch.Tensor:
+        ctx, added = text_conditioning(comps, texts, self.size, device)
+        return ctx if added is None else torch.cat([ctx.flatten(1), added["text_embeds"]], dim=1)
+
+    def __call__(self, comps, rng, device) -> torch.Tensor:
+        """The weighted mean squared difference on ``batch`` prompts drawn with ``rng``."""
+        idx = [rng.randrange(len(self.prompts)) for _ in range(min(self.batch, len(self.prompts)))]
+        got = self._encode(comps, [self.prompts[i] for i in idx], device)
+        want = torch.cat([self.targets[i] for i in idx]).to(device=device, dtype=got.dtype)
+        return self.weight * torch.nn.functional.mse_loss(got, want)

@@ -131,6 +131,27 @@ class ControlNetConfig(_Strict):
     eval_maps: int = Field(32, ge=0)    # held-out maps scored (edge F1) at every run.eval_every
 
 
+class DecoderDataConfig(_Strict):
+    # "world:portraits-talking": new pictures of the portrait world every step: a talking_share
+    # of talking frames (flat, any pose and openness), the rest portraits in every style
+    source: Literal["world:portraits-talking"] = "world:portraits-talking"
+    size: int = Field(64, ge=16)
+    talking_share: float = Field(0.6, ge=0, le=1)
+    mouth_weight: float = Field(10.0, ge=0)   # the loss inside the mouth box weighs 1 + this
+
+
+class DecoderConfig(_Strict):
+    init_from: str = "danqing-tiny-portraits"  # the checkpoint whose VAE's decoder is fine-tuned
+    eval_people: int = Field(12, ge=0)          # held-out people whose round trip is measured
+
+
+class DecoderTrainConfig(_Strict):
+    data: DecoderDataConfig = DecoderDataConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    unet: UNetConfig = UNetConfig()     # optimisation settings (steps, batch, lr, ...) of the decoder
+    run: RunConfig = RunConfig()
+
+
 class ControlTrainConfig(_Strict):
     data: ControlDataConfig = ControlDataConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
@@ -330,11 +351,18 @@ class NetworkConfig(_Strict):
     # a run takes train_words or word_init, not both
     word_init: dict[str, str] = {}
     word_lr: float = Field(1e-2, gt=0)
+    # text-encoder preservation (0: off): the text encoder is held to the base model's hidden
+    # states, at this weight, on the captions without the trained words (train_words, word_init)
+    # and on preserve_prompts, so that other prompts' words keep their meaning
+    te_preserve: float = Field(0.0, ge=0)
+    preserve_prompts: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _one_kind_of_words(self) -> "NetworkConfig":
         if self.train_words and self.word_init:
             raise ValueError("network.word_init: give train_words or word_init, not both")
+        if self.te_preserve and not self.train_text_encoder:
+            raise ValueError("network.te_preserve: preserves the text encoder's LoRA; set train_text_encoder = true")
         return self
 
 

@@ -43,6 +43,7 @@ from danqing.synthetic.captions import caption
 from danqing.synthetic.concepts import class_scenes, concept_scenes
 from danqing.synthetic.scenes import eval_scenes, scenes
 from danqing.training.base import export_model, generate_images, image_grid
+from danqing.training.conditioning import TextPreservation, without_words
 from danqing.training.data import caption_folder
 from danqing.training.latents import TrainData, cache_latents, load_items
 from danqing.training.loop import Trainable, run_loop
@@ -137,6 +138,7 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
     if cfg.network.train_unet:
         check_rank(comps, cfg.network.rank, cfg.network.unet_targets)
     items = load_items(cfg.data, size=cfg.data.resolution)
+    captions = [c for it in items for c in it.captions]
     renamed = new_word_texts(comps.tokenizer, cfg.network.word_init)  # a new word's tokens stand for it in captions
     for it in items:
         it.captions = [_rename(c, renamed) for c in it.captions]
@@ -153,6 +155,13 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
         prior = cache_latents(class_items(comps, cfg, run_dir, log), comps, resolution=cfg.data.resolution,
                               buckets=cfg.data.buckets, flip=cfg.data.flip, device="cpu")
         log(f"{prior.n_images} regularisation images ({cfg.prior.class_source}), weight {cfg.prior.prior_loss_weight}")
+    preserve = None
+    if cfg.network.te_preserve:  # the targets come from the frozen encoder: before any adapter
+        words = (*cfg.network.train_words, *cfg.network.word_init)
+        kept = [without_words(c, words) for c in captions] if words else []
+        preserve = TextPreservation(comps, [*kept, *cfg.network.preserve_prompts], (cfg.data.resolution,) * 2,
+                                    cfg.network.te_preserve)
+        log(f"text-encoder preservation: {len(preserve.prompts)} prompts, weight {cfg.network.te_preserve:g}")
     torch.manual_seed(cfg.train.seed)  # the adapters' Gaussian init
     trainable = add_lora(comps, cfg.network, cfg.train.lr)
     restore_rows = word_vectors = None
@@ -169,7 +178,7 @@ def train_lora(cfg, *, resume: bool = True, log: Log = print, settings=None, on_
             + f" train too (lr {cfg.network.word_lr:g}); the kohya file bundles them")
     state = run_loop(comps, data, trainable, cfg.train, cfg.output, run_dir, v_prediction=_is_v(comps, cfg.model),
                      log=log, resume=resume, caption_cfg=cfg.data, prior=prior, after_step=restore_rows,
-                     prior_weight=cfg.prior.prior_loss_weight, on_step=on_step,
+                     prior_weight=cfg.prior.prior_loss_weight, on_step=on_step, regulariser=preserve,
                      on_sample=_sampler(comps, [_rename(p, renamed) for p in _sample_prompts(cfg.output, cfg.data)],
                                         cfg.output, cfg.data.resolution, run_dir))
     if not state.main:  # another process of a multi-process run: the main one writes the files

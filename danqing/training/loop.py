@@ -145,7 +145,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
              caption_cfg=None, after_step: Callable[[], None] | None = None,
              on_sample: Callable[[int], None] | None = None,
              on_step: Callable[[int, int, float], None] | None = None,
-             loss_fn: Callable[..., torch.Tensor] | None = None) -> RunState:
+             loss_fn: Callable[..., torch.Tensor] | None = None,
+             regulariser: Callable[..., torch.Tensor] | None = None) -> RunState:
     """Optimise ``trainable`` on ``data`` (and the prior-preservation ``prior``) for ``cfg.steps``.
 
     Args:
@@ -159,6 +160,9 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             per-sample losses; default the denoising loss (``diffusion_loss`` with ``cfg``'s
             noise offset and min-SNR-gamma). Distillation brings its own
             (``danqing.training.distill``).
+        regulariser: a term added to each step's loss, ``regulariser(comps, rng, device)`` with
+            the comps whose adapters train and the step's random source (e.g.
+            ``conditioning.TextPreservation``).
     """
     from diffusers import DDPMScheduler
 
@@ -213,6 +217,8 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
                 if prior is not None:
                     loss = loss + prior_weight * _batch_loss(train_comps, prior, rng, g, cfg, None, noise_sched,
                                                              scaling, dev, rows, loss_fn)
+                if regulariser is not None:
+                    loss = loss + regulariser(train_comps, rng, dev)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable.params, cfg.max_grad_norm)
