@@ -9,7 +9,7 @@ viseme track (and against the track shuffled), the share of frames whose identit
 still picture, the share whose identity attributes are the person's, and the largest change
 outside the mouth box. The model's mouth is given by the mouth ControlNet
 (danqing-tiny-portraits-mouth); ``--control none`` asks for it with the expression word alone.
-Every picture is decoded by danqing-tiny-portraits-talk-vae (``--vae none``: the model's own).
+``--vae NAME`` decodes every picture with another VAE than the model's own.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--gif", type=Path, default=None,
                     help="also write the first sentence said by the first 3 people as a GIF here (renderer above, model below)")
     ap.add_argument("--weight", type=float, default=1.0, help="the ControlNet's weight [default: %(default)s]")
-    ap.add_argument("--vae", default="danqing-tiny-portraits-talk-vae",
-                    help='the VAE that decodes every picture, or "none": the model\'s own [default: %(default)s]')
+    ap.add_argument("--vae", default="none",
+                    help='a VAE that decodes every picture instead of the model\'s own ("none") [default: %(default)s]')
     args = ap.parse_args()
 
     from danqing import Settings, Studio

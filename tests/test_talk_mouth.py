@@ -129,24 +129,31 @@ def test_decoder_trainer_leaves_the_encoder_and_trains_the_decoder(tmp_path):
     assert any(not torch.equal(new[k], old[k]) for k in dec)
 
 
-def test_bundled_talk_vae_draws_the_mouth_the_latents_hold():
-    """danqing-tiny-portraits-talk-vae, found by name as a bundled VAE: the renderer's talking
-    frames of 12 held-out people at openness 0, 0.5 and 1 through it keep their mouth heights in
-    order (r >= 0.8), where the portrait model's own decoder blurs them together (r < 0.6); its
-    encoder is the model's own."""
+def test_the_portrait_models_decoder_draws_what_its_latents_hold():
+    """danqing-tiny-portraits' VAE (its decoder fine-tuned by ``danqing train vae-decoder``):
+    the renderer's talking frames of 12 held-out people at openness 0, 0.5 and 1 keep their mouth
+    heights in order through a round trip (r >= 0.8; the first decoder: 0.48), and 60 rendered
+    held-out portraits keep every attribute the reader reads (the first decoder lost the head
+    shape, the eyes, the background and the mouth in 7-37% of them)."""
+    import numpy as np
     import torch
-    from diffusers import AutoencoderKL
+    from PIL import Image
 
-    from danqing import Settings
-    from danqing.apps.talk_world import MOUTH_VAE
-    from danqing.models.registry import Registry
+    from danqing.synthetic.portrait_reader import score_portrait
+    from danqing.synthetic.portraits import ATTRIBUTES, IDENTITY, eval_portraits, render_portrait
     from danqing.training.runs import load_float32
     from danqing.training.vae_decoder import mouth_round_trip
 
-    entry = Registry(Settings().models_dir).find("vae", MOUTH_VAE)
-    vae = AutoencoderKL.from_pretrained(entry.path).float().eval()
-    own = load_float32("danqing-tiny-portraits")[0].vae
-    assert all(torch.equal(v, own.state_dict()[k]) for k, v in vae.state_dict().items() if k.startswith("encoder."))
-    new, old = mouth_round_trip(vae), mouth_round_trip(own)
-    assert new["r"] >= 0.8 > 0.6 > old["r"], (new, old)
-    assert new["heights"][0] < new["heights"][1] < new["heights"][2], new
+    vae = load_float32("danqing-tiny-portraits")[0].vae
+    trip = mouth_round_trip(vae)
+    assert trip["r"] >= 0.8 and trip["heights"][0] < trip["heights"][1] < trip["heights"][2], trip
+    portraits = eval_portraits(60)
+    x = torch.stack([torch.from_numpy(np.asarray(render_portrait(p), np.float32) / 127.5 - 1).permute(2, 0, 1)
+                     for p in portraits])
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    pictures = [Image.fromarray(a) for a in ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+    scores = [score_portrait(im, {a: getattr(p.person if a in IDENTITY else p, a) for a in ATTRIBUTES})
+              for im, p in zip(pictures, portraits)]
+    kept = {a: float(np.mean([s[a] for s in scores if s[a] is not None])) for a in ATTRIBUTES}
+    assert all(v >= (0.75 if a == "mouth" else 0.95) for a, v in kept.items()), kept

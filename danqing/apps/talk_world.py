@@ -12,10 +12,9 @@ still portrait, and the largest change outside the mouth box.
 once per openness level, at one seed, so the levels differ in the mouth alone and a frame is the
 level nearest its openness. The mouth's shape is given to the model by the mouth ControlNet
 (``MOUTH_CONTROL``, trained by ``danqing train controlnet`` on the world's talking frames): level
-k's ``mouth_map`` at openness k / (levels - 1). Every picture is decoded by ``MOUTH_VAE``, the
-model's VAE with its decoder fine-tuned on talking frames (``danqing.training.vae_decoder``):
-the model's own decoder draws a closed and an open mouth nearly alike at 64 pixels. Without a
-ControlNet (``control=None``) the
+k's ``mouth_map`` at openness k / (levels - 1). (danqing-tiny-portraits' VAE decoder is
+fine-tuned on talking frames, ``danqing.training.vae_decoder``: its first decoder drew a closed
+and an open mouth nearly alike at 64 pixels.) Without a ControlNet (``control=None``) the
 expression word is the only handle: the prompt asks for the open mouth ("surprised") and the
 level sets the denoising strength (level 0 is the still itself).
 ``measure_model_lip_sync`` measures that chain as ``measure_lip_sync`` measures the renderer's.
@@ -37,12 +36,11 @@ from danqing.synthetic import portrait_reader
 from danqing.synthetic.portraits import IDENTITY, Portrait, split_people, values
 from danqing.synthetic.portraits_mouth import MOUTH_BOX, mouth_box_mask, mouth_map, talking_frame
 
-__all__ = ["MOUTH_BOX", "MOUTH_CONTROL", "MOUTH_LEVELS", "MOUTH_VAE", "level_of", "measure_lip_sync", "measure_model_lip_sync",
+__all__ = ["MOUTH_BOX", "MOUTH_CONTROL", "MOUTH_LEVELS", "level_of", "measure_lip_sync", "measure_model_lip_sync",
            "model_levels", "mouth_height", "talking_frame"]
 
 MOUTH_LEVELS = 6       # openness levels a model draws
 MOUTH_CONTROL = "danqing-tiny-portraits-mouth"   # the bundled mouth-shape ControlNet
-MOUTH_VAE = "danqing-tiny-portraits-talk-vae"    # the bundled VAE whose decoder draws the mouth
 OPEN_MOUTH = "surprised"  # without a ControlNet: the expression the prompt asks for
 
 
@@ -142,7 +140,7 @@ def level_of(opening: float, levels: int = MOUTH_LEVELS) -> int:
 def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]], fps: int = 25, seed: int = 0,
                            levels: int = MOUTH_LEVELS, steps: int = 20, cfg: float = 7.0,
                            split: str = "heldout", control: str | None = MOUTH_CONTROL, weight: float = 1.0,
-                           vae: str | None = MOUTH_VAE) -> dict:
+                           vae: str | None = None) -> dict:
     """``measure_lip_sync`` with ``model`` drawing: for each (voice, text), a person of ``split``
     is drawn by the model from the caption of a neutral-faced flat portrait (seed ``seed + i``),
     the mouth levels are drawn from it (``model_levels``, ``control`` at ``weight``) and every
@@ -200,7 +198,7 @@ def measure_model_lip_sync(studio, model: str, sentences: list[tuple[str, str]],
 
 def world_clip(studio, model: str, p: Portrait, voice: str, text: str, fps: int = 25, seed: int = 0,
                control: str | None = MOUTH_CONTROL, weight: float = 1.0,
-               vae: str | None = MOUTH_VAE) -> tuple[list[Image.Image], list[Image.Image]]:
+               vae: str | None = None) -> tuple[list[Image.Image], list[Image.Image]]:
     """One sentence said by a portrait-world person, as the renderer draws it and as ``model``
     draws it (``measure_model_lip_sync``'s chain): (renderer frames, model frames), 64² each."""
     from danqing.request import GenerationRequest

@@ -249,7 +249,7 @@ def train_controlnet_cmd(
 def train_vae_decoder_cmd(
     ctx: typer.Context,
     num_processes: int = _PROCS,
-    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-portraits-talk-vae")),
+    config: Path = typer.Option(..., "--config", "-c", help=_CONFIG_HELP.format("danqing-tiny-portraits-vae")),
     fresh: bool = _FRESH,
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):

@@ -3,14 +3,15 @@ the latents every part of the model was trained on stay exactly as they were, so
 its LoRAs and ControlNets work unchanged with the new decoder, which only draws back more of
 what the latents hold.
 
-danqing-tiny-portraits-talk-vae is made this way. At 64 pixels the portrait model's own decoder
-draws a closed mouth (2.5 pixels high) and an open one (5 pixels) nearly alike: a round trip of
-the renderer's talking frames reads 0.064 / 0.068 / 0.076 of the picture at openness 0 / 0.5 / 1,
+danqing-tiny-portraits' VAE is made this way. At 64 pixels the model's first decoder drew a
+closed mouth (2.5 pixels high) and an open one (5 pixels) nearly alike: a round trip of the
+renderer's talking frames read 0.064 / 0.068 / 0.076 of the picture at openness 0 / 0.5 / 1,
 where the renderer drew 0.039 / 0.062 / 0.078. The encoder's latents do tell them apart; the
 decoder, trained on whole pictures, blurred the difference away. Trained on the portrait world's
-talking frames with the loss weighted inside the mouth box, it draws the mouth the latents hold.
+talking frames with the loss weighted inside the mouth box, it draws the mouth the latents hold
+(and the eyes, the head's outline and the background colour better too).
 
-    danqing train vae-decoder --config configs/train/danqing-tiny-portraits-talk-vae.toml
+    danqing train vae-decoder --config configs/train/danqing-tiny-portraits-vae.toml
 """
 
 from __future__ import annotations
