@@ -30,7 +30,7 @@ from danqing.synthetic.portraits import Portrait, render_portrait, sample_portra
 from danqing.synthetic.portraits_mouth import mouth_box_mask, talking_frame
 from danqing.training.base import new_accelerator
 from danqing.training.config import DecoderTrainConfig
-from danqing.training.runs import StepLog, load_float32, optimiser_step, resume_step, start_run
+from danqing.training.runs import StepLog, load_float32, my_rows, optimiser_step, resume_step, start_run
 
 Log = Callable[[str], None]
 
@@ -116,12 +116,13 @@ def train_vae_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, log: Log
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
     model, opt, sched = acc.prepare(model, opt, sched)
     start = resume_step(acc, run_dir, log) if resume else 0
+    rows = my_rows(acc, c.batch_size)
     steps = StepLog("vae-decoder", c.steps, start, log, run_dir, r, acc)
     result = before
     for step in range(start, c.steps):
-        # the step's pictures, drawn from the step's own seed (a resumed run draws the same),
-        # encoded by the frozen encoder (posterior means)
-        x = talking_pictures(c.batch_size, d.size, d.talking_share, random.Random(f"{r.seed}:{step}")).to(acc.device)
+        # the step's pictures, drawn from the step's own seed (a resumed run draws the same; each
+        # process of a multi-process run takes its rows), encoded by the frozen encoder
+        x = talking_pictures(c.batch_size, d.size, d.talking_share, random.Random(f"{r.seed}:{step}"))[rows].to(acc.device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         loss = ((model(z) - x) ** 2 * weight.to(acc.device)).mean()
