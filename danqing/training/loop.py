@@ -158,11 +158,9 @@ def run_loop(comps, data: TrainData, trainable: Trainable, cfg, out_cfg, run_dir
             an exception it raises ends the run there.
         loss_fn: the objective, ``loss_fn(comps, noise_sched, z, ctx, added, g, weight_map, rows)`` ->
             per-sample losses; default the denoising loss (``diffusion_loss`` with ``cfg``'s
-            noise offset and min-SNR-gamma). Distillation brings its own
-            (``danqing.training.distill``).
-        regulariser: a term added to each step's loss, ``regulariser(comps, rng, device)`` with
-            the comps whose adapters train and the step's random source (e.g.
-            ``conditioning.TextPreservation``).
+            noise offset and min-SNR-gamma); distillation brings its own (``training.distill``).
+        regulariser: ``regulariser(comps, rng, device)`` is added to each step's loss (the
+            training comps, the step's random source; e.g. ``conditioning.TextPreservation``).
     """
     from diffusers import DDPMScheduler
 
