@@ -34,7 +34,7 @@ from danqing.apps.speech import speak
 from danqing.apps.visemes import Track, pearson, phone_track
 from danqing.synthetic import portrait_reader
 from danqing.synthetic.portraits import IDENTITY, Portrait, split_people, values
-from danqing.synthetic.portraits_mouth import MOUTH_BOX, mouth_box_mask, mouth_map, talking_frame
+from danqing.synthetic.portraits_mouth import MOUTH_BOX, mouth_box_mask, mouth_height, mouth_map, talking_frame
 
 __all__ = ["MOUTH_BOX", "MOUTH_CONTROL", "MOUTH_LEVELS", "level_of", "measure_lip_sync", "measure_model_lip_sync",
            "model_levels", "mouth_height", "talking_frame"]
@@ -42,11 +42,6 @@ __all__ = ["MOUTH_BOX", "MOUTH_CONTROL", "MOUTH_LEVELS", "level_of", "measure_li
 MOUTH_LEVELS = 6       # openness levels a model draws
 MOUTH_CONTROL = "danqing-tiny-portraits-mouth"   # the bundled mouth-shape ControlNet
 OPEN_MOUTH = "surprised"  # without a ControlNet: the expression the prompt asks for
-
-
-def mouth_height(frame: Image.Image) -> float:
-    """The mouth's height as the portrait reader measures it (fraction of the picture)."""
-    return portrait_reader.features(frame)["mouth"][1] / 10
 
 
 def _identity(pa: dict, pb: dict) -> float:

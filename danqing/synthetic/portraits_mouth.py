@@ -71,6 +71,13 @@ def mouth_map(opening: float, width: float = 1.0, size: int = 64, pose: str = "f
     return img.resize((size, size), Image.BOX)
 
 
+def mouth_height(frame: Image.Image) -> float:
+    """The mouth's height as the portrait reader measures it (fraction of the picture)."""
+    from danqing.synthetic import portrait_reader
+
+    return portrait_reader.features(frame)["mouth"][1] / 10
+
+
 def mouth_box_mask(size: int = 64) -> Image.Image:
     """``MOUTH_BOX`` as a mask (white inside)."""
     m = Image.new("L", (size, size), 0)

@@ -32,9 +32,8 @@ from danqing.preprocess import run_preprocessor
 from danqing.preprocess.metrics import edge_f1
 from danqing.request import GenerationRequest
 from danqing.studio import run_sampling
-from danqing.synthetic import portrait_reader
 from danqing.synthetic.captions import caption
-from danqing.synthetic.portraits_mouth import mouth_box_mask, talking_examples
+from danqing.synthetic.portraits_mouth import mouth_box_mask, mouth_height, talking_examples
 from danqing.synthetic.render import degrade, render
 from danqing.synthetic.scenes import eval_scenes
 from danqing.training.base import _gen, encode_all, new_accelerator
@@ -112,12 +111,12 @@ def mouth_scores(comps, controlnet, n: int, *, weights=(0.0, 1.0), steps: int = 
     each of ``n`` held-out people's talking frames (the renderer's) and off the picture generated
     from that frame's mouth map and caption. Weight 0 is the base model alone."""
     frames, maps, caps = talking_examples(n, size, seed=seed, captions_per_image=1, split="heldout", closed_share=0.0)
-    target = [portrait_reader.features(f)["mouth"][1] for f in frames]
+    target = [mouth_height(f) for f in frames]
     out = {}
     for w in weights:
         images = generate_controlled(comps, controlnet, [c[0] for c in caps], maps, w, steps=steps,
                                      cfg_scale=cfg_scale, seed=seed, size=size)
-        got = [portrait_reader.features(im)["mouth"][1] for im in images]
+        got = [mouth_height(im) for im in images]
         out[f"{w:g}"] = round(float(np.corrcoef(target, got)[0, 1]), 4) if np.std(got) > 0 else 0.0
     return out
 

@@ -27,7 +27,7 @@ import torch
 
 from danqing.files import atomic_save_dir
 from danqing.synthetic.portraits import Portrait, render_portrait, sample_portrait, split_people, values
-from danqing.synthetic.portraits_mouth import mouth_box_mask, talking_frame
+from danqing.synthetic.portraits_mouth import mouth_box_mask, mouth_height, talking_frame
 from danqing.training.base import new_accelerator
 from danqing.training.config import DecoderTrainConfig
 from danqing.training.runs import StepLog, load_float32, my_rows, optimiser_step, resume_step, start_run
@@ -74,8 +74,6 @@ def mouth_round_trip(vae, n: int = 12, size: int = 64, seed: int = 5) -> dict:
     {"heights": mean height at each openness, "r": Pearson r of height and openness}."""
     from PIL import Image
 
-    from danqing.synthetic import portrait_reader
-
     rng = random.Random(seed)
     who = split_people("heldout")
     rows = []
@@ -85,7 +83,7 @@ def mouth_round_trip(vae, n: int = 12, size: int = 64, seed: int = 5) -> dict:
         x = torch.stack([_pixels(talking_frame(p, o, size=size)) for o in (0.0, 0.5, 1.0)])
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
         px = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        rows.append([portrait_reader.features(Image.fromarray(f))["mouth"][1] / 10 for f in px])
+        rows.append([mouth_height(Image.fromarray(f)) for f in px])
     a = np.array(rows)
     r = float(np.corrcoef(a.ravel(), np.tile([0.0, 0.5, 1.0], n))[0, 1]) if a.std() > 0 else 0.0
     return {"heights": [round(float(h), 4) for h in a.mean(0)], "r": round(r, 4)}
@@ -129,14 +127,12 @@ def train_vae_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, log: Log
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm)
         final = steps.done(step + 1, loss)
         if steps.main and cfg.decoder.eval_people and ((step + 1) % r.eval_every == 0 or final):
-            vae.eval()
             result = mouth_round_trip(vae, cfg.decoder.eval_people, d.size)
-            vae.train()
             log(f"eval step {step + 1}: mouth round trip {result}")
             steps.evaluated(step + 1, result, {"mouth_round_trip": result})
         if steps.stopping():
             break
-    vae.eval().requires_grad_(False)
+    vae.requires_grad_(False)
     acc.wait_for_everyone()
     summary = {"kind": "vae-decoder", "init_from": cfg.decoder.init_from, "steps": steps.last["step"],
                "batch_size": c.batch_size, "loss": steps.last["loss"], "mouth_round_trip_before": before,
