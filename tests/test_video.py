@@ -346,6 +346,29 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(video_home, capsys, tmp_pa
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_travel_keyframe_past_the_clip_is_one_line(video_home, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, video_home, "video", "a red circle\n0: on the left\n20: on the right", "--model",
+                           "danqing-tiny", "--width", "64", "--height", "64", "--frames", "16", "--steps", "1", "-q",
+                           "--out", "c.mp4")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "prompt: prompt travel: keyframe 20 is past the clip's last frame (15); keyframes are 0-15" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_travel_rewrites_a_straight_motion_and_refuses_other_prompts(video_home, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", "danqing-tiny", "--width", "64", "--height", "64", "--frames", "8", "--steps", "1", "-q",
+            "--travel"]
+    code, _, err = run_cli(capsys, video_home, "video", "a red circle", *base, "--out", "c.mp4")
+    assert code == 2 and err.count("\n") == 1 and "--travel rewrites a straight motion" in err, err
+    assert not list(tmp_path.iterdir())
+    code, out, _ = run_cli(capsys, video_home, "video", "a red circle moving up", *base, "--out", "c.gif")
+    assert code == 0
+    sidecar = json.loads((tmp_path / "c.gif.json").read_text())
+    assert sidecar["request"]["prompt"] == "0: a red circle at the bottom\n7: a red circle at the top"
+
+
 def test_cli_from_a_file_without_parameters(video_home, capsys, tmp_path):
     (tmp_path / "x.mp4").write_bytes(b"\0" * 64)
     code, _, err = run_cli(capsys, video_home, "video", "--from", str(tmp_path / "x.mp4"), "--out",

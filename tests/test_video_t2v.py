@@ -87,14 +87,16 @@ def test_a_text_to_video_folder_runs_through_the_video_studio_as_the_pipeline_do
 
 
 @pytest.mark.parametrize("changes, field", [({"motion_module": "mm"}, "motion_module"), ({"motion": False}, "motion"),
-                                            ({"cross_frame_attention": True}, "cross_frame_attention")])
+                                            ({"cross_frame_attention": True}, "cross_frame_attention"),
+                                            ({"prompt": "0: a red circle\n3: a blue star"}, "prompt")])
 def test_what_a_text_to_video_model_cannot_take_is_refused(t2v_home, changes, field):
     from danqing import Settings, Studio
     from danqing.errors import InvalidRequest
     from danqing.video.studio import VideoStudio
 
     videos = VideoStudio(Studio(Settings(home=t2v_home, device="cpu", dtype="fp32")))
-    req = VideoRequest.create(prompt="a red circle", steps=2, width=64, height=64, frames=4, model="t2v-tiny", **changes)
+    req = VideoRequest.create(**{"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "frames": 4,
+                                 "model": "t2v-tiny", **changes})
     with pytest.raises(InvalidRequest) as err:
         videos.generate(req)
     assert err.value.field == field and "text-to-video model" in str(err.value)

@@ -410,6 +410,10 @@ def eval_motion(
         None, "--direction-lora", metavar="PREFIX",
         help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (PREFIX-right, -left, -up and -down "
              "in models/lora/, as configs/train/danqing-tiny-motion-lora.toml trains them) [default: none]."),
+    travel: bool = typer.Option(False, "--travel", help="Each straight clip's caption rewritten as prompt travel by "
+                                                         "rule (synthetic.motion.travel_prompt: 0: the object at its "
+                                                         "start, the last frame: at its end, in the still world's "
+                                                         "words) [default: the motion caption as it is]."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
                                                                      "empty folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
@@ -421,7 +425,7 @@ def eval_motion(
     from danqing.outputs.video import save_video
     from danqing.request_video import VideoRequest
     from danqing.synthetic.captions import LANGS
-    from danqing.synthetic.motion import KINDS, heldout_clips, heldout_kind_clips, motion_caption
+    from danqing.synthetic.motion import KINDS, heldout_clips, heldout_kind_clips, motion_caption, travel_prompt
     from danqing.synthetic.trajectory import score_change, score_clip, summarise_changes, summarise_clips
     from danqing.video.studio import VideoStudio
 
@@ -440,7 +444,8 @@ def eval_motion(
     scores, rows = [], []
     clips = heldout_clips(n) if kind == "line" else heldout_kind_clips(n, kind)
     for i, clip in enumerate(clips):
-        prompt = motion_caption(clip, lang) + suffix
+        prompt = motion_caption(clip, lang)
+        prompt = (travel_prompt(prompt, clip.frames) if travel and clip.kind == "line" else prompt) + suffix
         if direction_lora and clip.kind in ("line", "arc"):  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
             prompt += lora_tags([f"{direction_lora}-{clip.direction}"])
         request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
@@ -454,13 +459,13 @@ def eval_motion(
             out.mkdir(parents=True, exist_ok=True)
             save_video(result.clips[0], out / f"{i:05d}.gif", 8, result.parameters[0])
         if kind == "line":
-            typer.echo(f"{i + 1}/{n} {prompt}: direction {'right' if s.direction else 'wrong'}, "
+            typer.echo(f"{i + 1}/{n} {prompt.replace(chr(10), ' / ')}: direction {'right' if s.direction else 'wrong'}, "
                        f"identity {'kept' if s.identity else 'lost'}, object {s.object:.2f}")
         else:
             typer.echo(f"{i + 1}/{n} {prompt}: {kind} {'done' if s.done else 'not done'}, "
                        f"object {'kept' if s.kept else 'lost'}, object score {s.object:.2f}")
     summary = {"n": n, "lang": lang, "kind": kind, "motion": result.request.motion_module, "model": model,
-               "lora": lora, "direction_lora": direction_lora, "steps": steps,
+               "lora": lora, "direction_lora": direction_lora, "travel": travel, "steps": steps,
                **(summarise_clips(scores) if kind == "line" else summarise_changes(scores))}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

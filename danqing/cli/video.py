@@ -18,7 +18,8 @@ VIDEO_OUT_HELP = ("Output file: NAME.mp4 (H.264), NAME.gif, NAME.webp (animated)
 @app.command()
 def video(
     ctx: typer.Context,
-    prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax (the same for every frame)."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt in A1111 syntax, the same for every frame; lines 'FRAME: text' make it travel from keyframe to keyframe (docs/video.md)."),
+    travel: bool = typer.Option(False, "--travel", help="The shapes world: rewrite a straight motion ('a red circle moving to the right', '一个红色的圆形向右移动') as prompt travel between the still world's positions [default: off]."),
     negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt [default: none]."),
     frames: Optional[int] = typer.Option(None, help="Frames of the clip (1-128; longer than the motion module's window: sliding context windows) [default: 16]."),
     context_overlap: Optional[int] = typer.Option(None, help="Frames shared by neighbouring context windows of a long clip [default: 4]."),
@@ -78,6 +79,14 @@ def video(
         raise InvalidRequest("prompt", "give a prompt, or --from VIDEO to re-create a clip")
     else:
         request = VideoRequest.create(**(fields if init is not None else with_native_size(ctx.obj, fields)))
+    if travel:
+        from danqing.synthetic.motion import travel_prompt
+
+        text = travel_prompt(request.prompt, request.frames)
+        if text is None:
+            raise InvalidRequest("prompt", f"--travel rewrites a straight motion of the shapes world ('a red circle "
+                                           f"moving to the right', '一个红色的圆形向右移动'); {request.prompt!r} names none")
+        request = request.replace(prompt=text)
     target = video_target(out, dated(ctx.obj, "txt2video"))
     check_video_out(target)
     console = Console(stderr=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from danqing.conditioning.schedule import ConditioningContext, build_conditioning
+from danqing.conditioning.travel import build_travel, parse_travel
 from danqing.decode import decode_latents, to_pil, vae_scale_factor
 from danqing.passes.batches import Batches, PassResult
 from danqing.sampling.loop import sample
@@ -64,9 +65,14 @@ def run_video(comps, unet, request, *, device, dtype, on_step=None, context: Con
         ``PassResult`` whose ``latents`` are (batch_size, C, F, h, w) per batch.
     """
     context = context or ConditioningContext()
-    # 3. condition: (2B, T, D) per step; motion_denoise repeats it for every frame.
+    # 3. condition: (2B, T, D) per step, which motion_denoise repeats for every frame; a travel
+    # prompt's (2B, F, T, D), a context per frame.
     encoder = context.text_encoder(comps, request.clip_skip)
-    cond = build_conditioning(encoder, request, batch=request.batch_size)
+    keyframes = parse_travel(request.prompt, request.frames)
+    if keyframes is None:
+        cond = build_conditioning(encoder, request, batch=request.batch_size)
+    else:
+        cond = build_travel(encoder, request, keyframes, batch=request.batch_size, build=build_conditioning)
 
     # 4. sample: frame f of clip i is the f-th draw of seed + i's generator.
     factor = vae_scale_factor(comps.vae)

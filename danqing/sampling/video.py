@@ -56,13 +56,27 @@ def video_noise(
     return torch.cat(out)
 
 
+def frame_context(context: torch.Tensor, frames: int, window: list[int] | None = None) -> torch.Tensor:
+    """The text context of every frame, (2B * F, T, D), clip after clip and frame after frame as
+    a motion UNet orders its batch: a clip's context (2B, T, D) repeated for each frame
+    (diffusers' ``AnimateDiffPipeline`` repeats it the same way), or a travel prompt's per-frame
+    context (2B, F_clip, T, D; ``conditioning.travel``) taken at the ``window``'s frames (all of
+    the clip's when None)."""
+    if context.dim() == 3:
+        return context.repeat_interleave(frames, dim=0)
+    if window is not None:
+        context = context[:, window]
+    if context.shape[1] != frames:
+        raise ValueError(f"a per-frame context of {context.shape[1]} frames for {frames} frames")
+    return context.reshape(-1, *context.shape[2:])
+
+
 def motion_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, cfg_scale: float,
-                   use_cfg: bool) -> torch.Tensor:
-    """``loop.denoise`` for a motion UNet: x is (B, C, F, h, w); the text context, (2B, T, D)
-    per clip, is repeated for every frame, (2B * F, T, D), as the UNet attends per frame
-    (diffusers' ``AnimateDiffPipeline`` repeats it the same way). Returns (B, C, F, h, w)."""
-    frames = x.shape[2]
-    context = cond.context.repeat_interleave(frames, dim=0)
+                   use_cfg: bool, window: list[int] | None = None) -> torch.Tensor:
+    """``loop.denoise`` for a motion UNet: x is (B, C, F, h, w), the text context given to every
+    frame (``frame_context``; ``window``: the clip's frames that ``x`` holds, a sliding context
+    window's). Returns (B, C, F, h, w)."""
+    context = frame_context(cond.context, x.shape[2], window)
     return denoise(unet, x, t, Conditioning(context, cond.added), cfg_scale, use_cfg)
 
 
@@ -81,7 +95,7 @@ def frames_denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, c
     as a picture of a (B * F) batch (per-frame img2img, no motion module), clip after clip,
     frame after frame as a motion UNet orders them; the text context repeated for every frame."""
     b, c, frames, h, w = x.shape
-    context = cond.context.repeat_interleave(frames, dim=0)
+    context = frame_context(cond.context, frames)
     eps = denoise(unet, frames_first(x), t, Conditioning(context, cond.added), cfg_scale, use_cfg)
     return eps.reshape(b, frames, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
 
@@ -222,7 +236,7 @@ class VideoControlDenoise:
         n = x.shape[2]
         flat = frames_first(x)
         added = {k: v.repeat_interleave(n, dim=0) for k, v in cond.added.items()} if cond.added else None
-        per_frame = Conditioning(cond.context.repeat_interleave(n, dim=0), added)
+        per_frame = Conditioning(frame_context(cond.context, n, frames), added)
         if self.per_frame:  # a picture UNet: the ControlNets' own denoise over the frames as pictures
             eps = self.control(unet, flat, t, per_frame, cfg_scale, use_cfg)
             return eps.reshape(x.shape[0], n, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
@@ -266,7 +280,7 @@ class ContextDenoise:
         for window in context_windows(frames, self.length, self.overlap):
             idx = torch.tensor(window, device=x.device)
             if self.control is None:
-                out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg)
+                out[:, :, idx] += motion_denoise(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg, window)
             else:
                 out[:, :, idx] += self.control(unet, x[:, :, idx], t, cond, cfg_scale, use_cfg, frames=window)
             count[idx] += 1

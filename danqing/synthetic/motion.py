@@ -233,5 +233,38 @@ def motion_caption(clip: MotionClip, lang: str = "en", rng: random.Random | None
     return text
 
 
+# Where a straight clip's object starts and ends, in the still world's position words (its
+# positions sit at 0.25 and 0.75 of the picture; a clip travels about half the picture).
+TRAVEL_POSITIONS = {"right": ("left", "right"), "left": ("right", "left"), "up": ("bottom", "top"),
+                    "down": ("top", "bottom")}
+
+
+def travel_prompt(prompt: str, frames: int = FRAMES) -> str | None:
+    """A straight-motion prompt of the moving world rewritten as prompt travel
+    (``conditioning.travel``), by rule: the motion phrase out, keyframe 0 the object at its start
+    in the still world's position words, the last frame at its end; the frames between
+    interpolate. "a red circle moving to the right" becomes "0: a red circle on the left" /
+    "15: a red circle on the right"; "一个红色的圆形向右移动" becomes "0: 一个红色的圆形在左边" /
+    "15: 一个红色的圆形在右边". What follows the phrase (a background) stays in both. None when
+    the prompt names no straight motion."""
+    v = vocab()
+    found = None
+    for lang, phrases in PHRASES.items():
+        for direction, words in phrases.items():
+            for phrase in words:
+                at = prompt.find(phrase)
+                if at > 0 and (found is None or len(phrase) > len(found[2])):
+                    found = (lang, direction, phrase, at)
+    if found is None:
+        return None
+    lang, direction, phrase, at = found
+    subject, rest = prompt[:at].strip(), prompt[at + len(phrase):]
+    lines = []
+    for frame, place in zip((0, frames - 1), TRAVEL_POSITIONS[direction]):
+        words = v["positions"][place]
+        lines.append(f"{frame}: {subject} {words['en'][0]}{rest}" if lang == "en" else f"{frame}: {subject}{words['zh']}{rest}")
+    return "\n".join(lines)
+
+
 __all__ = ["ARC", "CHANGES", "KINDS", "held_out_change", "heldout_kind_clips", "kind_clip", "DIRECTIONS", "FRAMES", "OPPOSITE", "MotionClip", "heldout_clips", "held_out_direction", "mirrored",
-           "motion_caption", "training_clips", "training_pairs"]
+           "motion_caption", "training_clips", "training_pairs", "travel_prompt"]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from danqing.cache import LRUCache
 from danqing.conditioning.schedule import ConditioningContext, prompt_texts
+from danqing.conditioning.travel import parse_travel
 from danqing.customise.lora import activate, patched, request_tags
 from danqing.customise.motion_lora import activate_motion, motion_target, split_motion_tags
 from danqing.errors import InvalidRequest
@@ -84,6 +85,7 @@ class VideoStudio:
         studio = self.studio
         # 1. validate: seeds and model resolved, the motion module named, the files free.
         request = resolve_request(request, studio.settings.default_model)
+        parse_travel(request.prompt, request.frames)  # a travel prompt's keyframes fit the clip
         if request.init_image is not None:
             return self._image_to_video(request, on_step, out, t0)
         init_frames = load_init_frames(request) if request.init_video is not None else None
@@ -104,6 +106,10 @@ class VideoStudio:
             if request.cross_frame_attention:
                 raise InvalidRequest("cross_frame_attention", f"{loaded.name!r} is a text-to-video model, whose "
                                                               "attention already spans the frames")
+            if parse_travel(request.prompt, request.frames) is not None:
+                raise InvalidRequest("prompt", f"{loaded.name!r} is a text-to-video model (ModelScope / zeroscope), "
+                                               "which reads one prompt per clip; prompt travel ('FRAME: text' lines) "
+                                               "takes a checkpoint with a motion module, or per-frame mode")
             denoise_fn = text_video_denoise
         elif request.motion:
             request = request.replace(motion_module=self._motion_name(request.motion_module))
