@@ -132,7 +132,7 @@ def test_webuiapi_lists_and_options(api):
     assert sorted((x["name"], x["alias"], Path(x["path"]).parent.name) for x in api.get_loras()) == \
         [("danqing-tiny-motion", "danqing-tiny-motion", "lora"), ("danqing-tiny-pcd", "danqing-tiny-pcd", "lora"),
          ("heart", "heart", "lora"), ("heart-character", "heart-character", "lora")]
-    assert api.get_sd_vae() == []
+    assert [v["model_name"] for v in api.get_sd_vae()] == ["danqing-tiny-vae-ft"]  # and the VAE danqing bundles
     api.set_options({"CLIP_stop_at_last_layers": 2})
     try:
         assert api.get_options()["CLIP_stop_at_last_layers"] == 2

@@ -35,6 +35,7 @@ LORA = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
                     help="A LoRA of the models folder on every prompt (<lora:NAME:WEIGHT>; repeatable) [default: none].")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
 JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file) [default: not written].")
+VAE = typer.Option(None, "--vae", help="A VAE name overriding the model's (models/VAE/ or bundled, e.g. danqing-tiny-vae-ft) [default: the model's own].")
 
 
 @eval_app.command("shapes")
@@ -56,6 +57,7 @@ def eval_shapes(
                                                "Spearman correlation with the object score [default: none]."),
     expand: bool = typer.Option(False, "--expand", help="Expand each held-out prompt into a detailed caption before "
                                                         "generating (the rule-based expander, synthetic.recaption)."),
+    vae: Optional[str] = VAE,
     out: Optional[str] = OUT,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -77,7 +79,7 @@ def eval_shapes(
         held_out = eval_scenes(n)
         on_image = (lambda i, image, s: pairs.append((image, caption(held_out[i], lang)))) if clip else None
         write = (lambda scene, lg: expand_prompt(caption(scene, lg))) if expand else caption
-        return world.evaluate_studio(studio, held_out, on_image=on_image, write=write, **kw)
+        return world.evaluate_studio(studio, held_out, on_image=on_image, write=write, vae=vae, **kw)
 
     with_clip = _with_clip_score(ctx, clip, pairs)
     _evaluate(ctx, images, prompt, json_out, show=show,
@@ -410,6 +412,9 @@ def eval_motion(
         None, "--direction-lora", metavar="PREFIX",
         help="Each clip's direction's motion LoRA too: <lora:PREFIX-DIRECTION:1> (PREFIX-right, -left, -up and -down "
              "in models/lora/, as configs/train/danqing-tiny-motion-lora.toml trains them) [default: none]."),
+    vae: Optional[str] = VAE,
+    cross_frame: bool = typer.Option(False, "--cross-frame", help="Self-attention also to the first and previous "
+                                                                 "frames (cross-frame attention) [default: off]."),
     travel: bool = typer.Option(False, "--travel", help="Each straight clip's caption rewritten as prompt travel by "
                                                          "rule (synthetic.motion.travel_prompt: 0: the object at its "
                                                          "start, the last frame: at its end, in the still world's "
@@ -449,7 +454,8 @@ def eval_motion(
         if direction_lora and clip.kind in ("line", "arc"):  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
             prompt += lora_tags([f"{direction_lora}-{clip.direction}"])
         request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
-                               cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion)
+                               cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion, vae=vae,
+                               cross_frame_attention=cross_frame)
         result = videos.generate(request)
         s = (score_clip(result.clips[0], clip.colour, clip.shape, clip.direction) if kind == "line"
              else score_change(result.clips[0], clip))
@@ -465,7 +471,7 @@ def eval_motion(
             typer.echo(f"{i + 1}/{n} {prompt}: {kind} {'done' if s.done else 'not done'}, "
                        f"object {'kept' if s.kept else 'lost'}, object score {s.object:.2f}")
     summary = {"n": n, "lang": lang, "kind": kind, "motion": result.request.motion_module, "model": model,
-               "lora": lora, "direction_lora": direction_lora, "travel": travel, "steps": steps,
+               "lora": lora, "direction_lora": direction_lora, "travel": travel, "vae": vae, "cross_frame": cross_frame, "steps": steps,
                **(summarise_clips(scores) if kind == "line" else summarise_changes(scores))}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

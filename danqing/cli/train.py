@@ -254,7 +254,7 @@ def train_vae_decoder_cmd(
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ):
     """Fine-tune a model's VAE decoder, its encoder frozen (SD's ft-MSE VAE recipe), on the
-    portrait world's talking frames; writes OUTPUT_DIR/vae/ (a diffusers VAE for models/VAE/);
+    portrait world's talking frames or the shapes world's scenes; writes OUTPUT_DIR/vae/ (a diffusers VAE for models/VAE/);
     resumes from the newest checkpoint of its output folder."""
     _relaunch_if(num_processes)
     from danqing.training.config import DecoderTrainConfig, load_config
@@ -262,7 +262,7 @@ def train_vae_decoder_cmd(
 
     cfg = under_home(load_config(config, parse_sets(set_), model=DecoderTrainConfig), ctx.obj.home)
     summary = train_vae_decoder(cfg, resume=not fresh, log=_echo)
-    _echo(f"summary: {json.dumps(summary['mouth_round_trip'])}")
+    _echo(f"summary: {json.dumps(summary.get('mouth_round_trip', summary.get('round_trip')))}")
 
 
 @train_app.command("ip-adapter")

@@ -103,8 +103,15 @@ def bundled_motion_entries() -> list["ModelEntry"]:
     return _bundled_folders("motion", lambda cfg: cfg.get("_class_name") == "MotionAdapter")
 
 
+def bundled_vae_entries() -> list["ModelEntry"]:
+    """VAEs shipped in the package (``danqing/data/models/<name>/``, a diffusers
+    ``AutoencoderKL`` folder), made for a bundled model: chosen with ``vae``, as A1111's SD VAE."""
+    return _bundled_folders("vae", lambda cfg: cfg.get("_class_name") == "AutoencoderKL")
+
+
 BUNDLED_KINDS = {"lora": bundled_lora_entries, "ipadapter": bundled_ip_adapter_entries,
-                 "clip_vision": bundled_image_encoder_entries, "motion": bundled_motion_entries}
+                 "clip_vision": bundled_image_encoder_entries, "motion": bundled_motion_entries,
+                 "vae": bundled_vae_entries}
 
 
 def _with_bundled(kind: str, found: list["ModelEntry"]) -> list["ModelEntry"]:

@@ -268,7 +268,7 @@ def check_held_out(n: int, lang: str) -> None:
 def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = None, steps: int = 20,
                     cfg_scale: float = 7.0, seed: int = 1000, size: int = 64, sampler: str = "DPM++ 2M",
                     schedule: str = "Automatic", out_dir=None, out_files=None, on_image=None, write=caption, judge=None,
-                    summary=summarise, suffix: str = "") -> tuple[dict, list]:
+                    summary=summarise, suffix: str = "", vae: str | None = None) -> tuple[dict, list]:
     """Generate one image per scene (its canonical caption in ``lang``, seed + i) through
     ``Studio.generate`` and score them. Returns (summary, per-image scores).
 
@@ -279,13 +279,14 @@ def evaluate_studio(studio, scenes, *, lang: str = "en", model: str | None = Non
         write, judge, summary: the world's captioner (scene, lang) -> text, scorer (picture,
             scene) -> score and summariser; the shapes world's by default.
         suffix: added to every prompt (LoRA tags: ``" <lora:danqing-tiny-lcm:1>"``).
+        vae: a VAE name overriding the model's (``GenerationRequest.vae``).
     """
     judge = judge or (lambda img, sc: score(img, sc.spec))
     scores = []
     for i, sc in enumerate(scenes):
         req = GenerationRequest.create(prompt=write(sc, lang) + suffix, model=model, steps=steps, cfg_scale=cfg_scale,
                                 seed=seed + i, subseed=0, width=size, height=size, sampler=sampler,
-                                schedule=schedule)
+                                schedule=schedule, vae=vae)
         res = studio.generate(req, save=out_dir is not None, out_dir=out_dir)
         if out_files is not None:
             save_png(res.images[0], out_files[i], res.infotexts[0])

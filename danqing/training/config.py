@@ -133,16 +133,19 @@ class ControlNetConfig(_Strict):
 
 class DecoderDataConfig(_Strict):
     # "world:portraits-talking": new pictures of the portrait world every step: a talking_share
-    # of talking frames (flat, any pose and openness), the rest portraits in every style
-    source: Literal["world:portraits-talking"] = "world:portraits-talking"
+    # of talking frames (flat, any pose and openness), the rest portraits in every style;
+    # "world:shapes": new training scenes of the shapes world every step (1-3 objects)
+    source: Literal["world:portraits-talking", "world:shapes"] = "world:portraits-talking"
     size: int = Field(64, ge=16)
     talking_share: float = Field(0.6, ge=0, le=1)
-    mouth_weight: float = Field(10.0, ge=0)   # the loss inside the mouth box weighs 1 + this
+    mouth_weight: float = Field(10.0, ge=0)   # portraits: the loss inside the mouth box weighs 1 + this
+    edge_weight: float = Field(0.0, ge=0)     # a pixel's loss weighs 1 + this x its edge strength (0-1) in the picture
 
 
 class DecoderConfig(_Strict):
     init_from: str = "danqing-tiny-portraits"  # the checkpoint whose VAE's decoder is fine-tuned
-    eval_people: int = Field(12, ge=0)          # held-out people whose round trip is measured
+    eval_people: int = Field(12, ge=0)          # portraits: held-out people whose round trip is measured
+    eval_scenes: int = Field(200, ge=0)         # shapes: held-out scenes whose round trip the evaluator reads
 
 
 class DecoderTrainConfig(_Strict):

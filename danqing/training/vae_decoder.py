@@ -67,6 +67,55 @@ def talking_pictures(n: int, size: int, talking_share: float, rng: random.Random
     return torch.stack(out)
 
 
+def shape_pictures(n: int, size: int, rng: random.Random) -> torch.Tensor:
+    """``n`` training scenes of the shapes world (1-3 objects, every background), (n, 3, size,
+    size) in [-1, 1]."""
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import sample_scene
+
+    return torch.stack([_pixels(render(sample_scene(rng, "train"), size)) for _ in range(n)])
+
+
+def edge_strength(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) pictures -> (n, 1, h, w) Sobel gradient magnitude of their grey, scaled to
+    0-1 per picture (0 where a picture is flat)."""
+    grey = x.mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
+    g = torch.nn.functional.pad(grey, (1, 1, 1, 1), mode="replicate")
+    mag = (torch.nn.functional.conv2d(g, kx) ** 2 + torch.nn.functional.conv2d(g, kx.transpose(2, 3)) ** 2).sqrt()
+    top = mag.amax(dim=(2, 3), keepdim=True)
+    return torch.where(top > 0, mag / top.clamp_min(1e-8), torch.zeros_like(mag))
+
+
+@torch.no_grad()
+def shapes_round_trip(vae, n: int = 200, size: int = 64) -> dict:
+    """The evaluator's ``n`` held-out scenes rendered and sent through ``vae`` (encode,
+    posterior mean, decode), read back against their captions: the evaluator's summary (object,
+    shape, ...) and the share of each shape's objects found ({"by_shape": {"star": ...}})."""
+    from danqing.synthetic.captions import caption, parse_prompt
+    from danqing.synthetic.evaluate import score, summarise
+    from danqing.synthetic.render import render
+    from danqing.synthetic.scenes import eval_scenes
+
+    scenes = eval_scenes(n)
+    found: dict[str, list[float]] = {}
+    scores = []
+    for i in range(0, n, 50):
+        part = scenes[i:i + 50]
+        x = torch.stack([_pixels(render(s, size)) for s in part])
+        y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
+        px = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for scene, a in zip(part, px):
+            from PIL import Image
+
+            sc = score(Image.fromarray(a), parse_prompt(caption(scene)))
+            scores.append(sc)
+            for o in scene.objects:
+                found.setdefault(o.shape, []).append(sc.object)
+    out = {k: v for k, v in summarise(scores).items() if k in ("object", "colour", "shape", "count", "position")}
+    return {**out, "by_shape": {k: round(float(np.mean(v)), 4) for k, v in sorted(found.items())}}
+
+
 @torch.no_grad()
 def mouth_round_trip(vae, n: int = 12, size: int = 64, seed: int = 5) -> dict:
     """The renderer's talking frames of ``n`` held-out people at openness 0, 0.5 and 1 through
@@ -100,11 +149,27 @@ def train_vae_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, log: Log
     t_start = time.perf_counter()
     comps, _, _ = load_float32(cfg.decoder.init_from)
     vae = comps.vae
-    before = mouth_round_trip(vae, cfg.decoder.eval_people, d.size) if cfg.decoder.eval_people else None
-    log(f"{cfg.decoder.init_from}'s decoder: mouth round trip {before}")
+    shapes = d.source == "world:shapes"
+    if shapes:  # the shapes world: new training scenes, read back by the evaluator
+        def evaluate():
+            return shapes_round_trip(vae, cfg.decoder.eval_scenes, d.size) if cfg.decoder.eval_scenes else None
 
-    weight = 1 + d.mouth_weight * torch.from_numpy(np.asarray(mouth_box_mask(d.size), np.float32) / 255)[None, None]
-    log(f"new pictures every step ({d.talking_share:.0%} talking frames), mouth box weighted {1 + d.mouth_weight:g}x")
+        def pictures(rng):
+            return shape_pictures(c.batch_size, d.size, rng)
+
+        weight = torch.ones(1, 1, d.size, d.size)
+        log("new shapes scenes every step")
+    else:
+        def evaluate():
+            return mouth_round_trip(vae, cfg.decoder.eval_people, d.size) if cfg.decoder.eval_people else None
+
+        def pictures(rng):
+            return talking_pictures(c.batch_size, d.size, d.talking_share, rng)
+
+        weight = 1 + d.mouth_weight * torch.from_numpy(np.asarray(mouth_box_mask(d.size), np.float32) / 255)[None, None]
+        log(f"new pictures every step ({d.talking_share:.0%} talking frames), mouth box weighted {1 + d.mouth_weight:g}x")
+    before = evaluate()
+    log(f"{cfg.decoder.init_from}'s decoder: round trip {before}")
 
     acc = new_accelerator(r.mixed_precision)
     model = _Decoder(vae)
@@ -120,23 +185,25 @@ def train_vae_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, log: Log
     for step in range(start, c.steps):
         # the step's pictures, drawn from the step's own seed (a resumed run draws the same; each
         # process of a multi-process run takes its rows), encoded by the frozen encoder
-        x = talking_pictures(c.batch_size, d.size, d.talking_share, random.Random(f"{r.seed}:{step}"))[rows].to(acc.device)
+        x = pictures(random.Random(f"{r.seed}:{step}"))[rows].to(acc.device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-        loss = ((model(z) - x) ** 2 * weight.to(acc.device)).mean()
+            w = weight.to(acc.device) + d.edge_weight * edge_strength(x) if d.edge_weight else weight.to(acc.device)
+        loss = ((model(z) - x) ** 2 * w).mean()
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm)
         final = steps.done(step + 1, loss)
-        if steps.main and cfg.decoder.eval_people and ((step + 1) % r.eval_every == 0 or final):
-            result = mouth_round_trip(vae, cfg.decoder.eval_people, d.size)
-            log(f"eval step {step + 1}: mouth round trip {result}")
-            steps.evaluated(step + 1, result, {"mouth_round_trip": result})
+        if steps.main and before is not None and ((step + 1) % r.eval_every == 0 or final):
+            result = evaluate()
+            log(f"eval step {step + 1}: round trip {result}")
+            steps.evaluated(step + 1, result, {"round_trip" if shapes else "mouth_round_trip": result})
         if steps.stopping():
             break
     vae.requires_grad_(False)
     acc.wait_for_everyone()
     summary = {"kind": "vae-decoder", "init_from": cfg.decoder.init_from, "steps": steps.last["step"],
-               "batch_size": c.batch_size, "loss": steps.last["loss"], "mouth_round_trip_before": before,
-               "mouth_round_trip": result, "minutes": round((time.perf_counter() - t_start) / 60, 1),
+               "batch_size": c.batch_size, "loss": steps.last["loss"],
+               **({"round_trip_before": before, "round_trip": result} if shapes
+                  else {"mouth_round_trip_before": before, "mouth_round_trip": result}), "minutes": round((time.perf_counter() - t_start) / 60, 1),
                "config": json.loads(cfg.model_dump_json())}
     if steps.main:
         atomic_save_dir(Path(run_dir) / "vae", vae.save_pretrained, overwrite=True)
