@@ -4,7 +4,11 @@ HOME/models/lora/), four held-out prompts (a colour-shape-motion combination the
 trained on; one per direction), 16 frames at 64x64, 20 steps DPM++ 2M, CFG 7, seeds 6000+; each
 clip shown 2x, the four side by side, 8 fps.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/motion_figure.py HOME MOTION [LORA] [OUT]
+    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/motion_figure.py HOME MOTION [LORA] [OUT] [--travel] [--vae=NAME]
+
+``--travel``: each prompt rewritten as prompt travel (``synthetic.motion.travel_prompt``);
+``--vae=NAME``: a VAE overriding danqing-tiny's (docs/images/motion-travel.gif: the bundled
+module, no LoRA, ``--travel --vae=danqing-tiny-vae-ft``).
 """
 
 from __future__ import annotations
@@ -20,19 +24,24 @@ def main() -> None:
 
     from danqing import Settings, Studio
     from danqing.request_video import VideoRequest
-    from danqing.synthetic.motion import DIRECTIONS, heldout_clips, motion_caption
+    from danqing.synthetic.motion import DIRECTIONS, heldout_clips, motion_caption, travel_prompt
     from danqing.video.studio import VideoStudio
 
-    home, motion = sys.argv[1], sys.argv[2]
-    lora = f" <lora:{sys.argv[3]}:1>" if len(sys.argv) > 3 and sys.argv[3] else ""
-    out = sys.argv[4] if len(sys.argv) > 4 else "docs/images/motion.gif"
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    travel = "--travel" in flags
+    vae = next((f.split("=", 1)[1] for f in flags if f.startswith("--vae=")), None)
+    home, motion = args[0], args[1]
+    lora = f" <lora:{args[2]}:1>" if len(args) > 2 and args[2] else ""
+    out = args[3] if len(args) > 3 else "docs/images/motion.gif"
     videos = VideoStudio(Studio(Settings(home=home, device="cpu", dtype="fp32")))
     clips = heldout_clips(len(DIRECTIONS))  # the directions in turn: right, left, up, down
     rows = []
     for i, clip in enumerate(clips):
-        request = VideoRequest(prompt=motion_caption(clip, "en") + lora, frames=16, fps=8, width=64, height=64, steps=20,
+        prompt = travel_prompt(motion_caption(clip, "en")) if travel else motion_caption(clip, "en")
+        request = VideoRequest(prompt=prompt + lora, frames=16, fps=8, width=64, height=64, steps=20,
                                seed=6000 + i, sampler="DPM++ 2M", cfg_scale=7.0, model="danqing-tiny",
-                               motion_module=motion)
+                               motion_module=motion, vae=vae)
         rows.append(videos.generate(request).clips[0])
         print(request.prompt)
     scale, gap = 2, 4
