@@ -375,4 +375,8 @@ def test_the_shipped_motion_configs_load():
     assert module.model.text_lora_rank == 8 and not module.model.motion_lora_rank
     lora = load_config(root / "danqing-tiny-motion-lora.toml", {}, model=MotionTrainConfig)
     assert lora.model.motion_lora_rank == 4 and lora.model.resume_from == "danqing-tiny-motion"
+    travel = load_config(root / "danqing-tiny-motion-travel.toml", {}, model=MotionTrainConfig)
+    assert travel.data.travel and not travel.model.text_lora_rank and travel.model.resume_from == "danqing-tiny-motion"
+    with pytest.raises(Exception, match="straight lines"):
+        MotionTrainConfig.model_validate({"data": {"travel": True, "kinds": ["line", "arc"]}})
 

@@ -164,3 +164,25 @@ def test_bundled_module_follows_a_travelling_prompt_on_held_out_clips(tmp_path):
         assert result.request.motion_module == "danqing-tiny-motion"
         score = score_clip(result.clips[0], clip.colour, clip.shape, clip.direction)
         assert score.direction and score.identity and score.object >= 0.85, (prompt, score)
+
+
+def test_the_motion_trainer_conditions_travel_captions_as_generation_does():
+    """``data.travel``: the trainer's per-frame contexts of a caption (``training.motion``) are
+    the ones ``conditioning.travel`` gives the same caption rewritten by ``--travel`` at
+    generation, frame for frame."""
+    from danqing.conditioning.schedule import ConditioningContext, build_conditioning
+    from danqing.conditioning.travel import build_travel
+    from danqing.synthetic.motion import travel_prompt
+    from danqing.training.motion import travel_context, travel_hidden
+    from danqing.training.runs import load_float32
+
+    comps = load_float32("danqing-tiny")[0]
+    texts = ["a red circle moving to the right", "一个蓝色的星形向上移动"]
+    hidden = travel_hidden(comps, texts, 16)
+    assert hidden.shape[0] == 2 * len(texts) + 2
+    trained = travel_context(hidden, torch.tensor([1, len(texts)]), 16).view(2, 16, 77, -1)
+    req = VideoRequest.create(prompt=travel_prompt(texts[1]), frames=16, cfg_scale=1.0)
+    encoder = ConditioningContext().text_encoder(comps, req.clip_skip)
+    made = build_travel(encoder, req, parse_travel(req.prompt, 16), batch=1, build=build_conditioning).at(0).context
+    assert torch.allclose(trained[0], made[0], atol=1e-5)
+    assert torch.equal(trained[1, 0], trained[1, 15]) and torch.equal(trained[1, 0], hidden[-1])  # dropped: empty

@@ -88,7 +88,16 @@ class MotionDataConfig(_Strict):
     # the kinds of clips: straight lines only, or also arcs, growing, shrinking and recolouring
     # objects (each (colour, shape) pair's held-out change left out; the evaluation stays on lines)
     kinds: list[Literal["line", "arc", "grow", "shrink", "recolour"]] = ["line"]
+    # each caption as prompt travel (synthetic.motion.travel_prompt): the frames' contexts go from
+    # the still world's caption of the object at its start to the one at its end (lines only)
+    travel: bool = False
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _travel_is_for_lines(self):
+        if self.travel and self.kinds != ["line"]:
+            raise ValueError("travel: travel captions are straight lines; set kinds = [\"line\"]")
+        return self
 
 
 class MotionModelConfig(_Strict):

@@ -81,6 +81,30 @@ def clip_captions(clips: list[MotionClip], per_clip: int, seed: int) -> tuple[li
     return list(texts), torch.tensor(index)
 
 
+def travel_hidden(comps, texts: list[str], frames: int) -> torch.Tensor:
+    """(2U + 2, 77, D): rows 2u and 2u + 1 the encoded start and end keyframes of caption u written
+    as prompt travel (``synthetic.motion.travel_prompt``), the last two the empty caption's."""
+    from danqing.conditioning.travel import parse_travel
+    from danqing.synthetic.motion import travel_prompt
+
+    keys = []
+    for text in texts:
+        travel = travel_prompt(text, frames)
+        if travel is None:
+            raise InvalidRequest("data.travel", f"travel captions need straight-motion captions; got {text!r}")
+        keys += [k for _, k in parse_travel(travel, frames)]
+    return encode_texts(comps, keys + ["", ""])
+
+
+def travel_context(hidden: torch.Tensor, which: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B * F, 77, D): clip b's frame f conditioned on (1 - f / (F - 1)) start + f / (F - 1) end
+    of caption ``which[b]`` (rows of ``travel_hidden``), as ``conditioning.travel`` does at
+    generation for keyframes 0 and F - 1."""
+    w = torch.linspace(0, 1, frames).view(1, frames, 1, 1)
+    start, end = hidden[2 * which][:, None], hidden[2 * which + 1][:, None]
+    return ((1 - w) * start + w * end).reshape(-1, *hidden.shape[1:])
+
+
 def motion_unet_for_training(comps, adapter):
     """The motion UNet whose only trainable parameters are the adapter's."""
     from diffusers import UNetMotionModel
@@ -227,16 +251,19 @@ def save_text_lora(unet, comps, path: Path, rank: int, metadata: dict[str, str])
     return atomic_save(path, lambda p: save_file(kohya, str(p), metadata=metadata), overwrite=True)
 
 
-def generate_clips(comps, unet, clips: list[MotionClip], *, lang: str, steps: int, seed: int = 6000) -> list[list]:
-    """Clip i of ``clips`` generated from its canonical caption with seed ``seed + i`` (DPM++ 2M,
-    CFG 7, the clip's size and frames): lists of PIL pictures."""
+def generate_clips(comps, unet, clips: list[MotionClip], *, lang: str, steps: int, seed: int = 6000,
+                   travel: bool = False) -> list[list]:
+    """Clip i of ``clips`` generated from its canonical caption (``travel``: as prompt travel) with
+    seed ``seed + i`` (DPM++ 2M, CFG 7, the clip's size and frames): lists of PIL pictures."""
     from danqing.passes.video import decode_clips, run_video
     from danqing.request_video import VideoRequest
+    from danqing.synthetic.motion import travel_prompt
 
     out = []
     unet.eval()
     for i, c in enumerate(clips):
-        req = VideoRequest(prompt=motion_caption(c, lang), frames=c.frames, width=64, height=64, steps=steps,
+        prompt = travel_prompt(motion_caption(c, lang), c.frames) if travel else motion_caption(c, lang)
+        req = VideoRequest(prompt=prompt, frames=c.frames, width=64, height=64, steps=steps,
                            seed=seed + i, sampler="DPM++ 2M", cfg_scale=7.0)
         with torch.no_grad():
             run = run_video(comps, unet, req, device=torch.device("cpu"), dtype=torch.float32)
@@ -293,7 +320,8 @@ def train_motion(cfg, *, log: Log = print) -> dict:
              else training_clips(d.n_clips, d.seed, d.frames, d.directions, d.kinds))
     mean, std = clip_latents(comps, clips, d.size, log)
     texts, caption_index = clip_captions(clips, d.captions_per_clip, d.seed)
-    hidden = encode_texts(comps, texts + [""])                      # (U + 1, 77, D); the last: empty
+    hidden = (travel_hidden(comps, texts, d.frames) if d.travel     # (2U + 2, 77, D): start, end keyframes
+              else encode_texts(comps, texts + [""]))               # (U + 1, 77, D); the last: empty
     log(f"{len(clips)} clips of {d.frames} frames, {len(texts)} distinct captions")
     adapter = new_adapter(comps.unet, m, tr.seed)
     if m.resume_from:
@@ -338,7 +366,8 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         which = caption_index[idx, torch.randint(d.captions_per_clip, (tr.batch_size,), generator=g)]
         dropped = (torch.rand(len(idx) // twins, generator=g) < d.caption_dropout).repeat_interleave(twins)
         which[dropped] = len(texts)
-        context = hidden[which].repeat_interleave(d.frames, dim=0)  # the UNet attends per frame
+        context = (travel_context(hidden, which, d.frames) if d.travel  # the UNet attends per frame
+                   else hidden[which].repeat_interleave(d.frames, dim=0))
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         per_clip = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
         loss = (per_clip * loss_weights(noise_sched.alphas_cumprod, t, tr.x0_weight_max)).mean()
@@ -355,7 +384,7 @@ def train_motion(cfg, *, log: Log = print) -> dict:
         if done % out.eval_every == 0 or done == tr.steps:
             row = {"step": done, "loss": round(avg, 4), "minutes": round((time.perf_counter() - t0) / 60, 2)}
             for lang in ("en", "zh"):
-                got = generate_clips(comps, unet, eval_set, lang=lang, steps=out.eval_steps)
+                got = generate_clips(comps, unet, eval_set, lang=lang, steps=out.eval_steps, travel=d.travel)
                 row.update({f"{k}_{lang}": v for k, v in clip_scores(got, eval_set).items()})
             _save(unet, comps, run_dir, m)  # the latest module, for a look while it trains
             history.append(row)
