@@ -35,7 +35,7 @@ LORA = typer.Option([], "--lora", metavar="NAME[:WEIGHT]",
                     help="A LoRA of the models folder on every prompt (<lora:NAME:WEIGHT>; repeatable) [default: none].")
 OUT = typer.Option(None, metavar="PATH", help="Save the generated images. " + OUT_HELP.format("not saved"))
 JSON_OUT = typer.Option(None, "--json", help="Write the summary and per-image scores as JSON (a new file) [default: not written].")
-VAE = typer.Option(None, "--vae", help="A VAE name overriding the model's (models/VAE/ or bundled, e.g. danqing-tiny-vae-ft) [default: the model's own].")
+VAE = typer.Option(None, "--vae", help="A VAE name overriding the model's (models/vae/ or bundled, e.g. danqing-tiny-vae-ft) [default: the model's own].")
 
 
 @eval_app.command("shapes")

@@ -87,12 +87,20 @@ def edge_strength(x: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, mag / top.clamp_min(1e-8), torch.zeros_like(mag))
 
 
+def _round_trip(vae, x: torch.Tensor) -> list:
+    """Pictures (n, 3, h, w) in [-1, 1] encoded (posterior mean) and decoded by ``vae``: RGB pictures."""
+    from PIL import Image
+
+    y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
+    px = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in px]
+
+
 @torch.no_grad()
 def shapes_round_trip(vae, n: int = 200, size: int = 64) -> dict:
     """The evaluator's ``n`` held-out scenes rendered and sent through ``vae`` (encode,
     posterior mean, decode), read back against their captions: the evaluator's summary (object,
     shape, ...) and the share of each shape's objects found ({"by_shape": {"star": ...}})."""
-    from danqing.synthetic.captions import caption, parse_prompt
     from danqing.synthetic.evaluate import score, summarise
     from danqing.synthetic.render import render
     from danqing.synthetic.scenes import eval_scenes
@@ -102,13 +110,9 @@ def shapes_round_trip(vae, n: int = 200, size: int = 64) -> dict:
     scores = []
     for i in range(0, n, 50):
         part = scenes[i:i + 50]
-        x = torch.stack([_pixels(render(s, size)) for s in part])
-        y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
-        px = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for scene, a in zip(part, px):
-            from PIL import Image
-
-            sc = score(Image.fromarray(a), parse_prompt(caption(scene)))
+        pictures = _round_trip(vae, torch.stack([_pixels(render(s, size)) for s in part]))
+        for scene, picture in zip(part, pictures):
+            sc = score(picture, scene.spec)
             scores.append(sc)
             for o in scene.objects:
                 found.setdefault(o.shape, []).append(sc.object)
@@ -121,8 +125,6 @@ def mouth_round_trip(vae, n: int = 12, size: int = 64, seed: int = 5) -> dict:
     """The renderer's talking frames of ``n`` held-out people at openness 0, 0.5 and 1 through
     ``vae`` (encode, posterior mean, decode), their mouth heights read by the portrait reader:
     {"heights": mean height at each openness, "r": Pearson r of height and openness}."""
-    from PIL import Image
-
     rng = random.Random(seed)
     who = split_people("heldout")
     rows = []
@@ -130,9 +132,7 @@ def mouth_round_trip(vae, n: int = 12, size: int = 64, seed: int = 5) -> dict:
         p = Portrait(rng.choice(who), "neutral", rng.choice(values("clothing")), "front",
                      rng.choice(values("background")), "flat", rng.randrange(2**31))
         x = torch.stack([_pixels(talking_frame(p, o, size=size)) for o in (0.0, 0.5, 1.0)])
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        px = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        rows.append([mouth_height(Image.fromarray(f)) for f in px])
+        rows.append([mouth_height(f) for f in _round_trip(vae, x)])
     a = np.array(rows)
     r = float(np.corrcoef(a.ravel(), np.tile([0.0, 0.5, 1.0], n))[0, 1]) if a.std() > 0 else 0.0
     return {"heights": [round(float(h), 4) for h in a.mean(0)], "r": round(r, 4)}
