@@ -89,6 +89,11 @@ def test_rendered_clips_move_the_asked_way_and_keep_their_object():
     assert right["axis"] == 1.0
     backwards = [score_clip(_frames(c)[::-1], c.colour, c.shape, c.direction) for c in clips]
     assert not any(s.direction for s in backwards) and all(s.axis for s in backwards)
+    # a smooth clip moves a few hundredths of the picture per frame; the same frames shuffled jump
+    assert right["jump"] < 0.06
+    order = [0, 15, 1, 14, 2, 13, 3, 12, 4, 11, 5, 10, 6, 9, 7, 8]
+    shuffled = [score_clip([_frames(c)[i] for i in order], c.colour, c.shape, c.direction) for c in clips]
+    assert min(s.jump for s in shuffled) > 0.3
 
 
 def test_a_still_or_changing_object_is_caught():

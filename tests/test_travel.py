@@ -51,8 +51,13 @@ def test_frames_interpolate_between_keyframes_and_hold_outside_them():
 def test_a_straight_motion_is_rewritten_as_travel_between_positions():
     from danqing.synthetic.motion import travel_prompt
 
-    assert travel_prompt("a red circle moving to the right") == "0: a red circle on the left\n15: a red circle on the right"
-    assert travel_prompt("一个红色的圆形向上移动", 8) == "0: 一个红色的圆形在下方\n7: 一个红色的圆形在上方"
+    assert travel_prompt("a red circle moving to the right") == (
+        "0: a large red circle on the left\n15: a large red circle on the right")
+    assert travel_prompt("a red circle moving to the right", size=None) == (
+        "0: a red circle on the left\n15: a red circle on the right")
+    assert travel_prompt("一个红色的圆形向上移动", 8) == "0: 一个大红色的圆形在下方\n7: 一个大红色的圆形在上方"
+    assert travel_prompt("红色的圆形向上移动", 8, size="small") == "0: 小红色的圆形在下方\n7: 小红色的圆形在上方"
+    assert travel_prompt("an orange star moving left", 8) == "0: a large orange star on the right\n7: a large orange star on the left"
     assert travel_prompt("a small blue star falling, on a white background") == (
         "0: a small blue star at the top, on a white background\n15: a small blue star at the bottom, on a white background")
     assert travel_prompt("a red circle") is None and travel_prompt("moving left") is None
@@ -147,8 +152,9 @@ def test_keyframes_of_different_lengths_are_padded_to_one(comps):
 def test_bundled_module_follows_a_travelling_prompt_on_held_out_clips(tmp_path):
     """danqing-tiny-motion without its LoRA, each held-out clip's prompt written as travel
     between the still world's positions (``synthetic.motion.travel_prompt``): the first 4 of
-    the 50 held-out clips go the asked way (measured on all 50 in English: see docs/video.md)
-    and keep their object."""
+    the 50 held-out clips go the asked way (measured on all 50 in English: see docs/video.md),
+    keep their object and move smoothly; the same prompt drawn frame by frame without the module
+    reaches the ends too, but its object jumps (measured on 50: largest jump 0.05 against 0.52)."""
     from danqing import Settings, Studio
     from danqing.synthetic.motion import heldout_clips, motion_caption, travel_prompt
     from danqing.synthetic.trajectory import score_clip
@@ -163,7 +169,13 @@ def test_bundled_module_follows_a_travelling_prompt_on_held_out_clips(tmp_path):
         result = videos.generate(req)
         assert result.request.motion_module == "danqing-tiny-motion"
         score = score_clip(result.clips[0], clip.colour, clip.shape, clip.direction)
-        assert score.direction and score.identity and score.object >= 0.85, (prompt, score)
+        assert score.direction and score.identity and score.object >= 0.85 and score.jump < 0.1, (prompt, score)
+        if i == 0:
+            alone = videos.generate(VideoRequest(prompt=prompt, frames=16, width=64, height=64, steps=20, seed=6000,
+                                                 sampler="DPM++ 2M", cfg_scale=7.0, model="danqing-tiny",
+                                                 motion=False)).clips[0]
+            jumpy = score_clip(alone, clip.colour, clip.shape, clip.direction)
+            assert jumpy.direction and jumpy.jump > 0.3, (prompt, jumpy)
 
 
 def test_the_motion_trainer_conditions_travel_captions_as_generation_does():
@@ -181,7 +193,7 @@ def test_the_motion_trainer_conditions_travel_captions_as_generation_does():
     hidden = travel_hidden(comps, texts, 16)
     assert hidden.shape[0] == 2 * len(texts) + 2
     trained = travel_context(hidden, torch.tensor([1, len(texts)]), 16).view(2, 16, 77, -1)
-    req = VideoRequest.create(prompt=travel_prompt(texts[1]), frames=16, cfg_scale=1.0)
+    req = VideoRequest.create(prompt=travel_prompt(texts[1], size=None), frames=16, cfg_scale=1.0)
     encoder = ConditioningContext().text_encoder(comps, req.clip_skip)
     made = build_travel(encoder, req, parse_travel(req.prompt, 16), batch=1, build=build_conditioning).at(0).context
     assert torch.allclose(trained[0], made[0], atol=1e-5)

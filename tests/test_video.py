@@ -366,7 +366,7 @@ def test_cli_travel_rewrites_a_straight_motion_and_refuses_other_prompts(video_h
     code, out, _ = run_cli(capsys, video_home, "video", "a red circle moving up", *base, "--out", "c.gif")
     assert code == 0
     sidecar = json.loads((tmp_path / "c.gif.json").read_text())
-    assert sidecar["request"]["prompt"] == "0: a red circle at the bottom\n7: a red circle at the top"
+    assert sidecar["request"]["prompt"] == "0: a large red circle at the bottom\n7: a large red circle at the top"
 
 
 def test_cli_from_a_file_without_parameters(video_home, capsys, tmp_path):

@@ -419,6 +419,12 @@ def eval_motion(
                                                          "rule (synthetic.motion.travel_prompt: 0: the object at its "
                                                          "start, the last frame: at its end, in the still world's "
                                                          "words) [default: the motion caption as it is]."),
+    travel_size: str = typer.Option("large", "--travel-size", help="With --travel: the size the keyframes name for an "
+                                                                    "object whose size the caption leaves unsaid: large, "
+                                                                    "small, or none (left unsaid)."),
+    per_frame: bool = typer.Option(False, "--per-frame", help="No motion module: each frame drawn by the checkpoint "
+                                                               "as its own picture, to measure what the module adds "
+                                                               "[default: off]."),
     out: Optional[Path] = typer.Option(None, metavar="FOLDER", help="Save each clip as FOLDER/NNNNN.gif (a new or "
                                                                      "empty folder) [default: not saved]."),
     json_out: Optional[Path] = JSON_OUT,
@@ -444,18 +450,21 @@ def eval_motion(
         raise InvalidRequest("out", f"{out} exists and is not an empty folder")
     if kind not in KINDS:
         raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    if travel_size not in ("large", "small", "none"):
+        raise InvalidRequest("travel-size", f"must be large, small or none, got {travel_size!r}")
+    size = None if travel_size == "none" else travel_size
     videos = VideoStudio(make_studio(ctx.obj))
     suffix = lora_tags(lora)
     scores, rows = [], []
     clips = heldout_clips(n) if kind == "line" else heldout_kind_clips(n, kind)
     for i, clip in enumerate(clips):
         prompt = motion_caption(clip, lang)
-        prompt = (travel_prompt(prompt, clip.frames) if travel and clip.kind == "line" else prompt) + suffix
+        prompt = (travel_prompt(prompt, clip.frames, size) if travel and clip.kind == "line" else prompt) + suffix
         if direction_lora and clip.kind in ("line", "arc"):  # as AnimateDiff users add a PanLeft / PanRight motion LoRA
             prompt += lora_tags([f"{direction_lora}-{clip.direction}"])
         request = VideoRequest(prompt=prompt, frames=clip.frames, fps=8, width=64, height=64, steps=steps,
                                cfg_scale=cfg, sampler=sampler, seed=seed + i, model=model, motion_module=motion, vae=vae,
-                               cross_frame_attention=cross_frame)
+                               cross_frame_attention=cross_frame, motion=not per_frame)
         result = videos.generate(request)
         s = (score_clip(result.clips[0], clip.colour, clip.shape, clip.direction) if kind == "line"
              else score_change(result.clips[0], clip))
@@ -470,8 +479,8 @@ def eval_motion(
         else:
             typer.echo(f"{i + 1}/{n} {prompt}: {kind} {'done' if s.done else 'not done'}, "
                        f"object {'kept' if s.kept else 'lost'}, object score {s.object:.2f}")
-    summary = {"n": n, "lang": lang, "kind": kind, "motion": result.request.motion_module, "model": model,
-               "lora": lora, "direction_lora": direction_lora, "travel": travel, "vae": vae, "cross_frame": cross_frame, "steps": steps,
+    summary = {"n": n, "lang": lang, "kind": kind, "motion": None if per_frame else result.request.motion_module, "model": model,
+               "lora": lora, "direction_lora": direction_lora, "travel": travel, "travel_size": travel_size if travel else None, "vae": vae, "cross_frame": cross_frame, "steps": steps,
                **(summarise_clips(scores) if kind == "line" else summarise_changes(scores))}
     typer.echo(f"summary: {json.dumps(summary)}")
     if json_out:

@@ -17,7 +17,7 @@ import random
 import zlib
 from dataclasses import dataclass, replace
 
-from danqing.synthetic.captions import _background, _obj_en, _obj_zh
+from danqing.synthetic.captions import _article, _background, _obj_en, _obj_zh
 from danqing.synthetic.scenes import Obj, Scene, _pairs, vocab
 
 DIRECTIONS = ("right", "left", "up", "down")
@@ -239,14 +239,41 @@ TRAVEL_POSITIONS = {"right": ("left", "right"), "left": ("right", "left"), "up":
                     "down": ("top", "bottom")}
 
 
-def travel_prompt(prompt: str, frames: int = FRAMES) -> str | None:
+# The size a travel keyframe names when the prompt names none: the still world's default for a
+# lone object, as the prompt expander fills it in (``synthetic.recaption.scene_of_spec``).
+TRAVEL_SIZE = "large"
+
+
+def _sized(subject: str, lang: str, size: str | None) -> str:
+    """``subject`` ("a red circle", "一个红色的圆形") with ``size`` named, unless it names a size
+    already or ``size`` is None."""
+    words = vocab()["sizes"]
+    if size is None:
+        return subject
+    if lang == "zh":
+        if any(w["zh"] in subject for w in words.values()):
+            return subject
+        head = "一个" if subject.startswith("一个") else ""
+        return f"{head}{words[size]['zh']}{subject[len(head):]}"
+    tokens = subject.split()
+    if any(t in w["en"] for w in words.values() for t in tokens):
+        return subject
+    if tokens and tokens[0].lower() in ("a", "an", "the"):
+        tokens = tokens[1:]
+    word = words[size]["en"][-1]
+    return f"{_article(word)} {word} {' '.join(tokens)}"
+
+
+def travel_prompt(prompt: str, frames: int = FRAMES, size: str | None = TRAVEL_SIZE) -> str | None:
     """A straight-motion prompt of the moving world rewritten as prompt travel
     (``conditioning.travel``), by rule: the motion phrase out, keyframe 0 the object at its start
     in the still world's position words, the last frame at its end; the frames between
-    interpolate. "a red circle moving to the right" becomes "0: a red circle on the left" /
-    "15: a red circle on the right"; "一个红色的圆形向右移动" becomes "0: 一个红色的圆形在左边" /
-    "15: 一个红色的圆形在右边". What follows the phrase (a background) stays in both. None when
-    the prompt names no straight motion."""
+    interpolate. An object whose size the prompt leaves unsaid gets ``size`` (None: left unsaid),
+    as the prompt expander fills in what a prompt leaves unsaid. "a red circle moving to the
+    right" becomes "0: a large red circle on the left" / "15: a large red circle on the right";
+    "一个红色的圆形向右移动" becomes "0: 一个大红色的圆形在左边" / "15: 一个大红色的圆形在右边".
+    What follows the phrase (a background) stays in both. None when the prompt names no straight
+    motion."""
     v = vocab()
     found = None
     for lang, phrases in PHRASES.items():
@@ -258,7 +285,7 @@ def travel_prompt(prompt: str, frames: int = FRAMES) -> str | None:
     if found is None:
         return None
     lang, direction, phrase, at = found
-    subject, rest = prompt[:at].strip(), prompt[at + len(phrase):]
+    subject, rest = _sized(prompt[:at].strip(), lang, size), prompt[at + len(phrase):]
     lines = []
     for frame, place in zip((0, frames - 1), TRAVEL_POSITIONS[direction]):
         words = v["positions"][place]
@@ -267,4 +294,4 @@ def travel_prompt(prompt: str, frames: int = FRAMES) -> str | None:
 
 
 __all__ = ["ARC", "CHANGES", "KINDS", "held_out_change", "heldout_kind_clips", "kind_clip", "DIRECTIONS", "FRAMES", "OPPOSITE", "MotionClip", "heldout_clips", "held_out_direction", "mirrored",
-           "motion_caption", "training_clips", "training_pairs", "travel_prompt"]
+           "motion_caption", "training_clips", "training_pairs", "travel_prompt", "TRAVEL_SIZE"]

@@ -11,7 +11,9 @@ the largest detection when there is none; its centroids make the trajectory.
 - **speed**: that displacement along the asked axis per frame (a share of the picture);
 - **identity**: the largest object of every frame has the colour and shape of the first
   frame's (the object does not turn into another one, or vanish);
-- **object**: the mean of the frames' object scores (``evaluate.score``).
+- **object**: the mean of the frames' object scores (``evaluate.score``);
+- **jump**: the largest move of the tracked object from one frame to the next (a share of the
+  picture): a clip that moves smoothly has small ones, frames drawn each on its own jump.
 
 Clips of the other kinds (an arc, a growing, shrinking or recolouring object) are judged by
 ``score_change``: the asked change done (the arc's bulge, the area ratio, the colours at the two
@@ -41,6 +43,7 @@ class ClipScore:
     identity: bool
     object: float                               # mean object score of the frames
     found: int                                  # frames in which an object was found
+    jump: float | None = None                   # largest frame-to-frame move of the tracked object, 0..1 of the picture
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,12 +63,15 @@ def score_clip(frames, colour: str, shape: str, direction: str) -> ClipScore:
         track = asked[0] if asked else (found[0] if found else None)
         centres.append(None if track is None else (track.x, track.y))
     identity = mains[0] is not None and all(m == mains[0] for m in mains)
+    tracked = [c for c in centres if c is not None]
+    jump = (round(float(np.max(np.linalg.norm(np.diff(tracked, axis=0), axis=1))), 4) if len(tracked) > 1
+            else None)
     n = len(frames)
     head = [c for c in centres[:ENDS] if c is not None]
     tail = [c for c in centres[n - ENDS:] if c is not None]
     if not head or not tail:
         return ClipScore(False, False, None, None, identity, float(np.mean(objects)),
-                         sum(c is not None for c in centres))
+                         sum(c is not None for c in centres), jump)
     dx, dy = (np.mean(tail, axis=0) - np.mean(head, axis=0)).tolist()
     axis, sign = AXIS[direction]
     along, across = (dx, dy)[axis] * sign, abs((dx, dy)[1 - axis])
@@ -73,18 +79,21 @@ def score_clip(frames, colour: str, shape: str, direction: str) -> ClipScore:
     return ClipScore(bool(along >= MIN_TRAVEL and along > across),
                      bool(abs(along) >= MIN_TRAVEL and abs(along) > across), (round(dx, 4), round(dy, 4)),
                      round(along / frames_apart, 5), identity, float(np.mean(objects)),
-                     sum(c is not None for c in centres))
+                     sum(c is not None for c in centres), jump)
 
 
 def summarise_clips(scores: list[ClipScore]) -> dict:
     """The shares and means over clips: direction right, moving along the asked axis (either
-    way), identity kept, mean object score, mean speed (of the clips whose object was tracked)."""
+    way), identity kept, mean object score, mean speed and mean largest jump (of the clips whose
+    object was tracked)."""
     speeds = [s.speed for s in scores if s.speed is not None]
+    jumps = [s.jump for s in scores if s.jump is not None]
     return {"clips": len(scores), "direction": float(np.mean([s.direction for s in scores])),
             "axis": float(np.mean([s.axis for s in scores])),
             "identity": float(np.mean([s.identity for s in scores])),
             "object": float(np.mean([s.object for s in scores])),
-            "speed": float(np.mean(speeds)) if speeds else None}
+            "speed": float(np.mean(speeds)) if speeds else None,
+            "jump": float(np.mean(jumps)) if jumps else None}
 
 
 MIN_BULGE = 0.06   # share of the picture the middle frames must leave the straight line by, for an arc

@@ -89,7 +89,7 @@ def travel_hidden(comps, texts: list[str], frames: int) -> torch.Tensor:
 
     keys = []
     for text in texts:
-        travel = travel_prompt(text, frames)
+        travel = travel_prompt(text, frames, size=None)  # a training caption's unsaid size stays unsaid
         if travel is None:
             raise InvalidRequest("data.travel", f"travel captions need straight-motion captions; got {text!r}")
         keys += [k for _, k in parse_travel(travel, frames)]
