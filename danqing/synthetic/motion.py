@@ -247,9 +247,9 @@ TRAVEL_SIZE = "large"
 def _sized(subject: str, lang: str, size: str | None) -> str:
     """``subject`` ("a red circle", "一个红色的圆形") with ``size`` named, unless it names a size
     already or ``size`` is None."""
-    words = vocab()["sizes"]
     if size is None:
         return subject
+    words = vocab()["sizes"]
     if lang == "zh":
         if any(w["zh"] in subject for w in words.values()):
             return subject
