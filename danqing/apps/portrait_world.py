@@ -17,8 +17,8 @@ from pathlib import Path
 
 from danqing.apps.portrait_people import caption_for, default_trigger
 from danqing.synthetic.portrait_reader import score_portrait, summarise_portraits
-from danqing.synthetic.portraits import (IDENTITY, Person, Portrait, person_mask, pictures_of, render_portrait,
-                                         shows_colour, vocab)
+from danqing.synthetic.portraits import (IDENTITY, Person, Portrait, pictures_of, render_with_mask, shows_colour,
+                                         vocab)
 
 
 def scene_words(p: Portrait) -> str:
@@ -84,10 +84,11 @@ def write_world_person(home: str | Path, name: str, who: Person, n: int = 8, *, 
     trigger = default_trigger(name)
     images, embeddings = [], []
     for i, p in enumerate(pictures_of(who, n, seed=seed, styles=styles)):
-        images.append(render_portrait(p, size))
-        picture = images[-1].copy()
+        image, mask = render_with_mask(p, size)
+        images.append(image)
+        picture = image.copy()
         if masks:  # the alpha channel: where the person is (a masked loss weighs it more)
-            picture.putalpha(person_mask(p, size))
+            picture.putalpha(mask)
         picture.save(folder / "train" / f"{i + 1:03d}-head.png")
         (folder / "train" / f"{i + 1:03d}-head.txt").write_text(person_caption(p, trigger), encoding="utf-8")
         arr = np.asarray(images[-1])

@@ -360,8 +360,18 @@ def _outline(lab: np.ndarray, width: int) -> np.ndarray:
 
 def render_portrait(p: Portrait, size: int = 64) -> Image.Image:
     """The portrait as an RGB image of ``size`` x ``size`` (64 is danqing-tiny's size)."""
+    return _paint(p, *draw_layers(p, size * SUPERSAMPLE), size)
+
+
+def render_with_mask(p: Portrait, size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """``render_portrait`` and ``person_mask`` of ``p`` from one drawing of its layers."""
+    img, lab = draw_layers(p, size * SUPERSAMPLE)
+    return _paint(p, img, lab, size), _inside(lab, size)
+
+
+def _paint(p: Portrait, img: Image.Image, lab: Image.Image, size: int) -> Image.Image:
+    """The drawn layers (at ``size * SUPERSAMPLE``) in the portrait's style, at ``size``."""
     s = size * SUPERSAMPLE
-    img, lab = draw_layers(p, s)
     arr = np.asarray(img, np.float32)
     labels = np.asarray(lab)
     if p.style == "ink":
@@ -385,6 +395,10 @@ def render_portrait(p: Portrait, size: int = 64) -> Image.Image:
 def person_mask(p: Portrait, size: int = 64) -> Image.Image:
     """Where the person's looks are ("L", 255 on the head, hair and neck; 0 on the background and
     the clothes): the region a person LoRA's masked loss weighs more."""
-    _, lab = draw_layers(p, size * SUPERSAMPLE)
+    return _inside(draw_layers(p, size * SUPERSAMPLE)[1], size)
+
+
+def _inside(lab: Image.Image, size: int) -> Image.Image:
+    """``person_mask`` from the drawn label map."""
     inside = ~np.isin(np.asarray(lab), (BG, CLOTHES))
     return Image.fromarray((inside * 255).astype(np.uint8), "L").resize((size, size), Image.BOX)
