@@ -136,14 +136,18 @@ def eval_clip(
 @eval_app.command("unclip")
 def eval_unclip(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="The unCLIP decoder: a Stable unCLIP folder (a name under models/ or a path)."),
+    model: str = typer.Option(..., help="The unCLIP decoder: a Stable unCLIP or Kandinsky 2.2 decoder folder (a name "
+                                        "under models/ or a path)."),
     prior: Optional[str] = typer.Option(None, help="An unCLIP prior folder: judge text-to-image through it instead of "
                                                    "variations [default: none, variations]."),
     n: int = typer.Option(50, help="Held-out scenes (1-1000)."),
     steps: int = STEPS,
     cfg: float = typer.Option(10.0, help="CFG scale (Stable unCLIP's default 10)."),
     seed: int = typer.Option(0, help="Seed of the first picture (picture i uses seed + i)."),
-    noise_level: int = typer.Option(0, help="Noise added to the image embedding, 0-999."),
+    noise_level: int = typer.Option(0, help="Stable unCLIP: noise added to the image embedding, 0-999."),
+    image_encoder: Optional[str] = typer.Option(None, help="A Kandinsky 2.2 decoder's variations: the CLIP model that "
+                                                "embeds the pictures (a bundled name, a folder under models/clip/ or "
+                                                "a CLIPModel folder) [default: danqing-tiny-clip]."),
     pairs: str = typer.Option("held-out", help="Variations: of the evaluator's held-out pictures (colour-shape pairs no "
                                                "training picture has), or 'seen': of new pictures of the training pairs."),
     decoder_text: bool = typer.Option(True, "--decoder-text/--prior-only", help="With --prior: the decoder reads the "
@@ -154,10 +158,12 @@ def eval_unclip(
 ):
     """Judge an unCLIP model on held-out scenes of the shapes world: one variation of each
     picture (does it show the same coloured shapes? how far did they move?), or with --prior
-    text-to-image through the prior, scored by the evaluator."""
+    text-to-image through the prior, scored by the evaluator. A Kandinsky 2.2 decoder samples
+    with its folder's scheduler and reads no text."""
     from danqing.errors import InvalidRequest
     from danqing.models.registry import Registry
-    from danqing.models.unclip_models import load_kandinsky_prior, load_unclip_folder, unclip_kind_of_folder
+    from danqing.models.unclip_models import (load_kandinsky_decoder, load_kandinsky_prior, load_unclip_folder,
+                                              unclip_kind_of_folder)
 
     if json_out is not None:
         refuse_existing(json_out)
@@ -174,9 +180,27 @@ def eval_unclip(
                                       "the evaluator's held-out prompts")
     registry = Registry(ctx.obj.models_dir)
     entry = registry.find("checkpoint", model)
-    if unclip_kind_of_folder(entry.path) != "unclip":
-        raise InvalidRequest("model", f"{model}: not a Stable unCLIP folder")
-    decoder = load_unclip_folder(entry.path)
+    kind = unclip_kind_of_folder(entry.path)
+    if kind not in ("unclip", "kandinsky-decoder"):
+        raise InvalidRequest("model", f"{model}: not a Stable unCLIP or Kandinsky 2.2 decoder folder")
+    if kind == "unclip" and image_encoder is not None:
+        raise InvalidRequest("image_encoder", "a Stable unCLIP folder embeds pictures with its own image encoder; "
+                                              "--image-encoder is for a Kandinsky 2.2 decoder")
+    if kind == "kandinsky-decoder" and noise_level:
+        raise InvalidRequest("noise_level", "a Kandinsky 2.2 decoder takes the embedding as it is; --noise-level is "
+                                            "Stable unCLIP's")
+    if prior is not None and image_encoder is not None:
+        raise InvalidRequest("image_encoder", "text-to-image (--prior) embeds no picture; --image-encoder is for "
+                                              "variations")
+    if kind == "unclip":
+        decoder = load_unclip_folder(entry.path)
+    else:
+        from danqing.models.clip_model import clip_folder
+        from danqing.models.ip_adapter import load_image_encoder
+        from danqing.training.unclip import KandinskyVariations  # lazy: imports torch
+
+        encoder, processor = load_image_encoder(clip_folder(image_encoder or "danqing-tiny-clip", ctx.obj.models_dir))
+        decoder = KandinskyVariations(load_kandinsky_decoder(entry.path), encoder, processor)
     if prior is None:
         from danqing.training.unclip import variation_rates  # lazy: imports torch
 

@@ -262,3 +262,65 @@ def save_kandinsky_prior(prior: KandinskyPrior, path: Path) -> Path:
          "image_encoder": (prior.image_encoder, "transformers")},
         {"tokenizer": (prior.tokenizer, "CLIPTokenizer"), "image_processor": (prior.image_processor, "CLIPImageProcessor")},
         {"scheduler": prior.scheduler_config})
+
+
+def save_kandinsky_decoder(decoder: KandinskyDecoder, path: Path) -> Path:
+    """Write an unCLIP decoder as diffusers' ``KandinskyV22Pipeline`` folder (what
+    ``load_kandinsky_decoder`` and diffusers' ``from_pretrained`` read)."""
+    return _save_pipeline_folder(path, "KandinskyV22Pipeline",
+                                 {"unet": (decoder.unet, "diffusers"), "movq": (decoder.movq, "diffusers")},
+                                 {}, {"scheduler": decoder.scheduler_config})
+
+
+def movq_from_vae(vae, codebook_from=None, codes: int = 256):
+    """A ``diffusers.VQModel`` (Kandinsky's MoVQ format) that computes what ``vae`` (an
+    ``AutoencoderKL``) computes, in its scaled latent space: ``encode`` gives the KL posterior's
+    mean times the scaling factor, ``decode(z, force_not_quantize=True)`` is ``vae.decode(z /
+    scaling_factor)`` (as Kandinsky's pipeline decodes). The KL encoder's last convolution and its
+    ``quant_conv`` fold into one (the mean's half), the scaling into it and into
+    ``post_quant_conv``; the VQ ``quant_conv`` is the identity. The codebook (read only by a
+    quantising decode, which the pipeline never asks for) is ``codes`` k-means centres of the
+    latent vectors in ``codebook_from`` (N, C, h, w), or of a standard normal draw without them."""
+    import torch
+    from diffusers import VQModel
+
+    c, sf = vae.config, float(vae.config.scaling_factor)
+    lc = c.latent_channels
+    vq = VQModel(in_channels=c.in_channels, out_channels=c.out_channels, down_block_types=tuple(c.down_block_types),
+                 up_block_types=tuple(c.up_block_types), block_out_channels=tuple(c.block_out_channels),
+                 layers_per_block=c.layers_per_block, act_fn=c.act_fn, latent_channels=lc, sample_size=c.sample_size,
+                 num_vq_embeddings=codes, norm_num_groups=c.norm_num_groups, scaling_factor=1.0,
+                 mid_block_add_attention=c.mid_block_add_attention)
+    src = {k: v.float() for k, v in vae.state_dict().items()}
+    with torch.no_grad():
+        state = {k: v for k, v in src.items() if k.startswith("decoder.") or (k.startswith("encoder.")
+                                                                             and not k.startswith("encoder.conv_out."))}
+        q_w, q_b = src["quant_conv.weight"][:lc, :, 0, 0], src["quant_conv.bias"][:lc]  # the mean's rows
+        w, b = src["encoder.conv_out.weight"], src["encoder.conv_out.bias"]
+        state["encoder.conv_out.weight"] = sf * torch.einsum("ok,kihw->oihw", q_w, w)
+        state["encoder.conv_out.bias"] = sf * (q_w @ b + q_b)
+        state["quant_conv.weight"] = torch.eye(lc)[:, :, None, None]
+        state["quant_conv.bias"] = torch.zeros(lc)
+        state["post_quant_conv.weight"] = src["post_quant_conv.weight"] / sf
+        state["post_quant_conv.bias"] = src["post_quant_conv.bias"]
+        g = torch.Generator().manual_seed(0)
+        points = (codebook_from.float().permute(0, 2, 3, 1).reshape(-1, lc) if codebook_from is not None
+                  else torch.randn(codes * 64, lc, generator=g))
+        state["quantize.embedding.weight"] = _kmeans(points, codes, g)
+    vq.load_state_dict(state, strict=True)
+    return vq.eval()
+
+
+def _kmeans(points, k: int, g, iters: int = 20):
+    """``k`` centres of ``points`` (N, D) by Lloyd's iterations from a seeded random pick."""
+    import torch
+
+    points = points[torch.randperm(len(points), generator=g)[:max(k * 256, k)]]
+    centres = points[torch.randperm(len(points), generator=g)[:k]].clone()
+    for _ in range(iters):
+        nearest = torch.cdist(points, centres).argmin(1)
+        for j in range(k):
+            members = points[nearest == j]
+            if len(members):
+                centres[j] = members.mean(0)
+    return centres

@@ -191,12 +191,17 @@ class IPAdapterTrainConfig(_Strict):
 
 
 class UnclipConfig(_Strict):
+    # the decoder's format: Stable unCLIP (the embedding added to the time embedding; danqing-tiny's
+    # text still read) or Kandinsky 2.2 (the embedding as 32 cross-attention tokens and added to the
+    # time embedding; no text; danqing-tiny's VAE as its MoVQ)
+    format: Literal["stable-unclip", "kandinsky"] = "stable-unclip"
     init_from: str = "danqing-tiny"             # the text-to-image model the decoder starts from (its UNet trains)
     init_decoder: str | None = None             # continue from this Stable unCLIP folder (an earlier run's model/) instead
     image_encoder: str = "danqing-tiny-clip"    # the CLIP model whose image embedding conditions the decoder
     drop_text: float = Field(0.5, ge=0, le=1)   # share of steps with the empty caption (variations have none)
     drop_image: float = Field(0.1, ge=0, le=1)  # ... with the zero class label (the unconditional branch)
     max_noise_level: int = Field(1000, ge=1, le=1000)  # noise augmentation: levels drawn from [0, this)
+    vlb_weight: float = Field(1.0, ge=0)        # Kandinsky: the variational bound's weight (trains the variance)
     eval_pictures: int = Field(16, ge=0)        # held-out pictures varied at every run.eval_every
 
 

@@ -22,15 +22,16 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from danqing.models.components import Components
-from danqing.models.unclip_models import UnclipModel
+from danqing.models.unclip_models import KandinskyDecoder, UnclipModel, movq_from_vae
 from danqing.request import GenerationRequest
 from danqing.synthetic.evaluate import same_objects
 from danqing.synthetic.render import render
@@ -88,6 +89,58 @@ def unclip_model(base: Components, encoder, processor, embeds: torch.Tensor) -> 
                        image_normalizer=norm.eval().requires_grad_(False), noising_config=dict(NOISING_CONFIG))
 
 
+@dataclass
+class KandinskyVariations:
+    """A Kandinsky 2.2 decoder with the CLIP image encoder that embeds its pictures: what
+    ``sampling.kandinsky.run_kandinsky`` reads of a prior to make variations."""
+
+    decoder: KandinskyDecoder
+    image_encoder: Any
+    image_processor: Any
+
+
+def kandinsky_unet(unet, embed_dim: int):
+    """``unet`` as Kandinsky 2.2's decoder UNet: the image embedding (``embed_dim``) becomes 32
+    cross-attention tokens (``encoder_hid_dim_type="image_proj"``) in place of the text, and is
+    added to the time embedding (``addition_embed_type="image"``; its last norm starts at zero, so
+    that addition starts as nothing); the output has a learned variance beside the noise, as
+    Kandinsky's (``conv_out`` doubled: the noise half is ``unet``'s, the variance half starts at
+    zero, midway between the DDPM posterior's variance and beta_t). Every other weight is ``unet``'s."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(unet.config)
+    cfg.update(encoder_hid_dim_type="image_proj", encoder_hid_dim=embed_dim, addition_embed_type="image",
+               out_channels=2 * unet.config.out_channels)
+    out = UNet2DConditionModel.from_config(cfg)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("conv_out.")}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("encoder_hid_proj.", "add_embedding.", "conv_out.")) for k in missing):
+        raise ValueError(f"the UNet's weights do not fit the decoder: missing {missing}, unexpected {unexpected}")
+    c = unet.config.out_channels
+    with torch.no_grad():
+        out.add_embedding.image_norm.weight.zero_()
+        out.add_embedding.image_norm.bias.zero_()
+        out.conv_out.weight.zero_()
+        out.conv_out.bias.zero_()
+        out.conv_out.weight[:c] = unet.conv_out.weight
+        out.conv_out.bias[:c] = unet.conv_out.bias
+    return out.float()
+
+
+def kandinsky_decoder(base: Components, encoder, processor, latents: torch.Tensor) -> KandinskyVariations:
+    """The Kandinsky 2.2 decoder around ``base``: its UNet (``kandinsky_unet``), its VAE as the
+    MoVQ (``models.unclip_models.movq_from_vae``, codebook from ``latents``, scaled), and a DDPM
+    scheduler on its noise schedule."""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+            "timestep_spacing", "steps_offset")
+    sched = {"_class_name": "DDPMScheduler", "clip_sample": False, "variance_type": "learned_range",
+             **{k: v for k, v in base.scheduler_config.items() if k in keep}}
+    dim = encoder.config.projection_dim
+    decoder = KandinskyDecoder(unet=kandinsky_unet(base.unet, dim), movq=movq_from_vae(base.vae, latents),
+                               scheduler_config=sched)
+    return KandinskyVariations(decoder, encoder, processor)
+
+
 # ---------------------------------------------------------------------------------------------
 # Judging it: variations of held-out pictures
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +170,11 @@ def variation_rates(model: UnclipModel, n: int, *, steps: int = 20, cfg_scale: f
                     on_pair: Callable | None = None) -> dict:
     """One variation (empty prompt) of each of ``n`` pictures (``judged_scenes``): the share
     that shows the same coloured shapes as its source, their mean centroid shift (64x64 pixels),
-    and, looser, the shares with the same set of colours and with as many objects."""
+    and, looser, the shares with the same set of colours and with as many objects. ``model``: an
+    ``UnclipModel`` or ``KandinskyVariations`` (whose scheduler is its own: the sampler and
+    ``noise_level`` are Stable unCLIP's)."""
+    from danqing.sampling.kandinsky import run_kandinsky
     from danqing.sampling.unclip import run_unclip
-
     from danqing.synthetic.evaluate import detect
 
     same, shifts, colours, counts = [], [], [], []
@@ -127,7 +182,8 @@ def variation_rates(model: UnclipModel, n: int, *, steps: int = 20, cfg_scale: f
         picture = render(scene, size)
         req = GenerationRequest(prompt="", steps=steps, cfg_scale=cfg_scale, seed=seed + i, subseed=0,
                                 width=size, height=size, sampler="DPM++ 2M")
-        image = run_unclip(model, picture, req, noise_level=noise_level).images[0]
+        image = (run_kandinsky(model, model.decoder, req, picture=picture) if isinstance(model, KandinskyVariations)
+                 else run_unclip(model, picture, req, noise_level=noise_level)).images[0]
         ok, shift = same_objects(picture, image)
         same.append(ok)
         src, got = detect(picture), detect(image)
@@ -149,7 +205,9 @@ def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, c
     """Text-to-image through ``prior`` (a ``KandinskyPrior``) and the decoder on the first ``n``
     held-out prompts (the evaluator's captions, seed + i), scored by the evaluator.
     ``decoder_text``: the decoder reads the prompt too (Stable unCLIP's way), else only the
-    prior does (the decoder gets "": what the image embedding alone carries)."""
+    prior does (the decoder gets "": what the image embedding alone carries). A Kandinsky decoder
+    (``KandinskyVariations``) reads no text; the prior runs at its pipeline's defaults."""
+    from danqing.sampling.kandinsky import run_kandinsky
     from danqing.sampling.unclip import run_unclip
     from danqing.synthetic.captions import caption
     from danqing.synthetic.evaluate import score, summarise
@@ -161,7 +219,10 @@ def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, c
         text = caption(scene, lang)
         req = GenerationRequest(prompt=text if decoder_text else "", steps=steps, cfg_scale=cfg_scale, seed=seed + i,
                                 subseed=0, width=size, height=size, sampler="DPM++ 2M")
-        image = run_unclip(model, None, req, noise_level=noise_level, prior=prior, prior_prompt=text).images[0]
+        if isinstance(model, KandinskyVariations):
+            image = run_kandinsky(prior, model.decoder, req.model_copy(update={"prompt": text})).images[0]
+        else:
+            image = run_unclip(model, None, req, noise_level=noise_level, prior=prior, prior_prompt=text).images[0]
         if out_dir is not None:
             image.save(Path(out_dir) / f"{i:04d}.png")
         scores.append(score(image, scene.spec))
@@ -195,15 +256,62 @@ def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg:
         return F.mse_loss(pred.float(), noise)
 
 
+def kandinsky_loss(unet, batch: dict, g: torch.Generator, cfg: UnclipTrainConfig, noise_sched, scaling: float,
+                   uncond: torch.Tensor, acc) -> torch.Tensor:
+    """The loss of one batch for a Kandinsky decoder: Improved DDPM's hybrid loss of its noise and
+    variance (``training.vlb``, ``unclip.vlb_weight``), conditioned on each picture's own
+    embedding, or for ``unclip.drop_image`` of them the unconditional one (``uncond``: the
+    encoder's embedding of a zero picture, as the pipeline's). All draws from ``g`` for the whole
+    batch."""
+    from danqing.training.vlb import hybrid_loss
+
+    b = batch["mean"].shape[0]
+    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
+    x_t = noise_sched.add_noise(z, noise, t)
+    drop = torch.rand(b, generator=g) < cfg.unclip.drop_image
+    embeds = torch.where(drop[:, None], uncond.expand_as(batch["embeds"]), batch["embeds"])
+    part = my_rows(acc, b)
+    z, x_t, t, embeds, noise = (v[part].to(acc.device) for v in (z, x_t, t, embeds, noise))
+    with acc.autocast():
+        out = unet(x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": embeds}).sample
+    return hybrid_loss(out, noise_sched, z, x_t, t, noise, cfg.unclip.vlb_weight)
+
+
+def _decoder(cfg: UnclipTrainConfig, base: Components, encoder, processor, embeds, mean, log: Log):
+    """The decoder a run trains: a new one around ``base`` or ``unclip.init_decoder``'s."""
+    u = cfg.unclip
+    if u.format == "kandinsky":
+        if u.init_decoder:
+            from danqing.models.unclip_models import load_kandinsky_decoder
+
+            log(f"decoder: continuing from {u.init_decoder}")
+            model = KandinskyVariations(load_kandinsky_decoder(Path(u.init_decoder)), encoder, processor)
+        else:
+            model = kandinsky_decoder(base, encoder, processor, mean[:512] * base.vae.config.scaling_factor)
+        return model, model.decoder.unet.float()
+    if u.init_decoder:  # an earlier run's decoder, its normaliser (the same pictures' statistics) kept
+        from danqing.models.unclip_models import load_unclip_folder
+
+        model = load_unclip_folder(Path(u.init_decoder))
+        log(f"decoder: continuing from {u.init_decoder}")
+    else:
+        model = unclip_model(base, encoder, processor, embeds)
+    return model, model.components.unet.float()
+
+
 def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = print) -> dict:
-    """Train and export ``run.output_dir/model/`` (a Stable unCLIP folder, fp32) and
-    ``summary.json``; ``resume``: continue from the newest checkpoint."""
+    """Train and export ``run.output_dir/model/`` (a Stable unCLIP or, with ``unclip.format =
+    "kandinsky"``, a Kandinsky 2.2 decoder folder, fp32) and ``summary.json``; ``resume``:
+    continue from the newest checkpoint."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     from danqing.models.clip_model import clip_folder
     from danqing.models.ip_adapter import load_image_encoder
-    from danqing.models.unclip_models import save_unclip_folder
+    from danqing.models.unclip_models import save_kandinsky_decoder, save_unclip_folder
+    from danqing.sampling.kandinsky import picture_embedding
 
     c, r, d, u = cfg.unet, cfg.run, cfg.data, cfg.unclip
     run_dir = start_run(r.output_dir, resume=resume, num_threads=r.num_threads)
@@ -216,22 +324,17 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     data = synthetic_dataset(d.n_images, d.size, d.seed, d.captions_per_image)
     mean, std = encode_all(base.vae, data.images, "cpu")
     embeds = picture_embeddings(encoder, processor, data.images)
+    kandinsky = u.format == "kandinsky"
     texts = sorted({t for caps in data.captions for t in caps})
     index = {t: i for i, t in enumerate(texts)}
-    hidden = encode_texts(base, texts + [""])
+    hidden = encode_texts(base, ([] if kandinsky else texts) + [""])  # a Kandinsky decoder reads no text
     cap_idx = torch.tensor([[index[t] for t in caps] for caps in data.captions])
     log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
         f"({time.perf_counter() - t_start:.0f} s)")
 
-    if u.init_decoder:  # an earlier run's decoder, its normaliser (the same pictures' statistics) kept
-        from danqing.models.unclip_models import load_unclip_folder
-
-        model = load_unclip_folder(Path(u.init_decoder))
-        model.components.unet.float()
-        log(f"decoder: continuing from {u.init_decoder}")
-    else:
-        model = unclip_model(base, encoder, processor, embeds)
-    unet = model.components.unet.train().requires_grad_(True)
+    model, unet = _decoder(cfg, base, encoder, processor, embeds, mean, log)
+    uncond = picture_embedding(model, None) if kandinsky else None
+    unet = unet.train().requires_grad_(True)
     params = list(unet.parameters())
     acc = new_accelerator(r.mixed_precision)
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
@@ -250,9 +353,13 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
         pick = torch.randint(k, (c.batch_size,), generator=g)
         drop_text = torch.rand(c.batch_size, generator=g) < u.drop_text
         rows = torch.where(drop_text, len(texts), cap_idx[idx, pick])
-        batch = {"mean": mean[idx], "std": std[idx], "embeds": embeds[idx], "hidden": hidden[rows]}
+        batch = {"mean": mean[idx], "std": std[idx], "embeds": embeds[idx]}
         wrapped.train()
-        loss = decoder_loss(wrapped, model, batch, g, cfg, noise_sched, scaling, acc)
+        if kandinsky:
+            loss = kandinsky_loss(wrapped, batch, g, cfg, noise_sched, scaling, uncond, acc)
+        else:
+            batch["hidden"] = hidden[rows]
+            loss = decoder_loss(wrapped, model, batch, g, cfg, noise_sched, scaling, acc)
         optimiser_step(acc, loss, params, opt, sched, c.max_grad_norm, ema)
         done = step + 1
         final = steps.done(done, loss)
@@ -267,10 +374,11 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     acc.wait_for_everyone()
-    summary = {"kind": "unclip", "init_from": u.init_from, "image_encoder": u.image_encoder, "images": len(data),
+    summary = {"kind": "unclip", "format": u.format, "init_from": u.init_from, "image_encoder": u.image_encoder, "images": len(data),
                "steps": steps.last["step"], "batch_size": c.batch_size, "loss": steps.last["loss"],
                "eval": steps.last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
                "config": json.loads(cfg.model_dump_json())}
     if steps.main:
-        export_run(run_dir, summary, lambda out: save_unclip_folder(model, out), log)
+        export_run(run_dir, summary, lambda out: (save_kandinsky_decoder(model.decoder, out) if kandinsky
+                                                  else save_unclip_folder(model, out)), log)
     return summary
