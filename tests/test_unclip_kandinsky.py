@@ -143,3 +143,21 @@ def test_eval_unclip_judges_a_kandinsky_decoder(short_run, tmp_path):
     assert isinstance(res.exception, InvalidRequest) and "--noise-level is Stable unCLIP's" in str(res.exception)
     res = CliRunner().invoke(app, base + ["--image-encoder", "nowhere-clip"])
     assert res.exit_code != 0 and not (tmp_path / "home" / "nowhere-clip").exists()
+
+
+def test_a_kandinsky_run_continues_from_an_earlier_decoder(short_run, tmp_path):
+    """unclip.init_decoder with a Kandinsky decoder folder: the run starts from its UNet (the
+    image projection included) and keeps its MoVQ."""
+    from danqing.models.unclip_models import load_kandinsky_decoder
+    from danqing.training.unclip import train_unclip
+
+    first = load_kandinsky_decoder(short_run[0] / "model")
+    cfg = load_config(CONFIG, {"data.n_images": 32, "unet.steps": 1, "unet.batch_size": 4, "unet.lr": 1e-12,
+                               "run.output_dir": str(tmp_path / "run"), "unclip.eval_pictures": 0,
+                               "unclip.init_decoder": str(short_run[0] / "model"), "run.num_threads": 0},
+                      model=UnclipTrainConfig)
+    train_unclip(cfg, log=lambda line: None)
+    second = load_kandinsky_decoder(tmp_path / "run" / "model")
+    w1, w2 = first.unet.encoder_hid_proj.image_embeds.weight, second.unet.encoder_hid_proj.image_embeds.weight
+    assert torch.allclose(w1, w2, atol=1e-6)
+    assert torch.equal(first.movq.quantize.embedding.weight, second.movq.quantize.embedding.weight)

@@ -130,10 +130,12 @@ def kandinsky_unet(unet, embed_dim: int):
 def kandinsky_decoder(base: Components, encoder, processor, latents: torch.Tensor) -> KandinskyVariations:
     """The Kandinsky 2.2 decoder around ``base``: its UNet (``kandinsky_unet``), its VAE as the
     MoVQ (``models.unclip_models.movq_from_vae``, codebook from ``latents``, scaled), and a DDPM
-    scheduler on its noise schedule."""
+    scheduler on its noise schedule. The scheduler samples with DDPM's fixed variance: with the
+    UNet's learned one (``variance_type = "learned_range"``) the trained decoder's pictures came
+    out with coloured blots (docs/training.md, unCLIP)."""
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
             "timestep_spacing", "steps_offset")
-    sched = {"_class_name": "DDPMScheduler", "clip_sample": False, "variance_type": "learned_range",
+    sched = {"_class_name": "DDPMScheduler", "clip_sample": False, "variance_type": "fixed_small",
              **{k: v for k, v in base.scheduler_config.items() if k in keep}}
     dim = encoder.config.projection_dim
     decoder = KandinskyDecoder(unet=kandinsky_unet(base.unet, dim), movq=movq_from_vae(base.vae, latents),
