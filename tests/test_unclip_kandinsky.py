@@ -131,7 +131,7 @@ def test_eval_unclip_judges_a_kandinsky_decoder(short_run, tmp_path):
     from typer.testing import CliRunner
 
     from danqing.cli import app
-    from danqing.errors import InvalidRequest
+    from danqing.errors import InvalidRequest, ModelNotFound
 
     base = ["--home", str(tmp_path / "home"), "eval", "unclip", "--model", str(short_run[0] / "model"), "--n", "2",
             "--steps", "3"]
@@ -142,7 +142,7 @@ def test_eval_unclip_judges_a_kandinsky_decoder(short_run, tmp_path):
     res = CliRunner().invoke(app, base + ["--noise-level", "100"])
     assert isinstance(res.exception, InvalidRequest) and "--noise-level is Stable unCLIP's" in str(res.exception)
     res = CliRunner().invoke(app, base + ["--image-encoder", "nowhere-clip"])
-    assert res.exit_code != 0 and not (tmp_path / "home" / "nowhere-clip").exists()
+    assert isinstance(res.exception, ModelNotFound) and "'nowhere-clip' not found" in str(res.exception)
 
 
 def test_a_kandinsky_run_continues_from_an_earlier_decoder(short_run, tmp_path):

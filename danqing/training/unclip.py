@@ -234,6 +234,15 @@ def prior_text_to_image(model: UnclipModel, prior, n: int, *, steps: int = 20, c
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def noised_latents(batch: dict, g: torch.Generator, noise_sched, scaling: float):
+    """(z, noise, t, x_t) of a batch, drawn from ``g`` in that order: a latent sampled from each
+    row's posterior (``batch``'s mean / std) and scaled, its noise, a timestep, the noised latent."""
+    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=g)
+    return z, noise, t, noise_sched.add_noise(z, noise, t)
+
+
 def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg: UnclipTrainConfig, noise_sched,
                  scaling: float, acc) -> torch.Tensor:
     """The denoising loss of one batch (``batch``: latents mean / std, image embeddings and caption
@@ -243,10 +252,7 @@ def decoder_loss(unet, model: UnclipModel, batch: dict, g: torch.Generator, cfg:
     from danqing.sampling.unclip import noised_embedding  # the sampler's own noising, one level per row
 
     b, u = batch["mean"].shape[0], cfg.unclip
-    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
-    noise = torch.randn(z.shape, generator=g)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
-    x_t = noise_sched.add_noise(z, noise, t)
+    z, noise, t, x_t = noised_latents(batch, g, noise_sched, scaling)
     levels = torch.randint(0, u.max_noise_level, (b,), generator=g)
     labels = noised_embedding(model, batch["embeds"], torch.randn(batch["embeds"].shape, generator=g), levels)
     drop_image = torch.rand(b, generator=g) < u.drop_image
@@ -268,10 +274,7 @@ def kandinsky_loss(unet, batch: dict, g: torch.Generator, cfg: UnclipTrainConfig
     from danqing.training.vlb import hybrid_loss
 
     b = batch["mean"].shape[0]
-    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * scaling
-    noise = torch.randn(z.shape, generator=g)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
-    x_t = noise_sched.add_noise(z, noise, t)
+    z, noise, t, x_t = noised_latents(batch, g, noise_sched, scaling)
     drop = torch.rand(b, generator=g) < cfg.unclip.drop_image
     embeds = torch.where(drop[:, None], uncond.expand_as(batch["embeds"]), batch["embeds"])
     part = my_rows(acc, b)
@@ -329,7 +332,7 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     kandinsky = u.format == "kandinsky"
     texts = sorted({t for caps in data.captions for t in caps})
     index = {t: i for i, t in enumerate(texts)}
-    hidden = encode_texts(base, ([] if kandinsky else texts) + [""])  # a Kandinsky decoder reads no text
+    hidden = None if kandinsky else encode_texts(base, texts + [""])  # a Kandinsky decoder reads no text
     cap_idx = torch.tensor([[index[t] for t in caps] for caps in data.captions])
     log(f"data: {len(data)} pictures, their CLIP image embeddings, {len(texts)} distinct captions "
         f"({time.perf_counter() - t_start:.0f} s)")
@@ -376,7 +379,8 @@ def train_unclip(cfg: UnclipTrainConfig, *, resume: bool = False, log: Log = pri
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     acc.wait_for_everyone()
-    summary = {"kind": "unclip", "format": u.format, "init_from": u.init_from, "image_encoder": u.image_encoder, "images": len(data),
+    summary = {"kind": "unclip", "format": u.format, "init_from": u.init_from, "image_encoder": u.image_encoder,
+               "images": len(data),
                "steps": steps.last["step"], "batch_size": c.batch_size, "loss": steps.last["loss"],
                "eval": steps.last["eval"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
                "config": json.loads(cfg.model_dump_json())}
